@@ -1,0 +1,167 @@
+// Argument validation for the dsinf:: custom ops, shared by the CPU and CUDA bindings.
+//
+// Mirrors dsinf/checks.py rule for rule and word for word ("<op>: argument '<arg>': ..."), so a
+// direct torch.ops.dsinf.* call gets the same clear ValueError as the Python op classes, never a
+// crash. Binding-side only: kernel sources (.cu / kernel .cpp) never include this (it pulls ATen).
+//
+// Layouts: input [B, S, K]; float weight [K, N] (transposed_mode=false) or [N, K] (true);
+// int8 weight always [N, K] with float32 q_scale [G], G | N (row block g uses q_scale[g]).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace dsinf {
+
+struct MatmulShape {
+  int64_t B, S, K, N;
+  bool int8;       // weight is int8 [N, K]
+  int64_t groups;  // scale groups G (0 unless int8)
+  bool weight_nk;  // weight stored [N, K]
+  int64_t M() const { return B * S; }
+};
+
+struct QKVLayout {
+  int64_t heads, kv_heads, head_dim, rotary_dim;  // rotary_dim 0 = no RoPE
+  bool rotate_half;
+  double rope_theta;
+  int64_t seq_offset;
+  bool gqa;  // return {q, k, v} instead of one [3, B, H, S, D] tensor
+};
+
+namespace detail {
+
+inline std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return "float32";
+    case c10::ScalarType::Half: return "float16";
+    case c10::ScalarType::BFloat16: return "bfloat16";
+    case c10::ScalarType::Char: return "int8";
+    default: return c10::toString(t);
+  }
+}
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
+  if (t.dim() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+}  // namespace detail
+
+#define DSINF_CHECK_ARG(cond, op, arg, ...) \
+  TORCH_CHECK_VALUE(cond, op, ": argument '", arg, "': ", __VA_ARGS__)
+
+inline MatmulShape check_matmul(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                c10::ScalarType act_dtype, bool transposed_mode,
+                                const c10::optional<at::Tensor>& q_scale, int int8_expected /*-1 any, 0 no, 1 yes*/) {
+  using detail::dtype_name;
+  using detail::shape_str;
+  DSINF_CHECK_ARG(input.defined(), op, "input", "expected a Tensor, got None");
+  DSINF_CHECK_ARG(weight.defined(), op, "weight", "expected a Tensor, got None");
+  DSINF_CHECK_ARG(input.dim() == 3, op, "input", "expected a 3-D [B, S, K] tensor, got shape ", shape_str(input));
+  DSINF_CHECK_ARG(input.scalar_type() == act_dtype, op, "input", "expected dtype ", dtype_name(act_dtype), ", got ",
+                  dtype_name(input.scalar_type()));
+  DSINF_CHECK_ARG(weight.device() == input.device(), op, "weight", "is on ", weight.device(), " but input is on ",
+                  input.device());
+  DSINF_CHECK_ARG(weight.dim() == 2, op, "weight", "expected a 2-D tensor, got shape ", shape_str(weight));
+  DSINF_CHECK_ARG(weight.is_contiguous(), op, "weight",
+                  "must be contiguous (call .contiguous() once at load time, not per call)");
+  const bool is_int8 = weight.scalar_type() == c10::ScalarType::Char;
+  DSINF_CHECK_ARG(!(int8_expected == 1 && !is_int8), op, "weight", "q_int8=True needs an int8 weight, got ",
+                  dtype_name(weight.scalar_type()));
+  DSINF_CHECK_ARG(!(int8_expected == 0 && is_int8), op, "weight",
+                  "is int8 but q_int8=False: pass q_int8=True with its q_scale");
+  DSINF_CHECK_ARG(is_int8 || weight.scalar_type() == act_dtype, op, "weight", "expected dtype ", dtype_name(act_dtype),
+                  " (same as input) or int8, got ", dtype_name(weight.scalar_type()));
+  MatmulShape s{};
+  s.B = input.size(0);
+  s.S = input.size(1);
+  s.K = input.size(2);
+  s.int8 = is_int8;
+  s.weight_nk = is_int8 || transposed_mode;
+  const int64_t Kw = s.weight_nk ? weight.size(1) : weight.size(0);
+  s.N = s.weight_nk ? weight.size(0) : weight.size(1);
+  DSINF_CHECK_ARG(Kw == s.K, op, "weight", "shape ", shape_str(weight), " read as ", (s.weight_nk ? "[N, K]" : "[K, N]"),
+                  " has K=", Kw, ", but input has K=", s.K,
+                  (is_int8 ? std::string() : std::string(" (transposed_mode=") + (transposed_mode ? "True" : "False") + ")"));
+  s.groups = 0;
+  if (is_int8) {
+    DSINF_CHECK_ARG(q_scale.has_value() && q_scale->defined() && q_scale->numel() > 0, op, "q_scale",
+                    "an int8 weight needs its float32 scales (weight.scale / q_scale)");
+    const at::Tensor& qs = *q_scale;
+    DSINF_CHECK_ARG(qs.scalar_type() == c10::ScalarType::Float, op, "q_scale", "expected dtype float32, got ",
+                    dtype_name(qs.scalar_type()));
+    DSINF_CHECK_ARG(qs.device() == input.device(), op, "q_scale", "is on ", qs.device(), " but input is on ",
+                    input.device());
+    DSINF_CHECK_ARG(qs.dim() == 1, op, "q_scale", "expected a 1-D [G] tensor, got shape ", shape_str(qs));
+    DSINF_CHECK_ARG(qs.is_contiguous(), op, "q_scale", "must be contiguous");
+    s.groups = qs.size(0);
+    DSINF_CHECK_ARG(s.N % s.groups == 0, op, "q_scale", "G=", s.groups, " groups do not divide N=", s.N,
+                    " output rows");
+  }
+  return s;
+}
+
+inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, bool add_bias, const at::Tensor& input,
+                       int64_t N) {
+  using detail::dtype_name;
+  using detail::shape_str;
+  if (!add_bias) return;
+  DSINF_CHECK_ARG(bias.has_value() && bias->defined(), op, "bias", "add_bias=True needs a bias tensor");
+  const at::Tensor& b = *bias;
+  DSINF_CHECK_ARG(b.device() == input.device(), op, "bias", "is on ", b.device(), " but input is on ", input.device());
+  DSINF_CHECK_ARG(b.scalar_type() == input.scalar_type(), op, "bias", "expected dtype ", dtype_name(input.scalar_type()),
+                  " (same as input), got ", dtype_name(b.scalar_type()));
+  DSINF_CHECK_ARG(b.dim() == 1 && b.size(0) == N, op, "bias", "expected shape (", N, ",), got ", shape_str(b));
+  DSINF_CHECK_ARG(b.is_contiguous(), op, "bias", "must be contiguous");
+}
+
+inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t num_heads, int64_t num_kv, int64_t rotary_dim,
+                           bool rotate_half, double rope_theta, int64_t seq_offset) {
+  DSINF_CHECK_ARG(num_heads >= 1, op, "num_heads", "must be >= 1 with do_flash_attn=True, got ", num_heads);
+  DSINF_CHECK_ARG(K % num_heads == 0, op, "num_heads", "input hidden size K=", K, " is not divisible by num_heads=",
+                  num_heads);
+  QKVLayout q{};
+  q.heads = num_heads;
+  q.head_dim = K / num_heads;
+  q.kv_heads = num_kv == -1 ? num_heads : num_kv;
+  DSINF_CHECK_ARG(q.kv_heads >= 1 && q.kv_heads <= num_heads && num_heads % q.kv_heads == 0, op, "num_kv",
+                  "must be -1 or a divisor of num_heads=", num_heads, ", got ", num_kv);
+  const int64_t expect = (num_heads + 2 * q.kv_heads) * q.head_dim;
+  DSINF_CHECK_ARG(N == expect, op, "weight", "output width N=", N,
+                  " does not hold q|k|v: expected (num_heads + 2*num_kv) * D = (", num_heads, " + 2*", q.kv_heads,
+                  ") * ", q.head_dim, " = ", expect);
+  q.rotary_dim = rotary_dim <= 0 ? 0 : rotary_dim;
+  if (q.rotary_dim) {
+    DSINF_CHECK_ARG(q.rotary_dim % 2 == 0, op, "rotary_dim", "must be even, got ", q.rotary_dim);
+    DSINF_CHECK_ARG(q.rotary_dim <= q.head_dim, op, "rotary_dim", "must be <= head size D=", q.head_dim, ", got ",
+                    q.rotary_dim);
+    DSINF_CHECK_ARG(rope_theta > 0, op, "rope_theta", "must be > 0, got ", rope_theta);
+  }
+  DSINF_CHECK_ARG(seq_offset >= 0, op, "seq_offset", "must be >= 0, got ", seq_offset);
+  q.rotate_half = rotate_half;
+  q.rope_theta = rope_theta;
+  q.seq_offset = seq_offset;
+  q.gqa = q.kv_heads != num_heads;
+  return q;
+}
+
+// Output shapes of linear_layer: {[B,S,N]}, {[3,B,H,S,D]} or, for GQA, {[B,H,S,D],[B,KV,S,D],[B,KV,S,D]}.
+inline std::vector<std::vector<int64_t>> linear_output_shapes(const MatmulShape& s, const QKVLayout* q) {
+  if (!q) return {{s.B, s.S, s.N}};
+  if (q->gqa)
+    return {{s.B, q->heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}};
+  return {{3, s.B, q->heads, s.S, q->head_dim}};
+}
+
+}  // namespace dsinf

@@ -1,0 +1,49 @@
+"""Child process of op_builder.build: compile one BuildSpec with torch.utils.cpp_extension.
+
+Run as `python -m op_builder._build_worker <spec.json>`; stdout/stderr go to the build log. Exit 0
+only if the library was built AND loads in this process (so a library with an undefined symbol is
+never published).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+
+def main(spec_path: str) -> int:
+    spec = json.load(open(spec_path))
+    start = time.monotonic()
+    try:
+        from torch.utils import cpp_extension
+
+        if spec.get("pre_load"):  # define schemas first, so load checks the kernels' signatures against them
+            import importlib
+
+            module, _, func = spec["pre_load"].partition(":")
+            getattr(importlib.import_module(module), func)()
+
+        cpp_extension.load(
+            name=spec["library_name"],
+            sources=spec["sources"],
+            extra_cflags=spec["cflags"],
+            extra_cuda_cflags=spec["cuda_cflags"] or None,
+            extra_ldflags=spec["ldflags"],
+            extra_include_paths=spec["include_dirs"],
+            build_directory=spec["build_dir"],
+            with_cuda=spec["with_cuda"],
+            is_python_module=False,
+            verbose=True,
+        )
+    except Exception:
+        sys.stdout.flush()
+        traceback.print_exc()
+        print(f"# build failed after {time.monotonic() - start:.1f} s", flush=True)
+        return 1
+    print(f"# built and loaded in {time.monotonic() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,189 @@
+"""OpBuilder: what an op is built from, and `load()` = prebuilt | cached JIT | build now.
+
+A builder declares data (sources, include dirs, variants, requirements); everything with side
+effects lives in `build.py` (the transaction) and `cache.py` (keys, manifests). The same flag list
+feeds the JIT build and the `DS_BUILD_OPS=1` install (DeepSpeed assembled them twice, differently).
+
+Per variant and process, `load_variant` runs at most once (memoised, thread-safe):
+1. a binary installed with the package (`op_builder/prebuilt/<op>-<variant>/`) whose manifest matches
+   this torch / Python / GPU / CPU — else it says why and goes on;
+2. the JIT cache entry for this machine's key, if complete and intact;
+3. a build now (under the cross-process lock), then load.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import cache, knobs
+from .build import BuildSpec, build_or_wait
+from .compat import Decision
+from .errors import IncompatibleError
+from .system import System, current_system
+
+log = logging.getLogger("op_builder")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PREBUILT_DIR = PACKAGE_DIR / "prebuilt"
+
+
+def csrc_root() -> Path:
+    """Kernel sources: `op_builder/csrc` in an installed package, `<repo>/csrc` in a checkout."""
+    for candidate in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"kernel sources not found next to {PACKAGE_DIR} (looked for csrc/)")
+
+
+@dataclass(frozen=True)
+class LoadedVariant:
+    op: str
+    variant: str
+    path: Path  # the .so that was loaded
+    how: str  # "prebuilt", "cached" or "built"
+    manifest: dict[str, Any]
+    seconds: float  # wall time of load_variant
+
+
+_loaded: dict[tuple[str, str], LoadedVariant] = {}
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _variant_lock(key: tuple[str, str]) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def loaded_variants() -> dict[tuple[str, str], LoadedVariant]:
+    return dict(_loaded)
+
+
+class OpBuilder:
+    """Base class. Subclasses set NAME, BUILD_VAR, VARIANTS and implement `compatible` / `spec`."""
+
+    NAME: str = ""
+    BUILD_VAR: str = ""
+    VARIANTS: tuple[str, ...] = ()
+
+    def __init__(self, system: System | None = None):
+        self._system = system
+
+    @property
+    def system(self) -> System:
+        return self._system or current_system()
+
+    # ---- to implement -------------------------------------------------------------------------
+    def compatible(self, variant: str) -> Decision:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self, variant: str, *, portable: bool = False) -> BuildSpec:  # pragma: no cover - abstract
+        """The build of `variant`. `portable`: for a binary shipped to other machines (no -march=native,
+        default arch list instead of the visible GPUs)."""
+        raise NotImplementedError
+
+    def key_fields(self, variant: str, spec: BuildSpec) -> dict[str, Any]:
+        """Toolchain/runtime identity of a build, beyond the spec itself."""
+        s = self.system
+        return {"torch": s.torch_version, "cxx11_abi": s.torch_cxx11_abi, "python": s.python_tag,
+                "platform": s.platform, "cxx": s.cxx.identity if s.cxx else None}
+
+    def runtime_problems(self, variant: str, manifest: dict[str, Any]) -> list[str]:
+        """Why a binary built elsewhere (with this manifest) cannot run here."""
+        s = self.system
+        fields = manifest.get("key_fields", {})
+        problems = []
+        for name, have in (("torch", s.torch_version), ("cxx11_abi", s.torch_cxx11_abi),
+                           ("python", s.python_tag), ("platform", s.platform)):
+            if fields.get(name) != have:
+                problems.append(f"built for {name} {fields.get(name)}, running {have}")
+        return problems
+
+    def pre_load(self) -> None:
+        """Runs before the library is loaded (e.g. define the op schemas)."""
+
+    # ---- shared machinery ---------------------------------------------------------------------
+    def key(self, variant: str, spec: BuildSpec) -> cache.BuildKey:
+        root = csrc_root()
+        files = cache.source_closure([Path(p) for p in spec.sources], [Path(p) for p in spec.include_dirs])
+        return cache.BuildKey.of(
+            op=self.NAME, variant=variant, builder=cache.BUILDER_VERSION,
+            sources=cache.hash_files(files, root), cflags=list(spec.cflags), cuda_cflags=list(spec.cuda_cflags),
+            ldflags=list(spec.ldflags), **self.key_fields(variant, spec))
+
+    def variant_dir(self, variant: str) -> Path:
+        return cache.cache_root() / f"{self.NAME}-{variant}"
+
+    def prebuilt_dir(self, variant: str) -> Path:
+        return PREBUILT_DIR / f"{self.NAME}-{variant}"
+
+    def prebuilt_problem(self, variant: str) -> str | None:
+        """None if the installed binary of `variant` is usable here, else why not."""
+        directory = self.prebuilt_dir(variant)
+        if not directory.is_dir():
+            return "not installed"
+        problem = cache.entry_problem(directory, None)
+        if problem:
+            return problem
+        problems = self.runtime_problems(variant, cache.read_manifest(directory) or {})
+        return "; ".join(problems) or None
+
+    def cached_entry(self, variant: str) -> tuple[Path | None, str | None]:
+        """(entry dir, None) when the JIT cache holds a usable build for this machine, else (None, why)."""
+        decision = self.compatible(variant)
+        if not decision.ok:
+            return None, "; ".join(decision.reasons)
+        spec = self.spec(variant)
+        entry = self.variant_dir(variant) / self.key(variant, spec).digest
+        problem = cache.entry_problem(entry, entry.name)
+        return (entry, None) if problem is None else (None, problem)
+
+    def load_variant(self, variant: str) -> LoadedVariant:
+        memo_key = (self.NAME, variant)
+        if memo_key in _loaded:
+            return _loaded[memo_key]
+        with _variant_lock(memo_key):
+            if memo_key in _loaded:
+                return _loaded[memo_key]
+            start = time.monotonic()
+            path, how, manifest = self._locate_or_build(variant)
+            self.pre_load()
+            import torch
+
+            torch.ops.load_library(str(path))
+            loaded = LoadedVariant(self.NAME, variant, path, how, manifest, time.monotonic() - start)
+            _loaded[memo_key] = loaded
+            log.debug("loaded %s[%s] (%s) from %s in %.3f s", self.NAME, variant, how, path, loaded.seconds)
+            return loaded
+
+    def _locate_or_build(self, variant: str) -> tuple[Path, str, dict[str, Any]]:
+        prebuilt_why = None
+        if not knobs.get("DSINF_NO_PREBUILT"):
+            prebuilt_why = self.prebuilt_problem(variant)
+            if prebuilt_why is None:
+                directory = self.prebuilt_dir(variant)
+                manifest = cache.read_manifest(directory)
+                return directory / manifest["library"], "prebuilt", manifest
+            if prebuilt_why != "not installed":
+                log.warning("op_builder: the installed %s[%s] binary cannot be used here (%s); "
+                            "falling back to a JIT build", self.NAME, variant, prebuilt_why)
+        decision = self.compatible(variant)
+        if not decision.ok:
+            reasons = list(decision.reasons)
+            if prebuilt_why and prebuilt_why != "not installed":
+                reasons.append(f"installed binary unusable: {prebuilt_why}")
+            raise IncompatibleError(f"{self.NAME}[{variant}]", reasons)
+        spec = self.spec(variant)
+        key = self.key(variant, spec)
+        variant_dir = self.variant_dir(variant)
+        entry = variant_dir / key.digest
+        if cache.entry_problem(entry, key.digest) is None:  # published entries are immutable: no lock needed
+            return entry / cache.read_manifest(entry)["library"], "cached", cache.read_manifest(entry)
+        entry, how = build_or_wait(spec, key, variant_dir, system_cpu_count=self.system.cpu_count,
+                                   memory_available=self.system.memory_available)
+        manifest = cache.read_manifest(entry)
+        return entry / manifest["library"], how, manifest

@@ -1,0 +1,228 @@
+"""InferenceBuilder: the transformer-inference module (`linear_layer_*`, `vector_matmul_*`).
+
+Two variants, built and cached independently, loadable side by side in one process:
+- `cpu`:  csrc/inference/cpu/*.cpp + binding/cpu_binding.cpp, g++ only; any machine with a compiler.
+- `cuda`: csrc/inference/cuda/*.cu + binding/cuda_binding.cpp, nvcc; machines with CUDA torch + nvcc.
+
+`InferenceBuilder().load()` loads the variants this machine can use (cpu, plus cuda when a GPU is
+visible) and returns one `InferenceModule`; `load("cpu")` / `load("cuda")` loads just one. The
+module's functions are the `torch.ops.dsinf.*` custom ops: the dispatcher routes CPU tensors to the
+CPU kernels and CUDA tensors to the CUDA ones.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from . import knobs
+from .archs import Arch, covers, nvcc_gencode_flags, parse_arch_list
+from .build import BuildSpec
+from .builder import OpBuilder, csrc_root
+from .compat import Decision, cpu_compatible, cuda_compatible
+from .errors import IncompatibleError
+from .system import ISA_RANK, isa_flags
+
+# Portable baseline of prebuilt CPU binaries: x86-64-v3 (AVX2/FMA/F16C, every x86 server since
+# 2013). The manifest records it and load() refuses it, with the reason, on an older CPU.
+PORTABLE_ISA = "avx2"
+
+# No -std flag: torch.utils.cpp_extension passes the standard its own headers need (C++20 in 2.13).
+_CPU_FLAGS = ("-O3", "-DNDEBUG", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas")
+_NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
+               # torch adds -D__CUDA_NO_HALF*__ for its own headers; our kernels want the operators.
+               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+               "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+               "-U__CUDA_NO_BFLOAT162_OPERATORS__")
+
+
+class InferenceBuilder(OpBuilder):
+    NAME = "transformer_inference"
+    BUILD_VAR = "DS_BUILD_TRANSFORMER_INFERENCE"
+    VARIANTS = ("cpu", "cuda")
+
+    # ---- sources ------------------------------------------------------------------------------
+    def _sources(self, variant: str) -> tuple[list[str], list[str]]:
+        root = csrc_root() / "inference"
+        if variant == "cpu":
+            kernels = sorted((root / "cpu").glob("*.cpp"))
+        else:
+            kernels = sorted((root / "cuda").glob("*.cu"))
+        binding = root / "binding" / f"{variant}_binding.cpp"
+        return [str(p) for p in [*kernels, binding]], [str(root / "include"), str(root / "binding")]
+
+    # ---- compatibility ------------------------------------------------------------------------
+    def compatible(self, variant: str) -> Decision:
+        if variant == "cpu":
+            return cpu_compatible(self.system)
+        if variant == "cuda":
+            return cuda_compatible(self.system, knobs.get("TORCH_CUDA_ARCH_LIST"))[0]
+        raise ValueError(f"unknown variant {variant!r}; {self.NAME} has {self.VARIANTS}")
+
+    def _archs(self, portable: bool) -> tuple[Arch, ...]:
+        decision, resolution = cuda_compatible(self.system, knobs.get("TORCH_CUDA_ARCH_LIST"))
+        if not decision.ok:
+            raise IncompatibleError(f"{self.NAME}[cuda]", decision.reasons)
+        archs = resolution.archs
+        if portable and resolution.source == "visible GPUs":
+            # A shipped binary should not be limited to the build host's GPU: add the nvcc default.
+            from .archs import resolve_archs
+            from .system import System
+
+            no_gpu = System(probe=False, nvcc=self.system.nvcc, gpus="portable build")
+            archs = tuple(sorted(set(archs) | set(resolve_archs(no_gpu, None).archs)))
+        return archs
+
+    # ---- build --------------------------------------------------------------------------------
+    def _cpu_isa(self, portable: bool) -> tuple[str, tuple[str, ...]]:
+        cpu = self.system.cpu
+        if cpu.arch not in ("x86_64", "AMD64", "amd64"):
+            return "baseline", ()
+        if portable:
+            return PORTABLE_ISA, isa_flags(PORTABLE_ISA)
+        if knobs.get("DSINF_NATIVE_ISA"):
+            return cpu.isa, ("-march=native",)
+        return cpu.isa, isa_flags(cpu.isa)
+
+    def spec(self, variant: str, *, portable: bool = False) -> BuildSpec:
+        sources, includes = self._sources(variant)
+        library_name = f"{self.NAME}_{variant}"
+        if variant == "cpu":
+            isa, isa_cflags = self._cpu_isa(portable)
+            return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
+                             include_dirs=tuple(includes), cflags=_CPU_FLAGS + isa_cflags,
+                             pre_load="dsinf.library:define", describe=f"for {isa}",
+                             manifest_extra={"isa": isa, "native": "-march=native" in isa_cflags})
+        archs = self._archs(portable)
+        bf16 = all(a.major >= 8 for a in archs)
+        defines = ("-DDSINF_CUDA_BF16",) if bf16 else ()
+        jobs_threads = ("--threads=1",)  # parallelism comes from ninja jobs; nvcc threads multiply memory
+        return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
+                         include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + defines,
+                         cuda_cflags=_NVCC_FLAGS + defines + jobs_threads + tuple(nvcc_gencode_flags(archs)),
+                         with_cuda=True, pre_load="dsinf.library:define",
+                         describe="for " + " ".join(f"sm_{a.sm}" for a in archs),
+                         manifest_extra={"archs": [str(a) for a in archs], "bf16": bf16})
+
+    def key_fields(self, variant: str, spec: BuildSpec) -> dict[str, Any]:
+        fields = super().key_fields(variant, spec)
+        s = self.system
+        if variant == "cpu":
+            fields["isa"] = spec.manifest_extra["isa"]
+            if spec.manifest_extra.get("native"):  # -march=native: the binary is this CPU model's
+                fields["cpu"] = hashlib.sha256((s.cpu.brand + " " + " ".join(sorted(s.cpu.flags))).encode()
+                                               ).hexdigest()[:16]
+        else:
+            fields["torch_cuda"] = s.torch_cuda
+            fields["nvcc"] = s.nvcc.version_str if s.nvcc else None
+            fields["archs"] = spec.manifest_extra["archs"]
+        return fields
+
+    def runtime_problems(self, variant: str, manifest: dict[str, Any]) -> list[str]:
+        problems = super().runtime_problems(variant, manifest)
+        s = self.system
+        if variant == "cpu":
+            isa = manifest.get("isa", "baseline")
+            if manifest.get("native"):
+                problems.append("built with -march=native for another machine")
+            elif ISA_RANK.get(isa, 99) > ISA_RANK[s.cpu.isa]:
+                problems.append(f"built for {isa} but this CPU supports only {s.cpu.isa}")
+        else:
+            fields = manifest.get("key_fields", {})
+            if fields.get("torch_cuda") != s.torch_cuda:
+                problems.append(f"built for CUDA {fields.get('torch_cuda')}, torch has CUDA {s.torch_cuda}")
+            built = parse_arch_list(";".join(manifest.get("archs", []))) if manifest.get("archs") else ()
+            for gpu in s.gpu_list:
+                if not covers(built, gpu.capability):
+                    problems.append(f"built for {' '.join(manifest.get('archs', []))}, which cannot run on "
+                                    f"GPU {gpu.index} ({gpu.name}, {gpu.capability[0]}.{gpu.capability[1]})")
+        return problems
+
+    def pre_load(self) -> None:
+        from dsinf import library
+
+        library.define()
+
+    def sanity_check(self, variant: str) -> str:
+        """Run each compiled function once on small random inputs against dsinf.reference; raise on mismatch."""
+        import torch
+
+        from dsinf import reference
+
+        module = self.load(variant)
+        device = "cuda" if variant == "cuda" else "cpu"
+        gen = torch.Generator().manual_seed(0)
+        checked = []
+        for name in module.functions(variant):
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name.rsplit("_", 1)[1]]
+            x = torch.randn(2, 3, 64, generator=gen).to(device, dtype)
+            w = torch.randn(64, 192, generator=gen).to(device, dtype)
+            if name.startswith("linear_layer"):
+                b = torch.randn(192, generator=gen).to(device, dtype)
+                got = getattr(module, name)(x, w, b, True, True, 4)[0]
+                want = reference.linear_layer(x, w, b, True, True, 4)[0]
+            else:
+                got = getattr(module, name)(x, w)
+                want = reference.vector_matmul(x, w)
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            if not err < (1e-4 if dtype == torch.float32 else 2e-2):
+                raise AssertionError(f"{name} on {device}: relative error {err:.2e} vs the reference")
+            checked.append(name)
+        return f"{len(checked)} functions match the reference ({', '.join(checked)})"
+
+    # ---- the user-facing load -----------------------------------------------------------------
+    def wanted_variants(self) -> list[str]:
+        """Variants `load()` with no argument loads: cpu, plus cuda when a GPU is visible."""
+        return ["cpu", "cuda"] if self.system.gpu_list else ["cpu"]
+
+    def load(self, device_type: str | None = None, verbose: bool = False) -> "InferenceModule":
+        """Load (building first if needed) the module for `device_type` ('cpu', 'cuda' or None = all
+        this machine can use). `verbose` is accepted for DeepSpeed compatibility; progress goes to
+        logging."""
+        variants = self.wanted_variants() if device_type is None else [device_type]
+        for variant in variants:
+            if variant not in self.VARIANTS:
+                raise ValueError(f"unknown device type {variant!r}; {self.NAME} has {self.VARIANTS}")
+            self.load_variant(variant)
+        return InferenceModule(self)
+
+
+class InferenceModule:
+    """What `InferenceBuilder().load()` returns: `mod.linear_layer_fp16(...)` etc.
+
+    Attributes are the `torch.ops.dsinf.*` ops (DeepSpeed's positional signatures). An attribute
+    exists when at least one loaded variant compiled that function; `has(name, device_type)` asks
+    for one device.
+    """
+
+    def __init__(self, builder: InferenceBuilder):
+        self._builder = builder
+
+    @property
+    def variants(self) -> dict[str, Any]:
+        from .builder import loaded_variants
+
+        return {v: lv for (op, v), lv in loaded_variants().items() if op == self._builder.NAME}
+
+    def has(self, name: str, device_type: str) -> bool:
+        from dsinf import library
+
+        return device_type in self.variants and name in library.FUNCTIONS and library.has_kernel(name, device_type)
+
+    def functions(self, device_type: str) -> list[str]:
+        from dsinf import library
+
+        return [f for f in library.FUNCTIONS if self.has(f, device_type)]
+
+    def __getattr__(self, name: str):
+        from dsinf import library
+
+        if name.startswith("_") or name not in library.FUNCTIONS:
+            raise AttributeError(name)
+        if not any(self.has(name, d) for d in self.variants):
+            raise AttributeError(f"{name} is not compiled in the loaded variants ({', '.join(self.variants)})")
+        import torch
+
+        return getattr(torch.ops.dsinf, name)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | {f for d in self.variants for f in self.functions(d)})

@@ -1,0 +1,139 @@
+"""Every environment knob of op_builder and dsinf, read in this one place.
+
+Each knob is declared once with its default and meaning; `python -m op_builder.report` prints them
+all with their current value and where the value came from. Knobs are read when asked for (not at
+import), so a test or a long-lived process that changes the environment sees the new value.
+
+Booleans accept 1/0, true/false, yes/no, on/off (any case). DeepSpeed's `int()` parsing crashed on
+"true"; a value we cannot parse raises `KnobError` naming the variable instead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+class KnobError(ValueError):
+    """An environment variable holds a value we cannot interpret."""
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise KnobError(f"{name}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
+def _parse_positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise KnobError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise KnobError(f"{name}={raw!r} must be >= 1")
+    return value
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise KnobError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise KnobError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+def _parse_str(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+_BACKENDS = ("auto", "compiled", "triton", "torch")
+
+
+def _parse_backend(name: str, raw: str) -> str:
+    value = raw.strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise KnobError(f"{name}={raw!r}: expected one of {', '.join(_BACKENDS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: Any
+    parse: Callable[[str, str], Any]
+    meaning: str
+
+    def read(self) -> tuple[Any, str]:
+        """(value, source) where source is 'env' or 'default'."""
+        raw = os.environ.get(self.name)
+        if raw is None:
+            return self.default, "default"
+        return self.parse(self.name, raw), "env"
+
+    @property
+    def value(self) -> Any:
+        return self.read()[0]
+
+
+_KNOBS = [
+    # --- build ---
+    Knob("TORCH_EXTENSIONS_DIR", None, _parse_str,
+         "Root of the JIT cache (torch's own variable); builds go to <root>/dsinf/<op>-<variant>/<key>. "
+         "Default: $XDG_CACHE_HOME/dsinf/extensions or ~/.cache/dsinf/extensions."),
+    Knob("DSINF_CACHE_DIR", None, _parse_str,
+         "Root for dsinf's non-build caches (Triton autotune table). Default: the parent of the JIT cache root."),
+    Knob("TORCH_CUDA_ARCH_LIST", None, _parse_str,
+         "CUDA targets, ';' or space separated: X.Y, X.Ya, X.Y+PTX. Wins over the visible GPUs."),
+    Knob("MAX_JOBS", None, _parse_positive_int,
+         "Parallel compile jobs (torch's variable). Default: sized from cores and free memory."),
+    Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
+    Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: torch's detection."),
+    Knob("DS_BUILD_OPS", False, parse_bool,
+         "At pip install: precompile every op compatible with this machine into the package."),
+    Knob("DS_BUILD_TIMEOUT", 1800.0, _parse_float,
+         "Seconds a process waits for another process's build of the same op before giving up."),
+    Knob("DSINF_NO_PREBUILT", False, parse_bool,
+         "Ignore binaries installed with the package and always use the JIT cache."),
+    Knob("DSINF_NATIVE_ISA", True, parse_bool,
+         "JIT CPU builds may use -march=native. Prebuilt CPU binaries always target the portable baseline."),
+    # --- dispatch ---
+    Knob("DS_KI_FALLBACK", True, parse_bool,
+         "DeepSpeed's switch: False makes an op raise instead of falling back to a slower backend."),
+    Knob("DSINF_BACKEND", "auto", _parse_backend,
+         "Force one backend for every op: auto, compiled, triton or torch (tests, benchmarks)."),
+]
+
+KNOBS: dict[str, Knob] = {k.name: k for k in _KNOBS}
+
+
+def get(name: str) -> Any:
+    """Current value of a declared knob."""
+    return KNOBS[name].value
+
+
+def build_var_enabled(var: str) -> bool | None:
+    """Value of a per-op `DS_BUILD_<OP>` variable: True/False when set, None when unset."""
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return None
+    return parse_bool(var, raw)
+
+
+def snapshot() -> list[dict[str, Any]]:
+    """Every knob with its value and source, for the report. Never raises: a bad value is shown."""
+    rows = []
+    for knob in _KNOBS:
+        try:
+            value, source = knob.read()
+        except KnobError as exc:
+            value, source = f"INVALID ({exc})", "env"
+        rows.append({"name": knob.name, "value": value, "source": source, "meaning": knob.meaning})
+    return rows
