@@ -1,0 +1,212 @@
+"""The Triton kernels of the Triton backend (launchers: `dsinf.triton.ops`).
+
+Three kernels, each stating its math and layout:
+
+`_matmul_kernel`        out[m, n] = sum_k x[m, k] * W(k, n) * scale(n) (+ bias[n]), fp32 accumulate.
+                        W(k, n) is read through two strides: [K, N] weights (stride_wk=N,
+                        stride_wn=1) load [BLOCK_K, BLOCK_N] tiles; [N, K] weights (W_NK, nn.Linear
+                        and int8) load [BLOCK_N, BLOCK_K] tiles in memory order and tl.trans them.
+                        int8 weights ([N, K] only) are converted to the activation dtype in registers
+                        (exact: |w| <= 128 fits fp16 and bf16), and the per-row-block scale
+                        q_scale[n // rows_per_group] multiplies the fp32 accumulator once per tile,
+                        which is the same sum as dequantizing every element first.
+                        SPLIT_K > 1 (small M: the decode/GEMV path) splits the K loop over
+                        program_id(1) (split s takes K-tiles s, s+SPLIT_K, ...) and writes fp32
+                        partials [SPLIT_K, M, N]; `_splitk_reduce_kernel` or `_qkv_rope_kernel`
+                        sums them. With BLOCK_M >= M there is a single M-tile, so each weight
+                        element is loaded exactly once: the weight is streamed once.
+`_splitk_reduce_kernel` out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype.
+                        A second launch instead of fp32 atomics: no zero-fill, no fixup counter,
+                        and the result is bitwise deterministic.
+`_qkv_rope_kernel`      the fused-QKV epilogue. Reads the matmul's [M, N] rows once (or its fp32
+                        split-K partials, adding the bias), splits row n = [Q | K | V] per head,
+                        applies RoPE to q and k, and writes head-major q [B, H, S, D] and
+                        k, v [B, KV, S, D] (three views of one [3, B, H, S, D] tensor when KV == H).
+                        A follow-up kernel rather than the matmul's store: RoPE pairs (i, i + rd/2)
+                        straddle N-tiles, and any head size / rotary_dim works. Measured on H100:
+                        +2 us at decode, +27 us (~15%) at M=2048, N=6144.
+
+RoPE (as `dsinf.reference`): position p = seq_offset + s, f_i = theta^(-2i/rd);
+rotate_half pairs (i, i + rd/2), else GPT-J pairs (2i, 2i+1); (a, b) -> (a cos - b sin, b cos + a sin).
+The angle p * f_i and its reduction modulo 2*pi are computed in fp64 (a few fp64 ops per element of
+an epilogue that is memory-bound), then cos/sin in fp32: outputs match the fp64 reference at any
+position, where an fp32 angle (DeepSpeed's, HF's) is off by up to p * 2^-24 rad.
+
+Constraints: every block size is a power of two >= 16 for tl.dot operands (BLOCK_M >= 16 even when
+M == 1; padded rows are masked). No K % 8 requirement: the K tail is masked unless EVEN_K.
+The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32 and
+fp16 but computes bf16 wrongly, so bf16 is tested on the GPU only.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    rows_per_group,
+    HAS_BIAS: tl.constexpr, W_NK: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # Grouped ordering of output tiles: GROUP_M consecutive M-tiles share each N-tile of the weight,
+    # so neighbouring programs reuse it from L2 (only matters when there are several M-tiles).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + rk
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # 64-bit row/column bases: M*K, K*N or M*N may pass 2^31 elements; the loop only adds scalars.
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if W_NK:  # [N, K] weight: load [BLOCK_N, BLOCK_K] tiles in memory order, transpose in registers
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    else:
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        k_left = K - (it * SPLIT_K + pid_k) * BLOCK_K
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
+        if W_NK:
+            if EVEN_K:
+                b = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+            else:
+                b = tl.load(w_ptrs, mask=mask_n[:, None] & (rk[None, :] < k_left), other=0)
+            if W_INT8:
+                b = b.to(a.dtype)
+            b = tl.trans(b)
+        else:
+            if EVEN_K:
+                b = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+            else:
+                b = tl.load(w_ptrs, mask=mask_n[None, :] & (rk[:, None] < k_left), other=0)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * SPLIT_K * stride_xk
+        w_ptrs += BLOCK_K * SPLIT_K * stride_wk
+
+    if W_INT8:
+        scale = tl.load(scale_ptr + offs_n // rows_per_group, mask=mask_n, other=0.0)
+        acc = acc * scale[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc = acc + bias.to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # fp32 partial of split pid_k; the bias is added once, by the reducing kernel.
+        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, MN, N,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_row_block(src_ptr, offs, mask, MN, SPLIT: tl.constexpr):
+    """fp32 value of the matmul output at `offs`: the output itself, or the sum of its split-K partials."""
+    x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        x += tl.load(src_ptr + s * MN + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit(do_not_specialize=["seq_offset"])
+def _qkv_rope_kernel(
+    src_ptr, bias_ptr, q_ptr, k_ptr, v_ptr,
+    S, N, H, KV, seq_offset, freq_hi, freq_lo,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    D: tl.constexpr, ROT: tl.constexpr, ROTATE_HALF: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid = (cdiv(S, BLOCK_S), cdiv(H + 2*KV, HEADS), B). Head j of the fused row: q heads 0..H-1, then
+    # k, then v; its columns are j*D .. j*D+D-1 in every case, since [Q | K | V] are head-major inside.
+    # The cos/sin tile depends on (s, d) only: it is computed once and reused for HEADS heads.
+    pid_s = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_sd = (offs_s < S)[:, None] & (offs_d < D)[None, :]
+    MN = (tl.num_programs(2) * S).to(tl.int64) * N
+    src_row = src_ptr + ((b * S + offs_s).to(tl.int64) * N)[:, None]
+
+    if ROT > 0:
+        if ROTATE_HALF:
+            first = offs_d < ROT // 2
+            partner = tl.where(first, offs_d + ROT // 2, offs_d - ROT // 2)
+            pair = tl.where(first, offs_d, offs_d - ROT // 2)
+        else:
+            first = (offs_d % 2) == 0
+            partner = tl.where(first, offs_d + 1, offs_d - 1)
+            pair = offs_d // 2
+        sign = tl.where(first, -1.0, 1.0)
+        # f_i = theta^(-2i/rd) = 2^(i * c), c = -2*log2(theta)/rd passed as fp32 hi + lo (Python floats
+        # reach a kernel as fp32). The angle p * f_i and its reduction modulo 2*pi are done in fp64,
+        # so cos/sin see an angle accurate to fp32 rounding at any position: an fp32 angle would be
+        # off by p * 2^-24 (2e-3 rad at p = 30000), which fp16 outputs already show.
+        c = tl.full([], freq_hi, tl.float64) + tl.full([], freq_lo, tl.float64)
+        inv_freq = tl.exp2(pair.to(tl.float64) * c)
+        angle = (seq_offset + offs_s).to(tl.float64)[:, None] * inv_freq[None, :]
+        turns = tl.floor(angle * tl.full([], 0.15915494309189535, tl.float64) + 0.5)
+        r = (angle - turns * tl.full([], 6.283185307179586, tl.float64)).to(tl.float32)
+        cos = tl.cos(r)
+        sin = tl.sin(r) * sign[None, :]
+
+    for hh in tl.static_range(HEADS):
+        j = pid_h * HEADS + hh
+        # Head validity as a tensor, not a scalar compare: the interpreter turns
+        # `bool tensor & scalar compare` into an int mask it cannot load with.
+        jv = offs_d * 0 + j
+        head_ok = jv < H + 2 * KV
+        mask = mask_sd & head_ok[None, :]
+        col = j * D + offs_d
+        x = _load_row_block(src_row, col[None, :], mask, MN, SPLIT)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + col, mask=(offs_d < D) & head_ok, other=0.0).to(tl.float32)[None, :]
+        if ROT > 0:
+            rotated = (offs_d < ROT) & (jv < H + KV)  # v heads and dims >= rotary_dim pass through
+            rmask = mask & rotated[None, :]
+            xp = _load_row_block(src_row, (j * D + partner)[None, :], rmask, MN, SPLIT)
+            if HAS_BIAS:
+                xp += tl.load(bias_ptr + j * D + partner, mask=rotated, other=0.0).to(tl.float32)[None, :]
+            x = tl.where(rotated[None, :], x * cos + xp * sin, x)
+        out = x.to(q_ptr.dtype.element_ty)
+        if j < H:
+            dst = q_ptr + ((b * H + j) * S).to(tl.int64) * D
+        elif j < H + KV:
+            dst = k_ptr + ((b * KV + (j - H)) * S).to(tl.int64) * D
+        else:  # v, or a padding head past H + 2*KV (fully masked)
+            dst = v_ptr + ((b * KV + (j - H - KV)) * S).to(tl.int64) * D
+        tl.store(dst + offs_s[:, None] * D + offs_d[None, :], out, mask=mask)

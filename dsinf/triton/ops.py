@@ -1,0 +1,466 @@
+"""Launchers of the Triton backend: validation, config choice, kernel launches, autotuning entry points.
+
+`linear_layer` / `vector_matmul` have the signatures and semantics of `dsinf.reference` (the oracle),
+validate through `dsinf.checks` and return fresh tensors from the torch allocator.
+
+Config choice per call (hot path): a memo keyed by (device, dtype, layout, M bucket, N, K) answers
+in one dict lookup; on a miss, the persisted table (`autotune.lookup`) is asked once, else a
+heuristic default is used. Nothing is benchmarked at call time (a surprise multi-second stall, and
+fatal under CUDA-graph capture): tuning happens only in `autotune_linear` / `autotune_vector_matmul`,
+which the op classes' `_triton_autotune` call.
+
+Paths by M = B*S (candidates and defaults below; the table overrides the defaults):
+- M <= 16 (decode): BLOCK_M = 16, one M-tile, so the weight is streamed exactly once; narrow N-tiles
+  and deep K-tiles, and split-K only when the N-tiles alone cannot fill half the GPU.
+- 16 < M <= 128: 32..64-row tiles, split-K allowed.
+- M > 128: 64..256 square-ish tiles with GROUP_M swizzle (compute-bound; the cuBLAS regime).
+
+Measured on H100 80GB (triton 3.6, CUDA-graph timing, weights rotated past L2; noise on M=2048 is
+about +-10% run to run): decode M=1..16 fp16/bf16 at 0.98-1.08x torch (2.3-2.9 TB/s; 4096x4096 is
+launch-latency bound at ~14.5 us), int8 M=1 8192^2 at 1.6x fp16 torch; M=2048 [K, N] fp16 0.95-1.03x
+cuBLAS, bf16 0.86-0.95x, [N, K] 0.69-0.87x, int8 0.58-0.67x. Eager calls pay Triton's launch cost
+(~20 us of CPU per launch on that host, plus ~20 us of ours): use CUDA graphs for decode.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import hashlib
+import inspect
+import logging
+import math
+import struct
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import triton
+
+from .. import checks, reference
+from . import autotune, kernels
+from . import decide as _decide
+
+logger = logging.getLogger(__name__)
+
+#: Whether `kernels` were built for the Triton interpreter (TRITON_INTERPRET=1 when it was imported).
+INTERPRETED = not isinstance(kernels._matmul_kernel, triton.runtime.JITFunction)
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+_REDUCE_BLOCK = 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices, keys, configs
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_decision(weight_dtype: torch.dtype, act_dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
+    dtype = torch.int8 if weight_dtype == torch.int8 else act_dtype
+    return _decide(dtype, device_type, interpreter=INTERPRETED, act_dtype=act_dtype)
+
+
+def _check_backend(op: str, input: torch.Tensor, weight: torch.Tensor) -> None:
+    ok, reason = _backend_decision(weight.dtype, input.dtype, input.device.type)
+    if not ok:
+        raise checks.InputError(op, "input", f"not supported by the Triton backend: {reason}")
+
+
+class DeviceInfo(NamedTuple):
+    name: str  # goes into the table key
+    sms: int  # multiprocessors: sizes split-K
+    smem: int  # shared memory per block (bytes): prunes candidates
+    l2: int  # L2 bytes: autotuning rotates weight copies past it
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device_type: str, index: int | None) -> DeviceInfo:
+    if device_type != "cuda" or INTERPRETED:
+        return DeviceInfo("triton-interpreter", 4, 1 << 30, 0)
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:
+        try:
+            smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        except Exception:  # pragma: no cover - depends on the driver
+            smem = 99 * 1024
+    return DeviceInfo(props.name, props.multi_processor_count, int(smem), int(getattr(props, "L2_cache_size", 50 << 20)))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash() -> str:
+    """Hash of the tuned kernels' source text: editing them invalidates their table entries."""
+    h = hashlib.sha256()
+    for k in (kernels._matmul_kernel, kernels._splitk_reduce_kernel):
+        h.update(inspect.getsource(getattr(k, "fn", k)).encode())
+    return h.hexdigest()[:12]
+
+
+def _layout(shape: checks.MatmulShape) -> str:
+    return "int8" if shape.int8 else ("nk" if shape.weight_nk else "kn")
+
+
+def tune_key(device: torch.device, dtype: torch.dtype, layout: str, m: int, n: int, k: int) -> autotune.TuneKey:
+    name = _device_info(device.type, device.index).name
+    return autotune.TuneKey(kernel="matmul", gpu=name, triton=triton.__version__, source=_source_hash(),
+                            dtype=checks.DTYPE_SUFFIX[dtype], layout=layout, m=autotune.m_bucket(m), n=n, k=k)
+
+
+def _config(bm, bn, bk, split=1, warps=4, stages=3, group=8) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": stages}
+
+
+def valid_config(cfg) -> bool:
+    """A config we can launch: every key, ints, power-of-two blocks >= 16 (tl.dot), sane ranges."""
+    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+        return False
+    if not all(type(cfg[k]) is int for k in CONFIG_KEYS):
+        return False
+    pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    return (all(pow2(cfg[k]) and 16 <= cfg[k] <= 512 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            and 1 <= cfg["SPLIT_K"] <= 64 and 1 <= cfg["GROUP_M"] <= 64
+            and cfg["num_warps"] in (1, 2, 4, 8, 16) and 1 <= cfg["num_stages"] <= 8)
+
+
+def _useful_splits(tiles: int, k: int, bk: int, sms: int, max_split: int = 16) -> list[int]:
+    """Split-K factors worth trying: 1, then powers of two while the grid is under ~2 waves and
+    every split still has at least two K-tiles to stream."""
+    out, s = [1], 2
+    while s <= max_split and tiles * (s // 2) < 2 * sms and k >= 2 * bk * s:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int) -> list[dict]:
+    """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness."""
+    w_size = 1 if layout == "int8" else act_size
+    cands: list[dict] = []
+    if m <= 16:
+        # (BLOCK_N, BLOCK_K, warps, stages): narrow N-tiles, deep K-tiles; streaming the weight is all.
+        shapes = [(16, 256, 4, 5), (32, 128, 4, 5), (32, 256, 4, 5), (32, 512, 4, 3), (64, 128, 4, 5),
+                  (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 4, 3)]
+        for bn, bk, w, st in shapes:
+            for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
+                cands.append(_config(16, bn, bk, split, w, st))
+    elif m <= 128:
+        shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                  (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
+        for bm, bn, bk, w, st in shapes:
+            if bm > 2 * triton.next_power_of_2(m):
+                continue
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            for split in _useful_splits(tiles, k, bk, sms, max_split=4):
+                cands.append(_config(bm, bn, bk, split, w, st))
+    else:
+        for bm, bn, bk, w, st in [(128, 256, 32, 8, 4), (128, 256, 64, 8, 4), (128, 256, 64, 8, 3),
+                                  (256, 128, 64, 8, 3), (256, 128, 32, 8, 4), (128, 128, 64, 8, 4),
+                                  (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                                  (64, 128, 64, 4, 4)]:
+            cands.append(_config(bm, bn, bk, 1, w, st))
+    default = default_config(m, n, k, layout, sms)  # always in the race: tuning can only improve on it
+    if default not in cands:
+        cands.insert(0, default)
+    return [c for c in cands if _fits(c, act_size, w_size, smem)]
+
+
+def _fits(cfg: dict, act_size: int, w_size: int, smem: int) -> bool:
+    """Whether the pipelined x and W tiles of `cfg` fit in shared memory."""
+    return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size) <= smem
+
+
+def default_config(m: int, n: int, k: int, layout: str, sms: int) -> dict:
+    """The config used when the table has no entry: a safe, reasonably fast pick per regime."""
+    if INTERPRETED:  # few, large programs: the interpreter pays per program, not per element
+        return _config(16 if m <= 16 else 32, 32, 32, 1, 4, 2)
+    if m <= 16:
+        # Measured on H100 (fp16, [N, K], M=1..16, N*K from 16M to 64M): BLOCK_N=32, BLOCK_K=256, 5
+        # stages, no split was within 3% of the best of 126 configs on every shape; split-K lost
+        # whenever the N-tiles alone filled half the GPU. So split only when they do not.
+        # [K, N] weights: rows of BLOCK_N contiguous elements, so wider tiles once they fill the GPU
+        # (8192^2: 45.5 us with 64 vs 53.2 with 32).
+        bn, bk = 32, 256
+        if layout == "kn" and triton.cdiv(n, 64) >= sms // 2:
+            return _config(16, 64, 256, 1, 4, 3)
+        split = 1
+        while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:
+            split *= 2
+        return _config(16, bn, bk, split, 4, 5)
+    if m <= 128:  # H100, 4096^2, M=24/64/128: 64x64x128 tiles with split-K 2 were best or within 2%
+        bm = 32 if m <= 32 else 64
+        splits = _useful_splits(triton.cdiv(m, bm) * triton.cdiv(n, 64), k, 128, sms, max_split=2)
+        return _config(bm, 64, 128, splits[-1], 4, 3)
+    # H100, M=2048, K=4096, N=12288, best of 13 tile shapes per layout: [K, N] 128x256x32 (0.98x cuBLAS
+    # fp16), [N, K] 256x128x64 (0.77x), int8 128x128x64 (int8->fp16 conversion in the main loop).
+    if layout == "int8":
+        return _config(128, 128, 64, 1, 8, 4)
+    if m * n >= 2048 * 4096:
+        return _config(256, 128, 64, 1, 8, 3) if layout == "nk" else _config(128, 256, 32, 1, 8, 4)
+    return _config(128, 128, 64, 1, 8, 4)
+
+
+_memo: dict[tuple, dict] = {}
+_memo_generation = -1
+_forced: dict | None = None
+_warned_bad: set[str] = set()
+
+
+def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n: int, k: int) -> dict:
+    """The config a call runs with: forced (tests), else the table's, else `default_config`."""
+    global _memo_generation
+    if _forced is not None:
+        return _forced
+    gen = autotune.generation()
+    if gen != _memo_generation:
+        _memo.clear()
+        _memo_generation = gen
+    bucket = autotune.m_bucket(m)
+    mk = (device.type, device.index, dtype, layout, bucket, n, k)
+    cfg = _memo.get(mk)
+    if cfg is None:
+        key = tune_key(device, dtype, layout, bucket, n, k)
+        info = _device_info(device.type, device.index)
+        cfg = autotune.lookup(key)
+        if cfg is not None and not (valid_config(cfg) and _fits(cfg, dtype.itemsize, 1 if layout == "int8" else dtype.itemsize,
+                                                               info.smem)):
+            if key.text not in _warned_bad:
+                _warned_bad.add(key.text)
+                logger.warning("dsinf: ignoring invalid Triton autotune entry %s: %s", key.text, cfg)
+            cfg = None
+        if cfg is None:
+            cfg = default_config(bucket, n, k, layout, info.sms)
+        _memo[mk] = cfg
+    return cfg
+
+
+@contextlib.contextmanager
+def force_config(cfg: dict) -> Iterator[None]:
+    """Run every matmul in the block with `cfg` (tests exercise each kernel path through it)."""
+    global _forced
+    if not valid_config(cfg):
+        raise ValueError(f"invalid config {cfg}")
+    prev, _forced = _forced, dict(cfg)
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launches
+
+
+def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_scale, weight_nk: bool,
+                   m: int, n: int, k: int, out_dtype: torch.dtype, reduce: bool = True) -> torch.Tensor:
+    """x2 [M, K] @ W -> [M, N] in out_dtype (bias added), or with reduce=False and SPLIT_K > 1 the
+    fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them)."""
+    split = cfg["SPLIT_K"]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if weight_nk:
+        stride_wk, stride_wn = weight.stride(1), weight.stride(0)
+    else:
+        stride_wk, stride_wn = weight.stride(0), weight.stride(1)
+    if split == 1:
+        out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+    w_int8 = weight.dtype == torch.int8
+    rows_per_group = n // q_scale.shape[0] if w_int8 else 1
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    kernels._matmul_kernel[grid](
+        x2, weight, bias if bias is not None else out, q_scale if w_int8 else out, out,
+        m, n, k, x2.stride(0), x2.stride(1), stride_wk, stride_wn, rows_per_group,
+        HAS_BIAS=bias is not None and split == 1, W_NK=weight_nk, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split == 1 or not reduce:
+        return out
+    result = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    kernels._splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+        out, bias if bias is not None else out, result, m * n, n,
+        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    return result
+
+
+def _launch_qkv(src: torch.Tensor, split: int, bias, shape: checks.MatmulShape, qkv: checks.QKVLayout,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    B, S, N = shape.B, shape.S, shape.N
+    H, KV, D, rd = qkv.heads, qkv.kv_heads, qkv.head_dim, qkv.rotary_dim
+    dev = src.device
+    if qkv.gqa:
+        q = torch.empty((B, H, S, D), dtype=dtype, device=dev)
+        k = torch.empty((B, KV, S, D), dtype=dtype, device=dev)
+        v = torch.empty((B, KV, S, D), dtype=dtype, device=dev)
+        outs = [q, k, v]
+    else:
+        fused = torch.empty((3, B, H, S, D), dtype=dtype, device=dev)
+        q, k, v = fused[0], fused[1], fused[2]
+        outs = [fused]
+    block_d = triton.next_power_of_2(D)
+    block_s = min(triton.next_power_of_2(S), max(1, 2048 // block_d))
+    # Heads per program: 1 for decode (parallelism; the trig is cheap there), up to 8 when there are
+    # many rows, so the cos/sin tile is computed once for 8 heads.
+    heads = 1 if B * S <= 32 else (4 if B * S <= 256 else 8)
+    freq = -2.0 * math.log2(qkv.rope_theta) / rd if rd else 0.0  # f_i = 2^(i * freq), split in fp32 hi + lo
+    freq_hi = struct.unpack("f", struct.pack("f", freq))[0]
+    freq_lo = freq - freq_hi
+    grid = (triton.cdiv(S, block_s), triton.cdiv(H + 2 * KV, heads), B)
+    kernels._qkv_rope_kernel[grid](
+        src, bias if bias is not None else src, q, k, v, S, N, H, KV, qkv.seq_offset, freq_hi, freq_lo,
+        SPLIT=split, HAS_BIAS=bias is not None, D=D, ROT=rd, ROTATE_HALF=qkv.rotate_half,
+        HEADS=heads, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    return outs
+
+
+def _degenerate(shape: checks.MatmulShape) -> bool:
+    return shape.M == 0 or shape.N == 0 or shape.K == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public ops
+
+
+def linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode=False,
+                 rope_theta=10000.0, rotary_dim=-1, rotate_half=False, num_kv=-1, seq_offset=0,
+                 q_scale=None, *, op: str = "linear_layer") -> list[torch.Tensor]:
+    """`dsinf.reference.linear_layer` on Triton kernels: matmul (+bias), then, with do_flash_attn,
+    one epilogue kernel that splits q|k|v per head, applies RoPE and writes head-major outputs."""
+    shape, qkv = checks.check_linear(op, input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
+                                     rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)
+    _check_backend(op, input, weight)
+    if _degenerate(shape):  # nothing to launch; the reference defines the (empty or bias-only) result
+        return reference.linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
+                                      rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale, op=op)
+    M, N, K = shape.M, shape.N, shape.K
+    x2 = input.reshape(M, K)
+    b = bias if add_bias else None
+    cfg = config_for(input.device, input.dtype, _layout(shape), M, N, K)
+    src = _launch_matmul(cfg, x2, weight, b, q_scale, shape.weight_nk, M, N, K, input.dtype, reduce=qkv is None)
+    if qkv is None:
+        return [src.view(shape.B, shape.S, N)]
+    split = cfg["SPLIT_K"]
+    return _launch_qkv(src, split, b if split > 1 else None, shape, qkv, input.dtype)
+
+
+def vector_matmul(input, weight, async_op=False, q_scale=None, q_int8=False, transposed_mode=False,
+                  *, op: str = "vector_matmul") -> torch.Tensor:
+    """`dsinf.reference.vector_matmul` on Triton kernels. `async_op` is accepted and ignored: the work
+    runs on the caller's current stream."""
+    shape = checks.check_vector_matmul(op, input, weight, async_op, q_scale, q_int8, transposed_mode)
+    _check_backend(op, input, weight)
+    if _degenerate(shape):
+        return reference.vector_matmul(input, weight, async_op, q_scale, q_int8, transposed_mode, op=op)
+    M, N, K = shape.M, shape.N, shape.K
+    cfg = config_for(input.device, input.dtype, _layout(shape), M, N, K)
+    out = _launch_matmul(cfg, input.reshape(M, K), weight, None, q_scale, shape.weight_nk, M, N, K, input.dtype)
+    return out.view(shape.B, shape.S, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autotuning
+
+
+#: Milliseconds added to a split-K candidate's time: its second launch (the reduction) costs a launch
+#: gap on the GPU timeline of an eager model, which a CUDA graph (our benchmark) hides.
+SPLIT_K_PENALTY_MS = 0.003
+
+
+def _graph_bench(fn: Callable[[], object], reps: int = 20) -> float:
+    """Median GPU milliseconds of one `fn()`: `reps` calls captured in one CUDA graph, replayed.
+
+    A graph measures the kernels and not Python's launch cost, which for a decode-sized launch is
+    larger than the GPU time (event timing of eager calls would rank configs by CPU noise). Replays
+    run for 25 ms before timing, so every candidate is measured at the clocks of a busy GPU."""
+    fn()  # compile and load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    warm = 0
+    while True:
+        graph.replay()
+        warm += 1
+        end.record()
+        end.synchronize()
+        if warm >= 2 and start.elapsed_time(end) >= 25.0:
+            break
+    times = []
+    for _ in range(9):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def autotune_matmul(min_seqlen: int, max_seqlen: int, in_features: int, out_features: int, dtype: torch.dtype, *,
+                    transposed_mode: bool = False, act_dtype: torch.dtype | None = None, groups: int = 1,
+                    do_bench: Callable[[Callable[[], object]], float] | None = None, force: bool = False,
+                    device: torch.device | str | None = None) -> dict[int, dict]:
+    """Tune x[M, in_features] @ W[in_features -> out_features] for every M bucket in
+    [min_seqlen, max_seqlen] and persist the winners. Returns {bucket: config}.
+
+    `dtype` is the weight dtype as in `InferenceConfig.dtype`: fp16/bf16 (activations of the same
+    dtype), or int8 (weight-only; activations `act_dtype`, default fp16; int8 weights are [N, K]).
+    Buckets already in the table are not re-benchmarked unless `force`. `do_bench(fn) -> ms` times
+    one launch closure (default: `_graph_bench`); inject it to count or fake timings. Successive
+    calls of the closure cycle through copies of the weight that together exceed 3x the L2, so a
+    decode-sized weight is timed as read from memory, as in a model, not from a warm L2.
+    """
+    int8 = dtype == torch.int8
+    act = (act_dtype or torch.float16) if int8 else dtype
+    if device is None:
+        device = torch.device("cpu") if INTERPRETED else torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    ok, reason = _decide(dtype, device.type, interpreter=INTERPRETED, act_dtype=act)
+    if not ok:
+        raise ValueError(f"autotune: {reason}")
+    if do_bench is None and device.type != "cuda":
+        raise ValueError("autotune: timing needs a CUDA device (pass do_bench= to run elsewhere)")
+    K, N = int(in_features), int(out_features)
+    layout = "int8" if int8 else ("nk" if transposed_mode else "kn")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if int8:
+        weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen).to(device)
+        q_scale = (torch.rand(groups, generator=gen) * 0.01 + 0.001).to(device)
+    else:
+        wshape = (N, K) if transposed_mode else (K, N)
+        weight = (torch.randn(wshape, generator=gen) / math.sqrt(K)).to(device=device, dtype=act)
+        q_scale = None
+    info = _device_info(device.type, device.index)
+    copies = max(1, min(64, math.ceil(3 * info.l2 / (weight.numel() * weight.element_size()))))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    if do_bench is None:
+        do_bench = functools.partial(_graph_bench, reps=copies * math.ceil(20 / copies))
+    chosen: dict[int, dict] = {}
+    for bucket in autotune.buckets_between(min_seqlen, max_seqlen):
+        x2 = torch.randn((bucket, K), generator=gen).to(device=device, dtype=act)
+        key = tune_key(device, act, layout, bucket, N, K)
+        cands = candidates(bucket, N, K, layout, act.itemsize, info.sms, info.smem)
+
+        def bench(cfg, x2=x2):
+            ws = itertools.cycle(weights)
+            ms = do_bench(lambda: _launch_matmul(cfg, x2, next(ws), None, q_scale, int8 or transposed_mode,
+                                                 x2.shape[0], N, K, act))
+            return ms + (SPLIT_K_PENALTY_MS if cfg["SPLIT_K"] > 1 else 0.0)
+
+        chosen[bucket] = autotune.tune(key, cands, bench, force=force)
+    return chosen
+
+
+def autotune_linear(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype: torch.dtype, *,
+                    out_features: int | None = None, **kwargs) -> dict[int, dict]:
+    """LinearOp's warm-up: the fused QKV projection [hidden] -> [3 * hidden] (DeepSpeed's shape), or
+    `out_features` (e.g. (H + 2*KV) * D for GQA). Keywords as `autotune_matmul`."""
+    return autotune_matmul(min_seqlen, max_seqlen, hidden_size, out_features or 3 * hidden_size, dtype, **kwargs)
+
+
+def autotune_vector_matmul(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype: torch.dtype, *,
+                           out_features: int | None = None, **kwargs) -> dict[int, dict]:
+    """VectorMatMulOp's warm-up: [hidden] -> [hidden] (or `out_features`). Keywords as `autotune_matmul`."""
+    return autotune_matmul(min_seqlen, max_seqlen, hidden_size, out_features or hidden_size, dtype, **kwargs)

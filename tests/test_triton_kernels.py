@@ -1,0 +1,399 @@
+"""dsinf.triton kernels against dsinf.reference.
+
+Two halves:
+- CPU (CI): every case of CASES runs under the Triton interpreter in ONE worker subprocess (this file
+  run as a script with TRITON_INTERPRET=1). Triton decides interpreter-or-compiler for every
+  @triton.jit function - its own standard library too - when triton is imported, so interpreted and
+  compiled kernels cannot live in one process: a subprocess keeps this test independent of what
+  the rest of the suite imported, and lets the GPU tests below run in the pytest process.
+  The interpreter is correct for fp32 and fp16 and wrong for bf16, so bf16 is tested on the GPU only.
+- GPU (`@pytest.mark.gpu`, skipped without CUDA): fp16/bf16 x weight layouts x M in
+  {1, 2, 3, 8, 16, 17, 64, 2048} x int8, the QKV/RoPE epilogue at large positions, and a second
+  process that reuses the autotune table with zero benchmarks.
+
+Inputs are random and never zero (x ~ N(0,1), w ~ N(0,1/K), so outputs are O(1)), shapes are odd on
+purpose (K and N not multiples of 8 or 16, S = 1, B > 1). Tolerances per dtype: fp32 1e-4 (fp32
+accumulation in another order, fp32 RoPE angles vs the reference's fp64 ones); fp16 2e-3 (one or two
+fp16 roundings of O(1) values, 2^-11 each); bf16 2e-2 (two bf16 roundings, 2^-8 each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the worker runs this file as a script
+    sys.path.insert(0, str(REPO))
+
+TOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 2e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cfg(bm, bn, bk, split=1, warps=4, stages=2, group=8):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": stages}
+
+
+def case(id, op="vector_matmul", dtype="fp32", B=1, S=1, K=40, N=24, layout="kn", groups=1, bias=False,
+         heads=0, kv=-1, rd=-1, rotate_half=False, theta=10000.0, offset=0, config=None):
+    return dict(id=id, op=op, dtype=dtype, B=B, S=S, K=K, N=N, layout=layout, groups=groups, bias=bias,
+                heads=heads, kv=kv, rd=rd, rotate_half=rotate_half, theta=theta, offset=offset, config=config)
+
+
+def flash(id, dtype="fp32", B=2, S=3, heads=4, kv=-1, D=16, **kw):
+    kvh = heads if kv == -1 else kv
+    return case(id, op="linear_layer", dtype=dtype, B=B, S=S, K=heads * D, N=(heads + 2 * kvh) * D, heads=heads,
+                kv=kv, **kw)
+
+
+# The interpreter cases. Forced configs reach each kernel path: split-K with and without EVEN_K,
+# several M-tiles (GROUP_M swizzle), the split-K partials read by the QKV epilogue.
+CASES = [
+    case("vm-fp32-kn-decode", K=45, N=37),
+    case("vm-fp16-nk-B2S3-oddK", dtype="fp16", B=2, S=3, K=45, N=37, layout="nk"),
+    case("vm-fp32-kn-splitk3-ragged", B=1, S=5, K=100, N=33, config=cfg(16, 16, 16, split=3)),
+    case("vm-fp16-nk-splitk2-evenk", dtype="fp16", B=2, S=1, K=64, N=40, layout="nk", config=cfg(16, 16, 16, split=2)),
+    case("vm-fp32-nk-3mtiles-group2", B=3, S=17, K=33, N=50, layout="nk", config=cfg(16, 16, 32, group=2)),
+    case("vm-fp16-int8-g4", dtype="fp16", B=1, S=2, K=40, N=48, layout="int8", groups=4),
+    case("vm-fp32-int8-perchannel-splitk", B=2, S=1, K=70, N=21, layout="int8", groups=21, config=cfg(16, 16, 16, 2)),
+    case("lin-fp32-kn-bias", op="linear_layer", B=2, S=5, K=24, N=19, bias=True),
+    case("lin-fp16-nk-bias-2mtiles", op="linear_layer", dtype="fp16", B=2, S=17, K=30, N=27, layout="nk", bias=True),
+    case("lin-fp32-kn-bias-splitk", op="linear_layer", B=1, S=1, K=96, N=35, bias=True, config=cfg(16, 16, 16, 4)),
+    case("lin-fp16-int8-bias-g2", op="linear_layer", dtype="fp16", B=1, S=3, K=36, N=26, layout="int8", groups=2,
+         bias=True),
+    case("lin-fp32-nobias-given", op="linear_layer", B=1, S=2, K=20, N=18, bias="unused"),
+    flash("qkv-fp32-mha-neox-full", rd=16, rotate_half=True, offset=7, bias=True),
+    flash("qkv-fp32-mha-gptj-partial-nk", rd=8, layout="nk", offset=0),
+    flash("qkv-fp16-gqa-neox-splitk", dtype="fp16", kv=2, rd=16, rotate_half=True, offset=100, bias=True,
+          config=cfg(16, 32, 16, split=2)),
+    flash("qkv-fp32-gqa-D10-gptj-decode", B=3, S=1, heads=6, kv=3, D=10, rd=6, offset=41, bias=True),
+    flash("qkv-fp16-mha-norope-int8", dtype="fp16", layout="int8", groups=3, bias=True),
+    flash("qkv-fp32-mqa-neox-splitk3", B=1, S=4, kv=1, rd=16, rotate_half=True, offset=3000, theta=500000.0,
+          config=cfg(16, 16, 16, split=3)),
+    flash("qkv-fp32-gqa-4heads-per-program", B=2, S=20, heads=3, kv=1, D=8, rd=8, rotate_half=True, offset=9,
+          bias=True),
+    flash("qkv-fp16-8heads-per-program-splitk", dtype="fp16", B=3, S=100, heads=4, kv=2, D=8, rd=4, offset=1,
+          bias=True, config=cfg(32, 32, 16, split=2)),
+    flash("qkv-fp32-neox-partial-D12", B=2, S=2, heads=2, D=12, rd=8, rotate_half=True, offset=5, layout="nk"),
+]
+
+
+def make_inputs(c, device, seed=0):
+    """Random inputs for case `c` (never zeros) and the positional args of the op."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = DTYPES[c["dtype"]]
+    B, S, K, N = c["B"], c["S"], c["K"], c["N"]
+    x = torch.randn((B, S, K), generator=g)
+    q_scale = None
+    if c["layout"] == "int8":
+        w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        w[w == 0] = 1
+        q_scale = (torch.rand(c["groups"], generator=g) + 0.5) / (64 * K ** 0.5)
+    else:
+        w = torch.randn((N, K) if c["layout"] == "nk" else (K, N), generator=g) / K ** 0.5
+        w = w.to(dt)
+    bias = torch.randn(N, generator=g).to(dt) if c["bias"] else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x.to(dt)), to(w), to(bias), to(q_scale)
+
+
+def call(impl, c, x, w, bias, q_scale):
+    tm = c["layout"] == "nk"
+    if c["op"] == "vector_matmul":
+        return [impl.vector_matmul(x, w, False, q_scale, c["layout"] == "int8", tm)]
+    add_bias = c["bias"] is True
+    return impl.linear_layer(x, w, bias, add_bias, c["heads"] > 0, c["heads"], tm, c["theta"], c["rd"],
+                             c["rotate_half"], c["kv"], c["offset"], q_scale)
+
+
+def check_case(c, device="cpu", seed=0):
+    """Run case `c` through dsinf.triton and dsinf.reference; raise AssertionError on a mismatch."""
+    from dsinf import reference
+    from dsinf.triton import ops
+
+    x, w, bias, q_scale = make_inputs(c, device, seed)
+    if c["bias"] == "unused":  # add_bias=False with a bias given: it must be ignored
+        bias = torch.randn(c["N"]).to(device=device, dtype=x.dtype)
+    if c["config"]:
+        with ops.force_config(c["config"]):
+            got = call(ops, c, x, w, bias, q_scale)
+    else:
+        got = call(ops, c, x, w, bias, q_scale)
+    want = call(reference, c, x.cpu(), w.cpu(), None if bias is None else bias.cpu(),
+                None if q_scale is None else q_scale.cpu())
+    assert len(got) == len(want)
+    tol = TOL[c["dtype"]]
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape and g_.dtype == w_.dtype and g_.is_contiguous()
+        torch.testing.assert_close(g_.cpu(), w_, atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# The interpreter worker
+
+
+def _interpreter_problem() -> str | None:
+    """Why this triton's interpreter cannot run our kernels here, or None. Triton <= 3.6's interpreter
+    calls int() on 1-element arrays in `range(runtime bound)`, which NumPy >= 2.4 rejects."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop(x_ptr, n):
+        for i in range(0, n):
+            tl.store(x_ptr + i, i)
+
+    try:
+        _loop[(1,)](torch.zeros(2), 2)
+    except Exception as exc:  # noqa: BLE001 - reported as the skip reason
+        import numpy
+        return f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__}: {exc!r}"
+    return None
+
+
+def _worker_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    problem = _interpreter_problem()
+    cases = {c["id"]: c for c in CASES}
+    for line in sys.stdin:
+        req = json.loads(line)
+        if problem:
+            reply = {"skip": problem}
+        else:
+            try:
+                t0 = time.perf_counter()
+                if "case" in req:
+                    check_case(cases[req["case"]])
+                else:
+                    globals()[req["call"]]()
+                reply = {"ok": True, "s": round(time.perf_counter() - t0, 3)}
+            except BaseException:  # noqa: BLE001 - every failure goes back to the test
+                reply = {"ok": False, "error": traceback.format_exc()}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+class Worker:
+    def __init__(self, cache_dir: Path):
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), DSINF_CACHE_DIR=str(cache_dir))
+        self.stderr = open(cache_dir / "worker.stderr", "w+")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=env, cwd=str(REPO), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+
+    def ask(self, req: dict, timeout: float = 120) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        box = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not box or not box[0]:
+            self.stderr.seek(0)
+            pytest.fail(f"interpreter worker gave no answer to {req} in {timeout} s:\n{self.stderr.read()[-3000:]}")
+        return json.loads(box[0])
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = Worker(tmp_path_factory.mktemp("triton-interp"))
+    yield w
+    w.close()
+
+
+def _answer(reply: dict) -> None:
+    if "skip" in reply:
+        pytest.skip(reply["skip"])
+    assert reply["ok"], reply["error"]
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c["id"] for c in CASES])
+def test_interpreter_matches_reference(worker, c):
+    _answer(worker.ask({"case": c["id"]}))
+
+
+def _bad_inputs_are_refused():
+    from dsinf.checks import InputError
+    from dsinf.triton import ops
+
+    x = torch.randn(1, 2, 8)
+    w = torch.randn(8, 4)
+    try:
+        ops.vector_matmul(x, w.half())
+    except InputError as exc:
+        assert exc.arg == "weight" and exc.op == "vector_matmul"
+    else:
+        raise AssertionError("a weight of another dtype was accepted")
+    try:  # bf16 on the interpreter would be silently wrong: it is refused instead
+        ops.linear_layer(x.bfloat16(), w.bfloat16(), None, False, False, 1, op="linear_layer_bf16")
+    except InputError as exc:
+        assert "bfloat16" in str(exc) and exc.op == "linear_layer_bf16"
+    else:
+        raise AssertionError("bf16 ran on the interpreter")
+
+
+def _empty_and_degenerate_shapes():
+    from dsinf import reference
+    from dsinf.triton import ops
+
+    x = torch.randn(2, 0, 8)
+    w = torch.randn(8, 5)
+    assert ops.vector_matmul(x, w).shape == (2, 0, 5)
+    x, b = torch.randn(1, 2, 8), torch.randn(5)
+    out = ops.linear_layer(x[..., :0], w[:0], b, True, False, 1)[0]  # K == 0: the bias alone
+    torch.testing.assert_close(out, reference.linear_layer(x[..., :0], w[:0], b, True, False, 1)[0])
+
+
+def _autotune_table_drives_the_launch():
+    """autotune_vector_matmul with an injected do_bench: every candidate really launches (under the
+    interpreter), the fake timing makes the LAST candidate win, the table records it, and the op then
+    runs with exactly that config and still matches the reference."""
+    from dsinf import reference
+    from dsinf.triton import autotune, ops
+
+    autotune.reset()
+    K = N = 48
+    launched = []
+
+    def do_bench(fn):
+        fn()
+        launched.append(1)
+        return 100.0 - len(launched)  # strictly decreasing: the last candidate is fastest
+
+    chosen = ops.autotune_vector_matmul(1, 3, K, torch.float16, transposed_mode=True, do_bench=do_bench)
+    assert sorted(chosen) == [1, 2, 4]
+    info = ops._device_info("cpu", None)
+    cands = ops.candidates(4, N, K, "nk", 2, info.sms, info.smem)
+    assert autotune.stats()["benchmarks_run"] == len(launched) == 3 * (len(cands) + autotune.CONFIRM_TOP)
+    assert chosen[4] == cands[-1]
+    entry = json.loads(autotune.table_path().read_text())["entries"]
+    assert ops.tune_key(torch.device("cpu"), torch.float16, "nk", 4, N, K).text in entry
+    assert ops.config_for(torch.device("cpu"), torch.float16, "nk", 3, N, K) == cands[-1]
+    x = torch.randn(1, 3, K).half()
+    w = (torch.randn(N, K) / K ** 0.5).half()
+    torch.testing.assert_close(ops.vector_matmul(x, w, transposed_mode=True),
+                               reference.vector_matmul(x, w, transposed_mode=True), atol=2e-3, rtol=2e-3)
+    # re-running the warm-up benchmarks nothing
+    before = autotune.stats()["benchmarks_run"]
+    ops.autotune_vector_matmul(1, 3, K, torch.float16, transposed_mode=True, do_bench=do_bench)
+    assert autotune.stats()["benchmarks_run"] == before
+
+
+def _invalid_table_entry_is_ignored():
+    """A hand-edited (or foreign) entry that the kernel cannot run is not used: the default is."""
+    from dsinf.triton import autotune, ops
+
+    autotune.reset()
+    dev = torch.device("cpu")
+    good = dict(ops.default_config(2, 24, 40, "kn", 4), BLOCK_N=16)
+    assert good != ops.default_config(2, 24, 40, "kn", 4)
+    autotune.record(ops.tune_key(dev, torch.float32, "kn", 2, 24, 40), good, 0.1)
+    assert ops.config_for(dev, torch.float32, "kn", 2, 24, 40) == good  # a valid entry is used ...
+    for bad in ({"BLOCK_M": 3}, dict(good, BLOCK_K=24), dict(good, num_warps=3)):  # ... an invalid one is not
+        autotune.record(ops.tune_key(dev, torch.float32, "kn", 2, 24, 40), bad, 0.1)
+        assert ops.config_for(dev, torch.float32, "kn", 2, 24, 40) == ops.default_config(2, 24, 40, "kn", 4)
+
+
+@pytest.mark.parametrize("name", ["_bad_inputs_are_refused", "_empty_and_degenerate_shapes",
+                                  "_autotune_table_drives_the_launch", "_invalid_table_entry_is_ignored"])
+def test_interpreter_behaviour(worker, name):
+    _answer(worker.ask({"call": name}))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+
+
+def _gpu_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET is set in this process"
+    return None
+
+
+requires_gpu = pytest.mark.skipif(_gpu_ready() is not None, reason=str(_gpu_ready()))
+
+
+def _poison_allocator():
+    """Fill the caching allocator's free blocks with NaN, so an output element a kernel forgets to
+    write shows up as NaN instead of a plausible leftover."""
+    blocks = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(16)]
+    blocks.append(torch.full((64 << 20,), float("nan"), device="cuda"))
+    del blocks
+
+
+GPU_M = [1, 2, 3, 8, 16, 17, 64, 2048]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("M", GPU_M)
+@pytest.mark.parametrize("layout", ["kn", "nk", "int8"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("op", ["vector_matmul", "linear_layer"])
+def test_gpu_matches_reference(op, dtype, layout, M):
+    B = 2 if M % 2 == 0 and M > 2 else 1
+    c = case(f"gpu-{op}", op=op, dtype=dtype, B=B, S=M // B, K=1004, N=1029, layout=layout, groups=7,
+             bias=op == "linear_layer")
+    _poison_allocator()
+    check_case(c, device="cuda", seed=M)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("S, offset", [(1, 4095), (64, 0), (7, 30000), (200, 17)])
+@pytest.mark.parametrize("kv, rotate_half, rd", [(-1, True, 128), (8, False, 128), (2, True, 32)])
+def test_gpu_qkv_rope(dtype, split, S, offset, kv, rotate_half, rd):
+    c = flash("gpu-qkv", dtype=dtype, B=2, S=S, heads=16, kv=kv, D=128, rd=rd, rotate_half=rotate_half,
+              offset=offset, bias=True, config=cfg(16 if S < 32 else 64, 64, 64, split, 4, 3))
+    _poison_allocator()
+    check_case(c, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_second_process_runs_zero_benchmarks(tmp_path):
+    code = """
+import json, torch
+from dsinf.triton import autotune, ops
+chosen = ops.autotune_vector_matmul(1, 20, 512, torch.float16, transposed_mode=True)
+x = torch.randn(1, 5, 512, device="cuda", dtype=torch.float16)
+w = torch.randn(512, 512, device="cuda", dtype=torch.float16)
+ops.vector_matmul(x, w, transposed_mode=True)
+torch.cuda.synchronize()
+print(json.dumps({"chosen": {str(k): v for k, v in chosen.items()}, "stats": autotune.stats()}))
+"""
+    env = dict(os.environ, DSINF_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["stats"]["benchmarks_run"] > 0 and first["stats"]["writes"] == len(first["chosen"]) == 6
+    assert second["stats"]["benchmarks_run"] == 0 and second["stats"]["writes"] == 0
+    assert second["chosen"] == first["chosen"]
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker_main()
