@@ -13,8 +13,9 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace dsinf {
@@ -43,23 +44,45 @@ inline std::string dtype_name(c10::ScalarType t) {
     case c10::ScalarType::Half: return "float16";
     case c10::ScalarType::BFloat16: return "bfloat16";
     case c10::ScalarType::Char: return "int8";
-    default: return c10::toString(t);
+    default: return std::string(c10::toString(t));
   }
 }
 
+// Messages are assembled with std::to_string / snprintf and handed to TORCH_CHECK as ONE std::string,
+// which c10::str passes through untouched: no std::ostream formatting of numbers in this binary.
+// On the GPU image (g++ 13.3, torch 2.11) an `ostream << int64_t` issued from an extension segfaults
+// inside libstdc++ (_M_insert<long>) once other libraries are loaded; string insertion does not.
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "True" : "False"; }
+inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void append(std::string& s, double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  s += buf;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
 inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
-  if (t.dim() == 1) os << ",";
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
 }
 
 }  // namespace detail
 
 #define DSINF_CHECK_ARG(cond, op, arg, ...) \
-  TORCH_CHECK_VALUE(cond, op, ": argument '", arg, "': ", __VA_ARGS__)
+  TORCH_CHECK_VALUE(cond, ::dsinf::detail::cat(op, ": argument '", arg, "': ", __VA_ARGS__))
 
 inline MatmulShape check_matmul(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                 c10::ScalarType act_dtype, bool transposed_mode,

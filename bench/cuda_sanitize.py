@@ -1,0 +1,156 @@
+"""Small sweep over every path of the CUDA inference module, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python bench/cuda_sanitize.py
+    compute-sanitizer --tool racecheck python bench/cuda_sanitize.py --quick
+    python bench/cuda_sanitize.py            # plain run: same checks, seconds
+
+Covers both weight layouts, each dtype, int8 weights (several scale groups), the fused QKV split
+with RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets, split-K clusters, the
+scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are
+tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on
+CPU copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
+
+The module comes from the lead's builder: op_builder.InferenceBuilder().load("cuda").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from dsinf import reference  # noqa: E402
+from dsinf.library import has_kernel  # noqa: E402
+
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # see tests/test_cuda_module.py
+SUFFIX = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def rel_err(out, ref):
+    o, r = out.double().cpu(), ref.double().cpu()
+    return ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def weight(K, N, dtype, nk, misalign=False):
+    shape = (N, K) if nk else (K, N)
+    w = (torch.randn(shape) / max(K, 1) ** 0.5).to(dtype)
+    if misalign:
+        flat = torch.empty(w.numel() + 1, dtype=dtype, device="cuda")
+        flat[1:].copy_(w.flatten())
+        return flat[1:].view(shape)
+    return w.cuda()
+
+
+def int8_weight(K, N, G):
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    s = (torch.rand(G) + 0.5) / (127.0 * max(K, 1) ** 0.5)
+    return w.cuda(), s.float().cuda()
+
+
+def cases(quick: bool):
+    """Yield (name, dtype, op, args, kwargs). op is 'linear_layer' or 'vector_matmul'."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    Ms = [(1, 1), (1, 3), (3, 4)] + ([] if quick else [(1, 16)])
+    big_M = (2, 24)  # M = 48: cuBLAS path for every dtype
+    for dt in dtypes:
+        for nk in (False, True):
+            lay = "NK" if nk else "KN"
+            for K, N, tag in [(256, 136, "tile"), (1024, 64, "split"), (67, 40, "oddK")]:
+                w = weight(K, N, dt, nk)
+                b = torch.randn(N, dtype=dt, device="cuda")
+                for B, S in Ms + [big_M]:
+                    x = torch.randn(B, S, K, dtype=dt, device="cuda")
+                    yield f"linear {lay} {tag} M={B * S}", dt, "linear_layer", (x, w, b, True, False, 1, nk), {}
+                    if tag != "tile":
+                        continue
+                    yield f"vmm {lay} {tag} M={B * S}", dt, "vector_matmul", (x, w, False, None, False, nk), {}
+            w = weight(128, 96, dt, nk, misalign=True)
+            x = torch.randn(2, 2, 128, dtype=dt, device="cuda")
+            yield f"vmm {lay} misaligned", dt, "vector_matmul", (x, w, False, None, False, nk), {}
+        for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40)]:
+            w, s = int8_weight(K, N, G)
+            for B, S in Ms + [big_M]:
+                x = torch.randn(B, S, K, dtype=dt, device="cuda")
+                yield f"vmm int8 K={K} G={G} M={B * S}", dt, "vector_matmul", (x, w, False, s, True, False), {}
+        # fused QKV + RoPE (+ GQA), small and large M, both layouts
+        for heads, kv, D, rd, rh, off in [(4, -1, 32, 32, True, 3), (4, 2, 32, 16, False, 1000), (2, 1, 10, 6, True, 0)]:
+            kvh = heads if kv == -1 else kv
+            K, N = heads * D, (heads + 2 * kvh) * D
+            for nk in (False, True):
+                w = weight(K, N, dt, nk)
+                b = torch.randn(N, dtype=dt, device="cuda")
+                for B, S in [(1, 1), (2, 3), big_M]:
+                    x = torch.randn(B, S, K, dtype=dt, device="cuda")
+                    kw = dict(rope_theta=10000.0, rotary_dim=rd, rotate_half=rh, num_kv=kv, seq_offset=off)
+                    yield (f"qkv H={heads} KV={kvh} D={D} rd={rd} {'NK' if nk else 'KN'} M={B * S}", dt,
+                           "linear_layer", (x, w, b, True, True, heads, nk), kw)
+        w, s = int8_weight(128, 3 * 128, 4)
+        for B, S in [(1, 2), big_M]:
+            x = torch.randn(B, S, 128, dtype=dt, device="cuda")
+            yield (f"qkv int8 M={B * S}", dt, "linear_layer", (x, w, None, False, True, 4, False),
+                   dict(rotary_dim=32, rotate_half=True, q_scale=s))
+
+
+def to_cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
+
+
+def run(mod, quick: bool = False, verbose: bool = False) -> int:
+    """Run every case against `mod` (attributes = the dsinf ops); returns the number of failures."""
+    torch.manual_seed(0)
+    failures = total = 0
+    for name, dt, op, args, kwargs in cases(quick):
+        fname = f"{op}_{SUFFIX[dt]}"
+        if not has_kernel(fname, "cuda"):
+            continue
+        total += 1
+        try:
+            outs = getattr(mod, fname)(*args, **kwargs)
+            torch.cuda.synchronize()
+            ref_fn = getattr(reference, op)
+            refs = ref_fn(*[to_cpu(a) for a in args], **{k: to_cpu(v) for k, v in kwargs.items()})
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            refs = refs if isinstance(refs, (list, tuple)) else [refs]
+            problems = []
+            for o, r in zip(outs, refs):
+                if o.shape != r.shape or o.dtype != r.dtype:
+                    problems.append(f"shape/dtype {tuple(o.shape)} {o.dtype} vs {tuple(r.shape)} {r.dtype}")
+                elif torch.isnan(o).any():
+                    problems.append("NaN in output")
+                elif r.numel() and rel_err(o, r) > RTOL[dt]:
+                    problems.append(f"rel err {rel_err(o, r):.3g} > {RTOL[dt]:.1g}")
+            if len(outs) != len(refs):
+                problems.append(f"{len(outs)} outputs, expected {len(refs)}")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            problems = ["raised:\n" + traceback.format_exc()]
+        if problems:
+            failures += 1
+            print(f"FAIL {fname:22s} {name}: {'; '.join(problems)}", flush=True)
+        elif verbose:
+            print(f"ok   {fname:22s} {name}", flush=True)
+    print(f"{total - failures} passed, {failures} failed", flush=True)
+    return failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer M values (for slow tools: racecheck)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check", file=sys.stderr)
+        return 1
+    from op_builder import InferenceBuilder
+
+    mod = InferenceBuilder().load("cuda")
+    return 1 if run(mod, quick=args.quick, verbose=args.verbose) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

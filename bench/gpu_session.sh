@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything the lent GPU machine has to prove, in one call (run from the repo root):
+#   bash bench/gpu_session.sh [tests|bench|all]
+# 1. environment + toolchain facts, 2. cold/warm build of the CUDA module, 3. the GPU test suite,
+# 4. compute-sanitizer memcheck sweep, 5. the benchmark. Logs go to $OUT (default /tmp/dsinf-gpu).
+set -u
+OUT=${OUT:-/tmp/dsinf-gpu}; mkdir -p "$OUT"
+WHAT=${1:-all}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{
+  date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+  python -c "import torch,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'abi',torch._C._GLIBCXX_USE_CXX11_ABI)"
+  python -c "import triton;print('triton',triton.__version__)"; nvcc --version | tail -1; c++ --version | head -1
+  python -c "import ctypes,torch;print(open('/proc/self/maps').read().count('libstdc++'))"; grep -m3 libstdc /proc/self/maps
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$WHAT" != bench ]; then
+  echo "== cold + warm build of the CUDA module"
+  export TORCH_EXTENSIONS_DIR=/tmp/dsinf-cold-$$
+  for run in cold warm; do
+    /usr/bin/time -f "$run load wall %e s" python -c "
+import time,logging; logging.basicConfig(level=logging.INFO); t=time.time(); import torch; t1=time.time()
+from op_builder import InferenceBuilder; InferenceBuilder().load('cuda')
+from op_builder.builder import loaded_variants as lv; v=lv()[('transformer_inference','cuda')]
+print('$run', v.how, 'import torch %.2f s, load %.2f s'%(t1-t, time.time()-t1), v.manifest.get('archs'))" 2>&1 | tail -4
+  done
+  unset TORCH_EXTENSIONS_DIR
+  echo "== GPU tests"
+  timeout -k 5 ${TEST_LIMIT:-300} python -m pytest -q -m gpu -p no:cacheprovider -o timeout=120 -rfE tests \
+    > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"; tail -n 25 "$OUT/gpu_tests.log"
+  echo "== compute-sanitizer memcheck"
+  timeout -k 5 ${SAN_LIMIT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 python bench/cuda_sanitize.py \
+    > "$OUT/sanitize.log" 2>&1; echo "sanitize rc=$?"; tail -n 4 "$OUT/sanitize.log"
+fi
+if [ "$WHAT" != tests ]; then
+  echo "== benchmark"
+  timeout -k 5 ${BENCH_LIMIT:-300} python -m dsinf.bench --device cuda --json "$OUT/bench.json" ${BENCH_ARGS:-} \
+    > "$OUT/bench.log" 2> "$OUT/bench.stderr"; echo "bench rc=$?"; tail -n 60 "$OUT/bench.log"
+fi

@@ -1,0 +1,226 @@
+// CUDA implementations of the dsinf:: ops (schemas: dsinf/library.py; semantics: dsinf/reference.py).
+//
+// The only translation unit of the CUDA module that includes ATen. It validates with validate.h,
+// allocates outputs with the torch allocator (fresh tensors, never workspace views), and runs
+// everything on torch's current stream of the input's device:
+//
+//   M = B*S <= crossover (decode): one GEMV launch (csrc/inference/cuda, tensor cores for fp16/bf16,
+//       int8 dequantized in registers), bias fused;
+//   M >  crossover (prefill): cuBLAS through ATen (at::addmm fuses the bias; [N, K] weights are
+//       passed as w.t(), a free view); int8 weights are first dequantized into a temporary;
+//   do_flash_attn: the [M, N] product goes to a temporary, then one kernel splits it per head,
+//       applies RoPE and writes the final [3, B, H, S, D] tensor (or q, k, v for GQA).
+//
+// async_op is accepted and ignored: work is always ordered on the caller's current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../include/cuda_kernels.h"
+#include "validate.h"
+
+// Largest M = B*S that takes the GEMV path, per activation dtype (above it: cuBLAS). Build-time
+// overridable (-D...) so the crossover can be swept on the GPU without edits.
+//  - fp16/bf16: the tensor-core GEMV streams the weight once for any M <= 16 (tokens are the mma's
+//    n dimension), while cuBLAS at M <= 16 reaches ~50-60% of copy bandwidth on H100: GEMV up to 16.
+//  - fp32: the CUDA-core GEMV handles 8 tokens per pass (M = 9..16 re-reads the weight), so cuBLAS
+//    (no TF32, fp32-accurate) likely wins from 9 on. To be measured.
+//  - int8 weights: the GEMV reads 1 byte per weight; the large-M path first writes and re-reads a
+//    dequantized 2-4 byte copy, so the GEMV wins for every M it supports.
+#ifndef DSINF_GEMV_MAX_M_HALF
+#define DSINF_GEMV_MAX_M_HALF 16
+#endif
+#ifndef DSINF_GEMV_MAX_M_FP32
+#define DSINF_GEMV_MAX_M_FP32 8
+#endif
+#ifndef DSINF_GEMV_MAX_M_INT8
+#define DSINF_GEMV_MAX_M_INT8 16
+#endif
+
+namespace dsinf {
+namespace {
+
+namespace kc = dsinf::cuda;
+
+static_assert(DSINF_GEMV_MAX_M_HALF <= kc::kGemvMaxM && DSINF_GEMV_MAX_M_FP32 <= kc::kGemvMaxM &&
+                  DSINF_GEMV_MAX_M_INT8 <= kc::kGemvMaxM,
+              "a GEMV crossover exceeds what the GEMV kernels accept");
+
+kc::DType kernel_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return kc::DType::kFloat32;
+    case c10::ScalarType::Half: return kc::DType::kFloat16;
+    default: return kc::DType::kBFloat16;
+  }
+}
+
+int64_t gemv_max_m(c10::ScalarType act, bool int8) {
+  if (int8) return DSINF_GEMV_MAX_M_INT8;
+  return act == c10::ScalarType::Float ? DSINF_GEMV_MAX_M_FP32 : DSINF_GEMV_MAX_M_HALF;
+}
+
+void check_cuda(cudaError_t err, const char* op, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Input as a contiguous, 16-byte aligned tensor (the GEMV's vector loads need both; a copy of the
+// activations is cheap next to the weight stream).
+at::Tensor prepare_input(const at::Tensor& input) {
+  at::Tensor x = input.contiguous();
+  if (x.numel() > 0 && !aligned16(x.const_data_ptr())) x = x.clone();
+  return x;
+}
+
+// out2d [M, N] (contiguous) = x2d @ W (+ bias). GEMV for small M, cuBLAS otherwise.
+at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                  const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream) {
+  const int64_t M = s.M();
+  const at::Tensor x2d = x.view({M, s.K});
+  if (M <= gemv_max_m(x.scalar_type(), s.int8)) {
+    at::Tensor out = at::empty({M, s.N}, x.options());
+    kc::GemvArgs a;
+    a.dtype = kernel_dtype(x.scalar_type());
+    a.x = x2d.const_data_ptr();
+    a.w = weight.const_data_ptr();
+    a.w_nk = s.weight_nk;
+    a.w_int8 = s.int8;
+    a.scale = s.int8 ? q_scale->const_data_ptr<float>() : nullptr;
+    a.groups = s.groups;
+    a.bias = bias ? bias->const_data_ptr() : nullptr;
+    a.out = out.mutable_data_ptr();
+    a.M = M;
+    a.K = s.K;
+    a.N = s.N;
+    check_cuda(kc::gemv(a, stream), op, "GEMV launch");
+    return out;
+  }
+  at::Tensor w_kn;  // [K, N] view for cuBLAS
+  if (s.int8) {
+    at::Tensor deq = at::empty({s.N, s.K}, x.options());
+    check_cuda(kc::dequantize_int8(kernel_dtype(x.scalar_type()), weight.const_data_ptr<int8_t>(),
+                                   q_scale->const_data_ptr<float>(), s.groups, deq.mutable_data_ptr(), s.N, s.K,
+                                   stream),
+               op, "int8 dequantize launch");
+    w_kn = deq.t();
+  } else {
+    w_kn = s.weight_nk ? weight.t() : weight;
+  }
+  at::Tensor out = bias ? at::addmm(*bias, x2d, w_kn) : at::mm(x2d, w_kn);
+  return out.is_contiguous() ? out : out.contiguous();  // cuBLAS results are row-major; be certain
+}
+
+// Reached when only an argument that is not read (e.g. q_scale with a float weight) is on CUDA.
+void check_input_on_cuda(const char* op, const at::Tensor& input) {
+  DSINF_CHECK_ARG(input.is_cuda(), op, "input", "expected a CUDA tensor, got device ", input.device());
+}
+
+std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const at::Tensor& input,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,
+                                     bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta,
+                                     int64_t rotary_dim, bool rotate_half, int64_t num_kv, int64_t seq_offset,
+                                     const c10::optional<at::Tensor>& q_scale) {
+  const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, -1);
+  check_bias(op, bias, add_bias, input, s.N);
+  QKVLayout qkv{};
+  if (do_flash_attn)
+    qkv = check_qkv(op, s.K, s.N, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+  check_input_on_cuda(op, input);  // last: a device mismatch is reported on the argument that differs
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto shapes = linear_output_shapes(s, do_flash_attn ? &qkv : nullptr);
+  if (s.M() == 0 || s.N == 0) {
+    std::vector<at::Tensor> outs;
+    for (const auto& shape : shapes) outs.push_back(at::empty(shape, input.options()));
+    return outs;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const at::Tensor x = prepare_input(input);
+  const at::Tensor* b = add_bias ? &*bias : nullptr;
+  at::Tensor y = matmul(op, x, weight, b, q_scale, s, stream);  // [M, N]
+  if (!do_flash_attn) return {y.view({s.B, s.S, s.N})};
+
+  kc::QKVArgs a;
+  a.dtype = kernel_dtype(act);
+  a.y = y.const_data_ptr();
+  a.B = s.B;
+  a.S = s.S;
+  a.H = qkv.heads;
+  a.KV = qkv.kv_heads;
+  a.D = qkv.head_dim;
+  a.rotary_dim = qkv.rotary_dim;
+  a.rotate_half = qkv.rotate_half;
+  a.rope_theta = qkv.rope_theta;
+  a.seq_offset = qkv.seq_offset;
+  std::vector<at::Tensor> outs;
+  if (qkv.gqa) {
+    for (const auto& shape : shapes) outs.push_back(at::empty(shape, input.options()));
+    a.q = outs[0].mutable_data_ptr();
+    a.k = outs[1].mutable_data_ptr();
+    a.v = outs[2].mutable_data_ptr();
+  } else {
+    outs.push_back(at::empty(shapes[0], input.options()));  // [3, B, H, S, D]
+    at::Tensor& t = outs[0];
+    a.q = t.select(0, 0).mutable_data_ptr();
+    a.k = t.select(0, 1).mutable_data_ptr();
+    a.v = t.select(0, 2).mutable_data_ptr();
+  }
+  check_cuda(kc::qkv_split_rope(a, stream), op, "QKV split/RoPE launch");
+  return outs;
+}
+
+at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& weight,
+                         bool /*async_op*/, const c10::optional<at::Tensor>& q_scale, bool q_int8,
+                         bool transposed_mode) {
+  const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
+  check_input_on_cuda(op, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const at::Tensor x = prepare_input(input);
+  return matmul(op, x, weight, nullptr, q_scale, s, stream).view({s.B, s.S, s.N});
+}
+
+#define DSINF_DEFINE_OPS(SUFFIX, SCALAR)                                                                          \
+  std::vector<at::Tensor> linear_layer_##SUFFIX(                                                                  \
+      const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,    \
+      bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta, int64_t rotary_dim,         \
+      bool rotate_half, int64_t num_kv, int64_t seq_offset, const c10::optional<at::Tensor>& q_scale) {           \
+    return linear_layer("linear_layer_" #SUFFIX, SCALAR, input, weight, bias, add_bias, do_flash_attn, num_heads, \
+                        transposed_mode, rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale);       \
+  }                                                                                                               \
+  at::Tensor vector_matmul_##SUFFIX(const at::Tensor& input, const at::Tensor& weight, bool async_op,             \
+                                    const c10::optional<at::Tensor>& q_scale, bool q_int8, bool transposed_mode) { \
+    return vector_matmul("vector_matmul_" #SUFFIX, SCALAR, input, weight, async_op, q_scale, q_int8,              \
+                         transposed_mode);                                                                        \
+  }
+
+DSINF_DEFINE_OPS(fp32, c10::ScalarType::Float)
+DSINF_DEFINE_OPS(fp16, c10::ScalarType::Half)
+#if defined(DSINF_CUDA_BF16)
+DSINF_DEFINE_OPS(bf16, c10::ScalarType::BFloat16)
+#endif
+#undef DSINF_DEFINE_OPS
+
+}  // namespace
+}  // namespace dsinf
+
+// Schemas are defined from Python (dsinf/library.py) before this library is loaded.
+TORCH_LIBRARY_IMPL(dsinf, CUDA, m) {
+  m.impl("linear_layer_fp32", &dsinf::linear_layer_fp32);
+  m.impl("linear_layer_fp16", &dsinf::linear_layer_fp16);
+  m.impl("vector_matmul_fp32", &dsinf::vector_matmul_fp32);
+  m.impl("vector_matmul_fp16", &dsinf::vector_matmul_fp16);
+#if defined(DSINF_CUDA_BF16)
+  m.impl("linear_layer_bf16", &dsinf::linear_layer_bf16);
+  m.impl("vector_matmul_bf16", &dsinf::vector_matmul_bf16);
+#endif
+}

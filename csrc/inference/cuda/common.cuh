@@ -1,0 +1,260 @@
+// Device helpers shared by the dsinf CUDA kernels: dtype conversions, 16-byte vector loads,
+// tensor-core (mma.sync) wrappers, int8 -> float/half unpacking and the CTA/cluster reduction that
+// ends every GEMV. No torch headers.
+//
+// Conversions use explicit intrinsics only: torch builds .cu files with __CUDA_NO_HALF_OPERATORS__,
+// __CUDA_NO_HALF_CONVERSIONS__, __CUDA_NO_HALF2_OPERATORS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#if defined(DSINF_CUDA_BF16)
+#include <cuda_bf16.h>
+#endif
+
+#include <cstdint>
+
+#include "../include/cuda_kernels.h"
+
+namespace dsinf {
+namespace cuda {
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------------
+// dtype traits
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct Act;
+
+template <>
+struct Act<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+
+template <>
+struct Act<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  // two packed halves (low = lower index) -> two floats
+  static __device__ __forceinline__ float2 pair_to_float2(uint32_t u) {
+    __half2 h;
+    *reinterpret_cast<uint32_t*>(&h) = u;
+    return __half22float2(h);
+  }
+};
+
+#if defined(DSINF_CUDA_BF16)
+template <>
+struct Act<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  // bf16 -> fp32 is a 16-bit shift: no conversion unit involved
+  static __device__ __forceinline__ float2 pair_to_float2(uint32_t u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// loads (16 bytes, read-only path; callers guarantee 16-byte alignment)
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint2 ldg8(const void* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+
+// Weight stream: read once, do not keep in L1 (L1 is for the activations every CTA re-reads).
+__device__ __forceinline__ uint4 ldg16_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// int8 unpacking. u = 4 int8 in one word (byte i = element i).
+// float: 0x4B000000 | (v ^ 0x80) is the float 2^23 + v + 128, so one PRMT + one FADD per element.
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float i8_to_float(uint32_t u_xor80, int i) {
+  return __uint_as_float(__byte_perm(u_xor80, 0x4B00u, 0x5440u | static_cast<unsigned>(i))) - 8388736.0f;
+}
+
+// 4 int8 -> two packed pairs of T (pair (0,1) and pair (2,3), low half = lower index). Exact.
+template <typename T>
+struct I8Pairs;
+
+template <>
+struct I8Pairs<__half> {
+  // half 0x6400 | b is 1024 + b for a byte b, so (v ^ 0x80) placed in the mantissa gives 1152 + v.
+  static __device__ __forceinline__ void convert(uint32_t u, uint32_t& p01, uint32_t& p23) {
+    const uint32_t x = u ^ 0x80808080u;
+    uint32_t a = __byte_perm(x, 0x64646464u, 0x4140u);
+    uint32_t b = __byte_perm(x, 0x64646464u, 0x4342u);
+    const uint32_t bias = 0x64806480u;  // half2(1152, 1152)
+    __half2 ha = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<const __half2*>(&bias));
+    __half2 hb = __hsub2(*reinterpret_cast<__half2*>(&b), *reinterpret_cast<const __half2*>(&bias));
+    p01 = *reinterpret_cast<uint32_t*>(&ha);
+    p23 = *reinterpret_cast<uint32_t*>(&hb);
+  }
+};
+
+#if defined(DSINF_CUDA_BF16)
+template <>
+struct I8Pairs<__nv_bfloat16> {
+  // bf16 has too few mantissa bits for the half trick with 256 values: go through fp32 (exact).
+  static __device__ __forceinline__ void convert(uint32_t u, uint32_t& p01, uint32_t& p23) {
+    const uint32_t x = u ^ 0x80808080u;
+    __nv_bfloat162 a = __floats2bfloat162_rn(i8_to_float(x, 0), i8_to_float(x, 1));
+    __nv_bfloat162 b = __floats2bfloat162_rn(i8_to_float(x, 2), i8_to_float(x, 3));
+    p01 = *reinterpret_cast<uint32_t*>(&a);
+    p23 = *reinterpret_cast<uint32_t*>(&b);
+  }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// mma.sync m16n8k16, fp32 accumulate (sm_80+). Fragment layout (PTX ISA, g = lane/4, t = lane%4):
+//   A (16x16, row): a0 = (row g,   k 2t..2t+1), a1 = (row g+8, k 2t..2t+1),
+//                   a2 = (row g,   k 2t+8..9),  a3 = (row g+8, k 2t+8..9)
+//   B (16x8, col):  b0 = (k 2t..2t+1, col g),   b1 = (k 2t+8..9, col g)
+//   C (16x8):       c0,c1 = (row g, col 2t, 2t+1), c2,c3 = (row g+8, col 2t, 2t+1)
+// Because the k-sum is order-free, each GEMV assigns the 16 k "slots" to physical k indices so that
+// a thread's slots are contiguous in memory and come straight from its own 16-byte loads.
+// ------------------------------------------------------------------------------------------------
+#if defined(DSINF_CUDA_BF16)
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Epilogue: v = acc (* scale[n / rows_per_group]) (+ bias[n]) -> out[m, n] in T.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct Epilogue {
+  T* out;
+  const T* bias;
+  const float* scale;  // int8 only
+  int rows_per_group;
+  int M, N;
+  __device__ __forceinline__ void store(int m, int n, float v) const {
+    if (m >= M || n >= N) return;
+    if (scale) v *= __ldg(scale + n / rows_per_group);
+    if (bias) v += Act<T>::to_float(bias[n]);
+    out[static_cast<size_t>(m) * N + n] = Act<T>::from_float(v);
+  }
+};
+
+// Host side: the epilogue of a GemvArgs.
+template <typename T>
+inline Epilogue<T> make_epilogue(const GemvArgs& a) {
+  Epilogue<T> e;
+  e.out = static_cast<T*>(a.out);
+  e.bias = static_cast<const T*>(a.bias);
+  e.scale = a.w_int8 ? a.scale : nullptr;
+  e.rows_per_group = a.w_int8 ? static_cast<int>(a.N / a.groups) : 1;
+  e.M = static_cast<int>(a.M);
+  e.N = static_cast<int>(a.N);
+  return e;
+}
+
+// Thread-block cluster primitives (sm_90), as raw PTX so no kernel file pulls in the heavy
+// cooperative_groups headers (compile time). All threads of every CTA of the cluster must call
+// cluster_sync() (it is also a CTA-wide barrier).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ unsigned cluster_size() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// Shared-memory address of `p` (this CTA's) mapped into CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_to_rank(const void* p, unsigned rank) {
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  return remote;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+#endif
+
+// Every GEMV ends the same way: the CTA holds P = ntok * TN fp32 partial sums in shared memory
+// (`part`, index = token * TN + local column). With gridDim.y == 1 the CTA owns the whole K range and
+// stores. With gridDim.y == S > 1 the S CTAs that split this tile's K range form one thread-block
+// cluster (sm_90): after a cluster barrier, rank r sums slice r of all S partials through distributed
+// shared memory, in rank order (deterministic, no atomics, no workspace), and stores it; a second
+// barrier keeps every CTA's shared memory alive until all ranks have read it.
+// Precondition: `part` complete and visible (call after __syncthreads()). P % S == 0.
+template <int TN, typename T>
+__device__ __forceinline__ void reduce_and_store(const float* part, int P, int n0, const Epilogue<T>& epi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.y > 1) {
+    cluster_sync();
+    const unsigned S = cluster_size();
+    const unsigned rank = cluster_rank();
+    const int chunk = P / static_cast<int>(S);
+    for (int i = threadIdx.x; i < chunk; i += blockDim.x) {
+      const int idx = static_cast<int>(rank) * chunk + i;
+      float v = 0.f;
+      for (unsigned s = 0; s < S; ++s) v += ld_cluster_f32(map_to_rank(part + idx, s));
+      epi.store(idx / TN, n0 + idx % TN, v);
+    }
+    cluster_sync();
+    return;
+  }
+#else
+  if (gridDim.y > 1) __trap();  // the launcher only splits K across CTAs on sm_90 code
+#endif
+  for (int idx = threadIdx.x; idx < P; idx += blockDim.x) epi.store(idx / TN, n0 + idx % TN, part[idx]);
+}
+
+// red[w * P + i] (one row per warp) -> part[i] = sum over warps, fixed order.
+__device__ __forceinline__ void sum_warps(const float* red, float* part, int P, int nwarps) {
+  for (int i = threadIdx.x; i < P; i += blockDim.x) {
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += red[w * P + i];
+    part[i] = v;
+  }
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace dsinf

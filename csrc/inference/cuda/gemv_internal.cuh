@@ -1,0 +1,86 @@
+// Internal interface between the GEMV dispatcher (gemv_launch.cu) and the kernel files
+// (gemv_mma.cu, gemv_simt.cu). Not part of the launcher API.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../include/cuda_kernels.h"
+
+namespace dsinf {
+namespace cuda {
+namespace detail {
+
+// Tuning constants. Overridable at build time (-D...) so they can be swept on the GPU without edits.
+// Measured on H100 (fp16, M = 1 and 8, five LLM shapes, CUDA-graph replays, 2026-11-21): the GEMVs
+// stream best with ~1-2 long-lived CTAs per SM. Splitting until tiles * split >= 1 x #SMs (so 132-264
+// CTAs) with 4 k-steps of loads in flight gave 86-91% of the 3.0 TB/s copy bandwidth on 100+ MB
+// weights; a target of 3 CTAs/SM (512 short CTAs for 4096^2) gave 57-79%.
+#ifndef DSINF_GEMV_CTAS_PER_SM
+#define DSINF_GEMV_CTAS_PER_SM 1  // split K over CTAs until tiles * split >= this * #SMs
+#endif
+#ifndef DSINF_GEMV_MAX_SPLIT
+#define DSINF_GEMV_MAX_SPLIT 8  // cluster size limit (8 = portable maximum)
+#endif
+#ifndef DSINF_GEMV_MIN_K_PER_CTA
+#define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
+#endif
+
+constexpr int kGemvThreads = 256;  // every GEMV CTA: 8 warps
+constexpr int kGemvWarps = kGemvThreads / 32;
+
+// Output tile per CTA of each vector path, and the granularity its K range must be a multiple of.
+constexpr int kTileKnMma = 64;   // columns
+constexpr int kTileNkMma = 32;   // rows
+constexpr int kTileKnSimt = 64;  // columns
+constexpr int kTileNkSimt = 4;   // rows (K never split)
+
+// Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
+// and sm_90 code; the dispatcher decides). All return the launch status.
+cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_kn_simt(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
+cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
+
+// Multiprocessor count of the current device (cached per device; 1 if the query fails).
+int device_sm_count();
+
+// K rows per split CTA: ceil(K / split) rounded up to `granule`.
+inline int k_per_split(int64_t K, int split, int granule) {
+  int64_t c = (K + split - 1) / split;
+  c = (c + granule - 1) / granule * granule;
+  return static_cast<int>(c < granule ? granule : c);
+}
+
+// Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, cudaStream_t stream, Args... args) {
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
+  const dim3 block(kGemvThreads, 1, 1);
+  if (split <= 1) {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(split);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave a non-sticky launch error behind for the next caller
+    return err;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace dsinf

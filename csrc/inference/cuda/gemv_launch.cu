@@ -1,0 +1,167 @@
+// GEMV dispatcher: validates the raw arguments, picks the kernel (gemv_path) and the K split, and
+// launches. Host code only, apart from a probe kernel used to learn which code the device runs.
+//
+// Path choice (first that applies):
+//   1. K == 0, a pointer not 16-byte aligned, or a size the vector loads cannot cover -> scalar.
+//   2. fp16/bf16 activations in a >= sm_80 build -> tensor-core GEMV ([K, N]: N % 8, K % 4;
+//      [N, K]: K % 8, int8 K % 16).
+//   3. fp32 (and fp16 in builds with an arch < sm_80) -> CUDA-core GEMV ([N, K]: K % (16 B / elem);
+//      [K, N]: N % (16 B / elem), K % 4).
+// K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
+// DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs. Only when the device is sm_90+ and
+// the code it runs was compiled for sm_90+ (clusters, distributed shared memory); else split = 1.
+#include <atomic>
+#include <cstdint>
+
+#include "common.cuh"
+#include "gemv_internal.cuh"
+
+namespace dsinf {
+namespace cuda {
+namespace detail {
+namespace {
+
+__global__ void arch_probe_kernel() {}
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  int sms = 0;
+  bool cluster = false;  // sm_90+ device running sm_90+ code of this module
+};
+
+// Per-device facts, queried once (cheap attribute queries, no synchronization, safe under capture).
+DeviceInfo device_info() {
+  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, else (sms << 1 | cluster)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+    (void)cudaGetLastError();
+    return DeviceInfo{1, false};
+  }
+  if (dev < kMaxDevices) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c != 0) return DeviceInfo{c >> 1, (c & 1) != 0};
+  }
+  DeviceInfo info;
+  int sms = 0, major = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = 0;
+  cudaFuncAttributes fa;
+  const bool have_attr = cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess;
+  (void)cudaGetLastError();
+  info.sms = sms > 0 ? sms : 1;
+  info.cluster = major >= 9 && have_attr && fa.ptxVersion >= 90 && fa.binaryVersion >= 90;
+  if (dev < kMaxDevices && sms > 0) cached[dev].store((info.sms << 1) | (info.cluster ? 1 : 0), std::memory_order_relaxed);
+  return info;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int elem_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+bool dtype_built(DType d) {
+#if defined(DSINF_CUDA_BF16)
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
+#else
+  return d == DType::kFloat32 || d == DType::kFloat16;
+#endif
+}
+
+bool args_valid(const GemvArgs& a) {
+  if (!dtype_built(a.dtype)) return false;
+  if (a.M < 1 || a.M > kGemvMaxM || a.K < 0 || a.N < 1) return false;
+  if (a.K > INT32_MAX || a.N > INT32_MAX) return false;
+  if (!a.x && a.K > 0) return false;
+  if (!a.w && a.K > 0) return false;
+  if (!a.out) return false;
+  if (a.w_int8 && (!a.w_nk || !a.scale || a.groups < 1 || a.N % a.groups != 0)) return false;
+  return true;
+}
+
+// Number of CTAs sharing a tile's K range; k_granule = the path's K step.
+int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K) {
+  if (!dev.cluster) return 1;
+  const int64_t target = static_cast<int64_t>(DSINF_GEMV_CTAS_PER_SM) * dev.sms;
+  int split = 1;
+  while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA)
+    split *= 2;
+  return split;
+}
+
+GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
+  *split = 1;
+  if (!args_valid(a)) return GemvPath::kInvalid;
+  if (a.K == 0 || !aligned16(a.x) || !aligned16(a.w)) return GemvPath::kScalar;
+  const bool half_act = a.dtype != DType::kFloat32;
+#if defined(DSINF_CUDA_BF16)
+  if (half_act) {  // tensor cores (w_int8 implies w_nk)
+    const bool nk = a.w_nk;
+    const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
+    if (!ok) return GemvPath::kScalar;
+    const int64_t tile = nk ? kTileNkMma : kTileKnMma;
+    *split = choose_split(dev, (a.N + tile - 1) / tile, a.K);
+    return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
+  }
+#else
+  (void)half_act;
+#endif
+  const int e = 16 / elem_size(a.dtype);
+  if (a.w_int8) return a.K % 16 == 0 ? GemvPath::kSimtNK : GemvPath::kScalar;
+  if (a.w_nk) return a.K % e == 0 ? GemvPath::kSimtNK : GemvPath::kScalar;
+  if (a.N % e == 0 && a.K % 4 == 0) {
+    *split = choose_split(dev, (a.N + kTileKnSimt - 1) / kTileKnSimt, a.K);
+    return GemvPath::kSimtKN;
+  }
+  return GemvPath::kScalar;
+}
+
+}  // namespace
+
+int device_sm_count() { return device_info().sms; }
+
+}  // namespace detail
+
+GemvPath gemv_path(const GemvArgs& a, int* split) {
+  int s = 1;
+  const GemvPath p = detail::select_path(a, detail::device_info(), &s);
+  if (split) *split = s;
+  return p;
+}
+
+const char* gemv_path_name(GemvPath p) {
+  switch (p) {
+    case GemvPath::kTensorCoreKN: return "tensor_core_kn";
+    case GemvPath::kTensorCoreNK: return "tensor_core_nk";
+    case GemvPath::kSimtKN: return "simt_kn";
+    case GemvPath::kSimtNK: return "simt_nk";
+    case GemvPath::kScalar: return "scalar";
+    default: return "invalid";
+  }
+}
+
+cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
+  if (!detail::dtype_built(a.dtype)) return cudaErrorNotSupported;
+  int split = 1;
+  const GemvPath p = detail::select_path(a, detail::device_info(), &split);
+  switch (p) {
+#if defined(DSINF_CUDA_BF16)
+    case GemvPath::kTensorCoreKN: return detail::launch_kn_mma(a, split, stream);
+    case GemvPath::kTensorCoreNK: return detail::launch_nk_mma(a, split, stream);
+#endif
+    case GemvPath::kSimtKN: return detail::launch_kn_simt(a, split, stream);
+    case GemvPath::kSimtNK: return detail::launch_nk_simt(a, stream);
+    case GemvPath::kScalar: return detail::launch_scalar(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool has_bf16() {
+#if defined(DSINF_CUDA_BF16)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cuda
+}  // namespace dsinf

@@ -1,0 +1,304 @@
+// Tensor-core GEMV for decode (M = B*S <= 16), fp16/bf16 activations, fp32 accumulation.
+//
+//   out[m, n] = sum_k x[m, k] * W(k, n)  (* scale[n / (N/G)] for int8)  (+ bias[n])
+//
+// Why tensor cores for a memory-bound product: with CUDA cores, M = 8..16 needs 8..16 FMAs plus
+// conversions per weight element, which at 3 TB/s of fp16 weights is most of the H100's FP32 issue
+// rate (M = 16 would be issue-bound). One mma.sync m16n8k16 does 2048 multiply-adds, so the weight
+// stream is the only cost up to M = 16 (tokens are the mma's n = 8 dimension, padded: M <= 8 -> one
+// n-tile, M <= 16 -> two; padding rows re-read x[M-1] and are never stored).
+//
+// No shared-memory staging and no ldmatrix: the sum over k is order-free, so each kernel assigns the
+// mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers come
+// straight out of its own 16-byte global loads (see the slot maps below). Each weight byte is loaded
+// exactly once, 16 bytes per load, U steps of loads in flight per thread before the first mma.
+//
+// Split-K: a CTA (8 warps) owns an output tile and a K range; warps interleave over k-steps, reduce
+// through shared memory, and when the launcher splits K over `split` CTAs (gridDim.y, sm_90), those
+// CTAs form one cluster and reduce through distributed shared memory (detail::reduce_and_store):
+// deterministic, no atomics, no workspace, one launch.
+//
+// Built only when every target is >= sm_80 (DSINF_CUDA_BF16): mma.m16n8k16 needs sm_80.
+#include "common.cuh"
+#include "gemv_internal.cuh"
+
+#if defined(DSINF_CUDA_BF16)
+
+#include <type_traits>
+
+namespace dsinf {
+namespace cuda {
+namespace detail {
+namespace {
+
+#ifndef DSINF_MMA_UNROLL
+#define DSINF_MMA_UNROLL 4  // k-steps of loads in flight per thread (4 x 16 B each): 256 B per thread
+#endif
+constexpr int kUnroll = DSINF_MMA_UNROLL;
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Weight [K, N] (row k holds N contiguous columns).
+// CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end). Warp w takes k-steps of 16 rows
+// kb = k_begin + 16 * (w + 8 j). Thread (g = lane/4, t = lane%4) owns columns c = n0 + 8g .. c+7 and
+// loads W[kb + 4t + i][c .. c+7] for i < 4 (a k-row of the tile is one 128-byte line, read by the 8
+// threads of one t) plus x[tok][kb + 4t .. +3] (8 bytes) for its tokens tok = g (+8).
+// Slot map: k slots {2t, 2t+1, 2t+8, 2t+9} <-> rows {kb+4t, +1, +2, +3}.
+// mma j (j < 4) computes columns {c + 2j (A row g), c + 2j + 1 (A row g+8)}: the A registers are the
+// 16-bit halves of word j of the four loads, paired across k-rows by PRMT.
+// Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int NT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                                   Epilogue<T> epi, int M, int K, int N, int kchunk) {
+  constexpr int TN = kTileKnMma, NTOK = 8 * NT, P = TN * NTOK;
+  __shared__ float red[kGemvWarps * P];
+  __shared__ float part[P];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * TN;
+  const int col = n0 + 8 * g;
+  const bool col_ok = col < N;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+
+  const T* xrow[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+  const T* wcol = w + (col_ok ? col : 0);
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
+
+  for (int kb0 = k_begin + 16 * warp; kb0 < k_end; kb0 += 16 * kGemvWarps * kUnroll) {
+    uint4 wv[kUnroll][4];
+    uint2 xv[kUnroll][NT];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kb = kb0 + u * 16 * kGemvWarps;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int k = kb + 4 * t + i;
+        wv[u][i] = (col_ok && k < k_end) ? ldg16_stream(wcol + static_cast<size_t>(k) * N) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int q = 0; q < NT; ++q) {
+        const int k = kb + 4 * t;  // K % 4 == 0: the 4 elements are all in range or all out
+        xv[u][q] = (k < k_end) ? ldg8(xrow[q] + k) : make_uint2(0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t r0 = word(wv[u][0], j), r1 = word(wv[u][1], j);
+        const uint32_t r2 = word(wv[u][2], j), r3 = word(wv[u][3], j);
+        const uint32_t a0 = __byte_perm(r0, r1, 0x5410);  // column c+2j,   rows kb+4t, kb+4t+1
+        const uint32_t a1 = __byte_perm(r0, r1, 0x7632);  // column c+2j+1, rows kb+4t, kb+4t+1
+        const uint32_t a2 = __byte_perm(r2, r3, 0x5410);  // column c+2j,   rows kb+4t+2, kb+4t+3
+        const uint32_t a3 = __byte_perm(r2, r3, 0x7632);  // column c+2j+1, rows kb+4t+2, kb+4t+3
+#pragma unroll
+        for (int q = 0; q < NT; ++q) Mma<T>::run(acc[j][q], a0, a1, a2, a3, xv[u][q].x, xv[u][q].y);
+      }
+    }
+  }
+
+  // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of
+  // the column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int nl = 8 * g + 2 * j + (e >> 1);
+        const int tok = 8 * q + 2 * t + (e & 1);
+        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 1))] = acc[j][q][e];
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
+    const int tok = i / TN, nls = i % TN;
+    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 1))] = v;  // un-swizzle
+  }
+  __syncthreads();
+  reduce_and_store<TN>(part, P, n0, epi);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Weight [N, K] (row n holds K contiguous elements): fp16/bf16, or int8 converted in registers.
+// CTA tile: 32 rows n0..n0+31 (two m16 tiles) x K range. Warp w takes k-steps of KS elements
+// (KS = 4 threads x one 16-byte load: 32 for 16-bit weights, 64 for int8), kb = k_begin + KS*(w + 8j).
+// Thread (g, t) loads rows {n0 + g, +8, +16, +24} at k = kb + E*t .. +E-1 (E = elements per 16 B)
+// and the same k range of x for its tokens g (+8).
+// Slot map, 16-bit weights (two mmas per step, h < 2): slots {2t, 2t+1} <-> k = kb + 8t + 4h + {0,1},
+// slots {2t+8, 2t+9} <-> kb + 8t + 4h + {2,3}: A and B registers are words 2h, 2h+1 of the loads.
+// int8 (four mmas per step, h < 4): same with 16t instead of 8t; word h of the int8 load expands to
+// the two pairs (PRMT + HSUB2 for fp16, exact), x words 2h, 2h+1.
+// Constraints: K % E == 0 (rows 16-byte aligned), x and W 16-byte aligned.
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename WT, int NT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                                   Epilogue<T> epi, int M, int K, int N, int kchunk) {
+  constexpr bool kInt8 = std::is_same<WT, int8_t>::value;
+  constexpr int E = 16 / static_cast<int>(sizeof(WT));  // weight elements per 16-byte load
+  constexpr int KS = 4 * E;                             // k per warp step
+  constexpr int XL = E * 2 / 16;                        // 16-byte x loads per token per step (1 or 2)
+  constexpr int TN = kTileNkMma, NTOK = 8 * NT, P = TN * NTOK;
+  __shared__ float red[kGemvWarps * P];
+  __shared__ float part[P];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * TN;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+
+  const WT* wrow[4];
+  bool row_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // i = 2 * tile + half: row n0 + 16 * (i >> 1) + 8 * (i & 1) + g
+    const int n = n0 + 16 * (i >> 1) + 8 * (i & 1) + g;
+    row_ok[i] = n < N;
+    wrow[i] = w + static_cast<size_t>(row_ok[i] ? n : 0) * K;
+  }
+  const T* xrow[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+
+  float acc[2][NT][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][q][e] = 0.f;
+
+  for (int kb0 = k_begin + KS * warp; kb0 < k_end; kb0 += KS * kGemvWarps * kUnroll) {
+    uint4 wv[kUnroll][4];
+    uint4 xv[kUnroll][NT][XL];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = kb0 + u * KS * kGemvWarps + E * t;  // K % E == 0: a load is all in range or all out
+      const bool k_ok = k < k_end;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        wv[u][i] = (k_ok && row_ok[i]) ? ldg16_stream(wrow[i] + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int l = 0; l < XL; ++l) xv[u][q][l] = k_ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if constexpr (!kInt8) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+              Mma<T>::run(acc[r][q], word(wv[u][2 * r], 2 * h), word(wv[u][2 * r + 1], 2 * h),
+                          word(wv[u][2 * r], 2 * h + 1), word(wv[u][2 * r + 1], 2 * h + 1), word(xv[u][q][0], 2 * h),
+                          word(xv[u][q][0], 2 * h + 1));
+      } else {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          uint32_t a[4][2];  // [load i][pair]: pairs (4h, 4h+1) and (4h+2, 4h+3) of row i
+#pragma unroll
+          for (int i = 0; i < 4; ++i) I8Pairs<T>::convert(word(wv[u][i], h), a[i][0], a[i][1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+              Mma<T>::run(acc[r][q], a[2 * r][0], a[2 * r + 1][0], a[2 * r][1], a[2 * r + 1][1],
+                          word(xv[u][q][h >> 1], 2 * (h & 1)), word(xv[u][q][h >> 1], 2 * (h & 1) + 1));
+        }
+      }
+    }
+  }
+
+  // C fragment (r, q, e): row 16r + g + 8(e >> 1), token 8q + 2t + (e & 1). The XOR on bits 3-4 of the
+  // row (by token) makes a warp's 32 stores hit 32 different banks; it is undone below.
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int nl = 16 * r + g + 8 * (e >> 1);
+        const int tok = 8 * q + 2 * t + (e & 1);
+        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 3))] = acc[r][q][e];
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
+    const int tok = i / TN, nls = i % TN;
+    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 3))] = v;
+  }
+  __syncthreads();
+  reduce_and_store<TN>(part, P, n0, epi);
+}
+
+template <typename T>
+cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
+  const int kchunk = k_per_split(a.K, split, 16);
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  if (a.M <= 8) return launch_split(gemv_kn_mma_kernel<T, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+}
+
+template <typename T, typename WT>
+cudaError_t nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  const int tiles = static_cast<int>((a.N + kTileNkMma - 1) / kTileNkMma);
+  const int kchunk = k_per_split(a.K, split, 4 * 16 / static_cast<int>(sizeof(WT)));
+  const T* x = static_cast<const T*>(a.x);
+  const WT* w = static_cast<const WT*>(a.w);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  if (a.M <= 8)
+    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+}
+
+}  // namespace
+
+cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat16: return kn_mma<__half>(a, split, stream);
+    case DType::kBFloat16: return kn_mma<__nv_bfloat16>(a, split, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat16:
+      return a.w_int8 ? nk_mma<__half, int8_t>(a, split, stream) : nk_mma<__half, __half>(a, split, stream);
+    case DType::kBFloat16:
+      return a.w_int8 ? nk_mma<__nv_bfloat16, int8_t>(a, split, stream)
+                      : nk_mma<__nv_bfloat16, __nv_bfloat16>(a, split, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace dsinf
+
+#endif  // DSINF_CUDA_BF16
