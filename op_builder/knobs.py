@@ -109,6 +109,8 @@ _KNOBS = [
          "DeepSpeed's switch: False makes an op raise instead of falling back to a slower backend."),
     Knob("DSINF_BACKEND", "auto", _parse_backend,
          "Force one backend for every op: auto, compiled, triton or torch (tests, benchmarks)."),
+    Knob("TRITON_INTERPRET", False, parse_bool,
+         "Triton's own variable: run Triton kernels on CPU tensors (fp32/fp16 only; used by the CPU tests)."),
 ]
 
 KNOBS: dict[str, Knob] = {k.name: k for k in _KNOBS}

@@ -315,7 +315,7 @@ class System:
             raise TypeError(f"unknown System field(s): {', '.join(sorted(unknown))}")
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "_probe", probe)
-        object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_lock", threading.RLock())  # re-entrant: a probe reads other fields (nvcc -> cuda_home)
 
     @classmethod
     def fake(cls, **values: Any) -> "System":

@@ -23,7 +23,6 @@ What it serves (decided here, as data):
 from __future__ import annotations
 
 import importlib.util
-import os
 
 __all__ = ["available", "supports", "decide", "linear_layer", "vector_matmul", "autotune_linear",
            "autotune_vector_matmul", "autotune_matmul"]
@@ -39,8 +38,10 @@ def available() -> tuple[bool, str]:
 
 
 def _interpreter_requested() -> bool:
-    # Triton's own variable (triton.knobs.runtime.interpret), read the way Triton parses it.
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    # Triton's own variable (triton.knobs.runtime.interpret), declared with the others in op_builder.knobs.
+    from op_builder import knobs
+
+    return bool(knobs.get("TRITON_INTERPRET"))
 
 
 def decide(dtype, device_type, *, interpreter: bool, act_dtype=None,

@@ -28,14 +28,15 @@
 
 // Largest M = B*S that takes the GEMV path, per activation dtype (above it: cuBLAS). Build-time
 // overridable (-D...) so the crossover can be swept on the GPU without edits.
-//  - fp16/bf16: the tensor-core GEMV streams the weight once for any M <= 16 (tokens are the mma's
-//    n dimension), while cuBLAS at M <= 16 reaches ~50-60% of copy bandwidth on H100: GEMV up to 16.
+//  - fp16/bf16: measured on the H100 (docs/PERFORMANCE.md, graph-timed, rotating weights): up to M=8
+//    the GEMV is on par with cuBLAS (0.91-1.07x across the five decode shapes, both layouts); at
+//    M=16 it loses up to 24% on [K,N] weights (4096x4096, 14336x4096), so cuBLAS from M=9.
 //  - fp32: the CUDA-core GEMV handles 8 tokens per pass (M = 9..16 re-reads the weight), so cuBLAS
 //    (no TF32, fp32-accurate) likely wins from 9 on. To be measured.
 //  - int8 weights: the GEMV reads 1 byte per weight; the large-M path first writes and re-reads a
 //    dequantized 2-4 byte copy, so the GEMV wins for every M it supports.
 #ifndef DSINF_GEMV_MAX_M_HALF
-#define DSINF_GEMV_MAX_M_HALF 16
+#define DSINF_GEMV_MAX_M_HALF 8
 #endif
 #ifndef DSINF_GEMV_MAX_M_FP32
 #define DSINF_GEMV_MAX_M_FP32 8
