@@ -65,6 +65,8 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"undefined symbol"), "undefined symbol at load: the binary does not match this torch"),
     (re.compile(r"(c\+\+|g\+\+|cc1plus|x86_64-linux-gnu-g\+\+)[^\n]*: (not found|No such file)|"
                 r"command not found: c\+\+"), "C++ compiler not found (set CXX or install g++)"),
+    # torch probes the compiler (`<cxx> -v`) before building; a CXX that cannot run ends up here.
+    (re.compile(r"CalledProcessError: Command '\[?'?([^',\]]+)"), "command failed"),
 )
 
 _ERROR_LINE = re.compile(r"(\berror\b[:\s]|\bfatal error\b|: undefined reference|undefined symbol)", re.I)
@@ -93,5 +95,7 @@ def classify(log: str) -> str | None:
             if cause == "missing header":
                 header = next((g for g in m.groups() if g), "?")
                 return f"missing header {header}"
+            if cause == "command failed":
+                return f"{m.group(1)} failed to run (is CXX set to a working C++ compiler?)"
             return cause
     return None
