@@ -22,10 +22,13 @@ class BuildPyWithOps(build_py):
         # Kernel sources travel with the package so JIT builds work from an installed wheel.
         shutil.copytree(ROOT / "csrc", package_dir / "csrc", dirs_exist_ok=True)
         sys.path.insert(0, str(ROOT))
-        from op_builder import prebuilt
+        from op_builder import knobs, prebuilt
 
-        if not prebuilt.requested():
-            return
+        try:
+            if not prebuilt.requested():
+                return
+        except knobs.KnobError as exc:
+            sys.exit(f"error: {exc}")
         try:
             import torch  # noqa: F401
         except ImportError:

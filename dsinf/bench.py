@@ -1450,6 +1450,9 @@ def print_plan(device: str, quick: bool) -> None:
 
 
 def git_commit() -> str:
+    # A copy of the tree without .git (the lent GPU machine) names its commit in DSINF_BENCH_COMMIT.
+    if os.environ.get("DSINF_BENCH_COMMIT"):
+        return os.environ["DSINF_BENCH_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -7,12 +7,26 @@ never published).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 import traceback
 
 
+def _on_sigterm(signum, frame):
+    """Parent died or asked us to stop: pass SIGTERM to our process group (ninja stops its compilers)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.killpg(0, signal.SIGTERM)
+    finally:
+        os._exit(128 + signum)
+
+
 def main(spec_path: str) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if os.getppid() == 1:  # the parent died before PR_SET_PDEATHSIG took effect
+        return 1
     spec = json.load(open(spec_path))
     start = time.monotonic()
     try:

@@ -160,8 +160,8 @@ def covers(built: tuple[Arch, ...], capability: tuple[int, int]) -> bool:
     for a in built:
         if a.suffix == "a" and a.capability == capability:
             return True
-        if not a.suffix and a.major == capability[0] and a.minor <= capability[1]:
+        if a.suffix in ("", "f") and a.major == capability[0] and a.minor <= capability[1]:
             return True
-        if a.ptx and a.capability <= capability:
+        if a.ptx and not a.suffix and a.capability <= capability:  # 'a'/'f' PTX is not forward-portable
             return True
     return False

@@ -72,13 +72,42 @@ def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> i
     return jobs
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the parent dies, so a killed loader leaves no compiler running."""
+def _worker_preexec() -> None:
+    """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
+    as one) and get SIGTERM when the parent dies. The worker's SIGTERM handler forwards it to ninja,
+    which stops its compilers: a `kill -9`ed loader leaves no compiler running."""
+    os.setpgrp()
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a worker and everything it started (SIGTERM lets ninja stop its compilers; then SIGKILL)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+
+
+def _show_progress() -> None:
+    """Builds and waits take seconds to minutes; a user must see them even if the application never
+    configured logging (Python then shows only warnings). Only then, give our logger a stderr handler."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("op_builder: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> tuple[int, float]:
@@ -86,6 +115,10 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> 
     spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir)}))
     env = dict(os.environ)
     env["MAX_JOBS"] = str(jobs)
+    # The worker imports op_builder (and the schema module) the way this process did, even when
+    # that was through a sys.path entry rather than an installed package.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # torch would otherwise add its own -gencode flags or warn about an unset arch list; ours are explicit.
     env.pop("TORCH_CUDA_ARCH_LIST", None)
     start = time.monotonic()
@@ -94,7 +127,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> 
         logf.flush()
         proc = subprocess.Popen([sys.executable, "-m", "op_builder._build_worker", str(spec_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_worker_preexec)
         next_report = PROGRESS_AFTER
         while True:
             try:
@@ -103,8 +136,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> 
             except subprocess.TimeoutExpired:
                 pass
             except BaseException:  # KeyboardInterrupt: do not leave an orphan compiler behind
-                proc.kill()
-                proc.wait()
+                _stop(proc)
                 raise
             elapsed = time.monotonic() - start
             if elapsed >= next_report:
@@ -131,6 +163,7 @@ def _remove(path: Path) -> None:
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
                   memory_available: int | None) -> tuple[Path, str]:
     """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'."""
+    _show_progress()
     digest = key.digest
     entry = variant_dir / digest
     variant_dir.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def _user() -> str:
 
 
 def _default_root() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    xdg = knobs.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "dsinf" / "extensions"
 
@@ -210,6 +210,9 @@ def entry_problem(entry_dir: Path, expected_key: str | None, *, check_hash: bool
         return f"manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}"
     if expected_key is not None and manifest.get("key") != expected_key:
         return f"manifest key {manifest.get('key')} does not match {expected_key}"
+    fields = manifest.get("key_fields")
+    if not isinstance(fields, dict) or BuildKey.of(**fields).digest != manifest.get("key"):
+        return "manifest key_fields do not hash to its key (edited or foreign manifest)"
     lib = entry_dir / str(manifest.get("library", ""))
     if not lib.is_file():
         return f"library {lib.name} missing"

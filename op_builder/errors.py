@@ -62,11 +62,13 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Killed signal terminated program|internal compiler error: Killed|virtual memory exhausted|"
                 r"out of memory allocating"),
      "the compiler ran out of memory (lower MAX_JOBS)"),
-    (re.compile(r"undefined symbol"), "undefined symbol at load: the binary does not match this torch"),
+    (re.compile(r"undefined symbol"),
+     "the library has an undefined symbol (a function missing from the sources, or built against another torch)"),
     (re.compile(r"(c\+\+|g\+\+|cc1plus|x86_64-linux-gnu-g\+\+)[^\n]*: (not found|No such file)|"
                 r"command not found: c\+\+"), "C++ compiler not found (set CXX or install g++)"),
     # torch probes the compiler (`<cxx> -v`) before building; a CXX that cannot run ends up here.
-    (re.compile(r"CalledProcessError: Command '\[?'?([^',\]]+)"), "command failed"),
+    # (ninja's own CalledProcessError ends every failed build log: not a cause.)
+    (re.compile(r"CalledProcessError: Command '\['(?!ninja')([^']+)'"), "command failed"),
 )
 
 _ERROR_LINE = re.compile(r"(\berror\b[:\s]|\bfatal error\b|: undefined reference|undefined symbol)", re.I)

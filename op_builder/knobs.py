@@ -95,7 +95,10 @@ _KNOBS = [
     Knob("MAX_JOBS", None, _parse_positive_int,
          "Parallel compile jobs (torch's variable). Default: sized from cores and free memory."),
     Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
-    Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: torch's detection."),
+    Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: CUDA_PATH, nvcc on PATH, "
+         "/usr/local/cuda."),
+    Knob("CUDA_PATH", None, _parse_str, "CUDA toolkit root, the name CUDA's installers set (used if CUDA_HOME is unset)."),
+    Knob("XDG_CACHE_HOME", None, _parse_str, "Per-user cache base; the default JIT cache is <it>/dsinf/extensions."),
     Knob("DS_BUILD_OPS", False, parse_bool,
          "At pip install: precompile every op compatible with this machine into the package."),
     Knob("DS_BUILD_TIMEOUT", 1800.0, _parse_float,

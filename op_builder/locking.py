@@ -75,7 +75,12 @@ class BuildLock:
                         f"when it exits); to wait longer set DS_BUILD_TIMEOUT (seconds). Lock: {self.path}")
                 if waited >= next_report:
                     if next_report == 0.0:
-                        log.info("waiting for %s build (%s)", self.what, _describe(_holder_info(self.path)))
+                        # The holder writes who it is right after locking: give it a moment to do so.
+                        info, deadline = _holder_info(self.path), time.monotonic() + 0.5
+                        while not info and time.monotonic() < deadline:
+                            time.sleep(0.05)
+                            info = _holder_info(self.path)
+                        log.info("waiting for %s build (%s)", self.what, _describe(info))
                     else:
                         log.info("still waiting for %s build after %.0f s (%s)", self.what, waited,
                                  _describe(_holder_info(self.path)))

@@ -35,15 +35,17 @@ class PlanItem:
     build: bool
     explicit: bool  # asked for by DS_BUILD_<OP>[_<VARIANT>]=1
     why: str  # reason for skipping, or "" when built
+    var: str = "DS_BUILD_OPS"  # the variable that decided
 
 
-def _request(op_var: str, variant: str) -> tuple[bool, bool]:
-    """(enabled, explicit) for one variant from DS_BUILD_<OP>_<VARIANT>, DS_BUILD_<OP>, DS_BUILD_OPS."""
+def _request(op_var: str, variant: str) -> tuple[bool, bool, str]:
+    """(enabled, explicit, deciding variable) for one variant, from DS_BUILD_<OP>_<VARIANT>,
+    DS_BUILD_<OP>, DS_BUILD_OPS in that order."""
     for var in (f"{op_var}_{variant.upper()}", op_var):
         value = knobs.build_var_enabled(var)
         if value is not None:
-            return value, value
-    return bool(knobs.get("DS_BUILD_OPS")), False
+            return value, value, var
+    return bool(knobs.get("DS_BUILD_OPS")), False, "DS_BUILD_OPS"
 
 
 def requested() -> bool:
@@ -59,13 +61,13 @@ def plan(compatible=None) -> list[PlanItem]:
     items = []
     for name, builder in ALL_OPS.items():
         for variant in builder.VARIANTS:
-            enabled, explicit = _request(builder.BUILD_VAR, variant)
+            enabled, explicit, var = _request(builder.BUILD_VAR, variant)
             if not enabled:
-                items.append(PlanItem(name, variant, False, explicit, "not requested"))
+                items.append(PlanItem(name, variant, False, explicit, "not requested", var))
                 continue
             decision: Decision = compatible(builder, variant)
             why = "; ".join(decision.reasons)
-            items.append(PlanItem(name, variant, decision.ok, explicit, "" if decision.ok else why))
+            items.append(PlanItem(name, variant, decision.ok, explicit, "" if decision.ok else why, var))
     failures = [i for i in items if i.explicit and not i.build and i.why != "not requested"]
     # An op asked for as a whole fails only if none of its variants can build.
     by_op: dict[str, list[PlanItem]] = {}
@@ -77,7 +79,7 @@ def plan(compatible=None) -> list[PlanItem]:
         if per_variant or not any(i.build for i in by_op[item.op]):
             fatal.append(item)
     if fatal:
-        lines = [f"{ALL_OPS[i.op].BUILD_VAR}: {i.op}[{i.variant}] cannot be built here: {i.why}" for i in fatal]
+        lines = [f"{i.var}: {i.op}[{i.variant}] cannot be built here: {i.why}" for i in fatal]
         raise PrebuildError("requested prebuilt op(s) cannot be built:\n  " + "\n  ".join(lines))
     return items
 

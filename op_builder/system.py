@@ -133,7 +133,7 @@ def _probe_torch_cuda() -> str | None:
 
 
 def _probe_cuda_home() -> str | None:
-    home = knobs.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    home = knobs.get("CUDA_HOME") or knobs.get("CUDA_PATH")
     if home:
         return home
     # A toolkit root has the runtime headers; /usr/local/bin/nvcc may be a wrapper outside the root.

@@ -1,0 +1,411 @@
+"""op_builder.build: the build transaction, proven with real processes, a real compiler and real ninja.
+
+Most tests build the tiny test op (tests/fixtures/tiny_op, kernel-only mode: a few seconds per build);
+the cold/warm test builds the real CPU inference module. Every child is waited for with a timeout: a
+hang fails the test instead of blocking the suite. A `CXX` wrapper (fixtures/procs.CxxWrapper) counts
+compiler invocations and can hold a compile at a gate, so "kill it mid-build" is deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.procs import (FIXTURES, INFERENCE, REPO, TINY, Child, CxxWrapper, child_env, cold_cpu_build,
+                            processes_with_cwd_under, run_json, variant_dir, wait_until)
+from op_builder import build as build_mod
+from op_builder.cache import BuildKey
+from op_builder.errors import BuildError, classify, first_errors
+
+BUILD_TIMEOUT = 300  # seconds a child may take to build the tiny op on a very busy box
+
+
+def tiny_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """Child env for the kernel-only tiny op with a private cache under tmp_path."""
+    return child_env(tmp_path, TINY_OP_BINDING="0", **overrides)
+
+
+def published(vdir: Path) -> list[Path]:
+    return sorted(p for p in vdir.iterdir() if not p.name.startswith(".")) if vdir.exists() else []
+
+
+def leftovers(vdir: Path) -> list[str]:
+    return sorted(p.name for p in vdir.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def broken_source(tmp_path: Path, edit) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "tiny_op", src, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    kernel = src / "tiny_kernel.cpp"
+    kernel.write_text(edit(kernel.read_text()))
+    return src
+
+
+# ------------------------------------------------------------------------------ the cache lifecycle
+@pytest.fixture(scope="module")
+def tiny_template(tmp_path_factory) -> Path:
+    """A TORCH_EXTENSIONS_DIR holding one published tiny-op entry (built once per module)."""
+    tmp = tmp_path_factory.mktemp("tiny-template")
+    env = tiny_env(tmp)
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "built", r
+    return Path(env["TORCH_EXTENSIONS_DIR"])
+
+
+def cache_from_template(template: Path, tmp_path: Path, **overrides: str) -> tuple[dict[str, str], Path]:
+    env = tiny_env(tmp_path, **overrides)
+    shutil.copytree(template, env["TORCH_EXTENSIONS_DIR"])
+    (entry,) = published(variant_dir(env))
+    return env, entry
+
+
+def _truncate(entry: Path) -> None:
+    lib = entry / "tiny_test_op_cpu.so"
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+
+
+def _flip_bytes(entry: Path) -> None:
+    lib = entry / "tiny_test_op_cpu.so"
+    data = bytearray(lib.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + 64):
+        data[i] ^= 0xA5
+    lib.write_bytes(bytes(data))
+
+
+def _foreign_torch(entry: Path) -> None:
+    """The manifest of a build made with another torch: its fields and key say torch 2.12."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    fields = {**manifest["key_fields"], "torch": "2.12.0+cpu"}
+    manifest.update(key_fields=fields, key=BuildKey.of(**fields).digest)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _drop_manifest(entry: Path) -> None:
+    (entry / "manifest.json").unlink()
+
+
+def _garble_manifest(entry: Path) -> None:
+    text = (entry / "manifest.json").read_text()
+    (entry / "manifest.json").write_text(text[: len(text) // 2])  # cut mid-write
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_truncate, "truncated"),
+    (_flip_bytes, "corrupted"),
+    (_foreign_torch, "does not match"),
+    (_drop_manifest, "manifest missing or unreadable"),
+    (_garble_manifest, "manifest missing or unreadable"),
+], ids=["truncated-so", "flipped-bytes-so", "manifest-from-other-torch", "missing-manifest", "garbled-manifest"])
+def test_damaged_entry_is_detected_and_rebuilt(tiny_template, tmp_path, damage, why):
+    # Python's default logging (no configuration): the warning must still reach the user.
+    env, entry = cache_from_template(tiny_template, tmp_path, TINY_OP_NO_LOGGING="1")
+    damage(entry)
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["ok"], r
+    assert r.data["how"] == "built", r
+    warnings = [line for line in r.stderr.splitlines() if "rebuilding tiny_test_op[cpu]" in line]
+    assert len(warnings) == 1, r.stderr
+    assert str(entry) in warnings[0] and why in warnings[0], warnings[0]
+    # the published replacement is intact (so a damaged library is gone), and it is what was loaded
+    assert Path(r.data["path"]) == entry / "tiny_test_op_cpu.so"
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["key"] == entry.name and manifest["library_sha256"] == sha256(entry / "tiny_test_op_cpu.so")
+    assert leftovers(variant_dir(env)) == []
+
+
+def test_manifest_torch_field_alone_is_checked(tiny_template, tmp_path):
+    env, entry = cache_from_template(tiny_template, tmp_path)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["key_fields"]["torch"] = "2.12.0+cpu"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "built", r
+
+
+# ---------------------------------------------------------------------------------- failed builds
+def test_compile_error_raises_one_build_error_with_op_error_line_and_log(tmp_path):
+    src = broken_source(tmp_path, lambda s: s.replace("x[i] * s", "x[i] * not_declared_here"))
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src))
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 1 and r.data["error_type"] == "BuildError", r
+    message = r.data["message"]
+    assert "tiny_test_op[cpu]" in message
+    error_lines = [line for line in message.splitlines() if "error:" in line]
+    assert error_lines and "tiny_kernel.cpp" in error_lines[0] and "not_declared_here" in error_lines[0], message
+    log = Path(r.data["log_path"])
+    assert log.is_file() and f"full log: {log}" in message
+    assert "not_declared_here" in log.read_text()
+    # nothing was published; the failed build is kept for inspection, no temp dir is left behind
+    vdir = variant_dir(env)
+    assert published(vdir) == [] and leftovers(vdir) == []
+    assert log.parent.name.startswith(".failed-")
+    assert "Traceback" not in message and "ninja: build stopped" not in message
+
+
+def test_missing_header_is_classified(tmp_path):
+    src = broken_source(tmp_path, lambda s: '#include "no_such_header.h"\n' + s)
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src))
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 1 and r.data["error_type"] == "BuildError", r
+    assert r.data["cause"] == "missing header no_such_header.h"
+    assert "missing header no_such_header.h" in r.data["message"].splitlines()[0]
+    assert "tiny_kernel.cpp" in r.data["message"] and Path(r.data["log_path"]).is_file()
+
+
+def test_library_with_undefined_symbol_is_never_published(tmp_path):
+    """It links (shared objects may have undefined symbols) but cannot load: the worker's load check
+    turns that into a BuildError instead of a cache entry that crashes every later process."""
+    src = broken_source(tmp_path, lambda s: s.replace(
+        'extern "C" void tiny_scale', 'extern "C" float tiny_missing(float);\nextern "C" void tiny_scale').replace(
+        "x[i] * s", "x[i] * tiny_missing(s)"))
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src))
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 1 and r.data["error_type"] == "BuildError", r
+    assert "undefined symbol" in r.data["message"] and "tiny_missing" in r.data["message"]
+    assert published(variant_dir(env)) == []
+
+
+def test_build_works_when_op_builder_is_found_through_sys_path_only(tmp_path):
+    env = tiny_env(tmp_path)
+    del env["PYTHONPATH"]
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(FIXTURES)!r}]; "
+            "from tiny_op.run_tiny import main; sys.exit(main())")
+    r = run_json([sys.executable, "-c", code], env, cwd=tmp_path, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "built", r.data
+
+
+# ----------------------------------------------------------------------- kill -9, waits, timeouts
+@contextlib.contextmanager
+def cxx_released(cxx: CxxWrapper):
+    """Open the gate on the way out, whatever happens: held compilers (orphans included) must finish."""
+    try:
+        yield
+    finally:
+        cxx.release()
+
+
+def start_held_build(tmp_path: Path, env: dict[str, str], cxx: CxxWrapper, name: str = "a") -> Child:
+    """Start a build whose compiler is held at the gate; return once the compiler has been invoked."""
+    cxx.hold()
+    child = Child(TINY, env, tmp_path / "logs", name)
+    wait_until(lambda: cxx.compiles(), BUILD_TIMEOUT, "the first build's compiler to start", alive=child)
+    return child
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_then_next_process_builds(tmp_path):
+    env = tiny_env(tmp_path)
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    env["CXX"] = str(cxx.path)
+    vdir = variant_dir(env)
+    a = start_held_build(tmp_path, env, cxx)
+    with a, Child(TINY, env, tmp_path / "logs", "b") as b, cxx_released(cxx):
+        (a_tmp,) = [p for p in vdir.iterdir() if p.name.startswith(".tmp-")]
+        assert f"-{a.pid}-" in a_tmp.name and (a_tmp / "build.log").is_file()
+        # B waits for A, and says whom it waits for
+        wait_until(lambda: "waiting for tiny_test_op[cpu] build" in b.stderr, BUILD_TIMEOUT, "B to wait", alive=b)
+        waiting = next(line for line in b.stderr.splitlines() if "waiting for tiny_test_op[cpu] build" in line)
+        assert f"(pid {a.pid} on " in waiting and f"log {a_tmp / 'build.log'}" in waiting, waiting
+        # kill -9 the builder mid-compile: the kernel drops its lock; B takes over and builds
+        os.kill(a.pid, signal.SIGKILL)
+        assert a.proc.wait(timeout=30) == -signal.SIGKILL
+        orphans = surviving_compilers(vdir, killed_pid=a.pid)
+        cxx.release()
+        rb = b.wait(timeout=BUILD_TIMEOUT)
+    assert rb.rc == 0 and rb.data["ok"] and rb.data["how"] == "built", rb
+    assert not a_tmp.exists(), "the killed build's temp dir must be cleaned up by the next builder"
+    (entry,) = published(vdir)
+    assert leftovers(vdir) == []
+    # a third process loads what B published, without compiling
+    cxx.reset()
+    rc = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert rc.rc == 0 and rc.data["how"] == "cached" and Path(rc.data["path"]).parent == entry, rc
+    assert cxx.calls() == []
+    # The killed loader's worker gets SIGTERM (PR_SET_PDEATHSIG) and passes it to ninja, which stops its compilers.
+    assert not orphans, "compilers of the killed loader kept running:\n" + "\n".join(orphans)
+
+
+def surviving_compilers(vdir: Path, killed_pid: int, grace: float = 3.0) -> list[str]:
+    """Processes still working in the killed loader's temp dir (`.tmp-<key>-<pid>-*`, possibly renamed to
+    `.trash-...` or deleted by now) `grace` seconds after it was killed."""
+    deadline = time.monotonic() + grace
+    while True:
+        orphans = [p for p in processes_with_cwd_under(vdir) if f"-{killed_pid}-" in p.split("]")[0]]
+        if not orphans or time.monotonic() > deadline:
+            return orphans
+        time.sleep(0.1)
+
+
+def test_waiter_times_out_with_an_actionable_error(tmp_path):
+    env = tiny_env(tmp_path)
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    env["CXX"] = str(cxx.path)
+    with cxx_released(cxx), start_held_build(tmp_path, env, cxx) as a:
+        start = time.monotonic()
+        # Python's default logging in the waiter, as in a user's script
+        r = run_json(TINY, {**env, "DS_BUILD_TIMEOUT": "2", "TINY_OP_NO_LOGGING": "1"}, timeout=120)
+        elapsed = time.monotonic() - start
+        assert a.proc.poll() is None, "the holder must still be building"
+    assert r.rc == 1 and r.data["error_type"] == "BuildTimeoutError", r
+    message = r.data["message"]
+    assert "tiny_test_op[cpu]" in message and f"pid {a.pid}" in message and "DS_BUILD_TIMEOUT" in message
+    assert ".tmp-" in message and "build.log" in message  # the holder's log, to go and look
+    assert elapsed < 60, f"a 2 s DS_BUILD_TIMEOUT took {elapsed:.0f} s"
+    # Python's default logging shows only warnings: op_builder still shows whom the waiter waits for.
+    assert "waiting for tiny_test_op[cpu] build" in r.stderr and f"pid {a.pid}" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------ unwritable root
+def test_unwritable_cache_root_falls_back_with_one_warning(tmp_path):
+    """The configured root cannot be created (it lies under a regular file: this blocks root too, where
+    chmod would not); the build goes to the per-user temp dir and says so once."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = tiny_env(tmp_path, TORCH_EXTENSIONS_DIR=str(blocker / "ext"), TMPDIR=str(tmpdir),
+                   TINY_OP_NO_LOGGING="1")
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["ok"] and r.data["how"] == "built", r
+    warnings = [line for line in r.stderr.splitlines() if "not writable" in line]
+    assert len(warnings) == 1, r.stderr
+    assert str(blocker / "ext") in warnings[0] and "TORCH_EXTENSIONS_DIR" in warnings[0]
+    assert Path(r.data["path"]).is_relative_to(tmpdir), r.data["path"]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_cache_root_falls_back(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: a chmod 0500 directory is still writable (the under-a-file case covers it)")
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    try:
+        env = tiny_env(tmp_path, TORCH_EXTENSIONS_DIR=str(root), TMPDIR=str(tmpdir))
+        r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    finally:
+        root.chmod(0o700)
+    assert r.rc == 0 and r.data["how"] == "built", r
+    assert sum("not writable" in line for line in r.stderr.splitlines()) == 1
+    assert Path(r.data["path"]).is_relative_to(tmpdir)
+
+
+# ----------------------------------------------------------------- the real CPU module: cold, warm
+@pytest.mark.slow
+def test_cold_build_then_warm_load_never_runs_the_compiler(tmp_path_factory):
+    cold_build = cold_cpu_build(tmp_path_factory)  # one child, empty cache, CXX = counting wrapper
+    cold, cxx, env = cold_build.result, cold_build.cxx, cold_build.env
+    assert cold.rc == 0 and not cold.data["errors"], cold
+    assert cold.data["how"] == "built"
+    assert cold.data["vector_matmul_ok"] and cold.data["linear_layer_ok"], cold.data
+    compiled = [c.rsplit(" -c ", 1)[1].split()[0] for c in cold_build.compiles]
+    csrc = cold_build.source / "csrc" / "inference"
+    expected = [str(p) for p in (csrc / "cpu").glob("*.cpp")] + [str(csrc / "binding" / "cpu_binding.cpp")]
+    assert sorted(compiled) == sorted(expected), "each source compiled exactly once, by the wrapper"
+    entry = Path(cold.data["path"]).parent
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["key_fields"]["cxx"].startswith(str(cxx.path)), "the CXX in use is part of the key"
+
+    cxx.reset()
+    warm = run_json(INFERENCE, env, timeout=300)
+    assert warm.rc == 0 and not warm.data["errors"], warm
+    assert warm.data["how"] == "cached" and warm.data["path"] == cold.data["path"]
+    assert warm.data["vector_matmul_ok"] and warm.data["linear_layer_ok"]
+    assert cxx.calls() == [], f"a warm load ran the compiler: {cxx.calls()}"
+    assert "building" not in warm.stderr
+    # "later processes load in well under a second" (generous bound: this box is shared and busy)
+    assert warm.data["seconds"] < 5, f"warm load_variant took {warm.data['seconds']:.2f} s"
+
+
+# ---------------------------------------------------------------------- error reading (pure)
+GCC_LOG = """\
+[1/2] c++ -MMD -c /src/a.cpp -o a.o
+FAILED: a.o
+c++ -MMD -c /src/a.cpp -o a.o
+/src/a.cpp: In function 'void f()':
+/src/a.cpp:3:5: error: 'foo' was not declared in this scope
+/src/a.cpp:4:5: error: 'bar' was not declared in this scope
+/src/a.cpp:3:5: error: 'foo' was not declared in this scope
+ninja: build stopped: subcommand failed.
+Traceback (most recent call last):
+subprocess.CalledProcessError: Command '['ninja', '-v']' returned non-zero exit status 1.
+RuntimeError: Error building extension 'x'
+"""
+
+
+def test_first_errors_skips_noise_and_duplicates():
+    assert first_errors(GCC_LOG) == ["/src/a.cpp:3:5: error: 'foo' was not declared in this scope",
+                                     "/src/a.cpp:4:5: error: 'bar' was not declared in this scope"]
+
+
+def test_first_errors_is_bounded():
+    log = "\n".join(f"/src/a.cpp:{i}:1: error: e{i}" for i in range(100))
+    assert len(first_errors(log)) == 8 and len(first_errors(log, limit=3)) == 3
+
+
+@pytest.mark.parametrize("log, cause", [
+    ("/src/a.cpp:1:10: fatal error: cuda_fp8.h: No such file or directory", "missing header cuda_fp8.h"),
+    ('/src/k.cu(3): catastrophic error: cannot open source file "cutlass/gemm.h"', "missing header cutlass/gemm.h"),
+    ("#error -- unsupported GNU version! gcc versions later than 13 are not supported!", "host C++ compiler is newer"),
+    ("/bin/sh: 1: /usr/local/cuda/bin/nvcc: not found\nnvcc: not found", "nvcc not found"),
+    ("RuntimeError: Ninja is required to load C++ extensions", "ninja is not installed"),
+    ("c++: fatal error: Killed signal terminated program cc1plus", "ran out of memory"),
+    ("OSError: /x/y.so: undefined symbol: _ZN3c104cuda9SetDeviceEi", "undefined symbol"),
+    ("/bin/sh: 1: c++: not found", "C++ compiler not found"),
+    ("/src/a.cpp:3:5: error: 'foo' was not declared in this scope", None),
+])
+def test_classify(log, cause):
+    got = classify(log)
+    if cause is None:
+        assert got is None
+    else:
+        assert got is not None and cause in got, got
+
+
+def test_plain_compile_error_blames_no_tool():
+    assert classify(GCC_LOG) is None
+
+
+def test_cxx_that_cannot_run_is_classified():
+    log = "subprocess.CalledProcessError: Command '['/nonexistent/c++', '-v']' returned non-zero exit status 127."
+    assert "/nonexistent/c++" in (classify(log) or "")
+
+
+def test_build_error_message_layout():
+    err = BuildError("op[cpu]", ["a.cpp:1:1: error: x"], "missing header y.h", "/logs/build.log")
+    lines = str(err).splitlines()
+    assert lines[0] == "building op[cpu] failed: missing header y.h"
+    assert "  a.cpp:1:1: error: x" in lines and lines[-1] == "full log: /logs/build.log"
+    assert err.op == "op[cpu]" and err.cause == "missing header y.h" and err.log_path == "/logs/build.log"
+
+
+# ------------------------------------------------------------------------------- job sizing (pure)
+def test_max_jobs_honours_env(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert build_mod.max_jobs(64, 1 << 40, True) == 3
+
+
+def test_max_jobs_from_cores_and_memory(monkeypatch):
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    gib = 1 << 30
+    assert build_mod.max_jobs(16, 64 * gib, False) == 16
+    assert build_mod.max_jobs(16, 4 * gib, False) == 4  # 1 GiB per c++ job
+    assert build_mod.max_jobs(16, 10 * gib, True) == 4  # 2.5 GiB per nvcc job
+    assert build_mod.max_jobs(16, 100 * (1 << 20), True) == 1  # never zero
+    assert build_mod.max_jobs(2, None, False) == 2
+    assert build_mod.max_jobs(0, None, False) == 1

@@ -1,0 +1,282 @@
+"""op_builder.cache: the cache root, the build key (what makes two builds different), manifests, and
+which entries a loader may trust. No compiler runs here: keys and manifests are pure functions of
+files and fields (the builds themselves are in test_build.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fixtures.procs import FIXTURES, REPO
+from fixtures.tiny_op.builder import HERE as TINY_SRC
+from fixtures.tiny_op.builder import TinyBuilder
+from op_builder import InferenceBuilder, cache
+from op_builder.cache import BuildKey, entry_problem, read_manifest, source_closure, write_manifest
+from op_builder.system import Compiler, Cpu, System
+
+GXX = Compiler("/usr/bin/g++", "/usr/bin/g++-12:1305592:1700000000")
+AVX2 = Cpu("x86_64", "fake EPYC", frozenset({"avx2", "fma", "f16c"}), "fake")
+AVX512 = Cpu("x86_64", "fake EPYC", frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}), "fake")
+
+
+def fake_system(**overrides) -> System:
+    fields = dict(torch_version="2.13.0+cpu", torch_cxx11_abi=True, ninja="1.11.1", cxx=GXX, cpu=AVX2)
+    fields.update(overrides)
+    return System.fake(**fields)
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """A private copy of the tiny op's sources, free to edit."""
+    dest = tmp_path / "src"
+    shutil.copytree(TINY_SRC, dest, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return dest
+
+
+def tiny_key(src: Path, system: System | None = None, cflags=(), binding=True) -> str:
+    builder = TinyBuilder(system or fake_system(), src_dir=src, cflags=tuple(cflags), binding=binding)
+    return builder.key("cpu", builder.spec("cpu")).digest
+
+
+# ----------------------------------------------------------------------------------- key sensitivity
+def test_same_inputs_same_key(src):
+    assert tiny_key(src) == tiny_key(src)
+    assert tiny_key(src, fake_system()) == tiny_key(src, fake_system())
+
+
+def test_same_key_in_another_process(src):
+    """The digest is stable across interpreters (no hash randomisation, no dict-order dependence)."""
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from op_builder.system import Compiler, Cpu, System
+        from tiny_op.builder import TinyBuilder
+        s = System.fake(torch_version="2.13.0+cpu", torch_cxx11_abi=True, ninja="1.11.1",
+                        cxx=Compiler({GXX.path!r}, {GXX.identity!r}),
+                        cpu=Cpu("x86_64", "fake EPYC", frozenset({{"avx2", "fma", "f16c"}}), "fake"))
+        b = TinyBuilder(s, src_dir=Path({str(src)!r}), cflags=(), binding=True)
+        print(b.key("cpu", b.spec("cpu")).digest)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(FIXTURES)]), "PYTHONHASHSEED": "123"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == tiny_key(src)
+
+
+def test_source_byte_changes_key(src):
+    before = tiny_key(src)
+    path = src / "tiny_kernel.cpp"
+    path.write_bytes(path.read_bytes().replace(b"x[i] * s", b"x[i]  * s"))  # whitespace only
+    assert tiny_key(src) != before
+
+
+def test_included_header_changes_key(src):
+    before = tiny_key(src)
+    header = src / "tiny_kernel.h"
+    header.write_text(header.read_text().replace("#define TINY_OFFSET 0.0f", "#define TINY_OFFSET 1.0f"))
+    assert tiny_key(src) != before
+
+
+def test_transitively_included_header_changes_key(src):
+    (src / "deep.h").write_text("#pragma once\n#define DEEP 1\n")
+    header = src / "tiny_kernel.h"
+    header.write_text(header.read_text().replace("#include <stdint.h>", '#include <stdint.h>\n#include "deep.h"'))
+    before = tiny_key(src)
+    (src / "deep.h").write_text("#pragma once\n#define DEEP 2\n")
+    assert tiny_key(src) != before
+
+
+def test_header_nobody_includes_does_not_change_key(src):
+    (src / "unused.h").write_text("#define UNUSED 1\n")
+    before = tiny_key(src)
+    (src / "unused.h").write_text("#define UNUSED 2\n")
+    assert tiny_key(src) == before
+
+
+def test_flag_changes_key(src):
+    assert tiny_key(src, cflags=["-DEXTRA=1"]) != tiny_key(src)
+    assert tiny_key(src, cflags=["-DEXTRA=1"]) != tiny_key(src, cflags=["-DEXTRA=2"])
+
+
+def test_source_list_changes_key(src):
+    assert tiny_key(src, binding=False) != tiny_key(src, binding=True)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("torch_version", "2.12.0+cpu"),
+    ("torch_cxx11_abi", False),
+    ("python_tag", "cp312"),
+    ("platform", "linux-aarch64"),
+    ("cxx", Compiler("/usr/bin/g++", "/usr/bin/g++-13:1400000:1700000001")),
+])
+def test_toolchain_and_runtime_fields_change_key(src, field, value):
+    assert tiny_key(src, fake_system(**{field: value})) != tiny_key(src)
+
+
+def test_builder_version_changes_key(src, monkeypatch):
+    before = tiny_key(src)
+    monkeypatch.setattr(cache, "BUILDER_VERSION", "test-bump")
+    assert tiny_key(src) != before
+
+
+def inference_cpu_key(system: System) -> str:
+    builder = InferenceBuilder(system)
+    return builder.key("cpu", builder.spec("cpu")).digest
+
+
+def test_isa_changes_key(monkeypatch):
+    monkeypatch.setenv("DSINF_NATIVE_ISA", "0")  # explicit -m flags: the ISA level alone must still count
+    assert inference_cpu_key(fake_system(cpu=AVX2)) != inference_cpu_key(fake_system(cpu=AVX512))
+    assert inference_cpu_key(fake_system(cpu=AVX2)) == inference_cpu_key(fake_system(cpu=AVX2))
+
+
+def test_native_build_key_is_tied_to_the_cpu_model(monkeypatch):
+    monkeypatch.delenv("DSINF_NATIVE_ISA", raising=False)  # default: -march=native
+    other_model = Cpu("x86_64", "fake EPYC (other model)", AVX2.flags, "fake")
+    assert inference_cpu_key(fake_system(cpu=AVX2)) != inference_cpu_key(fake_system(cpu=other_model))
+
+
+def test_isa_field_recorded_in_key_fields(monkeypatch):
+    monkeypatch.setenv("DSINF_NATIVE_ISA", "0")
+    builder = InferenceBuilder(fake_system(cpu=AVX512))
+    fields = builder.key("cpu", builder.spec("cpu")).as_dict()
+    assert fields["isa"] == "avx512" and fields["torch"] == "2.13.0+cpu" and fields["builder"] == cache.BUILDER_VERSION
+    assert fields["cxx"] == GXX.identity
+
+
+def test_build_key_is_order_independent():
+    assert BuildKey.of(a=1, b=[1, 2]).digest == BuildKey.of(b=[1, 2], a=1).digest
+    assert BuildKey.of(a=1).digest != BuildKey.of(a=2).digest
+    assert BuildKey.of(a=[1, 2]).digest != BuildKey.of(a=[2, 1]).digest  # flag order matters to a compiler
+    key = BuildKey.of(torch="2.13.0", flags=["-O3"], abi=True, none=None)
+    assert key.as_dict() == {"torch": "2.13.0", "flags": ["-O3"], "abi": True, "none": None}
+    assert len(key.digest) == 20 and all(c in "0123456789abcdef" for c in key.digest)
+
+
+def test_source_closure_follows_quoted_includes(src):
+    files = source_closure([src / "tiny_binding.cpp"], [src])
+    assert {p.name for p in files} == {"tiny_binding.cpp", "tiny_kernel.h"}
+
+
+def test_real_inference_sources_include_their_headers():
+    builder = InferenceBuilder(fake_system())
+    spec = builder.spec("cpu")
+    files = {p.name for p in source_closure([Path(s) for s in spec.sources], [Path(i) for i in spec.include_dirs])}
+    assert {"cpu_kernels.h", "validate.h", "cpu_simd.h", "cpu_binding.cpp"} <= files
+
+
+# --------------------------------------------------------------------------------------------- root
+def test_cache_root_honours_torch_extensions_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert cache.cache_root() == tmp_path / "ext" / "dsinf"
+    assert (tmp_path / "ext" / "dsinf").is_dir()
+
+
+def test_cache_root_default_is_per_user(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_root() == tmp_path / "xdg" / "dsinf" / "extensions"
+
+
+def test_variant_dir_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert TinyBuilder(fake_system()).variant_dir("cpu") == tmp_path / "ext" / "dsinf" / "tiny_test_op-cpu"
+
+
+def test_unwritable_root_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    """A root that cannot be created (under a regular file: blocks root too) -> per-user temp dir."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "ext"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(cache.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(cache, "_warned_fallback", False)
+    with caplog.at_level("WARNING", logger="op_builder"):
+        roots = [cache.cache_root() for _ in range(3)]
+    assert roots[0] == roots[1] == roots[2]
+    assert roots[0].is_relative_to(tmp_path / "tmp") and roots[0].is_dir()
+    warnings = [r for r in caplog.records if "not writable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(blocker / "ext") in warnings[0].getMessage() and "TORCH_EXTENSIONS_DIR" in warnings[0].getMessage()
+
+
+# ------------------------------------------------------------------------------- manifests + trust
+@pytest.fixture
+def entry(tmp_path) -> tuple[Path, BuildKey]:
+    key = BuildKey.of(op="tiny_test_op", variant="cpu", torch="2.13.0+cpu")
+    directory = tmp_path / key.digest
+    directory.mkdir()
+    (directory / "lib.so").write_bytes(os.urandom(4096))
+    write_manifest(directory, op="tiny_test_op", variant="cpu", key=key, library="lib.so", build_seconds=1.234,
+                   extra={"isa": "avx2"})
+    return directory, key
+
+
+def test_manifest_is_readable_and_complete(entry):
+    directory, key = entry
+    m = read_manifest(directory)
+    assert m["key"] == key.digest and m["key_fields"]["torch"] == "2.13.0+cpu"
+    assert m["library"] == "lib.so" and m["library_size"] == 4096 and len(m["library_sha256"]) == 64
+    assert m["isa"] == "avx2" and m["build_seconds"] == 1.23 and m["op"] == "tiny_test_op"
+    assert not (directory / "manifest.json.tmp").exists()
+    assert entry_problem(directory, key.digest) is None
+    assert entry_problem(directory, None) is None
+
+
+def test_missing_entry(tmp_path):
+    assert entry_problem(tmp_path / "nope", "abc") == "not built"
+
+
+def test_truncated_library_is_untrusted(entry):
+    directory, key = entry
+    lib = directory / "lib.so"
+    lib.write_bytes(lib.read_bytes()[:1000])
+    assert "truncated" in entry_problem(directory, key.digest)
+
+
+def test_corrupted_library_same_size_is_untrusted(entry):
+    directory, key = entry
+    lib = directory / "lib.so"
+    data = bytearray(lib.read_bytes())
+    data[2000] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    assert "corrupted" in entry_problem(directory, key.digest)
+    assert entry_problem(directory, key.digest, check_hash=False) is None  # size alone cannot tell
+
+
+def test_missing_library_is_untrusted(entry):
+    directory, key = entry
+    (directory / "lib.so").unlink()
+    assert "missing" in entry_problem(directory, key.digest)
+
+
+def test_foreign_key_is_untrusted(entry):
+    directory, _ = entry
+    assert "does not match" in entry_problem(directory, "0" * 20)
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", "null", '"str"'])
+def test_garbled_manifest_is_untrusted(entry, content):
+    directory, key = entry
+    (directory / "manifest.json").write_text(content)
+    assert "manifest missing or unreadable" in entry_problem(directory, key.digest)
+
+
+def test_missing_manifest_is_untrusted(entry):
+    directory, key = entry
+    (directory / "manifest.json").unlink()
+    assert "manifest missing" in entry_problem(directory, key.digest)
+
+
+def test_other_manifest_format_is_untrusted(entry):
+    directory, key = entry
+    m = read_manifest(directory)
+    m["format"] = 99
+    (directory / "manifest.json").write_text(json.dumps(m))
+    assert "format" in entry_problem(directory, key.digest)

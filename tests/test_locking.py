@@ -1,0 +1,157 @@
+"""op_builder.locking: a kernel flock that cannot go stale, with talkative, bounded waits.
+
+Holders are real child processes (no torch import: these are fast). The build-level versions of the
+same behaviours (a real op build held, waited for, killed) are in test_build.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.procs import REPO, Child, wait_until
+from op_builder.errors import BuildTimeoutError, OpBuilderError
+from op_builder.locking import BuildLock
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from op_builder.locking import BuildLock
+    lock = BuildLock(sys.argv[1], what="demo_op[cpu]", log_path=sys.argv[2], timeout=60)
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[3]))
+    lock.release()
+    print("released", flush=True)
+""")
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def start_holder(tmp_path: Path, lock_path: Path, hold: float = 300, name: str = "holder") -> Child:
+    holder = Child([sys.executable, "-c", HOLDER, str(lock_path), "/logs/demo_op.log", str(hold)], env(),
+                   tmp_path / "logs", name)
+    wait_until(lambda: "locked" in holder.stdout, 60, "the holder to take the lock", alive=holder)
+    return holder
+
+
+def test_uncontended_lock_is_immediate(tmp_path):
+    path = tmp_path / "a" / "b" / ".lock"  # parent dirs are created
+    lock = BuildLock(path, what="demo_op[cpu]", log_path="/x.log", timeout=5)
+    start = time.monotonic()
+    with lock:
+        info = json.loads(path.read_text())
+        assert info["pid"] == os.getpid() and info["what"] == "demo_op[cpu]" and info["log"] == "/x.log"
+        assert "host" in info and "started" in info
+    assert time.monotonic() - start < 1
+    assert lock.waited < 1
+    assert path.exists(), "the lock file must never be deleted (two inodes would mean two locks)"
+    assert path.read_text() == "", "holder info is cleared on release"
+    with BuildLock(path, what="demo_op[cpu]", log_path="/x.log", timeout=5):  # re-acquirable
+        pass
+
+
+def test_waiter_says_whom_it_waits_for_and_times_out(tmp_path, caplog):
+    lock_path = tmp_path / ".lock"
+    with start_holder(tmp_path, lock_path) as holder:
+        lock = BuildLock(lock_path, what="demo_op[cpu]", log_path="/mine.log", timeout=3, report_every=0.5)
+        start = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="op_builder"), pytest.raises(BuildTimeoutError) as info:
+            lock.acquire()
+        waited = time.monotonic() - start
+    assert 3 <= waited < 15, f"bounded wait took {waited:.1f} s"
+    message = str(info.value)
+    assert f"pid {holder.pid}" in message and "/logs/demo_op.log" in message
+    assert "demo_op[cpu]" in message and "DS_BUILD_TIMEOUT" in message and str(lock_path) in message
+    assert "stop it" in message  # says what to do
+    assert isinstance(info.value, OpBuilderError)
+    lines = [r.getMessage() for r in caplog.records]
+    waiting = [line for line in lines if line.startswith("waiting for demo_op[cpu] build")]
+    assert len(waiting) == 1, lines
+    assert f"(pid {holder.pid} on " in waiting[0] and "log /logs/demo_op.log" in waiting[0]
+    assert any(line.startswith("still waiting for demo_op[cpu] build") for line in lines), lines
+
+
+def test_lock_released_when_holder_is_sigkilled(tmp_path):
+    lock_path = tmp_path / ".lock"
+    holder = start_holder(tmp_path, lock_path)
+    with pytest.raises(BuildTimeoutError):
+        BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=0.3).acquire()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    start = time.monotonic()
+    with BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=30) as lock:
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert time.monotonic() - start < 5
+    assert lock.waited < 5
+
+
+def test_waiter_proceeds_when_holder_is_killed_while_it_waits(tmp_path):
+    """A waiter blocked on a holder gets the lock as soon as the holder dies (kill -9, no cleanup)."""
+    lock_path = tmp_path / ".lock"
+    holder = start_holder(tmp_path, lock_path)
+    waiter_code = textwrap.dedent("""
+        import logging, sys, time
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from op_builder.locking import BuildLock
+        start = time.monotonic()
+        with BuildLock(sys.argv[1], what="demo_op[cpu]", log_path="/w.log", timeout=120):
+            print(f"acquired after {time.monotonic() - start:.1f}", flush=True)
+    """)
+    with Child([sys.executable, "-c", waiter_code, str(lock_path)], env(), tmp_path / "logs", "waiter") as waiter:
+        wait_until(lambda: "waiting for demo_op[cpu] build" in waiter.stderr, 60, "the waiter to wait", alive=waiter)
+        assert f"pid {holder.pid}" in waiter.stderr
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        result = waiter.wait(timeout=30)
+    assert result.rc == 0, result
+    assert "acquired after" in result.stdout
+
+
+def test_mutual_exclusion_across_processes(tmp_path):
+    lock_path, trace = tmp_path / ".lock", tmp_path / "trace"
+    code = textwrap.dedent("""
+        import os, sys, time
+        from op_builder.locking import BuildLock
+        with BuildLock(sys.argv[1], what="demo_op[cpu]", log_path="/x", timeout=60):
+            with open(sys.argv[2], "a") as f:
+                f.write(f"in {os.getpid()}\\n"); f.flush()
+                time.sleep(0.2)
+                f.write(f"out {os.getpid()}\\n")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lock_path), str(trace)], env=env())
+             for _ in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    lines = trace.read_text().split()
+    events = list(zip(lines[0::2], lines[1::2]))
+    assert len(events) == 8
+    for i in range(0, 8, 2):  # strictly alternating in/out of the same pid
+        assert events[i][0] == "in" and events[i + 1][0] == "out" and events[i][1] == events[i + 1][1], events
+
+
+def test_garbled_holder_info_still_describes_something(tmp_path):
+    lock_path = tmp_path / ".lock"
+    with start_holder(tmp_path, lock_path):
+        lock_path.write_text("{garbage")  # the holder's info is unreadable: the waiter still explains
+        with pytest.raises(BuildTimeoutError, match="another process"):
+            BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=0.3).acquire()
+
+
+def test_timeout_does_not_leak_file_descriptors(tmp_path):
+    lock_path = tmp_path / ".lock"
+    with start_holder(tmp_path, lock_path):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with pytest.raises(BuildTimeoutError):
+                BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=0.05).acquire()
+        assert len(os.listdir("/proc/self/fd")) == before

@@ -1,0 +1,129 @@
+"""`python -m op_builder.report [--json] [--build]` on this machine, and on broken environments.
+
+Each run is a fresh interpreter with private caches; the report must never traceback and must exit 0
+unless `--build` finds a variant that does not build or does not match the reference.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from fixtures.procs import child_env, cold_cpu_build, run
+from op_builder.knobs import KNOBS
+
+REPORT = [sys.executable, "-m", "op_builder.report"]
+BROKEN = {"CXX": "/nonexistent/c++", "TORCH_CUDA_ARCH_LIST": "garbage", "MAX_JOBS": "abc",
+          "DS_BUILD_TIMEOUT": "-1", "DSINF_BACKEND": "bogus", "DS_BUILD_OPS": "maybe", "CUDA_HOME": "/nonexistent"}
+
+
+def report(tmp_path, *args, **env_overrides):
+    env = child_env(tmp_path, **env_overrides)
+    r = run(REPORT + list(args), env, cwd=tmp_path, timeout=300)
+    assert "Traceback" not in r.stdout + r.stderr, r
+    return r
+
+
+def rows_of(data):
+    return {(row["op"], row["variant"]): row for row in data["ops"]}
+
+
+def test_text_report(tmp_path):
+    r = report(tmp_path, "--no-color", MAX_JOBS="3")
+    assert r.rc == 0, r
+    out = r.stdout
+    knobs_section = out.split("knobs (value, source):")[1].split("ops:")[0]
+    for name in KNOBS:
+        line = next((line for line in knobs_section.splitlines() if line.split() and line.split()[0] == name), None)
+        assert line is not None, f"knob {name} missing from the report"
+        assert line.rstrip().endswith(("(env)", "(default)")), line
+    assert any(line.split()[:2] == ["MAX_JOBS", "3"] and line.endswith("(env)") for line in knobs_section.splitlines())
+    ops = out.split("ops:")[1]
+    cpu_line = next(line for line in ops.splitlines() if "transformer_inference[cpu]" in line)
+    assert cpu_line.rstrip().endswith("[OKAY]"), cpu_line
+    cuda_block = ops.split("transformer_inference[cuda]")[1]
+    assert cuda_block.splitlines()[0].rstrip().endswith("[NO]")
+    assert "not buildable: torch is built without CUDA" in cuda_block
+    assert "\033[" not in out, "no colour codes when stdout is not a terminal"
+
+
+def test_json_report(tmp_path):
+    r = report(tmp_path, "--json", MAX_JOBS="3")
+    assert r.rc == 0, r
+    data = json.loads(r.stdout)
+    env = data["environment"]
+    knobs = {k["name"]: k for k in env["knobs"]}
+    assert set(knobs) == set(KNOBS)
+    assert knobs["MAX_JOBS"]["value"] == 3 and knobs["MAX_JOBS"]["source"] == "env"
+    assert knobs["DS_BUILD_TIMEOUT"]["source"] == "default"
+    assert all(k["meaning"] for k in knobs.values())
+    for field in ("torch", "torch_cuda", "nvcc", "cxx", "ninja", "gpus", "cuda_targets", "cpu", "cache_root"):
+        assert field in env
+    assert env["cache_root"].startswith(str(tmp_path))
+    rows = rows_of(data)
+    cpu, cuda = rows[("transformer_inference", "cpu")], rows[("transformer_inference", "cuda")]
+    assert cpu["buildable"] is True and cpu["reasons"] == [] and cpu["cached"] is False
+    assert cpu["installed"] is False and cpu["build_var"] == "DS_BUILD_TRANSFORMER_INFERENCE"
+    assert cuda["buildable"] is False and any("without CUDA" in reason for reason in cuda["reasons"])
+    assert data["build"] is None
+
+
+def test_report_builds_nothing_without_build(tmp_path):
+    r = report(tmp_path, "--json")
+    assert r.rc == 0
+    ext = tmp_path / "ext"
+    built = [p for p in ext.rglob("*") if p.is_file()] if ext.exists() else []
+    assert built == [], f"a plain report wrote {built}"
+
+
+@pytest.mark.parametrize("fmt", ["--json", "--no-color"])
+def test_broken_environment_is_reported_not_raised(tmp_path, fmt):
+    r = report(tmp_path, fmt, **BROKEN)
+    assert r.rc == 0, r
+    if fmt == "--json":
+        data = json.loads(r.stdout)
+        knobs = {k["name"]: k for k in data["environment"]["knobs"]}
+        for name in ("MAX_JOBS", "DS_BUILD_TIMEOUT", "DSINF_BACKEND", "DS_BUILD_OPS"):
+            assert str(knobs[name]["value"]).startswith("INVALID") and name in knobs[name]["value"], knobs[name]
+        assert knobs["CXX"]["value"] == "/nonexistent/c++"
+        assert data["environment"]["cxx"] is None
+        assert any("'garbage'" in p for p in data["environment"]["cuda_targets"]["problems"])
+        rows = rows_of(data)
+        cpu = rows[("transformer_inference", "cpu")]
+        assert cpu["buildable"] is False and any("C++ compiler" in reason for reason in cpu["reasons"])
+        cuda = rows[("transformer_inference", "cuda")]
+        assert cuda["buildable"] is False and any("'garbage'" in reason for reason in cuda["reasons"])
+    else:
+        assert "INVALID (MAX_JOBS='abc' is not an integer)" in r.stdout
+        assert "not buildable: no C++ compiler found" in r.stdout
+        assert "cannot parse CUDA arch 'garbage'" in r.stdout
+
+
+def test_unwritable_cache_root_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tmp_path / "tmpdir").mkdir()
+    r = report(tmp_path, "--json", TORCH_EXTENSIONS_DIR=str(blocker / "ext"), TMPDIR=str(tmp_path / "tmpdir"))
+    assert r.rc == 0, r
+    data = json.loads(r.stdout)
+    assert data["environment"]["cache_root"].startswith(str(tmp_path / "tmpdir"))
+    assert "not writable" in r.stderr
+
+
+@pytest.mark.slow
+def test_report_build_checks_the_cpu_module(tmp_path_factory):
+    """--build loads (building if needed) every buildable variant and checks it against the reference.
+    It reuses the cache of test_build's cold build (built once per session) to spare another build."""
+    cold = cold_cpu_build(tmp_path_factory)
+    assert cold.result.rc == 0, cold.result
+    cold.cxx.reset()
+    r = run(REPORT + ["--json", "--build"], cold.env, timeout=900)
+    assert r.rc == 0, r
+    assert "Traceback" not in r.stderr
+    built = json.loads(r.stdout)["build"]
+    assert [(b["op"], b["variant"]) for b in built] == [("transformer_inference", "cpu")], built
+    (cpu,) = built
+    assert cpu["ok"] is True and cpu["how"] in ("built", "cached"), cpu
+    assert "match the reference" in cpu["check"] and "vector_matmul_fp32" in cpu["check"]
+    assert cpu["how"] != "cached" or cold.cxx.compiles() == []  # (the report itself runs `c++ --version`)
