@@ -21,6 +21,7 @@ import torch
 from fixtures.procs import (INFERENCE, REPO, TINY, CxxWrapper, child_env, run, run_json, snapshot_repo,
                             variant_dir)
 from op_builder import InferenceBuilder, prebuilt
+from op_builder.cache import BuildKey
 from op_builder.compat import Decision
 from op_builder.knobs import KnobError
 from op_builder.prebuilt import PrebuildError, plan
@@ -238,6 +239,7 @@ def test_prebuilt_from_other_torch_is_refused_and_jit_takes_over(tmp_path):
     original = manifest_path.read_text()
     manifest = json.loads(original)
     manifest["key_fields"]["torch"] = "0.0.1+other"
+    manifest["key"] = BuildKey.of(**manifest["key_fields"]).digest  # a genuine manifest of that torch
     manifest_path.write_text(json.dumps(manifest))
     refused = run_json(TINY, env, timeout=300)
     assert refused.rc == 0 and refused.data["ok"], refused
@@ -337,6 +339,7 @@ def test_installed_binary_from_other_torch_is_refused_with_reason(installed_with
     manifest_path = mine / "op_builder" / "prebuilt" / "transformer_inference-cpu" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["key_fields"]["torch"] = "2.0.0+other"
+    manifest["key"] = BuildKey.of(**manifest["key_fields"]).digest  # a genuine manifest of that torch
     manifest_path.write_text(json.dumps(manifest))
     env = child_env(tmp_path, pythonpath=[mine])
     code = "from op_builder import InferenceBuilder; print(InferenceBuilder().prebuilt_problem('cpu'))"
