@@ -1,0 +1,235 @@
+// CPU implementations of the dsinf:: ops (schemas: dsinf/library.py; semantics: dsinf/reference.py).
+//
+// The only translation unit of the CPU module that sees ATen. It validates (validate.h, same wording as
+// dsinf/checks.py), picks a path by M = B*S, and hands raw pointers to the torch-free kernels
+// (cpu_kernels.h) together with a parallel_for backed by at::parallel_for (torch's OpenMP pool; this
+// file must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
+//
+//   M <= gemv_max_m(...)  decode: our GEMV streams the weight once (fp32/bf16/fp16/int8, both layouts),
+//                         writing the final dtype with the bias, or fp32 for the QKV epilogue.
+//   larger M              fp32 sgemm (at::mm_out / at::addmm_out, MKL) one cache-sized block of output
+//                         columns at a time, straight into its column slice of the fp32 result: fp32
+//                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
+//                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
+//                         Without native bf16 GEMM (AVX2) this is ~6x faster than torch's bf16 mm at
+//                         M=512, within a few % of plain fp32 sgemm, and keeps fp32 accumulation.
+//   do_flash_attn         fp32 [M, N] from either path, then dsinf_cpu_qkv_rope: bias + RoPE + per-head
+//                         split + transpose + rounding in one pass, into the final owned tensors.
+//
+// Outputs are always fresh tensors from the torch allocator. Registered with TORCH_LIBRARY_IMPL only:
+// the schemas are defined from Python before this library is loaded.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "validate.h"
+
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+// at::parallel_for is an inline template: without -fopenmp here it compiles to a serial loop and every
+// kernel runs on one core. (Linking -fopenmp reuses the libgomp.so.1 torch already loaded: same soname.)
+#warning "cpu_binding.cpp: compile and link with -fopenmp, or the dsinf CPU kernels run single-threaded"
+#endif
+
+namespace dsinf {
+namespace {
+
+void aten_parallel_for(int64_t begin, int64_t end, int64_t grain, dsinf_parallel_body body, void* ctx) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(ctx, b, e); });
+}
+constexpr dsinf_parallel_fn kParallel = &aten_parallel_for;
+
+dsinf_dtype to_dsinf(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return DSINF_F32;
+    case c10::ScalarType::Half: return DSINF_F16;
+    case c10::ScalarType::BFloat16: return DSINF_BF16;
+    default: return DSINF_I8;  // validate.h admits only these four
+  }
+}
+
+void check_status(dsinf_status st, const char* op, const char* what) {
+  TORCH_CHECK(st == DSINF_OK, op, ": internal error: CPU kernel ", what, " rejected its arguments");
+}
+
+// Largest M that runs on our GEMV rather than BLAS. Measured at K = N = 4096 on the 2-core AVX2 box
+// (Zen 3, torch 2.13 + MKL), 2 threads, GEMV / GEMM path forced with DSINF_CPU_FORCE_PATH, ms:
+//            M=2       4         8         16         24         32         48
+//   fp32 NK  2.1/7.4  3.1/12.4  4.9/10.9  7.4/12.5  10.8/14.9  14.2/16.8  23.1/19.8
+//   fp32 KN  1.7/6.1  2.9/10.2  5.0/8.8   7.5/10.5  10.3/13.0  14.2/13.7  25.1/18.4
+//   bf16 NK  1.6/4.7  4.2/8.4   6.1/9.7  10.9/12.1  14.6/11.6  18.1/14.4  25.5/19.3
+//   bf16 KN  1.3/9.5  2.3/9.4   4.0/10.4  9.2/13.2  12.8/13.5  18.7/14.9  27.4/21.8
+//   int8     1.6/4.4  3.7/8.8   5.6/10.9  9.8/12.5  12.9/14.2  16.8/15.9  26.7/18.0
+// MKL parallelises small M poorly; our GEMV splits evenly over threads and streams the weight once, so
+// it wins until the FMA units, not memory, bound it. (Single-threaded the two are at parity from M=2
+// to ~16: the widened GEMM converts one cache-sized weight block at a time, so it too reads the compact
+// weight once.) DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only) forces GEMV / GEMM.
+int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
+#if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
+  return INT64_MAX;
+#elif defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 2
+  return 0;
+#endif
+  if (s.int8) return 24;
+  if (w == c10::ScalarType::Float) return s.weight_nk ? 32 : 24;
+  return s.weight_nk ? 16 : 24;
+}
+
+dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c10::optional<at::Tensor>& q_scale) {
+  dsinf_weight w{};
+  w.data = weight.data_ptr();
+  w.dtype = to_dsinf(weight.scalar_type());
+  w.layout_nk = s.weight_nk ? 1 : 0;
+  w.K = s.K;
+  w.N = s.N;
+  if (s.int8) {
+    w.scale = q_scale->data_ptr<float>();
+    w.groups = s.groups;
+  }
+  return w;
+}
+
+// x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: fp32 without bias when fp32_out, else the act dtype
+// with `bias` (may be null) added before the single rounding.
+at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, const at::Tensor& weight,
+                  const dsinf_weight& w, const at::Tensor* bias, bool fp32_out) {
+  const int64_t M = s.M(), K = s.K, N = s.N;
+  const c10::ScalarType act = x2d.scalar_type();
+  const c10::ScalarType out_t = fp32_out ? c10::ScalarType::Float : act;
+
+  if (M <= gemv_max_m(s, weight.scalar_type())) {
+    at::Tensor out = at::empty({M, N}, x2d.options().dtype(out_t));
+    check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
+                                out.data_ptr(), to_dsinf(out_t), N, kParallel),
+                 op, "gemv");
+    return out;
+  }
+
+  // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
+  // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer. About 4 MiB
+  // of fp32 weight per block: on the 2-core box that ran 6-35% faster than one MKL call over all of N
+  // (K=4096, M=48..512, N=4096/12288, 2 threads; blocks of 256..1024 columns alike, >= 2048 slower).
+  const bool in_place = act == c10::ScalarType::Float && !s.int8;
+  const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
+  at::Tensor y = at::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
+  const int64_t block =
+      std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(4) << 20) / std::max<int64_t>(1, 4 * K)) / 64 * 64));
+  const bool fuse_bias = in_place && bias && !fp32_out;
+  at::Tensor wbuf;
+  if (!in_place) wbuf = at::empty({block * std::max<int64_t>(K, 1)}, y.options());
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t nb = std::min(block, N - n0);
+    at::Tensor blk;
+    if (in_place) {
+      blk = s.weight_nk ? weight.narrow(0, n0, nb).t() : weight.narrow(1, n0, nb);
+    } else {
+      check_status(dsinf_cpu_weight_to_f32(&w, n0, n0 + nb, wbuf.data_ptr<float>(), kParallel), op, "weight_to_f32");
+      blk = s.weight_nk ? wbuf.narrow(0, 0, nb * K).view({nb, K}).t() : wbuf.narrow(0, 0, nb * K).view({K, nb});
+    }
+    at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
+    if (fuse_bias)
+      at::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
+    else
+      at::mm_out(ys, xf, blk);
+  }
+  if (fp32_out || fuse_bias) return y;
+  if (act == c10::ScalarType::Float) {
+    if (bias)
+      check_status(dsinf_cpu_bias_cast(y.data_ptr<float>(), M, N, N, bias->data_ptr(), y.data_ptr(), DSINF_F32, N,
+                                       kParallel),
+                   op, "bias_cast");
+    return y;
+  }
+  at::Tensor out = at::empty({M, N}, x2d.options());
+  check_status(dsinf_cpu_bias_cast(y.data_ptr<float>(), M, N, N, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                   to_dsinf(act), N, kParallel),
+               op, "bias_cast");
+  return out;
+}
+
+std::vector<at::Tensor> empty_outputs(const std::vector<std::vector<int64_t>>& shapes, const at::Tensor& input) {
+  std::vector<at::Tensor> outs;
+  for (const auto& sh : shapes) outs.push_back(at::empty(sh, input.options()));
+  return outs;
+}
+
+std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const at::Tensor& input,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,
+                                     bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta,
+                                     int64_t rotary_dim, bool rotate_half, int64_t num_kv, int64_t seq_offset,
+                                     const c10::optional<at::Tensor>& q_scale) {
+  const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, -1);
+  check_bias(op, bias, add_bias, input, s.N);
+  QKVLayout q{};
+  if (do_flash_attn) q = check_qkv(op, s.K, s.N, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+  const auto shapes = linear_output_shapes(s, do_flash_attn ? &q : nullptr);
+  if (s.M() == 0 || s.N == 0) return empty_outputs(shapes, input);
+
+  const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
+  const dsinf_weight w = make_weight(s, weight, q_scale);
+  const at::Tensor* b = add_bias ? &*bias : nullptr;
+  if (!do_flash_attn) return {matmul(op, s, x2d, weight, w, b, /*fp32_out=*/false).view({s.B, s.S, s.N})};
+
+  const at::Tensor y = matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/true);
+  std::vector<at::Tensor> outs = empty_outputs(shapes, input);
+  char* base = static_cast<char*>(outs[0].data_ptr());
+  const int64_t qbytes = s.B * q.heads * s.S * q.head_dim * int64_t(input.element_size());
+  const int64_t kvbytes = s.B * q.kv_heads * s.S * q.head_dim * int64_t(input.element_size());
+  void* q_out = base;
+  void* k_out = q.gqa ? outs[1].data_ptr() : base + qbytes;
+  void* v_out = q.gqa ? outs[2].data_ptr() : base + qbytes + kvbytes;
+  const dsinf_qkv_layout L{s.B, s.S, q.heads, q.kv_heads, q.head_dim, q.rotary_dim, q.rotate_half ? 1 : 0,
+                           q.rope_theta, q.seq_offset};
+  check_status(dsinf_cpu_qkv_rope(y.data_ptr<float>(), s.N, b ? b->data_ptr() : nullptr, &L, to_dsinf(act), q_out,
+                                  k_out, v_out, kParallel),
+               op, "qkv_rope");
+  return outs;
+}
+
+at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& weight,
+                         bool /*async_op: work runs on the calling thread*/, const c10::optional<at::Tensor>& q_scale,
+                         bool q_int8, bool transposed_mode) {
+  const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
+  if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
+  const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
+  const dsinf_weight w = make_weight(s, weight, q_scale);
+  return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
+}
+
+#define DSINF_DEFINE_CPU_OPS(SUFFIX, DTYPE)                                                                        \
+  std::vector<at::Tensor> linear_layer_##SUFFIX(                                                                   \
+      const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,    \
+      bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta, int64_t rotary_dim,         \
+      bool rotate_half, int64_t num_kv, int64_t seq_offset, const c10::optional<at::Tensor>& q_scale) {           \
+    return linear_layer("linear_layer_" #SUFFIX, DTYPE, input, weight, bias, add_bias, do_flash_attn, num_heads,  \
+                        transposed_mode, rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale);       \
+  }                                                                                                                \
+  at::Tensor vector_matmul_##SUFFIX(const at::Tensor& input, const at::Tensor& weight, bool async_op,             \
+                                    const c10::optional<at::Tensor>& q_scale, bool q_int8, bool transposed_mode) { \
+    return vector_matmul("vector_matmul_" #SUFFIX, DTYPE, input, weight, async_op, q_scale, q_int8,               \
+                         transposed_mode);                                                                         \
+  }
+
+DSINF_DEFINE_CPU_OPS(fp32, c10::ScalarType::Float)
+DSINF_DEFINE_CPU_OPS(fp16, c10::ScalarType::Half)
+DSINF_DEFINE_CPU_OPS(bf16, c10::ScalarType::BFloat16)
+#undef DSINF_DEFINE_CPU_OPS
+
+}  // namespace
+}  // namespace dsinf
+
+TORCH_LIBRARY_IMPL(dsinf, CPU, m) {
+  m.impl("linear_layer_fp32", &dsinf::linear_layer_fp32);
+  m.impl("linear_layer_fp16", &dsinf::linear_layer_fp16);
+  m.impl("linear_layer_bf16", &dsinf::linear_layer_bf16);
+  m.impl("vector_matmul_fp32", &dsinf::vector_matmul_fp32);
+  m.impl("vector_matmul_fp16", &dsinf::vector_matmul_fp16);
+  m.impl("vector_matmul_bf16", &dsinf::vector_matmul_bf16);
+}

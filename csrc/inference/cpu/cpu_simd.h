@@ -1,0 +1,273 @@
+// Private helpers of the CPU kernels (csrc/inference/cpu/*.cpp): element types, scalar conversions, a
+// thin float-vector layer, and the parallel_for trampoline. Not part of the launcher API.
+//
+// One vector layer, picked at compile time from the compiler's macros:
+//   AVX-512F                 -> vf = __m512 (kW = 16)
+//   AVX2 + FMA + F16C        -> vf = __m256 (kW = 8)
+//   anything else (aarch64)  -> vf = float  (kW = 1), plain C++
+// Kernels are written once against vzero / vset1 / vfma / vload<T> / vstore<T> / vsum, so the three
+// paths share every loop and every tail; only these few wrappers differ per ISA.
+//
+// Loads widen to fp32 in registers: bf16 -> fp32 is a 16-bit left shift, fp16 -> fp32 is F16C
+// (vcvtph2ps), int8 -> int32 -> fp32 is vpmovsxbd + vcvtdq2ps. Stores round fp32 -> bf16/fp16 to nearest
+// even, NaN -> quiet NaN, exactly like torch's `.to(dtype)` (so a kernel output equals the reference's
+// single final rounding of the same fp32 value).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX512F__)
+#define DSINF_SIMD_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DSINF_SIMD_AVX2 1
+#endif
+#if DSINF_SIMD_AVX512 || DSINF_SIMD_AVX2
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*() (GCC PR105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
+#endif
+
+namespace dsinf_cpu {
+
+// 16-bit floats travel as raw bits; distinct types so overloads pick the right widening.
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+// ---------------------------------------------------------------- scalar conversions
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return float(v); }
+inline float to_f32(bf16_t v) { return bits_to_float(uint32_t(v.bits) << 16); }
+inline float to_f32(fp16_t v) {
+  const uint32_t h = v.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
+  if (exp == 0) {
+    if (mant == 0) return bits_to_float(sign);
+    exp = 113;  // subnormal: renormalise
+    while (!(mant & 0x400u)) {
+      mant <<= 1;
+      --exp;
+    }
+    return bits_to_float(sign | (exp << 23) | ((mant & 0x3ffu) << 13));
+  }
+  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+template <class T>
+inline T from_f32(float v);
+template <>
+inline float from_f32<float>(float v) {
+  return v;
+}
+template <>
+inline bf16_t from_f32<bf16_t>(float v) {
+  if (std::isnan(v)) return bf16_t{0x7fc0};
+  uint32_t u = float_to_bits(v);
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bf16_t{uint16_t(u >> 16)};
+}
+template <>
+inline fp16_t from_f32<fp16_t>(float v) {
+  // Round to nearest even (F. Giesen's float_to_half_fast3_rtne), incl. subnormals and overflow to inf.
+  uint32_t u = float_to_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  uint16_t o;
+  if (u >= (143u << 23)) {  // >= 65536: inf, or nan
+    o = u > 0x7f800000u ? 0x7e00 : 0x7c00;
+  } else if (u < (113u << 23)) {  // half subnormal or zero: let the fp adder round
+    const float magic = bits_to_float(126u << 23);  // 0.5
+    o = uint16_t(float_to_bits(bits_to_float(u) + magic) - (126u << 23));
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += (uint32_t(15 - 127) << 23) + 0xfffu + mant_odd;
+    o = uint16_t(u >> 13);
+  }
+  return fp16_t{uint16_t(o | sign)};
+}
+
+// ---------------------------------------------------------------- vector layer
+
+#if DSINF_SIMD_AVX512
+constexpr int kW = 16;
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float a) { return _mm512_set1_ps(a); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline vf vswap_pairs(vf a) { return _mm512_permute_ps(a, 0xB1); }  // [1,0,3,2,...]
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const bf16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline vf vload(const fp16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline vf vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline void vstore(bf16_t* p, vf v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+inline void vstore(fp16_t* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif DSINF_SIMD_AVX2
+constexpr int kW = 8;
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float a) { return _mm256_set1_ps(a); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf vswap_pairs(vf a) { return _mm256_permute_ps(a, 0xB1); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline vf vload(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vf vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void vstore(bf16_t* p, vf v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+inline void vstore(fp16_t* p, vf v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+constexpr int kW = 1;
+using vf = float;
+inline vf vzero() { return 0.0f; }
+inline vf vset1(float a) { return a; }
+inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+inline vf vmul(vf a, vf b) { return a * b; }
+inline vf vadd(vf a, vf b) { return a + b; }
+inline float vsum(vf a) { return a; }
+inline vf vswap_pairs(vf a) { return a; }  // unused: pair kernels need kW >= 2
+template <class T>
+inline vf vload(const T* p) {
+  return to_f32(*p);
+}
+template <class T>
+inline void vstore(T* p, vf v) {
+  *p = from_f32<T>(v);
+}
+#endif
+
+// Tails: fewer than kW elements, zero-padded (zero bits are 0.0 in every element type).
+template <class T>
+inline vf vload_part(const T* p, int64_t n) {
+  T tmp[kW];
+  std::memset(static_cast<void*>(tmp), 0, sizeof(tmp));
+  std::memcpy(static_cast<void*>(tmp), p, size_t(n) * sizeof(T));
+  return vload(tmp);
+}
+template <class T>
+inline void vstore_part(T* p, vf v, int64_t n) {
+  T tmp[kW];
+  vstore(tmp, v);
+  std::memcpy(static_cast<void*>(p), tmp, size_t(n) * sizeof(T));
+}
+
+// out[i] = from_f32(src[i]) for n elements.
+template <class T>
+inline void store_row(T* out, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vstore(out + i, vload(src + i));
+  if (i < n) vstore_part(out + i, vload_part(src + i, n - i), n - i);
+}
+// dst[i] = to_f32(src[i]) for n elements.
+template <class T>
+inline void load_row(float* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vstore(dst + i, vload(src + i));
+  if (i < n) vstore_part(dst + i, vload_part(src + i, n - i), n - i);
+}
+
+// Calls f(T*) for a runtime float dtype (F32/F16/BF16) on a void pointer; returns false otherwise.
+template <class F>
+inline bool with_float_type(dsinf_dtype t, void* p, F&& f) {
+  switch (t) {
+    case DSINF_F32: f(static_cast<float*>(p)); return true;
+    case DSINF_F16: f(static_cast<fp16_t*>(p)); return true;
+    case DSINF_BF16: f(static_cast<bf16_t*>(p)); return true;
+    default: return false;
+  }
+}
+
+// dst[i] = to_f32(x[i]) for a runtime float dtype; false for a non-float dtype.
+inline bool load_row_any(float* dst, const void* x, dsinf_dtype t, int64_t n) {
+  switch (t) {
+    case DSINF_F32: std::memcpy(dst, x, size_t(n) * sizeof(float)); return true;
+    case DSINF_F16: load_row(dst, static_cast<const fp16_t*>(x), n); return true;
+    case DSINF_BF16: load_row(dst, static_cast<const bf16_t*>(x), n); return true;
+    default: return false;
+  }
+}
+
+// ---------------------------------------------------------------- threading
+
+// Runs f(begin, end) over [0, n) through the binding's parallel_for (serially when pf is null or the
+// range is at most one grain). f must not throw.
+template <class F>
+inline void parallel_for(dsinf_parallel_fn pf, int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  if (pf == nullptr || n <= grain) {
+    f(int64_t(0), n);
+    return;
+  }
+  pf(0, n, grain < 1 ? 1 : grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
+     const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+}  // namespace dsinf_cpu

@@ -1,0 +1,412 @@
+// Small-M matmul for decode: dsinf_cpu_gemv (API in cpu_kernels.h).
+//
+//   out[m, n] = round_out( sum_k x[m, k] * W(k, n) * scale[n / (N/G)]  (+ bias[n]) ),  fp32 accumulation
+//
+// At decode sizes (M = B*S up to ~16) a matmul is memory-bound: each weight element is used M times, so
+// the job is to stream the weight exactly once at full DRAM bandwidth, widening it to fp32 in registers
+// (bf16: 16-bit shift, fp16: F16C, int8: sign-extend + convert; the int8 scale is one multiply per
+// output, since a whole weight row shares it). MKL sgemm does not stream the weight once at these M
+// (on our 2-core box its M=4 costs several times its M=1). Two layouts, both split into a fixed set of
+// tasks run through the binding's parallel_for (so results do not depend on the thread count):
+//
+//   [N, K] (nn.Linear, and every int8 weight): "dot" tiles. kNR weight rows x kMR rows of x, kNR*kMR
+//          vector accumulators along k, horizontal sums at the end. When M > kMR, K is walked in
+//          blocks of kKC so each weight block is fetched once and re-read from L1 by every row block
+//          of x (16-bit / int8 blocks are widened once into an L1 buffer).
+//   [K, N] (transposed_mode=False): "axpy" stripes. A task owns up to 4096 adjacent output columns and
+//          a chunk of K, walking 8 weight rows at a time and adding x[m, k..k+7] * W[k..k+7, cols] into
+//          fp32 accumulators in L1 (long contiguous runs per weight row, which the prefetchers follow).
+//
+// x is copied once per call into an fp32 buffer with a padded row stride (M*K floats, small at these M).
+// On AVX-512-BF16, bf16 x with a bf16 [N, K] weight stays bf16 and uses vdpbf16ps on raw pairs (products
+// of two bf16 are exact in fp32; the sum is fp32), 32 multiply-adds per instruction with no widening.
+// Tails (K or N not a multiple of the vector width) go through zero-padded partial loads, so any shape
+// works, K = 67 included.
+#include <algorithm>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace dsinf_cpu {
+namespace {
+
+#if DSINF_SIMD_AVX512
+// 32 zmm registers: 16 accumulators + 4 weight vectors + 1 x vector.
+constexpr int kNR = 4, kMR = 4;    // [N, K] tile: weight rows x rows of x
+#else
+// 16 ymm registers (AVX2): 12 accumulators + 4 weight vectors; x comes in as FMA memory operands.
+// (In L1, 4x3 ran ~72 GFLOP/s on one Zen 3 core, 4x2 ~62, 4x1 ~37.) Scalar: same shape.
+constexpr int kNR = 4, kMR = 3;
+#endif
+constexpr int64_t kTN = 4 * kW;  // narrowest [K, N] stripe
+// Enough weight bytes per parallel task to amortise a fork (a few microseconds).
+constexpr int64_t kGrainBytes = 64 << 10;
+
+// Applies the int8 scale and the bias, rounds, and writes out[m, n0 : n0 + cnt].
+struct OutRow {
+  void* out;
+  dsinf_dtype dtype;
+  int64_t ldo;
+  const float* bias;   // fp32 [N] or null
+  const float* scale;  // int8 only: [G], else null
+  int64_t rows_per_group;
+
+  void put(int64_t m, int64_t n0, const float* v, int64_t cnt) const {
+    constexpr int64_t kChunk = 256;
+    float tmp[kChunk];
+    for (int64_t c0 = 0; c0 < cnt; c0 += kChunk) {
+      const int64_t nc = std::min(kChunk, cnt - c0);
+      for (int64_t i = 0; i < nc; ++i) {
+        const int64_t n = n0 + c0 + i;
+        float t = v[c0 + i];
+        if (scale) t *= scale[n / rows_per_group];
+        if (bias) t += bias[n];
+        tmp[i] = t;
+      }
+      with_float_type(dtype, out, [&](auto* o) { store_row(o + m * ldo + n0 + c0, tmp, nc); });
+    }
+  }
+};
+
+size_t elem_size(dsinf_dtype t) { return t == DSINF_F32 ? 4 : (t == DSINF_I8 ? 1 : 2); }
+
+// A row stride (in elements) >= n, a multiple of 64 bytes, and not a multiple of 4 KiB (L1 set aliasing).
+int64_t padded_stride(int64_t n, size_t elem_bytes) {
+  const int64_t line = int64_t(64 / elem_bytes);
+  int64_t ld = (std::max<int64_t>(n, 1) + line - 1) / line * line;
+  if ((ld * int64_t(elem_bytes)) % 4096 == 0) ld += line;
+  return ld;
+}
+
+// ---------------------------------------------------------------- [N, K]: dot tiles
+
+// acc[r * kMR + m] += sum_{k < kc} w[r * ldw + k] * x[m * ldx + k],  r < NR, m < MR  (vector accumulators,
+// summed horizontally at the very end).
+template <class TW, int NR, int MR>
+inline void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc) {
+  vf a[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) a[r][m] = acc[r * kMR + m];
+  int64_t k = 0;
+  if constexpr (MR == 1) {
+    // One row of x: NR dependent FMA chains would be latency-bound (4 cycles each), which matters when
+    // the weight is in L3 or widened from int8/16-bit; a second set of chains doubles the throughput.
+    vf b[NR];
+    for (int r = 0; r < NR; ++r) b[r] = vzero();
+    for (; k + 2 * kW <= kc; k += 2 * kW) {
+      const vf x0 = vload(x + k), x1 = vload(x + k + kW);
+      for (int r = 0; r < NR; ++r) a[r][0] = vfma(vload(w + r * ldw + k), x0, a[r][0]);
+      for (int r = 0; r < NR; ++r) b[r] = vfma(vload(w + r * ldw + k + kW), x1, b[r]);
+    }
+    for (int r = 0; r < NR; ++r) a[r][0] = vadd(a[r][0], b[r]);
+  }
+  for (; k + kW <= kc; k += kW) {
+    vf wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = vload(w + r * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const vf xv = vload(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) a[r][m] = vfma(wv[r], xv, a[r][m]);
+    }
+  }
+  if (k < kc) {
+    const int64_t rem = kc - k;
+    vf wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = vload_part(w + r * ldw + k, rem);
+    for (int m = 0; m < MR; ++m) {
+      const vf xv = vload_part(x + m * ldx + k, rem);
+      for (int r = 0; r < NR; ++r) a[r][m] = vfma(wv[r], xv, a[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r * kMR + m] = a[r][m];
+}
+
+#if DSINF_SIMD_AVX512 && defined(__AVX512BF16__)
+// bf16 x bf16 with vdpbf16ps: each instruction multiplies 32 bf16 pairs and adds them, pairwise, into
+// 16 fp32 lanes. Same contract as dot_tile; x stays bf16 (kc is a multiple of 32 except at the end of K).
+template <class TW, int NR, int MR>
+inline void dot_tile(const bf16_t* w, int64_t ldw, int64_t kc, const bf16_t* x, int64_t ldx, vf* acc) {
+  static_assert(std::is_same<TW, bf16_t>::value, "vdpbf16ps tile is bf16 x bf16");
+  __m512 a[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) a[r][m] = acc[r * kMR + m];
+  int64_t k = 0;
+  for (; k + 32 <= kc; k += 32) {
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+  if (k < kc) {
+    const size_t rem_bytes = size_t(kc - k) * sizeof(bf16_t);
+    alignas(64) uint16_t tmp[32];
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      std::memset(tmp, 0, sizeof(tmp));
+      std::memcpy(tmp, w + r * ldw + k, rem_bytes);
+      wv[r] = _mm512_load_si512(tmp);
+    }
+    for (int m = 0; m < MR; ++m) {
+      std::memset(tmp, 0, sizeof(tmp));
+      std::memcpy(tmp, x + m * ldx + k, rem_bytes);
+      const __m512i xv = _mm512_load_si512(tmp);
+      for (int r = 0; r < NR; ++r) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r * kMR + m] = a[r][m];
+}
+#define DSINF_HAVE_DPBF16 1
+#endif
+
+// Runtime row count of x (1..kMR) -> compile-time tile.
+template <class TW, int NR, class TX>
+inline void dot_rows(const TW* w, int64_t ldw, int64_t kc, const TX* x, int64_t ldx, int mr, vf* acc) {
+  switch (mr) {
+    case 1: dot_tile<TW, NR, 1>(w, ldw, kc, x, ldx, acc); break;
+    case 2: dot_tile<TW, NR, 2>(w, ldw, kc, x, ldx, acc); break;
+    case 3: dot_tile<TW, NR, 3>(w, ldw, kc, x, ldx, acc); break;
+#if DSINF_SIMD_AVX512
+    case 4: dot_tile<TW, NR, 4>(w, ldw, kc, x, ldx, acc); break;
+#endif
+    default: break;
+  }
+}
+
+// Rows of x are split into ceil(M / kMR) blocks of near-equal size (M = 4 -> 2 + 2, not 3 + 1: a
+// one-row tile has half the independent FMA chains).
+struct RowBlocks {
+  int64_t count, base, extra;
+  explicit RowBlocks(int64_t M) : count((M + kMR - 1) / kMR), base(0), extra(0) {
+    if (count) {
+      base = M / count;
+      extra = M % count;
+    }
+  }
+  int64_t start(int64_t c) const { return c * base + std::min(c, extra); }
+  int size(int64_t c) const { return int(base + (c < extra ? 1 : 0)); }
+};
+
+// All row blocks of x against nr (<= kNR) weight rows of stride ldw, over kc columns.
+template <class TW, class TX>
+inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX* x, int64_t ldx,
+                         const RowBlocks& rb, vf* acc) {
+  for (int64_t c = 0; c < rb.count; ++c) {
+    const TX* xc = x + rb.start(c) * ldx;
+    const int mr = rb.size(c);
+    vf* a = acc + c * kNR * kMR;
+    if (nr == kNR) {
+      dot_rows<TW, kNR>(w, ldw, kc, xc, ldx, mr, a);
+    } else {
+      for (int r = 0; r < nr; ++r) dot_rows<TW, 1>(w + r * ldw, ldw, kc, xc, ldx, mr, a + r * kMR);
+    }
+  }
+}
+
+// When x has several row blocks (M > kMR), K is walked in blocks of kKC so that the tile's weight block
+// (kNR x kKC) is fetched from memory once and re-read from L1 by every row block; 16-bit and int8
+// blocks are widened to fp32 once into that L1 buffer instead of once per row block. (Without this, M=4
+// cost 2x and M=16 6x the time of M=1 single-threaded; the weight tile was re-streamed from L2.)
+constexpr int64_t kKC = 512;
+
+// A vector in a std::vector (a bare __m256 template argument would drop its alignment attribute).
+struct vbox {
+  vf v;
+};
+
+template <class TW, class TX>
+void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_t N, const OutRow& out,
+             dsinf_parallel_fn pf) {
+  const RowBlocks rb(M);
+  const int64_t mchunks = rb.count;
+  const int64_t KC = mchunks > 1 ? kKC : std::max<int64_t>(K, 1);
+  constexpr bool kWiden = std::is_same<TX, float>::value && !std::is_same<TW, float>::value;
+  const bool widen = kWiden && mchunks > 1;
+  const int64_t units = (N + kNR - 1) / kNR;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kNR * K * int64_t(sizeof(TW))));
+  // Results of kOutUnits consecutive tiles are gathered per row of x and written out together.
+  constexpr int64_t kOutUnits = 16;
+  parallel_for(pf, units, grain, [&](int64_t ub, int64_t ue) {
+    std::vector<vbox> accv(size_t(mchunks * kNR * kMR));
+    vf* acc = &accv[0].v;
+    const int64_t ldwb = padded_stride(KC, sizeof(float));
+    std::vector<float> wbuf(widen ? size_t(kNR * ldwb) : 0);
+    std::vector<float> res(size_t(M * kOutUnits * kNR));  // [M][kOutUnits * kNR]
+    for (int64_t g0 = ub; g0 < ue; g0 += kOutUnits) {
+      const int64_t g1 = std::min(ue, g0 + kOutUnits);
+      for (int64_t u = g0; u < g1; ++u) {
+        const int64_t n0 = u * kNR;
+        const int nr = int(std::min<int64_t>(kNR, N - n0));
+        const TW* wt = w + n0 * K;
+        for (auto& a : accv) a.v = vzero();
+        for (int64_t kb = 0; kb < K; kb += KC) {
+          const int64_t kc = std::min(KC, K - kb);
+          if constexpr (kWiden) {
+            if (widen) {
+              for (int r = 0; r < nr; ++r) load_row(wbuf.data() + r * ldwb, wt + r * K + kb, kc);
+              dot_all_rows(static_cast<const float*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc);
+              continue;
+            }
+          }
+          dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc);
+        }
+        for (int64_t c = 0; c < rb.count; ++c)
+          for (int mi = 0; mi < rb.size(c); ++mi)
+            for (int r = 0; r < nr; ++r)
+              res[size_t((rb.start(c) + mi) * kOutUnits * kNR + (u - g0) * kNR + r)] = vsum(acc[(c * kNR + r) * kMR + mi]);
+      }
+      const int64_t c0 = g0 * kNR, cnt = std::min(g1 * kNR, N) - c0;
+      for (int64_t m = 0; m < M; ++m) out.put(m, c0, res.data() + m * kOutUnits * kNR, cnt);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- [K, N]: axpy stripes
+
+// acc[m * ldacc + c] += sum_{j < KB} x[m * ldx + j] * w[j * ldw + c],  c < nc, m < M
+// KB weight rows are combined per pass, so each accumulator vector is loaded and stored once per KB
+// rows (the accumulators live in L1: M * ldacc floats).
+template <class TW, int KB>
+inline void axpy_rows(const TW* w, int64_t ldw, int64_t nc, const float* x, int64_t ldx, int64_t M, float* acc,
+                      int64_t ldacc) {
+  int64_t c = 0;
+  for (; c + kW <= nc; c += kW) {
+    vf wv[KB];
+    for (int j = 0; j < KB; ++j) wv[j] = vload(w + j * ldw + c);
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc + m * ldacc + c;
+      vf av = vload(a);
+      for (int j = 0; j < KB; ++j) av = vfma(vset1(x[m * ldx + j]), wv[j], av);
+      vstore(a, av);
+    }
+  }
+  if (c < nc) {
+    const int64_t rem = nc - c;
+    vf wv[KB];
+    for (int j = 0; j < KB; ++j) wv[j] = vload_part(w + j * ldw + c, rem);
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc + m * ldacc + c;  // padded to a whole vector: see ldacc
+      vf av = vload(a);
+      for (int j = 0; j < KB; ++j) av = vfma(vset1(x[m * ldx + j]), wv[j], av);
+      vstore(a, av);
+    }
+  }
+}
+
+// Tasks are (stripe of sw adjacent output columns) x (chunk of K rows). A task walks its rows 8 at a
+// time, reading a contiguous sw-element run from each. Measured single-threaded at K=N=4096 fp32, M=1:
+// sw=64 (one register tile per row) 7-10 GB/s - the prefetchers do not follow short strided runs -
+// sw=1024 ~18 GB/s, sw=4096 (whole rows) 23-25 GB/s, the same as the [N, K] kernel. So stripes are as
+// wide as keeps the M x sw fp32 accumulators within ~32 KB (L1/L2), and the parallelism comes from
+// splitting K instead: >= 16 tasks of >= 256 rows, partial sums (M x N floats per chunk, tiny next to
+// the weight) added in k order afterwards.
+template <class TW>
+void gemv_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_t N, const OutRow& out,
+             dsinf_parallel_fn pf) {
+  int64_t sw = std::min<int64_t>(4096, std::max<int64_t>(256, 8192 / std::max<int64_t>(M, 1)));
+  sw = std::min(sw, N);
+  sw = (sw + kW - 1) / kW * kW;
+  const int64_t stripes = (N + sw - 1) / sw;
+  int64_t ksplit = std::max<int64_t>(1, std::min<int64_t>((16 + stripes - 1) / stripes, K / 256));
+  const int64_t kchunk = (K + ksplit - 1) / ksplit;
+  ksplit = kchunk > 0 ? (K + kchunk - 1) / kchunk : 1;
+  std::vector<float> partial(ksplit > 1 ? size_t(ksplit * M * N) : 0);
+  const int64_t ldacc = padded_stride(sw, sizeof(float));  // accumulator rows off the weight rows' L1 sets
+  parallel_for(pf, stripes * ksplit, 1, [&](int64_t ub, int64_t ue) {
+    std::vector<float> acc(size_t(M * ldacc));
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t stripe = u / ksplit, ks = u % ksplit;
+      const int64_t n0 = stripe * sw, nc = std::min(sw, N - n0);
+      const int64_t k0 = ks * kchunk, k1 = std::min(K, k0 + kchunk);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const TW* wc = w + n0;
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) axpy_rows<TW, 8>(wc + k * N, N, nc, x + k, ldx, M, acc.data(), ldacc);
+      for (; k < k1; ++k) axpy_rows<TW, 1>(wc + k * N, N, nc, x + k, ldx, M, acc.data(), ldacc);
+      for (int64_t m = 0; m < M; ++m) {
+        if (ksplit == 1)
+          out.put(m, n0, acc.data() + m * ldacc, nc);
+        else
+          std::memcpy(partial.data() + (ks * M + m) * N + n0, acc.data() + m * ldacc, size_t(nc) * sizeof(float));
+      }
+    }
+  });
+  if (ksplit == 1) return;
+  constexpr int64_t kChunk = 1024;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  parallel_for(pf, M * chunks, 4, [&](int64_t ub, int64_t ue) {
+    float sum[kChunk];
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t m = u / chunks, c0 = (u % chunks) * kChunk, nc = std::min(kChunk, N - c0);
+      std::memcpy(sum, partial.data() + m * N + c0, size_t(nc) * sizeof(float));
+      for (int64_t ks = 1; ks < ksplit; ++ks) {
+        const float* p = partial.data() + (ks * M + m) * N + c0;
+        for (int64_t i = 0; i < nc; ++i) sum[i] += p[i];
+      }
+      out.put(m, c0, sum, nc);
+    }
+  });
+}
+
+
+
+}  // namespace
+}  // namespace dsinf_cpu
+
+extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64_t M, int64_t ldx,
+                                       const dsinf_weight* w, const void* bias, void* out, dsinf_dtype out_dtype,
+                                       int64_t ldo, dsinf_parallel_fn pf) {
+  using namespace dsinf_cpu;
+  const bool float_x = x_dtype == DSINF_F32 || x_dtype == DSINF_F16 || x_dtype == DSINF_BF16;
+  const bool int8_w = w->dtype == DSINF_I8;
+  if (!float_x || !(w->dtype == x_dtype || int8_w) || !(out_dtype == DSINF_F32 || out_dtype == x_dtype) ||
+      (int8_w && (!w->layout_nk || w->scale == nullptr || w->groups <= 0 || w->N % w->groups != 0)))
+    return DSINF_UNSUPPORTED;
+  const int64_t K = w->K, N = w->N;
+  if (M <= 0 || N <= 0) return DSINF_OK;
+
+  std::vector<float> bias_f;
+  if (bias) {
+    bias_f.resize(size_t(N));
+    load_row_any(bias_f.data(), bias, x_dtype, N);
+  }
+  const OutRow o{out, out_dtype, ldo, bias ? bias_f.data() : nullptr, int8_w ? w->scale : nullptr,
+                 int8_w ? N / w->groups : 1};
+
+  // x is copied once (M * K elements: small at the M this kernel is used for) into rows whose stride
+  // is not a multiple of 4 KiB. With K = 4096 fp32 rows 16 KiB apart, the x rows and the weight rows
+  // of a tile all map to the same L1 sets, and M = 4 ran 3.5x slower than M = 2 from conflict misses.
+  const char* xb = static_cast<const char*>(x);
+  const size_t xsize = elem_size(x_dtype);
+#ifdef DSINF_HAVE_DPBF16
+  if (x_dtype == DSINF_BF16 && w->dtype == DSINF_BF16 && w->layout_nk) {
+    const int64_t ldxp = padded_stride(K, 2);
+    std::vector<bf16_t> xp(size_t(M * ldxp));
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ldxp, xb + size_t(m * ldx) * xsize, size_t(K) * 2);
+    gemv_nk(static_cast<const bf16_t*>(xp.data()), M, ldxp, static_cast<const bf16_t*>(w->data), K, N, o, pf);
+    return DSINF_OK;
+  }
+#endif
+  const int64_t ldxf = padded_stride(K, sizeof(float));
+  std::vector<float> xbuf(size_t(M * ldxf));
+  for (int64_t m = 0; m < M; ++m) load_row_any(xbuf.data() + m * ldxf, xb + size_t(m * ldx) * xsize, x_dtype, K);
+  const float* xf = xbuf.data();
+  switch (w->dtype) {
+    case DSINF_I8: gemv_nk(xf, M, ldxf, static_cast<const int8_t*>(w->data), K, N, o, pf); break;
+    case DSINF_F32:
+      if (w->layout_nk) gemv_nk(xf, M, ldxf, static_cast<const float*>(w->data), K, N, o, pf);
+      else gemv_kn(xf, M, ldxf, static_cast<const float*>(w->data), K, N, o, pf);
+      break;
+    case DSINF_F16:
+      if (w->layout_nk) gemv_nk(xf, M, ldxf, static_cast<const fp16_t*>(w->data), K, N, o, pf);
+      else gemv_kn(xf, M, ldxf, static_cast<const fp16_t*>(w->data), K, N, o, pf);
+      break;
+    case DSINF_BF16:
+      if (w->layout_nk) gemv_nk(xf, M, ldxf, static_cast<const bf16_t*>(w->data), K, N, o, pf);
+      else gemv_kn(xf, M, ldxf, static_cast<const bf16_t*>(w->data), K, N, o, pf);
+      break;
+  }
+  return DSINF_OK;
+}

@@ -1,0 +1,349 @@
+"""The compiled CPU inference module (csrc/inference/cpu + binding/cpu_binding.cpp) vs dsinf.reference.
+
+The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
+session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact
+crossovers are (today GEMV up to M = 24-32 fp32, 16-24 16-bit, 24 int8): M = B*S of 1, 3 and 5 (our
+GEMV; 5 is more than the register tile's rows and, with K > 512, takes the k-blocked, widen-once branch),
+24 (GEMV), 40 (fp32 BLAS or widened fp32 GEMM for 16-bit) and 72 (every GEMM path), both
+float layouts, K and N not multiples of the vector width, int8 scale groups G = 1, intermediate, N, and
+the fused QKV epilogue with both RoPE styles, partial rotary_dim, seq_offset > 0 and GQA. Inputs are
+random and never zero.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsinf import reference
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Error metric: max |got - ref| / max |ref|. The kernels and the reference both accumulate in fp32 and
+# round to the output dtype once, so they differ by fp32 summation order (~1e-7 relative per add) plus,
+# for 16-bit outputs, an occasional one-ulp flip where the two fp32 values straddle a rounding boundary:
+# fp16 keeps 11 significant bits (ulp <= 2^-10 ~ 1e-3 of the value), bf16 8 (ulp <= 2^-7 ~ 7.8e-3).
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close(got, want, dtype):
+    assert isinstance(got, list) == isinstance(want, list)
+    if isinstance(want, list):
+        assert len(got) == len(want)
+    else:
+        got, want = [got], [want]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.device == w.device
+        assert g.is_contiguous()
+        err = rel_err(g, w)
+        assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def randn(*shape, dtype=torch.float32, gen=None, scale=1.0):
+    """Random, never exactly zero (|v| >= 0.05 * scale)."""
+    t = torch.randn(*shape, generator=gen)
+    t = torch.where(t.abs() < 0.05, torch.full_like(t, 0.05).copysign(t), t)
+    return (t * scale).to(dtype)
+
+
+def int8_weight(N, K, groups, gen):
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+    w[w == 0] = 1
+    scale = torch.rand(groups, generator=gen) * 0.02 + 0.002
+    return w, scale
+
+
+def float_weight(K, N, transposed_mode, dtype, gen):
+    shape = (N, K) if transposed_mode else (K, N)
+    return randn(*shape, dtype=dtype, gen=gen, scale=K ** -0.5)
+
+
+def op(cpu_module, name):
+    return getattr(cpu_module, name)
+
+
+# (B, S, K, N): M = B*S over every path; K, N odd / not multiples of 8 or 16.
+MATMUL_SHAPES = [
+    (1, 1, 67, 33),
+    (3, 1, 200, 257),
+    (1, 5, 1100, 41),
+    (2, 12, 67, 130),
+    (4, 10, 96, 7),
+    (8, 9, 130, 65),
+]
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("transposed_mode", [False, True])
+@pytest.mark.parametrize("B,S,K,N", MATMUL_SHAPES)
+def test_vector_matmul_float(cpu_module, suffix, transposed_mode, B, S, K, N):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(B * 1000 + S * 100 + K + N)
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w = float_weight(K, N, transposed_mode, dtype, gen)
+    got = op(cpu_module, f"vector_matmul_{suffix}")(x, w, False, None, False, transposed_mode)
+    assert_close(got, reference.vector_matmul(x, w, False, None, False, transposed_mode), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("transposed_mode", [False, True])
+@pytest.mark.parametrize("add_bias", [False, True])
+@pytest.mark.parametrize("B,S,K,N", MATMUL_SHAPES)
+def test_linear_layer_plain(cpu_module, suffix, transposed_mode, add_bias, B, S, K, N):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(B + S + K + N)
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w = float_weight(K, N, transposed_mode, dtype, gen)
+    b = randn(N, dtype=dtype, gen=gen)
+    args = (x, w, b if add_bias else None, add_bias, False, 0, transposed_mode)
+    assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 67, 36), (1, 5, 1100, 30), (2, 12, 200, 18), (8, 9, 70, 40)])
+@pytest.mark.parametrize("groups", ["1", "mid", "N"])
+def test_vector_matmul_int8(cpu_module, suffix, B, S, K, N, groups):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(K * N)
+    G = {"1": 1, "mid": next(g for g in (3, 5, 2) if N % g == 0), "N": N}[groups]
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w, scale = int8_weight(N, K, G, gen)
+    for transposed_mode in (False, True):  # int8 is [N, K] whatever transposed_mode says
+        got = op(cpu_module, f"vector_matmul_{suffix}")(x, w, False, scale, True, transposed_mode)
+        assert_close(got, reference.vector_matmul(x, w, False, scale, True, transposed_mode), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("B,S", [(1, 1), (2, 3), (8, 9)])
+def test_linear_layer_int8_with_bias(cpu_module, suffix, B, S):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(7 * B + S)
+    K, N = 75, 42
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w, scale = int8_weight(N, K, 6, gen)
+    b = randn(N, dtype=dtype, gen=gen)
+    args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
+    assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("transposed_mode", [False, True])
+def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode):
+    """Large M runs one ~4 MiB block of output columns per sgemm, straight into its slice of the result
+    (fp32 weights in place, others widened first): N here spans three blocks, bias included."""
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(3)
+    B, S, K, N = 2, 36, 2100, 1000
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    wf = float_weight(K, N, transposed_mode, dtype, gen)
+    b = randn(N, dtype=dtype, gen=gen)
+    args = (x, wf, b, True, False, 0, transposed_mode)
+    assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+    if transposed_mode:
+        w, scale = int8_weight(N, K, 8, gen)
+        got = op(cpu_module, f"vector_matmul_{suffix}")(x, w, False, scale, True, False)
+        assert_close(got, reference.vector_matmul(x, w, False, scale, True, False), dtype)
+
+
+# (B, S, H, KV, D, rotary_dim, rotate_half, seq_offset)
+QKV_CASES = [
+    (1, 1, 4, -1, 16, 16, True, 0),
+    (1, 1, 4, 2, 16, 16, False, 37),
+    (2, 3, 4, 2, 16, 8, False, 5),
+    (1, 7, 3, 1, 10, 6, True, 100),
+    (2, 2, 2, -1, 12, 0, False, 0),
+    (3, 1, 6, 3, 20, 20, True, 4095),
+    (1, 33, 4, -1, 32, 32, False, 7),
+    (2, 40, 8, 2, 64, 64, True, 1000),
+    (1, 80, 4, 4, 24, 12, False, 3),
+]
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("transposed_mode", [False, True])
+@pytest.mark.parametrize("B,S,H,KV,D,rd,rotate_half,seq_offset", QKV_CASES)
+def test_linear_layer_fused_qkv_rope(cpu_module, suffix, transposed_mode, B, S, H, KV, D, rd, rotate_half,
+                                     seq_offset):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(B * S * H * D + seq_offset)
+    kv = H if KV == -1 else KV
+    K, N = H * D, (H + 2 * kv) * D
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w = float_weight(K, N, transposed_mode, dtype, gen)
+    b = randn(N, dtype=dtype, gen=gen)
+    args = (x, w, b, True, True, H, transposed_mode, 10000.0, rd, rotate_half, KV, seq_offset)
+    got = op(cpu_module, f"linear_layer_{suffix}")(*args)
+    want = reference.linear_layer(*args)
+    assert len(got) == (3 if kv != H else 1)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("B,S,KV", [(1, 1, -1), (2, 5, 2), (4, 20, 1)])
+def test_linear_layer_fused_qkv_int8_no_bias(cpu_module, suffix, B, S, KV):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(B * 10 + S)
+    H, D = 4, 18
+    kv = H if KV == -1 else KV
+    K, N = H * D, (H + 2 * kv) * D
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w, scale = int8_weight(N, K, H + 2 * kv, gen)
+    args = (x, w, None, False, True, H, False, 500000.0, 14, False, KV, 9, scale)
+    assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+def test_empty_batch_returns_shaped_outputs(cpu_module, suffix):
+    dtype = DTYPES[suffix]
+    x = torch.empty(0, 3, 64, dtype=dtype)
+    w = randn(64, 3 * 64, dtype=dtype)
+    [qkv] = op(cpu_module, f"linear_layer_{suffix}")(x, w, None, False, True, 4)
+    assert qkv.shape == (3, 0, 4, 3, 16) and qkv.dtype == dtype
+    q, k, v = op(cpu_module, f"linear_layer_{suffix}")(x, randn(64, 128, dtype=dtype), None, False, True, 4,
+                                                        False, 10000.0, 16, True, 2)
+    assert (q.shape, k.shape, v.shape) == ((0, 4, 3, 16), (0, 2, 3, 16), (0, 2, 3, 16))
+    assert op(cpu_module, f"vector_matmul_{suffix}")(x, w).shape == (0, 3, 192)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+def test_strided_input_is_accepted(cpu_module, suffix):
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(11)
+    x = randn(3, 2, 80, dtype=dtype, gen=gen)[:, :, ::2]  # non-contiguous [3, 2, 40]
+    xt = randn(2, 3, 40, dtype=dtype, gen=gen).transpose(0, 1)  # non-contiguous [3, 2, 40]
+    w = float_weight(40, 24, False, dtype, gen)
+    for inp in (x, xt):
+        got = op(cpu_module, f"vector_matmul_{suffix}")(inp, w)
+        assert_close(got, reference.vector_matmul(inp, w), dtype)
+
+
+def test_outputs_are_owned_and_not_overwritten(cpu_module):
+    """DeepSpeed returns views of a shared workspace that the next call overwrites; ours are fresh
+    tensors that share storage with nothing."""
+    gen = torch.Generator().manual_seed(5)
+    H, D = 4, 16
+    w = randn(H * D, 3 * H * D, gen=gen)
+    b = randn(3 * H * D, gen=gen)
+    x1, x2 = randn(1, 1, H * D, gen=gen), randn(1, 1, H * D, gen=gen)
+    [qkv1] = cpu_module.linear_layer_fp32(x1, w, b, True, True, H, False, 10000.0, D, True)
+    keep = qkv1.clone()
+    [qkv2] = cpu_module.linear_layer_fp32(x2, w, b, True, True, H, False, 10000.0, D, True)
+    assert torch.equal(qkv1, keep)
+    ptrs = {t.untyped_storage().data_ptr() for t in (qkv1, qkv2, x1, x2, w, b)}
+    assert len(ptrs) == 6
+    y1 = cpu_module.vector_matmul_fp32(x1, w)
+    y2 = cpu_module.vector_matmul_fp32(x1, w)
+    assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("S", [1, 50])
+def test_every_output_element_is_written(cpu_module, suffix, S):
+    """Poisoned allocator: fill and free blocks of the outputs' sizes with NaN first, so an element a
+    kernel forgot to write would most likely read back as NaN (the CPU allocator reuses freed blocks)."""
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(13)
+    B, H, KV, D = 2, 6, 2, 20
+    K = H * D
+    x = randn(B, S, K, dtype=dtype, gen=gen)
+    w_gqa = float_weight(K, (H + 2 * KV) * D, True, dtype, gen)
+    w_mha = float_weight(K, 3 * K, False, dtype, gen)
+    wi, scale = int8_weight(3 * K, K, 3 * K, gen)
+    linear = op(cpu_module, f"linear_layer_{suffix}")
+    vm = op(cpu_module, f"vector_matmul_{suffix}")
+    calls = [
+        lambda: linear(x, w_gqa, None, False, True, H, True, 10000.0, 10, False, KV),
+        lambda: linear(x, w_mha, None, False, True, H, False, 10000.0, 10, True),
+        lambda: linear(x, wi, None, False, True, H, False, 10000.0, 10, True, -1, 3, scale),
+        lambda: [vm(x, w_mha, False, None, False, False)],
+        lambda: [vm(x, wi, False, scale, True)],
+    ]
+    for call in calls:
+        shapes = [t.shape for t in call()]
+        for _ in range(3):
+            poison = [torch.full(shape, float("nan"), dtype=dtype) for shape in shapes]
+            del poison
+            for t in call():
+                assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("transposed_mode", [False, True])
+def test_gemv_results_do_not_depend_on_thread_count(cpu_module, transposed_mode):
+    """The GEMV splits work into a fixed set of tasks (not one per thread), so results are bitwise
+    identical whatever torch.set_num_threads says."""
+    gen = torch.Generator().manual_seed(17)
+    x = randn(1, 3, 1100, gen=gen)
+    w = float_weight(1100, 300, transposed_mode, torch.float32, gen)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            outs.append(cpu_module.vector_matmul_fp32(x, w, False, None, False, transposed_mode))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_rounding_matches_torch_bit_for_bit(cpu_module):
+    """The fp32 accumulator is rounded to 16 bits once, to nearest even, overflowing to inf and keeping
+    NaN, exactly like the reference's `.to(dtype)`: out[n] = 1 * w[0, n] + 1 * w[1, n] is exact in fp32."""
+    pairs = [(1.0, 2 ** -8), (1.0, 3 * 2 ** -8), (1.0, 2 ** -9), (1.0, 2 ** -11), (1.0, 3 * 2 ** -11),
+             (-1.0, -3 * 2 ** -11), (65504.0, 16.0), (65504.0, 15.0), (3.0e38, 3.0e38), (2 ** -14, -2 ** -15),
+             (float("inf"), float("-inf")), (1.5, -1.5)]
+    for suffix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        w = torch.tensor(pairs, dtype=torch.float32).t().contiguous().to(dtype)  # [K=2, N]
+        x = torch.ones(1, 1, 2, dtype=dtype)
+        for M in (1, 64):  # GEMV and GEMM paths
+            xm = x.expand(1, M, 2).contiguous()
+            got = op(cpu_module, f"vector_matmul_{suffix}")(xm, w)
+            want = reference.vector_matmul(xm, w)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+BAD_CALLS = {
+    "input": lambda m: m.vector_matmul_fp32(torch.randn(2, 8), torch.randn(8, 4)),
+    "input dtype": lambda m: m.vector_matmul_fp16(torch.randn(1, 2, 8), torch.randn(8, 4).half()),
+    "weight dtype": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.randn(8, 4).double()),
+    "weight K": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.randn(7, 4)),
+    "weight contiguous": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.randn(4, 8).t()),
+    "q_scale missing": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.ones(4, 8, dtype=torch.int8),
+                                                      False, None, True),
+    "q_scale groups": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.ones(4, 8, dtype=torch.int8),
+                                                     False, torch.ones(3), True),
+    "q_int8 float weight": lambda m: m.vector_matmul_fp32(torch.randn(1, 2, 8), torch.randn(8, 4), False,
+                                                          torch.ones(1), True),
+    "bias missing": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), None, True, False, 2),
+    "bias shape": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), torch.randn(23), True,
+                                                False, 2),
+    "num_heads": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), None, False, True, 3),
+    "qkv width": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 20), None, False, True, 2),
+    "num_kv": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), None, False, True, 2, False,
+                                            10000.0, -1, False, 3),
+    "rotary_dim": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), None, False, True, 2,
+                                                False, 10000.0, 3),
+    "seq_offset": lambda m: m.linear_layer_fp32(torch.randn(1, 2, 8), torch.randn(8, 24), None, False, True, 2,
+                                                False, 10000.0, 4, False, -1, -1),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_raises_value_error(cpu_module, case):
+    with pytest.raises(ValueError, match="argument '"):
+        BAD_CALLS[case](cpu_module)
+
+
+def _opcheck_args(name: str):
+    dtype = DTYPES[name.rsplit("_", 1)[1]]
+    gen = torch.Generator().manual_seed(0)
+    x = randn(2, 3, 32, dtype=dtype, gen=gen)
+    if name.startswith("linear_layer"):
+        w = float_weight(32, 96, False, dtype, gen)
+        b = randn(96, dtype=dtype, gen=gen)
+        return [(x, w, b, True, True, 4, False, 10000.0, 8, True, -1, 2),
+                (x, w, b, True, False, 4),
+                (x, randn(64, 32, dtype=dtype, gen=gen), None, False, True, 4, True, 10000.0, 8, False, 2, 0)]
+    w, scale = int8_weight(40, 32, 4, gen)
+    return [(x, float_weight(32, 40, True, dtype, gen), False, None, False, True), (x, w, False, scale, True, False)]
+
+
+@pytest.mark.parametrize("name", [f"{o}_{s}" for o in ("linear_layer", "vector_matmul") for s in DTYPES])
+def test_opcheck(cpu_module, name):
+    packet = getattr(torch.ops.dsinf, name)
+    for args in _opcheck_args(name):
+        torch.library.opcheck(packet.default, args)
