@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "define_ops.h"
 #include "validate.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -203,24 +204,10 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
 }
 
-#define DSINF_DEFINE_CPU_OPS(SUFFIX, DTYPE)                                                                        \
-  std::vector<at::Tensor> linear_layer_##SUFFIX(                                                                   \
-      const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,    \
-      bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta, int64_t rotary_dim,         \
-      bool rotate_half, int64_t num_kv, int64_t seq_offset, const c10::optional<at::Tensor>& q_scale) {           \
-    return linear_layer("linear_layer_" #SUFFIX, DTYPE, input, weight, bias, add_bias, do_flash_attn, num_heads,  \
-                        transposed_mode, rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale);       \
-  }                                                                                                                \
-  at::Tensor vector_matmul_##SUFFIX(const at::Tensor& input, const at::Tensor& weight, bool async_op,             \
-                                    const c10::optional<at::Tensor>& q_scale, bool q_int8, bool transposed_mode) { \
-    return vector_matmul("vector_matmul_" #SUFFIX, DTYPE, input, weight, async_op, q_scale, q_int8,               \
-                         transposed_mode);                                                                         \
-  }
-
-DSINF_DEFINE_CPU_OPS(fp32, c10::ScalarType::Float)
-DSINF_DEFINE_CPU_OPS(fp16, c10::ScalarType::Half)
-DSINF_DEFINE_CPU_OPS(bf16, c10::ScalarType::BFloat16)
-#undef DSINF_DEFINE_CPU_OPS
+DSINF_DEFINE_DTYPE_OPS(fp32, c10::ScalarType::Float)
+DSINF_DEFINE_DTYPE_OPS(fp16, c10::ScalarType::Half)
+DSINF_DEFINE_DTYPE_OPS(bf16, c10::ScalarType::BFloat16)
+#undef DSINF_DEFINE_DTYPE_OPS
 
 }  // namespace
 }  // namespace dsinf
