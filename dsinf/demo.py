@@ -48,7 +48,7 @@ def run(device: str) -> bool:
 
     B, S, K, H = 2, 7, 1024, 8
     print(f"\nops on {device}: input [B={B}, S={S}, K={K}], {H} heads, RoPE on, GQA 8->2 for the last row")
-    print(f"  {'op':<34} {'backend':<9} {'rel err':>9} {'ours us':>9} {'torch us':>9}")
+    print(f"  {'op':<40} {'backend':<9} {'rel err':>9} {'ours us':>9} {'torch us':>9}")
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
         act = torch.float16 if dtype == torch.int8 else dtype
         cfg = dsinf.InferenceConfig(dtype=dtype, rotary_dim=64, rope_theta=10000.0, rotate_half=True)
@@ -82,7 +82,7 @@ def run(device: str) -> bool:
             t_ours = _time_us(ours, device)
             t_ref = _time_us(ref, device) if dtype != torch.int8 else float("nan")
             label = f"{name} {str(dtype).replace('torch.', '')}"
-            print(f"  {label:<34} {op.backend:<9} {err:>9.1e} {t_ours:>9.1f} {t_ref:>9.1f}"
+            print(f"  {label:<40} {op.backend:<9} {err:>9.1e} {t_ours:>9.1f} {t_ref:>9.1f}"
                   + ("" if good else "  MISMATCH"))
             skipped = [f"{b}: {why}" for b, why in op.decision.skipped]
             if skipped:
