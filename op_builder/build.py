@@ -144,7 +144,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> 
                     log.info("building %s %s with %d jobs (log: %s)", spec.label, spec.describe, jobs, log_path)
                 else:
                     log.info("still building %s: %.0f s (log: %s)", spec.label, elapsed, log_path)
-                next_report += PROGRESS_EVERY if next_report > PROGRESS_AFTER else PROGRESS_EVERY - PROGRESS_AFTER
+                next_report = PROGRESS_EVERY * (elapsed // PROGRESS_EVERY + 1)  # then at 15 s, 30 s, ...
     return rc, time.monotonic() - start
 
 

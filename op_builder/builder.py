@@ -181,9 +181,9 @@ class OpBuilder:
         key = self.key(variant, spec)
         variant_dir = self.variant_dir(variant)
         entry = variant_dir / key.digest
-        if cache.entry_problem(entry, key.digest) is None:  # published entries are immutable: no lock needed
-            return entry / cache.read_manifest(entry)["library"], "cached", cache.read_manifest(entry)
-        entry, how = build_or_wait(spec, key, variant_dir, system_cpu_count=self.system.cpu_count,
-                                   memory_available=self.system.memory_available)
+        how = "cached"
+        if cache.entry_problem(entry, key.digest) is not None:  # published entries are immutable: no lock needed
+            entry, how = build_or_wait(spec, key, variant_dir, system_cpu_count=self.system.cpu_count,
+                                       memory_available=self.system.memory_available)
         manifest = cache.read_manifest(entry)
         return entry / manifest["library"], how, manifest

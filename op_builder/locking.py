@@ -84,7 +84,7 @@ class BuildLock:
                     else:
                         log.info("still waiting for %s build after %.0f s (%s)", self.what, waited,
                                  _describe(_holder_info(self.path)))
-                    next_report += self.report_every if next_report else max(self.report_every, 1.0)
+                    next_report += self.report_every
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
         except BaseException:

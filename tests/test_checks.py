@@ -182,14 +182,6 @@ def run_compiled(case: Case):
 
 
 @pytest.fixture
-def compiled_module(request):
-    try:
-        return request.getfixturevalue("cpu_module")
-    except pytest.FixtureLookupError:
-        pytest.skip("no cpu_module fixture in tests/conftest.py")
-
-
-@pytest.fixture
 def torch_backend(monkeypatch):
     # Validation happens before dispatch; forcing the reference keeps a missed check from building anything.
     monkeypatch.setenv("DSINF_BACKEND", "torch")
@@ -211,7 +203,7 @@ def test_valid_baselines_pass(case, torch_backend):
 
 
 @pytest.mark.parametrize("case", VALID, ids=_ids(VALID))
-def test_valid_baselines_pass_compiled(case, compiled_module):
+def test_valid_baselines_pass_compiled(case, cpu_module):
     run_compiled(case)
 
 
@@ -226,7 +218,7 @@ def test_op_classes_reject(case, torch_backend):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.compiled], ids=_ids([c for c in CASES if c.compiled]))
-def test_compiled_rejects(case, compiled_module):
+def test_compiled_rejects(case, cpu_module):
     _expect(run_compiled, case, case.arg, python=False)
 
 

@@ -188,14 +188,6 @@ def test_outputs_are_owned(device, backend, dtype, monkeypatch):
 
 # --- the compiled module's registration: opcheck and torch.compile --------------------------------------
 
-@pytest.fixture
-def compiled_module(request):
-    try:
-        return request.getfixturevalue("cpu_module")
-    except pytest.FixtureLookupError:
-        pytest.skip("no cpu_module fixture in tests/conftest.py")
-
-
 def _opcheck_samples(dtype):
     x, w, b, _ = oracle.random_inputs(2, 3, 8, 24, dtype, transposed_mode=True)
     xq, q, bq, scale = oracle.random_inputs(1, 2, 8, 16, dtype, int8_groups=4)
@@ -212,7 +204,7 @@ def _opcheck_samples(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("op_name", ["linear_layer", "vector_matmul"])
-def test_opcheck(compiled_module, op_name, dtype):
+def test_opcheck(cpu_module, op_name, dtype):
     name = f"{op_name}_{ {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[dtype] }"
     if not has_kernel(name, "cpu"):
         pytest.skip(f"{name} is not compiled for CPU here")
@@ -221,7 +213,7 @@ def test_opcheck(compiled_module, op_name, dtype):
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_on_compiled_path(compiled_module, monkeypatch):
+def test_torch_compile_fullgraph_on_compiled_path(cpu_module, monkeypatch):
     cfg = InferenceConfig(dtype=torch.float32, transposed_mode=True, rotary_dim=4, rotate_half=True, num_kv=1)
     lin = make_op(LinearOp, cfg, "compiled", "cpu", monkeypatch)
     vm = make_op(VectorMatMulOp, cfg, "compiled", "cpu", monkeypatch)
