@@ -8,8 +8,9 @@
 
 Importing is cheap: no compile, no CUDA init, no triton, no op_builder probing. Every name below is
 loaded on first access (PEP 562 module `__getattr__`); the first op call picks (and if needed builds)
-its backend - see `dsinf.dispatch`. Submodules: `reference` (the pure-torch semantics), `checks`,
-`config`, `quantize`, `dispatch`, `ops`, `library`, `triton`.
+its backend - see `dsinf.dispatch`. The op classes (`LinearOp`, `VectorMatMulOp`, ...) come from the op
+specs (`dsinf.ops.spec`), so `__all__` is computed on first access too. Submodules: `reference` (the
+pure-torch semantics), `checks`, `config`, `quantize`, `dispatch`, `ops`, `library`, `builder`, `triton`.
 """
 from __future__ import annotations
 
@@ -20,36 +21,47 @@ _EXPORTS = {
     "InferenceConfig": "config",
     "DeepSpeedInferenceConfig": "config",
     "ConfigError": "config",
-    "LinearOp": "ops",
-    "VectorMatMulOp": "ops",
     "quantize_int8": "quantize",
     "dequantize_int8": "quantize",
     "InputError": "checks",
     "BackendUnavailableError": "dispatch",
-    "Decision": "dispatch",
+    "BackendDecision": "dispatch",
 }
-_SUBMODULES = ("bench", "checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
-
-__all__ = sorted([*_EXPORTS, "reference"])
+_SUBMODULES = ("bench", "builder", "checks", "config", "dispatch", "library", "ops", "quantize", "reference",
+               "triton")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run time
     from . import reference
     from .checks import InputError
     from .config import ConfigError, DeepSpeedInferenceConfig, InferenceConfig
-    from .dispatch import BackendUnavailableError, Decision
-    from .ops import LinearOp, VectorMatMulOp
+    from .dispatch import BackendDecision, BackendUnavailableError
+    from .ops.linear import LinearOp
+    from .ops.vector_matmul import VectorMatMulOp
     from .quantize import dequantize_int8, quantize_int8
+
+
+def _op_classes() -> list[str]:
+    from .ops import spec
+
+    return [s.op_class for s in spec.specs().values()]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    if name in _SUBMODULES:
+    elif name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name == "__all__":
+        value = sorted([*_EXPORTS, *_op_classes(), "reference"])
+    elif name.endswith("Op") and name in _op_classes():
+        from .ops import spec
+
+        value = spec.op_class(name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES) | set(_op_classes()))

@@ -6,18 +6,24 @@ bindings enforce the same rules in C++ (`csrc/inference/binding/validate.h`) wit
 so a direct `torch.ops.dsinf.*` call is guarded too; `tests/test_checks.py` runs one table of bad
 inputs against both.
 
-Layouts (DESIGN §3): `input` is `[B, S, K]`. Float weights are `[K, N]` (`transposed_mode=False`) or
+Integer arguments are range-checked (type and int64 range) before any arithmetic; dtypes are named
+as `dtype_name` names them ("float16", never "Half"), in C++ too. `no_backward` is the inference-only
+rule every op class applies whatever its backend.
+
+Layouts: `input` is `[B, S, K]`. Float weights are `[K, N]` (`transposed_mode=False`) or
 `[N, K]` (`transposed_mode=True`, nn.Linear layout). int8 weights are always `[N, K]` - one row per
 output channel, so a row block shares one scale - whatever `transposed_mode` says.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_SUFFIX = {v: k for k, v in FLOAT_DTYPES.items()}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class InputError(ValueError):
@@ -60,8 +66,27 @@ def _fail(op: str, arg: str, message: str):
     raise InputError(op, arg, message)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float16' for torch.float16: the one spelling of a dtype in every message (C++: validate.h)."""
     return str(dtype).replace("torch.", "")
+
+
+def check_int(op: str, arg: str, value) -> int:
+    """`value` as an int64, or InputError naming `arg` (a str, a float, a bool or an int outside int64)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        _fail(op, arg, f"expected an int, got {type(value).__name__}")
+    if isinstance(value, numbers.Integral) and not INT64_MIN <= value <= INT64_MAX:
+        _fail(op, arg, f"must fit in int64 [-2**63, 2**63 - 1], got {value}")
+    return value
+
+
+def no_backward(op: str, **tensors) -> None:
+    """The ops are inference-only: with grad mode on, an input that requires grad is an error (on every
+    backend, so that no backend silently returns a result without a gradient)."""
+    for arg, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            _fail(op, arg, "requires grad, but dsinf ops are inference-only (no backward): call them under "
+                           "torch.no_grad() or torch.inference_mode(), or detach the tensor")
 
 
 def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
@@ -73,9 +98,9 @@ def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
     if input.dim() != 3:
         _fail(op, "input", f"expected a 3-D [B, S, K] tensor, got shape {tuple(input.shape)}")
     if act_dtype is not None and input.dtype != act_dtype:
-        _fail(op, "input", f"expected dtype {_dtype_name(act_dtype)}, got {_dtype_name(input.dtype)}")
+        _fail(op, "input", f"expected dtype {dtype_name(act_dtype)}, got {dtype_name(input.dtype)}")
     if input.dtype not in DTYPE_SUFFIX:
-        _fail(op, "input", f"dtype {_dtype_name(input.dtype)} is not supported (float32, float16, bfloat16)")
+        _fail(op, "input", f"dtype {dtype_name(input.dtype)} is not supported (float32, float16, bfloat16)")
     if weight.device != input.device:
         _fail(op, "weight", f"is on {weight.device} but input is on {input.device}")
     if weight.dim() != 2:
@@ -85,12 +110,12 @@ def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
     B, S, K = input.shape
     is_int8 = weight.dtype == torch.int8
     if int8_expected is True and not is_int8:
-        _fail(op, "weight", f"q_int8=True needs an int8 weight, got {_dtype_name(weight.dtype)}")
+        _fail(op, "weight", f"q_int8=True needs an int8 weight, got {dtype_name(weight.dtype)}")
     if int8_expected is False and is_int8:
         _fail(op, "weight", "is int8 but q_int8=False: pass q_int8=True with its q_scale")
     if not is_int8 and weight.dtype != input.dtype:
-        _fail(op, "weight", f"expected dtype {_dtype_name(input.dtype)} (same as input) or int8, "
-                            f"got {_dtype_name(weight.dtype)}")
+        _fail(op, "weight", f"expected dtype {dtype_name(input.dtype)} (same as input) or int8, "
+                            f"got {dtype_name(weight.dtype)}")
     weight_nk = is_int8 or transposed_mode
     if weight_nk:
         N, Kw = weight.shape
@@ -106,7 +131,7 @@ def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
         if q_scale is None or not isinstance(q_scale, torch.Tensor) or q_scale.numel() == 0:
             _fail(op, "q_scale", "an int8 weight needs its float32 scales (weight.scale / q_scale)")
         if q_scale.dtype != torch.float32:
-            _fail(op, "q_scale", f"expected dtype float32, got {_dtype_name(q_scale.dtype)}")
+            _fail(op, "q_scale", f"expected dtype float32, got {dtype_name(q_scale.dtype)}")
         if q_scale.device != input.device:
             _fail(op, "q_scale", f"is on {q_scale.device} but input is on {input.device}")
         if q_scale.dim() != 1:
@@ -127,28 +152,35 @@ def _check_bias(op: str, bias, add_bias: bool, input, N: int):
     if bias.device != input.device:
         _fail(op, "bias", f"is on {bias.device} but input is on {input.device}")
     if bias.dtype != input.dtype:
-        _fail(op, "bias", f"expected dtype {_dtype_name(input.dtype)} (same as input), got {_dtype_name(bias.dtype)}")
+        _fail(op, "bias", f"expected dtype {dtype_name(input.dtype)} (same as input), got {dtype_name(bias.dtype)}")
     if bias.dim() != 1 or bias.shape[0] != N:
         _fail(op, "bias", f"expected shape ({N},), got {tuple(bias.shape)}")
     if not bias.is_contiguous():
         _fail(op, "bias", "must be contiguous")
 
 
-def check_qkv(op: str, K: int, N: int, num_heads: int, num_kv: int, rotary_dim: int,
+def check_qkv(op: str, K: int, N: int, S: int, num_heads: int, num_kv: int, rotary_dim: int,
               rotate_half: bool, rope_theta: float, seq_offset: int) -> QKVLayout:
-    """Validate the fused-QKV arguments against input width K and output width N."""
-    if num_heads is None or num_heads < 1:
+    """Validate the fused-QKV arguments against input width K, output width N and sequence length S."""
+    if num_heads is None:
         _fail(op, "num_heads", f"must be >= 1 with do_flash_attn=True, got {num_heads}")
+    for arg, value in (("num_heads", num_heads), ("num_kv", num_kv), ("rotary_dim", rotary_dim),
+                       ("seq_offset", seq_offset)):
+        check_int(op, arg, value)
+    if num_heads < 1:
+        _fail(op, "num_heads", f"must be >= 1 with do_flash_attn=True, got {num_heads}")
+    if num_heads > K:
+        _fail(op, "num_heads", f"must be <= the input hidden size K={K}, got {num_heads}")
     if K % num_heads != 0:
         _fail(op, "num_heads", f"input hidden size K={K} is not divisible by num_heads={num_heads}")
     D = K // num_heads
-    kv = num_heads if num_kv in (None, -1) else num_kv
+    kv = num_heads if num_kv == -1 else num_kv
     if kv < 1 or kv > num_heads or num_heads % kv != 0:
         _fail(op, "num_kv", f"must be -1 or a divisor of num_heads={num_heads}, got {num_kv}")
     if N != (num_heads + 2 * kv) * D:
         _fail(op, "weight", f"output width N={N} does not hold q|k|v: expected (num_heads + 2*num_kv) * D = "
                             f"({num_heads} + 2*{kv}) * {D} = {(num_heads + 2 * kv) * D}")
-    rd = 0 if rotary_dim is None or rotary_dim <= 0 else int(rotary_dim)
+    rd = 0 if rotary_dim <= 0 else int(rotary_dim)
     if rd:
         if rd % 2:
             _fail(op, "rotary_dim", f"must be even, got {rd}")
@@ -156,8 +188,8 @@ def check_qkv(op: str, K: int, N: int, num_heads: int, num_kv: int, rotary_dim: 
             _fail(op, "rotary_dim", f"must be <= head size D={D}, got {rd}")
         if not rope_theta > 0:
             _fail(op, "rope_theta", f"must be > 0, got {rope_theta}")
-    if seq_offset is None or seq_offset < 0:
-        _fail(op, "seq_offset", f"must be >= 0, got {seq_offset}")
+    if seq_offset < 0 or seq_offset > INT64_MAX - S:
+        _fail(op, "seq_offset", f"must be >= 0 with seq_offset + S <= 2**63 - 1 (S={S}), got {seq_offset}")
     return QKVLayout(heads=num_heads, kv_heads=kv, head_dim=D, rotary_dim=rd, rotate_half=bool(rotate_half),
                      rope_theta=float(rope_theta), seq_offset=int(seq_offset), gqa=kv != num_heads)
 
@@ -169,7 +201,7 @@ def check_linear(op: str, input, weight, bias, add_bias, do_flash_attn, num_head
     _check_bias(op, bias, add_bias, input, shape.N)
     qkv = None
     if do_flash_attn:
-        qkv = check_qkv(op, shape.K, shape.N, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset)
+        qkv = check_qkv(op, shape.K, shape.N, shape.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset)
     return shape, qkv
 
 

@@ -233,6 +233,12 @@ class InferenceConfig:
         values = _validate({f.name: getattr(self, f.name) for f in _FIELDS})
         self.__dict__.update(values)
         self.__dict__["_validated"] = True
+        self.__dict__["_version"] = 0
+
+    @property
+    def version(self) -> int:
+        """Bumped by every field assignment: ops re-resolve their backend when it changes."""
+        return self.__dict__["_version"]
 
     def __setattr__(self, name: str, value: Any) -> None:
         # During __init__ the dataclass assigns raw values; __post_init__ validates them all at once.
@@ -240,6 +246,7 @@ class InferenceConfig:
             values = {f.name: self.__dict__[f.name] for f in _FIELDS}
             values[name] = value
             self.__dict__.update(_validate(values))  # raises before anything changes
+            self.__dict__["_version"] += 1
             return
         object.__setattr__(self, name, value)
 

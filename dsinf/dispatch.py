@@ -1,17 +1,19 @@
-"""Which backend runs an op: resolution as data (DESIGN §4).
+"""Which backend runs an op: resolution as data.
 
 A `Request` (op, device type, activation dtype, int8 weights?, use_triton) is checked against the
 backends in priority order; each check is a `Probe` (ok, or a reason). The first that is ok wins:
 
     1. compiled  the op_builder module for the device type ('cpu' | 'cuda') has a registered kernel for
-                 `<op>_<act dtype>` (int8 weights use the activation dtype's function, with q_scale).
-                 Asking builds the module if needed (JIT) - the cost of the first call.
-    2. triton    CUDA tensors, config.use_triton, triton installed (`find_spec`, not imported here), and
+                 the op spec's function (`<op>_<act dtype>`; int8 weights use the activation dtype's
+                 function, with q_scale). Asking builds the module if needed (JIT) - the cost of the first
+                 call. The kernel is asked about once, and bound as its `torch.ops.dsinf.<fn>.default`.
+    2. triton    the op has a Triton implementation (its spec's `triton`; None: not applicable), CUDA
+                 tensors, config.use_triton, triton installed (`find_spec`, not imported here), and
                  `dsinf.triton.supports(dtype, device_type, capability)` -> (ok, reason) for the activation
                  dtype and, for int8 weights, for torch.int8 too.
-    3. torch     `dsinf.reference`: always available.
+    3. torch     the spec's reference (`dsinf.reference.<op>`): always available.
 
-The result is a frozen `Decision`: the chosen backend and its callable, plus `skipped`, a tuple of
+The result is a frozen `BackendDecision`: the chosen backend and its callable, plus `skipped`, a tuple of
 `(backend, reason)` for every better backend that was not used. A skip is either *not applicable* (the
 user did not ask for it: use_triton off, CPU tensors for Triton, a forced backend) or a *fallback* (it
 applies but cannot run here: build failed, kernel not compiled for this dtype, triton missing). Only
@@ -39,9 +41,9 @@ import torch
 
 from op_builder import knobs
 
-from .checks import DTYPE_SUFFIX
+from .checks import dtype_name
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "Decision", "Environment", "Probe", "Request", "Skip",
+__all__ = ["BACKENDS", "BackendDecision", "BackendUnavailableError", "Environment", "Probe", "Request", "Skip",
            "choose", "log_fallbacks", "probe_compiled", "probe_torch", "probe_triton", "resolve"]
 
 BACKENDS = ("compiled", "triton", "torch")
@@ -57,7 +59,7 @@ class BackendUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class Request:
     """What an op needs: one per (op instance, device type, dtype)."""
-    op: str  # "linear_layer" | "vector_matmul"
+    op: str  # an op spec's name, e.g. "linear_layer"
     device_type: str  # torch.device.type of the input
     act_dtype: torch.dtype  # activation dtype (float32 | float16 | bfloat16)
     int8: bool = False  # int8 weights (with q_scale)
@@ -66,11 +68,13 @@ class Request:
     @property
     def function(self) -> str:
         """Name of the module function / dsinf:: op, e.g. 'linear_layer_fp16'."""
-        return f"{self.op}_{DTYPE_SUFFIX[self.act_dtype]}"
+        from .ops import spec
+
+        return spec.get(self.op).function(self.act_dtype)
 
     def describe(self) -> str:
         weights = ", int8 weights" if self.int8 else ""
-        return f"{self.op} on {self.device_type} ({str(self.act_dtype).replace('torch.', '')}{weights})"
+        return f"{self.op} on {self.device_type} ({dtype_name(self.act_dtype)}{weights})"
 
 
 class Skip(NamedTuple):
@@ -92,7 +96,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Decision:
+class BackendDecision:
     """The backend chosen for a request, and why each better one was skipped."""
     request: Request
     backend: str
@@ -126,6 +130,12 @@ def _has_kernel(name: str, device_type: str) -> bool:
     return has_kernel(name, device_type)
 
 
+def _compiled_op(module: Any, name: str) -> Callable[..., Any]:
+    # The registered op itself (its overload: no packet resolution per call), not the module view's
+    # attribute, which would ask the dispatcher about the kernel a second time.
+    return getattr(torch.ops.dsinf, name).default
+
+
 def _find_spec(name: str):
     try:
         return importlib.util.find_spec(name)
@@ -140,6 +150,7 @@ class Environment:
     builder()              -> an `InferenceBuilder`-like object: `.compatible(device_type)` with `.ok` and
                               `.reasons`; `.load(device_type)` -> module (raises on a failed build)
     has_kernel(name, dev)  -> whether `dsinf::<name>` has a kernel registered for the device type
+    compiled_op(module, name) -> the callable of a registered function (asked after has_kernel said yes)
     find_spec(name)        -> `importlib.util.find_spec` (None when not installed)
     triton_ops()           -> the `dsinf.triton` module (`supports(dtype, device_type, capability=None)`
                               -> (ok, reason); `linear_layer`, `vector_matmul` with the reference's signatures)
@@ -148,6 +159,7 @@ class Environment:
     """
     builder: Callable[[], Any] = _inference_builder
     has_kernel: Callable[[str, str], bool] = _has_kernel
+    compiled_op: Callable[[Any, str], Callable[..., Any]] = _compiled_op
     find_spec: Callable[[str], Any] = _find_spec
     triton_ops: Callable[[], Any] = lambda: importlib.import_module("dsinf.triton")
     cuda_capability: Callable[[], tuple[int, int] | None] = lambda: tuple(torch.cuda.get_device_capability())
@@ -186,14 +198,19 @@ def probe_compiled(request: Request, env: Environment, forced: bool = False) -> 
         return Probe("compiled", reason=f"cannot ask the dispatcher about dsinf::{name}: {_first_line(exc)}")
     if not registered:
         return Probe("compiled", reason=f"the {dev} module has no {name} kernel (not built for this dtype)")
-    impl = getattr(module, name, None)
+    impl = env.compiled_op(module, name)
     if impl is None:
         return Probe("compiled", reason=f"the {dev} module does not expose {name}")
     return Probe("compiled", impl=impl)
 
 
 def probe_triton(request: Request, env: Environment, forced: bool = False) -> Probe:
+    from .ops import spec
+
     dev = request.device_type
+    function = spec.get(request.op).triton
+    if function is None:
+        return Probe("triton", reason=f"{request.op} has no Triton implementation", fallback=False)
     if not forced:
         if dev != "cuda":
             return Probe("triton", reason=f"Triton is used only for CUDA tensors (got {dev})", fallback=False)
@@ -209,7 +226,7 @@ def probe_triton(request: Request, env: Environment, forced: bool = False) -> Pr
     # activation dtype, and for int8 too when the weights are quantized.
     dtypes = (request.act_dtype, torch.int8) if request.int8 else (request.act_dtype,)
     for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
+        name = dtype_name(dtype)
         try:
             capability = env.cuda_capability() if dev == "cuda" else None
             result = ops.supports(dtype, dev, capability=capability)
@@ -219,14 +236,14 @@ def probe_triton(request: Request, env: Environment, forced: bool = False) -> Pr
         if not ok:
             detail = f": {why}" if why else ""
             return Probe("triton", reason=f"dsinf.triton does not support {name} on {dev}{detail}")
-    impl = getattr(ops, request.op, None)
+    impl = getattr(ops, function, None)
     if impl is None:
-        return Probe("triton", reason=f"dsinf.triton has no {request.op}")
+        return Probe("triton", reason=f"dsinf.triton has no {function}")
     return Probe("triton", impl=impl)
 
 
 def probe_torch(request: Request, env: Environment, forced: bool = False) -> Probe:
-    return Probe("torch", impl=getattr(env.reference(), request.op))
+    return Probe("torch", impl=getattr(env.reference(), request.op))  # the spec's reference, by name
 
 
 PROBES: dict[str, Callable[[Request, Environment, bool], Probe]] = {
@@ -236,7 +253,7 @@ PROBES: dict[str, Callable[[Request, Environment, bool], Probe]] = {
 
 # --- the decision ---------------------------------------------------------------------------------
 
-def choose(request: Request, probes: Iterable[Probe], *, allow_fallback: bool = True, owner: str = "") -> Decision:
+def choose(request: Request, probes: Iterable[Probe], *, allow_fallback: bool = True, owner: str = "") -> BackendDecision:
     """The first ok probe wins (probes are consumed lazily, in priority order).
 
     Raises `BackendUnavailableError` when none is ok, or when the winner needed a fallback and
@@ -259,11 +276,11 @@ def choose(request: Request, probes: Iterable[Probe], *, allow_fallback: bool = 
         raise BackendUnavailableError(
             f"{who}DS_KI_FALLBACK=False forbids falling back to {probe.backend} for {request.describe()}: "
             + "; ".join(f"{b}: {r}" for b, r in fallbacks))
-    return Decision(request=request, backend=probe.backend, skipped=pairs, fallbacks=fallbacks, impl=probe.impl)
+    return BackendDecision(request=request, backend=probe.backend, skipped=pairs, fallbacks=fallbacks, impl=probe.impl)
 
 
 def resolve(request: Request, env: Environment | None = None, *, backend: str | None = None,
-            allow_fallback: bool | None = None, owner: str = "") -> Decision:
+            allow_fallback: bool | None = None, owner: str = "") -> BackendDecision:
     """Decide the backend for `request`. `backend` / `allow_fallback` default to the knobs
     DSINF_BACKEND / DS_KI_FALLBACK."""
     env = env or DEFAULT_ENVIRONMENT
@@ -280,14 +297,14 @@ def resolve(request: Request, env: Environment | None = None, *, backend: str | 
         raise BackendUnavailableError(f"{who}DSINF_BACKEND={backend}, but {backend} cannot run "
                                       f"{request.describe()}: {probe.reason}")
     skipped = tuple(Skip(name, f"DSINF_BACKEND={backend}") for name in BACKENDS if name != backend)
-    return Decision(request=request, backend=backend, skipped=skipped, forced=True, impl=probe.impl)
+    return BackendDecision(request=request, backend=backend, skipped=skipped, forced=True, impl=probe.impl)
 
 
 _logged: set[tuple[str, str]] = set()
 _logged_lock = threading.Lock()
 
 
-def log_fallbacks(decision: Decision, owner: str) -> bool:
+def log_fallbacks(decision: BackendDecision, owner: str) -> bool:
     """Log a decision's fallbacks at WARNING, once per (owner, reason) per process. True if it logged."""
     if not decision.fallbacks:
         return False

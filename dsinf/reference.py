@@ -1,8 +1,9 @@
-"""The pure-torch reference: the definition of every op's semantics (DESIGN §3).
+"""The pure-torch reference: the definition of every op's semantics, and the helpers they share.
 
 It is the last-resort backend and the oracle every other backend is tested against. It favours
 clarity over speed: everything is computed in float32 and rounded to the activation dtype once,
-at the end.
+at the end. Each op's reference function lives beside its spec (`dsinf/ops/<op>.py`) and is
+reachable here by name: `dsinf.reference.linear_layer`, `dsinf.reference.vector_matmul`.
 
     linear_layer:  out[b,s,n] = sum_k x[b,s,k] * W(k,n) (+ bias[n])
                    with do_flash_attn: row n = [Q | K | V], split per head, RoPE on q and k,
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import MatmulShape, QKVLayout, check_linear, check_vector_matmul
+from .checks import MatmulShape, QKVLayout
 
 
 def dequantize(weight: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
@@ -84,20 +85,12 @@ def split_qkv(out: torch.Tensor, qkv: QKVLayout, dtype: torch.dtype) -> list[tor
     return [torch.stack([q, k, v]).to(dtype).contiguous()]
 
 
-def linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode=False,
-                 rope_theta=10000.0, rotary_dim=-1, rotate_half=False, num_kv=-1, seq_offset=0,
-                 q_scale=None, *, op: str = "linear_layer") -> list[torch.Tensor]:
-    shape, qkv = check_linear(op, input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
-                              rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)
-    out = matmul_fp32(input, weight, shape, q_scale)
-    if add_bias:
-        out = out + bias.to(torch.float32)
-    if qkv is None:
-        return [out.to(input.dtype)]
-    return split_qkv(out, qkv, input.dtype)
+def __getattr__(name: str):
+    """Each op's reference (`linear_layer`, `vector_matmul`, ...) lives beside its spec in `dsinf/ops/<op>.py`;
+    it is reachable here by name, as tests, users and the Triton backend call it."""
+    if not name.startswith("_"):  # dunders (`__path__`, asked by every from-import) never load the specs
+        from .ops import spec
 
-
-def vector_matmul(input, weight, async_op=False, q_scale=None, q_int8=False, transposed_mode=False,
-                  *, op: str = "vector_matmul") -> torch.Tensor:
-    shape = check_vector_matmul(op, input, weight, async_op, q_scale, q_int8, transposed_mode)
-    return matmul_fp32(input, weight, shape, q_scale).to(input.dtype)
+        if name in spec.specs():
+            return spec.get(name).reference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

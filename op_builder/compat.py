@@ -1,4 +1,4 @@
-"""Can a variant be built here? Pure functions of a `System` that return a `Decision`.
+"""Can a variant be built here? Pure functions of a `System` that return a `BuildDecision`.
 
 Decisions carry their reasons; the report, the error messages, the install step and the tests all
 read the same objects (nothing re-derives them). No function here runs a compiler or a GPU query
@@ -17,7 +17,7 @@ MIN_CUDA_CAPABILITY = (7, 0)
 
 
 @dataclass(frozen=True)
-class Decision:
+class BuildDecision:
     ok: bool
     reasons: tuple[str, ...] = ()  # why not (when ok is False)
     notes: tuple[str, ...] = ()  # true facts worth showing even when ok (e.g. "bf16 omitted")
@@ -26,8 +26,13 @@ class Decision:
         return self.ok
 
     @classmethod
-    def of(cls, problems: list[str], notes: list[str] | None = None) -> "Decision":
+    def of(cls, problems: list[str], notes: list[str] | None = None) -> "BuildDecision":
         return cls(ok=not problems, reasons=tuple(problems), notes=tuple(notes or ()))
+
+
+#: The former name, for the modules that still import it (op_builder/builder.py, prebuilt.py); new code
+#: says BuildDecision (dsinf.dispatch has its own BackendDecision).
+Decision = BuildDecision
 
 
 def _toolchain_problems(system: System) -> list[str]:
@@ -41,9 +46,9 @@ def _toolchain_problems(system: System) -> list[str]:
     return problems
 
 
-def cpu_compatible(system: System) -> Decision:
+def cpu_compatible(system: System) -> BuildDecision:
     """The CPU variant needs torch, ninja and a C++ compiler; any CPU works (scalar path)."""
-    return Decision.of(_toolchain_problems(system))
+    return BuildDecision.of(_toolchain_problems(system))
 
 
 def cuda_version_problem(torch_cuda: str | None, nvcc_version: tuple[int, int]) -> str | None:
@@ -58,7 +63,7 @@ def cuda_version_problem(torch_cuda: str | None, nvcc_version: tuple[int, int]) 
     return None
 
 
-def cuda_compatible(system: System, arch_list: str | None) -> tuple[Decision, ArchResolution | None]:
+def cuda_compatible(system: System, arch_list: str | None) -> tuple[BuildDecision, ArchResolution | None]:
     """The CUDA variant needs the toolchain, nvcc matching torch's CUDA major, and targets that nvcc
     can build and that are >= MIN_CUDA_CAPABILITY. bf16 kernels are dropped (a note, not a failure)
     when a target is below 8.0."""
@@ -69,7 +74,7 @@ def cuda_compatible(system: System, arch_list: str | None) -> tuple[Decision, Ar
     nvcc = system.nvcc
     if nvcc is None:
         problems.append("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-        return Decision.of(problems, notes), None
+        return BuildDecision.of(problems, notes), None
     if system.torch_cuda is not None:
         mismatch = cuda_version_problem(system.torch_cuda, nvcc.version)
         if mismatch:
@@ -90,4 +95,4 @@ def cuda_compatible(system: System, arch_list: str | None) -> tuple[Decision, Ar
     if not system.gpu_list and isinstance(system.gpus, str):
         notes.append(f"no GPU visible ({system.gpus}); building for {resolution.source}")
     notes.append(f"targets: {' '.join(str(a) for a in resolution.archs) or 'none'} (from {resolution.source})")
-    return Decision.of(problems, notes), resolution
+    return BuildDecision.of(problems, notes), resolution

@@ -1,28 +1,34 @@
-"""`InferenceOp`: what LinearOp and VectorMatMulOp share - the config, input checks and the backend.
+"""`InferenceOp`: what every op class shares - the config, the backend and the per-call path.
 
 DeepSpeed's `BaseOp` loads one process-wide module in `__init__` and binds `module.<op>_<dtype>` by
 attribute lookup, silently falling back on AttributeError. Here each op instance resolves its backend
-through `dsinf.dispatch` once per (device type, dtype): at construction when `device=` is given,
-otherwise on the first call. The decision is cached on the instance and never re-probed per call;
-environment knobs are read when it is made. `op.decision` / `op.backend` show it.
+through `dsinf.dispatch` once per device type (CUDA or not): at construction when `device=` is given,
+otherwise on the first call, and again only after its config changes. `op.decision` / `op.backend`
+show it.
+
+The per-call path is bound once with the decision (`_calls`): a closure over the chosen function and the
+config's values. Validation happens once per call: when the compiled backend runs, its C++ validation
+is the check, and Python looks only at what C++ cannot see (the config/weight int8 agreement, Python
+ints beyond int64, tensors that require grad); anything unusual takes the slow path, which runs the
+full Python checks and names the bad argument. The Triton and torch backends always get the Python
+checks.
+
+Inference-only: with grad mode on, an input or weight that requires grad raises `InputError` on every
+backend (`dsinf.checks.no_backward`); the ops have no backward.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from .. import dispatch
-from ..checks import InputError
+from ..checks import InputError, dtype_name
 from ..config import InferenceConfig
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 class InferenceOp(torch.nn.Module):
-    #: Module function family this op calls, e.g. "linear_layer".
+    #: Op family this class calls, e.g. "linear_layer" (its spec: `dsinf.ops.spec.get(OP)`).
     OP: ClassVar[str] = ""
 
     def __init__(self, config: InferenceConfig | dict | None = None, *, device: str | torch.device | None = None,
@@ -38,13 +44,15 @@ class InferenceOp(torch.nn.Module):
                             f"InferenceConfig.from_dict(vars(config), strict=False)")
         self.config = config
         self._environment = environment
-        self._decisions: dict[tuple, dispatch.Decision] = {}
-        self._last_decision: dispatch.Decision | None = None
+        self._decisions: dict[tuple, dispatch.BackendDecision] = {}
+        self._last_decision: dispatch.BackendDecision | None = None
+        self._calls: dict[bool, Callable[..., Any]] = {}  # input.is_cuda -> bound call (the per-call path)
+        self._config_version = config._version
         if device is not None:
             self.resolve(device)
 
     # --- backend ----------------------------------------------------------------------------------
-    def resolve(self, device: str | torch.device) -> dispatch.Decision:
+    def resolve(self, device: str | torch.device) -> dispatch.BackendDecision:
         """The backend decision for inputs on `device` with the config's dtype (made once, then cached)."""
         device_type = torch.device(device).type
         cfg = self.config
@@ -59,8 +67,36 @@ class InferenceOp(torch.nn.Module):
             if decision.backend == "triton":
                 self._warm_triton()
             self._decisions[key] = decision
-            self._last_decision = decision
+        self._last_decision = decision
         return decision
+
+    def _dispatch(self, input, *args, **kwargs):
+        """The first call for a device type (or after a config change): bind the call, then make it."""
+        if self._config_version != self.config._version:
+            self._calls.clear()
+            self._config_version = self.config._version
+        is_cuda = isinstance(input, torch.Tensor) and input.is_cuda
+        device = input.device if isinstance(input, torch.Tensor) else "cpu"  # a non-tensor fails the checks
+        decision = self.resolve(device)
+        call = self._bind(decision.impl, checked=decision.backend != "compiled")
+        if isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda"):
+            self._calls[is_cuda] = call
+        return call(input, *args, **kwargs)
+
+    def _call(self, input) -> Callable[..., Any]:
+        """The bound call for `input`'s device (one dict lookup), or `_dispatch` to bind it first. Keyed
+        by `input.is_cuda` (a 40 ns attribute; `input.device` costs 300 ns): other device types are never
+        cached and take `_dispatch` each time."""
+        try:
+            call = self._calls[input.is_cuda]
+        except (KeyError, AttributeError):
+            return self._dispatch
+        return call if self._config_version == self.config._version else self._dispatch
+
+    def _bind(self, impl: Callable[..., Any], checked: bool) -> Callable[..., Any]:
+        """The per-call function for backend function `impl`; `checked`: run the Python checks on every
+        call (the backend has no validation of its own)."""
+        raise NotImplementedError
 
     def _warm_triton(self) -> None:
         # DeepSpeed autotunes when layer 0 is built with triton_autotune; we do it when Triton is chosen,
@@ -82,14 +118,8 @@ class InferenceOp(torch.nn.Module):
     def _triton_autotune(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype=torch.float16, **kwargs):
         raise NotImplementedError
 
-    def _impl_for(self, input: torch.Tensor):
-        """The chosen backend's function for `input` (a dict lookup once decided: the per-call path)."""
-        cfg = self.config
-        decision = self._decisions.get((input.device.type, cfg.dtype, cfg.activation_dtype))
-        return (decision or self.resolve(input.device)).impl
-
     @property
-    def decision(self) -> dispatch.Decision:
+    def decision(self) -> dispatch.BackendDecision:
         """The decision made most recently; before any call, the one for CUDA if available, else CPU."""
         if self._last_decision is None:
             self.resolve("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,10 +138,10 @@ class InferenceOp(torch.nn.Module):
         cfg = self.config
         if (weight.dtype == torch.int8) != cfg.quantized:
             if cfg.quantized:
-                message = (f"config.dtype is int8 but the weight is {_dtype_name(weight.dtype)}: quantize it with "
+                message = (f"config.dtype is int8 but the weight is {dtype_name(weight.dtype)}: quantize it with "
                            f"dsinf.quantize_int8(weight, transposed_mode=...)")
             else:
-                message = (f"is int8 but config.dtype is {_dtype_name(cfg.dtype)}: int8 weights need "
+                message = (f"is int8 but config.dtype is {dtype_name(cfg.dtype)}: int8 weights need "
                            f"InferenceConfig(dtype=torch.int8)")
             raise InputError(type(self).__name__, "weight", message)
         if not cfg.quantized:

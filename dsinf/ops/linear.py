@@ -1,12 +1,14 @@
-"""`LinearOp`: DeepSpeed's `linear_layer` op - `x @ W (+ bias)`, optionally split into per-head q, k, v.
+"""linear_layer: DeepSpeed's `linear_layer` op - `x @ W (+ bias)`, optionally split into per-head q, k, v.
 
     out[b,s,n] = sum_k x[b,s,k] * W(k,n) (+ bias[n])              -> [out]           ([B, S, N])
     do_flash_attn: row n = [Q | K | V], per head, RoPE on q and k  -> [qkv]           ([3, B, H, S, D])
-                   with config.num_kv < num_heads (GQA)            -> [q, k, v]       (k, v [B, KV, S, D])
+                   with num_kv < num_heads (GQA)                   -> [q, k, v]       (k, v [B, KV, S, D])
+    int8 weights:  W(k,n) = w_int8[n,k] * q_scale[n // (N/G)]
 
-Semantics are `dsinf.reference.linear_layer`'s. From the config: `transposed_mode`, `rope_theta`,
-`rotary_dim` (> 0 enables RoPE), `rotate_half` (NeoX pairs; else GPT-J pairs), `num_kv`, and `dtype`
-(int8: weight is int8 `[N, K]` carrying `weight.scale`).
+The spec (schema, checks, reference, samples), the reference and `LinearOp` live here; RoPE and the
+matmul helpers are in `dsinf.reference`. `LinearOp` takes from the config: `transposed_mode`,
+`rope_theta`, `rotary_dim` (> 0 enables RoPE), `rotate_half` (NeoX pairs; else GPT-J pairs), `num_kv`,
+and `dtype` (int8: weight is int8 `[N, K]` carrying `weight.scale`).
 """
 from __future__ import annotations
 
@@ -14,8 +16,48 @@ import importlib
 
 import torch
 
-from ..checks import check_linear
+from ..checks import INT64_MAX, INT64_MIN, check_int, check_linear, linear_output_shapes, no_backward
+from ..reference import matmul_fp32, split_qkv
 from .base import InferenceOp
+from .spec import OpSpec
+
+
+def linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode=False,
+                 rope_theta=10000.0, rotary_dim=-1, rotate_half=False, num_kv=-1, seq_offset=0,
+                 q_scale=None, *, op: str = "linear_layer") -> list[torch.Tensor]:
+    """The reference: float32 matmul (+ bias), then the per-head split with RoPE; rounded once."""
+    shape, qkv = check_linear(op, input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
+                              rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)
+    out = matmul_fp32(input, weight, shape, q_scale)
+    if add_bias:
+        out = out + bias.to(torch.float32)
+    if qkv is None:
+        return [out.to(input.dtype)]
+    return split_qkv(out, qkv, input.dtype)
+
+
+def _samples(device, dtype, gen):
+    x = torch.randn(2, 3, 64, generator=gen).to(device, dtype)
+    w = torch.randn(64, 192, generator=gen).to(device, dtype)
+    b = torch.randn(192, generator=gen).to(device, dtype)
+    w_gqa = torch.randn(128, 64, generator=gen).to(device, dtype)  # [N, K]: 4 heads of 16, 2 kv heads
+    b_gqa = torch.randn(128, generator=gen).to(device, dtype)
+    return [(x, w, b, True, True, 4), (x, w, b, True, False, 1),
+            (x[:, :1], w_gqa, b_gqa, True, True, 4, True, 10000.0, 16, True, 2, 5)]
+
+
+SPEC = OpSpec(
+    name="linear_layer",
+    schema=("(Tensor input, Tensor weight, Tensor? bias, bool add_bias, bool do_flash_attn, int num_heads, "
+            "bool transposed_mode=False, float rope_theta=10000.0, int rotary_dim=-1, bool rotate_half=False, "
+            "int num_kv=-1, int seq_offset=0, Tensor? q_scale=None) -> Tensor[]"),
+    reference=linear_layer,
+    check=check_linear,
+    output_shapes=lambda problem: linear_output_shapes(*problem),
+    samples=_samples,
+    op_class="LinearOp",
+    triton="linear_layer",
+)
 
 
 class LinearOp(InferenceOp):
@@ -26,14 +68,46 @@ class LinearOp(InferenceOp):
                 seq_offset: int = 0) -> list[torch.Tensor]:
         """DeepSpeed's signature. `external_cache` and `num_layers` are accepted and unused (as in
         DeepSpeed); `seq_offset` (ours) is the position of the first token for RoPE (decode step t: t)."""
-        cfg = self.config
-        q_scale = self._q_scale(weight)
-        args = (input, weight, bias, bool(add_bias), bool(do_flash_attn), num_heads, cfg.transposed_mode,
-                cfg.rope_theta, cfg.rotary_dim, cfg.rotate_half, cfg.num_kv, seq_offset, q_scale)
-        check_linear(type(self).__name__, *args, act_dtype=cfg.activation_dtype)
-        if num_heads is None:  # allowed without do_flash_attn; the compiled schema wants an int
-            args = args[:5] + (0,) + args[6:]
-        return self._impl_for(input)(*args)
+        return self._call(input)(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
+
+    def _bind(self, impl, checked):
+        owner, cfg = type(self).__name__, self.config
+        quantized, act = cfg.quantized, cfg.activation_dtype
+        rope = (cfg.transposed_mode, cfg.rope_theta, cfg.rotary_dim, cfg.rotate_half, cfg.num_kv)
+        int8, grad_enabled = torch.int8, torch.is_grad_enabled
+
+        def slow(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
+            q_scale = self._q_scale(weight)
+            if num_heads is not None:
+                check_int(owner, "num_heads", num_heads)
+            check_int(owner, "seq_offset", seq_offset)
+            args = (input, weight, bias, bool(add_bias), bool(do_flash_attn), num_heads, *rope, seq_offset, q_scale)
+            check_linear(owner, *args, act_dtype=act)
+            if grad_enabled():
+                no_backward(owner, input=input, weight=weight, bias=bias)
+            if num_heads is None:  # allowed without do_flash_attn; the compiled schema wants an int
+                args = args[:5] + (0,) + args[6:]
+            return impl(*args)
+
+        if checked:
+            return slow
+
+        def fast(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
+            # The compiled backend validates in C++; Python looks only at what C++ cannot see.
+            try:
+                usual = ((weight.dtype is int8) is quantized and type(num_heads) is int and type(seq_offset) is int
+                         and INT64_MIN <= num_heads <= INT64_MAX and INT64_MIN <= seq_offset <= INT64_MAX
+                         and not (grad_enabled() and (input.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad))))
+                q_scale = weight.scale if quantized else None
+            except AttributeError:  # not a tensor, or an int8 weight without .scale: named by the checks
+                usual = False
+            if not usual:
+                return slow(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
+            return impl(input, weight, bias, bool(add_bias), bool(do_flash_attn), num_heads, *rope, seq_offset,
+                        q_scale)
+
+        return fast
 
     def _autotune_out_features(self) -> int | None:
         cfg = self.config  # GQA: q|k|v is (heads + 2*num_kv) * D wide, not the default 3 * hidden

@@ -1,11 +1,11 @@
-"""`VectorMatMulOp`: DeepSpeed's `vector_matmul` op - `out = x @ W`, float or int8 weight-only.
+"""vector_matmul: DeepSpeed's `vector_matmul` op - `out = x @ W`, float or int8 weight-only.
 
     out[b,s,n] = sum_k x[b,s,k] * W(k,n)                                     -> [B, S, N]
-    int8 (config.dtype == torch.int8): W(k,n) = w_int8[n,k] * weight.scale[n // (N/G)]
+    int8 (q_int8 / config.dtype == torch.int8): W(k,n) = w_int8[n,k] * q_scale[n // (N/G)]
 
-Semantics are `dsinf.reference.vector_matmul`'s. Unlike DeepSpeed, an int8 weight without `.scale`
-is an error naming 'weight', never an unquantized matmul on the raw int8 values. `async_op` is a hint:
-work always runs on the caller's current stream.
+The spec (schema, checks, reference, samples), the reference and `VectorMatMulOp` live here. Unlike
+DeepSpeed, an int8 weight without `.scale` is an error naming 'weight', never an unquantized matmul on
+the raw int8 values. `async_op` is a hint: work always runs on the caller's current stream.
 """
 from __future__ import annotations
 
@@ -13,19 +13,73 @@ import importlib
 
 import torch
 
-from ..checks import check_vector_matmul
+from ..checks import check_vector_matmul, no_backward
+from ..reference import matmul_fp32
 from .base import InferenceOp
+from .spec import OpSpec
+
+
+def vector_matmul(input, weight, async_op=False, q_scale=None, q_int8=False, transposed_mode=False,
+                  *, op: str = "vector_matmul") -> torch.Tensor:
+    """The reference: float32 matmul of the (dequantized) weight, rounded to the input dtype once."""
+    shape = check_vector_matmul(op, input, weight, async_op, q_scale, q_int8, transposed_mode)
+    return matmul_fp32(input, weight, shape, q_scale).to(input.dtype)
+
+
+def _samples(device, dtype, gen):
+    x = torch.randn(2, 3, 64, generator=gen).to(device, dtype)
+    w = torch.randn(64, 96, generator=gen).to(device, dtype)
+    w_nk = torch.randn(96, 64, generator=gen).to(device, dtype)
+    return [(x, w), (x[:, :1], w_nk, False, None, False, True)]
+
+
+SPEC = OpSpec(
+    name="vector_matmul",
+    schema=("(Tensor input, Tensor weight, bool async_op=False, Tensor? q_scale=None, bool q_int8=False, "
+            "bool transposed_mode=False) -> Tensor"),
+    reference=vector_matmul,
+    check=check_vector_matmul,
+    output_shapes=lambda shape: [(shape.B, shape.S, shape.N)],
+    samples=_samples,
+    op_class="VectorMatMulOp",
+    triton="vector_matmul",
+)
 
 
 class VectorMatMulOp(InferenceOp):
     OP = "vector_matmul"
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor, async_op: bool = False) -> torch.Tensor:
-        cfg = self.config
-        q_scale = self._q_scale(weight)
-        args = (input, weight, bool(async_op), q_scale, q_scale is not None, cfg.transposed_mode)
-        check_vector_matmul(type(self).__name__, *args, act_dtype=cfg.activation_dtype)
-        return self._impl_for(input)(*args)
+        return self._call(input)(input, weight, async_op)
+
+    def _bind(self, impl, checked):
+        owner, cfg = type(self).__name__, self.config
+        quantized, transposed, act = cfg.quantized, cfg.transposed_mode, cfg.activation_dtype
+        int8, grad_enabled = torch.int8, torch.is_grad_enabled
+
+        def slow(input, weight, async_op=False):
+            q_scale = self._q_scale(weight)
+            args = (input, weight, bool(async_op), q_scale, q_scale is not None, transposed)
+            check_vector_matmul(owner, *args, act_dtype=act)
+            if grad_enabled():
+                no_backward(owner, input=input, weight=weight)
+            return impl(*args)
+
+        if checked:
+            return slow
+
+        def fast(input, weight, async_op=False):  # the compiled backend validates in C++
+            try:
+                usual = (weight.dtype is int8) is quantized and not (
+                    grad_enabled() and (input.requires_grad or weight.requires_grad))
+                q_scale = weight.scale if quantized else None
+            except AttributeError:  # not a tensor, or an int8 weight without .scale: named by the checks
+                usual = False
+            if not usual:
+                return slow(input, weight, async_op)
+            return impl(input, weight, bool(async_op), q_scale, quantized, transposed)
+
+        return fast
 
     @staticmethod
     def _triton_autotune(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype: torch.dtype = torch.float16,

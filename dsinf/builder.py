@@ -1,4 +1,8 @@
-"""InferenceBuilder: the transformer-inference module (`linear_layer_*`, `vector_matmul_*`).
+"""InferenceBuilder: the transformer-inference module (every op spec's functions: `linear_layer_*`, ...).
+
+It lives with the ops, not in op_builder (which is generic and imports nothing from dsinf): op_builder's
+registry names it as a "module:Class" string and imports it on first use, so
+`from op_builder import InferenceBuilder` still works. This module imports no torch at import time.
 
 Two variants, built and cached independently, loadable side by side in one process:
 - `cpu`:  csrc/inference/cpu/*.cpp + binding/cpu_binding.cpp, g++ only; any machine with a compiler.
@@ -14,13 +18,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from . import knobs
-from .archs import Arch, covers, nvcc_gencode_flags, parse_arch_list
-from .build import BuildSpec
-from .builder import OpBuilder, csrc_root
-from .compat import Decision, cpu_compatible, cuda_compatible
-from .errors import IncompatibleError
-from .system import ISA_RANK, isa_flags
+from op_builder import knobs
+from op_builder.archs import Arch, covers, nvcc_gencode_flags, parse_arch_list
+from op_builder.build import BuildSpec
+from op_builder.builder import OpBuilder, csrc_root, loaded_variants
+from op_builder.compat import BuildDecision, cpu_compatible, cuda_compatible
+from op_builder.errors import IncompatibleError
+from op_builder.system import ISA_RANK, isa_flags
 
 # Portable baseline of prebuilt CPU binaries: x86-64-v3 (AVX2/FMA/F16C, every x86 server since
 # 2013). The manifest records it and load() refuses it, with the reason, on an older CPU.
@@ -55,7 +59,7 @@ class InferenceBuilder(OpBuilder):
         return [str(p) for p in [binding, *kernels]], [str(root / "include"), str(root / "binding")]
 
     # ---- compatibility ------------------------------------------------------------------------
-    def compatible(self, variant: str) -> Decision:
+    def compatible(self, variant: str) -> BuildDecision:
         if variant == "cpu":
             return cpu_compatible(self.system)
         if variant == "cuda":
@@ -69,8 +73,8 @@ class InferenceBuilder(OpBuilder):
         archs = resolution.archs
         if portable and resolution.source == "visible GPUs":
             # A shipped binary should not be limited to the build host's GPU: add the nvcc default.
-            from .archs import resolve_archs
-            from .system import System
+            from op_builder.archs import resolve_archs
+            from op_builder.system import System
 
             no_gpu = System(probe=False, nvcc=self.system.nvcc, gpus="portable build")
             archs = tuple(sorted(set(archs) | set(resolve_archs(no_gpu, None).archs)))
@@ -142,34 +146,30 @@ class InferenceBuilder(OpBuilder):
         return problems
 
     def pre_load(self) -> None:
-        from dsinf import library
+        from . import library
 
         library.define()
 
     def sanity_check(self, variant: str) -> str:
-        """Run each compiled function once on small random inputs against dsinf.reference; raise on mismatch."""
+        """Run each compiled function on its spec's samples against the spec's reference; raise on mismatch."""
         import torch
 
-        from dsinf import reference
+        from .ops import spec as op_spec
 
         module = self.load(variant)
         device = "cuda" if variant == "cuda" else "cpu"
         gen = torch.Generator().manual_seed(0)
         checked = []
         for name in module.functions(variant):
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name.rsplit("_", 1)[1]]
-            x = torch.randn(2, 3, 64, generator=gen).to(device, dtype)
-            w = torch.randn(64, 192, generator=gen).to(device, dtype)
-            if name.startswith("linear_layer"):
-                b = torch.randn(192, generator=gen).to(device, dtype)
-                got = getattr(module, name)(x, w, b, True, True, 4)[0]
-                want = reference.linear_layer(x, w, b, True, True, 4)[0]
-            else:
-                got = getattr(module, name)(x, w)
-                want = reference.vector_matmul(x, w)
-            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            if not err < (1e-4 if dtype == torch.float32 else 2e-2):
-                raise AssertionError(f"{name} on {device}: relative error {err:.2e} vs the reference")
+            spec = op_spec.spec_of_function(name)
+            act_dtype = spec.functions()[name]
+            for dtype in [act_dtype] if act_dtype is not None else [torch.float32, torch.float16]:
+                for args in spec.samples(device, dtype, gen):
+                    got, want = getattr(module, name)(*args), spec.reference(*args)
+                    for g, w in zip(_tensors(got), _tensors(want)):
+                        err = ((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
+                        if not err < (1e-4 if dtype == torch.float32 else 2e-2):
+                            raise AssertionError(f"{name} on {device}: relative error {err:.2e} vs the reference")
             checked.append(name)
         return f"{len(checked)} functions match the reference ({', '.join(checked)})"
 
@@ -190,12 +190,17 @@ class InferenceBuilder(OpBuilder):
         return InferenceModule(self)
 
 
+def _tensors(out) -> list:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 class InferenceModule:
     """What `InferenceBuilder().load()` returns: `mod.linear_layer_fp16(...)` etc.
 
-    Attributes are the `torch.ops.dsinf.*` ops (DeepSpeed's positional signatures). An attribute
-    exists when at least one loaded variant compiled that function; `has(name, device_type)` asks
-    for one device.
+    Attributes are the `torch.ops.dsinf.*` ops (DeepSpeed's positional signatures), one per function of
+    the op specs. An attribute exists when at least one loaded variant compiled that function; it is
+    looked up once and then set on the instance, so `mod.vector_matmul_fp32(...)` per call costs what
+    the bound op does. `has(name, device_type)` asks for one device.
     """
 
     def __init__(self, builder: InferenceBuilder):
@@ -203,30 +208,30 @@ class InferenceModule:
 
     @property
     def variants(self) -> dict[str, Any]:
-        from .builder import loaded_variants
-
         return {v: lv for (op, v), lv in loaded_variants().items() if op == self._builder.NAME}
 
     def has(self, name: str, device_type: str) -> bool:
-        from dsinf import library
+        from . import library
 
-        return device_type in self.variants and name in library.FUNCTIONS and library.has_kernel(name, device_type)
+        return device_type in self.variants and name in library.functions() and library.has_kernel(name, device_type)
 
     def functions(self, device_type: str) -> list[str]:
-        from dsinf import library
+        from . import library
 
-        return [f for f in library.FUNCTIONS if self.has(f, device_type)]
+        return [f for f in library.functions() if self.has(f, device_type)]
 
     def __getattr__(self, name: str):
-        from dsinf import library
+        from . import library
 
-        if name.startswith("_") or name not in library.FUNCTIONS:
+        if name.startswith("_") or name not in library.functions():
             raise AttributeError(name)
         if not any(self.has(name, d) for d in self.variants):
             raise AttributeError(f"{name} is not compiled in the loaded variants ({', '.join(self.variants)})")
         import torch
 
-        return getattr(torch.ops.dsinf, name)
+        op = getattr(torch.ops.dsinf, name).default  # the overload: no packet resolution per call
+        setattr(self, name, op)  # the next lookup is a plain instance attribute
+        return op
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | {f for d in self.variants for f in self.functions(d)})
