@@ -1,4 +1,4 @@
-// CPU implementations of the dsinf:: ops (schemas: dsinf/library.py; semantics: dsinf/reference.py).
+// CPU implementations of the dsinf:: ops (schemas and semantics: the op specs, dsinf/ops/<op>.py).
 //
 // The only translation unit of the CPU module that sees ATen. It validates (validate.h, same wording as
 // dsinf/checks.py), picks a path by M = B*S, and hands raw pointers to the torch-free kernels
@@ -11,8 +11,8 @@
 //                         columns at a time, straight into its column slice of the fp32 result: fp32
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
-//                         Without native bf16 GEMM (AVX2) this is ~6x faster than torch's bf16 mm at
-//                         M=512, within a few % of plain fp32 sgemm, and keeps fp32 accumulation.
+//                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
+//                         keeps fp32 accumulation (docs/PERFORMANCE.md).
 //   do_flash_attn         fp32 [M, N] from either path, then dsinf_cpu_qkv_rope: bias + RoPE + per-head
 //                         split + transpose + rounding in one pass, into the final owned tensors.
 //
@@ -60,18 +60,10 @@ void check_status(dsinf_status st, const char* op, const char* what) {
   TORCH_CHECK(st == DSINF_OK, op, ": internal error: CPU kernel ", what, " rejected its arguments");
 }
 
-// Largest M that runs on our GEMV rather than BLAS. Measured at K = N = 4096 on the 2-core AVX2 box
-// (Zen 3, torch 2.13 + MKL), 2 threads, GEMV / GEMM path forced with DSINF_CPU_FORCE_PATH, ms:
-//            M=2       4         8         16         24         32         48
-//   fp32 NK  2.1/7.4  3.1/12.4  4.9/10.9  7.4/12.5  10.8/14.9  14.2/16.8  23.1/19.8
-//   fp32 KN  1.7/6.1  2.9/10.2  5.0/8.8   7.5/10.5  10.3/13.0  14.2/13.7  25.1/18.4
-//   bf16 NK  1.6/4.7  4.2/8.4   6.1/9.7  10.9/12.1  14.6/11.6  18.1/14.4  25.5/19.3
-//   bf16 KN  1.3/9.5  2.3/9.4   4.0/10.4  9.2/13.2  12.8/13.5  18.7/14.9  27.4/21.8
-//   int8     1.6/4.4  3.7/8.8   5.6/10.9  9.8/12.5  12.9/14.2  16.8/15.9  26.7/18.0
-// MKL parallelises small M poorly; our GEMV splits evenly over threads and streams the weight once, so
-// it wins until the FMA units, not memory, bound it. (Single-threaded the two are at parity from M=2
-// to ~16: the widened GEMM converts one cache-sized weight block at a time, so it too reads the compact
-// weight once.) DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only) forces GEMV / GEMM.
+// Largest M that runs on our GEMV rather than BLAS: MKL parallelises small M poorly, while our GEMV splits
+// evenly over threads and streams the weight once, until the FMA units bound it (measured crossovers:
+// docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"). DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for
+// measuring only) forces GEMV / GEMM.
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
@@ -115,8 +107,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
 
   // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
   // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer. About 4 MiB
-  // of fp32 weight per block: on the 2-core box that ran 6-35% faster than one MKL call over all of N
-  // (K=4096, M=48..512, N=4096/12288, 2 threads; blocks of 256..1024 columns alike, >= 2048 slower).
+  // of fp32 weight per block: faster than one MKL call over all of N (docs/PERFORMANCE.md).
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
   at::Tensor y = at::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
@@ -169,7 +160,7 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, -1);
   check_bias(op, bias, add_bias, input, s.N);
   QKVLayout q{};
-  if (do_flash_attn) q = check_qkv(op, s.K, s.N, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+  if (do_flash_attn) q = check_qkv(op, s.K, s.N, s.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
   const auto shapes = linear_output_shapes(s, do_flash_attn ? &q : nullptr);
   if (s.M() == 0 || s.N == 0) return empty_outputs(shapes, input);
 
@@ -204,19 +195,12 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
 }
 
-DSINF_DEFINE_DTYPE_OPS(fp32, c10::ScalarType::Float)
-DSINF_DEFINE_DTYPE_OPS(fp16, c10::ScalarType::Half)
-DSINF_DEFINE_DTYPE_OPS(bf16, c10::ScalarType::BFloat16)
-#undef DSINF_DEFINE_DTYPE_OPS
-
 }  // namespace
 }  // namespace dsinf
 
+// Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
+// One line per op.
 TORCH_LIBRARY_IMPL(dsinf, CPU, m) {
-  m.impl("linear_layer_fp32", &dsinf::linear_layer_fp32);
-  m.impl("linear_layer_fp16", &dsinf::linear_layer_fp16);
-  m.impl("linear_layer_bf16", &dsinf::linear_layer_bf16);
-  m.impl("vector_matmul_fp32", &dsinf::vector_matmul_fp32);
-  m.impl("vector_matmul_fp16", &dsinf::vector_matmul_fp16);
-  m.impl("vector_matmul_bf16", &dsinf::vector_matmul_bf16);
+  dsinf::impl_per_dtype(m, "linear_layer", &dsinf::linear_layer, dsinf::kFloatDtypes);
+  dsinf::impl_per_dtype(m, "vector_matmul", &dsinf::vector_matmul, dsinf::kFloatDtypes);
 }

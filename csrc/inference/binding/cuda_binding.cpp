@@ -1,4 +1,4 @@
-// CUDA implementations of the dsinf:: ops (schemas: dsinf/library.py; semantics: dsinf/reference.py).
+// CUDA implementations of the dsinf:: ops (schemas and semantics: the op specs, dsinf/ops/<op>.py).
 //
 // The only translation unit of the CUDA module that includes ATen. It validates with validate.h,
 // allocates outputs with the torch allocator (fresh tensors, never workspace views), and runs
@@ -28,14 +28,10 @@
 #include "validate.h"
 
 // Largest M = B*S that takes the GEMV path, per activation dtype (above it: cuBLAS). Build-time
-// overridable (-D...) so the crossover can be swept on the GPU without edits.
-//  - fp16/bf16: measured on the H100 (docs/PERFORMANCE.md, graph-timed, rotating weights): up to M=8
-//    the GEMV is on par with cuBLAS (0.91-1.07x across the five decode shapes, both layouts); at
-//    M=16 it loses up to 24% on [K,N] weights (4096x4096, 14336x4096), so cuBLAS from M=9.
-//  - fp32: the CUDA-core GEMV handles 8 tokens per pass (M = 9..16 re-reads the weight), so cuBLAS
-//    (no TF32, fp32-accurate) likely wins from 9 on. To be measured.
-//  - int8 weights: the GEMV reads 1 byte per weight; the large-M path first writes and re-reads a
-//    dequantized 2-4 byte copy, so the GEMV wins for every M it supports.
+// overridable (-D...) so the crossover can be swept on the GPU without edits. fp16/bf16: the GEMV is on
+// par with cuBLAS up to M=8 and loses beyond (docs/PERFORMANCE.md); fp32: the CUDA-core GEMV handles 8
+// tokens per pass; int8: the GEMV reads 1 byte per weight where the large-M path first writes and re-reads
+// a dequantized copy, so it wins for every M it supports.
 #ifndef DSINF_GEMV_MAX_M_HALF
 #define DSINF_GEMV_MAX_M_HALF 8
 #endif
@@ -134,7 +130,7 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   check_bias(op, bias, add_bias, input, s.N);
   QKVLayout qkv{};
   if (do_flash_attn)
-    qkv = check_qkv(op, s.K, s.N, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+    qkv = check_qkv(op, s.K, s.N, s.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
   check_input_on_cuda(op, input);  // last: a device mismatch is reported on the argument that differs
 
   const c10::cuda::CUDAGuard guard(input.device());
@@ -191,24 +187,23 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, x, weight, nullptr, q_scale, s, stream).view({s.B, s.S, s.N});
 }
 
-DSINF_DEFINE_DTYPE_OPS(fp32, c10::ScalarType::Float)
-DSINF_DEFINE_DTYPE_OPS(fp16, c10::ScalarType::Half)
-#if defined(DSINF_CUDA_BF16)
-DSINF_DEFINE_DTYPE_OPS(bf16, c10::ScalarType::BFloat16)
-#endif
-#undef DSINF_DEFINE_DTYPE_OPS
-
 }  // namespace
 }  // namespace dsinf
 
-// Schemas are defined from Python (dsinf/library.py) before this library is loaded.
-TORCH_LIBRARY_IMPL(dsinf, CUDA, m) {
-  m.impl("linear_layer_fp32", &dsinf::linear_layer_fp32);
-  m.impl("linear_layer_fp16", &dsinf::linear_layer_fp16);
-  m.impl("vector_matmul_fp32", &dsinf::vector_matmul_fp32);
-  m.impl("vector_matmul_fp16", &dsinf::vector_matmul_fp16);
+namespace dsinf {
+namespace {
+// bf16 kernels need sm_80+: built only when every target has it (the build's -DDSINF_CUDA_BF16).
 #if defined(DSINF_CUDA_BF16)
-  m.impl("linear_layer_bf16", &dsinf::linear_layer_bf16);
-  m.impl("vector_matmul_bf16", &dsinf::vector_matmul_bf16);
+constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1], kFloatDtypes[2]};
+#else
+constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1]};
 #endif
+}  // namespace
+}  // namespace dsinf
+
+// Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
+// One line per op.
+TORCH_LIBRARY_IMPL(dsinf, CUDA, m) {
+  dsinf::impl_per_dtype(m, "linear_layer", &dsinf::linear_layer, dsinf::kCudaDtypes);
+  dsinf::impl_per_dtype(m, "vector_matmul", &dsinf::vector_matmul, dsinf::kCudaDtypes);
 }

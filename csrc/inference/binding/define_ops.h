@@ -1,22 +1,38 @@
-// The per-dtype entry points of the dsinf:: schemas (dsinf/library.py), shared by both bindings.
+// Registration of per-dtype entry points, shared by both bindings; names no op.
 //
-// DSINF_DEFINE_DTYPE_OPS(fp16, c10::ScalarType::Half) defines linear_layer_fp16 / vector_matmul_fp16 with
-// the schemas' exact C++ signatures, forwarding to the binding's own dtype-generic
-//   linear_layer(const char* op, c10::ScalarType act, <schema args>...)
-//   vector_matmul(const char* op, c10::ScalarType act, <schema args>...)
-// so a schema change is made here once, not once per device.
+// A binding implements each op once, dtype-generic, as
+//   R op(const char* function_name, c10::ScalarType act, <the schema's arguments, in order>...)
+// and registers it with one line per op:
+//   dsinf::impl_per_dtype(m, "vector_matmul", &vector_matmul, dsinf::kFloatDtypes);
+// which registers vector_matmul_fp32 / _fp16 / _bf16 (the functions dsinf.ops.spec defines from Python),
+// each a kernel with the schema's exact C++ signature that calls op("vector_matmul_fp16", Half, args...).
+// An op whose single function takes its dtype from the input is registered with a plain m.impl(name, &fn).
 #pragma once
 
-#define DSINF_DEFINE_DTYPE_OPS(SUFFIX, SCALAR)                                                                    \
-  std::vector<at::Tensor> linear_layer_##SUFFIX(                                                                  \
-      const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool add_bias,    \
-      bool do_flash_attn, int64_t num_heads, bool transposed_mode, double rope_theta, int64_t rotary_dim,         \
-      bool rotate_half, int64_t num_kv, int64_t seq_offset, const c10::optional<at::Tensor>& q_scale) {           \
-    return linear_layer("linear_layer_" #SUFFIX, SCALAR, input, weight, bias, add_bias, do_flash_attn, num_heads, \
-                        transposed_mode, rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale);       \
-  }                                                                                                               \
-  at::Tensor vector_matmul_##SUFFIX(const at::Tensor& input, const at::Tensor& weight, bool async_op,             \
-                                    const c10::optional<at::Tensor>& q_scale, bool q_int8, bool transposed_mode) { \
-    return vector_matmul("vector_matmul_" #SUFFIX, SCALAR, input, weight, async_op, q_scale, q_int8,              \
-                         transposed_mode);                                                                        \
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+
+#include <cstddef>
+#include <string>
+
+namespace dsinf {
+
+struct DtypeEntry {
+  const char* suffix;  // "fp32" | "fp16" | "bf16" (dsinf.checks.FLOAT_DTYPES)
+  c10::ScalarType scalar;
+};
+
+inline constexpr DtypeEntry kFloatDtypes[] = {
+    {"fp32", c10::ScalarType::Float}, {"fp16", c10::ScalarType::Half}, {"bf16", c10::ScalarType::BFloat16}};
+
+template <typename R, typename... Args, std::size_t N>
+void impl_per_dtype(torch::Library& m, const char* op, R (*impl)(const char*, c10::ScalarType, Args...),
+                    const DtypeEntry (&dtypes)[N]) {
+  for (const DtypeEntry& d : dtypes) {
+    const std::string name = std::string(op) + "_" + d.suffix;
+    const c10::ScalarType act = d.scalar;
+    m.impl(name.c_str(), [impl, act, name](Args... args) -> R { return impl(name.c_str(), act, args...); });
   }
+}
+
+}  // namespace dsinf

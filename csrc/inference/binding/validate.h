@@ -1,6 +1,6 @@
 // Argument validation for the dsinf:: custom ops, shared by the CPU and CUDA bindings.
 //
-// Mirrors dsinf/checks.py rule for rule and word for word ("<op>: argument '<arg>': ..."), so a
+// Mirrors dsinf/checks.py rule for rule and word for word (dtype names too: "float16", never "Half") ("<op>: argument '<arg>': ..."), so a
 // direct torch.ops.dsinf.* call gets the same clear ValueError as the Python op classes, never a
 // crash. Binding-side only: kernel sources (.cu / kernel .cpp) never include this (it pulls ATen).
 //
@@ -17,6 +17,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#include <limits>
 
 namespace dsinf {
 
@@ -43,8 +44,16 @@ inline std::string dtype_name(c10::ScalarType t) {
     case c10::ScalarType::Float: return "float32";
     case c10::ScalarType::Half: return "float16";
     case c10::ScalarType::BFloat16: return "bfloat16";
+    case c10::ScalarType::Double: return "float64";
     case c10::ScalarType::Char: return "int8";
-    default: return std::string(c10::toString(t));
+    case c10::ScalarType::Byte: return "uint8";
+    case c10::ScalarType::Short: return "int16";
+    case c10::ScalarType::Int: return "int32";
+    case c10::ScalarType::Long: return "int64";
+    case c10::ScalarType::Bool: return "bool";
+    case c10::ScalarType::ComplexFloat: return "complex64";
+    case c10::ScalarType::ComplexDouble: return "complex128";
+    default: return std::string(c10::toString(t));  // torch's own name (e.g. Float8_e4m3fn = torch.float8_e4m3fn)
   }
 }
 
@@ -149,9 +158,11 @@ inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, bo
   DSINF_CHECK_ARG(b.is_contiguous(), op, "bias", "must be contiguous");
 }
 
-inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t num_heads, int64_t num_kv, int64_t rotary_dim,
-                           bool rotate_half, double rope_theta, int64_t seq_offset) {
+// Integers are range-checked before any arithmetic on them (no signed overflow on any input).
+inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t S, int64_t num_heads, int64_t num_kv,
+                           int64_t rotary_dim, bool rotate_half, double rope_theta, int64_t seq_offset) {
   DSINF_CHECK_ARG(num_heads >= 1, op, "num_heads", "must be >= 1 with do_flash_attn=True, got ", num_heads);
+  DSINF_CHECK_ARG(num_heads <= K, op, "num_heads", "must be <= the input hidden size K=", K, ", got ", num_heads);
   DSINF_CHECK_ARG(K % num_heads == 0, op, "num_heads", "input hidden size K=", K, " is not divisible by num_heads=",
                   num_heads);
   QKVLayout q{};
@@ -160,7 +171,7 @@ inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t num_hea
   q.kv_heads = num_kv == -1 ? num_heads : num_kv;
   DSINF_CHECK_ARG(q.kv_heads >= 1 && q.kv_heads <= num_heads && num_heads % q.kv_heads == 0, op, "num_kv",
                   "must be -1 or a divisor of num_heads=", num_heads, ", got ", num_kv);
-  const int64_t expect = (num_heads + 2 * q.kv_heads) * q.head_dim;
+  const int64_t expect = (num_heads + 2 * q.kv_heads) * q.head_dim;  // <= 3 * K: no overflow
   DSINF_CHECK_ARG(N == expect, op, "weight", "output width N=", N,
                   " does not hold q|k|v: expected (num_heads + 2*num_kv) * D = (", num_heads, " + 2*", q.kv_heads,
                   ") * ", q.head_dim, " = ", expect);
@@ -171,7 +182,8 @@ inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t num_hea
                     q.rotary_dim);
     DSINF_CHECK_ARG(rope_theta > 0, op, "rope_theta", "must be > 0, got ", rope_theta);
   }
-  DSINF_CHECK_ARG(seq_offset >= 0, op, "seq_offset", "must be >= 0, got ", seq_offset);
+  DSINF_CHECK_ARG(seq_offset >= 0 && seq_offset <= std::numeric_limits<int64_t>::max() - S, op, "seq_offset",
+                  "must be >= 0 with seq_offset + S <= 2**63 - 1 (S=", S, "), got ", seq_offset);
   q.rotate_half = rotate_half;
   q.rope_theta = rope_theta;
   q.seq_offset = seq_offset;
