@@ -112,6 +112,15 @@ CASES = [
     Case("rope-theta-zero", LIN, "rope_theta", lambda: linear_args(rope_theta=0.0), via_op=False),
     Case("rope-theta-negative", LIN, "rope_theta", lambda: linear_args(rope_theta=-1.0), via_op=False),
     Case("seq-offset-negative", LIN, "seq_offset", lambda: linear_args(seq_offset=-1)),
+    Case("seq-offset-near-2**63", LIN, "seq_offset", lambda: linear_args(seq_offset=2**63 - 2)),  # + S overflows
+    Case("seq-offset-2**63", LIN, "seq_offset", lambda: linear_args(seq_offset=2**63), compiled=False),
+    Case("seq-offset-float", LIN, "seq_offset", lambda: linear_args(seq_offset=1.5), compiled=False),
+    # integers: type and range before any arithmetic
+    Case("num-heads-above-K", LIN, "num_heads", lambda: linear_args(num_heads=K + 1)),
+    Case("num-heads-huge", LIN, "num_heads", lambda: linear_args(num_heads=2**62)),
+    Case("num-heads-str", LIN, "num_heads", lambda: linear_args(num_heads="4"), compiled=False),
+    Case("num-heads-2**64", LIN, "num_heads", lambda: linear_args(num_heads=2**64), compiled=False),
+    Case("num-heads-bool", LIN, "num_heads", lambda: linear_args(num_heads=True), compiled=False),
     # int8
     Case("int8-without-scale", VM, "q_scale", lambda: _int8(vm_args(), N_VM, q_scale=None), op_arg="weight"),
     Case("int8-without-scale", LIN, "q_scale", lambda: _int8(linear_args(), N_QKV, q_scale=None), op_arg="weight"),
@@ -222,6 +231,35 @@ def test_compiled_rejects(case, cpu_module):
     _expect(run_compiled, case, case.arg, python=False)
 
 
+def _message(run, case: Case) -> str:
+    with pytest.raises(ValueError) as info:
+        run(case)
+    return str(info.value).split(": argument ", 1)[1]  # without the op name, which differs by design
+
+
+# The compiled functions are per activation dtype ("expected dtype float32"); the reference takes any of the
+# three ("dtype float64 is not supported"): a different rule, not a different wording.
+SAME_RULE = [c for c in CASES if c.compiled and c.id not in ("input-float64", "input-int32")]
+
+
+@pytest.mark.parametrize("case", SAME_RULE, ids=_ids(SAME_RULE))
+def test_python_and_cpp_messages_are_the_same(case, cpu_module):
+    # One wording (dtype names included: "float64", never "Double") whichever way the op was called.
+    assert _message(run_compiled, case) == _message(run_reference, case)
+
+
+@pytest.fixture
+def compiled_backend(monkeypatch, cpu_module):
+    monkeypatch.setenv("DSINF_BACKEND", "compiled")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.via_op], ids=_ids([c for c in CASES if c.via_op]))
+def test_op_classes_reject_on_the_compiled_backend(case, compiled_backend):
+    # The compiled backend's own (C++) validation is the check on its fast path; what C++ cannot see
+    # (Python ints beyond int64, a str, the config's int8 rule) is named by the Python checks.
+    _expect(run_op_class, case, case.op_arg or case.arg, python=False)
+
+
 # Op-class-only rules: the config and the weight must agree on int8; the input dtype must be the config's.
 OP_ONLY = [
     pytest.param(lambda: VectorMatMulOp(InferenceConfig(dtype=torch.int8, act_dtype=torch.float32))(
@@ -244,6 +282,31 @@ def test_op_class_only_rules(call, arg, torch_backend):
     with pytest.raises(InputError, match=f"argument '{arg}'") as info:
         call()
     assert info.value.arg == arg
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_inference_only_on_every_backend(backend, which, monkeypatch, request):
+    if backend == "compiled":
+        request.getfixturevalue("cpu_module")
+    monkeypatch.setenv("DSINF_BACKEND", backend)
+    args = linear_args(do_flash_attn=False)
+    args[which] = args[which].clone().requires_grad_(True)
+    op = LinearOp(InferenceConfig(dtype=torch.float32))
+    call = lambda: op(args["input"], args["weight"], args["bias"], True, False, H)  # noqa: E731
+    with pytest.raises(InputError, match="inference-only") as info:
+        call()
+    assert info.value.arg == which and op.backend == backend
+    want = reference.linear_layer(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                    for a in linear_args(do_flash_attn=False).values()])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(call()[0], want)
+    with torch.inference_mode():
+        torch.testing.assert_close(call()[0], want)
+    vm = VectorMatMulOp(InferenceConfig(dtype=torch.float32))
+    x = torch.randn(B, S, K, requires_grad=True)
+    with pytest.raises(InputError, match="inference-only"):
+        vm(x, torch.randn(K, N_VM))
 
 
 def test_int8_without_scale_is_never_a_raw_matmul(torch_backend):

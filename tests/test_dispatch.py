@@ -86,7 +86,7 @@ def make_env(builder=None, kernels=None, triton_installed=True, triton=None):
         return triton
 
     env = Environment(builder=lambda: builder, has_kernel=lambda name, dev: (name, dev) in kernels,
-                      find_spec=lambda name: object() if triton_installed else None, triton_ops=triton_ops,
+                      compiled_op=lambda module, name: getattr(module, name, None), find_spec=lambda name: object() if triton_installed else None, triton_ops=triton_ops,
                       cuda_capability=lambda: (9, 0))
     object.__setattr__(env, "imported", imported)  # a test-only note on a frozen dataclass
     return env
@@ -236,7 +236,8 @@ def test_triton_import_failure_is_a_reason():
 
     def broken():
         raise ImportError("triton 2.0 is too old\ndetails")
-    env = Environment(builder=env.builder, has_kernel=env.has_kernel, find_spec=env.find_spec, triton_ops=broken)
+    env = Environment(builder=env.builder, has_kernel=env.has_kernel, compiled_op=env.compiled_op,
+                      find_spec=env.find_spec, triton_ops=broken)
     d = resolve(req(device_type="cuda", use_triton=True), env)
     assert d.backend == "torch" and "dsinf.triton failed to import: ImportError: triton 2.0 is too old" == \
         d.skipped[1].reason
@@ -442,3 +443,22 @@ def test_real_forced_torch(monkeypatch):
     monkeypatch.setenv("DSINF_BACKEND", "torch")
     from dsinf import reference
     assert resolve(req()).impl is reference.linear_layer
+
+
+def test_op_without_triton_is_not_applicable_never_a_fallback(monkeypatch):
+    # An op whose spec has no Triton implementation: use_triton=True on CUDA skips Triton as "not
+    # applicable" - no WARNING, and DS_KI_FALLBACK=False does not raise.
+    from dataclasses import replace
+
+    from dsinf.ops import spec
+
+    no_triton = replace(spec.get("vector_matmul"), triton=None)
+    monkeypatch.setitem(spec.specs(), "vector_matmul", no_triton)
+    builder = FakeBuilder(compat=FakeCompat(False, ("no compiler",)))
+    d = resolve(req(op="vector_matmul", device_type="cuda", use_triton=True), make_env(builder))
+    assert Skip("triton", "vector_matmul has no Triton implementation") in d.skipped
+    assert [s.backend for s in d.fallbacks] == ["compiled"]
+    d = resolve(req(op="vector_matmul", device_type="cuda", use_triton=True), make_env(), allow_fallback=False)
+    assert d.backend == "compiled"
+    with pytest.raises(BackendUnavailableError, match="no Triton implementation"):
+        resolve(req(op="vector_matmul", device_type="cuda"), make_env(), backend="triton")

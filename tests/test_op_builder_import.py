@@ -1,5 +1,8 @@
 """`import op_builder` does no work: no torch, triton or cpuinfo import, no subprocess, no probe, no file.
 
+op_builder is generic and imports nothing from dsinf; `from op_builder import InferenceBuilder` loads the
+builder from its registry entry ("dsinf.builder:InferenceBuilder"), which is light too (no torch).
+
 Checked in a fresh interpreter (this one has imported everything already). Spawned processes are seen
 through a `sys.addaudithook` hook (subprocess.Popen, os.system, os.posix_spawn, os.exec*, os.fork), which
 observes without patching anything.
@@ -24,6 +27,7 @@ CODE = textwrap.dedent("""
     before = set(sys.modules)
 
     import op_builder
+    after_import = sorted(set(sys.modules) - before)
     from op_builder import ALL_OPS, InferenceBuilder, get_builder
     builder = InferenceBuilder()          # constructing a builder probes nothing either
     get_builder("transformer_inference")
@@ -31,6 +35,7 @@ CODE = textwrap.dedent("""
     from op_builder import system
     result = {
         "new_modules": sorted(set(sys.modules) - before),
+        "after_import": after_import,
         "spawned": spawned,
         "current_system": system._current is not None,
         "registry_probed": [name for name, b in ALL_OPS.items() if b._system is not None],
@@ -38,7 +43,10 @@ CODE = textwrap.dedent("""
     print(json.dumps(result))
 """)
 
-HEAVY = ("torch", "triton", "cpuinfo", "numpy", "setuptools", "dsinf", "ninja")
+HEAVY = ("torch", "triton", "cpuinfo", "numpy", "setuptools", "ninja")
+# What the registry entry of InferenceBuilder may import of dsinf: the package (which imports nothing itself)
+# and the builder module.
+DSINF_FOR_BUILDER = ["dsinf", "dsinf.builder"]
 
 
 def run_import(tmp_path) -> dict:
@@ -54,6 +62,8 @@ def test_import_op_builder_does_no_work(tmp_path):
     result = run_import(tmp_path)
     heavy = [m for m in result["new_modules"] if m.split(".")[0] in HEAVY]
     assert heavy == [], f"import op_builder imported {heavy}"
+    assert [m for m in result["after_import"] if m.split(".")[0] == "dsinf"] == [], "import op_builder imported dsinf"
+    assert [m for m in result["new_modules"] if m.split(".")[0] == "dsinf"] == DSINF_FOR_BUILDER
     assert result["spawned"] == [], f"import op_builder spawned {result['spawned']}"
     assert result["current_system"] is False, "the process-wide System must not exist before first use"
     assert result["registry_probed"] == []

@@ -111,3 +111,15 @@ def test_errors_name_the_argument(call, arg):
     with pytest.raises(InputError, match=f"argument '{arg}'") as info:
         call()
     assert info.value.arg == arg
+
+
+@pytest.mark.parametrize("value", [1e300, -1e41, 1e-300])
+def test_float64_beyond_float32_scales_is_an_error_naming_weight(value):
+    # Not inf scales and NaN weights: |w| / 127 must be a positive finite float32.
+    w = torch.randn(8, 4, dtype=torch.float64)
+    w[3, 1] = value
+    if abs(value) < 1:
+        w = torch.full((8, 4), value, dtype=torch.float64)
+    with pytest.raises(InputError, match="float32 scales") as info:
+        quantize_int8(w)
+    assert info.value.arg == "weight"

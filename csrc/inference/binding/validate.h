@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -66,10 +67,16 @@ inline void append(std::string& s, const char* v) { s += v; }
 inline void append(std::string& s, char v) { s += v; }
 inline void append(std::string& s, bool v) { s += v ? "True" : "False"; }
 inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+// As Python's repr(float) writes it, for the usual values: shortest round-trip digits, "0.0" not "0".
 inline void append(std::string& s, double v) {
   char buf[40];
-  std::snprintf(buf, sizeof(buf), "%g", v);
-  s += buf;
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof(buf), "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string out = buf;
+  if (out.find_first_of(".eni") == std::string::npos) out += ".0";  // not 1e+20, inf, nan
+  s += out;
 }
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 inline void append(std::string& s, T v) {
