@@ -79,7 +79,17 @@ class VectorMatMulOp(InferenceOp):
                 return slow(input, weight, async_op)
             return impl(input, weight, bool(async_op), q_scale, quantized, transposed)
 
-        return fast
+        def fast_plain(input, weight, async_op=False):
+            # A float, [K, N] config: every argument after weight is its schema default, and each argument
+            # passed costs ~0.4 us in torch's op-call argument parsing. async_op is a hint no backend reads.
+            try:
+                usual = weight.dtype is not int8 and not (
+                    grad_enabled() and (input.requires_grad or weight.requires_grad))
+            except AttributeError:
+                usual = False
+            return impl(input, weight) if usual else slow(input, weight, async_op)
+
+        return fast_plain if not quantized and not transposed else fast
 
     @staticmethod
     def _triton_autotune(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype: torch.dtype = torch.float16,
