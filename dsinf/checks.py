@@ -201,7 +201,8 @@ def check_linear(op: str, input, weight, bias, add_bias, do_flash_attn, num_head
     _check_bias(op, bias, add_bias, input, shape.N)
     qkv = None
     if do_flash_attn:
-        qkv = check_qkv(op, shape.K, shape.N, shape.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset)
+        qkv = check_qkv(op, shape.K, shape.N, shape.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta,
+                        seq_offset)
     return shape, qkv
 
 

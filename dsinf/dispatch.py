@@ -253,7 +253,8 @@ PROBES: dict[str, Callable[[Request, Environment, bool], Probe]] = {
 
 # --- the decision ---------------------------------------------------------------------------------
 
-def choose(request: Request, probes: Iterable[Probe], *, allow_fallback: bool = True, owner: str = "") -> BackendDecision:
+def choose(request: Request, probes: Iterable[Probe], *, allow_fallback: bool = True,
+           owner: str = "") -> BackendDecision:
     """The first ok probe wins (probes are consumed lazily, in priority order).
 
     Raises `BackendUnavailableError` when none is ok, or when the winner needed a fallback and

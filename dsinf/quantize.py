@@ -69,8 +69,9 @@ def quantize_int8(weight: torch.Tensor, groups: int | None = None, transposed_mo
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).to(torch.float32)
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
         big = float(absmax.max())
+        limit = torch.finfo(torch.float32).max
         raise InputError(op, "weight", f"max |w| = {big:.6g} is outside what float32 scales can represent "
-                                       f"(|w| / 127 must be a positive finite float32: at most {torch.finfo(torch.float32).max:.6g}, not 0)")
+                                       f"(|w| / 127 must be a positive finite float32: at most {limit:.6g}, not 0)")
     q = torch.round(blocks / scale.to(torch.float64)[:, None]).clamp_(-127, 127)
     q = q.to(torch.int8).reshape(N, K).contiguous()
     q.scale = scale.contiguous()

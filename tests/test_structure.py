@@ -44,7 +44,8 @@ def test_every_op_module_has_a_spec():
 
 def test_every_library_function_has_a_spec():
     library.define()
-    defined = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names() if op.startswith("dsinf::")}
+    defined = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+               if op.startswith("dsinf::")}
     assert defined == set(library.functions())
     assert all(op_spec.spec_of_function(f) is not None for f in defined)
 
@@ -107,7 +108,8 @@ def _code_without_docs(path: Path) -> str:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)):
             node.body = body[1:] or [ast.Pass()]
     tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
     return ast.unparse(tree)
