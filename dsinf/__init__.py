@@ -28,7 +28,7 @@ _EXPORTS = {
     "BackendUnavailableError": "dispatch",
     "Decision": "dispatch",
 }
-_SUBMODULES = ("bench", "checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
+_SUBMODULES = ("checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
 
 __all__ = sorted([*_EXPORTS, "reference"])
 
