@@ -45,7 +45,8 @@ def select(only: set[str], device: str, build_times: bool | None) -> tuple[list[
     if not only:
         chosen = [s.name for s in SECTIONS if s.default and device in s.devices]
     else:
-        chosen = [s.name for s in SECTIONS if s.name in only or (named_parts and s.name == device)]
+        alone = named_parts and not only & {"cpu", "cuda"}  # parts without an ops section: the device's
+        chosen = [s.name for s in SECTIONS if s.name in only or (alone and s.name == device)]
     if build_times is False and "build" in chosen:
         chosen.remove("build")
     return chosen, parts
