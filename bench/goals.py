@@ -91,6 +91,7 @@ def margin(goal: Goal, value: float) -> float | None:
 
 
 def judge(goal: Goal, m: Measured, loaded: bool = False) -> dict[str, Any]:
+    """`loaded`: the machine was loaded while this goal was timed on the host."""
     g = {"key": goal.key, "goal": goal.text, "target": f"{goal.cmp} {goal.target:g}{goal.unit}",
          "value": m.value, "unit": goal.unit, "lo": m.lo, "hi": m.hi, "detail": m.detail}
     if m.value is None:
@@ -102,7 +103,7 @@ def judge(goal: Goal, m: Measured, loaded: bool = False) -> dict[str, Any]:
     text = (f"{goal.target - m.value:+.1f}{goal.unit}" if goal.unit == "us"
             else f"{mg * 100:+.0f}%" if mg is not None else "")
     g.update(margin=mg, margin_text=text, leans="PASS" if ok else "MISS")
-    if goal.host and loaded:
+    if loaded:
         g.update(status="noisy", why="machine loaded (load average above half the cores)")
     elif m.lo is not None and m.hi is not None and m.hi - m.lo > abs(m.value - goal.target):
         g.update(status="noisy", why=f"spread {m.lo:.3g}..{m.hi:.3g} wider than the margin to {goal.target:g}")
@@ -245,11 +246,13 @@ METRICS: dict[str, Callable[[Report], Measured]] = {
 
 
 def evaluate(report: Report, device: str, loaded: bool) -> list[dict[str, Any]]:
-    """Every goal, judged. A goal of another device than this run's reads "not measured" with why."""
+    """Every goal, judged. A goal of another device than this run's reads "not measured" with why; a
+    goal of any device is host-timed in a CPU run."""
     out = []
     for goal in GOALS:
         m = METRICS[goal.metric](report)
         if m.value is None and goal.device not in ("any", device):
             m.why = f"{goal.device} goal; this run: --device {device}"
-        out.append(judge(goal, m, loaded))
+        host = goal.host or (goal.device == "any" and device == "cpu")
+        out.append(judge(goal, m, loaded and host))
     return out

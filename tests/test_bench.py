@@ -119,9 +119,7 @@ def test_judge_pass_miss_noisy_not_measured():
     assert noisy["status"] == "noisy" and noisy["leans"] == "PASS" and "spread" in noisy["why"]
     assert judge(G, Measured(1.5))["status"] == "PASS"  # no spread known: judged on the value
     assert judge(G, Measured(None, why="x"))["status"] == "not measured"
-    # a loaded machine makes host-side goals noisy, not device-side ones
     assert judge(HOST, Measured(0.5, 0.4, 0.6), loaded=True)["status"] == "noisy"
-    assert judge(G, Measured(1.5, 1.45, 1.55), loaded=True)["status"] == "PASS"
     assert judge(HOST, Measured(3.0, 2.9, 3.1))["status"] == "MISS"
     assert judge(HOST, Measured(3.0))["margin_text"] == "-1.0us"
 
@@ -166,6 +164,18 @@ def test_evaluate_picks_the_worst_row_and_the_right_peer():
     assert got["cuda.int8.bw_large"]["value"] == pytest.approx(
         rep.rows[0].case.bytes / 10.0 / 1e3 / 4000.0 * 100)
     assert got["cpu.qkv"]["status"] == "not measured"
+
+
+def test_a_loaded_machine_makes_host_side_goals_noisy_only():
+    rep = Report(args={})
+    rep.rows = [_row("cuda", "decode", 4096, 4096, ours=10.0, torch=15.0)]
+    rep.host_cost["cpu"] = {"op": {"us": 9.0, "diff_us": 5.0, "diff_lo": 4.9, "diff_hi": 5.1}}
+    on_gpu = {g["key"]: g["status"] for g in evaluate(rep, "cuda", loaded=True)}
+    assert on_gpu["cuda.decode.vs_torch_4096"] == "PASS" and on_gpu["never_slower"] == "PASS"
+    assert on_gpu["host.cpu"] == "noisy"
+    on_cpu = {g["key"]: g["status"] for g in evaluate(rep, "cpu", loaded=True)}
+    assert on_cpu["never_slower"] == "noisy"  # a CPU run times its rows on the host
+    assert {g["key"]: g["status"] for g in evaluate(rep, "cpu", loaded=False)}["host.cpu"] == "MISS"
 
 
 def test_evaluate_without_measurements_says_why():
