@@ -231,6 +231,21 @@ def test_new_op_rows_run_without_the_op(case):
     assert ours.status == "ok" or (ours.status == "n/a" and ours.reason.startswith("not available: dsinf has no"))
 
 
+@pytest.mark.parametrize("case", [
+    Case("cuda", "int8", "vector_matmul", "fp16", "int8", 4, 1, 64, 96),
+    Case("cuda", "decode", "vector_matmul", "fp16", "kn", 1, 1, 64, 96),
+    Case("cuda", "prefill", "linear", "fp16", "nk", 1, 16, 64, 96),
+    Case("cuda", "qkv", "qkv", "fp16", "kn", 2, 1, 256, 768, 2, 128, 100),
+], ids=lambda c: c.part)
+def test_cuda_plan_implementations_check_against_the_reference(case):
+    """The CUDA plan's torch peers, on CPU tensors: each passes the reference check; ours and Triton
+    (not loaded here) read n/a with the reason, never crash."""
+    row = run_case(case, Env("cuda", device="cpu"), _quick_timer)
+    assert not row.note
+    assert row.impls["torch"].status == "ok"
+    assert row.impls["ours"].status == "n/a" and row.impls["triton"].status == "n/a"
+
+
 def test_cpu_int8_peer_is_aten_with_bf16_activations():
     env = Env("cpu")
     _, bf16 = build_impls(Case("cpu", "int8", "vector_matmul", "bf16", "int8", 1, 1, 64, 48), env)
