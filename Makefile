@@ -27,7 +27,7 @@ test-gpu:
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench:
-	$(PYTHON) -m dsinf.bench
+	$(PYTHON) -m bench
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache op_builder/prebuilt

@@ -27,8 +27,7 @@ _EXPORTS = {
     "BackendUnavailableError": "dispatch",
     "BackendDecision": "dispatch",
 }
-_SUBMODULES = ("bench", "builder", "checks", "config", "dispatch", "library", "ops", "quantize", "reference",
-               "triton")
+_SUBMODULES = ("builder", "checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run time
     from . import reference

@@ -1,0 +1,211 @@
+"""Timers: CPU wall time in interleaved rounds, CUDA events around CUDA-graph batches, best-of-N host
+cost, and what makes a measurement noisy (machine load, spread of samples).
+
+Every timer returns a `Timing`: the median per call, and `lo`/`hi`, the spread of its samples
+(CPU: the fastest and slowest round's median; CUDA: the quartiles of the batches). A goal whose
+margin is smaller than that spread is judged "noisy", not PASS or MISS.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+#: A timed function: fn(i) runs one call on buffer copy i % copies.
+Fns = dict[str, tuple[Callable[[int], Any], int]]
+
+#: Load average per core above which CPU times are noisy (other processes compete for the cores).
+LOADED_PER_CORE = 0.5
+
+
+@dataclass
+class Timing:
+    us: float  # median per call
+    lo: float  # spread of the samples (see module docstring)
+    hi: float
+    samples: int
+    calls: int  # calls per sample
+    method: str = ""  # how: "wall", "graph", "eager-parked", "best-of"
+
+
+def spread(samples: list[float]) -> tuple[float, float]:
+    """(lo, hi) of samples: quartiles from 4 samples on (one outlier batch does not widen it), else
+    min and max."""
+    if len(samples) >= 4:
+        q = statistics.quantiles(samples, n=4)
+        return q[0], q[2]
+    return min(samples), max(samples)
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores); load 0.0 where the OS has no load average."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return load, os.cpu_count() or 1
+
+
+def is_loaded(load: float, cores: int) -> bool:
+    return load > LOADED_PER_CORE * cores
+
+
+def cpu_l3_bytes() -> int:
+    """Largest CPU cache from sysfs (the L3 on x86); 32 MiB when unknown."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (d / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            best = max(best, int(size.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
+
+
+def time_cpu(fns: Fns, min_time: float, rounds: int = 5, min_calls: int = 3) -> dict[str, Timing]:
+    """Median per-call wall time of each fn, in `rounds` interleaved rounds (a noisy neighbour hits
+    every implementation alike); the spread is that of the rounds' medians."""
+    per_call: dict[str, list[float]] = {n: [] for n in fns}
+    round_medians: dict[str, list[float]] = {n: [] for n in fns}
+    counters = {n: 0 for n in fns}
+    for fn, copies in fns.values():  # warm up: caches, allocator, oneDNN primitive creation
+        t_end = time.perf_counter() + min(0.05, min_time / 4)
+        for i in range(max(2, copies)):
+            fn(i % copies)
+        while time.perf_counter() < t_end:
+            fn(0)
+    per_round = min_time / rounds
+    for _ in range(rounds):
+        for name, (fn, copies) in fns.items():
+            t_end = time.perf_counter() + per_round
+            this: list[float] = []
+            while len(this) < max(1, min_calls // rounds) or time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                fn(counters[name] % copies)
+                this.append(time.perf_counter() - t0)
+                counters[name] += 1
+            per_call[name].extend(this)
+            round_medians[name].append(statistics.median(this))
+    out = {}
+    for name, s in per_call.items():
+        lo, hi = min(round_medians[name]), max(round_medians[name])
+        out[name] = Timing(statistics.median(s) * 1e6, lo * 1e6, hi * 1e6, len(s), 1, "wall")
+    return out
+
+
+def best_of(fn: Callable[[], Any], calls: int, repeats: int, sync: Callable[[], None] = lambda: None) -> Timing:
+    """Host cost per call: `repeats` loops of `calls` calls each, the best loop's time / calls (the
+    least disturbed); the spread is best .. median loop."""
+    for _ in range(max(3, calls // 10)):
+        fn()
+    sync()
+    loops = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        loops.append((time.perf_counter() - t0) / calls * 1e6)
+    return Timing(min(loops), min(loops), statistics.median(loops), repeats, calls, "best-of")
+
+
+class CudaTimer:
+    """Per-call GPU time of back-to-back calls, from CUDA events around batches, median over batches
+    interleaved between implementations.
+
+    A batch of n calls (rotating over buffer copies larger than L2, so decode reads come from memory)
+    is captured once as a CUDA graph and replayed: the GPU runs the kernels back to back without
+    Python's launch latency between them (for µs-scale decode kernels the two differ 2x). An
+    implementation that cannot be captured is run eagerly instead, after parking the GPU in
+    `torch.cuda._sleep` long enough for the host to enqueue the whole batch (method "eager-parked").
+    """
+
+    def __init__(self, batch_ms: float, reps: int):
+        import torch
+
+        self.torch = torch
+        self.batch_ms = batch_ms
+        self.reps = reps
+        self._sleep = getattr(torch.cuda, "_sleep", None)
+        self.cycles_per_ms = 0.0
+        if self._sleep is not None:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._sleep(1000)
+            s.record()
+            self._sleep(2_000_000)
+            e.record()
+            torch.cuda.synchronize()
+            self.cycles_per_ms = 2_000_000 / max(1e-3, s.elapsed_time(e))
+
+    def _park(self, host_ms: float) -> None:
+        if self._sleep is not None and self.cycles_per_ms > 0:
+            self._sleep(int(self.cycles_per_ms * (1.3 * host_ms + 0.05)))
+
+    def _capture(self, fn: Callable[[int], Any], copies: int, n: int):
+        """A CUDA graph of n calls, or None when the calls cannot be captured."""
+        torch = self.torch
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+                for i in range(min(3, n)):
+                    fn(i % copies)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(n):
+                    fn(i % copies)
+            torch.cuda.synchronize()
+            return graph
+        except Exception:  # noqa: BLE001 - not capturable (host sync, CPU work): eager batches instead
+            torch.cuda.synchronize()
+            return None
+
+    def measure(self, fns: Fns) -> dict[str, Timing]:
+        torch = self.torch
+        plan: dict[str, tuple[int, float, Any]] = {}
+        for name, (fn, copies) in fns.items():
+            for i in range(max(3, copies)):  # warm up (first calls may compile or autotune)
+                fn(i % copies)
+            torch.cuda.synchronize()
+            probe = max(4, copies)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._park(5.0)
+            t0 = time.perf_counter()
+            s.record()
+            for i in range(probe):
+                fn(i % copies)
+            e.record()
+            host_ms = (time.perf_counter() - t0) * 1e3 / probe
+            torch.cuda.synchronize()
+            est_ms = max(1e-4, s.elapsed_time(e) / probe)
+            n = max(copies, min(2000, math.ceil(self.batch_ms / est_ms)))
+            plan[name] = (n, host_ms * n, self._capture(fn, copies, n))
+        samples: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(self.reps):
+            events = []
+            for name, (fn, copies) in fns.items():
+                n, host_ms, graph = plan[name]
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if graph is None:
+                    self._park(host_ms)
+                s.record()
+                if graph is not None:
+                    graph.replay()
+                else:
+                    for i in range(n):
+                        fn(i % copies)
+                e.record()
+                events.append((name, n, s, e))
+            torch.cuda.synchronize()
+            for name, n, s, e in events:
+                samples[name].append(s.elapsed_time(e) * 1e3 / n)
+        out = {}
+        for name, s in samples.items():
+            lo, hi = spread(s)
+            n, _, graph = plan[name]
+            out[name] = Timing(statistics.median(s), lo, hi, len(s), n,
+                               "graph" if graph is not None else "eager-parked")
+        return out

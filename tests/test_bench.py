@@ -1,0 +1,274 @@
+"""The benchmark's pure parts (cases, byte/FLOP counts, goal evaluation, section selection, tables)
+and one end-to-end run of a cheap section in a child process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import goals, sections
+from bench.cases import CPU_INT8_SHAPES, Case, copies_for, cpu_cases, cuda_cases
+from bench.env import Env, Unavailable
+from bench.goals import GOALS, Goal, Measured, evaluate, judge
+from bench.impls import build_impls, run_case
+from bench.ops import PART_TABLES, part_table, row_cells
+from bench.report import goals_table
+from bench.results import ImplResult, Report, Row
+from bench.tables import Column, Table
+from bench.timing import Timing, spread, time_cpu
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- cases: bytes and FLOPs ---------------------------------------------------------------------------
+
+def test_bytes_and_flops_of_each_op():
+    vm = Case("cuda", "decode", "vector_matmul", "fp16", "kn", 1, 1, 4096, 4096)
+    assert vm.M == 1 and vm.weight_bytes == 4096 * 4096 * 2
+    assert vm.bytes == 4096 * 4096 * 2 + 4096 * 2 + 4096 * 2  # weight, x, out
+    assert vm.flops == 2 * 4096 * 4096
+    i8 = Case("cuda", "int8", "vector_matmul", "fp16", "int8", 4, 1, 4096, 12288)
+    assert i8.M == 4 and i8.weight_bytes == 4096 * 12288
+    assert i8.bytes == 4096 * 12288 + 4 * 4096 * 2 + 4 * 12288 * 2 + 12288 * 4  # + fp32 scales
+    lin = Case("cpu", "prefill", "linear", "fp32", "nk", 1, 512, 4096, 4096)
+    assert lin.bytes == 4096 * 4096 * 4 + 512 * 4096 * 4 * 2 + 4096 * 4  # + bias
+    mlp = Case("cuda", "mlp", "mlp", "fp16", "nk", 8, 1, 4096, 14336)
+    assert mlp.weight_bytes == 3 * 4096 * 14336 * 2  # gate, up, down
+    assert mlp.bytes == mlp.weight_bytes + 4 * 8 * 4096 * 2 + 4096 * 2
+    assert mlp.flops == 3 * 2 * 8 * 4096 * 14336
+    rms = Case("cuda", "rmsnorm", "pre_rms_norm", "fp16", "nk", 1, 256, 8192, 8192)
+    assert rms.bytes == 4 * 256 * 8192 * 2 + 8192 * 2 and rms.flops == 0
+
+
+def test_copies_cover_the_cache_within_bounds():
+    assert copies_for(16 << 20, 50 << 20, 4.0, 2, 16) == 13  # ceil(200 / 16)
+    assert copies_for(400 << 20, 50 << 20, 4.0, 2, 16) == 2  # lower bound
+    assert copies_for(1, 50 << 20, 4.0, 2, 16) == 16  # upper bound
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_plans_cover_the_goals(quick):
+    cpu, cuda = cpu_cases(quick), cuda_cases(quick)
+    for plan in (cpu, cuda):
+        assert len({c.label for c in plan}) == len(plan), "every case has its own label"
+    # CPU int8 goal: both shapes with bf16 activations; QKV goal at M=128
+    assert {(c.K, c.N) for c in cpu if c.part == "int8" and c.dtype == "bf16"} == set(CPU_INT8_SHAPES)
+    assert any(c.part == "qkv" and c.M == 128 for c in cpu)
+    # CUDA goals: large int8/decode shapes at M<=8, 4096x4096, both layouts, [N,K] prefill, MLP M in {1,8}
+    assert any(c.part == "int8" and c.M <= 8 and c.K * c.N >= goals.LARGE for c in cuda)
+    assert {c.layout for c in cuda if c.part == "decode" and c.K * c.N >= goals.LARGE and c.M <= 8} == {"kn", "nk"}
+    assert any(c.part == "decode" and (c.K, c.N) == (4096, 4096) for c in cuda)
+    assert any(c.part == "prefill" and c.layout == "nk" for c in cuda)
+    assert sorted(c.M for c in cuda if c.part == "mlp") == [1, 8]
+    assert {c.K for c in cuda if c.part == "rmsnorm" and c.M >= 256} == {4096, 8192}
+
+
+# --- tables ---------------------------------------------------------------------------------------------
+
+def test_table_names_every_column_and_prints_the_min_ratio():
+    t = Table("t", [Column("case", 10, left=True), Column("ratio", 6)])
+    header = t.header()[1]
+    assert "case" in header and "ratio" in header
+    t.row(["a", "1.50x"], [1.5], "row a")
+    t.row(["b", "0.90x"], [0.9], "row b")
+    t.row(["c", "n/a"], [None], "row c")
+    assert t.footer().strip() == "min ratio (torch/ours): 0.90x at row b (over 2 ratios in 3 rows)"
+    with pytest.raises(ValueError, match="name"):
+        Table("bad", [Column("case", 10), Column(" ", 6)])
+    with pytest.raises(ValueError, match="cells"):
+        t.row(["only one"])
+    assert "n/a" in Table("e", [Column("x", 3)]).footer()
+
+
+@pytest.mark.parametrize("key", sorted(PART_TABLES))
+def test_every_ops_table_names_each_cell(key):
+    section, part = key
+    table, extras = part_table(section, part)
+    assert all(c.name.strip() for c in table.columns)
+    case = Case(section, part, "vector_matmul", "fp16", "nk", 1, 1, 64, 64)
+    t = Timing(10.0, 9.0, 11.0, 5, 1)
+    row = Row(case, {n: ImplResult(n, "ok", timing=t) for n in ("ours", "torch", *extras)})
+    line = table.row(row_cells(row, extras, 100.0), [row.ratio()])
+    assert len(line.split()) >= len(table.columns)
+    assert "1.00x" in table.footer()
+
+
+def test_goals_table_lists_every_goal():
+    lines = goals_table(evaluate(Report(args={}), "cpu", loaded=False))
+    text = "\n".join(lines)
+    for g in GOALS:
+        assert g.text[:54] in text
+    assert "min ratio" in lines[-1]
+
+
+# --- goals --------------------------------------------------------------------------------------------
+
+G = Goal("k", "a ratio goal", ">=", 1.2, "x", "never_slower")
+HOST = Goal("h", "a host goal", "<=", 2.0, "us", "host_cpu", host=True)
+
+
+def test_judge_pass_miss_noisy_not_measured():
+    assert judge(G, Measured(1.5, 1.45, 1.55))["status"] == "PASS"
+    assert judge(G, Measured(1.0, 0.98, 1.02))["status"] == "MISS"
+    noisy = judge(G, Measured(1.25, 1.1, 1.4))  # spread 0.3 wider than margin 0.05
+    assert noisy["status"] == "noisy" and noisy["leans"] == "PASS" and "spread" in noisy["why"]
+    assert judge(G, Measured(1.5))["status"] == "PASS"  # no spread known: judged on the value
+    assert judge(G, Measured(None, why="x"))["status"] == "not measured"
+    assert judge(HOST, Measured(0.5, 0.4, 0.6), loaded=True)["status"] == "noisy"
+    assert judge(HOST, Measured(3.0, 2.9, 3.1))["status"] == "MISS"
+    assert judge(HOST, Measured(3.0))["margin_text"] == "-1.0us"
+
+
+def test_issue_goals_are_listed_with_their_thresholds():
+    want = {
+        "cuda.int8.bw_large": (">=", 85.0), "cuda.int8.vs_fp16_large": (">=", 1.8),
+        "cuda.int8.vs_fp16_4096": (">=", 1.6), "cuda.decode.bw_large": (">=", 90.0),
+        "cuda.decode.vs_torch_4096": (">=", 1.25), "cuda.decode.vs_torch_all": (">=", 1.0),
+        "never_slower": (">=", 0.98), "triton.decode": ("<=", 1.1), "triton.prefill": (">=", 0.9),
+        "cpu.int8_vs_aten": (">=", 1.2), "cpu.qkv": (">=", 1.2), "build.all": ("<=", 1.1),
+        "build.cuda.cold": ("<=", 10.0), "host.cpu": ("<=", 2.0), "host.cuda": ("<=", 2.0),
+        "mlp.vs_eager": (">=", 1.3), "mlp.vs_2gemm": (">=", 0.98), "rmsnorm.bw": (">=", 80.0),
+    }
+    have = {g.key: (g.cmp, g.target) for g in GOALS}
+    assert {k: have.get(k) for k in want} == want
+    assert all(g.metric in goals.METRICS for g in GOALS)
+
+
+def _row(section, part, K, N, M=1, layout="nk", **us):
+    case = Case(section, part, "vector_matmul", "fp16", layout, M, 1, K, N)
+    return Row(case, {n: ImplResult(n, "ok", timing=Timing(t, t * 0.99, t * 1.01, 15, 100)) for n, t in us.items()})
+
+
+def test_evaluate_picks_the_worst_row_and_the_right_peer():
+    rep = Report(args={})
+    rep.ceilings["cuda_copy_GBs"] = 4000.0
+    rep.rows = [
+        # int8: torch fp16 is the faster of its two layouts (kn here): 20/10 = 2.0, not 30/10
+        _row("cuda", "int8", 4096, 12288, layout="int8", ours=10.0, torch=30.0, torch_kn=20.0),
+        _row("cuda", "int8", 4096, 14336, M=8, layout="int8", ours=10.0, torch=19.0, torch_kn=25.0),
+        _row("cuda", "decode", 4096, 4096, ours=10.0, torch=13.0),
+        _row("cuda", "decode", 4096, 4096, M=8, layout="kn", ours=10.0, torch=12.0),
+    ]
+    got = {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}
+    assert got["cuda.int8.vs_fp16_large"]["value"] == pytest.approx(1.9)
+    assert "4096x14336" in got["cuda.int8.vs_fp16_large"]["detail"]
+    assert got["cuda.decode.vs_torch_4096"]["value"] == pytest.approx(1.2)
+    assert got["cuda.decode.vs_torch_4096"]["status"] == "MISS"
+    # never slower: min over rows of the fastest torch peer
+    assert got["never_slower"]["value"] == pytest.approx(1.2)
+    assert got["cuda.int8.bw_large"]["value"] == pytest.approx(
+        rep.rows[0].case.bytes / 10.0 / 1e3 / 4000.0 * 100)
+    assert got["cpu.qkv"]["status"] == "not measured"
+
+
+def test_a_loaded_machine_makes_host_side_goals_noisy_only():
+    rep = Report(args={})
+    rep.rows = [_row("cuda", "decode", 4096, 4096, ours=10.0, torch=15.0)]
+    rep.host_cost["cpu"] = {"op": {"us": 9.0, "diff_us": 5.0, "diff_lo": 4.9, "diff_hi": 5.1}}
+    on_gpu = {g["key"]: g["status"] for g in evaluate(rep, "cuda", loaded=True)}
+    assert on_gpu["cuda.decode.vs_torch_4096"] == "PASS" and on_gpu["never_slower"] == "PASS"
+    assert on_gpu["host.cpu"] == "noisy"
+    on_cpu = {g["key"]: g["status"] for g in evaluate(rep, "cpu", loaded=True)}
+    assert on_cpu["never_slower"] == "noisy"  # a CPU run times its rows on the host
+    assert {g["key"]: g["status"] for g in evaluate(rep, "cpu", loaded=False)}["host.cpu"] == "MISS"
+
+
+def test_evaluate_without_measurements_says_why():
+    got = evaluate(Report(args={}), "cpu", loaded=True)
+    assert [g["key"] for g in got] == [g.key for g in GOALS]
+    assert all(g["status"] == "not measured" and g["why"] for g in got)
+    assert next(g for g in got if g["key"] == "mlp.vs_eager")["why"] == "cuda goal; this run: --device cpu"
+
+
+def test_spread_uses_quartiles_from_four_samples():
+    assert spread([1.0, 2.0, 3.0]) == (1.0, 3.0)
+    lo, hi = spread([1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 100.0])
+    assert hi < 100.0 and lo > 1.0
+
+
+# --- section selection ----------------------------------------------------------------------------------
+
+def test_select_sections():
+    parts = set(sections.OPS_PARTS)
+    assert sections.select(set(), "cpu", None) == (["build", "cpu", "hostcost"], parts)
+    assert sections.select(set(), "cuda", False) == (["cuda", "hostcost"], parts)
+    assert sections.select({"int8"}, "cpu", None) == (["cpu"], {"int8"})
+    assert sections.select({"cuda", "decode"}, "cpu", None) == (["cuda"], {"decode"})
+    assert sections.select({"build"}, "cpu", False) == ([], parts)
+    assert sections.select({"e2e", "hostcost"}, "cpu", None) == (["hostcost", "e2e"], parts)
+    with pytest.raises(ValueError, match="nope"):
+        sections.select({"nope"}, "cpu", None)
+
+
+def test_an_optional_section_whose_module_is_missing_is_not_available():
+    missing = sections.Section("x", "bench.no_such_module:run", "", optional=True)
+    assert sections.resolve(missing).startswith("not available")
+    with pytest.raises(ModuleNotFoundError):
+        sections.resolve(sections.Section("x", "bench.no_such_module:run", ""))
+    assert callable(sections.resolve(sections.BY_NAME["hostcost"]))
+
+
+# --- implementations (small shapes on the CPU) -------------------------------------------------------
+
+def _quick_timer(fns):
+    return time_cpu(fns, 0.01, rounds=1)
+
+
+@pytest.mark.parametrize("case", [Case("cpu", "mlp", "mlp", "fp32", "nk", 2, 1, 64, 96),
+                                  Case("cpu", "rmsnorm", "pre_rms_norm", "fp32", "nk", 1, 3, 72, 72)])
+def test_new_op_rows_run_without_the_op(case):
+    """Until dsinf has MLPGemmOp / PreRMSNormOp, ours reads "not available"; torch's chains pass the check."""
+    row = run_case(case, Env("cpu"), _quick_timer)
+    assert not row.note
+    torch_impls = [n for n in row.impls if n != "ours"]
+    assert torch_impls and all(row.impls[n].status == "ok" and row.us(n) for n in torch_impls)
+    ours = row.impls["ours"]
+    assert ours.status == "ok" or (ours.status == "n/a" and ours.reason.startswith("not available: dsinf has no"))
+
+
+@pytest.mark.parametrize("case", [
+    Case("cuda", "int8", "vector_matmul", "fp16", "int8", 4, 1, 64, 96),
+    Case("cuda", "decode", "vector_matmul", "fp16", "kn", 1, 1, 64, 96),
+    Case("cuda", "prefill", "linear", "fp16", "nk", 1, 16, 64, 96),
+    Case("cuda", "qkv", "qkv", "fp16", "kn", 2, 1, 256, 768, 2, 128, 100),
+], ids=lambda c: c.part)
+def test_cuda_plan_implementations_check_against_the_reference(case):
+    """The CUDA plan's torch peers, on CPU tensors: each passes the reference check; ours and Triton
+    (not loaded here) read n/a with the reason, never crash."""
+    row = run_case(case, Env("cuda", device="cpu"), _quick_timer)
+    assert not row.note
+    assert row.impls["torch"].status == "ok"
+    assert row.impls["ours"].status == "n/a" and row.impls["triton"].status == "n/a"
+
+
+def test_cpu_int8_peer_is_aten_with_bf16_activations():
+    env = Env("cpu")
+    _, bf16 = build_impls(Case("cpu", "int8", "vector_matmul", "bf16", "int8", 1, 1, 64, 48), env)
+    _, fp32 = build_impls(Case("cpu", "int8", "vector_matmul", "fp32", "int8", 1, 1, 64, 48), env)
+    assert set(bf16) == {"ours", "torch", "dense"} and set(fp32) == {"ours", "torch"}
+    assert isinstance(bf16["ours"], Unavailable)  # the module was not loaded in this Env
+    assert bf16["torch"].fn(0).dtype == torch.bfloat16
+    row = run_case(Case("cpu", "int8", "vector_matmul", "bf16", "int8", 1, 1, 64, 48), env, _quick_timer)
+    assert row.impls["torch"].status == "ok" and row.impls["dense"].status == "ok"
+
+
+# --- end to end -------------------------------------------------------------------------------------------
+
+def test_quick_cpu_run_of_a_cheap_section(tmp_path, cpu_module):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "bench", "--device", "cpu", "--quick", "--only", "hostcost",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "min ratio (torch/ours)" in p.stdout and "== summary ==" in p.stdout
+    data = json.loads(out.read_text())
+    calls = data["host_cost"]["cpu"]
+    assert len(calls) == 6 and all("us" in d for d in calls.values()), calls
+    assert [g["key"] for g in data["goals"]] == [g.key for g in GOALS]
+    host = next(g for g in data["goals"] if g["key"] == "host.cpu")
+    assert host["status"] in ("PASS", "MISS", "noisy") and host["value"] is not None
