@@ -297,6 +297,7 @@ def test_cuda_kernels_compile(source, arch, tmp_path):
            "-Xptxas", "-v,-warn-spills", "-Werror", "all-warnings", f"-I{INCLUDE}", "-c", str(CUDA_DIR / source),
            "-o", str(tmp_path / "k.o")]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    spills = [ln for ln in done.stderr.splitlines() if "spill" in ln and not ln.strip().endswith("0 bytes spill loads")]
-    assert not [ln for ln in spills if " 0 bytes spill stores, 0 bytes spill loads" not in ln], spills
+    assert done.returncode == 0, done.stderr  # -warn-spills + -Werror: a register spill fails the build
+    # No local-memory arrays either (a register array indexed at run time lands in a stack frame).
+    frames = [ln for ln in done.stderr.splitlines() if "stack frame" in ln and not ln.strip().startswith("0 bytes")]
+    assert not frames, frames

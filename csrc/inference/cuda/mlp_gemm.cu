@@ -99,7 +99,7 @@ __device__ __forceinline__ void warp_allreduce(float (&v)[V]) {
 
 // ------------------------------------------------------------------------------------------------ [N, K]
 template <typename T, typename WT, int MB>
-__global__ void __launch_bounds__(kThreads) gated_nk_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, 1) gated_nk_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                             const float* __restrict__ scale, int rows_per_group,
                                                             T* __restrict__ out, int M, int K, int I, int activation) {
   constexpr int E = WPack<WT>::E, U = 2;
@@ -147,16 +147,21 @@ __global__ void __launch_bounds__(kThreads) gated_nk_kernel(const T* __restrict_
     }
   }
   warp_allreduce(acc);
-  // Lane l stores output (m, p) = (l / 2, l % 2).
-  const int m = lane >> 1, p = lane & 1;
-  if (m < M && p < pair) {
-    float up = acc[p * MB + m], gate = acc[(2 + p) * MB + m];
-    if (scale) {
-      up *= __ldg(scale + rows[p] / rows_per_group);
-      gate *= __ldg(scale + rows[2 + p] / rows_per_group);
+  // Lane 2m + p stores output (m, j + p); constant register indices in every branch (a computed index
+  // would put acc in local memory).
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (lane == 2 * m + p && m < M && p < pair) {
+        float up = acc[p * MB + m], gate = acc[(2 + p) * MB + m];
+        if (scale) {
+          up *= __ldg(scale + (j + p) / rows_per_group);
+          gate *= __ldg(scale + (I + j + p) / rows_per_group);
+        }
+        out[static_cast<size_t>(m) * I + j + p] = Act<T>::from_float(gated(activation, gate, up));
+      }
     }
-    out[static_cast<size_t>(m) * I + j + p] = Act<T>::from_float(gated(activation, gate, up));
-  }
 }
 
 // ------------------------------------------------------------------------------------------------ [K, N]
@@ -185,7 +190,7 @@ __device__ __forceinline__ void load4(const T* p, bool ok, float (&f)[4]) {
 }
 
 template <typename T, int MB>
-__global__ void __launch_bounds__(kThreads) gated_kn_kernel(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, 1) gated_kn_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                             T* __restrict__ out, int M, int K, int I, int activation) {
   constexpr int P = MB * 2 * kKnTile;  // per warp: [m][up | gate][column]
   __shared__ float red[kWarps * P];
@@ -269,7 +274,7 @@ __device__ __forceinline__ float weight_value<int8_t>(const int8_t* w, size_t i)
 
 // One warp per output column j; lanes stride K. Any shape, any alignment.
 template <typename T, typename WT>
-__global__ void __launch_bounds__(kThreads) gated_scalar_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, 1) gated_scalar_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                                 bool w_nk, const float* __restrict__ scale,
                                                                 int rows_per_group, T* __restrict__ out, int M, int K,
                                                                 int I, int activation) {
@@ -293,19 +298,16 @@ __global__ void __launch_bounds__(kThreads) gated_scalar_kernel(const T* __restr
     }
   }
   warp_allreduce(acc);
-  if (lane < M) {
-    float up = 0.f, gate = 0.f;
 #pragma unroll
-    for (int m = 0; m < kMaxM; ++m)  // select acc[lane] without dynamic register indexing
-      if (m == lane) {
-        up = acc[m];
-        gate = acc[kMaxM + m];
+  for (int m = 0; m < kMaxM; ++m) {
+    if (lane == m && m < M) {  // constant register indices (see gated_nk_kernel)
+      float up = acc[m], gate = acc[kMaxM + m];
+      if (scale) {
+        up *= __ldg(scale + j / rows_per_group);
+        gate *= __ldg(scale + (I + j) / rows_per_group);
       }
-    if (scale) {
-      up *= __ldg(scale + j / rows_per_group);
-      gate *= __ldg(scale + (I + j) / rows_per_group);
+      out[static_cast<size_t>(m) * I + j] = Act<T>::from_float(gated(activation, gate, up));
     }
-    out[static_cast<size_t>(lane) * I + j] = Act<T>::from_float(gated(activation, gate, up));
   }
 }
 
