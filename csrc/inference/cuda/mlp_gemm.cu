@@ -1,0 +1,421 @@
+// Gated MLP pieces of rms_mlp_gemm, torch-free. fp32 accumulation, one rounding per stored value.
+//
+// Launchers (namespace dsinf::cuda; DType from cuda_kernels.h; the binding declares them itself).
+// `activation` is DeepSpeed's ActivationFuncType value: 3 = GATED_GELU (exact erf GELU, as DeepSpeed's
+// gated kernel), 4 = GATED_SILU; anything else -> cudaErrorInvalidValue. Asynchronous on `stream`, no
+// allocation, returns the launch status.
+//
+//   constexpr int64_t kGatedGemvMaxM = 8;
+//   cudaError_t gated_gemv(DType dtype, const void* x, int64_t M, const void* w, bool w_nk, bool w_int8,
+//                          const float* scale, int64_t groups, void* out, int64_t K, int64_t I, int activation,
+//                          cudaStream_t stream);
+//       Decode gate/up projection with the activation in its epilogue, 1 <= M <= 8:
+//         t[m, n]   = sum_k x[m, k] * W(k, n) (* scale[n / (2I / G)] for int8),  W logical [K, 2I]
+//         out[m, j] = round( act(t[m, I + j]) * t[m, j] ),  j < I      (up = first half, gate = second)
+//       x [M, K] and out [M, I] in dtype; w: dtype [K, 2I] (w_nk = false) or [2I, K] (w_nk = true), or
+//       int8 [2I, K] (w_int8, w_nk must be true) with float32 scale [groups], groups | 2I.
+//       The [M, 2I] product never reaches memory: each output j reduces weight rows (or columns) j and I + j
+//       together and stores only act(gate) * up.
+//
+//   cudaError_t gated_act(DType dtype, const void* src, void* out, int64_t M, int64_t I, int activation,
+//                         cudaStream_t stream);
+//       Large-M epilogue after a cuBLAS GEMM into src [M, 2I]: out[m, j] = round(act(src[m, I + j]) * src[m, j]).
+//
+// Paths of gated_gemv:
+//   [N, K] (nn.Linear, int8): one warp per output pair (j, j+1) = 4 weight rows; lanes stride K in 16-byte
+//     weight loads (2 in flight per row), MB (bucket of M: 1, 2, 4, 8) tokens of x per load, warp-shuffle
+//     reduction, then the epilogue. Needs K % (16 / sizeof(weight)) == 0 and 16-byte aligned pointers.
+//   [K, N]: a 256-thread CTA owns 32 output columns j (and gate columns I + j); thread = 4 adjacent columns x
+//     k-blocks of 4 rows, one 8/16-byte load per row per half; k-groups reduced by shuffles and shared memory.
+//     Needs I % 4 == 0, K % 4 == 0 and 16-byte aligned pointers.
+//   anything else: a scalar kernel (one warp per output column), any shape and alignment.
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace dsinf {
+namespace cuda {
+namespace {
+
+using detail::Act;
+using detail::kFullMask;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxM = 8;
+constexpr int kGatedGelu = 3;  // DeepSpeed ActivationFuncType.GATED_GELU
+constexpr int kGatedSilu = 4;  // DeepSpeed ActivationFuncType.GATED_SILU
+
+__device__ __forceinline__ float gated(int activation, float gate, float up) {
+  const float a = activation == kGatedSilu ? gate / (1.0f + expf(-gate))
+                                           : 0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f));
+  return a * up;
+}
+
+// 16-byte weight pack -> E floats (E = 4 fp32, 8 fp16/bf16, 16 int8).
+template <typename WT>
+struct WPack {
+  static constexpr int E = 16 / sizeof(WT);
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[E]) {
+    const WT* e = reinterpret_cast<const WT*>(&v);
+#pragma unroll
+    for (int i = 0; i < E; ++i) f[i] = Act<WT>::to_float(e[i]);
+  }
+};
+
+template <>
+struct WPack<int8_t> {
+  static constexpr int E = 16;
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[16]) {
+    const uint32_t u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) f[4 * i + b] = detail::i8_to_float(u[i], b);
+  }
+};
+
+// n consecutive x values (n * sizeof(T) a multiple of 16 bytes, 16-byte aligned) -> floats; zeros when !ok.
+template <typename T, int n>
+__device__ __forceinline__ void load_x(const T* p, bool ok, float (&f)[n]) {
+  constexpr int per = 16 / sizeof(T);
+  static_assert(n % per == 0, "x loads are 16 bytes");
+#pragma unroll
+  for (int i = 0; i < n / per; ++i) {
+    const uint4 v = ok ? detail::ldg16(p + i * per) : make_uint4(0, 0, 0, 0);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < per; ++j) f[i * per + j] = Act<T>::to_float(e[j]);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void warp_allreduce(float (&v)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[i] += __shfl_xor_sync(kFullMask, v[i], o);
+}
+
+// ------------------------------------------------------------------------------------------------ [N, K]
+template <typename T, typename WT, int MB>
+__global__ void __launch_bounds__(kThreads, 1) gated_nk_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                            const float* __restrict__ scale, int rows_per_group,
+                                                            T* __restrict__ out, int M, int K, int I, int activation) {
+  constexpr int E = WPack<WT>::E, U = 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int j = (blockIdx.x * kWarps + warp) * 2;
+  if (j >= I) return;  // whole warp; no block-level synchronisation below
+  const int pair = min(2, I - j);
+  const int rows[4] = {j, j + pair - 1, I + j, I + j + pair - 1};
+  const WT* wr[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) wr[r] = w + static_cast<size_t>(rows[r]) * K;
+  const T* xr[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) xr[m] = x + static_cast<size_t>(min(m, M - 1)) * K;
+
+  float acc[4 * MB];  // acc[r * MB + m]
+#pragma unroll
+  for (int i = 0; i < 4 * MB; ++i) acc[i] = 0.f;
+
+  const int nchunks = K / E;
+  for (int c0 = lane; c0 < nchunks; c0 += 32 * U) {
+    uint4 wv[U][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        wv[u][r] = c < nchunks ? detail::ldg16_stream(wr[r] + static_cast<size_t>(c) * E) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int m = 0; m < MB; ++m) {
+        float xf[E];
+        load_x<T, E>(xr[m] + static_cast<size_t>(c) * E, c < nchunks, xf);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float wf[E];
+          WPack<WT>::unpack(wv[u][r], wf);
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r * MB + m] = fmaf(xf[e], wf[e], acc[r * MB + m]);
+        }
+      }
+    }
+  }
+  warp_allreduce(acc);
+  // Lane 2m + p stores output (m, j + p); constant register indices in every branch (a computed index
+  // would put acc in local memory).
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (lane == 2 * m + p && m < M && p < pair) {
+        float up = acc[p * MB + m], gate = acc[(2 + p) * MB + m];
+        if (scale) {
+          up *= __ldg(scale + (j + p) / rows_per_group);
+          gate *= __ldg(scale + (I + j + p) / rows_per_group);
+        }
+        out[static_cast<size_t>(m) * I + j + p] = Act<T>::from_float(gated(activation, gate, up));
+      }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ [K, N]
+constexpr int kKnTile = 32;               // output columns per CTA
+constexpr int kKnE = 4;                   // adjacent columns per thread
+constexpr int kKnL = kKnTile / kKnE;      // column lanes: 8
+constexpr int kKnGroups = kThreads / kKnL;  // k-groups: 32 (4 per warp)
+
+// 4 consecutive T (16 bytes for fp32, 8 for 16-bit; aligned) -> floats.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, bool ok, float (&f)[4]) {
+  if constexpr (sizeof(T) == 4) {
+    const uint4 v = ok ? detail::ldg16(p) : make_uint4(0, 0, 0, 0);
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+  } else {
+    const uint2 v = ok ? detail::ldg8(p) : make_uint2(0, 0);
+    const float2 a = Act<T>::pair_to_float2(v.x), b = Act<T>::pair_to_float2(v.y);
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = b.x;
+    f[3] = b.y;
+  }
+}
+
+template <typename T, int MB>
+__global__ void __launch_bounds__(kThreads, 1) gated_kn_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                            T* __restrict__ out, int M, int K, int I, int activation) {
+  constexpr int P = MB * 2 * kKnTile;  // per warp: [m][up | gate][column]
+  __shared__ float red[kWarps * P];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cl = threadIdx.x % kKnL, kg = threadIdx.x / kKnL;
+  const int j = blockIdx.x * kKnTile + kKnE * cl;
+  const bool col_ok = j < I;  // I % 4 == 0: a thread's 4 columns are all in range or all out
+  const size_t ldw = 2 * static_cast<size_t>(I);
+  const T* wu = w + (col_ok ? j : 0);
+  const T* wg = wu + I;
+  const T* xr[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) xr[m] = x + static_cast<size_t>(min(m, M - 1)) * K;
+
+  float au[MB][kKnE], ag[MB][kKnE];
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int e = 0; e < kKnE; ++e) au[m][e] = ag[m][e] = 0.f;
+
+  for (int kb = 4 * kg; kb < K; kb += 4 * kKnGroups) {  // K % 4 == 0: a k-block is all in range
+    float fu[4][kKnE], fg[4][kKnE];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      load4<T>(wu + (kb + i) * ldw, col_ok, fu[i]);
+      load4<T>(wg + (kb + i) * ldw, col_ok, fg[i]);
+    }
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      float xf[4];
+      load4<T>(xr[m] + kb, true, xf);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < kKnE; ++e) {
+          au[m][e] = fmaf(xf[i], fu[i][e], au[m][e]);
+          ag[m][e] = fmaf(xf[i], fg[i][e], ag[m][e]);
+        }
+    }
+  }
+  // Lanes l, l + 8, l + 16, l + 24 of a warp hold the same columns (different k-groups).
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int e = 0; e < kKnE; ++e)
+#pragma unroll
+      for (int o = 16; o >= kKnL; o >>= 1) {
+        au[m][e] += __shfl_xor_sync(kFullMask, au[m][e], o);
+        ag[m][e] += __shfl_xor_sync(kFullMask, ag[m][e], o);
+      }
+  if (lane < kKnL) {
+#pragma unroll
+    for (int m = 0; m < MB; ++m)
+#pragma unroll
+      for (int e = 0; e < kKnE; ++e) {
+        red[warp * P + (m * 2) * kKnTile + kKnE * cl + e] = au[m][e];
+        red[warp * P + (m * 2 + 1) * kKnTile + kKnE * cl + e] = ag[m][e];
+      }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < M * kKnTile; idx += kThreads) {
+    const int m = idx / kKnTile, c = idx % kKnTile, col = blockIdx.x * kKnTile + c;
+    float up = 0.f, gate = 0.f;
+    for (int wi = 0; wi < kWarps; ++wi) {
+      up += red[wi * P + (m * 2) * kKnTile + c];
+      gate += red[wi * P + (m * 2 + 1) * kKnTile + c];
+    }
+    if (col < I) out[static_cast<size_t>(m) * I + col] = Act<T>::from_float(gated(activation, gate, up));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ scalar
+template <typename WT>
+__device__ __forceinline__ float weight_value(const WT* w, size_t i) {
+  return Act<WT>::to_float(w[i]);
+}
+template <>
+__device__ __forceinline__ float weight_value<int8_t>(const int8_t* w, size_t i) {
+  return static_cast<float>(w[i]);
+}
+
+// One warp per output column j; lanes stride K. Any shape, any alignment.
+template <typename T, typename WT>
+__global__ void __launch_bounds__(kThreads, 1) gated_scalar_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                                bool w_nk, const float* __restrict__ scale,
+                                                                int rows_per_group, T* __restrict__ out, int M, int K,
+                                                                int I, int activation) {
+  const int lane = threadIdx.x & 31;
+  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (j >= I) return;
+  const size_t N = 2 * static_cast<size_t>(I);
+  float acc[2 * kMaxM];  // [up m0..m7 | gate m0..m7]
+#pragma unroll
+  for (int i = 0; i < 2 * kMaxM; ++i) acc[i] = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float wu = weight_value(w, w_nk ? static_cast<size_t>(j) * K + k : k * N + j);
+    const float wg = weight_value(w, w_nk ? (I + static_cast<size_t>(j)) * K + k : k * N + I + j);
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m < M) {
+        const float xv = Act<T>::to_float(x[static_cast<size_t>(m) * K + k]);
+        acc[m] = fmaf(xv, wu, acc[m]);
+        acc[kMaxM + m] = fmaf(xv, wg, acc[kMaxM + m]);
+      }
+    }
+  }
+  warp_allreduce(acc);
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) {
+    if (lane == m && m < M) {  // constant register indices (see gated_nk_kernel)
+      float up = acc[m], gate = acc[kMaxM + m];
+      if (scale) {
+        up *= __ldg(scale + j / rows_per_group);
+        gate *= __ldg(scale + (I + j) / rows_per_group);
+      }
+      out[static_cast<size_t>(m) * I + j] = Act<T>::from_float(gated(activation, gate, up));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ large M
+template <typename T>
+__global__ void gated_act_kernel(const T* __restrict__ src, T* __restrict__ out, int64_t M, int64_t I,
+                                 int activation) {
+  const int64_t total = M * I;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / I, c = i - m * I;
+    const T* row = src + m * 2 * I;
+    out[i] = Act<T>::from_float(gated(activation, Act<T>::to_float(row[I + c]), Act<T>::to_float(row[c])));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ launch
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T, typename WT>
+cudaError_t launch_nk(const T* x, const WT* w, const float* scale, int rpg, T* out, int M, int K, int I, int act,
+                      cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>((I + 2 * kWarps - 1) / (2 * kWarps));
+  if (M <= 1) gated_nk_kernel<T, WT, 1><<<grid, kThreads, 0, stream>>>(x, w, scale, rpg, out, M, K, I, act);
+  else if (M <= 2) gated_nk_kernel<T, WT, 2><<<grid, kThreads, 0, stream>>>(x, w, scale, rpg, out, M, K, I, act);
+  else if (M <= 4) gated_nk_kernel<T, WT, 4><<<grid, kThreads, 0, stream>>>(x, w, scale, rpg, out, M, K, I, act);
+  else gated_nk_kernel<T, WT, 8><<<grid, kThreads, 0, stream>>>(x, w, scale, rpg, out, M, K, I, act);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_kn(const T* x, const T* w, T* out, int M, int K, int I, int act, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>((I + kKnTile - 1) / kKnTile);
+  if (M <= 1) gated_kn_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, w, out, M, K, I, act);
+  else if (M <= 2) gated_kn_kernel<T, 2><<<grid, kThreads, 0, stream>>>(x, w, out, M, K, I, act);
+  else if (M <= 4) gated_kn_kernel<T, 4><<<grid, kThreads, 0, stream>>>(x, w, out, M, K, I, act);
+  else gated_kn_kernel<T, 8><<<grid, kThreads, 0, stream>>>(x, w, out, M, K, I, act);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gated_gemv_t(const void* xv, int M, const void* wv, bool w_nk, bool w_int8, const float* scale,
+                         int64_t groups, void* outv, int K, int I, int act, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(xv);
+  T* out = static_cast<T*>(outv);
+  const int rpg = w_int8 ? static_cast<int>(2 * static_cast<int64_t>(I) / groups) : 1;
+  const bool aligned = aligned16(xv) && aligned16(wv);
+  const unsigned scalar_grid = static_cast<unsigned>((I + kWarps - 1) / kWarps);
+  if (w_int8) {
+    const int8_t* w = static_cast<const int8_t*>(wv);
+    if (aligned && K % WPack<int8_t>::E == 0) return launch_nk<T, int8_t>(x, w, scale, rpg, out, M, K, I, act, stream);
+    gated_scalar_kernel<T, int8_t><<<scalar_grid, kThreads, 0, stream>>>(x, w, true, scale, rpg, out, M, K, I, act);
+    return cudaGetLastError();
+  }
+  const T* w = static_cast<const T*>(wv);
+  if (w_nk && aligned && K % WPack<T>::E == 0) return launch_nk<T, T>(x, w, nullptr, 1, out, M, K, I, act, stream);
+  if (!w_nk && aligned && I % kKnE == 0 && K % 4 == 0) return launch_kn<T>(x, w, out, M, K, I, act, stream);
+  gated_scalar_kernel<T, T><<<scalar_grid, kThreads, 0, stream>>>(x, w, w_nk, nullptr, 1, out, M, K, I, act);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t gated_gemv(DType dtype, const void* x, int64_t M, const void* w, bool w_nk, bool w_int8,
+                       const float* scale, int64_t groups, void* out, int64_t K, int64_t I, int activation,
+                       cudaStream_t stream) {
+  if (M < 1 || M > kMaxM || K < 0 || I < 1 || K > INT32_MAX || 2 * I > INT32_MAX) return cudaErrorInvalidValue;
+  if (activation != kGatedGelu && activation != kGatedSilu) return cudaErrorInvalidValue;
+  if (!out || ((!x || !w) && K > 0)) return cudaErrorInvalidValue;
+  if (w_int8 && (!w_nk || !scale || groups < 1 || (2 * I) % groups != 0)) return cudaErrorInvalidValue;
+  const int m = static_cast<int>(M), k = static_cast<int>(K), i = static_cast<int>(I);
+  switch (dtype) {
+    case DType::kFloat32: return gated_gemv_t<float>(x, m, w, w_nk, w_int8, scale, groups, out, k, i, activation, stream);
+    case DType::kFloat16: return gated_gemv_t<__half>(x, m, w, w_nk, w_int8, scale, groups, out, k, i, activation, stream);
+#if defined(DSINF_CUDA_BF16)
+    case DType::kBFloat16:
+      return gated_gemv_t<__nv_bfloat16>(x, m, w, w_nk, w_int8, scale, groups, out, k, i, activation, stream);
+#endif
+    default: return cudaErrorNotSupported;
+  }
+}
+
+cudaError_t gated_act(DType dtype, const void* src, void* out, int64_t M, int64_t I, int activation,
+                      cudaStream_t stream) {
+  if (M < 0 || I < 0 || (activation != kGatedGelu && activation != kGatedSilu)) return cudaErrorInvalidValue;
+  if (M == 0 || I == 0) return cudaSuccess;
+  if (!src || !out) return cudaErrorInvalidValue;
+  const int64_t blocks64 = (M * I + kThreads - 1) / kThreads;
+  const unsigned blocks = static_cast<unsigned>(blocks64 < (int64_t(1) << 20) ? blocks64 : (int64_t(1) << 20));
+  switch (dtype) {
+    case DType::kFloat32:
+      gated_act_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(src), static_cast<float*>(out),
+                                                              M, I, activation);
+      break;
+    case DType::kFloat16:
+      gated_act_kernel<__half><<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(src),
+                                                               static_cast<__half*>(out), M, I, activation);
+      break;
+#if defined(DSINF_CUDA_BF16)
+    case DType::kBFloat16:
+      gated_act_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(src), static_cast<__nv_bfloat16*>(out), M, I, activation);
+      break;
+#endif
+    default: return cudaErrorNotSupported;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dsinf
