@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsinf.ops import _norm_mlp_reference as ref
+from dsinf import _norm_mlp_reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DIR = ROOT / "csrc" / "inference" / "cpu"

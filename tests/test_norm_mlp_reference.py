@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsinf.checks import InputError
-from dsinf.ops import _norm_mlp_reference as ref
+from dsinf import _norm_mlp_reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The reference rounds where the kernels store (see its docstring); float64 does not. One rounding of a

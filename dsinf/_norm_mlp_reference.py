@@ -42,7 +42,7 @@ from enum import IntEnum
 
 import torch
 
-from ..checks import DTYPE_SUFFIX, InputError, _dtype_name
+from .checks import DTYPE_SUFFIX, InputError, dtype_name
 
 
 class ActivationFuncType(IntEnum):
@@ -83,9 +83,9 @@ def _check_tensor(op: str, name: str, t, like: torch.Tensor | None = None):
 
 def _check_float_activation(op: str, name: str, t: torch.Tensor, act_dtype):
     if act_dtype is not None and t.dtype != act_dtype:
-        _fail(op, name, f"expected dtype {_dtype_name(act_dtype)}, got {_dtype_name(t.dtype)}")
+        _fail(op, name, f"expected dtype {dtype_name(act_dtype)}, got {dtype_name(t.dtype)}")
     if t.dtype not in DTYPE_SUFFIX:
-        _fail(op, name, f"dtype {_dtype_name(t.dtype)} is not supported (float32, float16, bfloat16)")
+        _fail(op, name, f"dtype {dtype_name(t.dtype)} is not supported (float32, float16, bfloat16)")
     if t.dim() < 1:
         _fail(op, name, "expected at least one dimension [..., H], got a 0-d tensor")
 
@@ -101,7 +101,7 @@ def _check_gamma(op: str, gamma, vals: torch.Tensor):
     _check_tensor(op, "gamma", gamma, vals)
     H = vals.shape[-1]
     if gamma.dtype != vals.dtype:
-        _fail(op, "gamma", f"expected dtype {_dtype_name(vals.dtype)} (same as the input), got {_dtype_name(gamma.dtype)}")
+        _fail(op, "gamma", f"expected dtype {dtype_name(vals.dtype)} (same as the input), got {dtype_name(gamma.dtype)}")
     if gamma.dim() != 1 or gamma.shape[0] != H:
         _fail(op, "gamma", f"expected shape ({H},) to match the hidden size H={H}, got {tuple(gamma.shape)}")
 
@@ -122,7 +122,7 @@ def check_pre_rms_norm(op: str, vals, residual, gamma, epsilon, act_dtype=None,
     H = check_rms_norm(op, vals, gamma, epsilon, act_dtype, name=x)
     _check_tensor(op, r, residual, vals)
     if residual.dtype != vals.dtype:
-        _fail(op, r, f"expected dtype {_dtype_name(vals.dtype)} (same as {x}), got {_dtype_name(residual.dtype)}")
+        _fail(op, r, f"expected dtype {dtype_name(vals.dtype)} (same as {x}), got {dtype_name(residual.dtype)}")
     if residual.shape != vals.shape:
         _fail(op, r, f"expected shape {tuple(vals.shape)} (same as {x}), got {tuple(residual.shape)}")
     return H
@@ -132,7 +132,7 @@ def _check_scale(op: str, name: str, q_scale, input: torch.Tensor, N: int, weigh
     if not isinstance(q_scale, torch.Tensor) or q_scale.numel() == 0:
         _fail(op, name, f"q_int8=True needs the float32 scales of {weight_name}")
     if q_scale.dtype != torch.float32:
-        _fail(op, name, f"expected dtype float32, got {_dtype_name(q_scale.dtype)}")
+        _fail(op, name, f"expected dtype float32, got {dtype_name(q_scale.dtype)}")
     if q_scale.device != input.device:
         _fail(op, name, f"is on {q_scale.device} but the input is on {input.device}")
     if q_scale.dim() != 1:
@@ -152,10 +152,10 @@ def _check_weight(op: str, name: str, w, input: torch.Tensor, q_int8: bool):
     if not w.is_contiguous():
         _fail(op, name, "must be contiguous (call .contiguous() once at load time, not per call)")
     if q_int8 and w.dtype != torch.int8:
-        _fail(op, name, f"q_int8=True needs an int8 weight, got {_dtype_name(w.dtype)}")
+        _fail(op, name, f"q_int8=True needs an int8 weight, got {dtype_name(w.dtype)}")
     if not q_int8 and w.dtype != input.dtype:
         hint = ": pass q_int8=True with its scales" if w.dtype == torch.int8 else ""
-        _fail(op, name, f"expected dtype {_dtype_name(input.dtype)} (same as input), got {_dtype_name(w.dtype)}{hint}")
+        _fail(op, name, f"expected dtype {dtype_name(input.dtype)} (same as input), got {dtype_name(w.dtype)}{hint}")
 
 
 def check_rms_mlp_gemm(op: str, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale, q_scale1,
