@@ -2,9 +2,11 @@
 
     python tools/probe_gemv.py                 # parity + timing, about 1-2 minutes on an H200
     python tools/probe_gemv.py --no-timing     # parity only
-    python tools/probe_gemv.py --sweep DSINF_MMA_UNROLL=2,4,8 --sweep DSINF_GEMV_CTAS_PER_SM=1,2
-        # one child process per build variant (each -D value), timing only, then a table of the
-        # min ratio per variant: for tuning the kernels' compile-time knobs on a new GPU.
+    python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_GEMV_CTAS_PER_SM=1,2
+        # one child process per build variant (each combination of -D values: parity + timing), then
+        # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
+        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold
+        # build (~15 s) plus its run, so keep sweeps small or --quick.
 
 What it prints:
   1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes), the ceiling;
@@ -307,7 +309,7 @@ def sweep(args) -> None:
         axes.append([f"{name}={v}" for v in values.split(",") if v])
     results = []
     for combo in itertools.product(*axes):
-        cmd = [sys.executable, os.path.abspath(__file__), "--no-parity", "--json-out", "-"]
+        cmd = [sys.executable, os.path.abspath(__file__), "--json-out", "-"]  # parity too: a variant is new code
         for d in combo:
             cmd += ["--define", d]
         if args.quick:
@@ -319,18 +321,19 @@ def sweep(args) -> None:
             if out.returncode != 0:
                 log(f"  variant failed (rc {out.returncode}): {out.stderr.strip()[-400:]}")
             rows = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("JSON ")]
-            results.append((combo, rows[-1] if rows else []))
+            results.append((combo, rows[-1] if rows else [], out.returncode))
         except Exception as exc:  # noqa: BLE001
             fail_line(" ".join(combo), exc)
     log("\nsweep summary (min ratio / worst %bw on shapes >= 4096x12288, per layout):")
-    for combo, rows in results:
+    for combo, rows, rc in results:
         parts = []
         for lay in ("kn", "nk", "int8"):
             sel = [r for r in rows if r["layout"] == lay]
             if sel:
                 bigs = [r["pct_bw"] for r in sel if r["K"] * r["N"] >= 4096 * 12288]
                 parts.append(f"{lay} {min(r['ratio'] for r in sel):.2f}x/{min(bigs) if bigs else 0:.0f}%")
-        log(f"  {' '.join(combo):50s} {'  '.join(parts) if parts else 'no rows'}")
+        status = "ok" if rc == 0 else f"rc {rc} (parity failures or a crash: see above)"
+        log(f"  {' '.join(combo):50s} {'  '.join(parts) if parts else 'no rows'}  [{status}]")
 
 
 def main() -> int:
