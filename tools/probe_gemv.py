@@ -2,7 +2,7 @@
 
     python tools/probe_gemv.py                 # parity + timing, about 1-2 minutes on an H200
     python tools/probe_gemv.py --no-timing     # parity only
-    python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_GEMV_CTAS_PER_SM=1,2
+    python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
         # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold

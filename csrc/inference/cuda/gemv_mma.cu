@@ -45,8 +45,12 @@ constexpr int kUnroll = DSINF_MMA_UNROLL;
 #ifndef DSINF_MMA_PIPELINE
 #define DSINF_MMA_PIPELINE 0
 #endif
+// k-steps per buffer when pipelined. Registers per thread (ptxas -v, sm_90a, no spills), NT = 1 / 2:
+// unpipelined (4 steps) 50-64 / 94-128; pipelined 1 step 64-74 / 78-96 (3 CTAs of 256 threads fit an
+// SM), 2 steps 112-122 / 126-162 (2 CTAs: grids of ~3 tiles per SM, e.g. 12288 rows, then take two
+// waves); 4 steps spill at NT = 2.
 #ifndef DSINF_MMA_PIPELINE_UNROLL
-#define DSINF_MMA_PIPELINE_UNROLL 2  // k-steps per buffer when pipelined (4 spills at NT = 2)
+#define DSINF_MMA_PIPELINE_UNROLL 2
 #endif
 constexpr int kLoopUnroll = DSINF_MMA_PIPELINE ? DSINF_MMA_PIPELINE_UNROLL : kUnroll;  // k-steps per batch
 
