@@ -11,7 +11,8 @@
 // No shared-memory staging and no ldmatrix: the sum over k is order-free, so each kernel assigns the
 // mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers come
 // straight out of its own 16-byte global loads (see the slot maps below). Each weight byte is loaded
-// exactly once, 16 bytes per load, U steps of loads in flight per thread before the first mma.
+// exactly once, 16 bytes per load, in batches of U k-steps per thread (how many of them are really in
+// flight at once depends on DSINF_MMA_PIPELINE, below).
 //
 // Split-K: a CTA (8 warps) owns an output tile and a K range; warps interleave over k-steps, reduce
 // through shared memory, and when the launcher splits K over `split` CTAs (gridDim.y, sm_90), those
@@ -32,7 +33,7 @@ namespace detail {
 namespace {
 
 #ifndef DSINF_MMA_UNROLL
-#define DSINF_MMA_UNROLL 4  // k-steps of loads in flight per thread (4 x 16 B each): 256 B per thread
+#define DSINF_MMA_UNROLL 4  // k-steps per batch, unpipelined (4 x 16 B weight loads each): 256 B per thread
 #endif
 constexpr int kUnroll = DSINF_MMA_UNROLL;
 // Software-pipelined k loop (1) or load-then-compute (0), both kernels. ptxas interleaves a batch's
