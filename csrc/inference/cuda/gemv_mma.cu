@@ -11,7 +11,8 @@
 // No shared-memory staging and no ldmatrix: the sum over k is order-free, so each kernel assigns the
 // mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers come
 // straight out of its own 16-byte global loads (see the slot maps below). Each weight byte is loaded
-// exactly once, 16 bytes per load, U steps of loads in flight per thread before the first mma.
+// exactly once, 16 bytes per load, in batches of U k-steps per thread (how many of them are really in
+// flight at once depends on DSINF_MMA_PIPELINE, below).
 //
 // Split-K: a CTA (8 warps) owns an output tile and a K range; warps interleave over k-steps, reduce
 // through shared memory, and when the launcher splits K over `split` CTAs (gridDim.y, sm_90), those
@@ -32,9 +33,52 @@ namespace detail {
 namespace {
 
 #ifndef DSINF_MMA_UNROLL
-#define DSINF_MMA_UNROLL 4  // k-steps of loads in flight per thread (4 x 16 B each): 256 B per thread
+#define DSINF_MMA_UNROLL 4  // k-steps per batch, unpipelined (4 x 16 B weight loads each): 256 B per thread
 #endif
 constexpr int kUnroll = DSINF_MMA_UNROLL;
+// Software-pipelined k loop (1) or load-then-compute (0), both kernels. ptxas interleaves a batch's
+// weight loads with the mma that consume them (SASS, sm_90a: LDG, LDG, HMMA, LDG, ...), and a warp
+// issues in order, so with load-then-compute a warp has only a few loads in flight while its first
+// mma waits. Pipelined, the mma of batch j read registers loaded one batch earlier, so interleaving
+// batch j+1's loads with them costs no stall (SASS: all of batch j+1's LDGs, then batch j's HMMAs),
+// for twice the weight registers. Unmeasured so far (no GPU when written): 0 stays the default until
+// `tools/probe_gemv.py --sweep DSINF_MMA_PIPELINE=0,1` shows which is faster.
+#ifndef DSINF_MMA_PIPELINE
+#define DSINF_MMA_PIPELINE 0
+#endif
+// k-steps per buffer when pipelined. Registers per thread (ptxas -v, sm_90a, no spills), NT = 1 / 2:
+// unpipelined (4 steps) 50-64 / 94-128; pipelined 1 step 64-74 / 78-96 (3 CTAs of 256 threads fit an
+// SM), 2 steps 112-122 / 126-162 (2 CTAs: grids of ~3 tiles per SM, e.g. 12288 rows, then take two
+// waves); 4 steps spill at NT = 2.
+#ifndef DSINF_MMA_PIPELINE_UNROLL
+#define DSINF_MMA_PIPELINE_UNROLL 2
+#endif
+constexpr int kLoopUnroll = DSINF_MMA_PIPELINE ? DSINF_MMA_PIPELINE_UNROLL : kUnroll;  // k-steps per batch
+
+// The k loop of both kernels: batches at kb0 = first, first + step, ... < end. load(kb0, buf) fills a
+// register batch (zeros out of range), compute(buf) multiplies it.
+template <class Batch, class Load, class Compute>
+__device__ __forceinline__ void k_loop(int first, int end, int step, const Load& load, const Compute& compute) {
+#if DSINF_MMA_PIPELINE
+  Batch a, b;  // batch j + 1 is loaded before batch j is multiplied
+  int kb0 = first;
+  if (kb0 < end) load(kb0, a);
+  for (; kb0 < end; kb0 += 2 * step) {
+    const bool more = kb0 + step < end;
+    if (more) load(kb0 + step, b);
+    compute(a);
+    if (!more) break;
+    if (kb0 + 2 * step < end) load(kb0 + 2 * step, a);
+    compute(b);
+  }
+#else
+  for (int kb0 = first; kb0 < end; kb0 += step) {
+    Batch v;
+    load(kb0, v);
+    compute(v);
+  }
+#endif
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
@@ -79,38 +123,43 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
 
-  for (int kb0 = k_begin + 16 * warp; kb0 < k_end; kb0 += 16 * kGemvWarps * kUnroll) {
-    uint4 wv[kUnroll][4];
-    uint2 xv[kUnroll][NT];
+  struct Batch {
+    uint4 w[kLoopUnroll][4];
+    uint2 x[kLoopUnroll][NT];
+  };
+  auto load_batch = [&](int kb0, Batch& b) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLoopUnroll; ++u) {
       const int kb = kb0 + u * 16 * kGemvWarps;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int k = kb + 4 * t + i;
-        wv[u][i] = (col_ok && k < k_end) ? ldg16_stream(wcol + static_cast<size_t>(k) * N) : make_uint4(0, 0, 0, 0);
+        b.w[u][i] = (col_ok && k < k_end) ? ldg16_stream(wcol + static_cast<size_t>(k) * N) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int q = 0; q < NT; ++q) {
         const int k = kb + 4 * t;  // K % 4 == 0: the 4 elements are all in range or all out
-        xv[u][q] = (k < k_end) ? ldg8(xrow[q] + k) : make_uint2(0, 0);
+        b.x[u][q] = (k < k_end) ? ldg8(xrow[q] + k) : make_uint2(0, 0);
       }
     }
+  };
+  auto compute_batch = [&](const Batch& b) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLoopUnroll; ++u) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t r0 = word(wv[u][0], j), r1 = word(wv[u][1], j);
-        const uint32_t r2 = word(wv[u][2], j), r3 = word(wv[u][3], j);
+        const uint32_t r0 = word(b.w[u][0], j), r1 = word(b.w[u][1], j);
+        const uint32_t r2 = word(b.w[u][2], j), r3 = word(b.w[u][3], j);
         const uint32_t a0 = __byte_perm(r0, r1, 0x5410);  // column c+2j,   rows kb+4t, kb+4t+1
         const uint32_t a1 = __byte_perm(r0, r1, 0x7632);  // column c+2j+1, rows kb+4t, kb+4t+1
         const uint32_t a2 = __byte_perm(r2, r3, 0x5410);  // column c+2j,   rows kb+4t+2, kb+4t+3
         const uint32_t a3 = __byte_perm(r2, r3, 0x7632);  // column c+2j+1, rows kb+4t+2, kb+4t+3
 #pragma unroll
-        for (int q = 0; q < NT; ++q) Mma<T>::run(acc[j][q], a0, a1, a2, a3, xv[u][q].x, xv[u][q].y);
+        for (int q = 0; q < NT; ++q) Mma<T>::run(acc[j][q], a0, a1, a2, a3, b.x[u][q].x, b.x[u][q].y);
       }
     }
-  }
+  };
+  k_loop<Batch>(k_begin + 16 * warp, k_end, 16 * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
 
   // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of
   // the column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
@@ -185,11 +234,16 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][q][e] = 0.f;
 
-  for (int kb0 = k_begin + KS * warp; kb0 < k_end; kb0 += KS * kGemvWarps * kUnroll) {
-    uint4 wv[kUnroll][4];
-    uint4 xv[kUnroll][NT][XL];
+  struct Batch {
+    uint4 w[kLoopUnroll][4];
+    uint4 x[kLoopUnroll][NT][XL];
+  };
+  // k-steps kb0 + u * KS * warps (u < kLoopUnroll); out-of-range k or rows read as zeros.
+  auto load_batch = [&](int kb0, Batch& b) {
+    auto& wv = b.w;
+    auto& xv = b.x;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLoopUnroll; ++u) {
       const int k = kb0 + u * KS * kGemvWarps + E * t;  // K % E == 0: a load is all in range or all out
       const bool k_ok = k < k_end;
 #pragma unroll
@@ -200,8 +254,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
 #pragma unroll
         for (int l = 0; l < XL; ++l) xv[u][q][l] = k_ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
     }
+  };
+  auto compute_batch = [&](const Batch& b) {
+    const auto& wv = b.w;
+    const auto& xv = b.x;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLoopUnroll; ++u) {
       if constexpr (!kInt8) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -227,7 +285,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
         }
       }
     }
-  }
+  };
+  k_loop<Batch>(k_begin + KS * warp, k_end, KS * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
 
   // C fragment (r, q, e): row 16r + g + 8(e >> 1), token 8q + 2t + (e & 1). The XOR on bits 3-4 of the
   // row (by token) makes a warp's 32 stores hit 32 different banks; it is undone below.

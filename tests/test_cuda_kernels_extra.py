@@ -1,0 +1,95 @@
+"""GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu).
+
+The [N, K] tensor-core kernel walks K in batches of k-steps (one batch = 8 warps x kLoopUnroll steps x 32
+(16-bit) or 64 (int8) elements; with DSINF_MMA_PIPELINE two register buffers alternate). These shapes
+give a warp zero, one, several, an odd number and a fractional number of batches, with and without a
+K split, for fp16/bf16 weights and int8 (fp16 and bf16 activations: bf16 takes the fp32 -> high-half
+int8 conversion, fp16 the half-magic one), at M = 1, 3, 8 (one n-tile of tokens) and 16 (int8: two).
+tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsinf import reference
+from dsinf.library import has_kernel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# K x N: batches per warp differ (int8 batch 2048 / 1024 elements unpipelined / pipelined; 16-bit half that).
+SHAPES = [
+    (3584, 8192),  # 256 row tiles: no K split; 1.75-7 batches per warp, last one partial
+    (3072, 4096),  # 128 tiles: split 2 on sm_90 (1536 per CTA), else 1.5-6 batches
+    (6144, 1024),  # 32 tiles: deep split on sm_90
+    (192, 4096),  # less than one batch: most warps have no k-step at all
+    (8192, 264),  # partial last row tile, deepest split
+]
+
+
+def _fn(suffix: str):
+    name = f"vector_matmul_{suffix}"
+    if not has_kernel(name, "cuda"):
+        pytest.skip(f"{name} is not in this build (bf16 needs every target arch >= 8.0)")
+    return getattr(torch.ops.dsinf, name)
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output: an element was not written"
+    o, r = out.double().cpu(), ref.double().cpu()
+    err = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+    assert err <= RTOL[dtype], f"relative error {err:.3g} > {RTOL[dtype]:.1g}"
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_nk_float_batches(cuda_module, suffix, K, N, M):
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K * 7 + N + M)
+    x = torch.randn(1, M, K, generator=gen).to(dtype).cuda()
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype).cuda()
+    out = fn(x, w, False, None, False, True)
+    _check(out, reference.vector_matmul(x.cpu(), w.cpu(), False, None, False, True), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+@pytest.mark.parametrize("groups", ["1", "8", "N"])
+def test_nk_int8_batches(cuda_module, suffix, K, N, M, groups):
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K * 5 + N + M)
+    G = N if groups == "N" else int(groups)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)  # -128 included
+    scale = (torch.rand(G, generator=gen) + 0.5) / (127.0 * K ** 0.5)
+    x = torch.randn(1, M, K, generator=gen).to(dtype)
+    out = fn(x.cuda(), w.cuda(), False, scale.cuda(), True, False)
+    _check(out, reference.vector_matmul(x, w, False, scale, True, False), dtype)
+
+
+def test_int8_conversion_every_value(cuda_module):
+    """Every int8 value through both activation dtypes' in-register conversion, one weight column each:
+    x = one-hot rows, so out[m, n] is exactly w[n, k_m] * scale (no accumulation error to hide behind)."""
+    K, N = 256, 256
+    w = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).repeat(N, 1)  # w[n, k] = k - 128
+    w = torch.roll(w, shifts=1, dims=1)
+    w = torch.stack([torch.roll(w[n], n) for n in range(N)])
+    scale = torch.ones(1)
+    for suffix, dtype in DTYPES.items():
+        fn = _fn(suffix)
+        for k0 in (0, 64, 128, 192):
+            x = torch.zeros(1, 8, K, dtype=dtype)
+            for m in range(8):
+                x[0, m, k0 + m * 8] = 1.0
+            out = fn(x.cuda(), w.cuda(), False, scale.cuda(), True, False).cpu()
+            want = torch.stack([w[:, k0 + m * 8] for m in range(8)]).to(dtype).unsqueeze(0)
+            assert torch.equal(out, want), f"{suffix} k0={k0}: int8 conversion not exact"

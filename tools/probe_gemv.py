@@ -1,0 +1,393 @@
+"""GPU probe of the decode GEMV kernels: parity of every path, then timing against torch.
+
+    python tools/probe_gemv.py                 # parity + timing, about 1-2 minutes on an H200
+    python tools/probe_gemv.py --no-timing     # parity only
+    python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
+        # one child process per build variant (each combination of -D values: parity + timing), then
+        # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
+        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold
+        # build (~15 s) plus its run, so keep sweeps small or --quick.
+
+What it prints:
+  1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes), the ceiling;
+  2. parity of torch.ops.dsinf.vector_matmul_{fp16,bf16} against dsinf.reference on random inputs for
+     M = 1..8 and 9..16, both float layouts and int8 (groups 1, 8, N), plus shapes that route to the
+     scalar fallback (K or N not a multiple of the vector width): max abs error and PASS/FAIL;
+  3. per (dtype, layout, K x N, M in 1, 2, 4, 8): our µs, torch µs, ratio (torch / ours), GB/s and % of
+     the copy bandwidth, timed as CUDA-graph replays over rotating weight copies (>= 4 x 60 MiB, so
+     the weights come from HBM, not L2); torch is F.linear for [N, K] and torch.matmul for [K, N];
+     int8 is compared with the faster of torch's two fp16/bf16 layouts on the dequantized weight;
+  4. `min ratio` per table and the issue-12 goals with PASS/MISS.
+
+Robust by design: every case runs in its own try block; a failure prints one line and the run goes on.
+Not a test (pytest does not collect tools/); the GPU tests are tests/test_cuda_*.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHAPES = [(4096, 4096), (4096, 12288), (4096, 14336), (14336, 4096), (8192, 8192)]
+MS = (1, 2, 4, 8)
+ROTATE_BYTES = 4 * 60 << 20  # rotating weight set >= 4 x the H200's 60 MiB L2
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def fail_line(what: str, exc: BaseException) -> None:
+    text = str(exc).strip().splitlines()
+    log(f"  FAILED {what}: {type(exc).__name__}: {text[0][:200] if text else ''}")
+
+
+# ------------------------------------------------------------------------------------------ build
+def load_module(defines: list[str]):
+    """The CUDA inference module, built by op_builder; `defines` (NAME=VALUE) go to nvcc as -D."""
+    from op_builder import InferenceBuilder
+
+    builder = InferenceBuilder()
+    if defines:
+        import dataclasses
+
+        base_spec = builder.spec
+
+        def spec(variant, *, portable=False):
+            s = base_spec(variant, portable=portable)
+            if variant != "cuda":
+                return s
+            flags = tuple(f"-D{d}" for d in defines)
+            return dataclasses.replace(s, cuda_cflags=s.cuda_cflags + flags, cflags=s.cflags + flags)
+
+        builder.spec = spec  # the build key hashes the flags: each variant gets its own cache entry
+    t0 = time.perf_counter()
+    mod = builder.load("cuda")
+    log(f"CUDA module loaded in {time.perf_counter() - t0:.1f} s" + (f" with {' '.join(defines)}" if defines else ""))
+    return mod
+
+
+# ------------------------------------------------------------------------------------------ timing
+class GraphTimer:
+    """Per-call time of fn(i) (i over the rotating copies) from CUDA-graph replays."""
+
+    def __init__(self, torch, reps: int = 7, min_calls: int = 48):
+        self.torch, self.reps, self.min_calls = torch, reps, min_calls
+
+    def graph(self, fn, copies: int):
+        torch = self.torch
+        calls = max(copies, math.ceil(self.min_calls / copies) * copies)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up outside the graph (cuBLAS handles, workspaces)
+            for i in range(copies):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fn(i % copies)
+        g.replay()
+        torch.cuda.synchronize()
+        return g, calls
+
+    def time_many(self, fns: dict) -> dict:
+        """{name: (fn, copies)} -> {name: median µs per call}, replays interleaved between names."""
+        torch = self.torch
+        graphs = {n: self.graph(f, c) for n, (f, c) in fns.items()}
+        samples = {n: [] for n in fns}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(self.reps):
+            for n, (g, calls) in graphs.items():
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                samples[n].append(start.elapsed_time(end) * 1e3 / calls)
+        return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def copy_bandwidth(torch) -> float:
+    """GB/s of a device-to-device copy of 512 MiB (bytes read + written), best of 10."""
+    n = 512 << 20
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(10):
+        start.record()
+        for _ in range(4):
+            b.copy_(a)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 4)
+    del a, b
+    return 2 * n / (best * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------ parity
+def parity(torch, device: str = "cuda") -> int:
+    """Checks every routing case against dsinf.reference; returns the number of failures."""
+    from dsinf import reference
+    from dsinf.quantize import quantize_int8
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    failures = 0
+    # (K, N, why): aligned shapes take the tensor-core paths; the others the scalar fallback.
+    shapes = [(4096, 4096, "tensor core, split K"), (1024, 264, "tensor core, partial last tile"),
+              (8192, 1000, "tensor core, N % 32 != 0"), (72, 40, "tensor core, K < one k-step"),
+              (4100, 136, "K % 8 != 0: [N,K] and int8 scalar, [K,N] tensor core"), (67, 45, "scalar (odd K and N)")]
+    log("\nparity vs dsinf.reference (max abs error, tolerance = 1 ulp at max |ref| + fp32 accumulation slack)")
+    for dtype_name in ("fp16", "bf16"):
+        dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
+        op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
+        eps = torch.finfo(dt).eps
+        for K, N, why in shapes:
+            for M in (1, 2, 3, 5, 8, 16):
+                for kind in ("kn", "nk", "int8_g1", "int8_g8", "int8_gN"):
+                    what = f"{dtype_name} {kind:8s} K={K:5d} N={N:5d} M={M:2d} ({why})"
+                    try:
+                        if kind.startswith("int8") and N % 8 and kind == "int8_g8":
+                            continue
+                        x = torch.randn(1, M, K, device=device, dtype=dt, generator=gen)
+                        if kind.startswith("int8"):
+                            G = {"int8_g1": 1, "int8_g8": 8, "int8_gN": N}[kind]
+                            w = quantize_int8(torch.randn(N, K, device=device, generator=gen) / math.sqrt(K), G,
+                                              transposed_mode=True)
+                            got = op(x, w, False, w.scale, True, False)
+                            ref = reference.vector_matmul(x, w, False, w.scale, True, False)
+                        else:
+                            nk = kind == "nk"
+                            shape = (N, K) if nk else (K, N)
+                            w = (torch.randn(*shape, device=device, generator=gen) / math.sqrt(K)).to(dt)
+                            got = op(x, w, False, None, False, nk)
+                            ref = reference.vector_matmul(x, w, False, None, False, nk)
+                        err = (got.float() - ref.float()).abs().max().item()
+                        scale = ref.float().abs().max().item()
+                        tol = eps * scale + 1e-5 * math.sqrt(K) * scale
+                        ok = err <= tol and bool(torch.isfinite(got).all())
+                        if not ok:
+                            failures += 1
+                        if not ok or (M in (1, 8) and kind in ("kn", "nk", "int8_g8")):
+                            log(f"  {'PASS' if ok else 'FAIL'} {what}: max err {err:.3g} (tol {tol:.3g})")
+                    except Exception as exc:  # noqa: BLE001 - report and go on
+                        failures += 1
+                        fail_line(what, exc)
+    log(f"parity: {failures} failure(s)")
+    return failures
+
+
+# ------------------------------------------------------------------------------------------ timing
+def copies_for(nbytes: int) -> int:
+    return max(2, min(16, math.ceil(ROTATE_BYTES / max(1, nbytes))))
+
+
+def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16")) -> list[dict]:
+    import torch.nn.functional as F
+
+    from dsinf.quantize import quantize_int8
+
+    timer = GraphTimer(torch)
+    rows: list[dict] = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    log(f"\ntiming: CUDA-graph replays, rotating weights >= {ROTATE_BYTES >> 20} MiB; ratio = torch / ours;"
+        f" %bw of copy {copy_bw:.0f} GB/s")
+    log(f"{'dtype':5s} {'layout':6s} {'K x N':>12s} {'M':>2s} {'ours µs':>8s} {'torch µs':>9s} {'ratio':>6s}"
+        f" {'GB/s':>6s} {'%bw':>5s}")
+    for dtype_name in dtypes:
+        dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
+        op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
+        esz = torch.tensor([], dtype=dt).element_size()
+        for K, N in shapes:
+            for layout in ("kn", "nk", "int8"):
+                try:
+                    base = torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)
+                    if layout == "int8":
+                        q = quantize_int8(base, None, transposed_mode=True)
+                        wbytes = q.numel() + q.scale.numel() * 4
+                        n = copies_for(wbytes)
+                        qs = [q] + [q.clone() for _ in range(n - 1)]
+                        scales = [q.scale.clone() for _ in range(n)]
+                        deq = (q.float() * q.scale[:, None]).to(dt)
+                        tn = copies_for(deq.numel() * esz)
+                        t_nk = [deq.contiguous()] + [deq.clone() for _ in range(tn - 1)]
+                        t_kn = [w.t().contiguous() for w in t_nk]
+                        del deq
+                    else:
+                        w0 = (base if layout == "nk" else base.t()).contiguous().to(dt)
+                        wbytes = w0.numel() * esz
+                        n = copies_for(wbytes)
+                        ws = [w0] + [w0.clone() for _ in range(n - 1)]
+                    del base
+                    for M in ms:
+                        what = f"{dtype_name} {layout} {K}x{N} M={M}"
+                        try:
+                            xs = [torch.randn(1, M, K, device="cuda", dtype=dt, generator=gen) for _ in range(2)]
+                            if layout == "int8":
+                                fns = {"ours": (lambda i: op(xs[i % 2], qs[i], False, scales[i], True, False), n),
+                                       "torch_nk": (lambda i: F.linear(xs[i % 2], t_nk[i]), tn),
+                                       "torch_kn": (lambda i: torch.matmul(xs[i % 2], t_kn[i]), tn)}
+                            elif layout == "nk":
+                                fns = {"ours": (lambda i: op(xs[i % 2], ws[i], False, None, False, True), n),
+                                       "torch": (lambda i: F.linear(xs[i % 2], ws[i]), n)}
+                            else:
+                                fns = {"ours": (lambda i: op(xs[i % 2], ws[i], False, None, False, False), n),
+                                       "torch": (lambda i: torch.matmul(xs[i % 2], ws[i]), n)}
+                            t = timer.time_many(fns)
+                            t_torch = min(v for k, v in t.items() if k.startswith("torch"))
+                            nbytes = wbytes + 2 * M * (K + N) * esz
+                            gbs = nbytes / (t["ours"] * 1e-6) / 1e9
+                            row = dict(dtype=dtype_name, layout=layout, K=K, N=N, M=M, ours_us=t["ours"],
+                                       torch_us=t_torch, ratio=t_torch / t["ours"], gbs=gbs, pct_bw=100 * gbs / copy_bw)
+                            rows.append(row)
+                            log(f"{dtype_name:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t['ours']:8.1f} {t_torch:9.1f}"
+                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}%")
+                        except Exception as exc:  # noqa: BLE001
+                            fail_line(what, exc)
+                    qs = scales = t_nk = t_kn = ws = None  # free this shape's weights before the next
+                    torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001
+                    fail_line(f"{dtype_name} {layout} {K}x{N} setup", exc)
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    if not rows:
+        log("\nno timing rows")
+        return
+    log("\nmin ratio (torch / ours) per table:")
+    for key in sorted({(r["dtype"], r["layout"]) for r in rows}):
+        sel = [r for r in rows if (r["dtype"], r["layout"]) == key]
+        worst = min(sel, key=lambda r: r["ratio"])
+        log(f"  {key[0]} {key[1]:4s}: min ratio {worst['ratio']:.2f}x ({worst['K']}x{worst['N']} M={worst['M']})")
+    log(f"  overall min ratio {min(r['ratio'] for r in rows):.2f}x")
+
+    def big(r):
+        return r["K"] * r["N"] >= 4096 * 12288
+
+    def goal(name, sel, key, target):
+        if not sel:
+            log(f"  n/a  {name}: no rows")
+            return
+        worst = min(sel, key=lambda r: r[key])
+        ok = worst[key] >= target
+        log(f"  {'PASS' if ok else 'MISS'} {name}: worst {worst[key]:.2f} (target {target}) at {worst['dtype']} "
+            f"{worst['layout']} {worst['K']}x{worst['N']} M={worst['M']}")
+
+    log("\nissue-12 goals (decode M <= 8):")
+    i8 = [r for r in rows if r["layout"] == "int8"]
+    fl = [r for r in rows if r["layout"] != "int8"]
+    goal("int8 %bw >= 85 on shapes >= 4096x12288", [r for r in i8 if big(r)], "pct_bw", 85)
+    goal("int8 >= 1.8x torch on shapes >= 4096x12288", [r for r in i8 if big(r)], "ratio", 1.8)
+    goal("int8 >= 1.6x torch on 4096x4096", [r for r in i8 if not big(r)], "ratio", 1.6)
+    goal("fp16/bf16 %bw >= 90 on shapes >= 4096x12288", [r for r in fl if big(r)], "pct_bw", 90)
+    goal("fp16/bf16 >= 1.25x torch on 4096x4096", [r for r in fl if not big(r)], "ratio", 1.25)
+    goal("fp16/bf16 >= 1.0x torch everywhere", fl, "ratio", 1.0)
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def sweep(args) -> None:
+    """Each combination of the --sweep values in a child process (a module holds one build)."""
+    import itertools
+
+    axes = []
+    for spec in args.sweep:
+        name, _, values = spec.partition("=")
+        axes.append([f"{name}={v}" for v in values.split(",") if v])
+    results = []
+    for combo in itertools.product(*axes):
+        cmd = [sys.executable, os.path.abspath(__file__), "--json-out", "-"]  # parity too: a variant is new code
+        for d in combo:
+            cmd += ["--define", d]
+        if args.quick:
+            cmd.append("--quick")
+        log(f"\n=== variant {' '.join(combo)}")
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
+            sys.stdout.write(out.stdout)
+            if out.returncode != 0:
+                log(f"  variant failed (rc {out.returncode}): {out.stderr.strip()[-400:]}")
+            rows = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("JSON ")]
+            results.append((combo, rows[-1] if rows else [], out.returncode))
+        except Exception as exc:  # noqa: BLE001
+            fail_line(" ".join(combo), exc)
+    log("\nsweep summary (min ratio / worst %bw on shapes >= 4096x12288, per layout):")
+    for combo, rows, rc in results:
+        parts = []
+        for lay in ("kn", "nk", "int8"):
+            sel = [r for r in rows if r["layout"] == lay]
+            if sel:
+                bigs = [r["pct_bw"] for r in sel if r["K"] * r["N"] >= 4096 * 12288]
+                parts.append(f"{lay} {min(r['ratio'] for r in sel):.2f}x/{min(bigs) if bigs else 0:.0f}%")
+        status = "ok" if rc == 0 else f"rc {rc} (parity failures or a crash: see above)"
+        log(f"  {' '.join(combo):50s} {'  '.join(parts) if parts else 'no rows'}  [{status}]")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
+    p.add_argument("--no-timing", action="store_true", help="skip the timing")
+    p.add_argument("--quick", action="store_true", help="timing on 4096x4096 and 4096x12288, M in 1 and 8, fp16")
+    p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
+    p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
+    p.add_argument("--variant-timeout", type=float, default=170.0, help="seconds per --sweep child")
+    p.add_argument("--cpu-parity", action="store_true", help="run only the parity part on the CPU module")
+    p.add_argument("--json-out", default=None, help="'-': print the timing rows as one 'JSON [...]' line")
+    args = p.parse_args()
+    if args.sweep:
+        sweep(args)
+        return 0
+
+    import torch
+
+    if args.cpu_parity:  # self-check of this script on a machine without a GPU (the CPU module's ops)
+        from op_builder import InferenceBuilder
+
+        InferenceBuilder().load("cpu")
+        return 1 if parity(torch, "cpu") else 0
+    if not torch.cuda.is_available():
+        log("no CUDA device: nothing to probe")
+        return 1
+    t_start = time.perf_counter()
+    props = torch.cuda.get_device_properties(0)
+    log(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    try:
+        import dsinf.library  # noqa: F401 - the op schemas
+
+        load_module(args.define)
+    except Exception as exc:  # noqa: BLE001
+        fail_line("building/loading the CUDA module", exc)
+        traceback.print_exc()
+        return 1
+    bw = copy_bandwidth(torch)
+    log(f"copy bandwidth {bw:.0f} GB/s")
+    failures = 0 if args.no_parity else parity(torch)
+    rows: list[dict] = []
+    if not args.no_timing:
+        shapes = SHAPES[:2] if args.quick else SHAPES
+        ms = (1, 8) if args.quick else MS
+        dtypes = ("fp16",) if args.quick else ("fp16", "bf16")
+        rows = timing(torch, bw, shapes, ms, dtypes)
+        summarize(rows)
+    if args.json_out == "-":
+        log("JSON " + json.dumps(rows))
+    log(f"\nprobe done in {time.perf_counter() - t_start:.0f} s; parity failures: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
