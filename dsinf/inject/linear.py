@@ -1,0 +1,167 @@
+"""The injected linear modules: `nn.Linear`'s math on dsinf's ops, over nn.Linear's own weight layout.
+
+    InjectedLinear:  y[..., n] = sum_k x[..., k] * W[n, k] (+ b[n])          W is [N, K] (transposed_mode=True)
+    InjectedQKV:     the same over q|k|v rows, split per head (+ RoPE) by `linear_layer(do_flash_attn=True)`
+    int8:            W[n, k] = weight[n, k] * weight_scale[n // (N / G)]     (weight int8, weight_scale float32 [G])
+
+A float weight is the original `nn.Parameter` (no copy; a tied weight stays tied). An int8 weight is a
+frozen int8 parameter and its scales a float32 buffer, so `.to()`, `state_dict()` / `load_state_dict()`
+and `torch.save` carry both; the scale is passed to the op explicitly as `q_scale` on every call, so it
+cannot get lost the way a `weight.scale` attribute does after `.to()`. `.to(float16)` / `.half()` keep the
+scales float32 (they are exact per-channel factors, not activations).
+
+Per-call cost is the point of this file: the backend (`dsinf.dispatch`) is resolved once - at injection
+for the weight's device and dtype, again after `.to()` / `.cuda()` - and the chosen callable (for the
+compiled backend the `torch.ops.dsinf.*.default` overload) is bound to the module. `forward` is one call
+with positional arguments; the compiled bindings validate in C++, so nothing is re-checked in Python.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import InferenceConfig
+from ..ops import LinearOp, VectorMatMulOp
+from ..quantize import quantize_int8
+
+
+def _bind(op_class, device: torch.device, act_dtype: torch.dtype, int8: bool, use_triton: bool):
+    """(decision, callable) for `op_class` on `device` with activations `act_dtype`."""
+    config = InferenceConfig(dtype=torch.int8 if int8 else act_dtype, act_dtype=act_dtype if int8 else None,
+                             transposed_mode=True, use_triton=use_triton)
+    decision = op_class(config).resolve(device)
+    impl = decision.impl
+    # OpOverloadPacket -> its one overload: skips the packet's overload resolution on every call.
+    return decision, getattr(impl, "default", impl) if isinstance(impl, torch._ops.OpOverloadPacket) else impl
+
+
+class InjectedLinear(nn.Module):
+    """`nn.Linear` on dsinf's `vector_matmul` (no bias) or `linear_layer` (bias), float or int8 weights.
+
+    Build it with `from_linear` (an existing layer) or `from_weight` (a fused, concatenated weight).
+    `backend` / `decision` say which backend runs. A fused weight names its source layers and their row
+    counts in `parts` (e.g. `(("gate_proj", I), ("up_proj", I))`), for `export_state_dict`.
+    """
+
+    parts: tuple[tuple[str, int], ...] = ()
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, scale: torch.Tensor | None,
+                 act_dtype: torch.dtype, use_triton: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.register_buffer("weight_scale", scale)
+        self.use_triton = use_triton
+        self._act_dtype = act_dtype
+        self.decision = None
+        self._fn = None
+        self.bind(weight.device, act_dtype)
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: str | None = None,
+                    groups: int | None = None, use_triton: bool = False, **extra):
+        """Wrap a float `[N, K]` weight; `quantize="int8"` stores it as int8 with `groups` scales (None:
+        per output channel). A `weight` that is already an `nn.Parameter` is kept as is (not copied)."""
+        act_dtype = weight.dtype
+        if quantize == "int8":
+            q = quantize_int8(weight.detach(), groups, transposed_mode=True)
+            weight, scale = nn.Parameter(q, requires_grad=False), q.scale
+        else:
+            scale = None
+            if not isinstance(weight, nn.Parameter):
+                weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+        return cls(weight, bias, scale, act_dtype, use_triton, **extra)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        return cls.from_weight(linear.weight, linear.bias, **kwargs)
+
+    # --- backend ----------------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.weight_scale is not None
+
+    @property
+    def backend(self) -> str:
+        """'compiled', 'triton' or 'torch': the backend bound for the current device and dtype."""
+        return self.decision.backend
+
+    def _op_class(self):
+        return VectorMatMulOp if self.bias is None else LinearOp
+
+    def bind(self, device: torch.device, act_dtype: torch.dtype) -> None:
+        """Resolve the backend for `device` / `act_dtype` once and bind its callable (not per call)."""
+        self._act_dtype = act_dtype
+        self.decision, self._fn = _bind(self._op_class(), torch.device(device), act_dtype, self.quantized,
+                                        self.use_triton)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half(): keep int8 scales float32 (only their device follows), then re-bind for
+        # the new device and activation dtype - learned by passing a probe through the same `fn`.
+        scale = self.weight_scale
+        probe = fn(torch.empty((), dtype=self._act_dtype, device=self.weight.device))
+        super()._apply(fn, recurse)
+        if scale is not None and self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        self.bind(probe.device, probe.dtype)
+        return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fn"] = state["decision"] = None  # callables of this process; re-bound after loading
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.bind(self.weight.device, self._act_dtype)
+
+    def extra_repr(self) -> str:
+        kind = f"int8 ({self.weight_scale.numel()} scales)" if self.quantized else str(self.weight.dtype)
+        backend = self.decision.backend if self.decision is not None else "unbound"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={kind}, backend={backend}")
+
+    # --- the hot path -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x3 = x if x.dim() == 3 else x.reshape(1, -1, self.in_features)
+        # One call to the bound function. The positional arguments are the dsinf:: schemas':
+        #   vector_matmul(input, weight, async_op, q_scale, q_int8, transposed_mode)
+        #   linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
+        #                rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)
+        if self.bias is None:
+            y = self._fn(x3, self.weight, False, self.weight_scale, self.weight_scale is not None, True)
+        else:
+            y = self._fn(x3, self.weight, self.bias, True, False, 0, True, 10000.0, -1, False, -1, 0,
+                         self.weight_scale)[0]
+        return y if x.dim() == 3 else y.reshape(*x.shape[:-1], self.out_features)
+
+
+class InjectedQKV(InjectedLinear):
+    """q|k|v projections fused into one `linear_layer(do_flash_attn=True)` call: one GEMM over the
+    concatenated `[(H + 2*KV) * D, K]` weight, split per head (GQA: `num_kv` heads for k and v), with
+    NeoX-style RoPE (`rotate_half`) at `rope_theta` in the same epilogue when a `seq_offset` is given.
+
+    `forward(x, seq_offset)` returns `(q, k, v)`: q `[B, H, S, D]`, k and v `[B, KV, S, D]` - the layout
+    HF's attention takes. `seq_offset=None` skips RoPE (the caller applies its own).
+    `parts` names the source projections and their row counts, in order (for `export_state_dict`).
+    """
+
+    def __init__(self, weight, bias, scale, act_dtype, use_triton=False, *, num_heads: int, num_kv: int,
+                 rope_theta: float, parts: tuple[tuple[str, int], ...]):
+        self.num_heads, self.num_kv, self.rope_theta = num_heads, num_kv, float(rope_theta)
+        self.parts = parts
+        super().__init__(weight, bias, scale, act_dtype, use_triton)
+        self.head_dim = self.in_features // num_heads
+
+    def _op_class(self):
+        return LinearOp
+
+    def forward(self, x: torch.Tensor, seq_offset: int | None = None):
+        rotary_dim, offset = (-1, 0) if seq_offset is None else (self.head_dim, seq_offset)
+        out = self._fn(x, self.weight, self.bias, self.bias is not None, True, self.num_heads, True,
+                       self.rope_theta, rotary_dim, True, self.num_kv, offset, self.weight_scale)
+        return out[0].unbind(0) if len(out) == 1 else out
