@@ -90,6 +90,23 @@ def test_fused_rope_actually_runs_for_plain_positions_and_not_for_left_padding()
     assert RopePositions(RopeDecision(False, "test")).offset(torch.arange(3)[None], 3) is None
 
 
+def test_fused_rope_equals_the_models_rotary_at_an_offset():
+    # Logits cannot catch a constant position shift (RoPE attention depends on position differences only),
+    # so compare q and k themselves: the epilogue at offset 5 vs the model's rotary at positions 5..5+S-1.
+    model = inject(make_model("llama", rope_theta=500000.0))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 6, 64)
+    q, k, v = attn.qkv_proj(x, 5)
+    q0, k0, v0 = attn.qkv_proj(x, None)
+    cos, sin = model.model.rotary_emb(x, torch.arange(5, 11)[None])
+    q_ref, k_ref = attn._dsinf_helpers[0](q0, k0, cos, sin)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v0)
+    logits(model, ids())  # and a plain forward does take the fused path (offset 0 memoised)
+    assert attn._dsinf_rope._offset == 0
+
+
 def test_left_padded_batch_generates_like_the_original():
     ref = make_model("llama")
     model = inject(twin(ref))
