@@ -1,7 +1,7 @@
 """End to end: a Llama-architecture model with and without `dsinf.inject`, decode tokens/s and TTFT.
 
     python -m bench.e2e                        # cuda if present: Llama-3-8B shapes, 32 layers, fp16
-    python -m bench.e2e --device cpu           # tiny config (hidden 256, 2 layers), < 1 min
+    python -m bench.e2e --device cpu           # tiny config (hidden 256, 2 layers, prompt 32, 32 new), < 1 min
     python -m bench.e2e --rope llama3 --json out.json
 
 The model is built from a config with random weights created directly on the device (no download); each
@@ -54,11 +54,11 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--rope", choices=sorted(ROPES), default="default")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--prompt", type=int, help="prompt tokens (default: 128 on cuda, 32 on cpu)")
+    p.add_argument("--new", type=int, help="new tokens (default: 128 on cuda, 32 on cpu)")
     p.add_argument("--modes", default="eager,static")
     p.add_argument("--variants", default="hf,dsinf,dsinf-int8,torchao")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="timed runs per case, median (default: 3 on cuda, 2 on cpu)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -67,6 +67,9 @@ def parse_args(argv):
     args.preset = args.preset or ("llama3-8b" if cuda else "tiny")
     args.layers = args.layers or (32 if cuda else 2)
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
+    args.prompt = args.prompt or (128 if cuda else 32)
+    args.new = args.new or (128 if cuda else 32)
+    args.repeats = args.repeats or (3 if cuda else 2)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.modes = args.modes.split(",")
     args.variants = args.variants.split(",")

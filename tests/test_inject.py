@@ -238,6 +238,19 @@ def test_float_weights_are_shared_not_copied():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie survives
 
 
+def test_reassigned_weights_reach_the_hot_path():
+    model = inject(mlp_model())
+    new = torch.randn(64, 37)
+    model[0].weight = nn.Parameter(new)  # the bound call holds tensors: reassignment must rebuild it
+    model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    x = torch.randn(3, 37)
+    expected = x
+    for i in (0, 1, 2, 3):
+        layer = model[i]
+        expected = torch.nn.functional.linear(expected, layer.weight, layer.bias) if i != 1 else layer(expected)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
 # --- API ------------------------------------------------------------------------------------------
 
 def test_summary_is_data():

@@ -98,6 +98,12 @@ class InjectedLinear(nn.Module):
         self._act_dtype = act_dtype
         self.decision, self._fn = _bind(self._op_class(), torch.device(device), act_dtype, self.quantized,
                                         self.use_triton)
+        self._call = self._make_call()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", "bias", "weight_scale") and self.__dict__.get("_fn") is not None:
+            self._call = self._make_call()  # the hot path holds the tensors themselves (see _make_call)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half(): keep int8 scales float32 (only their device follows), then re-bind for
@@ -112,7 +118,7 @@ class InjectedLinear(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fn"] = state["decision"] = None  # callables of this process; re-bound after loading
+        state["_fn"] = state["_call"] = state["decision"] = None  # this process's callables; re-bound on load
         return state
 
     def __setstate__(self, state):
@@ -127,17 +133,30 @@ class InjectedLinear(nn.Module):
 
     # --- the hot path -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x3 = x if x.dim() == 3 else x.reshape(1, -1, self.in_features)
-        # One call to the bound function. The positional arguments are the dsinf:: schemas':
-        #   vector_matmul(input, weight, async_op, q_scale, q_int8, transposed_mode)
-        #   linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
-        #                rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)
-        if self.bias is None:
-            y = self._fn(x3, self.weight, False, self.weight_scale, self.weight_scale is not None, True)
+        return self._call(x)
+
+    def _make_call(self):
+        """The per-call function: a closure over the bound op and this module's tensors, so a call costs one
+        Python frame and the op - no nn.Module attribute lookups (several us each on a busy host). Rebuilt
+        whenever `bind` runs or weight / bias / weight_scale is reassigned; `load_state_dict` copies in place.
+        Positional arguments are the dsinf:: schemas':
+            vector_matmul(input, weight, async_op, q_scale, q_int8, transposed_mode)
+            linear_layer(input, weight, bias, add_bias, do_flash_attn, num_heads, transposed_mode,
+                         rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)"""
+        fn, weight, bias, scale = self._fn, self.weight, self.bias, self.weight_scale
+        K, N, int8 = self.in_features, self.out_features, scale is not None
+        if bias is None:
+            def matmul(x3):
+                return fn(x3, weight, False, scale, int8, True)
         else:
-            y = self._fn(x3, self.weight, self.bias, True, False, 0, True, 10000.0, -1, False, -1, 0,
-                         self.weight_scale)[0]
-        return y if x.dim() == 3 else y.reshape(*x.shape[:-1], self.out_features)
+            def matmul(x3):
+                return fn(x3, weight, bias, True, False, 0, True, 10000.0, -1, False, -1, 0, scale)[0]
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 3:
+                return matmul(x)
+            return matmul(x.reshape(1, -1, K)).reshape(*x.shape[:-1], N)
+        return call
 
 
 class InjectedQKV(InjectedLinear):
@@ -161,7 +180,17 @@ class InjectedQKV(InjectedLinear):
         return LinearOp
 
     def forward(self, x: torch.Tensor, seq_offset: int | None = None):
-        rotary_dim, offset = (-1, 0) if seq_offset is None else (self.head_dim, seq_offset)
-        out = self._fn(x, self.weight, self.bias, self.bias is not None, True, self.num_heads, True,
-                       self.rope_theta, rotary_dim, True, self.num_kv, offset, self.weight_scale)
-        return out[0].unbind(0) if len(out) == 1 else out
+        return self._call(x, seq_offset)
+
+    def _make_call(self):
+        fn, weight, bias, scale = self._fn, self.weight, self.bias, self.weight_scale
+        add_bias, heads, kv, theta, head_dim = bias is not None, self.num_heads, self.num_kv, self.rope_theta, \
+            self.in_features // self.num_heads
+
+        def call(x: torch.Tensor, seq_offset: int | None):
+            if seq_offset is None:
+                out = fn(x, weight, bias, add_bias, True, heads, True, theta, -1, True, kv, 0, scale)
+            else:
+                out = fn(x, weight, bias, add_bias, True, heads, True, theta, head_dim, True, kv, seq_offset, scale)
+            return out[0].unbind(0) if len(out) == 1 else out
+        return call
