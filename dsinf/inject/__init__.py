@@ -117,19 +117,17 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
 def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> None:
     modules = [(n, m) for n, m in model.named_modules() if not _skipped(n, skip)]
     attentions, mlps = [], []
+    # (a module that looks like one, its matcher, where matches go, its name in a skip reason)
+    kinds = (("q_proj", match_attention, attentions, "attention"), ("gate_proj", match_mlp, mlps, "MLP"))
     for name, m in modules:
-        if hasattr(m, "q_proj"):
-            match = match_attention(m)
-            if match.ok:
-                attentions.append((name, m))
-            else:
-                summary.skipped.append(Skipped(name, f"attention not fused: {match.reason}"))
-        elif hasattr(m, "gate_proj"):
-            match = match_mlp(m)
-            if match.ok:
-                mlps.append((name, m))
-            else:
-                summary.skipped.append(Skipped(name, f"MLP not fused: {match.reason}"))
+        for marker, match_block, matched, label in kinds:
+            if hasattr(m, marker):
+                match = match_block(m)
+                if match.ok:
+                    matched.append((name, m))
+                else:
+                    summary.skipped.append(Skipped(name, f"{label} not fused: {match.reason}"))
+                break
     if attentions:
         first = attentions[0][1]
         decision = decide_rope(model, first.config, first.head_dim)
