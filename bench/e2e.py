@@ -1,0 +1,300 @@
+"""End to end: a Llama-architecture model with and without `dsinf.inject`, decode tokens/s and TTFT.
+
+    python -m bench.e2e                        # cuda if present: Llama-3-8B shapes, 32 layers, fp16
+    python -m bench.e2e --device cpu           # tiny config (hidden 256, 2 layers, prompt 32, 32 new), < 1 min
+    python -m bench.e2e --rope llama3 --json out.json
+
+The model is built from a config with random weights created directly on the device (no download); each
+variant rebuilds it from the same seed, so every variant has the same weights:
+
+    hf          the model as HF runs it
+    dsinf       dsinf.inject(model)                      (fp16/bf16/fp32: the model's dtype)
+    dsinf-int8  dsinf.inject(model, quantize="int8")     (int8 weight-only, per channel)
+    torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
+
+Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
+decode step itself, its recommended path). For each (variant, mode, batch): TTFT = median wall time of
+`generate(max_new_tokens=1)` (prefill + first token), decode tok/s = batch * (new - 1) / (time of
+`generate(max_new_tokens=new)` - TTFT). Ratios are against hf in the same mode and batch. Accuracy (batch
+1, prompt logits): fp logits relative error ||a - b|| / ||b|| vs hf eager; int8 vs an eager model holding
+the dequantized int8 weights (`dsinf.inject.export_state_dict`); greedy agreement = how many of the first
+32 generated tokens equal hf eager's before the first difference.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+PRESETS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, num_hidden_layers=32),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2,
+                 vocab_size=4096, num_hidden_layers=2),
+}
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 500000.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+AGREEMENT_TOKENS = 32
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: llama3-8b on cuda, tiny on cpu")
+    p.add_argument("--layers", type=int, help="default: 32 on cuda, 2 on cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--rope", choices=sorted(ROPES), default="default")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, help="prompt tokens (default: 128 on cuda, 32 on cpu)")
+    p.add_argument("--new", type=int, help="new tokens (default: 128 on cuda, 32 on cpu)")
+    p.add_argument("--modes", default="eager,static")
+    p.add_argument("--variants", default="hf,dsinf,dsinf-int8,torchao")
+    p.add_argument("--repeats", type=int, help="timed runs per case, median (default: 3 on cuda, 2 on cpu)")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device == "cuda"
+    args.preset = args.preset or ("llama3-8b" if cuda else "tiny")
+    args.layers = args.layers or (32 if cuda else 2)
+    args.dtype = args.dtype or ("fp16" if cuda else "fp32")
+    args.prompt = args.prompt or (128 if cuda else 32)
+    args.new = args.new or (128 if cuda else 32)
+    args.repeats = args.repeats or (3 if cuda else 2)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.modes = args.modes.split(",")
+    args.variants = args.variants.split(",")
+    return args
+
+
+def build(args, seed=0):
+    """The model, random weights created on the device, in the benchmark dtype."""
+    import transformers
+
+    config = transformers.LlamaConfig(**{**PRESETS[args.preset], "num_hidden_layers": args.layers},
+                                      rope_parameters=ROPES[args.rope], max_position_embeddings=8192,
+                                      pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[args.dtype])
+    try:
+        with torch.device(args.device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def make_variant(name, args):
+    """(model, note) or (None, reason) when the variant cannot run here."""
+    import dsinf.inject as inject
+
+    if name == "hf":
+        return build(args), ""
+    if name == "dsinf":
+        return inject.inject(build(args)), ""
+    if name == "dsinf-int8":
+        return inject.inject(build(args), quantize="int8"), ""
+    if name == "torchao":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            return None, "torchao: not installed"
+        model = build(args)
+        quantize_(model, Int8WeightOnlyConfig())
+        return model, ""
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompts(args, batch):
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(1, PRESETS[args.preset]["vocab_size"], (batch, args.prompt), generator=g).to(args.device)
+
+
+def generate(model, ids, new, mode):
+    extra = {"cache_implementation": "static"} if mode == "static" else {}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, **extra)
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(model, args, mode, batch):
+    ids = prompts(args, batch)
+    generate(model, ids, args.new, mode)  # warm-up: builds, autotunes, HF's compile of the decode step
+    generate(model, ids, 1, mode)  # and of the shapes a one-token run uses (its static cache is shorter)
+    ttft = timed(lambda: generate(model, ids, 1, mode), args.device, args.repeats)
+    total = timed(lambda: generate(model, ids, args.new, mode), args.device, args.repeats)
+    decode = max(total - ttft, 1e-9)
+    return {"ttft_ms": ttft * 1e3, "decode_tok_s": batch * (args.new - 1) / decode}
+
+
+def accuracy(model, args):
+    """Prompt logits (float32) and the first greedy tokens, batch 1, eager."""
+    ids = prompts(args, 1)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.float()
+    tokens = generate(model, ids, AGREEMENT_TOKENS, "eager")[0, args.prompt:]
+    return logits, tokens
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def agreement(tokens, ref):
+    differ = (tokens != ref).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(ref)
+
+
+def run(args):
+    rows, notes, accuracy_rows = [], [], {}
+    ref_logits = ref_tokens = None
+    for variant in args.variants:
+        torch._dynamo.reset()
+        model, note = make_variant(variant, args)
+        if model is None:
+            notes.append(note)
+            print(note, flush=True)
+            continue
+        logits, tokens = accuracy(model, args)
+        if variant == "hf":
+            ref_logits, ref_tokens = logits, tokens
+        elif ref_logits is not None:
+            entry = {"rel_err_vs_hf": rel_err(logits, ref_logits), "agreement": agreement(tokens, ref_tokens)}
+            if variant == "dsinf-int8":
+                import dsinf.inject as inject
+
+                dequantized = build(args, seed=1)
+                dequantized.load_state_dict(inject.export_state_dict(model))
+                deq_logits, deq_tokens = accuracy(dequantized, args)
+                entry["rel_err_vs_dequantized"] = rel_err(logits, deq_logits)
+                entry["agreement_vs_dequantized"] = agreement(tokens, deq_tokens)
+                del dequantized
+            accuracy_rows[variant] = entry
+        del logits
+        for mode in args.modes:
+            for batch in args.batch:
+                result = measure(model, args, mode, batch)
+                rows.append({"variant": variant, "mode": mode, "batch": batch, **result})
+                print(f"  {variant:<11} {mode:<6} batch {batch}: {result['decode_tok_s']:.1f} tok/s, "
+                      f"TTFT {result['ttft_ms']:.1f} ms", flush=True)
+        del model
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, accuracy_rows, notes
+
+
+def with_ratios(rows):
+    base = {(r["mode"], r["batch"]): r for r in rows if r["variant"] == "hf"}
+    for r in rows:
+        hf = base.get((r["mode"], r["batch"]))
+        r["ratio_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
+        r["ttft_ratio_vs_hf"] = hf["ttft_ms"] / r["ttft_ms"] if hf else None
+    return rows
+
+
+def goals(rows, accuracy_rows, args):
+    def find(variant, mode, batch=1):
+        return next((r for r in rows if (r["variant"], r["mode"], r["batch"]) == (variant, mode, batch)), None)
+
+    out = []
+    for variant in ("dsinf", "dsinf-int8"):
+        for mode in args.modes:
+            r = find(variant, mode)
+            if r and r["ratio_vs_hf"] is not None:
+                out.append((f"{variant} {mode} batch 1 never slower than hf", r["ratio_vs_hf"], ">=", 1.0))
+    hf_static = find("hf", "static")
+    for variant, target in (("dsinf-int8", 1.6), ("dsinf", 1.15)):
+        r = find(variant, "static")
+        if r and hf_static:
+            out.append((f"{variant} static tok/s vs hf {args.dtype} static", r["decode_tok_s"] / hf_static["decode_tok_s"],
+                        ">=", target))
+    if "dsinf" in accuracy_rows:
+        out.append(("dsinf logits rel err vs hf eager", accuracy_rows["dsinf"]["rel_err_vs_hf"], "<=", 1e-2))
+    if "dsinf-int8" in accuracy_rows:
+        out.append(("dsinf-int8 logits rel err vs dequantized eager",
+                    accuracy_rows["dsinf-int8"]["rel_err_vs_dequantized"], "<=", 1e-2))
+    return [{"goal": g, "value": v, "op": op, "target": t, "pass": v >= t if op == ">=" else v <= t}
+            for g, v, op, t in out]
+
+
+def report(rows, accuracy_rows, goal_rows, notes, args):
+    print(f"\n{args.preset}, {args.layers} layers, {args.dtype}, rope {args.rope}, prompt {args.prompt}, "
+          f"{args.new} new tokens, {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    header = f"{'variant':<11} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'x hf':>6} {'TTFT ms':>9} {'x hf':>6}"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        ratio = f"{r['ratio_vs_hf']:.2f}" if r["ratio_vs_hf"] is not None else "-"
+        ttft_ratio = f"{r['ttft_ratio_vs_hf']:.2f}" if r["ttft_ratio_vs_hf"] is not None else "-"
+        print(f"{r['variant']:<11} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {ratio:>6} "
+              f"{r['ttft_ms']:>9.1f} {ttft_ratio:>6}")
+    print("(static on cuda: HF compiles the decode step; on cpu it runs uncompiled)")
+    print(f"\n{'variant':<11} {'rel err vs hf':>14} {'vs dequantized':>15} {'greedy agreement vs hf':>23} "
+          f"{'vs dequantized':>15}")
+    for variant, a in accuracy_rows.items():
+        deq = f"{a['rel_err_vs_dequantized']:.2e}" if "rel_err_vs_dequantized" in a else "-"
+        deq_agree = f"{a['agreement_vs_dequantized']}/{AGREEMENT_TOKENS}" if "agreement_vs_dequantized" in a else "-"
+        print(f"{variant:<11} {a['rel_err_vs_hf']:>14.2e} {deq:>15} {a['agreement']:>20}/{AGREEMENT_TOKENS} "
+              f"{deq_agree:>15}")
+    print("(random weights give near-uniform logits: int8 rounding flips greedy picks early; compare int8 with "
+          "its dequantized model)")
+    for note in notes:
+        print(note)
+    full = args.device == "cuda" and args.layers == 32 and args.preset == "llama3-8b"
+    print("\ngoals" + ("" if full else " (set for cuda, llama3-8b, 32 layers; shown for reference)"))
+    for g in goal_rows:
+        print(f"  {'PASS' if g['pass'] else 'MISS'}  {g['goal']}: {g['value']:.3g} (target {g['op']} {g['target']:g})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import transformers
+    except ImportError:
+        print("bench.e2e needs transformers (pip install 'dsinf[hf]')", file=sys.stderr)
+        return 2
+    rows, accuracy_rows, notes = run(args)
+    rows = with_ratios(rows)
+    goal_rows = goals(rows, accuracy_rows, args)
+    report(rows, accuracy_rows, goal_rows, notes, args)
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                **{k: v for k, v in vars(args).items() if k != "json"}}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows, "accuracy": accuracy_rows, "goals": goal_rows, "notes": notes},
+                      f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

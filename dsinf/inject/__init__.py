@@ -1,0 +1,164 @@
+"""Model injection: run a PyTorch / Hugging Face model's linear layers (and Llama-family blocks) on dsinf.
+
+    import dsinf
+    model = dsinf.inject(model)                          # float: every nn.Linear but lm_head, Llama fusions
+    model = dsinf.inject(model, quantize="int8")         # int8 weight-only, per channel (or groups=G)
+    model = dsinf.init_inference(model, dtype=torch.float16, replace_with_kernel_inject=True)  # DeepSpeed-style
+    dsinf.injection_summary(model)                       # what was replaced, fused, kept and why (data)
+
+Modules: `linear` (the injected linear modules), `llama` (recognition and the fused attention / MLP),
+`rope` (when dsinf's RoPE may replace the model's), `summary`, `export` (weights back in the original
+layout), `keywords` (`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`:
+recognition reads module attributes and configs, and the HF helpers a fused forward calls come from
+the module that defined the model's own class.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+import numbers
+
+import torch
+from torch import nn
+
+from .export import export_state_dict
+from .keywords import init_inference
+from .linear import InjectedLinear, InjectedQKV
+from .llama import fuse_attention, fuse_mlp, match_attention, match_mlp
+from .rope import RopeDecision, RopePositions, decide_rope
+from .summary import Fused, InjectionSummary, Skipped
+
+__all__ = ["InjectedLinear", "InjectedQKV", "InjectionSummary", "export_state_dict", "init_inference", "inject",
+           "injection_summary"]
+
+logger = logging.getLogger("dsinf")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_arguments(model, dtype, quantize, groups, skip) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "_dsinf_injection", None) is not None:
+        raise ValueError("inject: argument 'model': already injected (see dsinf.injection_summary(model))")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        hint = " (for int8 weights pass quantize='int8')" if dtype == torch.int8 else ""
+        raise ValueError(f"inject: argument 'dtype': expected None, float32, float16 or bfloat16, got {dtype}{hint}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"inject: argument 'quantize': expected None or 'int8', got {quantize!r}")
+    if groups is not None:
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+            raise ValueError(f"inject: argument 'groups': expected None (per channel) or an int >= 1, got {groups!r}")
+        if quantize is None:
+            raise ValueError("inject: argument 'groups': only meaningful with quantize='int8'")
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
+
+
+def _skipped(name: str, skip) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
+           groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False) -> nn.Module:
+    """Rewrite `model` in place to run on dsinf's ops; returns it.
+
+    Args:
+        model: any `nn.Module`; Llama-family decoders (Llama, Mistral, Qwen2) get fused blocks.
+        dtype: convert the model to this float dtype first (None: keep it).
+        quantize: None (float weights, shared with the original layers, no copy) or "int8" (weight-only).
+        groups: int8 scale groups per weight matrix (None: one scale per output channel); must divide
+            every replaced layer's output rows.
+        fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
+        skip: module names (full, or the last components: "lm_head") left as they are.
+        use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
+
+    Logs one summary (logger "dsinf", INFO); `injection_summary(model)` returns it as data.
+    """
+    _check_arguments(model, dtype, quantize, groups, skip)
+    if dtype is not None:
+        model.to(dtype)
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
+    if groups is not None:  # check before anything changes; q|k|v and gate|up rows are then divisible too
+        for name, m in linears:
+            if m.out_features % groups:
+                raise ValueError(f"inject: argument 'groups': {groups} groups do not divide the {m.out_features} "
+                                 f"output rows of {name}")
+    float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    summary = InjectionSummary(dtype=str(float_dtypes[0] if float_dtypes else None).replace("torch.", ""),
+                               quantize=quantize, groups=groups)
+    options = dict(quantize=quantize, groups=groups, use_triton=use_triton)
+    if fuse:
+        _fuse_blocks(model, summary, skip, options)
+    else:
+        summary.rope = "fuse=False: no block fused"
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not nn.Linear:
+                if isinstance(child, nn.Linear) and not isinstance(child, InjectedLinear):
+                    summary.skipped.append(Skipped(name, f"{type(child).__name__} subclasses nn.Linear; its "
+                                                         f"forward may differ"))
+                continue
+            if _skipped(name, skip):
+                summary.skipped.append(Skipped(name, "listed in skip"))
+                continue
+            setattr(parent, child_name, InjectedLinear.from_linear(child, **options))
+            summary.replaced.append(name)
+    for m in model.modules():
+        if isinstance(m, InjectedLinear):
+            summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
+    model._dsinf_injection = summary
+    logger.info("%s", summary.format())
+    return model
+
+
+def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> None:
+    modules = [(n, m) for n, m in model.named_modules() if not _skipped(n, skip)]
+    attentions, mlps = [], []
+    # (a module that looks like one, its matcher, where matches go, its name in a skip reason)
+    kinds = (("q_proj", match_attention, attentions, "attention"), ("gate_proj", match_mlp, mlps, "MLP"))
+    for name, m in modules:
+        for marker, match_block, matched, label in kinds:
+            if hasattr(m, marker):
+                match = match_block(m)
+                if match.ok:
+                    matched.append((name, m))
+                else:
+                    summary.skipped.append(Skipped(name, f"{label} not fused: {match.reason}"))
+                break
+    if attentions:
+        first = attentions[0][1]
+        decision = decide_rope(model, first.config, first.head_dim)
+    else:
+        decision = RopeDecision(False, "no Llama-family attention recognised")
+    summary.rope_fused, summary.rope = decision.fused, decision.reason
+    positions = RopePositions(decision)  # one per model: every layer of a step reads the same position_ids
+    for name, m in attentions:
+        detail = fuse_attention(m, positions, decision.theta, **options)
+        summary.fused.append(Fused(name, "attention", detail))
+        summary.replaced.extend(f"{name}.{p}" for p, _ in m.qkv_proj.parts)
+    for name, m in mlps:
+        detail = fuse_mlp(m, **options)
+        summary.fused.append(Fused(name, "mlp", detail))
+        summary.replaced.extend(f"{name}.{p}" for p, _ in m.gate_up_proj.parts)
+
+
+def injection_summary(model: nn.Module) -> InjectionSummary:
+    """What `inject` did to `model` (raises ValueError when it was not injected)."""
+    summary = getattr(model, "_dsinf_injection", None)
+    if summary is None:
+        raise ValueError("injection_summary: argument 'model': not injected (call dsinf.inject(model) first)")
+    return summary
+
+
+class _CallablePackage(types.ModuleType):
+    """`dsinf.inject` names both this package and the function: once `dsinf.inject.<sub>` has been imported,
+    the attribute `dsinf.inject` is the package, so the package calls the function."""
+
+    def __call__(self, model: nn.Module, **kwargs) -> nn.Module:
+        return inject(model, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -1,0 +1,195 @@
+"""Llama-family fusions (Llama, Mistral, Qwen2): fused q|k|v(+RoPE) attention and a fused gate|up MLP.
+
+Recognition is structural (`match_attention`, `match_mlp` return a `Match`: ok, or the reason not): the
+module's projections, its config, and the helpers of the module that defined its class - never the class
+name. `FAMILIES` lists the config `model_type`s whose attention forward we have read and reproduce;
+another model with the same attributes (say QK-norm, or a soft-capped attention) keeps its own forward
+and only has its linears replaced, with the reason in the summary.
+
+How we keep HF's cache and attention: the attention module keeps its identity, attributes (`config`,
+`layer_idx`, `scaling`, `num_key_value_groups`, `is_causal`, ...) and o_proj; only its class is swapped
+for a subclass (`Dsinf<Name>`) whose forward replaces the three projections and the rotary with one
+`InjectedQKV` call, then runs HF's own code path: `past_key_values.update(k, v, layer_idx)` and the
+`ALL_ATTENTION_FUNCTIONS` interface the config selects (sdpa, eager, flash, flex), with the family's
+extra arguments (Mistral/Qwen2 `sliding_window`). So DynamicCache, StaticCache, HF's masks, generate,
+and `isinstance` checks (output capture) all behave as before. Wrapping the projections instead would
+have kept HF's forward but could fuse neither the three GEMMs nor the RoPE.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .linear import InjectedLinear, InjectedQKV
+from .rope import RopePositions
+
+
+class Match(NamedTuple):
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the attention forwards we reproduce: where `sliding_window` comes from."""
+    model_type: str
+    sliding_window: str | None  # None: not passed; "config": config.sliding_window; "module": attn.sliding_window
+
+
+FAMILIES = {
+    "llama": Family("llama", None),
+    "mistral": Family("mistral", "config"),
+    "qwen2": Family("qwen2", "module"),
+}
+
+_ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "is_causal")
+_MODELING_HELPERS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", "apply_rotary_pos_emb")
+
+
+def _linears(module: nn.Module, names) -> bool:
+    return all(type(getattr(module, n, None)) is nn.Linear for n in names)
+
+
+def match_attention(module: nn.Module) -> Match:
+    if not _linears(module, ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return Match(False, "not a q/k/v/o nn.Linear attention")
+    missing = [a for a in _ATTN_ATTRS if not hasattr(module, a)]
+    if missing:
+        return Match(False, f"attention without {', '.join(missing)}")
+    extra = sorted(set(dict(module.named_children())) - {"q_proj", "k_proj", "v_proj", "o_proj"})
+    if extra:
+        return Match(False, f"attention has extra submodules {extra} the fused forward would skip")
+    model_type = getattr(module.config, "model_type", None)
+    if model_type not in FAMILIES:
+        return Match(False, f"model_type {model_type!r} is not a Llama-family attention we reproduce "
+                            f"({', '.join(FAMILIES)})")
+    modeling = sys.modules.get(type(module).__module__)
+    missing = [h for h in _MODELING_HELPERS if not hasattr(modeling, h)]
+    if missing:
+        return Match(False, f"its modeling module lacks {', '.join(missing)}")
+    cfg, D = module.config, module.head_dim
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    K = module.q_proj.in_features
+    if heads * D != K:
+        return Match(False, f"head_dim {D} * {heads} heads != hidden {K}: the fused split needs D = hidden/heads")
+    if (module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features) != (heads * D, kv * D,
+                                                                                                kv * D):
+        return Match(False, "q/k/v widths do not match num_attention_heads / num_key_value_heads")
+    if len({module.q_proj.bias is None, module.k_proj.bias is None, module.v_proj.bias is None}) != 1:
+        return Match(False, "q/k/v have mixed biases")
+    return Match(True)
+
+
+def match_mlp(module: nn.Module) -> Match:
+    if not _linears(module, ("gate_proj", "up_proj", "down_proj")) or not hasattr(module, "act_fn"):
+        return Match(False, "not a gate/up/down MLP")
+    extra = sorted(set(dict(module.named_children())) - {"gate_proj", "up_proj", "down_proj", "act_fn"})
+    if extra:
+        return Match(False, f"MLP has extra submodules {extra}")
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        return Match(False, f"model_type {model_type!r} is not a Llama-family MLP we reproduce")
+    act = getattr(module.config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return Match(False, f"hidden_act {act!r} is not SiLU")
+    if (module.gate_proj.bias is None) != (module.up_proj.bias is None):
+        return Match(False, "gate/up have mixed biases")
+    return Match(True)
+
+
+# --- the fused modules ------------------------------------------------------------------------------
+
+class FusedAttention:
+    """Mixed in before the model's own attention class (see the module doc). Set by `fuse_attention`:
+    `qkv_proj` (InjectedQKV), `_dsinf_rope` (RopePositions, shared by the model's layers),
+    `_dsinf_attn_kwargs` (the family's extra attention-interface arguments), `_dsinf_helpers`."""
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        apply_rotary, attention_functions, eager_attention = self._dsinf_helpers
+        offset = self._dsinf_rope.offset(kwargs.get("position_ids"), hidden_states.shape[1])
+        query, key, value = self.qkv_proj(hidden_states, offset)
+        if offset is None:  # RoPE not fused for this call: the model's own rotary
+            cos, sin = position_embeddings
+            query, key = apply_rotary(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
+        attn_output, attn_weights = attention(
+            self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, **self._dsinf_attn_kwargs, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class FusedMLP:
+    """Mixed in before the model's own MLP class: `down(silu(gate(x)) * up(x))` with gate|up as one GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # FUSION POINT (MLPGemmOp): gate|up GEMM + SiLU*mul (+ the pre-RMSNorm of the decoder layer) become
+        # one MLPGemmOp call here once that op exists; until then one VectorMatMulOp and torch's silu*mul.
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+_subclasses: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    """Give `module` a subclass of its own class with `mixin`'s forward (cached per class)."""
+    cls = type(module)
+    sub = _subclasses.get((mixin, cls))
+    if sub is None:
+        sub = type(f"Dsinf{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        _subclasses[(mixin, cls)] = sub
+    module.__class__ = sub
+
+
+def _cat(tensors):
+    return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
+
+
+def fuse_attention(module: nn.Module, rope: RopePositions, rope_theta: float, *, quantize, groups,
+                   use_triton) -> str:
+    """Rewrite a matched attention in place; returns a one-line description for the summary."""
+    names = ("q_proj", "k_proj", "v_proj")
+    projections = [getattr(module, n) for n in names]
+    cfg = module.config
+    qkv = InjectedQKV.from_weight(
+        _cat([p.weight for p in projections]), _cat([p.bias for p in projections]), quantize=quantize,
+        groups=groups, use_triton=use_triton, num_heads=cfg.num_attention_heads, num_kv=cfg.num_key_value_heads,
+        rope_theta=rope_theta, parts=tuple((n, p.out_features) for n, p in zip(names, projections)))
+    for n in names:
+        delattr(module, n)
+    module.qkv_proj = qkv
+    family = FAMILIES[cfg.model_type]
+    extra = {}
+    if family.sliding_window == "config":
+        extra["sliding_window"] = getattr(cfg, "sliding_window", None)
+    elif family.sliding_window == "module":
+        extra["sliding_window"] = getattr(module, "sliding_window", None)
+    modeling = sys.modules[type(module).__module__]
+    module._dsinf_attn_kwargs = extra
+    module._dsinf_helpers = tuple(getattr(modeling, h) for h in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
+                                                                 "eager_attention_forward"))
+    module._dsinf_rope = rope
+    _swap_class(module, FusedAttention)
+    gqa = f", GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads" if qkv.num_kv != qkv.num_heads else ""
+    bias = ", bias" if qkv.bias is not None else ""
+    return f"q|k|v -> one LinearOp{gqa}{bias}" + (", RoPE in its epilogue" if rope.fused else ", HF's rotary")
+
+
+def fuse_mlp(module: nn.Module, *, quantize, groups, use_triton) -> str:
+    gate, up = module.gate_proj, module.up_proj
+    module.gate_up_proj = InjectedLinear.from_weight(
+        _cat([gate.weight, up.weight]), _cat([gate.bias, up.bias]), quantize=quantize, groups=groups,
+        use_triton=use_triton)
+    module.gate_up_proj.parts = (("gate_proj", gate.out_features), ("up_proj", up.out_features))
+    del module.gate_proj, module.up_proj
+    _swap_class(module, FusedMLP)
+    return "gate|up -> one GEMM + SiLU*mul"

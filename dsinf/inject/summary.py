@@ -1,0 +1,53 @@
+"""What `inject` did, as data (`InjectionSummary`) and as the one log message it writes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A block rewritten as a whole: `kind` 'attention' or 'mlp', `detail` what runs now."""
+    name: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A module left as it was (or only partly rewritten), and why."""
+    name: str
+    reason: str
+
+
+@dataclass
+class InjectionSummary:
+    """`dsinf.injection_summary(model)`. `replaced`: names of the `nn.Linear`s now running on dsinf
+    (those inside fused blocks included, under their original names); `rope`: the per-model RoPE decision."""
+    dtype: str
+    quantize: str | None
+    groups: int | None
+    rope_fused: bool = False
+    rope: str = "no Llama-family attention"
+    replaced: list[str] = field(default_factory=list)
+    fused: list[Fused] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    backends: dict[str, int] = field(default_factory=dict)  # backend name -> number of injected modules
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        weights = f"int8 weight-only ({'per channel' if self.groups is None else f'{self.groups} groups'})" \
+            if self.quantize else self.dtype
+        attn = sum(f.kind == "attention" for f in self.fused)
+        mlp = sum(f.kind == "mlp" for f in self.fused)
+        backends = ", ".join(f"{n} {b}" for b, n in sorted(self.backends.items()))
+        lines = [f"dsinf.inject: {len(self.replaced)} linear layers on dsinf ({weights}; backends: {backends or '-'}); "
+                 f"fused {attn} attention blocks, {mlp} MLPs; RoPE: {self.rope}"]
+        reasons: dict[str, list[str]] = {}
+        for s in self.skipped:
+            reasons.setdefault(s.reason, []).append(s.name)
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  kept {shown}: {reason}")
+        return "\n".join(lines)

@@ -1,0 +1,373 @@
+"""dsinf.inject on tiny Hugging Face models (hidden 64, 2 layers, vocab 128) and a plain MLP.
+
+The oracle is always the unmodified model with the same weights (for int8: with the dequantized int8
+weights, `export_state_dict`). fp32 tolerances are tight (only summation order differs); bf16 looser
+(one rounding of q/k/v in a different place, and RoPE computed in fp32 rather than on bf16 cos/sin).
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from dsinf.inject import InjectedLinear, export_state_dict, init_inference, inject, injection_summary  # noqa: E402
+from dsinf.inject.rope import RopePositions, RopeDecision  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=256, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+}
+
+
+def make_model(family="llama", dtype=torch.float32, device="cpu", seed=0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).to(device=device, dtype=dtype).eval()
+    for p in model.parameters():  # HF inits biases to zero: make them count
+        if p.dim() == 1 and not torch.count_nonzero(p):
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def twin(model):
+    """A second model of the same class and config with the same weights."""
+    other = type(model)(model.config).to(device=model.device, dtype=model.dtype).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def ids(batch=2, seq=7, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 128, (batch, seq), generator=g).to(device)
+
+
+def logits(model, input_ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids, use_cache=False, **kwargs).logits.float()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def greedy(model, input_ids, cache=None, **kwargs):
+    extra = {"cache_implementation": cache} if cache else {}
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=12,
+                              do_sample=False, **extra, **kwargs)
+
+
+# --- families ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_logits_and_generate_match_the_original(family):
+    ref = make_model(family)
+    model = inject(twin(ref))
+    summary = injection_summary(model)
+    assert sorted(f.kind for f in summary.fused) == ["attention", "attention", "mlp", "mlp"]
+    assert summary.rope_fused
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
+    expected = greedy(ref, x)
+    assert torch.equal(greedy(model, x), expected)  # DynamicCache
+    assert torch.equal(greedy(model, x, cache="static"), greedy(ref, x, cache="static"))
+
+
+def test_fused_rope_actually_runs_for_plain_positions_and_not_for_left_padding():
+    positions = RopePositions(RopeDecision(True, "test"))
+    assert positions.offset(torch.arange(5, 9)[None].expand(3, 4), 4) == 5
+    assert positions.offset(torch.tensor([[0, 1, 2], [1, 2, 3]]), 3) is None  # rows start apart (left padding)
+    assert positions.offset(torch.tensor([[0, 2, 4]]), 3) is None
+    assert RopePositions(RopeDecision(False, "test")).offset(torch.arange(3)[None], 3) is None
+
+
+def test_fused_rope_equals_the_models_rotary_at_an_offset():
+    # Logits cannot catch a constant position shift (RoPE attention depends on position differences only),
+    # so compare q and k themselves: the epilogue at offset 5 vs the model's rotary at positions 5..5+S-1.
+    model = inject(make_model("llama", rope_theta=500000.0))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 6, 64)
+    q, k, v = attn.qkv_proj(x, 5)
+    q0, k0, v0 = attn.qkv_proj(x, None)
+    cos, sin = model.model.rotary_emb(x, torch.arange(5, 11)[None])
+    q_ref, k_ref = attn._dsinf_helpers[0](q0, k0, cos, sin)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v0)
+    logits(model, ids())  # and a plain forward does take the fused path (offset 0 memoised)
+    assert attn._dsinf_rope._offset == 0
+
+
+def test_left_padded_batch_generates_like_the_original():
+    ref = make_model("llama")
+    model = inject(twin(ref))
+    x = ids(batch=3, seq=8)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    x = x.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(model.generate(x, **kwargs), ref.generate(x, **kwargs))
+
+
+def test_bf16_logits_close():
+    ref = make_model("llama", dtype=torch.bfloat16)
+    model = inject(twin(ref))
+    x = ids()
+    assert rel_err(logits(model, x), logits(ref, x)) < 2e-2
+
+
+def test_inject_dtype_converts_the_model():
+    ref = make_model("qwen2").to(torch.bfloat16)
+    model = inject(make_model("qwen2"), dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert rel_err(logits(model, ids()), logits(ref, ids())) < 2e-2
+
+
+def test_scaled_rope_keeps_hf_rotary_and_says_so():
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    ref = make_model("llama", rope_parameters=rope)
+    model = inject(twin(ref))
+    summary = injection_summary(model)
+    assert not summary.rope_fused and "llama3" in summary.rope
+    assert len(summary.fused) == 4  # the GEMMs are still fused
+    x = ids(seq=40)
+    torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
+    assert torch.equal(greedy(model, x), greedy(ref, x))
+
+
+def test_unknown_attention_gets_only_its_linears_replaced():
+    ref = make_model("llama")
+    ref.config.model_type = "not-a-llama"  # same structure, a model type whose forward we have not read
+    model = inject(twin(ref))
+    summary = injection_summary(model)
+    assert not summary.fused
+    reasons = {s.name: s.reason for s in summary.skipped}
+    assert "not-a-llama" in reasons["model.layers.0.self_attn"]
+    assert "model.layers.0.self_attn.q_proj" in summary.replaced
+    assert isinstance(model.model.layers[0].self_attn.q_proj, InjectedLinear)
+    torch.testing.assert_close(logits(model, ids()), logits(ref, ids()), atol=2e-5, rtol=1e-5)
+
+
+def test_qk_norm_attention_is_not_fused():
+    config = transformers.Qwen3Config(**{**TINY, "head_dim": 16})
+    torch.manual_seed(0)
+    ref = transformers.Qwen3ForCausalLM(config).eval()
+    model = inject(twin(ref))
+    reasons = [s.reason for s in injection_summary(model).skipped if s.name.endswith("self_attn")]
+    assert reasons and all("q_norm" in r for r in reasons)
+    torch.testing.assert_close(logits(model, ids()), logits(ref, ids()), atol=2e-5, rtol=1e-5)
+
+
+# --- generic models, int8, state -----------------------------------------------------------------
+
+def mlp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(37, 64), nn.GELU(), nn.Linear(64, 48, bias=False), nn.Linear(48, 10)).eval()
+
+
+@pytest.mark.parametrize("shape", [(5, 37), (2, 3, 37), (2, 2, 3, 37)])
+def test_generic_mlp_model(shape):
+    ref = mlp_model()
+    model = inject(mlp_model())
+    assert injection_summary(model).replaced == ["0", "2", "3"]
+    x = torch.randn(shape)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int8_matches_the_dequantized_model(family, groups):
+    model = inject(make_model(family), quantize="int8", groups=groups)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.int8 and qkv.weight_scale.dtype == torch.float32
+    assert qkv.weight_scale.numel() == (groups or qkv.out_features)
+    dequantized = make_model(family, seed=99)
+    dequantized.load_state_dict(export_state_dict(model))
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(dequantized, x), atol=5e-5, rtol=1e-4)
+    assert torch.equal(greedy(model, x), greedy(dequantized, x))
+
+
+def test_groups_must_divide_every_layer():
+    with pytest.raises(ValueError, match="groups.*do not divide.*output rows"):
+        inject(make_model("llama"), quantize="int8", groups=7)
+
+
+def test_state_dict_round_trip_and_torch_save():
+    a = inject(make_model("llama", seed=0), quantize="int8")
+    b = inject(make_model("llama", seed=5), quantize="int8")
+    x = ids()
+    assert not torch.equal(logits(a, x), logits(b, x))
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    assert any(k.endswith("qkv_proj.weight_scale") for k in state)
+    b.load_state_dict(state)
+    assert torch.equal(logits(a, x), logits(b, x))
+
+
+def test_to_keeps_int8_scales_float32_and_rebinds():
+    model = inject(make_model("llama"), quantize="int8")
+    model.to(torch.bfloat16)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.int8 and qkv.weight_scale.dtype == torch.float32
+    assert qkv.decision.request.act_dtype == torch.bfloat16
+    dequantized = make_model("llama", seed=99)
+    dequantized.load_state_dict(export_state_dict(model))
+    assert rel_err(logits(model, ids()), logits(dequantized.to(torch.bfloat16), ids())) < 2e-2
+
+
+def test_float_weights_are_shared_not_copied():
+    model = make_model("llama", tie_word_embeddings=True)
+    o_proj = model.model.layers[0].self_attn.o_proj.weight
+    inject(model, skip=())
+    assert model.model.layers[0].self_attn.o_proj.weight is o_proj
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tie survives
+
+
+def test_reassigned_weights_reach_the_hot_path():
+    model = inject(mlp_model())
+    new = torch.randn(64, 37)
+    model[0].weight = nn.Parameter(new)  # the bound call holds tensors: reassignment must rebuild it
+    model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    x = torch.randn(3, 37)
+    expected = x
+    for i in (0, 1, 2, 3):
+        layer = model[i]
+        expected = torch.nn.functional.linear(expected, layer.weight, layer.bias) if i != 1 else layer(expected)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- API ------------------------------------------------------------------------------------------
+
+def test_summary_is_data():
+    model = inject(make_model("mistral"), quantize="int8")
+    summary = injection_summary(model).as_dict()
+    assert summary["quantize"] == "int8" and summary["groups"] is None
+    assert len(summary["replaced"]) == 2 * 7
+    assert {f["kind"] for f in summary["fused"]} == {"attention", "mlp"}
+    assert summary["skipped"] == [{"name": "lm_head", "reason": "listed in skip"}]
+    assert sum(summary["backends"].values()) == 2 * 4
+    with pytest.raises(ValueError, match="not injected"):
+        injection_summary(make_model("llama"))
+    with pytest.raises(ValueError, match="already injected"):
+        inject(model)
+
+
+def test_inject_logs_one_summary_and_nothing_per_call(caplog):
+    model = make_model("llama")
+    with caplog.at_level("DEBUG", logger="dsinf"):
+        inject(model)
+        count = len(caplog.records)
+        logits(model, ids())
+    assert count == 1 and "fused 2 attention blocks" in caplog.records[0].getMessage()
+    assert len(caplog.records) == count
+
+
+def test_the_package_is_callable_like_the_function():
+    import dsinf.inject as package
+
+    assert injection_summary(package(make_model("llama"))).fused
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"tensor_parallel": {"tp_size": 2}}, ValueError, "tensor-parallel size 2"),
+    ({"mp_size": 4}, ValueError, "tensor-parallel size 4"),
+    ({"max_out_tokens": 512}, ValueError, "no KV workspace"),
+    ({"enable_cuda_graph": True}, ValueError, "enable_cuda_graph"),
+    ({"replace_with_kernel_injection": True}, TypeError, "did you mean 'replace_with_kernel_inject'"),
+    ({"quant": {"enabled": True, "weight": {"num_bits": 4}}}, ValueError, "num_bits=4"),
+    ({"dtype": "float64"}, ValueError, "dtype"),
+])
+def test_init_inference_refuses_what_it_cannot_do(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        init_inference(make_model("llama"), **kwargs)
+
+
+def test_init_inference_deepspeed_keywords():
+    model = init_inference(make_model("llama"), dtype=torch.int8, replace_with_kernel_inject=True,
+                           tensor_parallel={"tp_size": 1})
+    summary = injection_summary(model)
+    assert summary.quantize == "int8" and summary.fused
+    model = init_inference(make_model("llama"), config={"dtype": "bf16", "replace_with_kernel_inject": False})
+    summary = injection_summary(model)
+    assert summary.dtype == "bfloat16" and not summary.fused and len(summary.replaced) == 14
+
+
+# --- the compiled backend, torch.compile ---------------------------------------------------------
+
+def test_the_compiled_backend_is_what_runs():
+    model = inject(make_model("llama"))
+    assert {m.backend for m in model.modules() if isinstance(m, InjectedLinear)} == {"compiled"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits(model, ids())
+    names = {e.key for e in prof.key_averages()}
+    assert "dsinf::linear_layer_fp32" in names and "dsinf::vector_matmul_fp32" in names
+
+
+def test_torch_compile_fullgraph():
+    ref = make_model("qwen2")
+    model = inject(twin(ref), quantize="int8")
+    dequantized = twin(ref)
+    dequantized.load_state_dict(export_state_dict(model))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x = ids()
+    torch.testing.assert_close(logits(compiled, x), logits(dequantized, x), atol=5e-5, rtol=1e-4)
+
+
+# --- GPU versions of the key tests (the lead runs them on the device) --------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gpu_family_logits_and_generate(family, dtype):
+    ref = make_model(family, dtype=dtype, device="cuda")
+    model = inject(twin(ref))
+    assert {m.backend for m in model.modules() if isinstance(m, InjectedLinear)} == {"compiled"}
+    x = ids(device="cuda")
+    assert rel_err(logits(model, x), logits(ref, x)) < 1e-2
+    out = greedy(model, x)
+    assert out.shape == greedy(ref, x).shape
+    assert greedy(model, x, cache="static").shape == out.shape
+
+
+@gpu
+def test_gpu_int8_matches_dequantized_and_compiles():
+    model = inject(make_model("llama", dtype=torch.float16, device="cuda"), quantize="int8")
+    dequantized = make_model("llama", dtype=torch.float16, device="cuda", seed=99)
+    dequantized.load_state_dict(export_state_dict(model))
+    x = ids(device="cuda")
+    assert rel_err(logits(model, x), logits(dequantized, x)) < 1e-2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # CUDA graphs: record, then replay
+        assert rel_err(logits(compiled, x), logits(dequantized, x)) < 1e-2
+
+
+@gpu
+def test_gpu_to_cuda_after_inject():
+    ref = make_model("llama")
+    model = inject(twin(ref), quantize="int8").to("cuda", torch.float16)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight_scale.is_cuda and qkv.weight_scale.dtype == torch.float32 and qkv.backend == "compiled"
+    dequantized = make_model("llama", seed=99)
+    dequantized.load_state_dict(export_state_dict(model))
+    x = ids()
+    assert rel_err(logits(model, x.cuda()).cpu(), logits(dequantized.to("cuda", torch.float16), x.cuda()).cpu()) < 1e-2
