@@ -26,6 +26,9 @@ _EXPORTS = {
     "InputError": "checks",
     "BackendUnavailableError": "dispatch",
     "BackendDecision": "dispatch",
+    "inject": "inject",
+    "init_inference": "inject",
+    "injection_summary": "inject",
 }
 _SUBMODULES = ("builder", "checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run
     from .checks import InputError
     from .config import ConfigError, DeepSpeedInferenceConfig, InferenceConfig
     from .dispatch import BackendDecision, BackendUnavailableError
+    from .inject import init_inference, inject, injection_summary
     from .ops.linear import LinearOp
     from .ops.vector_matmul import VectorMatMulOp
     from .quantize import dequantize_int8, quantize_int8
