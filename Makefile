@@ -16,7 +16,8 @@ TORCH_PIN = build/torch-constraint.txt
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "make: installing $(TORCH_SPEC) (torch is missing)"; \
 		$(PIP) "$(TORCH_SPEC)"; }
-	@mkdir -p build && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	@mkdir -p build && $(PYTHON) -c "from importlib.metadata import version; print('torch==' + version('torch'))" \
+		> $(TORCH_PIN)
 
 setup: torch
 	@echo "make: installing dsinf (editable) with ninja, py-cpuinfo, numpy into $$($(PYTHON) -c 'import sys; print(sys.prefix)')"
