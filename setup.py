@@ -2,17 +2,37 @@
 
 `pip install .` is pure Python (works with build isolation; ops compile on first use).
 `DS_BUILD_OPS=1 pip install --no-build-isolation .` compiles every op this machine can build into
-the package (`DS_BUILD_<OP>=1/0` per op); it needs torch in the build environment.
+the package (`DS_BUILD_<OP>=1/0` per op); it needs torch in the build environment. Such a build holds
+a native library, so its wheel carries a platform tag (cp311-cp311-linux_x86_64, not py3-none-any);
+each binary's manifest records the CPU ISA it was built for, and load() refuses it, falling back to a
+JIT build with the reason, on a machine without that ISA.
 """
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _prebuilt():
+    sys.path.insert(0, str(ROOT))
+    from op_builder import knobs, prebuilt
+
+    return knobs, prebuilt
+
+
+class DistributionWithOps(Distribution):
+    def has_ext_modules(self):
+        """True when prebuilt ops are asked for: the package then holds a native library, which makes
+        bdist_wheel tag the wheel for this platform and Python, and install it as platlib."""
+        knobs, prebuilt = _prebuilt()
+        try:
+            return prebuilt.requested()
+        except knobs.KnobError:
+            return False  # build_py below stops the build with the message
 
 
 class BuildPyWithOps(build_py):
@@ -21,9 +41,7 @@ class BuildPyWithOps(build_py):
         package_dir = Path(self.build_lib) / "op_builder"
         # Kernel sources travel with the package so JIT builds work from an installed wheel.
         shutil.copytree(ROOT / "csrc", package_dir / "csrc", dirs_exist_ok=True)
-        sys.path.insert(0, str(ROOT))
-        from op_builder import knobs, prebuilt
-
+        knobs, prebuilt = _prebuilt()
         try:
             if not prebuilt.requested():
                 return
@@ -43,4 +61,4 @@ class BuildPyWithOps(build_py):
             sys.exit(f"error: {exc}")
 
 
-setup(cmdclass={"build_py": BuildPyWithOps})
+setup(distclass=DistributionWithOps, cmdclass={"build_py": BuildPyWithOps})

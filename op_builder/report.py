@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -33,6 +34,9 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+CPU_ONLY = "not available in this torch (a CPU-only build), so no CUDA details follow"
 
 
 def environment() -> dict[str, Any]:
@@ -62,26 +66,30 @@ def environment() -> dict[str, Any]:
         c, v = s.cxx, s.cxx_version
         return None if c is None else {"path": c.path, "version": v.version if v else "?"}
 
-    return {
+    env: dict[str, Any] = {
         "op_builder": __version__,
         "python": sys.version.split()[0],
         "platform": _guard(lambda: s.platform),
         "torch": _guard(lambda: s.torch_version),
-        "torch_cuda": _guard(lambda: s.torch_cuda),
         "torch_cxx11_abi": _guard(lambda: s.torch_cxx11_abi),
-        "cuda_home": _guard(lambda: s.cuda_home),
-        "nvcc": _guard(nvcc),
+    }
+    torch_cuda = _guard(lambda: s.torch_cuda)
+    if torch_cuda is None:  # nvcc, GPUs and arch targets cannot matter to a CPU-only torch
+        env["cuda"] = CPU_ONLY
+    else:
+        env.update(torch_cuda=torch_cuda, cuda_home=_guard(lambda: s.cuda_home), nvcc=_guard(nvcc),
+                   gpus=_guard(gpus), cuda_targets=_guard(cuda_targets))
+    env.update({
         "cxx": _guard(cxx),
         "ninja": _guard(lambda: s.ninja),
         "triton": _version("triton"),
-        "gpus": _guard(gpus),
-        "cuda_targets": _guard(cuda_targets),
         "cpu": _guard(cpu),
         "cpu_count": _guard(lambda: s.cpu_count),
         "memory_available_gib": _guard(lambda: round((s.memory_available or 0) / 2**30, 1)),
         "cache_root": _guard(lambda: str(cache.cache_root())),
         "knobs": knobs.snapshot(),
-    }
+    })
+    return env
 
 
 def op_rows() -> list[dict[str, Any]]:
@@ -96,7 +104,10 @@ def op_rows() -> list[dict[str, Any]]:
             if isinstance(decision, str):
                 row.update(buildable=False, reasons=[decision], notes=[])
             else:
-                row.update(buildable=decision.ok, reasons=list(decision.reasons), notes=list(decision.notes))
+                # Notes say how a variant would be built: noise when it cannot be (e.g. the CUDA arch
+                # targets on a CPU-only torch); the reasons say why not.
+                row.update(buildable=decision.ok, reasons=list(decision.reasons),
+                           notes=list(decision.notes) if decision.ok else [])
             cached = _guard(lambda: builder.cached_entry(variant))
             if isinstance(cached, str):
                 row.update(cached=False, cached_why_not=cached)
@@ -164,7 +175,7 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], built: list[dict[str
             out.append(f"      note: {note}")
         if not r["installed"] and r["installed_why_not"] not in (None, "not installed"):
             out.append(f"      installed binary unusable: {r['installed_why_not']}")
-        if not r["cached"] and r["buildable"]:
+        if not r["cached"] and r["buildable"] and not r["installed"]:  # installed: the prebuilt binary loads
             out.append(f"      cache: {r['cached_why_not']} (built on first use; set {r['build_var']}=1 at install "
                        "to ship it prebuilt)")
     if built is not None:
@@ -192,9 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 2
     if args.json:
-        print(json.dumps({"environment": env, "ops": rows, "build": built}, indent=2, default=str))
+        text = json.dumps({"environment": env, "ops": rows, "build": built}, indent=2, default=str)
     else:
-        print(render(env, rows, built, color=sys.stdout.isatty() and not args.no_color))
+        text = render(env, rows, built, color=sys.stdout.isatty() and not args.no_color)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `report | head`: the reader has what it wanted
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if built is not None and not all(b["ok"] for b in built):
         return 1
     return 0

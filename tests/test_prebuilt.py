@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from op_builder.cache import BuildKey
 from op_builder.compat import Decision
 from op_builder.knobs import KnobError
 from op_builder.prebuilt import PrebuildError, plan
-from op_builder.system import Compiler, Cpu, Gpu, System
+from op_builder.system import ISA_RANK, Compiler, Cpu, Gpu, System
 
 OK = Decision.of([])
 NO_CUDA = Decision.of(["torch is built without CUDA (CPU-only wheel)"])
@@ -328,6 +329,69 @@ def test_installed_binary_loads_without_the_compiler(installed_with_ops, tmp_pat
     rows = {row["variant"]: row for row in json.loads(report.stdout)["ops"]}
     assert rows["cpu"]["installed"] is True and rows["cpu"]["installed_why_not"] is None
     assert rows["cuda"]["installed"] is False and rows["cuda"]["buildable"] is False
+    text = run([sys.executable, "-m", "op_builder.report", "--no-color"], env, cwd=elsewhere, timeout=300)
+    cpu_row = text.stdout.split("transformer_inference[cpu]")[1].split("transformer_inference[cuda]")[0]
+    assert cpu_row.split()[0] == "[YES]", cpu_row
+    assert "DS_BUILD_TRANSFORMER_INFERENCE=1" not in cpu_row, f"advises what was done:{cpu_row}"
+
+
+@pytest.mark.slow
+def test_installed_binary_for_a_missing_isa_falls_back_to_jit(installed_with_ops, tmp_path):
+    """A prebuilt binary records its ISA; on a CPU without that ISA it is refused with the reason (load
+    warning and report) and a JIT build for this CPU runs instead."""
+    target, proc, _ = installed_with_ops
+    assert proc.returncode == 0
+    mine = tmp_path / "target"
+    shutil.copytree(target, mine)
+    manifest_path = mine / "op_builder" / "prebuilt" / "transformer_inference-cpu" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    here = InferenceBuilder().system.cpu.isa
+    higher = [name for name, rank in ISA_RANK.items() if rank > ISA_RANK[here]]
+    # This CPU may have the best level we know: then a level from a newer dsinf, which it cannot have.
+    manifest["isa"] = higher[-1] if higher else "avx10_2"
+    manifest_path.write_text(json.dumps(manifest))  # isa is not a key field: the manifest stays genuine
+    env = child_env(tmp_path, pythonpath=[mine])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run_json(INFERENCE, env, cwd=elsewhere, timeout=600)
+    assert r.rc == 0 and not r.data["errors"], r
+    assert r.data["how"] == "built" and not Path(r.data["path"]).is_relative_to(mine), r.data
+    assert r.data["vector_matmul_ok"] and r.data["linear_layer_ok"]
+    why = f"built for {manifest['isa']} but this CPU supports only {here}"
+    assert why in r.stderr and "falling back to a JIT build" in r.stderr, r.stderr[-3000:]
+    report = run([sys.executable, "-m", "op_builder.report", "--json"], env, cwd=elsewhere, timeout=300)
+    rows = {row["variant"]: row for row in json.loads(report.stdout)["ops"]}
+    assert rows["cpu"]["installed"] is False and why in rows["cpu"]["installed_why_not"], rows["cpu"]
+
+
+def wheel_tag(wheel: Path) -> str:
+    return "-".join(wheel.name[:-len(".whl")].split("-")[-3:])
+
+
+@pytest.mark.slow
+def test_prebuilt_wheel_is_platform_tagged_and_plain_wheel_is_not(tmp_path):
+    """A DS_BUILD_OPS=1 wheel holds a native library: tagged for this Python and platform, never `any`."""
+    src = source_copy(tmp_path / "src")
+    tags = {}
+    for name, extra in (("prebuilt", {"DS_BUILD_OPS": "1"}), ("plain", {})):
+        out = tmp_path / name
+        env = child_env(tmp_path / f"env-{name}", pythonpath=[], **extra)
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                               "-w", str(out), str(src)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (wheel,) = out.glob("*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            names = z.namelist()
+            meta = z.read(next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode()
+        tags[name] = (wheel_tag(wheel), meta, [n for n in names if n.endswith(".so")])
+    tag, meta, libs = tags["prebuilt"]
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert tag.startswith(f"{py}-{py}-") and not tag.endswith("-any"), tag
+    assert "Root-Is-Purelib: false" in meta, meta
+    assert libs == ["op_builder/prebuilt/transformer_inference-cpu/transformer_inference_cpu.so"], libs
+    tag, meta, libs = tags["plain"]
+    assert tag == "py3-none-any" and libs == [] and "Root-Is-Purelib: true" in meta, (tag, meta)
 
 
 @pytest.mark.slow

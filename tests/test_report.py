@@ -8,10 +8,14 @@ from __future__ import annotations
 import json
 import sys
 
+import subprocess
+
 import pytest
+import torch
 
 from fixtures.procs import child_env, cold_cpu_build, run
 from op_builder.knobs import KNOBS
+from op_builder.report import CPU_ONLY
 
 REPORT = [sys.executable, "-m", "op_builder.report"]
 BROKEN = {"CXX": "/nonexistent/c++", "TORCH_CUDA_ARCH_LIST": "garbage", "MAX_JOBS": "abc",
@@ -58,8 +62,13 @@ def test_json_report(tmp_path):
     assert knobs["MAX_JOBS"]["value"] == 3 and knobs["MAX_JOBS"]["source"] == "env"
     assert knobs["DS_BUILD_TIMEOUT"]["source"] == "default"
     assert all(k["meaning"] for k in knobs.values())
-    for field in ("torch", "torch_cuda", "nvcc", "cxx", "ninja", "gpus", "cuda_targets", "cpu", "cache_root"):
+    for field in ("torch", "cxx", "ninja", "cpu", "cache_root"):
         assert field in env
+    cuda_fields = ("torch_cuda", "cuda_home", "nvcc", "gpus", "cuda_targets")
+    if torch.version.cuda:
+        assert all(field in env for field in cuda_fields) and "cuda" not in env
+    else:  # CUDA details only when torch has CUDA
+        assert env["cuda"] == CPU_ONLY and not any(field in env for field in cuda_fields), env
     assert env["cache_root"].startswith(str(tmp_path))
     rows = rows_of(data)
     cpu, cuda = rows[("transformer_inference", "cpu")], rows[("transformer_inference", "cuda")]
@@ -67,6 +76,31 @@ def test_json_report(tmp_path):
     assert cpu["installed"] is False and cpu["build_var"] == "DS_BUILD_TRANSFORMER_INFERENCE"
     assert cuda["buildable"] is False and any("without CUDA" in reason for reason in cuda["reasons"])
     assert data["build"] is None
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the report of a CPU-only torch")
+def test_cpu_only_torch_shows_no_cuda_details(tmp_path):
+    r = report(tmp_path, "--no-color")
+    assert r.rc == 0, r
+    environment = r.stdout.split("knobs (value, source):")[0]
+    ops = r.stdout.split("ops:")[1]
+    assert [line.split()[0] for line in environment.splitlines() if "cuda" in line.lower()] == ["cuda"], environment
+    assert CPU_ONLY in environment
+    for noise in ("nvcc", "cuda_home", "cuda_targets", "gpus", "12.0+PTX", "targets:"):
+        assert noise not in r.stdout.replace("TORCH_CUDA_ARCH_LIST", ""), f"{noise!r} shown on a CPU-only torch"
+    cuda_block = ops.split("transformer_inference[cuda]")[1].splitlines()[1:]
+    assert cuda_block == ["      not buildable: torch is built without CUDA (CPU-only wheel)"], cuda_block
+
+
+@pytest.mark.parametrize("fmt", ["--json", "--no-color"])
+def test_closed_pipe_is_quiet(tmp_path, fmt):
+    """`report --json | head`: the reader goes away before the report writes; no traceback, exit 0."""
+    proc = subprocess.Popen(REPORT + [fmt], env=child_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed long before the report (which imports torch first) writes a byte
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == 0, err
 
 
 def test_report_builds_nothing_without_build(tmp_path):
@@ -88,7 +122,8 @@ def test_broken_environment_is_reported_not_raised(tmp_path, fmt):
             assert str(knobs[name]["value"]).startswith("INVALID") and name in knobs[name]["value"], knobs[name]
         assert knobs["CXX"]["value"] == "/nonexistent/c++"
         assert data["environment"]["cxx"] is None
-        assert any("'garbage'" in p for p in data["environment"]["cuda_targets"]["problems"])
+        if torch.version.cuda:
+            assert any("'garbage'" in p for p in data["environment"]["cuda_targets"]["problems"])
         rows = rows_of(data)
         cpu = rows[("transformer_inference", "cpu")]
         assert cpu["buildable"] is False and any("C++ compiler" in reason for reason in cpu["reasons"])

@@ -183,26 +183,53 @@ def _worker_main() -> None:
 
 
 class Worker:
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, command: list[str] | None = None):
         env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), DSINF_CACHE_DIR=str(cache_dir))
         self.stderr = open(cache_dir / "worker.stderr", "w+")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=env, cwd=str(REPO), text=True,
+        self.proc = subprocess.Popen(command or [sys.executable, __file__, "--worker"], env=env, cwd=str(REPO), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.death: str | None = None  # why the worker is gone; every later request fails with it
+
+    def _stderr_tail(self, lines: int = 30) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return "\n".join(self.stderr.read().splitlines()[-lines:])
+
+    def _died(self, req: dict) -> str:
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # stdout closed but the process lingers: still a dead worker
+            self.proc.kill()
+            rc = self.proc.wait()
+        return (f"the interpreter worker died (exit code {rc}) while handling {req}; "
+                f"last lines of its stderr:\n{self._stderr_tail()}")
 
     def ask(self, req: dict, timeout: float = 120) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
+        if self.death:
+            pytest.fail(self.death)
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died before this request (e.g. at start-up)
+            self.death = self._died(req)
+            pytest.fail(self.death)
         box = []
         reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
-        if not box or not box[0]:
-            self.stderr.seek(0)
-            pytest.fail(f"interpreter worker gave no answer to {req} in {timeout} s:\n{self.stderr.read()[-3000:]}")
+        if box and not box[0]:  # end of file: the worker exited
+            self.death = self._died(req)
+            pytest.fail(self.death)
+        if not box:
+            pytest.fail(f"interpreter worker gave no answer to {req} in {timeout} s (still running); "
+                        f"last lines of its stderr:\n{self._stderr_tail()}")
         return json.loads(box[0])
 
     def close(self):
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -215,6 +242,24 @@ def worker(tmp_path_factory):
     w = Worker(tmp_path_factory.mktemp("triton-interp"))
     yield w
     w.close()
+
+
+def test_a_dead_worker_says_why_at_once(tmp_path):
+    """A worker that dies at start-up (it once did, for want of numpy) fails the next request at once
+    with its exit code and stderr, and every request after it with the same cause."""
+    dies = [sys.executable, "-c", "import sys; sys.stderr.write('ImportError: no numpy here\\n'); sys.exit(3)"]
+    w = Worker(tmp_path, dies)
+    try:
+        start = time.monotonic()
+        for req in ({"case": "first"}, {"case": "second"}):
+            with pytest.raises(pytest.fail.Exception) as info:
+                w.ask(req, timeout=60)
+            message = str(info.value)
+            assert "died (exit code 3)" in message and "ImportError: no numpy here" in message, message
+            assert "'first'" in message and "BrokenPipe" not in message, message
+        assert time.monotonic() - start < 30, "a dead worker must not be waited for"
+    finally:
+        w.close()
 
 
 def _answer(reply: dict) -> None:
