@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -188,22 +189,29 @@ def test_variant_dir_layout(tmp_path, monkeypatch):
     assert TinyBuilder(fake_system()).variant_dir("cpu") == tmp_path / "ext" / "dsinf" / "tiny_test_op-cpu"
 
 
-def test_unwritable_root_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
-    """A root that cannot be created (under a regular file: blocks root too) -> per-user temp dir."""
+@pytest.mark.parametrize("with_xdg", [True, False])
+def test_unwritable_root_falls_back_with_one_warning(tmp_path, monkeypatch, caplog, with_xdg):
+    """A root that cannot be created (under a regular file: blocks root too) -> the per-user cache dir,
+    or (that blocked too) <tmp>/dsinf-<uid>, created 0700; one warning naming both."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "ext"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg" if with_xdg else blocker / "xdg"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setattr(cache.tempfile, "tempdir", None)  # re-read TMPDIR
-    monkeypatch.setattr(cache, "_warned_fallback", False)
+    monkeypatch.setattr(cache, "_warned", set())
     with caplog.at_level("WARNING", logger="op_builder"):
         roots = [cache.cache_root() for _ in range(3)]
     assert roots[0] == roots[1] == roots[2]
-    assert roots[0].is_relative_to(tmp_path / "tmp") and roots[0].is_dir()
-    warnings = [r for r in caplog.records if "not writable" in r.getMessage()]
+    expected = (tmp_path / "xdg" / "dsinf" / "extensions" if with_xdg
+                else tmp_path / "tmp" / f"dsinf-{os.getuid()}" / "extensions")
+    assert roots[0] == expected and roots[0].is_dir()
+    assert stat.S_IMODE(roots[0].stat().st_mode) == 0o700
+    warnings = [r.getMessage() for r in caplog.records if "cannot build into" in r.getMessage()]
     assert len(warnings) == 1
-    assert str(blocker / "ext") in warnings[0].getMessage() and "TORCH_EXTENSIONS_DIR" in warnings[0].getMessage()
+    assert str(blocker / "ext") in warnings[0] and "TORCH_EXTENSIONS_DIR" in warnings[0]
+    assert f"building into {expected}" in warnings[0]
 
 
 # ------------------------------------------------------------------------------- manifests + trust
