@@ -32,7 +32,11 @@ FIRST_REPORT = 0.5  # seconds before a waiter says whom it waits for
 
 
 class LockTimeout(TimeoutError):
-    """The lock was still held by another process when the wait ran out."""
+    """The lock was still held by another process when the wait ran out; `holder` says who holds it."""
+
+    def __init__(self, path: Path, waited: float, holder: dict):
+        self.holder = holder
+        super().__init__(f"lock {path} still held after {waited:.0f} s (holder: {describe_holder(holder)})")
 
 
 def _holder_info(fd: int) -> dict:
@@ -77,7 +81,7 @@ class FileLock:
                     pass
                 waited = time.monotonic() - start
                 if waited >= self.timeout:
-                    raise LockTimeout(_holder_info(fd))
+                    raise LockTimeout(self.path, waited, _holder_info(fd))
                 if self.on_wait is not None:
                     self.on_wait(waited, _holder_info(fd))
                 time.sleep(delay)
@@ -147,7 +151,7 @@ class BuildLock(FileLock):
         try:
             super().acquire()
         except LockTimeout as exc:
-            info = exc.args[0] if exc.args else {}
+            info = exc.holder
             raise BuildTimeoutError(
                 f"gave up after {time.monotonic() - start:.0f} s waiting for the {self.what} build held by "
                 f"{describe_holder(info)}. If that process is stuck, stop it (its lock is released "
