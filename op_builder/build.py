@@ -287,10 +287,17 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
     if problem:
         raise UnsafeCacheError(f"cannot build {spec.label}: {problem}; point TORCH_EXTENSIONS_DIR at a directory "
                                f"only you can write")
+    lock_path = variant_dir / ".lock"
+    problem = trust.file_problem(lock_path) if os.path.lexists(lock_path) else None
+    if problem is None and os.path.lexists(lock_path) and os.lstat(lock_path).st_nlink != 1:
+        problem = "a hard link to another file"
+    if problem:  # our own private directory, so not an attack in progress: heal it, never follow it
+        log.warning("op_builder: moving aside the build lock %s (%s)", lock_path, problem)
+        _remove(lock_path)
     build_dir = variant_dir / f".tmp-{digest}-{os.getpid()}-{secrets.token_hex(3)}"
     log_path = build_dir / "build.log"
     limit = knobs.get("DSINF_BUILD_TIME_LIMIT")
-    lock = BuildLock(variant_dir / ".lock", what=spec.label, log_path=log_path,
+    lock = BuildLock(lock_path, what=spec.label, log_path=log_path,
                      timeout=knobs.get("DS_BUILD_TIMEOUT"))
     with lock:
         problem = reject or cache.entry_problem(entry, digest, kernels=spec.kernels)
