@@ -171,7 +171,7 @@ class OpBuilder:
                             path, how, why)
                 path, how, manifest = self._locate_or_build(variant, reject=why if how == "cached" else None,
                                                             prebuilt=False)
-                missing = self._load(path, variant, manifest)
+                missing = self._load(path, variant, manifest, again=True)
                 if missing:
                     raise OpBuilderError(f"{self.NAME}[{variant}]: {path} registers no {dispatch_key(variant)} "
                                          f"kernel for {', '.join(missing)}")
@@ -180,12 +180,22 @@ class OpBuilder:
             log.debug("loaded %s[%s] (%s) from %s in %.3f s", self.NAME, variant, how, path, loaded.seconds)
             return loaded
 
-    def _load(self, path: Path, variant: str, manifest: dict[str, Any]) -> list[str]:
-        """Load the library; return the kernels its manifest lists that it failed to register."""
+    def _load(self, path: Path, variant: str, manifest: dict[str, Any], *, again: bool = False) -> list[str]:
+        """Load the library; return the kernels its manifest lists that it failed to register.
+
+        `again`: a rejected library was loaded from this same path. dlopen matches by name first and
+        would return that library's handle (it stays mapped), and torch.ops.load_library normalises
+        the path: so open the new file under another spelling of its path (same RTLD_GLOBAL mode)."""
         self.pre_load()
         import torch
 
-        torch.ops.load_library(str(path))
+        if again:
+            import ctypes
+
+            ctypes.CDLL(f"{path.parent}/./{path.name}", mode=ctypes.RTLD_GLOBAL)
+            torch.ops.loaded_libraries.add(str(path.resolve()))
+        else:
+            torch.ops.load_library(str(path))
         kernels = manifest.get("kernels") or []
         return missing_kernels(tuple(kernels), dispatch_key(variant))
 

@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +33,41 @@ two_users = pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None,
                                reason="acting as two users needs root and setpriv (CI runs as root)")
 
 
-def as_user(uid: int, cmd: list[str]) -> list[str]:
+def _other_user_python() -> list[str] | None:
+    """An interpreter command another uid can run AND re-exec (the build worker is `sys.executable`):
+    this one, or (when it lives under a private home, like pyenv's under /root) the system Python of
+    the same version with this environment's site-packages on its path."""
+    probe = "import subprocess, sys, torch; subprocess.run([sys.executable, '-c', 'import torch'], check=True)"
+    site = sysconfig.get_paths()["purelib"]
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for cmd in ([sys.executable], [f"/usr/bin/python{version}"]):
+        env = dict(os.environ, PYTHONPATH=site)
+        try:
+            ok = subprocess.run([SETPRIV, f"--reuid={VICTIM}", f"--regid={VICTIM}", "--clear-groups", "--", *cmd,
+                                 "-c", probe], env=env, cwd="/", capture_output=True, timeout=120).returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return cmd
+    return None
+
+
+_python_cache: list = []
+
+
+def as_user(uid: int, cmd: list[str], env: dict[str, str]) -> list[str]:
+    """`cmd` (starting with sys.executable) run as `uid`; adds this environment's site-packages to
+    env's PYTHONPATH when another interpreter must stand in."""
     if uid == os.geteuid():
         return cmd
-    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *cmd]
+    if not _python_cache:
+        _python_cache.append(_other_user_python())
+    python = _python_cache[0]
+    if python is None:
+        pytest.skip("no Python interpreter that another uid can run was found")
+    if python != [sys.executable]:
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], sysconfig.get_paths()["purelib"]])
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *python, *cmd[1:]]
 
 
 def chown_tree(path: Path, uid: int, mode: int | None = None) -> None:
@@ -128,7 +160,7 @@ def test_planted_library_in_a_foreign_fallback_dir_is_never_loaded(world, victim
     plant_entry(vdir, key_fields(env), evil_library(world, marker))
     chown_tree(trap, ATTACKER, 0o777)
 
-    r = run_json(as_user(victim, TINY), env, timeout=BUILD_TIMEOUT)
+    r = run_json(as_user(victim, TINY, env), env, timeout=BUILD_TIMEOUT)
     expect_works(r)
     assert not marker.exists(), "the planted library was loaded"
     assert not Path(r.data["path"]).is_relative_to(trap)
@@ -156,7 +188,7 @@ def test_shared_1777_root_with_another_users_lock_symlink(world):
     chown_tree(shared / "dsinf", ATTACKER, 0o777)
     env = child_env(home, TINY_OP_BINDING="0", HOME=str(home), TORCH_EXTENSIONS_DIR=str(shared))
 
-    r = run_json(as_user(VICTIM, TINY), env, timeout=BUILD_TIMEOUT)
+    r = run_json(as_user(VICTIM, TINY, env), env, timeout=BUILD_TIMEOUT)
     expect_works(r)
     assert bashrc.read_text() == "export PATH=precious\n"
     assert Path(r.data["path"]).is_relative_to(home / "xdg")
@@ -352,7 +384,7 @@ def test_read_only_shared_cache_is_used_as_is_with_zero_compiler_calls(world):
     cxx = CxxWrapper.create(home / "cxx")
     chown_tree(home / "cxx", VICTIM)
     env = child_env(home, TINY_OP_BINDING="0", HOME=str(home), TORCH_EXTENSIONS_DIR=str(shared), CXX=str(cxx.path))
-    r = run_json(as_user(VICTIM, TINY), env, timeout=BUILD_TIMEOUT)
+    r = run_json(as_user(VICTIM, TINY, env), env, timeout=BUILD_TIMEOUT)
     expect_works(r, "cached")
     assert Path(r.data["path"]).is_relative_to(shared)
     assert cxx.calls() == [], "a valid read-only cache must not run the compiler"
@@ -360,7 +392,7 @@ def test_read_only_shared_cache_is_used_as_is_with_zero_compiler_calls(world):
     assert "WARNING" not in r.stderr.upper() or "cannot build" not in r.stderr
 
     env["TINY_OP_CFLAGS"] = "-DTINY_TRUST_TEST=1"  # another key: missing from the shared cache
-    r = run_json(as_user(VICTIM, TINY), env, timeout=BUILD_TIMEOUT)
+    r = run_json(as_user(VICTIM, TINY, env), env, timeout=BUILD_TIMEOUT)
     expect_works(r)
     assert Path(r.data["path"]).is_relative_to(home / "xdg")
     warning = [line for line in r.stderr.splitlines() if "cannot build into" in line]
