@@ -75,14 +75,14 @@ def dispatch_key(variant: str) -> str:
     return "CUDA" if variant.startswith("cuda") else "CPU"
 
 
-def missing_kernels(kernels: tuple[str, ...], dispatch_key: str) -> list[str]:
-    """The listed ops with no kernel registered for `dispatch_key` in this process (all must be)."""
+def missing_kernels(kernels: tuple[str, ...], key: str) -> list[str]:
+    """The listed ops with no kernel registered for dispatch key `key` in this process (all must be)."""
     import torch
 
     missing = []
     for name in kernels:
         try:
-            registered = torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+            registered = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
         except RuntimeError:  # no such op at all
             registered = False
         if not registered:
@@ -260,18 +260,6 @@ def _signal_cause(rc: int) -> str | None:
     name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
     hint = " (the out-of-memory killer? lower MAX_JOBS)" if -rc == signal.SIGKILL else ""
     return f"the build worker was killed by {name}{hint}"
-
-
-def _remove(path: Path) -> None:
-    """Move aside, then delete: a process that has the old .so mapped keeps its copy."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,

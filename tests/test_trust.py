@@ -374,15 +374,18 @@ def test_read_only_shared_cache_is_used_as_is_with_zero_compiler_calls(world):
     """A cluster's prebuilt cache (root-owned, read-only to users): loaded without a write or a compile.
     An entry it lacks is built in the user's own cache, and the warning says so."""
     shared = world / "shared"
-    admin_env = child_env(world / "admin", TINY_OP_BINDING="0", TORCH_EXTENSIONS_DIR=str(shared))
+    cxx = CxxWrapper.create(world / "cxx")  # the compiler is part of the key: the same CXX for both
+    admin_env = child_env(world / "admin", TINY_OP_BINDING="0", TORCH_EXTENSIONS_DIR=str(shared), CXX=str(cxx.path))
     expect_works(run_json(TINY, admin_env, timeout=BUILD_TIMEOUT))
+    assert cxx.compiles()
+    cxx.reset()
+    cxx.log.touch(mode=0o666)
+    cxx.log.chmod(0o666)
     for p in [shared, *shared.rglob("*")]:  # what an admin does to share it: everyone reads, nobody writes
         p.chmod(0o755 if p.is_dir() or p.suffix == ".so" else 0o644)
     before = tree_state(shared)
 
     home = home_of(world, VICTIM)
-    cxx = CxxWrapper.create(home / "cxx")
-    chown_tree(home / "cxx", VICTIM)
     env = child_env(home, TINY_OP_BINDING="0", HOME=str(home), TORCH_EXTENSIONS_DIR=str(shared), CXX=str(cxx.path))
     r = run_json(as_user(VICTIM, TINY, env), env, timeout=BUILD_TIMEOUT)
     expect_works(r, "cached")
