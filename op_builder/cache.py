@@ -270,7 +270,10 @@ def _entry_problem(entry_dir: Path, expected_key: str | None, check_hash: bool,
     problem = library_name_problem(name)
     if problem:
         return problem
-    if kernels is not None and manifest.get("kernels", []) != list(kernels):
+    listed = manifest.get("kernels", [])
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        return f"manifest kernels {listed!r} is not a list of op names"
+    if kernels is not None and listed != list(kernels):
         return f"manifest lists kernels {manifest.get('kernels')!r}, the builder requires {list(kernels)}"
     lib = entry_dir / name
     problem = trust.file_problem(lib)
