@@ -2,13 +2,18 @@
 
     with lock(<variant dir>/.lock):
         if <key>/ is complete and intact: done (someone built it while we waited)
-        remove a broken <key>/ and leftovers of killed builds
-        compile into .tmp-<key>-<pid>/ in a child process (log to .tmp-.../build.log)
-        write the manifest (sizes + SHA-256), rename .tmp-... -> <key>/
+        move aside whatever else sits at <key>/ (a broken entry, a file, a dangling symlink) and
+        leftovers of killed builds
+        compile into .tmp-<key>-<pid>/ in a child process (log to .tmp-.../build.log), within
+        DSINF_BUILD_TIME_LIMIT seconds
+        write the manifest (sizes + SHA-256 + the kernels it registers), rename .tmp-... -> <key>/
 
 The compile runs in a child `python -m op_builder._build_worker` so the compiler output goes to a
 log file without redirecting this process's stdout, a crash of the toolchain cannot take the caller
-down, and the child proves the library loads (`torch.ops.load_library`) before it is published.
+down, and the child proves the library loads (`torch.ops.load_library`) and registers the spec's
+kernels before it is published. The worker leads its own process group: on the time limit, an
+interrupt, or the worker's own death (the OOM killer's SIGKILL), the whole group is stopped, so no
+compiler outlives its build.
 The child uses the public `torch.utils.cpp_extension.load` (ninja) with `build_directory` set to the
 temp dir, so torch's own lock file (which can go stale) is never shared between builds.
 """

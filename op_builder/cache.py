@@ -12,8 +12,11 @@ all flags, compiler identity, torch version and C++ ABI, CUDA version and target
 Python tag and the builder's own version. `TORCH_EXTENSIONS_DIR` is honoured as the root without
 dropping any field.
 
-A loader trusts an entry only when its manifest parses, names this key, and the library's size and
-SHA-256 match: a truncated or corrupted `.so` is rebuilt instead of being dlopen'ed into a crash.
+A loader trusts an entry only when its directories are ones nobody else can write (`trust`, see
+docs/TRUST.md), its manifest parses, names this key, names a library inside the entry, and the
+library's size and SHA-256 match: a truncated or corrupted `.so` is rebuilt instead of being dlopen'ed
+into a crash, and nothing another user planted is loaded. A read-only root is searched as is (no
+lock, no write); only a build needs a writable root (`cache_root`).
 """
 from __future__ import annotations
 
