@@ -64,9 +64,6 @@ class FileLock:
         self._fd: int | None = None
         self.waited = 0.0
 
-    def holder_info(self) -> dict:
-        return _holder_info(self._fd) if self._fd is not None else {}
-
     def acquire(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = open_private_file(self.path, os.O_RDWR | os.O_CREAT)
