@@ -1,8 +1,8 @@
 """Child process of op_builder.build: compile one BuildSpec with torch.utils.cpp_extension.
 
 Run as `python -m op_builder._build_worker <spec.json>`; stdout/stderr go to the build log. Exit 0
-only if the library was built AND loads in this process (so a library with an undefined symbol is
-never published).
+only if the library was built AND loads in this process AND registers every kernel the spec lists
+(so a library with an undefined symbol, or one that registers nothing, is never published).
 """
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def main(spec_path: str) -> int:
             is_python_module=False,
             verbose=True,
         )
+        if spec["kernels"]:
+            from op_builder.build import missing_kernels
+
+            missing = missing_kernels(tuple(spec["kernels"]), spec["dispatch_key"])
+            if missing:
+                print(f"error: the library loads but registers no {spec['dispatch_key']} kernel for "
+                      f"{', '.join(missing)}", flush=True)
+                return 1
     except Exception:
         sys.stdout.flush()
         traceback.print_exc()

@@ -2,31 +2,38 @@
 
     with lock(<variant dir>/.lock):
         if <key>/ is complete and intact: done (someone built it while we waited)
-        remove a broken <key>/ and leftovers of killed builds
-        compile into .tmp-<key>-<pid>/ in a child process (log to .tmp-.../build.log)
-        write the manifest (sizes + SHA-256), rename .tmp-... -> <key>/
+        move aside whatever else sits at <key>/ (a broken entry, a file, a dangling symlink) and
+        leftovers of killed builds
+        compile into .tmp-<key>-<pid>/ in a child process (log to .tmp-.../build.log), within
+        DSINF_BUILD_TIME_LIMIT seconds
+        write the manifest (sizes + SHA-256 + the kernels it registers), rename .tmp-... -> <key>/
 
 The compile runs in a child `python -m op_builder._build_worker` so the compiler output goes to a
 log file without redirecting this process's stdout, a crash of the toolchain cannot take the caller
-down, and the child proves the library loads (`torch.ops.load_library`) before it is published.
+down, and the child proves the library loads (`torch.ops.load_library`) and registers the spec's
+kernels before it is published. The worker leads its own process group: on the time limit, an
+interrupt, or the worker's own death (the OOM killer's SIGKILL), the whole group is stopped, so no
+compiler outlives its build.
 The child uses the public `torch.utils.cpp_extension.load` (ninja) with `build_directory` set to the
 temp dir, so torch's own lock file (which can go stale) is never shared between builds.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cache, knobs
-from .errors import BuildError, classify, first_errors
+from . import cache, knobs, trust
+from .errors import BuildError, UnsafeCacheError, classify, first_errors
 from .locking import BuildLock
 
 log = logging.getLogger("op_builder")
@@ -54,10 +61,38 @@ class BuildSpec:
     pre_load: str = ""  # "module:function" run before loading the library (defines the op schemas)
     describe: str = ""  # e.g. "for sm_90a" / "for avx2", shown in progress lines
     manifest_extra: dict = field(default_factory=dict)  # recorded for load-time validation
+    # Custom ops ("namespace::name") the library must register a kernel for, under `dispatch_key`:
+    # checked by the worker before publishing and by the loader after every load (a library that
+    # registers none of them is not the binary we built).
+    kernels: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         return f"{self.op}[{self.variant}]"
+
+    @property
+    def dispatch_key(self) -> str:
+        return dispatch_key(self.variant)
+
+
+def dispatch_key(variant: str) -> str:
+    """The dispatcher key a variant's kernels are registered under: CUDA for cuda variants, else CPU."""
+    return "CUDA" if variant.startswith("cuda") else "CPU"
+
+
+def missing_kernels(kernels: tuple[str, ...], key: str) -> list[str]:
+    """The listed ops with no kernel registered for dispatch key `key` in this process (all must be)."""
+    import torch
+
+    missing = []
+    for name in kernels:
+        try:
+            registered = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        except RuntimeError:  # no such op at all
+            registered = False
+        if not registered:
+            missing.append(name)
+    return missing
 
 
 def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> int:
@@ -79,24 +114,54 @@ def _worker_preexec() -> None:
     os.setpgrp()
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a worker and everything it started (SIGTERM lets ninja stop its compilers; then SIGKILL)."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in group `pgid`: the worker itself stays a zombie
+    until reaped, so `killpg(pgid, 0)` cannot tell. Linux reads /proc; elsewhere, assume so."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            return True
+    return False
+
+
+def _stop_group(pgid: int, grace: float = 5.0) -> None:
+    """Stop every process of the build's group: SIGTERM (ninja passes it on to the compilers it put in
+    groups of their own), then SIGKILL whatever is left after `grace` seconds."""
+    if not _group_alive(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _wait_unreaped(pid: int, timeout: float) -> bool:
+    """Wait for the worker to exit WITHOUT reaping it: while it is a zombie its pid (= the group id)
+    cannot be reused, so killing the group afterwards cannot hit an unrelated process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def _show_progress() -> None:
@@ -110,9 +175,17 @@ def _show_progress() -> None:
         log.propagate = False
 
 
-def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> tuple[int, float]:
+class _TimeLimit(Exception):
+    pass
+
+
+def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float) -> tuple[int, float]:
+    """Run the build worker; (exit status, seconds). Raises _TimeLimit after `limit` seconds, with
+    the worker's whole process group stopped. Whatever way the worker ends (a SIGKILL from the OOM
+    killer included), nothing it started outlives this call."""
     spec_path = build_dir / "spec.json"
-    spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir)}))
+    spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir),
+                                     "dispatch_key": spec.dispatch_key}))
     env = dict(os.environ)
     env["MAX_JOBS"] = str(jobs)
     # The worker imports op_builder (and the schema module) the way this process did, even when
@@ -128,80 +201,126 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int) -> 
         proc = subprocess.Popen([sys.executable, "-m", "op_builder._build_worker", str(spec_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_worker_preexec)
-        next_report = PROGRESS_AFTER
-        while True:
-            try:
-                rc = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            except BaseException:  # KeyboardInterrupt: do not leave an orphan compiler behind
-                _stop(proc)
-                raise
+    next_report = PROGRESS_AFTER
+    try:
+        while not _wait_unreaped(proc.pid, 0.2):
             elapsed = time.monotonic() - start
+            if elapsed >= limit:
+                raise _TimeLimit()
             if elapsed >= next_report:
                 if next_report == PROGRESS_AFTER:
                     log.info("building %s %s with %d jobs (log: %s)", spec.label, spec.describe, jobs, log_path)
                 else:
                     log.info("still building %s: %.0f s (log: %s)", spec.label, elapsed, log_path)
                 next_report = PROGRESS_EVERY * (elapsed // PROGRESS_EVERY + 1)  # then at 15 s, 30 s, ...
-    return rc, time.monotonic() - start
+    finally:  # normal exit, time limit, KeyboardInterrupt: no compiler outlives the build
+        _stop_group(proc.pid)
+        proc.wait()
+    return proc.returncode, time.monotonic() - start
 
 
 def _remove(path: Path) -> None:
-    """Move aside, then delete: a process that has the old .so mapped keeps its copy."""
-    if not path.exists():
+    """Move aside, then delete: a process that has the old .so mapped keeps its copy. Anything at
+    `path` goes: a directory, a file, a dangling or foreign symlink (the link, never its target)."""
+    if not os.path.lexists(path):
         return
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         os.rename(path, trash)
     except OSError:
         trash = path
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            trash.unlink()
+
+
+def _log_tail(text: str, lines: int = 20) -> str:
+    """The log's last lines after our own '#' headers (what ninja and the compiler said)."""
+    body = [line for line in text.strip().splitlines() if not line.startswith("# ")]
+    if not body:
+        return "the build log holds no compiler output"
+    return "last log lines:\n" + "\n".join("  " + line for line in body[-lines:])
+
+
+def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, cause: str | None = None):
+    """Keep the failed build as .failed-<key> (its log stays readable) and return the BuildError."""
+    failed = variant_dir / f".failed-{digest}"
+    _remove(failed)
+    os.rename(build_dir, failed)
+    failed_log = failed / "build.log"
+    try:
+        text = failed_log.read_text(errors="replace")
+    except OSError:
+        text = ""
+    errors = first_errors(text)
+    detail = "" if errors and not cause else _log_tail(text)
+    return BuildError(spec.label, errors, cause or classify(text), str(failed_log), detail)
+
+
+def _signal_cause(rc: int) -> str | None:
+    if rc >= 0:
+        return None
+    name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+    hint = " (the out-of-memory killer? lower MAX_JOBS)" if -rc == signal.SIGKILL else ""
+    return f"the build worker was killed by {name}{hint}"
 
 
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
-                  memory_available: int | None) -> tuple[Path, str]:
-    """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'."""
+                  memory_available: int | None, reject: str | None = None) -> tuple[Path, str]:
+    """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'.
+
+    `reject`: why the published entry, although intact, must be rebuilt (it loaded without
+    registering its kernels)."""
     _show_progress()
     digest = key.digest
     entry = variant_dir / digest
-    variant_dir.mkdir(parents=True, exist_ok=True)
+    problem = trust.ensure_private_dir(variant_dir)
+    if problem:
+        raise UnsafeCacheError(f"cannot build {spec.label}: {problem}; point TORCH_EXTENSIONS_DIR at a directory "
+                               f"only you can write")
+    lock_path = variant_dir / ".lock"
+    problem = trust.file_problem(lock_path) if os.path.lexists(lock_path) else None
+    if problem is None and os.path.lexists(lock_path) and os.lstat(lock_path).st_nlink != 1:
+        problem = "a hard link to another file"
+    if problem:  # our own private directory, so not an attack in progress: heal it, never follow it
+        log.warning("op_builder: moving aside the build lock %s (%s)", lock_path, problem)
+        _remove(lock_path)
     build_dir = variant_dir / f".tmp-{digest}-{os.getpid()}-{secrets.token_hex(3)}"
     log_path = build_dir / "build.log"
-    lock = BuildLock(variant_dir / ".lock", what=spec.label, log_path=log_path,
+    limit = knobs.get("DSINF_BUILD_TIME_LIMIT")
+    lock = BuildLock(lock_path, what=spec.label, log_path=log_path,
                      timeout=knobs.get("DS_BUILD_TIMEOUT"))
     with lock:
-        problem = cache.entry_problem(entry, digest)
+        problem = reject or cache.entry_problem(entry, digest, kernels=spec.kernels)
         if problem is None:
             return entry, "cached"
-        if entry.exists():
+        if os.path.lexists(entry):
             log.warning("op_builder: rebuilding %s: cached entry %s is unusable (%s)", spec.label, entry, problem)
             _remove(entry)
         for stale in variant_dir.glob(f".tmp-{digest}-*"):  # left by killed builds; we hold the lock
             _remove(stale)
-        build_dir.mkdir(parents=True)
+        build_dir.mkdir(mode=0o700)
         jobs = max_jobs(system_cpu_count, memory_available, spec.with_cuda)
-        rc, seconds = _run_worker(spec, build_dir, log_path, jobs)
+        try:
+            rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit)
+        except _TimeLimit:
+            raise _failed(spec, build_dir, variant_dir, digest,
+                          f"stopped after the build time limit of {limit:g} s (DSINF_BUILD_TIME_LIMIT); every "
+                          f"compiler process was killed") from None
         library = f"{spec.library_name}.so"
         if rc != 0 or not (build_dir / library).is_file():
-            failed = variant_dir / f".failed-{digest}"
-            _remove(failed)
-            os.rename(build_dir, failed)
-            failed_log = failed / "build.log"
-            text = failed_log.read_text(errors="replace")
-            errors = first_errors(text)
-            detail = "" if errors else "last log lines:\n" + "\n".join(
-                "  " + line for line in text.strip().splitlines()[-12:])
-            raise BuildError(spec.label, errors, classify(text), str(failed_log), detail)
+            raise _failed(spec, build_dir, variant_dir, digest, _signal_cause(rc))
         for junk in build_dir.iterdir():  # keep the library, the log, and nothing the loader could trip on
             if junk.name not in (library, "build.log"):
-                if junk.is_dir():
+                if junk.is_dir() and not junk.is_symlink():
                     shutil.rmtree(junk, ignore_errors=True)
                 else:
                     junk.unlink()
+        os.chmod(build_dir / library, 0o755)  # whatever the umask: nobody else may rewrite what we load
         cache.write_manifest(build_dir, op=spec.op, variant=spec.variant, key=key, library=library,
-                             build_seconds=seconds, extra=spec.manifest_extra)
+                             build_seconds=seconds, kernels=spec.kernels, extra=spec.manifest_extra)
         os.rename(build_dir, entry)
         log.info("built %s in %.1f s: %s", spec.label, seconds, entry)
         return entry, "built"

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, knobs
-from .build import BuildSpec, build_or_wait
+from .build import BuildSpec, build_or_wait, dispatch_key, missing_kernels
 from .compat import Decision
-from .errors import IncompatibleError
+from .errors import IncompatibleError, OpBuilderError
 from .system import System, current_system
 
 log = logging.getLogger("op_builder")
@@ -138,9 +138,20 @@ class OpBuilder:
         if not decision.ok:
             return None, "; ".join(decision.reasons)
         spec = self.spec(variant)
-        entry = self.variant_dir(variant) / self.key(variant, spec).digest
-        problem = cache.entry_problem(entry, entry.name)
-        return (entry, None) if problem is None else (None, problem)
+        return self._published(variant, spec, self.key(variant, spec).digest)
+
+    def _published(self, variant: str, spec: BuildSpec, digest: str) -> tuple[Path | None, str | None]:
+        """The first trusted root's intact entry for `digest` (read only: a read-only cache serves as
+        is), else (None, why the configured root's entry is unusable)."""
+        why = "not built"
+        for i, root in enumerate(cache.lookup_roots()):
+            entry = root / f"{self.NAME}-{variant}" / digest
+            problem = cache.entry_problem(entry, digest, kernels=spec.kernels)
+            if problem is None:
+                return entry, None
+            if i == 0:
+                why = problem
+        return None, why
 
     def load_variant(self, variant: str) -> LoadedVariant:
         memo_key = (self.NAME, variant)
@@ -151,18 +162,47 @@ class OpBuilder:
                 return _loaded[memo_key]
             start = time.monotonic()
             path, how, manifest = self._locate_or_build(variant)
-            self.pre_load()
-            import torch
-
-            torch.ops.load_library(str(path))
+            missing = self._load(path, variant, manifest)
+            if missing:  # not the binary its manifest describes: reject it, build, load the build
+                why = f"it loaded but registers no {dispatch_key(variant)} kernel for {', '.join(missing)}"
+                if how == "built":
+                    raise OpBuilderError(f"{self.NAME}[{variant}]: the library just built at {path}: {why}")
+                log.warning("op_builder: %s[%s] from %s (%s) is rejected: %s; rebuilding", self.NAME, variant,
+                            path, how, why)
+                path, how, manifest = self._locate_or_build(variant, reject=why if how == "cached" else None,
+                                                            prebuilt=False)
+                missing = self._load(path, variant, manifest, again=True)
+                if missing:
+                    raise OpBuilderError(f"{self.NAME}[{variant}]: {path} registers no {dispatch_key(variant)} "
+                                         f"kernel for {', '.join(missing)}")
             loaded = LoadedVariant(self.NAME, variant, path, how, manifest, time.monotonic() - start)
             _loaded[memo_key] = loaded
             log.debug("loaded %s[%s] (%s) from %s in %.3f s", self.NAME, variant, how, path, loaded.seconds)
             return loaded
 
-    def _locate_or_build(self, variant: str) -> tuple[Path, str, dict[str, Any]]:
+    def _load(self, path: Path, variant: str, manifest: dict[str, Any], *, again: bool = False) -> list[str]:
+        """Load the library; return the kernels its manifest lists that it failed to register.
+
+        `again`: a rejected library was loaded from this same path. dlopen matches by name first and
+        would return that library's handle (it stays mapped), and torch.ops.load_library normalises
+        the path: so open the new file under another spelling of its path (same RTLD_GLOBAL mode)."""
+        self.pre_load()
+        import torch
+
+        if again:
+            import ctypes
+
+            ctypes.CDLL(f"{path.parent}/./{path.name}", mode=ctypes.RTLD_GLOBAL)
+            torch.ops.loaded_libraries.add(str(path.resolve()))
+        else:
+            torch.ops.load_library(str(path))
+        kernels = manifest.get("kernels") or []
+        return missing_kernels(tuple(kernels), dispatch_key(variant))
+
+    def _locate_or_build(self, variant: str, *, reject: str | None = None,
+                         prebuilt: bool = True) -> tuple[Path, str, dict[str, Any]]:
         prebuilt_why = None
-        if not knobs.get("DSINF_NO_PREBUILT"):
+        if prebuilt and not knobs.get("DSINF_NO_PREBUILT"):
             prebuilt_why = self.prebuilt_problem(variant)
             if prebuilt_why is None:
                 directory = self.prebuilt_dir(variant)
@@ -179,11 +219,13 @@ class OpBuilder:
             raise IncompatibleError(f"{self.NAME}[{variant}]", reasons)
         spec = self.spec(variant)
         key = self.key(variant, spec)
-        variant_dir = self.variant_dir(variant)
-        entry = variant_dir / key.digest
-        how = "cached"
-        if cache.entry_problem(entry, key.digest) is not None:  # published entries are immutable: no lock needed
-            entry, how = build_or_wait(spec, key, variant_dir, system_cpu_count=self.system.cpu_count,
-                                       memory_available=self.system.memory_available)
+        entry, how = (None, None) if reject else self._published(variant, spec, key.digest)
+        if entry is None:  # published entries are immutable: a found one needs no lock, and no write
+            entry, how = build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
+                                       memory_available=self.system.memory_available, reject=reject)
+        else:
+            how = "cached"
         manifest = cache.read_manifest(entry)
+        if manifest is None:
+            raise OpBuilderError(f"{self.NAME}[{variant}]: the manifest of {entry} vanished while loading")
         return entry / manifest["library"], how, manifest

@@ -12,12 +12,14 @@ all flags, compiler identity, torch version and C++ ABI, CUDA version and target
 Python tag and the builder's own version. `TORCH_EXTENSIONS_DIR` is honoured as the root without
 dropping any field.
 
-A loader trusts an entry only when its manifest parses, names this key, and the library's size and
-SHA-256 match: a truncated or corrupted `.so` is rebuilt instead of being dlopen'ed into a crash.
+A loader trusts an entry only when its directories are ones nobody else can write (`trust`, see
+docs/TRUST.md), its manifest parses, names this key, names a library inside the entry, and the
+library's size and SHA-256 match: a truncated or corrupted `.so` is rebuilt instead of being dlopen'ed
+into a crash, and nothing another user planted is loaded. A read-only root is searched as is (no
+lock, no write); only a build needs a writable root (`cache_root`).
 """
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import logging
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import knobs
+from . import atomic, knobs, trust
 
 log = logging.getLogger("op_builder")
 
@@ -38,14 +40,8 @@ BUILDER_VERSION = "1"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
-_warned_fallback = False
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return str(os.getuid())
+_warned: set[str] = set()
+_session_root: Path | None = None  # a fresh private temp root, when nothing better was usable
 
 
 def _default_root() -> Path:
@@ -54,35 +50,73 @@ def _default_root() -> Path:
     return base / "dsinf" / "extensions"
 
 
-def _writable(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
-        return True
-    except OSError:
-        return False
+def configured_root() -> Path:
+    """$TORCH_EXTENSIONS_DIR/dsinf, else the per-user cache dir (nothing is created or checked)."""
+    env = knobs.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) / "dsinf" if env else _default_root()
+
+
+def _fallback_roots(configured: Path) -> list[Path]:
+    """Where builds go when the configured root cannot take them: the per-user cache dir (when
+    TORCH_EXTENSIONS_DIR chose another root), then <tmp>/dsinf-<uid>, checked like any root: a
+    directory someone else created first under that predictable name is refused."""
+    roots = [_default_root()] if _default_root() != configured else []
+    return roots + [Path(tempfile.gettempdir()) / f"dsinf-{os.getuid()}" / "extensions"]
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("op_builder: %s", message)
+
+
+def lookup_roots() -> list[Path]:
+    """Roots whose published entries may be loaded, in order; creates and writes nothing.
+
+    The configured root when it is trusted (a read-only one too: a cluster's shared cache), then,
+    when it cannot take builds, the trusted fallbacks a previous build may have used."""
+    configured = configured_root()
+    roots = []
+    if configured.is_dir():
+        problem = trust.dir_problem(configured)
+        if problem is None:
+            roots.append(configured)
+            if trust.writable(configured):
+                return roots
+        else:
+            _warn_once(f"not loading anything from the cache root {configured}: {problem}")
+    roots += [r for r in _fallback_roots(configured) if r.is_dir() and trust.dir_problem(r) is None]
+    if _session_root is not None:
+        roots.append(_session_root)
+    return roots
 
 
 def cache_root() -> Path:
-    """The JIT cache root: $TORCH_EXTENSIONS_DIR/dsinf, else the per-user cache dir.
-
-    A read-only or unwritable root (a shared /tmp/torch_extensions owned by someone else, a read-only
-    venv) falls back to a per-user temp dir, with one warning per process.
-    """
-    global _warned_fallback
-    env = knobs.get("TORCH_EXTENSIONS_DIR")
-    root = Path(env) / "dsinf" if env else _default_root()
-    if _writable(root):
-        return root
-    fallback = Path(tempfile.gettempdir()) / f"dsinf-{_user()}" / "extensions"
-    if not _writable(fallback):
-        raise OSError(f"neither {root} nor {fallback} is writable: set TORCH_EXTENSIONS_DIR to a writable directory")
-    if not _warned_fallback:
-        log.warning("op_builder: cache root %s is not writable; using %s instead (set TORCH_EXTENSIONS_DIR "
-                    "to choose)", root, fallback)
-        _warned_fallback = True
-    return fallback
+    """The root builds go to: the configured root when it is (or can be made) a private, writable
+    directory; else the first fallback that is; else a fresh private temp dir for this process.
+    Says once why the configured root was passed over and where builds go instead."""
+    global _session_root
+    configured = configured_root()
+    reasons = []
+    for root in [configured, *_fallback_roots(configured)]:
+        problem = trust.ensure_private_dir(root)
+        if problem is None and not trust.writable(root):
+            problem = f"{root} is read-only for you"
+        if problem is None:
+            break
+        reasons.append(problem)
+    else:
+        if _session_root is None:
+            _session_root = Path(tempfile.mkdtemp(prefix=f"dsinf-{os.getuid()}-")) / "extensions"
+            _session_root.mkdir(mode=0o700)
+        root = _session_root
+    if reasons:
+        _warn_once(f"cannot build into the cache root {configured} ({'; '.join(reasons)}); building into {root} "
+                   f"instead (set TORCH_EXTENSIONS_DIR to a directory only you can write to choose)"
+                   if not knobs.get("TORCH_EXTENSIONS_DIR") else
+                   f"cannot build into the cache root {configured} from TORCH_EXTENSIONS_DIR "
+                   f"({'; '.join(reasons)}); building into {root} instead")
+    return root
 
 
 def data_root() -> Path:
@@ -144,7 +178,12 @@ class BuildKey:
 
     @classmethod
     def of(cls, **fields: Any) -> "BuildKey":
-        return cls(tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in fields.items())))
+        return cls.from_dict(fields)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "BuildKey":
+        """From a mapping whose keys may be any strings (a manifest's `cls` or `self` too)."""
+        return cls(tuple(sorted((str(k), json.dumps(v, sort_keys=True, default=str)) for k, v in fields.items())))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.fields}
@@ -159,14 +198,15 @@ class BuildKey:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def write_manifest(entry_dir: Path, *, op: str, variant: str, key: BuildKey, library: str,
-                   build_seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   build_seconds: float, kernels: tuple[str, ...] = (),
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     lib = entry_dir / library
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -177,47 +217,74 @@ def write_manifest(entry_dir: Path, *, op: str, variant: str, key: BuildKey, lib
         "library": library,
         "library_size": lib.stat().st_size,
         "library_sha256": sha256_file(lib),
+        "kernels": list(kernels),
         "build_seconds": round(build_seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    tmp = entry_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, entry_dir / MANIFEST)
+    atomic.write_json(entry_dir / MANIFEST, manifest, indent=2)
     return manifest
 
 
 def read_manifest(entry_dir: Path) -> dict[str, Any] | None:
+    """The manifest as a dict, or None for anything malformed (never raises; see atomic.read_json)."""
+    return atomic.read_json(Path(entry_dir) / MANIFEST)[0]
+
+
+def library_name_problem(name: Any) -> str | None:
+    """A manifest's library must be a plain file name inside its own entry: no path, no `..`."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"manifest library {name!r} is not a file name inside the entry (foreign or edited manifest)"
+    return None
+
+
+def entry_problem(entry_dir: Path, expected_key: str | None, *, check_hash: bool = True,
+                  kernels: tuple[str, ...] | None = None) -> str | None:
+    """Why this entry must not be loaded (None when it is complete, intact and trusted).
+
+    `kernels`: the custom ops the builder requires the library to register; the manifest must list
+    exactly these (the loader then checks that they are registered). Never raises."""
     try:
-        with open(entry_dir / MANIFEST) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        return _entry_problem(Path(entry_dir), expected_key, check_hash, kernels)
+    except (OSError, ValueError, TypeError, RecursionError) as exc:  # a manifest of the wrong shape
+        return f"manifest unusable ({type(exc).__name__}: {exc})"
 
 
-def entry_problem(entry_dir: Path, expected_key: str | None, *, check_hash: bool = True) -> str | None:
-    """Why this entry must not be loaded (None when it is complete and intact)."""
-    if not entry_dir.is_dir():
+def _entry_problem(entry_dir: Path, expected_key: str | None, check_hash: bool,
+                   kernels: tuple[str, ...] | None) -> str | None:
+    if not os.path.lexists(entry_dir):
         return "not built"
-    manifest = read_manifest(entry_dir)
+    if entry_dir.is_symlink() or not entry_dir.is_dir():
+        return f"{entry_dir} is not a directory"
+    problem = trust.dir_problem(entry_dir)
+    if problem:
+        return f"untrusted entry: {problem}"
+    manifest, why = atomic.read_json(entry_dir / MANIFEST)
     if manifest is None:
-        return "manifest missing or unreadable (interrupted or foreign entry)"
+        return f"manifest missing or unreadable: {why} (interrupted or foreign entry)"
     if manifest.get("format") != MANIFEST_FORMAT:
         return f"manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}"
     if expected_key is not None and manifest.get("key") != expected_key:
         return f"manifest key {manifest.get('key')} does not match {expected_key}"
     fields = manifest.get("key_fields")
-    if not isinstance(fields, dict) or BuildKey.of(**fields).digest != manifest.get("key"):
+    if not isinstance(fields, dict) or BuildKey.from_dict(fields).digest != manifest.get("key"):
         return "manifest key_fields do not hash to its key (edited or foreign manifest)"
-    lib = entry_dir / str(manifest.get("library", ""))
-    if not lib.is_file():
-        return f"library {lib.name} missing"
-    if lib.stat().st_size != manifest.get("library_size"):
-        return f"library {lib.name} has {lib.stat().st_size} bytes, manifest says {manifest.get('library_size')} (truncated?)"
+    name = manifest.get("library")
+    problem = library_name_problem(name)
+    if problem:
+        return problem
+    listed = manifest.get("kernels", [])
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        return f"manifest kernels {listed!r} is not a list of op names"
+    if kernels is not None and listed != list(kernels):
+        return f"manifest lists kernels {manifest.get('kernels')!r}, the builder requires {list(kernels)}"
+    lib = entry_dir / name
+    problem = trust.file_problem(lib)
+    if problem:
+        return f"library {problem}"
+    size = lib.stat().st_size
+    if size != manifest.get("library_size"):
+        return f"library {name} has {size} bytes, manifest says {manifest.get('library_size')} (truncated?)"
     if check_hash and sha256_file(lib) != manifest.get("library_sha256"):
-        return f"library {lib.name} checksum differs from the manifest (corrupted)"
+        return f"library {name} checksum differs from the manifest (corrupted)"
     return None

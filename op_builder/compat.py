@@ -42,7 +42,8 @@ def _toolchain_problems(system: System) -> list[str]:
     if system.ninja is None:
         problems.append("ninja is not installed or not on PATH (pip install ninja)")
     if system.cxx is None:
-        problems.append("no C++ compiler found (set CXX or install g++)")
+        problems.append(f"no C++ compiler found: {system.cxx_problem}" if system.cxx_problem
+                        else "no C++ compiler found (set CXX or install g++)")
     return problems
 
 

@@ -45,6 +45,10 @@ class BuildTimeoutError(OpBuilderError):
     pass
 
 
+class UnsafeCacheError(OpBuilderError):
+    """A cache directory or file could be changed by another user: nothing in it is trusted."""
+
+
 class PrebuiltMismatch(OpBuilderError):
     pass
 

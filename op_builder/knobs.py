@@ -9,6 +9,7 @@ Booleans accept 1/0, true/false, yes/no, on/off (any case). DeepSpeed's `int()` 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -40,11 +41,14 @@ def _parse_positive_int(name: str, raw: str) -> int:
     return value
 
 
-def _parse_float(name: str, raw: str) -> float:
+def _parse_seconds(name: str, raw: str) -> float:
+    """A positive, finite number of seconds: `nan` would wait forever, `inf` never time out."""
     try:
         value = float(raw.strip())
     except ValueError:
         raise KnobError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise KnobError(f"{name}={raw!r} must be a finite number of seconds")
     if value <= 0:
         raise KnobError(f"{name}={raw!r} must be > 0")
     return value
@@ -101,8 +105,11 @@ _KNOBS = [
     Knob("XDG_CACHE_HOME", None, _parse_str, "Per-user cache base; the default JIT cache is <it>/dsinf/extensions."),
     Knob("DS_BUILD_OPS", False, parse_bool,
          "At pip install: precompile every op compatible with this machine into the package."),
-    Knob("DS_BUILD_TIMEOUT", 1800.0, _parse_float,
+    Knob("DS_BUILD_TIMEOUT", 1800.0, _parse_seconds,
          "Seconds a process waits for another process's build of the same op before giving up."),
+    Knob("DSINF_BUILD_TIME_LIMIT", 1800.0, _parse_seconds,
+         "Seconds one build may take; then every compiler process of it is killed and the build fails "
+         "(a hung compiler cannot block a process forever)."),
     Knob("DSINF_NO_PREBUILT", False, parse_bool,
          "Ignore binaries installed with the package and always use the JIT cache."),
     Knob("DSINF_NATIVE_ISA", True, parse_bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -194,14 +195,33 @@ def _probe_gpus() -> tuple[Gpu, ...] | str:
         return f"GPU query failed: {exc}"
 
 
-def _probe_cxx() -> Compiler | None:
-    cxx = knobs.get("CXX") or "c++"
-    path = shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+def _cxx_command() -> tuple[Compiler | None, str | None]:
+    """(the compiler, None) or (None, why not). CXX is a command line, as make and torch read it:
+    `g++ -O0` is the compiler g++ with a flag (its arguments are part of the identity)."""
+    raw = knobs.get("CXX") or "c++"
+    try:
+        argv = shlex.split(raw)
+    except ValueError as exc:
+        return None, f"CXX={raw!r} cannot be parsed as a command line ({exc})"
+    if not argv:
+        argv = ["c++"]
+    path = shutil.which(argv[0]) or (argv[0] if os.path.isfile(argv[0]) and os.access(argv[0], os.X_OK) else None)
     if not path:
-        return None
+        if knobs.get("CXX"):
+            return None, f"CXX={raw!r}: {argv[0]!r} is not an executable file or a command on PATH"
+        return None, "no c++ on PATH (set CXX or install g++)"
     real = os.path.realpath(path)
     st = os.stat(real)
-    return Compiler(path=path, identity=f"{real}:{st.st_size}:{int(st.st_mtime)}")
+    identity = " ".join([f"{real}:{st.st_size}:{int(st.st_mtime)}", *argv[1:]])
+    return Compiler(path=path, identity=identity), None
+
+
+def _probe_cxx() -> Compiler | None:
+    return _cxx_command()[0]
+
+
+def _probe_cxx_problem() -> str | None:
+    return _cxx_command()[1]
 
 
 def _probe_cxx_version(cxx: Compiler | None) -> CompilerVersion | None:
@@ -289,6 +309,7 @@ _PROBES: dict[str, Callable[["System"], Any]] = {
     "nvcc": lambda s: _probe_nvcc(s.cuda_home),
     "gpus": lambda s: _probe_gpus(),
     "cxx": lambda s: _probe_cxx(),
+    "cxx_problem": lambda s: _probe_cxx_problem(),
     "cxx_version": lambda s: _probe_cxx_version(s.cxx),
     "ninja": lambda s: _probe_ninja(),
     "cpu": lambda s: _probe_cpu(),
@@ -303,7 +324,7 @@ class System:
 
     Fields: python_tag, platform, torch_version, torch_cxx11_abi, torch_cuda (e.g. "13.0" or None),
     cuda_home, nvcc (`Nvcc` or None), gpus (tuple of `Gpu`, or a str saying why none could be
-    listed), cxx (`Compiler` or None; not run), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or None), cpu (`Cpu`), cpu_count,
+    listed), cxx (`Compiler` or None; not run), cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or None), cpu (`Cpu`), cpu_count,
     memory_available (bytes or None).
     """
 

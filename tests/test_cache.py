@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -188,22 +189,29 @@ def test_variant_dir_layout(tmp_path, monkeypatch):
     assert TinyBuilder(fake_system()).variant_dir("cpu") == tmp_path / "ext" / "dsinf" / "tiny_test_op-cpu"
 
 
-def test_unwritable_root_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
-    """A root that cannot be created (under a regular file: blocks root too) -> per-user temp dir."""
+@pytest.mark.parametrize("with_xdg", [True, False])
+def test_unwritable_root_falls_back_with_one_warning(tmp_path, monkeypatch, caplog, with_xdg):
+    """A root that cannot be created (under a regular file: blocks root too) -> the per-user cache dir,
+    or (that blocked too) <tmp>/dsinf-<uid>, created 0700; one warning naming both."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "ext"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg" if with_xdg else blocker / "xdg"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setattr(cache.tempfile, "tempdir", None)  # re-read TMPDIR
-    monkeypatch.setattr(cache, "_warned_fallback", False)
+    monkeypatch.setattr(cache, "_warned", set())
     with caplog.at_level("WARNING", logger="op_builder"):
         roots = [cache.cache_root() for _ in range(3)]
     assert roots[0] == roots[1] == roots[2]
-    assert roots[0].is_relative_to(tmp_path / "tmp") and roots[0].is_dir()
-    warnings = [r for r in caplog.records if "not writable" in r.getMessage()]
+    expected = (tmp_path / "xdg" / "dsinf" / "extensions" if with_xdg
+                else tmp_path / "tmp" / f"dsinf-{os.getuid()}" / "extensions")
+    assert roots[0] == expected and roots[0].is_dir()
+    assert stat.S_IMODE(roots[0].stat().st_mode) == 0o700
+    warnings = [r.getMessage() for r in caplog.records if "cannot build into" in r.getMessage()]
     assert len(warnings) == 1
-    assert str(blocker / "ext") in warnings[0].getMessage() and "TORCH_EXTENSIONS_DIR" in warnings[0].getMessage()
+    assert str(blocker / "ext") in warnings[0] and "TORCH_EXTENSIONS_DIR" in warnings[0]
+    assert f"building into {expected}" in warnings[0]
 
 
 # ------------------------------------------------------------------------------- manifests + trust
@@ -280,3 +288,120 @@ def test_other_manifest_format_is_untrusted(entry):
     m["format"] = 99
     (directory / "manifest.json").write_text(json.dumps(m))
     assert "format" in entry_problem(directory, key.digest)
+
+
+# ----------------------------------------------------------------------------- malformed manifests
+def _rewrite(directory: Path, **changes) -> None:
+    m = read_manifest(directory)
+    m.update(changes)
+    (directory / "manifest.json").write_text(json.dumps(m))
+
+
+def test_deeply_nested_manifest_is_unusable_not_a_crash(entry):
+    directory, key = entry
+    (directory / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    assert read_manifest(directory) is None
+    assert "nested too deeply" in entry_problem(directory, key.digest)
+    (directory / "manifest.json").write_text('{"format": 1, "key_fields": {"a": ' + "[" * 100000 + "]" * 100000 + "}}")
+    assert "nested too deeply" in entry_problem(directory, key.digest)
+
+
+@pytest.mark.parametrize("changes", [
+    {"key_fields": {"cls": 1, "self": 2}},  # BuildKey.of(**fields) raised TypeError on `cls`
+    {"key_fields": ["torch", "2.13"]},
+    {"key_fields": "x"},
+    {"library": 7},
+    {"library": None},
+    {"library_size": "4096"},
+    {"kernels": "dsinf::x"},
+    {"format": [1]},
+    {"key": {"a": 1}},
+])
+def test_manifest_of_the_wrong_shape_is_a_reason_never_an_exception(entry, changes):
+    directory, key = entry
+    _rewrite(directory, **changes)
+    problem = entry_problem(directory, key.digest)
+    assert isinstance(problem, str) and problem
+
+
+def test_key_fields_named_like_parameters_hash_fine():
+    assert BuildKey.from_dict({"cls": 1, "self": 2}).digest == BuildKey.from_dict({"self": 2, "cls": 1}).digest
+
+
+@pytest.mark.parametrize("library", ["../lib.so", "/etc/passwd", "sub/lib.so", "..", ".", "", "lib.so\0x"])
+def test_manifest_library_must_be_a_file_name_inside_the_entry(entry, library):
+    directory, key = entry
+    _rewrite(directory, library=library)
+    assert "not a file name inside the entry" in entry_problem(directory, key.digest)
+
+
+def test_library_symlink_leaving_the_entry_is_refused(entry, tmp_path):
+    directory, key = entry
+    outside = tmp_path / "outside.so"
+    (directory / "lib.so").rename(outside)
+    os.symlink(outside, directory / "lib.so")
+    assert "not a regular file" in entry_problem(directory, key.digest)
+
+
+@pytest.mark.parametrize("what", ["dangling", "file"])
+def test_non_directory_entry_is_not_trusted(tmp_path, what):
+    path = tmp_path / "abc"
+    if what == "dangling":
+        os.symlink(tmp_path / "nowhere", path)
+    else:
+        path.write_text("x")
+    assert "not a directory" in entry_problem(path, "abc")
+
+
+def test_manifest_must_list_the_kernels_the_builder_requires(entry):
+    directory, key = entry
+    assert entry_problem(directory, key.digest, kernels=()) is None
+    assert "requires" in entry_problem(directory, key.digest, kernels=("dsinf::linear",))
+
+
+def test_world_writable_entry_or_library_is_not_trusted(entry):
+    directory, key = entry
+    (directory / "lib.so").chmod(0o666)
+    assert "writable by other users" in entry_problem(directory, key.digest)
+    (directory / "lib.so").chmod(0o755)
+    directory.chmod(0o777)
+    assert "writable by other users" in entry_problem(directory, key.digest)
+
+
+# ------------------------------------------------------------------------------ roots: who owns them
+def test_foreign_root_is_refused_and_a_private_one_used(tmp_path, monkeypatch, caplog):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root (CI runs as root)")
+    foreign = tmp_path / "ext" / "dsinf"
+    foreign.mkdir(parents=True)
+    os.chown(foreign, 12345, 12345)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cache, "_warned", set())
+    with caplog.at_level("WARNING", logger="op_builder"):
+        assert cache.lookup_roots() == []  # nothing from it is even looked at
+        assert cache.cache_root() == tmp_path / "xdg" / "dsinf" / "extensions"
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{foreign} is owned by uid 12345" in text
+
+
+def test_predictable_tmp_fallback_taken_by_someone_else_gives_a_fresh_private_dir(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root (CI runs as root)")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "ext"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "xdg"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    taken = tmp / f"dsinf-{os.getuid()}"
+    taken.mkdir(mode=0o777)
+    os.chown(taken, 12345, 12345)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(cache.tempfile, "tempdir", None)
+    monkeypatch.setattr(cache, "_session_root", None)
+    root = cache.cache_root()
+    assert root.is_relative_to(tmp) and not root.is_relative_to(taken)
+    assert root.parent.name.startswith(f"dsinf-{os.getuid()}-") and stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert cache.cache_root() == root  # one per process

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fixtures.procs import REPO, Child, wait_until
-from op_builder.errors import BuildTimeoutError, OpBuilderError
-from op_builder.locking import BuildLock
+from op_builder.errors import BuildTimeoutError, OpBuilderError, UnsafeCacheError
+from op_builder.locking import BuildLock, FileLock
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -155,3 +155,52 @@ def test_timeout_does_not_leak_file_descriptors(tmp_path):
             with pytest.raises(BuildTimeoutError):
                 BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=0.05).acquire()
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ------------------------------------------------------------------------- lock files that are not ours
+@pytest.mark.parametrize("plant", ["symlink", "dangling-symlink", "hardlink", "fifo"])
+def test_lock_file_that_is_not_our_plain_file_is_refused_untouched(tmp_path, plant):
+    """A `.lock` planted as a symlink (to ~/.bashrc) or hard link must never be opened for writing,
+    let alone truncated; a FIFO must not block the open."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=precious\n")
+    lock_path = tmp_path / "variant" / ".lock"
+    lock_path.parent.mkdir()
+    if plant == "symlink":
+        os.symlink(victim, lock_path)
+    elif plant == "dangling-symlink":
+        os.symlink(tmp_path / "created-through-the-link", lock_path)
+    elif plant == "hardlink":
+        os.link(victim, lock_path)
+    else:
+        os.mkfifo(lock_path)
+    lock = BuildLock(lock_path, what="demo_op[cpu]", log_path="/x.log", timeout=5)
+    with pytest.raises(UnsafeCacheError) as info:
+        lock.acquire()
+    assert str(lock_path) in str(info.value) and "demo_op[cpu]" in str(info.value)
+    assert victim.read_text() == "export PATH=precious\n"
+    assert not (tmp_path / "created-through-the-link").exists()
+    with pytest.raises(PermissionError):  # the generic lock refuses the same way
+        FileLock(lock_path, timeout=1).acquire()
+
+
+def test_lock_file_owned_by_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root (CI runs as root)")
+    lock_path = tmp_path / ".lock"
+    lock_path.write_text('{"pid": 1}')
+    os.chown(lock_path, 12345, 12345)
+    with pytest.raises(UnsafeCacheError) as info:
+        BuildLock(lock_path, what="demo_op[cpu]", log_path="/x.log", timeout=5).acquire()
+    assert "owner uid 12345" in str(info.value)
+    assert lock_path.read_text() == '{"pid": 1}'
+
+
+def test_existing_lock_file_of_ours_is_reused_and_private(tmp_path):
+    lock_path = tmp_path / ".lock"
+    with FileLock(lock_path, timeout=1, holder={"what": "x"}):
+        info = json.loads(lock_path.read_text())
+        assert info["pid"] == os.getpid() and info["what"] == "x"
+    assert oct(lock_path.stat().st_mode & 0o777) == oct(0o600)
+    with FileLock(lock_path, timeout=1):  # the same inode, again
+        pass

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from dsinf.triton import autotune
+from op_builder import atomic
+from op_builder.locking import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +58,8 @@ def run_child(code: str, cache: Path, timeout: float = 120, **popen) -> subproce
 CHILD_PRELUDE = """
 import json, sys
 from dsinf.triton import autotune
+from op_builder import atomic
+from op_builder.locking import FileLock
 def key(m=16, **over):
     f = dict(kernel="matmul", gpu="NVIDIA Test GPU", triton="3.6.0", source="0123456789ab", dtype="fp16",
              layout="nk", m=m, n=4096, k=4096)
@@ -233,7 +237,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(cache_dir, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(autotune.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     assert autotune.record(key(m=2), CFG_B, 0.1) is False
     assert path.read_bytes() == before
     assert not list(path.parent.glob("*.tmp"))
@@ -271,7 +275,7 @@ def test_lock_wait_is_bounded_and_pending_entries_are_written_later(cache_dir, m
     monkeypatch.setattr(autotune, "LOCK_TIMEOUT_S", 0.3)
     autotune.record(key(m=1), CFG_A, 0.1)
     lock = autotune.table().lock_path
-    with autotune._file_lock(lock, 1.0):  # another holder (a separate fd conflicts even in-process)
+    with FileLock(lock, timeout=1.0):  # another holder (a separate fd conflicts even in-process)
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger=autotune.logger.name):
             assert autotune.record(key(m=2), CFG_B, 0.1) is False
@@ -289,11 +293,15 @@ def test_lock_wait_is_bounded_and_pending_entries_are_written_later(cache_dir, m
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "not valid JSON"),
     ("", "not valid JSON"),
-    ('["a list"]', "not a dsinf-triton-autotune file"),
+    ('["a list"]', "not a JSON object"),
+    ('{"format": "other"}', "not a dsinf-triton-autotune file"),
     ('{"format": "dsinf-triton-autotune", "version": 999, "entries": {}}', "format version 999"),
     ('{"format": "dsinf-triton-autotune", "version": 1, "entries": {"k": {"config": {"BLOCK_M": "16"}}}}',
      "malformed entries"),
-    (b"\xff\xfe\x00garbage", "cannot be read"),
+    (b"\xff\xfe\x00garbage", "not UTF-8"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"format": "dsinf-triton-autotune", "version": 1, "entries": ' + "[" * 100000 + "]" * 100000 + "}",
+     "nested too deeply"),
 ])
 def test_corrupt_or_foreign_file_warns_once_and_is_rewritten(cache_dir, caplog, content, problem):
     path = autotune.table_path()
@@ -309,6 +317,37 @@ def test_corrupt_or_foreign_file_warns_once_and_is_rewritten(cache_dir, caplog, 
     assert problem in warnings[0] and str(path) in warnings[0]
     doc = read_doc(path)
     assert doc["version"] == autotune.VERSION and doc["entries"][key().text]["config"] == CFG_A
+
+
+def test_a_malformed_entry_drops_that_entry_only(cache_dir, caplog):
+    """One bad entry (a string where an int belongs, a list for a config, a number for an entry) must
+    not wipe the valid ones: they are still served, and the repaired file keeps them."""
+    path = autotune.table_path()
+    path.parent.mkdir(parents=True)
+    good = {"config": CFG_A, "ms": 0.1}
+    path.write_text(json.dumps({"format": autotune.FORMAT, "version": autotune.VERSION, "entries": {
+        key(m=1).text: good, key(m=2).text: {"config": {"BLOCK_M": "16"}}, key(m=4).text: {"config": [1]},
+        key(m=8).text: 7, key(m=16).text: good}}))
+    with caplog.at_level(logging.WARNING, logger=autotune.logger.name):
+        assert autotune.lookup(key(m=1)) == CFG_A and autotune.lookup(key(m=16)) == CFG_A
+        assert autotune.lookup(key(m=2)) is None and autotune.lookup(key(m=8)) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "3 malformed entries dropped" in warnings[0], warnings
+    assert set(read_doc(path)["entries"]) == {key(m=1).text, key(m=16).text}  # repaired, valid ones kept
+
+
+def test_table_lock_symlink_is_refused_and_its_target_untouched(cache_dir, tmp_path, caplog):
+    """A `.lock` planted as a symlink to a file of the user's must not be followed (it was truncated)."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=precious\n")
+    path = autotune.table_path()
+    path.parent.mkdir(parents=True)
+    os.symlink(victim, path.with_name(path.name + ".lock"))
+    with caplog.at_level(logging.WARNING, logger=autotune.logger.name):
+        assert autotune.record(key(), CFG_A, 0.1) is False  # not written, but the op goes on
+    assert autotune.lookup(key()) == CFG_A  # kept in memory
+    assert victim.read_text() == "export PATH=precious\n"
+    assert any("symlink" in r.getMessage() for r in caplog.records)
 
 
 def test_corrupt_file_is_repaired_on_load_even_without_tuning(cache_dir):
@@ -375,7 +414,7 @@ autotune.record(key(m=2), CFG_B, 0.1)
         # while it holds the lock, a writer here waits (bounded) ...
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            with autotune._file_lock(path.with_name(path.name + ".lock"), 0.3):
+            with FileLock(path.with_name(path.name + ".lock"), timeout=0.3):
                 pass
         assert time.monotonic() - t0 < 5
     finally:

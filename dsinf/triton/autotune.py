@@ -20,28 +20,28 @@ Reliability rules (DeepSpeed's pickle table broke each of them, see deepspeed.md
 - each write holds the lock, re-reads the file, merges (entries written meanwhile by other
   processes are kept; ours win on the keys we tuned), writes a temp file in the same directory,
   fsyncs it and `os.replace`s it over the table: readers never see a partial file and take no lock;
-- the lock is a kernel advisory lock, released by the kernel when its holder dies (SIGKILL included),
-  so it cannot go stale; a temp file left by a killed writer is removed by the next writer (temps are
+- the lock is op_builder.locking.FileLock (the build lock's implementation): a kernel advisory lock,
+  released when its holder dies (SIGKILL included), so it cannot go stale, on a file opened without
+  following symlinks and refused unless it is ours; the writer is op_builder.atomic.write_json; a temp file left by a killed writer is removed by the next writer (temps are
   only written under the lock, so any temp seen while holding it is an orphan);
 - waiting for the lock is bounded (LOCK_TIMEOUT_S): on timeout the result stays in memory, pending,
   and is written with the next successful write; an unwritable cache never fails an op;
-- a corrupt file (bad JSON, wrong format or version) is ignored with one warning and rewritten.
+- a corrupt file (bad JSON, nested too deep, wrong format or version) is ignored with one warning and
+  rewritten; a malformed entry drops that entry only (the valid ones are kept and rewritten).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import math
-import os
-import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+from op_builder.atomic import read_json, write_json
+from op_builder.locking import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +154,12 @@ class _Problem(Exception):
     """The table file exists but cannot be used (message says why)."""
 
 
-def _parse(text: str) -> dict[str, dict]:
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise _Problem(f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+def _parse(doc: dict | None, why: str | None) -> tuple[dict[str, dict], str | None]:
+    """(valid entries, what was wrong). A malformed entry drops that entry only; a malformed file
+    (see op_builder.atomic.read_json) is an empty table. Raises _Problem when the whole file is unusable."""
+    if doc is None:
+        raise _Problem(why or "unreadable")
+    if doc.get("format") != FORMAT:
         raise _Problem(f"not a {FORMAT} file")
     if doc.get("version") != VERSION:
         raise _Problem(f"format version {doc.get('version')!r}, this dsinf reads version {VERSION}")
@@ -167,69 +167,12 @@ def _parse(text: str) -> dict[str, dict]:
     if not isinstance(entries, dict):
         raise _Problem("'entries' is not an object")
     good = {k: v for k, v in entries.items() if _valid_entry(v)}
-    if len(good) != len(entries):
-        raise _Problem(f"{len(entries) - len(good)} malformed entries")
-    return good
+    bad = len(entries) - len(good)
+    return good, f"{bad} malformed entries dropped" if bad else None
 
 
 def _document(entries: Mapping[str, dict]) -> dict:
     return {"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}
-
-
-@contextlib.contextmanager
-def _file_lock(lock_path: Path, timeout: float) -> Iterator[None]:
-    """Exclusive fcntl.flock on `lock_path`, waiting at most `timeout` seconds.
-
-    The kernel drops the lock when the holder's fd closes, including when the process dies, so a
-    killed holder never leaves a stale lock. The holder writes its pid/host into the file, only to
-    say who we waited for."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    try:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                    except OSError:
-                        holder = "unknown"
-                    raise TimeoutError(f"lock {lock_path} still held after {timeout:.0f} s (holder: {holder})")
-                time.sleep(delay)
-                delay = min(delay * 2, 0.25)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, doc: dict) -> None:
-    """Write `doc` as JSON to a temp file beside `path`, fsync, and os.replace it over `path`
-    (atomic on POSIX: a reader sees the old file or the new one, never a partial write)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class AutotuneTable:
@@ -246,26 +189,25 @@ class AutotuneTable:
 
     # -- reading
     def _read(self) -> tuple[dict[str, dict], bool]:
-        """(entries on disk, whether the file exists but is unusable). Warns once per problem."""
+        """(entries on disk, whether the file needs rewriting). Never raises; warns once per problem."""
         if self.path is None:
             return {}, False
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        doc, why = read_json(self.path)
+        if why == "missing":
             return {}, False
-        except (OSError, UnicodeDecodeError) as exc:
-            self._warn_once(f"cannot be read ({exc})")
-            return {}, True
         try:
-            return _parse(text), False
+            entries, problem = _parse(doc, why)
         except _Problem as exc:
             self._warn_once(str(exc))
             return {}, True
+        if problem:
+            self._warn_once(problem)
+        return entries, problem is not None
 
     def _warn_once(self, problem: str) -> None:
         if problem not in self._warned:
             self._warned.add(problem)
-            logger.warning("dsinf: ignoring Triton autotune table %s: %s; it will be rewritten", self.path, problem)
+            logger.warning("dsinf: Triton autotune table %s: %s; ignored, it will be rewritten", self.path, problem)
 
     def _loaded(self) -> dict[str, dict]:
         with self._mutex:
@@ -273,8 +215,8 @@ class AutotuneTable:
                 entries, bad = self._read()
                 self._entries = entries
                 _count("loads")
-                if bad:  # repair now (quietly: the one warning was given by _read)
-                    self._write({}, quiet=True)
+                if bad:  # repair now (quietly: the one warning was given by _read); valid entries are kept
+                    self._write(entries, quiet=True)
             return self._entries
 
     def get(self, key_text: str) -> dict | None:
@@ -296,11 +238,12 @@ class AutotuneTable:
             return False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with _file_lock(self.lock_path, LOCK_TIMEOUT_S):
+            with FileLock(self.lock_path, timeout=LOCK_TIMEOUT_S, poll=0.005, max_poll=0.25,
+                          holder={"what": "Triton autotune table"}):
                 on_disk, _ = self._read()
                 merged = {**on_disk, **new}
                 self._remove_orphan_temps()
-                _atomic_write(self.path, _document(merged))
+                write_json(self.path, _document(merged), indent=1)
         except (OSError, TimeoutError) as exc:
             _count("write_failures")
             (logger.debug if quiet else logger.warning)("dsinf: could not write the Triton autotune table %s (%s); "
@@ -313,7 +256,7 @@ class AutotuneTable:
         return True
 
     def _remove_orphan_temps(self) -> None:
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # op_builder.atomic.temp_name
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
