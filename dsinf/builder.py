@@ -91,6 +91,18 @@ class InferenceBuilder(OpBuilder):
             return cpu.isa, ("-march=native",)
         return cpu.isa, isa_flags(cpu.isa)
 
+    @staticmethod
+    def _kernels(bf16: bool = True) -> tuple[str, ...]:
+        """Every `dsinf::` function the binary must register (op_builder rejects a library that does not):
+        all the specs' functions, without the `_bf16` ones when the build has no bf16 kernels."""
+        import torch
+
+        from .library import qualified
+        from .ops import spec as op_spec
+
+        return tuple(qualified(name) for s in op_spec.specs().values() for name, dtype in s.functions().items()
+                     if bf16 or dtype is not torch.bfloat16)
+
     def spec(self, variant: str, *, portable: bool = False) -> BuildSpec:
         sources, includes = self._sources(variant)
         library_name = f"{self.NAME}_{variant}"
@@ -98,7 +110,7 @@ class InferenceBuilder(OpBuilder):
             isa, isa_cflags = self._cpu_isa(portable)
             return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
                              include_dirs=tuple(includes), cflags=_CPU_FLAGS + isa_cflags, ldflags=_CPU_LDFLAGS,
-                             pre_load="dsinf.library:define", describe=f"for {isa}",
+                             pre_load="dsinf.library:define", describe=f"for {isa}", kernels=self._kernels(),
                              manifest_extra={"isa": isa, "native": "-march=native" in isa_cflags})
         archs = self._archs(portable)
         bf16 = all(a.major >= 8 for a in archs)
@@ -107,7 +119,7 @@ class InferenceBuilder(OpBuilder):
         return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
                          include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + defines,
                          cuda_cflags=_NVCC_FLAGS + defines + jobs_threads + tuple(nvcc_gencode_flags(archs)),
-                         with_cuda=True, pre_load="dsinf.library:define",
+                         with_cuda=True, pre_load="dsinf.library:define", kernels=self._kernels(bf16),
                          describe="for " + " ".join(f"sm_{a.sm}" for a in archs),
                          manifest_extra={"archs": [str(a) for a in archs], "bf16": bf16})
 
