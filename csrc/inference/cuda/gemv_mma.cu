@@ -84,6 +84,16 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
+// Where a kernel lets the next one be scheduled (DSINF_GEMV_PDL, gemv_internal.cuh): 1 = at its start,
+// before the prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there),
+// 2 = after its k loop (only the reduction is left to overlap).
+__device__ __forceinline__ void pdl_begin() {
+  if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
+}
+__device__ __forceinline__ void pdl_end() {
+  if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
+}
+
 // ------------------------------------------------------------------------------------------------
 // Weight [K, N] (row k holds N contiguous columns).
 // CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end). Warp w takes k-steps of 16 rows
@@ -114,6 +124,16 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
   const T* wcol = w + (col_ok ? col : 0);
+#if DSINF_GEMV_PDL
+  {  // the first k rows of the tile (one 128-byte line each: 64 columns), 8 threads per row
+    pdl_begin();
+    constexpr int kRows = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * static_cast<int>(sizeof(T)));
+    const int c = n0 + 8 * (threadIdx.x % 8);
+    for (int r = threadIdx.x / 8; r < kRows; r += kGemvThreads / 8)
+      if (k_begin + r < k_end && c < N) prefetch_l2(w + static_cast<size_t>(k_begin + r) * N + c);
+    pdl_wait();
+  }
+#endif
 
   float acc[4][NT][4];
 #pragma unroll
@@ -160,6 +180,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
     }
   };
   k_loop<Batch>(k_begin + 16 * warp, k_end, 16 * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
+  pdl_end();
 
   // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of
   // the column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
@@ -225,6 +246,18 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
   const T* xrow[NT];
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+#if DSINF_GEMV_PDL
+  {  // the start of the tile's TN rows: kLines 128-byte lines per row
+    pdl_begin();
+    constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * 128);
+    constexpr int kLineElems = 128 / static_cast<int>(sizeof(WT));
+    for (int i = threadIdx.x; i < TN * kLines; i += kGemvThreads) {
+      const int n = n0 + i / kLines, k = k_begin + (i % kLines) * kLineElems;
+      if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
+    }
+    pdl_wait();
+  }
+#endif
 
   float acc[2][NT][4];
 #pragma unroll
@@ -287,6 +320,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
     }
   };
   k_loop<Batch>(k_begin + KS * warp, k_end, KS * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
+  pdl_end();
 
   // C fragment (r, q, e): row 16r + g + 8(e >> 1), token 8q + 2t + (e & 1). The XOR on bits 3-4 of the
   // row (by token) makes a warp's 32 stores hit 32 different banks; it is undone below.
@@ -319,8 +353,9 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  if (a.M <= 8) return launch_split(gemv_kn_mma_kernel<T, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  const bool pdl = gemv_pdl();
+  if (a.M <= 8) return launch_split(gemv_kn_mma_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 template <typename T, typename WT>
@@ -330,9 +365,10 @@ cudaError_t nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const WT* w = static_cast<const WT*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  const bool pdl = gemv_pdl();
   if (a.M <= 8)
-    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 }  // namespace
