@@ -55,6 +55,22 @@ constexpr int kUnroll = DSINF_MMA_UNROLL;
 #endif
 constexpr int kLoopUnroll = DSINF_MMA_PIPELINE ? DSINF_MMA_PIPELINE_UNROLL : kUnroll;  // k-steps per batch
 
+// Minimum CTAs per SM the one-token-tile kernels (M <= 8) must fit (__launch_bounds__ min blocks).
+// 0 = no min-blocks clause (today's register allocation: 50-70 registers, 3-4 CTAs fit). Note that
+// an explicit 1 is not the same as 0: ptxas then spends up to ~180 registers (more loads hoisted, 1-2
+// CTAs per SM), which the sweep may find better or worse. 2 caps at 128 registers; 3 and 4 spill (sm_90a).
+// M > 8 kernels (two token tiles) get min blocks 0, which ptxas treats as no clause.
+#ifndef DSINF_GEMV_MIN_CTAS
+#define DSINF_GEMV_MIN_CTAS 0
+#endif
+template <int NT>
+constexpr int kMinCtas = NT == 1 ? DSINF_GEMV_MIN_CTAS : 0;  // 0: as if no clause
+#if DSINF_GEMV_MIN_CTAS > 0
+#define DSINF_MMA_BOUNDS(NT) __launch_bounds__(kGemvThreads, kMinCtas<NT>)
+#else
+#define DSINF_MMA_BOUNDS(NT) __launch_bounds__(kGemvThreads)
+#endif
+
 // The k loop of both kernels: batches at kb0 = first, first + step, ... < end. load(kb0, buf) fills a
 // register batch (zeros out of range), compute(buf) multiplies it.
 template <class Batch, class Load, class Compute>
@@ -87,9 +103,11 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
 // Where a kernel lets the next one be scheduled (DSINF_GEMV_PDL, gemv_internal.cuh): 1 = at its start,
 // before the prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there),
 // 2 = after its k loop (only the reduction is left to overlap).
+#if DSINF_GEMV_PDL
 __device__ __forceinline__ void pdl_begin() {
   if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
 }
+#endif
 __device__ __forceinline__ void pdl_end() {
   if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
 }
@@ -106,7 +124,7 @@ __device__ __forceinline__ void pdl_end() {
 // Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int NT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
   constexpr int TN = kTileKnMma, NTOK = 8 * NT, P = TN * NTOK;
   __shared__ float red[kGemvWarps * P];
@@ -219,7 +237,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
 // Constraints: K % E == 0 (rows 16-byte aligned), x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename WT, int NT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
   constexpr bool kInt8 = std::is_same<WT, int8_t>::value;
   constexpr int E = 16 / static_cast<int>(sizeof(WT));  // weight elements per 16-byte load
