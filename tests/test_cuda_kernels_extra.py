@@ -5,7 +5,8 @@ The [N, K] tensor-core kernel walks K in batches of k-steps (one batch = 8 warps
 give a warp zero, one, several, an odd number and a fractional number of batches, with and without a
 K split, for fp16/bf16 weights and int8 (fp16 and bf16 activations: bf16 takes the fp32 -> high-half
 int8 conversion, fp16 the half-magic one), at M = 1, 3, 8 (one n-tile of tokens) and 16 (int8: two).
-tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs.
+tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
+test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS).
 """
 from __future__ import annotations
 
@@ -93,3 +94,26 @@ def test_int8_conversion_every_value(cuda_module):
             out = fn(x.cuda(), w.cuda(), False, scale.cuda(), True, False).cpu()
             want = torch.stack([w[:, k0 + m * 8] for m in range(8)]).to(dtype).unsqueeze(0)
             assert torch.equal(out, want), f"{suffix} k0={k0}: int8 conversion not exact"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("defines", [
+    ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
+    ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
+])
+def test_tuning_variants_keep_parity(defines):
+    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap) are other
+    code than the default build: build each in a child process (one module per process) and run the probe's
+    parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "tools", "probe_gemv.py"), "--no-timing"]
+    for d in defines:
+        cmd += ["--define", d]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False, cwd=root)
+    tail = (out.stdout + out.stderr)[-3000:]
+    assert "with " + " ".join(defines) in out.stdout, f"the variant was not what ran:\n{tail}"
+    assert out.returncode == 0 and "parity: 0 failure(s)" in out.stdout, tail

@@ -3,6 +3,7 @@
     python tools/probe_gemv.py                 # parity + timing, about 1-2 minutes on an H200
     python tools/probe_gemv.py --no-timing     # parity only
     python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
+    python tools/probe_gemv.py --quick --variant "DSINF_GEMV_PDL=0" --variant "DSINF_GEMV_PDL=1 DSINF_MMA_UNROLL=8"
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
         # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold
@@ -194,7 +195,8 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(16, math.ceil(ROTATE_BYTES / max(1, nbytes))))
 
 
-def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16")) -> list[dict]:
+def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=None) -> list[dict]:
+    """`layouts` (optional): dtype name -> the layouts to time for it (default: kn, nk, int8)."""
     import torch.nn.functional as F
 
     from dsinf.quantize import quantize_int8
@@ -211,7 +213,7 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16")) -> list[d
         op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
         esz = torch.tensor([], dtype=dt).element_size()
         for K, N in shapes:
-            for layout in ("kn", "nk", "int8"):
+            for layout in (layouts or {}).get(dtype_name, ("kn", "nk", "int8")):
                 try:
                     base = torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)
                     if layout == "int8":
@@ -307,8 +309,11 @@ def sweep(args) -> None:
     for spec in args.sweep:
         name, _, values = spec.partition("=")
         axes.append([f"{name}={v}" for v in values.split(",") if v])
+    combos = [tuple(v.split()) for v in args.variant]  # explicit combinations first, in the order given
+    if axes:
+        combos += list(itertools.product(*axes))
     results = []
-    for combo in itertools.product(*axes):
+    for combo in combos:
         cmd = [sys.executable, os.path.abspath(__file__), "--json-out", "-"]  # parity too: a variant is new code
         for d in combo:
             cmd += ["--define", d]
@@ -327,11 +332,10 @@ def sweep(args) -> None:
     log("\nsweep summary (min ratio / worst %bw on shapes >= 4096x12288, per layout):")
     for combo, rows, rc in results:
         parts = []
-        for lay in ("kn", "nk", "int8"):
-            sel = [r for r in rows if r["layout"] == lay]
-            if sel:
-                bigs = [r["pct_bw"] for r in sel if r["K"] * r["N"] >= 4096 * 12288]
-                parts.append(f"{lay} {min(r['ratio'] for r in sel):.2f}x/{min(bigs) if bigs else 0:.0f}%")
+        for dt, lay in sorted({(r["dtype"], r["layout"]) for r in rows}):
+            sel = [r for r in rows if (r["dtype"], r["layout"]) == (dt, lay)]
+            bigs = [r["pct_bw"] for r in sel if r["K"] * r["N"] >= 4096 * 12288]
+            parts.append(f"{dt} {lay} {min(r['ratio'] for r in sel):.2f}x/{min(bigs) if bigs else 0:.0f}%")
         status = "ok" if rc == 0 else f"rc {rc} (parity failures or a crash: see above)"
         log(f"  {' '.join(combo):50s} {'  '.join(parts) if parts else 'no rows'}  [{status}]")
 
@@ -340,14 +344,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     p.add_argument("--no-timing", action="store_true", help="skip the timing")
-    p.add_argument("--quick", action="store_true", help="timing on 4096x4096 and 4096x12288, M in 1 and 8, fp16")
+    p.add_argument("--quick", action="store_true", help="timing on 4096x4096 and 4096x12288, M in 1 and 8, fp16 (+ bf16 int8)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
+    p.add_argument("--variant", action="append", default=[],
+                   help="'NAME=V NAME2=V2': one build variant (several -D at once) timed in a child; with --sweep too")
     p.add_argument("--variant-timeout", type=float, default=170.0, help="seconds per --sweep child")
     p.add_argument("--cpu-parity", action="store_true", help="run only the parity part on the CPU module")
     p.add_argument("--json-out", default=None, help="'-': print the timing rows as one 'JSON [...]' line")
     args = p.parse_args()
-    if args.sweep:
+    if args.sweep or args.variant:
         sweep(args)
         return 0
 
@@ -380,8 +386,10 @@ def main() -> int:
     if not args.no_timing:
         shapes = SHAPES[:2] if args.quick else SHAPES
         ms = (1, 8) if args.quick else MS
-        dtypes = ("fp16",) if args.quick else ("fp16", "bf16")
-        rows = timing(torch, bw, shapes, ms, dtypes)
+        dtypes = ("fp16", "bf16")
+        # quick: fp16 in every layout, bf16 only for int8 (its int8 -> bf16 conversion is a different path)
+        layouts = {"bf16": ("int8",)} if args.quick else {}
+        rows = timing(torch, bw, shapes, ms, dtypes, layouts)
         summarize(rows)
     if args.json_out == "-":
         log("JSON " + json.dumps(rows))

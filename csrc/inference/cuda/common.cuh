@@ -73,6 +73,23 @@ __device__ __forceinline__ uint4 ldg16_stream(const void* p) {
   return r;
 }
 
+// L2 prefetch of the 128-byte line holding `p` (a hint: no fault, no effect on what later loads return).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Programmatic dependent launch (sm_90): let the next kernel of the stream be scheduled, and wait until
+// the previous one has completed and its writes are visible. Both are no-ops in a kernel that was not
+// launched with the programmatic attribute (and compiled away below sm_90, where it is never set).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // int8 unpacking. u = 4 int8 in one word (byte i = element i).
 // float: 0x4B000000 | (v ^ 0x80) is the float 2^23 + v + 128, so one PRMT + one FADD per element.

@@ -25,6 +25,23 @@ namespace detail {
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
 #endif
 
+// Programmatic dependent launch (sm_90 code on an sm_90+ device; elsewhere off): the tensor-core GEMVs
+// are launched so that they may start while the previous kernel on the stream is still finishing. A
+// GEMV CTA then (a) lets the next kernel's CTAs be scheduled (griddepcontrol.launch_dependents: at its
+// start with 1, after its k loop with 2), (b) prefetches the first DSINF_GEMV_PDL_PREFETCH_KB KiB of its
+// weight tile into L2, and (c) waits for the previous grid to complete (griddepcontrol.wait) before it
+// reads anything else or writes. (b) is only a cache hint: a weight the previous kernel is still writing
+// is read again, coherently, after the wait, so stream order is kept for every argument. Why: at decode
+// sizes launch + DRAM ramp + tail cost ~5 us per kernel (H200, graph replays: 4096x4096 int8 streams in
+// ~4 us but takes ~9.6 us), and overlapping them with the previous kernel is the lever that is left.
+// 0 = off (today's launch, the default until the GPU sweep shows a gain).
+#ifndef DSINF_GEMV_PDL
+#define DSINF_GEMV_PDL 0
+#endif
+#ifndef DSINF_GEMV_PDL_PREFETCH_KB
+#define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
+#endif
+
 constexpr int kGemvThreads = 256;  // every GEMV CTA: 8 warps
 constexpr int kGemvWarps = kGemvThreads / 32;
 
@@ -45,6 +62,10 @@ cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();
 
+// True when GEMV launches use programmatic dependent launch (DSINF_GEMV_PDL, and the device and the
+// code it runs are sm_90+).
+bool gemv_pdl();
+
 // K rows per split CTA: ceil(K / split) rounded up to `granule`.
 inline int k_per_split(int64_t K, int split, int granule) {
   int64_t c = (K + split - 1) / split;
@@ -52,12 +73,14 @@ inline int k_per_split(int64_t K, int split, int granule) {
   return static_cast<int>(c < granule ? granule : c);
 }
 
-// Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1).
+// Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1);
+// `pdl` adds the programmatic-dependent-launch attribute (the kernel must be one that waits: see above).
 template <typename... KArgs, typename... Args>
-cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, cudaStream_t stream, Args... args) {
+cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, cudaStream_t stream,
+                         Args... args) {
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
   const dim3 block(kGemvThreads, 1, 1);
-  if (split <= 1) {
+  if (split <= 1 && !pdl) {
     kernel<<<grid, block, 0, stream>>>(args...);
     return cudaGetLastError();
   }
@@ -66,13 +89,22 @@ cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, cudaStr
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = static_cast<unsigned>(split);
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (split > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = static_cast<unsigned>(split);
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = n;
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // do not leave a non-sticky launch error behind for the next caller

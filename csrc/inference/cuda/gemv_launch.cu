@@ -119,6 +119,8 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
 
 int device_sm_count() { return device_info().sms; }
 
+bool gemv_pdl() { return DSINF_GEMV_PDL != 0 && device_info().cluster; }
+
 }  // namespace detail
 
 GemvPath gemv_path(const GemvArgs& a, int* split) {

@@ -55,6 +55,22 @@ constexpr int kUnroll = DSINF_MMA_UNROLL;
 #endif
 constexpr int kLoopUnroll = DSINF_MMA_PIPELINE ? DSINF_MMA_PIPELINE_UNROLL : kUnroll;  // k-steps per batch
 
+// Minimum CTAs per SM the one-token-tile kernels (M <= 8) must fit (__launch_bounds__ min blocks).
+// 0 = no min-blocks clause (today's register allocation: 50-70 registers, 3-4 CTAs fit). Note that
+// an explicit 1 is not the same as 0: ptxas then spends up to ~180 registers (more loads hoisted, 1-2
+// CTAs per SM), which the sweep may find better or worse. 2 caps at 128 registers; 3 and 4 spill (sm_90a).
+// M > 8 kernels (two token tiles) get min blocks 0, which ptxas treats as no clause.
+#ifndef DSINF_GEMV_MIN_CTAS
+#define DSINF_GEMV_MIN_CTAS 0
+#endif
+template <int NT>
+constexpr int kMinCtas = NT == 1 ? DSINF_GEMV_MIN_CTAS : 0;  // 0: as if no clause
+#if DSINF_GEMV_MIN_CTAS > 0
+#define DSINF_MMA_BOUNDS(NT) __launch_bounds__(kGemvThreads, kMinCtas<NT>)
+#else
+#define DSINF_MMA_BOUNDS(NT) __launch_bounds__(kGemvThreads)
+#endif
+
 // The k loop of both kernels: batches at kb0 = first, first + step, ... < end. load(kb0, buf) fills a
 // register batch (zeros out of range), compute(buf) multiplies it.
 template <class Batch, class Load, class Compute>
@@ -84,6 +100,18 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
+// Where a kernel lets the next one be scheduled (DSINF_GEMV_PDL, gemv_internal.cuh): 1 = at its start,
+// before the prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there),
+// 2 = after its k loop (only the reduction is left to overlap).
+#if DSINF_GEMV_PDL
+__device__ __forceinline__ void pdl_begin() {
+  if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
+}
+#endif
+__device__ __forceinline__ void pdl_end() {
+  if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
+}
+
 // ------------------------------------------------------------------------------------------------
 // Weight [K, N] (row k holds N contiguous columns).
 // CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end). Warp w takes k-steps of 16 rows
@@ -96,7 +124,7 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
 // Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int NT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
   constexpr int TN = kTileKnMma, NTOK = 8 * NT, P = TN * NTOK;
   __shared__ float red[kGemvWarps * P];
@@ -114,6 +142,16 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
   const T* wcol = w + (col_ok ? col : 0);
+#if DSINF_GEMV_PDL
+  {  // the first k rows of the tile (one 128-byte line each: 64 columns), 8 threads per row
+    pdl_begin();
+    constexpr int kRows = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * static_cast<int>(sizeof(T)));
+    const int c = n0 + 8 * (threadIdx.x % 8);
+    for (int r = threadIdx.x / 8; r < kRows; r += kGemvThreads / 8)
+      if (k_begin + r < k_end && c < N) prefetch_l2(w + static_cast<size_t>(k_begin + r) * N + c);
+    pdl_wait();
+  }
+#endif
 
   float acc[4][NT][4];
 #pragma unroll
@@ -160,6 +198,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
     }
   };
   k_loop<Batch>(k_begin + 16 * warp, k_end, 16 * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
+  pdl_end();
 
   // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of
   // the column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
@@ -198,7 +237,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_mma_kernel(const T* __re
 // Constraints: K % E == 0 (rows 16-byte aligned), x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename WT, int NT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
   constexpr bool kInt8 = std::is_same<WT, int8_t>::value;
   constexpr int E = 16 / static_cast<int>(sizeof(WT));  // weight elements per 16-byte load
@@ -225,6 +264,18 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
   const T* xrow[NT];
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+#if DSINF_GEMV_PDL
+  {  // the start of the tile's TN rows: kLines 128-byte lines per row
+    pdl_begin();
+    constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * 128);
+    constexpr int kLineElems = 128 / static_cast<int>(sizeof(WT));
+    for (int i = threadIdx.x; i < TN * kLines; i += kGemvThreads) {
+      const int n = n0 + i / kLines, k = k_begin + (i % kLines) * kLineElems;
+      if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
+    }
+    pdl_wait();
+  }
+#endif
 
   float acc[2][NT][4];
 #pragma unroll
@@ -287,6 +338,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_nk_mma_kernel(const T* __re
     }
   };
   k_loop<Batch>(k_begin + KS * warp, k_end, KS * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
+  pdl_end();
 
   // C fragment (r, q, e): row 16r + g + 8(e >> 1), token 8q + 2t + (e & 1). The XOR on bits 3-4 of the
   // row (by token) makes a warp's 32 stores hit 32 different banks; it is undone below.
@@ -319,8 +371,9 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  if (a.M <= 8) return launch_split(gemv_kn_mma_kernel<T, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  const bool pdl = gemv_pdl();
+  if (a.M <= 8) return launch_split(gemv_kn_mma_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 template <typename T, typename WT>
@@ -330,9 +383,10 @@ cudaError_t nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const WT* w = static_cast<const WT*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  const bool pdl = gemv_pdl();
   if (a.M <= 8)
-    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 }  // namespace
