@@ -58,7 +58,7 @@ def assert_built_from_current_sources(op: str, variant: str) -> None:
     the sources and every project header they include - is the key the builder computes from the
     current tree. A stale or foreign binary fails here instead of being tested in place of the source.
     """
-    from op_builder import cache
+    from op_builder import cache, knobs
     from op_builder.builder import csrc_root, loaded_variants
     from op_builder.registry import get_builder
 
@@ -73,6 +73,10 @@ def assert_built_from_current_sources(op: str, variant: str) -> None:
     sources_now = cache.hash_files(files, csrc_root())
     built_from = loaded.manifest.get("key_fields", {}).get("sources")
     assert built_from == sources_now, f"{where}: built from sources {built_from}, the tree now hashes to {sources_now}"
+    wanted_isa = knobs.get("DSINF_CPU_ISA")
+    if variant == "cpu" and wanted_isa != "auto":  # a child of tests/test_isa_levels.py
+        assert loaded.manifest.get("isa") == wanted_isa, f"{where}: built for {loaded.manifest.get('isa')}, " \
+                                                         f"DSINF_CPU_ISA={wanted_isa}"
     key_now = builder.key(variant, spec).digest
     assert loaded.manifest.get("key") == key_now, f"{where}: manifest key {loaded.manifest.get('key')}, " \
                                                   f"the current sources, flags and toolchain give {key_now}"
