@@ -4,7 +4,8 @@ The test machine has a CPU and a C++ compiler, so the real dispatch (no fake env
 backend) must resolve the compiled backend for every op spec, every CPU activation dtype, float and
 int8 weights - with no fallback - and the op classes must run it. A dispatch bug that misses the
 compiled kernels would otherwise turn every compiled-backend test into a silent pass on the reference.
-The ops come from the spec registry: an op added later is covered without editing this file.
+The ops come from the spec registry: an op added later is covered without editing this file. On a
+GPU machine (`-m gpu`) the same holds for CUDA tensors (bf16 from compute capability 8.0).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dsinf.ops import spec
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CASES = [pytest.param(op, dtype, int8, id=f"{op}-{suffix}-{'int8' if int8 else 'float'}")
          for op in spec.specs() for suffix, dtype in DTYPES.items() for int8 in (False, True)]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +32,12 @@ def test_every_op_is_covered():
     assert {"linear_layer", "vector_matmul"} <= set(spec.specs())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("op,dtype,int8", CASES)
-def test_real_dispatch_resolves_compiled(op, dtype, int8):
-    request = dispatch.Request(op=op, device_type="cpu", act_dtype=dtype, int8=int8)
+def test_real_dispatch_resolves_compiled(op, dtype, int8, device):
+    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip(f"bf16 kernels need compute capability 8.0; this GPU has {torch.cuda.get_device_capability()}")
+    request = dispatch.Request(op=op, device_type=device, act_dtype=dtype, int8=int8)
     decision = dispatch.resolve(request)
     assert decision.backend == "compiled" and not decision.forced, decision.explain()
     assert decision.fallbacks == (), decision.explain()
