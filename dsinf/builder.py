@@ -83,10 +83,19 @@ class InferenceBuilder(OpBuilder):
     # ---- build --------------------------------------------------------------------------------
     def _cpu_isa(self, portable: bool) -> tuple[str, tuple[str, ...]]:
         cpu = self.system.cpu
-        if cpu.arch not in ("x86_64", "AMD64", "amd64"):
-            return "baseline", ()
+        x86 = cpu.arch in ("x86_64", "AMD64", "amd64")
         if portable:
-            return PORTABLE_ISA, isa_flags(PORTABLE_ISA)
+            return (PORTABLE_ISA, isa_flags(PORTABLE_ISA)) if x86 else ("baseline", ())
+        wanted = knobs.get("DSINF_CPU_ISA")
+        if wanted != "auto":
+            # A chosen level (the tests build every level the host runs): exactly its -m flags, never
+            # -march=native, which would enable everything this CPU has.
+            if ISA_RANK[wanted] > ISA_RANK[cpu.isa]:
+                runs = [level for level, rank in ISA_RANK.items() if rank <= ISA_RANK[cpu.isa]]
+                raise knobs.KnobError(f"DSINF_CPU_ISA={wanted}: this CPU runs only {', '.join(runs)}")
+            return wanted, isa_flags(wanted)
+        if not x86:
+            return "baseline", ()
         if knobs.get("DSINF_NATIVE_ISA"):
             return cpu.isa, ("-march=native",)
         return cpu.isa, isa_flags(cpu.isa)

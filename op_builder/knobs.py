@@ -68,6 +68,15 @@ def _parse_backend(name: str, raw: str) -> str:
     return value
 
 
+def _parse_cpu_isa(name: str, raw: str) -> str:
+    from .system import ISA_RANK  # here: system imports this module
+
+    value = raw.strip().lower() or "auto"
+    if value != "auto" and value not in ISA_RANK:
+        raise KnobError(f"{name}={raw!r}: expected auto or one of {', '.join(ISA_RANK)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Knob:
     name: str
@@ -114,6 +123,10 @@ _KNOBS = [
          "Ignore binaries installed with the package and always use the JIT cache."),
     Knob("DSINF_NATIVE_ISA", True, parse_bool,
          "JIT CPU builds may use -march=native. Prebuilt CPU binaries always target the portable baseline."),
+    Knob("DSINF_CPU_ISA", "auto", _parse_cpu_isa,
+         "ISA level of JIT CPU builds: auto (the best this CPU runs), avx512_bf16, avx512, avx2 or baseline "
+         "(scalar). A level above what this CPU runs is an error. Not auto: exactly that level's -m flags, "
+         "never -march=native (the tests build every level the host runs this way)."),
     # --- dispatch ---
     Knob("DS_KI_FALLBACK", True, parse_bool,
          "DeepSpeed's switch: False makes an op raise instead of falling back to a slower backend."),

@@ -1,6 +1,6 @@
 """One table of bad inputs, run against every way into the ops: `dsinf.reference`, the op classes
-(`LinearOp` / `VectorMatMulOp`) and the compiled `torch.ops.dsinf.*` functions (needs the `cpu_module`
-fixture from tests/conftest.py; skipped without it).
+(`LinearOp` / `VectorMatMulOp`) and the compiled `torch.ops.dsinf.*` functions (through the `cpu_module`
+fixture from tests/conftest.py: every CPU dtype's function must be compiled; one missing fails).
 
 Each case starts from a valid call (checked to pass in every runner, so a case fails for its own
 reason) and breaks one thing. Python raises `InputError` (a ValueError) with `.arg`; the C++ bindings
@@ -185,8 +185,7 @@ def run_compiled(case: Case):
     inp = args["input"]
     suffix = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(inp.dtype, "fp32")
     name = f"{'linear_layer' if case.op == LIN else 'vector_matmul'}_{suffix}"
-    if not has_kernel(name, "cpu"):
-        pytest.skip(f"{name} is not compiled for CPU")
+    assert has_kernel(name, "cpu"), f"the CPU module registers no {name} kernel"
     return getattr(torch.ops.dsinf, name)(*args.values())
 
 

@@ -1,15 +1,18 @@
 """GPU tests of the compiled CUDA inference module (csrc/inference/cuda + binding/cuda_binding.cpp).
 
 Every result is compared with `dsinf.reference` (the semantics oracle), computed on CPU copies of the
-same inputs in float32, by relative error ||out - ref|| / ||ref||. Tolerances per activation dtype:
+same inputs in float32, by max error: max |out - ref| / max |ref|, as the CPU tests do (a relative L2
+norm over a large output lets a single element several times off pass). Tolerances per activation
+dtype, in units of the output's rounding step at the largest value:
 
-- fp32: 1e-5. Both sides accumulate in fp32, only the summation order differs (~1e-7 relative);
-  cuBLAS at large M runs without TF32 (torch's default), which would be ~3e-4.
-- fp16: 2e-3. Both sides round the output to fp16 once (2^-11 relative, ~3e-4 RMS for the pair); the
-  cuBLAS path may reduce in fp16 (torch's allow_fp16_reduced_precision_reduction) and the fused-QKV
-  path rounds the GEMM output before RoPE (one more fp16 rounding); int8 at large M rounds the
+- fp32: 5e-5. Both sides accumulate in fp32, only the summation order differs (~1e-7 relative per add,
+  over K up to a few thousand); cuBLAS at large M runs without TF32 (torch's default), which would be
+  ~1e-3.
+- fp16: 4e-3, four fp16 ulps (2^-10 ~ 9.8e-4 of the value each): the output is rounded once on both
+  sides; the cuBLAS path may reduce in fp16 (torch's allow_fp16_reduced_precision_reduction), the
+  fused-QKV path rounds the GEMM output before RoPE (one more rounding), int8 at large M rounds the
   dequantized weight to fp16.
-- bf16: 1e-2. Same as fp16 with 8 mantissa bits instead of 11 (2^-8 relative per rounding).
+- bf16: 2.4e-2, three bf16 ulps (2^-7 ~ 7.8e-3 each), for the same roundings with 8 significant bits.
 
 Outputs are checked for NaN after the caching allocator was filled with NaN garbage (`poisoned`), so
 an element a kernel fails to write shows up. Shapes cover every kernel path: M from 1 to 2048 (GEMV
@@ -34,7 +37,7 @@ pytestmark = [
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2.4e-2}  # of max |ref|: see above
 # (B, S) -> M = B*S: GEMV buckets 1, 2, 3 (-> 4), 8, 16, 17 (first cuBLAS M for fp16), 64, 2048.
 BS = [(1, 1), (2, 1), (1, 3), (2, 4), (4, 4), (1, 17), (8, 8), (2, 1024)]
 
@@ -44,8 +47,9 @@ BS = [(1, 1), (2, 1), (1, 3), (2, 4), (4, 4), (1, 17), (8, 8), (2, 1024)]
 # ----------------------------------------------------------------------------------------------------
 def _fn(mod, op: str, suffix: str):
     name = f"{op}_{suffix}"
-    if not has_kernel(name, "cuda"):
-        pytest.skip(f"{name} is not in this build (bf16 needs every target arch >= 8.0)")
+    if suffix == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip(f"bf16 kernels need compute capability 8.0; this GPU has {torch.cuda.get_device_capability()}")
+    assert has_kernel(name, "cuda"), f"the CUDA module registers no {name} kernel (TORCH_CUDA_ARCH_LIST below 8.0?)"
     return getattr(mod, name)
 
 
@@ -60,9 +64,10 @@ def poison(device="cuda"):
     del blocks  # memory goes back to the caching allocator, not the driver
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|: one element off fails, however many elements are right."""
     o, r = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+    return ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_close(outs, refs, dtype):
@@ -74,8 +79,8 @@ def assert_close(outs, refs, dtype):
         assert o.is_cuda
         assert not torch.isnan(o).any(), "NaN in output: an element was not written (or a NaN leaked)"
         if r.numel():
-            err = rel_err(o, r)
-            assert err <= RTOL[dtype], f"relative error {err:.3g} > {RTOL[dtype]:.1g}"
+            err = max_err(o, r)
+            assert err <= TOL[dtype], f"max error {err:.3g} of max |ref| > {TOL[dtype]:.2g}"
 
 
 def make_weight(K, N, dtype, nk, device="cuda", misalign=False):

@@ -3,8 +3,9 @@ independent float64 oracle) or a clean ValueError naming an argument / config fi
 exception, never silent garbage.
 
 Two properties per op: valid inputs must succeed and match; arbitrary (sometimes corrupted) inputs
-must match or fail cleanly. Each runs on the automatic backend choice (the compiled module where it
-builds) and on the forced torch reference. Examples are bounded and the deadline is off (the first
+must match or fail cleanly. Each runs on the automatic backend choice - which on CPU must be the
+compiled module (checked on every call that succeeds: a dispatch that silently falls back to the
+reference fails here) - and on the forced torch reference. Examples are bounded and the deadline is off (the first
 call may build the compiled module).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dsinf.quantize import quantize_int8
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CLEAN_ERROR = re.compile(r"argument '\w+'|field '\w+'")
-BACKENDS = ["auto", "torch"]
+# DSINF_BACKEND -> the backend that must run on CPU tensors: "auto" means the compiled module here.
+BACKENDS = {"auto": "compiled", "torch": "torch"}
 
 
 @contextlib.contextmanager
@@ -109,18 +111,20 @@ def _config(c: dict) -> InferenceConfig:
                            num_kv=c["num_kv"], rope_theta=c["rope_theta"])
 
 
-def run_linear(c: dict):
-    """(result, expected) or (None, None) after a clean error."""
+def run_linear(c: dict, backend: str):
+    """(result, expected) or (None, None) after a clean error; the op ran on BACKENDS[backend]."""
     g = torch.Generator().manual_seed(c["S"] * 7 + c["D"])
     x = (torch.randn(c["B"], c["S"], c["K"], generator=g) + 0.01).to(c["dtype"])
     w = _weight(c, c["N"], c["weight_K"])
     b = torch.randn(c["bias_len"], generator=g).to(c["dtype"])
     try:
         op = LinearOp(_config(c))
-        got = op(x, w, b, c["add_bias"], c["flash"], c["heads"], seq_offset=c["seq_offset"])
+        with backend_knob(backend):
+            got = op(x, w, b, c["add_bias"], c["flash"], c["heads"], seq_offset=c["seq_offset"])
     except ValueError as exc:
         assert CLEAN_ERROR.search(str(exc)), f"unclear error: {exc}"
         return None, None
+    assert op.backend == BACKENDS[backend], op.decision.explain()
     expected = oracle.linear_layer(x, w, b, c["add_bias"], c["flash"], c["heads"], c["transposed"], c["rope_theta"],
                                    c["rotary_dim"], c["rotate_half"], c["num_kv"], c["seq_offset"],
                                    w.scale if c["int8"] else None)
@@ -138,8 +142,7 @@ def _check(got, expected, dtype):
 @SETTINGS
 @given(c=linear_cases(corrupt=False))
 def test_linear_valid_inputs_match(backend, c):
-    with backend_knob(backend):
-        got, expected = run_linear(c)
+    got, expected = run_linear(c, backend)
     assert got is not None, "a valid call was refused"
     _check(got, expected, c["dtype"])
 
@@ -148,8 +151,7 @@ def test_linear_valid_inputs_match(backend, c):
 @SETTINGS
 @given(c=linear_cases(corrupt=True))
 def test_linear_correct_or_clean_error(backend, c):
-    with backend_knob(backend):
-        got, expected = run_linear(c)
+    got, expected = run_linear(c, backend)
     if got is not None:
         _check(got, expected, c["dtype"])
 
@@ -176,7 +178,7 @@ def vm_cases(draw, corrupt: bool):
     return c
 
 
-def run_vm(c: dict):
+def run_vm(c: dict, backend: str):
     g = torch.Generator().manual_seed(c["K"] * 31 + c["N"])
     x = (torch.randn(c["B"], c["S"], c["K"], generator=g) + 0.01).to(c["dtype"])
     if c["corrupt"] == "input_dtype":
@@ -190,11 +192,13 @@ def run_vm(c: dict):
     if c["corrupt"] == "noncontig":
         w = torch.stack([w, w], -1)[..., 0]
     try:
-        got = VectorMatMulOp(_config({**c, "rotary_dim": -1, "rotate_half": False, "num_kv": -1,
-                                      "rope_theta": 1e4}))(x, w, c["async_op"])
+        op = VectorMatMulOp(_config({**c, "rotary_dim": -1, "rotate_half": False, "num_kv": -1, "rope_theta": 1e4}))
+        with backend_knob(backend):
+            got = op(x, w, c["async_op"])
     except ValueError as exc:
         assert CLEAN_ERROR.search(str(exc)), f"unclear error: {exc}"
         return None, None
+    assert op.backend == BACKENDS[backend], op.decision.explain()
     expected = oracle.vector_matmul(x, w, c["async_op"], getattr(w, "scale", None), c["int8"], c["transposed"])
     return got, expected
 
@@ -203,8 +207,7 @@ def run_vm(c: dict):
 @SETTINGS
 @given(c=vm_cases(corrupt=False))
 def test_vector_matmul_valid_inputs_match(backend, c):
-    with backend_knob(backend):
-        got, expected = run_vm(c)
+    got, expected = run_vm(c, backend)
     assert got is not None, "a valid call was refused"
     _check([got], [expected], c["dtype"])
 
@@ -213,7 +216,6 @@ def test_vector_matmul_valid_inputs_match(backend, c):
 @SETTINGS
 @given(c=vm_cases(corrupt=True))
 def test_vector_matmul_correct_or_clean_error(backend, c):
-    with backend_knob(backend):
-        got, expected = run_vm(c)
+    got, expected = run_vm(c, backend)
     if got is not None:
         _check([got], [expected], c["dtype"])

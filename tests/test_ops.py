@@ -1,10 +1,15 @@
-"""LinearOp / VectorMatMulOp on every backend this machine has, against `dsinf.reference`.
+"""LinearOp / VectorMatMulOp on every backend, against `dsinf.reference`.
 
-Each backend is forced with DSINF_BACKEND (a backend that cannot run here skips with its reason), so
-on a CPU box this covers the compiled CPU module (when it builds), the Triton interpreter (when
-TRITON_INTERPRET=1) and the torch reference; on a GPU box (`-m gpu`) the CUDA module and Triton too.
-The expected values come from `dsinf.reference` called with explicit arguments - not from the config -
-so the op's config -> argument plumbing is checked on the torch backend as well.
+Each backend is forced with DSINF_BACKEND, over the (backend, device, dtype) combinations it serves by
+design (`SERVES`). A combination it serves must run: a backend that cannot run here fails the test, with
+its reason - never a skip. Skips are for what is absent: a CUDA GPU (or one of compute capability 8.0
+for bf16 / Triton), and the Triton interpreter on CPU tensors, which only a process started with
+TRITON_INTERPRET=1 has (triton reads it when imported; CI runs `-k triton-cpu` in such a process).
+What a backend does not serve is checked the other way: forcing it raises `BackendUnavailableError`.
+On a CPU box this covers the compiled CPU module, the Triton interpreter and the torch reference; on a
+GPU box (`-m gpu`) the CUDA module and Triton too. The expected values come from `dsinf.reference`
+called with explicit arguments - not from the config - so the op's config -> argument plumbing is
+checked on the torch backend as well.
 """
 from __future__ import annotations
 
@@ -16,23 +21,68 @@ from dsinf import LinearOp, VectorMatMulOp, reference
 from dsinf.config import InferenceConfig
 from dsinf.dispatch import BackendUnavailableError
 from dsinf.library import has_kernel
+from op_builder import knobs
 
 BACKENDS = ["compiled", "triton", "torch"]
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICE_TYPES = ["cpu", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+ID = dict(zip(DTYPES, DTYPE_IDS))
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = knobs.get("TRITON_INTERPRET")
+
+# What each backend serves by design, as data (dsinf.triton's docstring says why Triton serves what it does).
+SERVES = {
+    ("compiled", "cpu"): DTYPES, ("compiled", "cuda"): DTYPES,
+    ("triton", "cpu"): [torch.float32, torch.float16],  # the interpreter computes bf16 wrongly
+    ("triton", "cuda"): [torch.float16, torch.bfloat16],  # tl.dot rounds fp32 operands to tf32
+    ("torch", "cpu"): DTYPES, ("torch", "cuda"): DTYPES,
+}
+
+
+def _absent(backend: str, device: str) -> list:
+    """Marks skipping a combination whose hardware (or interpreter process) is absent here."""
+    if device == "cuda":
+        return [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+    if backend == "triton":
+        return [pytest.mark.skipif(not INTERPRETER, reason="Triton on CPU tensors runs only in a process started "
+                                   "with TRITON_INTERPRET=1 (CI runs -k triton-cpu in one)")]
+    return []
+
+
+def cases(dtypes=DTYPES) -> list:
+    """(dtype, backend, device) for every combination served by design, ids like 'fp16-triton-cpu'."""
+    return [pytest.param(dtype, backend, device, id=f"{ID[dtype]}-{backend}-{device}", marks=_absent(backend, device))
+            for device in DEVICE_TYPES for backend in BACKENDS for dtype in dtypes
+            if dtype in SERVES[backend, device]]
+
+
+NOT_SERVED = [pytest.param(dtype, backend, device, id=f"{ID[dtype]}-{backend}-{device}",
+                           marks=_absent("torch", device))  # the refusal needs no interpreter, only the device
+              for device in DEVICE_TYPES for backend in BACKENDS for dtype in DTYPES
+              if dtype not in SERVES[backend, device]]
 
 
 def make_op(cls, cfg: InferenceConfig, backend: str, device: str, monkeypatch):
-    """An op whose backend is forced to `backend` (resolved now), or skip with the reason it cannot run."""
+    """An op whose backend is forced to `backend` (resolved now). A backend that cannot run a combination it
+    serves fails here (BackendUnavailableError says why); only an older GPU than the combination needs skips."""
+    act = cfg.activation_dtype
+    if device == "cuda" and (backend == "triton" or act == torch.bfloat16):
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 0):
+            pytest.skip(f"{backend} {ID[act]} needs compute capability 8.0; this GPU has {capability}")
     monkeypatch.setenv("DSINF_BACKEND", backend)
-    try:
-        op = cls(cfg, device=device)
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
+    op = cls(cfg, device=device)
     assert op.backend == backend
     return op
+
+
+@pytest.mark.parametrize("dtype,backend,device", NOT_SERVED)
+@pytest.mark.parametrize("cls", [LinearOp, VectorMatMulOp])
+def test_forced_backend_refuses_what_it_does_not_serve(cls, dtype, backend, device, monkeypatch):
+    monkeypatch.setenv("DSINF_BACKEND", backend)
+    with pytest.raises(BackendUnavailableError, match=f"DSINF_BACKEND={backend}, but {backend} cannot run"):
+        cls(InferenceConfig(dtype=dtype), device=device)
 
 
 def _to(device, *tensors):
@@ -57,9 +107,7 @@ def assert_matches_reference(got: list[torch.Tensor], want: list[torch.Tensor], 
 
 # --- LinearOp ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,backend,device", cases())
 @pytest.mark.parametrize("transposed_mode", [False, True])
 @pytest.mark.parametrize("add_bias", [False, True])
 @pytest.mark.parametrize("B,S,K,N", [(1, 1, 13, 7), (3, 5, 37, 24)])
@@ -82,9 +130,7 @@ FLASH = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,backend,device", cases())
 @pytest.mark.parametrize("heads,num_kv,D,rotary_dim,rotate_half,seq_offset,transposed_mode", FLASH)
 @pytest.mark.parametrize("B,S", [(1, 1), (2, 5)])
 def test_linear_flash(device, backend, dtype, heads, num_kv, D, rotary_dim, rotate_half, seq_offset,
@@ -101,9 +147,7 @@ def test_linear_flash(device, backend, dtype, heads, num_kv, D, rotary_dim, rota
     assert_matches_reference(got, want, dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act_dtype,backend,device", cases())
 @pytest.mark.parametrize("groups", [1, 3, 24])
 @pytest.mark.parametrize("do_flash_attn", [False, True])
 def test_linear_int8(device, backend, act_dtype, groups, do_flash_attn, monkeypatch):
@@ -118,9 +162,7 @@ def test_linear_int8(device, backend, act_dtype, groups, do_flash_attn, monkeypa
 
 # --- VectorMatMulOp ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,backend,device", cases())
 @pytest.mark.parametrize("transposed_mode", [False, True])
 @pytest.mark.parametrize("B,S,K,N", [(1, 1, 13, 7), (2, 5, 40, 33), (1, 1, 64, 96)])
 def test_vector_matmul(device, backend, dtype, transposed_mode, B, S, K, N, monkeypatch):
@@ -131,9 +173,7 @@ def test_vector_matmul(device, backend, dtype, transposed_mode, B, S, K, N, monk
     assert_matches_reference([got], [reference.vector_matmul(x, w, False, None, False, transposed_mode)], dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act_dtype,backend,device", cases())
 @pytest.mark.parametrize("groups", [1, 2, 6])
 @pytest.mark.parametrize("transposed_mode", [False, True])  # ignored for int8: weights are always [N, K]
 def test_vector_matmul_int8_is_dequantized(device, backend, act_dtype, groups, transposed_mode, monkeypatch):
@@ -163,9 +203,7 @@ def test_int8_end_to_end_close_to_float_weights(monkeypatch):
 
 # --- ownership: outputs are never workspace views ------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype,backend,device", cases([torch.float32, torch.float16]))
 def test_outputs_are_owned(device, backend, dtype, monkeypatch):
     cfg = InferenceConfig(dtype=dtype, rotary_dim=4, num_kv=1, transposed_mode=True)
     lin = make_op(LinearOp, cfg, backend, device, monkeypatch)
@@ -205,9 +243,8 @@ def _opcheck_samples(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("op_name", ["linear_layer", "vector_matmul"])
 def test_opcheck(cpu_module, op_name, dtype):
-    name = f"{op_name}_{ {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[dtype] }"
-    if not has_kernel(name, "cpu"):
-        pytest.skip(f"{name} is not compiled for CPU here")
+    name = f"{op_name}_{ID[dtype]}"
+    assert has_kernel(name, "cpu"), f"the CPU module registers no {name} kernel"
     op = getattr(torch.ops.dsinf, name).default
     for args in _opcheck_samples(dtype)[op_name]:
         torch.library.opcheck(op, args)
