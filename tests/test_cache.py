@@ -130,12 +130,6 @@ def inference_cpu_key(system: System) -> str:
     return builder.key("cpu", builder.spec("cpu")).digest
 
 
-def test_isa_changes_key(monkeypatch):
-    monkeypatch.setenv("DSINF_NATIVE_ISA", "0")  # explicit -m flags: the ISA level alone must still count
-    assert inference_cpu_key(fake_system(cpu=AVX2)) != inference_cpu_key(fake_system(cpu=AVX512))
-    assert inference_cpu_key(fake_system(cpu=AVX2)) == inference_cpu_key(fake_system(cpu=AVX2))
-
-
 def test_native_build_key_is_tied_to_the_cpu_model(monkeypatch):
     monkeypatch.delenv("DSINF_NATIVE_ISA", raising=False)  # default: -march=native
     other_model = Cpu("x86_64", "fake EPYC (other model)", AVX2.flags, "fake")
