@@ -294,6 +294,8 @@ def test_python_rejects(case, backend, monkeypatch, cpu_module):
     _expect(run_reference, case, python=True)
     # On the compiled backend the op classes' fast path leaves the check to C++ (a ValueError, same words).
     _expect(run_op_class, case, python=backend == "torch" or not case.compiled)
+    with torch.no_grad():  # the fast path skips the grad checks: a non-tensor reaches torch's parser first
+        _expect(run_op_class, case, python=backend == "torch" or not case.compiled)
 
 
 COMPILED = [c for c in CASES if c.compiled]

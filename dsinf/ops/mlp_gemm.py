@@ -258,9 +258,13 @@ class MLPGemmOp(InferenceOp):
                 usual = False
             if not usual:
                 return slow(input, residual, weight_interm, weight_out, gamma)
-            if scales is None:
-                return impl(input, residual, weight_interm, weight_out, gamma, *short)
-            return impl(input, residual, weight_interm, weight_out, gamma, eps, *scales, True, activation, transposed)
+            try:
+                if scales is None:
+                    return impl(input, residual, weight_interm, weight_out, gamma, *short)
+                return impl(input, residual, weight_interm, weight_out, gamma, eps, *scales, True, activation,
+                            transposed)
+            except (TypeError, RuntimeError):  # e.g. gamma=None, refused by torch's argument parser: name it
+                return slow(input, residual, weight_interm, weight_out, gamma)
 
         return fast
 

@@ -92,6 +92,11 @@ class PreRMSNormOp(InferenceOp):
                     vals.requires_grad or residual.requires_grad or gamma.requires_grad))
             except AttributeError:  # not a tensor: named by the checks
                 usual = False
-            return impl(vals, residual, gamma, epsilon) if usual else slow(vals, residual, gamma, epsilon)
+            if usual:
+                try:
+                    return impl(vals, residual, gamma, epsilon)
+                except (TypeError, RuntimeError):  # e.g. residual=None, refused by torch's argument parser
+                    pass
+            return slow(vals, residual, gamma, epsilon)
 
         return fast

@@ -126,6 +126,11 @@ class RMSNormOp(InferenceOp):
                 usual = usual_epsilon(epsilon) and not (grad_enabled() and (vals.requires_grad or gamma.requires_grad))
             except AttributeError:  # not a tensor: named by the checks
                 usual = False
-            return impl(vals, gamma, epsilon) if usual else slow(vals, gamma, epsilon)
+            if usual:
+                try:
+                    return impl(vals, gamma, epsilon)
+                except (TypeError, RuntimeError):  # e.g. a list, refused by torch's argument parser: name it
+                    pass
+            return slow(vals, gamma, epsilon)
 
         return fast
