@@ -323,6 +323,7 @@ CASES = [
     Case("residual-dtype", "residual", lambda: mlp_args(residual=torch.ones(1, 2, K, dtype=torch.float16))),
     Case("residual-other-device", "residual", lambda: mlp_args(residual=torch.ones(1, 2, K, device="meta"))),
     Case("gamma-shape", "gamma", lambda: mlp_args(gamma=torch.ones(K - 1))),
+    Case("gamma-none", "gamma", lambda: mlp_args(gamma=None)),
     Case("gamma-dtype", "gamma", lambda: mlp_args(gamma=torch.ones(K, dtype=torch.bfloat16))),
     Case("epsilon-zero", "epsilon", lambda: mlp_args(epsilon=0.0)),
     Case("epsilon-nan", "epsilon", lambda: mlp_args(epsilon=float("nan"))),

@@ -33,7 +33,7 @@ def _fail(op: str, arg: str, message: str):
 def check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> None:
     """`t` is a Tensor (on `like`'s device)."""
     if not isinstance(t, torch.Tensor):
-        _fail(op, name, f"expected a Tensor, got {type(t).__name__}")
+        _fail(op, name, f"expected a Tensor, got {'None' if t is None else type(t).__name__}")  # C++'s words
     if like is not None and t.device != like.device:
         _fail(op, name, f"is on {t.device} but the input is on {like.device}")
 
