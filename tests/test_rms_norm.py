@@ -123,6 +123,19 @@ def test_op_classes_on_the_compiled_backend(cpu_module, monkeypatch, dtype, shap
     assert rms.backend == pre.backend == "compiled"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_epsilon_is_applied(cpu_module, monkeypatch, dtype):
+    # Small activations (mean square ~1e-6) make epsilon = 1e-5 dominate: an epsilon lost or scaled shows.
+    gen = torch.Generator().manual_seed(13)
+    x, r, g = (t * 1e-3 if t.dim() > 1 else t for t in _inputs((3, 67), dtype, gen))
+    rms, pre = _ops(monkeypatch)
+    for eps in (1e-5, 1e-3):
+        want = reference.rms_norm(x, g, eps)
+        assert rel_err(reference.rms_norm(x, g, 2 * eps), want) > 10 * TOL[dtype]  # the check is sensitive
+        assert_close(rms(x, g, eps), want, dtype)
+        assert_close(pre(x, r, g, eps)[0], reference.pre_rms_norm(x, r, g, eps)[0], dtype)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 16), (2, 0, 16), (2, 3, 0)])
 def test_empty_inputs_give_empty_outputs(cpu_module, monkeypatch, shape):
     rms, pre = _ops(monkeypatch)
