@@ -20,6 +20,7 @@ from dsinf import MLPGemmOp, reference
 from dsinf.checks import InputError
 from dsinf.config import ActivationFuncType, InferenceConfig, NormType
 from dsinf.quantize import quantize_int8
+from test_rms_norm import randn, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -32,18 +33,6 @@ TOL = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # Reference vs float64 (which rounds only where the reference documents it): three roundings stacked.
 TOL64 = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 CUDA = pytest.mark.gpu
-
-
-def rel_err(got, want) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
-def randn(*shape, dtype=torch.float32, gen=None, scale=1.0, device="cpu"):
-    """Random, never exactly zero (|v| >= 0.05 * scale)."""
-    t = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    t = torch.where(t.abs() < 0.05, torch.full_like(t, 0.05).copysign(t), t)
-    return (t * scale).to(device, dtype)
 
 
 def make_case(B, S, K, I, dtype, layout, groups=None, gen=None, device="cpu", contiguous=True):

@@ -198,11 +198,13 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
 
 // ---- rms_norm, pre_rms_norm (kernels: cpu/rms_norm.cpp) -------------------------------------------------
 
-extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_rms_norm(const void* x, const void* gamma, dsinf_dtype dtype, int64_t rows, int64_t H,
-                                           float epsilon, void* out, dsinf_parallel_fn pf);
-extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_pre_rms_norm(const void* x, const void* residual, const void* gamma, dsinf_dtype dtype,
-                                               int64_t rows, int64_t H, float epsilon, void* out, void* res_out,
-                                               dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_rms_norm(const void* x, const void* gamma, dsinf_dtype dtype,
+                                                         int64_t rows, int64_t H, float epsilon, void* out,
+                                                         dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_pre_rms_norm(const void* x, const void* residual, const void* gamma,
+                                                             dsinf_dtype dtype, int64_t rows, int64_t H,
+                                                             float epsilon, void* out, void* res_out,
+                                                             dsinf_parallel_fn pf);
 
 // One dtype-generic function each (the dtype is the input's), as DeepSpeed's.
 at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsilon) {
@@ -232,12 +234,12 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
 
 // ---- rms_mlp_gemm (kernels: cpu/mlp_gemm.cpp, rms_norm.cpp, the GEMV/GEMM path above) ---------------------
 
-extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_gemv(const void* x, dsinf_dtype x_dtype, int64_t M, int64_t ldx,
-                                             const dsinf_weight* w, int activation, void* out, int64_t ldo,
-                                             dsinf_parallel_fn pf);
-extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf_dtype src_dtype, int64_t M, int64_t I, int64_t lds,
-                                            int activation, void* out, dsinf_dtype out_dtype, int64_t ldo,
-                                            dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_gemv(const void* x, dsinf_dtype x_dtype, int64_t M,
+                                                           int64_t ldx, const dsinf_weight* w, int activation,
+                                                           void* out, int64_t ldo, dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf_dtype src_dtype, int64_t M,
+                                                          int64_t I, int64_t lds, int activation, void* out,
+                                                          dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        decode: the gated GEMV (the [M, 2I] product never exists);
@@ -246,8 +248,9 @@ extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
                                      const at::Tensor& residual, const at::Tensor& weight_interm,
                                      const at::Tensor& weight_out, const at::Tensor& gamma, double epsilon,
-                                     const c10::optional<at::Tensor>& q_scale, const c10::optional<at::Tensor>& q_scale1,
-                                     bool q_int8, int64_t activation_type, bool transposed_mode) {
+                                     const c10::optional<at::Tensor>& q_scale,
+                                     const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
+                                     bool transposed_mode) {
   const MLPShape s = check_rms_mlp_gemm(op, act, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale,
                                         q_scale1, q_int8, activation_type, transposed_mode);
   at::Tensor res = at::empty(input.sizes(), input.options());

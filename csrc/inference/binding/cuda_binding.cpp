@@ -264,8 +264,9 @@ constexpr int64_t kGatedGemvMaxM = 8;
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
                                      const at::Tensor& residual, const at::Tensor& weight_interm,
                                      const at::Tensor& weight_out, const at::Tensor& gamma, double epsilon,
-                                     const c10::optional<at::Tensor>& q_scale, const c10::optional<at::Tensor>& q_scale1,
-                                     bool q_int8, int64_t activation_type, bool transposed_mode) {
+                                     const c10::optional<at::Tensor>& q_scale,
+                                     const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
+                                     bool transposed_mode) {
   const MLPShape s = check_rms_mlp_gemm(op, act, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale,
                                         q_scale1, q_int8, activation_type, transposed_mode);
   check_input_on_cuda(op, input);

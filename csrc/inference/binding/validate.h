@@ -273,7 +273,8 @@ inline void check_mlp_weight(const char* op, const char* name, const at::Tensor&
   DSINF_CHECK_ARG(w.device() == input.device(), op, name, "is on ", w.device(), " but the input is on ",
                   input.device());
   DSINF_CHECK_ARG(w.dim() == 2, op, name, "expected a 2-D tensor, got shape ", shape_str(w));
-  DSINF_CHECK_ARG(w.is_contiguous(), op, name, "must be contiguous (call .contiguous() once at load time, not per call)");
+  DSINF_CHECK_ARG(w.is_contiguous(), op, name,
+                  "must be contiguous (call .contiguous() once at load time, not per call)");
   const bool is_int8 = w.scalar_type() == c10::ScalarType::Char;
   DSINF_CHECK_ARG(!q_int8 || is_int8, op, name, "q_int8=True needs an int8 weight, got ", dtype_name(w.scalar_type()));
   DSINF_CHECK_ARG(q_int8 || w.scalar_type() == input.scalar_type(), op, name, "expected dtype ",
@@ -323,9 +324,9 @@ inline MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at
   s.activation = static_cast<int>(activation_type);
   const char* layout = s.weight_nk ? "[N, K]" : "[K, N]";
   const int64_t N = weight_interm.size(s.weight_nk ? 0 : 1), Kw = weight_interm.size(s.weight_nk ? 1 : 0);
-  DSINF_CHECK_ARG(Kw == s.K, op, "weight_interm", "shape ", shape_str(weight_interm), " read as ", layout, " has K=", Kw,
-                  ", but the input has hidden size ", s.K, " (transposed_mode=", transposed_mode, ", q_int8=", q_int8,
-                  ")");
+  DSINF_CHECK_ARG(Kw == s.K, op, "weight_interm", "shape ", shape_str(weight_interm), " read as ", layout,
+                  " has K=", Kw, ", but the input has hidden size ", s.K, " (transposed_mode=", transposed_mode,
+                  ", q_int8=", q_int8, ")");
   DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
                   " outputs must be an even, non-zero 2*I ([up | gate] halves)");
   s.I = N / 2;
