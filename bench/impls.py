@@ -221,7 +221,7 @@ def _mlp(case: Case, env: Env) -> tuple[Any, dict]:
                 mlp_act_func_type=adapter.enum_member("ActivationFuncType", "GATED_SILU"))
     impls: dict[str, Any] = {}
     impls["ours"] = op if isinstance(op, Unavailable) else Impl(
-        lambda i: op(xs[i % len(xs)], rs[i % len(rs)], None, sets[i][0], sets[i][1], None, gamma, None), n)
+        lambda i: op(xs[i % len(xs)], rs[i % len(rs)], sets[i][0], sets[i][1], None, None, gamma), n)
     impls["torch"] = Impl(lambda i: torch_mlp_eager(xs[i % len(xs)], rs[i % len(rs)], sets[i][0][I:],
                                                     sets[i][0][:I], sets[i][1], gamma, EPS), n)
     impls["torch_2gemm"] = Impl(lambda i: torch_mlp_2gemm(xs[i % len(xs)], rs[i % len(rs)], sets[i][0],

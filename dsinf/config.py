@@ -16,7 +16,8 @@ working. Unlike DeepSpeed's plain class:
 
 Fields the ops of this package read: `dtype`, `act_dtype`, `transposed_mode`, `rotary_dim`,
 `rotate_half`, `rotate_every_two`, `rope_theta`, `num_kv`, `use_triton`, `triton_autotune`,
-`layer_id`, `hidden_size`, `max_out_tokens`. The rest are accepted, validated for type and kept for
+`layer_id`, `hidden_size`, `max_out_tokens`, and for `MLPGemmOp` `norm_type`, `mlp_act_func_type`,
+`layer_norm_eps`. The rest are accepted, validated for type and kept for
 DeepSpeed-style callers.
 
 RoPE pairing: `rotate_half=True` selects NeoX/Llama pairs `(i, i + rotary_dim/2)` and wins over

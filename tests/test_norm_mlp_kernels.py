@@ -1,5 +1,5 @@
 """The torch-free RMSNorm / gated-MLP kernels (csrc/inference/cpu/rms_norm.cpp, mlp_gemm.cpp) against the
-pure-torch reference, compiled here with g++ at every SIMD level this host runs, before any binding exists.
+pure-torch reference (the op specs' references), compiled here with g++ at every SIMD level this host runs, before any binding exists.
 
 A small shim (written below) exports wrappers around the hidden launchers and supplies a parallel_for that
 really runs the sub-ranges on several std::threads, so a race or a dependence on the split shows up. The
@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsinf import _norm_mlp_reference as ref
+from dsinf.config import ActivationFuncType
+from dsinf.ops import mlp_gemm, pre_rms_norm, rms_norm
+from dsinf.reference import dequantize
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DIR = ROOT / "csrc" / "inference" / "cpu"
@@ -25,7 +27,7 @@ INCLUDE = ROOT / "csrc" / "inference" / "include"
 
 DSINF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GATED_GELU, GATED_SILU = int(ref.ActivationFuncType.GATED_GELU), int(ref.ActivationFuncType.GATED_SILU)
+GATED_GELU, GATED_SILU = int(ActivationFuncType.GATED_GELU), int(ActivationFuncType.GATED_SILU)
 
 SHIM = r"""
 #include <thread>
@@ -155,7 +157,7 @@ def test_rms_norm(lib, dtype, rows, H, threaded):
     g = randn(H, dtype=dtype, gen=gen)
     out = torch.full_like(x, float("nan"))
     assert lib.t_rms_norm(ptr(x), ptr(g), DSINF[dtype], rows, H, 1e-5, ptr(out), threaded) == 0
-    want = ref.rms_norm(x, g, 1e-5)
+    want = rms_norm.rms_norm(x, g, 1e-5)
     assert rel_err(out, want) <= TOL[dtype]
 
 
@@ -170,7 +172,7 @@ def test_pre_rms_norm(lib, dtype, rows, H, threaded):
     out, res = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     assert lib.t_pre_rms_norm(ptr(x), ptr(r), ptr(g), DSINF[dtype], rows, H, 1e-6, ptr(out),
                               ptr(res), threaded) == 0
-    want_out, want_res = ref.pre_rms_norm(x, r, g, 1e-6)
+    want_out, want_res = pre_rms_norm.pre_rms_norm(x, r, g, 1e-6)
     assert torch.equal(res, want_res)  # one fp32 add, one rounding: bit-exact
     assert rel_err(out, want_out) <= TOL[dtype]
 
@@ -200,10 +202,10 @@ def _reference_gated(x, w, scale, layout, activation):
     """act(gate) * up from the reference's pieces, rounded to x's dtype once."""
     xf = x.float()
     if layout == "int8":
-        wk = ref._dequantize(w, scale).t()
+        wk = dequantize(w, scale).t()
     else:
         wk = w.float().t() if layout == "nk" else w.float()
-    return ref.gated_activation(xf @ wk, ref.ActivationFuncType(activation)).to(x.dtype)
+    return mlp_gemm.gated_activation(xf @ wk, ActivationFuncType(activation)).to(x.dtype)
 
 
 CASES = [  # (M, K, I, layout, groups)
@@ -244,7 +246,7 @@ def test_gated_act_large_m_epilogue(lib, src_dtype, out_dtype, activation):
     src = randn(M, 2 * I, dtype=src_dtype, gen=gen, scale=3.0)
     out = torch.full((M, I), float("nan"), dtype=out_dtype)
     assert lib.t_gated_act(ptr(src), DSINF[src_dtype], M, I, activation, ptr(out), DSINF[out_dtype], 1) == 0
-    want = ref.gated_activation(src.float(), ref.ActivationFuncType(activation)).to(out_dtype)
+    want = mlp_gemm.gated_activation(src.float(), ActivationFuncType(activation)).to(out_dtype)
     assert rel_err(out, want) <= TOL[out_dtype]
 
 
@@ -276,10 +278,10 @@ def test_rms_mlp_gemm_from_kernels(lib, dtype, M, K, I, layout, groups, activati
     a = torch.empty(M, I, dtype=dtype)
     assert lib.t_gated_gemv(ptr(h), DSINF[dtype], M, ptr(w1), DSINF[w1.dtype], int(layout != "kn"), K, 2 * I,
                             ptr(s1), groups or 0, activation, ptr(a), 1) == 0
-    w2f = ref._dequantize(w2, s2).t() if layout == "int8" else (w2.float().t() if layout == "nk" else w2.float())
+    w2f = dequantize(w2, s2).t() if layout == "int8" else (w2.float().t() if layout == "nk" else w2.float())
     out = (a.float() @ w2f).to(dtype).view(1, M, K)
 
-    want_out, want_res = ref.rms_mlp_gemm(x, resid, w1, w2, gamma, 1e-5, s1, s2, layout == "int8", activation,
+    want_out, want_res = mlp_gemm.rms_mlp_gemm(x, resid, w1, w2, gamma, 1e-5, s1, s2, layout == "int8", activation,
                                           layout == "nk")
     assert torch.equal(res, want_res)
     assert rel_err(out, want_out) <= TOL_MLP[dtype]

@@ -131,8 +131,9 @@ class InferenceOp(torch.nn.Module):
         return self.decision.backend
 
     # --- inputs -----------------------------------------------------------------------------------
-    def _q_scale(self, weight) -> torch.Tensor | None:
-        """`weight.scale` for int8 configs (None otherwise), after checking weight and config agree."""
+    def _q_scale(self, weight, name: str = "weight") -> torch.Tensor | None:
+        """`weight.scale` for int8 configs (None otherwise), after checking weight and config agree; errors
+        name the argument `name`."""
         if not isinstance(weight, torch.Tensor):
             return None  # the shared checks name 'weight'
         cfg = self.config
@@ -143,12 +144,12 @@ class InferenceOp(torch.nn.Module):
             else:
                 message = (f"is int8 but config.dtype is {dtype_name(cfg.dtype)}: int8 weights need "
                            f"InferenceConfig(dtype=torch.int8)")
-            raise InputError(type(self).__name__, "weight", message)
+            raise InputError(type(self).__name__, name, message)
         if not cfg.quantized:
             return None
         scale = getattr(weight, "scale", None)
         if scale is None:
-            raise InputError(type(self).__name__, "weight",
+            raise InputError(type(self).__name__, name,
                              "is int8 but has no .scale (float32 [G] scales, alias q_scale): quantize with "
                              "dsinf.quantize_int8, and re-attach .scale after .to()/.cuda(), which drop it")
         return scale

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -195,6 +196,88 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
 }
 
+// ---- rms_norm, pre_rms_norm (kernels: cpu/rms_norm.cpp) -------------------------------------------------
+
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_rms_norm(const void* x, const void* gamma, dsinf_dtype dtype,
+                                                         int64_t rows, int64_t H, float epsilon, void* out,
+                                                         dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_pre_rms_norm(const void* x, const void* residual, const void* gamma,
+                                                             dsinf_dtype dtype, int64_t rows, int64_t H,
+                                                             float epsilon, void* out, void* res_out,
+                                                             dsinf_parallel_fn pf);
+
+// One dtype-generic function each (the dtype is the input's), as DeepSpeed's.
+at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsilon) {
+  const char* op = "rms_norm";
+  const NormShape s = check_rms_norm(op, vals, gamma, epsilon);
+  at::Tensor out = at::empty(vals.sizes(), vals.options());
+  if (s.rows == 0 || s.H == 0) return out;
+  const at::Tensor x = vals.contiguous(), g = gamma.contiguous();
+  check_status(dsinf_cpu_rms_norm(x.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), s.rows, s.H, float(epsilon),
+                                  out.data_ptr(), kParallel),
+               op, "rms_norm");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at::Tensor& residual,
+                                                const at::Tensor& gamma, double epsilon) {
+  const char* op = "pre_rms_norm";
+  const NormShape s = check_pre_rms_norm(op, vals, residual, gamma, epsilon);
+  at::Tensor out = at::empty(vals.sizes(), vals.options()), res = at::empty(vals.sizes(), vals.options());
+  if (s.rows == 0 || s.H == 0) return {out, res};
+  const at::Tensor x = vals.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
+  check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), s.rows,
+                                      s.H, float(epsilon), out.data_ptr(), res.data_ptr(), kParallel),
+               op, "pre_rms_norm");
+  return {out, res};
+}
+
+// ---- rms_mlp_gemm (kernels: cpu/mlp_gemm.cpp, rms_norm.cpp, the GEMV/GEMM path above) ---------------------
+
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_gemv(const void* x, dsinf_dtype x_dtype, int64_t M,
+                                                           int64_t ldx, const dsinf_weight* w, int activation,
+                                                           void* out, int64_t ldo, dsinf_parallel_fn pf);
+extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf_dtype src_dtype, int64_t M,
+                                                          int64_t I, int64_t lds, int activation, void* out,
+                                                          dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
+
+//   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
+//   a = act(gate) * up                        decode: the gated GEMV (the [M, 2I] product never exists);
+//                                             larger M: the fp32 GEMM path into [M, 2I], then gated_act
+//   output = a @ W_out                        the GEMV / GEMM path of linear_layer
+std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
+                                     const at::Tensor& residual, const at::Tensor& weight_interm,
+                                     const at::Tensor& weight_out, const at::Tensor& gamma, double epsilon,
+                                     const c10::optional<at::Tensor>& q_scale,
+                                     const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
+                                     bool transposed_mode) {
+  const MLPShape s = check_rms_mlp_gemm(op, act, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale,
+                                        q_scale1, q_int8, activation_type, transposed_mode);
+  at::Tensor res = at::empty(input.sizes(), input.options());
+  if (s.M == 0 || s.K == 0) return {at::empty(input.sizes(), input.options()), res};
+  const dsinf_dtype dt = to_dsinf(act);
+  const at::Tensor x = input.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
+  at::Tensor h = at::empty({s.M, s.K}, input.options());
+  check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), dt, s.M, s.K, float(epsilon),
+                                      h.data_ptr(), res.data_ptr(), kParallel),
+               op, "pre_rms_norm");
+
+  const MatmulShape si = s.interm(), so = s.out();
+  const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
+  at::Tensor a = at::empty({s.M, s.I}, input.options());
+  if (s.M <= gemv_max_m(si, weight_interm.scalar_type())) {
+    check_status(dsinf_cpu_gated_gemv(h.data_ptr(), dt, s.M, s.K, &w1, s.activation, a.data_ptr(), s.I, kParallel), op,
+                 "gated_gemv");
+  } else {
+    const at::Tensor t = matmul(op, si, h, weight_interm, w1, nullptr, /*fp32_out=*/true);  // [M, 2I] fp32
+    check_status(dsinf_cpu_gated_act(t.data_ptr(), DSINF_F32, s.M, s.I, 2 * s.I, s.activation, a.data_ptr(), dt, s.I,
+                                     kParallel),
+                 op, "gated_act");
+  }
+  const dsinf_weight w2 = make_weight(so, weight_out, q_scale1);
+  return {matmul(op, so, a, weight_out, w2, nullptr, /*fp32_out=*/false).view(input.sizes()), res};
+}
+
 }  // namespace
 }  // namespace dsinf
 
@@ -203,4 +286,7 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
 TORCH_LIBRARY_IMPL(dsinf, CPU, m) {
   dsinf::impl_per_dtype(m, "linear_layer", &dsinf::linear_layer, dsinf::kFloatDtypes);
   dsinf::impl_per_dtype(m, "vector_matmul", &dsinf::vector_matmul, dsinf::kFloatDtypes);
+  m.impl("rms_norm", &dsinf::rms_norm);
+  m.impl("pre_rms_norm", &dsinf::pre_rms_norm);
+  dsinf::impl_per_dtype(m, "rms_mlp_gemm", &dsinf::rms_mlp_gemm, dsinf::kFloatDtypes);
 }

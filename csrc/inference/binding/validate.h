@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -204,6 +205,140 @@ inline std::vector<std::vector<int64_t>> linear_output_shapes(const MatmulShape&
   if (q->gqa)
     return {{s.B, q->heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}};
   return {{3, s.B, q->heads, s.S, q->head_dim}};
+}
+
+// ---- rms_norm / pre_rms_norm / rms_mlp_gemm (dsinf/ops/rms_norm.py, pre_rms_norm.py, mlp_gemm.py) ----------
+
+struct NormShape {
+  int64_t rows, H;  // rows = product of the leading dims of [..., H]
+};
+
+inline void check_epsilon(const char* op, double epsilon) {
+  DSINF_CHECK_ARG(std::isfinite(epsilon) && epsilon > 0, op, "epsilon", "must be finite and > 0, got ", epsilon);
+}
+
+// `name`: what the op calls its activation ("vals", or "input" for rms_mlp_gemm).
+inline NormShape check_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& gamma, double epsilon,
+                                const char* name = "vals") {
+  using detail::dtype_name;
+  using detail::shape_str;
+  DSINF_CHECK_ARG(vals.defined(), op, name, "expected a Tensor, got None");
+  const c10::ScalarType t = vals.scalar_type();
+  DSINF_CHECK_ARG(t == c10::ScalarType::Float || t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16, op,
+                  name, "dtype ", dtype_name(t), " is not supported (float32, float16, bfloat16)");
+  DSINF_CHECK_ARG(vals.dim() >= 1, op, name, "expected at least one dimension [..., H], got a 0-d tensor");
+  const int64_t H = vals.size(-1);
+  DSINF_CHECK_ARG(gamma.defined(), op, "gamma", "expected a Tensor, got None");
+  DSINF_CHECK_ARG(gamma.device() == vals.device(), op, "gamma", "is on ", gamma.device(), " but the input is on ",
+                  vals.device());
+  DSINF_CHECK_ARG(gamma.scalar_type() == t, op, "gamma", "expected dtype ", dtype_name(t), " (same as the input), got ",
+                  dtype_name(gamma.scalar_type()));
+  DSINF_CHECK_ARG(gamma.dim() == 1 && gamma.size(0) == H, op, "gamma", "expected shape (", H,
+                  ",) to match the hidden size H=", H, ", got ", shape_str(gamma));
+  check_epsilon(op, epsilon);
+  return NormShape{H ? vals.numel() / H : 0, H};
+}
+
+inline NormShape check_pre_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& residual,
+                                    const at::Tensor& gamma, double epsilon, const char* name = "vals") {
+  using detail::dtype_name;
+  using detail::shape_str;
+  const NormShape s = check_rms_norm(op, vals, gamma, epsilon, name);
+  DSINF_CHECK_ARG(residual.defined(), op, "residual", "expected a Tensor, got None");
+  DSINF_CHECK_ARG(residual.device() == vals.device(), op, "residual", "is on ", residual.device(),
+                  " but the input is on ", vals.device());
+  DSINF_CHECK_ARG(residual.scalar_type() == vals.scalar_type(), op, "residual", "expected dtype ",
+                  dtype_name(vals.scalar_type()), " (same as ", name, "), got ", dtype_name(residual.scalar_type()));
+  DSINF_CHECK_ARG(residual.sizes() == vals.sizes(), op, "residual", "expected shape ", shape_str(vals), " (same as ",
+                  name, "), got ", shape_str(residual));
+  return s;
+}
+
+struct MLPShape {
+  int64_t M, K, I;     // rows, hidden, intermediate (W_interm has 2I outputs)
+  bool int8;           // both weights int8 [N, K]
+  int64_t groups;      // q_scale groups (0 unless int8)
+  int64_t groups_out;  // q_scale1 groups (0 unless int8)
+  bool weight_nk;      // weights stored [N, K] (transposed_mode or int8)
+  int activation;      // 3 GATED_GELU, 4 GATED_SILU (DeepSpeed's ActivationFuncType)
+  MatmulShape interm() const { return {1, M, K, 2 * I, int8, groups, weight_nk}; }  // h [M, K] -> [M, 2I]
+  MatmulShape out() const { return {1, M, I, K, int8, groups_out, weight_nk}; }     // a [M, I] -> [M, K]
+};
+
+namespace detail {
+
+inline void check_mlp_weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& input,
+                             bool q_int8) {
+  DSINF_CHECK_ARG(w.defined(), op, name, "expected a Tensor, got None");
+  DSINF_CHECK_ARG(w.device() == input.device(), op, name, "is on ", w.device(), " but the input is on ",
+                  input.device());
+  DSINF_CHECK_ARG(w.dim() == 2, op, name, "expected a 2-D tensor, got shape ", shape_str(w));
+  DSINF_CHECK_ARG(w.is_contiguous(), op, name,
+                  "must be contiguous (call .contiguous() once at load time, not per call)");
+  const bool is_int8 = w.scalar_type() == c10::ScalarType::Char;
+  DSINF_CHECK_ARG(!q_int8 || is_int8, op, name, "q_int8=True needs an int8 weight, got ", dtype_name(w.scalar_type()));
+  DSINF_CHECK_ARG(q_int8 || w.scalar_type() == input.scalar_type(), op, name, "expected dtype ",
+                  dtype_name(input.scalar_type()), " (same as input), got ", dtype_name(w.scalar_type()),
+                  is_int8 ? ": pass q_int8=True with its scales" : "");
+}
+
+inline int64_t check_mlp_scale(const char* op, const char* name, const c10::optional<at::Tensor>& q_scale,
+                               const at::Tensor& input, int64_t N, const char* weight_name) {
+  DSINF_CHECK_ARG(q_scale.has_value() && q_scale->defined() && q_scale->numel() > 0, op, name,
+                  "q_int8=True needs the float32 scales of ", weight_name);
+  const at::Tensor& qs = *q_scale;
+  DSINF_CHECK_ARG(qs.scalar_type() == c10::ScalarType::Float, op, name, "expected dtype float32, got ",
+                  dtype_name(qs.scalar_type()));
+  DSINF_CHECK_ARG(qs.device() == input.device(), op, name, "is on ", qs.device(), " but the input is on ",
+                  input.device());
+  DSINF_CHECK_ARG(qs.dim() == 1, op, name, "expected a 1-D [G] tensor, got shape ", shape_str(qs));
+  DSINF_CHECK_ARG(qs.is_contiguous(), op, name, "must be contiguous");
+  const int64_t groups = qs.size(0);
+  DSINF_CHECK_ARG(N % groups == 0, op, name, "G=", groups, " groups do not divide the N=", N, " rows of ",
+                  weight_name);
+  return groups;
+}
+
+}  // namespace detail
+
+inline MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
+                                   const at::Tensor& residual, const at::Tensor& weight_interm,
+                                   const at::Tensor& weight_out, const at::Tensor& gamma, double epsilon,
+                                   const c10::optional<at::Tensor>& q_scale, const c10::optional<at::Tensor>& q_scale1,
+                                   bool q_int8, int64_t activation_type, bool transposed_mode) {
+  using detail::dtype_name;
+  using detail::shape_str;
+  DSINF_CHECK_ARG(input.defined(), op, "input", "expected a Tensor, got None");
+  DSINF_CHECK_ARG(input.scalar_type() == act, op, "input", "expected dtype ", dtype_name(act), ", got ",
+                  dtype_name(input.scalar_type()));
+  const NormShape ns = check_pre_rms_norm(op, input, residual, gamma, epsilon, "input");
+  DSINF_CHECK_ARG(activation_type == 3 || activation_type == 4, op, "activation_type",
+                  "expected GATED_GELU (3) or GATED_SILU (4) (DeepSpeed's ActivationFuncType), got ", activation_type);
+  detail::check_mlp_weight(op, "weight_interm", weight_interm, input, q_int8);
+  detail::check_mlp_weight(op, "weight_out", weight_out, input, q_int8);
+  MLPShape s{};
+  s.M = ns.rows;
+  s.K = ns.H;
+  s.int8 = q_int8;
+  s.weight_nk = q_int8 || transposed_mode;
+  s.activation = static_cast<int>(activation_type);
+  const char* layout = s.weight_nk ? "[N, K]" : "[K, N]";
+  const int64_t N = weight_interm.size(s.weight_nk ? 0 : 1), Kw = weight_interm.size(s.weight_nk ? 1 : 0);
+  DSINF_CHECK_ARG(Kw == s.K, op, "weight_interm", "shape ", shape_str(weight_interm), " read as ", layout,
+                  " has K=", Kw, ", but the input has hidden size ", s.K, " (transposed_mode=", transposed_mode,
+                  ", q_int8=", q_int8, ")");
+  DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
+                  " outputs must be an even, non-zero 2*I ([up | gate] halves)");
+  s.I = N / 2;
+  const int64_t Kout = weight_out.size(s.weight_nk ? 0 : 1), Iout = weight_out.size(s.weight_nk ? 1 : 0);
+  DSINF_CHECK_ARG(Iout == s.I && Kout == s.K, op, "weight_out", "expected shape (", s.weight_nk ? s.K : s.I, ", ",
+                  s.weight_nk ? s.I : s.K, ") (", layout, " with K=", s.K, " outputs and I=", s.I, " inputs), got ",
+                  shape_str(weight_out));
+  if (q_int8) {
+    s.groups = detail::check_mlp_scale(op, "q_scale", q_scale, input, N, "weight_interm");
+    s.groups_out = detail::check_mlp_scale(op, "q_scale1", q_scale1, input, s.K, "weight_out");
+  }
+  return s;
 }
 
 }  // namespace dsinf

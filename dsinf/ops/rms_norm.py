@@ -1,0 +1,136 @@
+"""rms_norm: DeepSpeed's `rms_norm` op - RMSNorm over the last dimension, float32 accumulation.
+
+    out[.., i] = x[.., i] * rsqrt(mean_i(x[.., i]^2) + epsilon) * gamma[i]        (rounded once)
+
+`vals` is `[..., H]` (any leading dims, any strides: the bindings copy it), `gamma` `[H]`, both of one
+dtype (float32, float16 or bfloat16), which the output takes: one dtype-generic function `rms_norm`, as
+DeepSpeed's. DeepSpeed rounds `x * rsqrt` and then `* gamma` separately; we round once. `RMSNormOp()`
+works without a config (it reads none of its fields). The norm checks shared by `pre_rms_norm` and
+`rms_mlp_gemm` live here too; the C++ twins are in `csrc/inference/binding/validate.h`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import DTYPE_SUFFIX, InputError, dtype_name, no_backward
+from .base import InferenceOp
+from .spec import OpSpec
+
+
+@dataclass(frozen=True)
+class NormShape:
+    shape: tuple  # the input's shape [..., H] (every output has it)
+    H: int
+
+
+def _fail(op: str, arg: str, message: str):
+    raise InputError(op, arg, message)
+
+
+def check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> None:
+    """`t` is a Tensor (on `like`'s device)."""
+    if not isinstance(t, torch.Tensor):
+        _fail(op, name, f"expected a Tensor, got {'None' if t is None else type(t).__name__}")  # C++'s words
+    if like is not None and t.device != like.device:
+        _fail(op, name, f"is on {t.device} but the input is on {like.device}")
+
+
+def check_epsilon(op: str, epsilon) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        _fail(op, "epsilon", f"expected a float, got {type(epsilon).__name__}")
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        _fail(op, "epsilon", f"must be finite and > 0, got {epsilon}")
+
+
+def check_rms_norm(op: str, vals, gamma, epsilon, act_dtype=None, *, name: str = "vals") -> NormShape:
+    """Validate rms_norm's arguments (`name`: what the op calls its activation)."""
+    check_tensor(op, name, vals)
+    if act_dtype is not None and vals.dtype != act_dtype:
+        _fail(op, name, f"expected dtype {dtype_name(act_dtype)}, got {dtype_name(vals.dtype)}")
+    if vals.dtype not in DTYPE_SUFFIX:
+        _fail(op, name, f"dtype {dtype_name(vals.dtype)} is not supported (float32, float16, bfloat16)")
+    if vals.dim() < 1:
+        _fail(op, name, "expected at least one dimension [..., H], got a 0-d tensor")
+    H = vals.shape[-1]
+    check_tensor(op, "gamma", gamma, vals)
+    if gamma.dtype != vals.dtype:
+        _fail(op, "gamma", f"expected dtype {dtype_name(vals.dtype)} (same as the input), got "
+                           f"{dtype_name(gamma.dtype)}")
+    if gamma.dim() != 1 or gamma.shape[0] != H:
+        _fail(op, "gamma", f"expected shape ({H},) to match the hidden size H={H}, got {tuple(gamma.shape)}")
+    check_epsilon(op, epsilon)
+    return NormShape(shape=tuple(vals.shape), H=H)
+
+
+def rms_norm_fp32(x: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """float32 x -> float32 RMSNorm(x) * gamma."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * gamma.to(torch.float32)
+
+
+def rms_norm(vals, gamma, epsilon, *, op: str = "rms_norm") -> torch.Tensor:
+    """The reference: float32 statistics and scaling, rounded to the input dtype once."""
+    check_rms_norm(op, vals, gamma, epsilon)
+    return rms_norm_fp32(vals.to(torch.float32), gamma, epsilon).to(vals.dtype)
+
+
+def _samples(device, dtype, gen):
+    x = torch.randn(2, 3, 64, generator=gen).to(device, dtype)
+    g = torch.randn(64, generator=gen).to(device, dtype)
+    x61 = torch.randn(1, 61, generator=gen).to(device, dtype)
+    g61 = torch.randn(61, generator=gen).to(device, dtype)
+    return [(x, g, 1e-5), (x61, g61, 1e-6)]
+
+
+SPEC = OpSpec(
+    name="rms_norm",
+    schema="(Tensor vals, Tensor gamma, float epsilon) -> Tensor",
+    reference=rms_norm,
+    check=check_rms_norm,
+    output_shapes=lambda shape: [shape.shape],
+    samples=_samples,
+    op_class="RMSNormOp",
+    per_dtype=False,
+)
+
+
+def usual_epsilon(epsilon) -> bool:
+    """What the typed schema cannot see about epsilon: a bool or an int it would take as a float."""
+    return type(epsilon) is float
+
+
+class RMSNormOp(InferenceOp):
+    """DeepSpeed's RMSNormOp: `RMSNormOp()(vals, gamma, epsilon)`. The dtype is the input's (no config
+    field is read)."""
+    OP = "rms_norm"
+
+    def forward(self, vals: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> torch.Tensor:
+        return self._call(vals)(vals, gamma, epsilon)
+
+    def _bind(self, impl, checked):
+        owner, grad_enabled = type(self).__name__, torch.is_grad_enabled
+
+        def slow(vals, gamma, epsilon):
+            check_rms_norm(owner, vals, gamma, epsilon)
+            if grad_enabled():
+                no_backward(owner, vals=vals, gamma=gamma)
+            return impl(vals, gamma, float(epsilon))
+
+        if checked:
+            return slow
+
+        def fast(vals, gamma, epsilon):  # the compiled backend validates in C++
+            try:
+                usual = usual_epsilon(epsilon) and not (grad_enabled() and (vals.requires_grad or gamma.requires_grad))
+            except AttributeError:  # not a tensor: named by the checks
+                usual = False
+            if usual:
+                try:
+                    return impl(vals, gamma, epsilon)
+                except (TypeError, RuntimeError):  # e.g. a list, refused by torch's argument parser: name it
+                    pass
+            return slow(vals, gamma, epsilon)
+
+        return fast
