@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsinf import dispatch
-from dsinf.config import InferenceConfig
+from dsinf.config import ActivationFuncType, InferenceConfig, NormType
 from dsinf.ops import spec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,7 +48,10 @@ def test_real_dispatch_resolves_compiled(op, dtype, int8, device):
 @pytest.mark.parametrize("op,dtype,int8", CASES)
 def test_op_class_runs_compiled(op, dtype, int8):
     cls = spec.op_class(spec.get(op).op_class)
-    cfg = InferenceConfig(dtype=torch.int8, act_dtype=dtype) if int8 else InferenceConfig(dtype=dtype)
+    # norm_type, mlp_act_func_type: MLPGemmOp implements DeepSpeed's RMSNorm variant only; the other ops ignore it.
+    fields = dict(dtype=torch.int8, act_dtype=dtype) if int8 else dict(dtype=dtype)
+    cfg = InferenceConfig(**fields, norm_type=NormType.RMSNorm,
+                          mlp_act_func_type=ActivationFuncType.GATED_SILU)
     assert cls(cfg, device="cpu").backend == "compiled"
 
 
