@@ -171,6 +171,22 @@ class InferenceBuilder(OpBuilder):
 
         library.define()
 
+    def post_load(self, variant: str) -> None:
+        """Push this device's persisted routes (dsinf.routes) into the module. A problem is a warning: the
+        module runs on its compiled crossovers."""
+        from . import routes
+
+        try:
+            routes.apply(variant)
+        except knobs.KnobError:
+            raise  # a misconfigured DSINF_ROUTES is the user's to fix
+        except Exception as exc:  # noqa: BLE001 - routes are an optimisation, never a reason not to load
+            import logging
+
+            logging.getLogger("dsinf").warning("dsinf: the measured routes could not be applied to the %s module "
+                                               "(%s: %s); it runs on its compiled crossovers", variant,
+                                               type(exc).__name__, exc)
+
     def sanity_check(self, variant: str) -> str:
         """Run each compiled function on its spec's samples against the spec's reference; raise on mismatch."""
         import torch

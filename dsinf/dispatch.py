@@ -106,8 +106,15 @@ class BackendDecision:
     impl: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
     def explain(self) -> str:
+        """The choice and each skip's reason; for the compiled backend, the measured per-shape routes
+        between its GEMV and ATen in force (dsinf.routes)."""
         head = f"{self.request.describe()} -> {self.backend}" + (" (forced by DSINF_BACKEND)" if self.forced else "")
-        return "; ".join([head] + [f"{b}: {r}" for b, r in self.skipped])
+        parts = [head] + [f"{b}: {r}" for b, r in self.skipped]
+        if self.backend == "compiled":
+            from .routes import describe
+
+            parts.append(describe(self.request.device_type, self.request.act_dtype, self.request.int8))
+        return "; ".join(p for p in parts if p)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -106,6 +106,10 @@ class OpBuilder:
     def pre_load(self) -> None:
         """Runs before the library is loaded (e.g. define the op schemas)."""
 
+    def post_load(self, variant: str) -> None:
+        """Runs once per process after `variant` loaded (e.g. push persisted tuning data into it).
+        `load_variant(variant)` already returns the loaded variant here."""
+
     # ---- shared machinery ---------------------------------------------------------------------
     def key(self, variant: str, spec: BuildSpec) -> cache.BuildKey:
         root = csrc_root()
@@ -178,6 +182,7 @@ class OpBuilder:
             loaded = LoadedVariant(self.NAME, variant, path, how, manifest, time.monotonic() - start)
             _loaded[memo_key] = loaded
             log.debug("loaded %s[%s] (%s) from %s in %.3f s", self.NAME, variant, how, path, loaded.seconds)
+            self.post_load(variant)
             return loaded
 
     def _load(self, path: Path, variant: str, manifest: dict[str, Any], *, again: bool = False) -> list[str]:

@@ -58,14 +58,16 @@ def _parse_str(name: str, raw: str) -> str:
     return raw.strip()
 
 
-_BACKENDS = ("auto", "compiled", "triton", "torch")
 
 
-def _parse_backend(name: str, raw: str) -> str:
-    value = raw.strip().lower() or "auto"
-    if value not in _BACKENDS:
-        raise KnobError(f"{name}={raw!r}: expected one of {', '.join(_BACKENDS)}")
-    return value
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    """A parser accepting one of `choices` (any case; empty = the first)."""
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower() or choices[0]
+        if value not in choices:
+            raise KnobError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+        return value
+    return parse
 
 
 def _parse_cpu_isa(name: str, raw: str) -> str:
@@ -102,7 +104,7 @@ _KNOBS = [
          "Root of the JIT cache (torch's own variable); builds go to <root>/dsinf/<op>-<variant>/<key>. "
          "Default: $XDG_CACHE_HOME/dsinf/extensions or ~/.cache/dsinf/extensions."),
     Knob("DSINF_CACHE_DIR", None, _parse_str,
-         "Root for dsinf's non-build caches (Triton autotune table). Default: the parent of the JIT cache root."),
+         "Root for dsinf's non-build caches (Triton autotune table, route table). Default: the parent of the JIT cache root."),
     Knob("TORCH_CUDA_ARCH_LIST", None, _parse_str,
          "CUDA targets, ';' or space separated: X.Y, X.Ya, X.Y+PTX. Wins over the visible GPUs."),
     Knob("MAX_JOBS", None, _parse_positive_int,
@@ -130,8 +132,12 @@ _KNOBS = [
     # --- dispatch ---
     Knob("DS_KI_FALLBACK", True, parse_bool,
          "DeepSpeed's switch: False makes an op raise instead of falling back to a slower backend."),
-    Knob("DSINF_BACKEND", "auto", _parse_backend,
+    Knob("DSINF_BACKEND", "auto", _choice("auto", "compiled", "triton", "torch"),
          "Force one backend for every op: auto, compiled, triton or torch (tests, benchmarks)."),
+    Knob("DSINF_ROUTES", "auto", _choice("auto", "measure", "load", "off"),
+         "Measured per-shape routes between the compiled GEMV and ATen (dsinf.routes): auto = apply the "
+         "persisted routes, dsinf.inject measures a model's missing shapes on CUDA; measure = on CPU too; "
+         "load = apply, never measure automatically; off = compiled crossovers only."),
     Knob("TRITON_INTERPRET", False, parse_bool,
          "Triton's own variable: run Triton kernels on CPU tensors (fp32/fp16 only; used by the CPU tests)."),
 ]

@@ -22,6 +22,7 @@ import numbers
 import torch
 from torch import nn
 
+from .. import routes
 from .export import export_state_dict
 from .keywords import init_inference
 from .linear import InjectedLinear, InjectedQKV
@@ -110,6 +111,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
     model._dsinf_injection = summary
+    routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
     logger.info("%s", summary.format())
     return model
 

@@ -32,6 +32,7 @@
 
 #include "cpu_kernels.h"
 #include "define_ops.h"
+#include "routes.h"
 #include "validate.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -61,10 +62,10 @@ void check_status(dsinf_status st, const char* op, const char* what) {
   TORCH_CHECK(st == DSINF_OK, op, ": internal error: CPU kernel ", what, " rejected its arguments");
 }
 
-// Largest M that runs on our GEMV rather than BLAS: MKL parallelises small M poorly, while our GEMV splits
-// evenly over threads and streams the weight once, until the FMA units bound it (measured crossovers:
-// docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"). DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for
-// measuring only) forces GEMV / GEMM.
+// Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
+// MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
+// until the FMA units bound it (measured crossovers: docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover").
+// DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only) forces GEMV / GEMM.
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
@@ -74,6 +75,14 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
   if (s.int8) return 24;
   if (w == c10::ScalarType::Float) return s.weight_nk ? 32 : 24;
   return s.weight_nk ? 16 : 24;
+}
+
+// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
+int64_t default_route(int64_t dtype, int64_t layout) {
+  MatmulShape s{};
+  s.int8 = layout == routes::kInt8;
+  s.weight_nk = layout != routes::kKN;
+  return gemv_max_m(s, dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half);
 }
 
 dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c10::optional<at::Tensor>& q_scale) {
@@ -98,7 +107,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const c10::ScalarType act = x2d.scalar_type();
   const c10::ScalarType out_t = fp32_out ? c10::ScalarType::Float : act;
 
-  if (M <= gemv_max_m(s, weight.scalar_type())) {
+  if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, weight.scalar_type()))) {
     at::Tensor out = at::empty({M, N}, x2d.options().dtype(out_t));
     check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
                                 out.data_ptr(), to_dsinf(out_t), N, kParallel),
@@ -280,6 +289,9 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
 
 }  // namespace
 }  // namespace dsinf
+
+// The route table's C entry points (dsinf/routes.py): the CPU GEMV accepts any M.
+DSINF_ROUTE_API(cpu, INT64_MAX, dsinf::default_route)
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.

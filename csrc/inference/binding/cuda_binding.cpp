@@ -26,9 +26,11 @@
 
 #include "../include/cuda_kernels.h"
 #include "define_ops.h"
+#include "routes.h"
 #include "validate.h"
 
-// Largest M = B*S that takes the GEMV path, per activation dtype (above it: cuBLAS). Build-time
+// Largest M = B*S that takes the GEMV path, per activation dtype (above it: cuBLAS), for a shape the
+// route table (routes.h, measured per device) does not list. Build-time
 // overridable (-D...) so the crossover can be swept on the GPU without edits. fp16/bf16: the GEMV is on
 // par with cuBLAS up to M=8 and loses beyond (docs/PERFORMANCE.md); fp32: the CUDA-core GEMV handles 8
 // tokens per pass; int8: the GEMV reads 1 byte per weight where the large-M path first writes and re-reads
@@ -65,6 +67,11 @@ int64_t gemv_max_m(c10::ScalarType act, bool int8) {
   return act == c10::ScalarType::Float ? DSINF_GEMV_MAX_M_FP32 : DSINF_GEMV_MAX_M_HALF;
 }
 
+// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
+int64_t default_route(int64_t dtype, int64_t layout) {
+  return gemv_max_m(dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half, layout == routes::kInt8);
+}
+
 void check_cuda(cudaError_t err, const char* op, const char* what) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(err));
 }
@@ -84,7 +91,7 @@ at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream) {
   const int64_t M = s.M();
   const at::Tensor x2d = x.view({M, s.K});
-  if (M <= gemv_max_m(x.scalar_type(), s.int8)) {
+  if (routes::use_gemv(M, x.scalar_type(), s.int8, s.weight_nk, s.K, s.N, gemv_max_m(x.scalar_type(), s.int8))) {
     at::Tensor out = at::empty({M, s.N}, x.options());
     kc::GemvArgs a;
     a.dtype = kernel_dtype(x.scalar_type());
@@ -307,6 +314,9 @@ constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1]};
 #endif
 }  // namespace
 }  // namespace dsinf
+
+// The route table's C entry points (dsinf/routes.py): the GEMV launchers accept M <= kGemvMaxM.
+DSINF_ROUTE_API(cuda, dsinf::cuda::kGemvMaxM, dsinf::default_route)
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.

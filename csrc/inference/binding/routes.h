@@ -1,0 +1,113 @@
+// The route table: per (activation dtype, weight layout, K, N), the largest M = B*S that runs on our GEMV
+// rather than the binding's ATen path (cuBLAS / MKL). Measured per device by dsinf/routes.py, persisted
+// there, and pushed into the module once when it loads (and again after a tuning); an absent shape keeps
+// the binding's compiled crossover.
+//
+// Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
+// handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
+// with one atomic store: a reader holds either the old table or the new one, never a half-written one.
+// The old table is retired without being freed, since a reader on another thread may still be searching
+// it; sets happen a few times per tuned shape, so this is bytes per process.
+//
+// The route is read inside the custom op's C++ body, so under torch.compile and CUDA-graph capture it is
+// taken when the op runs (at capture for a graph, which then replays that route).
+//
+// Both bindings include this header and both modules are loaded RTLD_GLOBAL into one process: everything
+// here has internal linkage (each module owns its table), and the C entry points carry the variant in
+// their names (dsinf_cpu_routes_set / dsinf_cuda_routes_set, ...), defined by DSINF_ROUTE_API below.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace dsinf {
+namespace routes {
+namespace {
+
+// Codes shared with dsinf/routes.py (DTYPE_CODES, LAYOUT_CODES).
+enum DtypeCode : int64_t { kFp32 = 0, kFp16 = 1, kBf16 = 2 };
+enum LayoutCode : int64_t { kKN = 0, kNK = 1, kInt8 = 2 };  // int8 weights are always [N, K]
+enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2 };
+
+struct Entry {
+  int64_t dtype, layout, K, N, max_m;
+  std::tuple<int64_t, int64_t, int64_t, int64_t> key() const { return {dtype, layout, K, N}; }
+};
+
+std::atomic<const std::vector<Entry>*> g_table{nullptr};
+thread_local int64_t t_last_route = kNoneYet;  // for tests: which path this thread's last matmul took
+
+int64_t dtype_code(c10::ScalarType act) {
+  return act == c10::ScalarType::Float ? kFp32 : act == c10::ScalarType::Half ? kFp16 : kBf16;
+}
+
+int64_t layout_code(bool int8, bool weight_nk) { return int8 ? kInt8 : weight_nk ? kNK : kKN; }
+
+// Largest M for our GEMV on this shape: the table's entry, else `compiled_default`.
+int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default) {
+  const std::vector<Entry>* table = g_table.load(std::memory_order_acquire);
+  if (table == nullptr) return compiled_default;
+  const Entry probe{dtype_code(act), layout_code(int8, weight_nk), K, N, 0};
+  auto it = std::lower_bound(table->begin(), table->end(), probe,
+                             [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
+  return it != table->end() && it->key() == probe.key() ? it->max_m : compiled_default;
+}
+
+// true: run our GEMV for this M (and remember the route taken, for tests).
+bool use_gemv(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N,
+              int64_t compiled_default) {
+  const bool gemv = M <= gemv_max_m(act, int8, weight_nk, K, N, compiled_default);
+  t_last_route = gemv ? kGemv : kAten;
+  return gemv;
+}
+
+// Replace the table with `n` rows of 5 int64 (dtype, layout, K, N, max_m); n == 0 clears it.
+// Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap`, -3 for a repeated key
+// (the table is unchanged on error).
+int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap) {
+  if (n < 0 || (n > 0 && rows == nullptr)) return -1;
+  std::vector<Entry> entries;
+  entries.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* r = rows + 5 * i;
+    const Entry e{r[0], r[1], r[2], r[3], r[4]};
+    if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kInt8 || e.K < 1 || e.N < 1 || e.max_m < 0)
+      return -1;
+    if (e.max_m > gemv_cap) return -2;
+    entries.push_back(e);
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
+  for (size_t i = 1; i < entries.size(); ++i)
+    if (entries[i].key() == entries[i - 1].key()) return -3;
+  g_table.store(entries.empty() ? nullptr : new std::vector<Entry>(std::move(entries)), std::memory_order_release);
+  return n;
+}
+
+}  // namespace
+}  // namespace routes
+}  // namespace dsinf
+
+// The C entry points dsinf/routes.py calls through ctypes (the library is already loaded; dlopen of the same
+// path returns its handle). `variant`: cpu | cuda; `gemv_cap`: the largest M the GEMV accepts;
+// `default_fn(dtype_code, layout_code) -> int64_t`: the compiled crossover of a shape absent from the table.
+#define DSINF_ROUTE_API(variant, gemv_cap, default_fn)                                                      \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_set(const int64_t* rows, \
+                                                                                       int64_t n) {         \
+    return dsinf::routes::set(rows, n, (gemv_cap));                                                          \
+  }                                                                                                          \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_gemv_cap() {            \
+    return (gemv_cap);                                                                                       \
+  }                                                                                                          \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_default(int64_t dtype,  \
+                                                                                           int64_t layout) { \
+    return default_fn(dtype, layout);                                                                        \
+  }                                                                                                          \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_last() {                \
+    return dsinf::routes::t_last_route;                                                                      \
+  }

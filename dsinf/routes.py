@@ -1,0 +1,602 @@
+"""Routes: for each matmul shape, which M run on our GEMV and which on the ATen path, measured per device.
+
+The compiled bindings run a matmul of M = B*S rows on our GEMV up to a crossover M and on the ATen path
+above it (cuBLAS on CUDA; MKL fp32 GEMM on CPU). The compiled crossover is one number per dtype; the
+measured one is per shape: on an H200 our fp16 GEMV loses to cuBLAS on a [K, N] 4096x12288 weight at
+every M, and wins on 4096x4096. The binding keeps a route table (csrc/inference/binding/routes.h):
+
+    (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
+                                                              (0: always ATen; absent: the compiled crossover)
+
+This module measures it, persists it, and pushes it into the binding:
+
+- measure (`tune_routes`, or `dsinf.inject` for a model's distinct linear shapes on CUDA): for each M of
+  `buckets()`, time the binding itself with the shape's route forced to our GEMV and to ATen (CUDA:
+  CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
+  best of several timed loops), then `decide`: max_m is the largest bucket up to which our GEMV beats
+  ATen at every bucket by more than MARGIN (2%): a tie goes to torch.
+- persist: <data root>/routes.v1.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
+  JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
+  rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
+  (re-read, merged, written with op_builder.atomic.write_json); read with read_json. A malformed file is
+  an empty table (one warning); a malformed entry is dropped (one warning).
+- apply: when a compiled module loads (InferenceBuilder.post_load), its device's persisted table is pushed
+  once; a tuning pushes its result at once. Reading the route costs the op a pointer load and a search.
+
+Never measured inside CUDA-graph capture or torch.compile tracing: the route is read by the op when it
+runs, so a captured graph or a compiled program replays the route in force when it was made.
+
+The knob DSINF_ROUTES (op_builder.knobs): auto (default: apply persisted routes; inject measures missing
+shapes on CUDA), measure (inject measures on CPU too), load (apply, never measure automatically), off
+(compiled crossovers only; nothing read or measured automatically). An explicit `tune_routes` always
+measures and applies. `python -m dsinf.routes` prints the persisted tables.
+
+While a shape is measured its route is forced in the process-wide binding table, so measure before
+serving, not beside it (inject and an explicit call do).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from op_builder import knobs
+from op_builder.atomic import read_json, write_json
+from op_builder.locking import FileLock
+
+logger = logging.getLogger("dsinf")
+
+FORMAT = "dsinf-routes"
+VERSION = 1
+FILENAME = f"routes.v{VERSION}.json"
+LOCK_TIMEOUT_S = 30.0
+MARGIN = 0.02  # our GEMV is routed only when it beats ATen by more than this: a tie goes to torch
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
+# Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2}
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_OP = "transformer_inference"  # InferenceBuilder.NAME
+
+
+def table_path() -> Path:
+    from op_builder.cache import data_root
+
+    return data_root() / FILENAME
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """One matmul shape as the binding sees it: activation dtype, weight layout, K, N."""
+    dtype: str  # fp32 | fp16 | bf16 (the activation dtype; int8 weights are a layout)
+    layout: str  # kn | nk | int8
+    K: int
+    N: int
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"routes: dtype {self.dtype!r}: expected one of {', '.join(DTYPE_CODES)}")
+        if self.layout not in LAYOUT_CODES:
+            raise ValueError(f"routes: layout {self.layout!r}: expected one of {', '.join(LAYOUT_CODES)}")
+        for name in ("K", "N"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"routes: {name} must be an int >= 1, got {value!r}")
+
+    @property
+    def text(self) -> str:
+        return f"{self.dtype}|{self.layout}|K={self.K}|N={self.N}"
+
+    @classmethod
+    def parse(cls, text: str) -> "RouteKey":
+        dtype, layout, k, n = text.split("|")
+        if not (k.startswith("K=") and n.startswith("N=")):
+            raise ValueError(text)
+        return cls(dtype, layout, int(k[2:]), int(n[2:]))
+
+
+@dataclass(frozen=True)
+class Route:
+    """A measured route: our GEMV for M <= max_m, ATen above; with the times it was decided from."""
+    key: RouteKey
+    max_m: int
+    default_max_m: int  # the compiled crossover it replaces
+    buckets: tuple[int, ...] = ()
+    ours_ms: tuple[float, ...] = ()  # per bucket: the binding with the route forced to our GEMV
+    aten_ms: tuple[float, ...] = ()  # ... forced to ATen
+    tuned_at: str = ""
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """ATen time / our time per bucket (> 1: ours is faster)."""
+        return tuple(a / o for a, o in zip(self.aten_ms, self.ours_ms))
+
+    def explain(self) -> str:
+        shape = f"{self.key.dtype} {self.key.layout} {self.key.K}x{self.key.N}"
+        where = "ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
+        measured = ", ".join(f"M={m}: {r:.2f}x" for m, r in zip(self.buckets, self.ratios))
+        return (f"{shape}: {where} (compiled crossover {self.default_max_m}; measured ATen/ours {measured})"
+                if measured else f"{shape}: {where} (compiled crossover {self.default_max_m})")
+
+    def to_json(self) -> dict:
+        return {"max_m": self.max_m, "default_max_m": self.default_max_m, "buckets": list(self.buckets),
+                "ours_ms": list(self.ours_ms), "aten_ms": list(self.aten_ms), "tuned_at": self.tuned_at}
+
+    @classmethod
+    def from_json(cls, key: RouteKey, doc) -> "Route":
+        """Raises ValueError/TypeError/KeyError on a malformed entry."""
+        def ints(v):
+            if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                raise ValueError("not a list of ints")
+            return tuple(v)
+
+        def floats(v):
+            if not isinstance(v, list) or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                                  and math.isfinite(f) and f > 0 for f in v):
+                raise ValueError("not a list of positive times")
+            return tuple(float(f) for f in v)
+
+        max_m, default = doc["max_m"], doc["default_max_m"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (max_m, default)):
+            raise ValueError("max_m / default_max_m must be ints >= 0")
+        route = cls(key, max_m, default, ints(doc["buckets"]), floats(doc["ours_ms"]), floats(doc["aten_ms"]),
+                     str(doc.get("tuned_at", "")))
+        if not len(route.buckets) == len(route.ours_ms) == len(route.aten_ms):
+            raise ValueError("buckets and times differ in length")
+        return route
+
+
+def decide(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float], margin: float = MARGIN) -> int:
+    """The largest bucket M such that our GEMV beat ATen by more than `margin` at every bucket <= M; 0 if
+    it did not at the first. Stops at the first loss: an M between two buckets runs where both agree."""
+    max_m = 0
+    for m, ours, aten in sorted(zip(buckets, ours_ms, aten_ms)):
+        if not ours * (1.0 + margin) < aten:
+            break
+        max_m = m
+    return max_m
+
+
+def buckets(gemv_cap: int, default_max_m: int) -> tuple[int, ...]:
+    """The Ms measured: BUCKETS and the compiled crossover, up to the largest M the GEMV accepts."""
+    return tuple(sorted({m for m in (*BUCKETS, default_max_m) if 1 <= m <= gemv_cap}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The persisted file: {"format", "version", "tables": {device key: {route key: Route.to_json()}}}
+
+
+class _Problem(ValueError):
+    pass
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(path: Path, problem: str) -> None:
+    if (str(path), problem) not in _warned:
+        _warned.add((str(path), problem))
+        logger.warning("dsinf: route table %s: %s; ignored (it is rewritten by the next tuning)", path, problem)
+
+
+def read_tables(path: Path | None = None) -> dict[str, dict[str, Route]]:
+    """Every device's routes in the file; a malformed file is empty, malformed entries are dropped (each
+    problem warned once per process). Never raises."""
+    path = table_path() if path is None else Path(path)
+    doc, why = read_json(path)
+    if why == "missing":
+        return {}
+    try:
+        if doc is None:
+            raise _Problem(why)
+        if doc.get("format") != FORMAT:
+            raise _Problem(f"not a {FORMAT} file")
+        if doc.get("version") != VERSION:
+            raise _Problem(f"format version {doc.get('version')!r}, this dsinf reads version {VERSION}")
+        tables = doc.get("tables")
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise _Problem("'tables' is not an object of objects")
+    except _Problem as exc:
+        _warn_once(path, str(exc))
+        return {}
+    out: dict[str, dict[str, Route]] = {}
+    dropped = 0
+    for device, entries in tables.items():
+        good = out.setdefault(device, {})
+        for text, entry in entries.items():
+            try:
+                key = RouteKey.parse(text)
+                good[key.text] = Route.from_json(key, entry)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                dropped += 1
+    if dropped:
+        _warn_once(path, f"{dropped} malformed entries dropped")
+    return out
+
+
+def _save(device: str, routes: Iterable[Route], path: Path | None = None) -> bool:
+    """Merge `routes` into `device`'s table on disk (ours win). False (and a warning) if it cannot be written."""
+    path = table_path() if path is None else Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(path.name + ".lock"), timeout=LOCK_TIMEOUT_S, poll=0.005, max_poll=0.25,
+                      holder={"what": "dsinf route table"}):
+            tables = read_tables(path)
+            table = tables.setdefault(device, {})
+            table.update({r.key.text: r for r in routes})
+            doc = {"format": FORMAT, "version": VERSION,
+                   "tables": {d: {k: r.to_json() for k, r in sorted(t.items())} for d, t in sorted(tables.items())}}
+            write_json(path, doc, indent=1)
+    except (OSError, TimeoutError) as exc:
+        logger.warning("dsinf: could not write the route table %s (%s); the routes apply to this process only",
+                       path, exc)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# The binding's table (C entry points of routes.h, through ctypes)
+
+
+class Binding:
+    """The route table inside one loaded compiled module ('cpu' or 'cuda')."""
+
+    def __init__(self, variant: str, library: Path):
+        self.variant = variant
+        lib = ctypes.CDLL(str(library))  # already loaded by torch.ops.load_library: the same handle
+        prefix = f"dsinf_{variant}_routes_"
+        self._set = getattr(lib, prefix + "set")
+        self._set.argtypes, self._set.restype = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64], ctypes.c_int64
+        self._default = getattr(lib, prefix + "default")
+        self._default.argtypes, self._default.restype = [ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
+        for name in ("gemv_cap", "last"):
+            getattr(lib, prefix + name).restype = ctypes.c_int64
+        self.gemv_cap = int(getattr(lib, prefix + "gemv_cap")())
+        self._last = getattr(lib, prefix + "last")
+        self.applied: dict[RouteKey, int] = {}  # what the binding holds now
+        self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
+
+    def default(self, key: RouteKey) -> int:
+        return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout]))
+
+    def last(self) -> str:
+        """The path this thread's last matmul on this module took: 'gemv', 'aten' or 'none'."""
+        return ("none", "gemv", "aten")[int(self._last())]
+
+    def set(self, table: dict[RouteKey, int]) -> None:
+        """Replace the binding's table with `table` (key -> max_m)."""
+        rows = [v for k, m in sorted(table.items(), key=lambda kv: kv[0].text)
+                for v in (DTYPE_CODES[k.dtype], LAYOUT_CODES[k.layout], k.K, k.N, m)]
+        status = self._set((ctypes.c_int64 * len(rows))(*rows), len(table))
+        if status < 0:
+            why = {-1: "a bad code, size or max_m < 0", -2: f"a max_m above the GEMV's limit {self.gemv_cap}",
+                   -3: "a repeated shape"}.get(status, f"status {status}")
+            raise ValueError(f"routes: the {self.variant} binding rejected the table: {why}")
+        self.applied = dict(table)
+
+
+_bindings: dict[str, Binding] = {}
+_lock = threading.RLock()
+
+
+def binding(variant: str) -> Binding:
+    """The loaded `variant` module's route table (loads the module, building it if needed)."""
+    with _lock:
+        found = _bindings.get(variant)
+        if found is None:
+            from op_builder.builder import loaded_variants
+
+            from .builder import InferenceBuilder
+
+            InferenceBuilder().load(variant)
+            found = _bindings[variant] = Binding(variant, loaded_variants()[(_OP, variant)].path)
+        return found
+
+
+def device_key(variant: str, device: torch.device | None = None) -> str:
+    """`<variant>|<device name>|torch=<version>|build=<module key>`: what a measurement holds for."""
+    from op_builder.builder import loaded_variants
+
+    build = str(loaded_variants()[(_OP, variant)].manifest.get("key", "?"))[:16]
+    if variant == "cuda":
+        name = torch.cuda.get_device_name(device if device is not None and device.index is not None else None)
+    else:
+        from op_builder.system import current_system
+
+        name = f"{current_system().cpu.brand}|threads={torch.get_num_threads()}"
+    return f"{variant}|{name}|torch={torch.__version__}|build={build}"
+
+
+def apply(variant: str) -> int:
+    """Push the persisted routes of this device and build into the loaded `variant` module (once per
+    load: InferenceBuilder.post_load). Returns how many; 0 when DSINF_ROUTES=off."""
+    if knobs.get("DSINF_ROUTES") == "off":
+        return 0
+    with _lock:
+        b = binding(variant)
+        found = read_tables().get(device_key(variant), {})
+        routes = {r.key: r for r in found.values()}
+        b.set({**b.applied, **{k: r.max_m for k, r in routes.items() if r.max_m <= b.gemv_cap}})
+        b.routes.update(routes)
+    if routes:
+        logger.info("dsinf: %d measured routes applied to the %s module", len(routes), variant)
+    return len(routes)
+
+
+def describe(device_type: str, act_dtype: torch.dtype, int8: bool) -> str:
+    """The measured routes in force for a decision's device and dtype (BackendDecision.explain); "" when
+    none: every shape runs on the compiled crossover."""
+    b = _bindings.get(device_type)
+    dtype = _DTYPES.get(act_dtype)
+    mine = [] if b is None else [b.routes[k] for k in sorted(b.applied, key=lambda k: k.text)
+                                 if k.dtype == dtype and (k.layout == "int8") == int8 and k in b.routes]
+    return "routes: " + "; ".join(r.explain() for r in mine) if mine else ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _refuse_if_tracing(what: str) -> None:
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{what}: cannot measure routes while torch.compile traces; tune before compiling")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what}: cannot measure routes during CUDA-graph capture; tune before capturing")
+
+
+def _weights(key: RouteKey, device: torch.device, act: torch.dtype, copies: int, gen: torch.Generator):
+    """`copies` (weight, q_scale) pairs of `key`'s shape on `device`, random (never zeros)."""
+    out = []
+    for _ in range(copies):
+        shape = (key.K, key.N) if key.layout == "kn" else (key.N, key.K)
+        w = torch.randn(shape, generator=gen)
+        if key.layout == "int8":
+            out.append(((w * 40).clamp(-127, 127).to(torch.int8).to(device),
+                        torch.full((1,), 0.01, dtype=torch.float32, device=device)))
+        else:
+            out.append(((w * 0.05).to(device, act), None))
+    return out
+
+
+def _op(key: RouteKey):
+    fn = getattr(torch.ops.dsinf, f"vector_matmul_{key.dtype}").default
+    int8, transposed = key.layout == "int8", key.layout != "kn"
+    return lambda x, w, scale: fn(x, w, False, scale, int8, transposed)
+
+
+def _time_cpu(run, calls: int) -> float:
+    """The fastest of `calls` individually timed calls, ms: a call that lost its core to another process
+    (or one of its OpenMP threads did) is an outlier, never the measure."""
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _graph(run):
+    """A CUDA graph of one `run()`, or None when capture fails (then timing falls back to eager)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up outside capture (allocator, cuBLAS handle and workspace)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except RuntimeError as exc:
+        logger.debug("dsinf: routes: CUDA-graph capture failed (%s); timing eagerly", exc)
+        return None
+    return graph
+
+
+def _time_cuda(replay, calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | None = None) -> Route:
+    """Time `key` on the binding at each bucket with its route forced to our GEMV and to ATen; decide."""
+    device = torch.device(device)
+    variant = device.type
+    if variant not in ("cpu", "cuda"):
+        raise ValueError(f"routes: device {device}: expected a cpu or cuda device")
+    _refuse_if_tracing("measure")
+    b = binding(variant)
+    default = b.default(key)
+    ms = buckets(b.gemv_cap, default)
+    act = {v: k for k, v in _DTYPES.items()}[key.dtype]
+    gen = torch.Generator().manual_seed(0)
+    weight_bytes = key.K * key.N * (1 if key.layout == "int8" else torch.finfo(act).bits // 8)
+    if variant == "cuda":
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        copies = max(1, min(64, math.ceil(2 * l2 / weight_bytes) + 1))
+    else:
+        copies = 1
+    weights = _weights(key, device, act, copies, gen)
+    xs = {m: torch.randn(1, m, key.K, generator=gen).to(device, act) for m in ms}
+    op = _op(key)
+    ours: dict[int, list[float]] = {m: [] for m in ms}
+    aten: dict[int, list[float]] = {m: [] for m in ms}
+    saved = dict(b.applied)
+    try:
+        if variant == "cuda":
+            with torch.cuda.device(device):
+                _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps or 7)
+        else:
+            _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps or 5, weight_bytes)
+    finally:
+        b.set(saved)
+    pick = statistics.median if variant == "cuda" else min
+    ours_ms = tuple(round(pick(ours[m]), 6) for m in ms)  # as persisted: a reused route equals the measured one
+    aten_ms = tuple(round(pick(aten[m]), 6) for m in ms)
+    return Route(key, decide(ms, ours_ms, aten_ms), default, ms, ours_ms, aten_ms,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps, weight_bytes):
+    (w, scale), = weights
+    calls = max(3, min(50, int(2e7 / max(weight_bytes, 1))))  # ~2 ms of weight streaming per sample at 10 GB/s
+    for _ in range(reps):  # the two routes alternate, so drift (clocks, other load) hits both alike
+        for route, times in ((b.gemv_cap, ours), (0, aten)):
+            b.set({**saved, key: route})
+            for m, x in xs.items():
+                op(x, w, scale)  # warm
+                times[m].append(_time_cpu(lambda: op(x, w, scale), calls))
+
+
+def _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps):
+    calls = len(weights) * max(1, math.ceil(16 / len(weights)))  # every copy, >= 16 calls per replay
+    graphs = []
+    for route, times in ((b.gemv_cap, ours), (0, aten)):
+        b.set({**saved, key: route})  # the route is taken at capture, and replayed
+        for m, x in xs.items():
+            def run(x=x):
+                for i in range(calls):
+                    op(x, *weights[i % len(weights)])
+
+            graph = _graph(run)
+            graphs.append((graph.replay if graph is not None else run, times[m]))
+    for replay, _ in graphs:
+        replay()  # warm
+    torch.cuda.synchronize()
+    for _ in range(reps):  # interleaved: clock drift hits both routes alike
+        for replay, times in graphs:
+            times.append(_time_cuda(replay, calls))
+
+
+def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,
+                layout: str = "nk", act_dtype: torch.dtype | None = None, force: bool = False) -> list[Route]:
+    """Measure (or reuse the persisted) routes of `shapes` on `device`, persist them and apply them now.
+
+    Args:
+        shapes: (K, N) pairs: the weight maps K inputs to N outputs.
+        dtype: float32, float16, bfloat16, or torch.int8 for int8 weight-only (then `act_dtype`, default
+            float16, is the activation dtype).
+        device: 'cpu' or a CUDA device.
+        layout: 'nk' (weight [N, K], nn.Linear's, transposed_mode=True) or 'kn' ([K, N]); int8 is [N, K].
+        force: measure again even when this device and build have a persisted route.
+
+    Returns the routes, one per distinct shape. Refuses to run under torch.compile tracing or CUDA-graph
+    capture (RuntimeError).
+    """
+    _refuse_if_tracing("tune_routes")
+    device = torch.device(device)
+    if dtype == torch.int8:
+        act, layout = act_dtype or torch.float16, "int8"
+    else:
+        act = dtype
+    if act not in _DTYPES:
+        raise ValueError(f"tune_routes: argument 'dtype': expected float32, float16, bfloat16 or int8, got {dtype}")
+    if layout not in ("nk", "kn", "int8"):
+        raise ValueError(f"tune_routes: argument 'layout': expected 'nk' or 'kn', got {layout!r}")
+    keys = []
+    for shape in shapes:
+        try:
+            k, n = shape
+            key = RouteKey(_DTYPES[act], layout, k, n)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tune_routes: argument 'shapes': {shape!r} is not a (K, N) pair of ints >= 1 "
+                             f"({exc})") from None
+        if key not in keys:
+            keys.append(key)
+    variant = device.type
+    with _lock:
+        b = binding(variant)
+        dkey = device_key(variant, device)
+        persisted = {} if force else read_tables().get(dkey, {})
+        result, new = [], []
+        for key in keys:
+            route = persisted.get(key.text)
+            if route is None:
+                route = measure(key, device)
+                new.append(route)
+                logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
+            result.append(route)
+        if new:
+            _save(dkey, new)
+        b.set({**b.applied, **{r.key: r.max_m for r in result}})
+        b.routes.update({r.key: r for r in result})
+    return result
+
+
+def tune_model(model: torch.nn.Module) -> list[Route]:
+    """Tune the distinct shapes of `model`'s injected linear layers that run on a compiled module (inject's
+    one call). DSINF_ROUTES: auto measures on CUDA only, measure on CPU too, load/off not at all. A failed
+    measurement is a warning: the compiled crossovers stay."""
+    mode = knobs.get("DSINF_ROUTES")
+    if mode in ("load", "off"):
+        return []
+    from .inject.linear import InjectedLinear
+
+    groups: dict[tuple, set] = {}
+    for m in model.modules():
+        if isinstance(m, InjectedLinear) and m.decision is not None and m.backend == "compiled":
+            device = m.weight.device
+            if device.type == "cuda" or mode == "measure":
+                int8 = m.weight_scale is not None
+                group = (device, torch.int8 if int8 else m._act_dtype, m._act_dtype)
+                groups.setdefault(group, set()).add((m.in_features, m.out_features))
+    if groups and (torch.compiler.is_compiling() or
+                   (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        return []  # never measured while tracing or capturing: the compiled crossovers stay
+    out = []
+    for (device, dtype, act), shapes in groups.items():
+        try:
+            out += tune_routes(sorted(shapes), dtype, device, layout="nk", act_dtype=act)
+        except Exception as exc:  # noqa: BLE001 - tuning is an optimisation; the model runs without it
+            logger.warning("dsinf: measuring routes on %s failed (%s: %s); the compiled crossovers stay",
+                           device, type(exc).__name__, exc)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dsinf.routes",
+                                     description="Print the persisted route tables (which shapes run on ATen).")
+    parser.add_argument("--tune", nargs="*", metavar="KxN", help="measure these shapes first (e.g. 4096x12288)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    parser.add_argument("--layout", default="nk", choices=["nk", "kn"])
+    parser.add_argument("--force", action="store_true", help="re-measure persisted shapes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.tune:
+        dtype = torch.int8 if args.dtype == "int8" else {v: k for k, v in _DTYPES.items()}[args.dtype]
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune]
+        tune_routes(shapes, dtype, args.device, layout=args.layout, force=args.force)
+    path = table_path()
+    tables = read_tables(path)
+    print(f"route table {path}: {len(tables)} device(s)")
+    for dkey, routes in sorted(tables.items()):
+        print(f"  {dkey}")
+        for route in sorted(routes.values(), key=lambda r: r.key.text):
+            print(f"    {route.explain()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
