@@ -5,7 +5,7 @@ Grammar of `TORCH_CUDA_ARCH_LIST` (torch's, plus what users actually write): ent
 name (Ampere, Hopper, ...), optionally followed by `+PTX`. DeepSpeed 0.19.8 crashes on `9.0a`; we
 parse it, and anything we cannot parse is an `ArchListError` that names the entry and the grammar.
 
-Resolution order (DESIGN §5): the env list; else the visible GPUs (`9.0` -> `9.0a` when nvcc is new
+Resolution order (docs/DESIGN.md, build behaviour): the env list; else the visible GPUs (`9.0` -> `9.0a` when nvcc is new
 enough, so Hopper-only instructions are available); else, with no GPU, a default derived from what
 this nvcc can target (`nvcc --list-gpu-arch`), with PTX for the newest so future GPUs can JIT it.
 """

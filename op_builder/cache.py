@@ -7,7 +7,7 @@ Layout (one directory per key, immutable once published):
     <root>/<op>-<variant>/<key>/build.log
     <root>/<op>-<variant>/.lock                   the build lock (never deleted)
 
-The key hashes everything that changes the binary (DESIGN §5): source and included header contents,
+The key hashes everything that changes the binary (docs/DESIGN.md, build behaviour): source and included header contents,
 all flags, compiler identity, torch version and C++ ABI, CUDA version and targets, CPU ISA level,
 Python tag and the builder's own version. `TORCH_EXTENSIONS_DIR` is honoured as the root without
 dropping any field.
