@@ -162,10 +162,7 @@ def section_cuda(ctx: Context) -> None:
     ctx.report.meta.update(cuda_module=env.module_why, triton=env.triton_why)
     timer = CudaTimer(batch_ms=0.5 if ctx.quick else 2.0, reps=5 if ctx.quick else 15)
 
-    a = torch.randn(CUDA_COPY_ELEMS, device="cuda", dtype=torch.float16)
-    b = torch.empty_like(a)
-    copy_gbs = 2 * a.numel() * 2 / timer.measure({"copy": (lambda i: b.copy_(a), 1)})["copy"].us / 1e3
-    del a, b
+    copy_gbs = cuda_copy_bandwidth(timer)
     n = CUDA_MM_SIZE
     x = torch.randn(n, n, device="cuda", dtype=torch.float16)
     y = torch.randn(n, n, device="cuda", dtype=torch.float16)
@@ -181,8 +178,32 @@ def section_cuda(ctx: Context) -> None:
         "ratio = torch time / ours")
     cases = [c for c in cuda_cases(ctx.quick) if c.part in ctx.parts]
     run_parts(ctx, env, cases, timer.measure, copy_gbs)
+    again = cuda_copy_bandwidth(timer)
+    if again > copy_gbs * 1.02:  # the ceiling is the best copy seen: the first one ran on cold clocks
+        out(f"  copy bandwidth measured again after the rows: {again:.0f} GB/s (the goals use this ceiling)")
+        ctx.report.ceilings["cuda_copy_GBs"] = again
     for line in timer_checks(ctx.report.rows):
         out(line)
+
+
+def cuda_copy_bandwidth(timer) -> float:
+    """Device-to-device copy GB/s (read + write bytes) of a 1 GiB fp16 tensor, after ~0.3 s of copies:
+    an idle GPU starts at a low SM clock (345 MHz on the H200), and a copy timed before the clocks rise
+    reads ~35% low, which then showed decode rows at > 100% of "copy bandwidth"."""
+    import time
+
+    import torch
+
+    a = torch.randn(CUDA_COPY_ELEMS, device="cuda", dtype=torch.float16)
+    b = torch.empty_like(a)
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        b.copy_(a)
+        torch.cuda.synchronize()
+    gbs = 2 * a.numel() * 2 / timer.measure({"copy": (lambda i: b.copy_(a), 1)})["copy"].us / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return gbs
 
 
 def timer_checks(rows: list[Row]) -> list[str]:
