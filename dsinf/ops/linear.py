@@ -66,6 +66,24 @@ class LinearOp(InferenceOp):
     def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add_bias: bool,
                 do_flash_attn: bool, num_heads: int, external_cache=None, num_layers=None, *,
                 seq_offset: int = 0) -> list[torch.Tensor]:
+        """`out = input @ W (+ bias)` -> a LIST: `[out]` (`[B, S, N]`), or with `do_flash_attn` the row
+        split per head into `[qkv]` (`[3, B, H, S, D]`, RoPE on q and k when `config.rotary_dim` > 0), or
+        `[q, k, v]` (k, v `[B, KV, S, D]`) when `config.num_kv` < `num_heads` (GQA).
+
+        `input` is `[B, S, K]`; the weight layout follows `config.transposed_mode` as for VectorMatMulOp.
+        `external_cache` and `num_layers` are accepted and unused (as in DeepSpeed); `seq_offset` is the
+        position of the first token for RoPE (decode step t: t).
+
+        >>> import torch, dsinf
+        >>> x, w, b = torch.randn(1, 5, 64), torch.randn(192, 64), torch.randn(192)   # w: [N, K]
+        >>> op = dsinf.LinearOp(dsinf.InferenceConfig(dtype=torch.float32, transposed_mode=True))
+        >>> [y] = op(x, w, b, True, False, 4)
+        >>> y.shape
+        torch.Size([1, 5, 192])
+        >>> [qkv] = op(x, w, b, add_bias=True, do_flash_attn=True, num_heads=4)
+        >>> qkv.shape                                                  # [3, B, H, S, D]
+        torch.Size([3, 1, 4, 5, 16])
+        """
         """DeepSpeed's signature. `external_cache` and `num_layers` are accepted and unused (as in
         DeepSpeed); `seq_offset` (ours) is the position of the first token for RoPE (decode step t: t)."""
         return self._call(input)(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)

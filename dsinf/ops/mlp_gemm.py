@@ -216,6 +216,22 @@ class MLPGemmOp(InferenceOp):
     def forward(self, input: torch.Tensor, residual: torch.Tensor, weight_interm: torch.Tensor,
                 weight_out: torch.Tensor, input_bias: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """-> `[output, residual_out]`: `residual_out = input + residual`, `h = rms_norm(residual_out)`,
+        `up, gate = (h @ W_interm).chunk(2, -1)`, `output = (act(gate) * up) @ W_out`.
+
+        Layouts: `transposed_mode=False`: `weight_interm` `[K, 2I]`, `weight_out` `[I, K]`; True (nn.Linear):
+        `[2I, K]` and `[K, I]`. At decode (M <= 8) the gate|up GEMV writes `act(gate) * up` from its epilogue.
+
+        >>> import torch, dsinf
+        >>> from dsinf.config import ActivationFuncType, NormType
+        >>> cfg = dsinf.InferenceConfig(dtype=torch.float32, transposed_mode=True, norm_type=NormType.RMSNorm,
+        ...                             mlp_act_func_type=ActivationFuncType.GATED_SILU)
+        >>> x, residual, gamma = torch.randn(1, 2, 64), torch.randn(1, 2, 64), torch.rand(64)
+        >>> w_interm, w_out = torch.randn(2 * 96, 64) / 8, torch.randn(64, 96) / 8     # [2I, K], [K, I]
+        >>> out, residual_out = dsinf.MLPGemmOp(cfg)(x, residual, w_interm, w_out, gamma=gamma)
+        >>> out.shape, torch.equal(residual_out, x + residual)
+        (torch.Size([1, 2, 64]), True)
+        """
         owner = type(self).__name__
         for name, value in (("bias", bias), ("beta", beta)):
             if value is not None:

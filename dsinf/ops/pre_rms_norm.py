@@ -72,6 +72,16 @@ class PreRMSNormOp(InferenceOp):
 
     def forward(self, vals: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor,
                 epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> `(rms_norm(vals + residual), vals + residual)`, one pass; new tensors (nothing is updated in place).
+
+        >>> import torch, dsinf
+        >>> vals, residual, gamma = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.rand(64)
+        >>> normed, summed = dsinf.PreRMSNormOp()(vals, residual, gamma, 1e-6)
+        >>> torch.equal(summed, vals + residual)
+        True
+        >>> torch.allclose(normed, dsinf.RMSNormOp()(vals + residual, gamma, 1e-6), atol=1e-5)
+        True
+        """
         return self._call(vals)(vals, residual, gamma, epsilon)
 
     def _bind(self, impl, checked):

@@ -107,6 +107,15 @@ class RMSNormOp(InferenceOp):
     OP = "rms_norm"
 
     def forward(self, vals: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """`vals * rsqrt(mean(vals**2, -1) + epsilon) * gamma` over the last dim, fp32 math, in the input's dtype.
+
+        >>> import torch, dsinf
+        >>> vals, gamma = torch.randn(2, 3, 61), torch.rand(61)
+        >>> out = dsinf.RMSNormOp()(vals, gamma, 1e-6)
+        >>> want = vals * torch.rsqrt(vals.pow(2).mean(-1, keepdim=True) + 1e-6) * gamma
+        >>> torch.allclose(out, want, atol=1e-5)
+        True
+        """
         return self._call(vals)(vals, gamma, epsilon)
 
     def _bind(self, impl, checked):

@@ -50,6 +50,26 @@ class VectorMatMulOp(InferenceOp):
     OP = "vector_matmul"
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor, async_op: bool = False) -> torch.Tensor:
+        """`out = input @ W` -> one tensor `[B, S, N]` in the input's dtype (fp32 accumulation).
+
+        `input` is `[B, S, K]`. `weight` is `[K, N]` when `config.transposed_mode` is False (the default),
+        `[N, K]` (nn.Linear's layout) when True; int8 configs take an int8 `[N, K]` weight carrying
+        `.scale` (`dsinf.quantize_int8`). `async_op` is accepted for DeepSpeed; work always runs on the
+        caller's current stream.
+
+        >>> import torch, dsinf
+        >>> x = torch.randn(2, 3, 64)
+        >>> w = torch.randn(64, 96)                                   # [K, N]
+        >>> out = dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32))(x, w)
+        >>> out.shape
+        torch.Size([2, 3, 96])
+        >>> torch.allclose(out, x @ w, atol=1e-4)
+        True
+        >>> w8 = dsinf.quantize_int8(w, transposed_mode=False)        # int8 [N, K] + .scale
+        >>> cfg8 = dsinf.InferenceConfig(dtype=torch.int8, act_dtype=torch.float32)
+        >>> dsinf.VectorMatMulOp(cfg8)(x, w8).shape
+        torch.Size([2, 3, 96])
+        """
         return self._call(input)(input, weight, async_op)
 
     def _bind(self, impl, checked):
