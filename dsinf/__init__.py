@@ -26,11 +26,12 @@ _EXPORTS = {
     "InputError": "checks",
     "BackendUnavailableError": "dispatch",
     "BackendDecision": "dispatch",
-    "inject": "inject",
     "init_inference": "inject",
     "injection_summary": "inject",
 }
-_SUBMODULES = ("builder", "checks", "config", "dispatch", "library", "ops", "quantize", "reference", "triton")
+# `inject` is the package, which is callable: `dsinf.inject(model)` and `dsinf.inject.InjectedLinear` both work.
+_SUBMODULES = ("builder", "checks", "config", "dispatch", "inject", "library", "ops", "quantize", "reference",
+               "routes", "triton")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run time
     from . import reference
@@ -55,7 +56,7 @@ def __getattr__(name: str):
     elif name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     elif name == "__all__":
-        value = sorted([*_EXPORTS, *_op_classes(), "reference"])
+        value = sorted([*_EXPORTS, *_op_classes(), "inject", "reference"])
     elif name.endswith("Op") and name in _op_classes():
         from .ops import spec
 

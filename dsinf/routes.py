@@ -335,6 +335,16 @@ def apply(variant: str) -> int:
     return len(routes)
 
 
+def aten_only(device_type: str, act_dtype: torch.dtype, K: int, N: int) -> bool:
+    """True when the routes in force send every M of a float `[N, K]` (nn.Linear layout) matmul of this
+    dtype to ATen: then a caller may call torch's own linear directly and skip the custom op's host cost."""
+    b = _bindings.get(device_type)
+    dtype = _DTYPES.get(act_dtype)
+    if b is None or dtype is None:
+        return False
+    return b.applied.get(RouteKey(dtype, "nk", K, N)) == 0
+
+
 def describe(device_type: str, act_dtype: torch.dtype, int8: bool) -> str:
     """The measured routes in force for a decision's device and dtype (BackendDecision.explain); "" when
     none: every shape runs on the compiled crossover."""

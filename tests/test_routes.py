@@ -13,6 +13,7 @@ from torch import nn
 
 import dsinf
 from dsinf import routes
+from dsinf.inject import InjectedLinear
 from dsinf.routes import Route, RouteKey
 from op_builder import knobs
 
@@ -228,6 +229,24 @@ def test_inject_measures_only_on_cuda_unless_asked(cpu_routes, monkeypatch):
     torch.testing.assert_close(model(x), _tiny_model()(x), rtol=1e-4, atol=1e-4)
 
 
+def test_aten_only_reads_the_routes_in_force(cpu_routes):
+    key = RouteKey("fp32", "nk", 64, 96)
+    assert not routes.aten_only("cpu", torch.float32, 64, 96)  # no route: the compiled crossover decides
+    cpu_routes.set({key: 0})
+    assert routes.aten_only("cpu", torch.float32, 64, 96)
+    assert not routes.aten_only("cpu", torch.float16, 64, 96) and not routes.aten_only("cpu", torch.float32, 96, 64)
+    cpu_routes.set({key: 4})  # ours for M <= 4: the op must stay
+    assert not routes.aten_only("cpu", torch.float32, 64, 96)
+
+
+def test_injected_linear_keeps_the_op_on_cpu_even_when_routed_to_aten(cpu_routes):
+    """The direct torch linear is for CUDA only: on CPU the binding's "ATen" path is its fp32 MKL GEMM,
+    not torch's own bf16/fp16 linear, so an injected CPU module keeps calling the op."""
+    cpu_routes.set({RouteKey("fp32", "nk", 64, 96): 0})
+    model = dsinf.inject(_tiny_model())
+    assert {m.route for m in model.modules() if isinstance(m, InjectedLinear)} == {"op"}
+
+
 # --- GPU (the lead runs these on the H200) ---------------------------------------------------------
 
 def _graph_ms(run, calls):
@@ -285,5 +304,26 @@ def test_gpu_routed_decode_is_never_slower_than_torch(cuda_module, tmp_path, mon
             ratio = _graph_ms(torch_mm, calls) / _graph_ms(ours, calls)
             print(f"{layout} {K}x{N} M={m}: torch/ours {ratio:.3f}")
             assert ratio >= 0.98, f"M={m}: {ratio:.3f}x torch; {route.explain()}"
+    finally:
+        b.set(saved)
+
+
+@gpu
+def test_gpu_linear_routed_to_aten_for_every_m_calls_torch_linear(cuda_module, monkeypatch):
+    """A float shape routed to ATen for every M is bound to torch's linear (no custom op on the hot path),
+    the summary says so, and a shape that keeps our GEMV still calls the op."""
+    monkeypatch.setenv("DSINF_ROUTES", "load")  # no measuring: the test sets the routes itself
+    b = routes.binding("cuda")
+    saved = dict(b.applied)
+    try:
+        b.set({**saved, RouteKey("fp16", "nk", 64, 96): 0, RouteKey("fp16", "nk", 96, 64): 8})
+        model = dsinf.inject(_tiny_model().to("cuda", torch.float16))
+        by_shape = {(m.in_features, m.out_features): m.route for m in model.modules()
+                    if isinstance(m, InjectedLinear)}
+        assert by_shape == {(64, 96): "aten", (96, 64): "op"}
+        assert "call torch's linear" in dsinf.injection_summary(model).format()
+        x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
+        ref = _tiny_model().to("cuda", torch.float16)
+        torch.testing.assert_close(model(x), ref(x), rtol=2e-2, atol=2e-2)
     finally:
         b.set(saved)

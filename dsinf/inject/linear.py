@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import routes
 from ..config import InferenceConfig
 from ..ops import LinearOp, VectorMatMulOp
 from ..quantize import quantize_int8
@@ -98,6 +99,12 @@ class InjectedLinear(nn.Module):
         self._act_dtype = act_dtype
         self.decision, self._fn = _bind(self._op_class(), torch.device(device), act_dtype, self.quantized,
                                         self.use_triton)
+        # "aten": a float shape the measured routes send to ATen for every M (CUDA): torch's own linear is
+        # called directly - the same cuBLAS kernel the binding would pick, without the custom op's host cost.
+        self.route = "aten" if (type(self) is InjectedLinear and not self.quantized
+                                and self.decision.backend == "compiled" and torch.device(device).type == "cuda"
+                                and routes.aten_only("cuda", act_dtype, self.in_features, self.out_features)) \
+            else "op"
         self._call = self._make_call()
 
     def __setattr__(self, name, value):
@@ -145,6 +152,9 @@ class InjectedLinear(nn.Module):
                          rope_theta, rotary_dim, rotate_half, num_kv, seq_offset, q_scale)"""
         fn, weight, bias, scale = self._fn, self.weight, self.bias, self.weight_scale
         K, N, int8 = self.in_features, self.out_features, scale is not None
+        if getattr(self, "route", "op") == "aten":
+            linear = torch.nn.functional.linear
+            return lambda x: linear(x, weight, bias)
         if bias is None:
             def matmul(x3):
                 return fn(x3, weight, False, scale, int8, True)

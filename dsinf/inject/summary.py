@@ -32,6 +32,7 @@ class InjectionSummary:
     fused: list[Fused] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     backends: dict[str, int] = field(default_factory=dict)  # backend name -> number of injected modules
+    aten_routed: int = 0  # float linears whose shape the measured routes send to ATen for every M
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,9 @@ class InjectionSummary:
         backends = ", ".join(f"{n} {b}" for b, n in sorted(self.backends.items()))
         lines = [f"dsinf.inject: {len(self.replaced)} linear layers on dsinf ({weights}; backends: {backends or '-'}); "
                  f"fused {attn} attention blocks, {mlp} MLPs; RoPE: {self.rope}"]
+        if self.aten_routed:
+            lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
+                         f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")
         reasons: dict[str, list[str]] = {}
         for s in self.skipped:
             reasons.setdefault(s.reason, []).append(s.name)
