@@ -98,6 +98,15 @@ __device__ __forceinline__ float i8_to_float(uint32_t u_xor80, int i) {
   return __uint_as_float(__byte_perm(u_xor80, 0x4B00u, 0x5440u | static_cast<unsigned>(i))) - 8388736.0f;
 }
 
+// 16 int8 weights (one 16-byte load) -> 16 floats, in memory order. Exact.
+__device__ __forceinline__ void i8x16_to_float(const uint4& v, float (&f)[16]) {
+  const uint32_t u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) f[4 * i + b] = i8_to_float(u[i], b);
+}
+
 // 4 int8 -> two packed pairs of T (pair (0,1) and pair (2,3), low half = lower index). Exact.
 template <typename T>
 struct I8Pairs;

@@ -57,13 +57,7 @@ struct WVec<__half> {
 template <>
 struct WVec<int8_t> {
   static constexpr int E = 16;
-  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[16]) {
-    const uint32_t u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) f[4 * i + b] = i8_to_float(u[i], b);
-  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[16]) { i8x16_to_float(v, f); }
 };
 
 // n consecutive activations (n * sizeof(T) a multiple of 8 bytes, aligned) -> floats; zeros when

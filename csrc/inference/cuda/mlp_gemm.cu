@@ -66,13 +66,7 @@ struct WPack {
 template <>
 struct WPack<int8_t> {
   static constexpr int E = 16;
-  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[16]) {
-    const uint32_t u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) f[4 * i + b] = detail::i8_to_float(u[i], b);
-  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[16]) { detail::i8x16_to_float(v, f); }
 };
 
 // n consecutive x values (n * sizeof(T) a multiple of 16 bytes, 16-byte aligned) -> floats; zeros when !ok.
