@@ -75,6 +75,12 @@ class InjectedLinear(nn.Module):
                 weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+        # Inference modules: a kept Parameter stops requiring grad (the ops have no backward; calling them
+        # with a grad-requiring weight under grad mode would fail on one route and be silently gradless on
+        # another).
+        for p in (weight, bias):
+            if p is not None:
+                p.requires_grad_(False)
         return cls(weight, bias, scale, act_dtype, use_triton, **extra)
 
     @classmethod
