@@ -49,10 +49,6 @@ class UnsafeCacheError(OpBuilderError):
     """A cache directory or file could be changed by another user: nothing in it is trusted."""
 
 
-class PrebuiltMismatch(OpBuilderError):
-    pass
-
-
 # (pattern, cause) in priority order. Causes are short and say what to do.
 _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"unsupported (GNU|clang) version|unsupported host compiler|-allow-unsupported-compiler"),

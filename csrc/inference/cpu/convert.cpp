@@ -1,4 +1,4 @@
-// Conversions around the large-M path: dsinf_cpu_weight_to_f32, dsinf_cpu_bias_cast, dsinf_cpu_isa
+// Conversions around the large-M path: dsinf_cpu_weight_to_f32, dsinf_cpu_bias_cast
 // (API in cpu_kernels.h).
 //
 // Large M is compute-bound and runs in fp32 BLAS (through ATen, from the binding). On CPUs without
@@ -122,16 +122,4 @@ extern "C" dsinf_status dsinf_cpu_bias_cast(const float* src, int64_t M, int64_t
     bias_cast_impl(src, M, N, lds, static_cast<const T*>(bias), o, ldo, pf);
   });
   return ok ? DSINF_OK : DSINF_UNSUPPORTED;
-}
-
-extern "C" const char* dsinf_cpu_isa(void) {
-#if DSINF_SIMD_AVX512 && defined(__AVX512BF16__)
-  return "avx512bf16";
-#elif DSINF_SIMD_AVX512
-  return "avx512";
-#elif DSINF_SIMD_AVX2
-  return "avx2";
-#else
-  return "scalar";
-#endif
 }

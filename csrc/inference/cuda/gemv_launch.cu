@@ -130,17 +130,6 @@ GemvPath gemv_path(const GemvArgs& a, int* split) {
   return p;
 }
 
-const char* gemv_path_name(GemvPath p) {
-  switch (p) {
-    case GemvPath::kTensorCoreKN: return "tensor_core_kn";
-    case GemvPath::kTensorCoreNK: return "tensor_core_nk";
-    case GemvPath::kSimtKN: return "simt_kn";
-    case GemvPath::kSimtNK: return "simt_nk";
-    case GemvPath::kScalar: return "scalar";
-    default: return "invalid";
-  }
-}
-
 cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
   if (!detail::dtype_built(a.dtype)) return cudaErrorNotSupported;
   int split = 1;
@@ -155,14 +144,6 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
     case GemvPath::kScalar: return detail::launch_scalar(a, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-bool has_bf16() {
-#if defined(DSINF_CUDA_BF16)
-  return true;
-#else
-  return false;
-#endif
 }
 
 }  // namespace cuda

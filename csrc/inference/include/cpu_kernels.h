@@ -100,9 +100,6 @@ DSINF_CPU_API dsinf_status dsinf_cpu_qkv_rope(const float* src, int64_t lds, con
                                               const dsinf_qkv_layout* layout, dsinf_dtype out_dtype, void* q_out,
                                               void* k_out, void* v_out, dsinf_parallel_fn pf);
 
-// The vector path this binary was compiled with: "avx512bf16", "avx512", "avx2", or "scalar".
-DSINF_CPU_API const char* dsinf_cpu_isa(void);
-
 #ifdef __cplusplus
 }  // extern "C"
 #endif

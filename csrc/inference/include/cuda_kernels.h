@@ -61,7 +61,6 @@ enum class GemvPath : int {
 // benchmarks and debugging). `split` (optional) receives the number of CTAs that share one output
 // tile's K range (1 = no split; > 1 uses a thread-block cluster, sm_90 only).
 GemvPath gemv_path(const GemvArgs& a, int* split = nullptr);
-const char* gemv_path_name(GemvPath p);
 
 // out = x @ W (+bias) for M <= kGemvMaxM. Returns cudaErrorInvalidValue for bad sizes/pointers.
 cudaError_t gemv(const GemvArgs& a, cudaStream_t stream);
@@ -91,9 +90,6 @@ struct QKVArgs {
 };
 
 cudaError_t qkv_split_rope(const QKVArgs& a, cudaStream_t stream);
-
-// True when this build contains the bf16 kernels (DSINF_CUDA_BF16).
-bool has_bf16();
 
 }  // namespace cuda
 }  // namespace dsinf
