@@ -18,8 +18,8 @@ int8 [2I, K] with float32 q_scale [G] (G | 2I), W_out int8 [K, I] with q_scale1 
 weight with N rows and G groups is scaled by scale[n // (N / G)]. DeepSpeed writes the sum into `residual`
 and returns it; here both outputs are new tensors and no argument is modified.
 
-Decode (M <= 8 on CUDA, the GEMV crossover on CPU): the gate/up GEMV writes act(gate) * up from its
-epilogue, so the [M, 2I] product never reaches memory. Larger M: GEMM into [M, 2I], then the gated
+Decode (CUDA: M <= 2 with float weights, M <= 8 with int8; CPU: the GEMV crossover): the gate/up GEMV
+writes act(gate) * up from its epilogue, so the [M, 2I] product never reaches memory. Larger M: GEMM into [M, 2I], then the gated
 epilogue, then the W_out GEMM.
 """
 from __future__ import annotations
@@ -220,7 +220,7 @@ class MLPGemmOp(InferenceOp):
         `up, gate = (h @ W_interm).chunk(2, -1)`, `output = (act(gate) * up) @ W_out`.
 
         Layouts: `transposed_mode=False`: `weight_interm` `[K, 2I]`, `weight_out` `[I, K]`; True (nn.Linear):
-        `[2I, K]` and `[K, I]`. At decode (M <= 8) the gate|up GEMV writes `act(gate) * up` from its epilogue.
+        `[2I, K]` and `[K, I]`. At decode (small M) the gate|up GEMV writes `act(gate) * up` from its epilogue.
 
         >>> import torch, dsinf
         >>> from dsinf.config import ActivationFuncType, NormType

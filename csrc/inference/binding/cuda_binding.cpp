@@ -261,11 +261,15 @@ cudaError_t gated_act(DType dtype, const void* src, void* out, int64_t M, int64_
 }  // namespace cuda
 namespace {
 
-// Largest M on the gated GEMV (the M the kernel accepts); above it cuBLAS into [M, 2I], then gated_act.
+// Largest M on the gated GEMV (the kernel accepts up to 8); above it cuBLAS into [M, 2I], then gated_act.
+// Float weights stop at 2: the GEMV runs on CUDA cores, whose cost grows with M (H200, 4096->14336->4096 fp16:
+// 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md). int8 keeps it to M=8 (half the bytes,
+// and the cuBLAS path would dequantize the whole weight).
 constexpr int64_t kGatedGemvMaxM = 8;
+constexpr int64_t kGatedGemvMaxMFloat = 2;
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
-//   a = act(gate) * up                        M <= 8: the gated GEMV (the [M, 2I] product never exists);
+//   a = act(gate) * up                        small M: the gated GEMV (the [M, 2I] product never exists);
 //                                             larger M: matmul into [M, 2I] (cuBLAS), then gated_act
 //   output = a @ W_out                        the GEMV / cuBLAS path of linear_layer
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
@@ -288,7 +292,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
   at::Tensor a = at::empty({s.M, s.I}, input.options());
-  if (s.M <= kGatedGemvMaxM) {
+  if (s.M <= (s.int8 ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.weight_nk, s.int8,
                               s.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),
