@@ -112,9 +112,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
     model._dsinf_injection = summary
     routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
-    for m in model.modules():  # re-bind: a shape the routes send to ATen for every M calls torch directly
+    for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly
         if isinstance(m, InjectedLinear) and m.decision is not None:
-            m.bind(m.weight.device, m._act_dtype)
+            m.follow_routes()
             if m.route == "aten":
                 summary.aten_routed += 1
     logger.info("%s", summary.format())

@@ -105,11 +105,15 @@ class InjectedLinear(nn.Module):
         self._act_dtype = act_dtype
         self.decision, self._fn = _bind(self._op_class(), torch.device(device), act_dtype, self.quantized,
                                         self.use_triton)
-        # "aten": a float shape the measured routes send to ATen for every M (CUDA): torch's own linear is
-        # called directly - the same cuBLAS kernel the binding would pick, without the custom op's host cost.
+        self.follow_routes()
+
+    def follow_routes(self) -> None:
+        """Re-read the measured routes (after tuning) and rebuild the per-call function; the backend stays.
+        "aten": a float shape the routes send to ATen for every M (CUDA) calls torch's own linear directly -
+        the same cuBLAS kernel the binding would pick, without the custom op's host cost."""
         self.route = "aten" if (type(self) is InjectedLinear and not self.quantized
-                                and self.decision.backend == "compiled" and torch.device(device).type == "cuda"
-                                and routes.aten_only("cuda", act_dtype, self.in_features, self.out_features)) \
+                                and self.decision.backend == "compiled" and self.weight.device.type == "cuda"
+                                and routes.aten_only("cuda", self._act_dtype, self.in_features, self.out_features)) \
             else "op"
         self._call = self._make_call()
 
