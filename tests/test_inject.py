@@ -32,9 +32,11 @@ def make_model(family="llama", dtype=torch.float32, device="cpu", seed=0, **over
     config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(device=device, dtype=dtype).eval()
-    for p in model.parameters():  # HF inits biases to zero: make them count
+    for p in model.parameters():  # HF inits biases to zero and norm weights to one: make them count
         if p.dim() == 1 and not torch.count_nonzero(p):
             p.data.normal_(0, 0.05)
+        elif p.dim() == 1 and bool((p == 1).all()):
+            p.data.uniform_(0.5, 1.5)
     return model
 
 
@@ -73,13 +75,60 @@ def test_family_logits_and_generate_match_the_original(family):
     ref = make_model(family)
     model = inject(twin(ref))
     summary = injection_summary(model)
-    assert sorted(f.kind for f in summary.fused) == ["attention", "attention", "mlp", "mlp"]
+    assert sorted(f.kind for f in summary.fused) == ["attention", "attention", "layer", "layer", "mlp", "mlp"]
     assert summary.rope_fused
     x = ids()
     torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
     expected = greedy(ref, x)
     assert torch.equal(greedy(model, x), expected)  # DynamicCache
     assert torch.equal(greedy(model, x, cache="static"), greedy(ref, x, cache="static"))
+
+
+def _op_calls(model, x) -> dict[str, int]:
+    """How often each dsinf:: op ran in one forward (the profiler sees every dispatcher call)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        model(x, use_cache=False)
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("dsinf::")}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_decoder_layer_runs_on_rms_norm_and_rms_mlp_gemm(quantize):
+    ref = make_model("llama")
+    model = inject(twin(ref), quantize=quantize)
+    layers = model.model.layers
+    assert all(layer._dsinf_calls is not None for layer in layers)
+    calls = _op_calls(model, ids())
+    mlp_ops = {k: n for k, n in calls.items() if "rms_mlp_gemm" in k}
+    norm_ops = {k: n for k, n in calls.items() if k.startswith("dsinf::rms_norm")}
+    assert sum(mlp_ops.values()) == len(layers), calls  # one MLPGemmOp per layer, not gate|up + down
+    assert sum(norm_ops.values()) == len(layers), calls  # the input RMSNorm
+    assert sum(n for k, n in calls.items() if "vector_matmul" in k) == len(layers), calls  # o_proj only
+    x = ids()
+    if quantize is None:
+        torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
+    else:
+        dequantized = twin(ref)
+        dequantized.load_state_dict(export_state_dict(model))
+        torch.testing.assert_close(logits(model, x), logits(dequantized, x), atol=2e-4, rtol=1e-4)
+
+
+def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():
+    ref = make_model("llama")
+    model = inject(twin(ref))
+    layer = model.model.layers[0]
+    before = layer._dsinf_calls
+    model.to(torch.bfloat16)
+    assert layer._dsinf_calls is not None and layer._dsinf_calls is not before  # re-bound for bf16
+    x = ids()
+    assert rel_err(logits(model, x), logits(twin(ref).to(torch.bfloat16), x)) < 2e-2
+    assert sum(n for k, n in _op_calls(model, x).items() if "rms_mlp_gemm_bf16" in k) == 2
+
+    kept = inject(twin(ref), skip=("lm_head", "down_proj"))
+    summary = injection_summary(kept)
+    assert "layer" not in {f.kind for f in summary.fused}
+    assert any("decoder layer not fused" in s.reason and "down_proj" in s.reason for s in summary.skipped)
+    assert type(kept.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(logits(kept, x), logits(ref, x), atol=2e-5, rtol=1e-5)
 
 
 def test_fused_rope_actually_runs_for_plain_positions_and_not_for_left_padding():
@@ -141,7 +190,7 @@ def test_scaled_rope_keeps_hf_rotary_and_says_so():
     model = inject(twin(ref))
     summary = injection_summary(model)
     assert not summary.rope_fused and "llama3" in summary.rope
-    assert len(summary.fused) == 4  # the GEMMs are still fused
+    assert len(summary.fused) == 6  # the GEMMs (and the decoder layers' norms + MLP) are still fused
     x = ids(seq=40)
     torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
     assert torch.equal(greedy(model, x), greedy(ref, x))
@@ -258,7 +307,7 @@ def test_summary_is_data():
     summary = injection_summary(model).as_dict()
     assert summary["quantize"] == "int8" and summary["groups"] is None
     assert len(summary["replaced"]) == 2 * 7
-    assert {f["kind"] for f in summary["fused"]} == {"attention", "mlp"}
+    assert {f["kind"] for f in summary["fused"]} == {"attention", "mlp", "layer"}
     assert summary["skipped"] == [{"name": "lm_head", "reason": "listed in skip"}]
     assert sum(summary["backends"].values()) == 2 * 4
     with pytest.raises(ValueError, match="not injected"):

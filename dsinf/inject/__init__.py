@@ -26,7 +26,7 @@ from .. import routes
 from .export import export_state_dict
 from .keywords import init_inference
 from .linear import InjectedLinear, InjectedQKV
-from .llama import fuse_attention, fuse_mlp, match_attention, match_mlp
+from .llama import FusedMLP, fuse_attention, fuse_decoder_layer, fuse_mlp, match_attention, match_decoder_layer, match_mlp
 from .rope import RopeDecision, RopePositions, decide_rope
 from .summary import Fused, InjectionSummary, Skipped
 
@@ -150,6 +150,25 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
         detail = fuse_mlp(m, **options)
         summary.fused.append(Fused(name, "mlp", detail))
         summary.replaced.extend(f"{name}.{p}" for p, _ in m.gate_up_proj.parts)
+    if not mlps:
+        return
+    for name, m in modules:  # decoder layers around a fused MLP: norms + residual + MLP as two ops
+        if not hasattr(m, "post_attention_layernorm"):
+            continue
+        down = getattr(getattr(m, "mlp", None), "down_proj", None)
+        if type(down) is nn.Linear and isinstance(m.mlp, FusedMLP) and not _skipped(f"{name}.mlp.down_proj", skip):
+            m.mlp.down_proj = InjectedLinear.from_linear(down, **options)  # the op reads its weight
+            summary.replaced.append(f"{name}.mlp.down_proj")
+        match = match_decoder_layer(m)
+        if not match.ok:
+            summary.skipped.append(Skipped(name, f"decoder layer not fused: {match.reason}"))
+            continue
+        detail = fuse_decoder_layer(m)
+        if detail:
+            summary.fused.append(Fused(name, "layer", detail))
+        else:
+            summary.skipped.append(Skipped(name, "decoder layer not fused here: no compiled rms_mlp_gemm / rms_norm "
+                                                 "for this device and dtype (it is bound again after .to())"))
 
 
 def injection_summary(model: nn.Module) -> InjectionSummary:

@@ -26,10 +26,11 @@ from ..ops import LinearOp, VectorMatMulOp
 from ..quantize import quantize_int8
 
 
-def _bind(op_class, device: torch.device, act_dtype: torch.dtype, int8: bool, use_triton: bool):
-    """(decision, callable) for `op_class` on `device` with activations `act_dtype`."""
+def bind_op(op_class, device: torch.device, act_dtype: torch.dtype, int8: bool, use_triton: bool, **config):
+    """(decision, callable) for `op_class` on `device` with activations `act_dtype` (`config`: more
+    InferenceConfig fields, e.g. MLPGemmOp's norm_type)."""
     config = InferenceConfig(dtype=torch.int8 if int8 else act_dtype, act_dtype=act_dtype if int8 else None,
-                             transposed_mode=True, use_triton=use_triton)
+                             transposed_mode=True, use_triton=use_triton, **config)
     decision = op_class(config).resolve(device)
     impl = decision.impl
     # OpOverloadPacket -> its one overload: skips the packet's overload resolution on every call.
@@ -103,7 +104,7 @@ class InjectedLinear(nn.Module):
     def bind(self, device: torch.device, act_dtype: torch.dtype) -> None:
         """Resolve the backend for `device` / `act_dtype` once and bind its callable (not per call)."""
         self._act_dtype = act_dtype
-        self.decision, self._fn = _bind(self._op_class(), torch.device(device), act_dtype, self.quantized,
+        self.decision, self._fn = bind_op(self._op_class(), torch.device(device), act_dtype, self.quantized,
                                         self.use_triton)
         self.follow_routes()
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .linear import InjectedLinear, InjectedQKV
+from .linear import InjectedLinear, InjectedQKV, bind_op
 from .rope import RopePositions
 
 
@@ -128,13 +128,48 @@ class FusedAttention:
 
 
 class FusedMLP:
-    """Mixed in before the model's own MLP class: `down(silu(gate(x)) * up(x))` with gate|up as one GEMM."""
+    """Mixed in before the model's own MLP class: `down(silu(gate(x)) * up(x))` with up|gate as one GEMM
+    (rows in DeepSpeed's rms_mlp_gemm order, up first, so a fused decoder layer calls that op on the same
+    weight). The decoder layer around it, when fused too, never calls this forward (`FusedDecoderLayer`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # FUSION POINT (MLPGemmOp): gate|up GEMM + SiLU*mul (+ the pre-RMSNorm of the decoder layer) become
-        # one MLPGemmOp call here once that op exists; until then one VectorMatMulOp and torch's silu*mul.
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        up, gate = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+class FusedDecoderLayer:
+    """Mixed in before the model's own decoder-layer class (Llama family, pre-norm):
+
+        h            = input_layernorm(x)                        RMSNormOp (rms_norm)
+        a            = self_attn(h, ...)                         the model's attention (fused or not)
+        out, r       = rms_mlp_gemm(a, x, W_up|gate, W_down,     MLPGemmOp: r = a + x, RMSNorm(r) with
+                                    post_attention_layernorm)    post_attention_layernorm's weight, up|gate
+                                                                 GEMM, SiLU*mul, down GEMM in one op
+        return r + out
+
+    which is the model's own forward with its two norms, residual adds and MLP moved onto dsinf's ops
+    (float32 norm statistics and scaling rounded once, where HF rounds the normalised value before the
+    weight multiply). Set by `fuse_decoder_layer`; `_dsinf_calls` holds the two bound ops and is re-bound
+    when `.to()` / `.cuda()` / `.half()` changes the device or dtype."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        calls = self._dsinf_calls
+        if calls is None:  # no compiled kernel for this device/dtype: the model's own forward
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)
+        norm_in, mlp = calls
+        attn, _ = self.self_attn(hidden_states=norm_in(hidden_states), attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+        out, residual = mlp(attn, hidden_states)
+        return residual + out
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        bind_decoder_layer(self)
+        return self
 
 
 _subclasses: dict[tuple[type, type], type] = {}
@@ -187,9 +222,91 @@ def fuse_attention(module: nn.Module, rope: RopePositions, rope_theta: float, *,
 def fuse_mlp(module: nn.Module, *, quantize, groups, use_triton) -> str:
     gate, up = module.gate_proj, module.up_proj
     module.gate_up_proj = InjectedLinear.from_weight(
-        _cat([gate.weight, up.weight]), _cat([gate.bias, up.bias]), quantize=quantize, groups=groups,
+        _cat([up.weight, gate.weight]), _cat([up.bias, gate.bias]), quantize=quantize, groups=groups,
         use_triton=use_triton)
-    module.gate_up_proj.parts = (("gate_proj", gate.out_features), ("up_proj", up.out_features))
+    module.gate_up_proj.parts = (("up_proj", up.out_features), ("gate_proj", gate.out_features))
     del module.gate_proj, module.up_proj
     _swap_class(module, FusedMLP)
     return "gate|up -> one GEMM + SiLU*mul"
+
+
+# --- the fused decoder layer ------------------------------------------------------------------------
+
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def _rms_norm_match(norm: nn.Module, layer: nn.Module, hidden: int) -> str:
+    """'' when `norm` is its family's RMSNorm (`weight * normalised`, weight [hidden], no bias), else why not."""
+    if type(norm).__module__ != type(layer).__module__:
+        return f"{type(norm).__name__} is not defined beside the layer (not the family's RMSNorm)"
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, nn.Parameter) or tuple(weight.shape) != (hidden,):
+        return f"{type(norm).__name__} has no [{hidden}] weight"
+    if not isinstance(eps, float) or not eps > 0:
+        return f"{type(norm).__name__} has no positive float variance_epsilon"
+    if getattr(norm, "bias", None) is not None or list(norm.children()):
+        return f"{type(norm).__name__} has a bias or submodules"
+    return ""
+
+
+def match_decoder_layer(layer: nn.Module) -> Match:
+    """A pre-norm decoder layer whose MLP was fused (`FusedMLP`) and whose two norms are RMSNorms."""
+    if set(dict(layer.named_children())) != _LAYER_CHILDREN:
+        return Match(False, f"children {sorted(dict(layer.named_children()))} are not "
+                            f"{sorted(_LAYER_CHILDREN)}")
+    mlp = layer.mlp
+    if not isinstance(mlp, FusedMLP):
+        return Match(False, "its MLP is not fused")
+    if not isinstance(mlp.down_proj, InjectedLinear):
+        return Match(False, "its down_proj is not on dsinf (listed in skip?)")
+    if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+        return Match(False, "the MLP has biases (rms_mlp_gemm has none)")
+    if getattr(getattr(layer.self_attn, "config", None), "model_type", None) not in FAMILIES:
+        return Match(False, "not a Llama-family layer")
+    hidden = mlp.down_proj.out_features
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        why = _rms_norm_match(getattr(layer, name), layer, hidden)
+        if why:
+            return Match(False, f"{name}: {why}")
+    return Match(True)
+
+
+def bind_decoder_layer(layer: nn.Module) -> bool:
+    """Bind the fused layer's two ops for its current device and dtype; False when no compiled kernel serves
+    them there (then the layer runs the model's own forward over the fused MLP: the torch reference of
+    rms_mlp_gemm would be slower than that)."""
+    from ..config import ActivationFuncType, NormType
+    from ..ops import MLPGemmOp, RMSNormOp
+
+    gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
+    device, act, int8 = down.weight.device, down._act_dtype, down.quantized
+    mlp_decision, mlp_fn = bind_op(MLPGemmOp, device, act, int8, down.use_triton, norm_type=NormType.RMSNorm,
+                                   mlp_act_func_type=ActivationFuncType.GATED_SILU)
+    norm_decision, norm_fn = bind_op(RMSNormOp, device, act, False, down.use_triton)
+    if mlp_decision.backend != "compiled" or norm_decision.backend != "compiled":
+        layer.__dict__["_dsinf_calls"] = None
+        return False
+    norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+    silu = int(ActivationFuncType.GATED_SILU)
+
+    def norm(x):
+        return norm_fn(x, norm_in.weight, norm_in.variance_epsilon)
+
+    # Weights are read from their modules per call: a reassigned or reloaded weight is never stale.
+    def mlp(x, residual):
+        return mlp_fn(x, residual, gate_up.weight, down.weight, norm_post.weight, norm_post.variance_epsilon,
+                      gate_up.weight_scale, down.weight_scale, int8, silu, True)
+
+    layer.__dict__["_dsinf_calls"] = (norm, mlp)
+    return True
+
+
+def fuse_decoder_layer(layer: nn.Module) -> str:
+    """Swap the layer's class for its `FusedDecoderLayer` subclass and bind it; returns the summary line
+    ('' when no compiled kernel serves this device/dtype yet: the layer runs its own forward until a
+    `.to()` brings it where one does)."""
+    _swap_class(layer, FusedDecoderLayer)
+    if not bind_decoder_layer(layer):
+        return ""
+    return "input RMSNorm -> RMSNormOp; residual + post-attention RMSNorm + up|gate GEMM + SiLU*mul + down -> " \
+           "one MLPGemmOp (rms_mlp_gemm)"

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass(frozen=True)
 class Fused:
-    """A block rewritten as a whole: `kind` 'attention' or 'mlp', `detail` what runs now."""
+    """A block rewritten as a whole: `kind` 'attention', 'mlp' or 'layer', `detail` what runs now."""
     name: str
     kind: str
     detail: str
@@ -42,9 +42,11 @@ class InjectionSummary:
             if self.quantize else self.dtype
         attn = sum(f.kind == "attention" for f in self.fused)
         mlp = sum(f.kind == "mlp" for f in self.fused)
+        layers = sum(f.kind == "layer" for f in self.fused)
         backends = ", ".join(f"{n} {b}" for b, n in sorted(self.backends.items()))
         lines = [f"dsinf.inject: {len(self.replaced)} linear layers on dsinf ({weights}; backends: {backends or '-'}); "
-                 f"fused {attn} attention blocks, {mlp} MLPs; RoPE: {self.rope}"]
+                 f"fused {attn} attention blocks, {mlp} MLPs, {layers} decoder layers (norms + MLP on MLPGemmOp); "
+                 f"RoPE: {self.rope}"]
         if self.aten_routed:
             lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
                          f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")
