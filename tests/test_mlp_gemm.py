@@ -388,13 +388,17 @@ def test_cpp_rejects(case, cpu_module):
 
 # --- GPU parity (run on the device) ----------------------------------------------------------------------
 
-GPU_SHAPES = [(61, 45), (64, 96), (130, 77), (4096, 1024), (1024, 14336 // 4)]
+# (K, I) -> gated GEMV path for M <= 8 (fp16/bf16 [N, K] and int8 take the tensor-core kernel when K % 8 == 0,
+# int8 when K % 16 == 0): (61, 45) and (130, 77) the scalar fallback; (80, 40) a partial last k-step (80 % 32)
+# and a partial last tile (40 % 16); (64, 96) one k-step; (8192, 24) two tiles, so K is split over a cluster
+# (sm_90); the last two whole tiles and many k-steps per warp.
+GPU_SHAPES = [(61, 45), (64, 96), (130, 77), (80, 40), (8192, 24), (4096, 1024), (1024, 14336 // 4)]
 
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", ["kn", "nk", "int8"])
-@pytest.mark.parametrize("M", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 64])
 @pytest.mark.parametrize("K,I", GPU_SHAPES, ids=lambda v: str(v))
 def test_gpu_parity(cuda_module, monkeypatch, dtype, layout, M, K, I):
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():

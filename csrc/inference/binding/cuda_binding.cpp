@@ -262,11 +262,15 @@ cudaError_t gated_act(DType dtype, const void* src, void* out, int64_t M, int64_
 namespace {
 
 // Largest M on the gated GEMV (the kernel accepts up to 8); above it cuBLAS into [M, 2I], then gated_act.
-// Float weights stop at 2: the GEMV runs on CUDA cores, whose cost grows with M (H200, 4096->14336->4096 fp16:
-// 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md). int8 keeps it to M=8 (half the bytes,
-// and the cuBLAS path would dequantize the whole weight).
+// Tensor-core paths (fp16/bf16 activations with [N, K] or int8 weights: one mma n-tile holds 8 tokens, so
+// the weight stream is the cost for every M <= 8) and int8 (the cuBLAS path would dequantize the whole
+// weight) go to 8. The CUDA-core paths (fp32 activations, [K, N] weights) stop at 2: their cost grows with
+// M (H200, 4096->14336->4096 fp16: 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md).
 constexpr int64_t kGatedGemvMaxM = 8;
 constexpr int64_t kGatedGemvMaxMFloat = 2;
+bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
+  return act != c10::ScalarType::Float && (s.int8 || s.weight_nk);
+}
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        small M: the gated GEMV (the [M, 2I] product never exists);
@@ -292,7 +296,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
   at::Tensor a = at::empty({s.M, s.I}, input.options());
-  if (s.M <= (s.int8 ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
+  if (s.M <= (s.int8 || gated_gemv_tensor_core(act, s) ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.weight_nk, s.int8,
                               s.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),

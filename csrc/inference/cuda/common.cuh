@@ -283,6 +283,76 @@ __device__ __forceinline__ void sum_warps(const float* red, float* part, int P, 
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// ------------------------------------------------------------------------------------------------
+// cp.async (sm_80+): 16-byte global -> shared copies that complete in the background, grouped by
+// commit; a thread that waits for a group may then read what its own copies wrote (no barrier needed
+// for data a thread consumes itself). `bytes` < 16 zero-fills the rest (0: no global read at all).
+// ------------------------------------------------------------------------------------------------
+#if defined(DSINF_CUDA_BF16)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+// Bypasses L1 (a weight stream, read once).
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// Allocates in L1 (activations every CTA re-reads).
+__device__ __forceinline__ void cp_async16_cached(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>  // wait until at most N of this thread's committed groups are pending
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds16(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+  return r;
+}
+#endif
+
+// 32-bit word j (0..3) of a 16-byte load; j must be a compile-time constant after unrolling.
+__device__ __forceinline__ uint32_t u4_word(const uint4& v, int j) {
+  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+
+// reduce_and_store with a caller-defined epilogue: `part` holds `items` items of W consecutive fp32
+// partial sums (item-major), and store(item, float (&v)[W]) writes one item's output. Same cluster
+// protocol as reduce_and_store (gridDim.y CTAs of one cluster split K; rank r sums items
+// [r * ceil(items / S), ...) over all ranks, in rank order). Lets an epilogue combine several sums of
+// the CTA (the gated GEMV: act(gate) * up of one output).
+template <int W, class Store>
+__device__ __forceinline__ void reduce_items_and_store(const float* part, int items, const Store& store) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.y > 1) {
+    cluster_sync();
+    const int S = static_cast<int>(cluster_size());
+    const int rank = static_cast<int>(cluster_rank());
+    const int chunk = ceil_div(items, S);
+    for (int i = threadIdx.x; i < chunk; i += blockDim.x) {
+      const int item = rank * chunk + i;
+      if (item >= items) break;
+      float v[W];
+#pragma unroll
+      for (int w = 0; w < W; ++w) v[w] = 0.f;
+      for (int s = 0; s < S; ++s)
+#pragma unroll
+        for (int w = 0; w < W; ++w) v[w] += ld_cluster_f32(map_to_rank(part + item * W + w, static_cast<unsigned>(s)));
+      store(item, v);
+    }
+    cluster_sync();
+    return;
+  }
+#else
+  if (gridDim.y > 1) __trap();  // the launchers only split K across CTAs on sm_90 code
+#endif
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    float v[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) v[w] = part[item * W + w];
+    store(item, v);
+  }
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace dsinf

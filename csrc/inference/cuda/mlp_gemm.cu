@@ -22,16 +22,23 @@
 //       Large-M epilogue after a cuBLAS GEMM into src [M, 2I]: out[m, j] = round(act(src[m, I + j]) * src[m, j]).
 //
 // Paths of gated_gemv:
-//   [N, K] (nn.Linear, int8): one warp per output pair (j, j+1) = 4 weight rows; lanes stride K in 16-byte
+//   [N, K] (nn.Linear, int8) with fp16/bf16 activations, in a build for sm_80+ (DSINF_CUDA_BF16): tensor
+//     cores (gated_tc_kernel below: mma.sync, cp.async ring, split-K over a cluster when tiles are few).
+//     Needs K % (16 / sizeof(weight)) == 0 and 16-byte aligned x and W.
+//   [N, K] otherwise (fp32 activations): one warp per output pair (j, j+1) = 4 weight rows; lanes stride K in 16-byte
 //     weight loads (2 in flight per row), MB (bucket of M: 1, 2, 4, 8) tokens of x per load, warp-shuffle
 //     reduction, then the epilogue. Needs K % (16 / sizeof(weight)) == 0 and 16-byte aligned pointers.
 //   [K, N]: a 256-thread CTA owns 32 output columns j (and gate columns I + j); thread = 4 adjacent columns x
 //     k-blocks of 4 rows, one 8/16-byte load per row per half; k-groups reduced by shuffles and shared memory.
 //     Needs I % 4 == 0, K % 4 == 0 and 16-byte aligned pointers.
 //   anything else: a scalar kernel (one warp per output column), any shape and alignment.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
+#include "gemv_internal.cuh"
 
 namespace dsinf {
 namespace cuda {
@@ -305,6 +312,244 @@ __global__ void __launch_bounds__(kThreads, 1) gated_scalar_kernel(const T* __re
   }
 }
 
+// ------------------------------------------------------------------------------------------------ tensor core
+// [N, K] fp16/bf16 or int8 weights, fp16/bf16 activations: mma.sync m16n8k16 with fp32 accumulation.
+// Why: on CUDA cores every weight element costs M FMAs plus a conversion, so at M = 8 the gated GEMV was
+// issue-bound (slower than cuBLAS); one mma does 16 x 8 x 16 multiply-adds, leaving the weight stream as
+// the only cost for any M <= 8 (tokens are the mma's n = 8 columns; padding columns re-read x[M-1] and are
+// never stored).
+// CTA tile: 16 outputs j0..j0+15, i.e. the 32 weight rows up j0.. (first m16 tile) and gate I+j0..
+// (second m16 tile), so the two accumulators of a thread hold up and gate of the same (j, token) and the
+// epilogue pairs them without any exchange. 4 warps split the tile's K range in k-steps of KS = 4 x one
+// 16-byte load (thread (g = lane/4, t = lane%4) loads rows j0+g, j0+g+8, I+j0+g, I+j0+g+8 at k = kb + E*t,
+// E elements per 16 bytes, and the same k range of x for token g). Slot map and int8 expansion as
+// gemv_nk_mma_kernel (gemv_mma.cu): A and B registers are words of the thread's own loads.
+// Loads: cp.async into a kTcStages-deep ring in shared memory that only the issuing thread reads back, so
+// (kTcStages - 1) k-steps (~200 bytes per thread) are always in flight and the loop has no barrier.
+// Split-K across CTAs (clusters, sm_90) only when the tiles alone would leave SMs idle.
+// PDL: launched with programmatic serialization after the RMSNorm kernel, a CTA issues its first weight
+// stages (independent of that kernel), then waits for it (griddepcontrol.wait) before it reads x.
+#if defined(DSINF_CUDA_BF16)
+#ifndef DSINF_GATED_STAGES
+#define DSINF_GATED_STAGES 4  // cp.async ring depth (k-steps); 4: 40 KB (int8: 48 KB) per 128-thread CTA
+#endif
+#ifndef DSINF_GATED_PDL
+#define DSINF_GATED_PDL 1  // launch the tensor-core gated GEMV with programmatic serialization (sm_90)
+#endif
+constexpr int kTcThreads = 128;
+constexpr int kTcWarps = kTcThreads / 32;
+constexpr int kTcStages = DSINF_GATED_STAGES;
+constexpr int kTcTile = 16;                       // outputs j per CTA (32 weight rows)
+constexpr int kTcItems = 8 * kTcTile;             // (token, j) outputs per CTA
+static_assert(kTcStages >= 2, "the ring needs two stages");
+
+template <typename WT>
+__host__ __device__ constexpr int tc_chunks() {  // 16-byte cp.async per thread per k-step: 4 weight rows + x
+  return 4 + (16 / static_cast<int>(sizeof(WT))) * 2 / 16;
+}
+template <typename WT>
+__host__ __device__ constexpr size_t tc_smem_bytes() {
+  return static_cast<size_t>(kTcStages) * tc_chunks<WT>() * kTcThreads * 16;
+}
+
+template <typename T, typename WT>
+__global__ void __launch_bounds__(kTcThreads) gated_tc_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                             const float* __restrict__ scale, int rows_per_group,
+                                                             T* __restrict__ out, int M, int K, int I, int activation,
+                                                             int kchunk) {
+  constexpr bool kInt8 = std::is_same<WT, int8_t>::value;
+  constexpr int E = 16 / static_cast<int>(sizeof(WT));  // weight elements per 16-byte load
+  constexpr int KS = 4 * E;                             // k per warp step
+  constexpr int XL = E * 2 / 16;                        // 16-byte x loads per step (1, or 2 for int8)
+  constexpr int C = tc_chunks<WT>();
+  constexpr int P = 2 * kTcItems;                       // per-warp partials: [token][j][up, gate]
+  extern __shared__ uint4 ring[];                       // [stage][chunk][thread]
+  static_assert(static_cast<size_t>(kTcWarps + 1) * P * sizeof(float) <= tc_smem_bytes<WT>(), "reduction fits");
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int j0 = blockIdx.x * kTcTile;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+
+  const WT* wrow[4];
+  int wbytes[4];  // 16, or 0 for a row past I (zero-filled, never read)
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // i = 2 * (gate ? 1 : 0) + half: row (gate ? I : 0) + j0 + 8 * half + g
+    const int j = j0 + 8 * (i & 1) + g;
+    wbytes[i] = j < I ? 16 : 0;
+    wrow[i] = w + static_cast<size_t>((i >> 1) * I + (j < I ? j : 0)) * K;
+  }
+  const T* xrow = x + static_cast<size_t>(min(g, M - 1)) * K;
+  const int first = k_begin + KS * warp, step = KS * kTcWarps;
+  const int nsteps = first < k_end ? (k_end - first + step - 1) / step : 0;
+  const uint32_t base = detail::smem_addr(ring) + threadIdx.x * 16;
+  auto slot = [&](int s, int c) { return base + static_cast<uint32_t>((s * C + c) * kTcThreads * 16); };
+  auto issue_w = [&](int j) {
+    if (j >= nsteps) return;
+    const int k = first + j * step + E * t;  // K % E == 0: a load is all in range or all out
+    const bool ok = k < k_end;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      detail::cp_async16_stream(slot(j % kTcStages, i), ok ? wrow[i] + k : wrow[i], ok ? wbytes[i] : 0);
+  };
+  auto issue_x = [&](int j) {
+    if (j >= nsteps) return;
+    const int k = first + j * step + E * t;
+    const bool ok = k < k_end;
+#pragma unroll
+    for (int l = 0; l < XL; ++l)
+      detail::cp_async16_cached(slot(j % kTcStages, 4 + l), ok ? xrow + k + 8 * l : xrow, ok ? 16 : 0);
+  };
+
+  // Group s (s < kTcStages - 1) holds k-step s's x, and group 0 also the first weight stages, so
+  // "groups 0..j complete" means k-step j has fully landed.
+#pragma unroll
+  for (int s = 0; s < kTcStages - 1; ++s) issue_w(s);
+  detail::pdl_wait();  // x is the previous kernel's output
+#pragma unroll
+  for (int s = 0; s < kTcStages - 1; ++s) {
+    issue_x(s);
+    detail::cp_async_commit();
+  }
+
+  float acc[2][4];  // [up, gate][C fragment]
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[r][e] = 0.f;
+
+  for (int j = 0; j < nsteps; ++j) {
+    issue_w(j + kTcStages - 1);  // into the slot k-step j - 1 used: this thread has consumed it
+    issue_x(j + kTcStages - 1);
+    detail::cp_async_commit();
+    detail::cp_async_wait<kTcStages - 1>();
+    const int s = j % kTcStages;
+    uint4 wv[4], xv[XL];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wv[i] = detail::lds16(slot(s, i));
+#pragma unroll
+    for (int l = 0; l < XL; ++l) xv[l] = detail::lds16(slot(s, 4 + l));
+    if constexpr (!kInt8) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          detail::Mma<T>::run(acc[r], detail::u4_word(wv[2 * r], 2 * h), detail::u4_word(wv[2 * r + 1], 2 * h),
+                              detail::u4_word(wv[2 * r], 2 * h + 1), detail::u4_word(wv[2 * r + 1], 2 * h + 1),
+                              detail::u4_word(xv[0], 2 * h), detail::u4_word(xv[0], 2 * h + 1));
+    } else {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        uint32_t a[4][2];  // [load i][pair]: elements (4h, 4h+1) and (4h+2, 4h+3) of row i's 16
+#pragma unroll
+        for (int i = 0; i < 4; ++i) detail::I8Pairs<T>::convert(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          detail::Mma<T>::run(acc[r], a[2 * r][0], a[2 * r + 1][0], a[2 * r][1], a[2 * r + 1][1],
+                              detail::u4_word(xv[h >> 1], 2 * (h & 1)), detail::u4_word(xv[h >> 1], 2 * (h & 1) + 1));
+      }
+    }
+  }
+  detail::cp_async_wait<0>();
+  detail::pdl_launch_dependents();  // only the reduction is left: the down projection may be scheduled
+
+  // C fragment (r, e): j = j0 + g + 8 (e >> 1), token 2t + (e & 1); the ring is reused for the sums.
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(ring);
+  float* part = red + kTcWarps * P;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int item = (2 * t + (e & 1)) * kTcTile + g + 8 * (e >> 1);
+      red[warp * P + 2 * item + r] = acc[r][e];
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P; i += kTcThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kTcWarps; ++ww) v += red[ww * P + i];
+    part[i] = v;
+  }
+  __syncthreads();
+  detail::reduce_items_and_store<2>(part, kTcItems, [&](int item, const float (&v)[2]) {
+    const int tok = item / kTcTile, j = j0 + item % kTcTile;
+    if (tok >= M || j >= I) return;
+    float up = v[0], gate = v[1];
+    if (kInt8) {
+      up *= __ldg(scale + j / rows_per_group);
+      gate *= __ldg(scale + (I + j) / rows_per_group);
+    }
+    out[static_cast<size_t>(tok) * I + j] = Act<T>::from_float(gated(activation, gate, up));
+  });
+}
+
+// sm_90 device running sm_90+ code of `kernel` (clusters and PDL); cached per device.
+bool sm90_code(const void* kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, 1 no, 2 yes (one kernel family: same answer)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < kMaxDevices) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c) return c == 2;
+  }
+  int major = 0;
+  cudaFuncAttributes fa = {};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                   major >= 9 && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 90;
+  (void)cudaGetLastError();
+  if (dev < kMaxDevices) cached[dev].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+}
+
+template <typename T, typename WT>
+cudaError_t launch_tc(const T* x, const WT* w, const float* scale, int rpg, T* out, int M, int K, int I, int act,
+                      cudaStream_t stream) {
+  constexpr int KS = 4 * 16 / static_cast<int>(sizeof(WT));
+  auto* kernel = gated_tc_kernel<T, WT>;
+  const int tiles = detail::ceil_div(I, kTcTile);
+  const bool sm90 = sm90_code(reinterpret_cast<const void*>(kernel));
+  // Split K over a cluster until there are 2 CTAs per SM, keeping >= DSINF_GEMV_MIN_K_PER_CTA k per CTA.
+  int split = 1;
+  const int want = 2 * detail::device_sm_count();
+  if (sm90 && tiles < want) {
+    split = std::min({detail::ceil_div(want, tiles), DSINF_GEMV_MAX_SPLIT, std::max(1, K / DSINF_GEMV_MIN_K_PER_CTA)});
+  }
+  const int kchunk = split > 1 ? detail::k_per_split(K, split, KS) : std::max(K, 1);
+  if (split > 1) split = detail::ceil_div(K, kchunk);  // no CTA without k
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
+  cfg.blockDim = dim3(kTcThreads, 1, 1);
+  cfg.dynamicSmemBytes = tc_smem_bytes<WT>();  // <= 48 KB: no opt-in attribute needed
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (split > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = static_cast<unsigned>(split);
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (DSINF_GATED_PDL && sm90) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, x, w, scale, rpg, out, M, K, I, act, kchunk);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // no non-sticky launch error left behind for the next caller
+    return err;
+  }
+  return cudaGetLastError();
+}
+static_assert(tc_smem_bytes<int8_t>() <= 48 * 1024, "dynamic shared memory above 48 KB needs an opt-in");
+#endif  // DSINF_CUDA_BF16
+
 // ------------------------------------------------------------------------------------------------ large M
 template <typename T>
 __global__ void gated_act_kernel(const T* __restrict__ src, T* __restrict__ out, int64_t M, int64_t I,
@@ -352,12 +597,22 @@ cudaError_t gated_gemv_t(const void* xv, int M, const void* wv, bool w_nk, bool 
   const unsigned scalar_grid = static_cast<unsigned>((I + kWarps - 1) / kWarps);
   if (w_int8) {
     const int8_t* w = static_cast<const int8_t*>(wv);
-    if (aligned && K % WPack<int8_t>::E == 0) return launch_nk<T, int8_t>(x, w, scale, rpg, out, M, K, I, act, stream);
+    if (aligned && K % WPack<int8_t>::E == 0) {
+#if defined(DSINF_CUDA_BF16)
+      if constexpr (!std::is_same<T, float>::value) return launch_tc<T, int8_t>(x, w, scale, rpg, out, M, K, I, act, stream);
+#endif
+      return launch_nk<T, int8_t>(x, w, scale, rpg, out, M, K, I, act, stream);
+    }
     gated_scalar_kernel<T, int8_t><<<scalar_grid, kThreads, 0, stream>>>(x, w, true, scale, rpg, out, M, K, I, act);
     return cudaGetLastError();
   }
   const T* w = static_cast<const T*>(wv);
-  if (w_nk && aligned && K % WPack<T>::E == 0) return launch_nk<T, T>(x, w, nullptr, 1, out, M, K, I, act, stream);
+  if (w_nk && aligned && K % WPack<T>::E == 0) {
+#if defined(DSINF_CUDA_BF16)
+    if constexpr (!std::is_same<T, float>::value) return launch_tc<T, T>(x, w, nullptr, 1, out, M, K, I, act, stream);
+#endif
+    return launch_nk<T, T>(x, w, nullptr, 1, out, M, K, I, act, stream);
+  }
   if (!w_nk && aligned && I % kKnE == 0 && K % 4 == 0) return launch_kn<T>(x, w, out, M, K, I, act, stream);
   gated_scalar_kernel<T, T><<<scalar_grid, kThreads, 0, stream>>>(x, w, w_nk, nullptr, 1, out, M, K, I, act);
   return cudaGetLastError();

@@ -98,26 +98,43 @@ __device__ __forceinline__ float inv_rms(float sum_sq, int H, float epsilon) {
 
 // blockDim = (TPR, kThreads / TPR): TPR threads per row (a multiple of 32), one row per threadIdx.y.
 // Thread t of a row owns packs t, t + TPR, ..., t + (UNROLL - 1) * TPR.
+// At decode and prefill sizes (a few MB) the kernel is one DRAM round trip plus launch, so every load a
+// thread makes (x, residual and gamma, all UNROLL packs) is issued before the first use of any of them:
+// one round of memory latency, then the shuffles and the block's single barrier, then the stores.
+// Gamma joins the first round up to UNROLL = 4; at 8 (rows of 8K-16K 16-bit elements) the three register
+// arrays would exceed the 128 registers of 2 CTAs per SM (ptxas spills), so gamma is read after the sum.
 template <typename T, int VEC, int UNROLL, bool PRE>
 __global__ void __launch_bounds__(kThreads, 2) rms_norm_cached_kernel(const T* __restrict__ x, const T* __restrict__ res_in,
                                                                    const T* __restrict__ gamma, T* __restrict__ out,
                                                                    T* __restrict__ res_out, int rows, int H,
                                                                    float epsilon) {
+  // A kernel launched after this one with programmatic serialization (the gated GEMV of rms_mlp_gemm) may
+  // be scheduled now: it prefetches its weights and waits for this grid's completion before reading h.
+  detail::pdl_launch_dependents();
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const bool row_ok = row < rows;
   const int npack = H / VEC;
   const size_t base = static_cast<size_t>(row_ok ? row : 0) * H;
-  Pack<T, VEC> cache[UNROLL];
+  constexpr bool kGammaFirst = UNROLL <= 4;
+  Pack<T, VEC> cache[UNROLL], other[UNROLL], g[kGammaFirst ? UNROLL : 1];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int p = u * blockDim.x + threadIdx.x;
+    if (row_ok && p < npack) {
+      const size_t off = static_cast<size_t>(p) * VEC;
+      cache[u] = load_ro<T, VEC>(x + base + off);
+      if constexpr (PRE) other[u] = load_ro<T, VEC>(res_in + base + off);
+      if constexpr (kGammaFirst) g[u] = load_ro<T, VEC>(gamma + off);
+    }
+  }
   float ss = 0.f;
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int p = u * blockDim.x + threadIdx.x;
     if (row_ok && p < npack) {
-      const size_t off = base + static_cast<size_t>(p) * VEC;
-      cache[u] = load_ro<T, VEC>(x + off);
       if constexpr (PRE) {
-        cache[u] = add_round(cache[u], load_ro<T, VEC>(res_in + off));
-        *reinterpret_cast<Pack<T, VEC>*>(res_out + off) = cache[u];
+        cache[u] = add_round(cache[u], other[u]);
+        *reinterpret_cast<Pack<T, VEC>*>(res_out + base + static_cast<size_t>(p) * VEC) = cache[u];
       }
       ss += sum_sq(cache[u]);
     }
@@ -128,7 +145,8 @@ __global__ void __launch_bounds__(kThreads, 2) rms_norm_cached_kernel(const T* _
     const int p = u * blockDim.x + threadIdx.x;
     if (row_ok && p < npack) {
       const size_t off = static_cast<size_t>(p) * VEC;
-      *reinterpret_cast<Pack<T, VEC>*>(out + base + off) = scale(cache[u], load_ro<T, VEC>(gamma + off), inv);
+      const Pack<T, VEC> gu = kGammaFirst ? g[kGammaFirst ? u : 0] : load_ro<T, VEC>(gamma + off);
+      *reinterpret_cast<Pack<T, VEC>*>(out + base + off) = scale(cache[u], gu, inv);
     }
   }
 }
@@ -139,6 +157,7 @@ template <typename T, int VEC, bool PRE>
 __global__ void __launch_bounds__(kThreads) rms_norm_loop_kernel(const T* __restrict__ x, const T* __restrict__ res_in,
                                                                  const T* __restrict__ gamma, T* __restrict__ out,
                                                                  T* res_out, int H, float epsilon) {
+  detail::pdl_launch_dependents();  // as in rms_norm_cached_kernel
   const size_t base = static_cast<size_t>(blockIdx.x) * H;
   const int npack = H / VEC;
   float ss = 0.f;
