@@ -7,14 +7,15 @@
 // bandwidth on the H200): that kernel loads weights into registers, and ptxas interleaves a batch's loads
 // with the mma that consume them, so a warp (which issues in order) stalls at its first mma with only a
 // few loads in flight. Here the weight goes global -> shared memory with cp.async: the copies write no
-// register, so nothing waits on them until cp.async.wait_group, and every warp keeps kStages - 1 k-steps
-// of its own weights (32 KiB per CTA, ~4-5 CTAs per SM) in flight while it multiplies the oldest one.
+// register, so nothing waits on them until cp.async.wait_group, and every warp keeps up to kStages units of
+// its own weights in flight (default 2 x 2 KiB: 16-32 KiB per CTA, 4 CTAs per SM) while it multiplies one.
 //
 // Structure:
 // - CTA = 8 warps, output tile = 16 rows (one mma m16 tile; the weight is the mma's A operand, tokens its
-//   n = 8 columns: M <= 8 one token tile, M <= 16 two). Warp w takes the tile's 64-byte k-steps
-//   w, w + 8, ...; thread (g = lane / 4, t = lane % 4) copies 16 bytes of rows g and g + 8 at
-//   k = 64 * step + 16 t into its own ring slot, and later reads exactly those 32 bytes back: the ring is
+//   n = 8 columns: M <= 8 one token tile, M <= 16 two). K is walked in 64-byte k-steps, grouped in units
+//   of kUnitSteps consecutive steps; warp w takes the tile's units w, w + 8, ...; for each step of a unit,
+//   thread (g = lane / 4, t = lane % 4) copies 16 bytes of rows g and g + 8 at k = 64 * step + 16 t into
+//   its own ring slot, and later reads exactly those bytes back: the ring is
 //   thread-private, so no barrier is needed in the k loop (cp.async.wait_group makes a thread's own
 //   copies visible to it). k-slot map and int8 -> fp16/bf16 conversion as in gemv_mma.cu: word h of a
 //   16-byte load feeds mma h (k = 16 t + 4 h .. + 3).
