@@ -1,10 +1,14 @@
-"""GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu).
+"""GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu, gemv_int8.cu).
 
 The [N, K] tensor-core kernel walks K in batches of k-steps (one batch = 8 warps x kLoopUnroll steps x 32
 (16-bit) or 64 (int8) elements; with DSINF_MMA_PIPELINE two register buffers alternate). These shapes
 give a warp zero, one, several, an odd number and a fractional number of batches, with and without a
 K split, for fp16/bf16 weights and int8 (fp16 and bf16 activations: bf16 takes the fp32 -> high-half
 int8 conversion, fp16 the half-magic one), at M = 1, 3, 8 (one n-tile of tokens) and 16 (int8: two).
+The int8 streaming kernel (gemv_int8.cu) has its own cases: row tiles of 16 (N % 16 != 0), several tiles
+per CTA with the cp.async ring running across tile boundaries (N above 16 x the resident CTAs), k-steps
+of 64 bytes in warp units of 128 (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8
+and the two-token-tile M 9..16.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS).
 """
@@ -96,13 +100,46 @@ def test_int8_conversion_every_value(cuda_module):
             assert torch.equal(out, want), f"{suffix} k0={k0}: int8 conversion not exact"
 
 
+# K x N for the int8 streaming kernel; the H200/H100 fit ~4 CTAs of 256 threads per SM (132 SMs: 528 tiles of
+# 16 rows resident), so N = 12008 (751 tiles) gives CTAs of 2 tiles and, on smaller GPUs, more.
+STREAM_SHAPES = [
+    (4112, 12008),  # 2+ tiles per CTA, K % 64 == 16 (a partial k-step), N % 16 == 8 (rows g + 8 of the last tile out)
+    (16, 4100),  # K = one 16-byte chunk: one thread column of warp 0 holds all of K, the rest multiply zeros
+    (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
+    (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90, 640 + 576 of K): 10 and 9 k-steps over 8 warps
+]
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K,N", STREAM_SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("groups", ["1", "N"])
+def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K * 3 + N + M)
+    G = N if groups == "N" else 1
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(G, generator=gen) + 0.5) / (127.0 * K ** 0.5)
+    x = torch.randn(1, M, K, generator=gen).to(dtype)
+    xd, wd, sd = x.cuda(), w.cuda(), scale.cuda()
+    first = fn(xd, wd, False, sd, True, False)
+    first.fill_(float("nan"))  # the caching allocator hands this block to the next output of the same size,
+    del first  # so an element the kernel fails to write reads as NaN
+    got = fn(xd, wd, False, sd, True, False)
+    _check(got, reference.vector_matmul(x, w, False, scale, True, False), dtype)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("defines", [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
+    ("DSINF_GEMV_INT8_STREAM=0",),  # the old int8 kernel, kept for the A/B measurement
+    ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
 ])
 def test_tuning_variants_keep_parity(defines):
-    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap) are other
+    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, int8 kernel
+    and ring shape) are other
     code than the default build: build each in a child process (one module per process) and run the probe's
     parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
     import os

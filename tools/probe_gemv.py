@@ -4,21 +4,27 @@
     python tools/probe_gemv.py --no-timing     # parity only
     python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
     python tools/probe_gemv.py --quick --variant "DSINF_GEMV_PDL=0" --variant "DSINF_GEMV_PDL=1 DSINF_MMA_UNROLL=8"
+    python tools/probe_gemv.py --quick --int8-only --variant DSINF_GEMV_INT8_STREAM=0 --variant DSINF_GEMV_INT8_STREAM=1
+        # old vs new int8 kernel, about 2.5 minutes on an H200
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
         # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold
         # build (~15 s) plus its run, so keep sweeps small or --quick.
 
 What it prints:
-  1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes), the ceiling;
+  1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes, after ~1 s of copies to
+     bring the clocks up), the ceiling;
   2. parity of torch.ops.dsinf.vector_matmul_{fp16,bf16} against dsinf.reference on random inputs for
      M = 1..8 and 9..16, both float layouts and int8 (groups 1, 8, N), plus shapes that route to the
-     scalar fallback (K or N not a multiple of the vector width): max abs error and PASS/FAIL;
+     scalar fallback (K or N not a multiple of the vector width), and int8 shapes for the streaming kernel
+     (several row tiles per CTA, N % 16 != 0, K % 64 != 0): max abs error and PASS/FAIL;
   3. per (dtype, layout, K x N, M in 1, 2, 4, 8): our µs, torch µs, ratio (torch / ours), GB/s and % of
      the copy bandwidth, timed as CUDA-graph replays over rotating weight copies (>= 4 x 60 MiB, so
      the weights come from HBM, not L2); torch is F.linear for [N, K] and torch.matmul for [K, N];
      int8 is compared with the faster of torch's two fp16/bf16 layouts on the dequantized weight;
   4. `min ratio` per table and the issue-12 goals with PASS/MISS.
+--quick times fp16 [K,N]/[N,K] on 4096x4096 and 4096x12288, and int8 (fp16 and bf16) on the four LLM shapes
+4096x4096, 4096x12288, 4096x14336, 14336x4096, M in 1 and 8; --int8-only drops the float layouts.
 
 Robust by design: every case runs in its own try block; a failure prints one line and the run goes on.
 Not a test (pytest does not collect tools/); the GPU tests are tests/test_cuda_*.py.
@@ -40,6 +46,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SHAPES = [(4096, 4096), (4096, 12288), (4096, 14336), (14336, 4096), (8192, 8192)]
+QUICK_INT8_SHAPES = SHAPES[:4]
 MS = (1, 2, 4, 8)
 ROTATE_BYTES = 4 * 60 << 20  # rotating weight set >= 4 x the H200's 60 MiB L2
 
@@ -124,7 +131,11 @@ def copy_bandwidth(torch) -> float:
     n = 512 << 20
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    b.copy_(a)
+    t_end = time.perf_counter() + 1.0  # warm the clocks: a cold GPU measured ~2.7 TB/s instead of ~4.2
+    while time.perf_counter() < t_end:
+        for _ in range(8):
+            b.copy_(a)
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(10):
@@ -149,7 +160,9 @@ def parity(torch, device: str = "cuda") -> int:
     # (K, N, why): aligned shapes take the tensor-core paths; the others the scalar fallback.
     shapes = [(4096, 4096, "tensor core, split K"), (1024, 264, "tensor core, partial last tile"),
               (8192, 1000, "tensor core, N % 32 != 0"), (72, 40, "tensor core, K < one k-step"),
-              (4100, 136, "K % 8 != 0: [N,K] and int8 scalar, [K,N] tensor core"), (67, 45, "scalar (odd K and N)")]
+              (4100, 136, "K % 8 != 0: [N,K] and int8 scalar, [K,N] tensor core"), (67, 45, "scalar (odd K and N)"),
+              (4112, 9000, "int8 stream: 2 row tiles per CTA, N % 16 != 0, K % 64 != 0"),
+              (48, 4104, "int8 stream: K < one warp unit, most warps idle")]
     log("\nparity vs dsinf.reference (max abs error, tolerance = 1 ulp at max |ref| + fp32 accumulation slack)")
     for dtype_name in ("fp16", "bf16"):
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
@@ -196,7 +209,8 @@ def copies_for(nbytes: int) -> int:
 
 
 def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=None) -> list[dict]:
-    """`layouts` (optional): dtype name -> the layouts to time for it (default: kn, nk, int8)."""
+    """`shapes`: (K, N) pairs, or (K, N, layouts) to time only those layouts on that shape; `layouts`
+    (optional): dtype name -> the layouts to time for it (default: kn, nk, int8)."""
     import torch.nn.functional as F
 
     from dsinf.quantize import quantize_int8
@@ -212,8 +226,11 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
         op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
         esz = torch.tensor([], dtype=dt).element_size()
-        for K, N in shapes:
+        for shape in shapes:
+            K, N = shape[:2]
             for layout in (layouts or {}).get(dtype_name, ("kn", "nk", "int8")):
+                if len(shape) > 2 and layout not in shape[2]:
+                    continue
                 try:
                     base = torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)
                     if layout == "int8":
@@ -319,6 +336,8 @@ def sweep(args) -> None:
             cmd += ["--define", d]
         if args.quick:
             cmd.append("--quick")
+        if args.int8_only:
+            cmd.append("--int8-only")
         log(f"\n=== variant {' '.join(combo)}")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
@@ -344,7 +363,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     p.add_argument("--no-timing", action="store_true", help="skip the timing")
-    p.add_argument("--quick", action="store_true", help="timing on 4096x4096 and 4096x12288, M in 1 and 8, fp16 (+ bf16 int8)")
+    p.add_argument("--quick", action="store_true",
+                   help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
+    p.add_argument("--int8-only", action="store_true", help="time only the int8 layout")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
     p.add_argument("--variant", action="append", default=[],
@@ -384,11 +405,15 @@ def main() -> int:
     failures = 0 if args.no_parity else parity(torch)
     rows: list[dict] = []
     if not args.no_timing:
-        shapes = SHAPES[:2] if args.quick else SHAPES
         ms = (1, 8) if args.quick else MS
         dtypes = ("fp16", "bf16")
-        # quick: fp16 in every layout, bf16 only for int8 (its int8 -> bf16 conversion is a different path)
-        layouts = {"bf16": ("int8",)} if args.quick else {}
+        if args.quick:  # fp16 float layouts on two shapes; int8 on four, fp16 and bf16 (another conversion)
+            float_shapes = [] if args.int8_only else [(K, N, ("kn", "nk")) for K, N in SHAPES[:2]]
+            shapes = float_shapes + [(K, N, ("int8",)) for K, N in QUICK_INT8_SHAPES]
+            layouts = {"bf16": ("int8",)}
+        else:
+            shapes = SHAPES
+            layouts = {d: ("int8",) for d in dtypes} if args.int8_only else {}
         rows = timing(torch, bw, shapes, ms, dtypes, layouts)
         summarize(rows)
     if args.json_out == "-":

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "../include/cuda_kernels.h"
+#include "common.cuh"
 
 namespace dsinf {
 namespace cuda {
@@ -42,6 +43,14 @@ namespace detail {
 #define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
 #endif
 
+// int8 weights with fp16/bf16 activations: 1 = the streaming kernel (gemv_int8.cu: cp.async ring, 16-row
+// tiles, persistent grid), 0 = the [N, K] tensor-core kernel of gemv_mma.cu (register loads, 32-row tiles),
+// kept for the A/B measurement on the GPU (`tools/probe_gemv.py --variant DSINF_GEMV_INT8_STREAM=0`) until it
+// shows which one to keep.
+#ifndef DSINF_GEMV_INT8_STREAM
+#define DSINF_GEMV_INT8_STREAM 1
+#endif
+
 constexpr int kGemvThreads = 256;  // every GEMV CTA: 8 warps
 constexpr int kGemvWarps = kGemvThreads / 32;
 
@@ -50,6 +59,7 @@ constexpr int kTileKnMma = 64;   // columns
 constexpr int kTileNkMma = 32;   // rows
 constexpr int kTileKnSimt = 64;  // columns
 constexpr int kTileNkSimt = 4;   // rows (K never split)
+constexpr int kTileI8 = 16;      // rows, int8 streaming kernel
 
 // Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
 // and sm_90 code; the dispatcher decides). All return the launch status.
@@ -58,6 +68,7 @@ cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream);
 cudaError_t launch_kn_simt(const GemvArgs& a, int split, cudaStream_t stream);
 cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
+cudaError_t launch_i8_stream(const GemvArgs& a, int split, cudaStream_t stream);
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();
@@ -72,6 +83,23 @@ inline int k_per_split(int64_t K, int split, int granule) {
   c = (c + granule - 1) / granule * granule;
   return static_cast<int>(c < granule ? granule : c);
 }
+
+#if defined(__CUDACC__)
+// Word j (0..3) of a 16-byte load.
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+
+// Where a GEMV kernel lets the next one be scheduled (DSINF_GEMV_PDL): 1 = at its start, before the
+// prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there), 2 = after its
+// k loop (only the reduction is left to overlap).
+__device__ __forceinline__ void pdl_begin() {
+  if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
+}
+__device__ __forceinline__ void pdl_end() {
+  if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
+}
+#endif
 
 // Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1);
 // `pdl` adds the programmatic-dependent-launch attribute (the kernel must be one that waits: see above).

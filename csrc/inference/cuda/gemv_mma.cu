@@ -96,22 +96,6 @@ __device__ __forceinline__ void k_loop(int first, int end, int step, const Load&
 #endif
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
-  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
-}
-
-// Where a kernel lets the next one be scheduled (DSINF_GEMV_PDL, gemv_internal.cuh): 1 = at its start,
-// before the prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there),
-// 2 = after its k loop (only the reduction is left to overlap).
-#if DSINF_GEMV_PDL
-__device__ __forceinline__ void pdl_begin() {
-  if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
-}
-#endif
-__device__ __forceinline__ void pdl_end() {
-  if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
-}
-
 // ------------------------------------------------------------------------------------------------
 // Weight [K, N] (row k holds N contiguous columns).
 // CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end). Warp w takes k-steps of 16 rows
@@ -225,7 +209,8 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 }
 
 // ------------------------------------------------------------------------------------------------
-// Weight [N, K] (row n holds K contiguous elements): fp16/bf16, or int8 converted in registers.
+// Weight [N, K] (row n holds K contiguous elements): fp16/bf16, or int8 converted in registers (int8 only
+// in builds with DSINF_GEMV_INT8_STREAM=0; by default int8 takes gemv_int8.cu).
 // CTA tile: 32 rows n0..n0+31 (two m16 tiles) x K range. Warp w takes k-steps of KS elements
 // (KS = 4 threads x one 16-byte load: 32 for 16-bit weights, 64 for int8), kb = k_begin + KS*(w + 8j).
 // Thread (g, t) loads rows {n0 + g, +8, +16, +24} at k = kb + E*t .. +E-1 (E = elements per 16 B)
@@ -401,11 +386,16 @@ cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
 
 cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   switch (a.dtype) {
+#if DSINF_GEMV_INT8_STREAM  // int8 goes to gemv_int8.cu (the dispatcher never sends it here)
+    case DType::kFloat16: return nk_mma<__half, __half>(a, split, stream);
+    case DType::kBFloat16: return nk_mma<__nv_bfloat16, __nv_bfloat16>(a, split, stream);
+#else
     case DType::kFloat16:
       return a.w_int8 ? nk_mma<__half, int8_t>(a, split, stream) : nk_mma<__half, __half>(a, split, stream);
     case DType::kBFloat16:
       return a.w_int8 ? nk_mma<__nv_bfloat16, int8_t>(a, split, stream)
                       : nk_mma<__nv_bfloat16, __nv_bfloat16>(a, split, stream);
+#endif
     default: return cudaErrorInvalidValue;
   }
 }
