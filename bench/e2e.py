@@ -10,10 +10,12 @@ variant rebuilds it from the same seed, so every variant has the same weights:
     hf          the model as HF runs it
     dsinf       dsinf.inject(model)                      (fp16/bf16/fp32: the model's dtype)
     dsinf-int8  dsinf.inject(model, quantize="int8")     (int8 weight-only, per channel)
+    <dsinf variant>+hfcompile                            the same with cuda_graph=False: static-cache decode
+                                                         under HF's compile rather than dsinf's CUDA graphs
     torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
 
 Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
-decode step itself, its recommended path). For each (variant, mode, batch): TTFT = median wall time of
+decode step itself, its recommended path - for an injected model, dsinf's CUDA graphs run it instead). For each (variant, mode, batch): TTFT = median wall time of
 `generate(max_new_tokens=1)` (prefill + first token), decode tok/s = batch * (new - 1) / (time of
 `generate(max_new_tokens=new)` - TTFT). Ratios are against hf in the same mode and batch. Accuracy (batch
 1, prompt logits): fp logits relative error ||a - b|| / ||b|| vs hf eager; int8 vs an eager model holding
@@ -102,10 +104,11 @@ def make_variant(name, args):
 
     if name == "hf":
         return build(args), ""
-    if name == "dsinf":
-        return inject.inject(build(args)), ""
-    if name == "dsinf-int8":
-        return inject.inject(build(args), quantize="int8"), ""
+    base, _, suffix = name.partition("+")
+    if base in ("dsinf", "dsinf-int8") and suffix in ("", "hfcompile"):
+        # +hfcompile: dsinf's kernels under HF's own compile of the decode step instead of dsinf's CUDA graphs
+        return inject.inject(build(args), quantize="int8" if base == "dsinf-int8" else None,
+                             cuda_graph=suffix != "hfcompile"), ""
     if name == "torchao":
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_

@@ -420,3 +420,48 @@ def test_gpu_to_cuda_after_inject():
     dequantized.load_state_dict(export_state_dict(model))
     x = ids()
     assert rel_err(logits(model, x.cuda()).cpu(), logits(dequantized.to("cuda", torch.float16), x.cuda()).cpu()) < 1e-2
+
+
+# --- decode steps on CUDA graphs ---------------------------------------------------------------------
+
+def test_graphed_decode_keeps_the_forward_signature_and_copies_cleanly():
+    import copy
+    import inspect
+    import pickle
+
+    model = inject(make_model("llama"))
+    assert model.generation_config.disable_compile  # the graphs replace HF's compile of the decode step
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters  # HF reads it from the signature
+    assert "CUDA graphs" in injection_summary(model).format()
+    clone = copy.deepcopy(model)
+    assert clone._dsinf_graphs is not model._dsinf_graphs and not clone._dsinf_graphs.graphs
+    assert pickle.loads(pickle.dumps(model._dsinf_graphs)).replays == 0
+    x = ids()
+    torch.testing.assert_close(logits(clone, x), logits(model, x))
+    assert model._dsinf_graphs.replays == 0  # CPU: every call is the model's own forward
+    plain = inject(make_model("llama"), cuda_graph=False)
+    assert not hasattr(plain, "_dsinf_graphs") and not plain.generation_config.disable_compile
+    with pytest.raises(TypeError, match="cuda_graph"):
+        inject(make_model("llama"), cuda_graph="yes")
+
+
+@gpu
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpu_graphed_decode_equals_eager_steps(quantize):
+    ref = make_model("llama", dtype=torch.float16, device="cuda")
+    graphed = inject(twin(ref), quantize=quantize)
+    eager = inject(twin(ref), quantize=quantize, cuda_graph=False)
+    eager.generation_config.disable_compile = True  # the oracle: the same kernels, launched one by one
+    x = ids(device="cuda")
+    expected = greedy(eager, x, cache="static")
+    assert torch.equal(greedy(graphed, x, cache="static"), expected)
+    runner = graphed._dsinf_graphs
+    assert runner.replays >= 12 - 3 and len(runner.graphs) == 1  # warm-up step, capture, then replays
+    replays = runner.replays
+    assert torch.equal(greedy(graphed, x, cache="static"), expected)  # HF reuses its cache: same graph
+    assert runner.replays == replays + 11 and len(runner.graphs) == 1
+    assert torch.equal(greedy(graphed, x), greedy(eager, x))  # DynamicCache: never graphed
+    assert runner.replays == replays + 11
+    graphed.to(torch.bfloat16)  # weights move: the graphs are dropped, not replayed on freed memory
+    eager.to(torch.bfloat16)
+    assert torch.equal(greedy(graphed, x, cache="static"), greedy(eager, x, cache="static"))

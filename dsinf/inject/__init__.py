@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .. import routes
+from . import graphs
 from .export import export_state_dict
 from .keywords import init_inference
 from .linear import InjectedLinear, InjectedQKV
-from .llama import FusedMLP, fuse_attention, fuse_decoder_layer, fuse_mlp, match_attention, match_decoder_layer, match_mlp
+from .llama import (FusedMLP, fuse_attention, fuse_decoder_layer, fuse_mlp, match_attention, match_decoder_layer,
+                    match_mlp, swap_class)
 from .rope import RopeDecision, RopePositions, decide_rope
 from .summary import Fused, InjectionSummary, Skipped
 
@@ -38,7 +40,7 @@ logger = logging.getLogger("dsinf")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_arguments(model, dtype, quantize, groups, skip) -> None:
+def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_dsinf_injection", None) is not None:
@@ -53,6 +55,8 @@ def _check_arguments(model, dtype, quantize, groups, skip) -> None:
             raise ValueError(f"inject: argument 'groups': expected None (per channel) or an int >= 1, got {groups!r}")
         if quantize is None:
             raise ValueError("inject: argument 'groups': only meaningful with quantize='int8'")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"inject: argument 'cuda_graph': expected a bool, got {cuda_graph!r}")
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
 
@@ -62,7 +66,8 @@ def _skipped(name: str, skip) -> bool:
 
 
 def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
-           groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False) -> nn.Module:
+           groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False,
+           cuda_graph: bool = True) -> nn.Module:
     """Rewrite `model` in place to run on dsinf's ops; returns it.
 
     Args:
@@ -74,10 +79,13 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
         skip: module names (full, or the last components: "lm_head") left as they are.
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
+        cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
+            captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
+            per-step host cost hid the kernels' speed. False keeps HF's compile.
 
     Logs one summary (logger "dsinf", INFO); `injection_summary(model)` returns it as data.
     """
-    _check_arguments(model, dtype, quantize, groups, skip)
+    _check_arguments(model, dtype, quantize, groups, skip, cuda_graph)
     if dtype is not None:
         model.to(dtype)
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
@@ -110,6 +118,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
+    if cuda_graph and graphs.install(model, swap_class) is not None:
+        summary.cuda_graph = ("static-cache decode steps on CUDA run from dsinf's CUDA graphs (HF's compile of the "
+                              "decode step is off: generation_config.disable_compile)")
     model._dsinf_injection = summary
     routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import routes
+from . import graphs
 from ..config import InferenceConfig
 from ..ops import LinearOp, VectorMatMulOp
 from ..quantize import quantize_int8
@@ -117,11 +118,13 @@ class InjectedLinear(nn.Module):
                                 and routes.aten_only("cuda", self._act_dtype, self.in_features, self.out_features)) \
             else "op"
         self._call = self._make_call()
+        graphs.invalidate()  # a captured decode graph holds the old call's kernels and addresses
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("weight", "bias", "weight_scale") and self.__dict__.get("_fn") is not None:
             self._call = self._make_call()  # the hot path holds the tensors themselves (see _make_call)
+            graphs.invalidate()
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half(): keep int8 scales float32 (only their device follows), then re-bind for

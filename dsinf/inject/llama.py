@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import graphs
 from .linear import InjectedLinear, InjectedQKV, bind_op
 from .rope import RopePositions
 
@@ -175,7 +176,7 @@ class FusedDecoderLayer:
 _subclasses: dict[tuple[type, type], type] = {}
 
 
-def _swap_class(module: nn.Module, mixin: type) -> None:
+def swap_class(module: nn.Module, mixin: type) -> None:
     """Give `module` a subclass of its own class with `mixin`'s forward (cached per class)."""
     cls = type(module)
     sub = _subclasses.get((mixin, cls))
@@ -213,7 +214,7 @@ def fuse_attention(module: nn.Module, rope: RopePositions, rope_theta: float, *,
     module._dsinf_helpers = tuple(getattr(modeling, h) for h in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
                                                                  "eager_attention_forward"))
     module._dsinf_rope = rope
-    _swap_class(module, FusedAttention)
+    swap_class(module, FusedAttention)
     gqa = f", GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads" if qkv.num_kv != qkv.num_heads else ""
     bias = ", bias" if qkv.bias is not None else ""
     return f"q|k|v -> one LinearOp{gqa}{bias}" + (", RoPE in its epilogue" if rope.fused else ", HF's rotary")
@@ -226,7 +227,7 @@ def fuse_mlp(module: nn.Module, *, quantize, groups, use_triton) -> str:
         use_triton=use_triton)
     module.gate_up_proj.parts = (("up_proj", up.out_features), ("gate_proj", gate.out_features))
     del module.gate_proj, module.up_proj
-    _swap_class(module, FusedMLP)
+    swap_class(module, FusedMLP)
     return "gate|up -> one GEMM + SiLU*mul"
 
 
@@ -298,6 +299,7 @@ def bind_decoder_layer(layer: nn.Module) -> bool:
                       gate_up.weight_scale, down.weight_scale, int8, silu, True)
 
     layer.__dict__["_dsinf_calls"] = (norm, mlp)
+    graphs.invalidate()
     return True
 
 
@@ -305,7 +307,7 @@ def fuse_decoder_layer(layer: nn.Module) -> str:
     """Swap the layer's class for its `FusedDecoderLayer` subclass and bind it; returns the summary line
     ('' when no compiled kernel serves this device/dtype yet: the layer runs its own forward until a
     `.to()` brings it where one does)."""
-    _swap_class(layer, FusedDecoderLayer)
+    swap_class(layer, FusedDecoderLayer)
     if not bind_decoder_layer(layer):
         return ""
     return "input RMSNorm -> RMSNormOp; residual + post-attention RMSNorm + up|gate GEMM + SiLU*mul + down -> " \

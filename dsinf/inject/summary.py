@@ -33,6 +33,7 @@ class InjectionSummary:
     skipped: list[Skipped] = field(default_factory=list)
     backends: dict[str, int] = field(default_factory=dict)  # backend name -> number of injected modules
     aten_routed: int = 0  # float linears whose shape the measured routes send to ATen for every M
+    cuda_graph: str = ""  # how decode steps run on CUDA graphs ('' when they do not)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +48,8 @@ class InjectionSummary:
         lines = [f"dsinf.inject: {len(self.replaced)} linear layers on dsinf ({weights}; backends: {backends or '-'}); "
                  f"fused {attn} attention blocks, {mlp} MLPs, {layers} decoder layers (norms + MLP on MLPGemmOp); "
                  f"RoPE: {self.rope}"]
+        if self.cuda_graph:
+            lines.append(f"  {self.cuda_graph}")
         if self.aten_routed:
             lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
                          f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")

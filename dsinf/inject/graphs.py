@@ -1,0 +1,172 @@
+"""Decode steps on CUDA graphs: a static-cache decode step of an injected model replays one captured graph.
+
+Why: HF's `generate(cache_implementation="static")` compiles the decode step (inductor with CUDA graph
+trees). On an H200 with the Llama-3-8B architecture, that step's host cost - dynamo guards, the graph
+tree's bookkeeping over every parameter input, inductor's wrapper - was 2-3 ms per token, about as long as
+the GPU work itself, so faster kernels barely showed. A graph we capture ourselves replays for the price
+of two small copies and one launch.
+
+What is graphed: a call of the model's forward with one new token per row (`input_ids` `[B, 1]`) over a
+static cache (`past_key_values.is_compileable`, every layer initialised), without grad, outside
+torch.compile tracing and outside someone else's capture. A static cache keeps its keys, values and
+lengths in device tensors at fixed addresses, updated in place by the step itself, so a replay advances
+it exactly as an eager call would. Everything else - prefill, DynamicCache, CPU, other keyword tensors -
+calls the model's own forward.
+
+How: graphs are keyed by the call's shapes, dtypes, non-tensor arguments and the cache object. The first
+decode call with a new key runs eagerly (it warms lazy initialisation, cuBLAS and autotuning and advances
+the cache normally); the second captures (capture records, it does not execute: the cache is untouched)
+and replays at once. Per call: copy `input_ids` and the mask (and positions when passed) into the graph's
+buffers, replay, return the outputs cloned (the graph overwrites its buffers on the next replay). At most
+`MAX_GRAPHS` graphs are kept (least recently used dropped): HF reuses one cache across generate calls.
+
+A graph holds raw device addresses, so it must never outlive what it read: each graph keeps a weak
+reference to its cache (a new cache object at a recycled id() is a new key), and every graph is dropped
+when a weight moves - `invalidate()`, called by the injected modules when they re-bind or a weight is
+reassigned, and by the wrapped model's `.to()` / `.cuda()` / `.half()`.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections import OrderedDict
+
+import torch
+
+MAX_GRAPHS = 8
+_COPIED = ("input_ids", "attention_mask", "position_ids", "cache_position")  # per-step tensors copied in
+_weights_version = 0  # bumped whenever an injected weight may have moved: every graph is then stale
+
+
+def invalidate() -> None:
+    """Drop every captured graph (lazily, at each wrapper's next call): a weight may have moved."""
+    global _weights_version
+    _weights_version += 1
+
+
+class _Graph:
+    def __init__(self, forward, tensors: dict[str, torch.Tensor], others: dict):
+        self.cache = weakref.ref(others["past_key_values"])
+        self.inputs = {k: t.clone() for k, t in tensors.items()}
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = forward(**self.inputs, **others)
+
+    def run(self, tensors: dict[str, torch.Tensor]):
+        for name, t in tensors.items():
+            self.inputs[name].copy_(t)
+        self.graph.replay()
+        out = self.out
+        return type(out)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
+
+
+def _cache_ready(cache) -> bool:
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(getattr(layer, "is_initialized", False) for layer in layers)
+
+
+class DecodeGraphs:
+    """Per-model state: the captured graphs. `run(forward, args, kwargs)` is the model's forward with
+    static-cache decode steps on CUDA graphs (see the module doc)."""
+
+    def __init__(self):
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._warm: set[tuple] = set()
+        self._version = _weights_version
+        self.replays = 0  # decode steps served from a graph (for tests and the summary)
+
+    def _key(self, args, kwargs):
+        """(key, tensors to copy, other arguments), or None when this call is not a graphable decode step."""
+        ids = kwargs.get("input_ids")
+        if (args or not isinstance(ids, torch.Tensor) or not ids.is_cuda or ids.dim() != 2 or ids.shape[1] != 1
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.cuda.is_current_stream_capturing()):
+            return None
+        cache = kwargs.get("past_key_values")
+        if not _cache_ready(cache):
+            return None
+        tensors, others, signature = {}, {}, []
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                if name not in _COPIED or value.device != ids.device:
+                    return None
+                tensors[name] = value
+                signature.append((name, tuple(value.shape), value.dtype))
+            elif name == "past_key_values":
+                others[name] = value
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                others[name] = value
+                signature.append((name, value))
+            else:
+                return None
+        return (id(cache), ids.device.index, tuple(sorted(signature, key=repr))), tensors, others
+
+    def run(self, forward, args, kwargs):
+        found = self._key(args, kwargs)
+        if found is None:
+            return forward(*args, **kwargs)
+        key, tensors, others = found
+        if self._version != _weights_version:
+            self.graphs.clear()
+            self._version = _weights_version
+        graph = self.graphs.get(key)
+        if graph is not None and graph.cache() is not others["past_key_values"]:  # id() recycled
+            del self.graphs[key]
+            graph = None
+        if graph is None:
+            if key not in self._warm:
+                self._warm.add(key)
+                return forward(**kwargs)
+            graph = _Graph(forward, tensors, others)
+            self.graphs[key] = graph
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        self.replays += 1
+        return graph.run(tensors)
+
+    # Graphs hold this process's device addresses: a copy (deepcopy, pickle) starts with none.
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def __deepcopy__(self, memo):
+        return DecodeGraphs()
+
+
+class GraphedDecode:
+    """Mixed in before a generative model's own class by `install`: its forward runs through the model's
+    `DecodeGraphs` (`_dsinf_graphs`), and `.to()` / `.cuda()` / `.half()` drop the graphs."""
+
+    def forward(self, *args, **kwargs):
+        return self._dsinf_graphs.run(super().forward, args, kwargs)
+
+    def _apply(self, fn, recurse=True):
+        invalidate()
+        return super()._apply(fn, recurse)
+
+
+def install(model: torch.nn.Module, swap_class) -> DecodeGraphs | None:
+    """Give a generative model (one with a `generation_config`) graphed decode steps, and turn HF's own
+    compile of the decode step off (the graphs replace it). `swap_class(module, mixin)` makes the
+    subclass. Returns the model's DecodeGraphs, or None for other models."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return None
+    signature = inspect.signature(type(model).forward)  # HF reads the forward's parameters (logits_to_keep)
+    swap_class(model, GraphedDecode)
+    cls = type(model)
+    if "forward" not in cls.__dict__:  # once per class: GraphedDecode's forward under the model's signature
+        def forward(self, *args, **kwargs):
+            return GraphedDecode.forward(self, *args, **kwargs)
+        forward.__signature__ = signature
+        forward.__doc__ = GraphedDecode.forward.__doc__
+        cls.forward = forward
+    model._dsinf_graphs = DecodeGraphs()
+    config.disable_compile = True
+    return model._dsinf_graphs
