@@ -456,10 +456,12 @@ def test_gpu_graphed_decode_equals_eager_steps(quantize):
     expected = greedy(eager, x, cache="static")
     assert torch.equal(greedy(graphed, x, cache="static"), expected)
     runner = graphed._dsinf_graphs
-    assert runner.replays >= 12 - 3 and len(runner.graphs) == 1  # warm-up step, capture, then replays
+    assert runner.replays == 11 - 1 and len(runner.graphs) == 1  # one eager warm-up step, then the graph
     replays = runner.replays
-    assert torch.equal(greedy(graphed, x, cache="static"), expected)  # HF reuses its cache: same graph
-    assert runner.replays == replays + 11 and len(runner.graphs) == 1
+    # A new generate makes a new StaticCache: the same graph where it landed at the same addresses, else
+    # a capture at once (the shapes are warm) - every decode step is a replay either way.
+    assert torch.equal(greedy(graphed, x, cache="static"), expected)
+    assert runner.replays == replays + 11 and len(runner.graphs) in (1, 2)
     assert torch.equal(greedy(graphed, x), greedy(eager, x))  # DynamicCache: never graphed
     assert runner.replays == replays + 11
     graphed.to(torch.bfloat16)  # weights move: the graphs are dropped, not replayed on freed memory

@@ -13,28 +13,30 @@ lengths in device tensors at fixed addresses, updated in place by the step itsel
 it exactly as an eager call would. Everything else - prefill, DynamicCache, CPU, other keyword tensors -
 calls the model's own forward.
 
-How: graphs are keyed by the call's shapes, dtypes, non-tensor arguments and the cache object. The first
-decode call with a new key runs eagerly (it warms lazy initialisation, cuBLAS and autotuning and advances
-the cache normally); the second captures (capture records, it does not execute: the cache is untouched)
-and replays at once. Per call: copy `input_ids` and the mask (and positions when passed) into the graph's
-buffers, replay, return the outputs cloned (the graph overwrites its buffers on the next replay). At most
-`MAX_GRAPHS` graphs are kept (least recently used dropped): HF reuses one cache across generate calls.
+How: graphs are keyed by the call's shapes, dtypes and non-tensor arguments and by the device addresses of
+the cache's tensors (HF's generate makes a new StaticCache per call; freed and re-allocated with the same
+shapes, it usually lands at the same addresses, and then the same graph serves it). The first decode call
+of a new shape runs eagerly (it warms lazy initialisation, cuBLAS and autotuning and advances the cache
+normally); after that, a call at new cache addresses captures (capture records, it does not execute: the
+cache is untouched) and replays at once. Per call: copy `input_ids` and the mask (and positions when
+passed) into the graph's buffers, replay, return the outputs cloned (the graph overwrites its buffers on
+the next replay). At most `MAX_GRAPHS` graphs are kept (least recently used dropped).
 
-A graph holds raw device addresses, so it must never outlive what it read: each graph keeps a weak
-reference to its cache (a new cache object at a recycled id() is a new key), and every graph is dropped
-when a weight moves - `invalidate()`, called by the injected modules when they re-bind or a weight is
-reassigned, and by the wrapped model's `.to()` / `.cuda()` / `.half()`.
+A graph holds raw device addresses, so it is only replayed on a cache whose tensors sit exactly where the
+captured one's did (the key), and every graph is dropped when a weight moves - `invalidate()`, called by
+the injected modules when they re-bind or a weight is reassigned, and by the model's `.to()` / `.cuda()` /
+`.half()`.
 """
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections import OrderedDict
 
 import torch
 
 MAX_GRAPHS = 8
 _COPIED = ("input_ids", "attention_mask", "position_ids", "cache_position")  # per-step tensors copied in
+_CACHE_STATE = ("keys", "values", "cumulative_length")  # a static cache layer's tensors (HF 5.x)
 _weights_version = 0  # bumped whenever an injected weight may have moved: every graph is then stale
 
 
@@ -46,7 +48,6 @@ def invalidate() -> None:
 
 class _Graph:
     def __init__(self, forward, tensors: dict[str, torch.Tensor], others: dict):
-        self.cache = weakref.ref(others["past_key_values"])
         self.inputs = {k: t.clone() for k, t in tensors.items()}
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -60,11 +61,22 @@ class _Graph:
         return type(out)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
 
 
-def _cache_ready(cache) -> bool:
+def _cache_state(cache) -> tuple | None:
+    """The addresses and shapes of a ready static cache's tensors, or None (not static, not initialised)."""
     if cache is None or not getattr(cache, "is_compileable", False):
-        return False
+        return None
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(getattr(layer, "is_initialized", False) for layer in layers)
+    if not layers:
+        return None
+    state = []
+    for layer in layers:
+        if not getattr(layer, "is_initialized", False):
+            return None
+        for name in _CACHE_STATE:
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                state.append((t.data_ptr(), tuple(t.shape), t.dtype))
+    return tuple(state)
 
 
 class DecodeGraphs:
@@ -84,8 +96,8 @@ class DecodeGraphs:
                 or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.cuda.is_current_stream_capturing()):
             return None
-        cache = kwargs.get("past_key_values")
-        if not _cache_ready(cache):
+        cache_state = _cache_state(kwargs.get("past_key_values"))
+        if cache_state is None:
             return None
         tensors, others, signature = {}, {}, []
         for name, value in kwargs.items():
@@ -101,23 +113,21 @@ class DecodeGraphs:
                 signature.append((name, value))
             else:
                 return None
-        return (id(cache), ids.device.index, tuple(sorted(signature, key=repr))), tensors, others
+        return (ids.device.index, tuple(sorted(signature, key=repr))), cache_state, tensors, others
 
     def run(self, forward, args, kwargs):
         found = self._key(args, kwargs)
         if found is None:
             return forward(*args, **kwargs)
-        key, tensors, others = found
+        shapes, cache_state, tensors, others = found
         if self._version != _weights_version:
             self.graphs.clear()
             self._version = _weights_version
+        key = (shapes, cache_state)
         graph = self.graphs.get(key)
-        if graph is not None and graph.cache() is not others["past_key_values"]:  # id() recycled
-            del self.graphs[key]
-            graph = None
         if graph is None:
-            if key not in self._warm:
-                self._warm.add(key)
+            if shapes not in self._warm:
+                self._warm.add(shapes)
                 return forward(**kwargs)
             graph = _Graph(forward, tensors, others)
             self.graphs[key] = graph
