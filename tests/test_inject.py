@@ -336,7 +336,7 @@ def test_the_package_is_callable_like_the_function():
     ({"tensor_parallel": {"tp_size": 2}}, ValueError, "tensor-parallel size 2"),
     ({"mp_size": 4}, ValueError, "tensor-parallel size 4"),
     ({"max_out_tokens": 512}, ValueError, "no KV workspace"),
-    ({"enable_cuda_graph": True}, ValueError, "enable_cuda_graph"),
+    ({"enable_cuda_graph": 1}, ValueError, "enable_cuda_graph"),
     ({"replace_with_kernel_injection": True}, TypeError, "did you mean 'replace_with_kernel_inject'"),
     ({"quant": {"enabled": True, "weight": {"num_bits": 4}}}, ValueError, "num_bits=4"),
     ({"dtype": "float64"}, ValueError, "dtype"),
@@ -351,6 +351,8 @@ def test_init_inference_deepspeed_keywords():
                            tensor_parallel={"tp_size": 1})
     summary = injection_summary(model)
     assert summary.quantize == "int8" and summary.fused
+    assert not summary.cuda_graph and not hasattr(model, "_dsinf_graphs")  # DeepSpeed's default: no graphs
+    assert injection_summary(init_inference(make_model("llama"), enable_cuda_graph=True)).cuda_graph
     model = init_inference(make_model("llama"), config={"dtype": "bf16", "replace_with_kernel_inject": False})
     summary = injection_summary(model)
     assert summary.dtype == "bfloat16" and not summary.fused and len(summary.replaced) == 14

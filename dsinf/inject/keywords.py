@@ -12,7 +12,8 @@ Every keyword is either translated or refused with a reason - none is silently i
                                   weight-only; q_groups -> groups (DeepSpeed's q_groups=1 means ONE scale per
                                   matrix; ours defaults to per channel when q_groups is absent)
     use_triton                    -> inject(use_triton=...)
-    enable_cuda_graph             False only (for graphs: torch.compile(mode="reduce-overhead") or HF's static cache)
+    enable_cuda_graph             -> inject(cuda_graph=...): static-cache decode steps on dsinf's CUDA graphs
+                                  (default False, as DeepSpeed's; a bool)
     skip, groups                  ours, passed to inject
 """
 from __future__ import annotations
@@ -96,9 +97,9 @@ def init_inference(model, config: dict | None = None, **kwargs):
         if key in kwargs and _tp_size(key, kwargs[key]) != 1:
             raise ValueError(f"init_inference: argument '{key}': tensor-parallel size {_tp_size(key, kwargs[key])} "
                              f"is not supported (dsinf runs one device per model; use 1)")
-    if kwargs.get("enable_cuda_graph", False):
-        raise ValueError("init_inference: argument 'enable_cuda_graph': not supported; use "
-                         "torch.compile(mode='reduce-overhead') or generate(cache_implementation='static')")
+    cuda_graph = kwargs.get("enable_cuda_graph", False)
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"init_inference: argument 'enable_cuda_graph': expected a bool, got {cuda_graph!r}")
     quantize, groups = None, kwargs.get("groups")
     if "quant" in kwargs:
         enabled, q_groups = _quant(kwargs["quant"])
@@ -114,4 +115,5 @@ def init_inference(model, config: dict | None = None, **kwargs):
             quantize, dtype = "int8", None
     fuse = kwargs.get("replace_with_kernel_inject", kwargs.get("kernel_inject", True))
     return inject(model, dtype=dtype, quantize=quantize, groups=groups, fuse=bool(fuse),
-                  skip=kwargs.get("skip", ("lm_head",)), use_triton=bool(kwargs.get("use_triton", False)))
+                  skip=kwargs.get("skip", ("lm_head",)), use_triton=bool(kwargs.get("use_triton", False)),
+                  cuda_graph=cuda_graph)
