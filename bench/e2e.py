@@ -15,8 +15,9 @@ variant rebuilds it from the same seed, so every variant has the same weights:
     torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
 
 Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
-decode step itself, its recommended path - for an injected model, dsinf's CUDA graphs run it instead). For each (variant, mode, batch): TTFT = median wall time of
-`generate(max_new_tokens=1)` (prefill + first token), decode tok/s = batch * (new - 1) / (time of
+decode step itself, its recommended path - for an injected model, dsinf's CUDA graphs run it instead;
+the per-case line shows their captures / adoptions / replays). For each (variant, mode, batch): TTFT =
+median wall time of `generate(max_new_tokens=1)` (prefill + first token), decode tok/s = batch * (new - 1) / (time of
 `generate(max_new_tokens=new)` - TTFT). Ratios are against hf in the same mode and batch. Accuracy (batch
 1, prompt logits): fp logits relative error ||a - b|| / ||b|| vs hf eager; int8 vs an eager model holding
 the dequantized int8 weights (`dsinf.inject.export_state_dict`); greedy agreement = how many of the first
@@ -207,7 +208,8 @@ def run(args):
                 result = measure(model, args, mode, batch)
                 rows.append({"variant": variant, "mode": mode, "batch": batch, **result})
                 print(f"  {variant:<11} {mode:<6} batch {batch}: {result['decode_tok_s']:.1f} tok/s, "
-                      f"TTFT {result['ttft_ms']:.1f} ms", flush=True)
+                      f"TTFT {result['ttft_ms']:.1f} ms" + (f", dsinf graphs {result['graphs']}" if "graphs" in result
+                                                            else ""), flush=True)
         del model
         gc.collect()
         if args.device == "cuda":

@@ -13,19 +13,20 @@ lengths in device tensors at fixed addresses, updated in place by the step itsel
 it exactly as an eager call would. Everything else - prefill, DynamicCache, CPU, other keyword tensors -
 calls the model's own forward.
 
-How: graphs are keyed by the call's shapes, dtypes and non-tensor arguments and by the device addresses of
-the cache's tensors (HF's generate makes a new StaticCache per call; freed and re-allocated with the same
-shapes, it usually lands at the same addresses, and then the same graph serves it). The first decode call
-of a new shape runs eagerly (it warms lazy initialisation, cuBLAS and autotuning and advances the cache
-normally); after that, a call at new cache addresses captures (capture records, it does not execute: the
-cache is untouched) and replays at once. Per call: copy `input_ids` and the mask (and positions when
-passed) into the graph's buffers, replay, return the outputs cloned (the graph overwrites its buffers on
-the next replay). At most `MAX_GRAPHS` graphs are kept (least recently used dropped).
+How: graphs are keyed by the call's shapes, dtypes and non-tensor arguments and by the shapes of the
+cache's tensors. The first decode call of a new key runs eagerly (it warms lazy initialisation, cuBLAS and
+autotuning and advances the cache normally); the second captures (capture records, it does not execute:
+the cache is untouched) and replays at once. A graph keeps the cache tensors it was captured on; HF's
+generate makes a new StaticCache per call, and at its first decode step that cache adopts the graph's
+tensors (its contents copied in, its layers pointed at them), so one graph serves every generate call.
+Per call: copy `input_ids` and the mask (and positions when passed) into the graph's buffers, replay,
+return the outputs cloned (the graph overwrites its buffers on the next replay). At most `MAX_GRAPHS`
+graphs are kept (least recently used dropped).
 
-A graph holds raw device addresses, so it is only replayed on a cache whose tensors sit exactly where the
-captured one's did (the key), and every graph is dropped when a weight moves - `invalidate()`, called by
-the injected modules when they re-bind or a weight is reassigned, and by the model's `.to()` / `.cuda()` /
-`.half()`.
+Consequences: a cache that adopted a graph's tensors shares them with every earlier cache that did - an
+old cache (say, kept from an earlier generate's output) must not be resumed after a newer one ran. Every
+graph is dropped when a weight moves - `invalidate()`, called by the injected modules when they re-bind
+or a weight is reassigned, and by the model's `.to()` / `.cuda()` / `.half()`.
 """
 from __future__ import annotations
 
@@ -47,11 +48,25 @@ def invalidate() -> None:
 
 
 class _Graph:
+    """One captured decode step. It keeps the cache tensors it was captured on (`state`, alive with it)."""
+
     def __init__(self, forward, tensors: dict[str, torch.Tensor], others: dict):
+        self.state = _cache_tensors(others["past_key_values"])
         self.inputs = {k: t.clone() for k, t in tensors.items()}
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = forward(**self.inputs, **others)
+
+    def adopt(self, cache) -> bool:
+        """Make `cache` use this graph's cache tensors (its contents copied in first); False when it already
+        does. HF's generate makes a new StaticCache per call: this keeps one graph for all of them."""
+        moved = False
+        for (layer, name, mine), (_, _, theirs) in zip(self.state, _cache_tensors(cache)):
+            if theirs is not mine:
+                mine.copy_(theirs)
+                setattr(cache.layers[layer], name, mine)
+                moved = True
+        return moved
 
     def run(self, tensors: dict[str, torch.Tensor]):
         for name, t in tensors.items():
@@ -61,22 +76,19 @@ class _Graph:
         return type(out)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
 
 
+def _cache_tensors(cache) -> list[tuple[int, str, torch.Tensor]]:
+    return [(i, name, t) for i, layer in enumerate(cache.layers) for name in _CACHE_STATE
+            if isinstance(t := getattr(layer, name, None), torch.Tensor)]
+
+
 def _cache_state(cache) -> tuple | None:
-    """The addresses and shapes of a ready static cache's tensors, or None (not static, not initialised)."""
+    """The shapes and dtypes of a ready static cache's tensors, or None (not static, not initialised)."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return None
     layers = getattr(cache, "layers", None)
-    if not layers:
+    if not layers or not all(getattr(layer, "is_initialized", False) for layer in layers):
         return None
-    state = []
-    for layer in layers:
-        if not getattr(layer, "is_initialized", False):
-            return None
-        for name in _CACHE_STATE:
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                state.append((t.data_ptr(), tuple(t.shape), t.dtype))
-    return tuple(state)
+    return tuple((name, tuple(t.shape), t.dtype, t.device) for _, name, t in _cache_tensors(cache))
 
 
 class DecodeGraphs:
@@ -87,7 +99,9 @@ class DecodeGraphs:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._version = _weights_version
-        self.replays = 0  # decode steps served from a graph (for tests and the summary)
+        self.replays = 0  # decode steps served from a graph
+        self.captures = 0  # graphs captured
+        self.adoptions = 0  # new caches moved onto a graph's cache tensors
 
     def _key(self, args, kwargs):
         """(key, tensors to copy, other arguments), or None when this call is not a graphable decode step."""
@@ -130,11 +144,13 @@ class DecodeGraphs:
                 self._warm.add(shapes)
                 return forward(**kwargs)
             graph = _Graph(forward, tensors, others)
+            self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
+            self.adoptions += graph.adopt(others["past_key_values"])
         self.replays += 1
         return graph.run(tensors)
 
