@@ -31,6 +31,7 @@ or a weight is reassigned, and by the model's `.to()` / `.cuda()` / `.half()`.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -52,6 +53,7 @@ class _Graph:
 
     def __init__(self, forward, tensors: dict[str, torch.Tensor], others: dict):
         self.state = _cache_tensors(others["past_key_values"])
+        self._adopted = weakref.ref(others["past_key_values"])
         self.inputs = {k: t.clone() for k, t in tensors.items()}
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -60,6 +62,9 @@ class _Graph:
     def adopt(self, cache) -> bool:
         """Make `cache` use this graph's cache tensors (its contents copied in first); False when it already
         does. HF's generate makes a new StaticCache per call: this keeps one graph for all of them."""
+        if self._adopted() is cache:  # every step after the first: nothing to check
+            return False
+        self._adopted = weakref.ref(cache)
         moved = False
         for (layer, name, mine), (_, _, theirs) in zip(self.state, _cache_tensors(cache)):
             if theirs is not mine:
@@ -99,6 +104,7 @@ class DecodeGraphs:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._version = _weights_version
+        self._memo = None  # (weak cache, its state): computed once per cache, not per step
         self.replays = 0  # decode steps served from a graph
         self.captures = 0  # graphs captured
         self.adoptions = 0  # new caches moved onto a graph's cache tensors
@@ -110,9 +116,15 @@ class DecodeGraphs:
                 or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.cuda.is_current_stream_capturing()):
             return None
-        cache_state = _cache_state(kwargs.get("past_key_values"))
-        if cache_state is None:
-            return None
+        cache = kwargs.get("past_key_values")
+        memo = self._memo
+        if memo is not None and memo[0]() is cache:  # the same cache as the last step: shapes cannot change
+            cache_state = memo[1]
+        else:
+            cache_state = _cache_state(cache)
+            if cache_state is None:
+                return None
+            self._memo = (weakref.ref(cache), cache_state)
         tensors, others, signature = {}, {}, []
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
