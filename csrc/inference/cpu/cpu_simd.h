@@ -41,6 +41,9 @@
 
 namespace dsinf_cpu {
 
+// Software prefetch into L2 (prefetcht1 on x86; a no-op where the compiler has none).
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
 // 16-bit floats travel as raw bits; distinct types so overloads pick the right widening.
 struct bf16_t {
   uint16_t bits;
