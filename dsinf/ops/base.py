@@ -29,8 +29,8 @@ from ..config import InferenceConfig
 
 
 # nn.Module.__call__'s global hook tables (dicts updated in place by the register_module_* functions).
-_global_hooks = (_nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks,
-                 _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks)
+_g_backward_pre_hooks, _g_backward_hooks = _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks
+_g_forward_hooks, _g_forward_pre_hooks = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
 _is_compiling = torch.compiler.is_compiling
 
 #: What the compiled op raises for an argument its C++ parser or validation rejects: the fast paths then
@@ -117,8 +117,8 @@ class InferenceOp(torch.nn.Module):
         skips nn.Module's ~0.8 us of hook checks and frames. (Under torch.jit.trace the op is recorded
         either way; only nn.Module's scope names are skipped.)"""
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or self._compiled_call_impl is not None or _global_hooks[0] or _global_hooks[1]
-                or _global_hooks[2] or _global_hooks[3] or _is_compiling()):
+                or self._compiled_call_impl is not None or _g_backward_pre_hooks or _g_backward_hooks
+                or _g_forward_hooks or _g_forward_pre_hooks or _is_compiling()):
             return None
         try:
             call = self._eager_calls[input.is_cuda]
