@@ -295,6 +295,14 @@ def test_eager_call_skips_module_call_but_keeps_hooks(cpu_module, monkeypatch):
         lin(x, w, b, True, False, True)
     with pytest.raises(ValueError, match="weight"):  # C++ rejects it; the rerun through Python names it
         lin(x, w[:, :5], b, True, False, 1)
+    # An int8 config with a float weight that carries a .scale: C++ would take it, so Python must refuse it.
+    cfg8 = InferenceConfig(dtype=torch.int8, act_dtype=torch.float32, transposed_mode=True)
+    w_float = w.clone()
+    w_float.scale = torch.ones(w.shape[0])
+    for op, args in ((make_op(LinearOp, cfg8, "compiled", "cpu", monkeypatch), (b, True, False, 1)),
+                     (make_op(VectorMatMulOp, cfg8, "compiled", "cpu", monkeypatch), ())):
+        with pytest.raises(ValueError, match="'weight'.*int8"):
+            op(x, w_float, *args)
 
 
 def test_op_config_forms():

@@ -81,7 +81,7 @@ class VectorMatMulOp(InferenceOp):
     def _bind(self, impl, checked):
         owner, cfg = type(self).__name__, self.config
         quantized, transposed, act = cfg.quantized, cfg.transposed_mode, cfg.activation_dtype
-        int8, grad_enabled = torch.int8, torch.is_grad_enabled
+        grad_enabled = torch.is_grad_enabled
 
         def slow(input, weight, async_op=False):
             q_scale = self._q_scale(weight)
@@ -94,13 +94,13 @@ class VectorMatMulOp(InferenceOp):
         if checked:
             return slow
 
-        # The compiled backend validates in C++; Python checks only grad mode (C++ cannot tell a frozen
-        # weight from a trained one), and an int8 config's weight dtype (a float weight carrying .scale would
-        # pass C++). Anything C++ rejects reruns through `slow`, whose checks name the argument. Every
+        # The compiled backend validates in C++ (q_int8=True included: it needs an int8 weight); Python
+        # checks only grad mode, which C++ does not see. Anything C++ rejects reruns through `slow`, whose
+        # checks name the argument in dsinf's wording. Every
         # argument passed costs ~0.3 us in torch's op-call parsing: the [K, N] float call passes only two.
         def fast_int8(input, weight, async_op=False):
             try:
-                if weight.dtype is int8 and not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
+                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
                     return impl(input, weight, async_op, weight.scale, True, transposed)
             except CALL_ERRORS:
                 pass
