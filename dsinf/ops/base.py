@@ -31,7 +31,9 @@ from ..config import InferenceConfig
 # nn.Module.__call__'s global hook tables (dicts updated in place by the register_module_* functions).
 _g_backward_pre_hooks, _g_backward_hooks = _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks
 _g_forward_hooks, _g_forward_pre_hooks = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
-_is_compiling = torch.compiler.is_compiling
+# False in eager mode (a bare `return False`); Dynamo folds it to True while it traces. (torch.compiler's
+# is_compiling also covers non-strict export, which runs the Python and records the C++ entry the same.)
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 #: What the compiled op raises for an argument its C++ parser or validation rejects: the fast paths then
 #: rerun the call through the Python checks, which name the argument in dsinf's wording (errors only).
