@@ -8,10 +8,14 @@ show it.
 
 The per-call path is bound once with the decision (`_calls`): a closure over the chosen function and the
 config's values. Validation happens once per call: when the compiled backend runs, its C++ validation
-is the check, and Python looks only at what C++ cannot see (the config/weight int8 agreement, Python
-ints beyond int64, tensors that require grad); anything unusual takes the slow path, which runs the
-full Python checks and names the bad argument. The Triton and torch backends always get the Python
-checks.
+is the check, and Python looks only at what C++ cannot see (tensors that require grad, a bool passed as
+an int, a float weight carrying `.scale` in an int8 config); a call C++ rejects, or anything unusual,
+takes the slow path, which runs the full Python checks and names the bad argument. The Triton and
+torch backends always get the Python checks.
+
+In eager mode with no hooks (`_eager_call`), the op classes' `__call__` skips `nn.Module.__call__` and
+calls the compiled op's C++ entry (`_eager_calls`); hooks, `Module.compile()` and torch.compile go
+through `nn.Module.__call__` and `forward`, which call the `OpOverload` (what Dynamo traces).
 
 Inference-only: with grad mode on, an input or weight that requires grad raises `InputError` on every
 backend (`dsinf.checks.no_backward`); the ops have no backward.
