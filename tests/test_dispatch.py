@@ -355,7 +355,7 @@ def test_op_passes_deepspeed_positional_order_plus_extensions():
     backend, name, args = op(x, w, b, True, True, 2, None, None, seq_offset=3)
     assert (backend, name) == ("compiled", "linear_layer_fp32")
     assert args[0] is x and args[1] is w and args[2] is b
-    assert args[3:] == (True, True, 2, True, 5e5, 4, True, 1, 3, None)
+    assert args[3:] == (True, True, 2, True, 5e5, 4, True, 1, 3)  # q_scale: the default
 
     q = __import__("dsinf").quantize_int8(torch.randn(8, 6))
     vm = VectorMatMulOp(InferenceConfig(dtype=torch.int8, act_dtype=torch.float32), environment=make_env())

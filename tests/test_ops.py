@@ -268,6 +268,43 @@ def test_torch_compile_fullgraph_on_compiled_path(cpu_module, monkeypatch):
         torch.testing.assert_close(c, e)
 
 
+def test_eager_call_skips_module_call_but_keeps_hooks(cpu_module, monkeypatch):
+    """Without hooks the op classes call the compiled op's C++ entry directly (no nn.Module.__call__, no
+    OpOverload frame); a forward hook or pre-hook still runs, through nn.Module.__call__ and forward."""
+    cfg = InferenceConfig(dtype=torch.float32, transposed_mode=True)
+    lin = make_op(LinearOp, cfg, "compiled", "cpu", monkeypatch)
+    vm = make_op(VectorMatMulOp, cfg, "compiled", "cpu", monkeypatch)
+    x, w, b, _ = oracle.random_inputs(1, 3, 8, 16, torch.float32, transposed_mode=True)
+    want = reference.linear_layer(x, w, b, True, False, 1, True)[0]
+    torch.testing.assert_close(lin(x, w, b, True, False, 1)[0], want)
+    assert lin._eager_call(x) is lin._eager_calls[False] is not lin._calls[False]
+    torch.testing.assert_close(vm(x, w), reference.vector_matmul(x, w, False, None, False, True))
+    seen = []
+    handles = [lin.register_forward_hook(lambda m, args, out: seen.append(("lin", len(args)))),
+               vm.register_forward_pre_hook(lambda m, args: seen.append(("vm", len(args))))]
+    try:
+        assert lin._eager_call(x) is None
+        torch.testing.assert_close(lin(x, w, b, True, False, 1)[0], want)
+        vm(x, w)
+        assert seen == [("lin", 8), ("vm", 3)]
+    finally:
+        for h in handles:
+            h.remove()
+    assert lin._eager_call(x) is lin._eager_calls[False]
+    with pytest.raises(ValueError, match="num_heads"):  # a bool is not an int (C++ would read True as 1)
+        lin(x, w, b, True, False, True)
+    with pytest.raises(ValueError, match="weight"):  # C++ rejects it; the rerun through Python names it
+        lin(x, w[:, :5], b, True, False, 1)
+    # An int8 config with a float weight that carries a .scale: C++ would take it, so Python must refuse it.
+    cfg8 = InferenceConfig(dtype=torch.int8, act_dtype=torch.float32, transposed_mode=True)
+    w_float = w.clone()
+    w_float.scale = torch.ones(w.shape[0])
+    for op, args in ((make_op(LinearOp, cfg8, "compiled", "cpu", monkeypatch), (b, True, False, 1)),
+                     (make_op(VectorMatMulOp, cfg8, "compiled", "cpu", monkeypatch), ())):
+        with pytest.raises(ValueError, match="'weight'.*int8"):
+            op(x, w_float, *args)
+
+
 def test_op_config_forms():
     assert LinearOp().config == InferenceConfig()
     assert VectorMatMulOp({"dtype": "fp32", "transposed_mode": True}).config.transposed_mode is True

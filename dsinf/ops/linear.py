@@ -16,9 +16,9 @@ import importlib
 
 import torch
 
-from ..checks import INT64_MAX, INT64_MIN, check_int, check_linear, linear_output_shapes, no_backward
+from ..checks import check_int, check_linear, linear_output_shapes, no_backward
 from ..reference import matmul_fp32, split_qkv
-from .base import InferenceOp
+from .base import CALL_ERRORS, InferenceOp
 from .spec import OpSpec
 
 
@@ -88,6 +88,14 @@ class LinearOp(InferenceOp):
         DeepSpeed); `seq_offset` (ours) is the position of the first token for RoPE (decode step t: t)."""
         return self._call(input)(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
 
+    def __call__(self, input, weight, bias, add_bias, do_flash_attn, num_heads, external_cache=None, num_layers=None,
+                 *, seq_offset=0):
+        call = self._eager_call(input)
+        if call is None:
+            return super().__call__(input, weight, bias, add_bias, do_flash_attn, num_heads, external_cache,
+                                    num_layers, seq_offset=seq_offset)
+        return call(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
+
     def _bind(self, impl, checked):
         owner, cfg = type(self).__name__, self.config
         quantized, act = cfg.quantized, cfg.activation_dtype
@@ -114,24 +122,35 @@ class LinearOp(InferenceOp):
         if checked:
             return slow
 
-        def fast(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
-            # The compiled backend validates in C++; Python looks only at what C++ cannot see.
+        # The compiled backend validates in C++; Python checks only what C++ cannot see: grad mode, an int8
+        # config's weight dtype, and bools passed as ints (C++ reads True as 1). Anything C++ rejects reruns
+        # through `slow`, whose checks name the argument. Each argument passed costs ~0.3 us in torch's
+        # op-call parsing, so trailing schema defaults are left out when seq_offset is 0.
+        def fast_int8(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
             try:
-                usual = ((weight.dtype is int8) is quantized and type(num_heads) is int and type(seq_offset) is int
-                         and INT64_MIN <= num_heads <= INT64_MAX and INT64_MIN <= seq_offset <= INT64_MAX
-                         and not (grad_enabled() and (input.requires_grad or weight.requires_grad
-                                                      or (bias is not None and bias.requires_grad))))
-                q_scale = weight.scale if quantized else None
-            except AttributeError:  # not a tensor, or an int8 weight without .scale: named by the checks
-                usual = False
-            if not usual:
-                return slow(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
-            if seq_offset == 0 and not quantized:  # each argument passed costs ~0.4 us in torch's op call
-                return impl(input, weight, bias, bool(add_bias), bool(do_flash_attn), num_heads, *rope_short)
-            return impl(input, weight, bias, bool(add_bias), bool(do_flash_attn), num_heads, *rope, seq_offset,
-                        q_scale)
+                if (type(num_heads) is int and type(seq_offset) is int and weight.dtype is int8
+                        and not (grad_enabled() and (input.requires_grad or weight.requires_grad
+                                                     or (bias is not None and bias.requires_grad)))):
+                    return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope, seq_offset,
+                                weight.scale)
+            except CALL_ERRORS:
+                pass
+            return slow(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
 
-        return fast
+        def fast(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
+            # (an int8 weight here has no q_scale: C++ rejects it, and `slow` names the config mismatch)
+            try:
+                if (type(num_heads) is int and type(seq_offset) is int
+                        and not (grad_enabled() and (input.requires_grad or weight.requires_grad
+                                                     or (bias is not None and bias.requires_grad)))):
+                    if seq_offset == 0:
+                        return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope_short)
+                    return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope, seq_offset)
+            except CALL_ERRORS:
+                pass
+            return slow(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
+
+        return fast_int8 if quantized else fast
 
     def _autotune_out_features(self) -> int | None:
         cfg = self.config  # GQA: q|k|v is (heads + 2*num_kv) * D wide, not the default 3 * hidden

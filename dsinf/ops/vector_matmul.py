@@ -15,7 +15,7 @@ import torch
 
 from ..checks import check_vector_matmul, no_backward
 from ..reference import matmul_fp32
-from .base import InferenceOp
+from .base import CALL_ERRORS, InferenceOp
 from .spec import OpSpec
 
 
@@ -72,10 +72,16 @@ class VectorMatMulOp(InferenceOp):
         """
         return self._call(input)(input, weight, async_op)
 
+    def __call__(self, input, weight, async_op=False):
+        call = self._eager_call(input)
+        if call is None:
+            return super().__call__(input, weight, async_op)
+        return call(input, weight, async_op)
+
     def _bind(self, impl, checked):
         owner, cfg = type(self).__name__, self.config
         quantized, transposed, act = cfg.quantized, cfg.transposed_mode, cfg.activation_dtype
-        int8, grad_enabled = torch.int8, torch.is_grad_enabled
+        grad_enabled = torch.is_grad_enabled
 
         def slow(input, weight, async_op=False):
             q_scale = self._q_scale(weight)
@@ -88,28 +94,35 @@ class VectorMatMulOp(InferenceOp):
         if checked:
             return slow
 
-        def fast(input, weight, async_op=False):  # the compiled backend validates in C++
+        # The compiled backend validates in C++ (q_int8=True included: it needs an int8 weight); Python
+        # checks only grad mode, which C++ does not see. Anything C++ rejects reruns through `slow`, whose
+        # checks name the argument in dsinf's wording. Every
+        # argument passed costs ~0.3 us in torch's op-call parsing: the [K, N] float call passes only two.
+        def fast_int8(input, weight, async_op=False):
             try:
-                usual = (weight.dtype is int8) is quantized and not (
-                    grad_enabled() and (input.requires_grad or weight.requires_grad))
-                q_scale = weight.scale if quantized else None
-            except AttributeError:  # not a tensor, or an int8 weight without .scale: named by the checks
-                usual = False
-            if not usual:
-                return slow(input, weight, async_op)
-            return impl(input, weight, bool(async_op), q_scale, quantized, transposed)
+                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
+                    return impl(input, weight, async_op, weight.scale, True, transposed)
+            except CALL_ERRORS:
+                pass
+            return slow(input, weight, async_op)
 
-        def fast_plain(input, weight, async_op=False):
-            # A float, [K, N] config: every argument after weight is its schema default, and each argument
-            # passed costs ~0.4 us in torch's op-call argument parsing. async_op is a hint no backend reads.
+        def fast_nk(input, weight, async_op=False):
             try:
-                usual = weight.dtype is not int8 and not (
-                    grad_enabled() and (input.requires_grad or weight.requires_grad))
-            except AttributeError:
-                usual = False
-            return impl(input, weight) if usual else slow(input, weight, async_op)
+                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
+                    return impl(input, weight, async_op, None, False, True)
+            except CALL_ERRORS:
+                pass
+            return slow(input, weight, async_op)
 
-        return fast_plain if not quantized and not transposed else fast
+        def fast_kn(input, weight, async_op=False):
+            try:
+                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
+                    return impl(input, weight)
+            except CALL_ERRORS:
+                pass
+            return slow(input, weight, async_op)
+
+        return fast_int8 if quantized else fast_nk if transposed else fast_kn
 
     @staticmethod
     def _triton_autotune(min_seqlen: int, max_seqlen: int, hidden_size: int, dtype: torch.dtype = torch.float16,

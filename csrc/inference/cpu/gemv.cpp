@@ -94,6 +94,14 @@ inline void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64
     vf b[NR];
     for (int r = 0; r < NR; ++r) b[r] = vzero();
     for (; k + 2 * kW <= kc; k += 2 * kW) {
+      if constexpr (sizeof(TW) == 1) {
+        // int8 from DRAM: one core's hardware prefetchers reach ~10 GB/s on this tile's 4 concurrent row
+        // streams; an L2 prefetch of the same k two tiles (2 * kNR rows) ahead keeps more lines in
+        // flight (+12-16% single-threaded at K = 4096, docs/PERFORMANCE.md). One per 64-byte line; past
+        // the last row it is a harmless no-op (prefetches never fault).
+        if ((k & 63) == 0)
+          for (int r = 0; r < NR; ++r) prefetch_l2(w + (r + 2 * kNR) * ldw + k);
+      }
       const vf x0 = vload(x + k), x1 = vload(x + k + kW);
       for (int r = 0; r < NR; ++r) a[r][0] = vfma(vload(w + r * ldw + k), x0, a[r][0]);
       for (int r = 0; r < NR; ++r) b[r] = vfma(vload(w + r * ldw + k + kW), x1, b[r]);
@@ -211,7 +219,7 @@ inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX*
 // cost 2x and M=16 6x the time of M=1 single-threaded; the weight tile was re-streamed from L2.)
 constexpr int64_t kKC = 512;
 
-// A vector in a std::vector (a bare __m256 template argument would drop its alignment attribute).
+// A vector as a Scratch element (a bare __m256 template argument would drop its alignment attribute).
 struct vbox {
   vf v;
 };
@@ -229,18 +237,19 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
   // Results of kOutUnits consecutive tiles are gathered per row of x and written out together.
   constexpr int64_t kOutUnits = 16;
   parallel_for(pf, units, grain, [&](int64_t ub, int64_t ue) {
-    std::vector<vbox> accv(size_t(mchunks * kNR * kMR));
-    vf* acc = &accv[0].v;
+    const size_t nacc = size_t(mchunks * kNR * kMR);
+    Scratch<vbox, 8 * kNR * kMR> accv(nacc);
+    vf* acc = &accv.data()->v;
     const int64_t ldwb = padded_stride(KC, sizeof(float));
     std::vector<float> wbuf(widen ? size_t(kNR * ldwb) : 0);
-    std::vector<float> res(size_t(M * kOutUnits * kNR));  // [M][kOutUnits * kNR]
+    Scratch<float, 32 * kOutUnits * kNR> res(size_t(M * kOutUnits * kNR));  // [M][kOutUnits * kNR]
     for (int64_t g0 = ub; g0 < ue; g0 += kOutUnits) {
       const int64_t g1 = std::min(ue, g0 + kOutUnits);
       for (int64_t u = g0; u < g1; ++u) {
         const int64_t n0 = u * kNR;
         const int nr = int(std::min<int64_t>(kNR, N - n0));
         const TW* wt = w + n0 * K;
-        for (auto& a : accv) a.v = vzero();
+        for (size_t i = 0; i < nacc; ++i) acc[i] = vzero();
         for (int64_t kb = 0; kb < K; kb += KC) {
           const int64_t kc = std::min(KC, K - kb);
           if constexpr (kWiden) {
@@ -253,9 +262,14 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
           dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc);
         }
         for (int64_t c = 0; c < rb.count; ++c)
-          for (int mi = 0; mi < rb.size(c); ++mi)
-            for (int r = 0; r < nr; ++r)
-              res[size_t((rb.start(c) + mi) * kOutUnits * kNR + (u - g0) * kNR + r)] = vsum(acc[(c * kNR + r) * kMR + mi]);
+          for (int mi = 0; mi < rb.size(c); ++mi) {
+            float* rr = res.data() + (rb.start(c) + mi) * kOutUnits * kNR + (u - g0) * kNR;
+            const vf* a = acc + c * kNR * kMR + mi;
+            if (nr == 4 && kNR == 4)
+              vsum4(a[0], a[kMR], a[2 * kMR], a[3 * kMR], rr);
+            else
+              for (int r = 0; r < nr; ++r) rr[r] = vsum(a[r * kMR]);
+          }
       }
       const int64_t c0 = g0 * kNR, cnt = std::min(g1 * kNR, N) - c0;
       for (int64_t m = 0; m < M; ++m) out.put(m, c0, res.data() + m * kOutUnits * kNR, cnt);
@@ -367,11 +381,8 @@ extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64
   const int64_t K = w->K, N = w->N;
   if (M <= 0 || N <= 0) return DSINF_OK;
 
-  std::vector<float> bias_f;
-  if (bias) {
-    bias_f.resize(size_t(N));
-    load_row_any(bias_f.data(), bias, x_dtype, N);
-  }
+  Scratch<float, 4096> bias_f(bias ? size_t(N) : 0);
+  if (bias) load_row_any(bias_f.data(), bias, x_dtype, N);
   const OutRow o{out, out_dtype, ldo, bias ? bias_f.data() : nullptr, int8_w ? w->scale : nullptr,
                  int8_w ? N / w->groups : 1};
 
@@ -390,7 +401,7 @@ extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64
   }
 #endif
   const int64_t ldxf = padded_stride(K, sizeof(float));
-  std::vector<float> xbuf(size_t(M * ldxf));
+  Scratch<float, 8192> xbuf(size_t(M * ldxf));
   for (int64_t m = 0; m < M; ++m) load_row_any(xbuf.data() + m * ldxf, xb + size_t(m * ldx) * xsize, x_dtype, K);
   const float* xf = xbuf.data();
   switch (w->dtype) {
