@@ -9,9 +9,9 @@ Two variants, built and cached independently, loadable side by side in one proce
 - `cuda`: csrc/inference/cuda/*.cu + binding/cuda_binding.cpp, nvcc; machines with CUDA torch + nvcc.
 
 `InferenceBuilder().load()` loads the variants this machine can use (cpu, plus cuda when a GPU is
-visible) and returns one `InferenceModule`; `load("cpu")` / `load("cuda")` loads just one. The
-module's functions are the `torch.ops.dsinf.*` custom ops: the dispatcher routes CPU tensors to the
-CPU kernels and CUDA tensors to the CUDA ones.
+visible; the missing ones are built at once) and returns one `InferenceModule`; `load("cpu")` /
+`load("cuda")` loads just one. The module's functions are the `torch.ops.dsinf.*` custom ops: the
+dispatcher routes CPU tensors to the CPU kernels and CUDA tensors to the CUDA ones.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ class InferenceBuilder(OpBuilder):
         for variant in variants:
             if variant not in self.VARIANTS:
                 raise ValueError(f"unknown device type {variant!r}; {self.NAME} has {self.VARIANTS}")
-            self.load_variant(variant)
+        self.load_variants(variants)  # the builds they need run at once
         return InferenceModule(self)
 
 

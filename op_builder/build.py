@@ -107,6 +107,17 @@ def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> i
     return jobs
 
 
+def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | None) -> list[int]:
+    """Compile jobs of builds that run at once: the budget of one build (`max_jobs`, MAX_JOBS included)
+    split in proportion to their translation units, so each build's sources start together and the
+    builds finish together; at least 1 each."""
+    total = max_jobs(cpu_count, memory_available, any(s.with_cuda for s in specs))
+    units = [max(1, len(s.sources)) for s in specs]
+    shares = [max(1, total * u // sum(units)) for u in units]
+    shares[units.index(max(units))] += max(0, total - sum(shares))  # the remainder to the largest build
+    return shares
+
+
 def _worker_preexec() -> None:
     """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
     as one) and get SIGTERM when the parent dies. The worker's SIGTERM handler forwards it to ninja,
@@ -268,11 +279,13 @@ def _signal_cause(rc: int) -> str | None:
 
 
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
-                  memory_available: int | None, reject: str | None = None) -> tuple[Path, str]:
+                  memory_available: int | None, reject: str | None = None,
+                  jobs: int | None = None) -> tuple[Path, str]:
     """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'.
 
     `reject`: why the published entry, although intact, must be rebuilt (it loaded without
-    registering its kernels)."""
+    registering its kernels). `jobs`: compile jobs (default `max_jobs`; a share of it when several
+    builds run at once)."""
     _show_progress()
     digest = key.digest
     entry = variant_dir / digest
@@ -302,7 +315,7 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
         for stale in variant_dir.glob(f".tmp-{digest}-*"):  # left by killed builds; we hold the lock
             _remove(stale)
         build_dir.mkdir(mode=0o700)
-        jobs = max_jobs(system_cpu_count, memory_available, spec.with_cuda)
+        jobs = jobs or max_jobs(system_cpu_count, memory_available, spec.with_cuda)
         try:
             rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit)
         except _TimeLimit:
