@@ -112,6 +112,9 @@ _KNOBS = [
     Knob("DSINF_CONCURRENT_BUILDS", True, parse_bool,
          "Build the variants one load() needs (cpu and cuda) at once, splitting the compile jobs between them; "
          "0: one after the other."),
+    Knob("DSINF_NVCC_SPLIT_COMPILE", None, _parse_positive_int,
+         "Threads nvcc and ptxas may use to optimise the kernels of one CUDA source (--split-compile; the SASS is "
+         "the same). Default: as many as CPUs; 1: off."),
     Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
     Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: CUDA_PATH, nvcc on PATH, "
          "/usr/local/cuda."),
