@@ -20,6 +20,7 @@ temp dir, so torch's own lock file (which can go stale) is never shared between 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -118,15 +119,24 @@ def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | N
     return shares
 
 
+@functools.cache
+def _prctl():
+    """libc's prctl, resolved in the parent: the forked child must not dlopen (another thread of the
+    parent - a concurrent build's - may have held the loader's lock at fork time)."""
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _worker_preexec() -> None:
     """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
-    as one) and get SIGTERM when the parent dies. The worker's SIGTERM handler forwards it to ninja,
-    which stops its compilers: a `kill -9`ed loader leaves no compiler running."""
+    as one) and get SIGTERM when the parent dies (PR_SET_PDEATHSIG: when the thread that started it
+    ends, which waits for the worker). The worker's SIGTERM handler forwards it to ninja, which stops
+    its compilers: a `kill -9`ed loader leaves no compiler running."""
     os.setpgrp()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _group_alive(pgid: int) -> bool:
@@ -205,6 +215,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
     env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # torch would otherwise add its own -gencode flags or warn about an unset arch list; ours are explicit.
     env.pop("TORCH_CUDA_ARCH_LIST", None)
+    _prctl()  # resolved before the fork
     start = time.monotonic()
     with open(log_path, "ab") as logf:
         logf.write(f"# {spec.label} {spec.describe}\n# MAX_JOBS={jobs}\n".encode())
