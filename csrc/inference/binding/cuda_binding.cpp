@@ -302,7 +302,6 @@ MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tenso
                             double epsilon, const c10::optional<at::Tensor>& q_scale,
                             const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
                             bool transposed_mode) {
-  using detail::shape_str;
   check_tensor(op, "input", input);
   check_dtype(op, "input", input, act);
   const int64_t K = check_pre_rms_norm(op, input, residual, gamma, epsilon, "input");
@@ -311,16 +310,12 @@ MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tenso
   check_weight(op, "weight_interm", weight_interm, input, q_int8);
   check_weight(op, "weight_out", weight_out, input, q_int8);
   const bool nk = q_int8 || transposed_mode;
-  const char* layout = nk ? "[N, K]" : "[K, N]";
-  const int64_t N = weight_interm.size(nk ? 0 : 1), Kw = weight_interm.size(nk ? 1 : 0);
-  DSINF_CHECK_ARG(Kw == K, op, "weight_interm", "shape ", shape_str(weight_interm), " read as ", layout, " has K=", Kw,
-                  ", but the input has hidden size ", K, " (transposed_mode=", transposed_mode, ", q_int8=", q_int8,
-                  ")");
+  const int64_t N = check_weight_inputs(op, "weight_interm", weight_interm, nk, K,
+                                        detail::cat(" (transposed_mode=", transposed_mode, ", q_int8=", q_int8, ")"));
   DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
                   " outputs must be an even, non-zero 2*I ([up | gate] halves)");
-  const int64_t I = N / 2, Kout = weight_out.size(nk ? 0 : 1), Iout = weight_out.size(nk ? 1 : 0);
-  DSINF_CHECK_ARG(Iout == I && Kout == K, op, "weight_out", "expected shape (", nk ? K : I, ", ", nk ? I : K, ") (",
-                  layout, " with K=", K, " outputs and I=", I, " inputs), got ", shape_str(weight_out));
+  const int64_t I = N / 2;
+  check_weight_shape(op, "weight_out", weight_out, nk, K, I, detail::cat("K=", K, " outputs and I=", I, " inputs"));
   const int64_t G = q_int8 ? check_row_scales(op, "q_scale", q_scale, input, N, "weight_interm") : 0;
   const int64_t G1 = q_int8 ? check_row_scales(op, "q_scale1", q_scale1, input, K, "weight_out") : 0;
   const int64_t M = rows_of(input, K);

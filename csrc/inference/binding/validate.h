@@ -279,6 +279,24 @@ inline void check_weight(const char* op, const char* arg, const at::Tensor& w, c
                   is_int8 ? ": pass q_int8=True with its scales" : "");
 }
 
+// A weight read as [N, K] (`nk`) or [K, N] takes the input's hidden size K; returns its N outputs. `note`
+// ends the message, e.g. " (transposed_mode=True, q_int8=False)".
+inline int64_t check_weight_inputs(const char* op, const char* arg, const at::Tensor& w, bool nk, int64_t K,
+                                   const std::string& note) {
+  const int64_t N = w.size(nk ? 0 : 1), Kw = w.size(nk ? 1 : 0);
+  DSINF_CHECK_ARG(Kw == K, op, arg, "shape ", detail::shape_str(w), " read as ", nk ? "[N, K]" : "[K, N]", " has K=",
+                  Kw, ", but the input has hidden size ", K, note);
+  return N;
+}
+
+// A weight read as [N, K] (`nk`) or [K, N] has N outputs and K inputs; `names` says what they are, e.g.
+// "K=8 outputs and I=4 inputs".
+inline void check_weight_shape(const char* op, const char* arg, const at::Tensor& w, bool nk, int64_t N, int64_t K,
+                               const std::string& names) {
+  DSINF_CHECK_ARG(w.size(nk ? 0 : 1) == N && w.size(nk ? 1 : 0) == K, op, arg, "expected shape (", nk ? N : K, ", ",
+                  nk ? K : N, ") (", nk ? "[N, K]" : "[K, N]", " with ", names, "), got ", detail::shape_str(w));
+}
+
 // float32 [G] scales of the N rows of an int8 weight (`weight_name`), G | N. Returns G.
 inline int64_t check_row_scales(const char* op, const char* arg, const c10::optional<at::Tensor>& q_scale,
                                 const at::Tensor& input, int64_t N, const char* weight_name) {
