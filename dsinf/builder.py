@@ -9,9 +9,9 @@ Two variants, built and cached independently, loadable side by side in one proce
 - `cuda`: csrc/inference/cuda/*.cu + binding/cuda_binding.cpp, nvcc; machines with CUDA torch + nvcc.
 
 `InferenceBuilder().load()` loads the variants this machine can use (cpu, plus cuda when a GPU is
-visible) and returns one `InferenceModule`; `load("cpu")` / `load("cuda")` loads just one. The
-module's functions are the `torch.ops.dsinf.*` custom ops: the dispatcher routes CPU tensors to the
-CPU kernels and CUDA tensors to the CUDA ones.
+visible; the missing ones are built at once) and returns one `InferenceModule`; `load("cpu")` /
+`load("cuda")` loads just one. The module's functions are the `torch.ops.dsinf.*` custom ops: the
+dispatcher routes CPU tensors to the CPU kernels and CUDA tensors to the CUDA ones.
 """
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ _NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
                "-U__CUDA_NO_BFLOAT162_OPERATORS__")
+
+
+
+def _split_compile_flags(nvcc) -> tuple[str, ...]:
+    """nvcc (NVVM) and ptxas optimise the kernels of one translation unit on several threads. The build's
+    wall time on a many-core machine is its slowest translation unit, a .cu with dozens of template kernels
+    (mlp_gemm.cu: 45); each kernel is still optimised whole, so the SASS does not change (every kernel's code
+    byte-identical with and without, nvcc 13.0, sm_90a: tools/cuda_build_times.py --check-sass). ptxas
+    takes the option from CUDA 12.8 on (older toolkits build as before)."""
+    threads = knobs.get("DSINF_NVCC_SPLIT_COMPILE")
+    if threads == 1 or nvcc is None or nvcc.version < (12, 8):
+        return ()
+    n = threads or 0  # 0: as many threads as CPUs
+    return (f"--split-compile={n}", "-Xptxas", f"--split-compile={n}")
 
 
 class InferenceBuilder(OpBuilder):
@@ -112,7 +126,9 @@ class InferenceBuilder(OpBuilder):
         return tuple(qualified(name) for s in op_spec.specs().values() for name, dtype in s.functions().items()
                      if bf16 or dtype is not torch.bfloat16)
 
-    def spec(self, variant: str, *, portable: bool = False) -> BuildSpec:
+    def spec(self, variant: str, *, portable: bool = False, archs: tuple[Arch, ...] | None = None) -> BuildSpec:
+        """`archs`: CUDA targets to build for instead of the resolved ones (tools/cuda_build_times.py uses it
+        to time the compiles on a machine without a CUDA torch)."""
         sources, includes = self._sources(variant)
         library_name = f"{self.NAME}_{variant}"
         if variant == "cpu":
@@ -121,13 +137,14 @@ class InferenceBuilder(OpBuilder):
                              include_dirs=tuple(includes), cflags=_CPU_FLAGS + isa_cflags, ldflags=_CPU_LDFLAGS,
                              pre_load="dsinf.library:define", describe=f"for {isa}", kernels=self._kernels(),
                              manifest_extra={"isa": isa, "native": "-march=native" in isa_cflags})
-        archs = self._archs(portable)
+        archs = archs or self._archs(portable)
         bf16 = all(a.major >= 8 for a in archs)
         defines = ("-DDSINF_CUDA_BF16",) if bf16 else ()
         jobs_threads = ("--threads=1",)  # parallelism comes from ninja jobs; nvcc threads multiply memory
         return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
                          include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + defines,
-                         cuda_cflags=_NVCC_FLAGS + defines + jobs_threads + tuple(nvcc_gencode_flags(archs)),
+                         cuda_cflags=(_NVCC_FLAGS + defines + jobs_threads + _split_compile_flags(self.system.nvcc)
+                                      + tuple(nvcc_gencode_flags(archs))),
                          with_cuda=True, pre_load="dsinf.library:define", kernels=self._kernels(bf16),
                          describe="for " + " ".join(f"sm_{a.sm}" for a in archs),
                          manifest_extra={"archs": [str(a) for a in archs], "bf16": bf16})
@@ -223,7 +240,7 @@ class InferenceBuilder(OpBuilder):
         for variant in variants:
             if variant not in self.VARIANTS:
                 raise ValueError(f"unknown device type {variant!r}; {self.NAME} has {self.VARIANTS}")
-            self.load_variant(variant)
+        self.load_variants(variants)  # the builds they need run at once
         return InferenceModule(self)
 
 

@@ -2,7 +2,7 @@
 
 `check_linear` / `check_vector_matmul` turn raw arguments into a small frozen problem description
 (sizes, layout, quantization) or raise `InputError` naming the offending argument. The compiled
-bindings enforce the same rules in C++ (`csrc/inference/binding/validate.h`) with the same wording,
+bindings enforce the same rules in C++ (`csrc/inference/binding/`: primitives in validate.h) with the same wording,
 so a direct `torch.ops.dsinf.*` call is guarded too; `tests/test_checks.py` runs one table of bad
 inputs against both.
 

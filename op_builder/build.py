@@ -20,6 +20,7 @@ temp dir, so torch's own lock file (which can go stale) is never shared between 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -107,15 +108,35 @@ def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> i
     return jobs
 
 
+def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | None) -> list[int]:
+    """Compile jobs of builds that run at once: the budget of one build (`max_jobs`, MAX_JOBS included)
+    split in proportion to their translation units, so each build's sources start together and the
+    builds finish together; at least 1 each."""
+    total = max_jobs(cpu_count, memory_available, any(s.with_cuda for s in specs))
+    units = [max(1, len(s.sources)) for s in specs]
+    shares = [max(1, total * u // sum(units)) for u in units]
+    shares[units.index(max(units))] += max(0, total - sum(shares))  # the remainder to the largest build
+    return shares
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl, resolved in the parent: the forked child must not dlopen (another thread of the
+    parent - a concurrent build's - may have held the loader's lock at fork time)."""
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _worker_preexec() -> None:
     """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
-    as one) and get SIGTERM when the parent dies. The worker's SIGTERM handler forwards it to ninja,
-    which stops its compilers: a `kill -9`ed loader leaves no compiler running."""
+    as one) and get SIGTERM when the parent dies (PR_SET_PDEATHSIG: when the thread that started it
+    ends, which waits for the worker). The worker's SIGTERM handler forwards it to ninja, which stops
+    its compilers: a `kill -9`ed loader leaves no compiler running."""
     os.setpgrp()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _group_alive(pgid: int) -> bool:
@@ -194,6 +215,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
     env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # torch would otherwise add its own -gencode flags or warn about an unset arch list; ours are explicit.
     env.pop("TORCH_CUDA_ARCH_LIST", None)
+    _prctl()  # resolved before the fork
     start = time.monotonic()
     with open(log_path, "ab") as logf:
         logf.write(f"# {spec.label} {spec.describe}\n# MAX_JOBS={jobs}\n".encode())
@@ -268,11 +290,13 @@ def _signal_cause(rc: int) -> str | None:
 
 
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
-                  memory_available: int | None, reject: str | None = None) -> tuple[Path, str]:
+                  memory_available: int | None, reject: str | None = None,
+                  jobs: int | None = None) -> tuple[Path, str]:
     """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'.
 
     `reject`: why the published entry, although intact, must be rebuilt (it loaded without
-    registering its kernels)."""
+    registering its kernels). `jobs`: compile jobs (default `max_jobs`; a share of it when several
+    builds run at once)."""
     _show_progress()
     digest = key.digest
     entry = variant_dir / digest
@@ -302,7 +326,7 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
         for stale in variant_dir.glob(f".tmp-{digest}-*"):  # left by killed builds; we hold the lock
             _remove(stale)
         build_dir.mkdir(mode=0o700)
-        jobs = max_jobs(system_cpu_count, memory_available, spec.with_cuda)
+        jobs = jobs or max_jobs(system_cpu_count, memory_available, spec.with_cuda)
         try:
             rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit)
         except _TimeLimit:

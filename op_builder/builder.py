@@ -9,6 +9,10 @@ Per variant and process, `load_variant` runs at most once (memoised, thread-safe
    this torch / Python / GPU / CPU — else it says why and goes on;
 2. the JIT cache entry for this machine's key, if complete and intact;
 3. a build now (under the cross-process lock), then load.
+
+`load_variants` loads several: the builds they need run at once (one thread each, every build in its
+own worker process and under its own lock, the job budget split between them), then the libraries load
+one after the other in the calling thread.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, knobs
-from .build import BuildSpec, build_or_wait, dispatch_key, missing_kernels
+from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels
 from .compat import Decision
 from .errors import IncompatibleError, OpBuilderError
 from .system import System, current_system
@@ -157,7 +161,53 @@ class OpBuilder:
                 why = problem
         return None, why
 
-    def load_variant(self, variant: str) -> LoadedVariant:
+    def load_variants(self, variants: list[str]) -> list[LoadedVariant]:
+        """Load `variants`, building the missing ones concurrently (DSINF_CONCURRENT_BUILDS), each with its
+        share of the compile jobs. A failed build raises its own BuildError, as when built alone (the first
+        failing variant's, in `variants` order; any other failure is logged), once every build has ended."""
+        pending = [v for v in variants if (self.NAME, v) not in _loaded]
+        if len(pending) > 1 and knobs.get("DSINF_CONCURRENT_BUILDS"):
+            pending = [v for v in pending if self._needs_build(v)]
+        located: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+        if len(pending) > 1 and knobs.get("DSINF_CONCURRENT_BUILDS"):
+            shares = job_shares([self.spec(v) for v in pending], self.system.cpu_count,
+                                self.system.memory_available)
+            log.info("building %s concurrently (%s compile jobs)", " and ".join(f"{self.NAME}[{v}]" for v in pending),
+                     " + ".join(map(str, shares)))
+            errors: dict[str, BaseException] = {}
+
+            def build(variant: str, jobs: int) -> None:
+                try:
+                    located[variant] = self._locate_or_build(variant, jobs=jobs)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                    errors[variant] = exc
+
+            # Daemon threads: an interrupted caller exits at once; each worker then gets SIGTERM
+            # (PR_SET_PDEATHSIG) and stops its compilers.
+            threads = [threading.Thread(target=build, args=(v, n), name=f"build {self.NAME}[{v}]", daemon=True)
+                       for v, n in zip(pending, shares)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            failed = [v for v in pending if v in errors]
+            for variant in failed[1:]:
+                log.error("op_builder: %s", errors[variant])
+            if failed:
+                raise errors[failed[0]]
+        return [self.load_variant(v, located=located.get(v)) for v in variants]
+
+    def _needs_build(self, variant: str) -> bool:
+        """Whether loading `variant` would compile: no usable installed binary and no published entry."""
+        if not knobs.get("DSINF_NO_PREBUILT") and self.prebuilt_problem(variant) is None:
+            return False
+        if not self.compatible(variant).ok:
+            return False  # load_variant raises the reasons
+        return self.cached_entry(variant)[0] is None
+
+    def load_variant(self, variant: str, *,
+                     located: tuple[Path, str, dict[str, Any]] | None = None) -> LoadedVariant:
+        """Load one variant (memoised). `located`: what `_locate_or_build` already returned for it."""
         memo_key = (self.NAME, variant)
         if memo_key in _loaded:
             return _loaded[memo_key]
@@ -165,7 +215,7 @@ class OpBuilder:
             if memo_key in _loaded:
                 return _loaded[memo_key]
             start = time.monotonic()
-            path, how, manifest = self._locate_or_build(variant)
+            path, how, manifest = located or self._locate_or_build(variant)
             missing = self._load(path, variant, manifest)
             if missing:  # not the binary its manifest describes: reject it, build, load the build
                 why = f"it loaded but registers no {dispatch_key(variant)} kernel for {', '.join(missing)}"
@@ -204,8 +254,8 @@ class OpBuilder:
         kernels = manifest.get("kernels") or []
         return missing_kernels(tuple(kernels), dispatch_key(variant))
 
-    def _locate_or_build(self, variant: str, *, reject: str | None = None,
-                         prebuilt: bool = True) -> tuple[Path, str, dict[str, Any]]:
+    def _locate_or_build(self, variant: str, *, reject: str | None = None, prebuilt: bool = True,
+                         jobs: int | None = None) -> tuple[Path, str, dict[str, Any]]:
         prebuilt_why = None
         if prebuilt and not knobs.get("DSINF_NO_PREBUILT"):
             prebuilt_why = self.prebuilt_problem(variant)
@@ -227,7 +277,7 @@ class OpBuilder:
         entry, how = (None, None) if reject else self._published(variant, spec, key.digest)
         if entry is None:  # published entries are immutable: a found one needs no lock, and no write
             entry, how = build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
-                                       memory_available=self.system.memory_available, reject=reject)
+                                       memory_available=self.system.memory_available, reject=reject, jobs=jobs)
         else:
             how = "cached"
         manifest = cache.read_manifest(entry)

@@ -109,6 +109,12 @@ _KNOBS = [
          "CUDA targets, ';' or space separated: X.Y, X.Ya, X.Y+PTX. Wins over the visible GPUs."),
     Knob("MAX_JOBS", None, _parse_positive_int,
          "Parallel compile jobs (torch's variable). Default: sized from cores and free memory."),
+    Knob("DSINF_CONCURRENT_BUILDS", True, parse_bool,
+         "Build the variants one load() needs (cpu and cuda) at once, splitting the compile jobs between them; "
+         "0: one after the other."),
+    Knob("DSINF_NVCC_SPLIT_COMPILE", None, _parse_positive_int,
+         "Threads nvcc and ptxas may use to optimise the kernels of one CUDA source (--split-compile; the SASS is "
+         "the same). Default: as many as CPUs; 1: off."),
     Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
     Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: CUDA_PATH, nvcc on PATH, "
          "/usr/local/cuda."),

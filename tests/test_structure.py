@@ -113,3 +113,85 @@ def _code_without_docs(path: Path) -> str:
             node.body = body[1:] or [ast.Pass()]
     tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
     return ast.unparse(tree)
+
+
+# --- the C++ validation: generic primitives in validate.h, each op's rules in its binding entry -------------
+
+BINDING = ROOT / "csrc" / "inference" / "binding"
+
+
+def _op_words() -> set[str]:
+    """What names an op in C++: its spec name, its functions and its module name (e.g. mlp_gemm)."""
+    words = set(op_spec.op_module_names())
+    for spec in SPECS:
+        words |= {spec.name, *spec.functions()}
+    return words
+
+
+def test_validate_h_names_no_op():
+    # Adding an op touches its binding entries, never the shared header: validate.h holds primitives only.
+    import re
+
+    text = (BINDING / "validate.h").read_text()
+    named = sorted(w for w in _op_words() if re.search(rf"\b{re.escape(w)}\b", text))
+    assert named == [], f"validate.h names ops {named}: compose an op's checks in its binding entry"
+
+
+def _mutations(args: tuple, schema_types: list[str]):
+    """(what, args) pairs that break one argument of a valid call, within what the schema accepts."""
+    for i, (value, typ) in enumerate(zip(args, schema_types)):
+        if isinstance(value, torch.Tensor):
+            changed = {
+                "float64": value.double(), "int8": value.to(torch.int8), "extra-dim": value.unsqueeze(0),
+                "0-d": value.reshape(-1)[0].clone(), "empty-last": value[..., :0],
+                "short-last": value[..., :-1].contiguous(), "non-contiguous": value.unsqueeze(-1).expand(
+                    *value.shape, 2)[..., 0],
+            }
+            if i:  # the first tensor decides the dispatch key: a meta one would run the fake kernel
+                changed["other-device"] = value.to("meta")
+            if typ.endswith("?"):
+                changed["None"] = None
+        elif isinstance(value, bool):
+            changed = {"flipped": not value}
+        elif isinstance(value, float):
+            changed = {"zero": 0.0, "negative": -1.0, "nan": float("nan"), "inf": float("inf")}
+        elif isinstance(value, int):
+            changed = {"zero": 0, "minus-one": -1, "plus-one": value + 1, "huge": 2**62}
+        else:
+            continue
+        for what, new in changed.items():
+            yield f"arg{i}-{what}", args[:i] + (new,) + args[i + 1:]
+
+
+def _outcome(call) -> str:
+    try:
+        call()
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any other failure is reported as such, and differs
+        return f"{type(exc).__name__}: {exc}"
+    return "passes"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_cpp_and_python_validation_agree_on_every_op(spec, cpu_module):
+    """A direct torch.ops.dsinf.* call on CPU and the op's Python checks (what the op classes and the reference
+    run) accept the same arguments and reject the rest with the same words, for one argument broken at a
+    time in every sample of the spec: the table of bad inputs is derived from the spec, so a new op is
+    covered without a line here."""
+    types = [a.split()[0] for a in spec.schema[spec.schema.index("(") + 1:spec.schema.rindex(") ->")].split(",")]
+    checked = rejected = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        function = spec.function(dtype)
+        compiled = getattr(torch.ops.dsinf, function)
+        act = spec.functions()[function]
+        for sample in spec.samples("cpu", dtype, torch.Generator().manual_seed(0)):
+            for what, args in _mutations(tuple(sample), types):
+                cpp = _outcome(lambda: compiled(*args))
+                python = _outcome(lambda: spec.check(function, *args, act_dtype=act))
+                if python == "passes" and not cpp.startswith("ValueError"):
+                    continue  # valid arguments: the kernel ran (or failed for a reason that is not validation)
+                assert cpp == python, f"{function} {what}"
+                checked += 1
+                rejected += cpp.startswith("ValueError")
+    assert rejected >= 10, f"only {rejected} of {checked} mutations were rejected: the table tests nothing"

@@ -6,7 +6,8 @@
 dtype (float32, float16 or bfloat16), which the output takes: one dtype-generic function `rms_norm`, as
 DeepSpeed's. DeepSpeed rounds `x * rsqrt` and then `* gamma` separately; we round once. `RMSNormOp()`
 works without a config (it reads none of its fields). The norm checks shared by `pre_rms_norm` and
-`rms_mlp_gemm` live here too; the C++ twins are in `csrc/inference/binding/validate.h`.
+`rms_mlp_gemm` live here too; the C++ twins are in the binding entries
+(`csrc/inference/binding/*_binding.cpp`).
 """
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   check_bias(op, bias, add_bias, input, s.N);
   QKVLayout q{};
   if (do_flash_attn) q = check_qkv(op, s.K, s.N, s.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
-  const auto shapes = linear_output_shapes(s, do_flash_attn ? &q : nullptr);
+  const auto shapes = matmul_output_shapes(s, do_flash_attn ? &q : nullptr);
   if (s.M() == 0 || s.N == 0) return empty_outputs(shapes, input);
 
   const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
@@ -215,14 +215,35 @@ extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_pre_rms_norm(const void* x, cons
                                                              float epsilon, void* out, void* res_out,
                                                              dsinf_parallel_fn pf);
 
+// rms_norm's rules (dsinf/ops/rms_norm.py), from validate.h's primitives; `x`: what the op calls its
+// activation. Returns H of vals [..., H].
+int64_t check_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& gamma, double epsilon,
+                       const char* x = "vals") {
+  check_float_tensor(op, x, vals);
+  DSINF_CHECK_ARG(vals.dim() >= 1, op, x, "expected at least one dimension [..., H], got a 0-d tensor");
+  const int64_t H = check_channel_vector(op, "gamma", gamma, vals);
+  check_finite_positive(op, "epsilon", epsilon);
+  return H;
+}
+
+// pre_rms_norm's rules (dsinf/ops/pre_rms_norm.py): rms_norm's, and a residual like vals.
+int64_t check_pre_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& residual, const at::Tensor& gamma,
+                           double epsilon, const char* x = "vals") {
+  const int64_t H = check_rms_norm(op, vals, gamma, epsilon, x);
+  check_like(op, "residual", residual, vals, x);
+  return H;
+}
+
+int64_t rows_of(const at::Tensor& x, int64_t H) { return H ? x.numel() / H : 0; }
+
 // One dtype-generic function each (the dtype is the input's), as DeepSpeed's.
 at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsilon) {
   const char* op = "rms_norm";
-  const NormShape s = check_rms_norm(op, vals, gamma, epsilon);
+  const int64_t H = check_rms_norm(op, vals, gamma, epsilon), rows = rows_of(vals, H);
   at::Tensor out = at::empty(vals.sizes(), vals.options());
-  if (s.rows == 0 || s.H == 0) return out;
+  if (rows == 0 || H == 0) return out;
   const at::Tensor x = vals.contiguous(), g = gamma.contiguous();
-  check_status(dsinf_cpu_rms_norm(x.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), s.rows, s.H, float(epsilon),
+  check_status(dsinf_cpu_rms_norm(x.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), rows, H, float(epsilon),
                                   out.data_ptr(), kParallel),
                op, "rms_norm");
   return out;
@@ -231,12 +252,11 @@ at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsi
 std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at::Tensor& residual,
                                                 const at::Tensor& gamma, double epsilon) {
   const char* op = "pre_rms_norm";
-  const NormShape s = check_pre_rms_norm(op, vals, residual, gamma, epsilon);
+  const int64_t H = check_pre_rms_norm(op, vals, residual, gamma, epsilon), rows = rows_of(vals, H);
   at::Tensor out = at::empty(vals.sizes(), vals.options()), res = at::empty(vals.sizes(), vals.options());
-  if (s.rows == 0 || s.H == 0) return {out, res};
+  if (rows == 0 || H == 0) return {out, res};
   const at::Tensor x = vals.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
-  check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), s.rows,
-                                      s.H, float(epsilon), out.data_ptr(), res.data_ptr(), kParallel),
+  check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), rows, H, float(epsilon), out.data_ptr(), res.data_ptr(), kParallel),
                op, "pre_rms_norm");
   return {out, res};
 }
@@ -249,6 +269,39 @@ extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_gemv(const void* x, dsinf_
 extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf_dtype src_dtype, int64_t M,
                                                           int64_t I, int64_t lds, int activation, void* out,
                                                           dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
+
+// rms_mlp_gemm's problem: M rows of hidden size K, intermediate size I (W_interm has 2I outputs).
+struct MLPShape {
+  int64_t M, K, I;
+  int activation;           // 3 GATED_GELU, 4 GATED_SILU (DeepSpeed's ActivationFuncType)
+  MatmulShape interm, out;  // h [M, K] -> [M, 2I]; a [M, I] -> [M, K]
+};
+
+// rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
+MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& residual,
+                            const at::Tensor& weight_interm, const at::Tensor& weight_out, const at::Tensor& gamma,
+                            double epsilon, const c10::optional<at::Tensor>& q_scale,
+                            const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
+                            bool transposed_mode) {
+  check_tensor(op, "input", input);
+  check_dtype(op, "input", input, act);
+  const int64_t K = check_pre_rms_norm(op, input, residual, gamma, epsilon, "input");
+  DSINF_CHECK_ARG(activation_type == 3 || activation_type == 4, op, "activation_type",
+                  "expected GATED_GELU (3) or GATED_SILU (4) (DeepSpeed's ActivationFuncType), got ", activation_type);
+  check_weight(op, "weight_interm", weight_interm, input, q_int8);
+  check_weight(op, "weight_out", weight_out, input, q_int8);
+  const bool nk = q_int8 || transposed_mode;
+  const int64_t N = check_weight_inputs(op, "weight_interm", weight_interm, nk, K,
+                                        detail::cat(" (transposed_mode=", transposed_mode, ", q_int8=", q_int8, ")"));
+  DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
+                  " outputs must be an even, non-zero 2*I ([up | gate] halves)");
+  const int64_t I = N / 2;
+  check_weight_shape(op, "weight_out", weight_out, nk, K, I, detail::cat("K=", K, " outputs and I=", I, " inputs"));
+  const int64_t G = q_int8 ? check_row_scales(op, "q_scale", q_scale, input, N, "weight_interm") : 0;
+  const int64_t G1 = q_int8 ? check_row_scales(op, "q_scale1", q_scale1, input, K, "weight_out") : 0;
+  const int64_t M = rows_of(input, K);
+  return {M, K, I, static_cast<int>(activation_type), {1, M, K, N, q_int8, G, nk}, {1, M, I, K, q_int8, G1, nk}};
+}
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        decode: the gated GEMV (the [M, 2I] product never exists);
@@ -271,7 +324,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                                       h.data_ptr(), res.data_ptr(), kParallel),
                op, "pre_rms_norm");
 
-  const MatmulShape si = s.interm(), so = s.out();
+  const MatmulShape si = s.interm, so = s.out;
   const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
   at::Tensor a = at::empty({s.M, s.I}, input.options());
   if (s.M <= gemv_max_m(si, weight_interm.scalar_type())) {

@@ -1,10 +1,15 @@
-// Argument validation for the dsinf:: custom ops, shared by the CPU and CUDA bindings.
+// Argument validation primitives for the dsinf:: custom ops, shared by the CPU and CUDA bindings.
 //
-// Mirrors dsinf/checks.py rule for rule and word for word (dtype names too: "float16", never "Half") ("<op>: argument '<arg>': ..."), so a
-// direct torch.ops.dsinf.* call gets the same clear ValueError as the Python op classes, never a
-// crash. Binding-side only: kernel sources (.cu / kernel .cpp) never include this (it pulls ATen).
+// Op-agnostic: checks of one argument (defined, device, dtype, shape, contiguity, a finite positive
+// scalar), the matmul weight/scale parsing (MatmulShape) and the fused-QKV head layout (QKVLayout) that
+// several ops share. Each op composes its own rules from these in its binding entry (cpu_binding.cpp,
+// cuda_binding.cpp), so adding an op never touches this header (tests/test_structure.py checks that it
+// names no op). The wording mirrors the Python checks (dsinf/checks.py, dsinf/ops/<op>.py) word for word,
+// dtype names too ("float16", never "Half"): "<op>: argument '<arg>': ...", so a direct torch.ops.dsinf.*
+// call gets the same clear ValueError as the op classes, never a crash. Binding-side only: kernel sources
+// (.cu / kernel .cpp) never include this (it pulls ATen).
 //
-// Layouts: input [B, S, K]; float weight [K, N] (transposed_mode=false) or [N, K] (true);
+// Matmul layouts: input [B, S, K]; float weight [K, N] (transposed_mode=false) or [N, K] (true);
 // int8 weight always [N, K] with float32 q_scale [G], G | N (row block g uses q_scale[g]).
 #pragma once
 
@@ -199,146 +204,112 @@ inline QKVLayout check_qkv(const char* op, int64_t K, int64_t N, int64_t S, int6
   return q;
 }
 
-// Output shapes of linear_layer: {[B,S,N]}, {[3,B,H,S,D]} or, for GQA, {[B,H,S,D],[B,KV,S,D],[B,KV,S,D]}.
-inline std::vector<std::vector<int64_t>> linear_output_shapes(const MatmulShape& s, const QKVLayout* q) {
+// Output shapes of a matmul, split per head by `q` when given: {[B,S,N]}, {[3,B,H,S,D]} or, for GQA,
+// {[B,H,S,D],[B,KV,S,D],[B,KV,S,D]}.
+inline std::vector<std::vector<int64_t>> matmul_output_shapes(const MatmulShape& s, const QKVLayout* q) {
   if (!q) return {{s.B, s.S, s.N}};
   if (q->gqa)
     return {{s.B, q->heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}, {s.B, q->kv_heads, s.S, q->head_dim}};
   return {{3, s.B, q->heads, s.S, q->head_dim}};
 }
 
-// ---- rms_norm / pre_rms_norm / rms_mlp_gemm (dsinf/ops/rms_norm.py, pre_rms_norm.py, mlp_gemm.py) ----------
+// ---- one argument at a time (messages say "the input" for the op's first activation) -------------------
 
-struct NormShape {
-  int64_t rows, H;  // rows = product of the leading dims of [..., H]
-};
-
-inline void check_epsilon(const char* op, double epsilon) {
-  DSINF_CHECK_ARG(std::isfinite(epsilon) && epsilon > 0, op, "epsilon", "must be finite and > 0, got ", epsilon);
+inline void check_tensor(const char* op, const char* arg, const at::Tensor& t) {
+  DSINF_CHECK_ARG(t.defined(), op, arg, "expected a Tensor, got None");
 }
 
-// `name`: what the op calls its activation ("vals", or "input" for rms_mlp_gemm).
-inline NormShape check_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& gamma, double epsilon,
-                                const char* name = "vals") {
-  using detail::dtype_name;
-  using detail::shape_str;
-  DSINF_CHECK_ARG(vals.defined(), op, name, "expected a Tensor, got None");
-  const c10::ScalarType t = vals.scalar_type();
-  DSINF_CHECK_ARG(t == c10::ScalarType::Float || t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16, op,
-                  name, "dtype ", dtype_name(t), " is not supported (float32, float16, bfloat16)");
-  DSINF_CHECK_ARG(vals.dim() >= 1, op, name, "expected at least one dimension [..., H], got a 0-d tensor");
-  const int64_t H = vals.size(-1);
-  DSINF_CHECK_ARG(gamma.defined(), op, "gamma", "expected a Tensor, got None");
-  DSINF_CHECK_ARG(gamma.device() == vals.device(), op, "gamma", "is on ", gamma.device(), " but the input is on ",
-                  vals.device());
-  DSINF_CHECK_ARG(gamma.scalar_type() == t, op, "gamma", "expected dtype ", dtype_name(t), " (same as the input), got ",
-                  dtype_name(gamma.scalar_type()));
-  DSINF_CHECK_ARG(gamma.dim() == 1 && gamma.size(0) == H, op, "gamma", "expected shape (", H,
-                  ",) to match the hidden size H=", H, ", got ", shape_str(gamma));
-  check_epsilon(op, epsilon);
-  return NormShape{H ? vals.numel() / H : 0, H};
-}
-
-inline NormShape check_pre_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& residual,
-                                    const at::Tensor& gamma, double epsilon, const char* name = "vals") {
-  using detail::dtype_name;
-  using detail::shape_str;
-  const NormShape s = check_rms_norm(op, vals, gamma, epsilon, name);
-  DSINF_CHECK_ARG(residual.defined(), op, "residual", "expected a Tensor, got None");
-  DSINF_CHECK_ARG(residual.device() == vals.device(), op, "residual", "is on ", residual.device(),
-                  " but the input is on ", vals.device());
-  DSINF_CHECK_ARG(residual.scalar_type() == vals.scalar_type(), op, "residual", "expected dtype ",
-                  dtype_name(vals.scalar_type()), " (same as ", name, "), got ", dtype_name(residual.scalar_type()));
-  DSINF_CHECK_ARG(residual.sizes() == vals.sizes(), op, "residual", "expected shape ", shape_str(vals), " (same as ",
-                  name, "), got ", shape_str(residual));
-  return s;
-}
-
-struct MLPShape {
-  int64_t M, K, I;     // rows, hidden, intermediate (W_interm has 2I outputs)
-  bool int8;           // both weights int8 [N, K]
-  int64_t groups;      // q_scale groups (0 unless int8)
-  int64_t groups_out;  // q_scale1 groups (0 unless int8)
-  bool weight_nk;      // weights stored [N, K] (transposed_mode or int8)
-  int activation;      // 3 GATED_GELU, 4 GATED_SILU (DeepSpeed's ActivationFuncType)
-  MatmulShape interm() const { return {1, M, K, 2 * I, int8, groups, weight_nk}; }  // h [M, K] -> [M, 2I]
-  MatmulShape out() const { return {1, M, I, K, int8, groups_out, weight_nk}; }     // a [M, I] -> [M, K]
-};
-
-namespace detail {
-
-inline void check_mlp_weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& input,
-                             bool q_int8) {
-  DSINF_CHECK_ARG(w.defined(), op, name, "expected a Tensor, got None");
-  DSINF_CHECK_ARG(w.device() == input.device(), op, name, "is on ", w.device(), " but the input is on ",
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& input) {
+  DSINF_CHECK_ARG(t.device() == input.device(), op, arg, "is on ", t.device(), " but the input is on ",
                   input.device());
-  DSINF_CHECK_ARG(w.dim() == 2, op, name, "expected a 2-D tensor, got shape ", shape_str(w));
-  DSINF_CHECK_ARG(w.is_contiguous(), op, name,
-                  "must be contiguous (call .contiguous() once at load time, not per call)");
+}
+
+// A defined activation of one of the three float dtypes.
+inline void check_float_tensor(const char* op, const char* arg, const at::Tensor& t) {
+  check_tensor(op, arg, t);
+  const c10::ScalarType s = t.scalar_type();
+  DSINF_CHECK_ARG(s == c10::ScalarType::Float || s == c10::ScalarType::Half || s == c10::ScalarType::BFloat16, op,
+                  arg, "dtype ", detail::dtype_name(s), " is not supported (float32, float16, bfloat16)");
+}
+
+// `note` follows the expected dtype, e.g. " (same as the input)".
+inline void check_dtype(const char* op, const char* arg, const at::Tensor& t, c10::ScalarType want,
+                        const std::string& note = "") {
+  DSINF_CHECK_ARG(t.scalar_type() == want, op, arg, "expected dtype ", detail::dtype_name(want), note, ", got ",
+                  detail::dtype_name(t.scalar_type()));
+}
+
+inline void check_finite_positive(const char* op, const char* arg, double value) {
+  DSINF_CHECK_ARG(std::isfinite(value) && value > 0, op, arg, "must be finite and > 0, got ", value);
+}
+
+// A per-channel vector [H] over the last dim of `input` (a norm's gamma): on its device, of its dtype.
+// Returns H.
+inline int64_t check_channel_vector(const char* op, const char* arg, const at::Tensor& v, const at::Tensor& input) {
+  const int64_t H = input.size(-1);
+  check_tensor(op, arg, v);
+  check_same_device(op, arg, v, input);
+  check_dtype(op, arg, v, input.scalar_type(), " (same as the input)");
+  DSINF_CHECK_ARG(v.dim() == 1 && v.size(0) == H, op, arg, "expected shape (", H, ",) to match the hidden size H=", H,
+                  ", got ", detail::shape_str(v));
+  return H;
+}
+
+// `t` has the device, dtype and shape of `x` (an activation the messages call `x_name`).
+inline void check_like(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& x,
+                       const char* x_name) {
+  check_tensor(op, arg, t);
+  check_same_device(op, arg, t, x);
+  check_dtype(op, arg, t, x.scalar_type(), detail::cat(" (same as ", x_name, ")"));
+  DSINF_CHECK_ARG(t.sizes() == x.sizes(), op, arg, "expected shape ", detail::shape_str(x), " (same as ", x_name,
+                  "), got ", detail::shape_str(t));
+}
+
+// A 2-D contiguous weight on the input's device: int8 when `q_int8`, else of the input's dtype.
+inline void check_weight(const char* op, const char* arg, const at::Tensor& w, const at::Tensor& input, bool q_int8) {
+  using detail::dtype_name;
+  check_tensor(op, arg, w);
+  check_same_device(op, arg, w, input);
+  DSINF_CHECK_ARG(w.dim() == 2, op, arg, "expected a 2-D tensor, got shape ", detail::shape_str(w));
+  DSINF_CHECK_ARG(w.is_contiguous(), op, arg, "must be contiguous (call .contiguous() once at load time, not per call)");
   const bool is_int8 = w.scalar_type() == c10::ScalarType::Char;
-  DSINF_CHECK_ARG(!q_int8 || is_int8, op, name, "q_int8=True needs an int8 weight, got ", dtype_name(w.scalar_type()));
-  DSINF_CHECK_ARG(q_int8 || w.scalar_type() == input.scalar_type(), op, name, "expected dtype ",
+  DSINF_CHECK_ARG(!q_int8 || is_int8, op, arg, "q_int8=True needs an int8 weight, got ", dtype_name(w.scalar_type()));
+  DSINF_CHECK_ARG(q_int8 || w.scalar_type() == input.scalar_type(), op, arg, "expected dtype ",
                   dtype_name(input.scalar_type()), " (same as input), got ", dtype_name(w.scalar_type()),
                   is_int8 ? ": pass q_int8=True with its scales" : "");
 }
 
-inline int64_t check_mlp_scale(const char* op, const char* name, const c10::optional<at::Tensor>& q_scale,
-                               const at::Tensor& input, int64_t N, const char* weight_name) {
-  DSINF_CHECK_ARG(q_scale.has_value() && q_scale->defined() && q_scale->numel() > 0, op, name,
-                  "q_int8=True needs the float32 scales of ", weight_name);
-  const at::Tensor& qs = *q_scale;
-  DSINF_CHECK_ARG(qs.scalar_type() == c10::ScalarType::Float, op, name, "expected dtype float32, got ",
-                  dtype_name(qs.scalar_type()));
-  DSINF_CHECK_ARG(qs.device() == input.device(), op, name, "is on ", qs.device(), " but the input is on ",
-                  input.device());
-  DSINF_CHECK_ARG(qs.dim() == 1, op, name, "expected a 1-D [G] tensor, got shape ", shape_str(qs));
-  DSINF_CHECK_ARG(qs.is_contiguous(), op, name, "must be contiguous");
-  const int64_t groups = qs.size(0);
-  DSINF_CHECK_ARG(N % groups == 0, op, name, "G=", groups, " groups do not divide the N=", N, " rows of ",
-                  weight_name);
-  return groups;
+// A weight read as [N, K] (`nk`) or [K, N] takes the input's hidden size K; returns its N outputs. `note`
+// ends the message, e.g. " (transposed_mode=True, q_int8=False)".
+inline int64_t check_weight_inputs(const char* op, const char* arg, const at::Tensor& w, bool nk, int64_t K,
+                                   const std::string& note) {
+  const int64_t N = w.size(nk ? 0 : 1), Kw = w.size(nk ? 1 : 0);
+  DSINF_CHECK_ARG(Kw == K, op, arg, "shape ", detail::shape_str(w), " read as ", nk ? "[N, K]" : "[K, N]", " has K=",
+                  Kw, ", but the input has hidden size ", K, note);
+  return N;
 }
 
-}  // namespace detail
+// A weight read as [N, K] (`nk`) or [K, N] has N outputs and K inputs; `names` says what they are, e.g.
+// "K=8 outputs and I=4 inputs".
+inline void check_weight_shape(const char* op, const char* arg, const at::Tensor& w, bool nk, int64_t N, int64_t K,
+                               const std::string& names) {
+  DSINF_CHECK_ARG(w.size(nk ? 0 : 1) == N && w.size(nk ? 1 : 0) == K, op, arg, "expected shape (", nk ? N : K, ", ",
+                  nk ? K : N, ") (", nk ? "[N, K]" : "[K, N]", " with ", names, "), got ", detail::shape_str(w));
+}
 
-inline MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
-                                   const at::Tensor& residual, const at::Tensor& weight_interm,
-                                   const at::Tensor& weight_out, const at::Tensor& gamma, double epsilon,
-                                   const c10::optional<at::Tensor>& q_scale, const c10::optional<at::Tensor>& q_scale1,
-                                   bool q_int8, int64_t activation_type, bool transposed_mode) {
-  using detail::dtype_name;
-  using detail::shape_str;
-  DSINF_CHECK_ARG(input.defined(), op, "input", "expected a Tensor, got None");
-  DSINF_CHECK_ARG(input.scalar_type() == act, op, "input", "expected dtype ", dtype_name(act), ", got ",
-                  dtype_name(input.scalar_type()));
-  const NormShape ns = check_pre_rms_norm(op, input, residual, gamma, epsilon, "input");
-  DSINF_CHECK_ARG(activation_type == 3 || activation_type == 4, op, "activation_type",
-                  "expected GATED_GELU (3) or GATED_SILU (4) (DeepSpeed's ActivationFuncType), got ", activation_type);
-  detail::check_mlp_weight(op, "weight_interm", weight_interm, input, q_int8);
-  detail::check_mlp_weight(op, "weight_out", weight_out, input, q_int8);
-  MLPShape s{};
-  s.M = ns.rows;
-  s.K = ns.H;
-  s.int8 = q_int8;
-  s.weight_nk = q_int8 || transposed_mode;
-  s.activation = static_cast<int>(activation_type);
-  const char* layout = s.weight_nk ? "[N, K]" : "[K, N]";
-  const int64_t N = weight_interm.size(s.weight_nk ? 0 : 1), Kw = weight_interm.size(s.weight_nk ? 1 : 0);
-  DSINF_CHECK_ARG(Kw == s.K, op, "weight_interm", "shape ", shape_str(weight_interm), " read as ", layout,
-                  " has K=", Kw, ", but the input has hidden size ", s.K, " (transposed_mode=", transposed_mode,
-                  ", q_int8=", q_int8, ")");
-  DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
-                  " outputs must be an even, non-zero 2*I ([up | gate] halves)");
-  s.I = N / 2;
-  const int64_t Kout = weight_out.size(s.weight_nk ? 0 : 1), Iout = weight_out.size(s.weight_nk ? 1 : 0);
-  DSINF_CHECK_ARG(Iout == s.I && Kout == s.K, op, "weight_out", "expected shape (", s.weight_nk ? s.K : s.I, ", ",
-                  s.weight_nk ? s.I : s.K, ") (", layout, " with K=", s.K, " outputs and I=", s.I, " inputs), got ",
-                  shape_str(weight_out));
-  if (q_int8) {
-    s.groups = detail::check_mlp_scale(op, "q_scale", q_scale, input, N, "weight_interm");
-    s.groups_out = detail::check_mlp_scale(op, "q_scale1", q_scale1, input, s.K, "weight_out");
-  }
-  return s;
+// float32 [G] scales of the N rows of an int8 weight (`weight_name`), G | N. Returns G.
+inline int64_t check_row_scales(const char* op, const char* arg, const c10::optional<at::Tensor>& q_scale,
+                                const at::Tensor& input, int64_t N, const char* weight_name) {
+  DSINF_CHECK_ARG(q_scale.has_value() && q_scale->defined() && q_scale->numel() > 0, op, arg,
+                  "q_int8=True needs the float32 scales of ", weight_name);
+  const at::Tensor& qs = *q_scale;
+  check_dtype(op, arg, qs, c10::ScalarType::Float);
+  check_same_device(op, arg, qs, input);
+  DSINF_CHECK_ARG(qs.dim() == 1, op, arg, "expected a 1-D [G] tensor, got shape ", detail::shape_str(qs));
+  DSINF_CHECK_ARG(qs.is_contiguous(), op, arg, "must be contiguous");
+  const int64_t groups = qs.size(0);
+  DSINF_CHECK_ARG(N % groups == 0, op, arg, "G=", groups, " groups do not divide the N=", N, " rows of ", weight_name);
+  return groups;
 }
 
 }  // namespace dsinf
