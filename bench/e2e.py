@@ -156,7 +156,11 @@ def measure(model, args, mode, batch):
     ttft = timed(lambda: generate(model, ids, 1, mode), args.device, args.repeats)
     total = timed(lambda: generate(model, ids, args.new, mode), args.device, args.repeats)
     decode = max(total - ttft, 1e-9)
-    return {"ttft_ms": ttft * 1e3, "decode_tok_s": batch * (args.new - 1) / decode}
+    row = {"ttft_ms": ttft * 1e3, "decode_tok_s": batch * (args.new - 1) / decode}
+    graphs = getattr(model, "_dsinf_graphs", None)
+    if graphs is not None and mode == "static":  # evidence that the decode steps ran from dsinf's graphs
+        row["graphs"] = {"captures": graphs.captures, "adoptions": graphs.adoptions, "replays": graphs.replays}
+    return row
 
 
 def accuracy(model, args):

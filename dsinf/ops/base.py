@@ -101,10 +101,11 @@ class InferenceOp(torch.nn.Module):
         call = self._bind(decision.impl, checked=not compiled)
         if isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda"):
             self._calls[is_cuda] = call
-            # Outside torch.compile the compiled op is called through its C++ entry (`OpOverload._op`):
-            # the same dispatcher call without OpOverload.__call__'s Python frame (~0.35 us).
-            entry = getattr(decision.impl, "_op", None) if compiled else None
-            self._eager_calls[is_cuda] = call if entry is None else self._bind(entry, checked=False)
+            if not _is_compiling():  # Dynamo traces the OpOverload; a C++ entry stored here it cannot rebuild
+                # Outside torch.compile the compiled op is called through its C++ entry (`OpOverload._op`):
+                # the same dispatcher call without OpOverload.__call__'s Python frame (~0.35 us).
+                entry = getattr(decision.impl, "_op", None) if compiled else None
+                self._eager_calls[is_cuda] = call if entry is None else self._bind(entry, checked=False)
         return call(input, *args, **kwargs)
 
     def _call(self, input) -> Callable[..., Any]:
