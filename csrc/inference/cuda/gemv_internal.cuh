@@ -102,20 +102,16 @@ __device__ __forceinline__ void pdl_end() {
 #endif
 
 // Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1);
-// `pdl` adds the programmatic-dependent-launch attribute (the kernel must be one that waits: see above).
+// cudaLaunchKernelEx with a cluster of `split` CTAs along grid y (split > 1) and, with `pdl`, the
+// programmatic-dependent-launch attribute (the kernel must be one that waits: see above). A failed launch
+// leaves no non-sticky error behind for the next caller.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, cudaStream_t stream,
-                         Args... args) {
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
-  const dim3 block(kGemvThreads, 1, 1);
-  if (split <= 1 && !pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
-    return cudaGetLastError();
-  }
+cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, int split, bool pdl,
+                      cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   unsigned n = 0;
@@ -135,10 +131,24 @@ cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pd
   cfg.numAttrs = n;
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // do not leave a non-sticky launch error behind for the next caller
+    (void)cudaGetLastError();
     return err;
   }
   return cudaGetLastError();
+}
+
+// A GEMV launch: `tiles` x `split` CTAs of kGemvThreads (a cluster of `split` along y when split > 1);
+// `pdl` adds the programmatic-dependent-launch attribute. The plain case keeps the <<<>>> launch.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, cudaStream_t stream,
+                         Args... args) {
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
+  const dim3 block(kGemvThreads, 1, 1);
+  if (split <= 1 && !pdl) {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  return launch_ex(kernel, grid, block, 0, split, pdl, stream, args...);
 }
 
 }  // namespace detail

@@ -519,33 +519,10 @@ cudaError_t launch_tc(const T* x, const WT* w, const float* scale, int rpg, T* o
   }
   const int kchunk = split > 1 ? detail::k_per_split(K, split, KS) : std::max(K, 1);
   if (split > 1) split = detail::ceil_div(K, kchunk);  // no CTA without k
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
-  cfg.blockDim = dim3(kTcThreads, 1, 1);
-  cfg.dynamicSmemBytes = tc_smem_bytes<WT>();  // <= 48 KB: no opt-in attribute needed
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (split > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = static_cast<unsigned>(split);
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (DSINF_GATED_PDL && sm90) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, x, w, scale, rpg, out, M, K, I, act, kchunk);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // no non-sticky launch error left behind for the next caller
-    return err;
-  }
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
+  // tc_smem_bytes <= 48 KB: no opt-in attribute needed
+  return detail::launch_ex(kernel, grid, dim3(kTcThreads, 1, 1), tc_smem_bytes<WT>(), split, DSINF_GATED_PDL && sm90,
+                           stream, x, w, scale, rpg, out, M, K, I, act, kchunk);
 }
 static_assert(tc_smem_bytes<int8_t>() <= 48 * 1024, "dynamic shared memory above 48 KB needs an opt-in");
 #endif  // DSINF_CUDA_BF16
