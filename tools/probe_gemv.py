@@ -61,6 +61,25 @@ def fail_line(what: str, exc: BaseException) -> None:
 
 
 # ------------------------------------------------------------------------------------------ build
+def start_cuda(torch, defines: list[str]) -> bool:
+    """Log the device and build/load the CUDA module with `defines`; False (logged) when either fails."""
+    if not torch.cuda.is_available():
+        log("no CUDA device: nothing to probe")
+        return False
+    props = torch.cuda.get_device_properties(0)
+    log(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    try:
+        import dsinf.library  # noqa: F401 - the op schemas
+
+        load_module(defines)
+    except Exception as exc:  # noqa: BLE001
+        fail_line("building/loading the CUDA module", exc)
+        traceback.print_exc()
+        return False
+    return True
+
+
 def load_module(defines: list[str]):
     """The CUDA inference module, built by op_builder; `defines` (NAME=VALUE) go to nvcc as -D."""
     from op_builder import InferenceBuilder
@@ -385,20 +404,8 @@ def main() -> int:
 
         InferenceBuilder().load("cpu")
         return 1 if parity(torch, "cpu") else 0
-    if not torch.cuda.is_available():
-        log("no CUDA device: nothing to probe")
-        return 1
     t_start = time.perf_counter()
-    props = torch.cuda.get_device_properties(0)
-    log(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
-        f"torch {torch.__version__}, CUDA {torch.version.cuda}")
-    try:
-        import dsinf.library  # noqa: F401 - the op schemas
-
-        load_module(args.define)
-    except Exception as exc:  # noqa: BLE001
-        fail_line("building/loading the CUDA module", exc)
-        traceback.print_exc()
+    if not start_cuda(torch, args.define):
         return 1
     bw = copy_bandwidth(torch)
     log(f"copy bandwidth {bw:.0f} GB/s")

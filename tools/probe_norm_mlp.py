@@ -32,7 +32,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from probe_gemv import GraphTimer, copies_for, copy_bandwidth, fail_line, load_module, log  # noqa: E402
+from probe_gemv import GraphTimer, copies_for, copy_bandwidth, fail_line, log, start_cuda  # noqa: E402
 
 GATED_SILU = 4
 EPS = 1e-5
@@ -241,19 +241,8 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
-        log("no CUDA device: nothing to probe")
-        return 1
     t0 = time.perf_counter()
-    props = torch.cuda.get_device_properties(0)
-    log(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
-        f"torch {torch.__version__}, CUDA {torch.version.cuda}")
-    try:
-        import dsinf.library  # noqa: F401 - the op schemas
-
-        load_module(args.define)
-    except Exception as exc:  # noqa: BLE001
-        fail_line("building/loading the CUDA module", exc)
+    if not start_cuda(torch, args.define):
         return 1
     failures = 0 if args.no_parity else parity(torch)
     if not args.no_timing:
