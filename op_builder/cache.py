@@ -70,6 +70,17 @@ def _warn_once(message: str) -> None:
         log.warning("op_builder: %s", message)
 
 
+def _creatable(path: Path) -> bool:
+    """Whether `path` (absent) could be created by us: its nearest existing ancestor is a directory we can
+    write into (cache_root then makes it, privately, and builds go there)."""
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            return False
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
 def lookup_roots() -> list[Path]:
     """Roots whose published entries may be loaded, in order; creates and writes nothing.
 
@@ -85,6 +96,8 @@ def lookup_roots() -> list[Path]:
                 return roots
         else:
             _warn_once(f"not loading anything from the cache root {configured}: {problem}")
+    elif _creatable(configured):  # not made yet, but builds will make it: the fallbacks are not in play
+        return [_session_root] if _session_root is not None else []
     roots += [r for r in _fallback_roots(configured) if r.is_dir() and trust.dir_problem(r) is None]
     if _session_root is not None:
         roots.append(_session_root)

@@ -379,6 +379,23 @@ def test_foreign_root_is_refused_and_a_private_one_used(tmp_path, monkeypatch, c
     assert f"{foreign} is owned by uid 12345" in text
 
 
+def test_a_configured_root_not_made_yet_is_not_passed_over_for_the_fallbacks(tmp_path, monkeypatch):
+    # TORCH_EXTENSIONS_DIR names a fresh directory: loads must not come from the per-user cache, even when it
+    # holds an entry of the same key (the user chose where binaries live; builds will make that directory).
+    fallback = tmp_path / "xdg" / "dsinf" / "extensions"
+    fallback.mkdir(parents=True, mode=0o700)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "fresh" / "ext"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cache, "_session_root", None)
+    assert cache.lookup_roots() == []
+    assert cache.cache_root() == tmp_path / "fresh" / "ext" / "dsinf"
+    assert cache.lookup_roots() == [tmp_path / "fresh" / "ext" / "dsinf"]
+    blocked = tmp_path / "file"
+    blocked.write_text("x")  # a root that can never be made: a previous build went to the fallback
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocked / "ext"))
+    assert fallback in cache.lookup_roots()
+
+
 def test_predictable_tmp_fallback_taken_by_someone_else_gives_a_fresh_private_dir(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("chown to another uid needs root (CI runs as root)")
