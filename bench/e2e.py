@@ -12,6 +12,8 @@ variant rebuilds it from the same seed, so every variant has the same weights:
     dsinf-int8  dsinf.inject(model, quantize="int8")     (int8 weight-only, per channel)
     <dsinf variant>+hfcompile                            the same with cuda_graph=False: static-cache decode
                                                          under HF's compile rather than dsinf's CUDA graphs
+    <dsinf variant>+compile                              cuda_graph="compile": dsinf's graphs of an
+                                                         inductor-compiled decode step
     torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
 
 Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
@@ -106,10 +108,10 @@ def make_variant(name, args):
     if name == "hf":
         return build(args), ""
     base, _, suffix = name.partition("+")
-    if base in ("dsinf", "dsinf-int8") and suffix in ("", "hfcompile"):
-        # +hfcompile: dsinf's kernels under HF's own compile of the decode step instead of dsinf's CUDA graphs
+    graph_modes = {"": True, "hfcompile": False, "compile": "compile"}  # inject(cuda_graph=...) per suffix
+    if base in ("dsinf", "dsinf-int8") and suffix in graph_modes:
         return inject.inject(build(args), quantize="int8" if base == "dsinf-int8" else None,
-                             cuda_graph=suffix != "hfcompile"), ""
+                             cuda_graph=graph_modes[suffix]), ""
     if name == "torchao":
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_

@@ -445,6 +445,26 @@ def test_graphed_decode_keeps_the_forward_signature_and_copies_cleanly():
     assert not hasattr(plain, "_dsinf_graphs") and not plain.generation_config.disable_compile
     with pytest.raises(TypeError, match="cuda_graph"):
         inject(make_model("llama"), cuda_graph="yes")
+    compiled = inject(make_model("llama"), cuda_graph="compile")
+    assert compiled._dsinf_graphs.compiled and "inductor-compiled" in injection_summary(compiled).cuda_graph
+    assert copy.deepcopy(compiled)._dsinf_graphs.compiled
+
+
+@gpu
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpu_graphed_compiled_decode_equals_eager_steps(quantize):
+    # fp32: inductor's fused small ops round like eager's, so greedy tokens on a random model stay equal
+    ref = make_model("llama", dtype=torch.float32, device="cuda")
+    graphed = inject(twin(ref), quantize=quantize, cuda_graph="compile")
+    eager = inject(twin(ref), quantize=quantize, cuda_graph=False)
+    eager.generation_config.disable_compile = True
+    x = ids(device="cuda")
+    torch._dynamo.reset()
+    expected = greedy(eager, x, cache="static")
+    assert torch.equal(greedy(graphed, x, cache="static"), expected)
+    assert torch.equal(greedy(graphed, x, cache="static"), expected)
+    runner = graphed._dsinf_graphs
+    assert runner.captures == 1 and runner.adoptions == 1 and runner.replays == 10 + 11
 
 
 @gpu

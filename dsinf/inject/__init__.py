@@ -55,8 +55,8 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph) -> None:
             raise ValueError(f"inject: argument 'groups': expected None (per channel) or an int >= 1, got {groups!r}")
         if quantize is None:
             raise ValueError("inject: argument 'groups': only meaningful with quantize='int8'")
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"inject: argument 'cuda_graph': expected a bool, got {cuda_graph!r}")
+    if not (isinstance(cuda_graph, bool) or cuda_graph == "compile"):
+        raise TypeError(f"inject: argument 'cuda_graph': expected True, False or 'compile', got {cuda_graph!r}")
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
 
@@ -67,7 +67,7 @@ def _skipped(name: str, skip) -> bool:
 
 def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
            groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False,
-           cuda_graph: bool = True) -> nn.Module:
+           cuda_graph: bool | str = True) -> nn.Module:
     """Rewrite `model` in place to run on dsinf's ops; returns it.
 
     Args:
@@ -81,7 +81,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
         cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
             captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
-            per-step host cost hid the kernels' speed. False keeps HF's compile.
+            per-step host cost hid the kernels' speed. "compile": the captured step is compiled by inductor
+            first (the model's small ops fused; compiled at the first decode step). False keeps HF's compile.
 
     Logs one summary (logger "dsinf", INFO); `injection_summary(model)` returns it as data.
     """
@@ -118,9 +119,10 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
-    if cuda_graph and graphs.install(model, swap_class) is not None:
-        summary.cuda_graph = ("static-cache decode steps on CUDA run from dsinf's CUDA graphs (HF's compile of the "
-                              "decode step is off: generation_config.disable_compile)")
+    if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph == "compile") is not None:
+        step = "an inductor-compiled step" if cuda_graph == "compile" else "the eager step"
+        summary.cuda_graph = (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step} (HF's "
+                              f"compile of the decode step is off: generation_config.disable_compile)")
     model._dsinf_injection = summary
     routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly

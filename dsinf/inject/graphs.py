@@ -100,7 +100,9 @@ class DecodeGraphs:
     """Per-model state: the captured graphs. `run(forward, args, kwargs)` is the model's forward with
     static-cache decode steps on CUDA graphs (see the module doc)."""
 
-    def __init__(self):
+    def __init__(self, compiled: bool = False):
+        self.compiled = compiled  # capture an inductor-compiled step (see `install`) instead of the eager one
+        self._step = None  # that compiled step, made at the first graphable call
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._version = _weights_version
@@ -150,12 +152,17 @@ class DecodeGraphs:
             self.graphs.clear()
             self._version = _weights_version
         key = (shapes, cache_state)
+        step = forward
+        if self.compiled:
+            if self._step is None:  # inductor without its own graphs: the step is captured into ours
+                self._step = torch.compile(forward, dynamic=False)
+            step = self._step
         graph = self.graphs.get(key)
         if graph is None:
-            if shapes not in self._warm:
+            if shapes not in self._warm:  # warm-up (and, compiled, the compile itself): outside any capture
                 self._warm.add(shapes)
-                return forward(**kwargs)
-            graph = _Graph(forward, tensors, others)
+                return step(**kwargs)
+            graph = _Graph(step, tensors, others)
             self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > MAX_GRAPHS:
@@ -168,13 +175,13 @@ class DecodeGraphs:
 
     # Graphs hold this process's device addresses: a copy (deepcopy, pickle) starts with none.
     def __getstate__(self):
-        return {}
+        return {"compiled": self.compiled}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(**state)
 
     def __deepcopy__(self, memo):
-        return DecodeGraphs()
+        return DecodeGraphs(self.compiled)
 
 
 class GraphedDecode:
@@ -189,10 +196,12 @@ class GraphedDecode:
         return super()._apply(fn, recurse)
 
 
-def install(model: torch.nn.Module, swap_class) -> DecodeGraphs | None:
+def install(model: torch.nn.Module, swap_class, compiled: bool = False) -> DecodeGraphs | None:
     """Give a generative model (one with a `generation_config`) graphed decode steps, and turn HF's own
     compile of the decode step off (the graphs replace it). `swap_class(module, mixin)` makes the
-    subclass. Returns the model's DecodeGraphs, or None for other models."""
+    subclass. `compiled`: the captured step is the model's forward compiled by inductor (its small ops -
+    rotary, mask, residual adds - fused, dsinf's ops called as they are), compiled at the first decode
+    step; else the eager forward. Returns the model's DecodeGraphs, or None for other models."""
     config = getattr(model, "generation_config", None)
     if config is None:
         return None
@@ -205,6 +214,6 @@ def install(model: torch.nn.Module, swap_class) -> DecodeGraphs | None:
         forward.__signature__ = signature
         forward.__doc__ = GraphedDecode.forward.__doc__
         cls.forward = forward
-    model._dsinf_graphs = DecodeGraphs()
+    model._dsinf_graphs = DecodeGraphs(compiled)
     config.disable_compile = True
     return model._dsinf_graphs
