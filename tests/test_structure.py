@@ -195,3 +195,26 @@ def test_cpp_and_python_validation_agree_on_every_op(spec, cpu_module):
                 checked += 1
                 rejected += cpp.startswith("ValueError")
     assert rejected >= 10, f"only {rejected} of {checked} mutations were rejected: the table tests nothing"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_every_op_refuses_a_tensor_that_requires_grad(spec, cpu_module):
+    """Inference-only on every route: with grad mode on, a float tensor argument that requires grad is a
+    ValueError naming it, in C++ (the GEMV route used to return a gradless result and the ATen route raised
+    torch's out= error); scales are exempt, as in Python's no_backward. Under no_grad the same call runs."""
+    args_text = spec.schema[spec.schema.index("(") + 1:spec.schema.rindex(") ->")]
+    names = [a.split()[1].split("=")[0] for a in args_text.split(",")]
+    compiled = getattr(torch.ops.dsinf, spec.function(torch.float32))
+    refused = 0
+    for sample in spec.samples("cpu", torch.float32, torch.Generator().manual_seed(0)):
+        for i, value in enumerate(sample):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or names[i].startswith("q_scale"):
+                continue
+            args = list(sample)
+            args[i] = value.detach().clone().requires_grad_(True)
+            with pytest.raises(ValueError, match=f"argument '{names[i]}': requires grad"):
+                compiled(*args)
+            with torch.no_grad():
+                compiled(*args)
+            refused += 1
+    assert refused >= 2

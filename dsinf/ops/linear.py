@@ -122,15 +122,13 @@ class LinearOp(InferenceOp):
         if checked:
             return slow
 
-        # The compiled backend validates in C++; Python checks only what C++ cannot see: grad mode, an int8
-        # config's weight dtype, and bools passed as ints (C++ reads True as 1). Anything C++ rejects reruns
-        # through `slow`, whose checks name the argument. Each argument passed costs ~0.3 us in torch's
-        # op-call parsing, so trailing schema defaults are left out when seq_offset is 0.
+        # The compiled backend validates in C++ (grad mode included); Python checks only what C++ cannot
+        # see: an int8 config's weight dtype, and bools passed as ints (C++ reads True as 1). Anything C++
+        # rejects reruns through `slow`, whose checks name the argument. Each argument passed costs ~0.3 us
+        # in torch's op-call parsing, so trailing schema defaults are left out when seq_offset is 0.
         def fast_int8(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
             try:
-                if (type(num_heads) is int and type(seq_offset) is int and weight.dtype is int8
-                        and not (grad_enabled() and (input.requires_grad or weight.requires_grad
-                                                     or (bias is not None and bias.requires_grad)))):
+                if type(num_heads) is int and type(seq_offset) is int and weight.dtype is int8:
                     return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope, seq_offset,
                                 weight.scale)
             except CALL_ERRORS:
@@ -140,9 +138,7 @@ class LinearOp(InferenceOp):
         def fast(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset):
             # (an int8 weight here has no q_scale: C++ rejects it, and `slow` names the config mismatch)
             try:
-                if (type(num_heads) is int and type(seq_offset) is int
-                        and not (grad_enabled() and (input.requires_grad or weight.requires_grad
-                                                     or (bias is not None and bias.requires_grad)))):
+                if type(num_heads) is int and type(seq_offset) is int:
                     if seq_offset == 0:
                         return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope_short)
                     return impl(input, weight, bias, add_bias, do_flash_attn, num_heads, *rope, seq_offset)

@@ -31,7 +31,7 @@ import torch
 from ..checks import InputError, dtype_name, no_backward
 from ..config import ActivationFuncType, NormType
 from ..reference import dequantize
-from .base import InferenceOp
+from .base import CALL_ERRORS, InferenceOp
 from .pre_rms_norm import check_pre_rms_norm, residual_sum
 from .rms_norm import check_tensor, rms_norm_fp32
 from .spec import OpSpec
@@ -263,12 +263,9 @@ class MLPGemmOp(InferenceOp):
         if checked:
             return slow
 
-        def fast(input, residual, weight_interm, weight_out, gamma):  # the compiled backend validates in C++
+        def fast(input, residual, weight_interm, weight_out, gamma):  # validated in C++, grad mode included
             try:
-                usual = ((weight_interm.dtype is int8) is quantized and (weight_out.dtype is int8) is quantized
-                         and not (grad_enabled() and (input.requires_grad or residual.requires_grad
-                                                      or weight_interm.requires_grad or weight_out.requires_grad
-                                                      or gamma.requires_grad)))
+                usual = (weight_interm.dtype is int8) is quantized and (weight_out.dtype is int8) is quantized
                 scales = (weight_interm.scale, weight_out.scale) if quantized else None
             except AttributeError:  # not a tensor, or an int8 weight without .scale: named by the checks
                 usual = False
@@ -279,7 +276,7 @@ class MLPGemmOp(InferenceOp):
                     return impl(input, residual, weight_interm, weight_out, gamma, *short)
                 return impl(input, residual, weight_interm, weight_out, gamma, eps, *scales, True, activation,
                             transposed)
-            except (TypeError, RuntimeError):  # e.g. gamma=None, refused by torch's argument parser: name it
+            except CALL_ERRORS:  # rejected (gamma=None, a bad shape, a tensor that requires grad): name it
                 return slow(input, residual, weight_interm, weight_out, gamma)
 
         return fast

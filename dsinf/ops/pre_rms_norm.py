@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import InputError, dtype_name, no_backward
-from .base import InferenceOp
+from .base import CALL_ERRORS, InferenceOp
 from .rms_norm import NormShape, check_rms_norm, check_tensor, rms_norm_fp32, usual_epsilon
 from .spec import OpSpec
 
@@ -96,16 +96,11 @@ class PreRMSNormOp(InferenceOp):
         if checked:
             return slow
 
-        def fast(vals, residual, gamma, epsilon):  # the compiled backend validates in C++
-            try:
-                usual = usual_epsilon(epsilon) and not (grad_enabled() and (
-                    vals.requires_grad or residual.requires_grad or gamma.requires_grad))
-            except AttributeError:  # not a tensor: named by the checks
-                usual = False
-            if usual:
+        def fast(vals, residual, gamma, epsilon):  # the compiled backend validates in C++, grad mode included
+            if usual_epsilon(epsilon):
                 try:
                     return impl(vals, residual, gamma, epsilon)
-                except (TypeError, RuntimeError):  # e.g. residual=None, refused by torch's argument parser
+                except CALL_ERRORS:  # rejected (residual=None, a bad shape, grad): name it
                     pass
             return slow(vals, residual, gamma, epsilon)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import DTYPE_SUFFIX, InputError, dtype_name, no_backward
-from .base import InferenceOp
+from .base import CALL_ERRORS, InferenceOp
 from .spec import OpSpec
 
 
@@ -131,15 +131,11 @@ class RMSNormOp(InferenceOp):
         if checked:
             return slow
 
-        def fast(vals, gamma, epsilon):  # the compiled backend validates in C++
-            try:
-                usual = usual_epsilon(epsilon) and not (grad_enabled() and (vals.requires_grad or gamma.requires_grad))
-            except AttributeError:  # not a tensor: named by the checks
-                usual = False
-            if usual:
+        def fast(vals, gamma, epsilon):  # the compiled backend validates in C++, grad mode included
+            if usual_epsilon(epsilon):
                 try:
                     return impl(vals, gamma, epsilon)
-                except (TypeError, RuntimeError):  # e.g. a list, refused by torch's argument parser: name it
+                except CALL_ERRORS:  # rejected (a list, a bad shape, a tensor that requires grad): name it
                     pass
             return slow(vals, gamma, epsilon)
 

@@ -94,30 +94,27 @@ class VectorMatMulOp(InferenceOp):
         if checked:
             return slow
 
-        # The compiled backend validates in C++ (q_int8=True included: it needs an int8 weight); Python
-        # checks only grad mode, which C++ does not see. Anything C++ rejects reruns through `slow`, whose
-        # checks name the argument in dsinf's wording. Every
+        # The compiled backend validates in C++ (q_int8=True included: it needs an int8 weight; grad mode
+        # too). Anything C++ rejects reruns through `slow`, whose checks name the argument in dsinf's
+        # wording. Every
         # argument passed costs ~0.3 us in torch's op-call parsing: the [K, N] float call passes only two.
         def fast_int8(input, weight, async_op=False):
             try:
-                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
-                    return impl(input, weight, async_op, weight.scale, True, transposed)
+                return impl(input, weight, async_op, weight.scale, True, transposed)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)
 
         def fast_nk(input, weight, async_op=False):
             try:
-                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
-                    return impl(input, weight, async_op, None, False, True)
+                return impl(input, weight, async_op, None, False, True)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)
 
         def fast_kn(input, weight, async_op=False):
             try:
-                if not (grad_enabled() and (input.requires_grad or weight.requires_grad)):
-                    return impl(input, weight)
+                return impl(input, weight)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)

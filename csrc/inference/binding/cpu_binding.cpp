@@ -171,6 +171,7 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   check_bias(op, bias, add_bias, input, s.N);
   QKVLayout q{};
   if (do_flash_attn) q = check_qkv(op, s.K, s.N, s.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+  check_no_grad(op, {{"input", &input}, {"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
   const auto shapes = matmul_output_shapes(s, do_flash_attn ? &q : nullptr);
   if (s.M() == 0 || s.N == 0) return empty_outputs(shapes, input);
 
@@ -199,6 +200,7 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
                          bool /*async_op: work runs on the calling thread*/, const c10::optional<at::Tensor>& q_scale,
                          bool q_int8, bool transposed_mode) {
   const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
+  check_no_grad(op, {{"input", &input}, {"weight", &weight}});
   if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
   const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
   const dsinf_weight w = make_weight(s, weight, q_scale);
@@ -240,6 +242,7 @@ int64_t rows_of(const at::Tensor& x, int64_t H) { return H ? x.numel() / H : 0; 
 at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsilon) {
   const char* op = "rms_norm";
   const int64_t H = check_rms_norm(op, vals, gamma, epsilon), rows = rows_of(vals, H);
+  check_no_grad(op, {{"vals", &vals}, {"gamma", &gamma}});
   at::Tensor out = at::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return out;
   const at::Tensor x = vals.contiguous(), g = gamma.contiguous();
@@ -253,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
                                                 const at::Tensor& gamma, double epsilon) {
   const char* op = "pre_rms_norm";
   const int64_t H = check_pre_rms_norm(op, vals, residual, gamma, epsilon), rows = rows_of(vals, H);
+  check_no_grad(op, {{"vals", &vals}, {"residual", &residual}, {"gamma", &gamma}});
   at::Tensor out = at::empty(vals.sizes(), vals.options()), res = at::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return {out, res};
   const at::Tensor x = vals.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
@@ -315,6 +319,8 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                                      bool transposed_mode) {
   const MLPShape s = check_rms_mlp_gemm(op, act, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale,
                                         q_scale1, q_int8, activation_type, transposed_mode);
+  check_no_grad(op, {{"input", &input}, {"residual", &residual}, {"weight_interm", &weight_interm},
+                     {"weight_out", &weight_out}, {"gamma", &gamma}});
   at::Tensor res = at::empty(input.sizes(), input.options());
   if (s.M == 0 || s.K == 0) return {at::empty(input.sizes(), input.options()), res};
   const dsinf_dtype dt = to_dsinf(act);

@@ -139,6 +139,7 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   QKVLayout qkv{};
   if (do_flash_attn)
     qkv = check_qkv(op, s.K, s.N, s.S, num_heads, num_kv, rotary_dim, rotate_half, rope_theta, seq_offset);
+  check_no_grad(op, {{"input", &input}, {"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
   check_input_on_cuda(op, input);  // last: a device mismatch is reported on the argument that differs
 
   const c10::cuda::CUDAGuard guard(input.device());
@@ -187,6 +188,7 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
                          bool /*async_op*/, const c10::optional<at::Tensor>& q_scale, bool q_int8,
                          bool transposed_mode) {
   const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
+  check_no_grad(op, {{"input", &input}, {"weight", &weight}});
   check_input_on_cuda(op, input);
   const c10::cuda::CUDAGuard guard(input.device());
   if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
@@ -239,6 +241,7 @@ void check_bf16_built(const char* op, const char* arg, c10::ScalarType t) {
 at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsilon) {
   const char* op = "rms_norm";
   const int64_t H = check_rms_norm(op, vals, gamma, epsilon), rows = rows_of(vals, H);
+  check_no_grad(op, {{"vals", &vals}, {"gamma", &gamma}});
   DSINF_CHECK_ARG(vals.is_cuda(), op, "vals", "expected a CUDA tensor, got device ", vals.device());
   check_bf16_built(op, "vals", vals.scalar_type());
   const c10::cuda::CUDAGuard guard(vals.device());
@@ -256,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
                                                 const at::Tensor& gamma, double epsilon) {
   const char* op = "pre_rms_norm";
   const int64_t H = check_pre_rms_norm(op, vals, residual, gamma, epsilon), rows = rows_of(vals, H);
+  check_no_grad(op, {{"vals", &vals}, {"residual", &residual}, {"gamma", &gamma}});
   DSINF_CHECK_ARG(vals.is_cuda(), op, "vals", "expected a CUDA tensor, got device ", vals.device());
   check_bf16_built(op, "vals", vals.scalar_type());
   const c10::cuda::CUDAGuard guard(vals.device());
@@ -339,6 +343,8 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                                      bool transposed_mode) {
   const MLPShape s = check_rms_mlp_gemm(op, act, input, residual, weight_interm, weight_out, gamma, epsilon, q_scale,
                                         q_scale1, q_int8, activation_type, transposed_mode);
+  check_no_grad(op, {{"input", &input}, {"residual", &residual}, {"weight_interm", &weight_interm},
+                     {"weight_out", &weight_out}, {"gamma", &gamma}});
   check_input_on_cuda(op, input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor res = at::empty(input.sizes(), input.options());

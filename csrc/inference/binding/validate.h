@@ -14,16 +14,19 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
+#include <utility>
 #include <limits>
 
 namespace dsinf {
@@ -217,6 +220,18 @@ inline std::vector<std::vector<int64_t>> matmul_output_shapes(const MatmulShape&
 
 inline void check_tensor(const char* op, const char* arg, const at::Tensor& t) {
   DSINF_CHECK_ARG(t.defined(), op, arg, "expected a Tensor, got None");
+}
+
+// Inference-only (dsinf/checks.py no_backward): with grad mode on, a tensor that requires grad is an error on
+// every route - not a gradless result from the GEMV and torch's out= error from the ATen path. Each op calls it
+// last, after its other rules, as Python does; `args` are (name, tensor or nullptr for an absent optional).
+inline void check_no_grad(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& arg : args) {
+    DSINF_CHECK_ARG(!(arg.second && arg.second->defined() && arg.second->requires_grad()), op, arg.first,
+                    "requires grad, but dsinf ops are inference-only (no backward): call them under "
+                    "torch.no_grad() or torch.inference_mode(), or detach the tensor");
+  }
 }
 
 inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& input) {
