@@ -8,8 +8,8 @@ show it.
 
 The per-call path is bound once with the decision (`_calls`): a closure over the chosen function and the
 config's values. Validation happens once per call: when the compiled backend runs, its C++ validation
-is the check, and Python looks only at what C++ cannot see (tensors that require grad, a bool passed as
-an int, a float weight carrying `.scale` in an int8 config); a call C++ rejects, or anything unusual,
+is the check (tensors that require grad included), and Python looks only at what C++ cannot see (a bool
+passed as an int, a float weight carrying `.scale` in an int8 config); a call C++ rejects, or anything unusual,
 takes the slow path, which runs the full Python checks and names the bad argument. The Triton and
 torch backends always get the Python checks.
 
