@@ -291,6 +291,7 @@ def test_reassigned_weights_reach_the_hot_path():
     model = inject(mlp_model())
     new = torch.randn(64, 37)
     model[0].weight = nn.Parameter(new)  # the bound call holds tensors: reassignment must rebuild it
+    assert not model[0].weight.requires_grad  # inference modules: as at injection (grad mode is on here)
     model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
     x = torch.randn(3, 37)
     expected = x

@@ -121,6 +121,8 @@ class InjectedLinear(nn.Module):
         graphs.invalidate()  # a captured decode graph holds the old call's kernels and addresses
 
     def __setattr__(self, name, value):
+        if name in ("weight", "bias") and isinstance(value, nn.Parameter):
+            value.requires_grad_(False)  # as at injection: the ops refuse grad-requiring tensors in grad mode
         super().__setattr__(name, value)
         if name in ("weight", "bias", "weight_scale") and self.__dict__.get("_fn") is not None:
             self._call = self._make_call()  # the hot path holds the tensors themselves (see _make_call)
