@@ -104,6 +104,7 @@ def test_decoder_layer_runs_on_rms_norm_and_rms_mlp_gemm(quantize):
     assert sum(norm_ops.values()) == len(layers), calls  # the input RMSNorm
     assert sum(n for k, n in calls.items() if "vector_matmul" in k) == len(layers), calls  # o_proj only
     x = ids()
+    assert model(x, use_cache=False).logits.shape == logits(ref, x).shape  # grad mode on: runs all the same
     if quantize is None:
         torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
     else:

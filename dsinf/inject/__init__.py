@@ -84,7 +84,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             per-step host cost hid the kernels' speed. "compile": the captured step is compiled by inductor
             first (the model's small ops fused; compiled at the first decode step). False keeps HF's compile.
 
-    Logs one summary (logger "dsinf", INFO); `injection_summary(model)` returns it as data.
+    Every parameter of the model stops requiring grad (the ops are inference-only: a forward in grad
+    mode then runs, gradless). Logs one summary (logger "dsinf", INFO); `injection_summary(model)`
+    returns it as data.
     """
     _check_arguments(model, dtype, quantize, groups, skip, cuda_graph)
     if dtype is not None:
@@ -119,6 +121,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
+    for p in model.parameters():  # inference: the ops have no backward, and refuse grad-requiring tensors in
+        p.requires_grad_(False)   # grad mode - frozen weights keep activations gradless, so grad mode is fine
     if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph == "compile") is not None:
         step = "an inductor-compiled step" if cuda_graph == "compile" else "the eager step"
         summary.cuda_graph = (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step} (HF's "
