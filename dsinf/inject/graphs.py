@@ -148,8 +148,9 @@ class DecodeGraphs:
         if found is None:
             return forward(*args, **kwargs)
         shapes, cache_state, tensors, others = found
-        if self._version != _weights_version:
-            self.graphs.clear()
+        if self._version != _weights_version:  # weights moved: recapture after a fresh warm-up step (which,
+            self.graphs.clear()                # compiled, recompiles for a new dtype outside any capture)
+            self._warm.clear()
             self._version = _weights_version
         key = (shapes, cache_state)
         step = forward

@@ -77,13 +77,7 @@ class InjectedLinear(nn.Module):
                 weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias.detach().contiguous(), requires_grad=False)
-        # Inference modules: a kept Parameter stops requiring grad (the ops have no backward; calling them
-        # with a grad-requiring weight under grad mode would fail on one route and be silently gradless on
-        # another).
-        for p in (weight, bias):
-            if p is not None:
-                p.requires_grad_(False)
-        return cls(weight, bias, scale, act_dtype, use_triton, **extra)
+        return cls(weight, bias, scale, act_dtype, use_triton, **extra)  # kept Parameters: see __setattr__
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
@@ -122,7 +116,9 @@ class InjectedLinear(nn.Module):
 
     def __setattr__(self, name, value):
         if name in ("weight", "bias") and isinstance(value, nn.Parameter):
-            value.requires_grad_(False)  # as at injection: the ops refuse grad-requiring tensors in grad mode
+            # Inference modules: a kept or reassigned Parameter stops requiring grad (the ops have no
+            # backward, and the bindings refuse a grad-requiring tensor in grad mode).
+            value.requires_grad_(False)
         super().__setattr__(name, value)
         if name in ("weight", "bias", "weight_scale") and self.__dict__.get("_fn") is not None:
             self._call = self._make_call()  # the hot path holds the tensors themselves (see _make_call)
