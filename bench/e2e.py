@@ -12,8 +12,8 @@ variant rebuilds it from the same seed, so every variant has the same weights:
     dsinf-int8  dsinf.inject(model, quantize="int8")     (int8 weight-only, per channel)
     <dsinf variant>+hfcompile                            the same with cuda_graph=False: static-cache decode
                                                          under HF's compile rather than dsinf's CUDA graphs
-    <dsinf variant>+compile                              cuda_graph="compile": dsinf's graphs of an
-                                                         inductor-compiled decode step
+    <dsinf variant>+eagergraph                           cuda_graph="eager": dsinf's graphs of the eager
+                                                         decode step (the default graphs an inductor-compiled one)
     torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
 
 Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
@@ -108,7 +108,7 @@ def make_variant(name, args):
     if name == "hf":
         return build(args), ""
     base, _, suffix = name.partition("+")
-    graph_modes = {"": True, "hfcompile": False, "compile": "compile"}  # inject(cuda_graph=...) per suffix
+    graph_modes = {"": True, "hfcompile": False, "eagergraph": "eager"}  # inject(cuda_graph=...) per suffix
     if base in ("dsinf", "dsinf-int8") and suffix in graph_modes:
         return inject.inject(build(args), quantize="int8" if base == "dsinf-int8" else None,
                              cuda_graph=graph_modes[suffix]), ""
@@ -118,7 +118,10 @@ def make_variant(name, args):
         except ImportError:
             return None, "torchao: not installed"
         model = build(args)
-        quantize_(model, Int8WeightOnlyConfig())
+        try:
+            quantize_(model, Int8WeightOnlyConfig())
+        except Exception as exc:  # noqa: BLE001 - a peer that fails here is a note, not a lost table
+            return None, f"torchao: quantize_ failed: {type(exc).__name__}: {exc}"
         return model, ""
     raise ValueError(f"unknown variant {name!r}")
 

@@ -447,9 +447,12 @@ def test_graphed_decode_keeps_the_forward_signature_and_copies_cleanly():
     assert not hasattr(plain, "_dsinf_graphs") and not plain.generation_config.disable_compile
     with pytest.raises(TypeError, match="cuda_graph"):
         inject(make_model("llama"), cuda_graph="yes")
-    compiled = inject(make_model("llama"), cuda_graph="compile")
-    assert compiled._dsinf_graphs.compiled and "inductor-compiled" in injection_summary(compiled).cuda_graph
-    assert copy.deepcopy(compiled)._dsinf_graphs.compiled
+    with pytest.raises(TypeError, match="cuda_graph"):
+        inject(make_model("llama"), cuda_graph="compile")
+    assert model._dsinf_graphs.compiled and "inductor-compiled" in injection_summary(model).cuda_graph
+    assert copy.deepcopy(model)._dsinf_graphs.compiled
+    eager_step = inject(make_model("llama"), cuda_graph="eager")
+    assert not eager_step._dsinf_graphs.compiled and "the eager step" in injection_summary(eager_step).cuda_graph
 
 
 @gpu
@@ -457,7 +460,7 @@ def test_graphed_decode_keeps_the_forward_signature_and_copies_cleanly():
 def test_gpu_graphed_compiled_decode_equals_eager_steps(quantize):
     # fp32: inductor's fused small ops round like eager's, so greedy tokens on a random model stay equal
     ref = make_model("llama", dtype=torch.float32, device="cuda")
-    graphed = inject(twin(ref), quantize=quantize, cuda_graph="compile")
+    graphed = inject(twin(ref), quantize=quantize)  # the default: graphs of an inductor-compiled step
     eager = inject(twin(ref), quantize=quantize, cuda_graph=False)
     eager.generation_config.disable_compile = True
     x = ids(device="cuda")
@@ -470,10 +473,30 @@ def test_gpu_graphed_compiled_decode_equals_eager_steps(quantize):
 
 
 @gpu
+def test_gpu_graphed_decode_falls_back_to_the_eager_step_when_compile_fails(caplog):
+    ref = make_model("llama", dtype=torch.float16, device="cuda")
+    graphed = inject(twin(ref))
+    eager = inject(twin(ref), cuda_graph=False)
+    eager.generation_config.disable_compile = True
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    torch._dynamo.reset()
+    graphed._dsinf_graphs.backend = broken_backend  # a real torch.compile whose backend fails
+    x = ids(device="cuda")
+    with caplog.at_level("WARNING", logger="dsinf"):
+        assert torch.equal(greedy(graphed, x, cache="static"), greedy(eager, x, cache="static"))
+    runner = graphed._dsinf_graphs
+    assert not runner.compiled and "backend exploded" in runner.fallback and "could not be compiled" in caplog.text
+    assert runner.captures == 1 and runner.replays == 11 - 1  # the eager step, graphed
+
+
+@gpu
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_gpu_graphed_decode_equals_eager_steps(quantize):
     ref = make_model("llama", dtype=torch.float16, device="cuda")
-    graphed = inject(twin(ref), quantize=quantize)
+    graphed = inject(twin(ref), quantize=quantize, cuda_graph="eager")
     eager = inject(twin(ref), quantize=quantize, cuda_graph=False)
     eager.generation_config.disable_compile = True  # the oracle: the same kernels, launched one by one
     x = ids(device="cuda")

@@ -55,8 +55,8 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph) -> None:
             raise ValueError(f"inject: argument 'groups': expected None (per channel) or an int >= 1, got {groups!r}")
         if quantize is None:
             raise ValueError("inject: argument 'groups': only meaningful with quantize='int8'")
-    if not (isinstance(cuda_graph, bool) or cuda_graph == "compile"):
-        raise TypeError(f"inject: argument 'cuda_graph': expected True, False or 'compile', got {cuda_graph!r}")
+    if not (isinstance(cuda_graph, bool) or cuda_graph == "eager"):
+        raise TypeError(f"inject: argument 'cuda_graph': expected True, False or 'eager', got {cuda_graph!r}")
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
 
@@ -81,8 +81,10 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
         cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
             captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
-            per-step host cost hid the kernels' speed. "compile": the captured step is compiled by inductor
-            first (the model's small ops fused; compiled at the first decode step). False keeps HF's compile.
+            per-step host cost hid the kernels' speed. True: the captured step is the forward compiled by
+            inductor (the model's small ops fused, dsinf's ops called as they are; compiled at the first
+            decode step, the eager step if inductor fails there). "eager": the eager forward is captured
+            (no compile; each small op stays a kernel). False keeps HF's compile.
 
     Every parameter of the model stops requiring grad (the ops are inference-only: a forward in grad
     mode then runs, gradless). Logs one summary (logger "dsinf", INFO); `injection_summary(model)`
@@ -123,8 +125,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
     for p in model.parameters():  # inference: the ops have no backward, and refuse grad-requiring tensors in
         p.requires_grad_(False)   # grad mode - frozen weights keep activations gradless, so grad mode is fine
-    if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph == "compile") is not None:
-        step = "an inductor-compiled step" if cuda_graph == "compile" else "the eager step"
+    if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph is True) is not None:
+        step = "an inductor-compiled step" if cuda_graph is True else "the eager step"
         summary.cuda_graph = (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step} (HF's "
                               f"compile of the decode step is off: generation_config.disable_compile)")
     model._dsinf_injection = summary

@@ -31,10 +31,13 @@ or a weight is reassigned, and by the model's `.to()` / `.cuda()` / `.half()`.
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from collections import OrderedDict
 
 import torch
+
+logger = logging.getLogger("dsinf")
 
 MAX_GRAPHS = 8
 _COPIED = ("input_ids", "attention_mask", "position_ids", "cache_position")  # per-step tensors copied in
@@ -81,6 +84,21 @@ class _Graph:
         return type(out)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
 
 
+def _reason(exc: BaseException) -> str:
+    """One line: the exception and, for dynamo's wrappers (BackendCompilerFailed, ...), the error it wraps."""
+    def line(e):
+        text = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    root = exc
+    for _ in range(8):  # dynamo re-raises with the original in inner_exception / __cause__ / __context__
+        inner = getattr(root, "inner_exception", None) or root.__cause__ or root.__context__
+        if not isinstance(inner, BaseException) or inner is root:
+            break
+        root = inner
+    return line(exc) if root is exc else f"{line(exc)} <- {line(root)}"
+
+
 def _cache_tensors(cache) -> list[tuple[int, str, torch.Tensor]]:
     return [(i, name, t) for i, layer in enumerate(cache.layers) for name in _CACHE_STATE
             if isinstance(t := getattr(layer, name, None), torch.Tensor)]
@@ -103,6 +121,7 @@ class DecodeGraphs:
     def __init__(self, compiled: bool = False):
         self.compiled = compiled  # capture an inductor-compiled step (see `install`) instead of the eager one
         self._step = None  # that compiled step, made at the first graphable call
+        self.backend = "inductor"  # torch.compile's backend for it
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._version = _weights_version
@@ -110,6 +129,7 @@ class DecodeGraphs:
         self.replays = 0  # decode steps served from a graph
         self.captures = 0  # graphs captured
         self.adoptions = 0  # new caches moved onto a graph's cache tensors
+        self.fallback = ""  # why a compiled step fell back to the eager one ('' when it did not)
 
     def _key(self, args, kwargs):
         """(key, tensors to copy, other arguments), or None when this call is not a graphable decode step."""
@@ -156,13 +176,24 @@ class DecodeGraphs:
         step = forward
         if self.compiled:
             if self._step is None:  # inductor without its own graphs: the step is captured into ours
-                self._step = torch.compile(forward, dynamic=False)
+                self._step = torch.compile(forward, dynamic=False, backend=self.backend)
             step = self._step
         graph = self.graphs.get(key)
         if graph is None:
             if shapes not in self._warm:  # warm-up (and, compiled, the compile itself): outside any capture
                 self._warm.add(shapes)
-                return step(**kwargs)
+                if step is forward:
+                    return step(**kwargs)
+                try:
+                    return step(**kwargs)
+                except Exception as exc:  # noqa: BLE001 - inductor failing here must not fail generate
+                    # A compile error is raised before the step runs (the cache is untouched): the eager
+                    # step is graphed instead, for this model from now on.
+                    self.compiled, self._step = False, None
+                    self.fallback = _reason(exc)
+                    logger.warning("dsinf: the decode step could not be compiled (%s); its eager step is "
+                                   "graphed instead", self.fallback)
+                    return forward(**kwargs)
             graph = _Graph(step, tensors, others)
             self.captures += 1
             self.graphs[key] = graph

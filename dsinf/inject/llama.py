@@ -11,7 +11,8 @@ How we keep HF's cache and attention: the attention module keeps its identity, a
 for a subclass (`Dsinf<Name>`) whose forward replaces the three projections and the rotary with one
 `InjectedQKV` call, then runs HF's own code path: `past_key_values.update(k, v, layer_idx)` and the
 `ALL_ATTENTION_FUNCTIONS` interface the config selects (sdpa, eager, flash, flex), with the family's
-extra arguments (Mistral/Qwen2 `sliding_window`). So DynamicCache, StaticCache, HF's masks, generate,
+extra arguments (Mistral/Qwen2 `sliding_window`) - except a grouped-query decode step under sdpa, which
+runs the same attention without repeating the cache (`attention.decode_attention`). So DynamicCache, StaticCache, HF's masks, generate,
 and `isinstance` checks (output capture) all behave as before. Wrapping the projections instead would
 have kept HF's forward but could fuse neither the three GEMMs nor the RoPE.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from . import graphs
+from .attention import decode_attention
 from .linear import InjectedLinear, InjectedQKV, bind_op
 from .rope import RopePositions
 
@@ -120,10 +122,12 @@ class FusedAttention:
             query, key = apply_rotary(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
-        attn_output, attn_weights = attention(
-            self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling, **self._dsinf_attn_kwargs, **kwargs)
+        dropout = 0.0 if not self.training else self.attention_dropout
+        attn_output, attn_weights = decode_attention(self, query, key, value, attention_mask, dropout, kwargs), None
+        if attn_output is None:  # not a grouped-query decode step under sdpa: HF's attention interface
+            attention = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
+            attn_output, attn_weights = attention(self, query, key, value, attention_mask, dropout=dropout,
+                                                  scaling=self.scaling, **self._dsinf_attn_kwargs, **kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
