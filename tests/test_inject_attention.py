@@ -97,6 +97,13 @@ def test_injected_decode_folds_the_groups():
         got, expected = model.generate(x, **kwargs), ref.generate(x, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+    padded = torch.ones_like(x)
+    padded[0, :2] = 0  # left padding: row 0's mask has holes in every decode step
+    with torch.no_grad():
+        kwargs["attention_mask"] = padded
+        got, expected = model.generate(x, **kwargs), ref.generate(x, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
