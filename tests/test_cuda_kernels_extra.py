@@ -1,16 +1,17 @@
 """GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu, gemv_int8.cu).
 
-The [N, K] tensor-core kernel walks K in batches of k-steps (one batch = 8 warps x kLoopUnroll steps x 32
-(16-bit) or 64 (int8) elements; with DSINF_MMA_PIPELINE two register buffers alternate). These shapes
+The [N, K] tensor-core kernel (fp16/bf16 weights) walks K in batches of k-steps (one batch = 8 warps x
+kLoopUnroll steps x 32 elements; with DSINF_MMA_PIPELINE two register buffers alternate). These shapes
 give a warp zero, one, several, an odd number and a fractional number of batches, with and without a
-K split, for fp16/bf16 weights and int8 (fp16 and bf16 activations: bf16 takes the fp32 -> high-half
-int8 conversion, fp16 the half-magic one), at M = 1, 3, 8 (one n-tile of tokens) and 16 (int8: two).
-The int8 streaming kernel (gemv_int8.cu) has its own cases: row tiles of 16 (N % 16 != 0), several tiles
+K split, at M = 1, 3, 8 (one n-tile of tokens). The same shapes run through the int8 streaming kernel
+(gemv_int8.cu: 64-byte k-steps in 2-step warp units) with fp16 and bf16 activations (bf16 takes the fp32 ->
+high-half int8 conversion, fp16 the half-magic one) at M = 1, 3, 8 and 16 (two token tiles).
+The streaming kernel also has cases of its own: row tiles of 16 (N % 16 != 0), several tiles
 per CTA with the cp.async ring running across tile boundaries (N above 16 x the resident CTAs), k-steps
 of 64 bytes in warp units of 128 (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8
 and the two-token-tile M 9..16.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
-test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS).
+test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the int8 ring shape).
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ pytestmark = [
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# K x N: batches per warp differ (int8 batch 2048 / 1024 elements unpipelined / pipelined; 16-bit half that).
+# K x N: batches per warp differ (16-bit batch 1024 / 512 elements unpipelined / pipelined).
 SHAPES = [
-    (3584, 8192),  # 256 row tiles: no K split; 1.75-7 batches per warp, last one partial
+    (3584, 8192),  # 256 row tiles: no K split; 3.5-7 batches per warp, last one partial
     (3072, 4096),  # 128 tiles: split 2 on sm_90 (1536 per CTA), else 1.5-6 batches
     (6144, 1024),  # 32 tiles: deep split on sm_90
     (192, 4096),  # less than one batch: most warps have no k-step at all
@@ -136,14 +137,12 @@ def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
 @pytest.mark.parametrize("defines", [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
-    ("DSINF_GEMV_INT8_STREAM=0",),  # the old int8 kernel, kept for the A/B measurement
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
 ])
 def test_tuning_variants_keep_parity(defines):
-    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, int8 kernel
-    and ring shape) are other
-    code than the default build: build each in a child process (one module per process) and run the probe's
-    parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, int8 ring
+    shape) are other code than the default build: build each in a child process (one module per process) and
+    run the probe's parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
     import os
     import subprocess
     import sys

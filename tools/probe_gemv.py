@@ -4,12 +4,11 @@
     python tools/probe_gemv.py --no-timing     # parity only
     python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
     python tools/probe_gemv.py --quick --variant "DSINF_GEMV_PDL=0" --variant "DSINF_GEMV_PDL=1 DSINF_MMA_UNROLL=8"
-    python tools/probe_gemv.py --quick --int8-only --variant DSINF_GEMV_INT8_STREAM=0 --variant DSINF_GEMV_INT8_STREAM=1
-        # old vs new int8 kernel, about 2.5 minutes on an H200
+    python tools/probe_gemv.py --quick --int8-only --variant "DSINF_I8_STAGES=5 DSINF_I8_UNIT_STEPS=1"
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
-        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu) on a new GPU. Each variant is a cold
-        # build (~15 s) plus its run, so keep sweeps small or --quick.
+        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu, gemv_int8.cu) on a new GPU. Each variant
+        # is a cold build (~15 s) plus its run, so keep sweeps small or --quick.
 
 What it prints:
   1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes, after ~1 s of copies to

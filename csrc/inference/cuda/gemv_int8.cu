@@ -3,12 +3,13 @@
 //
 //   out[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n / (N/G)] (+ bias[n])
 //
-// Why a kernel of its own (the [N, K] tensor-core GEMV of gemv_mma.cu read int8 at 42-70% of the copy
-// bandwidth on the H200): that kernel loads weights into registers, and ptxas interleaves a batch's loads
-// with the mma that consume them, so a warp (which issues in order) stalls at its first mma with only a
-// few loads in flight. Here the weight goes global -> shared memory with cp.async: the copies write no
-// register, so nothing waits on them until cp.async.wait_group, and every warp keeps up to kStages units of
-// its own weights in flight (default 2 x 2 KiB: 16-32 KiB per CTA, 4 CTAs per SM) while it multiplies one.
+// Why a kernel of its own (an int8 variant of the [N, K] tensor-core GEMV of gemv_mma.cu read int8 at
+// 42-70% of the copy bandwidth on the H200, and was removed once this kernel beat it): that kernel loaded
+// weights into registers, and ptxas interleaves a batch's loads with the mma that consume them, so a warp
+// (which issues in order) stalled at its first mma with only a few loads in flight. Here the weight goes
+// global -> shared memory with cp.async: the copies write no register, so nothing waits on them until
+// cp.async.wait_group, and every warp keeps up to kStages units of its own weights in flight (default
+// 2 x 2 KiB: 16-32 KiB per CTA, 4 CTAs per SM) while it multiplies one.
 //
 // Structure:
 // - CTA = 8 warps, output tile = 16 rows (one mma m16 tile; the weight is the mma's A operand, tokens its
@@ -17,8 +18,12 @@
 //   thread (g = lane / 4, t = lane % 4) copies 16 bytes of rows g and g + 8 at k = 64 * step + 16 t into
 //   its own ring slot, and later reads exactly those bytes back: the ring is
 //   thread-private, so no barrier is needed in the k loop (cp.async.wait_group makes a thread's own
-//   copies visible to it). k-slot map and int8 -> fp16/bf16 conversion as in gemv_mma.cu: word h of a
-//   16-byte load feeds mma h (k = 16 t + 4 h .. + 3).
+//   copies visible to it).
+// - k-slot map (the sum over k is order-free, so the mma's 16 k slots may be any 16 k): mma h (h < 4) of a
+//   step takes k = 16 t + 4 h + {0, 1} (from the step's start) in slots {2t, 2t+1} and 16 t + 4 h + {2, 3}
+//   in slots {2t+8, 2t+9}: word h of the thread's 16-byte weight load (per row) expands (I8Pairs: exact)
+//   to its A registers, and words 2h, 2h+1 of the 32 bytes of x it loads per token at that k are its B
+//   registers.
 // - Persistent over row tiles: grid.x = ceil(tiles / q) CTAs with q = ceil(tiles / resident CTAs), CTA b
 //   takes tiles b, b + grid.x, ... All CTAs are resident at once and hold (nearly) the same bytes, so they
 //   finish together (no partial last wave); a warp's ring runs on across its tile boundaries (the next

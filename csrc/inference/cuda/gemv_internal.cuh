@@ -1,5 +1,5 @@
 // Internal interface between the GEMV dispatcher (gemv_launch.cu) and the kernel files
-// (gemv_mma.cu, gemv_simt.cu). Not part of the launcher API.
+// (gemv_mma.cu, gemv_int8.cu, gemv_simt.cu, gemv_scalar.cu). Not part of the launcher API.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,14 +43,6 @@ namespace detail {
 #define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
 #endif
 
-// int8 weights with fp16/bf16 activations: 1 = the streaming kernel (gemv_int8.cu: cp.async ring, 16-row
-// tiles, persistent grid), 0 = the [N, K] tensor-core kernel of gemv_mma.cu (register loads, 32-row tiles),
-// kept for the A/B measurement on the GPU (`tools/probe_gemv.py --variant DSINF_GEMV_INT8_STREAM=0`) until it
-// shows which one to keep.
-#ifndef DSINF_GEMV_INT8_STREAM
-#define DSINF_GEMV_INT8_STREAM 1
-#endif
-
 constexpr int kGemvThreads = 256;  // every GEMV CTA: 8 warps
 constexpr int kGemvWarps = kGemvThreads / 32;
 
@@ -64,11 +56,11 @@ constexpr int kTileI8 = 16;      // rows, int8 streaming kernel
 // Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
 // and sm_90 code; the dispatcher decides). All return the launch status.
 cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream);
-cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream);  // fp16/bf16 weights only
 cudaError_t launch_kn_simt(const GemvArgs& a, int split, cudaStream_t stream);
 cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
-cudaError_t launch_i8_stream(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_i8_stream(const GemvArgs& a, int split, cudaStream_t stream);  // int8 weights [N, K]
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();

@@ -4,7 +4,7 @@
 // Path choice (first that applies):
 //   1. K == 0, a pointer not 16-byte aligned, or a size the vector loads cannot cover -> scalar.
 //   2. fp16/bf16 activations in a >= sm_80 build -> tensor-core GEMV ([K, N]: N % 8, K % 4;
-//      [N, K]: K % 8; int8: K % 16, the streaming kernel of gemv_int8.cu unless DSINF_GEMV_INT8_STREAM=0).
+//      [N, K]: K % 8; int8 [N, K]: K % 16, the streaming kernel of gemv_int8.cu).
 //   3. fp32 (and fp16 in builds with an arch < sm_80) -> CUDA-core GEMV ([N, K]: K % (16 B / elem);
 //      [K, N]: N % (16 B / elem), K % 4).
 // K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
@@ -99,7 +99,7 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool nk = a.w_nk;
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
-    const int64_t tile = !nk ? kTileKnMma : (a.w_int8 && DSINF_GEMV_INT8_STREAM ? kTileI8 : kTileNkMma);
+    const int64_t tile = !nk ? kTileKnMma : (a.w_int8 ? kTileI8 : kTileNkMma);
     *split = choose_split(dev, (a.N + tile - 1) / tile, a.K);
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
@@ -139,8 +139,7 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
 #if defined(DSINF_CUDA_BF16)
     case GemvPath::kTensorCoreKN: return detail::launch_kn_mma(a, split, stream);
     case GemvPath::kTensorCoreNK:
-      return a.w_int8 && DSINF_GEMV_INT8_STREAM ? detail::launch_i8_stream(a, split, stream)
-                                                : detail::launch_nk_mma(a, split, stream);
+      return a.w_int8 ? detail::launch_i8_stream(a, split, stream) : detail::launch_nk_mma(a, split, stream);
 #endif
     case GemvPath::kSimtKN: return detail::launch_kn_simt(a, split, stream);
     case GemvPath::kSimtNK: return detail::launch_nk_simt(a, stream);

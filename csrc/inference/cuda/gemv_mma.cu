@@ -1,6 +1,6 @@
 // Tensor-core GEMV for decode (M = B*S <= 16), fp16/bf16 activations, fp32 accumulation.
 //
-//   out[m, n] = sum_k x[m, k] * W(k, n)  (* scale[n / (N/G)] for int8)  (+ bias[n])
+//   out[m, n] = sum_k x[m, k] * W(k, n)  (+ bias[n]),  W fp16/bf16 as x (int8 weights: gemv_int8.cu)
 //
 // Why tensor cores for a memory-bound product: with CUDA cores, M = 8..16 needs 8..16 FMAs plus
 // conversions per weight element, which at 3 TB/s of fp16 weights is most of the H100's FP32 issue
@@ -24,8 +24,6 @@
 #include "gemv_internal.cuh"
 
 #if defined(DSINF_CUDA_BF16)
-
-#include <type_traits>
 
 namespace dsinf {
 namespace cuda {
@@ -209,25 +207,20 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 }
 
 // ------------------------------------------------------------------------------------------------
-// Weight [N, K] (row n holds K contiguous elements): fp16/bf16, or int8 converted in registers (int8 only
-// in builds with DSINF_GEMV_INT8_STREAM=0; by default int8 takes gemv_int8.cu).
-// CTA tile: 32 rows n0..n0+31 (two m16 tiles) x K range. Warp w takes k-steps of KS elements
-// (KS = 4 threads x one 16-byte load: 32 for 16-bit weights, 64 for int8), kb = k_begin + KS*(w + 8j).
-// Thread (g, t) loads rows {n0 + g, +8, +16, +24} at k = kb + E*t .. +E-1 (E = elements per 16 B)
+// Weight [N, K] (row n holds K contiguous elements), fp16/bf16.
+// CTA tile: 32 rows n0..n0+31 (two m16 tiles) x K range. Warp w takes k-steps of KS = 32 elements
+// (4 threads x one 16-byte load), kb = k_begin + KS*(w + 8j).
+// Thread (g, t) loads rows {n0 + g, +8, +16, +24} at k = kb + E*t .. +E-1 (E = 8 elements per 16 B)
 // and the same k range of x for its tokens g (+8).
-// Slot map, 16-bit weights (two mmas per step, h < 2): slots {2t, 2t+1} <-> k = kb + 8t + 4h + {0,1},
+// Slot map (two mmas per step, h < 2): slots {2t, 2t+1} <-> k = kb + 8t + 4h + {0,1},
 // slots {2t+8, 2t+9} <-> kb + 8t + 4h + {2,3}: A and B registers are words 2h, 2h+1 of the loads.
-// int8 (four mmas per step, h < 4): same with 16t instead of 8t; word h of the int8 load expands to
-// the two pairs (PRMT + HSUB2 for fp16, exact), x words 2h, 2h+1.
 // Constraints: K % E == 0 (rows 16-byte aligned), x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
-template <typename T, typename WT, int NT>
-__global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+template <typename T, int NT>
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
-  constexpr bool kInt8 = std::is_same<WT, int8_t>::value;
-  constexpr int E = 16 / static_cast<int>(sizeof(WT));  // weight elements per 16-byte load
-  constexpr int KS = 4 * E;                             // k per warp step
-  constexpr int XL = E * 2 / 16;                        // 16-byte x loads per token per step (1 or 2)
+  constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  constexpr int KS = 4 * E;                            // k per warp step
   constexpr int TN = kTileNkMma, NTOK = 8 * NT, P = TN * NTOK;
   __shared__ float red[kGemvWarps * P];
   __shared__ float part[P];
@@ -238,7 +231,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x,
   const int k_begin = blockIdx.y * kchunk;
   const int k_end = min(K, k_begin + kchunk);
 
-  const WT* wrow[4];
+  const T* wrow[4];
   bool row_ok[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // i = 2 * tile + half: row n0 + 16 * (i >> 1) + 8 * (i & 1) + g
@@ -253,7 +246,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x,
   {  // the start of the tile's TN rows: kLines 128-byte lines per row
     pdl_begin();
     constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * 128);
-    constexpr int kLineElems = 128 / static_cast<int>(sizeof(WT));
+    constexpr int kLineElems = 128 / static_cast<int>(sizeof(T));
     for (int i = threadIdx.x; i < TN * kLines; i += kGemvThreads) {
       const int n = n0 + i / kLines, k = k_begin + (i % kLines) * kLineElems;
       if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
@@ -272,7 +265,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x,
 
   struct Batch {
     uint4 w[kLoopUnroll][4];
-    uint4 x[kLoopUnroll][NT][XL];
+    uint4 x[kLoopUnroll][NT];
   };
   // k-steps kb0 + u * KS * warps (u < kLoopUnroll); out-of-range k or rows read as zeros.
   auto load_batch = [&](int kb0, Batch& b) {
@@ -286,9 +279,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x,
       for (int i = 0; i < 4; ++i)
         wv[u][i] = (k_ok && row_ok[i]) ? ldg16_stream(wrow[i] + k) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int q = 0; q < NT; ++q)
-#pragma unroll
-        for (int l = 0; l < XL; ++l) xv[u][q][l] = k_ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
+      for (int q = 0; q < NT; ++q) xv[u][q] = k_ok ? ldg16(xrow[q] + k) : make_uint4(0, 0, 0, 0);
     }
   };
   auto compute_batch = [&](const Batch& b) {
@@ -296,30 +287,15 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x,
     const auto& xv = b.x;
 #pragma unroll
     for (int u = 0; u < kLoopUnroll; ++u) {
-      if constexpr (!kInt8) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
+        for (int r = 0; r < 2; ++r)
 #pragma unroll
-            for (int q = 0; q < NT; ++q)
-              Mma<T>::run(acc[r][q], word(wv[u][2 * r], 2 * h), word(wv[u][2 * r + 1], 2 * h),
-                          word(wv[u][2 * r], 2 * h + 1), word(wv[u][2 * r + 1], 2 * h + 1), word(xv[u][q][0], 2 * h),
-                          word(xv[u][q][0], 2 * h + 1));
-      } else {
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          uint32_t a[4][2];  // [load i][pair]: pairs (4h, 4h+1) and (4h+2, 4h+3) of row i
-#pragma unroll
-          for (int i = 0; i < 4; ++i) I8Pairs<T>::convert(word(wv[u][i], h), a[i][0], a[i][1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int q = 0; q < NT; ++q)
-              Mma<T>::run(acc[r][q], a[2 * r][0], a[2 * r + 1][0], a[2 * r][1], a[2 * r + 1][1],
-                          word(xv[u][q][h >> 1], 2 * (h & 1)), word(xv[u][q][h >> 1], 2 * (h & 1) + 1));
-        }
-      }
+          for (int q = 0; q < NT; ++q)
+            Mma<T>::run(acc[r][q], word(wv[u][2 * r], 2 * h), word(wv[u][2 * r + 1], 2 * h),
+                        word(wv[u][2 * r], 2 * h + 1), word(wv[u][2 * r + 1], 2 * h + 1), word(xv[u][q], 2 * h),
+                        word(xv[u][q], 2 * h + 1));
     }
   };
   k_loop<Batch>(k_begin + KS * warp, k_end, KS * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
@@ -361,17 +337,17 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
-template <typename T, typename WT>
+template <typename T>
 cudaError_t nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const int tiles = static_cast<int>((a.N + kTileNkMma - 1) / kTileNkMma);
-  const int kchunk = k_per_split(a.K, split, 4 * 16 / static_cast<int>(sizeof(WT)));
+  const int kchunk = k_per_split(a.K, split, 4 * 16 / static_cast<int>(sizeof(T)));
   const T* x = static_cast<const T*>(a.x);
-  const WT* w = static_cast<const WT*>(a.w);
+  const T* w = static_cast<const T*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   const bool pdl = gemv_pdl();
   if (a.M <= 8)
-    return launch_split(gemv_nk_mma_kernel<T, WT, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_nk_mma_kernel<T, WT, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+    return launch_split(gemv_nk_mma_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_nk_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 }  // namespace
@@ -385,17 +361,10 @@ cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
 }
 
 cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  if (a.w_int8) return cudaErrorInvalidValue;  // int8 weights are gemv_int8.cu's (launch_i8_stream)
   switch (a.dtype) {
-#if DSINF_GEMV_INT8_STREAM  // int8 goes to gemv_int8.cu (the dispatcher never sends it here)
-    case DType::kFloat16: return nk_mma<__half, __half>(a, split, stream);
-    case DType::kBFloat16: return nk_mma<__nv_bfloat16, __nv_bfloat16>(a, split, stream);
-#else
-    case DType::kFloat16:
-      return a.w_int8 ? nk_mma<__half, int8_t>(a, split, stream) : nk_mma<__half, __half>(a, split, stream);
-    case DType::kBFloat16:
-      return a.w_int8 ? nk_mma<__nv_bfloat16, int8_t>(a, split, stream)
-                      : nk_mma<__nv_bfloat16, __nv_bfloat16>(a, split, stream);
-#endif
+    case DType::kFloat16: return nk_mma<__half>(a, split, stream);
+    case DType::kBFloat16: return nk_mma<__nv_bfloat16>(a, split, stream);
     default: return cudaErrorInvalidValue;
   }
 }
