@@ -489,6 +489,8 @@ def test_gpu_graphed_decode_falls_back_to_the_eager_step_when_compile_fails(capl
         assert torch.equal(greedy(graphed, x, cache="static"), greedy(eager, x, cache="static"))
     runner = graphed._dsinf_graphs
     assert not runner.compiled and "backend exploded" in runner.fallback and "could not be compiled" in caplog.text
+    line = injection_summary(graphed).cuda_graph  # the summary says what runs now
+    assert "the eager step" in line and "backend exploded" in line and "inductor-compiled" not in line
     assert runner.captures == 1 and runner.replays == 11 - 1  # the eager step, graphed
 
 

@@ -126,9 +126,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     for p in model.parameters():  # inference: the ops have no backward, and refuse grad-requiring tensors in
         p.requires_grad_(False)   # grad mode - frozen weights keep activations gradless, so grad mode is fine
     if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph is True) is not None:
-        step = "an inductor-compiled step" if cuda_graph is True else "the eager step"
-        summary.cuda_graph = (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step} (HF's "
-                              f"compile of the decode step is off: generation_config.disable_compile)")
+        summary.cuda_graph = graphs.describe(cuda_graph is True)
     model._dsinf_injection = summary
     routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly

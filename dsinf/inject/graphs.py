@@ -193,6 +193,9 @@ class DecodeGraphs:
                     self.fallback = _reason(exc)
                     logger.warning("dsinf: the decode step could not be compiled (%s); its eager step is "
                                    "graphed instead", self.fallback)
+                    summary = getattr(getattr(forward, "__self__", None), "_dsinf_injection", None)
+                    if summary is not None:  # injection_summary says what runs now
+                        summary.cuda_graph = describe(False, self.fallback)
                     return forward(**kwargs)
             graph = _Graph(step, tensors, others)
             self.captures += 1
@@ -226,6 +229,14 @@ class GraphedDecode:
     def _apply(self, fn, recurse=True):
         invalidate()
         return super()._apply(fn, recurse)
+
+
+def describe(compiled: bool, fallback: str = "") -> str:
+    """The summary's line for the decode graphs."""
+    step = "an inductor-compiled step" if compiled else "the eager step"
+    why = f" (inductor failed at the first decode step: {fallback})" if fallback else ""
+    return (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step}{why} (HF's compile of "
+            f"the decode step is off: generation_config.disable_compile)")
 
 
 def install(model: torch.nn.Module, swap_class, compiled: bool = False) -> DecodeGraphs | None:
