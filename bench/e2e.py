@@ -164,7 +164,8 @@ def measure(model, args, mode, batch):
     row = {"ttft_ms": ttft * 1e3, "decode_tok_s": batch * (args.new - 1) / decode}
     graphs = getattr(model, "_dsinf_graphs", None)
     if graphs is not None and mode == "static":  # evidence that the decode steps ran from dsinf's graphs
-        row["graphs"] = {"captures": graphs.captures, "adoptions": graphs.adoptions, "replays": graphs.replays}
+        row["graphs"] = {"captures": graphs.captures, "adoptions": graphs.adoptions, "replays": graphs.replays,
+                         "compiled": graphs.compiled, **({"fallback": graphs.fallback} if graphs.fallback else {})}
     return row
 
 

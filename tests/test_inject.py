@@ -470,6 +470,67 @@ def test_gpu_graphed_compiled_decode_equals_eager_steps(quantize):
     assert torch.equal(greedy(graphed, x, cache="static"), expected)
     runner = graphed._dsinf_graphs
     assert runner.captures == 1 and runner.adoptions == 1 and runner.replays == 10 + 11
+    assert runner.compiled and not runner.fallback  # the compiled step is what the graph holds
+
+
+def test_graphs_only_take_caches_a_replay_advances():
+    from dsinf.inject.graphs import _cache_state
+
+    def prefilled_cache(family, **overrides):
+        model = make_model(family, **overrides)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(ids(), past_key_values=cache, use_cache=True)
+        return cache
+
+    assert _cache_state(prefilled_cache("llama")) is not None
+    # a sliding-window layer keeps a host int (its length) that a replay would freeze
+    assert _cache_state(prefilled_cache("mistral", sliding_window=4)) is None
+    assert _cache_state(transformers.StaticCache(config=make_model("llama").config, max_cache_len=16)) is None
+    assert _cache_state(transformers.DynamicCache()) is None
+
+
+def test_graphs_fall_back_only_for_compile_errors():
+    from dsinf.inject.graphs import _compile_errors, _reason
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    def failing_at_run_time(gm, example_inputs):
+        def run(*args):
+            raise torch.OutOfMemoryError("out of memory while running")
+        return run
+
+    with pytest.raises(Exception) as compile_failure:
+        torch.compile(lambda x: x + 1, backend=broken_backend)(torch.ones(2))
+    with pytest.raises(Exception) as run_failure:
+        torch.compile(lambda x: x * 2, backend=failing_at_run_time)(torch.ones(2))
+    assert isinstance(compile_failure.value, _compile_errors())
+    assert not isinstance(run_failure.value, _compile_errors())  # re-raised, never a silent fallback
+    assert _reason(compile_failure.value).endswith("<- RuntimeError: backend exploded")
+    try:
+        try:
+            raise KeyError("handled")
+        except KeyError:
+            raise ValueError("the real error")
+    except ValueError as exc:
+        assert _reason(exc) == "ValueError: the real error"  # a handled exception is not its cause
+
+
+@gpu
+def test_gpu_graphed_decode_raises_what_the_compiled_step_raises():
+    model = inject(make_model("llama", dtype=torch.float16, device="cuda"))
+
+    def failing_at_run_time(gm, example_inputs):
+        def run(*args):
+            raise torch.OutOfMemoryError("out of memory while running")
+        return run
+
+    torch._dynamo.reset()
+    model._dsinf_graphs.backend = failing_at_run_time
+    with pytest.raises(torch.OutOfMemoryError):
+        greedy(model, ids(device="cuda"), cache="static")
+    assert model._dsinf_graphs.compiled and not model._dsinf_graphs.fallback
 
 
 @gpu

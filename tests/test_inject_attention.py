@@ -56,6 +56,8 @@ def test_equals_hf_sdpa(batch, heads, kv, length, dim, mask):
     ("dropout", dict(dropout=0.1)),
     ("attention weights asked for", dict(kwargs={"output_attentions": True})),
     ("a per-query mask", dict(mask_rows=2)),
+    ("a per-head mask", dict(mask_heads=4)),
+    ("a position bias", dict(kwargs={"position_bias": torch.zeros(1, 4, 1, 9)})),
 ])
 def test_declines_what_it_does_not_reproduce(why, change):
     heads, kv, dim = change.get("heads", 4), change.get("kv", 2), 8
@@ -65,6 +67,8 @@ def test_declines_what_it_does_not_reproduce(why, change):
         query = torch.cat([query] * change["tokens"], dim=2)
     if "mask_rows" in change:
         mask = mask.expand(2, 1, change["mask_rows"], 9)
+    if "mask_heads" in change:
+        mask = mask.expand(2, change["mask_heads"], 1, 9)
     assert decode_attention(module, query, key, value, mask, change.get("dropout", 0.0),
                             change.get("kwargs", {})) is None, why
 

@@ -7,7 +7,7 @@ the GPU work itself, so faster kernels barely showed. A graph we capture ourselv
 of two small copies and one launch.
 
 What is graphed: a call of the model's forward with one new token per row (`input_ids` `[B, 1]`) over a
-static cache (`past_key_values.is_compileable`, every layer initialised), without grad, outside
+static cache (every layer an initialised `StaticLayer`: see _GRAPHABLE_LAYERS), without grad, outside
 torch.compile tracing and outside someone else's capture. A static cache keeps its keys, values and
 lengths in device tensors at fixed addresses, updated in place by the step itself, so a replay advances
 it exactly as an eager call would. Everything else - prefill, DynamicCache, CPU, other keyword tensors -
@@ -91,12 +91,36 @@ def _reason(exc: BaseException) -> str:
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
     root = exc
-    for _ in range(8):  # dynamo re-raises with the original in inner_exception / __cause__ / __context__
-        inner = getattr(root, "inner_exception", None) or root.__cause__ or root.__context__
+    for _ in range(8):  # dynamo's wrappers keep the original in inner_exception or __cause__ (not
+        inner = getattr(root, "inner_exception", None) or root.__cause__  # __context__: maybe long handled)
         if not isinstance(inner, BaseException) or inner is root:
             break
         root = inner
     return line(exc) if root is exc else f"{line(exc)} <- {line(root)}"
+
+
+def _compile_errors() -> tuple[type, ...]:
+    """The exceptions by which torch.compile says it could not compile (dynamo's backend wrapper, an
+    unsupported construct, inductor's own error); a runtime error of the compiled step is none of them."""
+    import torch._dynamo.exc as dynamo_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (dynamo_exc, "Unsupported")]
+    try:
+        import torch._inductor.exc as inductor_exc
+
+        names.append((inductor_exc, "InductorError"))
+    except ImportError:
+        pass
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def _lengths(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(t, t.clone()) for _, name, t in _cache_tensors(cache) if name == "cumulative_length"]
+
+
+def _restore_lengths(lengths) -> None:
+    for tensor, saved in lengths:
+        tensor.copy_(saved)
 
 
 def _cache_tensors(cache) -> list[tuple[int, str, torch.Tensor]]:
@@ -104,12 +128,25 @@ def _cache_tensors(cache) -> list[tuple[int, str, torch.Tensor]]:
             if isinstance(t := getattr(layer, name, None), torch.Tensor)]
 
 
+# Cache layer classes (HF's cache_utils) whose whole state is the tensors of _CACHE_STATE, so a replay
+# advances it and an adoption moves it. Not its subclasses: the sliding-window layer keeps a host int
+# (`cumulative_length_int`) that the mask and the update read - a replay would freeze it - and the
+# indexed layer keeps more tensors (its indexer) than an adoption would carry.
+_GRAPHABLE_LAYERS = frozenset({"StaticLayer"})
+
+
+def _plain_static(layer) -> bool:
+    cls = type(layer)
+    return cls.__name__ in _GRAPHABLE_LAYERS and cls.__module__.endswith("cache_utils")
+
+
 def _cache_state(cache) -> tuple | None:
-    """The shapes and dtypes of a ready static cache's tensors, or None (not static, not initialised)."""
+    """The shapes and dtypes of a ready static cache's tensors, or None (not static, not initialised, or a
+    layer whose state a replay would not advance: see _GRAPHABLE_LAYERS)."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return None
     layers = getattr(cache, "layers", None)
-    if not layers or not all(getattr(layer, "is_initialized", False) for layer in layers):
+    if not layers or not all(_plain_static(layer) and getattr(layer, "is_initialized", False) for layer in layers):
         return None
     return tuple((name, tuple(t.shape), t.dtype, t.device) for _, name, t in _cache_tensors(cache))
 
@@ -184,11 +221,17 @@ class DecodeGraphs:
                 self._warm.add(shapes)
                 if step is forward:
                     return step(**kwargs)
+                lengths = _lengths(others["past_key_values"])
                 try:
                     return step(**kwargs)
-                except Exception as exc:  # noqa: BLE001 - inductor failing here must not fail generate
-                    # A compile error is raised before the step runs (the cache is untouched): the eager
-                    # step is graphed instead, for this model from now on.
+                except Exception as exc:  # noqa: BLE001 - narrowed below (dynamo is imported only here)
+                    if not isinstance(exc, _compile_errors()):
+                        raise
+                    # The compiler failed (not the step: an OOM or a bad input is raised as it is). The
+                    # eager step is graphed instead, from now on. A frame compiled and run before the
+                    # failing one may have advanced the cache's lengths: they are put back (the key/value
+                    # slots it wrote are rewritten by the eager step).
+                    _restore_lengths(lengths)
                     self.compiled, self._step = False, None
                     self.fallback = _reason(exc)
                     logger.warning("dsinf: the decode step could not be compiled (%s); its eager step is "
@@ -234,7 +277,8 @@ class GraphedDecode:
 def describe(compiled: bool, fallback: str = "") -> str:
     """The summary's line for the decode graphs."""
     step = "an inductor-compiled step" if compiled else "the eager step"
-    why = f" (inductor failed at the first decode step: {fallback})" if fallback else ""
+    why = (f" (inductor failed to compile a decode step: {fallback}; graphs captured before keep their "
+           f"compiled step)") if fallback else ""
     return (f"static-cache decode steps on CUDA run from dsinf's CUDA graphs of {step}{why} (HF's compile of "
             f"the decode step is off: generation_config.disable_compile)")
 

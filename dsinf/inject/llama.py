@@ -12,8 +12,8 @@ for a subclass (`Dsinf<Name>`) whose forward replaces the three projections and 
 `InjectedQKV` call, then runs HF's own code path: `past_key_values.update(k, v, layer_idx)` and the
 `ALL_ATTENTION_FUNCTIONS` interface the config selects (sdpa, eager, flash, flex), with the family's
 extra arguments (Mistral/Qwen2 `sliding_window`) - except a grouped-query decode step under sdpa, which
-runs the same attention without repeating the cache (`attention.decode_attention`). So DynamicCache, StaticCache, HF's masks, generate,
-and `isinstance` checks (output capture) all behave as before. Wrapping the projections instead would
+runs the same attention without repeating the cache (`attention.decode_attention`). So DynamicCache,
+StaticCache, HF's masks, generate, and `isinstance` checks (output capture) all behave as before. Wrapping the projections instead would
 have kept HF's forward but could fuse neither the three GEMMs nor the RoPE.
 """
 from __future__ import annotations
