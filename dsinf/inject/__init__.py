@@ -7,8 +7,9 @@
     dsinf.injection_summary(model)                       # what was replaced, fused, kept and why (data)
 
 Modules: `linear` (the injected linear modules), `llama` (recognition and the fused attention / MLP),
-`rope` (when dsinf's RoPE may replace the model's), `summary`, `export` (weights back in the original
-layout), `keywords` (`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`:
+`attention` (grouped-query decode attention without repeating the cache), `rope` (when dsinf's RoPE may
+replace the model's), `graphs` (static-cache decode steps on CUDA graphs), `summary`, `export` (weights
+back in the original layout), `keywords` (`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`:
 recognition reads module attributes and configs, and the HF helpers a fused forward calls come from
 the module that defined the model's own class.
 """
