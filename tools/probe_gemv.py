@@ -20,7 +20,9 @@ What it prints:
   3. per (dtype, layout, K x N, M in 1, 2, 4, 8): our µs, torch µs, ratio (torch / ours), GB/s and % of
      the copy bandwidth, timed as CUDA-graph replays over rotating weight copies (>= 4 x 60 MiB, so
      the weights come from HBM, not L2); torch is F.linear for [N, K] and torch.matmul for [K, N];
-     int8 is compared with the faster of torch's two fp16/bf16 layouts on the dequantized weight;
+     int8 is compared with the faster of torch's two fp16/bf16 layouts on the dequantized weight; beside
+     them, a device copy moving the same bytes timed the same way (copy µs, %copy): how much of the gap
+     to the copy bandwidth is the per-call launch, ramp and tail that any kernel of that size pays;
   4. `min ratio` per table and the issue-12 goals with PASS/MISS.
 --quick times fp16 [K,N]/[N,K] on 4096x4096 and 4096x12288, and int8 (fp16 and bf16) on the four LLM shapes
 4096x4096, 4096x12288, 4096x14336, 14336x4096, M in 1 and 8; --int8-only drops the float layouts.
@@ -226,6 +228,17 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(16, math.ceil(ROTATE_BYTES / max(1, nbytes))))
 
 
+def same_bytes_copy_us(torch, timer: GraphTimer, nbytes: int) -> float:
+    """µs per call of a device copy that reads nbytes / 2 and writes nbytes / 2 (rotating buffers, past L2)."""
+    half = max(1, nbytes // 2)
+    n = copies_for(half)
+    src = [torch.empty(half, dtype=torch.uint8, device="cuda") for _ in range(n)]
+    dst = [torch.empty(half, dtype=torch.uint8, device="cuda") for _ in range(n)]
+    t = timer.time_many({"copy": (lambda i: dst[i].copy_(src[i]), n)})["copy"]
+    del src, dst
+    return t
+
+
 def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=None) -> list[dict]:
     """`shapes`: (K, N) pairs, or (K, N, layouts) to time only those layouts on that shape; `layouts`
     (optional): dtype name -> the layouts to time for it (default: kn, nk, int8)."""
@@ -238,8 +251,10 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
     gen = torch.Generator(device="cuda").manual_seed(1)
     log(f"\ntiming: CUDA-graph replays, rotating weights >= {ROTATE_BYTES >> 20} MiB; ratio = torch / ours;"
         f" %bw of copy {copy_bw:.0f} GB/s")
+    log("copy µs: a device copy moving the same bytes (half read, half written), timed the same way - what a\n"
+        "kernel of that size reaches with the launch, ramp and tail every call pays; %copy = copy µs / ours µs")
     log(f"{'dtype':5s} {'layout':6s} {'K x N':>12s} {'M':>2s} {'ours µs':>8s} {'torch µs':>9s} {'ratio':>6s}"
-        f" {'GB/s':>6s} {'%bw':>5s}")
+        f" {'GB/s':>6s} {'%bw':>5s} {'copy µs':>8s} {'%copy':>6s}")
     for dtype_name in dtypes:
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
         op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
@@ -268,6 +283,7 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
                         n = copies_for(wbytes)
                         ws = [w0] + [w0.clone() for _ in range(n - 1)]
                     del base
+                    t_copy = same_bytes_copy_us(torch, timer, wbytes)
                     for M in ms:
                         what = f"{dtype_name} {layout} {K}x{N} M={M}"
                         try:
@@ -287,10 +303,11 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
                             nbytes = wbytes + 2 * M * (K + N) * esz
                             gbs = nbytes / (t["ours"] * 1e-6) / 1e9
                             row = dict(dtype=dtype_name, layout=layout, K=K, N=N, M=M, ours_us=t["ours"],
-                                       torch_us=t_torch, ratio=t_torch / t["ours"], gbs=gbs, pct_bw=100 * gbs / copy_bw)
+                                       torch_us=t_torch, ratio=t_torch / t["ours"], gbs=gbs, pct_bw=100 * gbs / copy_bw,
+                                       copy_us=t_copy, pct_copy=100 * t_copy / t["ours"])
                             rows.append(row)
                             log(f"{dtype_name:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t['ours']:8.1f} {t_torch:9.1f}"
-                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}%")
+                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}% {t_copy:8.1f} {row['pct_copy']:5.0f}%")
                         except Exception as exc:  # noqa: BLE001
                             fail_line(what, exc)
                     qs = scales = t_nk = t_kn = ws = None  # free this shape's weights before the next

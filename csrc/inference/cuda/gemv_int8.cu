@@ -12,13 +12,13 @@
 // 2 x 2 KiB: 16-32 KiB per CTA, 4 CTAs per SM) while it multiplies one.
 //
 // Structure:
-// - CTA = 8 warps, output tile = 16 rows (one mma m16 tile; the weight is the mma's A operand, tokens its
-//   n = 8 columns: M <= 8 one token tile, M <= 16 two). K is walked in 64-byte k-steps, grouped in units
-//   of kUnitSteps consecutive steps; warp w takes the tile's units w, w + 8, ...; for each step of a unit,
-//   thread (g = lane / 4, t = lane % 4) copies 16 bytes of rows g and g + 8 at k = 64 * step + 16 t into
-//   its own ring slot, and later reads exactly those bytes back: the ring is
+// - CTA = 8 warps, output tile = RT row tiles of 16 rows (RT mma m16 tiles; the weight is the mma's A
+//   operand, tokens its n = 8 columns: M <= 8 one token tile, M <= 16 two). K is walked in 64-byte k-steps,
+//   grouped in units of kUnitSteps consecutive steps; warp w takes the tile's units w, w + 8, ...; for each
+//   step of a unit, thread (g = lane / 4, t = lane % 4) copies 16 bytes of rows g + 8 r (r < 2 RT) at
+//   k = 64 * step + 16 t into its own ring slot, and later reads exactly those bytes back: the ring is
 //   thread-private, so no barrier is needed in the k loop (cp.async.wait_group makes a thread's own
-//   copies visible to it).
+//   copies visible to it). Its activations for the next unit are loaded while it multiplies this one.
 // - k-slot map (the sum over k is order-free, so the mma's 16 k slots may be any 16 k): mma h (h < 4) of a
 //   step takes k = 16 t + 4 h + {0, 1} (from the step's start) in slots {2t, 2t+1} and 16 t + 4 h + {2, 3}
 //   in slots {2t+8, 2t+9}: word h of the thread's 16-byte weight load (per row) expands (I8Pairs: exact)
@@ -44,7 +44,7 @@ namespace cuda {
 namespace detail {
 namespace {
 
-// A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of the 16 rows (2 KiB with 2: a warp reads
+// A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of a 16-row tile (2 KiB with 2: a warp reads
 // whole 128-byte lines), copied as one cp.async group; its ring holds kStages units. The ring is
 // 8 warps x kStages x kUnitSteps KiB of static shared memory and must leave room for the reduction buffers
 // under 48 KiB: stages x steps <= 5 for M <= 8, <= 4 for M > 8 (twice the buffers). Default 2 x 2: 32 KiB of
@@ -57,10 +57,33 @@ namespace {
 #ifndef DSINF_I8_STAGES
 #define DSINF_I8_STAGES 2
 #endif
-constexpr int kUnitSteps = DSINF_I8_UNIT_STEPS;
+// Activations one unit ahead (1 = for M <= 8, 2 = also for M > 8, 0 = off): a unit's x comes from L2
+// (~300 cycles) and, loaded just before the unit is multiplied, was the warps' top stall (ncu, H200,
+// 4096x14336 M=1: 6.1 of 13.8 cycles between issues on the long scoreboard, 0.48 IPC per scheduler);
+// loaded one unit earlier it lands while the previous unit is multiplied, for 4 x U (NT = 1) more registers.
+#ifndef DSINF_I8_X_AHEAD
+#define DSINF_I8_X_AHEAD 1
+#endif
 template <int NT>
-constexpr int kStages = NT == 2 && DSINF_I8_STAGES * kUnitSteps > 4 ? 4 / kUnitSteps : DSINF_I8_STAGES;
-static_assert(kStages<1> >= 2 && kStages<2> >= 2, "the ring needs two stages: one landing, one multiplied");
+constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
+// Row tiles of 16 per CTA tile: 1 or 2 (M <= 8 only: i8_stream says when). At M = 8 a CTA reads its K range
+// of all 8 activation rows from L2 per tile: with one 16-row tile as many bytes as its weights, which doubles
+// the L2 -> SM traffic; with two tiles each activation byte serves 32 rows. DSINF_I8_ROW_TILES=1 turns the
+// 2-tile kernel off.
+#ifndef DSINF_I8_ROW_TILES
+#define DSINF_I8_ROW_TILES 2
+#endif
+// k-steps per unit: DSINF_I8_UNIT_STEPS / row tiles, so that a unit stays ~2 KiB per warp.
+template <int RT>
+constexpr int kUnitSteps = DSINF_I8_UNIT_STEPS / RT > 0 ? DSINF_I8_UNIT_STEPS / RT : 1;
+// Stages of the ring: DSINF_I8_STAGES, fewer when the ring (S x U x RT x 8 KiB) and the reduction buffers
+// (RT x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
+template <int NT, int RT>
+constexpr int kStages = DSINF_I8_STAGES * kUnitSteps<RT> * RT * 8 + RT * NT * 9 / 2 <= 48
+                            ? DSINF_I8_STAGES
+                            : (48 - RT * NT * 9 / 2) / (kUnitSteps<RT> * RT * 8);
+static_assert(kStages<1, 1> >= 2 && kStages<2, 1> >= 2 && kStages<1, 2> >= 2,
+              "the ring needs two stages: one landing, one multiplied");
 constexpr int kStepBytes = 64;  // k per warp step: 4 threads x 16 bytes per row
 
 // 16-byte async copy global -> shared when `pred`, L2 only (the weight is read once; the L2::128B hint
@@ -80,14 +103,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int RT>
 __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* __restrict__ x,
                                                                       const int8_t* __restrict__ w, Epilogue<T> epi,
                                                                       int M, int K, int N, int kchunk) {
-  constexpr int S = kStages<NT>, U = kUnitSteps, TR = kTileI8, NTOK = 8 * NT, P = TR * NTOK;
+  constexpr int S = kStages<NT, RT>, U = kUnitSteps<RT>, TR = kTileI8 * RT, NTOK = 8 * NT, P = TR * NTOK;
+  constexpr int R8 = 2 * RT;                       // the thread's rows in a tile: g + 8 r, r < R8
   constexpr int kUnitK = kStepBytes * U;           // k of one warp unit
   constexpr int kAdvance = kUnitK * kGemvWarps;    // k from a warp's unit to its next in the same tile
-  __shared__ uint4 ring[S][kGemvWarps][U][2][32];  // [stage][warp][step][row g / g + 8][lane]: thread-private
+  __shared__ uint4 ring[S][kGemvWarps][U][R8][32];  // [stage][warp][step][row g + 8 r][lane]: thread-private
   __shared__ float red[kGemvWarps * P];
   __shared__ float part[P];
 
@@ -101,7 +125,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* _
   const int bx = static_cast<int>(blockIdx.x), gx = static_cast<int>(gridDim.x);
   const int my_tiles = bx < tiles ? ceil_div(tiles - bx, gx) : 0;
   const int k_first = k_begin + kUnitK * warp + 16 * t;  // the thread's k in its first unit of a tile
-  const size_t row8 = static_cast<size_t>(8) * K;        // row g -> row g + 8
+  const size_t row8 = static_cast<size_t>(8) * K;        // row g + 8 r -> row g + 8 (r + 1)
 
   const T* xrow[NT];
 #pragma unroll
@@ -119,22 +143,24 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* _
   }
 #endif
 
-  // Producer: the unit whose copies go out next. Rows g and g + 8 of its tile start at p_row and
-  // p_row + 8 K (pointer arithmetic only while a row is >= N: such rows are never copied).
+  // Producer: the unit whose copies go out next. Rows g + 8 r of its tile start at p_row + 8 r K (pointer
+  // arithmetic only while a row is >= N: such rows are never copied).
   int p_j = 0, p_k = k_first, p_n = bx * TR + g;
-  bool p_ok0 = p_n < N, p_ok1 = p_n + 8 < N;
+  bool p_ok[R8];
+#pragma unroll
+  for (int r = 0; r < R8; ++r) p_ok[r] = p_n + 8 * r < N;
   const int8_t* p_row = w + static_cast<size_t>(p_n) * K;
   const int p_dn = gx * TR;
   const size_t p_drow = static_cast<size_t>(p_dn) * K;
-  // Copy the thread's 2 x U x 16 bytes of the producer's unit into ring stage `slot` (nothing past K or N),
+  // Copy the thread's R8 x U x 16 bytes of the producer's unit into ring stage `slot` (nothing past K or N),
   // commit them as one group (always: the group count is what cp.async.wait_group counts), move on.
   auto issue = [&](int slot) {
 #pragma unroll
     for (int v = 0; v < U; ++v) {
       const int k = p_k + kStepBytes * v;
       const bool k_ok = k < k_end;  // K % 16 == 0: a 16-byte chunk is all in range or all out
-      cp_async16_if(&ring[slot][warp][v][0][lane], p_row + k, k_ok && p_ok0);
-      cp_async16_if(&ring[slot][warp][v][1][lane], p_row + row8 + k, k_ok && p_ok1);
+#pragma unroll
+      for (int r = 0; r < R8; ++r) cp_async16_if(&ring[slot][warp][v][r][lane], p_row + r * row8 + k, k_ok && p_ok[r]);
     }
     cp_async_commit();
     p_k += kAdvance;
@@ -143,20 +169,39 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* _
       p_k = k_first;
       p_n += p_dn;
       p_row += p_drow;
-      p_ok0 = p_n < N;
-      p_ok1 = p_n + 8 < N;
+#pragma unroll
+      for (int r = 0; r < R8; ++r) p_ok[r] = p_n + 8 * r < N;
     }
   };
 
-  float acc[NT][4];
+  float acc[RT][NT][4];
 #pragma unroll
-  for (int q = 0; q < NT; ++q)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[q][e] = 0.f;
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][q][e] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue(s);
   int slot_c = 0, slot_p = S - 1;
+
+  // A unit's activations (L1/L2 hits) at the thread's k `ck` of a unit; zeros past K (never read there: a
+  // stand-in 0 * inf would be NaN, and the weights there are stale). x depends on k only, so the unit after
+  // a tile's last one (the next tile's first) reads the first unit's x again.
+  auto load_x = [&](uint4 (&dst)[NT][U][2], int ck) {
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      const int k = ck + kStepBytes * v;
+      const bool ok = k < k_end;
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int l = 0; l < 2; ++l) dst[q][v][l] = ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 xv[NT][U][2];  // the activations of the unit being multiplied
+  if constexpr (kXAhead<NT>) load_x(xv, k_first);
 
   for (int ti = 0; ti < my_tiles; ++ti) {
     int c_k = k_first;  // the thread's k in the unit being multiplied
@@ -164,48 +209,52 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* _
       __syncwarp();  // stage slot_p was read (last iteration) before it is refilled
       issue(slot_p);
       slot_p = slot_p + 1 == S ? 0 : slot_p + 1;
-      // This unit's activations (L1/L2 hits), issued before the wait so that they arrive during it; zeros
-      // past K (never read there: a stand-in 0 * inf would be NaN, and the weights there are stale).
-      uint4 xv[NT][U][2];
-#pragma unroll
-      for (int v = 0; v < U; ++v) {
-        const int k = c_k + kStepBytes * v;
-        const bool ok = k < k_end;
-#pragma unroll
-        for (int q = 0; q < NT; ++q)
-#pragma unroll
-          for (int l = 0; l < 2; ++l) xv[q][v][l] = ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
-      }
+      // The next unit's activations go out now and land while this unit is multiplied (kXAhead), or this
+      // unit's go out now and land during the wait below.
+      uint4 xn[NT][U][2];
+      if constexpr (kXAhead<NT>)
+        load_x(xn, j + 1 < units ? c_k + kAdvance : k_first);
+      else
+        load_x(xv, c_k);
       cp_async_wait<S - 1>();  // all but the S - 1 newest groups are done: this unit has landed
-      uint4 wv[U][2];
+      uint4 wv[U][R8];  // rows g + 8 r
 #pragma unroll
-      for (int v = 0; v < U; ++v) {
-        wv[v][0] = ring[slot_c][warp][v][0][lane];  // row g
-        wv[v][1] = ring[slot_c][warp][v][1][lane];  // row g + 8
-      }
+      for (int v = 0; v < U; ++v)
+#pragma unroll
+        for (int r = 0; r < R8; ++r) wv[v][r] = ring[slot_c][warp][v][r][lane];
       slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
 #pragma unroll
       for (int v = 0; v < U; ++v)
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          uint32_t a0[2], a1[2];  // pairs (4h, 4h+1), (4h+2, 4h+3) of rows g and g + 8
-          I8Pairs<T>::convert(word(wv[v][0], h), a0[0], a0[1]);
-          I8Pairs<T>::convert(word(wv[v][1], h), a1[0], a1[1]);
+        for (int h = 0; h < 4; ++h)
 #pragma unroll
-          for (int q = 0; q < NT; ++q)
-            Mma<T>::run(acc[q], a0[0], a1[0], a0[1], a1[1], word(xv[q][v][h >> 1], 2 * (h & 1)),
-                        word(xv[q][v][h >> 1], 2 * (h & 1) + 1));
-        }
-    }
-    // Tile done: sum the 8 warps' partials, store (or reduce over the cluster). C fragment (q, e): row
-    // g + 8 (e >> 1), token 8q + 2t + (e & 1).
+          for (int r = 0; r < RT; ++r) {  // row tile r: rows g + 16 r and g + 16 r + 8
+            uint32_t a0[2], a1[2];        // pairs (4h, 4h+1), (4h+2, 4h+3) of those rows
+            I8Pairs<T>::convert(word(wv[v][2 * r], h), a0[0], a0[1]);
+            I8Pairs<T>::convert(word(wv[v][2 * r + 1], h), a1[0], a1[1]);
 #pragma unroll
-    for (int q = 0; q < NT; ++q)
+            for (int q = 0; q < NT; ++q)
+              Mma<T>::run(acc[r][q], a0[0], a1[0], a0[1], a1[1], word(xv[q][v][h >> 1], 2 * (h & 1)),
+                          word(xv[q][v][h >> 1], 2 * (h & 1) + 1));
+          }
+      if constexpr (kXAhead<NT>) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        red[warp * P + (8 * q + 2 * t + (e & 1)) * TR + g + 8 * (e >> 1)] = acc[q][e];
-        acc[q][e] = 0.f;
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int v = 0; v < U; ++v) xv[q][v][0] = xn[q][v][0], xv[q][v][1] = xn[q][v][1];
       }
+    }
+    // Tile done: sum the 8 warps' partials, store (or reduce over the cluster). C fragment (r, q, e): row
+    // 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          red[warp * P + (8 * q + 2 * t + (e & 1)) * TR + 16 * r + g + 8 * (e >> 1)] = acc[r][q][e];
+          acc[r][q][e] = 0.f;
+        }
     __syncthreads();
     sum_warps(red, part, P, kGemvWarps);
     __syncthreads();
@@ -239,10 +288,11 @@ int resident_per_sm(Kernel kernel) {
   return n;
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int RT>
 cudaError_t i8_stream(const GemvArgs& a, int split, cudaStream_t stream) {
-  auto kernel = gemv_i8_stream_kernel<T, NT>;
-  const int tiles = static_cast<int>((a.N + kTileI8 - 1) / kTileI8);
+  auto kernel = gemv_i8_stream_kernel<T, NT, RT>;
+  constexpr int kRows = kTileI8 * RT;
+  const int tiles = static_cast<int>((a.N + kRows - 1) / kRows);
   int grid_x = tiles;
   if (split <= 1) {  // persistent: every CTA resident, ceil or floor of tiles / grid_x tiles each
     const int slots = resident_per_sm(kernel) * device_sm_count();
@@ -255,9 +305,18 @@ cudaError_t i8_stream(const GemvArgs& a, int split, cudaStream_t stream) {
                       static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
+// M <= 8: one token tile; two row tiles per CTA tile when there are still a CTA tile per SM without a K
+// split (H200, fp16, 32-row vs 16-row tiles: 4096x12288 80% vs 76% of copy bandwidth, 4096x14336 80% vs
+// 75%; 4096x4096 48% vs 55% and 14336x4096 73% vs 77%, where the 32-row tiles are fewer than the SMs).
+// M 9..16: two token tiles, one row tile (a second would pass the shared-memory budget).
 template <typename T>
 cudaError_t i8_stream_tokens(const GemvArgs& a, int split, cudaStream_t stream) {
-  return a.M <= 8 ? i8_stream<T, 1>(a, split, stream) : i8_stream<T, 2>(a, split, stream);
+  if (a.M > 8) return i8_stream<T, 2, 1>(a, split, stream);
+  if constexpr (DSINF_I8_ROW_TILES >= 2) {
+    if (split <= 1 && (a.N + 2 * kTileI8 - 1) / (2 * kTileI8) >= device_sm_count())
+      return i8_stream<T, 1, 2>(a, split, stream);
+  }
+  return i8_stream<T, 1, 1>(a, split, stream);
 }
 
 }  // namespace

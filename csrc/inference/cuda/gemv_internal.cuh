@@ -51,7 +51,7 @@ constexpr int kTileKnMma = 64;   // columns
 constexpr int kTileNkMma = 32;   // rows
 constexpr int kTileKnSimt = 64;  // columns
 constexpr int kTileNkSimt = 4;   // rows (K never split)
-constexpr int kTileI8 = 16;      // rows, int8 streaming kernel
+constexpr int kTileI8 = 16;      // rows per row tile, int8 streaming kernel (1 or 2 row tiles per CTA tile)
 
 // Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
 // and sm_90 code; the dispatcher decides). All return the launch status.
