@@ -18,7 +18,7 @@ import torch
 
 from ..checks import check_int, check_linear, linear_output_shapes, no_backward
 from ..reference import matmul_fp32, split_qkv
-from .base import CALL_ERRORS, InferenceOp
+from .base import CALL_ERRORS, InferenceOp, eager_call
 from .spec import OpSpec
 
 
@@ -90,7 +90,7 @@ class LinearOp(InferenceOp):
 
     def __call__(self, input, weight, bias, add_bias, do_flash_attn, num_heads, external_cache=None, num_layers=None,
                  *, seq_offset=0):
-        call = self._eager_call(input)
+        call = eager_call(self, input)
         if call is None:
             return super().__call__(input, weight, bias, add_bias, do_flash_attn, num_heads, external_cache,
                                     num_layers, seq_offset=seq_offset)
