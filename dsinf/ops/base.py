@@ -126,7 +126,7 @@ class InferenceOp(torch.nn.Module):
                 # Outside torch.compile the compiled op is called through its C++ entry (`OpOverload._op`):
                 # the same dispatcher call without OpOverload.__call__'s Python frame (~0.35 us).
                 entry = getattr(decision.impl, "_op", None) if compiled else None
-                self._eager_calls[is_cuda] = call if entry is None else self._bind(entry, checked=False)
+                self._eager_calls[is_cuda] = call if entry is None else self._bind_eager(decision.impl, is_cuda)
         return call(input, *args, **kwargs)
 
     def _call(self, input) -> Callable[..., Any]:
@@ -143,6 +143,10 @@ class InferenceOp(torch.nn.Module):
         """The per-call function for backend function `impl`; `checked`: run the Python checks on every
         call (the backend has no validation of its own)."""
         raise NotImplementedError
+
+    def _bind_eager(self, overload: torch._ops.OpOverload, is_cuda: bool) -> Callable[..., Any]:
+        """The eager per-call function for the compiled op `overload`: `_bind` of its C++ entry."""
+        return self._bind(overload._op, checked=False)
 
     def _warm_triton(self) -> None:
         # DeepSpeed autotunes when layer 0 is built with triton_autotune; we do it when Triton is chosen,
