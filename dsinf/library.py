@@ -45,6 +45,9 @@ def define() -> None:
             for name, act_dtype in spec.functions().items():
                 lib.define(name + spec.schema)
                 torch.library.register_fake(qualified(name), spec.fake_kernel(name, act_dtype), lib=lib)
+            for name, act_dtype in spec.lean_functions().items():  # internal eager entries (OpSpec.lean)
+                lib.define(name + spec.lean.schema)
+                torch.library.register_fake(qualified(name), spec.lean_fake_kernel(name, act_dtype), lib=lib)
         _lib = lib
 
 

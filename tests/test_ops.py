@@ -20,6 +20,7 @@ import _dsinf_oracle as oracle
 from dsinf import LinearOp, VectorMatMulOp, reference
 from dsinf.config import InferenceConfig
 from dsinf.dispatch import BackendUnavailableError
+from dsinf.ops.base import eager_call
 from dsinf.library import has_kernel
 from op_builder import knobs
 
@@ -277,20 +278,20 @@ def test_eager_call_skips_module_call_but_keeps_hooks(cpu_module, monkeypatch):
     x, w, b, _ = oracle.random_inputs(1, 3, 8, 16, torch.float32, transposed_mode=True)
     want = reference.linear_layer(x, w, b, True, False, 1, True)[0]
     torch.testing.assert_close(lin(x, w, b, True, False, 1)[0], want)
-    assert lin._eager_call(x) is lin._eager_calls[False] is not lin._calls[False]
+    assert eager_call(lin, x) is lin._eager_calls[False] is not lin._calls[False]
     torch.testing.assert_close(vm(x, w), reference.vector_matmul(x, w, False, None, False, True))
     seen = []
     handles = [lin.register_forward_hook(lambda m, args, out: seen.append(("lin", len(args)))),
                vm.register_forward_pre_hook(lambda m, args: seen.append(("vm", len(args))))]
     try:
-        assert lin._eager_call(x) is None
+        assert eager_call(lin, x) is None
         torch.testing.assert_close(lin(x, w, b, True, False, 1)[0], want)
         vm(x, w)
         assert seen == [("lin", 8), ("vm", 3)]
     finally:
         for h in handles:
             h.remove()
-    assert lin._eager_call(x) is lin._eager_calls[False]
+    assert eager_call(lin, x) is lin._eager_calls[False]
     with pytest.raises(ValueError, match="num_heads"):  # a bool is not an int (C++ would read True as 1)
         lin(x, w, b, True, False, True)
     with pytest.raises(ValueError, match="weight"):  # C++ rejects it; the rerun through Python names it

@@ -46,8 +46,9 @@ def test_every_library_function_has_a_spec():
     library.define()
     defined = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
                if op.startswith("dsinf::")}
-    assert defined == set(library.functions())
-    assert all(op_spec.spec_of_function(f) is not None for f in defined)
+    lean = {f for s in SPECS for f in s.lean_functions()}  # internal eager entries (OpSpec.lean)
+    assert defined == set(library.functions()) | lean
+    assert all(op_spec.spec_of_function(f) is not None for f in defined - lean)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])

@@ -28,6 +28,24 @@ INFRASTRUCTURE = frozenset({"base", "spec"})
 
 
 @dataclass(frozen=True)
+class LeanEntry:
+    """An op's internal eager-only entry for its common case: fewer arguments and a plain Tensor result.
+
+    torch's Python call of a custom op costs about 0.37 us per scalar argument and 1 us for a `Tensor[]`
+    result (docs/PERFORMANCE.md, "Per-call host cost"): the op class's fast path calls this entry when
+    the call fits it, and the op's own function otherwise. Never the public API, never traced (under
+    torch.compile the op classes call the op's own function). Defined per dtype as
+    `<name>_lean_<dtype>`; both bindings register it, and the op class checks that a kernel is there.
+
+    schema     "(<arguments>) -> Tensor"
+    full_args  `full_args(*lean_args) -> schema_args`: the same call through the op's own function, whose
+               first output is this entry's result (its fake kernel, and the tests' oracle)
+    """
+    schema: str
+    full_args: Callable[..., tuple]
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """One op: its schema, checks, reference, implementations and samples.
 
@@ -48,6 +66,7 @@ class OpSpec:
     per_dtype      True: module functions `<name>_fp32|fp16|bf16` (the dtype in the name, as DeepSpeed's
                    `linear_layer_fp16`); False: one function `<name>` that takes its dtype from the input
     fake           optional `fake(op, act_dtype) -> kernel` replacing the generic one
+    lean           optional `LeanEntry`: the op class's cheaper eager entry for the common case
     """
     name: str
     schema: str
@@ -59,12 +78,19 @@ class OpSpec:
     triton: str | None = None
     per_dtype: bool = True
     fake: Callable[[str, torch.dtype | None], Callable[..., Any]] | None = None
+    lean: LeanEntry | None = None
 
     def functions(self) -> dict[str, torch.dtype | None]:
         """Module function name -> activation dtype it is compiled for (None: the input's)."""
         if not self.per_dtype:
             return {self.name: None}
         return {f"{self.name}_{suffix}": dtype for suffix, dtype in FLOAT_DTYPES.items()}
+
+    def lean_functions(self) -> dict[str, torch.dtype | None]:
+        """The lean entry's function name -> activation dtype (empty without a lean entry)."""
+        if self.lean is None:
+            return {}
+        return {f"{self.name}_lean{name[len(self.name):]}": dtype for name, dtype in self.functions().items()}
 
     def function(self, act_dtype: torch.dtype) -> str:
         """The module function that runs activations of `act_dtype`."""
@@ -94,6 +120,16 @@ class OpSpec:
             if returns == "Tensor":
                 return outs[0]
             return outs if returns == "Tensor[]" else tuple(outs)
+
+        return fake
+
+    def lean_fake_kernel(self, op: str, act_dtype: torch.dtype | None) -> Callable[..., Any]:
+        """The fake kernel of lean function `op`: the op's own fake kernel on `lean.full_args`, first output."""
+        full, full_args = self.fake_kernel(op, act_dtype), self.lean.full_args
+
+        def fake(*args):
+            outs = full(*full_args(*args))
+            return outs if isinstance(outs, torch.Tensor) else outs[0]
 
         return fake
 

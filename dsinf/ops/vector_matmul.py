@@ -15,7 +15,7 @@ import torch
 
 from ..checks import check_vector_matmul, no_backward
 from ..reference import matmul_fp32
-from .base import CALL_ERRORS, InferenceOp
+from .base import CALL_ERRORS, InferenceOp, eager_call
 from .spec import OpSpec
 
 
@@ -73,7 +73,7 @@ class VectorMatMulOp(InferenceOp):
         return self._call(input)(input, weight, async_op)
 
     def __call__(self, input, weight, async_op=False):
-        call = self._eager_call(input)
+        call = eager_call(self, input)
         if call is None:
             return super().__call__(input, weight, async_op)
         return call(input, weight, async_op)
