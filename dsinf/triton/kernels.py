@@ -22,11 +22,11 @@ The kernels, each stating its math and layout:
                         back the same way. [N, K] weights load [BLOCK_N, BLOCK_K] boxes and feed
                         their transposed view to tl.dot; [K, N] weights load [BLOCK_K, BLOCK_N].
                         The bias is added in fp32 before the single rounding to the output dtype.
-                        One program per output tile, grouped like `_matmul_kernel`.
-`_matmul_tma_persistent_kernel`  the same with min(#SMs, tiles) programs looping over the
-                        tiles, the tile and K loops flattened into one pipeline; EPILOGUE_SUBTILE
-                        stores each tile as two halves, halving the staging buffer the epilogue
-                        holds beside the pipeline's.
+                        NUM_SMS = 0: one program per output tile, grouped like `_matmul_kernel`;
+                        else persistent: min(NUM_SMS, tiles) programs loop over the tiles, the tile
+                        and K loops flattened into one pipeline. EPILOGUE_SUBTILE stores each tile
+                        as two halves, halving the staging buffer the epilogue holds beside the
+                        pipeline's.
                         The launcher uses these only for operands a TMA descriptor can describe
                         (16-byte aligned base and row strides, contiguous rows): see
                         `ops._tma_operands`.
@@ -176,37 +176,29 @@ def _matmul_tma_kernel(
     M, N, K,
     HAS_BIAS: tl.constexpr, W_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
-):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    acc = _tma_tile(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_NK, BLOCK_M, BLOCK_N, BLOCK_K)
-    _tma_epilogue(acc, out_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, BLOCK_M, BLOCK_N,
-                  EPILOGUE_SUBTILE)
-
-
-@triton.jit
-def _matmul_tma_persistent_kernel(
-    x_desc, w_desc, out_desc, bias_ptr,
-    M, N, K,
-    HAS_BIAS: tl.constexpr, W_NK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
-    # grid = (min(NUM_SMS, tiles),); program p takes tiles p, p + NUM_SMS, ... in grouped order.
-    # flatten=True fuses the tile and K loops into one software-pipelined loop, so the loads of the
-    # next tile are in flight while this one's epilogue runs.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # The epilogue derives its tile from its own counter, not from the loop variable: a value used by
-    # both the loads (early pipeline stages) and the store (the last) would be carried across stages.
-    tile_out = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    if NUM_SMS == 0:  # one program per output tile
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         acc = _tma_tile(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_NK, BLOCK_M, BLOCK_N, BLOCK_K)
-        tile_out += NUM_SMS
-        pid_m, pid_n = _grouped_tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
         _tma_epilogue(acc, out_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, BLOCK_M, BLOCK_N,
                       EPILOGUE_SUBTILE)
+    else:
+        # Persistent: grid = (min(NUM_SMS, tiles),); program p takes tiles p, p + NUM_SMS, ... in grouped
+        # order. flatten=True fuses the tile and K loops into one software-pipelined loop, so the loads
+        # of the next tile are in flight while this one's epilogue runs. The epilogue derives its tile
+        # from its own counter, not from the loop variable: a value used by both the loads (early
+        # pipeline stages) and the store (the last) would be carried across stages.
+        tile_out = tl.program_id(0) - NUM_SMS
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = _tma_tile(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_NK, BLOCK_M, BLOCK_N, BLOCK_K)
+            tile_out += NUM_SMS
+            pid_m, pid_n = _grouped_tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
+            _tma_epilogue(acc, out_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, BLOCK_M,
+                          BLOCK_N, EPILOGUE_SUBTILE)
 
 
 @triton.jit

@@ -56,8 +56,8 @@ INTERPRETED = not isinstance(kernels._matmul_kernel, triton.runtime.JITFunction)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
 #: Which matmul kernel runs a config (its KERNEL key).
 KERNEL_POINTER = 0  # `_matmul_kernel`: any operands, split-K, int8 weights
-KERNEL_TMA = 1  # `_matmul_tma_kernel`: one program per output tile
-KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_persistent_kernel`: min(#SMs, tiles) programs loop over the tiles
+KERNEL_TMA = 1  # `_matmul_tma_kernel` with one program per output tile
+KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_kernel` persistent: min(#SMs, tiles) programs loop over the tiles
 KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent"}
 #: Keys a config may leave out, with the value their absence means: entries persisted before the TMA
 #: kernels existed have neither and stay valid, as pointer-kernel configs.
@@ -111,7 +111,7 @@ def _source_hash() -> str:
     """Hash of the tuned kernels' source text: editing them invalidates their table entries."""
     h = hashlib.sha256()
     for k in (kernels._grouped_tile, kernels._matmul_kernel, kernels._tma_tile, kernels._tma_epilogue,
-              kernels._matmul_tma_kernel, kernels._matmul_tma_persistent_kernel, kernels._splitk_reduce_kernel):
+              kernels._matmul_tma_kernel, kernels._splitk_reduce_kernel):
         h.update(inspect.getsource(getattr(k, "fn", k)).encode())
     return h.hexdigest()[:12]
 
@@ -329,10 +329,12 @@ def _tma_operands(x2: torch.Tensor, weight: torch.Tensor, n: int) -> bool:
     TMA, fp16/bf16/fp32 (fp32: interpreter only, see `decide`), and for x2, the weight and the [M, N]
     output, contiguous rows, 16-byte aligned base pointers and row strides. A view at an odd offset
     (e.g. a slice of a fused weight) fails here and runs on the pointer kernel."""
-    if weight.dtype != x2.dtype or x2.element_size() not in (2, 4) or (n * x2.element_size()) % 16:
+    size = x2.element_size()
+    if weight.dtype != x2.dtype or size not in (2, 4) or (n * size) % 16:
         return False
     for t in (x2, weight):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        row, col = t.stride()
+        if col != 1 or (row * size) % 16 or t.data_ptr() % 16:
             return False
     return _device_info(x2.device.type, x2.device.index).tma
 
@@ -356,9 +358,9 @@ def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if kernel == KERNEL_TMA_PERSISTENT:
         sms = _device_info(x2.device.type, x2.device.index).sms
-        kernels._matmul_tma_persistent_kernel[(min(sms, tiles),)](*args, NUM_SMS=sms, **meta)
+        kernels._matmul_tma_kernel[(min(sms, tiles),)](*args, NUM_SMS=sms, **meta)
     else:
-        kernels._matmul_tma_kernel[(tiles,)](*args, **meta)
+        kernels._matmul_tma_kernel[(tiles,)](*args, NUM_SMS=0, **meta)
     _launch_counts[KERNEL_NAMES[kernel]] += 1
     return out
 
