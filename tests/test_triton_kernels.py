@@ -125,6 +125,8 @@ CASES = [
          config=tma_persistent(16, 32, 32), kernel="pointer"),
     case("tma-cfg-int8-falls-back", dtype="fp16", B=1, S=20, K=48, N=32, layout="int8", groups=2,
          config=tma(16, 32, 32), kernel="pointer"),
+    flash("qkv-fp16-tma-cfg-oddK-falls-back", dtype="fp16", B=1, S=2, heads=6, kv=3, D=10, rd=6, bias=True,
+          layout="nk", config=tma(16, 32, 32), kernel="pointer"),
 ]
 
 

@@ -339,7 +339,7 @@ def _tma_operands(x2: torch.Tensor, weight: torch.Tensor, n: int) -> bool:
     return _device_info(x2.device.type, x2.device.index).tma
 
 
-def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_nk: bool, m: int, n: int,
+def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_nk: bool, m: int, n: int, k: int,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """x2 [M, K] @ W (+ bias) -> [M, N] on a TMA kernel; operands already passed `_tma_operands`.
     Building the three host descriptors costs about 2 us of CPU each (a dataclass with checks), small
@@ -352,7 +352,7 @@ def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_
     w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), [bn, bk] if weight_nk else [bk, bn])
     out_desc = TensorDescriptor(out, out.shape, out.stride(), [bm, bn // 2 if subtile else bn])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    args = (x_desc, w_desc, out_desc, bias if bias is not None else out, m, n, x2.shape[1])
+    args = (x_desc, w_desc, out_desc, bias if bias is not None else out, m, n, k)
     meta = dict(HAS_BIAS=bias is not None, W_NK=weight_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                 GROUP_M=cfg["GROUP_M"], EPILOGUE_SUBTILE=bool(subtile),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -371,12 +371,14 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them).
 
     A TMA config (KERNEL != 0) whose operands do not qualify (`_tma_operands`) runs on the pointer
-    kernel with that problem's pointer default, as if the TMA kernels did not exist."""
+    kernel with that problem's pointer default, as if the TMA kernels did not exist, but without
+    split-K: the caller reads SPLIT_K from the config it passed (1 for a TMA config)."""
     if cfg.get("KERNEL", KERNEL_POINTER) != KERNEL_POINTER:
         if _tma_operands(x2, weight, n):
-            return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, out_dtype)
+            return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
-        cfg = default_config(autotune.m_bucket(m), n, k, layout, _device_info(x2.device.type, x2.device.index).sms)
+        sms = _device_info(x2.device.type, x2.device.index).sms
+        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms), SPLIT_K=1)
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if weight_nk:
