@@ -8,8 +8,12 @@ Two halves:
   the rest of the suite imported, and lets the GPU tests below run in the pytest process.
   The interpreter is correct for fp32 and fp16 and wrong for bf16, so bf16 is tested on the GPU only.
 - GPU (`@pytest.mark.gpu`, skipped without CUDA): fp16/bf16 x weight layouts x M in
-  {1, 2, 3, 8, 16, 17, 64, 2048} x int8, the QKV/RoPE epilogue at large positions, and a second
-  process that reuses the autotune table with zero benchmarks.
+  {1, 2, 3, 8, 16, 17, 64, 2048} x int8, the QKV/RoPE epilogue at large positions, the TMA kernels
+  on sm_90+ (M=2048 and a ragged shape, default and forced configs, the kernel that ran checked), and
+  a second process that reuses the autotune table with zero benchmarks.
+
+Which matmul kernel ran is read from `ops.launch_counts()`: a case that forces a TMA config fails if
+the launcher quietly fell back to the pointer kernel (and a fallback case fails if it did not).
 
 Inputs are random and never zero (x ~ N(0,1), w ~ N(0,1/K), so outputs are O(1)), shapes are odd on
 purpose (K and N not multiples of 8 or 16, S = 1, B > 1). Tolerances per dtype: fp32 1e-4 (fp32
@@ -18,6 +22,7 @@ fp16 roundings of O(1) values, 2^-11 each); bf16 2e-2 (two bf16 roundings, 2^-8 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,15 +43,28 @@ TOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 2e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def cfg(bm, bn, bk, split=1, warps=4, stages=2, group=8):
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
-            "num_warps": warps, "num_stages": stages}
+def cfg(bm, bn, bk, split=1, warps=4, stages=2, group=8, kernel=None, subtile=None):
+    """A config; KERNEL / EPILOGUE_SUBTILE only when given (absent: the pointer kernel, no subtile)."""
+    c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
+         "num_warps": warps, "num_stages": stages}
+    c.update({k: v for k, v in (("KERNEL", kernel), ("EPILOGUE_SUBTILE", subtile)) if v is not None})
+    return c
+
+
+def tma(bm, bn, bk, group=8, subtile=0):
+    return cfg(bm, bn, bk, group=group, kernel=1, subtile=subtile)
+
+
+def tma_persistent(bm, bn, bk, group=8, subtile=0):
+    return cfg(bm, bn, bk, group=group, kernel=2, subtile=subtile)
 
 
 def case(id, op="vector_matmul", dtype="fp32", B=1, S=1, K=40, N=24, layout="kn", groups=1, bias=False,
-         heads=0, kv=-1, rd=-1, rotate_half=False, theta=10000.0, offset=0, config=None):
+         heads=0, kv=-1, rd=-1, rotate_half=False, theta=10000.0, offset=0, config=None, kernel=None):
+    """`kernel`: the kernel that must run (a KERNEL_NAMES value); by default the forced config's own."""
     return dict(id=id, op=op, dtype=dtype, B=B, S=S, K=K, N=N, layout=layout, groups=groups, bias=bias,
-                heads=heads, kv=kv, rd=rd, rotate_half=rotate_half, theta=theta, offset=offset, config=config)
+                heads=heads, kv=kv, rd=rd, rotate_half=rotate_half, theta=theta, offset=offset, config=config,
+                kernel=kernel)
 
 
 def flash(id, dtype="fp32", B=2, S=3, heads=4, kv=-1, D=16, **kw):
@@ -84,6 +102,31 @@ CASES = [
     flash("qkv-fp16-8heads-per-program-splitk", dtype="fp16", B=3, S=100, heads=4, kv=2, D=8, rd=4, offset=1,
           bias=True, config=cfg(32, 32, 16, split=2)),
     flash("qkv-fp32-neox-partial-D12", B=2, S=2, heads=2, D=12, rd=8, rotate_half=True, offset=5, layout="nk"),
+    # The TMA kernels: M not a multiple of BLOCK_M, K and N multiples of 8 but not of the blocks (the copy
+    # engine zero-fills the ragged tiles), both layouts, bias or not; the persistent kernel with more
+    # tiles than programs (4 "SMs" under the interpreter), with and without the split epilogue.
+    case("tma-fp16-nk-bias-oddM", op="linear_layer", dtype="fp16", B=1, S=37, K=88, N=56, layout="nk", bias=True,
+         config=tma(16, 32, 32, group=2)),
+    case("tma-fp16-kn-bias-B2", op="linear_layer", dtype="fp16", B=2, S=19, K=40, N=72, bias=True,
+         config=tma(16, 32, 16, group=2)),
+    case("tma-fp32-nk-nobias", B=3, S=7, K=72, N=40, layout="nk", config=tma(16, 16, 32)),
+    case("tma-fp32-kn-subtile", B=1, S=33, K=24, N=104, config=tma(32, 64, 16, subtile=1)),
+    case("tma-persistent-fp16-nk-bias", op="linear_layer", dtype="fp16", B=1, S=70, K=56, N=72, layout="nk",
+         bias=True, config=tma_persistent(16, 32, 32, group=2)),
+    case("tma-persistent-fp16-kn-subtile-bias", op="linear_layer", dtype="fp16", B=1, S=45, K=48, N=136, bias=True,
+         config=tma_persistent(16, 64, 32, subtile=1)),
+    case("tma-persistent-fp32-nk-subtile", B=2, S=25, K=32, N=88, layout="nk", config=tma_persistent(32, 32, 16, subtile=1)),
+    flash("qkv-fp16-tma-nk", dtype="fp16", B=2, S=9, heads=4, kv=2, D=16, rd=16, rotate_half=True, offset=3,
+          bias=True, layout="nk", config=tma(16, 32, 32)),
+    # A TMA config whose problem cannot use TMA runs on the pointer kernel: K % 8 != 0, N % 8 != 0, int8.
+    case("tma-cfg-oddK-falls-back", dtype="fp16", B=1, S=20, K=45, N=32, layout="nk", config=tma(16, 32, 32),
+         kernel="pointer"),
+    case("tma-cfg-oddN-falls-back", op="linear_layer", dtype="fp16", B=1, S=20, K=48, N=30, bias=True,
+         config=tma_persistent(16, 32, 32), kernel="pointer"),
+    case("tma-cfg-int8-falls-back", dtype="fp16", B=1, S=20, K=48, N=32, layout="int8", groups=2,
+         config=tma(16, 32, 32), kernel="pointer"),
+    flash("qkv-fp16-tma-cfg-oddK-falls-back", dtype="fp16", B=1, S=2, heads=6, kv=3, D=10, rd=6, bias=True,
+          layout="nk", config=tma(16, 32, 32), kernel="pointer"),
 ]
 
 
@@ -123,11 +166,15 @@ def check_case(c, device="cpu", seed=0):
     x, w, bias, q_scale = make_inputs(c, device, seed)
     if c["bias"] == "unused":  # add_bias=False with a bias given: it must be ignored
         bias = torch.randn(c["N"]).to(device=device, dtype=x.dtype)
+    before = ops.launch_counts()
     if c["config"]:
         with ops.force_config(c["config"]):
             got = call(ops, c, x, w, bias, q_scale)
     else:
         got = call(ops, c, x, w, bias, q_scale)
+    expect = c.get("kernel") or (ops.KERNEL_NAMES[c["config"].get("KERNEL", 0)] if c["config"] else None)
+    ran = {k for k, v in ops.launch_counts().items() if v > before[k]}
+    assert expect is None or ran == {expect}, f"expected the {expect} kernel to run, ran {ran}"
     want = call(reference, c, x.cpu(), w.cpu(), None if bias is None else bias.cpu(),
                 None if q_scale is None else q_scale.cpu())
     assert len(got) == len(want)
@@ -355,8 +402,115 @@ def _invalid_table_entry_is_ignored():
         assert ops.config_for(dev, torch.float32, "kn", 2, 24, 40) == ops.default_config(2, 24, 40, "kn", 4)
 
 
+def _ran(ops, before) -> set:
+    return {k for k, v in ops.launch_counts().items() if v > before[k]}
+
+
+def _tma_needs_aligned_operands():
+    """Under a forced TMA config: operands a TMA descriptor can describe run on the TMA kernel (a strided
+    input whose row stride is a multiple of 16 bytes included); a base pointer or row stride that is
+    not 16-byte aligned runs on the pointer kernel. Every result matches the reference."""
+    from dsinf import reference
+    from dsinf.triton import ops
+
+    M, K, N = 21, 48, 40
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g).half()  # noqa: E731
+    w_nk = (torch.randn(N, K, generator=g) / K ** 0.5).half()
+    bias = rand(N)
+    cases = {
+        "contiguous": (rand(1, M, K), w_nk, "tma"),
+        "x rows 16-byte strided": (rand(1, M, K + 8)[..., :K], w_nk, "tma"),
+        "x rows 2-byte strided": (rand(1, M, K + 1)[..., :K], w_nk, "pointer"),
+        "x base misaligned": (rand(M * K + 1)[1:].view(1, M, K), w_nk, "pointer"),
+        "weight base misaligned": (rand(1, M, K), (rand(N * K + 3) / K ** 0.5)[3:].view(N, K), "pointer"),
+    }
+    for kernel in (1, 2):
+        for what, (x, w, expect) in cases.items():
+            assert w.is_contiguous()
+            before = ops.launch_counts()
+            with ops.force_config(dict(ops._config(16, 32, 16, kernel=kernel), GROUP_M=2)):
+                got = ops.linear_layer(x, w, bias, True, False, 1, True)[0]
+            want = reference.linear_layer(x, w, bias, True, False, 1, True)[0]
+            expect = ops.KERNEL_NAMES[kernel] if expect == "tma" else expect
+            assert _ran(ops, before) == {expect}, (kernel, what, _ran(ops, before))
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=lambda m: f"{kernel} {what}: {m}")
+
+
+def _table_entries_with_and_without_kernel_key():
+    """Persisted entries: one without KERNEL (written before the TMA kernels) is a pointer config; one
+    with KERNEL 1 or 2 runs that TMA kernel; a KERNEL the ops do not know, or a TMA entry with split-K,
+    a block larger than a TMA box, or a subtile on the pointer kernel, is ignored (the default runs)."""
+    from dsinf.triton import autotune, ops
+
+    autotune.reset()
+    dev, M, K, N = torch.device("cpu"), 150, 64, 48
+    key = ops.tune_key(dev, torch.float16, "nk", M, N, K)
+    x = torch.randn(1, M, K).half()
+    w = (torch.randn(N, K) / K ** 0.5).half()
+    want = x.float() @ w.float().T
+    old = cfg(32, 16, 32, group=4)  # the pre-TMA format: no KERNEL, no EPILOGUE_SUBTILE
+    assert ops.valid_config(old) and "KERNEL" not in old
+    for entry, expect in ((old, "pointer"), (tma(32, 16, 32), "tma"), (tma_persistent(32, 32, 16, subtile=1),
+                                                                       "tma-persistent")):
+        autotune.record(key, entry, 0.1)
+        chosen = ops.config_for(dev, torch.float16, "nk", M, N, K)
+        assert chosen == {**ops.OPTIONAL_KEYS, **entry}, chosen
+        before = ops.launch_counts()
+        got = ops.vector_matmul(x, w, transposed_mode=True)
+        assert _ran(ops, before) == {expect}
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+    default = ops.default_config(M, N, K, "nk", 4, True)
+    for bad in (cfg(32, 16, 32, kernel=3), dict(tma(32, 16, 32), SPLIT_K=2), tma(512, 16, 32),
+                cfg(32, 32, 32, subtile=1), tma(32, 16, 32, subtile=1), dict(old, EXTRA=1)):
+        assert not ops.valid_config(bad), bad
+        autotune.record(key, bad, 0.1)
+        assert ops.config_for(dev, torch.float16, "nk", M, N, K) == default
+
+
+def _autotune_races_both_kernels():
+    """autotune_matmul at M > 128: the candidates of the pointer kernel and of both TMA kernels really
+    launch (each on its own kernel, counted), the fake timing crowns a persistent TMA config, the table
+    records it, and the op then runs it. A problem TMA cannot serve (N % 8 != 0) gets no TMA candidates."""
+    from dsinf import reference
+    from dsinf.triton import autotune, ops
+
+    autotune.reset()
+    K, N, M = 64, 40, 150
+    info = ops._device_info("cpu", None)
+    ran = []
+    speed = {"pointer": 3.0, "tma": 2.0, "tma-persistent": 1.0}
+
+    def do_bench(fn):
+        before = ops.launch_counts()
+        fn()
+        (kernel,) = _ran(ops, before)
+        ran.append(kernel)
+        return speed[kernel] + 0.001 * len(ran)  # among the persistent ones, the first wins
+
+    chosen = ops.autotune_matmul(M, M, K, N, torch.float16, transposed_mode=True, do_bench=do_bench)
+    cands = ops.candidates(M, N, K, "nk", 2, info.sms, info.smem, True)
+    kinds = [ops.KERNEL_NAMES[c["KERNEL"]] for c in cands]
+    assert ran[:len(cands)] == kinds and {"pointer", "tma", "tma-persistent"} <= set(kinds)
+    best = cands[kinds.index("tma-persistent")]
+    assert chosen == {autotune.m_bucket(M): best}
+    assert ops.config_for(torch.device("cpu"), torch.float16, "nk", M, N, K) == best
+    x = torch.randn(1, M, K).half()
+    w = (torch.randn(N, K) / K ** 0.5).half()
+    before = ops.launch_counts()
+    torch.testing.assert_close(ops.vector_matmul(x, w, transposed_mode=True),
+                               reference.vector_matmul(x, w, transposed_mode=True), atol=2e-3, rtol=2e-3)
+    assert _ran(ops, before) == {"tma-persistent"}
+    assert all(c["KERNEL"] == 0 for c in ops.candidates(M, N + 2, K, "nk", 2, info.sms, info.smem,
+                                                        ops.tma_eligible(info, "nk", 2, N + 2, K)))
+    assert all(c["KERNEL"] == 0 for c in ops.candidates(M, N, K, "int8", 2, info.sms, info.smem,
+                                                        ops.tma_eligible(info, "int8", 2, N, K)))
+
+
 @pytest.mark.parametrize("name", ["_bad_inputs_are_refused", "_empty_and_degenerate_shapes",
-                                  "_autotune_table_drives_the_launch", "_invalid_table_entry_is_ignored"])
+                                  "_autotune_table_drives_the_launch", "_invalid_table_entry_is_ignored",
+                                  "_tma_needs_aligned_operands", "_table_entries_with_and_without_kernel_key",
+                                  "_autotune_races_both_kernels"])
 def test_interpreter_behaviour(worker, name):
     _answer(worker.ask({"call": name}))
 
@@ -412,6 +566,57 @@ def test_gpu_qkv_rope(dtype, split, S, offset, kv, rotate_half, rd):
               offset=offset, bias=True, config=cfg(16 if S < 32 else 64, 64, 64, split, 4, 3))
     _poison_allocator()
     check_case(c, device="cuda")
+
+
+def _no_tma() -> str | None:
+    if _gpu_ready() is not None:
+        return _gpu_ready()
+    if torch.cuda.get_device_capability() < (9, 0):
+        return f"compute capability {torch.cuda.get_device_capability()} < 9.0: no TMA"
+    return None
+
+
+requires_tma = pytest.mark.skipif(_no_tma() is not None, reason=str(_no_tma()))
+#: Configs of the TMA kernels at production tile sizes; None = the default (no table entry).
+GPU_TMA_CONFIGS = {"default": None, "tma-128x128x64-w4s4": dict(tma(128, 128, 64), num_warps=4, num_stages=4),
+                   "tma-128x256x64-w8s3": dict(tma(128, 256, 64), num_warps=8, num_stages=3),
+                   "persistent-128x128x64-w4s4": dict(tma_persistent(128, 128, 64), num_warps=4, num_stages=4),
+                   "persistent-128x256x64-w8s3-subtile": dict(tma_persistent(128, 256, 64, subtile=1), num_warps=8,
+                                                              num_stages=3)}
+
+
+@pytest.mark.gpu
+@requires_tma
+@pytest.mark.parametrize("M, K, N, bias", [(2048, 4096, 12288, True), (300, 1000, 1032, False)])
+@pytest.mark.parametrize("config", list(GPU_TMA_CONFIGS))
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_tma_prefill(dtype, layout, config, M, K, N, bias, tmp_path, monkeypatch):
+    """On sm_90+: the TMA kernels at M > 128 match F.linear and an fp32 reference, at the issue's shape
+    and at a ragged one (M, K, N not multiples of the blocks); with no table entry, [N, K] runs on the
+    TMA kernel (the default) and [K, N] on the pointer kernel; a forced config runs its own kernel."""
+    import torch.nn.functional as F
+    from dsinf.triton import autotune, ops
+
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))  # an empty table: the default config runs
+    autotune.reset()
+    dt = DTYPES[dtype]
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn((1, M, K), generator=g, device="cuda").to(dt)
+    w = (torch.randn((N, K) if layout == "nk" else (K, N), generator=g, device="cuda") / K ** 0.5).to(dt)
+    b = torch.randn(N, generator=g, device="cuda").to(dt) if bias else None
+    cfg_ = GPU_TMA_CONFIGS[config]
+    expect = ops.KERNEL_NAMES[cfg_["KERNEL"]] if cfg_ else ("tma" if layout == "nk" else "pointer")
+    _poison_allocator()
+    before = ops.launch_counts()
+    with ops.force_config(cfg_) if cfg_ else contextlib.nullcontext():
+        got = ops.linear_layer(x, w, b, bias, False, 1, layout == "nk")[0]
+    torch.cuda.synchronize()
+    assert {k for k, v in ops.launch_counts().items() if v > before[k]} == {expect}
+    w_nk = w if layout == "nk" else w.T
+    want = F.linear(x.float(), w_nk.float(), None if b is None else b.float())
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got, F.linear(x, w_nk, b), atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
 
 
 @pytest.mark.gpu

@@ -9,6 +9,11 @@ Lock:   <same>.lock, a separate file that is never replaced or deleted (fcntl.fl
 Format: {"format": "dsinf-triton-autotune", "version": 1,
          "entries": {"<key text>": {"config": {...ints...}, "ms": 0.0123, "candidates": 12,
                                     "tuned_at": "2026-...Z"}}}
+Config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages, and two keys an entry may
+        leave out: KERNEL (which matmul kernel: 0 pointer, 1 TMA one program per tile, 2 persistent TMA;
+        absent means 0, so entries written before the TMA kernels stay valid) and EPILOGUE_SUBTILE
+        (0/1, TMA kernels only; absent means 0). dsinf.triton.ops (CONFIG_KEYS, OPTIONAL_KEYS,
+        valid_config) owns their meaning; this module stores any {str: int} config.
 Key:    kernel | GPU name | triton version | kernel source hash | dtype | weight layout | M bucket | N | K,
         e.g. "matmul|NVIDIA H100 80GB HBM3|triton=3.6.0|src=1f2e3d4c5b6a|fp16|nk|M=16|N=4096|K=4096".
         N and K are exact (a model has few of them and the best tile depends on their divisibility);

@@ -1,6 +1,6 @@
 """The Triton kernels of the Triton backend (launchers: `dsinf.triton.ops`).
 
-Three kernels, each stating its math and layout:
+The kernels, each stating its math and layout:
 
 `_matmul_kernel`        out[m, n] = sum_k x[m, k] * W(k, n) * scale(n) (+ bias[n]), fp32 accumulate.
                         W(k, n) is read through two strides: [K, N] weights (stride_wk=N,
@@ -15,6 +15,21 @@ Three kernels, each stating its math and layout:
                         partials [SPLIT_K, M, N]; `_splitk_reduce_kernel` or `_qkv_rope_kernel`
                         sums them. With BLOCK_M >= M there is a single M-tile, so each weight
                         element is loaded exactly once: the weight is streamed once.
+`_matmul_tma_kernel`    the same math for fp16/bf16 (fp32 under the interpreter) weights, SPLIT_K = 1,
+                        no int8: x, W and out are read and written through host-built TMA
+                        descriptors (sm_90+), so the copy engine moves whole tiles into swizzled
+                        shared memory, zero-filling past M, N and K (no masks), and stores the tile
+                        back the same way. [N, K] weights load [BLOCK_N, BLOCK_K] boxes and feed
+                        their transposed view to tl.dot; [K, N] weights load [BLOCK_K, BLOCK_N].
+                        The bias is added in fp32 before the single rounding to the output dtype.
+                        NUM_SMS = 0: one program per output tile, grouped like `_matmul_kernel`;
+                        else persistent: min(NUM_SMS, tiles) programs loop over the tiles, the tile
+                        and K loops flattened into one pipeline. EPILOGUE_SUBTILE stores each tile
+                        as two halves, halving the staging buffer the epilogue holds beside the
+                        pipeline's.
+                        The launcher uses these only for operands a TMA descriptor can describe
+                        (16-byte aligned base and row strides, contiguous rows): see
+                        `ops._tma_operands`.
 `_splitk_reduce_kernel` out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype.
                         A second launch instead of fp32 atomics: no zero-fill, no fixup counter,
                         and the result is bitwise deterministic.
@@ -33,7 +48,8 @@ an epilogue that is memory-bound), then cos/sin in fp32: outputs match the fp64 
 position, where an fp32 angle (DeepSpeed's, HF's) is off by up to p * 2^-24 rad.
 
 Constraints: every block size is a power of two >= 16 for tl.dot operands (BLOCK_M >= 16 even when
-M == 1; padded rows are masked). No K % 8 requirement: the K tail is masked unless EVEN_K.
+M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel`: the K tail is masked
+unless EVEN_K. The TMA kernels need K and N multiples of 16 bytes and blocks <= 256 (a TMA box).
 The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32 and
 fp16 but computes bf16 wrongly, so bf16 is tested on the GPU only.
 """
@@ -41,6 +57,18 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile `tile_id` in grouped order: GROUP_M consecutive M-tiles share each
+    N-tile of the weight, so neighbouring programs reuse it from L2 (only matters with several M-tiles)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -53,18 +81,8 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    # Grouped ordering of output tiles: GROUP_M consecutive M-tiles share each N-tile of the weight,
-    # so neighbouring programs reuse it from L2 (only matters when there are several M-tiles).
-    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,6 +134,71 @@ def _matmul_kernel(
     else:
         # fp32 partial of split pid_k; the bias is added once, by the reducing kernel.
         tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+
+
+@triton.jit
+def _tma_tile(x_desc, w_desc, off_m, off_n, K, W_NK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 x[off_m:+BLOCK_M, :] @ W[:, off_n:+BLOCK_N] through TMA descriptors. The copy engine
+    zero-fills what lies past M, N or K, so no tail masks: a ragged last K-tile adds zeros."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([off_m, kt * BLOCK_K])
+        if W_NK:  # [N, K]: a [BLOCK_N, BLOCK_K] box in memory order; .T is a view for the MMA
+            b = w_desc.load([off_n, kt * BLOCK_K]).T
+        else:
+            b = w_desc.load([kt * BLOCK_K, off_n])
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _tma_epilogue(acc, out_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr):
+    """acc (+ bias[n], in fp32) stored as one tile, or with EPILOGUE_SUBTILE as two [BLOCK_M, BLOCK_N/2]
+    halves (half the shared-memory staging buffer, which a persistent kernel holds beside its pipeline).
+    The store clips rows and columns past M and N."""
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE_SUBTILE:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        out_desc.store([off_m, off_n], left.to(out_desc.dtype))
+        out_desc.store([off_m, off_n + BLOCK_N // 2], right.to(out_desc.dtype))
+    else:
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+@triton.jit
+def _matmul_tma_kernel(
+    x_desc, w_desc, out_desc, bias_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, W_NK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if NUM_SMS == 0:  # one program per output tile
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        acc = _tma_tile(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_NK, BLOCK_M, BLOCK_N, BLOCK_K)
+        _tma_epilogue(acc, out_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, BLOCK_M, BLOCK_N,
+                      EPILOGUE_SUBTILE)
+    else:
+        # Persistent: grid = (min(NUM_SMS, tiles),); program p takes tiles p, p + NUM_SMS, ... in grouped
+        # order. flatten=True fuses the tile and K loops into one software-pipelined loop, so the loads
+        # of the next tile are in flight while this one's epilogue runs. The epilogue derives its tile
+        # from its own counter, not from the loop variable: a value used by both the loads (early
+        # pipeline stages) and the store (the last) would be carried across stages.
+        tile_out = tl.program_id(0) - NUM_SMS
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = _tma_tile(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_NK, BLOCK_M, BLOCK_N, BLOCK_K)
+            tile_out += NUM_SMS
+            pid_m, pid_n = _grouped_tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
+            _tma_epilogue(acc, out_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, BLOCK_M,
+                          BLOCK_N, EPILOGUE_SUBTILE)
 
 
 @triton.jit

@@ -13,7 +13,10 @@ Paths by M = B*S (candidates and defaults below; the table overrides the default
 - M <= 16 (decode): BLOCK_M = 16, one M-tile, so the weight is streamed exactly once; narrow N-tiles
   and deep K-tiles, and split-K only when the N-tiles alone cannot fill half the GPU.
 - 16 < M <= 128: 32..64-row tiles, split-K allowed.
-- M > 128: 64..256 square-ish tiles with GROUP_M swizzle (compute-bound; the cuBLAS regime).
+- M > 128: 64..256 square-ish tiles with GROUP_M swizzle (compute-bound; the cuBLAS regime). On
+  sm_90+ with fp16/bf16 weights whose operands a TMA descriptor can describe (`tma_eligible`,
+  `_tma_operands`), also the TMA kernels, one program per tile or persistent; a config's KERNEL key
+  says which kernel runs it (absent: the pointer kernel, as in tables written before the TMA kernels).
 
 Measured on H100 80GB (triton 3.6, CUDA-graph timing, weights rotated past L2; noise on M=2048 is
 about +-10% run to run): decode M=1..16 fp16/bf16 at 0.98-1.08x torch (2.3-2.9 TB/s; 4096x4096 is
@@ -36,6 +39,11 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import triton
 
+try:  # host-built TMA descriptors (triton >= 3.4); without them the pointer kernel serves every config
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
 from .. import checks, reference
 from . import autotune, kernels
 from . import decide as _decide
@@ -46,6 +54,15 @@ logger = logging.getLogger(__name__)
 INTERPRETED = not isinstance(kernels._matmul_kernel, triton.runtime.JITFunction)
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+#: Which matmul kernel runs a config (its KERNEL key).
+KERNEL_POINTER = 0  # `_matmul_kernel`: any operands, split-K, int8 weights
+KERNEL_TMA = 1  # `_matmul_tma_kernel` with one program per output tile
+KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_kernel` persistent: min(#SMs, tiles) programs loop over the tiles
+KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent"}
+#: Keys a config may leave out, with the value their absence means: entries persisted before the TMA
+#: kernels existed have neither and stay valid, as pointer-kernel configs.
+OPTIONAL_KEYS = {"KERNEL": KERNEL_POINTER, "EPILOGUE_SUBTILE": 0}
+_TMA_MAX_BLOCK = 256  # a TMA box is at most 256 elements per dimension
 _REDUCE_BLOCK = 1024
 
 
@@ -67,15 +84,17 @@ def _check_backend(op: str, input: torch.Tensor, weight: torch.Tensor) -> None:
 
 class DeviceInfo(NamedTuple):
     name: str  # goes into the table key
-    sms: int  # multiprocessors: sizes split-K
+    sms: int  # multiprocessors: sizes split-K and the persistent kernel's grid
     smem: int  # shared memory per block (bytes): prunes candidates
     l2: int  # L2 bytes: autotuning rotates weight copies past it
+    tma: bool  # the TMA kernels can run: sm_90+ (or the interpreter) and a triton with TensorDescriptor
 
 
 @functools.lru_cache(maxsize=None)
 def _device_info(device_type: str, index: int | None) -> DeviceInfo:
+    has_desc = TensorDescriptor is not None
     if device_type != "cuda" or INTERPRETED:
-        return DeviceInfo("triton-interpreter", 4, 1 << 30, 0)
+        return DeviceInfo("triton-interpreter", 4, 1 << 30, 0, has_desc)
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0)
     if not smem:
@@ -83,14 +102,16 @@ def _device_info(device_type: str, index: int | None) -> DeviceInfo:
             smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
         except Exception:  # pragma: no cover - depends on the driver
             smem = 99 * 1024
-    return DeviceInfo(props.name, props.multi_processor_count, int(smem), int(getattr(props, "L2_cache_size", 50 << 20)))
+    return DeviceInfo(props.name, props.multi_processor_count, int(smem), int(getattr(props, "L2_cache_size", 50 << 20)),
+                      has_desc and props.major >= 9)
 
 
 @functools.lru_cache(maxsize=None)
 def _source_hash() -> str:
     """Hash of the tuned kernels' source text: editing them invalidates their table entries."""
     h = hashlib.sha256()
-    for k in (kernels._matmul_kernel, kernels._splitk_reduce_kernel):
+    for k in (kernels._grouped_tile, kernels._matmul_kernel, kernels._tma_tile, kernels._tma_epilogue,
+              kernels._matmul_tma_kernel, kernels._splitk_reduce_kernel):
         h.update(inspect.getsource(getattr(k, "fn", k)).encode())
     return h.hexdigest()[:12]
 
@@ -105,21 +126,40 @@ def tune_key(device: torch.device, dtype: torch.dtype, layout: str, m: int, n: i
                             dtype=checks.DTYPE_SUFFIX[dtype], layout=layout, m=autotune.m_bucket(m), n=n, k=k)
 
 
-def _config(bm, bn, bk, split=1, warps=4, stages=3, group=8) -> dict:
+def _config(bm, bn, bk, split=1, warps=4, stages=3, group=8, kernel=KERNEL_POINTER, subtile=0) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
-            "num_warps": warps, "num_stages": stages}
+            "num_warps": warps, "num_stages": stages, "KERNEL": kernel, "EPILOGUE_SUBTILE": subtile}
 
 
 def valid_config(cfg) -> bool:
-    """A config we can launch: every key, ints, power-of-two blocks >= 16 (tl.dot), sane ranges."""
-    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+    """A config we can launch: every required key (optional ones per OPTIONAL_KEYS), ints, power-of-two
+    blocks >= 16 (tl.dot), sane ranges; TMA kernels: no split-K, blocks <= a TMA box, and an epilogue
+    subtile of at least 16 columns."""
+    if not isinstance(cfg, dict) or not set(CONFIG_KEYS) <= set(cfg) <= set(CONFIG_KEYS) | set(OPTIONAL_KEYS):
         return False
-    if not all(type(cfg[k]) is int for k in CONFIG_KEYS):
+    if not all(type(v) is int for v in cfg.values()):
         return False
     pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
-    return (all(pow2(cfg[k]) and 16 <= cfg[k] <= 512 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    blocks = [cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+    kernel = cfg.get("KERNEL", KERNEL_POINTER)
+    subtile = cfg.get("EPILOGUE_SUBTILE", 0)
+    if kernel not in KERNEL_NAMES or subtile not in (0, 1):
+        return False
+    if kernel != KERNEL_POINTER and (cfg["SPLIT_K"] != 1 or max(blocks) > _TMA_MAX_BLOCK):
+        return False
+    if subtile and (kernel == KERNEL_POINTER or cfg["BLOCK_N"] < 32):
+        return False
+    return (all(pow2(b) and 16 <= b <= 512 for b in blocks)
             and 1 <= cfg["SPLIT_K"] <= 64 and 1 <= cfg["GROUP_M"] <= 64
             and cfg["num_warps"] in (1, 2, 4, 8, 16) and 1 <= cfg["num_stages"] <= 8)
+
+
+def tma_eligible(info: DeviceInfo, layout: str, itemsize: int, n: int, k: int) -> bool:
+    """Whether a problem's configs may use the TMA kernels: a device that has them, float weights
+    ("nk" or "kn"; int8 keeps the pointer kernel), and rows of x [M, K], W and out [M, N] that are
+    multiples of 16 bytes (a TMA stride rule: K and N multiples of 8 for fp16/bf16). Per call,
+    `_tma_operands` also checks the actual tensors' alignment."""
+    return info.tma and layout in ("nk", "kn") and (k * itemsize) % 16 == 0 and (n * itemsize) % 16 == 0
 
 
 def _useful_splits(tiles: int, k: int, bk: int, sms: int, max_split: int = 16) -> list[int]:
@@ -132,8 +172,22 @@ def _useful_splits(tiles: int, k: int, bk: int, sms: int, max_split: int = 16) -
     return out
 
 
-def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int) -> list[dict]:
-    """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness."""
+#: M > 128 TMA candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, subtile). Measured on H200 (triton 3.6,
+#: M=2048 K=4096 N=12288 [N, K], one program per tile, fraction of cuBLAS): fp16 128x128x64 w4 s4 0.888x,
+#: 128x128x128 w8 s3 0.858x, 128x256x64 w8 s4 0.845x, 256x128x64 w8 s3 0.828x (bf16 within 0.015 of these);
+#: 128x256x64 s5 does not fit in shared memory. The persistent kernel and the neighbours of the best are
+#: in the race for the table to decide.
+_TMA_SHAPES = [(128, 128, 64, 4, 4, 0), (128, 128, 64, 4, 5, 0), (128, 128, 64, 8, 4, 0), (128, 128, 128, 8, 3, 0),
+               (128, 256, 64, 8, 3, 0), (128, 256, 64, 8, 4, 0), (256, 128, 64, 8, 3, 0)]
+_TMA_PERSISTENT_SHAPES = [(128, 128, 64, 4, 4, 0), (128, 128, 64, 4, 5, 0), (128, 128, 64, 8, 4, 0),
+                          (128, 128, 64, 4, 5, 1), (128, 128, 128, 8, 3, 0), (128, 256, 64, 8, 3, 0),
+                          (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1)]
+
+
+def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
+               tma: bool = False) -> list[dict]:
+    """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness.
+    `tma` (see `tma_eligible`): the M > 128 race includes the TMA kernels' configs."""
     w_size = 1 if layout == "int8" else act_size
     cands: list[dict] = []
     if m <= 16:
@@ -158,7 +212,10 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
                                   (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
                                   (64, 128, 64, 4, 4)]:
             cands.append(_config(bm, bn, bk, 1, w, st))
-    default = default_config(m, n, k, layout, sms)  # always in the race: tuning can only improve on it
+        if tma:
+            for kernel, shapes in ((KERNEL_TMA, _TMA_SHAPES), (KERNEL_TMA_PERSISTENT, _TMA_PERSISTENT_SHAPES)):
+                cands += [_config(bm, bn, bk, 1, w, st, kernel=kernel, subtile=sub) for bm, bn, bk, w, st, sub in shapes]
+    default = default_config(m, n, k, layout, sms, tma)  # always in the race: tuning can only improve on it
     if default not in cands:
         cands.insert(0, default)
     return [c for c in cands if _fits(c, act_size, w_size, smem)]
@@ -169,8 +226,9 @@ def _fits(cfg: dict, act_size: int, w_size: int, smem: int) -> bool:
     return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size) <= smem
 
 
-def default_config(m: int, n: int, k: int, layout: str, sms: int) -> dict:
-    """The config used when the table has no entry: a safe, reasonably fast pick per regime."""
+def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = False) -> dict:
+    """The config used when the table has no entry: a safe, reasonably fast pick per regime.
+    `tma` (see `tma_eligible`): the problem may run on the TMA kernels."""
     if INTERPRETED:  # few, large programs: the interpreter pays per program, not per element
         return _config(16 if m <= 16 else 32, 32, 32, 1, 4, 2)
     if m <= 16:
@@ -192,6 +250,11 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int) -> dict:
         return _config(bm, 64, 128, splits[-1], 4, 3)
     # H100, M=2048, K=4096, N=12288, best of 13 tile shapes per layout: [K, N] 128x256x32 (0.98x cuBLAS
     # fp16), [N, K] 256x128x64 (0.77x), int8 128x128x64 (int8->fp16 conversion in the main loop).
+    # H200, same shape, [N, K]: the TMA kernel at 128x128x64 w4 s4 reaches 0.888x fp16 / 0.878x bf16
+    # where the pointer kernel's best is 0.778x. [K, N] keeps the pointer kernel (0.95-1.03x on H100)
+    # until the TMA kernel is measured there.
+    if tma and layout == "nk":
+        return _config(128, 128, 64, 1, 4, 4, kernel=KERNEL_TMA)
     if layout == "int8":
         return _config(128, 128, 64, 1, 8, 4)
     if m * n >= 2048 * 4096:
@@ -220,6 +283,7 @@ def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n:
     if cfg is None:
         key = tune_key(device, dtype, layout, bucket, n, k)
         info = _device_info(device.type, device.index)
+        tma = tma_eligible(info, layout, dtype.itemsize, n, k)
         cfg = autotune.lookup(key)
         if cfg is not None and not (valid_config(cfg) and _fits(cfg, dtype.itemsize, 1 if layout == "int8" else dtype.itemsize,
                                                                info.smem)):
@@ -228,8 +292,8 @@ def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n:
                 logger.warning("dsinf: ignoring invalid Triton autotune entry %s: %s", key.text, cfg)
             cfg = None
         if cfg is None:
-            cfg = default_config(bucket, n, k, layout, info.sms)
-        _memo[mk] = cfg
+            cfg = default_config(bucket, n, k, layout, info.sms, tma)
+        _memo[mk] = cfg = {**OPTIONAL_KEYS, **cfg}
     return cfg
 
 
@@ -239,7 +303,7 @@ def force_config(cfg: dict) -> Iterator[None]:
     global _forced
     if not valid_config(cfg):
         raise ValueError(f"invalid config {cfg}")
-    prev, _forced = _forced, dict(cfg)
+    prev, _forced = _forced, {**OPTIONAL_KEYS, **cfg}
     try:
         yield
     finally:
@@ -250,10 +314,71 @@ def force_config(cfg: dict) -> Iterator[None]:
 # Launches
 
 
+#: Matmul launches per kernel (KERNEL_NAMES values) in this process: tests read them to know which
+#: kernel ran. One dict increment per call.
+_launch_counts = dict.fromkeys(KERNEL_NAMES.values(), 0)
+
+
+def launch_counts() -> dict[str, int]:
+    """How many matmuls each kernel ran in this process (a copy)."""
+    return dict(_launch_counts)
+
+
+def _tma_operands(x2: torch.Tensor, weight: torch.Tensor, n: int) -> bool:
+    """Whether these tensors can be TMA descriptors (the per-call half of `tma_eligible`): a device with
+    TMA, fp16/bf16/fp32 (fp32: interpreter only, see `decide`), and for x2, the weight and the [M, N]
+    output, contiguous rows, 16-byte aligned base pointers and row strides. A view at an odd offset
+    (e.g. a slice of a fused weight) fails here and runs on the pointer kernel."""
+    size = x2.element_size()
+    if weight.dtype != x2.dtype or size not in (2, 4) or (n * size) % 16:
+        return False
+    for t in (x2, weight):
+        row, col = t.stride()
+        if col != 1 or (row * size) % 16 or t.data_ptr() % 16:
+            return False
+    return _device_info(x2.device.type, x2.device.index).tma
+
+
+def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_nk: bool, m: int, n: int, k: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] @ W (+ bias) -> [M, N] on a TMA kernel; operands already passed `_tma_operands`.
+    Building the three host descriptors costs about 2 us of CPU each (a dataclass with checks), small
+    next to the launch, and paid only in the M > 128 regime where the kernel runs for 100s of us."""
+    kernel = cfg["KERNEL"]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    subtile = cfg.get("EPILOGUE_SUBTILE", 0)
+    out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    x_desc = TensorDescriptor(x2, x2.shape, x2.stride(), [bm, bk])
+    w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), [bn, bk] if weight_nk else [bk, bn])
+    out_desc = TensorDescriptor(out, out.shape, out.stride(), [bm, bn // 2 if subtile else bn])
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    args = (x_desc, w_desc, out_desc, bias if bias is not None else out, m, n, k)
+    meta = dict(HAS_BIAS=bias is not None, W_NK=weight_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                GROUP_M=cfg["GROUP_M"], EPILOGUE_SUBTILE=bool(subtile),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kernel == KERNEL_TMA_PERSISTENT:
+        sms = _device_info(x2.device.type, x2.device.index).sms
+        kernels._matmul_tma_kernel[(min(sms, tiles),)](*args, NUM_SMS=sms, **meta)
+    else:
+        kernels._matmul_tma_kernel[(tiles,)](*args, NUM_SMS=0, **meta)
+    _launch_counts[KERNEL_NAMES[kernel]] += 1
+    return out
+
+
 def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_scale, weight_nk: bool,
                    m: int, n: int, k: int, out_dtype: torch.dtype, reduce: bool = True) -> torch.Tensor:
     """x2 [M, K] @ W -> [M, N] in out_dtype (bias added), or with reduce=False and SPLIT_K > 1 the
-    fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them)."""
+    fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them).
+
+    A TMA config (KERNEL != 0) whose operands do not qualify (`_tma_operands`) runs on the pointer
+    kernel with that problem's pointer default, as if the TMA kernels did not exist, but without
+    split-K: the caller reads SPLIT_K from the config it passed (1 for a TMA config)."""
+    if cfg.get("KERNEL", KERNEL_POINTER) != KERNEL_POINTER:
+        if _tma_operands(x2, weight, n):
+            return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
+        layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
+        sms = _device_info(x2.device.type, x2.device.index).sms
+        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms), SPLIT_K=1)
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if weight_nk:
@@ -273,6 +398,7 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
         HAS_BIAS=bias is not None and split == 1, W_NK=weight_nk, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch_counts["pointer"] += 1
     if split == 1 or not reduce:
         return out
     result = torch.empty((m, n), dtype=out_dtype, device=x2.device)
@@ -441,7 +567,8 @@ def autotune_matmul(min_seqlen: int, max_seqlen: int, in_features: int, out_feat
     for bucket in autotune.buckets_between(min_seqlen, max_seqlen):
         x2 = torch.randn((bucket, K), generator=gen).to(device=device, dtype=act)
         key = tune_key(device, act, layout, bucket, N, K)
-        cands = candidates(bucket, N, K, layout, act.itemsize, info.sms, info.smem)
+        cands = candidates(bucket, N, K, layout, act.itemsize, info.sms, info.smem,
+                           tma_eligible(info, layout, act.itemsize, N, K))
 
         def bench(cfg, x2=x2):
             ws = itertools.cycle(weights)
