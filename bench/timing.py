@@ -1,9 +1,10 @@
-"""Timers: CPU wall time in interleaved rounds, CUDA events around CUDA-graph batches, best-of-N host
+"""Timers: CPU wall time in interleaved rounds, CUDA events around CUDA-graph batches, paired A/B host
 cost, and what makes a measurement noisy (machine load, spread of samples).
 
-Every timer returns a `Timing`: the median per call, and `lo`/`hi`, the spread of its samples
+The ops timers return a `Timing`: the median per call, and `lo`/`hi`, the spread of its samples
 (CPU: the fastest and slowest round's median; CUDA: the quartiles of the batches). A goal whose
-margin is smaller than that spread is judged "noisy", not PASS or MISS.
+margin is smaller than that spread is judged "noisy", not PASS or MISS. The host-cost timer returns
+its paired samples (bench.host_cost reduces them the same way).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class Timing:
     hi: float
     samples: int
     calls: int  # calls per sample
-    method: str = ""  # how: "wall", "graph", "eager-parked", "best-of"
+    method: str = ""  # how: "wall", "graph", "eager-parked"
 
 
 def spread(samples: list[float]) -> tuple[float, float]:
@@ -95,20 +96,34 @@ def time_cpu(fns: Fns, min_time: float, rounds: int = 5, min_calls: int = 3) -> 
     return out
 
 
-def best_of(fn: Callable[[], Any], calls: int, repeats: int, sync: Callable[[], None] = lambda: None) -> Timing:
-    """Host cost per call: `repeats` loops of `calls` calls each, the best loop's time / calls (the
-    least disturbed); the spread is best .. median loop."""
-    for _ in range(max(3, calls // 10)):
-        fn()
-    sync()
-    loops = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def paired_blocks(fns: dict[str, Callable[[], Any]], pairs: list[tuple[str, str]], calls: int, rounds: int,
+                  clock: Callable[[], int], sync: Callable[[], None] = lambda: None
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Host cost per call, A/B: in each of `rounds` rounds, each (ours, baseline) pair of `pairs` times a
+    block of `calls` calls of each side back to back, the side that goes first alternating by round (a
+    neighbour's burst, a frequency step or the allocator's state hits both sides of a pair alike).
+
+    `clock()` is in ns; `sync()` ends each block inside its time (CUDA: the queued kernels). Returns
+    (name -> per-call µs of each block, ours -> per-call µs of ours minus its baseline, paired by round)."""
+    for fn in fns.values():  # warm up: allocator, oneDNN primitives, the op classes' first-call binding
         for _ in range(calls):
             fn()
-        sync()
-        loops.append((time.perf_counter() - t0) / calls * 1e6)
-    return Timing(min(loops), min(loops), statistics.median(loops), repeats, calls, "best-of")
+    sync()
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    diffs: dict[str, list[float]] = {ours: [] for ours, _ in pairs}
+    for r in range(rounds):
+        for ours, base in pairs:
+            this = {}
+            for name in ((ours, base) if r % 2 else (base, ours)):
+                fn = fns[name]
+                t0 = clock()
+                for _ in range(calls):
+                    fn()
+                sync()
+                this[name] = (clock() - t0) / calls / 1e3
+                samples[name].append(this[name])
+            diffs[ours].append(this[ours] - this[base])
+    return samples, diffs
 
 
 class CudaTimer:

@@ -360,7 +360,9 @@ def test_op_passes_deepspeed_positional_order_plus_extensions():
     q = __import__("dsinf").quantize_int8(torch.randn(8, 6))
     vm = VectorMatMulOp(InferenceConfig(dtype=torch.int8, act_dtype=torch.float32), environment=make_env())
     backend, name, args = vm(x, q, True)
-    assert name == "vector_matmul_fp32" and args[1] is q and args[2:] == (True, q.scale, True, False)
+    # the fast path calls through the lean entry's arguments (VectorMatMulOp SPEC.lean): async_op, a hint
+    # every backend ignores, is not passed
+    assert name == "vector_matmul_fp32" and args[1] is q and args[2:] == (False, q.scale, True, False)
 
 
 def test_fallback_logged_once_per_op_class_and_reason(caplog):

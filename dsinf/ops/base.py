@@ -30,6 +30,8 @@ from torch.nn.modules import module as _nn_module
 from .. import dispatch
 from ..checks import InputError, dtype_name
 from ..config import InferenceConfig
+from ..library import has_kernel
+from . import spec as op_spec
 
 
 # nn.Module.__call__'s global hook tables (dicts updated in place by the register_module_* functions).
@@ -139,14 +141,24 @@ class InferenceOp(torch.nn.Module):
             return self._dispatch
         return call if self._config_version == self.config._version else self._dispatch
 
-    def _bind(self, impl: Callable[..., Any], checked: bool) -> Callable[..., Any]:
+    def _bind(self, impl: Callable[..., Any], checked: bool, lean: Callable[..., Any] | None = None
+              ) -> Callable[..., Any]:
         """The per-call function for backend function `impl`; `checked`: run the Python checks on every
-        call (the backend has no validation of its own)."""
+        call (the backend has no validation of its own). `lean` (passed only to the classes whose spec
+        has a lean entry, `OpSpec.lean`): that entry's C++ entry, for the calls that fit it; None when
+        the loaded binary does not have it, or outside eager mode."""
         raise NotImplementedError
 
     def _bind_eager(self, overload: torch._ops.OpOverload, is_cuda: bool) -> Callable[..., Any]:
-        """The eager per-call function for the compiled op `overload`: `_bind` of its C++ entry."""
-        return self._bind(overload._op, checked=False)
+        """The eager per-call function for the compiled op `overload`: `_bind` of its C++ entry, with the
+        C++ entry of the op's lean entry for the same dtype when the spec has one and the loaded binary
+        registers it for this device (a binary built before the entry existed does not)."""
+        spec = op_spec.get(self.OP)
+        if spec.lean is None:
+            return self._bind(overload._op, checked=False)
+        lean = spec.lean_function(overload._schema.name.split("::")[-1])
+        entry = getattr(torch.ops.dsinf, lean).default._op if has_kernel(lean, "cuda" if is_cuda else "cpu") else None
+        return self._bind(overload._op, checked=False, lean=entry)
 
     def _warm_triton(self) -> None:
         # DeepSpeed autotunes when layer 0 is built with triton_autotune; we do it when Triton is chosen,

@@ -17,7 +17,6 @@ import importlib
 import torch
 
 from ..checks import check_int, check_linear, linear_output_shapes, no_backward
-from ..library import has_kernel
 from ..reference import matmul_fp32, split_qkv
 from .base import CALL_ERRORS, InferenceOp, eager_call
 from .spec import LeanEntry, OpSpec
@@ -100,16 +99,6 @@ class LinearOp(InferenceOp):
             return super().__call__(input, weight, bias, add_bias, do_flash_attn, num_heads, external_cache,
                                     num_layers, seq_offset=seq_offset)
         return call(input, weight, bias, add_bias, do_flash_attn, num_heads, seq_offset)
-
-    def _bind_eager(self, overload, is_cuda):
-        # The lean entry (SPEC.lean) when the loaded binary registers it: a plain matmul (+ bias) costs
-        # ~2 us less through it than through linear_layer's 7 arguments and list result.
-        name = overload._schema.name.split("::")[-1]
-        lean_name = f"{SPEC.name}_lean{name[len(SPEC.name):]}"
-        lean = None
-        if lean_name in SPEC.lean_functions() and has_kernel(lean_name, "cuda" if is_cuda else "cpu"):
-            lean = getattr(torch.ops.dsinf, lean_name).default._op
-        return self._bind(overload._op, checked=False, lean=lean)
 
     def _bind(self, impl, checked, lean=None):
         owner, cfg = type(self).__name__, self.config

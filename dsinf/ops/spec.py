@@ -35,7 +35,8 @@ class LeanEntry:
     result (docs/PERFORMANCE.md, "Per-call host cost"): the op class's fast path calls this entry when
     the call fits it, and the op's own function otherwise. Never the public API, never traced (under
     torch.compile the op classes call the op's own function). Defined per dtype as
-    `<name>_lean_<dtype>`; both bindings register it, and the op class checks that a kernel is there.
+    `<name>_lean_<dtype>`; both bindings register it, and `InferenceOp._bind_eager` passes it to the op
+    class's `_bind` where the loaded binary has a kernel for it.
 
     schema     "(<arguments>) -> Tensor"
     full_args  `full_args(*lean_args) -> schema_args`: the same call through the op's own function, whose
@@ -90,7 +91,12 @@ class OpSpec:
         """The lean entry's function name -> activation dtype (empty without a lean entry)."""
         if self.lean is None:
             return {}
-        return {f"{self.name}_lean{name[len(self.name):]}": dtype for name, dtype in self.functions().items()}
+        return {self.lean_function(name): dtype for name, dtype in self.functions().items()}
+
+    def lean_function(self, function: str) -> str:
+        """The lean entry's function beside module function `function` (`linear_layer_fp16` ->
+        `linear_layer_lean_fp16`)."""
+        return f"{self.name}_lean{function[len(self.name):]}"
 
     def function(self, act_dtype: torch.dtype) -> str:
         """The module function that runs activations of `act_dtype`."""

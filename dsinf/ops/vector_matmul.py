@@ -16,7 +16,7 @@ import torch
 from ..checks import check_vector_matmul, no_backward
 from ..reference import matmul_fp32
 from .base import CALL_ERRORS, InferenceOp, eager_call
-from .spec import OpSpec
+from .spec import LeanEntry, OpSpec
 
 
 def vector_matmul(input, weight, async_op=False, q_scale=None, q_int8=False, transposed_mode=False,
@@ -43,6 +43,10 @@ SPEC = OpSpec(
     samples=_samples,
     op_class="VectorMatMulOp",
     triton="vector_matmul",
+    lean=LeanEntry(  # VectorMatMulOp in eager mode: async_op dropped (a hint), q_int8 = q_scale given
+        schema="(Tensor input, Tensor weight, bool transposed_mode=False, Tensor? q_scale=None) -> Tensor",
+        full_args=lambda input, weight, transposed_mode=False, q_scale=None: (
+            input, weight, False, q_scale, q_scale is not None, transposed_mode)),
 )
 
 
@@ -78,7 +82,7 @@ class VectorMatMulOp(InferenceOp):
             return super().__call__(input, weight, async_op)
         return call(input, weight, async_op)
 
-    def _bind(self, impl, checked):
+    def _bind(self, impl, checked, lean=None):
         owner, cfg = type(self).__name__, self.config
         quantized, transposed, act = cfg.quantized, cfg.transposed_mode, cfg.activation_dtype
         grad_enabled = torch.is_grad_enabled
@@ -96,25 +100,29 @@ class VectorMatMulOp(InferenceOp):
 
         # The compiled backend validates in C++ (q_int8=True included: it needs an int8 weight; grad mode
         # too). Anything C++ rejects reruns through `slow`, whose checks name the argument in dsinf's
-        # wording. Every
-        # argument passed costs ~0.3 us in torch's op-call parsing: the [K, N] float call passes only two.
+        # wording. Every argument passed costs ~0.3 us in torch's op-call parsing: the calls go through
+        # the lean entry's arguments (SPEC.lean: a [K, N] float call passes two), to its C++ entry in eager
+        # mode, else to the op's own function.
+        full_args = SPEC.lean.full_args
+        call = lean if lean is not None else (lambda *args: impl(*full_args(*args)))
+
         def fast_int8(input, weight, async_op=False):
             try:
-                return impl(input, weight, async_op, weight.scale, True, transposed)
+                return call(input, weight, transposed, weight.scale)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)
 
         def fast_nk(input, weight, async_op=False):
             try:
-                return impl(input, weight, async_op, None, False, True)
+                return call(input, weight, True)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)
 
         def fast_kn(input, weight, async_op=False):
             try:
-                return impl(input, weight)
+                return call(input, weight)
             except CALL_ERRORS:
                 pass
             return slow(input, weight, async_op)

@@ -216,6 +216,14 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
 }
 
+// vector_matmul's lean entry (dsinf/ops/spec.py LeanEntry; VectorMatMulOp's eager fast path): the same as
+// vector_matmul(input, weight, async_op=false, q_scale, q_int8=q_scale given, transposed_mode), with the
+// arguments a call needs in front, so a float [K, N] call passes two.
+at::Tensor vector_matmul_lean(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& weight,
+                              bool transposed_mode, const c10::optional<at::Tensor>& q_scale) {
+  return vector_matmul(op, act, input, weight, false, q_scale, q_scale.has_value(), transposed_mode);
+}
+
 // ---- rms_norm, pre_rms_norm (kernels: cpu/rms_norm.cpp) -------------------------------------------------
 
 extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_rms_norm(const void* x, const void* gamma, dsinf_dtype dtype,
@@ -366,6 +374,7 @@ DSINF_ROUTE_API(cpu, INT64_MAX, dsinf::default_route)
 TORCH_LIBRARY_IMPL(dsinf, CPU, m) {
   dsinf::impl_per_dtype(m, "linear_layer", &dsinf::linear_layer, dsinf::kFloatDtypes);
   dsinf::impl_per_dtype(m, "linear_layer_lean", &dsinf::linear_layer_lean, dsinf::kFloatDtypes);
+  dsinf::impl_per_dtype(m, "vector_matmul_lean", &dsinf::vector_matmul_lean, dsinf::kFloatDtypes);
   dsinf::impl_per_dtype(m, "vector_matmul", &dsinf::vector_matmul, dsinf::kFloatDtypes);
   m.impl("rms_norm", &dsinf::rms_norm);
   m.impl("pre_rms_norm", &dsinf::pre_rms_norm);

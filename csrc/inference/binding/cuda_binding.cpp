@@ -204,6 +204,12 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   return matmul(op, x, weight, nullptr, q_scale, s, stream).view({s.B, s.S, s.N});
 }
 
+// vector_matmul's lean entry: as in cpu_binding.cpp.
+at::Tensor vector_matmul_lean(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& weight,
+                              bool transposed_mode, const c10::optional<at::Tensor>& q_scale) {
+  return vector_matmul(op, act, input, weight, false, q_scale, q_scale.has_value(), transposed_mode);
+}
+
 // ---- rms_norm, pre_rms_norm (kernels: cuda/rms_norm.cu) -------------------------------------------------
 
 }  // namespace
@@ -399,6 +405,7 @@ DSINF_ROUTE_API(cuda, dsinf::cuda::kGemvMaxM, dsinf::default_route)
 TORCH_LIBRARY_IMPL(dsinf, CUDA, m) {
   dsinf::impl_per_dtype(m, "linear_layer", &dsinf::linear_layer, dsinf::kCudaDtypes);
   dsinf::impl_per_dtype(m, "linear_layer_lean", &dsinf::linear_layer_lean, dsinf::kCudaDtypes);
+  dsinf::impl_per_dtype(m, "vector_matmul_lean", &dsinf::vector_matmul_lean, dsinf::kCudaDtypes);
   dsinf::impl_per_dtype(m, "vector_matmul", &dsinf::vector_matmul, dsinf::kCudaDtypes);
   m.impl("rms_norm", &dsinf::rms_norm);
   m.impl("pre_rms_norm", &dsinf::pre_rms_norm);
