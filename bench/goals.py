@@ -39,8 +39,9 @@ GOALS: tuple[Goal, ...] = (
          host=True),
     Goal("build.all", "load() of all variants / slower single variant", "<=", 1.10, "x", "load_all", "cuda",
          host=True),
-    Goal("host.cpu", "CPU per-call host cost minus F.linear's (worst op)", "<=", 2.0, "us", "host_cpu", "cpu",
-         host=True),
+    # timed on the calling thread's CPU time, paired with F.linear (bench/host_cost.py): a loaded machine does
+    # not stretch it, and the paired spread still marks it noisy when it is wide
+    Goal("host.cpu", "CPU per-call host cost minus F.linear's (worst op)", "<=", 2.0, "us", "host_cpu", "cpu"),
     Goal("host.cuda", "CUDA per-call host cost minus F.linear's (worst op)", "<=", 2.0, "us", "host_cuda", "cuda",
          host=True),
     Goal("never_slower", "never slower than torch: min ratio over all rows", ">=", 0.98, "x", "never_slower"),
