@@ -1,15 +1,19 @@
-"""Child process of op_builder.build: compile one BuildSpec with torch.utils.cpp_extension.
+"""Child process of op_builder.build: run one BuildSpec's ninja build, then load and check the library.
 
-Run as `python -m op_builder._build_worker <spec.json>`; stdout/stderr go to the build log. Exit 0
-only if the library was built AND loads in this process AND registers every kernel the spec lists
-(so a library with an undefined symbol, or one that registers nothing, is never published). The log ends
-with where the time went: the compile of each translation unit (from ninja's log) and the worker's phases.
+Run as `python -m op_builder._build_worker <spec.json>`; stdout/stderr go to the build log. The parent
+has written `build.ninja` (torch.utils.cpp_extension's own writer), so ninja starts first and `import
+torch` (seconds) runs while the compilers do. Exit 0 only if ninja built the library AND it loads in this
+process AND registers every kernel the spec lists (so a library with an undefined symbol, or one that
+registers nothing, is never published). The log ends with where the time went: the compile of each
+translation unit (from ninja's log), and the worker's phases, each line written when it happens
+(`# phase <seconds> s: <what>`).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -29,30 +33,38 @@ def main(spec_path: str) -> int:
     if os.getppid() == 1:  # the parent died before PR_SET_PDEATHSIG took effect
         return 1
     spec = json.load(open(spec_path))
+    build_dir = spec["build_dir"]
     start = time.monotonic()
+
+    def phase(what: str) -> float:
+        now = time.monotonic() - start
+        print(f"# phase {now:6.2f} s: {what}", flush=True)
+        return now
+
     try:
+        # ninja inherits our stdout/stderr (the log) and our process group (stopped as one).
+        jobs = os.environ.get("MAX_JOBS", "")  # set by the parent; else ninja's default, as torch does
+        ninja = subprocess.Popen(["ninja", "-v"] + (["-j", jobs] if jobs.isdigit() else []), cwd=build_dir,
+                                 stdin=subprocess.DEVNULL)
+        phase("ninja started")
         from torch.utils import cpp_extension
 
-        imported = time.monotonic()
+        imported = phase("torch imported")
+        # what cpp_extension.load checks before it builds: warns (in the log) about an ABI-incompatible CXX
+        cpp_extension.get_compiler_abi_compatibility_and_version(cpp_extension.get_cxx_compiler())
         if spec.get("pre_load"):  # define schemas first, so load checks the kernels' signatures against them
             import importlib
 
             module, _, func = spec["pre_load"].partition(":")
             getattr(importlib.import_module(module), func)()
+        status = ninja.wait()
+        phase("ninja finished")
+        if status != 0:
+            print(f"# ninja exited with status {status}: the build failed", flush=True)
+            return 1
+        import torch
 
-        # load() compiles, links and loads the library; each compile's time is in ninja's log.
-        cpp_extension.load(
-            name=spec["library_name"],
-            sources=spec["sources"],
-            extra_cflags=spec["cflags"],
-            extra_cuda_cflags=spec["cuda_cflags"] or None,
-            extra_ldflags=spec["ldflags"],
-            extra_include_paths=spec["include_dirs"],
-            build_directory=spec["build_dir"],
-            with_cuda=spec["with_cuda"],
-            is_python_module=False,
-            verbose=True,
-        )
+        torch.ops.load_library(os.path.join(build_dir, f"{spec['library_name']}.so"))
         if spec["kernels"]:
             from op_builder.build import missing_kernels
 
@@ -61,14 +73,15 @@ def main(spec_path: str) -> int:
                 print(f"error: the library loads but registers no {spec['dispatch_key']} kernel for "
                       f"{', '.join(missing)}", flush=True)
                 return 1
+        phase("library loaded, kernels checked")
     except Exception:
         sys.stdout.flush()
         traceback.print_exc()
         print(f"# build failed after {time.monotonic() - start:.1f} s", flush=True)
         return 1
-    _print_compile_times(spec["build_dir"])
-    print(f"# built and loaded in {time.monotonic() - start:.1f} s (torch imported in {imported - start:.1f} s)",
-          flush=True)
+    _print_compile_times(build_dir)
+    print(f"# built and loaded in {time.monotonic() - start:.1f} s (torch imported at {imported:.1f} s, "
+          f"while ninja compiled)", flush=True)
     return 0
 
 

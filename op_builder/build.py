@@ -14,13 +14,16 @@ down, and the child proves the library loads (`torch.ops.load_library`) and regi
 kernels before it is published. The worker leads its own process group: on the time limit, an
 interrupt, or the worker's own death (the OOM killer's SIGKILL), the whole group is stopped, so no
 compiler outlives its build.
-The child uses the public `torch.utils.cpp_extension.load` (ninja) with `build_directory` set to the
-temp dir, so torch's own lock file (which can go stale) is never shared between builds.
+This process writes the temp dir's `build.ninja` with torch.utils.cpp_extension's own writer (the file
+`cpp_extension.load` would write: same flags, same targets), so the worker starts ninja at once and
+imports torch while the compilers run: the worker's `import torch` (seconds) is off the critical path.
+torch's own lock file (which can go stale) is never involved.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
@@ -30,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,6 +204,30 @@ class _TimeLimit(Exception):
     pass
 
 
+def _cpp_extension_call(fn, **kwargs):
+    """Call a torch.utils.cpp_extension helper by keyword, leaving out the arguments this torch does not
+    take (the SYCL ones came with torch 2.7; the builder supports torch >= 2.1)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{name: value for name, value in kwargs.items() if name in params})
+
+
+def write_ninja_file(spec: BuildSpec, build_dir: Path) -> Path:
+    """Write `build_dir/build.ninja` exactly as `torch.utils.cpp_extension.load(name=spec.library_name,
+    ..., with_cuda=spec.with_cuda, is_python_module=False)` would: its ldflags (torch's libraries, and CUDA's
+    with_cuda), its compile flags and include paths, its `<library_name>.so` target."""
+    from torch.utils import cpp_extension as ce
+
+    ldflags = _cpp_extension_call(ce._prepare_ldflags, extra_ldflags=list(spec.ldflags), with_cuda=spec.with_cuda,
+                                  with_sycl=False, verbose=False, is_standalone=False)
+    path = build_dir / "build.ninja"
+    _cpp_extension_call(ce._write_ninja_file_to_build_library, path=str(path), name=spec.library_name,
+                        sources=list(spec.sources), extra_cflags=list(spec.cflags),
+                        extra_cuda_cflags=list(spec.cuda_cflags), extra_sycl_cflags=[], extra_ldflags=ldflags,
+                        extra_include_paths=list(spec.include_dirs), with_cuda=spec.with_cuda, with_sycl=False,
+                        is_standalone=False)
+    return path
+
+
 def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float) -> tuple[int, float]:
     """Run the build worker; (exit status, seconds). Raises _TimeLimit after `limit` seconds, with
     the worker's whole process group stopped. Whatever way the worker ends (a SIGKILL from the OOM
@@ -219,6 +247,11 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
     start = time.monotonic()
     with open(log_path, "ab") as logf:
         logf.write(f"# {spec.label} {spec.describe}\n# MAX_JOBS={jobs}\n".encode())
+        try:
+            write_ninja_file(spec, build_dir)
+        except Exception:  # noqa: BLE001 - e.g. CUDA_HOME unset: a failed build, with the reason in its log
+            logf.write(f"# writing build.ninja failed:\n{traceback.format_exc()}".encode())
+            return 1, time.monotonic() - start
         logf.flush()
         proc = subprocess.Popen([sys.executable, "-m", "op_builder._build_worker", str(spec_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -26,26 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _ninja_file(build_dir: Path, archs) -> tuple[Path, object]:
+    import torch
     import torch.utils.cpp_extension as ce
 
     from dsinf.builder import InferenceBuilder
     from op_builder.archs import parse_arch_list
+    from op_builder.build import write_ninja_file
 
     if ce.CUDA_HOME is None:
         ce.CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     spec = InferenceBuilder().spec("cuda", archs=parse_arch_list(archs) if archs else None)
-    ce._write_ninja_file_to_build_library(
-        str(build_dir / "build.ninja"), spec.library_name, list(spec.sources), list(spec.cflags),
-        list(spec.cuda_cflags), [], list(spec.ldflags), list(spec.include_dirs), True, False, False)
-    import torch
-
-    if torch.version.cuda is None:  # a CPU wheel ships c10/cuda headers without their generated macros header
-        stub = build_dir / "stub" / "c10" / "cuda" / "impl"
+    ninja = write_ninja_file(spec, build_dir)  # the builder's own build.ninja
+    if torch.version.cuda is None:  # a CPU wheel ships c10/cuda headers without their generated macros header,
+        stub = build_dir / "stub" / "c10" / "cuda" / "impl"  # and no CUDA libraries to link
         stub.mkdir(parents=True)
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        text = (build_dir / "build.ninja").read_text()
-        (build_dir / "build.ninja").write_text(text.replace("cflags = ", f"cflags = -I{build_dir / 'stub'} ", 2))
-    return build_dir / "build.ninja", spec
+        text = ninja.read_text().replace("cflags = ", f"cflags = -I{build_dir / 'stub'} ", 2)
+        ninja.write_text(text.replace(" -lc10_cuda", "").replace(" -ltorch_cuda", ""))
+    return ninja, spec
 
 
 def _commands(build_dir: Path) -> list[tuple[str, str]]:

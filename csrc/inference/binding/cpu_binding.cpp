@@ -20,9 +20,6 @@
 // the schemas are defined from Python before this library is loaded.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "aten_ops.h"
 #include "cpu_kernels.h"
 #include "define_ops.h"
 #include "routes.h"
@@ -108,7 +106,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const c10::ScalarType out_t = fp32_out ? c10::ScalarType::Float : act;
 
   if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, weight.scalar_type()))) {
-    at::Tensor out = at::empty({M, N}, x2d.options().dtype(out_t));
+    at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
     check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
                                 out.data_ptr(), to_dsinf(out_t), N, kParallel),
                  op, "gemv");
@@ -120,12 +118,12 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   // of fp32 weight per block: faster than one MKL call over all of N (docs/PERFORMANCE.md).
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
-  at::Tensor y = at::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
+  at::Tensor y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
   const int64_t block =
       std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(4) << 20) / std::max<int64_t>(1, 4 * K)) / 64 * 64));
   const bool fuse_bias = in_place && bias && !fp32_out;
   at::Tensor wbuf;
-  if (!in_place) wbuf = at::empty({block * std::max<int64_t>(K, 1)}, y.options());
+  if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t nb = std::min(block, N - n0);
     at::Tensor blk;
@@ -137,9 +135,9 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     }
     at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
     if (fuse_bias)
-      at::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
+      aten::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
     else
-      at::mm_out(ys, xf, blk);
+      aten::mm_out(ys, xf, blk);
   }
   if (fp32_out || fuse_bias) return y;
   if (act == c10::ScalarType::Float) {
@@ -149,7 +147,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
                    op, "bias_cast");
     return y;
   }
-  at::Tensor out = at::empty({M, N}, x2d.options());
+  at::Tensor out = aten::empty({M, N}, x2d.options());
   check_status(dsinf_cpu_bias_cast(y.data_ptr<float>(), M, N, N, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                                    to_dsinf(act), N, kParallel),
                op, "bias_cast");
@@ -158,7 +156,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
 
 std::vector<at::Tensor> empty_outputs(const std::vector<std::vector<int64_t>>& shapes, const at::Tensor& input) {
   std::vector<at::Tensor> outs;
-  for (const auto& sh : shapes) outs.push_back(at::empty(sh, input.options()));
+  for (const auto& sh : shapes) outs.push_back(aten::empty(sh, input.options()));
   return outs;
 }
 
@@ -210,7 +208,7 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
                          bool q_int8, bool transposed_mode) {
   const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
   check_no_grad(op, {{"input", &input}, {"weight", &weight}});
-  if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
+  if (s.M() == 0 || s.N == 0) return aten::empty({s.B, s.S, s.N}, input.options());
   const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
   const dsinf_weight w = make_weight(s, weight, q_scale);
   return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
@@ -260,7 +258,7 @@ at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsi
   const char* op = "rms_norm";
   const int64_t H = check_rms_norm(op, vals, gamma, epsilon), rows = rows_of(vals, H);
   check_no_grad(op, {{"vals", &vals}, {"gamma", &gamma}});
-  at::Tensor out = at::empty(vals.sizes(), vals.options());
+  at::Tensor out = aten::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return out;
   const at::Tensor x = vals.contiguous(), g = gamma.contiguous();
   check_status(dsinf_cpu_rms_norm(x.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), rows, H, float(epsilon),
@@ -274,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
   const char* op = "pre_rms_norm";
   const int64_t H = check_pre_rms_norm(op, vals, residual, gamma, epsilon), rows = rows_of(vals, H);
   check_no_grad(op, {{"vals", &vals}, {"residual", &residual}, {"gamma", &gamma}});
-  at::Tensor out = at::empty(vals.sizes(), vals.options()), res = at::empty(vals.sizes(), vals.options());
+  at::Tensor out = aten::empty(vals.sizes(), vals.options()), res = aten::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return {out, res};
   const at::Tensor x = vals.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
   check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), to_dsinf(x.scalar_type()), rows, H, float(epsilon), out.data_ptr(), res.data_ptr(), kParallel),
@@ -338,18 +336,18 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                                         q_scale1, q_int8, activation_type, transposed_mode);
   check_no_grad(op, {{"input", &input}, {"residual", &residual}, {"weight_interm", &weight_interm},
                      {"weight_out", &weight_out}, {"gamma", &gamma}});
-  at::Tensor res = at::empty(input.sizes(), input.options());
-  if (s.M == 0 || s.K == 0) return {at::empty(input.sizes(), input.options()), res};
+  at::Tensor res = aten::empty(input.sizes(), input.options());
+  if (s.M == 0 || s.K == 0) return {aten::empty(input.sizes(), input.options()), res};
   const dsinf_dtype dt = to_dsinf(act);
   const at::Tensor x = input.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
-  at::Tensor h = at::empty({s.M, s.K}, input.options());
+  at::Tensor h = aten::empty({s.M, s.K}, input.options());
   check_status(dsinf_cpu_pre_rms_norm(x.data_ptr(), r.data_ptr(), g.data_ptr(), dt, s.M, s.K, float(epsilon),
                                       h.data_ptr(), res.data_ptr(), kParallel),
                op, "pre_rms_norm");
 
   const MatmulShape si = s.interm, so = s.out;
   const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
-  at::Tensor a = at::empty({s.M, s.I}, input.options());
+  at::Tensor a = aten::empty({s.M, s.I}, input.options());
   if (s.M <= gemv_max_m(si, weight_interm.scalar_type())) {
     check_status(dsinf_cpu_gated_gemv(h.data_ptr(), dt, s.M, s.K, &w1, s.activation, a.data_ptr(), s.I, kParallel), op,
                  "gated_gemv");

@@ -12,11 +12,11 @@
 //       applies RoPE and writes the final [3, B, H, S, D] tensor (or q, k, v for GQA).
 //
 // async_op is accepted and ignored: work is always ordered on the caller's current stream.
+// Light headers (this file bounds the cold build): aten_ops.h, and the generic c10::DeviceGuard (the same
+// device switch through the CUDA guard torch registers) rather than c10/cuda/CUDAGuard.h, which adds the
+// caching allocator's headers.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../include/cuda_kernels.h"
+#include "aten_ops.h"
 #include "define_ops.h"
 #include "routes.h"
 #include "validate.h"
@@ -92,7 +93,7 @@ at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = s.M();
   const at::Tensor x2d = x.view({M, s.K});
   if (routes::use_gemv(M, x.scalar_type(), s.int8, s.weight_nk, s.K, s.N, gemv_max_m(x.scalar_type(), s.int8))) {
-    at::Tensor out = at::empty({M, s.N}, x.options());
+    at::Tensor out = aten::empty({M, s.N}, x.options());
     kc::GemvArgs a;
     a.dtype = kernel_dtype(x.scalar_type());
     a.x = x2d.const_data_ptr();
@@ -111,7 +112,7 @@ at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
   at::Tensor w_kn;  // [K, N] view for cuBLAS
   if (s.int8) {
-    at::Tensor deq = at::empty({s.N, s.K}, x.options());
+    at::Tensor deq = aten::empty({s.N, s.K}, x.options());
     check_cuda(kc::dequantize_int8(kernel_dtype(x.scalar_type()), weight.const_data_ptr<int8_t>(),
                                    q_scale->const_data_ptr<float>(), s.groups, deq.mutable_data_ptr(), s.N, s.K,
                                    stream),
@@ -120,7 +121,7 @@ at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight,
   } else {
     w_kn = s.weight_nk ? weight.t() : weight;
   }
-  at::Tensor out = bias ? at::addmm(*bias, x2d, w_kn) : at::mm(x2d, w_kn);
+  at::Tensor out = bias ? aten::addmm(*bias, x2d, w_kn) : aten::mm(x2d, w_kn);
   return out.is_contiguous() ? out : out.contiguous();  // cuBLAS results are row-major; be certain
 }
 
@@ -142,11 +143,11 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   check_no_grad(op, {{"input", &input}, {"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
   check_input_on_cuda(op, input);  // last: a device mismatch is reported on the argument that differs
 
-  const c10::cuda::CUDAGuard guard(input.device());
+  const c10::DeviceGuard guard(input.device());
   const auto shapes = matmul_output_shapes(s, do_flash_attn ? &qkv : nullptr);
   if (s.M() == 0 || s.N == 0) {
     std::vector<at::Tensor> outs;
-    for (const auto& shape : shapes) outs.push_back(at::empty(shape, input.options()));
+    for (const auto& shape : shapes) outs.push_back(aten::empty(shape, input.options()));
     return outs;
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
@@ -169,12 +170,12 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   a.seq_offset = qkv.seq_offset;
   std::vector<at::Tensor> outs;
   if (qkv.gqa) {
-    for (const auto& shape : shapes) outs.push_back(at::empty(shape, input.options()));
+    for (const auto& shape : shapes) outs.push_back(aten::empty(shape, input.options()));
     a.q = outs[0].mutable_data_ptr();
     a.k = outs[1].mutable_data_ptr();
     a.v = outs[2].mutable_data_ptr();
   } else {
-    outs.push_back(at::empty(shapes[0], input.options()));  // [3, B, H, S, D]
+    outs.push_back(aten::empty(shapes[0], input.options()));  // [3, B, H, S, D]
     at::Tensor& t = outs[0];
     a.q = t.select(0, 0).mutable_data_ptr();
     a.k = t.select(0, 1).mutable_data_ptr();
@@ -197,8 +198,8 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   const MatmulShape s = check_matmul(op, input, weight, act, transposed_mode, q_scale, q_int8 ? 1 : 0);
   check_no_grad(op, {{"input", &input}, {"weight", &weight}});
   check_input_on_cuda(op, input);
-  const c10::cuda::CUDAGuard guard(input.device());
-  if (s.M() == 0 || s.N == 0) return at::empty({s.B, s.S, s.N}, input.options());
+  const c10::DeviceGuard guard(input.device());
+  if (s.M() == 0 || s.N == 0) return aten::empty({s.B, s.S, s.N}, input.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   const at::Tensor x = prepare_input(input);
   return matmul(op, x, weight, nullptr, q_scale, s, stream).view({s.B, s.S, s.N});
@@ -257,8 +258,8 @@ at::Tensor rms_norm(const at::Tensor& vals, const at::Tensor& gamma, double epsi
   check_no_grad(op, {{"vals", &vals}, {"gamma", &gamma}});
   DSINF_CHECK_ARG(vals.is_cuda(), op, "vals", "expected a CUDA tensor, got device ", vals.device());
   check_bf16_built(op, "vals", vals.scalar_type());
-  const c10::cuda::CUDAGuard guard(vals.device());
-  at::Tensor out = at::empty(vals.sizes(), vals.options());
+  const c10::DeviceGuard guard(vals.device());
+  at::Tensor out = aten::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return out;
   const at::Tensor x = vals.contiguous(), g = gamma.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(vals.device().index()).stream();
@@ -275,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
   check_no_grad(op, {{"vals", &vals}, {"residual", &residual}, {"gamma", &gamma}});
   DSINF_CHECK_ARG(vals.is_cuda(), op, "vals", "expected a CUDA tensor, got device ", vals.device());
   check_bf16_built(op, "vals", vals.scalar_type());
-  const c10::cuda::CUDAGuard guard(vals.device());
-  at::Tensor out = at::empty(vals.sizes(), vals.options()), res = at::empty(vals.sizes(), vals.options());
+  const c10::DeviceGuard guard(vals.device());
+  at::Tensor out = aten::empty(vals.sizes(), vals.options()), res = aten::empty(vals.sizes(), vals.options());
   if (rows == 0 || H == 0) return {out, res};
   const at::Tensor x = vals.contiguous(), r = residual.contiguous(), g = gamma.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(vals.device().index()).stream();
@@ -359,17 +360,17 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
   check_no_grad(op, {{"input", &input}, {"residual", &residual}, {"weight_interm", &weight_interm},
                      {"weight_out", &weight_out}, {"gamma", &gamma}});
   check_input_on_cuda(op, input);
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor res = at::empty(input.sizes(), input.options());
-  if (s.M == 0 || s.K == 0) return {at::empty(input.sizes(), input.options()), res};
+  const c10::DeviceGuard guard(input.device());
+  at::Tensor res = aten::empty(input.sizes(), input.options());
+  if (s.M == 0 || s.K == 0) return {aten::empty(input.sizes(), input.options()), res};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   const kc::DType dt = kernel_dtype(act);
   const at::Tensor x = prepare_input(input), r = prepare_input(residual), g = gamma.contiguous();
-  at::Tensor h = at::empty({s.M, s.K}, input.options());
+  at::Tensor h = aten::empty({s.M, s.K}, input.options());
   check_cuda(kc::pre_rms_norm(dt, x.const_data_ptr(), r.const_data_ptr(), g.const_data_ptr(), h.mutable_data_ptr(),
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
-  at::Tensor a = at::empty({s.M, s.I}, input.options());
+  at::Tensor a = aten::empty({s.M, s.I}, input.options());
   if (s.M <= (s.interm.int8 || gated_gemv_tensor_core(act, s) ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
