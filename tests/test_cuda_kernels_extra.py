@@ -104,13 +104,13 @@ def test_int8_conversion_every_value(cuda_module):
 
 
 # K x N for the int8 streaming kernel. The H200/H100 fit 4 CTAs of 256 threads per SM (132 SMs: 528 resident
-# CTAs); at M <= 8 a CTA tile is 32 rows when that keeps a tile per SM and does not load the busiest SM with
-# more rows than 16-row tiles would (gemv_int8.cu), else 16; tiles beyond the 528 slots make CTAs of unequal
-# tile counts (tiles b, b + 528, ...). M 9..16 always takes 16-row tiles.
+# CTAs); at M <= 8 a CTA tile is 32 rows when N / 32 still gives every SM one (gemv_int8.cu), else 16, and
+# M 9..16 always takes 16-row tiles. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / 528) tiles,
+# the last CTA fewer.
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
-    (1040, 14344),  # 16-row tiles by the balance rule (897 > 528 slots: CTAs of 1 and 2 tiles), N % 16 == 8
-    (272, 33784),  # 32-row tiles, 1056 > 528 slots: CTAs of 2 tiles; N % 32 == 24
+    (1040, 14344),  # M <= 8: 449 32-row tiles; M > 8: 897 16-row tiles (CTAs of 2, the last of 1), N % 16 == 8
+    (272, 33800),  # M <= 8: 1057 32-row tiles (CTAs of 3, the last of 1); N % 32 == 8
     (16, 4100),  # K = one 16-byte chunk: one thread column of warp 0 holds all of K, the rest multiply zeros
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
     (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90, 640 + 576 of K): 10 and 9 k-steps over 8 warps
@@ -142,7 +142,7 @@ def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
-    ("DSINF_I8_GRID=0", "DSINF_I8_X_AHEAD=2"),  # int8: equal-tile grid; activations ahead at M > 8 too
+    ("DSINF_I8_X_AHEAD=2",),  # int8: activations one unit ahead at M > 8 too
     ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # int8: 16-row tiles only; activations loaded per unit
 ])
 def test_tuning_variants_keep_parity(defines):

@@ -37,7 +37,6 @@
 
 #if defined(DSINF_CUDA_BF16)
 
-#include <algorithm>
 #include <atomic>
 
 namespace dsinf {
@@ -73,13 +72,6 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 // 2-tile kernel off.
 #ifndef DSINF_I8_ROW_TILES
 #define DSINF_I8_ROW_TILES 2
-#endif
-// Persistent grid when the tiles outnumber the resident CTAs: 1 = one CTA per resident slot, CTA b taking
-// tiles b, b + grid, ... (CTAs hold ceil or floor of tiles / slots tiles, and, the slots being spread over
-// the SMs, every SM ceil or floor of tiles / #SMs); 0 = ceil(tiles / q) CTAs of q = ceil(tiles / slots)
-// tiles each (equal CTAs, but 4096x14336's 896 tiles as 448 CTAs of 2 put 8 tiles on some SMs, 6 on others).
-#ifndef DSINF_I8_GRID
-#define DSINF_I8_GRID 1
 #endif
 // k-steps per unit: DSINF_I8_UNIT_STEPS / row tiles, so that a unit stays ~2 KiB per warp.
 template <int RT>
@@ -302,10 +294,12 @@ cudaError_t i8_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   constexpr int kRows = kTileI8 * RT;
   const int tiles = static_cast<int>((a.N + kRows - 1) / kRows);
   int grid_x = tiles;
-  if (split <= 1) {  // persistent: every CTA resident (see DSINF_I8_GRID)
+  if (split <= 1) {  // persistent: every CTA resident, ceil or floor of tiles / grid_x tiles each
+    // (H200, tried: one CTA per resident slot, with 16-row tiles where those spread the rows more evenly
+    // over the SMs - 4096x14336 at 75% of copy bandwidth instead of 81% (fp16), 70% instead of 77% (bf16))
     const int slots = resident_per_sm(kernel) * device_sm_count();
     const int q = (tiles + slots - 1) / slots;
-    grid_x = DSINF_I8_GRID == 1 ? std::min(tiles, slots) : (tiles + q - 1) / q;
+    grid_x = (tiles + q - 1) / q;
   }
   const int kchunk = k_per_split(a.K, split, kStepBytes);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
@@ -313,26 +307,15 @@ cudaError_t i8_stream(const GemvArgs& a, int split, cudaStream_t stream) {
                       static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
-// 16-row tiles the busiest SM multiplies with tiles of `rt` row tiles (the grid puts ceil(tiles / #SMs)
-// CTA tiles on some SM), for the two-tile choice below.
-int busiest_sm_rows(int64_t N, int rt, int sms) {
-  const int64_t tiles = (N + rt * kTileI8 - 1) / (rt * kTileI8);
-  return static_cast<int>((tiles + sms - 1) / sms) * rt;
-}
-
 // M <= 8: one token tile; two row tiles per CTA tile when there is still a CTA tile per SM without a K
 // split (H200, fp16, 32-row vs 16-row tiles: 4096x12288 80% vs 76% of copy bandwidth, 4096x14336 80% vs
-// 75%; 4096x4096 48% vs 55% and 14336x4096 73% vs 77%, where the 32-row tiles are fewer than the SMs)
-// and, with DSINF_I8_GRID 1, when that does not load the busiest SM with more rows (4096x14336 on 132
-// SMs: 4 x 32 rows against 7 x 16).
+// 75%; 4096x4096 48% vs 55% and 14336x4096 73% vs 77%, where the 32-row tiles are fewer than the SMs).
 // M 9..16: two token tiles, one row tile (a second would pass the shared-memory budget).
 template <typename T>
 cudaError_t i8_stream_tokens(const GemvArgs& a, int split, cudaStream_t stream) {
   if (a.M > 8) return i8_stream<T, 2, 1>(a, split, stream);
   if constexpr (DSINF_I8_ROW_TILES >= 2) {
-    const int sms = device_sm_count();
-    if (split <= 1 && (a.N + 2 * kTileI8 - 1) / (2 * kTileI8) >= sms &&
-        (DSINF_I8_GRID != 1 || busiest_sm_rows(a.N, 2, sms) <= busiest_sm_rows(a.N, 1, sms)))
+    if (split <= 1 && (a.N + 2 * kTileI8 - 1) / (2 * kTileI8) >= device_sm_count())
       return i8_stream<T, 1, 2>(a, split, stream);
   }
   return i8_stream<T, 1, 1>(a, split, stream);
