@@ -594,7 +594,7 @@ GPU_TMA_CONFIGS = {"default": None, "tma-128x128x64-w4s4": dict(tma(128, 128, 64
 def test_gpu_tma_prefill(dtype, layout, config, M, K, N, bias, tmp_path, monkeypatch):
     """On sm_90+: the TMA kernels at M > 128 match F.linear and an fp32 reference, at the issue's shape
     and at a ragged one (M, K, N not multiples of the blocks); with no table entry, [N, K] runs on the
-    TMA kernel (the default) and [K, N] on the pointer kernel; a forced config runs its own kernel."""
+    persistent TMA kernel (the default) and [K, N] on the pointer kernel; a forced config runs its own kernel."""
     import torch.nn.functional as F
     from dsinf.triton import autotune, ops
 
@@ -606,7 +606,10 @@ def test_gpu_tma_prefill(dtype, layout, config, M, K, N, bias, tmp_path, monkeyp
     w = (torch.randn((N, K) if layout == "nk" else (K, N), generator=g, device="cuda") / K ** 0.5).to(dt)
     b = torch.randn(N, generator=g, device="cuda").to(dt) if bias else None
     cfg_ = GPU_TMA_CONFIGS[config]
-    expect = ops.KERNEL_NAMES[cfg_["KERNEL"]] if cfg_ else ("tma" if layout == "nk" else "pointer")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default_kernel = ops.KERNEL_NAMES[ops.default_config(M, N, K, layout, sms, True)["KERNEL"]]
+    assert default_kernel == ("tma-persistent" if layout == "nk" else "pointer")
+    expect = ops.KERNEL_NAMES[cfg_["KERNEL"]] if cfg_ else default_kernel
     _poison_allocator()
     before = ops.launch_counts()
     with ops.force_config(cfg_) if cfg_ else contextlib.nullcontext():

@@ -250,11 +250,13 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         return _config(bm, 64, 128, splits[-1], 4, 3)
     # H100, M=2048, K=4096, N=12288, best of 13 tile shapes per layout: [K, N] 128x256x32 (0.98x cuBLAS
     # fp16), [N, K] 256x128x64 (0.77x), int8 128x128x64 (int8->fp16 conversion in the main loop).
-    # H200, same shape, [N, K]: the TMA kernel at 128x128x64 w4 s4 reaches 0.888x fp16 / 0.878x bf16
-    # where the pointer kernel's best is 0.778x. [K, N] keeps the pointer kernel (0.95-1.03x on H100)
-    # until the TMA kernel is measured there.
+    # H200, same shape, [N, K] (tools/probe_triton_prefill.py, one autotune pass over every candidate): the
+    # persistent TMA kernel at 128x256x64 w8 s3 0.998x cuBLAS fp16 (0.89x re-timed as the tuned op) and
+    # 1.14x bf16; the one-program-per-tile TMA kernel's best 0.846x / 0.999x (128x128x64 w4 s4, the first
+    # default: 0.79x / 0.94x); the pointer kernel's best 0.714x / 0.851x. [K, N] keeps the pointer kernel
+    # (0.95-1.03x on H100) until the TMA kernels are measured there.
     if tma and layout == "nk":
-        return _config(128, 128, 64, 1, 4, 4, kernel=KERNEL_TMA)
+        return _config(128, 256, 64, 1, 8, 3, kernel=KERNEL_TMA_PERSISTENT)
     if layout == "int8":
         return _config(128, 128, 64, 1, 8, 4)
     if m * n >= 2048 * 4096:
