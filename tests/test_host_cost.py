@@ -207,7 +207,8 @@ def test_lean_entries_run_in_a_cuda_graph(cuda_module, monkeypatch):
     ops = {(cls, int8): cls(InferenceConfig(dtype=torch.int8, act_dtype=dt, transposed_mode=True) if int8
                             else InferenceConfig(dtype=dt, transposed_mode=True), device="cuda")
            for cls in (LinearOp, VectorMatMulOp) for int8 in (False, True)}
-    x, w, b, _ = (t.cuda() for t in oracle.random_inputs(1, 1, 64, 96, dt, transposed_mode=True))
+    x, w, b, _ = oracle.random_inputs(1, 1, 64, 96, dt, transposed_mode=True)  # (q_scale is None: float)
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
     _, q, _, scale = oracle.random_inputs(1, 1, 64, 96, dt, int8_groups=4)
     q = q.cuda()
     q.scale = scale.cuda()
