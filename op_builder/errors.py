@@ -67,7 +67,7 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(c\+\+|g\+\+|cc1plus|x86_64-linux-gnu-g\+\+)[^\n]*: (not found|No such file)|"
                 r"command not found: c\+\+"), "C++ compiler not found (set CXX or install g++)"),
     # torch probes the compiler (`<cxx> -v`) before building; a CXX that cannot run ends up here.
-    # (ninja's own CalledProcessError ends every failed build log: not a cause.)
+    # (a CalledProcessError naming ninja - logs of torch's own ninja runs, tools/ - is not a cause.)
     (re.compile(r"CalledProcessError: Command '\['(?!ninja')([^']+)'"), "command failed"),
 )
 
