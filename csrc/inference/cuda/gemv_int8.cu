@@ -264,10 +264,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_i8_stream_kernel(const T* _
   pdl_end();
 }
 
-// CTAs of `kernel` (256 threads, static shared memory) that fit on one SM of the current device, queried
-// once per kernel and device (an attribute query: no synchronization, safe under graph capture).
-template <typename Kernel>
-int resident_per_sm(Kernel kernel) {
+// CTAs of gemv_i8_stream_kernel<T, NT, RT> (256 threads, static shared memory) that fit on one SM of the
+// current device, queried once per instantiation and device (an attribute query: no synchronization, safe
+// under graph capture). Keyed by the template arguments, not the kernel's pointer type: every instantiation
+// of a T has the same pointer type but its own shared memory and registers, so a cache per pointer type
+// would hand the first-queried kernel's occupancy to the others.
+template <typename T, int NT, int RT>
+int resident_per_sm() {
+  auto kernel = gemv_i8_stream_kernel<T, NT, RT>;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];
   int dev = 0;
@@ -297,7 +301,7 @@ cudaError_t i8_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   if (split <= 1) {  // persistent: every CTA resident, ceil or floor of tiles / grid_x tiles each
     // (H200, tried: one CTA per resident slot, with 16-row tiles where those spread the rows more evenly
     // over the SMs - 4096x14336 at 75% of copy bandwidth instead of 81% (fp16), 70% instead of 77% (bf16))
-    const int slots = resident_per_sm(kernel) * device_sm_count();
+    const int slots = resident_per_sm<T, NT, RT>() * device_sm_count();
     const int q = (tiles + slots - 1) / slots;
     grid_x = (tiles + q - 1) / q;
   }
