@@ -97,6 +97,9 @@ def measure(device: str, n_calls: int, rounds: int) -> tuple[dict[str, dict[str,
     thread_ns, process_ns = time.thread_time_ns() - t0, time.process_time_ns() - p0
     bases = dict(pairs)
     for name, s in samples.items():
+        if not s:  # in no pair: its baseline failed above, or every call paired with it did
+            res[name] = {"why": "not timed: nothing to pair it with"}
+            continue
         lo, hi = spread(s)
         d = {"us": statistics.median(s), "min_us": min(s), "lo": lo, "hi": hi, "baseline": bases.get(name, ""),
              "samples": len(s), "calls": n_calls, "clock": clock_name}

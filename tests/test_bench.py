@@ -260,6 +260,24 @@ def test_cpu_int8_peer_is_aten_with_bf16_activations():
     assert row.impls["torch"].status == "ok" and row.impls["dense"].status == "ok"
 
 
+def test_host_cost_reports_a_call_left_without_a_pair(monkeypatch):
+    """A baseline that fails leaves its calls unpaired (and a baseline whose calls all fail, untimed): those
+    rows say why instead of the section failing on an empty sample list."""
+    from bench import host_cost
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(host_cost, "calls", lambda device: [
+        ("base ok", "", lambda: None), ("ours", "base ok", lambda: None),
+        ("base broken", "", broken), ("ours without base", "base broken", lambda: None),
+        ("lonely base", "", lambda: None), ("ours broken", "lonely base", broken)])
+    res, _ = host_cost.measure("cpu", 2, 2)
+    assert "diff_us" in res["ours"] and "us" in res["base ok"]
+    assert res["base broken"]["why"].startswith("RuntimeError") and res["ours broken"]["why"].startswith("RuntimeError")
+    assert "why" in res["ours without base"] and "why" in res["lonely base"]
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 def test_quick_cpu_run_of_a_cheap_section(tmp_path, cpu_module):
