@@ -110,7 +110,7 @@ def test_int8_conversion_every_value(cuda_module):
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
     (1040, 14344),  # M <= 8: 449 32-row tiles; M > 8: 897 16-row tiles (CTAs of 2, the last of 1), N % 16 == 8
-    (272, 33800),  # M <= 8: 1057 32-row tiles (CTAs of 3, the last of 1); N % 32 == 8
+    (272, 33800),  # M <= 8: 1057 32-row tiles (353 CTAs of 3, the last two of 2); N % 32 == 8
     (16, 4100),  # K = one 16-byte chunk: one thread column of warp 0 holds all of K, the rest multiply zeros
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
     (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90, 640 + 576 of K): 10 and 9 k-steps over 8 warps
