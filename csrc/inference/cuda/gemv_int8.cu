@@ -44,10 +44,11 @@ namespace cuda {
 namespace detail {
 namespace {
 
-// A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of a 16-row tile (2 KiB with 2: a warp reads
-// whole 128-byte lines), copied as one cp.async group; its ring holds kStages units. The ring is
-// 8 warps x kStages x kUnitSteps KiB of static shared memory and must leave room for the reduction buffers
-// under 48 KiB: stages x steps <= 5 for M <= 8, <= 4 for M > 8 (twice the buffers). Default 2 x 2: 32 KiB of
+// A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of the CTA tile's rows (2 KiB with 2 steps
+// of 16 rows, or 1 step of 32: a warp reads whole 128-byte lines), copied as one cp.async group; its ring
+// holds kStages units. The ring is 8 warps x kStages x kUnitSteps x RT KiB of static shared memory and must
+// leave room for the reduction buffers under 48 KiB (kStages below lowers the stages when it would not).
+// Default 2 x 2 (16 rows): 32 KiB of
 // ring, 16-32 KiB of weights in flight per CTA, and half the per-byte loop overhead of 1-step units (SASS,
 // sm_90a: ~160 instructions per 1-step unit, most of them index arithmetic, against ~240 issue slots per SM
 // in the time the SM's share of 4.2 TB/s delivers 1 KiB; bf16 conversion adds ~50).
