@@ -104,7 +104,13 @@ class VectorMatMulOp(InferenceOp):
         # the lean entry's arguments (SPEC.lean: a [K, N] float call passes two), to its C++ entry in eager
         # mode, else to the op's own function.
         full_args = SPEC.lean.full_args
-        call = lean if lean is not None else (lambda *args: impl(*full_args(*args)))
+
+        def through_impl(input, weight, transposed_mode=False, q_scale=None):
+            if not transposed_mode and q_scale is None:  # [K, N] float: the two arguments it needs
+                return impl(input, weight)
+            return impl(*full_args(input, weight, transposed_mode, q_scale))
+
+        call = lean if lean is not None else through_impl
 
         def fast_int8(input, weight, async_op=False):
             try:
