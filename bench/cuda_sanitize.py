@@ -4,9 +4,10 @@
     compute-sanitizer --tool racecheck python bench/cuda_sanitize.py --quick
     python bench/cuda_sanitize.py            # plain run: same checks, seconds
 
-Covers both weight layouts, each dtype, int8 weights (several scale groups), the fused QKV split
-with RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets, split-K clusters, the
-scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are
+Covers both weight layouts, each dtype, int8 weights (several scale groups, the streaming kernel's
+16- and 32-row tiles), the fused QKV split with RoPE (both pair styles, rotary_dim < D) and GQA, small
+M (GEMV buckets, split-K clusters, the scalar fallback for odd K / misaligned weights) and large M
+(cuBLAS + epilogue kernels). Shapes are
 tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on
 CPU copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
@@ -72,7 +73,10 @@ def cases(quick: bool):
             w = weight(128, 96, dt, nk, misalign=True)
             x = torch.randn(2, 2, 128, dtype=dt, device="cuda")
             yield f"vmm {lay} misaligned", dt, "vector_matmul", (x, w, False, None, False, nk), {}
-        for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40)]:
+        # The last shape gives the int8 streaming kernel's 32-row CTA tiles at M <= 8 (they need a tile per
+        # SM), with a partial last tile and CTAs of unequal tile counts.
+        row_tiles_n = 32 * torch.cuda.get_device_properties(0).multi_processor_count + 24
+        for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40), (64, row_tiles_n, 1)]:
             w, s = int8_weight(K, N, G)
             for B, S in Ms + [big_M]:
                 x = torch.randn(B, S, K, dtype=dt, device="cuda")
