@@ -59,6 +59,11 @@ def tma_persistent(bm, bn, bk, group=8, subtile=0):
     return cfg(bm, bn, bk, group=group, kernel=2, subtile=subtile)
 
 
+def gemv(bm, bn, bk, split=1, warps=4, stages=2):
+    """A config of the GEMV kernel (the weight tile as the dot's left operand)."""
+    return cfg(bm, bn, bk, split, warps, stages, kernel=3)
+
+
 def case(id, op="vector_matmul", dtype="fp32", B=1, S=1, K=40, N=24, layout="kn", groups=1, bias=False,
          heads=0, kv=-1, rd=-1, rotate_half=False, theta=10000.0, offset=0, config=None, kernel=None):
     """`kernel`: the kernel that must run (a KERNEL_NAMES value); by default the forced config's own."""
@@ -127,6 +132,23 @@ CASES = [
          config=tma(16, 32, 32), kernel="pointer"),
     flash("qkv-fp16-tma-cfg-oddK-falls-back", dtype="fp16", B=1, S=2, heads=6, kv=3, D=10, rd=6, bias=True,
           layout="nk", config=tma(16, 32, 32), kernel="pointer"),
+    # The GEMV kernel ([N, K] and int8 weights): M = 1 with an odd K, split-K with a ragged K (its partials
+    # summed by the reduce and QKV epilogues), several M-tiles, and a [K, N] weight, which it does not
+    # take (the pointer kernel runs, with the config's split).
+    case("gemv-fp32-nk-M1-oddK", K=45, N=37, layout="nk", config=gemv(16, 16, 32)),
+    case("gemv-fp16-int8-M2-g4-splitk2", dtype="fp16", B=2, S=1, K=70, N=48, layout="int8", groups=4,
+         config=gemv(16, 16, 16, split=2)),
+    case("gemv-fp16-nk-bias-splitk3", op="linear_layer", dtype="fp16", B=1, S=3, K=100, N=33, layout="nk",
+         bias=True, config=gemv(16, 16, 16, split=3)),
+    case("gemv-fp32-int8-2mtiles", B=2, S=9, K=40, N=21, layout="int8", groups=21, config=gemv(16, 32, 16)),
+    case("gemv-fp16-int8-bias-evenk", op="linear_layer", dtype="fp16", B=1, S=5, K=64, N=40, layout="int8",
+         groups=2, bias=True, config=gemv(16, 16, 32)),
+    flash("qkv-fp16-gqa-gemv-splitk2", dtype="fp16", B=1, S=2, kv=2, rd=16, rotate_half=True, offset=50, bias=True,
+          layout="nk", config=gemv(16, 32, 16, split=2)),
+    flash("qkv-fp32-gemv-int8", B=1, S=1, heads=2, D=8, rd=8, layout="int8", groups=2, bias=True,
+          config=gemv(16, 16, 16)),
+    case("gemv-cfg-kn-runs-pointer", op="linear_layer", dtype="fp16", B=1, S=2, K=48, N=30, bias=True,
+         config=gemv(16, 16, 16, split=2), kernel="pointer"),
 ]
 
 
@@ -439,8 +461,9 @@ def _tma_needs_aligned_operands():
 
 def _table_entries_with_and_without_kernel_key():
     """Persisted entries: one without KERNEL (written before the TMA kernels) is a pointer config; one
-    with KERNEL 1 or 2 runs that TMA kernel; a KERNEL the ops do not know, or a TMA entry with split-K,
-    a block larger than a TMA box, or a subtile on the pointer kernel, is ignored (the default runs)."""
+    with KERNEL 1 or 2 runs that TMA kernel, with 3 the GEMV kernel; a KERNEL the ops do not know, or a
+    TMA entry with split-K, a block larger than a TMA box, or a subtile on the pointer kernel, is ignored
+    (the default runs)."""
     from dsinf.triton import autotune, ops
 
     autotune.reset()
@@ -452,7 +475,7 @@ def _table_entries_with_and_without_kernel_key():
     old = cfg(32, 16, 32, group=4)  # the pre-TMA format: no KERNEL, no EPILOGUE_SUBTILE
     assert ops.valid_config(old) and "KERNEL" not in old
     for entry, expect in ((old, "pointer"), (tma(32, 16, 32), "tma"), (tma_persistent(32, 32, 16, subtile=1),
-                                                                       "tma-persistent")):
+                                                                       "tma-persistent"), (gemv(16, 16, 32), "gemv")):
         autotune.record(key, entry, 0.1)
         chosen = ops.config_for(dev, torch.float16, "nk", M, N, K)
         assert chosen == {**ops.OPTIONAL_KEYS, **entry}, chosen
@@ -461,7 +484,7 @@ def _table_entries_with_and_without_kernel_key():
         assert _ran(ops, before) == {expect}
         torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
     default = ops.default_config(M, N, K, "nk", 4, True)
-    for bad in (cfg(32, 16, 32, kernel=3), dict(tma(32, 16, 32), SPLIT_K=2), tma(512, 16, 32),
+    for bad in (cfg(32, 16, 32, kernel=4), dict(tma(32, 16, 32), SPLIT_K=2), tma(512, 16, 32),
                 cfg(32, 32, 32, subtile=1), tma(32, 16, 32, subtile=1), dict(old, EXTRA=1)):
         assert not ops.valid_config(bad), bad
         autotune.record(key, bad, 0.1)
@@ -551,6 +574,27 @@ def test_gpu_matches_reference(op, dtype, layout, M):
     B = 2 if M % 2 == 0 and M > 2 else 1
     c = case(f"gpu-{op}", op=op, dtype=dtype, B=B, S=M // B, K=1004, N=1029, layout=layout, groups=7,
              bias=op == "linear_layer")
+    _poison_allocator()
+    check_case(c, device="cuda", seed=M)
+
+
+#: GEMV-kernel configs at production tile sizes, without and with split-K.
+GPU_GEMV_CONFIGS = {"64x256-w4s4": gemv(16, 64, 256, 1, 4, 4), "128x128-w8s4": gemv(16, 128, 128, 1, 8, 4),
+                    "128x128-w8s4-split4": gemv(16, 128, 128, 4, 8, 4)}
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("config", list(GPU_GEMV_CONFIGS))
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("layout", ["nk", "int8"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_gemv_kernel(dtype, layout, M, config):
+    """The GEMV kernel compiled for the GPU (bf16 included, which the interpreter cannot check), K and N
+    not multiples of the blocks; linear_layer with a bias on the split-K config."""
+    op = "linear_layer" if "split" in config else "vector_matmul"
+    c = case(f"gpu-gemv-{config}", op=op, dtype=dtype, B=1, S=M, K=1004, N=1029, layout=layout, groups=7,
+             bias=op == "linear_layer", config=GPU_GEMV_CONFIGS[config], kernel="gemv")
     _poison_allocator()
     check_case(c, device="cuda", seed=M)
 

@@ -15,6 +15,17 @@ The kernels, each stating its math and layout:
                         partials [SPLIT_K, M, N]; `_splitk_reduce_kernel` or `_qkv_rope_kernel`
                         sums them. With BLOCK_M >= M there is a single M-tile, so each weight
                         element is loaded exactly once: the weight is streamed once.
+`_gemv_kernel`          the same math for [N, K] weights (nn.Linear and int8) at decode sizes, computed
+                        transposed: out^T[n, m] = W[n, :] . x[m, :]. The weight tile [BLOCK_N,
+                        BLOCK_K] is loaded in memory order and is the dot's left operand as it stands
+                        (`_matmul_kernel` must transpose it to make it the right one), and x^T
+                        [BLOCK_K, BLOCK_M] the right; the fp32 [BLOCK_N, BLOCK_M] tile is stored
+                        transposed. Split-K, the int8 scale, the bias and the fp32 partials are as
+                        in `_matmul_kernel`, so the reduce and QKV epilogues read its partials
+                        unchanged. (Measured on H200 and dropped: an FMA path for M <= 2 without
+                        tensor cores, a broadcast multiply summed over the tile's K axis, 1.2-1.6x
+                        slower than the dot on every decode shape.) Any M works (the grid
+                        covers the M-tiles), but the weight is streamed once only with one M-tile.
 `_matmul_tma_kernel`    the same math for fp16/bf16 (fp32 under the interpreter) weights, SPLIT_K = 1,
                         no int8: x, W and out are read and written through host-built TMA
                         descriptors (sm_90+), so the copy engine moves whole tiles into swizzled
@@ -48,10 +59,10 @@ an epilogue that is memory-bound), then cos/sin in fp32: outputs match the fp64 
 position, where an fp32 angle (DeepSpeed's, HF's) is off by up to p * 2^-24 rad.
 
 Constraints: every block size is a power of two >= 16 for tl.dot operands (BLOCK_M >= 16 even when
-M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel`: the K tail is masked
-unless EVEN_K. The TMA kernels need K and N multiples of 16 bytes and blocks <= 256 (a TMA box).
-The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32 and
-fp16 but computes bf16 wrongly, so bf16 is tested on the GPU only.
+M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel` and `_gemv_kernel`: the K tail is masked unless EVEN_K. The TMA
+kernels need K and N multiples of 16 bytes and blocks <= 256 (a TMA box). The interpreter
+(TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32 and fp16 but computes
+bf16 wrongly, so bf16 is tested on the GPU only.
 """
 from __future__ import annotations
 
@@ -71,6 +82,82 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# int8 -> fp16 / bf16 for four weights at a time, exact (|w| <= 128), as the CUDA module does it
+# (csrc/inference/cuda/common.cuh): the bytes, made unsigned (xor 0x80), become the low mantissa of a
+# float whose exponent gives them unit steps, and one subtraction of that float's value at 128 leaves w.
+# fp16: 0x64XX is 1024 + XX, two per register from one PRMT, then one fp16x2 subtraction of 1152 per
+# pair. bf16 has too few mantissa bits for a byte, so fp32 0x4B0000XX (2^23 + XX) minus 2^23 + 128; an
+# int8 value has at most 8 significant bits, so its bf16 is exactly the fp32's high half, and one PRMT
+# packs two (no float -> bf16 conversion). The plain `w.to(dtype)` is one integer-to-float conversion
+# per weight. H200, int8 decode 4096x12288 M=1, fp16 activations: 16.6 us instead of 22.2.
+_I8_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 a, hi, mg;
+xor.b32 a, $2, 0x80808080;
+mov.b32 hi, 0x64646464;
+mov.b32 mg, 0x64806480;
+prmt.b32 $0, a, hi, 0x4140;
+prmt.b32 $1, a, hi, 0x4342;
+sub.f16x2 $0, $0, mg;
+sub.f16x2 $1, $1, mg;
+}""")
+_I8_TO_BF16_ASM = tl.constexpr("""{
+.reg .b32 a, mg, f0, f1, f2, f3;
+xor.b32 a, $2, 0x80808080;
+mov.b32 mg, 0x4B000000;
+prmt.b32 f0, a, mg, 0x7650;
+prmt.b32 f1, a, mg, 0x7651;
+prmt.b32 f2, a, mg, 0x7652;
+prmt.b32 f3, a, mg, 0x7653;
+sub.f32 f0, f0, 0f4B000080;
+sub.f32 f1, f1, 0f4B000080;
+sub.f32 f2, f2, 0f4B000080;
+sub.f32 f3, f3, 0f4B000080;
+prmt.b32 $0, f0, f1, 0x7632;
+prmt.b32 $1, f2, f3, 0x7632;
+}""")
+
+
+@triton.jit
+def _int8_to(w, dtype: tl.constexpr, ASM_I8: tl.constexpr):
+    """int8 weights as `dtype`, exactly. ASM_I8 (compiled kernels only: the interpreter runs no PTX):
+    the byte tricks above for fp16 and bf16; otherwise, and for fp32, a plain conversion."""
+    if ASM_I8 and dtype == tl.float16:
+        return tl.inline_asm_elementwise(_I8_TO_F16_ASM, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    elif ASM_I8 and dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(_I8_TO_BF16_ASM, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        return w.to(dtype)
+
+
+@triton.jit
+def _tile_ranges(pid_m, pid_n, pid_k, M, N,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows, columns and first K-slice of output tile (pid_m, pid_n) in split pid_k, with the row and
+    column masks: (offs_m, offs_n, rk, offs_k, mask_m, mask_n)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    return offs_m, offs_n, rk, pid_k * BLOCK_K + rk, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k, rows_per_group,
+                HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] tile times the int8 scale of its rows of W, then either plus the bias
+    and cast to the output dtype (SPLIT_K == 1), or stored as split pid_k's fp32 partial in
+    [SPLIT_K, M, N], the bias left to the reducing kernel, which adds it once."""
+    if W_INT8:
+        acc = acc * tl.load(scale_ptr + offs_n // rows_per_group, mask=mask_n, other=0.0)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+
+
 @triton.jit
 def _matmul_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
@@ -79,17 +166,11 @@ def _matmul_kernel(
     rows_per_group,
     HAS_BIAS: tl.constexpr, W_NK: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ASM_I8: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    offs_k = pid_k * BLOCK_K + rk
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, rk, offs_k, mask_m, mask_n = _tile_ranges(pid_m, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     # 64-bit row/column bases: M*K, K*N or M*N may pass 2^31 elements; the loop only adds scalars.
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if W_NK:  # [N, K] weight: load [BLOCK_N, BLOCK_K] tiles in memory order, transpose in registers
@@ -110,7 +191,7 @@ def _matmul_kernel(
             else:
                 b = tl.load(w_ptrs, mask=mask_n[:, None] & (rk[None, :] < k_left), other=0)
             if W_INT8:
-                b = b.to(a.dtype)
+                b = _int8_to(b, a.dtype, ASM_I8)
             b = tl.trans(b)
         else:
             if EVEN_K:
@@ -120,20 +201,47 @@ def _matmul_kernel(
         acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * SPLIT_K * stride_xk
         w_ptrs += BLOCK_K * SPLIT_K * stride_wk
+    _store_tile(acc, out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k, rows_per_group,
+                HAS_BIAS, W_INT8, SPLIT_K)
 
-    if W_INT8:
-        scale = tl.load(scale_ptr + offs_n // rows_per_group, mask=mask_n, other=0.0)
-        acc = acc * scale[None, :]
-    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc = acc + bias.to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        # fp32 partial of split pid_k; the bias is added once, by the reducing kernel.
-        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    rows_per_group,
+    HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ASM_I8: tl.constexpr,
+):
+    # out^T[n, m] = sum_k W[n, k] * x[m, k]: the [BLOCK_N, BLOCK_K] weight tile, loaded in memory order,
+    # is the dot's left operand as it stands (no transpose of the big operand; int8 is converted in
+    # registers on its way to the MMA) and the small x^T [BLOCK_K, BLOCK_M] tile is the right one.
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % num_pid_n
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_k = tl.program_id(1)
+    offs_m, offs_n, rk, offs_k, mask_m, mask_n = _tile_ranges(pid_m, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    xt_ptrs = x_ptr + offs_k[:, None] * stride_xk + offs_m.to(tl.int64)[None, :] * stride_xm
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for it in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        k_left = K - (it * SPLIT_K + pid_k) * BLOCK_K
+        if EVEN_K:
+            xt = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+        else:
+            xt = tl.load(xt_ptrs, mask=mask_m[None, :] & (rk[:, None] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk[None, :] < k_left), other=0)
+        if W_INT8:
+            w = _int8_to(w, xt.dtype, ASM_I8)
+        acc = tl.dot(w, xt, acc)
+        xt_ptrs += BLOCK_K * SPLIT_K * stride_xk
+        w_ptrs += BLOCK_K * SPLIT_K * stride_wk
+    _store_tile(tl.trans(acc), out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k,
+                rows_per_group, HAS_BIAS, W_INT8, SPLIT_K)
 
 
 @triton.jit

@@ -11,7 +11,9 @@ which the op classes' `_triton_autotune` call.
 
 Paths by M = B*S (candidates and defaults below; the table overrides the defaults):
 - M <= 16 (decode): BLOCK_M = 16, one M-tile, so the weight is streamed exactly once; narrow N-tiles
-  and deep K-tiles, and split-K only when the N-tiles alone cannot fill half the GPU.
+  and deep K-tiles, and split-K only when the N-tiles alone cannot fill half the GPU. [N, K] weights
+  (float and int8) also race the GEMV kernel (KERNEL 3), which makes the weight tile the dot's left
+  operand instead of transposing it.
 - 16 < M <= 128: 32..64-row tiles, split-K allowed.
 - M > 128: 64..256 square-ish tiles with GROUP_M swizzle (compute-bound; the cuBLAS regime). On
   sm_90+ with fp16/bf16 weights whose operands a TMA descriptor can describe (`tma_eligible`,
@@ -58,11 +60,16 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps
 KERNEL_POINTER = 0  # `_matmul_kernel`: any operands, split-K, int8 weights
 KERNEL_TMA = 1  # `_matmul_tma_kernel` with one program per output tile
 KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_kernel` persistent: min(#SMs, tiles) programs loop over the tiles
-KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent"}
+KERNEL_GEMV = 3  # `_gemv_kernel`: [N, K] weights (float and int8) as the dot's left operand; BLOCK_M may be < 16
+KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent",
+                KERNEL_GEMV: "gemv"}
 #: Keys a config may leave out, with the value their absence means: entries persisted before the TMA
 #: kernels existed have neither and stay valid, as pointer-kernel configs.
 OPTIONAL_KEYS = {"KERNEL": KERNEL_POINTER, "EPILOGUE_SUBTILE": 0}
 _TMA_MAX_BLOCK = 256  # a TMA box is at most 256 elements per dimension
+#: int8 weights converted with PTX byte tricks (`kernels._int8_to`), not one conversion per weight; the
+#: interpreter runs no PTX. A module attribute so a probe can time both.
+ASM_I8 = not INTERPRETED
 _REDUCE_BLOCK = 1024
 
 
@@ -110,9 +117,11 @@ def _device_info(device_type: str, index: int | None) -> DeviceInfo:
 def _source_hash() -> str:
     """Hash of the tuned kernels' source text: editing them invalidates their table entries."""
     h = hashlib.sha256()
-    for k in (kernels._grouped_tile, kernels._matmul_kernel, kernels._tma_tile, kernels._tma_epilogue,
+    for k in (kernels._grouped_tile, kernels._int8_to, kernels._tile_ranges, kernels._store_tile,
+              kernels._matmul_kernel, kernels._gemv_kernel, kernels._tma_tile, kernels._tma_epilogue,
               kernels._matmul_tma_kernel, kernels._splitk_reduce_kernel):
         h.update(inspect.getsource(getattr(k, "fn", k)).encode())
+    h.update((kernels._I8_TO_F16_ASM.value + kernels._I8_TO_BF16_ASM.value).encode())
     return h.hexdigest()[:12]
 
 
@@ -145,9 +154,10 @@ def valid_config(cfg) -> bool:
     subtile = cfg.get("EPILOGUE_SUBTILE", 0)
     if kernel not in KERNEL_NAMES or subtile not in (0, 1):
         return False
-    if kernel != KERNEL_POINTER and (cfg["SPLIT_K"] != 1 or max(blocks) > _TMA_MAX_BLOCK):
+    tma_kernel = kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT)
+    if tma_kernel and (cfg["SPLIT_K"] != 1 or max(blocks) > _TMA_MAX_BLOCK):
         return False
-    if subtile and (kernel == KERNEL_POINTER or cfg["BLOCK_N"] < 32):
+    if subtile and (not tma_kernel or cfg["BLOCK_N"] < 32):
         return False
     return (all(pow2(b) and 16 <= b <= 512 for b in blocks)
             and 1 <= cfg["SPLIT_K"] <= 64 and 1 <= cfg["GROUP_M"] <= 64
@@ -184,6 +194,13 @@ _TMA_PERSISTENT_SHAPES = [(128, 128, 64, 4, 4, 0), (128, 128, 64, 4, 5, 0), (128
                           (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1)]
 
 
+#: M <= 16 GEMV-kernel candidates (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M = 16. Winners on H200: see
+#: `default_config`; the deeper 32-row pipelines are there for 4096x4096 int8, where the CUDA module is
+#: 1.3x faster than the best of the others.
+_GEMV_DOT_SHAPES = [(32, 256, 4, 5), (32, 256, 4, 6), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4),
+                    (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
+
+
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
                tma: bool = False) -> list[dict]:
     """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness.
@@ -197,6 +214,10 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
         for bn, bk, w, st in shapes:
             for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
                 cands.append(_config(16, bn, bk, split, w, st))
+        if layout in ("nk", "int8"):  # the GEMV kernel: the weight tile is the dot's left operand
+            for bn, bk, w, st in _GEMV_DOT_SHAPES:
+                for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
+                    cands.append(_config(16, bn, bk, split, w, st, kernel=KERNEL_GEMV))
     elif m <= 128:
         shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
                   (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
@@ -232,13 +253,25 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
     if INTERPRETED:  # few, large programs: the interpreter pays per program, not per element
         return _config(16 if m <= 16 else 32, 32, 32, 1, 4, 2)
     if m <= 16:
-        # Measured on H100 (fp16, [N, K], M=1..16, N*K from 16M to 64M): BLOCK_N=32, BLOCK_K=256, 5
-        # stages, no split was within 3% of the best of 126 configs on every shape; split-K lost
-        # whenever the N-tiles alone filled half the GPU. So split only when they do not.
-        # [K, N] weights: rows of BLOCK_N contiguous elements, so wider tiles once they fill the GPU
-        # (8192^2: 45.5 us with 64 vs 53.2 with 32).
+        if layout in ("nk", "int8"):
+            # The GEMV kernel. H200 (tools/probe_triton_decode.py, M = 1 and 8, best of ~40 candidates):
+            # fp16/bf16 [N, K] 128x128 w8 s4 on 4096x12288 (26.1 us; the pointer kernel's default 32.0,
+            # the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096; int8 32x256 w4 s5 on 4096x4096
+            # and 4096x12288 (16.6 us; the CUDA module 15.4).
+            if layout == "nk" and triton.cdiv(n, 128) >= sms // 2:
+                return _config(16, 128, 128, 1, 8, 4, kernel=KERNEL_GEMV)
+            bn, bk, warps, stages = (64, 256, 4, 4) if layout == "nk" else (32, 256, 4, 5)
+            split = 1
+            while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:
+                split *= 2
+            return _config(16, bn, bk, split, warps, stages, kernel=KERNEL_GEMV)
+        # [K, N]. Measured on H100 (fp16, [N, K] then, M=1..16, N*K from 16M to 64M): BLOCK_N=32,
+        # BLOCK_K=256, 5 stages, no split was within 3% of the best of 126 configs on every shape; split-K
+        # lost whenever the N-tiles alone filled half the GPU. So split only when they do not. Rows of
+        # BLOCK_N contiguous elements, so wider tiles once they fill the GPU (8192^2: 45.5 us with 64 vs
+        # 53.2 with 32).
         bn, bk = 32, 256
-        if layout == "kn" and triton.cdiv(n, 64) >= sms // 2:
+        if triton.cdiv(n, 64) >= sms // 2:
             return _config(16, 64, 256, 1, 4, 3)
         split = 1
         while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:
@@ -372,15 +405,18 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     """x2 [M, K] @ W -> [M, N] in out_dtype (bias added), or with reduce=False and SPLIT_K > 1 the
     fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them).
 
-    A TMA config (KERNEL != 0) whose operands do not qualify (`_tma_operands`) runs on the pointer
-    kernel with that problem's pointer default, as if the TMA kernels did not exist, but without
-    split-K: the caller reads SPLIT_K from the config it passed (1 for a TMA config)."""
-    if cfg.get("KERNEL", KERNEL_POINTER) != KERNEL_POINTER:
-        if _tma_operands(x2, weight, n):
-            return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
+    A TMA config (KERNEL 1, 2) whose operands do not qualify (`_tma_operands`), or a GEMV config
+    (KERNEL 3) on a [K, N] weight, runs on the pointer kernel with that problem's pointer default, as if
+    the other kernels did not exist, but with the config's SPLIT_K: the caller reads SPLIT_K from the
+    config it passed."""
+    kernel = cfg.get("KERNEL", KERNEL_POINTER)
+    if kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT) and _tma_operands(x2, weight, n):
+        return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
+    if kernel != KERNEL_POINTER and not (kernel == KERNEL_GEMV and weight_nk):
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
         sms = _device_info(x2.device.type, x2.device.index).sms
-        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms), SPLIT_K=1)
+        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms), SPLIT_K=cfg["SPLIT_K"])
+        kernel = KERNEL_POINTER
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if weight_nk:
@@ -394,13 +430,17 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     w_int8 = weight.dtype == torch.int8
     rows_per_group = n // q_scale.shape[0] if w_int8 else 1
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-    kernels._matmul_kernel[grid](
-        x2, weight, bias if bias is not None else out, q_scale if w_int8 else out, out,
-        m, n, k, x2.stride(0), x2.stride(1), stride_wk, stride_wn, rows_per_group,
-        HAS_BIAS=bias is not None and split == 1, W_NK=weight_nk, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch_counts["pointer"] += 1
+    common = (x2, weight, bias if bias is not None else out, q_scale if w_int8 else out, out, m, n, k,
+              x2.stride(0), x2.stride(1))
+    meta = dict(HAS_BIAS=bias is not None and split == 1, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ASM_I8=w_int8 and ASM_I8,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kernel == KERNEL_GEMV:  # [N, K]: stride_wn, stride_wk
+        kernels._gemv_kernel[grid](*common, stride_wn, stride_wk, rows_per_group, **meta)
+    else:
+        kernels._matmul_kernel[grid](*common, stride_wk, stride_wn, rows_per_group, W_NK=weight_nk,
+                                     GROUP_M=cfg["GROUP_M"], **meta)
+    _launch_counts[KERNEL_NAMES[kernel]] += 1
     if split == 1 or not reduce:
         return out
     result = torch.empty((m, n), dtype=out_dtype, device=x2.device)
