@@ -195,10 +195,10 @@ _TMA_PERSISTENT_SHAPES = [(128, 128, 64, 4, 4, 0), (128, 128, 64, 4, 5, 0), (128
 
 
 #: M <= 16 GEMV-kernel candidates (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M = 16. Winners on H200: see
-#: `default_config`; the deeper 32-row pipelines are there for 4096x4096 int8, where the CUDA module is
-#: 1.3x faster than the best of the others.
-_GEMV_DOT_SHAPES = [(32, 256, 4, 5), (32, 256, 4, 6), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4),
-                    (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
+#: `default_config`; the 16-row tiles and the deeper 32-row pipelines are there for 4096x4096 int8, where
+#: the CUDA module (16-row tiles) is 1.3x faster than the best of the others.
+_GEMV_DOT_SHAPES = [(16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 4, 5), (32, 256, 4, 6), (32, 512, 4, 4),
+                    (64, 128, 4, 5), (64, 256, 4, 4), (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
 
 
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
