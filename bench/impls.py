@@ -1,14 +1,16 @@
 """The implementations of one case (ours, torch's peer on its fast path, Triton, extra peers), each
 checked once against a reference before it is timed.
 
-Names: "ours" (dsinf), "torch" (the peer the goals compare with), and extras: "torch_kn" (the other
-layout), "dense" (torch on the dequantized weight), "aten_int8" (aten's int8 weight-only kernel),
-"torch_2gemm" (the gated MLP as two GEMMs + torch ops), "triton".
+Names: "ours" (dsinf, the routed op on CUDA: see routes_step), "torch" (the peer the goals compare with),
+and extras: "torch_kn" (the other layout), "dense" (torch on the dequantized weight), "aten_int8" (aten's
+int8 weight-only kernel), "torch_2gemm" (the gated MLP as two GEMMs + torch ops), "triton", "gemv" (our
+GEMV with the route forced to it, where the route sends the row to cuBLAS).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import routes_step
 from .cases import Case
 from .context import first_line
 from .env import Env, Unavailable, torch_dtype
@@ -137,6 +139,9 @@ def _int8(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
         return Impl(lambda i: op(xs[i % len(xs)].view(case.M, K), ws[i], sc[i]), len(ws))
 
     impls["ours"] = vm_int8(ours) if callable(ours) else ours
+    gemv = routes_step.forced_gemv(case, ours) if callable(ours) else None
+    if gemv is not None:
+        impls["gemv"] = vm_int8(gemv)
     deq_kn = env.dequantized(K, N, case.dtype, "kn")
     dense = Impl(lambda i: torch.matmul(xs[i % len(xs)], deq_kn[i]), len(deq_kn))
     if case.section == "cuda":  # the peer: torch fp16 on the dequantized weight, both layouts
@@ -189,6 +194,9 @@ def _float(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
         return Impl(lambda i: f(xs[i % len(xs)], ws[i], *args), len(ws))
 
     impls["ours"] = bind(ours) if callable(ours) else ours
+    gemv = routes_step.forced_gemv(case, ours) if callable(ours) and case.op == "vector_matmul" else None
+    if gemv is not None:
+        impls["gemv"] = bind(gemv)
     impls["torch"] = Impl(torch_fn, len(ws))
     if case.section == "cuda":
         impls["triton"] = bind(tri_fn) if tri_fn is not None else tri

@@ -278,6 +278,55 @@ def test_host_cost_reports_a_call_left_without_a_pair(monkeypatch):
     assert "why" in res["ours without base"] and "why" in res["lonely base"]
 
 
+# --- routes: the CUDA rows as a user runs them ------------------------------------------------------------
+
+def test_routes_step_off_or_nothing_to_route(monkeypatch, capsys):
+    """DSINF_ROUTES=off: no tuning, the rows say so; a plan without decode/int8 rows tunes nothing."""
+    from bench import routes_step
+    from bench.context import Context
+
+    ctx = Context.__new__(Context)  # tune() only calls ctx.note on a failure, which these cases never reach
+    decode = [Case("cuda", "decode", "vector_matmul", "fp16", "kn", 1, 1, 64, 96)]
+    monkeypatch.setenv("DSINF_ROUTES", "off")
+    assert routes_step.tune(ctx, decode) is False
+    assert "DSINF_ROUTES=off" in capsys.readouterr().out
+    monkeypatch.delenv("DSINF_ROUTES")
+    assert routes_step.tune(ctx, [Case("cuda", "prefill", "linear", "fp16", "nk", 1, 16, 64, 96)]) is False
+    assert routes_step.forced_gemv(Case("cpu", "decode", "vector_matmul", "fp32", "kn", 1, 1, 64, 96), print) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_forced_gemv_runs_our_kernel_where_the_route_picks_cublas(tmp_path, monkeypatch):
+    """A shape routed to cuBLAS at M=1: the plain op takes ATen, the bench's "gemv" wrapper takes our
+    GEMV for that call only (the table is restored), and a shape routed to our GEMV gets no wrapper."""
+    from bench import routes_step
+    from dsinf import routes
+
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
+    b = routes.binding("cuda")
+    op = torch.ops.dsinf.vector_matmul_fp16
+    K, N = 256, 384
+    case = Case("cuda", "decode", "vector_matmul", "fp16", "kn", 1, 1, K, N)
+    key = routes.RouteKey("fp16", "kn", K, N)
+    x = torch.randn(1, 1, K, device="cuda", dtype=torch.float16)
+    w = torch.randn(K, N, device="cuda", dtype=torch.float16) / K ** 0.5
+    saved = dict(b.applied)
+    try:
+        b.set({**saved, key: 0})  # cuBLAS for every M
+        gemv = routes_step.forced_gemv(case, op)
+        assert gemv is not None
+        want = op(x, w, False, None, False, False)
+        assert b.last() == "aten"
+        got = gemv(x, w, False, None, False, False)
+        assert b.last() == "gemv" and b.applied == {**saved, key: 0}
+        torch.testing.assert_close(got, want, atol=5e-3, rtol=5e-3)
+        b.set({**saved, key: b.gemv_cap})  # our GEMV for every M it takes
+        assert routes_step.forced_gemv(case, op) is None
+    finally:
+        b.set(saved)
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 def test_quick_cpu_run_of_a_cheap_section(tmp_path, cpu_module):

@@ -11,7 +11,7 @@
         # is a cold build (~15 s) plus its run, so keep sweeps small or --quick.
 
 What it prints:
-  1. copy bandwidth (device-to-device `copy_` of 2 x 512 MiB, read + write bytes, after ~1 s of copies to
+  1. copy bandwidth (device-to-device `copy_` of 1 GiB, read + write bytes, after ~1 s of copies to
      bring the clocks up), the ceiling;
   2. parity of torch.ops.dsinf.vector_matmul_{fp16,bf16} against dsinf.reference on random inputs for
      M = 1..8 and 9..16, both float layouts and int8 (groups 1, 8, N), plus shapes that route to the
@@ -147,26 +147,11 @@ class GraphTimer:
 
 
 def copy_bandwidth(torch) -> float:
-    """GB/s of a device-to-device copy of 512 MiB (bytes read + written), best of 10."""
-    n = 512 << 20
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t_end = time.perf_counter() + 1.0  # warm the clocks: a cold GPU measured ~2.7 TB/s instead of ~4.2
-    while time.perf_counter() < t_end:
-        for _ in range(8):
-            b.copy_(a)
-        torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(10):
-        start.record()
-        for _ in range(4):
-            b.copy_(a)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 4)
-    del a, b
-    return 2 * n / (best * 1e-3) / 1e9
+    """GB/s of a device-to-device copy of 1 GiB (bytes read + written): the bench's ceiling, measured the
+    same way (bench.ops.cuda_copy_bandwidth: eager, after 1 s of copies that bring the clocks up)."""
+    from bench.ops import cuda_copy_bandwidth
+
+    return cuda_copy_bandwidth()
 
 
 # ------------------------------------------------------------------------------------------ parity

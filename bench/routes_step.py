@@ -1,0 +1,89 @@
+"""The CUDA decode rows as a user gets them: the measured routes (`dsinf.routes`) of their shapes first.
+
+The compiled module runs a matmul on our GEMV up to a crossover M and on cuBLAS above it; `tune_routes`
+measures that crossover per shape (and `dsinf.inject` does it for a model's linear shapes), so a shape
+where our kernel loses to cuBLAS runs on cuBLAS. The bench tunes (or reuses the persisted) routes of
+the decode and int8 shapes before it times them, so "ours" is the routed op and the "never slower than
+torch" goal judges what a user runs. A row whose M the route sends to cuBLAS also times our GEMV with
+the route forced to it (the "gemv" column), so the kernel's own number stays in the table.
+
+DSINF_ROUTES=off (op_builder.knobs) skips the tuning: "ours" is then the compiled crossover, as for a
+user who turned routes off.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from .cases import Case
+from .context import Context, first_line, out
+
+#: The parts whose rows are single matmuls the routes cover.
+ROUTED_PARTS = ("decode", "int8")
+
+
+def _key(case: Case):
+    from dsinf import routes
+
+    return routes.RouteKey(case.dtype, case.layout, case.K, case.N)
+
+
+def tune(ctx: Context, cases: list[Case]) -> bool:
+    """Tune the routes of the routed parts' shapes on the current CUDA device; print each decision.
+    Returns whether routes are in force (False: DSINF_ROUTES=off, or the tuning failed)."""
+    import torch
+
+    from dsinf import routes
+    from op_builder import knobs
+
+    sel = [c for c in cases if c.part in ROUTED_PARTS and c.op == "vector_matmul"]
+    if not sel:
+        return False
+    if knobs.get("DSINF_ROUTES") == "off":
+        out("  routes: DSINF_ROUTES=off - every row runs the compiled crossover")
+        return False
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for c in sel:
+        shapes = groups.setdefault((c.dtype, c.layout), [])
+        if (c.K, c.N) not in shapes:
+            shapes.append((c.K, c.N))
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    start = time.perf_counter()
+    out("  routes (dsinf.routes.tune_routes; persisted, reused on the next run): where each shape runs")
+    try:
+        for (dtype, layout), shapes in groups.items():
+            if layout == "int8":
+                found = routes.tune_routes(shapes, torch.int8, "cuda", act_dtype=dtypes[dtype])
+            else:
+                found = routes.tune_routes(shapes, dtypes[dtype], "cuda", layout=layout)
+            for r in found:
+                out(f"    {r.explain()}")
+    except Exception as exc:  # noqa: BLE001 - the rows still run, on the compiled crossovers
+        ctx.note(f"routes: tuning failed ({type(exc).__name__}: {first_line(exc)}); rows use the compiled "
+                 "crossovers")
+        return False
+    out(f"  routes: {time.perf_counter() - start:.1f} s")
+    return True
+
+
+def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """`fn` (the module's op) with this shape's route forced to our GEMV for the call, or None when the
+    route in force already runs case.M on our GEMV (then "ours" is the kernel's number)."""
+    from dsinf import routes
+
+    if case.section != "cuda" or case.part not in ROUTED_PARTS:
+        return None
+    b = routes.binding("cuda")
+    key = _key(case)
+    if case.M <= b.applied.get(key, b.default(key)) or case.M > b.gemv_cap:
+        return None
+
+    def call(*args):  # host-side: inside graph capture the forced route is what the graph records
+        saved = b.applied
+        b.set({**saved, key: b.gemv_cap})
+        try:
+            return fn(*args)
+        finally:
+            b.set(saved)
+
+    return call
