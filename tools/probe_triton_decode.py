@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--layouts", default="nk,int8,kn")
     p.add_argument("--ms", default="1,8")
     p.add_argument("--shapes", default="", help="KxN[,KxN...] (default: the five LLM decode shapes)")
+    p.add_argument("--top", type=int, default=0, help="also print the N fastest candidates of each problem")
     p.add_argument("--no-asm-i8", action="store_true", help="int8 weights converted by Triton's plain cast")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -125,6 +126,9 @@ def main() -> int:
                                **{f"best_{f}_us": v for f, v in best.items()}, tuned_over_cuda=t_best / t_cuda,
                                candidates=len(times))
                     rows.append(row)
+                    for t, c in sorted(times, key=lambda tc: tc[0])[:args.top]:
+                        log(f"    {t:7.1f} us  {family(c, ops.KERNEL_NAMES)} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+                            f" s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}")
                     log(f"{dname:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t_cuda:7.1f} {t_torch:7.1f} {t_default:8.1f} "
                         + " ".join(f"{best[f]:9.1f}" for f in families) + f" {t_best / t_cuda:9.2f}x  "
                         + f"{family(c_best, ops.KERNEL_NAMES)} {c_best['BLOCK_M']}x{c_best['BLOCK_N']}x{c_best['BLOCK_K']}"
