@@ -107,9 +107,10 @@ def main() -> int:
                     else:
                         t_cuda = bench(lambda: mod_op(x, next(it), False, None, False, False)) * 1e3
                         t_torch = bench(lambda: torch.matmul(x, next(it))) * 1e3
-                    cfg0 = ops.default_config(M, N, K, layout, info.sms, ops.tma_eligible(info, layout, dt.itemsize, N, K))
-                    cands = ops.candidates(M, N, K, layout, dt.itemsize, info.sms, info.smem,
-                                           ops.tma_eligible(info, layout, dt.itemsize, N, K))
+                    tma = ops.tma_eligible(info, layout, dt.itemsize, N, K)
+                    bf16 = dt == torch.bfloat16
+                    cfg0 = ops.default_config(M, N, K, layout, info.sms, tma, bf16)
+                    cands = ops.candidates(M, N, K, layout, dt.itemsize, info.sms, info.smem, tma, bf16)
                     times = []
                     for cfg in cands:
                         try:

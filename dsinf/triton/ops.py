@@ -202,7 +202,7 @@ _GEMV_DOT_SHAPES = [(16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 4, 5), (32, 256,
 
 
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
-               tma: bool = False) -> list[dict]:
+               tma: bool = False, bf16: bool = False) -> list[dict]:
     """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness.
     `tma` (see `tma_eligible`): the M > 128 race includes the TMA kernels' configs."""
     w_size = 1 if layout == "int8" else act_size
@@ -236,7 +236,7 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
         if tma:
             for kernel, shapes in ((KERNEL_TMA, _TMA_SHAPES), (KERNEL_TMA_PERSISTENT, _TMA_PERSISTENT_SHAPES)):
                 cands += [_config(bm, bn, bk, 1, w, st, kernel=kernel, subtile=sub) for bm, bn, bk, w, st, sub in shapes]
-    default = default_config(m, n, k, layout, sms, tma)  # always in the race: tuning can only improve on it
+    default = default_config(m, n, k, layout, sms, tma, bf16)  # always in the race: tuning can only improve on it
     if default not in cands:
         cands.insert(0, default)
     return [c for c in cands if _fits(c, act_size, w_size, smem)]
@@ -247,24 +247,34 @@ def _fits(cfg: dict, act_size: int, w_size: int, smem: int) -> bool:
     return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size) <= smem
 
 
-def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = False) -> dict:
+def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = False, bf16: bool = False) -> dict:
     """The config used when the table has no entry: a safe, reasonably fast pick per regime.
-    `tma` (see `tma_eligible`): the problem may run on the TMA kernels."""
+    `tma` (see `tma_eligible`): the problem may run on the TMA kernels; `bf16`: the activations are bf16."""
     if INTERPRETED:  # few, large programs: the interpreter pays per program, not per element
         return _config(16 if m <= 16 else 32, 32, 32, 1, 4, 2)
+    if m <= 16 and layout != "kn":
+        # H200 (tools/probe_triton_decode.py, M = 1 and 8, the best of ~40 candidates per problem):
+        # - fp16/bf16 [N, K]: the GEMV kernel, 128x128 w8 s4 on 4096x12288 (26.1 us; the pointer kernel's
+        #   old default 32.0, the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096.
+        # - int8 with rows much longer than the output (K >= 2N, 14336x4096): the pointer kernel 64x256 w4 s3
+        #   split 4, fp16 and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1). On
+        #   8192x8192 the GEMV kernel's default below ran at 1.04-1.07x of the CUDA module.
+        # - int8, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA module 15.1).
+        # - int8, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us; the GEMV kernel
+        #   22.3, where converting the weight tile that feeds the dot from registers costs more in bf16).
+        if layout == "int8" and k >= 2 * n:
+            tile = (64, 256, 4, 3, KERNEL_POINTER, 4)
+        elif layout == "int8":
+            tile = (32, 256, 4, 5, KERNEL_POINTER if bf16 else KERNEL_GEMV, 1)
+        elif triton.cdiv(n, 128) >= sms // 2:
+            tile = (128, 128, 8, 4, KERNEL_GEMV, 1)
+        else:
+            tile = (64, 256, 4, 4, KERNEL_GEMV, 1)
+        bn, bk, warps, stages, kernel, split = tile
+        while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:  # too few N-tiles: split K
+            split *= 2
+        return _config(16, bn, bk, split, warps, stages, kernel=kernel)
     if m <= 16:
-        if layout in ("nk", "int8"):
-            # The GEMV kernel. H200 (tools/probe_triton_decode.py, M = 1 and 8, best of ~40 candidates):
-            # fp16/bf16 [N, K] 128x128 w8 s4 on 4096x12288 (26.1 us; the pointer kernel's default 32.0,
-            # the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096; int8 32x256 w4 s5 on 4096x4096
-            # and 4096x12288 (16.6 us; the CUDA module 15.4).
-            if layout == "nk" and triton.cdiv(n, 128) >= sms // 2:
-                return _config(16, 128, 128, 1, 8, 4, kernel=KERNEL_GEMV)
-            bn, bk, warps, stages = (64, 256, 4, 4) if layout == "nk" else (32, 256, 4, 5)
-            split = 1
-            while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:
-                split *= 2
-            return _config(16, bn, bk, split, warps, stages, kernel=KERNEL_GEMV)
         # [K, N]. Measured on H100 (fp16, [N, K] then, M=1..16, N*K from 16M to 64M): BLOCK_N=32,
         # BLOCK_K=256, 5 stages, no split was within 3% of the best of 126 configs on every shape; split-K
         # lost whenever the N-tiles alone filled half the GPU. So split only when they do not. Rows of
@@ -327,7 +337,7 @@ def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n:
                 logger.warning("dsinf: ignoring invalid Triton autotune entry %s: %s", key.text, cfg)
             cfg = None
         if cfg is None:
-            cfg = default_config(bucket, n, k, layout, info.sms, tma)
+            cfg = default_config(bucket, n, k, layout, info.sms, tma, dtype == torch.bfloat16)
         _memo[mk] = cfg = {**OPTIONAL_KEYS, **cfg}
     return cfg
 
@@ -415,7 +425,8 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     if kernel != KERNEL_POINTER and not (kernel == KERNEL_GEMV and weight_nk):
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
         sms = _device_info(x2.device.type, x2.device.index).sms
-        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms), SPLIT_K=cfg["SPLIT_K"])
+        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms, bf16=x2.dtype == torch.bfloat16),
+                   SPLIT_K=cfg["SPLIT_K"])
         kernel = KERNEL_POINTER
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -610,7 +621,7 @@ def autotune_matmul(min_seqlen: int, max_seqlen: int, in_features: int, out_feat
         x2 = torch.randn((bucket, K), generator=gen).to(device=device, dtype=act)
         key = tune_key(device, act, layout, bucket, N, K)
         cands = candidates(bucket, N, K, layout, act.itemsize, info.sms, info.smem,
-                           tma_eligible(info, layout, act.itemsize, N, K))
+                           tma_eligible(info, layout, act.itemsize, N, K), act == torch.bfloat16)
 
         def bench(cfg, x2=x2):
             ws = itertools.cycle(weights)
