@@ -542,18 +542,20 @@ def test_interpreter_behaviour(worker, name):
 def test_decode_defaults_are_valid_candidates(monkeypatch):
     """The compiled path's decode defaults (an H200's 132 SMs and 227 KiB of shared memory) are valid,
     fit, and are in the autotuner's race; [N, K] takes the GEMV kernel, [K, N] the pointer kernel, int8
-    the GEMV kernel with fp16 activations and the pointer kernel with bf16 or with rows of K >= 2N."""
+    the GEMV kernel with fp16 activations up to N = 12288 and the pointer kernel with bf16, with rows of
+    K >= 2N, or above."""
     from dsinf.triton import ops
 
     monkeypatch.setattr(ops, "INTERPRETED", False)  # the defaults a GPU gets, not the interpreter's
     sms, smem = 132, 227 * 1024
     for (K, N), layout, bf16, M in itertools.product(((4096, 4096), (4096, 12288), (14336, 4096), (8192, 8192),
-                                                      (1000, 260)), ("nk", "kn", "int8"), (False, True), (1, 8, 16)):
+                                                      (4096, 14336), (1000, 260)), ("nk", "kn", "int8"),
+                                                     (False, True), (1, 8, 16)):
         tma = layout != "int8" and K % 8 == 0 and N % 8 == 0
         cfg = ops.default_config(M, N, K, layout, sms, tma, bf16)
         assert ops.valid_config(cfg) and ops._fits(cfg, 2, 1 if layout == "int8" else 2, smem), cfg
         assert cfg in ops.candidates(M, N, K, layout, 2, sms, smem, tma, bf16)
-        want = ("pointer" if layout == "kn" or (layout == "int8" and (bf16 or K >= 2 * N)) else "gemv")
+        want = ("pointer" if layout == "kn" or (layout == "int8" and (bf16 or K >= 2 * N or N > 12288)) else "gemv")
         assert ops.KERNEL_NAMES[cfg["KERNEL"]] == want, (K, N, layout, bf16, M, cfg)
 
 

@@ -257,15 +257,18 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # - fp16/bf16 [N, K]: the GEMV kernel, 128x128 w8 s4 on 4096x12288 (26.1 us; the pointer kernel's
         #   old default 32.0, the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096.
         # - int8 with rows much longer than the output (K >= 2N, 14336x4096): the pointer kernel 64x256 w4 s3
-        #   split 4, fp16 and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1). On
-        #   8192x8192 the GEMV kernel's default below ran at 1.04-1.07x of the CUDA module.
-        # - int8, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA module 15.1).
+        #   split 4, fp16 and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1).
         # - int8, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us; the GEMV kernel
         #   22.3, where converting the weight tile that feeds the dot from registers costs more in bf16).
+        # - int8, fp16 activations: the GEMV kernel 32x256 w4 s5 up to N = 12288 (4096x12288: 16.6 us, the
+        #   CUDA module 15.1; 8192x8192 1.03-1.07x of it); the pointer kernel 64x256 w4 s3 above
+        #   (4096x14336: 18.9 us, the GEMV kernel 22.5, the CUDA module 17.3).
         if layout == "int8" and k >= 2 * n:
             tile = (64, 256, 4, 3, KERNEL_POINTER, 4)
+        elif layout == "int8" and bf16:
+            tile = (32, 256, 4, 5, KERNEL_POINTER, 1)
         elif layout == "int8":
-            tile = (32, 256, 4, 5, KERNEL_POINTER if bf16 else KERNEL_GEMV, 1)
+            tile = (64, 256, 4, 3, KERNEL_POINTER, 1) if n > 12288 else (32, 256, 4, 5, KERNEL_GEMV, 1)
         elif triton.cdiv(n, 128) >= sms // 2:
             tile = (128, 128, 8, 4, KERNEL_GEMV, 1)
         else:
