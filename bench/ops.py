@@ -183,7 +183,7 @@ def section_cuda(ctx: Context) -> None:
         routes_step.tune(ctx, cases)
     run_parts(ctx, env, cases, timer.measure, copy_gbs)
     again = cuda_copy_bandwidth()
-    if again > copy_gbs * 1.02:  # the ceiling is the best copy seen: the first one ran on cold clocks
+    if again > copy_gbs * 1.02:  # the ceiling is the best copy seen (clocks and neighbours drift)
         out(f"  copy bandwidth measured again after the rows: {again:.0f} GB/s (the goals use this ceiling)")
         ctx.report.ceilings["cuda_copy_GBs"] = again
     for line in timer_checks(ctx.report.rows):

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .cases import Case
 from .context import Context, first_line, out
+from .env import torch_dtype
 
 #: The parts whose rows are single matmuls the routes cover.
 ROUTED_PARTS = ("decode", "int8")
@@ -47,15 +48,14 @@ def tune(ctx: Context, cases: list[Case]) -> bool:
         shapes = groups.setdefault((c.dtype, c.layout), [])
         if (c.K, c.N) not in shapes:
             shapes.append((c.K, c.N))
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     start = time.perf_counter()
     out("  routes (dsinf.routes.tune_routes; persisted, reused on the next run): where each shape runs")
     try:
         for (dtype, layout), shapes in groups.items():
             if layout == "int8":
-                found = routes.tune_routes(shapes, torch.int8, "cuda", act_dtype=dtypes[dtype])
+                found = routes.tune_routes(shapes, torch.int8, "cuda", act_dtype=torch_dtype(dtype))
             else:
-                found = routes.tune_routes(shapes, dtypes[dtype], "cuda", layout=layout)
+                found = routes.tune_routes(shapes, torch_dtype(dtype), "cuda", layout=layout)
             for r in found:
                 out(f"    {r.explain()}")
     except Exception as exc:  # noqa: BLE001 - the rows still run, on the compiled crossovers
@@ -79,11 +79,12 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
         return None
 
     def call(*args):  # host-side: inside graph capture the forced route is what the graph records
-        saved = b.applied
-        b.set({**saved, key: b.gemv_cap})
-        try:
-            return fn(*args)
-        finally:
-            b.set(saved)
+        with routes._lock:  # no route tuning or apply() from another thread in between
+            saved = b.applied
+            b.set({**saved, key: b.gemv_cap})  # the binding republishes a table it has seen: no growth
+            try:
+                return fn(*args)
+            finally:
+                b.set(saved)
 
     return call

@@ -60,7 +60,7 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps
 KERNEL_POINTER = 0  # `_matmul_kernel`: any operands, split-K, int8 weights
 KERNEL_TMA = 1  # `_matmul_tma_kernel` with one program per output tile
 KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_kernel` persistent: min(#SMs, tiles) programs loop over the tiles
-KERNEL_GEMV = 3  # `_gemv_kernel`: [N, K] weights (float and int8) as the dot's left operand; BLOCK_M may be < 16
+KERNEL_GEMV = 3  # `_gemv_kernel`: [N, K] weights (float and int8) as the dot's left operand
 KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent",
                 KERNEL_GEMV: "gemv"}
 #: Keys a config may leave out, with the value their absence means: entries persisted before the TMA
@@ -131,7 +131,9 @@ def _layout(shape: checks.MatmulShape) -> str:
 
 def tune_key(device: torch.device, dtype: torch.dtype, layout: str, m: int, n: int, k: int) -> autotune.TuneKey:
     name = _device_info(device.type, device.index).name
-    return autotune.TuneKey(kernel="matmul", gpu=name, triton=triton.__version__, source=_source_hash(),
+    # ASM_I8 changes the int8 kernels' code: a table entry tuned with the plain cast is not one for them.
+    source = _source_hash() + ("" if ASM_I8 else "-cast")
+    return autotune.TuneKey(kernel="matmul", gpu=name, triton=triton.__version__, source=source,
                             dtype=checks.DTYPE_SUFFIX[dtype], layout=layout, m=autotune.m_bucket(m), n=n, k=k)
 
 
@@ -247,6 +249,25 @@ def _fits(cfg: dict, act_size: int, w_size: int, smem: int) -> bool:
     return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size) <= smem
 
 
+def _decode_split(n_tiles: int, k: int, bk: int, sms: int, split: int = 1) -> int:
+    """Split-K of a decode config: doubled while the N-tiles cannot fill half the GPU and every split keeps
+    two K-tiles; a starting split halved while a split would get fewer than two K-tiles or the grid would
+    pass two waves."""
+    while n_tiles * split < sms // 2 and k >= 2 * bk * split * 2:
+        split *= 2
+    while split > 1 and (k < 2 * bk * split or n_tiles * split > 2 * sms):
+        split //= 2
+    return split
+
+
+def _fitting(cfg: dict, act_size: int, w_size: int, smem: int) -> dict:
+    """`cfg` with fewer pipeline stages while its tiles would not fit in `smem`: the defaults were measured
+    on an H200 (227 KiB per block); an sm_86/89 GPU has 99 KiB."""
+    while cfg["num_stages"] > 1 and not _fits(cfg, act_size, w_size, smem):
+        cfg = dict(cfg, num_stages=cfg["num_stages"] - 1)
+    return cfg
+
+
 def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = False, bf16: bool = False) -> dict:
     """The config used when the table has no entry: a safe, reasonably fast pick per regime.
     `tma` (see `tma_eligible`): the problem may run on the TMA kernels; `bf16`: the activations are bf16."""
@@ -274,9 +295,7 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         else:
             tile = (64, 256, 4, 4, KERNEL_GEMV, 1)
         bn, bk, warps, stages, kernel, split = tile
-        while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:  # too few N-tiles: split K
-            split *= 2
-        return _config(16, bn, bk, split, warps, stages, kernel=kernel)
+        return _config(16, bn, bk, _decode_split(triton.cdiv(n, bn), k, bk, sms, split), warps, stages, kernel=kernel)
     if m <= 16:
         # [K, N]. Measured on H100 (fp16, [N, K] then, M=1..16, N*K from 16M to 64M): BLOCK_N=32,
         # BLOCK_K=256, 5 stages, no split was within 3% of the best of 126 configs on every shape; split-K
@@ -286,10 +305,7 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         bn, bk = 32, 256
         if triton.cdiv(n, 64) >= sms // 2:
             return _config(16, 64, 256, 1, 4, 3)
-        split = 1
-        while triton.cdiv(n, bn) * split < sms // 2 and k >= 2 * bk * split * 2:
-            split *= 2
-        return _config(16, bn, bk, split, 4, 5)
+        return _config(16, bn, bk, _decode_split(triton.cdiv(n, bn), k, bk, sms), 4, 5)
     if m <= 128:  # H100, 4096^2, M=24/64/128: 64x64x128 tiles with split-K 2 were best or within 2%
         bm = 32 if m <= 32 else 64
         splits = _useful_splits(triton.cdiv(m, bm) * triton.cdiv(n, 64), k, 128, sms, max_split=2)
@@ -340,7 +356,8 @@ def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n:
                 logger.warning("dsinf: ignoring invalid Triton autotune entry %s: %s", key.text, cfg)
             cfg = None
         if cfg is None:
-            cfg = default_config(bucket, n, k, layout, info.sms, tma, dtype == torch.bfloat16)
+            cfg = _fitting(default_config(bucket, n, k, layout, info.sms, tma, dtype == torch.bfloat16),
+                           dtype.itemsize, 1 if layout == "int8" else dtype.itemsize, info.smem)
         _memo[mk] = cfg = {**OPTIONAL_KEYS, **cfg}
     return cfg
 
@@ -419,18 +436,18 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them).
 
     A TMA config (KERNEL 1, 2) whose operands do not qualify (`_tma_operands`), or a GEMV config
-    (KERNEL 3) on a [K, N] weight, runs on the pointer kernel with that problem's pointer default, as if
-    the other kernels did not exist, but with the config's SPLIT_K: the caller reads SPLIT_K from the
-    config it passed."""
+    (KERNEL 3) on a [K, N] weight, runs with that problem's default without TMA (the pointer kernel, or
+    for an [N, K] weight at decode sizes the GEMV kernel), as if the TMA kernels did not exist, but with
+    the config's SPLIT_K: the caller reads SPLIT_K from the config it passed."""
     kernel = cfg.get("KERNEL", KERNEL_POINTER)
     if kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT) and _tma_operands(x2, weight, n):
         return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
     if kernel != KERNEL_POINTER and not (kernel == KERNEL_GEMV and weight_nk):
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
-        sms = _device_info(x2.device.type, x2.device.index).sms
-        cfg = dict(default_config(autotune.m_bucket(m), n, k, layout, sms, bf16=x2.dtype == torch.bfloat16),
-                   SPLIT_K=cfg["SPLIT_K"])
-        kernel = KERNEL_POINTER
+        info = _device_info(x2.device.type, x2.device.index)
+        default = default_config(autotune.m_bucket(m), n, k, layout, info.sms, bf16=x2.dtype == torch.bfloat16)
+        cfg = dict(_fitting(default, x2.element_size(), weight.element_size(), info.smem), SPLIT_K=cfg["SPLIT_K"])
+        kernel = cfg["KERNEL"]  # tma=False: the pointer kernel, or the GEMV kernel for an [N, K] weight
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if weight_nk:

@@ -6,8 +6,9 @@
 // Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
 // handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
 // with one atomic store: a reader holds either the old table or the new one, never a half-written one.
-// The old table is retired without being freed, since a reader on another thread may still be searching
-// it; sets happen a few times per tuned shape, so this is bytes per process.
+// A published table is never freed, since a reader on another thread may still be searching it; a set
+// equal to a table published before republishes that one, so memory grows with the distinct tables only
+// (a tuning sets a few per shape; a benchmark that forces one route around each call alternates two).
 //
 // The route is read inside the custom op's C++ body, so under torch.compile and CUDA-graph capture it is
 // taken when the op runs (at capture for a graph, which then replays that route).
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -38,9 +41,18 @@ enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2 };
 struct Entry {
   int64_t dtype, layout, K, N, max_m;
   std::tuple<int64_t, int64_t, int64_t, int64_t> key() const { return {dtype, layout, K, N}; }
+  bool operator==(const Entry& o) const { return key() == o.key() && max_m == o.max_m; }
 };
 
 std::atomic<const std::vector<Entry>*> g_table{nullptr};
+
+// Every table published so far (owned here, never freed: not even at exit, when another thread may still
+// run a matmul), and the lock that serializes sets. Readers never take it.
+std::mutex g_set_mutex;
+std::vector<std::unique_ptr<const std::vector<Entry>>>& published() {
+  static auto* tables = new std::vector<std::unique_ptr<const std::vector<Entry>>>();
+  return *tables;
+}
 thread_local int64_t t_last_route = kNoneYet;  // for tests: which path this thread's last matmul took
 
 int64_t dtype_code(c10::ScalarType act) {
@@ -85,7 +97,19 @@ int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap) {
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
   for (size_t i = 1; i < entries.size(); ++i)
     if (entries[i].key() == entries[i - 1].key()) return -3;
-  g_table.store(entries.empty() ? nullptr : new std::vector<Entry>(std::move(entries)), std::memory_order_release);
+  if (entries.empty()) {
+    g_table.store(nullptr, std::memory_order_release);
+    return n;
+  }
+  std::lock_guard<std::mutex> lock(g_set_mutex);
+  const std::vector<Entry>* table = nullptr;
+  for (const auto& t : published())
+    if (*t == entries) table = t.get();
+  if (table == nullptr) {
+    published().push_back(std::make_unique<const std::vector<Entry>>(std::move(entries)));
+    table = published().back().get();
+  }
+  g_table.store(table, std::memory_order_release);
   return n;
 }
 
