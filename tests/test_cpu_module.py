@@ -129,10 +129,11 @@ def test_linear_layer_int8_with_bias(cpu_module, suffix, B, S):
 @pytest.mark.parametrize("suffix", list(DTYPES))
 @pytest.mark.parametrize("transposed_mode", [False, True])
 def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode):
-    """Large M runs one ~4 MiB block of output columns per sgemm, straight into its slice of the result
-    (fp32 weights in place, others widened first): N here spans three blocks, bias included."""
+    """Large M runs one block of output columns per sgemm, straight into its slice of the result: ~16 MiB
+    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened first (448 columns). N here
+    spans three blocks in place and ten widened, the last one ragged, bias included."""
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(3)
-    B, S, K, N = 2, 36, 2100, 1000
+    B, S, K, N = 2, 36, 2100, 4200
     x = randn(B, S, K, dtype=dtype, gen=gen)
     wf = float_weight(K, N, transposed_mode, dtype, gen)
     b = randn(N, dtype=dtype, gen=gen)
