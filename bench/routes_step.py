@@ -23,12 +23,6 @@ from .env import torch_dtype
 ROUTED_PARTS = ("decode", "int8")
 
 
-def _key(case: Case):
-    from dsinf import routes
-
-    return routes.RouteKey(case.dtype, case.layout, case.K, case.N)
-
-
 def tune(ctx: Context, cases: list[Case]) -> bool:
     """Tune the routes of the routed parts' shapes on the current CUDA device; print each decision.
     Returns whether routes are in force (False: DSINF_ROUTES=off, or the tuning failed)."""
@@ -74,7 +68,7 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
     if case.section != "cuda" or case.part not in ROUTED_PARTS:
         return None
     b = routes.binding("cuda")
-    key = _key(case)
+    key = routes.RouteKey(case.dtype, case.layout, case.K, case.N)
     if case.M <= b.applied.get(key, b.default(key)) or case.M > b.gemv_cap:
         return None
 

@@ -206,7 +206,8 @@ _GEMV_DOT_SHAPES = [(16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 4, 5), (32, 256,
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
                tma: bool = False, bf16: bool = False) -> list[dict]:
     """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness.
-    `tma` (see `tma_eligible`): the M > 128 race includes the TMA kernels' configs."""
+    `tma` (see `tma_eligible`): the M > 128 race includes the TMA kernels' configs; `bf16`: the
+    activations are bf16 (it picks the default that joins the race)."""
     w_size = 1 if layout == "int8" else act_size
     cands: list[dict] = []
     if m <= 16:
@@ -238,7 +239,8 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
         if tma:
             for kernel, shapes in ((KERNEL_TMA, _TMA_SHAPES), (KERNEL_TMA_PERSISTENT, _TMA_PERSISTENT_SHAPES)):
                 cands += [_config(bm, bn, bk, 1, w, st, kernel=kernel, subtile=sub) for bm, bn, bk, w, st, sub in shapes]
-    default = default_config(m, n, k, layout, sms, tma, bf16)  # always in the race: tuning can only improve on it
+    # The default as this device runs it is always in the race: tuning can only improve on it.
+    default = _device_default(m, n, k, layout, act_size, sms, smem, tma, bf16)
     if default not in cands:
         cands.insert(0, default)
     return [c for c in cands if _fits(c, act_size, w_size, smem)]
@@ -266,6 +268,13 @@ def _fitting(cfg: dict, act_size: int, w_size: int, smem: int) -> dict:
     while cfg["num_stages"] > 1 and not _fits(cfg, act_size, w_size, smem):
         cfg = dict(cfg, num_stages=cfg["num_stages"] - 1)
     return cfg
+
+
+def _device_default(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int, tma: bool = False,
+                    bf16: bool = False) -> dict:
+    """`default_config` as this device runs it: fitted to its shared memory (`_fitting`)."""
+    w_size = 1 if layout == "int8" else act_size
+    return _fitting(default_config(m, n, k, layout, sms, tma, bf16), act_size, w_size, smem)
 
 
 def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = False, bf16: bool = False) -> dict:
@@ -356,8 +365,8 @@ def config_for(device: torch.device, dtype: torch.dtype, layout: str, m: int, n:
                 logger.warning("dsinf: ignoring invalid Triton autotune entry %s: %s", key.text, cfg)
             cfg = None
         if cfg is None:
-            cfg = _fitting(default_config(bucket, n, k, layout, info.sms, tma, dtype == torch.bfloat16),
-                           dtype.itemsize, 1 if layout == "int8" else dtype.itemsize, info.smem)
+            cfg = _device_default(bucket, n, k, layout, dtype.itemsize, info.sms, info.smem, tma,
+                                  dtype == torch.bfloat16)
         _memo[mk] = cfg = {**OPTIONAL_KEYS, **cfg}
     return cfg
 
@@ -445,8 +454,9 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     if kernel != KERNEL_POINTER and not (kernel == KERNEL_GEMV and weight_nk):
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
         info = _device_info(x2.device.type, x2.device.index)
-        default = default_config(autotune.m_bucket(m), n, k, layout, info.sms, bf16=x2.dtype == torch.bfloat16)
-        cfg = dict(_fitting(default, x2.element_size(), weight.element_size(), info.smem), SPLIT_K=cfg["SPLIT_K"])
+        default = _device_default(autotune.m_bucket(m), n, k, layout, x2.element_size(), info.sms, info.smem,
+                                  bf16=x2.dtype == torch.bfloat16)
+        cfg = dict(default, SPLIT_K=cfg["SPLIT_K"])
         kernel = cfg["KERNEL"]  # tma=False: the pointer kernel, or the GEMV kernel for an [N, K] weight
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
