@@ -4,11 +4,11 @@
     compute-sanitizer --tool racecheck python bench/cuda_sanitize.py --quick
     python bench/cuda_sanitize.py            # plain run: same checks, seconds
 
-Covers both weight layouts, each dtype, int8 weights (several scale groups, the streaming kernel's
-16- and 32-row tiles), the fused QKV split with RoPE (both pair styles, rotary_dim < D) and GQA, small
-M (GEMV buckets, split-K clusters, the scalar fallback for odd K / misaligned weights) and large M
-(cuBLAS + epilogue kernels). Shapes are
-tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on
+Covers both weight layouts, each dtype, int8 weights (several scale groups), the [N, K] streaming kernel's
+16- and 32-row tiles (16-bit and int8 weights), the fused QKV split with RoPE (both pair styles,
+rotary_dim < D) and GQA, small M (GEMV buckets, split-K clusters, the scalar fallback for odd K /
+misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are tiny so a memcheck run stays in
+minutes. Every result is compared with dsinf.reference (computed on
 CPU copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
 The module comes from the lead's builder: op_builder.InferenceBuilder().load("cuda").
@@ -58,24 +58,26 @@ def cases(quick: bool):
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
     Ms = [(1, 1), (1, 3), (3, 4)] + ([] if quick else [(1, 16)])
     big_M = (2, 24)  # M = 48: cuBLAS path for every dtype
+    # The streaming kernel ([N, K] weights, 16-bit and int8) takes 32-row CTA tiles at M <= 8 when they give
+    # every SM two; this N does, with a partial last tile and CTAs of unequal tile counts.
+    row_tiles_n = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 24
     for dt in dtypes:
         for nk in (False, True):
             lay = "NK" if nk else "KN"
-            for K, N, tag in [(256, 136, "tile"), (1024, 64, "split"), (67, 40, "oddK")]:
+            rows = [(72, row_tiles_n, "rows")] if nk else []  # K % 32 == 8: a partial 16-bit k-step
+            for K, N, tag in [(256, 136, "tile"), (1024, 64, "split"), (67, 40, "oddK")] + rows:
                 w = weight(K, N, dt, nk)
                 b = torch.randn(N, dtype=dt, device="cuda")
                 for B, S in Ms + [big_M]:
                     x = torch.randn(B, S, K, dtype=dt, device="cuda")
                     yield f"linear {lay} {tag} M={B * S}", dt, "linear_layer", (x, w, b, True, False, 1, nk), {}
-                    if tag != "tile":
+                    if tag not in ("tile", "rows"):
                         continue
                     yield f"vmm {lay} {tag} M={B * S}", dt, "vector_matmul", (x, w, False, None, False, nk), {}
             w = weight(128, 96, dt, nk, misalign=True)
             x = torch.randn(2, 2, 128, dtype=dt, device="cuda")
             yield f"vmm {lay} misaligned", dt, "vector_matmul", (x, w, False, None, False, nk), {}
-        # The last shape gives the int8 streaming kernel's 32-row CTA tiles at M <= 8 (they need a tile per
-        # SM), with a partial last tile and CTAs of unequal tile counts.
-        row_tiles_n = 32 * torch.cuda.get_device_properties(0).multi_processor_count + 24
+        # The last shape: the streaming kernel's 32-row tiles (see row_tiles_n).
         for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40), (64, row_tiles_n, 1)]:
             w, s = int8_weight(K, N, G)
             for B, S in Ms + [big_M]:

@@ -1,17 +1,17 @@
-"""GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu, gemv_int8.cu).
+"""GPU parity of the decode GEMV's k-loop structure (csrc/inference/cuda/gemv_mma.cu, gemv_stream.cu).
 
-The [N, K] tensor-core kernel (fp16/bf16 weights) walks K in batches of k-steps (one batch = 8 warps x
-kLoopUnroll steps x 32 elements; with DSINF_MMA_PIPELINE two register buffers alternate). These shapes
-give a warp zero, one, several, an odd number and a fractional number of batches, with and without a
-K split, at M = 1, 3, 8 (one n-tile of tokens). The same shapes run through the int8 streaming kernel
-(gemv_int8.cu: 64-byte k-steps in 2-step warp units) with fp16 and bf16 activations (bf16 takes the fp32 ->
-high-half int8 conversion, fp16 the half-magic one) at M = 1, 3, 8 and 16 (two token tiles).
-The streaming kernel also has cases of its own: row tiles of 16 (N % 16 != 0), several tiles
-per CTA with the cp.async ring running across tile boundaries (N above 16 x the resident CTAs), k-steps
-of 64 bytes in warp units of 128 (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8
-and the two-token-tile M 9..16.
+[N, K] weights, fp16/bf16 and int8, take the streaming kernel (gemv_stream.cu: a thread-private cp.async ring
+of 64-byte k-steps in 2-step warp units; a 16-byte chunk holds 8 k of fp16/bf16, 16 of int8). SHAPES give a
+warp zero, one, several, an odd number and a fractional number of units, with and without a K split, at
+M = 1, 3, 8 (one n-tile of tokens) for 16-bit weights, and M = 1, 3, 8, 16 (two token tiles) for int8 with
+fp16 and bf16 activations (bf16 takes the fp32 -> high-half int8 conversion, fp16 the half-magic one).
+STREAM_SHAPES are the streaming kernel's own cases, for both weight types: row tiles of 16 (N % 16 != 0),
+several tiles per CTA with the ring running across tile boundaries (N above 16 x the resident CTAs), partial
+k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 and the two-token-tile M 9..16;
+an output the kernel fails to write reads as NaN.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
-test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the int8 ring shape).
+test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
+the 32-row-tile threshold).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytestmark = [
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# K x N: batches per warp differ (16-bit batch 1024 / 512 elements unpipelined / pipelined).
+# K x N: units per warp differ (a unit of 8 warps is 512 k of fp16/bf16, 1024 of int8).
 SHAPES = [
     (3584, 8192),  # 256 row tiles: no K split; 3.5-7 batches per warp, last one partial
     (3072, 4096),  # 128 tiles: split 2 on sm_90 (1536 per CTA), else 1.5-6 batches
@@ -103,14 +103,15 @@ def test_int8_conversion_every_value(cuda_module):
             assert torch.equal(out, want), f"{suffix} k0={k0}: int8 conversion not exact"
 
 
-# K x N for the int8 streaming kernel. The H200/H100 fit 4 CTAs of 256 threads per SM (132 SMs: 528 resident
-# CTAs); at M <= 8 a CTA tile is 32 rows when N / 32 still gives every SM one (gemv_int8.cu), else 16, and
+# K x N for the streaming kernel. The H200/H100 fit 4 CTAs of 256 threads per SM (132 SMs: 528 resident
+# CTAs); at M <= 8 a CTA tile is 32 rows when N / 32 gives every SM two (gemv_stream.cu), else 16, and
 # M 9..16 always takes 16-row tiles. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / 528) tiles,
 # the last CTA fewer.
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
     (1040, 14344),  # M <= 8: 449 32-row tiles; M > 8: 897 16-row tiles (CTAs of 2, the last of 1), N % 16 == 8
     (272, 33800),  # M <= 8: 1057 32-row tiles (353 CTAs of 3, the last two of 2); N % 32 == 8
+    (2064, 8200),  # 257 32-row tiles < 2 per SM: 513 16-row tiles (CTAs of 1), K % 64 == 16 (a partial step)
     (16, 4100),  # K = one 16-byte chunk: one thread column of warp 0 holds all of K, the rest multiply zeros
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
     (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90, 640 + 576 of K): 10 and 9 k-steps over 8 warps
@@ -137,6 +138,29 @@ def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
     _check(got, reference.vector_matmul(x, w, False, scale, True, False), dtype)
 
 
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K,N", STREAM_SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16])
+def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
+    """fp16/bf16 [N, K] weights through the streaming kernel. A call over all-inf weights with a longer K runs
+    first, so the shared-memory ring the next call's CTAs get holds inf where it would hold the chunks past K:
+    a chunk past K that is not zero-filled then makes its row NaN (0 * inf). Unwritten outputs read as NaN."""
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K * 11 + N + M)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+    x = torch.randn(1, M, K, generator=gen).to(dtype)
+    xd, wd = x.cuda(), w.cuda()
+    kp = K + 1024  # a warp unit past K in every CTA (a unit of 8 warps is 512 k)
+    fn(torch.ones(1, M, kp, dtype=dtype, device="cuda"), torch.full((N, kp), float("inf"), dtype=dtype, device="cuda"),
+       False, None, False, True)
+    first = fn(xd, wd, False, None, False, True)
+    first.fill_(float("nan"))
+    del first
+    got = fn(xd, wd, False, None, False, True)
+    _check(got, reference.vector_matmul(x, w, False, None, False, True), dtype)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("defines", [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
@@ -144,10 +168,12 @@ def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
     ("DSINF_I8_X_AHEAD=2",),  # int8: activations one unit ahead at M > 8 too
     ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # int8: 16-row tiles only; activations loaded per unit
+    ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
+    ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 M <= 8 takes them)
 ])
 def test_tuning_variants_keep_parity(defines):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, int8 ring
-    shape) are other code than the default build: build each in a child process (one module per process) and
+    shape, the streaming kernel for 16-bit weights) are other code than the default build: build each in a child process (one module per process) and
     run the probe's parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
     import os
     import subprocess

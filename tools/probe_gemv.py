@@ -5,9 +5,10 @@
     python tools/probe_gemv.py --quick --sweep DSINF_MMA_PIPELINE=0,1 --sweep DSINF_MMA_PIPELINE_UNROLL=1,2
     python tools/probe_gemv.py --quick --variant "DSINF_GEMV_PDL=0" --variant "DSINF_GEMV_PDL=1 DSINF_MMA_UNROLL=8"
     python tools/probe_gemv.py --quick --int8-only --variant "DSINF_I8_STAGES=5 DSINF_I8_UNIT_STEPS=1"
+    python tools/probe_gemv.py --quick --layouts nk,int8 --variant "DSINF_STREAM_RT2_FILL=1" --variant "DSINF_STREAM_RT2_FILL=2"
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
-        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu, gemv_int8.cu) on a new GPU. Each variant
+        # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu, gemv_stream.cu) on a new GPU. Each variant
         # is a cold build (~15 s) plus its run, so keep sweeps small or --quick.
 
 What it prints:
@@ -25,7 +26,8 @@ What it prints:
      to the copy bandwidth is the per-call launch, ramp and tail that any kernel of that size pays;
   4. `min ratio` per table and the issue-12 goals with PASS/MISS.
 --quick times fp16 [K,N]/[N,K] on 4096x4096 and 4096x12288, and int8 (fp16 and bf16) on the four LLM shapes
-4096x4096, 4096x12288, 4096x14336, 14336x4096, M in 1 and 8; --int8-only drops the float layouts.
+4096x4096, 4096x12288, 4096x14336, 14336x4096, M in 1 and 8; --int8-only drops the float layouts;
+--layouts nk (or kn, int8, comma-separated) times just those layouts on all five shapes, fp16 and bf16.
 
 Robust by design: every case runs in its own try block; a failure prints one line and the run goes on.
 Not a test (pytest does not collect tools/); the GPU tests are tests/test_cuda_*.py.
@@ -166,8 +168,8 @@ def parity(torch, device: str = "cuda") -> int:
     shapes = [(4096, 4096, "tensor core, split K"), (1024, 264, "tensor core, partial last tile"),
               (8192, 1000, "tensor core, N % 32 != 0"), (72, 40, "tensor core, K < one k-step"),
               (4100, 136, "K % 8 != 0: [N,K] and int8 scalar, [K,N] tensor core"), (67, 45, "scalar (odd K and N)"),
-              (4112, 9000, "int8 stream: 2 row tiles per CTA, N % 16 != 0, K % 64 != 0"),
-              (48, 4104, "int8 stream: K < one warp unit, most warps idle")]
+              (4112, 9000, "stream: 2 row tiles per CTA, N % 16 != 0, K % 64 != 0"),
+              (48, 4104, "stream: K < one warp unit, most warps idle")]
     log("\nparity vs dsinf.reference (max abs error, tolerance = 1 ulp at max |ref| + fp32 accumulation slack)")
     for dtype_name in ("fp16", "bf16"):
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
@@ -358,6 +360,8 @@ def sweep(args) -> None:
             cmd.append("--quick")
         if args.int8_only:
             cmd.append("--int8-only")
+        if args.layouts:
+            cmd += ["--layouts", args.layouts]
         log(f"\n=== variant {' '.join(combo)}")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
@@ -386,6 +390,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true",
                    help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
     p.add_argument("--int8-only", action="store_true", help="time only the int8 layout")
+    p.add_argument("--layouts", default="", help="kn,nk,int8: time only these layouts, on all five shapes, fp16 and bf16")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
     p.add_argument("--variant", action="append", default=[],
@@ -415,7 +420,10 @@ def main() -> int:
     if not args.no_timing:
         ms = (1, 8) if args.quick else MS
         dtypes = ("fp16", "bf16")
-        if args.quick:  # fp16 float layouts on two shapes; int8 on four, fp16 and bf16 (another conversion)
+        if args.layouts:  # the given layouts on every shape, fp16 and bf16
+            want = tuple(x for x in ("kn", "nk", "int8") if x in args.layouts.split(","))
+            shapes, layouts = [(K, N, want) for K, N in SHAPES], None
+        elif args.quick:  # fp16 float layouts on two shapes; int8 on four, fp16 and bf16 (another conversion)
             float_shapes = [] if args.int8_only else [(K, N, ("kn", "nk")) for K, N in SHAPES[:2]]
             shapes = float_shapes + [(K, N, ("int8",)) for K, N in QUICK_INT8_SHAPES]
             layouts = {"bf16": ("int8",)}

@@ -1,5 +1,5 @@
 // Internal interface between the GEMV dispatcher (gemv_launch.cu) and the kernel files
-// (gemv_mma.cu, gemv_int8.cu, gemv_simt.cu, gemv_scalar.cu). Not part of the launcher API.
+// (gemv_mma.cu, gemv_stream.cu, gemv_simt.cu, gemv_scalar.cu). Not part of the launcher API.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,6 +21,13 @@ namespace detail {
 #endif
 #ifndef DSINF_GEMV_MAX_SPLIT
 #define DSINF_GEMV_MAX_SPLIT 8  // cluster size limit (8 = portable maximum)
+#endif
+// The [N, K] streaming kernel's (gemv_stream.cu) M <= 8 tiles take two row tiles (32 rows) when K is not
+// split and N / 32 >= DSINF_STREAM_RT2_FILL * #SMs, else one (16 rows). H200 (132 SMs): 8192x8192 [N, K]
+// fp16 M=1 took 37.2 us with 256 CTAs of 32 rows (fill 1) and 34.5 with 512 of 16 (fill 2: 4 CTAs per SM,
+// twice the weights in flight); bf16 37.6 / 34.0; int8 alike (20.5 / 20.3); N = 12288, 14336 keep 32 rows.
+#ifndef DSINF_STREAM_RT2_FILL
+#define DSINF_STREAM_RT2_FILL 2
 #endif
 #ifndef DSINF_GEMV_MIN_K_PER_CTA
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
@@ -48,19 +55,18 @@ constexpr int kGemvWarps = kGemvThreads / 32;
 
 // Output tile per CTA of each vector path, and the granularity its K range must be a multiple of.
 constexpr int kTileKnMma = 64;   // columns
-constexpr int kTileNkMma = 32;   // rows
 constexpr int kTileKnSimt = 64;  // columns
 constexpr int kTileNkSimt = 4;   // rows (K never split)
-constexpr int kTileI8 = 16;      // rows per row tile, int8 streaming kernel (1 or 2 row tiles per CTA tile)
+constexpr int kTileStream = 16;  // rows per row tile, [N, K] streaming kernel (1 or 2 row tiles per CTA tile)
 
 // Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
 // and sm_90 code; the dispatcher decides). All return the launch status.
 cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream);
-cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream);  // fp16/bf16 weights only
 cudaError_t launch_kn_simt(const GemvArgs& a, int split, cudaStream_t stream);
 cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
-cudaError_t launch_i8_stream(const GemvArgs& a, int split, cudaStream_t stream);  // int8 weights [N, K]
+// [N, K] streaming kernel (gemv_stream.cu): fp16/bf16 and int8 weights.
+cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();

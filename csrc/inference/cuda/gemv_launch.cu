@@ -4,11 +4,11 @@
 // Path choice (first that applies):
 //   1. K == 0, a pointer not 16-byte aligned, or a size the vector loads cannot cover -> scalar.
 //   2. fp16/bf16 activations in a >= sm_80 build -> tensor-core GEMV ([K, N]: N % 8, K % 4;
-//      [N, K]: K % 8; int8 [N, K]: K % 16, the streaming kernel of gemv_int8.cu).
+//      [N, K]: K % 8, int8 [N, K]: K % 16, the streaming kernel of gemv_stream.cu).
 //   3. fp32 (and fp16 in builds with an arch < sm_80) -> CUDA-core GEMV ([N, K]: K % (16 B / elem);
 //      [K, N]: N % (16 B / elem), K % 4).
 // K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
-// DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs (int8 streaming: 16-row
+// DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs (the [N, K] streaming kernel: 16-row
 // tiles, so N >= 16 * #SMs is never split; the kernel sizes its persistent grid itself). Only when the device is sm_90+ and
 // the code it runs was compiled for sm_90+ (clusters, distributed shared memory); else split = 1.
 #include <atomic>
@@ -99,7 +99,7 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool nk = a.w_nk;
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
-    const int64_t tile = !nk ? kTileKnMma : (a.w_int8 ? kTileI8 : kTileNkMma);
+    const int64_t tile = nk ? kTileStream : kTileKnMma;
     *split = choose_split(dev, (a.N + tile - 1) / tile, a.K);
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
@@ -139,7 +139,7 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
 #if defined(DSINF_CUDA_BF16)
     case GemvPath::kTensorCoreKN: return detail::launch_kn_mma(a, split, stream);
     case GemvPath::kTensorCoreNK:
-      return a.w_int8 ? detail::launch_i8_stream(a, split, stream) : detail::launch_nk_mma(a, split, stream);
+      return detail::launch_nk_stream(a, split, stream);
 #endif
     case GemvPath::kSimtKN: return detail::launch_kn_simt(a, split, stream);
     case GemvPath::kSimtNK: return detail::launch_nk_simt(a, stream);

@@ -1,6 +1,10 @@
-// Tensor-core GEMV for decode (M = B*S <= 16), fp16/bf16 activations, fp32 accumulation.
+// Tensor-core GEMV for decode (M = B*S <= 16), fp16/bf16 activations, weight [K, N], fp32 accumulation.
 //
-//   out[m, n] = sum_k x[m, k] * W(k, n)  (+ bias[n]),  W fp16/bf16 as x (int8 weights: gemv_int8.cu)
+//   out[m, n] = sum_k x[m, k] * W[k, n]  (+ bias[n]),  W fp16/bf16 as x
+//
+// Weights [N, K] (fp16/bf16 and int8) take the streaming kernel of gemv_stream.cu: an [N, K] kernel of this
+// file's design (weights loaded straight into registers) reached 82-86% of the copy bandwidth on the H200's
+// large shapes, the cp.async ring of the streaming kernel 86-93% (2026-12-02), and it was removed.
 //
 // Why tensor cores for a memory-bound product: with CUDA cores, M = 8..16 needs 8..16 FMAs plus
 // conversions per weight element, which at 3 TB/s of fp16 weights is most of the H100's FP32 issue
@@ -8,9 +12,9 @@
 // stream is the only cost up to M = 16 (tokens are the mma's n = 8 dimension, padded: M <= 8 -> one
 // n-tile, M <= 16 -> two; padding rows re-read x[M-1] and are never stored).
 //
-// No shared-memory staging and no ldmatrix: the sum over k is order-free, so each kernel assigns the
+// No shared-memory staging and no ldmatrix: the sum over k is order-free, so the kernel assigns the
 // mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers come
-// straight out of its own 16-byte global loads (see the slot maps below). Each weight byte is loaded
+// straight out of its own 16-byte global loads (see the slot map below). Each weight byte is loaded
 // exactly once, 16 bytes per load, in batches of U k-steps per thread (how many of them are really in
 // flight at once depends on DSINF_MMA_PIPELINE, below).
 //
@@ -34,7 +38,7 @@ namespace {
 #define DSINF_MMA_UNROLL 4  // k-steps per batch, unpipelined (4 x 16 B weight loads each): 256 B per thread
 #endif
 constexpr int kUnroll = DSINF_MMA_UNROLL;
-// Software-pipelined k loop (1) or load-then-compute (0), both kernels. ptxas interleaves a batch's
+// Software-pipelined k loop (1) or load-then-compute (0). ptxas interleaves a batch's
 // weight loads with the mma that consume them (SASS, sm_90a: LDG, LDG, HMMA, LDG, ...), and a warp
 // issues in order, so with load-then-compute a warp has only a few loads in flight while its first
 // mma waits. Pipelined, the mma of batch j read registers loaded one batch earlier, so interleaving
@@ -69,7 +73,7 @@ constexpr int kMinCtas = NT == 1 ? DSINF_GEMV_MIN_CTAS : 0;  // 0: as if no clau
 #define DSINF_MMA_BOUNDS(NT) __launch_bounds__(kGemvThreads)
 #endif
 
-// The k loop of both kernels: batches at kb0 = first, first + step, ... < end. load(kb0, buf) fills a
+// The k loop: batches at kb0 = first, first + step, ... < end. load(kb0, buf) fills a
 // register batch (zeros out of range), compute(buf) multiplies it.
 template <class Batch, class Load, class Compute>
 __device__ __forceinline__ void k_loop(int first, int end, int step, const Load& load, const Compute& compute) {
@@ -206,125 +210,6 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
   reduce_and_store<TN>(part, P, n0, epi);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Weight [N, K] (row n holds K contiguous elements), fp16/bf16.
-// CTA tile: 32 rows n0..n0+31 (two m16 tiles) x K range. Warp w takes k-steps of KS = 32 elements
-// (4 threads x one 16-byte load), kb = k_begin + KS*(w + 8j).
-// Thread (g, t) loads rows {n0 + g, +8, +16, +24} at k = kb + E*t .. +E-1 (E = 8 elements per 16 B)
-// and the same k range of x for its tokens g (+8).
-// Slot map (two mmas per step, h < 2): slots {2t, 2t+1} <-> k = kb + 8t + 4h + {0,1},
-// slots {2t+8, 2t+9} <-> kb + 8t + 4h + {2,3}: A and B registers are words 2h, 2h+1 of the loads.
-// Constraints: K % E == 0 (rows 16-byte aligned), x and W 16-byte aligned.
-// ------------------------------------------------------------------------------------------------
-template <typename T, int NT>
-__global__ void DSINF_MMA_BOUNDS(NT) gemv_nk_mma_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                                   Epilogue<T> epi, int M, int K, int N, int kchunk) {
-  constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
-  constexpr int KS = 4 * E;                            // k per warp step
-  constexpr int TN = kTileNkMma, NTOK = 8 * NT, P = TN * NTOK;
-  __shared__ float red[kGemvWarps * P];
-  __shared__ float part[P];
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * TN;
-  const int k_begin = blockIdx.y * kchunk;
-  const int k_end = min(K, k_begin + kchunk);
-
-  const T* wrow[4];
-  bool row_ok[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // i = 2 * tile + half: row n0 + 16 * (i >> 1) + 8 * (i & 1) + g
-    const int n = n0 + 16 * (i >> 1) + 8 * (i & 1) + g;
-    row_ok[i] = n < N;
-    wrow[i] = w + static_cast<size_t>(row_ok[i] ? n : 0) * K;
-  }
-  const T* xrow[NT];
-#pragma unroll
-  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
-#if DSINF_GEMV_PDL
-  {  // the start of the tile's TN rows: kLines 128-byte lines per row
-    pdl_begin();
-    constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TN * 128);
-    constexpr int kLineElems = 128 / static_cast<int>(sizeof(T));
-    for (int i = threadIdx.x; i < TN * kLines; i += kGemvThreads) {
-      const int n = n0 + i / kLines, k = k_begin + (i % kLines) * kLineElems;
-      if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
-    }
-    pdl_wait();
-  }
-#endif
-
-  float acc[2][NT][4];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[r][q][e] = 0.f;
-
-  struct Batch {
-    uint4 w[kLoopUnroll][4];
-    uint4 x[kLoopUnroll][NT];
-  };
-  // k-steps kb0 + u * KS * warps (u < kLoopUnroll); out-of-range k or rows read as zeros.
-  auto load_batch = [&](int kb0, Batch& b) {
-    auto& wv = b.w;
-    auto& xv = b.x;
-#pragma unroll
-    for (int u = 0; u < kLoopUnroll; ++u) {
-      const int k = kb0 + u * KS * kGemvWarps + E * t;  // K % E == 0: a load is all in range or all out
-      const bool k_ok = k < k_end;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        wv[u][i] = (k_ok && row_ok[i]) ? ldg16_stream(wrow[i] + k) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int q = 0; q < NT; ++q) xv[u][q] = k_ok ? ldg16(xrow[q] + k) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  auto compute_batch = [&](const Batch& b) {
-    const auto& wv = b.w;
-    const auto& xv = b.x;
-#pragma unroll
-    for (int u = 0; u < kLoopUnroll; ++u) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int q = 0; q < NT; ++q)
-            Mma<T>::run(acc[r][q], word(wv[u][2 * r], 2 * h), word(wv[u][2 * r + 1], 2 * h),
-                        word(wv[u][2 * r], 2 * h + 1), word(wv[u][2 * r + 1], 2 * h + 1), word(xv[u][q], 2 * h),
-                        word(xv[u][q], 2 * h + 1));
-    }
-  };
-  k_loop<Batch>(k_begin + KS * warp, k_end, KS * kGemvWarps * kLoopUnroll, load_batch, compute_batch);
-  pdl_end();
-
-  // C fragment (r, q, e): row 16r + g + 8(e >> 1), token 8q + 2t + (e & 1). The XOR on bits 3-4 of the
-  // row (by token) makes a warp's 32 stores hit 32 different banks; it is undone below.
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int nl = 16 * r + g + 8 * (e >> 1);
-        const int tok = 8 * q + 2 * t + (e & 1);
-        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 3))] = acc[r][q][e];
-      }
-  __syncthreads();
-  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
-    float v = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
-    const int tok = i / TN, nls = i % TN;
-    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 3))] = v;
-  }
-  __syncthreads();
-  reduce_and_store<TN>(part, P, n0, epi);
-}
-
 template <typename T>
 cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
@@ -337,34 +222,12 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   return launch_split(gemv_kn_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
-template <typename T>
-cudaError_t nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
-  const int tiles = static_cast<int>((a.N + kTileNkMma - 1) / kTileNkMma);
-  const int kchunk = k_per_split(a.K, split, 4 * 16 / static_cast<int>(sizeof(T)));
-  const T* x = static_cast<const T*>(a.x);
-  const T* w = static_cast<const T*>(a.w);
-  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  const bool pdl = gemv_pdl();
-  if (a.M <= 8)
-    return launch_split(gemv_nk_mma_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_nk_mma_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-}
-
 }  // namespace
 
 cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   switch (a.dtype) {
     case DType::kFloat16: return kn_mma<__half>(a, split, stream);
     case DType::kBFloat16: return kn_mma<__nv_bfloat16>(a, split, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t launch_nk_mma(const GemvArgs& a, int split, cudaStream_t stream) {
-  if (a.w_int8) return cudaErrorInvalidValue;  // int8 weights are gemv_int8.cu's (launch_i8_stream)
-  switch (a.dtype) {
-    case DType::kFloat16: return nk_mma<__half>(a, split, stream);
-    case DType::kBFloat16: return nk_mma<__nv_bfloat16>(a, split, stream);
     default: return cudaErrorInvalidValue;
   }
 }

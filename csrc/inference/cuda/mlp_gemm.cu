@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1) gated_scalar_kernel(const T* __re
 // epilogue pairs them without any exchange. 4 warps split the tile's K range in k-steps of KS = 4 x one
 // 16-byte load (thread (g = lane/4, t = lane%4) loads rows j0+g, j0+g+8, I+j0+g, I+j0+g+8 at k = kb + E*t,
 // E elements per 16 bytes, and the same k range of x for token g). Slot map as gemv_nk_mma_kernel
-// (gemv_mma.cu) for fp16/bf16 and as gemv_i8_stream_kernel (gemv_int8.cu) for int8: A and B registers
+// (gemv_mma.cu) for fp16/bf16 and as gemv_stream_kernel (gemv_stream.cu) for int8: A and B registers
 // are words of the thread's own loads.
 // Loads: cp.async into a kTcStages-deep ring in shared memory that only the issuing thread reads back, so
 // (kTcStages - 1) k-steps (~200 bytes per thread) are always in flight and the loop has no barrier.

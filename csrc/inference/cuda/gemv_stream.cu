@@ -1,0 +1,396 @@
+// Streaming decode GEMV for [N, K] weights (M <= 16), fp32 accumulation on tensor cores: fp16/bf16 weights
+// as the activations, and int8 weight-only with a float32 scale per row group.
+//
+//   out[m, n] = (sum_k x[m, k] * w[n, k]) (* scale[n / (N/G)], int8) (+ bias[n])
+//
+// Why a kernel of its own (an int8 variant of the [N, K] tensor-core GEMV of gemv_mma.cu read int8 at
+// 42-70% of the copy bandwidth on the H200, and was removed once this kernel beat it): that kernel loads
+// weights into registers, and ptxas interleaves a batch's loads with the mma that consume them, so a warp
+// (which issues in order) stalls at its first mma with only a few loads in flight. Here the weight goes
+// global -> shared memory with cp.async: the copies write no register, so nothing waits on them until
+// cp.async.wait_group, and every warp keeps up to kStages units of its own weights in flight (default
+// 2 x 2 KiB: 16-32 KiB per CTA, 4 CTAs per SM) while it multiplies one. fp16/bf16 [N, K] weights had the
+// same problem in gemv_mma.cu's design (82-86% of the copy bandwidth on the H200's large shapes); here they
+// stream at 86-93% (2026-12-02: 4096x12288 M=1 26.2 us instead of 27.6, 8192x8192 34.5 instead of 37.2).
+//
+// Structure (a "chunk" is one thread's 16 bytes of one row: 16 k of int8, 8 k of fp16/bf16):
+// - CTA = 8 warps, output tile = RT row tiles of 16 rows (RT mma m16 tiles; the weight is the mma's A
+//   operand, tokens its n = 8 columns: M <= 8 one token tile, M <= 16 two). K is walked in 64-byte k-steps
+//   (4 chunks per row), grouped in units of kUnitSteps consecutive steps; warp w takes the tile's units
+//   w, w + 8, ...; for each step of a unit, thread (g = lane / 4, t = lane % 4) copies its chunk of rows
+//   g + 8 r (r < 2 RT) at the step's chunk t into its own ring slot, and later reads exactly those bytes
+//   back: the ring is thread-private, so no barrier is needed in the k loop (cp.async.wait_group makes a
+//   thread's own copies visible to it). Its activations for the next unit are loaded while it multiplies
+//   this one.
+// - k-slot map (the sum over k is order-free, so the mma's 16 k slots may be any 16 k): mma h of a chunk
+//   (h < 4 for int8, < 2 for 16-bit) takes its k = 4 h + {0, 1} in slots {2t, 2t+1} and 4 h + {2, 3} in
+//   slots {2t+8, 2t+9}. For int8 word h of the chunk expands (I8Pairs: exact) to those A registers; for
+//   16-bit they are words 2h and 2h+1 as loaded. The B registers are the same k of the activations, from
+//   the 16 (16-bit) or 32 (int8) bytes of x the thread loads per token and chunk.
+// - Persistent over row tiles: grid.x = ceil(tiles / q) CTAs with q = ceil(tiles / resident CTAs), CTA b
+//   takes tiles b, b + grid.x, ... All CTAs are resident at once and hold (nearly) the same bytes, so they
+//   finish together (no partial last wave); a warp's ring runs on across its tile boundaries (the next
+//   tile's weights are in flight while the last one is reduced).
+// - Few tiles (N / 16 < #SMs): K is split over a cluster of CTAs (gridDim.y, sm_90), reduced through
+//   distributed shared memory (reduce_and_store), as for the other GEMVs.
+// - The scale (per row group) and bias are applied once per output, after the dot product.
+// Constraints (checked by the dispatcher): a chunk is all in K or all out (K % 16 == 0 int8, K % 8 == 0
+// 16-bit), x and w 16-byte aligned.
+#include "common.cuh"
+#include "gemv_internal.cuh"
+
+#if defined(DSINF_CUDA_BF16)
+
+#include <atomic>
+
+namespace dsinf {
+namespace cuda {
+namespace detail {
+namespace {
+
+// A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of the CTA tile's rows (2 KiB with 2 steps
+// of 16 rows, or 1 step of 32: a warp reads whole 128-byte lines), copied as one cp.async group; its ring
+// holds kStages units. The ring is 8 warps x kStages x kUnitSteps x RT KiB of static shared memory and must
+// leave room for the reduction buffers under 48 KiB (kStages below lowers the stages when it would not).
+// int8 default 2 x 2 (16 rows): 32 KiB of ring, 16-32 KiB of weights in flight per CTA, and half the
+// per-byte loop overhead of 1-step units (SASS, sm_90a: ~160 instructions per 1-step unit, most of them
+// index arithmetic, against ~240 issue slots per SM in the time the SM's share of 4.2 TB/s delivers 1 KiB;
+// bf16 conversion adds ~50). 16-bit weights have their own pair of knobs (DSINF_NK_STREAM_*): half the
+// mma and no conversion per byte, so the best ring shape may differ.
+#ifndef DSINF_I8_UNIT_STEPS
+#define DSINF_I8_UNIT_STEPS 2
+#endif
+#ifndef DSINF_I8_STAGES
+#define DSINF_I8_STAGES 2
+#endif
+#ifndef DSINF_NK_STREAM_UNIT_STEPS
+#define DSINF_NK_STREAM_UNIT_STEPS 2
+#endif
+#ifndef DSINF_NK_STREAM_STAGES
+#define DSINF_NK_STREAM_STAGES 2
+#endif
+// Activations one unit ahead (1 = for M <= 8, 2 = also for M > 8, 0 = off), both weight types: a unit's x
+// comes from L2 (~300 cycles) and, loaded just before the unit is multiplied, was the warps' top stall (ncu,
+// H200, int8 4096x14336 M=1: 6.1 of 13.8 cycles between issues on the long scoreboard, 0.48 IPC per
+// scheduler); loaded one unit earlier it lands while the previous unit is multiplied, for 4 x U (NT = 1)
+// more registers.
+#ifndef DSINF_I8_X_AHEAD
+#define DSINF_I8_X_AHEAD 1
+#endif
+template <int NT>
+constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
+// Row tiles of 16 per CTA tile, both weight types: 1 or 2 (M <= 8 only: stream_tokens says when). At M = 8
+// a CTA reads its K range of all 8 activation rows from L2 per tile: with one 16-row int8 tile as many bytes
+// as its weights, which doubles the L2 -> SM traffic; with two tiles each activation byte serves 32 rows.
+// DSINF_I8_ROW_TILES=1 turns the 2-tile kernel off.
+#ifndef DSINF_I8_ROW_TILES
+#define DSINF_I8_ROW_TILES 2
+#endif
+
+// What a 16-byte chunk of one weight row holds, per weight type WT (int8_t, or T itself).
+template <typename WT>
+struct Chunk {
+  static constexpr bool kInt8 = sizeof(WT) == 1;
+  static constexpr int kK = 16 / static_cast<int>(sizeof(WT));  // k per chunk: 16 int8, 8 fp16/bf16
+  static constexpr int kMma = kK / 4;                             // mma per chunk and row tile (4 k each)
+  static constexpr int kXVecs = kK / 8;                           // 16-byte activation loads per token: 2, 1
+  static constexpr int kStepK = 4 * kK;                           // k per 64-byte warp step
+  static constexpr int kUnitStepsCfg = kInt8 ? DSINF_I8_UNIT_STEPS : DSINF_NK_STREAM_UNIT_STEPS;
+  static constexpr int kStagesCfg = kInt8 ? DSINF_I8_STAGES : DSINF_NK_STREAM_STAGES;
+};
+// k-steps per unit: the configured steps / row tiles, so that a unit stays ~2 KiB per warp.
+template <typename WT, int RT>
+constexpr int kUnitSteps = Chunk<WT>::kUnitStepsCfg / RT > 0 ? Chunk<WT>::kUnitStepsCfg / RT : 1;
+// Stages of the ring: as configured, fewer when the ring (S x U x RT x 8 KiB) and the reduction buffers
+// (RT x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
+template <typename WT, int NT, int RT>
+constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + RT * NT * 9 / 2 <= 48
+                            ? Chunk<WT>::kStagesCfg
+                            : (48 - RT * NT * 9 / 2) / (kUnitSteps<WT, RT> * RT * 8);
+static_assert(kStages<int8_t, 1, 1> >= 2 && kStages<int8_t, 2, 1> >= 2 && kStages<int8_t, 1, 2> >= 2 &&
+                  kStages<__half, 1, 1> >= 2 && kStages<__half, 2, 1> >= 2 && kStages<__half, 1, 2> >= 2,
+              "the ring needs two stages: one landing, one multiplied");
+
+// The A registers of mma h of a chunk for one row: k pairs (4h, 4h+1) and (4h+2, 4h+3) as packed T.
+template <typename T, typename WT>
+__device__ __forceinline__ void a_pairs(const uint4& v, int h, uint32_t& p01, uint32_t& p23) {
+  if constexpr (Chunk<WT>::kInt8) {
+    I8Pairs<T>::convert(word(v, h), p01, p23);
+  } else {
+    p01 = word(v, 2 * h);
+    p23 = word(v, 2 * h + 1);
+  }
+}
+
+// 16-byte async copies global -> shared, L2 only (the weight is read once; the L2::128B hint fetches whole
+// lines). cp_async16_if copies when `pred` and otherwise leaves the destination's stale bytes: int8 bytes
+// always convert to finite values, which the kernel multiplies only by zero activations (k >= K) or into
+// rows >= N, never stored. 16-bit weights left stale could hold inf/NaN, and 0 * inf in an mma is NaN in a
+// valid row, so a chunk past K is zero-filled instead (cp_async16_zfill with copy = 0 reads nothing). int8
+// keeps the predicated form: on the H200 the zero-fill's extra selects cost bf16 int8 (issue-bound) 6-8%.
+__device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool pred) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n\t}"
+      ::"r"(s), "l"(src), "r"(static_cast<int>(pred))
+      : "memory");
+}
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, int copy) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(copy) : "memory");
+}
+
+template <typename T, typename WT, int NT, int RT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                                   Epilogue<T> epi, int M, int K, int N, int kchunk) {
+  using C = Chunk<WT>;
+  constexpr int S = kStages<WT, NT, RT>, U = kUnitSteps<WT, RT>, TR = kTileStream * RT, NTOK = 8 * NT,
+                P = TR * NTOK;
+  constexpr int R8 = 2 * RT;                       // the thread's rows in a tile: g + 8 r, r < R8
+  constexpr int kUnitK = C::kStepK * U;            // k of one warp unit
+  constexpr int kAdvance = kUnitK * kGemvWarps;    // k from a warp's unit to its next in the same tile
+  __shared__ uint4 ring[S][kGemvWarps][U][R8][32];  // [stage][warp][step][row g + 8 r][lane]: thread-private
+  __shared__ float red[kGemvWarps * P];
+  __shared__ float part[P];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+  // Units per tile, the same for every warp (a cluster partner waits for every epilogue): >= 1.
+  const int units = max(1, ceil_div(max(0, k_end - k_begin), kAdvance));
+  const int tiles = ceil_div(N, TR);
+  const int bx = static_cast<int>(blockIdx.x), gx = static_cast<int>(gridDim.x);
+  const int my_tiles = bx < tiles ? ceil_div(tiles - bx, gx) : 0;
+  const int k_first = k_begin + kUnitK * warp + C::kK * t;  // the thread's k in its first unit of a tile
+  const size_t row8 = static_cast<size_t>(8) * K;           // row g + 8 r -> row g + 8 (r + 1)
+
+  const T* xrow[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+
+#if DSINF_GEMV_PDL
+  {  // the start of the first tile's rows into L2 while the previous kernel finishes (see gemv_internal.cuh)
+    pdl_begin();
+    constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TR * 128);
+    constexpr int kLineK = 128 / static_cast<int>(sizeof(WT));
+    for (int i = threadIdx.x; i < TR * kLines; i += kGemvThreads) {
+      const int n = bx * TR + i / kLines, k = k_begin + (i % kLines) * kLineK;
+      if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
+    }
+    pdl_wait();
+  }
+#endif
+
+  // Producer: the unit whose copies go out next. Rows g + 8 r of its tile start at p_row + 8 r K (pointer
+  // arithmetic only while a row is >= N: such rows are never copied).
+  int p_j = 0, p_k = k_first, p_n = bx * TR + g;
+  bool p_ok[R8];
+#pragma unroll
+  for (int r = 0; r < R8; ++r) p_ok[r] = p_n + 8 * r < N;
+  const WT* p_row = w + static_cast<size_t>(p_n) * K;
+  const int p_dn = gx * TR;
+  const size_t p_drow = static_cast<size_t>(p_dn) * K;
+  // Copy the thread's R8 x U chunks of the producer's unit into ring stage `slot` (past K: nothing, int8, or
+  // zeros, 16-bit; rows >= N are skipped: their stale bytes only reach outputs that are never stored),
+  // commit them as one group (always: the group count is what cp.async.wait_group counts), move on.
+  auto issue = [&](int slot) {
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      const int k = p_k + C::kStepK * v;
+      const bool k_ok = k < k_end;  // a chunk is all in range or all out
+#pragma unroll
+      for (int r = 0; r < R8; ++r) {
+        if constexpr (C::kInt8)
+          cp_async16_if(&ring[slot][warp][v][r][lane], p_row + r * row8 + k, k_ok && p_ok[r]);
+        else if (p_ok[r])
+          cp_async16_zfill(&ring[slot][warp][v][r][lane], p_row + r * row8 + (k_ok ? k : 0), k_ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+    p_k += kAdvance;
+    if (++p_j == units) {  // next tile of this CTA (past its last one every row is >= N)
+      p_j = 0;
+      p_k = k_first;
+      p_n += p_dn;
+      p_row += p_drow;
+#pragma unroll
+      for (int r = 0; r < R8; ++r) p_ok[r] = p_n + 8 * r < N;
+    }
+  };
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][q][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(s);
+  int slot_c = 0, slot_p = S - 1;
+
+  // A unit's activations (L1/L2 hits) at the thread's k `ck` of a unit; zeros past K. x depends on k only,
+  // so the unit after a tile's last one (the next tile's first) reads the first unit's x again.
+  using XUnit = uint4[NT][U][C::kXVecs];
+  auto load_x = [&](XUnit& dst, int ck) {
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      const int k = ck + C::kStepK * v;
+      const bool ok = k < k_end;
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int l = 0; l < C::kXVecs; ++l) dst[q][v][l] = ok ? ldg16(xrow[q] + k + 8 * l) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  XUnit xv;  // the activations of the unit being multiplied
+  if constexpr (kXAhead<NT>) load_x(xv, k_first);
+
+  for (int ti = 0; ti < my_tiles; ++ti) {
+    int c_k = k_first;  // the thread's k in the unit being multiplied
+    for (int j = 0; j < units; ++j, c_k += kAdvance) {
+      __syncwarp();  // stage slot_p was read (last iteration) before it is refilled
+      issue(slot_p);
+      slot_p = slot_p + 1 == S ? 0 : slot_p + 1;
+      // The next unit's activations go out now and land while this unit is multiplied (kXAhead), or this
+      // unit's go out now and land during the wait below.
+      XUnit xn;
+      if constexpr (kXAhead<NT>)
+        load_x(xn, j + 1 < units ? c_k + kAdvance : k_first);
+      else
+        load_x(xv, c_k);
+      cp_async_wait<S - 1>();  // all but the S - 1 newest groups are done: this unit has landed
+      uint4 wv[U][R8];  // rows g + 8 r
+#pragma unroll
+      for (int v = 0; v < U; ++v)
+#pragma unroll
+        for (int r = 0; r < R8; ++r) wv[v][r] = ring[slot_c][warp][v][r][lane];
+      slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
+#pragma unroll
+      for (int v = 0; v < U; ++v)
+#pragma unroll
+        for (int h = 0; h < C::kMma; ++h)
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {  // row tile r: rows g + 16 r and g + 16 r + 8
+            uint32_t a0[2], a1[2];        // k pairs (4h, 4h+1), (4h+2, 4h+3) of those rows
+            a_pairs<T, WT>(wv[v][2 * r], h, a0[0], a0[1]);
+            a_pairs<T, WT>(wv[v][2 * r + 1], h, a1[0], a1[1]);
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+              Mma<T>::run(acc[r][q], a0[0], a1[0], a0[1], a1[1], word(xv[q][v][h >> 1], 2 * (h & 1)),
+                          word(xv[q][v][h >> 1], 2 * (h & 1) + 1));
+          }
+      if constexpr (kXAhead<NT>) {
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int v = 0; v < U; ++v)
+#pragma unroll
+            for (int l = 0; l < C::kXVecs; ++l) xv[q][v][l] = xn[q][v][l];
+      }
+    }
+    // Tile done: sum the 8 warps' partials, store (or reduce over the cluster). C fragment (r, q, e): row
+    // 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          red[warp * P + (8 * q + 2 * t + (e & 1)) * TR + 16 * r + g + 8 * (e >> 1)] = acc[r][q][e];
+          acc[r][q][e] = 0.f;
+        }
+    __syncthreads();
+    sum_warps(red, part, P, kGemvWarps);
+    __syncthreads();
+    reduce_and_store<TR>(part, P, (bx + ti * gx) * TR, epi);
+  }
+  cp_async_wait<0>();  // only empty groups are left; leave nothing pending at exit
+  pdl_end();
+}
+
+// CTAs of gemv_stream_kernel<T, WT, NT, RT> (256 threads, static shared memory) that fit on one SM of the
+// current device, queried once per instantiation and device (an attribute query: no synchronization, safe
+// under graph capture). Keyed by the template arguments, not the kernel's pointer type: every instantiation
+// of a (T, WT) has the same pointer type but its own shared memory and registers, so a cache per pointer
+// type would hand the first-queried kernel's occupancy to the others.
+template <typename T, typename WT, int NT, int RT>
+int resident_per_sm() {
+  auto kernel = gemv_stream_kernel<T, WT, NT, RT>;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kGemvThreads, 0) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (dev >= 0 && dev < kMaxDevices) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+template <typename T, typename WT, int NT, int RT>
+cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
+  auto kernel = gemv_stream_kernel<T, WT, NT, RT>;
+  constexpr int kRows = kTileStream * RT;
+  const int tiles = static_cast<int>((a.N + kRows - 1) / kRows);
+  int grid_x = tiles;
+  if (split <= 1) {  // persistent: every CTA resident, ceil or floor of tiles / grid_x tiles each
+    // (H200, int8, tried: one CTA per resident slot, with 16-row tiles where those spread the rows more
+    // evenly over the SMs - 4096x14336 at 75% of copy bandwidth instead of 81% (fp16), 70% instead of 77%
+    // (bf16))
+    const int slots = resident_per_sm<T, WT, NT, RT>() * device_sm_count();
+    const int q = (tiles + slots - 1) / slots;
+    grid_x = (tiles + q - 1) / q;
+  }
+  const int kchunk = k_per_split(a.K, split, Chunk<WT>::kStepK);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  return launch_split(kernel, grid_x, split, gemv_pdl(), stream, static_cast<const T*>(a.x),
+                      static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
+}
+
+// M <= 8: one token tile; two row tiles per CTA tile when the 32-row tiles still give every SM
+// DSINF_STREAM_RT2_FILL of them without a K split (H200, int8 fp16, 32-row vs 16-row tiles: 4096x12288 80%
+// vs 76% of copy bandwidth, 4096x14336 80% vs 75%; 4096x4096 48% vs 55% and 14336x4096 73% vs 77%, where
+// the 32-row tiles are fewer than the SMs; fp16 [N, K] 8192x8192, two 32-row tiles per SM: 85% vs 92%).
+// M 9..16: two token tiles, one row tile (a second would pass the shared-memory budget).
+template <typename T, typename WT>
+cudaError_t stream_tokens(const GemvArgs& a, int split, cudaStream_t s) {
+  if (a.M > 8) return run_stream<T, WT, 2, 1>(a, split, s);
+  if constexpr (DSINF_I8_ROW_TILES >= 2) {
+    if (split <= 1 && (a.N + 2 * kTileStream - 1) / (2 * kTileStream) >= DSINF_STREAM_RT2_FILL * device_sm_count())
+      return run_stream<T, WT, 1, 2>(a, split, s);
+  }
+  return run_stream<T, WT, 1, 1>(a, split, s);
+}
+
+template <typename T>
+cudaError_t stream_weights(const GemvArgs& a, int split, cudaStream_t s) {
+  return a.w_int8 ? stream_tokens<T, int8_t>(a, split, s) : stream_tokens<T, T>(a, split, s);
+}
+
+}  // namespace
+
+cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat16: return stream_weights<__half>(a, split, stream);
+    case DType::kBFloat16: return stream_weights<__nv_bfloat16>(a, split, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace dsinf
+
+#endif  // DSINF_CUDA_BF16
