@@ -43,9 +43,12 @@ def _route(key, max_m=0, **kw):
 
 @pytest.mark.parametrize("ours, aten, want", [
     ((1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 4),    # ours wins everywhere
-    ((1.0, 1.0, 1.0), (1.01, 2.0, 2.0), 0),   # a 1% win is a tie: torch
+    ((1.0, 1.0, 1.0), (1.01, 1.01, 1.0), 0),  # 1% wins and a draw are ties: torch
+    ((1.0, 1.0, 1.0), (1.01, 2.0, 2.0), 4),   # a tie below clear wins goes with them
+    ((1.0, 1.0, 1.0), (1.5, 1.01, 1.0), 1),   # ties above the last win stay with torch
     ((1.0, 1.0, 1.0), (1.03, 1.03, 0.5), 2),  # loses at 4
     ((1.0, 1.0, 1.0), (1.5, 0.9, 1.5), 1),    # stops at the first loss, even if it wins again later
+    ((1.0, 1.0, 1.0), (0.99, 2.0, 2.0), 0),   # a 1% loss at M=1 stops it
     ((2.0, 1.0, 1.0), (1.0, 2.0, 2.0), 0),
 ])
 def test_decide(ours, aten, want):
