@@ -322,9 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1) gated_scalar_kernel(const T* __re
 // (second m16 tile), so the two accumulators of a thread hold up and gate of the same (j, token) and the
 // epilogue pairs them without any exchange. 4 warps split the tile's K range in k-steps of KS = 4 x one
 // 16-byte load (thread (g = lane/4, t = lane%4) loads rows j0+g, j0+g+8, I+j0+g, I+j0+g+8 at k = kb + E*t,
-// E elements per 16 bytes, and the same k range of x for token g). Slot map as gemv_nk_mma_kernel
-// (gemv_mma.cu) for fp16/bf16 and as gemv_stream_kernel (gemv_stream.cu) for int8: A and B registers
-// are words of the thread's own loads.
+// E elements per 16 bytes, and the same k range of x for token g). Slot map as gemv_stream_kernel
+// (gemv_stream.cu) for fp16/bf16 and int8 weights: A and B registers are words of the thread's own loads.
 // Loads: cp.async into a kTcStages-deep ring in shared memory that only the issuing thread reads back, so
 // (kTcStages - 1) k-steps (~200 bytes per thread) are always in flight and the loop has no barrier.
 // Split-K across CTAs (clusters, sm_90) only when the tiles alone would leave SMs idle.
