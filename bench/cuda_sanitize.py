@@ -59,8 +59,10 @@ def cases(quick: bool):
     Ms = [(1, 1), (1, 3), (3, 4)] + ([] if quick else [(1, 16)])
     big_M = (2, 24)  # M = 48: cuBLAS path for every dtype
     # The streaming kernel ([N, K] weights, 16-bit and int8) takes 32-row CTA tiles at M <= 8 when they give
-    # every SM two; this N does, with a partial last tile and CTAs of unequal tile counts.
-    row_tiles_n = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 24
+    # every SM two. This N gives 5 x SMs + 1 of them (M <= 8; 10 x SMs + 2 of 16 rows at M > 8): more than
+    # the 4-5 CTAs that fit an SM, so CTAs take two or three tiles (the ring runs across a tile boundary),
+    # the last CTA fewer, and the last tile is partial.
+    row_tiles_n = 160 * torch.cuda.get_device_properties(0).multi_processor_count + 24
     for dt in dtypes:
         for nk in (False, True):
             lay = "NK" if nk else "KN"

@@ -58,7 +58,7 @@ FORMAT = "dsinf-routes"
 VERSION = 1
 FILENAME = f"routes.v{VERSION}.json"
 LOCK_TIMEOUT_S = 30.0
-MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this: a tie goes to torch
+MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this (a tie alone goes to torch)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}

@@ -11,7 +11,7 @@ k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 
 an output the kernel fails to write reads as NaN.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
-the 32-row-tile threshold).
+the 32-row-tile threshold, the experimental [K, N] ring).
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ pytestmark = [
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# K x N: units per warp differ (a unit of 8 warps is 512 k of fp16/bf16, 1024 of int8).
+# K x N for the streaming kernel's k loop. A warp unit is 64 k of fp16/bf16 and 128 of int8, so 8 warps take
+# 512 / 1024 k per round; split = the K split over a cluster on sm_90 (elsewhere 1).
 SHAPES = [
-    (3584, 8192),  # 256 row tiles: no K split; 3.5-7 batches per warp, last one partial
-    (3072, 4096),  # 128 tiles: split 2 on sm_90 (1536 per CTA), else 1.5-6 batches
-    (6144, 1024),  # 32 tiles: deep split on sm_90
-    (192, 4096),  # less than one batch: most warps have no k-step at all
-    (8192, 264),  # partial last row tile, deepest split
+    (3584, 8192),  # 512 16-row tiles, no split: 7 units per warp (16-bit), 3 or 4 (int8: a partial round)
+    (3072, 4096),  # 256 tiles, no split: 6 / 3 units per warp
+    (6144, 1024),  # 64 tiles, split 4 (1536 k per CTA): 3 / 1.5 units per warp
+    (192, 4096),  # less than one round: 3 warps (16-bit) or 1.5 (int8) have a unit, the rest none
+    (8192, 264),  # 17 tiles, split 8, a partial last row tile
 ]
 
 
@@ -53,6 +54,24 @@ def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
     o, r = out.double().cpu(), ref.double().cpu()
     err = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
     assert err <= RTOL[dtype], f"relative error {err:.3g} > {RTOL[dtype]:.1g}"
+
+
+def _poisoned_then_checked(fn, x, w, nk: bool, extra_k: int) -> None:
+    """Runs fn over all-inf weights with K + extra_k first (what a later call's shared-memory ring may
+    inherit where it should hold zeros past K), then x @ w twice, the first output NaN-filled and freed (the
+    allocator hands its block to the second, so an element the kernel fails to write reads as NaN); checks
+    the second against dsinf.reference."""
+    dtype, (M, K) = x.dtype, x.shape[-2:]
+    kp = K + extra_k
+    shape = (w.shape[0], kp) if nk else (kp, w.shape[1])
+    fn(torch.ones(1, M, kp, dtype=dtype, device="cuda"), torch.full(shape, float("inf"), dtype=dtype, device="cuda"),
+       False, None, False, nk)
+    xd, wd = x.cuda(), w.cuda()
+    first = fn(xd, wd, False, None, False, nk)
+    first.fill_(float("nan"))
+    del first
+    got = fn(xd, wd, False, None, False, nk)
+    _check(got, reference.vector_matmul(x, w, False, None, False, nk), dtype)
 
 
 @pytest.mark.parametrize("suffix", list(DTYPES))
@@ -103,8 +122,8 @@ def test_int8_conversion_every_value(cuda_module):
             assert torch.equal(out, want), f"{suffix} k0={k0}: int8 conversion not exact"
 
 
-# K x N for the streaming kernel. The H200/H100 fit 4 CTAs of 256 threads per SM (132 SMs: 528 resident
-# CTAs); at M <= 8 a CTA tile is 32 rows when N / 32 gives every SM two (gemv_stream.cu), else 16, and
+# K x N for the streaming kernel. The H200/H100 fit 4 of its CTAs per SM (132 SMs: 528 resident CTAs; counts
+# below for int8); at M <= 8 a CTA tile is 32 rows when N / 32 gives every SM two (gemv_stream.cu), else 16, and
 # M 9..16 always takes 16-row tiles. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / 528) tiles,
 # the last CTA fewer.
 STREAM_SHAPES = [
@@ -112,9 +131,9 @@ STREAM_SHAPES = [
     (1040, 14344),  # M <= 8: 449 32-row tiles; M > 8: 897 16-row tiles (CTAs of 2, the last of 1), N % 16 == 8
     (272, 33800),  # M <= 8: 1057 32-row tiles (353 CTAs of 3, the last two of 2); N % 32 == 8
     (2064, 8200),  # 257 32-row tiles < 2 per SM: 513 16-row tiles (CTAs of 1), K % 64 == 16 (a partial step)
-    (16, 4100),  # K = one 16-byte chunk: one thread column of warp 0 holds all of K, the rest multiply zeros
+    (16, 4100),  # K = one int8 chunk (two 16-bit chunks): threads t < 1 (< 2) of warp 0 hold all of K
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
-    (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90, 640 + 576 of K): 10 and 9 k-steps over 8 warps
+    (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90; int8 640 + 576 of K, 16-bit 608 + 608)
 ]
 
 
@@ -143,22 +162,41 @@ def test_int8_stream_shapes(cuda_module, suffix, K, N, M, groups):
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16])
 def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
     """fp16/bf16 [N, K] weights through the streaming kernel. A call over all-inf weights with a longer K runs
-    first, so the shared-memory ring the next call's CTAs get holds inf where it would hold the chunks past K:
-    a chunk past K that is not zero-filled then makes its row NaN (0 * inf). Unwritten outputs read as NaN."""
+    first: where a ring slot of the next call is only ever meant to hold chunks past K (K = 16, 33800 x 272,
+    the second split rank of 2064 x 1216), it then holds inf, and a missing zero-fill makes its row NaN
+    (0 * inf). That relies on a launch finding the previous launch's shared-memory bytes, which the hardware
+    does not promise; on the H200 it did (the planted bug failed here, PERFORMANCE.md run 25). In the other
+    shapes earlier units leave finite bytes there. Unwritten outputs read as NaN."""
     dtype = DTYPES[suffix]
     fn = _fn(suffix)
     gen = torch.Generator().manual_seed(K * 11 + N + M)
     w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
     x = torch.randn(1, M, K, generator=gen).to(dtype)
-    xd, wd = x.cuda(), w.cuda()
-    kp = K + 1024  # a warp unit past K in every CTA (a unit of 8 warps is 512 k)
-    fn(torch.ones(1, M, kp, dtype=dtype, device="cuda"), torch.full((N, kp), float("inf"), dtype=dtype, device="cuda"),
-       False, None, False, True)
-    first = fn(xd, wd, False, None, False, True)
-    first.fill_(float("nan"))
-    del first
-    got = fn(xd, wd, False, None, False, True)
-    _check(got, reference.vector_matmul(x, w, False, None, False, True), dtype)
+    _poisoned_then_checked(fn, x, w, True, 1024)  # two rounds of 8 warp units (512 k each) past K
+
+
+# K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
+KN_SHAPES = [
+    (4100, 12296),  # 193 tiles, K % 16 == 4 (a partial step), N % 64 == 8 (one chunk of columns in the last tile)
+    (1028, 264),  # 5 tiles: a deep K split on sm_90
+    (8192, 200),  # 4 tiles, the deepest split; N % 64 == 8
+    (12, 520),  # K below one step: most warps have no unit
+]
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K,N", KN_SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+def test_kn_shapes(cuda_module, suffix, K, N, M):
+    """fp16/bf16 [K, N] weights: odd K and N, K splits, both token tiles; unwritten outputs read as NaN. The
+    all-inf call first is for a build with DSINF_KN_STREAM (the ring: as for [N, K], a row past K that is
+    not zero-filled would make its column NaN); the default register-fed kernel stages nothing."""
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K * 13 + N + M)
+    w = (torch.randn(K, N, generator=gen) / K ** 0.5).to(dtype)
+    x = torch.randn(1, M, K, generator=gen).to(dtype)
+    _poisoned_then_checked(fn, x, w, False, 512)  # four rounds of 8 one-step warp units (128 rows each) past K
 
 
 @pytest.mark.timeout(600)
@@ -166,15 +204,17 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
-    ("DSINF_I8_X_AHEAD=2",),  # int8: activations one unit ahead at M > 8 too
-    ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # int8: 16-row tiles only; activations loaded per unit
+    ("DSINF_I8_X_AHEAD=2",),  # [N, K]: activations one unit ahead at M > 8 too
+    ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # [N, K]: 16-row tiles only; activations loaded per unit
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
     ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 M <= 8 takes them)
+    ("DSINF_KN_STREAM=1", "DSINF_KN_STREAM_CTAS_PER_SM=3"),  # fp16/bf16 [K, N] on the ring, K split to 3 CTAs/SM
 ])
 def test_tuning_variants_keep_parity(defines):
-    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, int8 ring
-    shape, the streaming kernel for 16-bit weights) are other code than the default build: build each in a child process (one module per process) and
-    run the probe's parity section on it (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
+    shapes, 32-row tiles, the [K, N] ring) are other code than the default build: build each in a child
+    process (one module per process) and run the probe's parity section on it (every path, M 1..16, odd K/N,
+    int8 groups 1/8/N, fp16 and bf16)."""
     import os
     import subprocess
     import sys

@@ -29,6 +29,28 @@ namespace detail {
 #ifndef DSINF_STREAM_RT2_FILL
 #define DSINF_STREAM_RT2_FILL 2
 #endif
+// fp16/bf16 [K, N] weights on a ring like the [N, K] kernel's (gemv_stream.cu, 1) or on gemv_mma.cu's
+// register-fed kernel (0, the default; the ring is not compiled then). An experiment: its first form, with
+// the activations loaded from L2 as each one-step unit was multiplied, ran at half the register-fed kernel's
+// speed on the H200 (2026-12-02: 4096x12288 M=1 53.3 vs 32.0 us; a K split and 2 or 3 stages alike). The
+// activations now travel in the ring with the weights (each unit waited a round trip for them before);
+// that form has not run on a GPU. Measure with `tools/probe_gemv.py --quick --layouts kn --variant
+// DSINF_KN_STREAM=0 --variant "DSINF_KN_STREAM=1 DSINF_KN_STREAM_CTAS_PER_SM=3"`. Its ring: stages x unit
+// steps x (16 KiB of weights + 2 KiB of activations per token tile), at most 48 KiB.
+#ifndef DSINF_KN_STREAM
+#define DSINF_KN_STREAM 0
+#endif
+#ifndef DSINF_KN_STREAM_STAGES
+#define DSINF_KN_STREAM_STAGES 2
+#endif
+#ifndef DSINF_KN_STREAM_UNIT_STEPS
+#define DSINF_KN_STREAM_UNIT_STEPS 1
+#endif
+// Its K split target in CTAs per SM (as DSINF_GEMV_CTAS_PER_SM; 4-5 of its CTAs fit an SM, and 64-column
+// tiles of N = 12288 give only 192 CTAs, 1.5 per SM).
+#ifndef DSINF_KN_STREAM_CTAS_PER_SM
+#define DSINF_KN_STREAM_CTAS_PER_SM DSINF_GEMV_CTAS_PER_SM
+#endif
 #ifndef DSINF_GEMV_MIN_K_PER_CTA
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
 #endif
@@ -67,6 +89,7 @@ cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
 // [N, K] streaming kernel (gemv_stream.cu): fp16/bf16 and int8 weights.
 cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_kn_stream(const GemvArgs& a, int split, cudaStream_t stream);  // DSINF_KN_STREAM
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();

@@ -79,10 +79,10 @@ bool args_valid(const GemvArgs& a) {
   return true;
 }
 
-// Number of CTAs sharing a tile's K range; k_granule = the path's K step.
-int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K) {
+// Number of CTAs sharing a tile's K range: doubled while tiles * split < ctas_per_sm * #SMs.
+int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int ctas_per_sm = DSINF_GEMV_CTAS_PER_SM) {
   if (!dev.cluster) return 1;
-  const int64_t target = static_cast<int64_t>(DSINF_GEMV_CTAS_PER_SM) * dev.sms;
+  const int64_t target = static_cast<int64_t>(ctas_per_sm) * dev.sms;
   int split = 1;
   while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA)
     split *= 2;
@@ -100,7 +100,8 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
     const int64_t tile = nk ? kTileStream : kTileKnMma;
-    *split = choose_split(dev, (a.N + tile - 1) / tile, a.K);
+    const int fill = nk || !DSINF_KN_STREAM ? DSINF_GEMV_CTAS_PER_SM : DSINF_KN_STREAM_CTAS_PER_SM;
+    *split = choose_split(dev, (a.N + tile - 1) / tile, a.K, fill);
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
 #else
@@ -137,7 +138,12 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
   const GemvPath p = detail::select_path(a, detail::device_info(), &split);
   switch (p) {
 #if defined(DSINF_CUDA_BF16)
-    case GemvPath::kTensorCoreKN: return detail::launch_kn_mma(a, split, stream);
+    case GemvPath::kTensorCoreKN:
+#if DSINF_KN_STREAM
+      return detail::launch_kn_stream(a, split, stream);
+#else
+      return detail::launch_kn_mma(a, split, stream);
+#endif
     case GemvPath::kTensorCoreNK:
       return detail::launch_nk_stream(a, split, stream);
 #endif

@@ -379,6 +379,170 @@ cudaError_t stream_weights(const GemvArgs& a, int split, cudaStream_t s) {
   return a.w_int8 ? stream_tokens<T, int8_t>(a, split, s) : stream_tokens<T, T>(a, split, s);
 }
 
+#if DSINF_KN_STREAM  // an experiment, off by default (gemv_internal.cuh)
+// ------------------------------------------------------------------------------------------------
+// Weight [K, N] (row k holds N contiguous columns), fp16/bf16: the same thread-private ring, another tile
+// (DSINF_KN_STREAM selects it over gemv_mma.cu's register-fed [K, N] kernel).
+// CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end), one tile per CTA (K split over a cluster as for
+// the other GEMVs). k-steps of 16 rows; warp w takes the units (kKnUnitSteps consecutive steps) w, w + 8, ...
+// Thread (g, t) owns columns c = n0 + 8g .. c+7 and copies rows kb + 4t + i (i < 4) of each step, one 16-byte
+// chunk each (a k-row of the tile is one 128-byte line, read by the 8 threads of one t), into its own ring
+// slot. Slot map and pairing as gemv_mma.cu's [K, N] kernel: k slots {2t, 2t+1, 2t+8, 2t+9} <-> rows
+// {kb+4t, +1, +2, +3}; mma j (j < 4) computes columns c + 2j (A row g) and c + 2j + 1 (A row g + 8) from the
+// 16-bit halves of word j of the four chunks (PRMT). The ring and the reduction buffers share one static
+// array: a CTA has one tile, so the ring is free once its k loop is done. The epilogue and the launcher copy
+// gemv_mma.cu's [K, N] ones: shared helpers if the ring is adopted (the measured default is left as it ran).
+// Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
+// ------------------------------------------------------------------------------------------------
+constexpr int kKnStages = DSINF_KN_STREAM_STAGES, kKnUnitSteps = DSINF_KN_STREAM_UNIT_STEPS;
+constexpr int kKnWRingBytes = kKnStages * kGemvWarps * kKnUnitSteps * 4 * 32 * 16;  // weights
+template <int NT>
+constexpr int kKnRingBytes = kKnWRingBytes + kKnStages * kGemvWarps * kKnUnitSteps * NT * 32 * 8;  // + x
+template <int NT>
+constexpr int kKnRedBytes = (kGemvWarps + 1) * kTileKnMma * 8 * NT * 4;  // red (8 warps) + part
+template <int NT>
+constexpr int kKnSmemBytes = kKnRingBytes<NT> > kKnRedBytes<NT> ? kKnRingBytes<NT> : kKnRedBytes<NT>;
+static_assert(kKnStages >= 2, "the ring needs two stages: one landing, one multiplied");
+static_assert(kKnSmemBytes<2> <= 48 * 1024, "the [K, N] ring (stages x unit steps x 20 KiB) must fit 48 KiB");
+
+// 8-byte async copy global -> shared through L1 (activations, which every CTA of a column range re-reads):
+// `copy` = 8 copies, 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, int copy) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(s), "l"(src), "r"(copy) : "memory");
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kn_stream_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                                      Epilogue<T> epi, int M, int K, int N, int kchunk) {
+  constexpr int S = kKnStages, U = kKnUnitSteps, TN = kTileKnMma, NTOK = 8 * NT, P = TN * NTOK;
+  constexpr int kUnitK = 16 * U, kAdvance = kUnitK * kGemvWarps;
+  __shared__ __align__(16) unsigned char smem[kKnSmemBytes<NT>];
+  auto ring = reinterpret_cast<uint4 (*)[kGemvWarps][U][4][32]>(smem);  // [stage][warp][step][row i][lane]
+  auto xring = reinterpret_cast<uint2 (*)[kGemvWarps][U][NT][32]>(smem + kKnWRingBytes);  // [..][token tile][lane]
+  float* red = reinterpret_cast<float*>(smem);                          // after the k loop only
+  float* part = red + kGemvWarps * P;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * TN;
+  const int col = n0 + 8 * g;
+  const bool col_ok = col < N;  // N % 8 == 0: a chunk's 8 columns are all in range or all out
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+  const int units = max(1, ceil_div(max(0, k_end - k_begin), kAdvance));  // the same for every warp
+  const T* wcol = w + (col_ok ? col : 0);
+  const T* xrow[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+#if DSINF_GEMV_PDL
+  pdl_begin();
+  pdl_wait();
+#endif
+
+  // Producer: the thread's first row in the next unit to copy. Rows past K are zero-filled (stale ring bytes
+  // could be inf, and 0 * inf is NaN); columns past N are not copied (their stale bytes reach only outputs
+  // that are never stored). The unit's activations x[token][k .. k+3] travel in the same group: loaded from
+  // L2 when the unit is multiplied, they cost each unit a round trip (H200: 2x slower than with them here).
+  int p_k = k_begin + kUnitK * warp + 4 * t;
+  auto issue = [&](int slot) {
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int k = p_k + 16 * v + i;
+        const bool ok = k < k_end;
+        if (col_ok) cp_async16_zfill(&ring[slot][warp][v][i][lane], wcol + static_cast<size_t>(ok ? k : 0) * N, ok ? 16 : 0);
+      }
+      const int k = p_k + 16 * v;  // K % 4 == 0: x[token][k .. k+3] all in range or all out
+      const bool ok = k < k_end;
+#pragma unroll
+      for (int q = 0; q < NT; ++q) cp_async8_zfill(&xring[slot][warp][v][q][lane], xrow[q] + (ok ? k : 0), ok ? 8 : 0);
+    }
+    cp_async_commit();  // always: the group count is what cp.async.wait_group counts
+    p_k += kAdvance;
+  };
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(s);
+  int slot_c = 0, slot_p = S - 1;
+  for (int j = 0; j < units; ++j) {
+    __syncwarp();  // stage slot_p was read (last iteration) before it is refilled
+    issue(slot_p);
+    slot_p = slot_p + 1 == S ? 0 : slot_p + 1;
+    cp_async_wait<S - 1>();  // all but the S - 1 newest groups are done: this unit has landed
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      uint4 wv[4];  // rows kb + 4t + i, columns c .. c+7
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wv[i] = ring[slot_c][warp][v][i][lane];
+      uint2 xv[NT];  // x[token][kb + 4t .. +3]
+#pragma unroll
+      for (int q = 0; q < NT; ++q) xv[q] = xring[slot_c][warp][v][q][lane];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const uint32_t r0 = word(wv[0], jj), r1 = word(wv[1], jj), r2 = word(wv[2], jj), r3 = word(wv[3], jj);
+        const uint32_t a0 = __byte_perm(r0, r1, 0x5410);  // column c+2jj,   rows kb+4t, kb+4t+1
+        const uint32_t a1 = __byte_perm(r0, r1, 0x7632);  // column c+2jj+1, rows kb+4t, kb+4t+1
+        const uint32_t a2 = __byte_perm(r2, r3, 0x5410);  // column c+2jj,   rows kb+4t+2, kb+4t+3
+        const uint32_t a3 = __byte_perm(r2, r3, 0x7632);  // column c+2jj+1, rows kb+4t+2, kb+4t+3
+#pragma unroll
+        for (int q = 0; q < NT; ++q) Mma<T>::run(acc[jj][q], a0, a1, a2, a3, xv[q].x, xv[q].y);
+      }
+    }
+    slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
+  }
+  cp_async_wait<0>();  // the trailing groups zero-fill ring slots: all of them land before the ring becomes `red`
+  pdl_end();
+  __syncthreads();  // every warp is done with the ring before it becomes `red`
+
+  // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of the
+  // column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int nl = 8 * g + 2 * jj + (e >> 1);
+        const int tok = 8 * q + 2 * t + (e & 1);
+        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 1))] = acc[jj][q][e];
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
+    const int tok = i / TN, nls = i % TN;
+    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 1))] = v;  // un-swizzle
+  }
+  __syncthreads();
+  reduce_and_store<TN>(part, P, n0, epi);
+}
+
+template <typename T>
+cudaError_t kn_stream(const GemvArgs& a, int split, cudaStream_t stream) {
+  const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
+  const int kchunk = k_per_split(a.K, split, 16);
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  const bool pdl = gemv_pdl();
+  if (a.M <= 8)
+    return launch_split(gemv_kn_stream_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split(gemv_kn_stream_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+}
+
+#endif  // DSINF_KN_STREAM
+
 }  // namespace
 
 cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream) {
@@ -388,6 +552,16 @@ cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream) 
     default: return cudaErrorInvalidValue;
   }
 }
+
+#if DSINF_KN_STREAM
+cudaError_t launch_kn_stream(const GemvArgs& a, int split, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat16: return kn_stream<__half>(a, split, stream);
+    case DType::kBFloat16: return kn_stream<__nv_bfloat16>(a, split, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+#endif  // DSINF_KN_STREAM
 
 }  // namespace detail
 }  // namespace cuda
