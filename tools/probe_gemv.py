@@ -362,6 +362,8 @@ def sweep(args) -> None:
             cmd.append("--int8-only")
         if args.layouts:
             cmd += ["--layouts", args.layouts]
+        if args.ms:
+            cmd += ["--ms", args.ms]
         log(f"\n=== variant {' '.join(combo)}")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
@@ -391,6 +393,7 @@ def main() -> int:
                    help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
     p.add_argument("--int8-only", action="store_true", help="time only the int8 layout")
     p.add_argument("--layouts", default="", help="kn,nk,int8: time only these layouts, on all five shapes, fp16 and bf16")
+    p.add_argument("--ms", default="", help="1,8,16: the M values to time (default 1,2,4,8; --quick 1,8)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
     p.add_argument("--variant", action="append", default=[],
@@ -418,7 +421,7 @@ def main() -> int:
     failures = 0 if args.no_parity else parity(torch)
     rows: list[dict] = []
     if not args.no_timing:
-        ms = (1, 8) if args.quick else MS
+        ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else ((1, 8) if args.quick else MS)
         dtypes = ("fp16", "bf16")
         if args.layouts:  # the given layouts on every shape, fp16 and bf16
             want = tuple(x for x in ("kn", "nk", "int8") if x in args.layouts.split(","))
