@@ -387,11 +387,9 @@ cudaError_t stream_weights(const GemvArgs& a, int split, cudaStream_t s) {
 // the other GEMVs). k-steps of 16 rows; warp w takes the units (kKnUnitSteps consecutive steps) w, w + 8, ...
 // Thread (g, t) owns columns c = n0 + 8g .. c+7 and copies rows kb + 4t + i (i < 4) of each step, one 16-byte
 // chunk each (a k-row of the tile is one 128-byte line, read by the 8 threads of one t), into its own ring
-// slot. Slot map and pairing as gemv_mma.cu's [K, N] kernel: k slots {2t, 2t+1, 2t+8, 2t+9} <-> rows
-// {kb+4t, +1, +2, +3}; mma j (j < 4) computes columns c + 2j (A row g) and c + 2j + 1 (A row g + 8) from the
-// 16-bit halves of word j of the four chunks (PRMT). The ring and the reduction buffers share one static
-// array: a CTA has one tile, so the ring is free once its k loop is done. The epilogue and the launcher copy
-// gemv_mma.cu's [K, N] ones: shared helpers if the ring is adopted (the measured default is left as it ran).
+// slot. The mma and the epilogue are gemv_mma.cu's [K, N] kernel's (kn_mma_step, kn_reduce_and_store in
+// gemv_internal.cuh). The ring and the reduction buffers share one static array: a CTA has one tile, so
+// the ring is free once its k loop is done.
 // Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 constexpr int kKnStages = DSINF_KN_STREAM_STAGES, kKnUnitSteps = DSINF_KN_STREAM_UNIT_STEPS;
@@ -487,16 +485,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_stream_kernel(const T* _
       uint2 xv[NT];  // x[token][kb + 4t .. +3]
 #pragma unroll
       for (int q = 0; q < NT; ++q) xv[q] = xring[slot_c][warp][v][q][lane];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t r0 = word(wv[0], jj), r1 = word(wv[1], jj), r2 = word(wv[2], jj), r3 = word(wv[3], jj);
-        const uint32_t a0 = __byte_perm(r0, r1, 0x5410);  // column c+2jj,   rows kb+4t, kb+4t+1
-        const uint32_t a1 = __byte_perm(r0, r1, 0x7632);  // column c+2jj+1, rows kb+4t, kb+4t+1
-        const uint32_t a2 = __byte_perm(r2, r3, 0x5410);  // column c+2jj,   rows kb+4t+2, kb+4t+3
-        const uint32_t a3 = __byte_perm(r2, r3, 0x7632);  // column c+2jj+1, rows kb+4t+2, kb+4t+3
-#pragma unroll
-        for (int q = 0; q < NT; ++q) Mma<T>::run(acc[jj][q], a0, a1, a2, a3, xv[q].x, xv[q].y);
-      }
+      kn_mma_step<T, NT>(acc, wv, xv);
     }
     slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
   }
@@ -504,41 +493,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kn_stream_kernel(const T* _
   pdl_end();
   __syncthreads();  // every warp is done with the ring before it becomes `red`
 
-  // C fragment (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of the
-  // column (by token) spreads a warp's 32 stores over 16 banks instead of 4; it is undone below.
-#pragma unroll
-  for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int nl = 8 * g + 2 * jj + (e >> 1);
-        const int tok = 8 * q + 2 * t + (e & 1);
-        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 1))] = acc[jj][q][e];
-      }
-  __syncthreads();
-  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
-    float v = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
-    const int tok = i / TN, nls = i % TN;
-    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 1))] = v;  // un-swizzle
-  }
-  __syncthreads();
-  reduce_and_store<TN>(part, P, n0, epi);
+  kn_reduce_and_store<NT>(acc, red, part, n0, epi);
 }
 
 template <typename T>
 cudaError_t kn_stream(const GemvArgs& a, int split, cudaStream_t stream) {
-  const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
-  const int kchunk = k_per_split(a.K, split, 16);
-  const T* x = static_cast<const T*>(a.x);
-  const T* w = static_cast<const T*>(a.w);
-  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  const bool pdl = gemv_pdl();
-  if (a.M <= 8)
-    return launch_split(gemv_kn_stream_kernel<T, 1>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
-  return launch_split(gemv_kn_stream_kernel<T, 2>, tiles, split, pdl, stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_kn_tiles<T>(a, split, stream, gemv_kn_stream_kernel<T, 1>, gemv_kn_stream_kernel<T, 2>);
 }
 
 #endif  // DSINF_KN_STREAM
