@@ -58,22 +58,25 @@ def cases(quick: bool):
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
     Ms = [(1, 1), (1, 3), (3, 4)] + ([] if quick else [(1, 16)])
     big_M = (2, 24)  # M = 48: cuBLAS path for every dtype
-    # The streaming kernel ([N, K] weights, 16-bit and int8) takes 32-row CTA tiles at M <= 8 when they give
-    # every SM two. This N gives 5 x SMs + 1 of them (M <= 8; 10 x SMs + 2 of 16 rows at M > 8): more than
-    # the 4-5 CTAs that fit an SM, so CTAs take two or three tiles (the ring runs across a tile boundary),
-    # the last CTA fewer, and the last tile is partial.
-    row_tiles_n = 160 * torch.cuda.get_device_properties(0).multi_processor_count + 24
+    # The streaming kernel ([N, K] weights, 16-bit and int8) takes 32-row CTA tiles when they give every SM
+    # two. This N gives 5 x SMs + 1 of them: more than the 3-5 CTAs that fit an SM, so CTAs take two or three
+    # tiles (the ring runs across a tile boundary), the last CTA fewer, and the last tile is partial.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_tiles_n = 160 * sms + 24
+    # [K, N]: 1.5 x SMs 64-column tiles, which balance_split (gemv_launch.cu) splits in two at M <= 8.
+    balance_n = 64 * (3 * sms // 2)
     for dt in dtypes:
         for nk in (False, True):
             lay = "NK" if nk else "KN"
-            rows = [(72, row_tiles_n, "rows")] if nk else []  # K % 32 == 8: a partial 16-bit k-step
+            # K % 32 == 8: a partial 16-bit k-step
+            rows = [(72, row_tiles_n, "rows")] if nk else [(1024, balance_n, "balance")]
             for K, N, tag in [(256, 136, "tile"), (1024, 64, "split"), (67, 40, "oddK")] + rows:
                 w = weight(K, N, dt, nk)
                 b = torch.randn(N, dtype=dt, device="cuda")
                 for B, S in Ms + [big_M]:
                     x = torch.randn(B, S, K, dtype=dt, device="cuda")
                     yield f"linear {lay} {tag} M={B * S}", dt, "linear_layer", (x, w, b, True, False, 1, nk), {}
-                    if tag not in ("tile", "rows"):
+                    if tag not in ("tile", "rows", "balance"):
                         continue
                     yield f"vmm {lay} {tag} M={B * S}", dt, "vector_matmul", (x, w, False, None, False, nk), {}
             w = weight(128, 96, dt, nk, misalign=True)

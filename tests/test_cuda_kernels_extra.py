@@ -11,7 +11,7 @@ k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 
 an output the kernel fails to write reads as NaN.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
-the 32-row-tile threshold, the experimental [K, N] ring).
+the 32-row-tile thresholds, activations loaded per unit).
 """
 from __future__ import annotations
 
@@ -123,13 +123,13 @@ def test_int8_conversion_every_value(cuda_module):
 
 
 # K x N for the streaming kernel. The H200/H100 fit 4 of its CTAs per SM (132 SMs: 528 resident CTAs; counts
-# below for int8); at M <= 8 a CTA tile is 32 rows when N / 32 gives every SM two (gemv_stream.cu), else 16, and
-# M 9..16 always takes 16-row tiles. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / 528) tiles,
+# below for int8 at M <= 8; 3 at M 9..16 with 32-row tiles); a CTA tile is 32 rows when N / 32 gives every SM
+# two (gemv_stream.cu), else 16. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / resident) tiles,
 # the last CTA fewer.
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
-    (1040, 14344),  # M <= 8: 449 32-row tiles; M > 8: 897 16-row tiles (CTAs of 2, the last of 1), N % 16 == 8
-    (272, 33800),  # M <= 8: 1057 32-row tiles (353 CTAs of 3, the last two of 2); N % 32 == 8
+    (1040, 14344),  # 449 32-row tiles (M > 8: 396 resident, so CTAs of 2, the last of 1), N % 16 == 8
+    (272, 33800),  # 1057 32-row tiles (M <= 8: 353 CTAs of 3, the last two of 2; M > 8: CTAs of 3); N % 32 == 8
     (2064, 8200),  # 257 32-row tiles < 2 per SM: 513 16-row tiles (CTAs of 1), K % 64 == 16 (a partial step)
     (16, 4100),  # K = one int8 chunk (two 16-bit chunks): threads t < 1 (< 2) of warp 0 hold all of K
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
@@ -177,7 +177,7 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
 
 # K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
 KN_SHAPES = [
-    (4100, 12296),  # 193 tiles, K % 16 == 4 (a partial step), N % 64 == 8 (one chunk of columns in the last tile)
+    (4100, 12296),  # 193 tiles (M <= 8: split 2 on sm_90 for balance), K % 16 == 4 (a partial step), N % 64 == 8
     (1028, 264),  # 5 tiles: a deep K split on sm_90
     (8192, 200),  # 4 tiles, the deepest split; N % 64 == 8
     (12, 520),  # K below one step: most warps have no unit
@@ -188,15 +188,14 @@ KN_SHAPES = [
 @pytest.mark.parametrize("K,N", KN_SHAPES)
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 def test_kn_shapes(cuda_module, suffix, K, N, M):
-    """fp16/bf16 [K, N] weights: odd K and N, K splits, both token tiles; unwritten outputs read as NaN. The
-    all-inf call first is for a build with DSINF_KN_STREAM (the ring: as for [N, K], a row past K that is
-    not zero-filled would make its column NaN); the default register-fed kernel stages nothing."""
+    """fp16/bf16 [K, N] weights: odd K and N, K splits, both token tiles; unwritten outputs read as NaN (the
+    register-fed kernel stages nothing in shared memory, so the all-inf call first only guards a future one)."""
     dtype = DTYPES[suffix]
     fn = _fn(suffix)
     gen = torch.Generator().manual_seed(K * 13 + N + M)
     w = (torch.randn(K, N, generator=gen) / K ** 0.5).to(dtype)
     x = torch.randn(1, M, K, generator=gen).to(dtype)
-    _poisoned_then_checked(fn, x, w, False, 512)  # four rounds of 8 one-step warp units (128 rows each) past K
+    _poisoned_then_checked(fn, x, w, False, 512)
 
 
 @pytest.mark.timeout(600)
@@ -204,15 +203,15 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
-    ("DSINF_I8_X_AHEAD=2",),  # [N, K]: activations one unit ahead at M > 8 too
+    ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8
     ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # [N, K]: 16-row tiles only; activations loaded per unit
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
-    ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 M <= 8 takes them)
-    ("DSINF_KN_STREAM=1", "DSINF_KN_STREAM_CTAS_PER_SM=3"),  # fp16/bf16 [K, N] on the ring, K split to 3 CTAs/SM
+    ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 takes them)
+    ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_BALANCE=0"),  # M 9..16 on 16-row tiles; [K, N] split by the fill rule
 ])
 def test_tuning_variants_keep_parity(defines):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
-    shapes, 32-row tiles, the [K, N] ring) are other code than the default build: build each in a child
+    shapes, 32-row tiles, the K split of [K, N]) are other code than the default build: build each in a child
     process (one module per process) and run the probe's parity section on it (every path, M 1..16, odd K/N,
     int8 groups 1/8/N, fp16 and bf16)."""
     import os

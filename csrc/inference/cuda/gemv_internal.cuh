@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "../include/cuda_kernels.h"
 #include "common.cuh"
 
@@ -22,34 +24,19 @@ namespace detail {
 #ifndef DSINF_GEMV_MAX_SPLIT
 #define DSINF_GEMV_MAX_SPLIT 8  // cluster size limit (8 = portable maximum)
 #endif
-// The [N, K] streaming kernel's (gemv_stream.cu) M <= 8 tiles take two row tiles (32 rows) when K is not
+// The [N, K] streaming kernel's (gemv_stream.cu) tiles take two row tiles (32 rows) when K is not
 // split and N / 32 >= DSINF_STREAM_RT2_FILL * #SMs, else one (16 rows). H200 (132 SMs): 8192x8192 [N, K]
 // fp16 M=1 took 37.2 us with 256 CTAs of 32 rows (fill 1) and 34.5 with 512 of 16 (fill 2: 4 CTAs per SM,
 // twice the weights in flight); bf16 37.6 / 34.0; int8 alike (20.5 / 20.3); N = 12288, 14336 keep 32 rows.
 #ifndef DSINF_STREAM_RT2_FILL
 #define DSINF_STREAM_RT2_FILL 2
 #endif
-// fp16/bf16 [K, N] weights on a ring like the [N, K] kernel's (gemv_stream.cu, 1) or on gemv_mma.cu's
-// register-fed kernel (0, the default; the ring is not compiled then). An experiment: its first form, with
-// the activations loaded from L2 as each one-step unit was multiplied, ran at half the register-fed kernel's
-// speed on the H200 (2026-12-02: 4096x12288 M=1 53.3 vs 32.0 us; a K split and 2 or 3 stages alike). The
-// activations now travel in the ring with the weights (each unit waited a round trip for them before);
-// that form has not run on a GPU. Measure with `tools/probe_gemv.py --quick --layouts kn --variant
-// DSINF_KN_STREAM=0 --variant "DSINF_KN_STREAM=1 DSINF_KN_STREAM_CTAS_PER_SM=3"`. Its ring: stages x unit
-// steps x (16 KiB of weights + 2 KiB of activations per token tile), at most 48 KiB.
-#ifndef DSINF_KN_STREAM
-#define DSINF_KN_STREAM 0
-#endif
-#ifndef DSINF_KN_STREAM_STAGES
-#define DSINF_KN_STREAM_STAGES 2
-#endif
-#ifndef DSINF_KN_STREAM_UNIT_STEPS
-#define DSINF_KN_STREAM_UNIT_STEPS 1
-#endif
-// Its K split target in CTAs per SM (as DSINF_GEMV_CTAS_PER_SM; 4-5 of its CTAs fit an SM, and 64-column
-// tiles of N = 12288 give only 192 CTAs, 1.5 per SM).
-#ifndef DSINF_KN_STREAM_CTAS_PER_SM
-#define DSINF_KN_STREAM_CTAS_PER_SM DSINF_GEMV_CTAS_PER_SM
+// [K, N] tiles (64 columns) whose count leaves the SMs unevenly loaded get a larger K split when it evens
+// them out (1; 0 = the fill rule above only): 4096x12288 has 192 tiles for 132 SMs, so 60 SMs stream two
+// tiles and 72 one (73% of the bandwidth at best; measured 75%), where a split of 2 gives 384 CTAs, 2-3 per
+// SM. See balance_split in gemv_launch.cu.
+#ifndef DSINF_KN_BALANCE
+#define DSINF_KN_BALANCE 1
 #endif
 #ifndef DSINF_GEMV_MIN_K_PER_CTA
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
@@ -89,10 +76,39 @@ cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);
 // [N, K] streaming kernel (gemv_stream.cu): fp16/bf16 and int8 weights.
 cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
-cudaError_t launch_kn_stream(const GemvArgs& a, int split, cudaStream_t stream);  // DSINF_KN_STREAM
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();
+// CTAs of the [K, N] tensor-core kernel for this many token tiles that fit one SM (gemv_mma.cu).
+int kn_mma_resident_per_sm(DType dtype, int token_tiles);
+
+#if defined(__CUDACC__)
+// CTAs of `Kernel` (256 threads, static shared memory) that fit on one SM of the current device, queried once
+// per kernel and device (an attribute query: no synchronization, safe under graph capture); 1 if unknown.
+// Keyed by the kernel itself, not its pointer type: the instantiations of a kernel template share a pointer
+// type but each has its own shared memory and registers.
+template <auto Kernel>
+int resident_per_sm() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kGemvThreads, 0) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (dev >= 0 && dev < kMaxDevices) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+#endif
 
 // True when GEMV launches use programmatic dependent launch (DSINF_GEMV_PDL, and the device and the
 // code it runs are sm_90+).

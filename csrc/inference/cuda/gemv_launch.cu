@@ -9,8 +9,9 @@
 //      [K, N]: N % (16 B / elem), K % 4).
 // K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
 // DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs (the [N, K] streaming kernel: 16-row
-// tiles, so N >= 16 * #SMs is never split; the kernel sizes its persistent grid itself). Only when the device is sm_90+ and
-// the code it runs was compiled for sm_90+ (clusters, distributed shared memory); else split = 1.
+// tiles, so N >= 16 * #SMs is never split; the kernel sizes its persistent grid itself); the [K, N] tensor-core
+// kernel's split may then double while that evens out the SMs' bytes (balance_split). Only when the device is
+// sm_90+ and the code it runs was compiled for sm_90+ (clusters, distributed shared memory); else split = 1.
 #include <atomic>
 #include <cstdint>
 
@@ -80,11 +81,25 @@ bool args_valid(const GemvArgs& a) {
 }
 
 // Number of CTAs sharing a tile's K range: doubled while tiles * split < ctas_per_sm * #SMs.
-int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int ctas_per_sm = DSINF_GEMV_CTAS_PER_SM) {
+int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K) {
   if (!dev.cluster) return 1;
-  const int64_t target = static_cast<int64_t>(ctas_per_sm) * dev.sms;
+  const int64_t target = static_cast<int64_t>(DSINF_GEMV_CTAS_PER_SM) * dev.sms;
   int split = 1;
   while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA)
+    split *= 2;
+  return split;
+}
+
+// A CTA's bytes are its tile's K range, and an SM streams the sum of its CTAs' (all resident at once), so
+// the most loaded SM holds ceil(tiles * split / #SMs) K ranges of K / split rows. Double the split while
+// that drops by more than 5%, every CTA stays resident and clusters are there: 4096x12288 [K, N] (192
+// tiles) goes from 2 whole tiles on the most loaded SM to 3 halves; 4096x14336 (224: 2 tiles, or 4 halves)
+// stays unsplit.
+int balance_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int split, int resident) {
+  if (!dev.cluster) return split;
+  auto most_loaded = [&](int s) { return static_cast<double>((tiles * s + dev.sms - 1) / dev.sms) / s; };
+  while (split < DSINF_GEMV_MAX_SPLIT && tiles * 2 * split <= static_cast<int64_t>(resident) * dev.sms &&
+         K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA && most_loaded(2 * split) < 0.95 * most_loaded(split))
     split *= 2;
   return split;
 }
@@ -99,9 +114,10 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool nk = a.w_nk;
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
-    const int64_t tile = nk ? kTileStream : kTileKnMma;
-    const int fill = nk || !DSINF_KN_STREAM ? DSINF_GEMV_CTAS_PER_SM : DSINF_KN_STREAM_CTAS_PER_SM;
-    *split = choose_split(dev, (a.N + tile - 1) / tile, a.K, fill);
+    const int64_t tiles = (a.N + (nk ? kTileStream : kTileKnMma) - 1) / (nk ? kTileStream : kTileKnMma);
+    *split = choose_split(dev, tiles, a.K);
+    if (!nk && DSINF_KN_BALANCE)
+      *split = balance_split(dev, tiles, a.K, *split, kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1));
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
 #else
@@ -139,11 +155,7 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
   switch (p) {
 #if defined(DSINF_CUDA_BF16)
     case GemvPath::kTensorCoreKN:
-#if DSINF_KN_STREAM
-      return detail::launch_kn_stream(a, split, stream);
-#else
       return detail::launch_kn_mma(a, split, stream);
-#endif
     case GemvPath::kTensorCoreNK:
       return detail::launch_nk_stream(a, split, stream);
 #endif

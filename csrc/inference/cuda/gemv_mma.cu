@@ -182,6 +182,13 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
 
 }  // namespace
 
+int kn_mma_resident_per_sm(DType dtype, int token_tiles) {
+  const bool two = token_tiles > 1;
+  if (dtype == DType::kBFloat16)
+    return two ? resident_per_sm<gemv_kn_mma_kernel<__nv_bfloat16, 2>>() : resident_per_sm<gemv_kn_mma_kernel<__nv_bfloat16, 1>>();
+  return two ? resident_per_sm<gemv_kn_mma_kernel<__half, 2>>() : resident_per_sm<gemv_kn_mma_kernel<__half, 1>>();
+}
+
 cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
   switch (a.dtype) {
     case DType::kFloat16: return kn_mma<__half>(a, split, stream);

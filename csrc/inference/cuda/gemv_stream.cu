@@ -41,8 +41,6 @@
 
 #if defined(DSINF_CUDA_BF16)
 
-#include <atomic>
-
 namespace dsinf {
 namespace cuda {
 namespace detail {
@@ -73,18 +71,23 @@ namespace {
 // comes from L2 (~300 cycles) and, loaded just before the unit is multiplied, was the warps' top stall (ncu,
 // H200, int8 4096x14336 M=1: 6.1 of 13.8 cycles between issues on the long scoreboard, 0.48 IPC per
 // scheduler); loaded one unit earlier it lands while the previous unit is multiplied, for 4 x U (NT = 1)
-// more registers.
+// more registers. At M > 8 (2) it took int8 M=16 from 22.5 to 20.3 us on 4096x12288 and from 27.2 to 19.7
+// on 14336x4096 (H200, fp16; 2026-12-02), so 2 is the default.
 #ifndef DSINF_I8_X_AHEAD
-#define DSINF_I8_X_AHEAD 1
+#define DSINF_I8_X_AHEAD 2
 #endif
 template <int NT>
 constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
-// Row tiles of 16 per CTA tile, both weight types: 1 or 2 (M <= 8 only: stream_tokens says when). At M = 8
-// a CTA reads its K range of all 8 activation rows from L2 per tile: with one 16-row int8 tile as many bytes
-// as its weights, which doubles the L2 -> SM traffic; with two tiles each activation byte serves 32 rows.
-// DSINF_I8_ROW_TILES=1 turns the 2-tile kernel off.
+// Row tiles of 16 per CTA tile, both weight types: 1 or 2 (stream_tokens says when). At M = 8 a CTA reads its
+// K range of all 8 activation rows from L2 per tile: with one 16-row int8 tile as many bytes as its weights,
+// which doubles the L2 -> SM traffic; with two tiles each activation byte serves 32 rows. At M = 16 one
+// 16-row int8 tile reads twice its weight bytes of activations (int8 M=16 ran at 1.5x its M=1 time).
+// DSINF_I8_ROW_TILES=1 turns the 2-tile kernels off; DSINF_STREAM_RT2_M16=0 keeps M 9..16 on 16-row tiles.
 #ifndef DSINF_I8_ROW_TILES
 #define DSINF_I8_ROW_TILES 2
+#endif
+#ifndef DSINF_STREAM_RT2_M16
+#define DSINF_STREAM_RT2_M16 1
 #endif
 
 // What a 16-byte chunk of one weight row holds, per weight type WT (int8_t, or T itself).
@@ -101,14 +104,22 @@ struct Chunk {
 // k-steps per unit: the configured steps / row tiles, so that a unit stays ~2 KiB per warp.
 template <typename WT, int RT>
 constexpr int kUnitSteps = Chunk<WT>::kUnitStepsCfg / RT > 0 ? Chunk<WT>::kUnitStepsCfg / RT : 1;
+// Row tiles per pass of the end-of-tile reduction: all of them with one token tile, one at a time with two
+// (then the buffers stay at 9 KiB, so that 32-row tiles fit beside the ring at M > 8 too).
+template <int NT, int RT>
+constexpr int kRowTilesPerPass = NT == 1 ? RT : 1;
 // Stages of the ring: as configured, fewer when the ring (S x U x RT x 8 KiB) and the reduction buffers
-// (RT x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
+// (RP x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
 template <typename WT, int NT, int RT>
-constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + RT * NT * 9 / 2 <= 48
+constexpr int kRedKiB = kRowTilesPerPass<NT, RT> * NT * 9 / 2;
+template <typename WT, int NT, int RT>
+constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + kRedKiB<WT, NT, RT> <= 48
                             ? Chunk<WT>::kStagesCfg
-                            : (48 - RT * NT * 9 / 2) / (kUnitSteps<WT, RT> * RT * 8);
-static_assert(kStages<int8_t, 1, 1> >= 2 && kStages<int8_t, 2, 1> >= 2 && kStages<int8_t, 1, 2> >= 2 &&
-                  kStages<__half, 1, 1> >= 2 && kStages<__half, 2, 1> >= 2 && kStages<__half, 1, 2> >= 2,
+                            : (48 - kRedKiB<WT, NT, RT>) / (kUnitSteps<WT, RT> * RT * 8);
+template <typename WT>
+constexpr bool kTwoStagesEverywhere =
+    kStages<WT, 1, 1> >= 2 && kStages<WT, 2, 1> >= 2 && kStages<WT, 1, 2> >= 2 && kStages<WT, 2, 2> >= 2;
+static_assert(kTwoStagesEverywhere<int8_t> && kTwoStagesEverywhere<__half>,
               "the ring needs two stages: one landing, one multiplied");
 
 // The A registers of mma h of a chunk for one row: k pairs (4h, 4h+1) and (4h+2, 4h+3) as packed T.
@@ -144,8 +155,8 @@ template <typename T, typename WT, int NT, int RT>
 __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                                    Epilogue<T> epi, int M, int K, int N, int kchunk) {
   using C = Chunk<WT>;
-  constexpr int S = kStages<WT, NT, RT>, U = kUnitSteps<WT, RT>, TR = kTileStream * RT, NTOK = 8 * NT,
-                P = TR * NTOK;
+  constexpr int S = kStages<WT, NT, RT>, U = kUnitSteps<WT, RT>, TR = kTileStream * RT, NTOK = 8 * NT;
+  constexpr int RP = kRowTilesPerPass<NT, RT>, P = kTileStream * RP * NTOK;  // a reduction pass's outputs
   constexpr int R8 = 2 * RT;                       // the thread's rows in a tile: g + 8 r, r < R8
   constexpr int kUnitK = C::kStepK * U;            // k of one warp unit
   constexpr int kAdvance = kUnitK * kGemvWarps;    // k from a warp's unit to its next in the same tile
@@ -291,52 +302,28 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
             for (int l = 0; l < C::kXVecs; ++l) xv[q][v][l] = xn[q][v][l];
       }
     }
-    // Tile done: sum the 8 warps' partials, store (or reduce over the cluster). C fragment (r, q, e): row
-    // 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
+    // Tile done: in passes of RP row tiles, sum the 8 warps' partials, store (or reduce over the cluster).
+    // C fragment (r, q, e): row 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
+    for (int r0 = 0; r0 < RT; r0 += RP) {
 #pragma unroll
-      for (int q = 0; q < NT; ++q)
+      for (int r = r0; r < r0 + RP; ++r)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          red[warp * P + (8 * q + 2 * t + (e & 1)) * TR + 16 * r + g + 8 * (e >> 1)] = acc[r][q][e];
-          acc[r][q][e] = 0.f;
-        }
-    __syncthreads();
-    sum_warps(red, part, P, kGemvWarps);
-    __syncthreads();
-    reduce_and_store<TR>(part, P, (bx + ti * gx) * TR, epi);
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            red[warp * P + (8 * q + 2 * t + (e & 1)) * (kTileStream * RP) + 16 * (r - r0) + g + 8 * (e >> 1)] =
+                acc[r][q][e];
+            acc[r][q][e] = 0.f;
+          }
+      __syncthreads();  // (a second pass: every thread has also read `part` of the first)
+      sum_warps(red, part, P, kGemvWarps);
+      __syncthreads();
+      reduce_and_store<kTileStream * RP>(part, P, (bx + ti * gx) * TR + kTileStream * r0, epi);
+    }
   }
   cp_async_wait<0>();  // only empty groups are left; leave nothing pending at exit
   pdl_end();
-}
-
-// CTAs of gemv_stream_kernel<T, WT, NT, RT> (256 threads, static shared memory) that fit on one SM of the
-// current device, queried once per instantiation and device (an attribute query: no synchronization, safe
-// under graph capture). Keyed by the template arguments, not the kernel's pointer type: every instantiation
-// of a (T, WT) has the same pointer type but its own shared memory and registers, so a cache per pointer
-// type would hand the first-queried kernel's occupancy to the others.
-template <typename T, typename WT, int NT, int RT>
-int resident_per_sm() {
-  auto kernel = gemv_stream_kernel<T, WT, NT, RT>;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cached[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kGemvThreads, 0) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  if (dev >= 0 && dev < kMaxDevices) cached[dev].store(n, std::memory_order_relaxed);
-  return n;
 }
 
 template <typename T, typename WT, int NT, int RT>
@@ -349,7 +336,7 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
     // (H200, int8, tried: one CTA per resident slot, with 16-row tiles where those spread the rows more
     // evenly over the SMs - 4096x14336 at 75% of copy bandwidth instead of 81% (fp16), 70% instead of 77%
     // (bf16))
-    const int slots = resident_per_sm<T, WT, NT, RT>() * device_sm_count();
+    const int slots = resident_per_sm<gemv_stream_kernel<T, WT, NT, RT>>() * device_sm_count();
     const int q = (tiles + slots - 1) / slots;
     grid_x = (tiles + q - 1) / q;
   }
@@ -359,17 +346,23 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
                       static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
-// M <= 8: one token tile; two row tiles per CTA tile when the 32-row tiles still give every SM
-// DSINF_STREAM_RT2_FILL of them without a K split (H200, int8 fp16, 32-row vs 16-row tiles: 4096x12288 80%
-// vs 76% of copy bandwidth, 4096x14336 80% vs 75%; 4096x4096 48% vs 55% and 14336x4096 73% vs 77%, where
-// the 32-row tiles are fewer than the SMs; fp16 [N, K] 8192x8192, two 32-row tiles per SM: 85% vs 92%).
-// M 9..16: two token tiles, one row tile (a second would pass the shared-memory budget).
+// One token tile for M <= 8, two for M 9..16; two row tiles per CTA tile when the 32-row tiles still give
+// every SM DSINF_STREAM_RT2_FILL of them without a K split (H200, int8 fp16 M <= 8, 32-row vs 16-row tiles:
+// 4096x12288 80% vs 76% of copy bandwidth, 4096x14336 80% vs 75%; 4096x4096 48% vs 55% and 14336x4096 73%
+// vs 77%, where the 32-row tiles are fewer than the SMs; fp16 [N, K] 8192x8192, two 32-row tiles per SM:
+// 85% vs 92%).
 template <typename T, typename WT>
 cudaError_t stream_tokens(const GemvArgs& a, int split, cudaStream_t s) {
-  if (a.M > 8) return run_stream<T, WT, 2, 1>(a, split, s);
+  const bool rt2 = DSINF_I8_ROW_TILES >= 2 && split <= 1 &&
+                   (a.N + 2 * kTileStream - 1) / (2 * kTileStream) >= DSINF_STREAM_RT2_FILL * device_sm_count();
+  if (a.M > 8) {
+    if constexpr (DSINF_I8_ROW_TILES >= 2 && DSINF_STREAM_RT2_M16) {
+      if (rt2) return run_stream<T, WT, 2, 2>(a, split, s);
+    }
+    return run_stream<T, WT, 2, 1>(a, split, s);
+  }
   if constexpr (DSINF_I8_ROW_TILES >= 2) {
-    if (split <= 1 && (a.N + 2 * kTileStream - 1) / (2 * kTileStream) >= DSINF_STREAM_RT2_FILL * device_sm_count())
-      return run_stream<T, WT, 1, 2>(a, split, s);
+    if (rt2) return run_stream<T, WT, 1, 2>(a, split, s);
   }
   return run_stream<T, WT, 1, 1>(a, split, s);
 }
@@ -378,130 +371,6 @@ template <typename T>
 cudaError_t stream_weights(const GemvArgs& a, int split, cudaStream_t s) {
   return a.w_int8 ? stream_tokens<T, int8_t>(a, split, s) : stream_tokens<T, T>(a, split, s);
 }
-
-#if DSINF_KN_STREAM  // an experiment, off by default (gemv_internal.cuh)
-// ------------------------------------------------------------------------------------------------
-// Weight [K, N] (row k holds N contiguous columns), fp16/bf16: the same thread-private ring, another tile
-// (DSINF_KN_STREAM selects it over gemv_mma.cu's register-fed [K, N] kernel).
-// CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end), one tile per CTA (K split over a cluster as for
-// the other GEMVs). k-steps of 16 rows; warp w takes the units (kKnUnitSteps consecutive steps) w, w + 8, ...
-// Thread (g, t) owns columns c = n0 + 8g .. c+7 and copies rows kb + 4t + i (i < 4) of each step, one 16-byte
-// chunk each (a k-row of the tile is one 128-byte line, read by the 8 threads of one t), into its own ring
-// slot. The mma and the epilogue are gemv_mma.cu's [K, N] kernel's (kn_mma_step, kn_reduce_and_store in
-// gemv_internal.cuh). The ring and the reduction buffers share one static array: a CTA has one tile, so
-// the ring is free once its k loop is done.
-// Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
-// ------------------------------------------------------------------------------------------------
-constexpr int kKnStages = DSINF_KN_STREAM_STAGES, kKnUnitSteps = DSINF_KN_STREAM_UNIT_STEPS;
-constexpr int kKnWRingBytes = kKnStages * kGemvWarps * kKnUnitSteps * 4 * 32 * 16;  // weights
-template <int NT>
-constexpr int kKnRingBytes = kKnWRingBytes + kKnStages * kGemvWarps * kKnUnitSteps * NT * 32 * 8;  // + x
-template <int NT>
-constexpr int kKnRedBytes = (kGemvWarps + 1) * kTileKnMma * 8 * NT * 4;  // red (8 warps) + part
-template <int NT>
-constexpr int kKnSmemBytes = kKnRingBytes<NT> > kKnRedBytes<NT> ? kKnRingBytes<NT> : kKnRedBytes<NT>;
-static_assert(kKnStages >= 2, "the ring needs two stages: one landing, one multiplied");
-static_assert(kKnSmemBytes<2> <= 48 * 1024, "the [K, N] ring (stages x unit steps x 20 KiB) must fit 48 KiB");
-
-// 8-byte async copy global -> shared through L1 (activations, which every CTA of a column range re-reads):
-// `copy` = 8 copies, 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, int copy) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(s), "l"(src), "r"(copy) : "memory");
-}
-
-template <typename T, int NT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kn_stream_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                                      Epilogue<T> epi, int M, int K, int N, int kchunk) {
-  constexpr int S = kKnStages, U = kKnUnitSteps, TN = kTileKnMma, NTOK = 8 * NT, P = TN * NTOK;
-  constexpr int kUnitK = 16 * U, kAdvance = kUnitK * kGemvWarps;
-  __shared__ __align__(16) unsigned char smem[kKnSmemBytes<NT>];
-  auto ring = reinterpret_cast<uint4 (*)[kGemvWarps][U][4][32]>(smem);  // [stage][warp][step][row i][lane]
-  auto xring = reinterpret_cast<uint2 (*)[kGemvWarps][U][NT][32]>(smem + kKnWRingBytes);  // [..][token tile][lane]
-  float* red = reinterpret_cast<float*>(smem);                          // after the k loop only
-  float* part = red + kGemvWarps * P;
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * TN;
-  const int col = n0 + 8 * g;
-  const bool col_ok = col < N;  // N % 8 == 0: a chunk's 8 columns are all in range or all out
-  const int k_begin = blockIdx.y * kchunk;
-  const int k_end = min(K, k_begin + kchunk);
-  const int units = max(1, ceil_div(max(0, k_end - k_begin), kAdvance));  // the same for every warp
-  const T* wcol = w + (col_ok ? col : 0);
-  const T* xrow[NT];
-#pragma unroll
-  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
-#if DSINF_GEMV_PDL
-  pdl_begin();
-  pdl_wait();
-#endif
-
-  // Producer: the thread's first row in the next unit to copy. Rows past K are zero-filled (stale ring bytes
-  // could be inf, and 0 * inf is NaN); columns past N are not copied (their stale bytes reach only outputs
-  // that are never stored). The unit's activations x[token][k .. k+3] travel in the same group: loaded from
-  // L2 when the unit is multiplied, they cost each unit a round trip (H200: 2x slower than with them here).
-  int p_k = k_begin + kUnitK * warp + 4 * t;
-  auto issue = [&](int slot) {
-#pragma unroll
-    for (int v = 0; v < U; ++v) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int k = p_k + 16 * v + i;
-        const bool ok = k < k_end;
-        if (col_ok) cp_async16_zfill(&ring[slot][warp][v][i][lane], wcol + static_cast<size_t>(ok ? k : 0) * N, ok ? 16 : 0);
-      }
-      const int k = p_k + 16 * v;  // K % 4 == 0: x[token][k .. k+3] all in range or all out
-      const bool ok = k < k_end;
-#pragma unroll
-      for (int q = 0; q < NT; ++q) cp_async8_zfill(&xring[slot][warp][v][q][lane], xrow[q] + (ok ? k : 0), ok ? 8 : 0);
-    }
-    cp_async_commit();  // always: the group count is what cp.async.wait_group counts
-    p_k += kAdvance;
-  };
-
-  float acc[4][NT][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) issue(s);
-  int slot_c = 0, slot_p = S - 1;
-  for (int j = 0; j < units; ++j) {
-    __syncwarp();  // stage slot_p was read (last iteration) before it is refilled
-    issue(slot_p);
-    slot_p = slot_p + 1 == S ? 0 : slot_p + 1;
-    cp_async_wait<S - 1>();  // all but the S - 1 newest groups are done: this unit has landed
-#pragma unroll
-    for (int v = 0; v < U; ++v) {
-      uint4 wv[4];  // rows kb + 4t + i, columns c .. c+7
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wv[i] = ring[slot_c][warp][v][i][lane];
-      uint2 xv[NT];  // x[token][kb + 4t .. +3]
-#pragma unroll
-      for (int q = 0; q < NT; ++q) xv[q] = xring[slot_c][warp][v][q][lane];
-      kn_mma_step<T, NT>(acc, wv, xv);
-    }
-    slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
-  }
-  cp_async_wait<0>();  // the trailing groups zero-fill ring slots: all of them land before the ring becomes `red`
-  pdl_end();
-  __syncthreads();  // every warp is done with the ring before it becomes `red`
-
-  kn_reduce_and_store<NT>(acc, red, part, n0, epi);
-}
-
-template <typename T>
-cudaError_t kn_stream(const GemvArgs& a, int split, cudaStream_t stream) {
-  return launch_kn_tiles<T>(a, split, stream, gemv_kn_stream_kernel<T, 1>, gemv_kn_stream_kernel<T, 2>);
-}
-
-#endif  // DSINF_KN_STREAM
 
 }  // namespace
 
@@ -512,16 +381,6 @@ cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream) 
     default: return cudaErrorInvalidValue;
   }
 }
-
-#if DSINF_KN_STREAM
-cudaError_t launch_kn_stream(const GemvArgs& a, int split, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::kFloat16: return kn_stream<__half>(a, split, stream);
-    case DType::kBFloat16: return kn_stream<__nv_bfloat16>(a, split, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-#endif  // DSINF_KN_STREAM
 
 }  // namespace detail
 }  // namespace cuda
