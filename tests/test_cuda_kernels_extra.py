@@ -177,7 +177,7 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
 
 # K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
 KN_SHAPES = [
-    (4100, 12296),  # 193 tiles (M <= 8: split 2 on sm_90 for balance), K % 16 == 4 (a partial step), N % 64 == 8
+    (4100, 12296),  # 193 tiles (M <= 8: split 2 on sm_90, 386 CTAs), K % 16 == 4 (a partial step), N % 64 == 8
     (1028, 264),  # 5 tiles: a deep K split on sm_90
     (8192, 200),  # 4 tiles, the deepest split; N % 64 == 8
     (12, 520),  # K below one step: most warps have no unit
@@ -207,7 +207,7 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
     ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # [N, K]: 16-row tiles only; activations loaded per unit
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
     ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 takes them)
-    ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_BALANCE=0"),  # M 9..16 on 16-row tiles; [K, N] split by the fill rule
+    ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
 ])
 def test_tuning_variants_keep_parity(defines):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring

@@ -21,6 +21,18 @@ namespace detail {
 #ifndef DSINF_GEMV_CTAS_PER_SM
 #define DSINF_GEMV_CTAS_PER_SM 1  // split K over CTAs until tiles * split >= this * #SMs
 #endif
+// The [K, N] tensor-core kernel's target (64-column tiles), capped at 7/8 of the CTAs that fit the device at
+// once (kn_split in gemv_launch.cu). H200, fp16 M=1, fill 1 -> 2: 4096x12288 (192 tiles) 32.0 -> 26.7 us,
+// 4096x14336 (224) 34.1 -> 30.7 (split 2: 384 and 448 CTAs of 528 resident); without the cap 8192x8192 would
+// take 512 CTAs (split 4): 36.9 -> 45.5 us, 14336x4096 (split 8) 34.1 -> 40.5, 4096x4096 12.7 -> 16.0.
+#ifndef DSINF_KN_CTAS_PER_SM
+#define DSINF_KN_CTAS_PER_SM 2
+#endif
+// The [N, K] streaming kernel's, for sweeping (fill 2 gave int8 14336x4096 19.9 us instead of 18.2, 4096x4096
+// 8.6 instead of 7.4: split clusters of short CTAs, where one 16-row tile per CTA already fills the SMs).
+#ifndef DSINF_NK_CTAS_PER_SM
+#define DSINF_NK_CTAS_PER_SM DSINF_GEMV_CTAS_PER_SM
+#endif
 #ifndef DSINF_GEMV_MAX_SPLIT
 #define DSINF_GEMV_MAX_SPLIT 8  // cluster size limit (8 = portable maximum)
 #endif
@@ -30,13 +42,6 @@ namespace detail {
 // twice the weights in flight); bf16 37.6 / 34.0; int8 alike (20.5 / 20.3); N = 12288, 14336 keep 32 rows.
 #ifndef DSINF_STREAM_RT2_FILL
 #define DSINF_STREAM_RT2_FILL 2
-#endif
-// [K, N] tiles (64 columns) whose count leaves the SMs unevenly loaded get a larger K split when it evens
-// them out (1; 0 = the fill rule above only): 4096x12288 has 192 tiles for 132 SMs, so 60 SMs stream two
-// tiles and 72 one (73% of the bandwidth at best; measured 75%), where a split of 2 gives 384 CTAs, 2-3 per
-// SM. See balance_split in gemv_launch.cu.
-#ifndef DSINF_KN_BALANCE
-#define DSINF_KN_BALANCE 1
 #endif
 #ifndef DSINF_GEMV_MIN_K_PER_CTA
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA

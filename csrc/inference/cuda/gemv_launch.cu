@@ -10,7 +10,7 @@
 // K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
 // DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs (the [N, K] streaming kernel: 16-row
 // tiles, so N >= 16 * #SMs is never split; the kernel sizes its persistent grid itself); the [K, N] tensor-core
-// kernel's split may then double while that evens out the SMs' bytes (balance_split). Only when the device is
+// kernel fills to DSINF_KN_CTAS_PER_SM (2) within its resident CTAs (kn_split). Only when the device is
 // sm_90+ and the code it runs was compiled for sm_90+ (clusters, distributed shared memory); else split = 1.
 #include <atomic>
 #include <cstdint>
@@ -80,28 +80,26 @@ bool args_valid(const GemvArgs& a) {
   return true;
 }
 
-// Number of CTAs sharing a tile's K range: doubled while tiles * split < ctas_per_sm * #SMs.
-int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K) {
+// Number of CTAs sharing a tile's K range: doubled while tiles * split < ctas_per_sm * #SMs, and while
+// the doubled grid stays within `max_ctas`.
+int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int ctas_per_sm = DSINF_GEMV_CTAS_PER_SM,
+                 int64_t max_ctas = INT64_MAX) {
   if (!dev.cluster) return 1;
-  const int64_t target = static_cast<int64_t>(DSINF_GEMV_CTAS_PER_SM) * dev.sms;
+  const int64_t target = static_cast<int64_t>(ctas_per_sm) * dev.sms;
   int split = 1;
-  while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA)
+  while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && tiles * 2 * split <= max_ctas &&
+         K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA)
     split *= 2;
   return split;
 }
 
-// A CTA's bytes are its tile's K range, and an SM streams the sum of its CTAs' (all resident at once), so
-// the most loaded SM holds ceil(tiles * split / #SMs) K ranges of K / split rows. Double the split while
-// that drops by more than 5%, every CTA stays resident and clusters are there: 4096x12288 [K, N] (192
-// tiles) goes from 2 whole tiles on the most loaded SM to 3 halves; 4096x14336 (224: 2 tiles, or 4 halves)
-// stays unsplit.
-int balance_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int split, int resident) {
-  if (!dev.cluster) return split;
-  auto most_loaded = [&](int s) { return static_cast<double>((tiles * s + dev.sms - 1) / dev.sms) / s; };
-  while (split < DSINF_GEMV_MAX_SPLIT && tiles * 2 * split <= static_cast<int64_t>(resident) * dev.sms &&
-         K / (2 * split) >= DSINF_GEMV_MIN_K_PER_CTA && most_loaded(2 * split) < 0.95 * most_loaded(split))
-    split *= 2;
-  return split;
+// The [K, N] kernel's split: the fill target DSINF_KN_CTAS_PER_SM, within 7/8 of the CTAs that fit the
+// device at once. The split CTAs of a tile are one cluster, and a cluster must fit whole in one GPC, so a
+// grid near the resident limit may not all be placed at once (H200: 512 CTAs for 528 slots ran 1.2-1.3x
+// slower than 256; 448 ran fine).
+int kn_split(const DeviceInfo& dev, const GemvArgs& a, int64_t tiles) {
+  const int64_t slots = static_cast<int64_t>(kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1)) * dev.sms;
+  return choose_split(dev, tiles, a.K, DSINF_KN_CTAS_PER_SM, slots * 7 / 8);
 }
 
 GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
@@ -115,9 +113,7 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
     const int64_t tiles = (a.N + (nk ? kTileStream : kTileKnMma) - 1) / (nk ? kTileStream : kTileKnMma);
-    *split = choose_split(dev, tiles, a.K);
-    if (!nk && DSINF_KN_BALANCE)
-      *split = balance_split(dev, tiles, a.K, *split, kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1));
+    *split = nk ? choose_split(dev, tiles, a.K, DSINF_NK_CTAS_PER_SM) : kn_split(dev, a, tiles);
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
 #else
