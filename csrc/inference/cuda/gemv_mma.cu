@@ -183,9 +183,10 @@ cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
 }  // namespace
 
 int kn_mma_resident_per_sm(DType dtype, int token_tiles) {
+  using bf16 = __nv_bfloat16;
   const bool two = token_tiles > 1;
   if (dtype == DType::kBFloat16)
-    return two ? resident_per_sm<gemv_kn_mma_kernel<__nv_bfloat16, 2>>() : resident_per_sm<gemv_kn_mma_kernel<__nv_bfloat16, 1>>();
+    return two ? resident_per_sm<gemv_kn_mma_kernel<bf16, 2>>() : resident_per_sm<gemv_kn_mma_kernel<bf16, 1>>();
   return two ? resident_per_sm<gemv_kn_mma_kernel<__half, 2>>() : resident_per_sm<gemv_kn_mma_kernel<__half, 1>>();
 }
 

@@ -109,13 +109,13 @@ constexpr int kUnitSteps = Chunk<WT>::kUnitStepsCfg / RT > 0 ? Chunk<WT>::kUnitS
 template <int NT, int RT>
 constexpr int kRowTilesPerPass = NT == 1 ? RT : 1;
 // Stages of the ring: as configured, fewer when the ring (S x U x RT x 8 KiB) and the reduction buffers
-// (RP x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
-template <typename WT, int NT, int RT>
+// (row tiles per pass x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
+template <int NT, int RT>
 constexpr int kRedKiB = kRowTilesPerPass<NT, RT> * NT * 9 / 2;
 template <typename WT, int NT, int RT>
-constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + kRedKiB<WT, NT, RT> <= 48
+constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + kRedKiB<NT, RT> <= 48
                             ? Chunk<WT>::kStagesCfg
-                            : (48 - kRedKiB<WT, NT, RT>) / (kUnitSteps<WT, RT> * RT * 8);
+                            : (48 - kRedKiB<NT, RT>) / (kUnitSteps<WT, RT> * RT * 8);
 template <typename WT>
 constexpr bool kTwoStagesEverywhere =
     kStages<WT, 1, 1> >= 2 && kStages<WT, 2, 1> >= 2 && kStages<WT, 1, 2> >= 2 && kStages<WT, 2, 2> >= 2;
