@@ -98,13 +98,63 @@ __device__ __forceinline__ void k_loop(int first, int end, int step, const Load&
 #endif
 }
 
+// Slot map of the [K, N] kernel below. Thread (g = lane / 4, t = lane % 4) owns columns c = n0 + 8g .. c+7 of
+// a 64-column tile and k rows kb + 4t + i (i < 4) of a 16-row k-step: w[i] holds row i's 8 columns, x[q] token
+// tile q's 4 activations at those rows. k slots {2t, 2t+1, 2t+8, 2t+9} <-> rows {kb+4t, +1, +2, +3}; mma j
+// (j < 4) computes columns c + 2j (A row g) and c + 2j + 1 (A row g + 8) from the 16-bit halves of word j of
+// the four rows, paired across rows by PRMT.
+template <typename T, int NT>
+__device__ __forceinline__ void kn_mma_step(float (&acc)[4][NT][4], const uint4 (&w)[4], const uint2 (&x)[NT]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r0 = word(w[0], j), r1 = word(w[1], j), r2 = word(w[2], j), r3 = word(w[3], j);
+    const uint32_t a0 = __byte_perm(r0, r1, 0x5410);  // column c+2j,   rows kb+4t, kb+4t+1
+    const uint32_t a1 = __byte_perm(r0, r1, 0x7632);  // column c+2j+1, rows kb+4t, kb+4t+1
+    const uint32_t a2 = __byte_perm(r2, r3, 0x5410);  // column c+2j,   rows kb+4t+2, kb+4t+3
+    const uint32_t a3 = __byte_perm(r2, r3, 0x7632);  // column c+2j+1, rows kb+4t+2, kb+4t+3
+#pragma unroll
+    for (int q = 0; q < NT; ++q) Mma<T>::run(acc[j][q], a0, a1, a2, a3, x[q].x, x[q].y);
+  }
+}
+
+// The 8 warps' partials of a [K, N] tile summed in shared memory (`red`: kGemvWarps x P floats, `part`: P;
+// P = 64 columns x 8 NT tokens), then stored, or reduced over the cluster (reduce_and_store). C fragment
+// (j, q, e): column c + 2j + (e >> 1), token 8q + 2t + (e & 1). The XOR on bits 1-2 of the column (by token)
+// spreads a warp's 32 stores over 16 banks instead of 4; it is undone in `part`.
+template <int NT, typename T>
+__device__ __forceinline__ void kn_reduce_and_store(const float (&acc)[4][NT][4], float* red, float* part, int n0,
+                                                    const Epilogue<T>& epi) {
+  constexpr int TN = kTileKnMma, P = TN * 8 * NT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int nl = 8 * g + 2 * j + (e >> 1);
+        const int tok = 8 * q + 2 * t + (e & 1);
+        red[warp * P + tok * TN + (nl ^ (((tok >> 1) & 3) << 1))] = acc[j][q][e];
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P; i += kGemvThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) v += red[ww * P + i];
+    const int tok = i / TN, nls = i % TN;
+    part[tok * TN + (nls ^ (((tok >> 1) & 3) << 1))] = v;  // un-swizzle
+  }
+  __syncthreads();
+  reduce_and_store<TN>(part, P, n0, epi);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Weight [K, N] (row k holds N contiguous columns).
 // CTA tile: 64 columns n0..n0+63 x K range [k_begin, k_end). Warp w takes k-steps of 16 rows
 // kb = k_begin + 16 * (w + 8 j). Thread (g = lane/4, t = lane%4) owns columns c = n0 + 8g .. c+7 and
 // loads W[kb + 4t + i][c .. c+7] for i < 4 (a k-row of the tile is one 128-byte line, read by the 8
 // threads of one t) plus x[tok][kb + 4t .. +3] (8 bytes) for its tokens tok = g (+8).
-// Slot map and reduction: kn_mma_step and kn_reduce_and_store (gemv_internal.cuh).
+// Slot map and reduction: kn_mma_step and kn_reduce_and_store (above).
 // Constraints (checked by the dispatcher): N % 8 == 0, K % 4 == 0, x and W 16-byte aligned.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int NT>
@@ -175,9 +225,16 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
   kn_reduce_and_store<NT>(acc, red, part, n0, epi);
 }
 
+// 64-column tiles x `split` CTAs along K; one token tile for M <= 8, two above.
 template <typename T>
 cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
-  return launch_kn_tiles<T>(a, split, stream, gemv_kn_mma_kernel<T, 1>, gemv_kn_mma_kernel<T, 2>);
+  const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
+  const int kchunk = k_per_split(a.K, split, 16);
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  return launch_split(a.M <= 8 ? gemv_kn_mma_kernel<T, 1> : gemv_kn_mma_kernel<T, 2>, tiles, split, gemv_pdl(),
+                      stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 }  // namespace
