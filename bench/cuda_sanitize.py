@@ -63,14 +63,15 @@ def cases(quick: bool):
     # tiles (the ring runs across a tile boundary), the last CTA fewer, and the last tile is partial.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     row_tiles_n = 160 * sms + 24
-    # [K, N]: 1.5 x SMs 64-column tiles, which kn_split (gemv_launch.cu) splits in two at M <= 8.
+    # [K, N]: 1.5 x SMs 64-column tiles, which kn_split (gemv_launch.cu) splits in two at M <= 8; the one-tile
+    # "split" shape (K = 4096) takes a split of 5: cluster slices of unequal length.
     split2_n = 64 * (3 * sms // 2)
     for dt in dtypes:
         for nk in (False, True):
             lay = "NK" if nk else "KN"
             # K % 32 == 8: a partial 16-bit k-step
-            rows = [(72, row_tiles_n, "rows")] if nk else [(1024, split2_n, "split2")]
-            for K, N, tag in [(256, 136, "tile"), (1024, 64, "split"), (67, 40, "oddK")] + rows:
+            rows = [(72, row_tiles_n, "rows")] if nk else [(2048, split2_n, "split2")]
+            for K, N, tag in [(256, 136, "tile"), (4096, 64, "split"), (67, 40, "oddK")] + rows:
                 w = weight(K, N, dt, nk)
                 b = torch.randn(N, dtype=dt, device="cuda")
                 for B, S in Ms + [big_M]:

@@ -178,7 +178,8 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
 # K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
 KN_SHAPES = [
     (4100, 12296),  # 193 tiles (M <= 8: split 2 on sm_90, 386 CTAs), K % 16 == 4 (a partial step), N % 64 == 8
-    (1028, 264),  # 5 tiles: a deep K split on sm_90
+    (4100, 4104),  # 65 tiles: split 5 on sm_90 (M <= 8: 325 CTAs), cluster slices of 103 + 103 + ... + 100 sums
+    (3080, 264),  # 5 tiles: split 4 on sm_90 (784 k per CTA, 728 in the last), K % 16 == 8
     (8192, 200),  # 4 tiles, the deepest split; N % 64 == 8
     (12, 520),  # K below one step: most warps have no unit
 ]
@@ -206,7 +207,7 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
     ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8
     ("DSINF_I8_ROW_TILES=1", "DSINF_I8_X_AHEAD=0"),  # [N, K]: 16-row tiles only; activations loaded per unit
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
-    ("DSINF_STREAM_RT2_FILL=1",),  # 32-row tiles from one per SM (8192x8192 takes them)
+    ("DSINF_STREAM_RT2_FILL=1", "DSINF_KN_SPLIT_ANY=0"),  # 32-row tiles from one per SM; [K, N] split a power of 2
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
 ])
 def test_tuning_variants_keep_parity(defines):

@@ -248,7 +248,7 @@ __device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
 // cluster (sm_90): after a cluster barrier, rank r sums slice r of all S partials through distributed
 // shared memory, in rank order (deterministic, no atomics, no workspace), and stores it; a second
 // barrier keeps every CTA's shared memory alive until all ranks have read it.
-// Precondition: `part` complete and visible (call after __syncthreads()). P % S == 0.
+// Precondition: `part` complete and visible (call after __syncthreads()). Any S (slices of ceil(P / S)).
 template <int TN, typename T>
 __device__ __forceinline__ void reduce_and_store(const float* part, int P, int n0, const Epilogue<T>& epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -256,9 +256,9 @@ __device__ __forceinline__ void reduce_and_store(const float* part, int P, int n
     cluster_sync();
     const unsigned S = cluster_size();
     const unsigned rank = cluster_rank();
-    const int chunk = P / static_cast<int>(S);
-    for (int i = threadIdx.x; i < chunk; i += blockDim.x) {
-      const int idx = static_cast<int>(rank) * chunk + i;
+    const int chunk = (P + static_cast<int>(S) - 1) / static_cast<int>(S);
+    const int begin = static_cast<int>(rank) * chunk, end = min(P, begin + chunk);
+    for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
       float v = 0.f;
       for (unsigned s = 0; s < S; ++s) v += ld_cluster_f32(map_to_rank(part + idx, s));
       epi.store(idx / TN, n0 + idx % TN, v);

@@ -22,11 +22,23 @@ namespace detail {
 #define DSINF_GEMV_CTAS_PER_SM 1  // split K over CTAs until tiles * split >= this * #SMs
 #endif
 // The [K, N] tensor-core kernel's target (64-column tiles), capped at 7/8 of the CTAs that fit the device at
-// once (kn_split in gemv_launch.cu). H200, fp16 M=1, fill 1 -> 2: 4096x12288 (192 tiles) 32.0 -> 26.7 us,
-// 4096x14336 (224) 34.1 -> 30.7 (split 2: 384 and 448 CTAs of 528 resident); without the cap 8192x8192 would
-// take 512 CTAs (split 4): 36.9 -> 45.5 us, 14336x4096 (split 8) 34.1 -> 40.5, 4096x4096 12.7 -> 16.0.
+// once (kn_split in gemv_launch.cu). H200, fp16 M=1, powers of two, fill 1 -> 2: 4096x12288 (192 tiles)
+// 32.0 -> 26.7 us, 4096x14336 (224) 34.1 -> 30.7 (split 2: 384 and 448 CTAs of 528 resident); without the cap
+// 8192x8192 would take 512 CTAs (split 4): 36.9 -> 45.5 us, 14336x4096 (split 8) 34.1 -> 40.5, 4096x4096
+// 12.7 -> 16.0. Any integer split, fill 3 (run 35): 14336x4096 split 7 (448 CTAs) 31.3 us against 34.1 at
+// split 4 and 31.9 at split 5; 8192x8192 split 3 36.2 against 37.0 at split 2.
 #ifndef DSINF_KN_CTAS_PER_SM
-#define DSINF_KN_CTAS_PER_SM 2
+#define DSINF_KN_CTAS_PER_SM 3
+#endif
+// Whether that split may be any integer up to DSINF_GEMV_MAX_SPLIT (1) or only a power of two (0). Powers of
+// two jump from 256 to 512 CTAs where the tiles are few (64 on N = 4096), and 512 is over the cap.
+#ifndef DSINF_KN_SPLIT_ANY
+#define DSINF_KN_SPLIT_ANY 1
+#endif
+// The [K, N] split's shortest K range per CTA: 4096x4096 ran 12.7 us at split 5 (819 rows per CTA) and 13.0
+// at split 7 (585 rows: the ramp and the cluster reduction weigh more on short CTAs).
+#ifndef DSINF_KN_MIN_K_PER_CTA
+#define DSINF_KN_MIN_K_PER_CTA 768
 #endif
 // The [N, K] streaming kernel's, for sweeping (fill 2 gave int8 14336x4096 19.9 us instead of 18.2, 4096x4096
 // 8.6 instead of 7.4: split clusters of short CTAs, where one 16-row tile per CTA already fills the SMs).
