@@ -6,8 +6,8 @@
 
 Covers both weight layouts, each dtype, int8 weights (several scale groups), the [N, K] streaming kernel's
 16- and 32-row tiles (16-bit and int8 weights), the fused QKV split with RoPE (both pair styles,
-rotary_dim < D) and GQA, small M (GEMV buckets, split-K clusters, the scalar fallback for odd K /
-misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are tiny so a memcheck run stays in
+rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our GEMV; split-K clusters,
+the scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are tiny so a memcheck run stays in
 minutes. Every result is compared with dsinf.reference (computed on
 CPU copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from dsinf import reference  # noqa: E402
+from dsinf import reference, routes  # noqa: E402
 
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # see tests/test_cuda_module.py
 SUFFIX = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -112,6 +112,14 @@ def to_cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
+def route_key(op: str, args) -> routes.RouteKey:
+    """The case's matmul shape, which `run` routes to our GEMV so that memcheck covers it at every M the GEMV
+    takes (the compiled crossover sends 16-bit M > 8 to cuBLAS; larger M still goes there)."""
+    x, w = args[0], args[1]
+    transposed = args[5] if op == "vector_matmul" else args[6]  # linear_layer(x, w, b, add_bias, flash, heads, t)
+    return routes.key_of(x, w, w.dtype == torch.int8, bool(transposed))
+
+
 def run(mod, quick: bool = False, verbose: bool = False) -> int:
     """Run every case against `mod` (attributes = the dsinf ops); returns the number of failures."""
     torch.manual_seed(0)
@@ -122,7 +130,8 @@ def run(mod, quick: bool = False, verbose: bool = False) -> int:
             continue
         total += 1
         try:
-            outs = getattr(mod, fname)(*args, **kwargs)
+            with routes.forced("cuda", [route_key(op, args)]):
+                outs = getattr(mod, fname)(*args, **kwargs)
             torch.cuda.synchronize()
             ref_fn = getattr(reference, op)
             refs = ref_fn(*[to_cpu(a) for a in args], **{k: to_cpu(v) for k, v in kwargs.items()})

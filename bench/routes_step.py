@@ -73,12 +73,7 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
         return None
 
     def call(*args):  # host-side: inside graph capture the forced route is what the graph records
-        with routes._lock:  # no route tuning or apply() from another thread in between
-            saved = b.applied
-            b.set({**saved, key: b.gemv_cap})  # the binding republishes a table it has seen: no growth
-            try:
-                return fn(*args)
-            finally:
-                b.set(saved)
+        with routes.forced("cuda", [key]):
+            return fn(*args)
 
     return call

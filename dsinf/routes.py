@@ -42,9 +42,10 @@ import math
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -307,6 +308,29 @@ def binding(variant: str) -> Binding:
             InferenceBuilder().load(variant)
             found = _bindings[variant] = Binding(variant, loaded_variants()[(_OP, variant)].path)
         return found
+
+
+def key_of(input: torch.Tensor, weight: torch.Tensor, q_int8: bool, transposed_mode: bool) -> RouteKey:
+    """The route key of a `vector_matmul` / `linear_layer` call (int8 weights are [N, K])."""
+    nk = q_int8 or transposed_mode
+    return RouteKey(_DTYPES[input.dtype], "int8" if q_int8 else ("nk" if nk else "kn"), int(input.shape[-1]),
+                    int(weight.shape[0] if nk else weight.shape[-1]))
+
+
+@contextmanager
+def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> Iterator[Binding]:
+    """While the block runs, `keys` take our GEMV for every M it accepts (max_m None) or up to max_m (0: ATen)
+    in the `variant` module, whatever the compiled crossover or a persisted table says; the table in force
+    before is restored after. For checks and probes of the kernels themselves. Host-side: a graph captured
+    inside the block replays the forced route."""
+    b = binding(variant)
+    with _lock:  # no route tuning or apply() from another thread in between
+        saved = b.applied
+        b.set({**saved, **dict.fromkeys(keys, b.gemv_cap if max_m is None else max_m)})
+        try:
+            yield b
+        finally:
+            b.set(saved)  # the binding republishes a table it has seen: no growth
 
 
 def device_key(variant: str, device: torch.device | None = None) -> str:

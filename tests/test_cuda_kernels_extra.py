@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsinf import reference
+from dsinf import reference, routes
 from dsinf.library import has_kernel
 
 pytestmark = [
@@ -45,7 +45,18 @@ def _fn(suffix: str):
     if suffix == "bf16" and capability < (8, 0):  # absent hardware; on an sm_80+ GPU a missing kernel fails
         pytest.skip(f"bf16 kernels need compute capability 8.0; this GPU has {capability}")
     assert has_kernel(name, "cuda"), f"{name} is missing from the CUDA build on a compute capability {capability} GPU"
-    return getattr(torch.ops.dsinf, name)
+    op = getattr(torch.ops.dsinf, name)
+
+    def on_our_gemv(x, w, async_op, q_scale, q_int8, transposed_mode):
+        # The kernels are what these tests check, so each call's shape is routed to our GEMV: the compiled
+        # crossover sends 16-bit M > 8 to cuBLAS, and a persisted route table may send any M there.
+        key = routes.key_of(x, w, q_int8, transposed_mode)
+        with routes.forced("cuda", [key]) as b:
+            out = op(x, w, async_op, q_scale, q_int8, transposed_mode)
+            assert b.last() == "gemv", f"{key.text} M={x.numel() // x.shape[-1]} ran on {b.last()}, not our GEMV"
+        return out
+
+    return on_our_gemv
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:

@@ -144,6 +144,40 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
     torch.testing.assert_close(got, dsinf.reference.vector_matmul(x64, w), rtol=1e-4, atol=1e-4)
 
 
+def test_forced_routes_a_call_and_restores_the_table(cpu_routes):
+    """routes.forced (what the kernel tests and probes use to reach our GEMV at every M): the keys it names
+    take our GEMV up to the cap, or ATen with max_m=0, inside the block only; the table before comes back."""
+    K, N = 256, 48
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(N, K, generator=gen), torch.randn(1, 16, K, generator=gen)
+    op = torch.ops.dsinf.vector_matmul_fp32.default
+    key = routes.key_of(x, w, False, True)
+    assert key == RouteKey("fp32", "nk", K, N)
+    assert routes.key_of(x, torch.zeros(N, K, dtype=torch.int8), True, False) == RouteKey("fp32", "int8", K, N)
+    assert routes.key_of(x, torch.zeros(K, N), False, False) == RouteKey("fp32", "kn", K, N)
+    table = {RouteKey("fp32", "kn", 8, 8): 2, key: 0}  # this shape on ATen, as a measured table may say
+    cpu_routes.set(table)
+    op(x, w, transposed_mode=True)
+    assert cpu_routes.last() == "aten"
+    with routes.forced("cpu", [key]) as b:
+        assert b is cpu_routes and b.applied == {**table, key: b.gemv_cap}
+        got = op(x, w, transposed_mode=True)
+        assert b.last() == "gemv"
+    torch.testing.assert_close(got, dsinf.reference.vector_matmul(x, w, transposed_mode=True), rtol=1e-4, atol=1e-4)
+    assert cpu_routes.applied == table
+    op(x, w, transposed_mode=True)
+    assert cpu_routes.last() == "aten"
+    cpu_routes.set({})  # the compiled crossover: M = 1 on our GEMV ...
+    op(x[:, :1], w, transposed_mode=True)
+    assert cpu_routes.last() == "gemv"
+    with pytest.raises(RuntimeError, match="inside"):
+        with routes.forced("cpu", [key], max_m=0):  # ... forced to ATen
+            op(x[:, :1], w, transposed_mode=True)
+            assert cpu_routes.last() == "aten"
+            raise RuntimeError("inside")
+    assert cpu_routes.applied == {}  # restored on the way out of an exception too
+
+
 def test_route_keys_include_dtype_and_layout(cpu_routes):
     K, N = 64, 96
     w_nk = torch.randn(N, K, dtype=torch.bfloat16)

@@ -15,10 +15,12 @@ What it prints:
   1. copy bandwidth (device-to-device `copy_` of 1 GiB, read + write bytes, after ~1 s of copies to
      bring the clocks up), the ceiling;
   2. parity of torch.ops.dsinf.vector_matmul_{fp16,bf16} against dsinf.reference on random inputs for
-     M = 1..8 and 9..16, both float layouts and int8 (groups 1, 8, N), plus shapes that route to the
+     M = 1..8 and 9..16 (each call routed to our GEMV, which it checks: the compiled crossover would send
+     16-bit M > 8 to cuBLAS), both float layouts and int8 (groups 1, 8, N), plus shapes that route to the
      scalar fallback (K or N not a multiple of the vector width), and int8 shapes for the streaming kernel
      (several row tiles per CTA, N % 16 != 0, K % 64 != 0): max abs error and PASS/FAIL;
-  3. per (dtype, layout, K x N, M in 1, 2, 4, 8): our µs, torch µs, ratio (torch / ours), GB/s and % of
+  3. per (dtype, layout, K x N, M in 1, 2, 4, 8): our µs (our GEMV, routed to it at every M), torch µs,
+     ratio (torch / ours), GB/s and % of
      the copy bandwidth, timed as CUDA-graph replays over rotating weight copies (>= 4 x 60 MiB, so
      the weights come from HBM, not L2); torch is F.linear for [N, K] and torch.matmul for [K, N];
      int8 is compared with the faster of torch's two fp16/bf16 layouts on the dequantized weight; beside
@@ -157,6 +159,22 @@ def copy_bandwidth(torch) -> float:
 
 
 # ------------------------------------------------------------------------------------------ parity
+def on_our_gemv(op):
+    """`op` with each call's shape routed to our GEMV (the compiled crossover sends 16-bit M > 8 to cuBLAS, a
+    persisted route table may send any M there), raising if the call ran on ATen all the same."""
+    from dsinf import routes
+
+    def call(x, w, async_op, q_scale, q_int8, transposed_mode):
+        key = routes.key_of(x, w, q_int8, transposed_mode)
+        with routes.forced("cuda", [key]) as b:  # host-side: a graph captured here replays this route
+            out = op(x, w, async_op, q_scale, q_int8, transposed_mode)
+            if b.last() != "gemv":
+                raise RuntimeError(f"{key.text}: ran on {b.last()}, not our GEMV")
+        return out
+
+    return call
+
+
 def parity(torch, device: str = "cuda") -> int:
     """Checks every routing case against dsinf.reference; returns the number of failures."""
     from dsinf import reference
@@ -173,7 +191,7 @@ def parity(torch, device: str = "cuda") -> int:
     log("\nparity vs dsinf.reference (max abs error, tolerance = 1 ulp at max |ref| + fp32 accumulation slack)")
     for dtype_name in ("fp16", "bf16"):
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
-        op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
+        op = on_our_gemv(getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}"))
         eps = torch.finfo(dt).eps
         for K, N, why in shapes:
             for M in (1, 2, 3, 5, 8, 16):
@@ -244,7 +262,7 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
         f" {'GB/s':>6s} {'%bw':>5s} {'copy µs':>8s} {'%copy':>6s}")
     for dtype_name in dtypes:
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
-        op = getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}")
+        op = on_our_gemv(getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}"))  # the kernel, at every M
         esz = torch.tensor([], dtype=dt).element_size()
         for shape in shapes:
             K, N = shape[:2]
