@@ -8,7 +8,8 @@ fp16 and bf16 activations (bf16 takes the fp32 -> high-half int8 conversion, fp1
 STREAM_SHAPES are the streaming kernel's own cases, for both weight types: row tiles of 16 (N % 16 != 0),
 several tiles per CTA with the ring running across tile boundaries (N above 16 x the resident CTAs), partial
 k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 and the two-token-tile M 9..16;
-an output the kernel fails to write reads as NaN.
+an output the kernel fails to write reads as NaN. Every call is routed to our GEMV (`routes.forced`) and checked
+to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
 the 32-row-tile thresholds, activations loaded per unit).
