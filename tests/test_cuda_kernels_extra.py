@@ -188,11 +188,14 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
 
 
 # K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
+# Which kernel and split each shape takes on an H200 (132 SMs): the cp.async ring up to 132 64-column tiles, the
+# register batches above.
 KN_SHAPES = [
-    (4100, 12296),  # 193 tiles (M <= 8: split 2 on sm_90, 386 CTAs), K % 16 == 4 (a partial step), N % 64 == 8
-    (4100, 4104),  # 65 tiles: split 5 on sm_90 (M <= 8: 325 CTAs), cluster slices of 103 + 103 + ... + 100 sums
-    (3080, 264),  # 5 tiles: split 4 on sm_90 (784 k per CTA, 728 in the last), K % 16 == 8
-    (8192, 200),  # 4 tiles, the deepest split; N % 64 == 8
+    (4100, 12296),  # 193 tiles: register batches, split 2 (386 CTAs); K % 16 == 4 (a partial step), N % 64 == 8
+    (4100, 8712),  # 137 tiles: register batches, split 3, cluster slices of 171 + 171 + 170 sums (M <= 8)
+    (4100, 2568),  # 41 tiles: the ring, split 3 (1376 k per CTA, 1348 in the last), slices of 171 + 171 + 170
+    (3080, 264),  # 5 tiles: the ring, split 4 (784 k per CTA, 728 in the last), K % 16 == 8
+    (8192, 200),  # 4 tiles: the ring, the deepest split; N % 64 == 8
     (12, 520),  # K below one step: most warps have no unit
 ]
 
@@ -201,8 +204,9 @@ KN_SHAPES = [
 @pytest.mark.parametrize("K,N", KN_SHAPES)
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 def test_kn_shapes(cuda_module, suffix, K, N, M):
-    """fp16/bf16 [K, N] weights: odd K and N, K splits, both token tiles; unwritten outputs read as NaN (the
-    register-fed kernel stages nothing in shared memory, so the all-inf call first only guards a future one)."""
+    """fp16/bf16 [K, N] weights, both kernels (the cp.async ring and the register batches): odd K and N, K
+    splits, both token tiles; unwritten outputs read as NaN, and ring slots past K or N left from a call
+    over all-inf weights must be zero-filled."""
     dtype = DTYPES[suffix]
     fn = _fn(suffix)
     gen = torch.Generator().manual_seed(K * 13 + N + M)
@@ -221,6 +225,8 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
     ("DSINF_STREAM_RT2_FILL=1", "DSINF_KN_SPLIT_ANY=0"),  # 32-row tiles from one per SM; [K, N] split a power of 2
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
+    ("DSINF_KN_RING_STAGES=0",),  # [K, N]: register batches for every shape
+    ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2"),  # the ring's other shape
 ])
 def test_tuning_variants_keep_parity(defines):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring

@@ -30,6 +30,19 @@ namespace detail {
 #ifndef DSINF_KN_CTAS_PER_SM
 #define DSINF_KN_CTAS_PER_SM 3
 #endif
+// The [K, N] kernel's cp.async ring (gemv_mma.cu) takes the shapes with at most DSINF_KN_RING_TILES_PER_SM
+// 64-column tiles per SM, and fills to DSINF_KN_RING_CTAS_PER_SM, capped at every resident CTA (one wave).
+// H200 (run 42), fp16 M=1, ring (one 132 KiB CTA per SM) against register batches, us: 4096x4096 11.3 / 12.5,
+// 14336x4096 30.0 / 31.4, 8192x8192 33.6 / 36.2 (96% of the copy bandwidth) - N up to 8192, 128 tiles; but
+// 4096x12288 (192 tiles: two waves of the ring, or 1-2 CTAs of an 88 KiB ring per SM) 28.0-28.7 / 26.7, and
+// 4096x14336 30.5-32.0 / 30.7. Fill 2 (a split of 2 at 8192x8192, 88 KiB rings) measured no better there
+// and slower on 4096x4096 (15.3) and 14336x4096 (38.7).
+#ifndef DSINF_KN_RING_TILES_PER_SM
+#define DSINF_KN_RING_TILES_PER_SM 1
+#endif
+#ifndef DSINF_KN_RING_CTAS_PER_SM
+#define DSINF_KN_RING_CTAS_PER_SM 1
+#endif
 // Whether that split may be any integer up to DSINF_GEMV_MAX_SPLIT (1) or only a power of two (0). Powers of
 // two jump from 256 to 512 CTAs where the tiles are few (64 on N = 4096), and 512 is over the cap.
 #ifndef DSINF_KN_SPLIT_ANY
@@ -96,15 +109,19 @@ cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();
-// CTAs of the [K, N] tensor-core kernel for this many token tiles that fit one SM (gemv_mma.cu).
-int kn_mma_resident_per_sm(DType dtype, int token_tiles);
+// Whether a [K, N] call takes the tensor-core kernel's cp.async ring rather than its register batches
+// (gemv_mma.cu): the ring is built (DSINF_KN_RING_STAGES > 0), the device grants its shared memory, and the
+// 64-column tiles are at most DSINF_KN_RING_TILES_PER_SM per SM.
+bool kn_ring_for(const GemvArgs& a);
+// CTAs of that kernel (the ring or the register batches) for this many token tiles that fit one SM.
+int kn_mma_resident_per_sm(DType dtype, int token_tiles, bool ring);
 
 #if defined(__CUDACC__)
-// CTAs of `Kernel` (256 threads, static shared memory) that fit on one SM of the current device, queried once
-// per kernel and device (an attribute query: no synchronization, safe under graph capture); 1 if unknown.
-// Keyed by the kernel itself, not its pointer type: the instantiations of a kernel template share a pointer
-// type but each has its own shared memory and registers.
-template <auto Kernel>
+// CTAs of `Kernel` (256 threads, its static shared memory plus `DynSmem` bytes) that fit on one SM of the
+// current device, queried once per kernel and device (an attribute query: no synchronization, safe under
+// graph capture); 1 if unknown. Keyed by the kernel itself, not its pointer type: the instantiations of a
+// kernel template share a pointer type but each has its own shared memory and registers.
+template <auto Kernel, size_t DynSmem = 0>
 int resident_per_sm() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];
@@ -118,7 +135,7 @@ int resident_per_sm() {
     if (c > 0) return c;
   }
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kGemvThreads, 0) != cudaSuccess || n < 1) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kGemvThreads, DynSmem) != cudaSuccess || n < 1) {
     (void)cudaGetLastError();
     return 1;
   }
@@ -191,18 +208,19 @@ cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   return cudaGetLastError();
 }
 
-// A GEMV launch: `tiles` x `split` CTAs of kGemvThreads (a cluster of `split` along y when split > 1);
-// `pdl` adds the programmatic-dependent-launch attribute. The plain case keeps the <<<>>> launch.
+// A GEMV launch: `tiles` x `split` CTAs of kGemvThreads with `smem` bytes of dynamic shared memory (a
+// cluster of `split` along y when split > 1); `pdl` adds the programmatic-dependent-launch attribute. The
+// plain case keeps the <<<>>> launch.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, cudaStream_t stream,
+cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, size_t smem, cudaStream_t stream,
                          Args... args) {
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
   const dim3 block(kGemvThreads, 1, 1);
   if (split <= 1 && !pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
+    kernel<<<grid, block, smem, stream>>>(args...);
     return cudaGetLastError();
   }
-  return launch_ex(kernel, grid, block, 0, split, pdl, stream, args...);
+  return launch_ex(kernel, grid, block, smem, split, pdl, stream, args...);
 }
 
 }  // namespace detail

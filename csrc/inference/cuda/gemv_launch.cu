@@ -10,7 +10,8 @@
 // K split: a tile's K range is shared by `split` CTAs (one cluster) until tiles * split reaches
 // DSINF_GEMV_CTAS_PER_SM * #SMs (default 1), so even N = 4096 fills 132 SMs (the [N, K] streaming kernel: 16-row
 // tiles, so N >= 16 * #SMs is never split; the kernel sizes its persistent grid itself); the [K, N] tensor-core
-// kernel fills to DSINF_KN_CTAS_PER_SM (3) within its resident CTAs, by any integer split (kn_split). Only
+// kernel fills to DSINF_KN_CTAS_PER_SM (3; its cp.async ring, for shapes of at most one 64-column tile per SM,
+// to one CTA per SM) within its resident CTAs, by any integer split (kn_split). Only
 // when the device is sm_90+ and the code it runs was compiled for sm_90+ (clusters, distributed shared
 // memory); else split = 1.
 #include <atomic>
@@ -94,18 +95,21 @@ int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int ctas_per_s
   return split;
 }
 
-// The [K, N] kernel's split: the smallest that reaches the fill target DSINF_KN_CTAS_PER_SM, within 7/8 of
-// the CTAs that fit the device at once (else the largest within), keeping DSINF_KN_MIN_K_PER_CTA rows per CTA.
+// The [K, N] kernel's split: the smallest that reaches the fill target DSINF_KN_CTAS_PER_SM (the ring:
+// DSINF_KN_RING_CTAS_PER_SM), within 7/8 of the CTAs that fit the device at once (the ring: all of them, one
+// per SM) or else the largest within, keeping DSINF_KN_MIN_K_PER_CTA rows per CTA.
 // The split CTAs of a tile are one cluster, and a cluster must fit whole in one GPC, so a grid near the
 // resident limit may not all be placed at once (H200: 512 CTAs for 528 slots ran 1.2-1.3x slower than 256;
 // 448 ran fine). Any integer split (DSINF_KN_SPLIT_ANY): N = 4096 has 64 tiles, and powers of two jump from
 // 256 CTAs to 512; 7 gives 448.
 int kn_split(const DeviceInfo& dev, const GemvArgs& a, int64_t tiles) {
-  const int64_t slots = static_cast<int64_t>(kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1)) * dev.sms;
-  const int64_t cap = slots * 7 / 8;
-  if (!DSINF_KN_SPLIT_ANY) return choose_split(dev, tiles, a.K, DSINF_KN_CTAS_PER_SM, cap);
+  const bool ring = kn_ring_for(a);
+  const int64_t slots = static_cast<int64_t>(kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1, ring)) * dev.sms;
+  const int64_t cap = ring ? slots : slots * 7 / 8;
+  const int fill = ring ? DSINF_KN_RING_CTAS_PER_SM : DSINF_KN_CTAS_PER_SM;
+  if (!DSINF_KN_SPLIT_ANY) return choose_split(dev, tiles, a.K, fill, cap);
   if (!dev.cluster) return 1;
-  const int64_t target = static_cast<int64_t>(DSINF_KN_CTAS_PER_SM) * dev.sms;
+  const int64_t target = static_cast<int64_t>(fill) * dev.sms;
   int split = 1;
   while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < target && tiles * (split + 1) <= cap &&
          a.K / (split + 1) >= DSINF_KN_MIN_K_PER_CTA)

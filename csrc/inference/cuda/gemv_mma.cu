@@ -12,11 +12,14 @@
 // stream is the only cost up to M = 16 (tokens are the mma's n = 8 dimension, padded: M <= 8 -> one
 // n-tile, M <= 16 -> two; padding rows re-read x[M-1] and are never stored).
 //
-// No shared-memory staging and no ldmatrix: the sum over k is order-free, so the kernel assigns the
-// mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers come
-// straight out of its own 16-byte global loads (see the slot map below). Each weight byte is loaded
-// exactly once, 16 bytes per load, in batches of U k-steps per thread (how many of them are really in
-// flight at once depends on DSINF_MMA_PIPELINE, below).
+// Two kernels share one slot map and reduction. No ldmatrix: the sum over k is order-free, so the kernels
+// assign the mma's 16 k "slots" to physical k indices such that every thread's A and B fragment registers
+// are its own 16-byte chunks of the tile (see the slot map below). Each weight byte is loaded exactly once:
+// - register batches (gemv_kn_mma_kernel): straight from global memory, U k-steps per thread at a time
+//   (how many of them are really in flight at once depends on DSINF_MMA_PIPELINE, below);
+// - a cp.async ring (gemv_kn_ring_kernel): through shared memory, S - 1 units in flight per warp, one CTA
+//   per SM. It reads the shapes of up to one 64-column tile per SM at 94-96% of the copy bandwidth, the
+//   register batches at 87-90% (kn_ring_for in the launcher picks; gemv_internal.cuh has the numbers).
 //
 // Split-K: a CTA (8 warps) owns an output tile and a K range; warps interleave over k-steps, reduce
 // through shared memory, and when the launcher splits K over `split` CTAs (gridDim.y, sm_90), those
@@ -56,6 +59,7 @@ constexpr int kUnroll = DSINF_MMA_UNROLL;
 #define DSINF_MMA_PIPELINE_UNROLL 2
 #endif
 constexpr int kLoopUnroll = DSINF_MMA_PIPELINE ? DSINF_MMA_PIPELINE_UNROLL : kUnroll;  // k-steps per batch
+static_assert(kLoopUnroll >= 1, "a batch holds at least one k-step");
 
 // Minimum CTAs per SM the one-token-tile kernels (M <= 8) must fit (__launch_bounds__ min blocks).
 // 0 = no min-blocks clause (today's register allocation: 50-70 registers, 3-4 CTAs fit). Note that
@@ -115,6 +119,17 @@ __device__ __forceinline__ void kn_mma_step(float (&acc)[4][NT][4], const uint4 
 #pragma unroll
     for (int q = 0; q < NT; ++q) Mma<T>::run(acc[j][q], a0, a1, a2, a3, x[q].x, x[q].y);
   }
+}
+
+// The C fragments of a [K, N] tile (kn_mma_step's accumulators) set to zero.
+template <int NT>
+__device__ __forceinline__ void kn_zero(float (&acc)[4][NT][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
 }
 
 // The 8 warps' partials of a [K, N] tile summed in shared memory (`red`: kGemvWarps x P floats, `part`: P;
@@ -188,12 +203,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 #endif
 
   float acc[4][NT][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][q][e] = 0.f;
+  kn_zero<NT>(acc);
 
   struct Batch {
     uint4 w[kLoopUnroll][4];
@@ -225,26 +235,223 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
   kn_reduce_and_store<NT>(acc, red, part, n0, epi);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Weight [K, N] through a cp.async ring (DSINF_KN_RING_STAGES >= 2).
+// The same tile, slot map, warp interleave and reduction as gemv_kn_mma_kernel, but a thread's loads go
+// global -> shared memory with cp.async instead of into registers: a copy writes no register, so nothing
+// waits on it until cp.async.wait_group, and every warp keeps S - 1 units of U k-steps in flight (each
+// k-step 2 KiB of weights per warp) while it multiplies one, without the register cost that capped the
+// batches above at 4 k-steps and 64 KiB per CTA. Why: Triton's pointer kernel, whose loads its pipeliner
+// turns into a 3-stage cp.async ring (64-column tiles, 256 k per stage, one CTA per SM, no split), read
+// [K, N] 8192x8192 at 96% of the copy bandwidth on the H200 (32.8 us, run 36) where the register batches
+// read 87-90% (35.7-36.9 us, three CTAs per SM by a split of 3).
+// Ring layout: a unit's k-step holds, per row group i (< 4), the 4 rows kb + 4 r + i (r < 4) of the tile, 128
+// bytes each, at a pitch of 160 bytes. Lanes 8 r .. 8 r + 7 copy row r's 8 chunks of 16 bytes, so each copy
+// instruction has global addresses and shared destinations that both run on in lane order: measured on the
+// H200 (ncu, 8192x8192), copies whose lanes wrote their own slots (the mma's lane order, 16-byte runs) went
+// to L2 as one request per 32-byte sector and read every sector twice (8.4 M sectors for 4.2 M of weights,
+// 2.1 TB/s). Thread (g, t) then reads chunk g of row t, after a __syncwarp (other lanes copied it); the pitch
+// of 160 bytes puts the 8 lanes of a quarter-warp (g < 2, t < 4) on distinct banks. Each thread copies its
+// own 8 bytes of activations per token tile beside them. After the k loop the ring is reused for the
+// reduction buffers.
+// ------------------------------------------------------------------------------------------------
+#ifndef DSINF_KN_RING_STAGES
+#define DSINF_KN_RING_STAGES 3  // 3 x 2 k-steps: 132 KiB of ring (144 at M > 8), one CTA per SM (0 = no ring)
+#endif
+#ifndef DSINF_KN_RING_UNIT
+#define DSINF_KN_RING_UNIT 2  // k-steps (16 rows) per ring unit
+#endif
+constexpr int kRingStages = DSINF_KN_RING_STAGES, kRingUnit = DSINF_KN_RING_UNIT;
+static_assert(kRingStages == 0 || kRingStages >= 2, "the ring needs two stages: one landing, one multiplied");
+static_assert(kRingUnit >= 1, "a ring unit holds at least one k-step");
+constexpr int kRingPitch = 160;                // bytes per row of a ring block (128 of data)
+constexpr int kRingBlock = 4 * kRingPitch;     // one row group of a k-step: 4 rows
+static_assert(kRingBlock % 16 == 0, "16-byte copies stay aligned");
+
+template <int NT>
+constexpr size_t kn_ring_wbytes() {  // the weight slots of the whole ring
+  return static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * 4 * kRingBlock;
+}
+template <int NT>
+constexpr size_t kn_ring_smem() {  // ring (weights, then activations), or the reduction buffers if larger
+  const size_t ring = kn_ring_wbytes<NT>() + static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * NT * 32 * 8;
+  const size_t red = static_cast<size_t>(kGemvWarps + 1) * kTileKnMma * 8 * NT * sizeof(float);
+  return ring > red ? ring : red;
+}
+
+template <typename T, int NT>
+__global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                         Epilogue<T> epi, int M, int K, int N, int kchunk) {
+  constexpr int S = kRingStages > 0 ? kRingStages : 2, U = kRingUnit, TN = kTileKnMma, P = TN * 8 * NT;
+  constexpr int kStep = 16 * kGemvWarps;  // k from one of a warp's k-steps to its next
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;  // the mma's lane roles (consumer)
+  const int cr = lane >> 3, cc = lane & 7;  // the copy's: row 4 cr + i, chunk cc
+  const int n0 = blockIdx.x * TN;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_end = min(K, k_begin + kchunk);
+  // Units per CTA, the same for every warp (all of them reach the reduction's barriers): >= 1.
+  const int units = max(1, ceil_div(max(0, k_end - k_begin), kStep * U));
+
+  // Shared addresses: ring block (s, u, i) of this warp; this lane's copy slot and read slot in it; its
+  // activation slot (s, u, q).
+  const uint32_t wwarp = smem_addr(smem) + warp * U * 4 * kRingBlock;
+  auto block = [&](int s, int u, int i) { return wwarp + (((s * kGemvWarps) * U + u) * 4 + i) * kRingBlock; };
+  const uint32_t copy_at = cr * kRingPitch + cc * 16, read_at = t * kRingPitch + g * 16;
+  const uint32_t xbase = smem_addr(smem) + static_cast<uint32_t>(kn_ring_wbytes<NT>()) + ((warp * U * NT) * 32 + lane) * 8;
+  auto xslot = [&](int s, int u, int q) { return xbase + (((s * kGemvWarps) * U + u) * NT + q) * 32 * 8; };
+
+  const T* xrow[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
+  const bool ccol_ok = n0 + 8 * cc < N;
+  const T* ccol = w + (ccol_ok ? n0 + 8 * cc : 0);
+#if DSINF_GEMV_PDL
+  pdl_begin();
+  pdl_wait();
+#endif
+
+  // Producer: the next unit to copy (j-th of the CTA's units, first k-step kb). Past K or N a slot is
+  // zero-filled without reading (a stale fp16/bf16 slot could hold inf/NaN, and 0 * inf is NaN).
+  int p_j = 0, p_kb = k_begin + 16 * warp;
+  auto issue = [&](int s) {
+    if (p_j < units) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int kb = p_kb + u * kStep;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int k = kb + 4 * cr + i;
+          const bool ok = ccol_ok && k < k_end;
+          cp_async16_stream_l2(block(s, u, i) + copy_at, ok ? ccol + static_cast<size_t>(k) * N : w, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          const int k = kb + 4 * t;  // K % 4 == 0: the 4 elements are all in range or all out
+          const bool ok = k < k_end;
+          cp_async8_cached(xslot(s, u, q), ok ? xrow[q] + k : x, ok ? 8 : 0);
+        }
+      }
+    }
+    cp_async_commit();  // always: the group count is what cp.async.wait_group counts
+    ++p_j;
+    p_kb += U * kStep;
+  };
+
+  float acc[4][NT][4];
+  kn_zero<NT>(acc);
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(s);
+  int slot_c = 0, slot_p = S - 1;
+  for (int j = 0; j < units; ++j) {
+    __syncwarp();  // every lane has read stage slot_p (last iteration) before it is refilled
+    issue(slot_p);
+    slot_p = slot_p + 1 == S ? 0 : slot_p + 1;
+    cp_async_wait<S - 1>();  // all but the S - 1 newest groups are done: this lane's part of unit j landed
+    __syncwarp();            // and every other lane's
+    uint4 wv[U][4];
+    uint2 xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wv[u][i] = lds16(block(slot_c, u, i) + read_at);
+#pragma unroll
+      for (int q = 0; q < NT; ++q) xv[u][q] = lds8(xslot(slot_c, u, q));
+    }
+    slot_c = slot_c + 1 == S ? 0 : slot_c + 1;
+#pragma unroll
+    for (int u = 0; u < U; ++u) kn_mma_step<T, NT>(acc, wv[u], xv[u]);
+  }
+  cp_async_wait<0>();  // only empty groups are left
+  pdl_end();
+  __syncthreads();  // every warp is done with the ring: the reduction buffers take its place
+  float* red = reinterpret_cast<float*>(smem);
+  kn_reduce_and_store<NT>(acc, red, red + kGemvWarps * P, n0, epi);
+}
+
+// Dynamic shared memory above 48 KiB needs the kernel's opt-in, once per device (idempotent: a race only
+// sets it twice). False if the device refuses it.
+template <auto Kernel, size_t Bytes>
+bool opt_in_smem() {
+  if constexpr (Bytes <= 48 * 1024) {
+    return true;
+  } else {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> done[kMaxDevices];  // 0 unknown, 1 refused, 2 set
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    if (dev >= 0 && dev < kMaxDevices) {
+      const int c = done[dev].load(std::memory_order_relaxed);
+      if (c) return c == 2;
+    }
+    const bool ok = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Bytes)) == cudaSuccess;
+    (void)cudaGetLastError();
+    if (dev >= 0 && dev < kMaxDevices) done[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
+    return ok;
+  }
+}
+
+template <typename T, int NT>
+bool ring_ready() {  // the ring is built and this device gives its kernel the shared memory it needs
+  if constexpr (kRingStages > 0) {
+    return opt_in_smem<gemv_kn_ring_kernel<T, NT>, kn_ring_smem<NT>()>();
+  } else {
+    return false;
+  }
+}
+
+template <typename T, int NT>
+int kn_resident(bool ring) {
+  if constexpr (kRingStages > 0) {
+    if (ring) return resident_per_sm<gemv_kn_ring_kernel<T, NT>, kn_ring_smem<NT>()>();
+  }
+  return resident_per_sm<gemv_kn_mma_kernel<T, NT>>();
+}
+
 // 64-column tiles x `split` CTAs along K; one token tile for M <= 8, two above.
-template <typename T>
-cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+template <typename T, int NT>
+cudaError_t kn_tokens(const GemvArgs& a, int split, bool ring, cudaStream_t stream) {
   const int tiles = static_cast<int>((a.N + kTileKnMma - 1) / kTileKnMma);
   const int kchunk = k_per_split(a.K, split, 16);
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  return launch_split(a.M <= 8 ? gemv_kn_mma_kernel<T, 1> : gemv_kn_mma_kernel<T, 2>, tiles, split, gemv_pdl(),
-                      stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
+  if constexpr (kRingStages > 0) {
+    if (ring)
+      return launch_split(gemv_kn_ring_kernel<T, NT>, tiles, split, gemv_pdl(), kn_ring_smem<NT>(), stream, x, w,
+                          make_epilogue<T>(a), M, K, N, kchunk);
+  }
+  return launch_split(gemv_kn_mma_kernel<T, NT>, tiles, split, gemv_pdl(), 0, stream, x, w, make_epilogue<T>(a), M, K,
+                      N, kchunk);
+}
+
+template <typename T>
+cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+  const bool ring = kn_ring_for(a);
+  return a.M <= 8 ? kn_tokens<T, 1>(a, split, ring, stream) : kn_tokens<T, 2>(a, split, ring, stream);
 }
 
 }  // namespace
 
-int kn_mma_resident_per_sm(DType dtype, int token_tiles) {
+bool kn_ring_for(const GemvArgs& a) {
+  const int64_t tiles = (a.N + kTileKnMma - 1) / kTileKnMma;
+  if (kRingStages == 0 || tiles > static_cast<int64_t>(DSINF_KN_RING_TILES_PER_SM) * device_sm_count()) return false;
+  const bool two = a.M > 8;
+  if (a.dtype == DType::kBFloat16) return two ? ring_ready<__nv_bfloat16, 2>() : ring_ready<__nv_bfloat16, 1>();
+  return two ? ring_ready<__half, 2>() : ring_ready<__half, 1>();
+}
+
+int kn_mma_resident_per_sm(DType dtype, int token_tiles, bool ring) {
   using bf16 = __nv_bfloat16;
   const bool two = token_tiles > 1;
-  if (dtype == DType::kBFloat16)
-    return two ? resident_per_sm<gemv_kn_mma_kernel<bf16, 2>>() : resident_per_sm<gemv_kn_mma_kernel<bf16, 1>>();
-  return two ? resident_per_sm<gemv_kn_mma_kernel<__half, 2>>() : resident_per_sm<gemv_kn_mma_kernel<__half, 1>>();
+  if (dtype == DType::kBFloat16) return two ? kn_resident<bf16, 2>(ring) : kn_resident<bf16, 1>(ring);
+  return two ? kn_resident<__half, 2>(ring) : kn_resident<__half, 1>(ring);
 }
 
 cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {

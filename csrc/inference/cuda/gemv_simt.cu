@@ -289,10 +289,10 @@ cudaError_t kn_simt(const GemvArgs& a, int split, cudaStream_t stream) {
   const T* w = static_cast<const T*>(a.w);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   const Epilogue<T> e = make_epilogue<T>(a);
-  if (M <= 1) return launch_split(gemv_kn_simt_kernel<T, 1>, tiles, split, false, stream, x, w, e, M, K, N, kchunk);
-  if (M <= 2) return launch_split(gemv_kn_simt_kernel<T, 2>, tiles, split, false, stream, x, w, e, M, K, N, kchunk);
-  if (M <= 4) return launch_split(gemv_kn_simt_kernel<T, 4>, tiles, split, false, stream, x, w, e, M, K, N, kchunk);
-  return launch_split(gemv_kn_simt_kernel<T, 8>, tiles, split, false, stream, x, w, e, M, K, N, kchunk);
+  if (M <= 1) return launch_split(gemv_kn_simt_kernel<T, 1>, tiles, split, false, 0, stream, x, w, e, M, K, N, kchunk);
+  if (M <= 2) return launch_split(gemv_kn_simt_kernel<T, 2>, tiles, split, false, 0, stream, x, w, e, M, K, N, kchunk);
+  if (M <= 4) return launch_split(gemv_kn_simt_kernel<T, 4>, tiles, split, false, 0, stream, x, w, e, M, K, N, kchunk);
+  return launch_split(gemv_kn_simt_kernel<T, 8>, tiles, split, false, 0, stream, x, w, e, M, K, N, kchunk);
 }
 
 // Tokens 0..7 and 8..M-1 as two launches (the kernels take at most 8 tokens).

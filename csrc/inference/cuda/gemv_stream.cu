@@ -342,7 +342,7 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   }
   const int kchunk = k_per_split(a.K, split, Chunk<WT>::kStepK);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  return launch_split(kernel, grid_x, split, gemv_pdl(), stream, static_cast<const T*>(a.x),
+  return launch_split(kernel, grid_x, split, gemv_pdl(), 0, stream, static_cast<const T*>(a.x),
                       static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
