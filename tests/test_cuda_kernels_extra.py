@@ -12,7 +12,7 @@ an output the kernel fails to write reads as NaN. Every call is routed to our GE
 to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
-the 32-row-tile thresholds, activations loaded per unit).
+the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the cp.async ring).
 """
 from __future__ import annotations
 
@@ -230,9 +230,9 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
 ])
 def test_tuning_variants_keep_parity(defines):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
-    shapes, 32-row tiles, the K split of [K, N]) are other code than the default build: build each in a child
-    process (one module per process) and run the probe's parity section on it (every path, M 1..16, odd K/N,
-    int8 groups 1/8/N, fp16 and bf16)."""
+    shapes, 32-row tiles, the K split of [K, N], the [K, N] ring or none) are other code than the default
+    build: build each in a child process (one module per process) and run the probe's parity section on it
+    (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
     import os
     import subprocess
     import sys

@@ -18,8 +18,8 @@
 // - register batches (gemv_kn_mma_kernel): straight from global memory, U k-steps per thread at a time
 //   (how many of them are really in flight at once depends on DSINF_MMA_PIPELINE, below);
 // - a cp.async ring (gemv_kn_ring_kernel): through shared memory, S - 1 units in flight per warp, one CTA
-//   per SM. It reads the shapes of up to one 64-column tile per SM at 94-96% of the copy bandwidth, the
-//   register batches at 87-90% (kn_ring_for in the launcher picks; gemv_internal.cuh has the numbers).
+//   per SM. It reads the shapes of up to one 64-column tile per SM at 90-96% of the copy bandwidth, where
+//   the register batches read 87-90% (kn_ring_for picks per shape; gemv_internal.cuh has the numbers).
 //
 // Split-K: a CTA (8 warps) owns an output tile and a K range; warps interleave over k-steps, reduce
 // through shared memory, and when the launcher splits K over `split` CTAs (gridDim.y, sm_90), those
@@ -250,7 +250,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 // instruction has global addresses and shared destinations that both run on in lane order: measured on the
 // H200 (ncu, 8192x8192), copies whose lanes wrote their own slots (the mma's lane order, 16-byte runs) went
 // to L2 as one request per 32-byte sector and read every sector twice (8.4 M sectors for 4.2 M of weights,
-// 2.1 TB/s). Thread (g, t) then reads chunk g of row t, after a __syncwarp (other lanes copied it); the pitch
+// 2.1 TB/s). Thread (g, t) then reads chunk g of row 4 t + i, after a __syncwarp (another lane copied it); the pitch
 // of 160 bytes puts the 8 lanes of a quarter-warp (g < 2, t < 4) on distinct banks. Each thread copies its
 // own 8 bytes of activations per token tile beside them. After the k loop the ring is reused for the
 // reduction buffers.
@@ -266,15 +266,12 @@ static_assert(kRingStages == 0 || kRingStages >= 2, "the ring needs two stages: 
 static_assert(kRingUnit >= 1, "a ring unit holds at least one k-step");
 constexpr int kRingPitch = 160;                // bytes per row of a ring block (128 of data)
 constexpr int kRingBlock = 4 * kRingPitch;     // one row group of a k-step: 4 rows
-static_assert(kRingBlock % 16 == 0, "16-byte copies stay aligned");
 
-template <int NT>
-constexpr size_t kn_ring_wbytes() {  // the weight slots of the whole ring
-  return static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * 4 * kRingBlock;
-}
+constexpr size_t kRingWBytes = static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * 4 * kRingBlock;  // weights
+static_assert(kRingBlock % 16 == 0 && kRingWBytes % 16 == 0, "16-byte copies stay aligned, the activations' too");
 template <int NT>
 constexpr size_t kn_ring_smem() {  // ring (weights, then activations), or the reduction buffers if larger
-  const size_t ring = kn_ring_wbytes<NT>() + static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * NT * 32 * 8;
+  const size_t ring = kRingWBytes + static_cast<size_t>(kRingStages) * kGemvWarps * kRingUnit * NT * 32 * 8;
   const size_t red = static_cast<size_t>(kGemvWarps + 1) * kTileKnMma * 8 * NT * sizeof(float);
   return ring > red ? ring : red;
 }
@@ -299,7 +296,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x
   const uint32_t wwarp = smem_addr(smem) + warp * U * 4 * kRingBlock;
   auto block = [&](int s, int u, int i) { return wwarp + (((s * kGemvWarps) * U + u) * 4 + i) * kRingBlock; };
   const uint32_t copy_at = cr * kRingPitch + cc * 16, read_at = t * kRingPitch + g * 16;
-  const uint32_t xbase = smem_addr(smem) + static_cast<uint32_t>(kn_ring_wbytes<NT>()) + ((warp * U * NT) * 32 + lane) * 8;
+  const uint32_t xbase = smem_addr(smem) + static_cast<uint32_t>(kRingWBytes) + ((warp * U * NT) * 32 + lane) * 8;
   auto xslot = [&](int s, int u, int q) { return xbase + (((s * kGemvWarps) * U + u) * NT + q) * 32 * 8; };
 
   const T* xrow[NT];
