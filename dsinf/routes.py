@@ -2,8 +2,9 @@
 
 The compiled bindings run a matmul of M = B*S rows on our GEMV up to a crossover M and on the ATen path
 above it (cuBLAS on CUDA; MKL fp32 GEMM on CPU). The compiled crossover is one number per dtype; the
-measured one is per shape: on an H200 our fp16 GEMV loses to cuBLAS on a [K, N] 4096x12288 weight at
-every M, and wins on 4096x4096. The binding keeps a route table (csrc/inference/binding/routes.h):
+measured one is per shape: on an H200 a bf16 [K, N] 8192x8192 weight runs faster on our GEMV at M = 1 and
+on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The binding keeps a route table
+(csrc/inference/binding/routes.h):
 
     (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
                                                               (0: always ATen; absent: the compiled crossover)
@@ -14,7 +15,8 @@ This module measures it, persists it, and pushes it into the binding:
   `buckets()`, time the binding itself with the shape's route forced to our GEMV and to ATen (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
   best of several timed loops), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by
-  more than MARGIN (2%) with no bucket below it where ATen was faster; a tie alone goes to torch.
+  more than MARGIN (2%) with no bucket below it where ATen was faster; a tie alone goes to torch, and ties
+  below a win go along with it only when that win is clear (RIDE_ALONG, 5%).
 - persist: <data root>/routes.v1.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
@@ -60,6 +62,7 @@ VERSION = 1
 FILENAME = f"routes.v{VERSION}.json"
 LOCK_TIMEOUT_S = 30.0
 MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this (a tie alone goes to torch)
+RIDE_ALONG = 0.05  # ties below such an M go along with it only when it beat ATen by more than this
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -159,18 +162,26 @@ class Route:
         return route
 
 
-def decide(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float], margin: float = MARGIN) -> int:
+def decide(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float], margin: float = MARGIN,
+           ride_along: float = RIDE_ALONG) -> int:
     """The largest bucket M at which our GEMV beat ATen by more than `margin`, looking only below the first
-    bucket where ATen was faster; 0 if there is none. A bucket below M where ours won by less than the
-    margin (not lost) goes along with M: H200, fp16 [N,K] 14336x4096, ATen/ours 1.01x at M=1, 1.02x at 2
-    and 4, 1.09x at 8 - a rule that stopped at the first tie sent every M to cuBLAS. An M between two
-    buckets runs where both agree."""
+    bucket where ATen was faster; 0 if there is none. Buckets below M where ours won by less than the
+    margin (ties, not losses) go along with M when M won by more than `ride_along`: H200, fp16 [N,K]
+    14336x4096, ATen/ours 1.01x at M=1, 1.02x at 2 and 4, 1.09x at 8 - a rule that stopped at the first tie
+    sent every M to cuBLAS. Below a narrower win the first tie stops it: bf16 [N,K] 8192x8192 measured 1.01x
+    at M=1 and 1.02x at 2, was routed to ours up to M=2, and M=1 then timed at 0.97x of torch (run 43). An M
+    between two buckets runs where both agree."""
     max_m = 0
+    tie_below = False  # a tie since the last win
     for m, ours, aten in sorted(zip(buckets, ours_ms, aten_ms)):
         if ours > aten:
             break
         if ours * (1.0 + margin) < aten:
-            max_m = m
+            if tie_below and not ours * (1.0 + ride_along) < aten:
+                break
+            max_m, tie_below = m, False
+        else:
+            tie_below = True
     return max_m
 
 

@@ -46,6 +46,9 @@ def _route(key, max_m=0, **kw):
     ((1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 4),    # ours wins everywhere
     ((1.0, 1.0, 1.0), (1.01, 1.01, 1.0), 0),  # 1% wins and a draw are ties: torch
     ((1.0, 1.0, 1.0), (1.01, 2.0, 2.0), 4),   # a tie below clear wins goes with them
+    ((1.0, 1.0, 1.0), (1.01, 1.03, 0.9), 0),  # ... but not with a narrow one: the first tie stops it
+    ((1.0, 1.0, 1.0), (1.01, 1.01, 1.06), 4),  # two ties below a clear win at 4 go with it
+    ((1.0, 1.0, 1.0), (1.03, 1.01, 1.03), 1),  # a narrow win at 1, a tie, a narrow win: stops at the tie
     ((1.0, 1.0, 1.0), (1.5, 1.01, 1.0), 1),   # ties above the last win stay with torch
     ((1.0, 1.0, 1.0), (1.03, 1.03, 0.5), 2),  # loses at 4
     ((1.0, 1.0, 1.0), (1.5, 0.9, 1.5), 1),    # stops at the first loss, even if it wins again later
