@@ -100,7 +100,7 @@ constexpr int kTileStream = 16;  // rows per row tile, [N, K] streaming kernel (
 
 // Path launchers: `split` CTAs share each tile's K range (split > 1 needs a cluster-capable device
 // and sm_90 code; the dispatcher decides). All return the launch status.
-cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream);
+cudaError_t launch_kn_mma(const GemvArgs& a, int split, bool ring, cudaStream_t stream);  // ring: kn_ring_for
 cudaError_t launch_kn_simt(const GemvArgs& a, int split, cudaStream_t stream);
 cudaError_t launch_nk_simt(const GemvArgs& a, cudaStream_t stream);
 cudaError_t launch_scalar(const GemvArgs& a, cudaStream_t stream);

@@ -102,8 +102,7 @@ int choose_split(const DeviceInfo& dev, int64_t tiles, int64_t K, int ctas_per_s
 // resident limit may not all be placed at once (H200: 512 CTAs for 528 slots ran 1.2-1.3x slower than 256;
 // 448 ran fine). Any integer split (DSINF_KN_SPLIT_ANY): N = 4096 has 64 tiles, and powers of two jump from
 // 256 CTAs to 512; 7 gives 448.
-int kn_split(const DeviceInfo& dev, const GemvArgs& a, int64_t tiles) {
-  const bool ring = kn_ring_for(a);
+int kn_split(const DeviceInfo& dev, const GemvArgs& a, int64_t tiles, bool ring) {
   const int64_t slots = static_cast<int64_t>(kn_mma_resident_per_sm(a.dtype, a.M > 8 ? 2 : 1, ring)) * dev.sms;
   const int64_t cap = ring ? slots : slots * 7 / 8;
   const int fill = ring ? DSINF_KN_RING_CTAS_PER_SM : DSINF_KN_CTAS_PER_SM;
@@ -117,8 +116,11 @@ int kn_split(const DeviceInfo& dev, const GemvArgs& a, int64_t tiles) {
   return split;
 }
 
-GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
+// The path, its K split and, for the [K, N] tensor-core path, whether it takes the cp.async ring (decided here
+// once per call: the split depends on it, and the launch must use the same kernel).
+GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split, bool* ring) {
   *split = 1;
+  *ring = false;
   if (!args_valid(a)) return GemvPath::kInvalid;
   if (a.K == 0 || !aligned16(a.x) || !aligned16(a.w)) return GemvPath::kScalar;
   const bool half_act = a.dtype != DType::kFloat32;
@@ -128,7 +130,8 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split) {
     const bool ok = nk ? a.K % (a.w_int8 ? 16 : 8) == 0 : (a.N % 8 == 0 && a.K % 4 == 0);
     if (!ok) return GemvPath::kScalar;
     const int64_t tiles = (a.N + (nk ? kTileStream : kTileKnMma) - 1) / (nk ? kTileStream : kTileKnMma);
-    *split = nk ? choose_split(dev, tiles, a.K, DSINF_NK_CTAS_PER_SM) : kn_split(dev, a, tiles);
+    if (!nk) *ring = kn_ring_for(a);
+    *split = nk ? choose_split(dev, tiles, a.K, DSINF_NK_CTAS_PER_SM) : kn_split(dev, a, tiles, *ring);
     return nk ? GemvPath::kTensorCoreNK : GemvPath::kTensorCoreKN;
   }
 #else
@@ -154,7 +157,8 @@ bool gemv_pdl() { return DSINF_GEMV_PDL != 0 && device_info().cluster; }
 
 GemvPath gemv_path(const GemvArgs& a, int* split) {
   int s = 1;
-  const GemvPath p = detail::select_path(a, detail::device_info(), &s);
+  bool ring = false;
+  const GemvPath p = detail::select_path(a, detail::device_info(), &s, &ring);
   if (split) *split = s;
   return p;
 }
@@ -162,11 +166,12 @@ GemvPath gemv_path(const GemvArgs& a, int* split) {
 cudaError_t gemv(const GemvArgs& a, cudaStream_t stream) {
   if (!detail::dtype_built(a.dtype)) return cudaErrorNotSupported;
   int split = 1;
-  const GemvPath p = detail::select_path(a, detail::device_info(), &split);
+  bool ring = false;
+  const GemvPath p = detail::select_path(a, detail::device_info(), &split, &ring);
   switch (p) {
 #if defined(DSINF_CUDA_BF16)
     case GemvPath::kTensorCoreKN:
-      return detail::launch_kn_mma(a, split, stream);
+      return detail::launch_kn_mma(a, split, ring, stream);
     case GemvPath::kTensorCoreNK:
       return detail::launch_nk_stream(a, split, stream);
 #endif

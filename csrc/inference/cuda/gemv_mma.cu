@@ -279,7 +279,7 @@ constexpr size_t kn_ring_smem() {  // ring (weights, then activations), or the r
 template <typename T, int NT>
 __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                          Epilogue<T> epi, int M, int K, int N, int kchunk) {
-  constexpr int S = kRingStages > 0 ? kRingStages : 2, U = kRingUnit, TN = kTileKnMma, P = TN * 8 * NT;
+  constexpr int S = kRingStages, U = kRingUnit, TN = kTileKnMma, P = TN * 8 * NT;
   constexpr int kStep = 16 * kGemvWarps;  // k from one of a warp's k-steps to its next
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -429,8 +429,7 @@ cudaError_t kn_tokens(const GemvArgs& a, int split, bool ring, cudaStream_t stre
 }
 
 template <typename T>
-cudaError_t kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
-  const bool ring = kn_ring_for(a);
+cudaError_t kn_mma(const GemvArgs& a, int split, bool ring, cudaStream_t stream) {
   return a.M <= 8 ? kn_tokens<T, 1>(a, split, ring, stream) : kn_tokens<T, 2>(a, split, ring, stream);
 }
 
@@ -451,10 +450,10 @@ int kn_mma_resident_per_sm(DType dtype, int token_tiles, bool ring) {
   return two ? kn_resident<__half, 2>(ring) : kn_resident<__half, 1>(ring);
 }
 
-cudaError_t launch_kn_mma(const GemvArgs& a, int split, cudaStream_t stream) {
+cudaError_t launch_kn_mma(const GemvArgs& a, int split, bool ring, cudaStream_t stream) {
   switch (a.dtype) {
-    case DType::kFloat16: return kn_mma<__half>(a, split, stream);
-    case DType::kBFloat16: return kn_mma<__nv_bfloat16>(a, split, stream);
+    case DType::kFloat16: return kn_mma<__half>(a, split, ring, stream);
+    case DType::kBFloat16: return kn_mma<__nv_bfloat16>(a, split, ring, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -137,7 +137,7 @@ __device__ __forceinline__ void a_pairs(const uint4& v, int h, uint32_t& p01, ui
 // lines). cp_async16_if copies when `pred` and otherwise leaves the destination's stale bytes: int8 bytes
 // always convert to finite values, which the kernel multiplies only by zero activations (k >= K) or into
 // rows >= N, never stored. 16-bit weights left stale could hold inf/NaN, and 0 * inf in an mma is NaN in a
-// valid row, so a chunk past K is zero-filled instead (cp_async16_zfill with copy = 0 reads nothing). int8
+// valid row, so a chunk past K is zero-filled instead (cp_async16_stream_l2 with 0 bytes reads nothing). int8
 // keeps the predicated form: on the H200 the zero-fill's extra selects cost bf16 int8 (issue-bound) 6-8%.
 __device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool pred) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -145,10 +145,6 @@ __device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool p
       "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n\t}"
       ::"r"(s), "l"(src), "r"(static_cast<int>(pred))
       : "memory");
-}
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, int copy) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(copy) : "memory");
 }
 
 template <typename T, typename WT, int NT, int RT>
@@ -215,7 +211,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
         if constexpr (C::kInt8)
           cp_async16_if(&ring[slot][warp][v][r][lane], p_row + r * row8 + k, k_ok && p_ok[r]);
         else if (p_ok[r])
-          cp_async16_zfill(&ring[slot][warp][v][r][lane], p_row + r * row8 + (k_ok ? k : 0), k_ok ? 16 : 0);
+          cp_async16_stream_l2(smem_addr(&ring[slot][warp][v][r][lane]), p_row + r * row8 + (k_ok ? k : 0),
+                               k_ok ? 16 : 0);
       }
     }
     cp_async_commit();
