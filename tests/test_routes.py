@@ -52,7 +52,11 @@ def _route(key, max_m=0, **kw):
     ((1.0, 1.0, 1.0), (1.5, 1.01, 1.0), 1),   # ties above the last win stay with torch
     ((1.0, 1.0, 1.0), (1.03, 1.03, 0.5), 2),  # loses at 4
     ((1.0, 1.0, 1.0), (1.5, 0.9, 1.5), 1),    # stops at the first loss, even if it wins again later
-    ((1.0, 1.0, 1.0), (0.99, 2.0, 2.0), 0),   # a 1% loss at M=1 stops it
+    ((1.0, 1.0, 1.0), (1.5, 0.99, 1.5), 4),   # a tie between clear wins goes with them
+    ((1.0, 1.0, 1.0), (0.99, 2.0, 2.0), 4),   # a 1% loss is a tie: it goes with the clear wins above it
+    ((1.0, 1.0, 1.0), (0.99, 1.03, 1.03), 0),  # ... but not with narrow ones
+    ((1.0, 1.0, 1.0), (0.97, 2.0, 2.0), 0),   # a 3% loss at M=1 stops it
+    ((1.0, 1.0, 1.0), (1.0, 1.01, 1.02), 0),  # H200 bf16 [N,K] 8192x8192 (run 43): ties only, torch
     ((2.0, 1.0, 1.0), (1.0, 2.0, 2.0), 0),
 ])
 def test_decide(ours, aten, want):
