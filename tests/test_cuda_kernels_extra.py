@@ -11,8 +11,9 @@ k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 
 an output the kernel fails to write reads as NaN. Every call is routed to our GEMV (`routes.forced`) and checked
 to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
-test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes of both weight types,
-the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the cp.async ring).
+test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_KN_RING_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes
+of both weight types, the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the
+cp.async ring).
 """
 from __future__ import annotations
 
@@ -215,9 +216,52 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
     _poisoned_then_checked(fn, x, w, False, 512)
 
 
+def _chain(fn, x, ws, nk: bool) -> list[torch.Tensor]:
+    """x, then each output fed to the next call as its activations: y[i + 1] = y[i] @ ws[i]."""
+    ys = [x]
+    for w in ws:
+        ys.append(fn(ys[-1], w, False, None, False, nk))
+    return ys
+
+
+def _check_chain(ys, ws, nk: bool) -> None:
+    for i, w in enumerate(ws):  # each link against the reference on the activations it was given
+        _check(ys[i + 1], reference.vector_matmul(ys[i].cpu(), w.cpu(), False, None, False, nk), ys[i].dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("K", [4096, 1032])  # the ring: 64 tiles split 2; 17 tiles split 7 (H200)
+@pytest.mark.parametrize("M", [1, 8])
+def test_kn_ring_back_to_back_dependent_calls(cuda_module, suffix, K, M):
+    """The [K, N] ring is launched with programmatic dependent launch (DSINF_KN_RING_PDL): the next call's
+    CTAs may start while this one finishes, and must wait (griddepcontrol.wait) before they read the
+    activations this call writes. A chain of calls, each reading the previous one's output, in eager mode
+    and replayed as a CUDA graph; the outputs land in NaN-filled freed blocks, so a read that ran ahead
+    sees NaN or stale values."""
+    dtype = DTYPES[suffix]
+    fn = _fn(suffix)
+    gen = torch.Generator().manual_seed(K + M)
+    ws = [(torch.randn(K, K, generator=gen) / K ** 0.5).to(dtype).cuda() for _ in range(6)]
+    x = torch.randn(1, M, K, generator=gen).to(dtype).cuda()
+    poison = [torch.full((1, M, K), float("nan"), dtype=dtype, device="cuda") for _ in range(2 * len(ws))]
+    del poison
+    _check_chain(_chain(fn, x, ws, False), ws, False)
+
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = _chain(fn, x, ws, False)
+    for _ in range(3):
+        for y in ys[1:]:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_chain(ys, ws, False)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("defines", [
-    ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64"),
+    ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
     ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8

@@ -81,9 +81,18 @@ namespace detail {
 // is read again, coherently, after the wait, so stream order is kept for every argument. Why: at decode
 // sizes launch + DRAM ramp + tail cost ~5 us per kernel (H200, graph replays: 4096x4096 int8 streams in
 // ~4 us but takes ~9.6 us), and overlapping them with the previous kernel is the lever that is left.
-// 0 = off (today's launch, the default until the GPU sweep shows a gain).
+// DSINF_GEMV_PDL covers the register-batch and streaming kernels; DSINF_KN_RING_PDL the [K, N] ring, which
+// waits before it loads anything (no prefetch: its first loads are its ring's). H200 (run 45, CUDA-graph
+// replays of back-to-back calls, fp16 M = 1 / 8, us): the ring with mode 2 took 10.7 / 11.1 on 4096x4096
+// (11.1 / 11.6 without PDL), 29.6 / 30.2 on 14336x4096 (30.3 / 30.5), 32.8 / 34.1 on 8192x8192 (33.2 /
+// 34.3); mode 1 was within 0.1-0.4 of mode 2. The register batches lost with either mode (4096x12288
+// 26.5 -> 30.6-30.9), the streaming [N, K] kernel with mode 1 (26.0 -> 31.1) and lost or tied with mode 2.
+// So the ring takes mode 2 and the others stay off. 0 = off.
 #ifndef DSINF_GEMV_PDL
 #define DSINF_GEMV_PDL 0
+#endif
+#ifndef DSINF_KN_RING_PDL
+#define DSINF_KN_RING_PDL 2
 #endif
 #ifndef DSINF_GEMV_PDL_PREFETCH_KB
 #define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
@@ -144,9 +153,9 @@ int resident_per_sm() {
 }
 #endif
 
-// True when GEMV launches use programmatic dependent launch (DSINF_GEMV_PDL, and the device and the
-// code it runs are sm_90+).
-bool gemv_pdl();
+// True when a GEMV kernel built with PDL mode `mode` (DSINF_GEMV_PDL, DSINF_KN_RING_PDL) is launched with
+// programmatic dependent launch: a mode other than 0, and the device and the code it runs are sm_90+.
+bool gemv_pdl(int mode = DSINF_GEMV_PDL);
 
 // K rows per split CTA: ceil(K / split) rounded up to `granule`.
 inline int k_per_split(int64_t K, int split, int granule) {
@@ -161,14 +170,16 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
-// Where a GEMV kernel lets the next one be scheduled (DSINF_GEMV_PDL): 1 = at its start, before the
-// prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there), 2 = after its
-// k loop (only the reduction is left to overlap).
+// Where a GEMV kernel built with PDL mode `Mode` lets the next one be scheduled: 1 = at its start, before
+// the prefetch (the next GEMV's CTAs fill the SM slots this grid leaves free and wait there), 2 = after
+// its k loop (only the reduction is left to overlap).
+template <int Mode = DSINF_GEMV_PDL>
 __device__ __forceinline__ void pdl_begin() {
-  if (DSINF_GEMV_PDL == 1) pdl_launch_dependents();
+  if (Mode == 1) pdl_launch_dependents();
 }
+template <int Mode = DSINF_GEMV_PDL>
 __device__ __forceinline__ void pdl_end() {
-  if (DSINF_GEMV_PDL == 2) pdl_launch_dependents();
+  if (Mode == 2) pdl_launch_dependents();
 }
 #endif
 

@@ -151,7 +151,7 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split, bool*
 
 int device_sm_count() { return device_info().sms; }
 
-bool gemv_pdl() { return DSINF_GEMV_PDL != 0 && device_info().cluster; }
+bool gemv_pdl(int mode) { return mode != 0 && device_info().cluster; }
 
 }  // namespace detail
 

@@ -304,8 +304,8 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
   const bool ccol_ok = n0 + 8 * cc < N;
   const T* ccol = w + (ccol_ok ? n0 + 8 * cc : 0);
-#if DSINF_GEMV_PDL
-  pdl_begin();
+#if DSINF_KN_RING_PDL
+  pdl_begin<DSINF_KN_RING_PDL>();
   pdl_wait();
 #endif
 
@@ -362,7 +362,7 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x
     for (int u = 0; u < U; ++u) kn_mma_step<T, NT>(acc, wv[u], xv[u]);
   }
   cp_async_wait<0>();  // only empty groups are left
-  pdl_end();
+  pdl_end<DSINF_KN_RING_PDL>();
   __syncthreads();  // every warp is done with the ring: the reduction buffers take its place
   float* red = reinterpret_cast<float*>(smem);
   kn_reduce_and_store<NT>(acc, red, red + kGemvWarps * P, n0, epi);
@@ -421,8 +421,8 @@ cudaError_t kn_tokens(const GemvArgs& a, int split, bool ring, cudaStream_t stre
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   if constexpr (kRingStages > 0) {
     if (ring)
-      return launch_split(gemv_kn_ring_kernel<T, NT>, tiles, split, gemv_pdl(), kn_ring_smem<NT>(), stream, x, w,
-                          make_epilogue<T>(a), M, K, N, kchunk);
+      return launch_split(gemv_kn_ring_kernel<T, NT>, tiles, split, gemv_pdl(DSINF_KN_RING_PDL), kn_ring_smem<NT>(),
+                          stream, x, w, make_epilogue<T>(a), M, K, N, kchunk);
   }
   return launch_split(gemv_kn_mma_kernel<T, NT>, tiles, split, gemv_pdl(), 0, stream, x, w, make_epilogue<T>(a), M, K,
                       N, kchunk);
