@@ -213,7 +213,9 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
     if m <= 16:
         # (BLOCK_N, BLOCK_K, warps, stages): narrow N-tiles, deep K-tiles; streaming the weight is all.
         shapes = [(16, 256, 4, 5), (32, 128, 4, 5), (32, 256, 4, 5), (32, 512, 4, 3), (64, 128, 4, 5),
-                  (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 4, 3)]
+                  (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 4, 3),
+                  # deeper rings (more weight bytes in flight per SM) for grids of about one program per SM
+                  (32, 256, 4, 8), (32, 512, 4, 4), (64, 128, 4, 8), (64, 256, 4, 5), (64, 256, 8, 5)]
         for bn, bk, w, st in shapes:
             for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
                 cands.append(_config(16, bn, bk, split, w, st))
@@ -311,9 +313,16 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # lost whenever the N-tiles alone filled half the GPU. So split only when they do not. Rows of
         # BLOCK_N contiguous elements, so wider tiles once they fill the GPU (8192^2: 45.5 us with 64 vs
         # 53.2 with 32).
+        # Where the 64-column tiles alone do not fill half the GPU but K is long, split them rather than
+        # narrow them: H200, fp16 14336x4096 (tools/probe_triton_decode.py, 47 candidates, run 45), 64x256
+        # w4 s3 split 2 took 31.0 / 31.6 us at M = 1 / 8 where 32x256 s5 unsplit took 33.9 / 33.3 (the CUDA
+        # module 30.1 / 30.8): whole 128-byte rows, and a split-K reduce (a second launch, ~2 us) that K's
+        # length pays for. Short K keeps 32-column tiles: there the reduce would cost what the rows save.
         bn, bk = 32, 256
         if triton.cdiv(n, 64) >= sms // 2:
             return _config(16, 64, 256, 1, 4, 3)
+        if k >= 8192:
+            return _config(16, 64, 256, _decode_split(triton.cdiv(n, 64), k, 256, sms), 4, 3)
         return _config(16, bn, bk, _decode_split(triton.cdiv(n, bn), k, bk, sms), 4, 5)
     if m <= 128:  # H100, 4096^2, M=24/64/128: 64x64x128 tiles with split-K 2 were best or within 2%
         bm = 32 if m <= 32 else 64
