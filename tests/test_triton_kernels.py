@@ -628,6 +628,24 @@ def test_gpu_matches_reference(op, dtype, layout, M):
     check_case(c, device="cuda", seed=M)
 
 
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_kn_long_k_default(dtype, M):
+    """[K, N] decode with a long K and few 64-column tiles runs the default that splits them (64x256, the
+    split-K reduce): K = 8200 (a partial K-tile), N = 1032 (a partial N-tile)."""
+    from dsinf.triton import ops
+
+    K, N = 8200, 1032
+    info = ops._device_info("cuda", torch.cuda.current_device())
+    cfg = ops._device_default(M, N, K, "kn", 2, info.sms, info.smem)
+    assert cfg["BLOCK_N"] == 64 and cfg["SPLIT_K"] > 1, cfg
+    _poison_allocator()
+    check_case(case(f"gpu-kn-long-k-{dtype}-M{M}", dtype=dtype, S=M, K=K, N=N, layout="kn", config=cfg), device="cuda",
+               seed=M)
+
+
 #: GEMV-kernel configs at production tile sizes, without and with split-K.
 GPU_GEMV_CONFIGS = {"64x256-w4s4": gemv(16, 64, 256, 1, 4, 4), "128x128-w8s4": gemv(16, 128, 128, 1, 8, 4),
                     "128x128-w8s4-split4": gemv(16, 128, 128, 4, 8, 4)}
