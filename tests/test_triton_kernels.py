@@ -549,7 +549,7 @@ H200_DECODE_DEFAULTS = {
     (4096, 14336, "int8", False): ("pointer", 64, 256, 1, 4, 3),
     (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3),
     (14336, 4096, "kn", False): ("pointer", 64, 256, 2, 4, 3),  # tenth round (run 45)
-    (4096, 4096, "kn", False): ("pointer", 32, 256, 1, 4, 5),
+    (4096, 4096, "kn", False): ("pointer", 32, 128, 1, 4, 5),  # tenth round (run 47)
     # not measured: K >= 2N with a grid that would pass two waves at split 4, and K too short for it
     (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3),
     (1000, 260, "int8", False): ("pointer", 64, 256, 1, 4, 3),

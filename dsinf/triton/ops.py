@@ -317,13 +317,14 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # narrow them: H200, fp16 14336x4096 (tools/probe_triton_decode.py, 47 candidates, run 45), 64x256
         # w4 s3 split 2 took 31.0 / 31.6 us at M = 1 / 8 where 32x256 s5 unsplit took 33.9 / 33.3 (the CUDA
         # module 30.1 / 30.8): whole 128-byte rows, and a split-K reduce (a second launch, ~2 us) that K's
-        # length pays for. Short K keeps 32-column tiles: there the reduce would cost what the rows save.
-        bn, bk = 32, 256
+        # length pays for. Short K keeps 32-column tiles: there the reduce would cost what the rows save; and
+        # 128-row K-tiles (H200 run 47, 4096x4096 fp16 and bf16, M = 1 / 8: 32x128 s5 11.6-11.7 us, 32x256 s5
+        # 11.9-12.1, every split slower).
         if triton.cdiv(n, 64) >= sms // 2:
             return _config(16, 64, 256, 1, 4, 3)
         if k >= 8192:
             return _config(16, 64, 256, _decode_split(triton.cdiv(n, 64), k, 256, sms), 4, 3)
-        return _config(16, bn, bk, _decode_split(triton.cdiv(n, bn), k, bk, sms), 4, 5)
+        return _config(16, 32, 128, _decode_split(triton.cdiv(n, 32), k, 128, sms), 4, 5)
     if m <= 128:  # H100, 4096^2, M=24/64/128: 64x64x128 tiles with split-K 2 were best or within 2%
         bm = 32 if m <= 32 else 64
         splits = _useful_splits(triton.cdiv(m, bm) * triton.cdiv(n, 64), k, 128, sms, max_split=2)
