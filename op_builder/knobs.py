@@ -144,6 +144,9 @@ _KNOBS = [
          "Measured per-shape routes between the compiled GEMV and ATen (dsinf.routes): auto = apply the "
          "persisted routes, dsinf.inject measures a model's missing shapes on CUDA; measure = on CPU too; "
          "load = apply, never measure automatically; off = compiled crossovers only."),
+    Knob("DSINF_TRITON_PDL", True, parse_bool,
+         "Launch the Triton decode kernels (M <= 16) with programmatic dependent launch on sm_90+ GPUs (each "
+         "waits for the previous kernel before its first load); 0: plain launches."),
     Knob("TRITON_INTERPRET", False, parse_bool,
          "Triton's own variable: run Triton kernels on CPU tensors (fp32/fp16 only; used by the CPU tests)."),
 ]

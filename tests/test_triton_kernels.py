@@ -646,6 +646,47 @@ def test_gpu_kn_long_k_default(dtype, M):
                seed=M)
 
 
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("K, M", [(4096, 1), (1032, 8), (8200, 1)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_decode_chain_back_to_back(dtype, K, M):
+    """On sm_90+ the decode launches use programmatic dependent launch (`ops._pdl`): a kernel may start while
+    the previous one finishes and must wait for it before it reads. A chain of [K, K] calls, each reading
+    the previous output, replayed as a CUDA graph over NaN-filled outputs; each link against the reference.
+    1032 at M = 8 takes a split-K reduce between the links; 8200 a 64-column default without split."""
+    from dsinf import reference
+    from dsinf.triton import ops
+
+    dt = DTYPES[dtype]
+    assert ops._pdl(torch.device("cuda", torch.cuda.current_device()), M) == (
+        torch.cuda.get_device_capability()[0] >= 9), "the launch is not the one this GPU should get"
+    gen = torch.Generator().manual_seed(K + M)
+    ws = [(torch.randn(K, K, generator=gen) / K ** 0.5).to(dt).cuda() for _ in range(6)]
+    x = torch.randn(1, M, K, generator=gen).to(dt).cuda()
+
+    def chain():
+        ys = [x]
+        for w in ws:
+            ys.append(ops.vector_matmul(ys[-1], w))
+        return ys
+
+    chain()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = chain()
+    tol = TOL[dtype]
+    for _ in range(3):
+        for y in ys[1:]:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, w in enumerate(ws):
+            want = reference.vector_matmul(ys[i].cpu(), w.cpu())
+            torch.testing.assert_close(ys[i + 1].cpu(), want, atol=tol, rtol=tol)
+
+
 #: GEMV-kernel configs at production tile sizes, without and with split-K.
 GPU_GEMV_CONFIGS = {"64x256-w4s4": gemv(16, 64, 256, 1, 4, 4), "128x128-w8s4": gemv(16, 128, 128, 1, 8, 4),
                     "128x128-w8s4-split4": gemv(16, 128, 128, 4, 8, 4)}

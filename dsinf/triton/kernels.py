@@ -58,6 +58,12 @@ The angle p * f_i and its reduction modulo 2*pi are computed in fp64 (a few fp64
 an epilogue that is memory-bound), then cos/sin in fp32: outputs match the fp64 reference at any
 position, where an fp32 angle (DeepSpeed's, HF's) is off by up to p * 2^-24 rad.
 
+PDL (`_matmul_kernel`, `_gemv_kernel`, `_splitk_reduce_kernel`; the launchers set it for decode sizes on
+sm_90+): the kernel is launched with programmatic dependent launch, so it may be scheduled while the previous
+kernel on the stream finishes. It waits for that kernel (gdc_wait) before its first load, so every operand
+is read in stream order; the matmuls then let the next kernel be scheduled once their K loop is done
+(gdc_launch_dependents), the split-K reduce waits for the matmul like any other.
+
 Constraints: every block size is a power of two >= 16 for tl.dot operands (BLOCK_M >= 16 even when
 M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel` and `_gemv_kernel`: the K tail is masked unless EVEN_K. The TMA
 kernels need K and N multiples of 16 bytes and blocks <= 256 (a TMA box). The interpreter
@@ -68,6 +74,12 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+try:  # programmatic dependent launch (triton >= 3.4, sm_90+): see PDL below
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older triton: the launchers never set PDL (`HAS_GDC`)
+    gdc_launch_dependents = gdc_wait = None
+HAS_GDC = gdc_wait is not None
 
 
 @triton.jit
@@ -166,8 +178,10 @@ def _matmul_kernel(
     rows_per_group,
     HAS_BIAS: tl.constexpr, W_NK: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ASM_I8: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ASM_I8: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rk, offs_k, mask_m, mask_n = _tile_ranges(pid_m, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -201,6 +215,8 @@ def _matmul_kernel(
         acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * SPLIT_K * stride_xk
         w_ptrs += BLOCK_K * SPLIT_K * stride_wk
+    if PDL:
+        gdc_launch_dependents()
     _store_tile(acc, out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k, rows_per_group,
                 HAS_BIAS, W_INT8, SPLIT_K)
 
@@ -213,11 +229,13 @@ def _gemv_kernel(
     rows_per_group,
     HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ASM_I8: tl.constexpr,
+    ASM_I8: tl.constexpr, PDL: tl.constexpr,
 ):
     # out^T[n, m] = sum_k W[n, k] * x[m, k]: the [BLOCK_N, BLOCK_K] weight tile, loaded in memory order,
     # is the dot's left operand as it stands (no transpose of the big operand; int8 is converted in
     # registers on its way to the MMA) and the small x^T [BLOCK_K, BLOCK_M] tile is the right one.
+    if PDL:
+        gdc_wait()
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_n = tl.program_id(0) % num_pid_n
     pid_m = tl.program_id(0) // num_pid_n
@@ -240,6 +258,8 @@ def _gemv_kernel(
         acc = tl.dot(w, xt, acc)
         xt_ptrs += BLOCK_K * SPLIT_K * stride_xk
         w_ptrs += BLOCK_K * SPLIT_K * stride_wk
+    if PDL:
+        gdc_launch_dependents()
     _store_tile(tl.trans(acc), out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k,
                 rows_per_group, HAS_BIAS, W_INT8, SPLIT_K)
 
@@ -312,8 +332,10 @@ def _matmul_tma_kernel(
 @triton.jit
 def _splitk_reduce_kernel(
     part_ptr, bias_ptr, out_ptr, MN, N,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.load(part_ptr + offs, mask=mask, other=0.0)

@@ -46,6 +46,8 @@ try:  # host-built TMA descriptors (triton >= 3.4); without them the pointer ker
 except ImportError:  # pragma: no cover - depends on the installed triton
     TensorDescriptor = None
 
+from op_builder import knobs
+
 from .. import checks, reference
 from . import autotune, kernels
 from . import decide as _decide
@@ -449,6 +451,19 @@ def _launch_tma(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, weight_
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _pdl(device: torch.device, m: int) -> bool:
+    """Whether a decode launch (M <= 16) uses programmatic dependent launch (`kernels` PDL): compiled kernels
+    on an sm_90+ GPU, a triton with grid dependency control, and DSINF_TRITON_PDL. H200 (run 49): see
+    docs/PERFORMANCE.md, tenth round. Larger M keeps the plain launch: no gain measured there."""
+    return (m <= 16 and not INTERPRETED and kernels.HAS_GDC and device.type == "cuda" and _sm90(device.index)
+            and knobs.get("DSINF_TRITON_PDL"))
+
+
 def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_scale, weight_nk: bool,
                    m: int, n: int, k: int, out_dtype: torch.dtype, reduce: bool = True) -> torch.Tensor:
     """x2 [M, K] @ W -> [M, N] in out_dtype (bias added), or with reduce=False and SPLIT_K > 1 the
@@ -483,9 +498,11 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     common = (x2, weight, bias if bias is not None else out, q_scale if w_int8 else out, out, m, n, k,
               x2.stride(0), x2.stride(1))
+    pdl = _pdl(x2.device, m)
+    launch = {"launch_pdl": True} if pdl else {}  # the interpreter takes no launch options
     meta = dict(HAS_BIAS=bias is not None and split == 1, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ASM_I8=w_int8 and ASM_I8,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ASM_I8=w_int8 and ASM_I8, PDL=pdl,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
     if kernel == KERNEL_GEMV:  # [N, K]: stride_wn, stride_wk
         kernels._gemv_kernel[grid](*common, stride_wn, stride_wk, rows_per_group, **meta)
     else:
@@ -497,7 +514,7 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     result = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     kernels._splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
         out, bias if bias is not None else out, result, m * n, n,
-        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, PDL=pdl, num_warps=4, **launch)
     return result
 
 
