@@ -654,7 +654,9 @@ def test_gpu_decode_chain_back_to_back(dtype, K, M):
     """On sm_90+ the decode launches use programmatic dependent launch (`ops._pdl`): a kernel may start while
     the previous one finishes and must wait for it before it reads. A chain of [K, K] calls, each reading
     the previous output, replayed as a CUDA graph over NaN-filled outputs; each link against the reference.
-    1032 at M = 8 takes a split-K reduce between the links; 8200 a 64-column default without split."""
+    1032 at M = 8 takes a split-K reduce between the links; 8200 a 64-column default without split. This
+    shows chained results stay right under PDL; it did not catch the matmul's wait removed (H200, run 49:
+    the next kernel is scheduled only after the K loop, and its programs started after the stores landed)."""
     from dsinf import reference
     from dsinf.triton import ops
 
