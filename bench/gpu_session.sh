@@ -31,7 +31,8 @@ print('$run', v.how, 'import torch %.2f s, load %.2f s'%(t1-t, time.time()-t1), 
   done
   unset TORCH_EXTENSIONS_DIR
   echo "== GPU tests"
-  timeout -k 5 ${TEST_LIMIT:-300} python -m pytest -q -m gpu -p no:cacheprovider -o timeout=120 -rfE ${TEST_FILES:-tests} \
+  timeout -k 5 ${TEST_LIMIT:-300} python -m pytest -q -m gpu -p no:cacheprovider -o timeout=120 -rfE \
+    ${TEST_FILES:-tests} \
     > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"; tail -n 25 "$OUT/gpu_tests.log"
   echo "== compute-sanitizer memcheck"
   # Build (or load) outside the sanitizer: instrumenting ninja/nvcc/the build worker is slow and crashed once.
