@@ -11,7 +11,7 @@ k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 
 an output the kernel fails to write reads as NaN. Every call is routed to our GEMV (`routes.forced`) and checked
 to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
-test does so for the tuning variants (DSINF_GEMV_PDL, DSINF_KN_RING_PDL, DSINF_GEMV_MIN_CTAS, the ring shapes
+test does so for the tuning variants (the PDL modes of every kernel, DSINF_GEMV_MIN_CTAS, the ring shapes
 of both weight types, the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the
 cp.async ring).
 """
@@ -229,39 +229,50 @@ def _check_chain(ys, ws, nk: bool) -> None:
         _check(ys[i + 1], reference.vector_matmul(ys[i].cpu(), w.cpu(), False, None, False, nk), ys[i].dtype)
 
 
+# The kernels launched with programmatic dependent launch, as chains: (layout, sizes), link i maps sizes[i]
+# features to sizes[i + 1]. H200: the [K, N] ring (4096: 64 tiles split 2; 1032: 17 tiles, no split) and the
+# streaming [N, K] kernel's 16-bit weights (4096: 256 row tiles, one per CTA; 1032: 65, K split over a
+# cluster; 20000 outputs: 625 tiles of 32 rows, more than the resident CTAs, so a CTA's trigger comes after
+# its last tile's k loop).
+PDL_CHAINS = [("kn", [4096] * 7), ("kn", [1032] * 7), ("nk", [4096] * 7), ("nk", [1032] * 7),
+              ("nk", [1032, 20000] * 3 + [1032])]
+
+
 @pytest.mark.parametrize("suffix", list(DTYPES))
-@pytest.mark.parametrize("K", [4096, 1032])  # the ring (H200): 64 tiles split 2; 17 tiles, no split
+@pytest.mark.parametrize("layout,sizes", PDL_CHAINS, ids=lambda v: v if isinstance(v, str) else "x".join(map(str, sorted(set(v)))))
 @pytest.mark.parametrize("M", [1, 8])
-def test_kn_ring_back_to_back_dependent_calls(cuda_module, suffix, K, M):
-    """The [K, N] ring is launched with programmatic dependent launch (DSINF_KN_RING_PDL): the next call's
-    CTAs may start while this one finishes, and must wait (griddepcontrol.wait) before they read the
-    activations this call writes. A chain of calls, each reading the previous one's output, in eager mode
-    and replayed as a CUDA graph; the outputs land in NaN-filled freed blocks, so a read that ran ahead
-    sees NaN or stale values."""
-    dtype = DTYPES[suffix]
+def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M):
+    """The [K, N] ring (DSINF_KN_RING_PDL) and the streaming [N, K] kernel (DSINF_NK_STREAM_PDL) are launched
+    with programmatic dependent launch: the next call's CTAs may start while this one finishes, and must
+    wait (griddepcontrol.wait) before they read the activations this call writes. A chain of calls, each
+    reading the previous one's output, in eager mode and replayed as a CUDA graph; the outputs land in
+    NaN-filled freed blocks, so a read that ran ahead sees NaN or stale values."""
+    dtype, nk = DTYPES[suffix], layout == "nk"
     fn = _fn(suffix)
-    gen = torch.Generator().manual_seed(K + M)
-    ws = [(torch.randn(K, K, generator=gen) / K ** 0.5).to(dtype).cuda() for _ in range(6)]
-    x = torch.randn(1, M, K, generator=gen).to(dtype).cuda()
-    poison = [torch.full((1, M, K), float("nan"), dtype=dtype, device="cuda") for _ in range(2 * len(ws))]
+    gen = torch.Generator().manual_seed(sum(sizes) + M)
+    shapes = [(n, k) if nk else (k, n) for k, n in zip(sizes, sizes[1:])]
+    ws = [(torch.randn(*shape, generator=gen) / k ** 0.5).to(dtype).cuda() for shape, k in zip(shapes, sizes)]
+    x = torch.randn(1, M, sizes[0], generator=gen).to(dtype).cuda()
+    poison = [torch.full((1, M, n), float("nan"), dtype=dtype, device="cuda") for n in sizes[1:] * 2]
     del poison
-    _check_chain(_chain(fn, x, ws, False), ws, False)
+    _check_chain(_chain(fn, x, ws, nk), ws, nk)
 
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ys = _chain(fn, x, ws, False)
+        ys = _chain(fn, x, ws, nk)
     for _ in range(3):
         for y in ys[1:]:
             y.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        _check_chain(ys, ws, False)
+        _check_chain(ys, ws, nk)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("defines", [
-    ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1"),
+    ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1", "DSINF_NK_STREAM_PDL=1",
+     "DSINF_I8_PDL=2"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
     ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8

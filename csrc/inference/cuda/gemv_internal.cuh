@@ -72,27 +72,33 @@ namespace detail {
 #define DSINF_GEMV_MIN_K_PER_CTA 256  // do not split K below this many rows per CTA
 #endif
 
-// Programmatic dependent launch (sm_90 code on an sm_90+ device; elsewhere off): the tensor-core GEMVs
-// are launched so that they may start while the previous kernel on the stream is still finishing. A
-// GEMV CTA then (a) lets the next kernel's CTAs be scheduled (griddepcontrol.launch_dependents: at its
-// start with 1, after its k loop with 2), (b) prefetches the first DSINF_GEMV_PDL_PREFETCH_KB KiB of its
-// weight tile into L2, and (c) waits for the previous grid to complete (griddepcontrol.wait) before it
-// reads anything else or writes. (b) is only a cache hint: a weight the previous kernel is still writing
-// is read again, coherently, after the wait, so stream order is kept for every argument. Why: at decode
-// sizes launch + DRAM ramp + tail cost ~5 us per kernel (H200, graph replays: 4096x4096 int8 streams in
-// ~4 us but takes ~9.6 us), and overlapping them with the previous kernel is the lever that is left.
-// DSINF_GEMV_PDL covers the register-batch and streaming kernels; DSINF_KN_RING_PDL the [K, N] ring, which
-// waits before it loads anything (no prefetch: its first loads are its ring's). H200 (run 45, CUDA-graph
-// replays of back-to-back calls, fp16 M = 1 / 8, us): the ring with mode 2 took 10.7 / 11.1 on 4096x4096
-// (11.1 / 11.6 without PDL), 29.6 / 30.2 on 14336x4096 (30.3 / 30.5), 32.8 / 34.1 on 8192x8192 (33.2 /
-// 34.3); mode 1 was within 0.1-0.4 of mode 2. The register batches lost with either mode (4096x12288
-// 26.5 -> 30.6-30.9), the streaming [N, K] kernel with mode 1 (26.0 -> 31.1) and lost or tied with mode 2.
-// So the ring takes mode 2 and the others stay off. 0 = off.
+// Programmatic dependent launch (sm_90 code on an sm_90+ device; elsewhere off): a GEMV is launched so that
+// it may start while the previous kernel on the stream is still finishing. Its CTAs then let the next
+// kernel's CTAs be scheduled (griddepcontrol.launch_dependents: at the start with mode 1, after the k loop
+// with 2) and wait for the previous grid to complete (griddepcontrol.wait) before they read or write
+// anything that kernel may touch, so stream order is kept for every argument. Why: at decode sizes launch +
+// DRAM ramp + tail cost ~5 us per kernel (H200, graph replays: 4096x4096 int8 streams in ~4 us but takes
+// ~9.6 us), and overlapping them with the previous kernel is the lever that is left. One mode per kernel:
+// - DSINF_KN_RING_PDL, the [K, N] ring: 2. H200 (run 45, CUDA-graph replays of back-to-back calls, fp16
+//   M = 1 / 8, us): 10.7 / 11.1 on 4096x4096 (11.1 / 11.6 without PDL), 29.6 / 30.2 on 14336x4096 (30.3 /
+//   30.5), 32.8 / 34.1 on 8192x8192 (33.2 / 34.3); mode 1 within 0.1-0.4 of mode 2.
+// - DSINF_NK_STREAM_PDL / DSINF_I8_PDL, the streaming [N, K] kernel's 16-bit / int8 weights: 2 / 0
+//   (gemv_stream.cu has the numbers).
+// - DSINF_GEMV_PDL, the register batches: 0. They also prefetch the first DSINF_GEMV_PDL_PREFETCH_KB KiB
+//   of their weight tile into L2 before the wait (only a cache hint: a weight the previous kernel is still
+//   writing is read again, coherently, after it), and lost with either mode (4096x12288 26.5 -> 30.6-30.9).
+// 0 = off.
 #ifndef DSINF_GEMV_PDL
 #define DSINF_GEMV_PDL 0
 #endif
 #ifndef DSINF_KN_RING_PDL
 #define DSINF_KN_RING_PDL 2
+#endif
+#ifndef DSINF_NK_STREAM_PDL
+#define DSINF_NK_STREAM_PDL 2
+#endif
+#ifndef DSINF_I8_PDL
+#define DSINF_I8_PDL 0
 #endif
 #ifndef DSINF_GEMV_PDL_PREFETCH_KB
 #define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
@@ -153,7 +159,7 @@ int resident_per_sm() {
 }
 #endif
 
-// True when a GEMV kernel built with PDL mode `mode` (DSINF_GEMV_PDL, DSINF_KN_RING_PDL) is launched with
+// True when a GEMV kernel built with PDL mode `mode` (DSINF_GEMV_PDL and the per-kernel modes) is launched with
 // programmatic dependent launch: a mode other than 0, and the device and the code it runs are sm_90+.
 bool gemv_pdl(int mode = DSINF_GEMV_PDL);
 

@@ -90,6 +90,17 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 #define DSINF_STREAM_RT2_M16 1
 #endif
 
+// Programmatic dependent launch per weight type (modes as in gemv_internal.cuh; the kernel waits before any
+// load and, with 2, lets the next kernel be scheduled after its last tile's k loop). H200, the probe's
+// CUDA-graph replays of back-to-back calls, M = 1 / 8, off -> mode 2, us (2026-12-03): fp16 [N, K] 4096x4096
+// 11.5 / 11.8 -> 10.9 / 11.4, 4096x14336 31.3 / 31.8 -> 30.2 / 30.9, 8192x8192 34.5 / 35.5 -> 33.6 /
+// 34.5; bf16 alike. int8 lost with it (bf16 14336x4096 18.0 -> 21.8, fp16 4096x12288 15.1 -> 16.2), and
+// mode 1 lost for both types: when the next grid is scheduled early its CTAs take the SM slots the
+// persistent grid was sized for. So 16-bit weights take mode 2 (DSINF_NK_STREAM_PDL), int8 none
+// (DSINF_I8_PDL).
+template <typename WT>
+constexpr int kStreamPdl = sizeof(WT) == 1 ? DSINF_I8_PDL : DSINF_NK_STREAM_PDL;
+
 // What a 16-byte chunk of one weight row holds, per weight type WT (int8_t, or T itself).
 template <typename WT>
 struct Chunk {
@@ -176,18 +187,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
 
-#if DSINF_GEMV_PDL
-  {  // the start of the first tile's rows into L2 while the previous kernel finishes (see gemv_internal.cuh)
-    pdl_begin();
-    constexpr int kLines = DSINF_GEMV_PDL_PREFETCH_KB * 1024 / (TR * 128);
-    constexpr int kLineK = 128 / static_cast<int>(sizeof(WT));
-    for (int i = threadIdx.x; i < TR * kLines; i += kGemvThreads) {
-      const int n = bx * TR + i / kLines, k = k_begin + (i % kLines) * kLineK;
-      if (n < N && k < k_end) prefetch_l2(w + static_cast<size_t>(n) * K + k);
-    }
-    pdl_wait();
+  if constexpr (kStreamPdl<WT> != 0) {
+    pdl_begin<kStreamPdl<WT>>();
+    pdl_wait();  // before any load: the previous kernel may still be writing x or w
   }
-#endif
 
   // Producer: the unit whose copies go out next. Rows g + 8 r of its tile start at p_row + 8 r K (pointer
   // arithmetic only while a row is >= N: such rows are never copied).
@@ -299,6 +302,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
             for (int l = 0; l < C::kXVecs; ++l) xv[q][v][l] = xn[q][v][l];
       }
     }
+    if (ti + 1 == my_tiles) pdl_end<kStreamPdl<WT>>();  // mode 2: the last k loop is done
     // Tile done: in passes of RP row tiles, sum the 8 warps' partials, store (or reduce over the cluster).
     // C fragment (r, q, e): row 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
 #pragma unroll
@@ -320,7 +324,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
     }
   }
   cp_async_wait<0>();  // only empty groups are left; leave nothing pending at exit
-  pdl_end();
 }
 
 template <typename T, typename WT, int NT, int RT>
@@ -339,7 +342,7 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   }
   const int kchunk = k_per_split(a.K, split, Chunk<WT>::kStepK);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  return launch_split(kernel, grid_x, split, gemv_pdl(), 0, stream, static_cast<const T*>(a.x),
+  return launch_split(kernel, grid_x, split, gemv_pdl(kStreamPdl<WT>), 0, stream, static_cast<const T*>(a.x),
                       static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
