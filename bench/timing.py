@@ -126,6 +126,9 @@ def paired_blocks(fns: dict[str, Callable[[], Any]], pairs: list[tuple[str, str]
     return samples, diffs
 
 
+_GRAPH_LAUNCH_MS = 0.05  # host time to enqueue one graph replay, generously (tens of µs)
+
+
 class CudaTimer:
     """Per-call GPU time of back-to-back calls, from CUDA events around batches, median over batches
     interleaved between implementations.
@@ -199,9 +202,17 @@ class CudaTimer:
             n = max(copies, min(2000, math.ceil(self.batch_ms / est_ms)))
             plan[name] = (n, host_ms * n, self._capture(fn, copies, n))
         samples: dict[str, list[float]] = {n: [] for n in fns}
-        for _ in range(self.reps):
+        order = list(fns)
+        for rep in range(self.reps):
             events = []
-            for name, (fn, copies) in fns.items():
+            # The GPU waits in a sleep kernel while the host enqueues the rep's graph launches, so each batch
+            # starts right behind the previous kernel: a graph launched onto an idle GPU counts its launch
+            # latency in its batch (H200: cuBLAS against itself read 0.98-0.99x when it always went first).
+            # The order alternates so that any effect left of going first or second hits both sides alike.
+            names = order if rep % 2 == 0 else order[::-1]
+            self._park(sum(_GRAPH_LAUNCH_MS for name in names if plan[name][2] is not None))
+            for name in names:
+                fn, copies = fns[name]
                 n, host_ms, graph = plan[name]
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if graph is None:
