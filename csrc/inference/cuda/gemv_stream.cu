@@ -101,7 +101,9 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 // 34.5; bf16 alike. int8 lost with it (bf16 14336x4096 18.0 -> 21.8, fp16 4096x12288 15.1 -> 16.2), and
 // mode 1 lost for both types: when the next grid is scheduled early its CTAs take the SM slots the
 // persistent grid was sized for. So 16-bit weights take mode 2 (DSINF_NK_STREAM_PDL), int8 none
-// (DSINF_I8_PDL).
+// (DSINF_I8_PDL). Except for a long K (K >= 2N), which is launched without it: 14336x4096 took 33.3-33.9 us
+// with it at M = 2..8 and 30.6-31.8 without (fp16; bf16 33.4-33.6 against 31.1-31.7 at M 4, 8), while M = 1
+// gained 0.2-0.4. Every other shape gained or tied at every M (4096x4096 0.1-0.5 us, 8192x8192 0.5-1.1).
 template <typename WT>
 constexpr int kStreamPdl = sizeof(WT) == 1 ? DSINF_I8_PDL : DSINF_NK_STREAM_PDL;
 
@@ -346,7 +348,9 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   }
   const int kchunk = k_per_split(a.K, split, Chunk<WT>::kStepK);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  return launch_split(kernel, grid_x, split, gemv_pdl(kStreamPdl<WT>), 0, stream, static_cast<const T*>(a.x),
+  // Long K (K >= 2N): launched without PDL, so the kernel's wait and trigger are no-ops (see kStreamPdl).
+  const bool pdl = gemv_pdl(kStreamPdl<WT>) && a.K < 2 * a.N;
+  return launch_split(kernel, grid_x, split, pdl, 0, stream, static_cast<const T*>(a.x),
                       static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
