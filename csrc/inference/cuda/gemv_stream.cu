@@ -99,11 +99,12 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 // CUDA-graph replays of back-to-back calls, M = 1 / 8, off -> mode 2, us (2026-12-03): fp16 [N, K] 4096x4096
 // 11.5 / 11.8 -> 10.9 / 11.4, 4096x14336 31.3 / 31.8 -> 30.2 / 30.9, 8192x8192 34.5 / 35.5 -> 33.6 /
 // 34.5; bf16 alike. int8 lost with it (bf16 14336x4096 18.0 -> 21.8, fp16 4096x12288 15.1 -> 16.2), and
-// mode 1 lost for both types: when the next grid is scheduled early its CTAs take the SM slots the
-// persistent grid was sized for. So 16-bit weights take mode 2 (DSINF_NK_STREAM_PDL), int8 none
-// (DSINF_I8_PDL). Except for a long K (K >= 2N), which is launched without it: 14336x4096 took 33.3-33.9 us
-// with it at M = 2..8 and 30.6-31.8 without (fp16; bf16 33.4-33.6 against 31.1-31.7 at M 4, 8), while M = 1
-// gained 0.2-0.4. Every other shape gained or tied at every M (4096x4096 0.1-0.5 us, 8192x8192 0.5-1.1).
+// mode 1 lost for both types (fp16 4096x12288 26.3 -> 30.6; a likely cause, not measured: the next grid's
+// CTAs, scheduled at this one's start, take SM slots the persistent grid was sized for). So 16-bit weights
+// take mode 2 (DSINF_NK_STREAM_PDL), int8 none (DSINF_I8_PDL). Except for a long K (K >= 2N), which is
+// launched without it: 14336x4096 took 33.3-33.9 us with it at M = 2..8 and 30.6-31.8 without (fp16; bf16
+// 33.4-33.6 against 31.1-31.7 at M 4, 8), while M = 1 gained 0.2-0.4. Every other shape gained or tied at
+// every M (4096x4096 0.1-0.5 us, 8192x8192 0.5-1.1).
 template <typename WT>
 constexpr int kStreamPdl = sizeof(WT) == 1 ? DSINF_I8_PDL : DSINF_NK_STREAM_PDL;
 
