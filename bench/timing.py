@@ -203,6 +203,7 @@ class CudaTimer:
             plan[name] = (n, host_ms * n, self._capture(fn, copies, n))
         samples: dict[str, list[float]] = {n: [] for n in fns}
         order = list(fns)
+        enqueue_ms = _GRAPH_LAUNCH_MS * sum(plan[name][2] is not None for name in order)
         for rep in range(self.reps):
             events = []
             # The GPU waits in a sleep kernel while the host enqueues the rep's graph launches, so each batch
@@ -210,7 +211,7 @@ class CudaTimer:
             # latency in its batch (H200: cuBLAS against itself read 0.98-0.99x when it always went first).
             # The order alternates so that any effect left of going first or second hits both sides alike.
             names = order if rep % 2 == 0 else order[::-1]
-            self._park(sum(_GRAPH_LAUNCH_MS for name in names if plan[name][2] is not None))
+            self._park(enqueue_ms)
             for name in names:
                 fn, copies = fns[name]
                 n, host_ms, graph = plan[name]

@@ -239,7 +239,8 @@ PDL_CHAINS = [("kn", [4096] * 7), ("kn", [1032] * 7), ("nk", [4096] * 7), ("nk",
 
 
 @pytest.mark.parametrize("suffix", list(DTYPES))
-@pytest.mark.parametrize("layout,sizes", PDL_CHAINS, ids=lambda v: v if isinstance(v, str) else "x".join(map(str, sorted(set(v)))))
+@pytest.mark.parametrize("layout,sizes", PDL_CHAINS,
+                         ids=lambda v: v if isinstance(v, str) else "x".join(map(str, sorted(set(v)))))
 @pytest.mark.parametrize("M", [1, 8])
 def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M):
     """The [K, N] ring (DSINF_KN_RING_PDL) and the streaming [N, K] kernel (DSINF_NK_STREAM_PDL) are launched
