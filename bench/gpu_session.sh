@@ -3,9 +3,10 @@
 #   bash bench/gpu_session.sh [tests|bench|all]
 # 1. environment + toolchain facts, 2. cold/warm build of the CUDA module, 3. the GPU test suite,
 # 4. compute-sanitizer memcheck sweep, 5. the benchmark. Logs go to $OUT (default /tmp/dsinf-gpu).
-# The GPU suite (about 2,400 tests) does not fit one 10-minute call on an H200: tests/test_cuda_kernels_extra.py
-# builds ten tuning variants (about a minute each), and 628 tests took 230 s there; 1327 of the next files took
-# 110 s. TEST_FILES (default: tests) splits it over calls, e.g. TEST_FILES=tests/test_cuda_kernels_extra.py.
+# The GPU suite (about 2,400 tests) may not fit one 10-minute call on an H200: tests/test_cuda_kernels_extra.py
+# builds ten tuning variants, four at a time (eleven took 129 s, against about 10 minutes for ten one after the
+# other), and 1327 tests of the next files took 110 s. TEST_FILES (default: tests) splits it over calls, e.g.
+# TEST_FILES=tests/test_cuda_kernels_extra.py.
 set -u
 OUT=${OUT:-/tmp/dsinf-gpu}; mkdir -p "$OUT"
 WHAT=${1:-all}

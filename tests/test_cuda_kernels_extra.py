@@ -270,8 +270,8 @@ def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M)
         _check_chain(ys, ws, nk)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("defines", [
+# The compile-time tuning variants: other code than the default build (see the test below).
+TUNING_VARIANTS = [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1", "DSINF_NK_STREAM_PDL=1",
      "DSINF_I8_PDL=2"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
@@ -283,12 +283,11 @@ def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M)
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
     ("DSINF_KN_RING_STAGES=0",),  # [K, N]: register batches for every shape
     ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2"),  # the ring's other shape
-])
-def test_tuning_variants_keep_parity(defines):
-    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
-    shapes, 32-row tiles, the K split of [K, N], the [K, N] ring or none) are other code than the default
-    build: build each in a child process (one module per process) and run the probe's parity section on it
-    (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+]
+
+
+def _probe_variant(defines: tuple[str, ...]):
+    """Build `defines` in a child process (one module per process) and run the probe's parity section on it."""
     import os
     import subprocess
     import sys
@@ -297,7 +296,34 @@ def test_tuning_variants_keep_parity(defines):
     cmd = [sys.executable, os.path.join(root, "tools", "probe_gemv.py"), "--no-timing"]
     for d in defines:
         cmd += ["--define", d]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False, cwd=root)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def tuning_variant_runs(request):
+    """Every selected tuning variant's child, submitted at once to a pool of cores / 4 (at most 4) workers.
+    One after the other, the ten children (each a build of the module's nvcc units and a parity run) took
+    about 10 minutes of a 16-core GPU machine, more than one call of it. The parity checks compare values
+    only, so children sharing the GPU check the same thing."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [item.callspec.params["defines"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_tuning_variants_keep_parity"]
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1) // 4)))
+    runs = {d: pool.submit(_probe_variant, d) for d in selected}
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("defines", TUNING_VARIANTS)
+def test_tuning_variants_keep_parity(defines, tuning_variant_runs):
+    """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
+    shapes, 32-row tiles, the K split of [K, N], the [K, N] ring or none) are other code than the default
+    build: each is built in a child process and checked with the probe's parity section (every path, M 1..16,
+    odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+    out = tuning_variant_runs[defines].result()
     tail = (out.stdout + out.stderr)[-3000:]
     assert "with " + " ".join(defines) in out.stdout, f"the variant was not what ran:\n{tail}"
     assert out.returncode == 0 and "parity: 0 failure(s)" in out.stdout, tail
