@@ -65,6 +65,9 @@ namespace detail {
 // split and N / 32 >= DSINF_STREAM_RT2_FILL * #SMs, else one (16 rows). H200 (132 SMs): 8192x8192 [N, K]
 // fp16 M=1 took 37.2 us with 256 CTAs of 32 rows (fill 1) and 34.5 with 512 of 16 (fill 2: 4 CTAs per SM,
 // twice the weights in flight); bf16 37.6 / 34.0; int8 alike (20.5 / 20.3); N = 12288, 14336 keep 32 rows.
+// Tried and removed: 32-row tiles with K split 2 over a cluster where the 32-row tiles are too few (N = 4096:
+// as many CTAs, half the activation reads per weight byte at M = 8). H200, M = 2..8, us: 4096x4096 fp16
+// 10.8-11.3 -> 11.7-12.3, int8 7.4-7.6 -> 8.5-8.7; 14336x4096 fp16 31.7-32.2 -> 33.9-34.3 (2026-12-03).
 #ifndef DSINF_STREAM_RT2_FILL
 #define DSINF_STREAM_RT2_FILL 2
 #endif
