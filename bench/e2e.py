@@ -3,6 +3,7 @@
     python -m bench.e2e                        # cuda if present: Llama-3-8B shapes, 32 layers, fp16
     python -m bench.e2e --device cpu           # tiny config (hidden 256, 2 layers, prompt 32, 32 new), < 1 min
     python -m bench.e2e --rope llama3 --json out.json
+    python -m bench.e2e --modes static --batch 1 --define DSINF_NK_STREAM_PDL=0   # a build knob, end to end
 
 The model is built from a config with random weights created directly on the device (no download); each
 variant rebuilds it from the same seed, so every variant has the same weights:
@@ -65,6 +66,8 @@ def parse_args(argv):
     p.add_argument("--variants", default="hf,dsinf,dsinf-int8,torchao")
     p.add_argument("--repeats", type=int, help="timed runs per case, median (default: 3 on cuda, 2 on cpu)")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                   help="build the CUDA module with -DNAME=VALUE (repeatable; a tuning knob's A/B end to end)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,7 +267,8 @@ def goals(rows, accuracy_rows, args):
 def report(rows, accuracy_rows, goal_rows, notes, args):
     print(f"\n{args.preset}, {args.layers} layers, {args.dtype}, rope {args.rope}, prompt {args.prompt}, "
           f"{args.new} new tokens, {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + (f"; CUDA module built with {' '.join('-D' + d for d in args.define)}" if args.define else ""))
     header = f"{'variant':<11} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'x hf':>6} {'TTFT ms':>9} {'x hf':>6}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
@@ -297,6 +301,13 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench.e2e needs transformers (pip install 'dsinf[hf]')", file=sys.stderr)
         return 2
+    if args.define:
+        if args.device != "cuda":
+            print("--define builds the CUDA module: it needs --device cuda", file=sys.stderr)
+            return 2
+        from bench.defines import load_cuda_with_defines
+
+        load_cuda_with_defines(args.define)  # before inject loads the default build
     rows, accuracy_rows, notes = run(args)
     rows = with_ratios(rows)
     goal_rows = goals(rows, accuracy_rows, args)

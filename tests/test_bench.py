@@ -362,3 +362,27 @@ def test_quick_cpu_run_of_a_cheap_section(tmp_path, cpu_module):
     assert [g["key"] for g in data["goals"]] == [g.key for g in GOALS]
     host = next(g for g in data["goals"] if g["key"] == "host.cpu")
     assert host["status"] in ("PASS", "MISS", "noisy") and host["value"] is not None
+
+
+def test_defines_reach_only_the_cuda_build():
+    """bench.defines (the probe's and bench.e2e's --define): the flags go to the CUDA variant's compile
+    lines, host and device, and so into its build key; the CPU variant and a plain builder are untouched."""
+    from bench.defines import with_defines
+    from dsinf.builder import InferenceBuilder
+    from op_builder.archs import parse_arch_list
+
+    archs = parse_arch_list("9.0")
+    plain = InferenceBuilder().spec("cuda", archs=archs)
+    spec = with_defines(InferenceBuilder(), ["DSINF_NK_STREAM_PDL=0", "DSINF_I8_STAGES=3"]).spec("cuda", archs=archs)
+    for flags in (spec.cuda_cflags, spec.cflags):
+        assert "-DDSINF_NK_STREAM_PDL=0" in flags and "-DDSINF_I8_STAGES=3" in flags
+    assert not any("DSINF_NK_STREAM_PDL" in f for f in plain.cuda_cflags + plain.cflags)
+    cpu = with_defines(InferenceBuilder(), ["DSINF_I8_STAGES=3"]).spec("cpu")
+    assert not any("DSINF_I8_STAGES" in f for f in cpu.cflags)
+
+
+def test_e2e_define_needs_the_cuda_device(capsys):
+    from bench import e2e
+
+    assert e2e.main(["--device", "cpu", "--define", "DSINF_NK_STREAM_PDL=0"]) == 2
+    assert "--define builds the CUDA module" in capsys.readouterr().err

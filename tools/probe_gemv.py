@@ -87,24 +87,10 @@ def start_cuda(torch, defines: list[str]) -> bool:
 
 def load_module(defines: list[str]):
     """The CUDA inference module, built by op_builder; `defines` (NAME=VALUE) go to nvcc as -D."""
-    from op_builder import InferenceBuilder
+    from bench.defines import load_cuda_with_defines
 
-    builder = InferenceBuilder()
-    if defines:
-        import dataclasses
-
-        base_spec = builder.spec
-
-        def spec(variant, *, portable=False):
-            s = base_spec(variant, portable=portable)
-            if variant != "cuda":
-                return s
-            flags = tuple(f"-D{d}" for d in defines)
-            return dataclasses.replace(s, cuda_cflags=s.cuda_cflags + flags, cflags=s.cflags + flags)
-
-        builder.spec = spec  # the build key hashes the flags: each variant gets its own cache entry
     t0 = time.perf_counter()
-    mod = builder.load("cuda")
+    mod = load_cuda_with_defines(defines)
     log(f"CUDA module loaded in {time.perf_counter() - t0:.1f} s" + (f" with {' '.join(defines)}" if defines else ""))
     return mod
 
