@@ -17,6 +17,11 @@ cp.async ring).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -288,10 +293,6 @@ TUNING_VARIANTS = [
 
 def _probe_variant(defines: tuple[str, ...]):
     """Build `defines` in a child process (one module per process) and run the probe's parity section on it."""
-    import os
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "tools", "probe_gemv.py"), "--no-timing"]
     for d in defines:
@@ -305,9 +306,6 @@ def tuning_variant_runs(request):
     One after the other, the ten children (each a build of the module's nvcc units and a parity run) took
     about 10 minutes of a 16-core GPU machine, more than one call of it. The parity checks compare values
     only, so children sharing the GPU check the same thing."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     selected = [item.callspec.params["defines"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_tuning_variants_keep_parity"]
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1) // 4)))
