@@ -52,9 +52,9 @@ namespace {
 // leave room for the reduction buffers under 48 KiB (kStages below lowers the stages when it would not).
 // Deeper rings in dynamic shared memory lost (H200, 2026-12-03, fp16 M = 1 / 8, us, 2 x 2 -> 4 x 2): 4096x4096
 // 10.9 / 11.3 -> 11.4 / 12.1, 4096x14336 30.3 / 31.2 -> 31.8 / 36.2, 8192x8192 33.5 / 34.0 -> 36.3 / 36.9;
-// 6 x 2 and 8 x 1 lost more, int8 alike (fewer CTAs fit an SM). Nor is it the CTAs lost: deep rings only
-// where every tile keeps a resident CTA of its own (14336x4096: 256 tiles, ~2 CTAs per SM either way) lost
-// too, more with every stage (2026-12-03, M = 1 / 8, us, 2 -> 4 -> 6 stages of 2 KiB: fp16 31.4 / 32.0 ->
+// 6 x 2 and 8 x 1 lost more, int8 alike (fewer CTAs fit an SM). They lose where no CTA is lost too: deep
+// rings only where every tile keeps a resident CTA of its own (14336x4096: 256 tiles, ~2 CTAs per SM either
+// way) lost more with every stage (2026-12-03, M = 1 / 8, us, 2 -> 4 -> 6 stages of 2 KiB: fp16 31.4 / 32.0 ->
 // 32.2 / 32.8 -> 33.5 / 34.5; int8, bf16 activations, 17.7 / 18.4 -> 19.4 / 20.6 -> 21.1 / 22.3), so the
 // weight bytes in flight per SM are not what holds that shape below 90% of the copy bandwidth.
 // int8 default 2 x 2 (16 rows): 32 KiB of ring, 16-32 KiB of weights in flight per CTA, and half the
