@@ -1,4 +1,4 @@
-"""GPU tests of the compiled CUDA inference module (csrc/inference/cuda + binding/cuda_binding.cpp).
+"""GPU tests of the compiled CUDA inference module (csrc/inference/cuda + binding/cuda_binding*.cpp).
 
 Every result is compared with `dsinf.reference` (the semantics oracle), computed on CPU copies of the
 same inputs in float32, by max error: max |out - ref| / max |ref|, as the CPU tests do (a relative L2

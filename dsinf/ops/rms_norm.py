@@ -7,7 +7,7 @@ dtype (float32, float16 or bfloat16), which the output takes: one dtype-generic 
 DeepSpeed's. DeepSpeed rounds `x * rsqrt` and then `* gamma` separately; we round once. `RMSNormOp()`
 works without a config (it reads none of its fields). The norm checks shared by `pre_rms_norm` and
 `rms_mlp_gemm` live here too; the C++ twins are in the binding entries
-(`csrc/inference/binding/*_binding.cpp`).
+(`csrc/inference/binding/*_binding*.cpp`).
 """
 from __future__ import annotations
 

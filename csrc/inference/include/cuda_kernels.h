@@ -1,6 +1,6 @@
 // C-style launcher API of the dsinf CUDA inference kernels (csrc/inference/cuda/*.cu).
 //
-// No torch headers: the binding (csrc/inference/binding/cuda_binding.cpp) validates arguments with
+// No torch headers: the binding (csrc/inference/binding/cuda_binding*.cpp) validates arguments with
 // validate.h, allocates outputs with the torch allocator and passes raw pointers, sizes and torch's
 // current stream here. Every launcher is asynchronous on `stream`, never synchronizes, never
 // allocates, and returns the launch status (cudaSuccess or the error of the failed launch), so it is

@@ -1,0 +1,83 @@
+// What the two translation units of the CUDA binding share. The binding implements the dsinf:: ops on CUDA
+// (schemas and semantics: the op specs, dsinf/ops/<op>.py):
+//   cuda_binding.cpp           linear_layer, vector_matmul (and their lean entries), the route table;
+//   cuda_binding_norm_mlp.cpp  rms_norm, pre_rms_norm, rms_mlp_gemm.
+// They are the only translation units of the CUDA module that include ATen. They validate with validate.h,
+// allocate outputs with the torch allocator (fresh tensors, never workspace views), and run everything on
+// torch's current stream of the input's device:
+//
+//   M = B*S <= crossover (decode): one GEMV launch (csrc/inference/cuda, tensor cores for fp16/bf16,
+//       int8 dequantized in registers), bias fused;
+//   M >  crossover (prefill): cuBLAS through ATen (at::addmm fuses the bias; [N, K] weights are
+//       passed as w.t(), a free view); int8 weights are first dequantized into a temporary;
+//   do_flash_attn: the [M, N] product goes to a temporary, then one kernel splits it per head,
+//       applies RoPE and writes the final [3, B, H, S, D] tensor (or q, k, v for GQA).
+//
+// async_op is accepted and ignored: work is always ordered on the caller's current stream.
+//
+// Why two files: the binding bounds the module's cold build on a machine with a core per source. Each
+// file parses the same ATen and torch/library.h headers (about 5 s with g++ 12), and the rest of its compile
+// is the template code of its registrations (the boxing wrappers, at -O3). As one file it took 7.4-9.2 s on
+// the H200's host, the slowest compile of the build; split, each half takes about 70% of that and they
+// compile side by side. Light headers for the same reason: aten_ops.h, and the generic c10::DeviceGuard (the
+// same device switch through the CUDA guard torch registers) rather than c10/cuda/CUDAGuard.h, which adds
+// the caching allocator's headers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+#include "../include/cuda_kernels.h"
+#include "aten_ops.h"
+#include "define_ops.h"
+#include "validate.h"
+
+// Both modules are loaded RTLD_GLOBAL into one process: what has external linkage here is in a namespace
+// only the CUDA module uses.
+namespace dsinf {
+namespace cuda_binding {
+
+namespace kc = dsinf::cuda;
+
+inline kc::DType kernel_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return kc::DType::kFloat32;
+    case c10::ScalarType::Half: return kc::DType::kFloat16;
+    default: return kc::DType::kBFloat16;
+  }
+}
+
+inline void check_cuda(cudaError_t err, const char* op, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// Input as a contiguous, 16-byte aligned tensor (the GEMV's vector loads need both; a copy of the
+// activations is cheap next to the weight stream).
+inline at::Tensor prepare_input(const at::Tensor& input) {
+  at::Tensor x = input.contiguous();
+  if (x.numel() > 0 && (reinterpret_cast<uintptr_t>(x.const_data_ptr()) & 15u) != 0) x = x.clone();
+  return x;
+}
+
+// Reached when only an argument that is not read (e.g. q_scale with a float weight) is on CUDA.
+inline void check_input_on_cuda(const char* op, const at::Tensor& input) {
+  DSINF_CHECK_ARG(input.is_cuda(), op, "input", "expected a CUDA tensor, got device ", input.device());
+}
+
+// out2d [M, N] (contiguous) = x2d @ W (+ bias): the GEMV for small M (the route table decides), cuBLAS
+// otherwise. Defined in cuda_binding.cpp, the file that owns the route table.
+at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                  const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream);
+
+// bf16 kernels need sm_80+: built only when every target has it (the build's -DDSINF_CUDA_BF16).
+#if defined(DSINF_CUDA_BF16)
+inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1], kFloatDtypes[2]};
+#else
+inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1]};
+#endif
+
+}  // namespace cuda_binding
+}  // namespace dsinf
