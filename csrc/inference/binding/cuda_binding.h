@@ -17,11 +17,12 @@
 //
 // Why two files: the binding bounds the module's cold build on a machine with a core per source. Each
 // file parses the same ATen and torch/library.h headers (about 5 s with g++ 12), and the rest of its compile
-// is the template code of its registrations (the boxing wrappers, at -O3). As one file it took 7.4-9.2 s on
-// the H200's host, the slowest compile of the build; split, each half takes about 70% of that and they
-// compile side by side. Light headers for the same reason: aten_ops.h, and the generic c10::DeviceGuard (the
-// same device switch through the CUDA guard torch registers) rather than c10/cuda/CUDAGuard.h, which adds
-// the caching allocator's headers.
+// is the template code of its registrations (the boxing wrappers, at -O3). As one file it was the slowest
+// compile of the build (H200 host: 7.8 s alone, 7.4-9.2 s under the build); the halves take 6.1 and 5.3 s
+// alone and compile side by side (cold load 8.4-9.0 s against 9.7-11.6 s, one machine; docs/PERFORMANCE.md).
+// Light headers for the same reason: aten_ops.h, and the generic c10::DeviceGuard (the same device switch
+// through the CUDA guard torch registers) rather than c10/cuda/CUDAGuard.h, which adds the caching
+// allocator's headers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
