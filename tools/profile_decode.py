@@ -9,7 +9,9 @@ dsinf+hfcompile, ...) on its Llama-3-8B-architecture model (random weights, prom
   - kernels ms/token: the profiler's device time of the same difference, i.e. GPU work per decode step;
   - gap: wall - kernels, the GPU's idle time per token (the host's generate loop, which syncs every step,
     and the bubbles between a graph's dependent kernels);
-  - the largest kernels (ms per token, launches per token, µs each) and the largest host ops.
+  - the largest kernels (ms per token, launches per token, µs each) and the largest host ops, each row the
+    same difference (generate(new) minus generate(1), over new - 1): the decode steps alone, without the
+    prefill's kernels (a long-prompt GEMM once per layer would otherwise read like per-step work).
 The profiler slows the host, and its walls are not comparable with bench.e2e's; the split is the point.
 For HF's compiled step, inductor's wrapper is itself listed as a kernel row, so its gap reads low.
 Not a test (pytest does not collect tools/).
@@ -20,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -40,6 +43,32 @@ def device_time(fn):
     return sum(e.self_device_time_total for e in averages) / 1e3, averages
 
 
+@dataclass
+class StepRow:
+    key: str
+    device_ms: float  # per decode step
+    host_ms: float
+    count: float  # launches (or calls) per decode step
+
+    @property
+    def device_us_each(self) -> float:
+        return self.device_ms * 1e3 / self.count if self.count > 0 else 0.0
+
+
+def per_step(full, one, steps: int) -> list[StepRow]:
+    """The profiler rows (`key_averages()`) of the decode steps alone: each key's totals in generate(new)
+    (`full`) minus those in generate(1) (`one`: the prefill and the first token), over the `steps` = new - 1
+    further steps. Host rows may read slightly negative: the two calls' host times differ by noise."""
+    base = {e.key: e for e in one}
+    rows = []
+    for e in full:
+        b = base.get(e.key)
+        rows.append(StepRow(e.key, (e.self_device_time_total - (b.self_device_time_total if b else 0)) / 1e3 / steps,
+                            (e.self_cpu_time_total - (b.self_cpu_time_total if b else 0)) / 1e3 / steps,
+                            (e.count - (b.count if b else 0)) / steps))
+    return rows
+
+
 def profile_item(model, args, name, batch):
     ids = e2e.prompts(args, batch)
     start = time.time()
@@ -49,19 +78,17 @@ def profile_item(model, args, name, batch):
     one = e2e.timed(lambda: e2e.generate(model, ids, 1, "static"), "cuda", 3)
     full = e2e.timed(lambda: e2e.generate(model, ids, args.new, "static"), "cuda", 3)
     wall = (full - one) / (args.new - 1) * 1e3
-    kernels_one, _ = device_time(lambda: e2e.generate(model, ids, 1, "static"))
+    kernels_one, averages_one = device_time(lambda: e2e.generate(model, ids, 1, "static"))
     kernels_full, averages = device_time(lambda: e2e.generate(model, ids, args.new, "static"))
     kernels = (kernels_full - kernels_one) / (args.new - 1)
     print(f"== {name} batch {batch}: wall {wall:.3f} ms/token, kernels {kernels:.3f} ms/token, gap "
           f"{wall - kernels:.3f} ms (warm-up {warm:.0f} s)", flush=True)
-    per_token = args.new  # the profiled call's kernels include the prefill: shares, not exact per-step sums
-    by_device = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-    for e in by_device[:TOP_KERNELS]:
-        print(f"   kernel {e.self_device_time_total / 1e3 / per_token:8.3f} ms/token  {e.count / per_token:6.1f}/token  "
-              f"{e.self_device_time_total / max(e.count, 1):8.2f} us each  {e.key[:100]}")
-    for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:TOP_HOST]:
-        print(f"   host   {e.self_cpu_time_total / 1e3 / per_token:8.3f} ms/token  {e.count / per_token:6.1f}/token  "
-              f"{e.key[:100]}")
+    rows = per_step(averages, averages_one, args.new - 1)
+    for r in sorted((r for r in rows if r.device_ms > 0), key=lambda r: -r.device_ms)[:TOP_KERNELS]:
+        print(f"   kernel {r.device_ms:8.3f} ms/token  {r.count:6.1f}/token  {r.device_us_each:8.2f} us each  "
+              f"{r.key[:100]}")
+    for r in sorted(rows, key=lambda r: -r.host_ms)[:TOP_HOST]:
+        print(f"   host   {r.host_ms:8.3f} ms/token  {r.count:6.1f}/token  {r.key[:100]}")
     sys.stdout.flush()
 
 
@@ -71,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--new", type=int, default=32, help="new tokens per generate (default 32)")
     opts = p.parse_args(argv)
+    if opts.new < 2:
+        p.error("--new must be at least 2: a decode step is what generate(new) adds to generate(1)")
     if not torch.cuda.is_available():
         print("profile_decode needs a CUDA GPU", file=sys.stderr)
         return 2
