@@ -26,7 +26,7 @@ print({MARK!r} + json.dumps({{"in_process": dt, "how": ",".join(sorted({{x.how f
       "variants": sorted(v for (op, v) in loaded_variants() if op == InferenceBuilder.NAME),
       "load_seconds": lv.seconds, "build_seconds": lv.manifest.get("build_seconds"),
       "describe": lv.manifest.get("describe"), "archs": lv.manifest.get("archs"), "isa": lv.manifest.get("isa"),
-      "path": str(lv.path)}}))
+      "path": str(lv.path), "cuda_initialized": bool(torch.cuda.is_initialized())}}))
 """
 
 #: Child: time `import dsinf` after `import torch`, and what the import pulled in.

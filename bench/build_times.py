@@ -164,12 +164,14 @@ def _warm(ctx: Context, variant: str, env: dict[str, str], base: _TorchBase, rep
     value, lo, hi = ((statistics.median(inproc), min(inproc), max(inproc)) if noisy
                      else (beyond, min(diffs), max(diffs)))
     hows = sorted({r["data"]["how"] for r in ok})
+    cuda_init = any(r["data"].get("cuda_initialized") for r in ok)  # CUDA's start-up is then in the time
     entry["warm"] = {"beyond_torch": beyond, "paired_diffs": diffs, "in_process": inproc, "how": ",".join(hows),
-                     "value": value, "lo": lo, "hi": hi,
+                     "value": value, "lo": lo, "hi": hi, "cuda_initialized": cuda_init,
                      "detail": "in-process load (wall diffs too noisy)" if noisy else "paired wall diff"}
     out(f"  [{variant}] warm: {fmt_num(beyond, 3)} s beyond import torch (paired child differences: "
         f"{', '.join(f'{d:+.2f}' for d in diffs)}); in-process load {statistics.median(inproc):.3f} s; "
-        f"how={','.join(hows)}  goal <= {WARM_GOAL_S:g} s" + ("\n    judged on the in-process time" if noisy else ""))
+        f"how={','.join(hows)}; CUDA initialised by the load: {'yes' if cuda_init else 'no'}  goal <= {WARM_GOAL_S:g} s"
+        + ("\n    judged on the in-process time" if noisy else ""))
 
 
 def section_build(ctx: Context) -> None:

@@ -350,12 +350,19 @@ def device_key(variant: str, device: torch.device | None = None) -> str:
     """`<variant>|<device name>|torch=<version>|build=<module key>`: what a measurement holds for."""
     from op_builder.builder import loaded_variants
 
+    from op_builder.system import current_system
+
     build = str(loaded_variants()[(_OP, variant)].manifest.get("key", "?"))[:16]
     if variant == "cuda":
-        name = torch.cuda.get_device_name(device if device is not None and device.index is not None else None)
+        # The name the GPU probe found (NVML where it can answer): a load that applies the routes must not
+        # initialise CUDA to learn it. Before CUDA is up, the current device is device 0.
+        if device is not None and device.index is not None:
+            index = device.index
+        else:
+            index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+        gpus = current_system().gpu_list
+        name = gpus[index].name if index < len(gpus) else torch.cuda.get_device_name(index)
     else:
-        from op_builder.system import current_system
-
         name = f"{current_system().cpu.brand}|threads={torch.get_num_threads()}"
     return f"{variant}|{name}|torch={torch.__version__}|build={build}"
 

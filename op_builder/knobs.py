@@ -115,6 +115,11 @@ _KNOBS = [
     Knob("DSINF_NVCC_SPLIT_COMPILE", None, _parse_positive_int,
          "Threads nvcc and ptxas may use to optimise the kernels of one CUDA source (--split-compile; the SASS is "
          "the same). Default: as many as CPUs; 1: off."),
+    Knob("CUDA_VISIBLE_DEVICES", None, _parse_str,
+         "CUDA's own variable: the GPUs a process sees. The GPU probe applies it to NVML's list without "
+         "initialising CUDA where the mapping is certain (op_builder/nvml.py), else asks torch."),
+    Knob("CUDA_DEVICE_ORDER", None, _parse_str,
+         "CUDA's own variable: PCI_BUS_ID numbers GPUs in bus order (CUDA's default puts the fastest first)."),
     Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
     Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: CUDA_PATH, nvcc on PATH, "
          "/usr/local/cuda."),

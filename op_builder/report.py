@@ -78,7 +78,7 @@ def environment() -> dict[str, Any]:
         env["cuda"] = CPU_ONLY
     else:
         env.update(torch_cuda=torch_cuda, cuda_home=_guard(lambda: s.cuda_home), nvcc=_guard(nvcc),
-                   gpus=_guard(gpus), cuda_targets=_guard(cuda_targets))
+                   gpus=_guard(gpus), gpus_from=_guard(lambda: s.gpu_probe[1]), cuda_targets=_guard(cuda_targets))
     env.update({
         "cxx": _guard(cxx),
         "ninja": _guard(lambda: s.ninja),

@@ -176,23 +176,35 @@ def _probe_nvcc(cuda_home: str | None) -> Nvcc | None:
     return None
 
 
-def _probe_gpus() -> tuple[Gpu, ...] | str:
-    """Visible GPUs, or a string saying why they could not be listed."""
+def _probe_gpus() -> tuple[tuple[Gpu, ...] | str, str]:
+    """(the visible GPUs, or a string saying why they could not be listed; what answered: "nvml" or
+    "torch"). NVML first: it answers without initialising CUDA (see nvml.py), and asked first in every
+    process, it gives every process the same GPU names (the measured routes are keyed by them)."""
     try:
         import torch
     except ImportError:
-        return "torch is not installed"
+        return "torch is not installed", "torch"
     if torch.version.cuda is None:
-        return "torch is built without CUDA"
+        return "torch is built without CUDA", "torch"
     if torch.cuda._is_in_bad_fork():
-        return "CUDA was initialised before fork(); cannot query GPUs in this child (set TORCH_CUDA_ARCH_LIST)"
+        return ("CUDA was initialised before fork(); cannot query GPUs in this child (set TORCH_CUDA_ARCH_LIST)",
+                "torch")
+    from . import nvml
+
+    try:
+        found = nvml.visible_gpus(torch.version.cuda, knobs.get("CUDA_VISIBLE_DEVICES"),
+                                  knobs.get("CUDA_DEVICE_ORDER"))
+    except Exception:  # noqa: BLE001 - an odd NVML is torch's to answer for
+        found = None
+    if found:  # none visible: torch says why
+        return tuple(Gpu(i, g.name, g.capability) for i, g in enumerate(found)), "nvml"
     try:
         if not torch.cuda.is_available():
-            return "no CUDA device is visible"
+            return "no CUDA device is visible", "torch"
         return tuple(Gpu(i, torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
-                     for i in range(torch.cuda.device_count()))
+                     for i in range(torch.cuda.device_count())), "torch"
     except Exception as exc:  # a broken driver must not break the report
-        return f"GPU query failed: {exc}"
+        return f"GPU query failed: {exc}", "torch"
 
 
 def _cxx_command() -> tuple[Compiler | None, str | None]:
@@ -307,7 +319,8 @@ _PROBES: dict[str, Callable[["System"], Any]] = {
     "torch_cuda": lambda s: _probe_torch_cuda(),
     "cuda_home": lambda s: _probe_cuda_home(),
     "nvcc": lambda s: _probe_nvcc(s.cuda_home),
-    "gpus": lambda s: _probe_gpus(),
+    "gpu_probe": lambda s: _probe_gpus(),
+    "gpus": lambda s: s.gpu_probe[0],
     "cxx": lambda s: _probe_cxx(),
     "cxx_problem": lambda s: _probe_cxx_problem(),
     "cxx_version": lambda s: _probe_cxx_version(s.cxx),
@@ -324,7 +337,7 @@ class System:
 
     Fields: python_tag, platform, torch_version, torch_cxx11_abi, torch_cuda (e.g. "13.0" or None),
     cuda_home, nvcc (`Nvcc` or None), gpus (tuple of `Gpu`, or a str saying why none could be
-    listed), cxx (`Compiler` or None; not run), cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or None), cpu (`Cpu`), cpu_count,
+    listed), gpu_probe ((gpus, "nvml" or "torch": what answered)), cxx (`Compiler` or None; not run), cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or None), cpu (`Cpu`), cpu_count,
     memory_available (bytes or None).
     """
 
