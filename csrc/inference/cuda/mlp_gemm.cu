@@ -32,6 +32,12 @@
 //     k-blocks of 4 rows, one 8/16-byte load per row per half; k-groups reduced by shuffles and shared memory.
 //     Needs I % 4 == 0, K % 4 == 0 and 16-byte aligned pointers.
 //   anything else: a scalar kernel (one warp per output column), any shape and alignment.
+//
+// One translation unit, though its 45 kernels make it the slowest .cu of a cold build. Tried and not kept: a unit
+// per activation dtype (a header with the kernels, 14-16 per unit). H200 machine, 16 cores, cold CUDA loads
+// alternating on one machine (2026-12-03): three units 10.45, 12.04, 10.13 s against one 10.99, 9.41, 10.89.
+// The units compiled in 5.2-5.9 s against 8.1-8.8 for the whole file, but the critical path is the binding, and
+// its halves slowed under the extra compiles (8.7-10.7 s against 8.1-9.5).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
