@@ -230,6 +230,64 @@ def same_bytes_copy_us(torch, timer: GraphTimer, nbytes: int) -> float:
     return t
 
 
+_READ_KERNEL = None
+
+
+def _read_kernel():
+    """A Triton kernel that reads n int32 words in contiguous per-program ranges (the L2-only `.cg` loads the
+    GEMVs' weights take) and stores one sum per program: nothing but the reads. None without triton."""
+    global _READ_KERNEL
+    if _READ_KERNEL is None:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            return None
+
+        @triton.jit
+        def read_words_kernel(p, out, n_words, per_prog, BLOCK: tl.constexpr):
+            pid = tl.program_id(0)
+            start = pid * per_prog
+            acc = tl.zeros((BLOCK,), dtype=tl.int32)
+            for off in range(start, start + per_prog, BLOCK):  # past n_words (the last range): masked
+                idx = off + tl.arange(0, BLOCK)
+                acc += tl.load(p + idx, mask=idx < n_words, other=0, cache_modifier=".cg")
+            tl.store(out + pid, tl.sum(acc))
+
+        _READ_KERNEL = read_words_kernel
+    return _READ_KERNEL
+
+
+#: (programs per SM, words per load block, warps) tried by same_bytes_read_us; on the H200 (2026-12-03) the
+#: best for every size from 16 MiB to 1 GiB was (8, 2048, 8).
+READ_CONFIGS = ((1, 1024, 4), (2, 2048, 8), (4, 2048, 8), (8, 2048, 8), (8, 4096, 8))
+
+
+def read_words(torch, buf, out, per_prog: int, block: int, warps: int) -> None:
+    """One launch of the read kernel over `buf` (int32) in ranges of `per_prog` words; out[p] = range p's sum."""
+    n = buf.numel()
+    _read_kernel()[(-(-n // per_prog),)](buf, out, n, per_prog, BLOCK=block, num_warps=warps)
+
+
+def same_bytes_read_us(torch, timer: GraphTimer, nbytes: int) -> float | None:
+    """µs per call of the fastest READ_CONFIGS read of nbytes (rotating buffers, past L2), timed as the GEMVs
+    are; None without triton. A GEMV cannot beat it: it reads the same bytes and does more."""
+    if _read_kernel() is None:
+        return None
+    words = max(1, nbytes // 4)
+    n = copies_for(nbytes)
+    bufs = [torch.ones(words, dtype=torch.int32, device="cuda") for _ in range(n)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(sms * max(c[0] for c in READ_CONFIGS) + 1, dtype=torch.int32, device="cuda")
+    best = None
+    for per_sm, block, warps in READ_CONFIGS:
+        per_prog = -(-words // (sms * per_sm * block)) * block
+        t = timer.time_many({"read": (lambda i: read_words(torch, bufs[i], out, per_prog, block, warps), n)})["read"]
+        best = t if best is None else min(best, t)
+    del bufs
+    return best
+
+
 def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=None) -> list[dict]:
     """`shapes`: (K, N) pairs, or (K, N, layouts) to time only those layouts on that shape; `layouts`
     (optional): dtype name -> the layouts to time for it (default: kn, nk, int8)."""
@@ -243,9 +301,10 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
     log(f"\ntiming: CUDA-graph replays, rotating weights >= {ROTATE_BYTES >> 20} MiB; ratio = torch / ours;"
         f" %bw of copy {copy_bw:.0f} GB/s")
     log("copy µs: a device copy moving the same bytes (half read, half written), timed the same way - what a\n"
-        "kernel of that size reaches with the launch, ramp and tail every call pays; %copy = copy µs / ours µs")
+        "kernel of that size reaches with the launch, ramp and tail every call pays; %copy = copy µs / ours µs;\n"
+        "read µs: a kernel that only reads the weight's bytes (none without triton); %read = read µs / ours µs")
     log(f"{'dtype':5s} {'layout':6s} {'K x N':>12s} {'M':>2s} {'ours µs':>8s} {'torch µs':>9s} {'ratio':>6s}"
-        f" {'GB/s':>6s} {'%bw':>5s} {'copy µs':>8s} {'%copy':>6s}")
+        f" {'GB/s':>6s} {'%bw':>5s} {'copy µs':>8s} {'%copy':>6s} {'read µs':>8s} {'%read':>6s}")
     for dtype_name in dtypes:
         dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype_name])
         op = on_our_gemv(getattr(torch.ops.dsinf, f"vector_matmul_{dtype_name}"))  # the kernel, at every M
@@ -275,6 +334,7 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
                         ws = [w0] + [w0.clone() for _ in range(n - 1)]
                     del base
                     t_copy = same_bytes_copy_us(torch, timer, wbytes)
+                    t_read = same_bytes_read_us(torch, timer, wbytes)
                     for M in ms:
                         what = f"{dtype_name} {layout} {K}x{N} M={M}"
                         try:
@@ -295,10 +355,14 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
                             gbs = nbytes / (t["ours"] * 1e-6) / 1e9
                             row = dict(dtype=dtype_name, layout=layout, K=K, N=N, M=M, ours_us=t["ours"],
                                        torch_us=t_torch, ratio=t_torch / t["ours"], gbs=gbs, pct_bw=100 * gbs / copy_bw,
-                                       copy_us=t_copy, pct_copy=100 * t_copy / t["ours"])
+                                       copy_us=t_copy, pct_copy=100 * t_copy / t["ours"], read_us=t_read,
+                                       pct_read=100 * t_read / t["ours"] if t_read else None,
+                                       read_pct_bw=100 * wbytes / t_read / 1e3 / copy_bw if t_read else None)
                             rows.append(row)
+                            read = f" {t_read:8.1f} {row['pct_read']:5.0f}%" if t_read else f" {'-':>8s} {'-':>6s}"
                             log(f"{dtype_name:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t['ours']:8.1f} {t_torch:9.1f}"
-                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}% {t_copy:8.1f} {row['pct_copy']:5.0f}%")
+                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}% {t_copy:8.1f} {row['pct_copy']:5.0f}%"
+                                + read)
                         except Exception as exc:  # noqa: BLE001
                             fail_line(what, exc)
                     qs = scales = t_nk = t_kn = ws = None  # free this shape's weights before the next
@@ -329,8 +393,11 @@ def summarize(rows: list[dict]) -> None:
             return
         worst = min(sel, key=lambda r: r[key])
         ok = worst[key] >= target
+        read = (f"; a read of its weight bytes alone reaches {worst['read_pct_bw']:.0f}% of the copy bandwidth, "
+                f"ours {worst['pct_read']:.0f}% of that read's speed" if key == "pct_bw" and worst.get("read_pct_bw")
+                else "")
         log(f"  {'PASS' if ok else 'MISS'} {name}: worst {worst[key]:.2f} (target {target}) at {worst['dtype']} "
-            f"{worst['layout']} {worst['K']}x{worst['N']} M={worst['M']}")
+            f"{worst['layout']} {worst['K']}x{worst['N']} M={worst['M']}{read}")
 
     log("\nissue-12 goals (decode M <= 8):")
     i8 = [r for r in rows if r["layout"] == "int8"]
