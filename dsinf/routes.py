@@ -349,7 +349,6 @@ def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> 
 def device_key(variant: str, device: torch.device | None = None) -> str:
     """`<variant>|<device name>|torch=<version>|build=<module key>`: what a measurement holds for."""
     from op_builder.builder import loaded_variants
-
     from op_builder.system import current_system
 
     build = str(loaded_variants()[(_OP, variant)].manifest.get("key", "?"))[:16]

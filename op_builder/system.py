@@ -337,8 +337,9 @@ class System:
 
     Fields: python_tag, platform, torch_version, torch_cxx11_abi, torch_cuda (e.g. "13.0" or None),
     cuda_home, nvcc (`Nvcc` or None), gpus (tuple of `Gpu`, or a str saying why none could be
-    listed), gpu_probe ((gpus, "nvml" or "torch": what answered)), cxx (`Compiler` or None; not run), cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or None), cpu (`Cpu`), cpu_count,
-    memory_available (bytes or None).
+    listed), gpu_probe ((gpus, "nvml" or "torch": what answered)), cxx (`Compiler` or None; not run),
+    cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or
+    None), cpu (`Cpu`), cpu_count, memory_available (bytes or None).
     """
 
     __slots__ = ("_values", "_probe", "_lock")

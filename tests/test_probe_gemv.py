@@ -19,7 +19,7 @@ import probe_gemv
 for n, per_prog, block in ((5000, 1024, 256), (4096, 2048, 1024), (777, 256, 128)):
     buf = torch.randint(-1000, 1000, (n,), dtype=torch.int32)
     out = torch.full((-(-n // per_prog) + 1,), 12345, dtype=torch.int32)
-    probe_gemv.read_words(torch, buf, out, per_prog, block, 4)
+    probe_gemv.read_words(buf, out, per_prog, block, 4)
     want = torch.stack([buf[i:i + per_prog].sum() for i in range(0, n, per_prog)]).to(torch.int32)
     assert torch.equal(out[:len(want)], want), (n, per_prog, block, out, want)
     assert out[len(want)] == 12345, "a program past the last range"

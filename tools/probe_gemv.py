@@ -263,7 +263,7 @@ def _read_kernel():
 READ_CONFIGS = ((1, 1024, 4), (2, 2048, 8), (4, 2048, 8), (8, 2048, 8), (8, 4096, 8))
 
 
-def read_words(torch, buf, out, per_prog: int, block: int, warps: int) -> None:
+def read_words(buf, out, per_prog: int, block: int, warps: int) -> None:
     """One launch of the read kernel over `buf` (int32) in ranges of `per_prog` words; out[p] = range p's sum."""
     n = buf.numel()
     _read_kernel()[(-(-n // per_prog),)](buf, out, n, per_prog, BLOCK=block, num_warps=warps)
@@ -282,7 +282,7 @@ def same_bytes_read_us(torch, timer: GraphTimer, nbytes: int) -> float | None:
     best = None
     for per_sm, block, warps in READ_CONFIGS:
         per_prog = -(-words // (sms * per_sm * block)) * block
-        t = timer.time_many({"read": (lambda i: read_words(torch, bufs[i], out, per_prog, block, warps), n)})["read"]
+        t = timer.time_many({"read": (lambda i: read_words(bufs[i], out, per_prog, block, warps), n)})["read"]
         best = t if best is None else min(best, t)
     del bufs
     return best
@@ -361,8 +361,8 @@ def timing(torch, copy_bw: float, shapes, ms, dtypes=("fp16", "bf16"), layouts=N
                             rows.append(row)
                             read = f" {t_read:8.1f} {row['pct_read']:5.0f}%" if t_read else f" {'-':>8s} {'-':>6s}"
                             log(f"{dtype_name:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t['ours']:8.1f} {t_torch:9.1f}"
-                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}% {t_copy:8.1f} {row['pct_copy']:5.0f}%"
-                                + read)
+                                f" {row['ratio']:5.2f}x {gbs:6.0f} {row['pct_bw']:4.0f}%"
+                                f" {t_copy:8.1f} {row['pct_copy']:5.0f}%" + read)
                         except Exception as exc:  # noqa: BLE001
                             fail_line(what, exc)
                     qs = scales = t_nk = t_kn = ws = None  # free this shape's weights before the next
