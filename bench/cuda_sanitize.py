@@ -5,8 +5,8 @@
     python bench/cuda_sanitize.py            # plain run: same checks, seconds
 
 Covers both weight layouts, each dtype, int8 weights (several scale groups), the [N, K] streaming kernel's
-16- and 32-row tiles (16-bit and int8 weights), the fused QKV split with RoPE (both pair styles,
-rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our GEMV; split-K clusters,
+16- and 32-row tiles, 16-warp CTAs and int8 1-step units (16-bit and int8 weights), the fused QKV split with
+RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our GEMV; split-K clusters,
 the scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are
 tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on CPU
 copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
@@ -63,6 +63,9 @@ def cases(quick: bool):
     # tiles (the ring runs across a tile boundary), the last CTA fewer, and the last tile is partial.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     row_tiles_n = 160 * sms + 24
+    # 16-row tiles at M <= 8: fewer than 2 per SM take 16-warp CTAs (not int8 with bf16 activations), int8 from
+    # 3 per SM 1-step units; both with a partial last tile.
+    wide_n, short_n = 16 * (3 * sms // 2) + 8, 16 * (7 * sms // 2) + 8
     # [K, N]: 1.5 x SMs 64-column tiles, which kn_split (gemv_launch.cu) splits in two at M <= 8; the one-tile
     # "split" shape (K = 4096) takes a split of 5: cluster slices of unequal length.
     split2_n = 64 * (3 * sms // 2)
@@ -70,21 +73,22 @@ def cases(quick: bool):
         for nk in (False, True):
             lay = "NK" if nk else "KN"
             # K % 32 == 8: a partial 16-bit k-step
-            rows = [(72, row_tiles_n, "rows")] if nk else [(2048, split2_n, "split2")]
+            rows = [(72, row_tiles_n, "rows"), (72, wide_n, "wide")] if nk else [(2048, split2_n, "split2")]
             for K, N, tag in [(256, 136, "tile"), (4096, 64, "split"), (67, 40, "oddK")] + rows:
                 w = weight(K, N, dt, nk)
                 b = torch.randn(N, dtype=dt, device="cuda")
                 for B, S in Ms + [big_M]:
                     x = torch.randn(B, S, K, dtype=dt, device="cuda")
                     yield f"linear {lay} {tag} M={B * S}", dt, "linear_layer", (x, w, b, True, False, 1, nk), {}
-                    if tag not in ("tile", "rows", "split2"):
+                    if tag not in ("tile", "rows", "wide", "split2"):
                         continue
                     yield f"vmm {lay} {tag} M={B * S}", dt, "vector_matmul", (x, w, False, None, False, nk), {}
             w = weight(128, 96, dt, nk, misalign=True)
             x = torch.randn(2, 2, 128, dtype=dt, device="cuda")
             yield f"vmm {lay} misaligned", dt, "vector_matmul", (x, w, False, None, False, nk), {}
-        # The last shape: the streaming kernel's 32-row tiles (see row_tiles_n).
-        for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40), (64, row_tiles_n, 1)]:
+        # The last shapes: the streaming kernel's 32-row tiles (see row_tiles_n), 16-warp CTAs, 1-step units.
+        for K, N, G in [(256, 96, 1), (512, 64, 4), (48, 40, 40), (64, row_tiles_n, 1), (208, wide_n, 1),
+                        (208, short_n, 8)]:
             w, s = int8_weight(K, N, G)
             for B, S in Ms + [big_M]:
                 x = torch.randn(B, S, K, dtype=dt, device="cuda")

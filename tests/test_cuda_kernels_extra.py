@@ -7,17 +7,19 @@ M = 1, 3, 8 (one n-tile of tokens) for 16-bit weights, and M = 1, 3, 8, 16 (two 
 fp16 and bf16 activations (bf16 takes the fp32 -> high-half int8 conversion, fp16 the half-magic one).
 STREAM_SHAPES are the streaming kernel's own cases, for both weight types: row tiles of 16 (N % 16 != 0),
 several tiles per CTA with the ring running across tile boundaries (N above 16 x the resident CTAs), partial
-k-steps (K % 64 != 0, K below one unit), a K split over a cluster, every M 1..8 and the two-token-tile M 9..16;
-an output the kernel fails to write reads as NaN. Every call is routed to our GEMV (`routes.forced`) and checked
+k-steps (K % 64 != 0, K below one unit), a K split over a cluster, 16-warp CTAs and int8 1-step units, every
+M 1..8 and the two-token-tile M 9..16; an output the kernel fails to write reads as NaN. STREAM_PATHS check
+which of those instantiations a call launched (the profiler's kernel names). Every call is routed to our GEMV (`routes.forced`) and checked
 to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (the PDL modes of every kernel, DSINF_GEMV_MIN_CTAS, the ring shapes
 of both weight types, the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the
-cp.async ring).
+cp.async ring, the streaming kernel's 8-warp 2-step units where the defaults take 16 warps or 1-step units).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -143,13 +145,15 @@ def test_int8_conversion_every_value(cuda_module):
 # K x N for the streaming kernel. The H200/H100 fit 4 of its CTAs per SM (132 SMs: 528 resident CTAs; counts
 # below for int8 at M <= 8; 3 at M 9..16 with 32-row tiles); a CTA tile is 32 rows when N / 32 gives every SM
 # two (gemv_stream.cu), else 16. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / resident) tiles,
-# the last CTA fewer.
+# the last CTA fewer. At M <= 8 on 16-row tiles, fewer than 2 per SM take 16-warp CTAs (not int8 with bf16
+# activations), and int8 from 3 per SM 1-step units (STREAM_PATHS below).
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
     (1040, 14344),  # 449 32-row tiles (M > 8: 396 resident, so CTAs of 2, the last of 1), N % 16 == 8
     (272, 33800),  # 1057 32-row tiles (M <= 8: 353 CTAs of 3, the last two of 2; M > 8: CTAs of 3); N % 32 == 8
-    (2064, 8200),  # 257 32-row tiles < 2 per SM: 513 16-row tiles (CTAs of 1), K % 64 == 16 (a partial step)
-    (16, 4100),  # K = one int8 chunk (two 16-bit chunks): threads t < 1 (< 2) of warp 0 hold all of K
+    (2064, 8200),  # 257 32-row tiles < 2 per SM: 513 16-row tiles (CTAs of 1; int8 1-step units), K % 64 == 16
+    (4112, 3080),  # 193 16-row tiles: 16-warp CTAs, K % 64 == 16, N % 16 == 8
+    (16, 4100),  # K = one int8 chunk (two 16-bit chunks): threads t < 1 (< 2) of warp 0 hold all of K; 16 warps
     (8192, 200),  # 13 tiles: K split over a cluster (sm_90), partial last tile
     (1216, 2064),  # 129 tiles (< 132 SMs: split 2 on sm_90; int8 640 + 576 of K, 16-bit 608 + 608)
 ]
@@ -191,6 +195,50 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
     w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
     x = torch.randn(1, M, K, generator=gen).to(dtype)
     _poisoned_then_checked(fn, x, w, True, 1024)  # two rounds of 8 warp units (512 k each) past K
+
+
+# Which instantiation of the streaming kernel a call takes at M <= 8 (stream_tokens in gemv_stream.cu), by 16-row
+# tiles per SM: (weight, activations, tiles per SM x 2, expected (warps, unit steps; 0 = the configured)).
+# Row tiles of 32 (N / 32 >= 2 per SM) are out of these shapes: tiles per SM < 4.
+STREAM_PATHS = [
+    ("nk", "fp16", 3, (16, 0)), ("nk", "bf16", 3, (16, 0)), ("int8", "fp16", 3, (16, 0)),
+    ("int8", "bf16", 3, (8, 0)),  # int8 with bf16 activations: no 16-warp CTAs (a measured loss)
+    ("nk", "fp16", 5, (8, 0)), ("int8", "fp16", 5, (8, 0)), ("int8", "bf16", 5, (8, 0)),  # 2.5 per SM
+    ("nk", "bf16", 7, (8, 0)), ("int8", "fp16", 7, (8, 1)), ("int8", "bf16", 7, (8, 1)),  # 3.5 per SM
+]
+
+
+def _stream_kernels_launched(fn, x, w, int8: bool) -> list[str]:
+    """The names of the streaming-kernel instantiations one call launched (the profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scale = torch.ones(1, device="cuda") if int8 else None
+    fn(x, w, False, scale, int8, not int8)  # compiled and warm before the profiled call
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x, w, False, scale, int8, not int8)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "gemv_stream_kernel" in e.name]
+
+
+@pytest.mark.parametrize("layout,suffix,halves,want", STREAM_PATHS)
+def test_stream_path_by_tiles_per_sm(cuda_module, layout, suffix, halves, want):
+    """The 16-warp CTAs and the int8 1-step units run where the dispatch rules say, and the 8-warp kernel
+    elsewhere: the launched kernel's template arguments <T, WT, NT, RT, warps, steps>, read from its name."""
+    dtype, fn = DTYPES[suffix], _fn(suffix)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N, K = 16 * (halves * sms // 2), 1024
+    gen = torch.Generator().manual_seed(N + halves)
+    x = torch.randn(1, 1, K, generator=gen).to(dtype).cuda()
+    int8 = layout == "int8"
+    w = (torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen) if int8
+         else (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)).cuda()
+    names = _stream_kernels_launched(fn, x, w, int8)
+    assert len(names) == 1, f"{layout} {suffix} N={N}: expected one streaming-kernel launch, got {names}"
+    found = re.search(r"gemv_stream_kernel<([^<>]*)>", names[0])
+    assert found, f"no template arguments in the kernel's name: {names[0]}"
+    args = [a.strip() for a in found.group(1).split(",")]
+    assert (int(args[-2]), int(args[-1])) == want, f"{layout} {suffix} N={N} ({halves / 2} tiles per SM): {names[0]}"
 
 
 # K x N for the [K, N] GEMV (64-column CTA tiles, 16-row k-steps in warp units of 8 x 16 rows).
@@ -288,6 +336,7 @@ TUNING_VARIANTS = [
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
     ("DSINF_KN_RING_STAGES=0",),  # [K, N]: register batches for every shape
     ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2"),  # the ring's other shape
+    ("DSINF_STREAM_WIDE_BELOW=0", "DSINF_I8_SHORT_UNITS_FROM=0"),  # [N, K] 16-row tiles: 8 warps, configured units
 ]
 
 

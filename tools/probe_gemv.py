@@ -435,6 +435,8 @@ def sweep(args) -> None:
             cmd += ["--layouts", args.layouts]
         if args.ms:
             cmd += ["--ms", args.ms]
+        if args.shapes:
+            cmd += ["--shapes", args.shapes]
         log(f"\n=== variant {' '.join(combo)}")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
@@ -464,6 +466,7 @@ def main() -> int:
                    help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
     p.add_argument("--int8-only", action="store_true", help="time only the int8 layout")
     p.add_argument("--layouts", default="", help="kn,nk,int8: time only these layouts, on all five shapes, fp16 and bf16")
+    p.add_argument("--shapes", default="", help="4096x6144,...: time these K x N instead of the five LLM shapes")
     p.add_argument("--ms", default="", help="1,8,16: the M values to time (default 1,2,4,8; --quick 1,8)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")
@@ -494,15 +497,16 @@ def main() -> int:
     if not args.no_timing:
         ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else ((1, 8) if args.quick else MS)
         dtypes = ("fp16", "bf16")
+        all_shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")] if args.shapes else SHAPES
         if args.layouts:  # the given layouts on every shape, fp16 and bf16
             want = tuple(x for x in ("kn", "nk", "int8") if x in args.layouts.split(","))
-            shapes, layouts = [(K, N, want) for K, N in SHAPES], None
+            shapes, layouts = [(K, N, want) for K, N in all_shapes], None
         elif args.quick:  # fp16 float layouts on two shapes; int8 on four, fp16 and bf16 (another conversion)
             float_shapes = [] if args.int8_only else [(K, N, ("kn", "nk")) for K, N in SHAPES[:2]]
             shapes = float_shapes + [(K, N, ("int8",)) for K, N in QUICK_INT8_SHAPES]
             layouts = {"bf16": ("int8",)}
         else:
-            shapes = SHAPES
+            shapes = all_shapes
             layouts = {d: ("int8",) for d in dtypes} if args.int8_only else {}
         rows = timing(torch, bw, shapes, ms, dtypes, layouts)
         summarize(rows)

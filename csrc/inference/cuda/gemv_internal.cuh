@@ -107,7 +107,7 @@ namespace detail {
 #define DSINF_GEMV_PDL_PREFETCH_KB 32  // per CTA (a first batch of k-steps is 64 KiB); 0 = no prefetch
 #endif
 
-constexpr int kGemvThreads = 256;  // every GEMV CTA: 8 warps
+constexpr int kGemvThreads = 256;  // a GEMV CTA: 8 warps (the streaming kernel's wide CTAs: 16)
 constexpr int kGemvWarps = kGemvThreads / 32;
 
 // Output tile per CTA of each vector path, and the granularity its K range must be a multiple of.
@@ -139,7 +139,7 @@ int kn_mma_resident_per_sm(DType dtype, int token_tiles, bool ring);
 // current device, queried once per kernel and device (an attribute query: no synchronization, safe under
 // graph capture); 1 if unknown. Keyed by the kernel itself, not its pointer type: the instantiations of a
 // kernel template share a pointer type but each has its own shared memory and registers.
-template <auto Kernel, size_t DynSmem = 0>
+template <auto Kernel, size_t DynSmem = 0, int Threads = kGemvThreads>
 int resident_per_sm() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];
@@ -153,7 +153,7 @@ int resident_per_sm() {
     if (c > 0) return c;
   }
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kGemvThreads, DynSmem) != cudaSuccess || n < 1) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, Threads, DynSmem) != cudaSuccess || n < 1) {
     (void)cudaGetLastError();
     return 1;
   }
@@ -228,14 +228,14 @@ cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   return cudaGetLastError();
 }
 
-// A GEMV launch: `tiles` x `split` CTAs of kGemvThreads with `smem` bytes of dynamic shared memory (a
-// cluster of `split` along y when split > 1); `pdl` adds the programmatic-dependent-launch attribute. The
-// plain case keeps the <<<>>> launch.
-template <typename... KArgs, typename... Args>
+// A GEMV launch: `tiles` x `split` CTAs of Threads (kGemvThreads unless given) with `smem` bytes of dynamic
+// shared memory (a cluster of `split` along y when split > 1); `pdl` adds the programmatic-dependent-launch
+// attribute. The plain case keeps the <<<>>> launch.
+template <int Threads = kGemvThreads, typename... KArgs, typename... Args>
 cudaError_t launch_split(void (*kernel)(KArgs...), int tiles, int split, bool pdl, size_t smem, cudaStream_t stream,
                          Args... args) {
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(split), 1);
-  const dim3 block(kGemvThreads, 1, 1);
+  const dim3 block(Threads, 1, 1);
   if (split <= 1 && !pdl) {
     kernel<<<grid, block, smem, stream>>>(args...);
     return cudaGetLastError();

@@ -14,14 +14,14 @@
 // stream at 86-93% (2026-12-02: 4096x12288 M=1 26.2 us instead of 27.6, 8192x8192 34.5 instead of 37.2).
 //
 // Structure (a "chunk" is one thread's 16 bytes of one row: 16 k of int8, 8 k of fp16/bf16):
-// - CTA = 8 warps, output tile = RT row tiles of 16 rows (RT mma m16 tiles; the weight is the mma's A
-//   operand, tokens its n = 8 columns: M <= 8 one token tile, M <= 16 two). K is walked in 64-byte k-steps
-//   (4 chunks per row), grouped in units of kUnitSteps consecutive steps; warp w takes the tile's units
-//   w, w + 8, ...; for each step of a unit, thread (g = lane / 4, t = lane % 4) copies its chunk of rows
-//   g + 8 r (r < 2 RT) at the step's chunk t into its own ring slot, and later reads exactly those bytes
-//   back: the ring is thread-private, so no barrier is needed in the k loop (cp.async.wait_group makes a
-//   thread's own copies visible to it). Its activations for the next unit are loaded while it multiplies
-//   this one.
+// - CTA = W = 8 warps (16 where the tiles are few, see DSINF_STREAM_WIDE_BELOW), output tile = RT row tiles
+//   of 16 rows (RT mma m16 tiles; the weight is the mma's A operand, tokens its n = 8 columns: M <= 8 one
+//   token tile, M <= 16 two). K is walked in 64-byte k-steps (4 chunks per row), grouped in units of
+//   kUnitSteps consecutive steps; warp w takes the tile's units w, w + W, ...; for each step of a unit,
+//   thread (g = lane / 4, t = lane % 4) copies its chunk of rows g + 8 r (r < 2 RT) at the step's chunk t
+//   into its own ring slot, and later reads exactly those bytes back: the ring is thread-private, so no
+//   barrier is needed in the k loop (cp.async.wait_group makes a thread's own copies visible to it). Its
+//   activations for the next unit are loaded while it multiplies this one.
 // - k-slot map (the sum over k is order-free, so the mma's 16 k slots may be any 16 k): mma h of a chunk
 //   (h < 4 for int8, < 2 for 16-bit) takes its k = 4 h + {0, 1} in slots {2t, 2t+1} and 4 h + {2, 3} in
 //   slots {2t+8, 2t+9}. For int8 word h of the chunk expands (I8Pairs: exact) to those A registers; for
@@ -36,6 +36,8 @@
 // - The scale (per row group) and bias are applied once per output, after the dot product.
 // Constraints (checked by the dispatcher): a chunk is all in K or all out (K % 16 == 0 int8, K % 8 == 0
 // 16-bit), x and w 16-byte aligned.
+#include <type_traits>
+
 #include "common.cuh"
 #include "gemv_internal.cuh"
 
@@ -48,7 +50,7 @@ namespace {
 
 // A warp's unit of work: kUnitSteps consecutive 64-byte k-steps of the CTA tile's rows (2 KiB with 2 steps
 // of 16 rows, or 1 step of 32: a warp reads whole 128-byte lines), copied as one cp.async group; its ring
-// holds kStages units. The ring is 8 warps x kStages x kUnitSteps x RT KiB of static shared memory and must
+// holds kStages units. The ring is W warps x kStages x kUnitSteps x RT KiB of static shared memory and must
 // leave room for the reduction buffers under 48 KiB (kStages below lowers the stages when it would not).
 // Deeper rings in dynamic shared memory lost (H200, 2026-12-03, fp16 M = 1 / 8, us, 2 x 2 -> 4 x 2): 4096x4096
 // 10.9 / 11.3 -> 11.4 / 12.1, 4096x14336 30.3 / 31.2 -> 31.8 / 36.2, 8192x8192 33.5 / 34.0 -> 36.3 / 36.9;
@@ -96,6 +98,29 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 #ifndef DSINF_STREAM_RT2_M16
 #define DSINF_STREAM_RT2_M16 1
 #endif
+// The CTA's warps and a warp unit's k-steps by how many 16-row tiles an SM gets (M <= 8 on 16-row tiles, no K
+// split; H200, runs 76-77, three builds of each alternated, us at M = 1 / 8):
+// - Below DSINF_STREAM_WIDE_BELOW tiles per SM (N = 4096: 256 tiles, 1.9 CTAs and 15 warps per SM; ncu:
+//   latency-bound, 45-67% of a warp's cycles waiting on the long scoreboard): CTAs of 16 warps with 1-step
+//   units (the ring stays in 48 KiB), so twice the warps per SM keep the same bytes in flight. fp16 [N, K]
+//   4096x4096 10.9 / 11.5 -> 10.4 / 11.1, 14336x4096 32.1 / 32.4 -> 30.2 / 32.3, bf16 alike; int8 with fp16
+//   activations 14336x4096 18.4 / 19.3 -> 17.7 / 18.2, 4096x4096 even. Not int8 with bf16 activations
+//   (its conversion costs per byte, and 1-step units double the per-byte loop overhead): 4096x4096 7.8 /
+//   7.9 -> 8.1 / 8.3, 14336x4096 even.
+// - int8 from DSINF_I8_SHORT_UNITS_FROM tiles per SM (8192x8192: 512 tiles, 3.9 per SM): 1-step units,
+//   8 warps (ring 16 KiB instead of 32; the weight bytes in flight are still plenty at 4 CTAs per SM).
+//   fp16 activations 20.9 / 21.7 -> 19.4 / 20.2, bf16 21.4 / 21.9 -> 20.1 / 20.4. The 16-bit weights lost
+//   there (fp16 8192x8192 M = 8 34.6 -> 35.2), as did every shape with fewer tiles per SM (14336x4096 int8
+//   18.4 -> 22.6 with 8 warps).
+// Between the two (2 to 3 tiles per SM: N 4224 to 6335 on 132 SMs) the 8-warp 2-step units stay. 0 turns
+// either off.
+#ifndef DSINF_STREAM_WIDE_BELOW
+#define DSINF_STREAM_WIDE_BELOW 2
+#endif
+#ifndef DSINF_I8_SHORT_UNITS_FROM
+#define DSINF_I8_SHORT_UNITS_FROM 3
+#endif
+constexpr int kWideWarps = 2 * kGemvWarps;
 
 // Programmatic dependent launch per weight type (modes as in gemv_internal.cuh; the kernel waits before any
 // load and, with 2, lets the next kernel be scheduled after its last tile's k loop). H200, the probe's
@@ -122,25 +147,32 @@ struct Chunk {
   static constexpr int kUnitStepsCfg = kInt8 ? DSINF_I8_UNIT_STEPS : DSINF_NK_STREAM_UNIT_STEPS;
   static constexpr int kStagesCfg = kInt8 ? DSINF_I8_STAGES : DSINF_NK_STREAM_STAGES;
 };
-// k-steps per unit: the configured steps / row tiles, so that a unit stays ~2 KiB per warp.
-template <typename WT, int RT>
-constexpr int kUnitSteps = Chunk<WT>::kUnitStepsCfg / RT > 0 ? Chunk<WT>::kUnitStepsCfg / RT : 1;
+// k-steps per unit: Steps (0: the configured steps) / row tiles, halved again for 16 warps, so that a unit
+// stays ~2 KiB per warp and the ring within its shared memory; at least 1.
+template <typename WT, int Steps>
+constexpr int kStepsCfg = Steps ? Steps : Chunk<WT>::kUnitStepsCfg;
+template <typename WT, int RT, int W = kGemvWarps, int Steps = 0>
+constexpr int kUnitSteps = kStepsCfg<WT, Steps> * kGemvWarps / (W * RT) > 0
+                               ? kStepsCfg<WT, Steps> * kGemvWarps / (W * RT) : 1;
 // Row tiles per pass of the end-of-tile reduction: all of them with one token tile, one at a time with two
 // (then the buffers stay at 9 KiB, so that 32-row tiles fit beside the ring at M > 8 too).
 template <int NT, int RT>
 constexpr int kRowTilesPerPass = NT == 1 ? RT : 1;
-// Stages of the ring: as configured, fewer when the ring (S x U x RT x 8 KiB) and the reduction buffers
-// (row tiles per pass x NT x 4.5 KiB) would pass the 48 KiB of static shared memory.
-template <int NT, int RT>
-constexpr int kRedKiB = kRowTilesPerPass<NT, RT> * NT * 9 / 2;
-template <typename WT, int NT, int RT>
-constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT> * RT * 8 + kRedKiB<NT, RT> <= 48
+// Stages of the ring: as configured, fewer when the ring (S x U x RT x W KiB) and the reduction buffers
+// (row tiles per pass x NT x (W + 1) / 2 KiB) would pass the 48 KiB of static shared memory.
+template <int NT, int RT, int W = kGemvWarps>
+constexpr int kRedKiB = kRowTilesPerPass<NT, RT> * NT * (W + 1) / 2;
+template <typename WT, int NT, int RT, int W = kGemvWarps, int Steps = 0>
+constexpr int kStages = Chunk<WT>::kStagesCfg * kUnitSteps<WT, RT, W, Steps> * RT * W + kRedKiB<NT, RT, W> <= 48
                             ? Chunk<WT>::kStagesCfg
-                            : (48 - kRedKiB<NT, RT>) / (kUnitSteps<WT, RT> * RT * 8);
+                            : (48 - kRedKiB<NT, RT, W>) / (kUnitSteps<WT, RT, W, Steps> * RT * W);
 template <typename WT>
 constexpr bool kTwoStagesEverywhere =
     kStages<WT, 1, 1> >= 2 && kStages<WT, 2, 1> >= 2 && kStages<WT, 1, 2> >= 2 && kStages<WT, 2, 2> >= 2;
 static_assert(kTwoStagesEverywhere<int8_t> && kTwoStagesEverywhere<__half>,
+              "the ring needs two stages: one landing, one multiplied");
+static_assert(kStages<int8_t, 1, 1, kWideWarps> >= 2 && kStages<__half, 1, 1, kWideWarps> >= 2 &&
+                  kStages<int8_t, 1, 1, kGemvWarps, 1> >= 2,
               "the ring needs two stages: one landing, one multiplied");
 
 // The A registers of mma h of a chunk for one row: k pairs (4h, 4h+1) and (4h+2, 4h+3) as packed T.
@@ -168,17 +200,18 @@ __device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool p
       : "memory");
 }
 
-template <typename T, typename WT, int NT, int RT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __restrict__ x, const WT* __restrict__ w,
-                                                                   Epilogue<T> epi, int M, int K, int N, int kchunk) {
+template <typename T, typename WT, int NT, int RT, int W = kGemvWarps, int Steps = 0>
+__global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict__ x, const WT* __restrict__ w,
+                                                             Epilogue<T> epi, int M, int K, int N, int kchunk) {
   using C = Chunk<WT>;
-  constexpr int S = kStages<WT, NT, RT>, U = kUnitSteps<WT, RT>, TR = kTileStream * RT, NTOK = 8 * NT;
+  constexpr int S = kStages<WT, NT, RT, W, Steps>, U = kUnitSteps<WT, RT, W, Steps>;
+  constexpr int TR = kTileStream * RT, NTOK = 8 * NT;
   constexpr int RP = kRowTilesPerPass<NT, RT>, P = kTileStream * RP * NTOK;  // a reduction pass's outputs
   constexpr int R8 = 2 * RT;                       // the thread's rows in a tile: g + 8 r, r < R8
   constexpr int kUnitK = C::kStepK * U;            // k of one warp unit
-  constexpr int kAdvance = kUnitK * kGemvWarps;    // k from a warp's unit to its next in the same tile
-  __shared__ uint4 ring[S][kGemvWarps][U][R8][32];  // [stage][warp][step][row g + 8 r][lane]: thread-private
-  __shared__ float red[kGemvWarps * P];
+  constexpr int kAdvance = kUnitK * W;             // k from a warp's unit to its next in the same tile
+  __shared__ uint4 ring[S][W][U][R8][32];          // [stage][warp][step][row g + 8 r][lane]: thread-private
+  __shared__ float red[W * P];
   __shared__ float part[P];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -328,7 +361,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
             acc[r][q][e] = 0.f;
           }
       __syncthreads();  // (a second pass: every thread has also read `part` of the first)
-      sum_warps(red, part, P, kGemvWarps);
+      sum_warps(red, part, P, W);
       __syncthreads();
       reduce_and_store<kTileStream * RP>(part, P, (bx + ti * gx) * TR + kTileStream * r0, epi);
     }
@@ -336,9 +369,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_stream_kernel(const T* __re
   cp_async_wait<0>();  // only empty groups are left; leave nothing pending at exit
 }
 
-template <typename T, typename WT, int NT, int RT>
+template <typename T, typename WT, int NT, int RT, int W = kGemvWarps, int Steps = 0>
 cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
-  auto kernel = gemv_stream_kernel<T, WT, NT, RT>;
+  auto kernel = gemv_stream_kernel<T, WT, NT, RT, W, Steps>;
   constexpr int kRows = kTileStream * RT;
   const int tiles = static_cast<int>((a.N + kRows - 1) / kRows);
   int grid_x = tiles;
@@ -346,7 +379,8 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
     // (H200, int8, tried: one CTA per resident slot, with 16-row tiles where those spread the rows more
     // evenly over the SMs - 4096x14336 at 75% of copy bandwidth instead of 81% (fp16), 70% instead of 77%
     // (bf16))
-    const int slots = resident_per_sm<gemv_stream_kernel<T, WT, NT, RT>>() * device_sm_count();
+    const int slots = resident_per_sm<gemv_stream_kernel<T, WT, NT, RT, W, Steps>, 0, 32 * W>() *
+                      device_sm_count();
     const int q = (tiles + slots - 1) / slots;
     grid_x = (tiles + q - 1) / q;
   }
@@ -354,8 +388,8 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   // Long K (K >= 2N): launched without PDL, so the kernel's wait and trigger are no-ops (see kStreamPdl).
   const bool pdl = gemv_pdl(kStreamPdl<WT>) && a.K < 2 * a.N;
-  return launch_split(kernel, grid_x, split, pdl, 0, stream, static_cast<const T*>(a.x),
-                      static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_split<32 * W>(kernel, grid_x, split, pdl, 0, stream, static_cast<const T*>(a.x),
+                              static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
 // One token tile for M <= 8, two for M 9..16; two row tiles per CTA tile when the 32-row tiles still give
@@ -375,6 +409,16 @@ cudaError_t stream_tokens(const GemvArgs& a, int split, cudaStream_t s) {
   }
   if constexpr (DSINF_I8_ROW_TILES >= 2) {
     if (rt2) return run_stream<T, WT, 1, 2>(a, split, s);
+  }
+  // 16-row tiles: the warps and unit steps by tiles per SM (DSINF_STREAM_WIDE_BELOW, DSINF_I8_SHORT_UNITS_FROM)
+  const int tiles = static_cast<int>((a.N + kTileStream - 1) / kTileStream), sms = device_sm_count();
+  constexpr bool kInt8 = sizeof(WT) == 1, kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (DSINF_STREAM_WIDE_BELOW > 0 && !(kInt8 && kBf16)) {
+    if (split <= 1 && tiles < DSINF_STREAM_WIDE_BELOW * sms) return run_stream<T, WT, 1, 1, kWideWarps>(a, split, s);
+  }
+  if constexpr (DSINF_I8_SHORT_UNITS_FROM > 0 && kInt8) {
+    if (split <= 1 && tiles >= DSINF_I8_SHORT_UNITS_FROM * sms)
+      return run_stream<T, WT, 1, 1, kGemvWarps, 1>(a, split, s);
   }
   return run_stream<T, WT, 1, 1>(a, split, s);
 }
