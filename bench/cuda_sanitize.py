@@ -6,8 +6,9 @@
 
 Covers both weight layouts, each dtype, int8 weights (several scale groups), the [N, K] streaming kernel's
 16- and 32-row tiles, 16-warp CTAs and int8 1-step units (16-bit and int8 weights), the fused QKV split with
-RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our GEMV; split-K clusters,
-the scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue kernels). Shapes are
+RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our
+GEMV; split-K clusters, the scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue
+kernels). Shapes are
 tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on CPU
 copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 

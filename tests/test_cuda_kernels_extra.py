@@ -9,8 +9,9 @@ STREAM_SHAPES are the streaming kernel's own cases, for both weight types: row t
 several tiles per CTA with the ring running across tile boundaries (N above 16 x the resident CTAs), partial
 k-steps (K % 64 != 0, K below one unit), a K split over a cluster, 16-warp CTAs and int8 1-step units, every
 M 1..8 and the two-token-tile M 9..16; an output the kernel fails to write reads as NaN. STREAM_PATHS check
-which of those instantiations a call launched (the profiler's kernel names). Every call is routed to our GEMV (`routes.forced`) and checked
-to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to cuBLAS.
+which of those instantiations a call launched (the profiler's kernel names). Every call is routed to our
+GEMV (`routes.forced`) and checked to have run there: the compiled crossover alone sends fp16/bf16 M > 8 to
+cuBLAS.
 tools/probe_gemv.py runs the same kind of check against a build with other compile-time knobs; the last
 test does so for the tuning variants (the PDL modes of every kernel, DSINF_GEMV_MIN_CTAS, the ring shapes
 of both weight types, the 32-row-tile thresholds, activations loaded per unit, which [K, N] shapes take the

@@ -6,6 +6,7 @@
     python tools/probe_gemv.py --quick --variant "DSINF_GEMV_PDL=0" --variant "DSINF_GEMV_PDL=1 DSINF_MMA_UNROLL=8"
     python tools/probe_gemv.py --quick --int8-only --variant "DSINF_I8_STAGES=5 DSINF_I8_UNIT_STEPS=1"
     python tools/probe_gemv.py --quick --layouts nk,int8 --variant "DSINF_STREAM_RT2_FILL=1" --variant "DSINF_STREAM_RT2_FILL=2"
+    python tools/probe_gemv.py --layouts nk,int8 --ms 1,8 --shapes 4096x3072,4096x6144 --variant "DSINF_STREAM_WIDE_BELOW=3"
         # one child process per build variant (each combination of -D values: parity + timing), then
         # the min ratio and worst %bw per variant: for tuning the kernels' compile-time knobs
         # (csrc/inference/cuda/gemv_internal.cuh, gemv_mma.cu, gemv_stream.cu) on a new GPU. Each variant
@@ -466,7 +467,8 @@ def main() -> int:
                    help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
     p.add_argument("--int8-only", action="store_true", help="time only the int8 layout")
     p.add_argument("--layouts", default="", help="kn,nk,int8: time only these layouts, on all five shapes, fp16 and bf16")
-    p.add_argument("--shapes", default="", help="4096x6144,...: time these K x N instead of the five LLM shapes")
+    p.add_argument("--shapes", default="",
+                   help="4096x6144,...: time these K x N instead of the five LLM shapes (not with --quick)")
     p.add_argument("--ms", default="", help="1,8,16: the M values to time (default 1,2,4,8; --quick 1,8)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--sweep", action="append", default=[], help="NAME=v1,v2,...: time each value in a child")

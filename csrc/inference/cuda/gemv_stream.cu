@@ -103,8 +103,8 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 // - Below DSINF_STREAM_WIDE_BELOW tiles per SM (N = 4096: 256 tiles, 1.9 CTAs and 15 warps per SM; ncu:
 //   latency-bound, 45-67% of a warp's cycles waiting on the long scoreboard): CTAs of 16 warps with 1-step
 //   units (the ring stays in 48 KiB), so twice the warps per SM keep the same bytes in flight. fp16 [N, K]
-//   4096x4096 10.9 / 11.5 -> 10.4 / 11.1, 14336x4096 32.1 / 32.4 -> 30.2 / 32.3, bf16 alike; int8 with fp16
-//   activations 14336x4096 18.4 / 19.3 -> 17.7 / 18.2, 4096x4096 even. Not int8 with bf16 activations
+//   4096x4096 11.0 / 11.5 -> 10.4 / 11.1, 14336x4096 32.1 / 32.5 -> 30.2 / 32.3, bf16 alike; int8 with fp16
+//   activations 14336x4096 18.4 / 19.3 -> 17.7 / 18.1, 4096x4096 even. Not int8 with bf16 activations
 //   (its conversion costs per byte, and 1-step units double the per-byte loop overhead): 4096x4096 7.8 /
 //   7.9 -> 8.1 / 8.3, 14336x4096 even.
 // - int8 from DSINF_I8_SHORT_UNITS_FROM tiles per SM (8192x8192: 512 tiles, 3.9 per SM): 1-step units,
