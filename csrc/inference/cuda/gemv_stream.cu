@@ -412,7 +412,7 @@ cudaError_t stream_tokens(const GemvArgs& a, int split, cudaStream_t s) {
   }
   // 16-row tiles: the warps and unit steps by tiles per SM (DSINF_STREAM_WIDE_BELOW, DSINF_I8_SHORT_UNITS_FROM)
   const int tiles = static_cast<int>((a.N + kTileStream - 1) / kTileStream), sms = device_sm_count();
-  constexpr bool kInt8 = sizeof(WT) == 1, kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr bool kInt8 = Chunk<WT>::kInt8, kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (DSINF_STREAM_WIDE_BELOW > 0 && !(kInt8 && kBf16)) {
     if (split <= 1 && tiles < DSINF_STREAM_WIDE_BELOW * sms) return run_stream<T, WT, 1, 1, kWideWarps>(a, split, s);
   }
