@@ -1,10 +1,12 @@
-// What the two translation units of the CUDA binding share. The binding implements the dsinf:: ops on CUDA
-// (schemas and semantics: the op specs, dsinf/ops/<op>.py):
-//   cuda_binding.cpp           linear_layer, vector_matmul (and their lean entries), the route table;
-//   cuda_binding_norm_mlp.cpp  rms_norm, pre_rms_norm, rms_mlp_gemm.
-// They are the only translation units of the CUDA module that include ATen. They validate with validate.h,
-// allocate outputs with the torch allocator (fresh tensors, never workspace views), and run everything on
-// torch's current stream of the input's device:
+// What the op bodies of the CUDA binding share. The binding implements the dsinf:: ops on CUDA (schemas and
+// semantics: the op specs, dsinf/ops/<op>.py) in four files:
+//   cuda_binding_ops.cpp            linear_layer, vector_matmul (and their lean entries), the route table;
+//   cuda_binding_ops_norm_mlp.cpp   rms_norm, pre_rms_norm, rms_mlp_gemm;
+//   cuda_binding.cpp, cuda_binding_norm_mlp.cpp   their registrations, one line per op (cuda_ops.h declares
+//                                   the entries).
+// They are the only translation units of the CUDA module that include ATen. The bodies validate with
+// validate.h, allocate outputs with the torch allocator (fresh tensors, never workspace views), and run
+// everything on torch's current stream of the input's device:
 //
 //   M = B*S <= crossover (decode): one GEMV launch (csrc/inference/cuda, tensor cores for fp16/bf16,
 //       int8 dequantized in registers), bias fused;
@@ -15,11 +17,13 @@
 //
 // async_op is accepted and ignored: work is always ordered on the caller's current stream.
 //
-// Why two files: the binding bounds the module's cold build on a machine with a core per source. Each
-// file parses the same ATen and torch/library.h headers (about 5 s with g++ 12), and the rest of its compile
-// is the template code of its registrations (the boxing wrappers, at -O3). As one file it was the slowest
-// compile of the build (H200 host: 7.8 s alone, 7.4-9.2 s under the build); the halves take 6.1 and 5.3 s
-// alone and compile side by side (cold load 8.4-9.0 s against 9.7-11.6 s, one machine; docs/PERFORMANCE.md).
+// Why four files: the binding bounds the module's cold build on a machine with a core per source.
+// torch/library.h alone takes 4.8 s to parse (g++ 12), and each registration's boxing wrappers about 0.6 s
+// more at -O3; the op bodies need neither. As two files of bodies and registrations the halves took 9.2 and
+// 8.1 s (this repository's CI box, alone); as bodies (4.7, 4.3 s) and registrations (7.4, 7.3 s) the
+// slowest is 7.4 s. On the H200 host, under the build (three cold builds each, alternated): the slowest
+// binding compile 8.8-9.9 s as two files, 6.8-7.6 s as four; the cold build 10.1-11.1 s against 8.9-10.5 s,
+// the gated MLP's mlp_gemm.cu (7.7-9.3 s) now its longest compile. (As one file: 7.8 s alone on that host.)
 // Light headers for the same reason: aten_ops.h, and the generic c10::DeviceGuard (the same device switch
 // through the CUDA guard torch registers) rather than c10/cuda/CUDAGuard.h, which adds the caching
 // allocator's headers.
@@ -33,7 +37,7 @@
 
 #include "../include/cuda_kernels.h"
 #include "aten_ops.h"
-#include "define_ops.h"
+#include "cuda_ops.h"
 #include "validate.h"
 
 // Both modules are loaded RTLD_GLOBAL into one process: what has external linkage here is in a namespace
@@ -69,16 +73,9 @@ inline void check_input_on_cuda(const char* op, const at::Tensor& input) {
 }
 
 // out2d [M, N] (contiguous) = x2d @ W (+ bias): the GEMV for small M (the route table decides), cuBLAS
-// otherwise. Defined in cuda_binding.cpp, the file that owns the route table.
+// otherwise. Defined in cuda_binding_ops.cpp, the file that owns the route table.
 at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                   const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream);
-
-// bf16 kernels need sm_80+: built only when every target has it (the build's -DDSINF_CUDA_BF16).
-#if defined(DSINF_CUDA_BF16)
-inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1], kFloatDtypes[2]};
-#else
-inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1]};
-#endif
 
 }  // namespace cuda_binding
 }  // namespace dsinf

@@ -24,6 +24,13 @@ struct DtypeEntry {
 
 inline constexpr DtypeEntry kFloatDtypes[] = {
     {"fp32", c10::ScalarType::Float}, {"fp16", c10::ScalarType::Half}, {"bf16", c10::ScalarType::BFloat16}};
+// The CUDA binding's: bf16 kernels need sm_80+, built only when every target has it (the build's
+// -DDSINF_CUDA_BF16).
+#if defined(DSINF_CUDA_BF16)
+inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1], kFloatDtypes[2]};
+#else
+inline constexpr DtypeEntry kCudaDtypes[] = {kFloatDtypes[0], kFloatDtypes[1]};
+#endif
 
 template <typename R, typename... Args, std::size_t N>
 void impl_per_dtype(torch::Library& m, const char* op, R (*impl)(const char*, c10::ScalarType, Args...),
