@@ -15,6 +15,9 @@ variant rebuilds it from the same seed, so every variant has the same weights:
                                                          under HF's compile rather than dsinf's CUDA graphs
     <dsinf variant>+eagergraph                           cuda_graph="eager": dsinf's graphs of the eager
                                                          decode step (the default graphs an inductor-compiled one)
+    <dsinf variant>+syncstop                             defer_stop=False: generate reads its stop flag after
+                                                         every token, as HF does on CUDA (the default reads it
+                                                         one step late, so the host queues the next step meanwhile)
     torchao     torchao's Int8WeightOnlyConfig, when `import torchao` works
 
 Modes: `eager` (DynamicCache) and `static` (`cache_implementation="static"`; on CUDA, HF compiles the
@@ -111,10 +114,11 @@ def make_variant(name, args):
     if name == "hf":
         return build(args), ""
     base, _, suffix = name.partition("+")
-    graph_modes = {"": True, "hfcompile": False, "eagergraph": "eager"}  # inject(cuda_graph=...) per suffix
-    if base in ("dsinf", "dsinf-int8") and suffix in graph_modes:
+    suffixes = {"": {}, "hfcompile": {"cuda_graph": False}, "eagergraph": {"cuda_graph": "eager"},
+                "syncstop": {"defer_stop": False}}  # inject's keywords per suffix
+    if base in ("dsinf", "dsinf-int8") and suffix in suffixes:
         return inject.inject(build(args), quantize="int8" if base == "dsinf-int8" else None,
-                             cuda_graph=graph_modes[suffix]), ""
+                             **suffixes[suffix]), ""
     if name == "torchao":
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_

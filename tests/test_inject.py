@@ -576,3 +576,103 @@ def test_gpu_graphed_decode_equals_eager_steps(quantize):
     graphed.to(torch.bfloat16)  # weights move: the graphs are dropped, not replayed on freed memory
     eager.to(torch.bfloat16)
     assert torch.equal(greedy(graphed, x, cache="static"), greedy(eager, x, cache="static"))
+
+
+# --- generate's stop check one step behind on CUDA ---------------------------------------------------
+
+def _deferral_answers(model, **generate_kwargs) -> list[bool]:
+    """What HF's DeferredStopCheck.is_supported answers for a CUDA device while `model.generate` runs (asked
+    from a logits processor, inside the decoding loop), and outside it."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    def ask(cache=None, cache_is_returned=False, is_assistant=False):
+        return DeferredStopCheck.is_supported(torch.device("cuda"), cache, cache_is_returned, is_assistant=is_assistant)
+
+    class Ask(transformers.LogitsProcessor):
+        answers: list = []
+
+        def __call__(self, input_ids, scores):
+            static = transformers.StaticCache(config=model.config, max_cache_len=8)  # not croppable
+            self.answers.append((ask(), ask(is_assistant=True), ask(static, cache_is_returned=True),
+                                 ask(static, cache_is_returned=False),
+                                 DeferredStopCheck.is_supported(torch.device("cpu"), None, False, is_assistant=False)))
+            return scores
+
+    processor = Ask()
+    greedy(model, ids(), logits_processor=transformers.LogitsProcessorList([processor]), **generate_kwargs)
+    assert len(processor.answers) == 12
+    assert len(set(processor.answers)) == 1  # every step the same
+    return [*processor.answers[0], ask()]
+
+
+def test_injected_generate_defers_its_stop_check_on_cuda_only():
+    model = inject(make_model("llama"))
+    assert "one step late" in injection_summary(model).stop_check
+    assert "one step late" in injection_summary(model).format()
+    assert type(model).__name__ == "DsinfLlamaForCausalLM"  # one subclass name for both mixins
+    # inside the injected model's generate: CUDA deferred, by HF's own rule for assisted generation and
+    # for a returned cache that cannot be cropped; the CPU and everything outside: HF's answer (no)
+    assert _deferral_answers(model) == [True, False, False, True, False, False]
+    assert _deferral_answers(make_model("llama")) == [False] * 6  # a model without dsinf: HF's answer
+    off = inject(make_model("llama"), defer_stop=False)
+    assert not injection_summary(off).stop_check and _deferral_answers(off) == [False] * 6
+    no_graphs = inject(make_model("llama"), cuda_graph=False)  # the two are independent
+    assert _deferral_answers(no_graphs)[0] and not hasattr(no_graphs, "_dsinf_graphs")
+    with pytest.raises(TypeError, match="defer_stop"):
+        inject(make_model("llama"), defer_stop=1)
+
+
+def test_the_deferral_wraps_hf_rule_once_and_keeps_it():
+    from transformers.generation.utils import DeferredStopCheck
+
+    from dsinf.inject import stopcheck
+
+    rule = DeferredStopCheck.is_supported._dsinf_hf_rule
+    for _ in range(2):
+        inject(make_model("llama"))
+    assert DeferredStopCheck.is_supported._dsinf_hf_rule is rule  # wrapped once, not around itself
+    assert rule(torch.device("mps"), None, False, is_assistant=False)  # HF's rule, unchanged, defers on mps
+    assert not rule(torch.device("cuda"), None, False, is_assistant=False)
+    assert not stopcheck.install(nn.Linear(2, 2), lambda m, mixin: None)  # no HF decoding loop: nothing done
+    assert _deferral_answers(inject(make_model("qwen2")))[0]  # any family with HF's loop
+
+
+@gpu
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_gpu_deferred_stop_generates_what_the_synchronous_loop_does(cache, monkeypatch):
+    from transformers.generation import utils as generation
+
+    calls = {"deferred": 0}
+    deferred_call = generation.DeferredStopCheck.__call__
+
+    def counting(self, *args, **kwargs):
+        calls["deferred"] += 1
+        return deferred_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(generation.DeferredStopCheck, "__call__", counting)
+    ref = make_model("llama", dtype=torch.float16, device="cuda")
+    deferred = inject(twin(ref))
+    synchronous = inject(twin(ref), defer_stop=False)
+    x = ids(device="cuda")
+    plain = greedy(synchronous, x, cache=cache)
+    assert calls["deferred"] == 0
+    assert torch.equal(greedy(deferred, x, cache=cache), plain)  # stops at max_new_tokens: decided on the host
+    assert calls["deferred"] == 12
+    # an end-of-sequence token that row 0 generates early: the deferred loop learns of the stop a step late,
+    # runs one more step (one more check) and undoes it
+    eos = int(plain[0, x.shape[1] + 3])
+    kwargs = dict(eos_token_id=eos, pad_token_id=0)
+    for rows in (x[:1], x):  # one row: the whole generate stops early; two: row 1 goes on, padded after
+        expected = greedy(synchronous, rows, cache=cache, **kwargs)  # the stop
+        assert expected.shape[1] < plain.shape[1] or rows.shape[0] == 2
+        calls["deferred"] = 0
+        assert torch.equal(greedy(deferred, rows, cache=cache, **kwargs), expected)
+        assert calls["deferred"] == expected.shape[1] - rows.shape[1] + (expected.shape[1] < plain.shape[1])
+    # outputs with the cache returned: a static cache cannot be cropped, so HF's rule keeps that loop
+    # synchronous; a dynamic cache is cropped back after the extra step
+    calls["deferred"] = 0
+    out = greedy(deferred, x, cache=cache, return_dict_in_generate=True, output_scores=True, **kwargs)
+    ref_out = greedy(synchronous, x, cache=cache, return_dict_in_generate=True, output_scores=True, **kwargs)
+    assert torch.equal(out.sequences, ref_out.sequences) and len(out.scores) == len(ref_out.scores)
+    assert (calls["deferred"] > 0) == (cache is None)
+    assert out.past_key_values.get_seq_length() == ref_out.past_key_values.get_seq_length()

@@ -8,7 +8,8 @@
 
 Modules: `linear` (the injected linear modules), `llama` (recognition and the fused attention / MLP),
 `attention` (grouped-query decode attention without repeating the cache), `rope` (when dsinf's RoPE may
-replace the model's), `graphs` (static-cache decode steps on CUDA graphs), `summary`, `export` (weights
+replace the model's), `graphs` (static-cache decode steps on CUDA graphs), `stopcheck` (generate's stop
+check one step behind on CUDA), `summary`, `export` (weights
 back in the original layout), `keywords` (`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`:
 recognition reads module attributes and configs, and the HF helpers a fused forward calls come from
 the module that defined the model's own class.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import routes
-from . import graphs
+from . import graphs, stopcheck
 from .export import export_state_dict
 from .keywords import init_inference
 from .linear import InjectedLinear, InjectedQKV
@@ -41,7 +42,7 @@ logger = logging.getLogger("dsinf")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph) -> None:
+def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_stop) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_dsinf_injection", None) is not None:
@@ -58,6 +59,8 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph) -> None:
             raise ValueError("inject: argument 'groups': only meaningful with quantize='int8'")
     if not (isinstance(cuda_graph, bool) or cuda_graph == "eager"):
         raise TypeError(f"inject: argument 'cuda_graph': expected True, False or 'eager', got {cuda_graph!r}")
+    if not isinstance(defer_stop, bool):
+        raise TypeError(f"inject: argument 'defer_stop': expected True or False, got {defer_stop!r}")
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
 
@@ -68,7 +71,7 @@ def _skipped(name: str, skip) -> bool:
 
 def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
            groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False,
-           cuda_graph: bool | str = True) -> nn.Module:
+           cuda_graph: bool | str = True, defer_stop: bool = True) -> nn.Module:
     """Rewrite `model` in place to run on dsinf's ops; returns it.
 
     Args:
@@ -86,12 +89,16 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             inductor (the model's small ops fused, dsinf's ops called as they are; compiled at the first
             decode step, the eager step if inductor fails there). "eager": the eager forward is captured
             (no compile; each small op stays a kernel). False keeps HF's compile.
+        defer_stop: a generative model's `generate` on CUDA reads its stop flag one step late, so the host
+            queues the next step while the GPU runs this one (`dsinf.inject.stopcheck`: HF's own
+            DeferredStopCheck, which HF enables on mps only). A stop on an end-of-sequence token then
+            costs one extra step, undone before generate returns. False keeps HF's sync after every token.
 
     Every parameter of the model stops requiring grad (the ops are inference-only: a forward in grad
     mode then runs, gradless). Logs one summary (logger "dsinf", INFO); `injection_summary(model)`
     returns it as data.
     """
-    _check_arguments(model, dtype, quantize, groups, skip, cuda_graph)
+    _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_stop)
     if dtype is not None:
         model.to(dtype)
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
@@ -128,6 +135,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         p.requires_grad_(False)   # grad mode - frozen weights keep activations gradless, so grad mode is fine
     if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph is True) is not None:
         summary.cuda_graph = graphs.describe(cuda_graph is True)
+    if defer_stop and stopcheck.install(model, swap_class):
+        summary.stop_check = stopcheck.describe()
     model._dsinf_injection = summary
     routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly

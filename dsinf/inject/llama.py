@@ -181,11 +181,13 @@ _subclasses: dict[tuple[type, type], type] = {}
 
 
 def swap_class(module: nn.Module, mixin: type) -> None:
-    """Give `module` a subclass of its own class with `mixin`'s forward (cached per class)."""
+    """Give `module` a subclass of its own class with `mixin`'s methods (cached per class). A second mixin
+    subclasses the first one's class, under the same name."""
     cls = type(module)
     sub = _subclasses.get((mixin, cls))
     if sub is None:
-        sub = type(f"Dsinf{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        name = cls.__name__ if cls.__name__.startswith("Dsinf") else f"Dsinf{cls.__name__}"
+        sub = type(name, (mixin, cls), {"__module__": cls.__module__})
         _subclasses[(mixin, cls)] = sub
     module.__class__ = sub
 

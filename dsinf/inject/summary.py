@@ -34,6 +34,7 @@ class InjectionSummary:
     backends: dict[str, int] = field(default_factory=dict)  # backend name -> number of injected modules
     aten_routed: int = 0  # float linears whose shape the measured routes send to ATen for every M
     cuda_graph: str = ""  # how decode steps run on CUDA graphs ('' when they do not)
+    stop_check: str = ""  # generate's stop check deferred on CUDA ('' when it is not)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +51,8 @@ class InjectionSummary:
                  f"RoPE: {self.rope}"]
         if self.cuda_graph:
             lines.append(f"  {self.cuda_graph}")
+        if self.stop_check:
+            lines.append(f"  {self.stop_check}")
         if self.aten_routed:
             lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
                          f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")
