@@ -9,6 +9,9 @@ The model is built from a config with random weights created directly on the dev
 variant rebuilds it from the same seed, so every variant has the same weights:
 
     hf          the model as HF runs it
+    hf+deferstop                                         hf with generate's stop check read one step late on
+                                                         CUDA, as an injected model's is (dsinf.inject.stopcheck
+                                                         alone): the host loop's share of dsinf's lead
     dsinf       dsinf.inject(model)                      (fp16/bf16/fp32: the model's dtype)
     dsinf-int8  dsinf.inject(model, quantize="int8")     (int8 weight-only, per channel)
     <dsinf variant>+hfcompile                            the same with cuda_graph=False: static-cache decode
@@ -113,6 +116,12 @@ def make_variant(name, args):
 
     if name == "hf":
         return build(args), ""
+    if name == "hf+deferstop":  # HF's model as it is, its generate's stop check deferred as dsinf's is
+        from dsinf.inject import stopcheck
+        from dsinf.inject.llama import swap_class
+
+        model = build(args)
+        return (model, "") if stopcheck.install(model, swap_class) else (None, "hf+deferstop: no DeferredStopCheck")
     base, _, suffix = name.partition("+")
     suffixes = {"": {}, "hfcompile": {"cuda_graph": False}, "eagergraph": {"cuda_graph": "eager"},
                 "syncstop": {"defer_stop": False}}  # inject's keywords per suffix
@@ -273,20 +282,21 @@ def report(rows, accuracy_rows, goal_rows, notes, args):
           f"{args.new} new tokens, {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + (f"; CUDA module built with {' '.join('-D' + d for d in args.define)}" if args.define else ""))
-    header = f"{'variant':<11} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'x hf':>6} {'TTFT ms':>9} {'x hf':>6}"
+    w = max([11, *(len(v) for v in args.variants)])  # the variant column: as wide as the longest name
+    header = f"{'variant':<{w}} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'x hf':>6} {'TTFT ms':>9} {'x hf':>6}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         ratio = f"{r['ratio_vs_hf']:.2f}" if r["ratio_vs_hf"] is not None else "-"
         ttft_ratio = f"{r['ttft_ratio_vs_hf']:.2f}" if r["ttft_ratio_vs_hf"] is not None else "-"
-        print(f"{r['variant']:<11} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {ratio:>6} "
+        print(f"{r['variant']:<{w}} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {ratio:>6} "
               f"{r['ttft_ms']:>9.1f} {ttft_ratio:>6}")
     print("(static on cuda: HF compiles the decode step; on cpu it runs uncompiled)")
-    print(f"\n{'variant':<11} {'rel err vs hf':>14} {'vs dequantized':>15} {'greedy agreement vs hf':>23} "
+    print(f"\n{'variant':<{w}} {'rel err vs hf':>14} {'vs dequantized':>15} {'greedy agreement vs hf':>23} "
           f"{'vs dequantized':>15}")
     for variant, a in accuracy_rows.items():
         deq = f"{a['rel_err_vs_dequantized']:.2e}" if "rel_err_vs_dequantized" in a else "-"
         deq_agree = f"{a['agreement_vs_dequantized']}/{AGREEMENT_TOKENS}" if "agreement_vs_dequantized" in a else "-"
-        print(f"{variant:<11} {a['rel_err_vs_hf']:>14.2e} {deq:>15} {a['agreement']:>20}/{AGREEMENT_TOKENS} "
+        print(f"{variant:<{w}} {a['rel_err_vs_hf']:>14.2e} {deq:>15} {a['agreement']:>20}/{AGREEMENT_TOKENS} "
               f"{deq_agree:>15}")
     print("(random weights give near-uniform logits: int8 rounding flips greedy picks early; compare int8 with "
           "its dequantized model)")
