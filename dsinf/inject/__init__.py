@@ -9,10 +9,10 @@
 Modules: `linear` (the injected linear modules), `llama` (recognition and the fused attention / MLP),
 `attention` (grouped-query decode attention without repeating the cache), `rope` (when dsinf's RoPE may
 replace the model's), `graphs` (static-cache decode steps on CUDA graphs), `stopcheck` (generate's stop
-check one step behind on CUDA), `summary`, `export` (weights
-back in the original layout), `keywords` (`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`:
-recognition reads module attributes and configs, and the HF helpers a fused forward calls come from
-the module that defined the model's own class.
+check one step behind on CUDA), `summary`, `export` (weights back in the original layout), `keywords`
+(`init_inference`'s DeepSpeed keywords). Nothing here imports `transformers`: recognition reads module
+attributes and configs, and the HF helpers a fused forward calls come from the module that defined the
+model's own class.
 """
 from __future__ import annotations
 

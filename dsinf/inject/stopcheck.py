@@ -9,6 +9,8 @@ it copies the flag to pinned memory asynchronously and reads it one step later, 
 t+1 while step t runs. A stop found late costs one extra step, which generate undoes before it returns
 (tokens trimmed; a returned cache cropped, which is why HF defers only when the cache is not returned or
 can be cropped). HF turns it on for mps only ("we should enable it for cuda if we observe perf gains").
+Deferred on CUDA, the same H200 measured +19-33% decode tok/s for int8 and +8-12% for fp16 (Llama-3-8B
+shapes, static cache, batch 1).
 
 What: while an injected model's `_sample` runs, HF's `DeferredStopCheck.is_supported` answers for a CUDA
 device what it answers for mps: HF's own rule for the cache and for assisted generation, the device
