@@ -289,7 +289,7 @@ def test_rms_mlp_gemm_from_kernels(lib, dtype, M, K, I, layout, groups, activati
 
 # ------------------------------------------------------------------------------------------ CUDA compile check
 
-@pytest.mark.parametrize("source", ["rms_norm.cu", "mlp_gemm.cu"])
+@pytest.mark.parametrize("source", ["rms_norm.cu", "mlp_gemm.cu", "mlp_gemm_bf16.cu"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_cuda_kernels_compile(source, arch, tmp_path):
     nvcc = shutil.which("nvcc")
