@@ -78,6 +78,16 @@ bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
   return act != c10::ScalarType::Float && (s.interm.int8 || s.interm.weight_nk);
 }
 
+// Decode gate/up for 16-bit [N, K] weights as the linear ops' matmul (the streaming GEMV, or cuBLAS where the
+// routes say) into [M, 2I], then gated_act: two launches instead of the gated kernel's one. Why it may pay:
+// the streaming kernel reads 16-bit [N, K] weights this large at 88-93% of the copy bandwidth, the gated
+// kernel at 80% (H200, fp16 4096 -> 2 x 14336: 68.5 us, 3.43 TB/s; docs/PERFORMANCE.md, eighteenth round).
+// Not measured yet, so off (0); int8 weights keep the gated kernel either way (the streaming kernel's int8
+// tiles of this shape read no faster: 79%).
+#ifndef DSINF_GATED_VIA_GEMV
+#define DSINF_GATED_VIA_GEMV 0
+#endif
+
 // rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
 MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& residual,
                             const at::Tensor& weight_interm, const at::Tensor& weight_out, const at::Tensor& gamma,
@@ -172,7 +182,8 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  if (s.M <= (s.interm.int8 || gated_gemv_tensor_core(act, s) ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
+  const bool via_gemv = DSINF_GATED_VIA_GEMV && !s.interm.int8 && gated_gemv_tensor_core(act, s);
+  if (!via_gemv && s.M <= (s.interm.int8 || gated_gemv_tensor_core(act, s) ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),
