@@ -11,6 +11,7 @@ import transformers  # the test extra installs it
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dsinf.inject import inject
+from dsinf.inject import attention
 from dsinf.inject.attention import decode_attention
 
 HAS_CUDA = torch.cuda.is_available()
@@ -39,7 +40,9 @@ def inputs(batch, heads, kv, length, dim, mask, dtype=torch.float32, device="cpu
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float", "broadcast"])
 @pytest.mark.parametrize("batch,heads,kv,length,dim", [(1, 4, 2, 13, 16), (3, 8, 2, 33, 32), (2, 6, 3, 7, 8)])
-def test_equals_hf_sdpa(batch, heads, kv, length, dim, mask):
+@pytest.mark.parametrize("gqa", [True, False], ids=["enable_gqa", "folded"])  # folded: a torch before 2.5
+def test_equals_hf_sdpa(batch, heads, kv, length, dim, mask, gqa, monkeypatch):
+    monkeypatch.setattr(attention, "_SDPA_GQA", gqa)
     module = attention_module(heads, kv, dim)
     query, key, value, attention_mask = inputs(batch, heads, kv, length, dim, mask)
     expected, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
