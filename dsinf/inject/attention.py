@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: SDPA takes `enable_gqa` from torch 2.5.
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float, kwargs: dict) -> torch.Tensor | None:
@@ -44,7 +47,3 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     folded = query.reshape(batch, key.shape[1], groups, dim)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=module.scaling)
     return out.reshape(batch, 1, heads, dim)
-
-
-#: SDPA takes `enable_gqa` from torch 2.5.
-_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -182,8 +182,9 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  const bool via_gemv = DSINF_GATED_VIA_GEMV && !s.interm.int8 && gated_gemv_tensor_core(act, s);
-  if (!via_gemv && s.M <= (s.interm.int8 || gated_gemv_tensor_core(act, s) ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
+  const bool tensor_core = gated_gemv_tensor_core(act, s);
+  const bool via_gemv = DSINF_GATED_VIA_GEMV && !s.interm.int8 && tensor_core;
+  if (!via_gemv && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),
