@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD python tools/probe_norm_mlp.py               # parity + timing, about 1-2 minutes on an H200
     PYTHONPATH=$PWD python tools/probe_norm_mlp.py --no-timing   # parity only
     PYTHONPATH=$PWD python tools/probe_norm_mlp.py --define DSINF_GATED_PDL=0 --define DSINF_GATED_STAGES=3
+    PYTHONPATH=$PWD python tools/probe_norm_mlp.py --no-parity --no-norms --mlp-shapes 2048:5632,4096:14336
 
 What it prints:
   1. copy bandwidth after warming the clocks (tools/probe_gemv.py's measure: read + write bytes), the ceiling;
@@ -11,8 +12,8 @@ What it prints:
      and shapes that take the tensor-core gated GEMV (partial tiles, split K) or the scalar fallback (odd K);
   3. PreRMSNorm / RMSNorm at hidden 4096, 8192, M in 256, 1024, 4096: µs, GB/s and % of the ceiling
      (bytes: read x (+ residual) + gamma, write the output(s)), and HF's torch ops for comparison;
-  4. gated MLP 4096->14336->4096 at M in 1, 2, 4, 8 ([N,K] fp16/bf16, int8): ours, the HF eager chain, the
-     two-cuBLAS chain, ratios and % of the ceiling (bytes: the weights);
+  4. gated MLP K->I->K at M in 1, 2, 4, 8 ([N,K] fp16/bf16, int8; --mlp-shapes, default 4096:14336): ours,
+     the HF eager chain, the two-cuBLAS chain, ratios and % of the ceiling (bytes: the weights);
   5. the issue-10 goals with PASS/MISS per row.
 Timing: CUDA-graph replays over rotating input/weight copies larger than the L2 (probe_gemv.GraphTimer).
 Robust: every case runs in its own try block; a failure prints one line and the run goes on. Exit code 1 on
@@ -169,16 +170,23 @@ def time_norms(torch, bw: float, timer: GraphTimer) -> list[dict]:
     return rows
 
 
-def time_mlp(torch, bw: float, timer: GraphTimer) -> list[dict]:
+def time_mlp(torch, bw: float, timer: GraphTimer, shapes=((4096, 14336),), cases=("fp16", "bf16", "int8")
+             ) -> list[dict]:
+    rows = []
+    for K, I in shapes:
+        rows += time_mlp_shape(torch, bw, timer, K, I, cases)
+    return rows
+
+
+def time_mlp_shape(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list[dict]:
     from bench.impls import torch_mlp_2gemm, torch_mlp_eager
     from dsinf.quantize import quantize_int8
 
-    K, I = 4096, 14336
     rows = []
     log(f"\ngated MLP {K}->{I}->{K} (µs per call; eager = HF LlamaMLP + residual add + RMSNorm in torch ops; "
         "2gemm = gate|up in one cuBLAS GEMM)")
     log(f"  {'case':12s} {'M':>2s} {'ours':>7s} {'eager':>7s} {'2gemm':>7s} {'x eager':>8s} {'x 2gemm':>8s} {'%bw':>5s}")
-    for case in ("fp16", "bf16", "int8"):
+    for case in cases:
         dt = torch.bfloat16 if case == "bf16" else torch.float16
         op = getattr(torch.ops.dsinf, "rms_mlp_gemm_bf16" if case == "bf16" else "rms_mlp_gemm_fp16")
         try:
@@ -208,7 +216,7 @@ def time_mlp(torch, bw: float, timer: GraphTimer) -> list[dict]:
                 two = lambda i: torch_mlp_2gemm(xs[i], rs[i], w1s[i], w2s[i], g, EPS)  # noqa: E731
                 t = timer.time_many({"ours": (ours, n), "eager": (eager, n), "2gemm": (two, n)})
                 pct = 100 * wbytes / (t["ours"] * 1e-6) / 1e9 / bw
-                row = dict(case=case, M=M, ours=t["ours"], eager=t["eager"], two=t["2gemm"],
+                row = dict(case=case, K=K, I=I, M=M, ours=t["ours"], eager=t["eager"], two=t["2gemm"],
                            x_eager=t["eager"] / t["ours"], x_two=t["2gemm"] / t["ours"], pct=pct)
                 rows.append(row)
                 log(f"  {case:12s} {M:2d} {t['ours']:7.1f} {t['eager']:7.1f} {t['2gemm']:7.1f} "
@@ -228,7 +236,7 @@ def goals(norm_rows: list[dict], mlp_rows: list[dict]) -> None:
         log(f"  {'PASS' if r['pct'] >= 80 else 'MISS'} {r['op']}_rms_norm {r['dtype']} H={r['H']} M={r['M']}: "
             f"{r['pct']:.0f}% of copy bw (goal >= 80%)")
     for r in mlp_rows:
-        if r["case"] == "fp16" and r["M"] in (1, 8):
+        if r["case"] == "fp16" and r["M"] in (1, 8) and (r["K"], r["I"]) == (4096, 14336):
             log(f"  {'PASS' if r['x_eager'] >= 1.3 else 'MISS'} gated MLP fp16 M={r['M']}: {r['ours']:.1f} µs, "
                 f"{r['x_eager']:.2f}x the eager chain (goal >= 1.3x), {r['x_two']:.2f}x the two-cuBLAS chain")
 
@@ -237,8 +245,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--no-norms", action="store_true", help="time the gated MLP only")
+    p.add_argument("--mlp-shapes", default="4096:14336", metavar="K:I,...",
+                   help="gated MLP shapes hidden:intermediate (default 4096:14336, Llama-3-8B)")
+    p.add_argument("--mlp-cases", default="fp16,bf16,int8", metavar="CASE,...", help="of fp16, bf16, int8")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     args = p.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in item.split(":")) for item in args.mlp_shapes.split(",")]
+        if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--mlp-shapes: {args.mlp_shapes!r} is not a list of K:I with positive integers")
+    cases = args.mlp_cases.split(",")
+    if not set(cases) <= {"fp16", "bf16", "int8"}:
+        p.error(f"--mlp-cases: {args.mlp_cases!r} names a case other than fp16, bf16, int8")
     import torch
 
     t0 = time.perf_counter()
@@ -257,8 +278,8 @@ def main() -> int:
         bw = copy_bandwidth(torch)
         log(f"\ncopy bandwidth {bw:.0f} GB/s (after warming the clocks)")
         timer = GraphTimer(torch)
-        norm_rows = time_norms(torch, bw, timer)
-        mlp_rows = time_mlp(torch, bw, timer)
+        norm_rows = [] if args.no_norms else time_norms(torch, bw, timer)
+        mlp_rows = time_mlp(torch, bw, timer, shapes, cases)
         goals(norm_rows, mlp_rows)
     log(f"\nprobe done in {time.perf_counter() - t0:.0f} s; parity failures: {failures}")
     return 1 if failures else 0
