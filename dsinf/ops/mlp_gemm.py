@@ -18,9 +18,11 @@ int8 [2I, K] with float32 q_scale [G] (G | 2I), W_out int8 [K, I] with q_scale1 
 weight with N rows and G groups is scaled by scale[n // (N / G)]. DeepSpeed writes the sum into `residual`
 and returns it; here both outputs are new tensors and no argument is modified.
 
-Decode (CUDA: M <= 2 with float weights, M <= 8 with int8; CPU: the GEMV crossover): the gate/up GEMV
-writes act(gate) * up from its epilogue, so the [M, 2I] product never reaches memory. Larger M: GEMM into [M, 2I], then the gated
-epilogue, then the W_out GEMM.
+Decode (CUDA: M <= 8 with int8 or 16-bit [N, K] weights, M <= 2 otherwise; CPU: the GEMV crossover): the
+gate/up GEMV writes act(gate) * up from its epilogue, so the [M, 2I] product never reaches memory. Larger M,
+and on CUDA a 16-bit [N, K] W_interm of 80 MiB or more at any M: the linear ops' matmul into [M, 2I] (our
+streaming GEMV or cuBLAS, as the route table says; it reads weights that large faster than the gated kernel),
+then the gated epilogue, then the W_out matmul.
 """
 from __future__ import annotations
 

@@ -78,14 +78,20 @@ bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
   return act != c10::ScalarType::Float && (s.interm.int8 || s.interm.weight_nk);
 }
 
-// Decode gate/up for 16-bit [N, K] weights as the linear ops' matmul (the streaming GEMV, or cuBLAS where the
-// routes say) into [M, 2I], then gated_act: two launches instead of the gated kernel's one. Why it may pay:
-// the streaming kernel reads 16-bit [N, K] weights this large at 88-93% of the copy bandwidth, the gated
-// kernel at 80% (H200, fp16 4096 -> 2 x 14336: 68.5 us, 3.43 TB/s; docs/PERFORMANCE.md, eighteenth round).
-// Not measured yet, so off (0); int8 weights keep the gated kernel either way (the streaming kernel's int8
-// tiles of this shape read no faster: 79%).
-#ifndef DSINF_GATED_VIA_GEMV
-#define DSINF_GATED_VIA_GEMV 0
+// Decode gate/up for 16-bit [N, K] weights of at least this many MiB runs as the linear ops' matmul (the
+// streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches instead
+// of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
+// kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes; docs/PERFORMANCE.md,
+// nineteenth round):
+//   17 MiB 15.1 -> 17.3 us; 44 MiB 25.5 -> 26.7; 64 MiB 33.6 -> 34.4; 67.5 MiB 36.4 -> 36.1 (the crossover)
+//   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
+//   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
+// In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
+// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. int8
+// weights keep the gated kernel at every size: the streaming kernel reads int8 tiles of these shapes no
+// faster (79%), and cuBLAS would first write a dequantized copy. 0: always the matmul; a huge value: never.
+#ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
+#define DSINF_GATED_VIA_GEMV_MIN_MIB 80
 #endif
 
 // rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
@@ -183,7 +189,9 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
   const bool tensor_core = gated_gemv_tensor_core(act, s);
-  const bool via_gemv = DSINF_GATED_VIA_GEMV && !s.interm.int8 && tensor_core;
+  const bool via_gemv = !s.interm.int8 && tensor_core &&
+                        2 * s.I * s.K * static_cast<int64_t>(input.element_size()) >=
+                            (static_cast<int64_t>(DSINF_GATED_VIA_GEMV_MIN_MIB) << 20);
   if (!via_gemv && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
