@@ -170,15 +170,7 @@ def time_norms(torch, bw: float, timer: GraphTimer) -> list[dict]:
     return rows
 
 
-def time_mlp(torch, bw: float, timer: GraphTimer, shapes=((4096, 14336),), cases=("fp16", "bf16", "int8")
-             ) -> list[dict]:
-    rows = []
-    for K, I in shapes:
-        rows += time_mlp_shape(torch, bw, timer, K, I, cases)
-    return rows
-
-
-def time_mlp_shape(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list[dict]:
+def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list[dict]:
     from bench.impls import torch_mlp_2gemm, torch_mlp_eager
     from dsinf.quantize import quantize_int8
 
@@ -279,7 +271,7 @@ def main() -> int:
         log(f"\ncopy bandwidth {bw:.0f} GB/s (after warming the clocks)")
         timer = GraphTimer(torch)
         norm_rows = [] if args.no_norms else time_norms(torch, bw, timer)
-        mlp_rows = time_mlp(torch, bw, timer, shapes, cases)
+        mlp_rows = [row for K, I in shapes for row in time_mlp(torch, bw, timer, K, I, cases)]
         goals(norm_rows, mlp_rows)
     log(f"\nprobe done in {time.perf_counter() - t0:.0f} s; parity failures: {failures}")
     return 1 if failures else 0

@@ -88,8 +88,9 @@ bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
 //   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
 // In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
 // bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. int8
-// weights keep the gated kernel at every size: the streaming kernel reads int8 tiles of these shapes no
-// faster (79%), and cuBLAS would first write a dequantized copy. 0: always the matmul; a huge value: never.
+// weights keep the gated kernel at every size: the streaming kernel read int8 4096 x 14336 no faster (79%,
+// sixteenth round; the fused 4096 -> 28672 rows are not measured), and cuBLAS would first write a
+// dequantized copy. 0: always the matmul; a huge value: never.
 #ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
 #define DSINF_GATED_VIA_GEMV_MIN_MIB 80
 #endif
@@ -189,10 +190,10 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
   const bool tensor_core = gated_gemv_tensor_core(act, s);
-  const bool via_gemv = !s.interm.int8 && tensor_core &&
-                        2 * s.I * s.K * static_cast<int64_t>(input.element_size()) >=
-                            (static_cast<int64_t>(DSINF_GATED_VIA_GEMV_MIN_MIB) << 20);
-  if (!via_gemv && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
+  const bool via_matmul = !s.interm.int8 && tensor_core &&
+                          2 * s.I * s.K * static_cast<int64_t>(input.element_size()) >=
+                              (static_cast<int64_t>(DSINF_GATED_VIA_GEMV_MIN_MIB) << 20);
+  if (!via_matmul && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),
