@@ -420,26 +420,42 @@ def test_gpu_gelu_strided_and_llama_shape(cuda_module, monkeypatch, layout, M):
     assert_close(run_op(op, case), reference.rms_mlp_gemm(*ref_args(case, layout, GELU)), torch.float16)
 
 
-# 16-bit [N, K] gate|up weights of at least 80 MiB (the binding's DSINF_GATED_VIA_GEMV_MIN_MIB) take the
-# matmul + gated epilogue; smaller ones the gated kernel. One shape well inside each side.
-GATE_UP_SIDES = [(2048, 5632, "gated_tc_kernel"),     # 2 x 5632 x 2048 x 2 bytes = 44 MiB
-                 (4096, 11008, "gated_act_kernel")]  # 172 MiB
+# gate|up weights of at least 80 MiB (16-bit [N, K]) or 256 MiB (int8) take the matmul + gated epilogue
+# (the binding's DSINF_GATED_VIA_GEMV_MIN_MIB and _INT8_MIN_MIB); smaller ones the gated kernel. One shape
+# well inside each side, sized 2 I K x bytes per weight.
+GATE_UP_SIDES = [("nk", 2048, 5632, "gated_tc_kernel"),     # 44 MiB
+                 ("nk", 4096, 11008, "gated_act_kernel"),   # 172 MiB
+                 ("int8", 4096, 14336, "gated_tc_kernel"),  # 112 MiB (Llama-3-8B)
+                 ("int8", 8192, 28672, "gated_act_kernel")]  # 448 MiB (Llama-3-70B)
+
+
+def device_weight(rows, cols, layout, dtype, gen):
+    """A random [rows, cols] weight made on the GPU (hundreds of millions of values take seconds on the
+    host): 16-bit, or int8 (never 0) with float32 scales for 8 row groups as `.scale`."""
+    if layout == "nk":
+        return torch.randn(rows, cols, generator=gen, device="cuda").mul_(cols ** -0.5).to(dtype)
+    q = torch.randint(-127, 128, (rows, cols), generator=gen, device="cuda", dtype=torch.int8)
+    q[q == 0] = 1
+    q.scale = torch.rand(8, generator=gen, device="cuda").mul_(0.02 * cols ** -0.5).add_(1e-4)
+    return q
 
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("M", [1, 8])
-@pytest.mark.parametrize("K,I,kernel", GATE_UP_SIDES, ids=["44MiB", "172MiB"])
-def test_gpu_gate_up_path_by_weight_size(cuda_module, monkeypatch, dtype, M, K, I, kernel):
+@pytest.mark.parametrize("layout,K,I,kernel", GATE_UP_SIDES, ids=["44MiB", "172MiB", "int8-112MiB", "int8-448MiB"])
+def test_gpu_gate_up_path_by_weight_size(cuda_module, monkeypatch, dtype, M, layout, K, I, kernel):
     """The kernels the profiler saw are the path the size rule names, and the result is the reference's."""
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("bf16 needs sm_80+")
-    gen = torch.Generator("cuda").manual_seed(M + K)  # on the GPU: 135M random weights on the host take seconds
+    gen = torch.Generator("cuda").manual_seed(M + K)
     x, r = (torch.randn(1, M, K, generator=gen, device="cuda").mul_(s).to(dtype) for s in (1.0, 2.0))
-    w1 = torch.randn(2 * I, K, generator=gen, device="cuda").mul_(K ** -0.5).to(dtype)  # [up; gate] rows
-    w2 = torch.randn(K, I, generator=gen, device="cuda").mul_(I ** -0.5).to(dtype)
-    case = (x, r, w1, w2, torch.randn(K, generator=gen, device="cuda").to(dtype), None, None)
-    op = make_op(config(dtype, "nk"), "cuda", monkeypatch)
+    w1 = device_weight(2 * I, K, layout, dtype, gen)  # [up; gate] rows
+    w2 = device_weight(K, I, layout, dtype, gen)
+    int8 = layout == "int8"
+    case = (x, r, w1, w2, torch.randn(K, generator=gen, device="cuda").to(dtype),
+            w1.scale if int8 else None, w2.scale if int8 else None)
+    op = make_op(config(dtype, layout), "cuda", monkeypatch)
     run_op(op, case)  # warm: the first call's one-time work stays out of the profile
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -448,7 +464,7 @@ def test_gpu_gate_up_path_by_weight_size(cuda_module, monkeypatch, dtype, M, K, 
     names = " ".join(e.name for e in prof.events())
     other = ({"gated_tc_kernel", "gated_act_kernel"} - {kernel}).pop()
     assert kernel in names and other not in names, f"expected {kernel}, not {other}; the profile saw: {names[:600]}"
-    assert_close(got, reference.rms_mlp_gemm(*ref_args(case, "nk", SILU)), dtype)
+    assert_close(got, reference.rms_mlp_gemm(*ref_args(case, layout, SILU)), dtype)
 
 
 @CUDA

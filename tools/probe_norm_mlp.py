@@ -179,14 +179,15 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
         "2gemm = gate|up in one cuBLAS GEMM)")
     log(f"  {'case':12s} {'M':>2s} {'ours':>7s} {'eager':>7s} {'2gemm':>7s} {'x eager':>8s} {'x 2gemm':>8s} {'%bw':>5s}")
     for case in cases:
-        dt = torch.bfloat16 if case == "bf16" else torch.float16
-        op = getattr(torch.ops.dsinf, "rms_mlp_gemm_bf16" if case == "bf16" else "rms_mlp_gemm_fp16")
+        int8 = case.startswith("int8")  # int8 weights; activations fp16, or bf16 for int8-bf16
+        dt = torch.bfloat16 if case.endswith("bf16") else torch.float16
+        op = getattr(torch.ops.dsinf, "rms_mlp_gemm_bf16" if dt == torch.bfloat16 else "rms_mlp_gemm_fp16")
         try:
-            wbytes = (2 * I * K + K * I) * (1 if case == "int8" else 2)
+            wbytes = (2 * I * K + K * I) * (1 if int8 else 2)
             n = copies_for(wbytes)
             w1s = [(torch.randn(2 * I, K, device="cuda", dtype=dt) / math.sqrt(K)) for _ in range(n)]
             w2s = [(torch.randn(K, I, device="cuda", dtype=dt) / math.sqrt(I)) for _ in range(n)]
-            if case == "int8":
+            if int8:
                 q1 = [quantize_int8(w, 8, transposed_mode=True) for w in w1s]
                 q2 = [quantize_int8(w, 8, transposed_mode=True) for w in w2s]
             g = torch.randn(K, device="cuda", dtype=dt)
@@ -198,7 +199,7 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
             try:
                 xs = [torch.randn(1, M, K, device="cuda", dtype=dt) for _ in range(n)]
                 rs = [torch.randn(1, M, K, device="cuda", dtype=dt) for _ in range(n)]
-                if case == "int8":
+                if int8:
                     ours = lambda i: op(xs[i], rs[i], q1[i], q2[i], g, EPS, q1[i].scale, q2[i].scale,  # noqa: E731
                                         True, GATED_SILU, True)
                 else:
@@ -216,7 +217,7 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
             except Exception as exc:  # noqa: BLE001
                 fail_line(what, exc)
         del w1s, w2s
-        if case == "int8":
+        if int8:
             del q1, q2
         torch.cuda.empty_cache()
     return rows
@@ -240,7 +241,8 @@ def main() -> int:
     p.add_argument("--no-norms", action="store_true", help="time the gated MLP only")
     p.add_argument("--mlp-shapes", default="4096:14336", metavar="K:I,...",
                    help="gated MLP shapes hidden:intermediate (default 4096:14336, Llama-3-8B)")
-    p.add_argument("--mlp-cases", default="fp16,bf16,int8", metavar="CASE,...", help="of fp16, bf16, int8")
+    p.add_argument("--mlp-cases", default="fp16,bf16,int8", metavar="CASE,...",
+                   help="of fp16, bf16, int8 (fp16 activations), int8-bf16")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     args = p.parse_args()
     try:
@@ -250,8 +252,8 @@ def main() -> int:
     except ValueError:
         p.error(f"--mlp-shapes: {args.mlp_shapes!r} is not a list of K:I with positive integers")
     cases = args.mlp_cases.split(",")
-    if not set(cases) <= {"fp16", "bf16", "int8"}:
-        p.error(f"--mlp-cases: {args.mlp_cases!r} names a case other than fp16, bf16, int8")
+    if not set(cases) <= {"fp16", "bf16", "int8", "int8-bf16"}:
+        p.error(f"--mlp-cases: {args.mlp_cases!r} names a case other than fp16, bf16, int8, int8-bf16")
     import torch
 
     t0 = time.perf_counter()

@@ -87,12 +87,21 @@ bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
 //   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
 //   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
 // In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
-// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. int8
-// weights keep the gated kernel at every size: the streaming kernel read int8 4096 x 14336 no faster (79%,
-// sixteenth round; the fused 4096 -> 28672 rows are not measured), and cuBLAS would first write a
-// dequantized copy. 0: always the matmul; a huge value: never.
+// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. 0: always the
+// matmul; a huge value: never.
 #ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
 #define DSINF_GATED_VIA_GEMV_MIN_MIB 80
+#endif
+// The same rule for int8 gate|up weights (one byte per weight), whose matmul is the int8 streaming GEMV
+// (cuBLAS would first write a dequantized copy). Its crossover lies higher. H200, the whole MLP (norm, gate|up,
+// act, down) in us at M = 1 / 8, fp16 activations (bf16 alike), gated kernel -> matmul + act, by gate|up size
+// (tools/probe_norm_mlp.py --define; docs/PERFORMANCE.md, twentieth round):
+//   22 MiB 17.6 / 17.9 -> 19.1 / 19.8; 112 MiB (Llama-3-8B) 53.4 / 54.2 -> 53.4 / 55.5 (bf16 53.4 / 54.8 ->
+//   55.1 / 57.3); 228 MiB 100.3 / 104.1 -> 95.3 / 99.9; 344 MiB 148.2 / 153.4 -> 139.6 / 143.8; 448 MiB
+//   (Llama-3-70B) 187.4 / 192.7 -> 181.4 / 184.2
+// The threshold sits between the last loss (112) and the first win (228).
+#ifndef DSINF_GATED_VIA_GEMV_INT8_MIN_MIB
+#define DSINF_GATED_VIA_GEMV_INT8_MIN_MIB 160
 #endif
 
 // rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
@@ -190,9 +199,9 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
   const bool tensor_core = gated_gemv_tensor_core(act, s);
-  const bool via_matmul = !s.interm.int8 && tensor_core &&
-                          2 * s.I * s.K * static_cast<int64_t>(input.element_size()) >=
-                              (static_cast<int64_t>(DSINF_GATED_VIA_GEMV_MIN_MIB) << 20);
+  const int64_t gate_up_bytes = 2 * s.I * s.K * (s.interm.int8 ? 1 : static_cast<int64_t>(input.element_size()));
+  const int64_t min_mib = s.interm.int8 ? DSINF_GATED_VIA_GEMV_INT8_MIN_MIB : DSINF_GATED_VIA_GEMV_MIN_MIB;
+  const bool via_matmul = tensor_core && gate_up_bytes >= (min_mib << 20);
   if (!via_matmul && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
