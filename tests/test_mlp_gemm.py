@@ -420,7 +420,7 @@ def test_gpu_gelu_strided_and_llama_shape(cuda_module, monkeypatch, layout, M):
     assert_close(run_op(op, case), reference.rms_mlp_gemm(*ref_args(case, layout, GELU)), torch.float16)
 
 
-# gate|up weights of at least 80 MiB (16-bit [N, K]) or 256 MiB (int8) take the matmul + gated epilogue
+# gate|up weights of at least 80 MiB (16-bit [N, K]) or 160 MiB (int8) take the matmul + gated epilogue
 # (the binding's DSINF_GATED_VIA_GEMV_MIN_MIB and _INT8_MIN_MIB); smaller ones the gated kernel. One shape
 # well inside each side, sized 2 I K x bytes per weight.
 GATE_UP_SIDES = [("nk", 2048, 5632, "gated_tc_kernel"),     # 44 MiB
