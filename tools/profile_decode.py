@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python tools/profile_decode.py hf:1,hf:8,dsinf:1,dsinf:8,dsinf-int8:1,dsinf+eagergraph:1
     PYTHONPATH=$PWD python tools/profile_decode.py dsinf:1 --layers 8 --new 16
+    PYTHONPATH=$PWD python tools/profile_decode.py dsinf-int8:1 --first-token
 
 Each item is `variant:batch`, a variant of `python -m bench.e2e` (hf, dsinf, dsinf-int8, dsinf+eagergraph,
 dsinf+hfcompile, ...) on its Llama-3-8B-architecture model (random weights, prompt 128). Per item it prints:
@@ -12,6 +13,8 @@ dsinf+hfcompile, ...) on its Llama-3-8B-architecture model (random weights, prom
   - the largest kernels (ms per token, launches per token, µs each) and the largest host ops, each row the
     same difference (generate(new) minus generate(1), over new - 1): the decode steps alone, without the
     prefill's kernels (a long-prompt GEMM once per layer would otherwise read like per-step work).
+With --first-token it profiles generate(1) instead, in the static and the eager mode: the time to the first
+token (prefill and one sampled token), its wall (median of 3), kernels, gap and largest rows, per call.
 The profiler slows the host, and its walls are not comparable with bench.e2e's; the split is the point.
 For HF's compiled step, inductor's wrapper is itself listed as a kernel row, so its gap reads low.
 Not a test (pytest does not collect tools/).
@@ -92,11 +95,33 @@ def profile_item(model, args, name, batch):
     sys.stdout.flush()
 
 
+def profile_first_token(model, args, name, batch):
+    ids = e2e.prompts(args, batch)
+    for mode in ("static", "eager"):
+        start = time.time()
+        e2e.generate(model, ids, args.new, mode)  # warm-up as bench.e2e's: builds, compiles, captures
+        e2e.generate(model, ids, 1, mode)
+        warm = time.time() - start
+        wall = e2e.timed(lambda: e2e.generate(model, ids, 1, mode), "cuda", 3) * 1e3
+        kernels, averages = device_time(lambda: e2e.generate(model, ids, 1, mode))
+        print(f"== {name} batch {batch} first token, {mode}: wall {wall:.3f} ms, kernels {kernels:.3f} ms, gap "
+              f"{wall - kernels:.3f} ms (warm-up {warm:.0f} s)", flush=True)
+        for e in sorted((e for e in averages if e.self_device_time_total > 0),
+                        key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]:
+            ms = e.self_device_time_total / 1e3
+            print(f"   kernel {ms:8.3f} ms  {e.count:6d} calls  {ms * 1e3 / e.count:8.2f} us each  {e.key[:100]}")
+        for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:TOP_HOST]:
+            print(f"   host   {e.self_cpu_time_total / 1e3:8.3f} ms  {e.count:6d} calls  {e.key[:100]}")
+        sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python tools/profile_decode.py", description=__doc__.splitlines()[0])
     p.add_argument("items", help="comma-separated variant:batch, e.g. hf:1,dsinf:8")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--new", type=int, default=32, help="new tokens per generate (default 32)")
+    p.add_argument("--first-token", action="store_true",
+                   help="profile generate(1), the time to the first token, in the static and the eager mode")
     opts = p.parse_args(argv)
     if opts.new < 2:
         p.error("--new must be at least 2: a decode step is what generate(new) adds to generate(1)")
@@ -119,7 +144,7 @@ def main(argv=None) -> int:
                 print(note)
                 continue
             current = (name, model)
-        profile_item(current[1], args, name, batch)
+        (profile_first_token if opts.first_token else profile_item)(current[1], args, name, batch)
     return 0
 
 
