@@ -12,8 +12,8 @@ What it prints:
      and shapes that take the tensor-core gated GEMV (partial tiles, split K) or the scalar fallback (odd K);
   3. PreRMSNorm / RMSNorm at hidden 4096, 8192, M in 256, 1024, 4096: µs, GB/s and % of the ceiling
      (bytes: read x (+ residual) + gamma, write the output(s)), and HF's torch ops for comparison;
-  4. gated MLP K->I->K at M in 1, 2, 4, 8 ([N,K] fp16/bf16, int8; --mlp-shapes, default 4096:14336): ours,
-     the HF eager chain, the two-cuBLAS chain, ratios and % of the ceiling (bytes: the weights);
+  4. gated MLP K->I->K at M in 1, 2, 4, 8 (--mlp-cases of MLP_CASES; --mlp-shapes, default 4096:14336):
+     ours, the HF eager chain, the two-cuBLAS chain, ratios and % of the ceiling (bytes: the weights);
   5. the issue-10 goals with PASS/MISS per row.
 Timing: CUDA-graph replays over rotating input/weight copies larger than the L2 (probe_gemv.GraphTimer).
 Robust: every case runs in its own try block; a failure prints one line and the run goes on. Exit code 1 on
@@ -37,6 +37,10 @@ from probe_gemv import GraphTimer, copies_for, copy_bandwidth, fail_line, log, s
 
 GATED_SILU = 4
 EPS = 1e-5
+# --mlp-cases: name -> (activations, weights): [N, K] 16-bit (nn.Linear's layout), int8 (always [N, K]), or
+# [K, N] 16-bit (DeepSpeed's default, transposed_mode=False)
+MLP_CASES = {"fp16": ("fp16", "nk"), "bf16": ("bf16", "nk"), "int8": ("fp16", "int8"),
+             "int8-bf16": ("bf16", "int8"), "fp16-kn": ("fp16", "kn"), "bf16-kn": ("bf16", "kn")}
 TOL = {"fp32": 5e-5, "fp16": 4e-3, "bf16": 3e-2}  # max |err| / max |ref|, as tests/test_mlp_gemm.py
 
 
@@ -179,9 +183,10 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
         "2gemm = gate|up in one cuBLAS GEMM)")
     log(f"  {'case':12s} {'M':>2s} {'ours':>7s} {'eager':>7s} {'2gemm':>7s} {'x eager':>8s} {'x 2gemm':>8s} {'%bw':>5s}")
     for case in cases:
-        int8 = case.startswith("int8")  # int8 weights; activations fp16, or bf16 for int8-bf16
-        dt = torch.bfloat16 if case.endswith("bf16") else torch.float16
-        op = getattr(torch.ops.dsinf, "rms_mlp_gemm_bf16" if dt == torch.bfloat16 else "rms_mlp_gemm_fp16")
+        act, weights = MLP_CASES[case]
+        int8, kn = weights == "int8", weights == "kn"
+        dt = torch.bfloat16 if act == "bf16" else torch.float16
+        op = getattr(torch.ops.dsinf, f"rms_mlp_gemm_{act}")
         try:
             wbytes = (2 * I * K + K * I) * (1 if int8 else 2)
             n = copies_for(wbytes)
@@ -190,6 +195,8 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
             if int8:
                 q1 = [quantize_int8(w, 8, transposed_mode=True) for w in w1s]
                 q2 = [quantize_int8(w, 8, transposed_mode=True) for w in w2s]
+            if kn:
+                w1kn, w2kn = [w.t().contiguous() for w in w1s], [w.t().contiguous() for w in w2s]
             g = torch.randn(K, device="cuda", dtype=dt)
         except Exception as exc:  # noqa: BLE001
             fail_line(f"mlp {case} weights", exc)
@@ -202,6 +209,9 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
                 if int8:
                     ours = lambda i: op(xs[i], rs[i], q1[i], q2[i], g, EPS, q1[i].scale, q2[i].scale,  # noqa: E731
                                         True, GATED_SILU, True)
+                elif kn:
+                    ours = lambda i: op(xs[i], rs[i], w1kn[i], w2kn[i], g, EPS, None, None, False,  # noqa: E731
+                                        GATED_SILU, False)
                 else:
                     ours = lambda i: op(xs[i], rs[i], w1s[i], w2s[i], g, EPS, None, None, False,  # noqa: E731
                                         GATED_SILU, True)
@@ -219,6 +229,8 @@ def time_mlp(torch, bw: float, timer: GraphTimer, K: int, I: int, cases) -> list
         del w1s, w2s
         if int8:
             del q1, q2
+        if kn:
+            del w1kn, w2kn
         torch.cuda.empty_cache()
     return rows
 
@@ -241,8 +253,7 @@ def main() -> int:
     p.add_argument("--no-norms", action="store_true", help="time the gated MLP only")
     p.add_argument("--mlp-shapes", default="4096:14336", metavar="K:I,...",
                    help="gated MLP shapes hidden:intermediate (default 4096:14336, Llama-3-8B)")
-    p.add_argument("--mlp-cases", default="fp16,bf16,int8", metavar="CASE,...",
-                   help="of fp16, bf16, int8 (fp16 activations), int8-bf16")
+    p.add_argument("--mlp-cases", default="fp16,bf16,int8", metavar="CASE,...", help=f"of {', '.join(MLP_CASES)}")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     args = p.parse_args()
     try:
@@ -252,8 +263,8 @@ def main() -> int:
     except ValueError:
         p.error(f"--mlp-shapes: {args.mlp_shapes!r} is not a list of K:I with positive integers")
     cases = args.mlp_cases.split(",")
-    if not set(cases) <= {"fp16", "bf16", "int8", "int8-bf16"}:
-        p.error(f"--mlp-cases: {args.mlp_cases!r} names a case other than fp16, bf16, int8, int8-bf16")
+    if not set(cases) <= set(MLP_CASES):
+        p.error(f"--mlp-cases: {args.mlp_cases!r} names a case other than {', '.join(MLP_CASES)}")
     import torch
 
     t0 = time.perf_counter()
