@@ -86,12 +86,16 @@ def profile_item(model, args, name, batch):
     kernels = (kernels_full - kernels_one) / (args.new - 1)
     print(f"== {name} batch {batch}: wall {wall:.3f} ms/token, kernels {kernels:.3f} ms/token, gap "
           f"{wall - kernels:.3f} ms (warm-up {warm:.0f} s)", flush=True)
-    rows = per_step(averages, averages_one, args.new - 1)
+    print_rows(per_step(averages, averages_one, args.new - 1), "/token")
+
+
+def print_rows(rows: list[StepRow], per: str) -> None:
+    """The largest kernel rows, then the largest host rows; `per` names the unit ("/token", "/call")."""
     for r in sorted((r for r in rows if r.device_ms > 0), key=lambda r: -r.device_ms)[:TOP_KERNELS]:
-        print(f"   kernel {r.device_ms:8.3f} ms/token  {r.count:6.1f}/token  {r.device_us_each:8.2f} us each  "
+        print(f"   kernel {r.device_ms:8.3f} ms{per}  {r.count:6.1f}{per}  {r.device_us_each:8.2f} us each  "
               f"{r.key[:100]}")
     for r in sorted(rows, key=lambda r: -r.host_ms)[:TOP_HOST]:
-        print(f"   host   {r.host_ms:8.3f} ms/token  {r.count:6.1f}/token  {r.key[:100]}")
+        print(f"   host   {r.host_ms:8.3f} ms{per}  {r.count:6.1f}{per}  {r.key[:100]}")
     sys.stdout.flush()
 
 
@@ -106,13 +110,7 @@ def profile_first_token(model, args, name, batch):
         kernels, averages = device_time(lambda: e2e.generate(model, ids, 1, mode))
         print(f"== {name} batch {batch} first token, {mode}: wall {wall:.3f} ms, kernels {kernels:.3f} ms, gap "
               f"{wall - kernels:.3f} ms (warm-up {warm:.0f} s)", flush=True)
-        for e in sorted((e for e in averages if e.self_device_time_total > 0),
-                        key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]:
-            ms = e.self_device_time_total / 1e3
-            print(f"   kernel {ms:8.3f} ms  {e.count:6d} calls  {ms * 1e3 / e.count:8.2f} us each  {e.key[:100]}")
-        for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:TOP_HOST]:
-            print(f"   host   {e.self_cpu_time_total / 1e3:8.3f} ms  {e.count:6d} calls  {e.key[:100]}")
-        sys.stdout.flush()
+        print_rows(per_step(averages, [], 1), "/call")  # one call, nothing subtracted
 
 
 def main(argv=None) -> int:
