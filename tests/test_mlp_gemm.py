@@ -420,20 +420,27 @@ def test_gpu_gelu_strided_and_llama_shape(cuda_module, monkeypatch, layout, M):
     assert_close(run_op(op, case), reference.rms_mlp_gemm(*ref_args(case, layout, GELU)), torch.float16)
 
 
-# gate|up weights of at least 80 MiB (16-bit [N, K]) or 160 MiB (int8) take the matmul + gated epilogue
+# gate|up weights of at least 80 MiB (16-bit, either layout) or 160 MiB (int8) take the matmul + gated epilogue
 # (the binding's DSINF_GATED_VIA_GEMV_MIN_MIB and _INT8_MIN_MIB); smaller ones the gated kernel. One shape
 # well inside each side, sized 2 I K x bytes per weight.
 GATE_UP_SIDES = [("nk", 2048, 5632, "gated_tc_kernel"),     # 44 MiB
                  ("nk", 4096, 11008, "gated_act_kernel"),   # 172 MiB
+                 ("kn", 2048, 5632, "gated_kn_kernel"),     # 44 MiB
+                 ("kn", 4096, 11008, "gated_act_kernel"),   # 172 MiB
                  ("int8", 4096, 14336, "gated_tc_kernel"),  # 112 MiB (Llama-3-8B)
                  ("int8", 8192, 28672, "gated_act_kernel")]  # 448 MiB (Llama-3-70B)
+GATE_UP_IDS = ["44MiB", "172MiB", "kn-44MiB", "kn-172MiB", "int8-112MiB", "int8-448MiB"]
+GATED_KERNELS = {"gated_tc_kernel", "gated_kn_kernel", "gated_act_kernel"}
 
 
 def device_weight(rows, cols, layout, dtype, gen):
     """A random [rows, cols] weight made on the GPU (hundreds of millions of values take seconds on the
-    host): 16-bit, or int8 (never 0) with float32 scales for 8 row groups as `.scale`."""
+    host): 16-bit ('nk', or its [cols, rows] transpose for 'kn'), or int8 (never 0) with float32 scales for
+    8 row groups as `.scale`."""
     if layout == "nk":
         return torch.randn(rows, cols, generator=gen, device="cuda").mul_(cols ** -0.5).to(dtype)
+    if layout == "kn":  # the [in, out] transpose of an [out, in] weight
+        return torch.randn(cols, rows, generator=gen, device="cuda").mul_(cols ** -0.5).to(dtype)
     q = torch.randint(-127, 128, (rows, cols), generator=gen, device="cuda", dtype=torch.int8)
     q[q == 0] = 1
     q.scale = torch.rand(8, generator=gen, device="cuda").mul_(0.02 * cols ** -0.5).add_(1e-4)
@@ -443,11 +450,13 @@ def device_weight(rows, cols, layout, dtype, gen):
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("M", [1, 8])
-@pytest.mark.parametrize("layout,K,I,kernel", GATE_UP_SIDES, ids=["44MiB", "172MiB", "int8-112MiB", "int8-448MiB"])
+@pytest.mark.parametrize("layout,K,I,kernel", GATE_UP_SIDES, ids=GATE_UP_IDS)
 def test_gpu_gate_up_path_by_weight_size(cuda_module, monkeypatch, dtype, M, layout, K, I, kernel):
     """The kernels the profiler saw are the path the size rule names, and the result is the reference's."""
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("bf16 needs sm_80+")
+    if layout == "kn" and M > 2:  # the [K, N] gated kernel takes M <= 2 only, whatever the size
+        kernel = "gated_act_kernel"
     gen = torch.Generator("cuda").manual_seed(M + K)
     x, r = (torch.randn(1, M, K, generator=gen, device="cuda").mul_(s).to(dtype) for s in (1.0, 2.0))
     w1 = device_weight(2 * I, K, layout, dtype, gen)  # [up; gate] rows
@@ -462,8 +471,8 @@ def test_gpu_gate_up_path_by_weight_size(cuda_module, monkeypatch, dtype, M, lay
         got = run_op(op, case)
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
-    other = ({"gated_tc_kernel", "gated_act_kernel"} - {kernel}).pop()
-    assert kernel in names and other not in names, f"expected {kernel}, not {other}; the profile saw: {names[:600]}"
+    others = sorted(k for k in GATED_KERNELS - {kernel} if k in names)
+    assert kernel in names and not others, f"expected {kernel}, not {others}; the profile saw: {names[:600]}"
     assert_close(got, reference.rms_mlp_gemm(*ref_args(case, layout, SILU)), dtype)
 
 

@@ -78,17 +78,20 @@ bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
   return act != c10::ScalarType::Float && (s.interm.int8 || s.interm.weight_nk);
 }
 
-// Decode gate/up for 16-bit [N, K] weights of at least this many MiB runs as the linear ops' matmul (the
-// streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches instead
-// of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
+// Decode gate/up for 16-bit weights (either layout) of at least this many MiB runs as the linear ops' matmul
+// (the streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches
+// instead of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
 // kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes; docs/PERFORMANCE.md,
 // nineteenth round):
 //   17 MiB 15.1 -> 17.3 us; 44 MiB 25.5 -> 26.7; 64 MiB 33.6 -> 34.4; 67.5 MiB 36.4 -> 36.1 (the crossover)
 //   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
 //   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
 // In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
-// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. 0: always the
-// matmul; a huge value: never.
+// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. [K, N]
+// weights (DeepSpeed's default layout; their gated kernel is CUDA-core), the whole MLP at M = 1 / 2, fp16
+// (bf16 alike), gated kernel -> matmul + act (twenty-first round): 172 MiB 75.2 / 74.9 -> 72.7 / 73.4 us;
+// 224 MiB 94.6 / 97.9 -> 90.2 / 90.4; 896 MiB 368.5 / 392.2 -> 323.9 / 324.6 (HF's eager chain 344 / 347).
+// 0: always the matmul; a huge value: never.
 #ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
 #define DSINF_GATED_VIA_GEMV_MIN_MIB 80
 #endif
@@ -201,7 +204,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
   const bool tensor_core = gated_gemv_tensor_core(act, s);
   const int64_t gate_up_bytes = 2 * s.I * s.K * (s.interm.int8 ? 1 : static_cast<int64_t>(input.element_size()));
   const int64_t min_mib = s.interm.int8 ? DSINF_GATED_VIA_GEMV_INT8_MIN_MIB : DSINF_GATED_VIA_GEMV_MIN_MIB;
-  const bool via_matmul = tensor_core && gate_up_bytes >= (min_mib << 20);
+  const bool via_matmul = act != c10::ScalarType::Float && gate_up_bytes >= (min_mib << 20);
   if (!via_matmul && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
