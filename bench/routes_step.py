@@ -5,7 +5,9 @@ measures that crossover per shape (and `dsinf.inject` does it for a model's line
 where our kernel loses to cuBLAS runs on cuBLAS. The bench tunes (or reuses the persisted) routes of
 the decode and int8 shapes before it times them, so "ours" is the routed op and the "never slower than
 torch" goal judges what a user runs. A row whose M the route sends to cuBLAS also times our GEMV with
-the route forced to it (the "gemv" column), so the kernel's own number stays in the table.
+the route forced to it (the "gemv" column), so the kernel's own number stays in the table. The gated MLP
+rows' gate|up is tuned the same way (`tune_mlp_routes`: the gated kernel or the matmul + gated epilogue),
+as `dsinf.inject` does for a model's fused MLPs.
 
 DSINF_ROUTES=off (op_builder.knobs) skips the tuning: "ours" is then the compiled crossover, as for a
 user who turned routes off.
@@ -31,25 +33,27 @@ def tune(ctx: Context, cases: list[Case]) -> bool:
     from dsinf import routes
     from op_builder import knobs
 
-    sel = [c for c in cases if c.part in ROUTED_PARTS and c.op == "vector_matmul"]
+    sel = [c for c in cases if (c.part in ROUTED_PARTS and c.op == "vector_matmul") or c.op == "mlp"]
     if not sel:
         return False
     if knobs.get("DSINF_ROUTES") == "off":
         out("  routes: DSINF_ROUTES=off - every row runs the compiled crossover")
         return False
-    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for c in sel:
-        shapes = groups.setdefault((c.dtype, c.layout), [])
+    groups: dict[tuple[bool, str, str], list[tuple[int, int]]] = {}
+    for c in sel:  # mlp rows: (hidden, intermediate)
+        shapes = groups.setdefault((c.op == "mlp", c.dtype, c.layout), [])
         if (c.K, c.N) not in shapes:
             shapes.append((c.K, c.N))
     start = time.perf_counter()
-    out("  routes (dsinf.routes.tune_routes; persisted, reused on the next run): where each shape runs")
+    out("  routes (dsinf.routes.tune_routes / tune_mlp_routes; persisted, reused on the next run): where each "
+        "shape runs")
     try:
-        for (dtype, layout), shapes in groups.items():
+        for (mlp, dtype, layout), shapes in groups.items():
+            tune = routes.tune_mlp_routes if mlp else routes.tune_routes
             if layout == "int8":
-                found = routes.tune_routes(shapes, torch.int8, "cuda", act_dtype=torch_dtype(dtype))
+                found = tune(shapes, torch.int8, "cuda", act_dtype=torch_dtype(dtype))
             else:
-                found = routes.tune_routes(shapes, torch_dtype(dtype), "cuda", layout=layout)
+                found = tune(shapes, torch_dtype(dtype), "cuda", layout=layout)
             for r in found:
                 out(f"    {r.explain()}")
     except Exception as exc:  # noqa: BLE001 - the rows still run, on the compiled crossovers

@@ -9,15 +9,25 @@ on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The bin
     (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
                                                               (0: always ATen; absent: the compiled crossover)
 
+and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
+
+    (activation dtype, gated-kn | gated-nk | gated-int8, K, N) -> max_m: the largest M run on the gated kernel
+        (act(gate) * up in its epilogue); above it the gate|up runs as a matmul (itself routed by its plain
+        key) and then the gated epilogue. On an H200 the gated kernel wins at decode on small weights and
+        loses on large ones (16-bit gate|up of 80 MiB or more): the compiled rule is that crossover, a
+        measured route replaces it per device and shape.
+
 This module measures it, persists it, and pushes it into the binding:
 
-- measure (`tune_routes`, or `dsinf.inject` for a model's distinct linear shapes on CUDA): for each M of
-  `buckets()`, time the binding itself with the shape's route forced to our GEMV and to ATen (CUDA:
+- measure (`tune_routes`, `tune_mlp_routes`, or `dsinf.inject` for a model's distinct linear and fused-MLP
+  shapes on CUDA): for each M of `buckets()`, time the binding itself (vector_matmul; rms_mlp_gemm for a
+  gated key) with the shape's route forced to our GEMV and to ATen (gated: matmul + epilogue) (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
   best of several timed loops), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by
   more than MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN; a tie (within
   MARGIN either way) alone goes to torch, and ties below a win go along with it only when that win is clear
-  (RIDE_ALONG, 5%).
+  (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul path wins by more
+  than MARGIN (`decide_gated`: a tie goes to the one launch).
 - persist: <data root>/routes.v1.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
@@ -39,6 +49,7 @@ serving, not beside it (inject and an explicit call do).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -67,7 +78,9 @@ RIDE_ALONG = 0.05  # ties below such an M go along with it only when it beat ATe
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
-LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2}
+LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gated-int8": 5}
+GATED = "gated-"  # a gated layout is this prefix + the gate|up weight's plain layout
+SILU = 4  # ActivationFuncType.GATED_SILU: the activation a gated key is timed with (GELU's cost is alike)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _OP = "transformer_inference"  # InferenceBuilder.NAME
 
@@ -84,9 +97,10 @@ def table_path() -> Path:
 
 @dataclass(frozen=True)
 class RouteKey:
-    """One matmul shape as the binding sees it: activation dtype, weight layout, K, N."""
+    """One matmul shape as the binding sees it: activation dtype, weight layout, K, N. A gated layout is
+    rms_mlp_gemm's gate|up: K = hidden, N = 2I."""
     dtype: str  # fp32 | fp16 | bf16 (the activation dtype; int8 weights are a layout)
-    layout: str  # kn | nk | int8
+    layout: str  # kn | nk | int8, or gated-kn | gated-nk | gated-int8
     K: int
     N: int
 
@@ -99,6 +113,17 @@ class RouteKey:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"routes: {name} must be an int >= 1, got {value!r}")
+        if self.gated and self.N % 2:
+            raise ValueError(f"routes: a gated key's N is the gate|up's 2I outputs, so even; got {self.N}")
+
+    @property
+    def gated(self) -> bool:
+        return self.layout.startswith(GATED)
+
+    @property
+    def plain(self) -> "RouteKey":
+        """The gate|up matmul's own key (itself for a plain key)."""
+        return RouteKey(self.dtype, self.layout[len(GATED):], self.K, self.N) if self.gated else self
 
     @property
     def text(self) -> str:
@@ -129,10 +154,18 @@ class Route:
         return tuple(a / o for a, o in zip(self.aten_ms, self.ours_ms))
 
     def explain(self) -> str:
-        shape = f"{self.key.dtype} {self.key.layout} {self.key.K}x{self.key.N}"
-        where = "ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
+        key = self.key
+        if key.gated:
+            shape = f"{key.dtype} {key.plain.layout} gate|up {key.K}x{key.N}"
+            where = ("matmul + gated epilogue for every M" if self.max_m == 0 else
+                     f"gated kernel for M <= {self.max_m}, matmul + gated epilogue above")
+            versus = "matmul/gated"
+        else:
+            shape = f"{key.dtype} {key.layout} {key.K}x{key.N}"
+            where = "ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
+            versus = "ATen/ours"
         measured = ", ".join(f"M={m}: {r:.2f}x" for m, r in zip(self.buckets, self.ratios))
-        return (f"{shape}: {where} (compiled crossover {self.default_max_m}; measured ATen/ours {measured})"
+        return (f"{shape}: {where} (compiled crossover {self.default_max_m}; measured {versus} {measured})"
                 if measured else f"{shape}: {where} (compiled crossover {self.default_max_m})")
 
     def to_json(self) -> dict:
@@ -185,6 +218,26 @@ def decide(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[f
         else:
             tie_below = True
     return max_m
+
+
+def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: Iterable[float],
+                 margin: float = MARGIN) -> int:
+    """A gated key's max_m: the largest bucket below the first where the matmul + gated epilogue beat the
+    gated kernel by more than `margin`. Ties go to the gated kernel, the other way from `decide`: it is one
+    launch where the matmul path is two and an [M, 2I] temporary, which costs the host in eager mode, and
+    the GPU time alone cannot see that. H200, int8 gate|up 4096x28672 (Llama-3-8B): matmul/gated
+    1.00-1.02x, a tie that `decide` sent to the matmul."""
+    max_m = 0
+    for m, gated, matmul in sorted(zip(buckets, gated_ms, matmul_ms)):
+        if matmul * (1.0 + margin) < gated:
+            break
+        max_m = m
+    return max_m
+
+
+def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float]) -> int:
+    """`key`'s max_m from its measured times: `decide_gated` for a gated key, else `decide`."""
+    return (decide_gated if key.gated else decide)(buckets, ours_ms, aten_ms)
 
 
 def buckets(gemv_cap: int, default_max_m: int) -> tuple[int, ...]:
@@ -278,20 +331,32 @@ class Binding:
         self._set = getattr(lib, prefix + "set")
         self._set.argtypes, self._set.restype = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64], ctypes.c_int64
         self._default = getattr(lib, prefix + "default")
-        self._default.argtypes, self._default.restype = [ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
-        for name in ("gemv_cap", "last"):
+        self._default.argtypes, self._default.restype = [ctypes.c_int64] * 4, ctypes.c_int64
+        for name in ("gemv_cap", "gated_cap", "last", "last_gated"):
             getattr(lib, prefix + name).restype = ctypes.c_int64
         self.gemv_cap = int(getattr(lib, prefix + "gemv_cap")())
+        self.gated_cap = int(getattr(lib, prefix + "gated_cap")())  # the largest M the gated kernel takes
         self._last = getattr(lib, prefix + "last")
+        self._last_gated = getattr(lib, prefix + "last_gated")
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
     def default(self, key: RouteKey) -> int:
-        return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout]))
+        """The compiled crossover of `key` (gated keys: the compiled rule, which may depend on the size)."""
+        return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout], key.K, key.N))
+
+    def cap(self, key: RouteKey) -> int:
+        """The largest max_m `key` may have: what our GEMV (gated keys: the gated kernel) accepts."""
+        return self.gated_cap if key.gated else self.gemv_cap
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' or 'none'."""
         return ("none", "gemv", "aten")[int(self._last())]
+
+    def last_gated(self) -> str:
+        """The path this thread's last rms_mlp_gemm gate|up took: 'gated', 'matmul' (then the gated
+        epilogue) or 'none'."""
+        return ("none", "gated", "matmul")[int(self._last_gated())]
 
     def set(self, table: dict[RouteKey, int]) -> None:
         """Replace the binding's table with `table` (key -> max_m)."""
@@ -299,7 +364,8 @@ class Binding:
                 for v in (DTYPE_CODES[k.dtype], LAYOUT_CODES[k.layout], k.K, k.N, m)]
         status = self._set((ctypes.c_int64 * len(rows))(*rows), len(table))
         if status < 0:
-            why = {-1: "a bad code, size or max_m < 0", -2: f"a max_m above the GEMV's limit {self.gemv_cap}",
+            why = {-1: "a bad code, size or max_m < 0",
+                   -2: f"a max_m above the GEMV's limit {self.gemv_cap} (the gated kernel's: {self.gated_cap})",
                    -3: "a repeated shape"}.get(status, f"status {status}")
             raise ValueError(f"routes: the {self.variant} binding rejected the table: {why}")
         self.applied = dict(table)
@@ -330,16 +396,22 @@ def key_of(input: torch.Tensor, weight: torch.Tensor, q_int8: bool, transposed_m
                     int(weight.shape[0] if nk else weight.shape[-1]))
 
 
+def mlp_key_of(input: torch.Tensor, weight_interm: torch.Tensor, q_int8: bool, transposed_mode: bool) -> RouteKey:
+    """The gated route key of an `rms_mlp_gemm` call: its gate|up `weight_interm` (K -> 2I)."""
+    plain = key_of(input, weight_interm, q_int8, transposed_mode)
+    return RouteKey(plain.dtype, GATED + plain.layout, plain.K, plain.N)
+
+
 @contextmanager
 def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> Iterator[Binding]:
-    """While the block runs, `keys` take our GEMV for every M it accepts (max_m None) or up to max_m (0: ATen)
-    in the `variant` module, whatever the compiled crossover or a persisted table says; the table in force
-    before is restored after. For checks and probes of the kernels themselves. Host-side: a graph captured
+    """While the block runs, `keys` take our GEMV (gated keys: the gated kernel) for every M it accepts
+    (max_m None) or up to max_m (0: ATen; gated: matmul + epilogue) in the `variant` module, whatever the
+    compiled crossover or a persisted table says; the table in force before is restored after. For checks and probes of the kernels themselves. Host-side: a graph captured
     inside the block replays the forced route."""
     b = binding(variant)
     with _lock:  # no route tuning or apply() from another thread in between
         saved = b.applied
-        b.set({**saved, **dict.fromkeys(keys, b.gemv_cap if max_m is None else max_m)})
+        b.set({**saved, **{k: b.cap(k) if max_m is None else max_m for k in keys}})
         try:
             yield b
         finally:
@@ -375,7 +447,7 @@ def apply(variant: str) -> int:
         b = binding(variant)
         found = read_tables().get(device_key(variant), {})
         routes = {r.key: r for r in found.values()}
-        b.set({**b.applied, **{k: r.max_m for k, r in routes.items() if r.max_m <= b.gemv_cap}})
+        b.set({**b.applied, **{k: r.max_m for k, r in routes.items() if r.max_m <= b.cap(k)}})
         b.routes.update(routes)
     if routes:
         logger.info("dsinf: %d measured routes applied to the %s module", len(routes), variant)
@@ -398,7 +470,7 @@ def describe(device_type: str, act_dtype: torch.dtype, int8: bool) -> str:
     b = _bindings.get(device_type)
     dtype = _DTYPES.get(act_dtype)
     mine = [] if b is None else [b.routes[k] for k in sorted(b.applied, key=lambda k: k.text)
-                                 if k.dtype == dtype and (k.layout == "int8") == int8 and k in b.routes]
+                                 if k.dtype == dtype and (k.plain.layout == "int8") == int8 and k in b.routes]
     return "routes: " + "; ".join(r.explain() for r in mine) if mine else ""
 
 
@@ -413,24 +485,34 @@ def _refuse_if_tracing(what: str) -> None:
         raise RuntimeError(f"{what}: cannot measure routes during CUDA-graph capture; tune before capturing")
 
 
+def _weight(layout: str, K: int, N: int, device: torch.device, act: torch.dtype, gen: torch.Generator):
+    """A random weight mapping K -> N in `layout` (kn | nk | int8), made on `device`, and its q_scale."""
+    w = torch.randn((K, N) if layout == "kn" else (N, K), generator=gen, device=device)
+    if layout == "int8":
+        return (w * 40).clamp_(-127, 127).to(torch.int8), torch.full((1,), 0.01, dtype=torch.float32, device=device)
+    return (w * 0.05).to(act), None
+
+
 def _weights(key: RouteKey, device: torch.device, act: torch.dtype, copies: int, gen: torch.Generator):
-    """`copies` (weight, q_scale) pairs of `key`'s shape on `device`, random (never zeros)."""
+    """`copies` argument tuples of `key`'s shape: (weight, q_scale); a gated key's (W_interm, q_scale, W_out,
+    q_scale1), W_out mapping I = N / 2 back to K."""
+    layout = key.plain.layout
     out = []
     for _ in range(copies):
-        shape = (key.K, key.N) if key.layout == "kn" else (key.N, key.K)
-        w = torch.randn(shape, generator=gen)
-        if key.layout == "int8":
-            out.append(((w * 40).clamp(-127, 127).to(torch.int8).to(device),
-                        torch.full((1,), 0.01, dtype=torch.float32, device=device)))
-        else:
-            out.append(((w * 0.05).to(device, act), None))
+        w = _weight(layout, key.K, key.N, device, act, gen)
+        out.append(w + _weight(layout, key.N // 2, key.K, device, act, gen) if key.gated else w)
     return out
 
 
-def _op(key: RouteKey):
-    fn = getattr(torch.ops.dsinf, f"vector_matmul_{key.dtype}").default
-    int8, transposed = key.layout == "int8", key.layout != "kn"
-    return lambda x, w, scale: fn(x, w, False, scale, int8, transposed)
+def _op(key: RouteKey, device: torch.device, act: torch.dtype, gen: torch.Generator):
+    """fn(x, *weights) of `key`: vector_matmul, or (gated) rms_mlp_gemm with x as its residual too."""
+    int8, transposed = key.plain.layout == "int8", key.plain.layout != "kn"
+    if not key.gated:
+        fn = getattr(torch.ops.dsinf, f"vector_matmul_{key.dtype}").default
+        return lambda x, w, scale: fn(x, w, False, scale, int8, transposed)
+    fn = getattr(torch.ops.dsinf, f"rms_mlp_gemm_{key.dtype}").default
+    gamma = torch.rand(key.K, generator=gen, device=device).add_(0.5).to(act)
+    return lambda x, w1, s1, w2, s2: fn(x, x, w1, w2, gamma, 1e-5, s1, s2, int8, SILU, transposed)
 
 
 def _time_cpu(run, calls: int) -> float:
@@ -471,7 +553,9 @@ def _time_cuda(replay, calls: int) -> float:
 
 
 def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | None = None) -> Route:
-    """Time `key` on the binding at each bucket with its route forced to our GEMV and to ATen; decide."""
+    """Time `key` on the binding at each bucket with its route forced to our GEMV and to ATen (a gated key:
+    rms_mlp_gemm with its gate|up forced to the gated kernel and to matmul + epilogue, the matmul on the
+    route in force for its plain key); decide."""
     device = torch.device(device)
     variant = device.type
     if variant not in ("cpu", "cuda"):
@@ -479,51 +563,52 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
     _refuse_if_tracing("measure")
     b = binding(variant)
     default = b.default(key)
-    ms = buckets(b.gemv_cap, default)
+    ms = buckets(b.cap(key), default)
     act = {v: k for k, v in _DTYPES.items()}[key.dtype]
-    gen = torch.Generator().manual_seed(0)
-    weight_bytes = key.K * key.N * (1 if key.layout == "int8" else torch.finfo(act).bits // 8)
+    gen = torch.Generator(device).manual_seed(0)
+    weight_bytes = key.K * key.N * (1 if key.plain.layout == "int8" else torch.finfo(act).bits // 8)
+    weight_bytes += weight_bytes // 2 if key.gated else 0  # W_out: half the gate|up's
     if variant == "cuda":
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         copies = max(1, min(64, math.ceil(2 * l2 / weight_bytes) + 1))
     else:
         copies = 1
-    weights = _weights(key, device, act, copies, gen)
-    xs = {m: torch.randn(1, m, key.K, generator=gen).to(device, act) for m in ms}
-    op = _op(key)
-    ours: dict[int, list[float]] = {m: [] for m in ms}
-    aten: dict[int, list[float]] = {m: [] for m in ms}
-    saved = dict(b.applied)
-    try:
-        if variant == "cuda":
-            with torch.cuda.device(device):
+    with torch.cuda.device(device) if variant == "cuda" else contextlib.nullcontext():
+        weights = _weights(key, device, act, copies, gen)
+        xs = {m: torch.randn(1, m, key.K, generator=gen, device=device).to(act) for m in ms}
+        op = _op(key, device, act, gen)
+        ours: dict[int, list[float]] = {m: [] for m in ms}
+        aten: dict[int, list[float]] = {m: [] for m in ms}
+        saved = dict(b.applied)
+        try:
+            if variant == "cuda":
                 _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps or 7)
-        else:
-            _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps or 5, weight_bytes)
-    finally:
-        b.set(saved)
+            else:
+                _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps or 5, weight_bytes)
+        finally:
+            b.set(saved)
     pick = statistics.median if variant == "cuda" else min
     ours_ms = tuple(round(pick(ours[m]), 6) for m in ms)  # as persisted: a reused route equals the measured one
     aten_ms = tuple(round(pick(aten[m]), 6) for m in ms)
-    return Route(key, decide(ms, ours_ms, aten_ms), default, ms, ours_ms, aten_ms,
+    return Route(key, decide_key(key, ms, ours_ms, aten_ms), default, ms, ours_ms, aten_ms,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps, weight_bytes):
-    (w, scale), = weights
+    (args,) = weights
     calls = max(3, min(50, int(2e7 / max(weight_bytes, 1))))  # ~2 ms of weight streaming per sample at 10 GB/s
     for _ in range(reps):  # the two routes alternate, so drift (clocks, other load) hits both alike
-        for route, times in ((b.gemv_cap, ours), (0, aten)):
+        for route, times in ((b.cap(key), ours), (0, aten)):
             b.set({**saved, key: route})
             for m, x in xs.items():
-                op(x, w, scale)  # warm
-                times[m].append(_time_cpu(lambda: op(x, w, scale), calls))
+                op(x, *args)  # warm
+                times[m].append(_time_cpu(lambda: op(x, *args), calls))
 
 
 def _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps):
     calls = len(weights) * max(1, math.ceil(16 / len(weights)))  # every copy, >= 16 calls per replay
     graphs = []
-    for route, times in ((b.gemv_cap, ours), (0, aten)):
+    for route, times in ((b.cap(key), ours), (0, aten)):
         b.set({**saved, key: route})  # the route is taken at capture, and replayed
         for m, x in xs.items():
             def run(x=x):
@@ -538,6 +623,53 @@ def _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps):
     for _ in range(reps):  # interleaved: clock drift hits both routes alike
         for replay, times in graphs:
             times.append(_time_cuda(replay, calls))
+
+
+def _act_and_layout(what: str, dtype: torch.dtype, layout: str, act_dtype: torch.dtype | None):
+    if dtype == torch.int8:
+        act, layout = act_dtype or torch.float16, "int8"
+    else:
+        act = dtype
+    if act not in _DTYPES:
+        raise ValueError(f"{what}: argument 'dtype': expected float32, float16, bfloat16 or int8, got {dtype}")
+    if layout not in ("nk", "kn", "int8"):
+        raise ValueError(f"{what}: argument 'layout': expected 'nk' or 'kn', got {layout!r}")
+    return _DTYPES[act], layout
+
+
+def _keys(what: str, shapes, make) -> list[RouteKey]:
+    keys = []
+    for shape in shapes:
+        try:
+            a, b = shape
+            new = make(a, b)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what}: argument 'shapes': {shape!r} is not a pair of ints >= 1 ({exc})") from None
+        keys += [k for k in new if k not in keys]
+    return keys
+
+
+def _tune(keys: list[RouteKey], device: torch.device, force: bool) -> list[Route]:
+    """Measure (or reuse) `keys` in order, each applied as soon as it is known (a gated key's matmul runs on
+    the route of its plain key, listed before it); persist the new ones."""
+    variant = device.type
+    with _lock:
+        b = binding(variant)
+        dkey = device_key(variant, device)
+        persisted = {} if force else read_tables().get(dkey, {})
+        result, new = [], []
+        for key in keys:
+            route = persisted.get(key.text)
+            if route is None:
+                route = measure(key, device)
+                new.append(route)
+                logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
+            result.append(route)
+            b.set({**b.applied, key: route.max_m})
+            b.routes[key] = route
+        if new:
+            _save(dkey, new)
+    return result
 
 
 def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,
@@ -556,72 +688,66 @@ def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.
     capture (RuntimeError).
     """
     _refuse_if_tracing("tune_routes")
-    device = torch.device(device)
-    if dtype == torch.int8:
-        act, layout = act_dtype or torch.float16, "int8"
-    else:
-        act = dtype
-    if act not in _DTYPES:
-        raise ValueError(f"tune_routes: argument 'dtype': expected float32, float16, bfloat16 or int8, got {dtype}")
-    if layout not in ("nk", "kn", "int8"):
-        raise ValueError(f"tune_routes: argument 'layout': expected 'nk' or 'kn', got {layout!r}")
-    keys = []
-    for shape in shapes:
-        try:
-            k, n = shape
-            key = RouteKey(_DTYPES[act], layout, k, n)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"tune_routes: argument 'shapes': {shape!r} is not a (K, N) pair of ints >= 1 "
-                             f"({exc})") from None
-        if key not in keys:
-            keys.append(key)
-    variant = device.type
-    with _lock:
-        b = binding(variant)
-        dkey = device_key(variant, device)
-        persisted = {} if force else read_tables().get(dkey, {})
-        result, new = [], []
-        for key in keys:
-            route = persisted.get(key.text)
-            if route is None:
-                route = measure(key, device)
-                new.append(route)
-                logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
-            result.append(route)
-        if new:
-            _save(dkey, new)
-        b.set({**b.applied, **{r.key: r.max_m for r in result}})
-        b.routes.update({r.key: r for r in result})
-    return result
+    act, layout = _act_and_layout("tune_routes", dtype, layout, act_dtype)
+    keys = _keys("tune_routes", shapes, lambda k, n: [RouteKey(act, layout, k, n)])
+    return _tune(keys, torch.device(device), force)
+
+
+def tune_mlp_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,
+                    layout: str = "nk", act_dtype: torch.dtype | None = None, force: bool = False) -> list[Route]:
+    """`tune_routes` for rms_mlp_gemm's gate|up: where the gated kernel runs and where the matmul + gated
+    epilogue does, per (hidden K, intermediate I) of `shapes`. The gate|up matmul's own route (K -> 2I) is
+    tuned first, so the gated kernel is compared with the matmul as it will run. Returns, per distinct
+    shape, the matmul's route and then the gated one. Arguments as `tune_routes`'s."""
+    _refuse_if_tracing("tune_mlp_routes")
+    act, layout = _act_and_layout("tune_mlp_routes", dtype, layout, act_dtype)
+    keys = _keys("tune_mlp_routes", shapes,
+                 lambda k, i: [RouteKey(act, layout, k, 2 * i), RouteKey(act, GATED + layout, k, 2 * i)])
+    return _tune(keys, torch.device(device), force)
 
 
 def tune_model(model: torch.nn.Module) -> list[Route]:
-    """Tune the distinct shapes of `model`'s injected linear layers that run on a compiled module (inject's
-    one call). DSINF_ROUTES: auto measures on CUDA only, measure on CPU too, load/off not at all. A failed
-    measurement is a warning: the compiled crossovers stay."""
+    """Tune the distinct shapes of `model`'s injected linear layers and fused decoder layers' MLPs
+    (rms_mlp_gemm's gate|up) that run on a compiled module (inject's one call); the linears first, so a
+    gate|up's matmul route is known before its gated route is measured. DSINF_ROUTES: auto measures on CUDA
+    only, measure on CPU too, load/off not at all. A failed measurement is a warning: the compiled
+    crossovers stay."""
     mode = knobs.get("DSINF_ROUTES")
     if mode in ("load", "off"):
         return []
     from .inject.linear import InjectedLinear
+    from .inject.llama import FusedDecoderLayer
 
-    groups: dict[tuple, set] = {}
+    def group_of(linear: InjectedLinear):
+        device = linear.weight.device
+        if device.type != "cuda" and mode != "measure":
+            return None
+        int8 = linear.weight_scale is not None
+        return device, torch.int8 if int8 else linear._act_dtype, linear._act_dtype
+
+    linears: dict[tuple, set] = {}
+    mlps: dict[tuple, set] = {}
     for m in model.modules():
         if isinstance(m, InjectedLinear) and m.decision is not None and m.backend == "compiled":
-            device = m.weight.device
-            if device.type == "cuda" or mode == "measure":
-                int8 = m.weight_scale is not None
-                group = (device, torch.int8 if int8 else m._act_dtype, m._act_dtype)
-                groups.setdefault(group, set()).add((m.in_features, m.out_features))
-    if groups and (torch.compiler.is_compiling() or
-                   (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            group = group_of(m)
+            if group is not None:
+                linears.setdefault(group, set()).add((m.in_features, m.out_features))
+        elif isinstance(m, FusedDecoderLayer) and m.__dict__.get("_dsinf_calls"):  # bound to the compiled op
+            gate_up = m.mlp.gate_up_proj
+            group = group_of(gate_up)
+            if group is not None:
+                mlps.setdefault(group, set()).add((gate_up.in_features, gate_up.out_features // 2))
+    if (linears or mlps) and (torch.compiler.is_compiling() or
+                              (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         return []  # never measured while tracing or capturing: the compiled crossovers stay
     out = []
-    for (device, dtype, act), shapes in groups.items():
-        try:
-            out += tune_routes(sorted(shapes), dtype, device, layout="nk", act_dtype=act)
-        except Exception as exc:  # noqa: BLE001 - tuning is an optimisation; the model runs without it
-            logger.warning("dsinf: measuring routes on %s failed (%s: %s); the compiled crossovers stay",
-                           device, type(exc).__name__, exc)
+    for tune, groups in ((tune_routes, linears), (tune_mlp_routes, mlps)):
+        for (device, dtype, act), shapes in groups.items():
+            try:
+                out += tune(sorted(shapes), dtype, device, layout="nk", act_dtype=act)
+            except Exception as exc:  # noqa: BLE001 - tuning is an optimisation; the model runs without it
+                logger.warning("dsinf: measuring routes on %s failed (%s: %s); the compiled crossovers stay",
+                               device, type(exc).__name__, exc)
     return out
 
 
@@ -635,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsinf.routes",
                                      description="Print the persisted route tables (which shapes run on ATen).")
     parser.add_argument("--tune", nargs="*", metavar="KxN", help="measure these shapes first (e.g. 4096x12288)")
+    parser.add_argument("--mlp", action="store_true",
+                        help="--tune's shapes are gated MLPs, hidden x intermediate (e.g. 4096x14336): tune "
+                             "where rms_mlp_gemm's gate|up runs the gated kernel")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
     parser.add_argument("--layout", default="nk", choices=["nk", "kn"])
@@ -644,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         dtype = torch.int8 if args.dtype == "int8" else {v: k for k, v in _DTYPES.items()}[args.dtype]
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune]
-        tune_routes(shapes, dtype, args.device, layout=args.layout, force=args.force)
+        tune = tune_mlp_routes if args.mlp else tune_routes
+        tune(shapes, dtype, args.device, layout=args.layout, force=args.force)
     path = table_path()
     tables = read_tables(path)
     print(f"route table {path}: {len(tables)} device(s)")

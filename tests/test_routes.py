@@ -3,6 +3,7 @@ route, measurement, and when inject measures. CPU tests use the real compiled CP
 marked `gpu` (the H200 numbers behind them: docs/PERFORMANCE.md)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from torch import nn
 import dsinf
 from dsinf import routes
 from dsinf.inject import InjectedLinear
+from dsinf.config import ActivationFuncType, NormType
 from dsinf.routes import Route, RouteKey
 from op_builder import knobs
 
@@ -61,6 +63,20 @@ def _route(key, max_m=0, **kw):
 ])
 def test_decide(ours, aten, want):
     assert routes.decide((1, 2, 4), ours, aten) == want
+
+
+@pytest.mark.parametrize("gated, matmul, want", [
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), 4),  # ties: the gated kernel (one launch) everywhere
+    ((1.0, 1.0, 1.0), (1.01, 0.99, 1.0), 4),  # within the margin either way: still ties
+    ((1.0, 1.0, 1.0), (0.97, 1.2, 1.2), 0),  # the matmul wins at M=1: the matmul for every M
+    ((1.0, 1.0, 1.0), (1.1, 1.05, 0.9), 2),  # ... from the first M where it wins
+    ((1.0, 1.0, 1.0), (1.2, 0.9, 1.2), 1),  # a later gated win does not reach past a matmul win
+])
+def test_decide_gated_sends_ties_to_the_gated_kernel(gated, matmul, want):
+    assert routes.decide_gated((1, 2, 4), gated, matmul) == want
+    assert routes.decide_key(RouteKey("fp16", "gated-nk", 8, 8), (1, 2, 4), gated, matmul) == want
+    assert routes.decide_key(RouteKey("fp16", "nk", 8, 8), (1, 2, 4), gated, matmul) == routes.decide(
+        (1, 2, 4), gated, matmul)
 
 
 def test_buckets_cover_the_compiled_crossover_and_stop_at_the_gemv_limit():
@@ -318,6 +334,129 @@ def test_injected_linear_keeps_the_op_on_cpu_even_when_routed_to_aten(cpu_routes
     assert {m.route for m in model.modules() if isinstance(m, InjectedLinear)} == {"op"}
 
 
+# --- rms_mlp_gemm's gate|up: the gated keys ---------------------------------------------------------
+
+def test_gated_keys_name_the_gate_up_and_its_matmul():
+    key = RouteKey("fp16", "gated-nk", 4096, 28672)
+    assert key.gated and key.plain == RouteKey("fp16", "nk", 4096, 28672) and not key.plain.gated
+    assert RouteKey.parse(key.text) == key and key.text == "fp16|gated-nk|K=4096|N=28672"
+    with pytest.raises(ValueError, match="even"):
+        RouteKey("fp16", "gated-kn", 64, 97)  # N is 2I
+    gated, matmul = _route(key, 2).explain(), _route(key, 0).explain()
+    assert "gate|up 4096x28672: gated kernel for M <= 2, matmul + gated epilogue above" in gated
+    assert "matmul + gated epilogue for every M" in matmul and "matmul/gated" in matmul
+    x, w = torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(96, 64, dtype=torch.int8)
+    assert routes.mlp_key_of(x, w, True, False) == RouteKey("bf16", "gated-int8", 64, 96)
+    assert routes.mlp_key_of(x, w.t().to(torch.bfloat16), False, False) == RouteKey("bf16", "gated-kn", 64, 96)
+
+
+def _mlp_case(layout, M, K=64, I=48, seed=0):
+    """rms_mlp_gemm_fp32's arguments, random (never zeros), weights in `layout` (kn | nk | int8)."""
+    from dsinf.quantize import quantize_int8
+
+    gen = torch.Generator().manual_seed(seed)
+    x, r = torch.randn(1, M, K, generator=gen), torch.randn(1, M, K, generator=gen)
+    g = torch.rand(K, generator=gen) + 0.5
+    w1, w2 = torch.randn(2 * I, K, generator=gen) * K ** -0.5, torch.randn(K, I, generator=gen) * I ** -0.5
+    if layout == "int8":
+        q1, q2 = quantize_int8(w1, 4, transposed_mode=True), quantize_int8(w2, None, transposed_mode=True)
+        return x, r, q1, q2, g, 1e-5, q1.scale, q2.scale, True, 4, True
+    if layout == "kn":
+        w1, w2 = w1.t().contiguous(), w2.t().contiguous()
+    return x, r, w1, w2, g, 1e-5, None, None, False, 4, layout == "nk"
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk", "int8"])
+def test_a_gated_route_moves_the_gate_up_between_the_gated_gemv_and_the_matmul(cpu_routes, layout):
+    """The CPU binding reads the gated key on every rms_mlp_gemm call: the compiled crossover first, then the
+    table either way; both paths give the reference's result, and the plain keys are not consulted for it."""
+    op = torch.ops.dsinf.rms_mlp_gemm_fp32.default
+    small, large = _mlp_case(layout, 4), _mlp_case(layout, 40, seed=1)
+    key = routes.mlp_key_of(small[0], small[2], small[8], small[10])
+    assert key == RouteKey("fp32", "gated-" + layout, 64, 96)
+    assert 4 <= cpu_routes.default(key) < 40  # compiled: M = 4 on the gated GEMV, M = 40 on the matmul
+    runs = {}
+    for table in ({}, {key: 0}, {key: 64}, {key.plain: 0, RouteKey("fp32", layout, 96, 64): 0}):
+        cpu_routes.set(table)
+        for name, case in (("small", small), ("large", large)):
+            got = op(*case)
+            runs[(len(runs), name)] = cpu_routes.last_gated()
+            want = dsinf.reference.rms_mlp_gemm(*case)
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert list(runs.values()) == ["gated", "matmul",  # compiled crossover
+                                   "matmul", "matmul",  # gated key 0: the matmul at every M
+                                   "gated", "gated",  # gated key 64: the gated GEMV up to M = 64
+                                   "gated", "matmul"]  # plain keys only: the compiled gated crossover again
+
+
+def test_the_binding_checks_gated_codes_and_caps(cpu_routes):
+    import ctypes
+
+    row = (ctypes.c_int64 * 5)(0, 6, 8, 8, 1)  # layout code 6: past the gated codes
+    assert cpu_routes._set(row, 1) == -1 and cpu_routes.applied == {}
+    assert cpu_routes.cap(RouteKey("fp32", "gated-kn", 8, 8)) == cpu_routes.gated_cap >= 2 ** 62  # CPU: any M
+    assert cpu_routes.cap(RouteKey("fp32", "kn", 8, 8)) == cpu_routes.gemv_cap
+    with routes.forced("cpu", [RouteKey("fp32", "gated-nk", 64, 96)]) as b:
+        assert b.applied == {RouteKey("fp32", "gated-nk", 64, 96): b.gated_cap}
+    assert cpu_routes.applied == {}
+
+
+def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):
+    measured, in_force = [], []
+    real = routes.measure
+
+    def measure(key, *a, **k):
+        measured.append(key)
+        in_force.append(dict(cpu_routes.applied))
+        return real(key, *a, **k)
+
+    monkeypatch.setattr(routes, "measure", measure)
+    plain, gated = routes.tune_mlp_routes([(64, 48), (64, 48)], torch.float32, "cpu", layout="kn")
+    assert measured == [RouteKey("fp32", "kn", 64, 96), RouteKey("fp32", "gated-kn", 64, 96)]
+    assert in_force == [{}, {plain.key: plain.max_m}]  # the gated kernel is timed against the routed matmul
+    assert (plain.key, gated.key) == tuple(measured)
+    assert gated.default_max_m == cpu_routes.default(gated.key) and gated.buckets[0] == 1
+    assert all(math.isfinite(t) and 0 < t < 1e3 for t in gated.ours_ms + gated.aten_ms)
+    assert gated.max_m == routes.decide_gated(gated.buckets, gated.ours_ms, gated.aten_ms)
+    assert cpu_routes.applied == {plain.key: plain.max_m, gated.key: gated.max_m}
+    persisted = routes.read_tables(tmp_path / routes.FILENAME)
+    assert sorted(r.key.text for t in persisted.values() for r in t.values()) == sorted(k.text for k in measured)
+    config = dsinf.InferenceConfig(dtype=torch.float32, norm_type=NormType.RMSNorm,
+                                   mlp_act_func_type=ActivationFuncType.GATED_SILU)
+    assert gated.explain() in dsinf.MLPGemmOp(config).resolve("cpu").explain()
+    cpu_routes.set({})
+    assert routes.apply("cpu") == 2 and cpu_routes.applied == {plain.key: plain.max_m, gated.key: gated.max_m}
+    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, gated]  # reused
+    assert len(measured) == 2
+    with pytest.raises(ValueError, match="'shapes'"):
+        routes.tune_mlp_routes([(64,)], torch.float32, "cpu")
+
+
+def test_inject_measures_the_fused_mlp_after_its_linears(cpu_routes, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("DSINF_ROUTES", "measure")
+    measured = []
+    real = routes.measure
+    monkeypatch.setattr(routes, "measure", lambda key, *a, **k: measured.append(key) or real(key, *a, **k))
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = dsinf.inject(transformers.LlamaForCausalLM(config).eval())
+    gated = RouteKey("fp32", "gated-nk", 64, 192)
+    assert measured[-1] == gated and gated.plain in measured[:-1]  # once for both layers, after the linears
+    assert gated in cpu_routes.applied
+    cpu_routes.set({**cpu_routes.applied, gated: 0})  # the other path: same logits
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = model(ids, use_cache=False).logits
+        cpu_routes.set({**cpu_routes.applied, gated: 64})
+        b = model(ids, use_cache=False).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 # --- GPU (the lead runs these on the H200) ---------------------------------------------------------
 
 def _graph_ratio(torch_run, ours_run, samples=15, replays=4):
@@ -405,5 +544,78 @@ def test_gpu_linear_routed_to_aten_for_every_m_calls_torch_linear(cuda_module, m
         x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
         ref = _tiny_model().to("cuda", torch.float16)
         torch.testing.assert_close(model(x), ref(x), rtol=2e-2, atol=2e-2)
+    finally:
+        b.set(saved)
+
+
+def _cuda_mlp_case(layout, M, K=256, I=160, seed=0):
+    """_mlp_case's arguments on the GPU with fp16 activations (and fp16 weights unless int8)."""
+    case = list(_mlp_case(layout, M, K, I, seed))
+    for i in (0, 1, 4) + ((2, 3) if layout != "int8" else ()):
+        case[i] = case[i].to("cuda", torch.float16)
+    if layout == "int8":
+        for i in (2, 3, 6, 7):
+            case[i] = case[i].to("cuda")
+    return tuple(case)
+
+
+GATED_KERNEL = {"nk": "gated_tc_kernel", "int8": "gated_tc_kernel", "kn": "gated_kn_kernel"}
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["nk", "kn", "int8"])
+def test_gpu_a_gated_route_picks_the_kernel_that_runs(cuda_module, layout):
+    """On CUDA the gated key moves rms_mlp_gemm's gate|up between the gated kernel and the matmul +
+    gated_act, beyond the compiled rule's reach too ([K, N] at M = 5): the profiler's kernel names say
+    which ran, and both paths give the reference's result."""
+    case = _cuda_mlp_case(layout, 5)
+    op = torch.ops.dsinf.rms_mlp_gemm_fp16.default
+    key = routes.mlp_key_of(case[0], case[2], case[8], case[10])
+    b = routes.binding("cuda")
+    compiled = "gated" if b.default(key) >= 5 else "matmul"
+    assert compiled == ("matmul" if layout == "kn" else "gated")  # the [K, N] gated kernel: M <= 2
+    want = dsinf.reference.rms_mlp_gemm(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in case])
+    for max_m, path in ((None, compiled), (b.gated_cap, "gated"), (0, "matmul")):
+        ctx = routes.forced("cuda", [key], max_m) if max_m is not None else contextlib.nullcontext()
+        with ctx:
+            op(*case)  # warm
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                got = op(*case)
+                torch.cuda.synchronize()
+            assert b.last_gated() == path
+        names = " ".join(e.name for e in prof.events())
+        ran = {k for k in ("gated_tc_kernel", "gated_kn_kernel", "gated_act_kernel") if k in names}
+        assert ran == {GATED_KERNEL[layout] if path == "gated" else "gated_act_kernel"}, names[:600]
+        torch.testing.assert_close(got[1].cpu(), want[1].to(torch.float16), rtol=0, atol=0)
+        err = ((got[0].cpu().float() - want[0].float()).abs().max() / want[0].float().abs().max()).item()
+        assert err < 4e-3, f"{path}: relative error {err:.3g}"
+
+
+@gpu
+def test_gpu_tune_mlp_routes_and_inject_on_cuda(cuda_module, tmp_path, monkeypatch):
+    """tune_mlp_routes measures on CUDA and the route it applies is the path the op takes; inject measures a
+    fused Llama MLP's gated key on CUDA by default."""
+    import transformers
+
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DSINF_ROUTES", "auto")
+    b = routes.binding("cuda")
+    saved = dict(b.applied)
+    try:
+        plain, gated = routes.tune_mlp_routes([(2048, 5632)], torch.float16, "cuda", force=True)
+        print(plain.explain(), gated.explain(), sep="\n")
+        assert gated.key == RouteKey("fp16", "gated-nk", 2048, 11264) and gated.buckets == (1, 2, 4, 8)
+        assert b.applied[gated.key] == gated.max_m == routes.decide_gated(gated.buckets, gated.ours_ms,
+                                                                          gated.aten_ms)
+        case = _cuda_mlp_case("nk", 1, 2048, 5632)
+        torch.ops.dsinf.rms_mlp_gemm_fp16.default(*case)
+        assert b.last_gated() == ("gated" if gated.max_m >= 1 else "matmul")
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                          max_position_embeddings=64)
+        torch.manual_seed(0)
+        dsinf.inject(transformers.LlamaForCausalLM(config).eval().to("cuda", torch.float16))
+        assert RouteKey("fp16", "gated-nk", 64, 192) in b.applied
     finally:
         b.set(saved)

@@ -20,9 +20,11 @@ and returns it; here both outputs are new tensors and no argument is modified.
 
 Decode (CUDA: M <= 8 with int8 or 16-bit [N, K] weights, M <= 2 otherwise; CPU: the GEMV crossover): the
 gate/up GEMV writes act(gate) * up from its epilogue, so the [M, 2I] product never reaches memory. Larger M,
-and on CUDA a W_interm of 80 MiB or more (16-bit, either layout) or 160 MiB or more (int8) at any M: the linear ops'
-matmul into [M, 2I] (our streaming GEMV, or cuBLAS for 16-bit where the route table says; it reads weights
-that large faster than the gated kernel), then the gated epilogue, then the W_out matmul.
+and on CUDA a W_interm of 80 MiB or more (16-bit, either layout) or 160 MiB or more (int8) at any M: the
+linear ops' matmul into [M, 2I] (our streaming GEMV, or cuBLAS for 16-bit where the route table says; it
+reads weights that large faster than the gated kernel), then the gated epilogue, then the W_out matmul.
+Those are the compiled rules; a measured route for the gate|up (dsinf.routes.tune_mlp_routes, or
+dsinf.inject for a model's fused MLPs) replaces them for its device and shape.
 """
 from __future__ import annotations
 

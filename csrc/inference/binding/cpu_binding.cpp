@@ -75,11 +75,13 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
   return s.weight_nk ? 16 : 24;
 }
 
-// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
-int64_t default_route(int64_t dtype, int64_t layout) {
+// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); the gated
+// GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover.
+int64_t default_route(int64_t dtype, int64_t layout, int64_t /*K*/, int64_t /*N*/) {
+  const int64_t plain = layout >= routes::kGatedKN ? layout - routes::kGated : layout;
   MatmulShape s{};
-  s.int8 = layout == routes::kInt8;
-  s.weight_nk = layout != routes::kKN;
+  s.int8 = plain == routes::kInt8;
+  s.weight_nk = plain != routes::kKN;
   return gemv_max_m(s, dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half);
 }
 
@@ -328,7 +330,8 @@ MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tenso
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        decode: the gated GEMV (the [M, 2I] product never exists);
-//                                             larger M: the fp32 GEMM path into [M, 2I], then gated_act
+//                                             larger M (the route table's gated key, else the GEMV
+//                                             crossover): the matmul path into [M, 2I] fp32, then gated_act
 //   output = a @ W_out                        the GEMV / GEMM path of linear_layer
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
                                      const at::Tensor& residual, const at::Tensor& weight_interm,
@@ -352,7 +355,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
   const MatmulShape si = s.interm, so = s.out;
   const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  if (s.M <= gemv_max_m(si, weight_interm.scalar_type())) {
+  if (routes::use_gated(s.M, act, si.int8, si.weight_nk, s.K, si.N, gemv_max_m(si, weight_interm.scalar_type()))) {
     check_status(dsinf_cpu_gated_gemv(h.data_ptr(), dt, s.M, s.K, &w1, s.activation, a.data_ptr(), s.I, kParallel), op,
                  "gated_gemv");
   } else {
@@ -368,8 +371,8 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
 }  // namespace
 }  // namespace dsinf
 
-// The route table's C entry points (dsinf/routes.py): the CPU GEMV accepts any M.
-DSINF_ROUTE_API(cpu, INT64_MAX, dsinf::default_route)
+// The route table's C entry points (dsinf/routes.py): the CPU GEMV and gated GEMV accept any M.
+DSINF_ROUTE_API(cpu, INT64_MAX, INT64_MAX, dsinf::default_route)
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.

@@ -72,8 +72,12 @@ inline void check_input_on_cuda(const char* op, const at::Tensor& input) {
   DSINF_CHECK_ARG(input.is_cuda(), op, "input", "expected a CUDA tensor, got device ", input.device());
 }
 
+// rms_mlp_gemm's gate|up `s` (K -> N = 2I outputs) at s.M() rows: true: the gated kernel; false: matmul()
+// into [M, N], then the gated epilogue. The route table decides (its gated keys), else the compiled rule.
+bool use_gated(c10::ScalarType act, const MatmulShape& s);
+
 // out2d [M, N] (contiguous) = x2d @ W (+ bias): the GEMV for small M (the route table decides), cuBLAS
-// otherwise. Defined in cuda_binding_ops.cpp, the file that owns the route table.
+// otherwise. Defined in cuda_binding_ops.cpp, the file that owns the route table (use_gated too).
 at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                   const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream);
 

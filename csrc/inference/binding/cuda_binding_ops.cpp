@@ -37,12 +37,70 @@ int64_t gemv_max_m(c10::ScalarType act, bool int8) {
   return act == c10::ScalarType::Float ? DSINF_GEMV_MAX_M_FP32 : DSINF_GEMV_MAX_M_HALF;
 }
 
-// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
-int64_t default_route(int64_t dtype, int64_t layout) {
-  return gemv_max_m(dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half, layout == routes::kInt8);
+// rms_mlp_gemm's gate|up (K -> N = 2I): the gated kernel, or the matmul into [M, 2I] and then gated_act. A
+// measured route (a gated key of the table) decides where there is one; else this compiled rule.
+//
+// Largest M on the gated GEMV (the kernel accepts up to 8, the cap of a measured route too).
+// Tensor-core paths (fp16/bf16 activations with [N, K] or int8 weights: one mma n-tile holds 8 tokens, so
+// the weight stream is the cost for every M <= 8) and int8 (the cuBLAS path would dequantize the whole
+// weight) go to 8. The CUDA-core paths (fp32 activations, [K, N] weights) stop at 2: their cost grows with
+// M (H200, 4096->14336->4096 fp16: 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md).
+constexpr int64_t kGatedGemvMaxM = 8;
+constexpr int64_t kGatedGemvMaxMFloat = 2;
+
+// Decode gate/up for 16-bit weights (either layout) of at least this many MiB runs as the linear ops' matmul
+// (the streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches
+// instead of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
+// kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes; docs/PERFORMANCE.md,
+// nineteenth round):
+//   17 MiB 15.1 -> 17.3 us; 44 MiB 25.5 -> 26.7; 64 MiB 33.6 -> 34.4; 67.5 MiB 36.4 -> 36.1 (the crossover)
+//   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
+//   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
+// In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
+// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. [K, N]
+// weights (DeepSpeed's default layout; their gated kernel is CUDA-core), the whole MLP at M = 1 / 2, fp16
+// (bf16 alike), gated kernel -> matmul + act (twenty-first round): 172 MiB 75.2 / 74.9 -> 72.7 / 73.4 us;
+// 224 MiB 94.6 / 97.9 -> 90.2 / 90.4; 896 MiB 368.5 / 392.2 -> 323.9 / 324.6 (HF's eager chain 344 / 347).
+// 0: always the matmul; a huge value: never.
+#ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
+#define DSINF_GATED_VIA_GEMV_MIN_MIB 80
+#endif
+// The same rule for int8 gate|up weights (one byte per weight), whose matmul is the int8 streaming GEMV
+// (cuBLAS would first write a dequantized copy). Its crossover lies higher. H200, the whole MLP (norm, gate|up,
+// act, down) in us at M = 1 / 8, fp16 activations (bf16 alike), gated kernel -> matmul + act, by gate|up size
+// (tools/probe_norm_mlp.py --define; docs/PERFORMANCE.md, twentieth round):
+//   22 MiB 17.6 / 17.9 -> 19.1 / 19.8; 112 MiB (Llama-3-8B) 53.4 / 54.2 -> 53.4 / 55.5 (bf16 53.4 / 54.8 ->
+//   55.1 / 57.3); 228 MiB 100.3 / 104.1 -> 95.3 / 99.9; 344 MiB 148.2 / 153.4 -> 139.6 / 143.8; 448 MiB
+//   (Llama-3-70B) 187.4 / 192.7 -> 181.4 / 184.2
+// The threshold sits between the last loss (112) and the first win (228).
+#ifndef DSINF_GATED_VIA_GEMV_INT8_MIN_MIB
+#define DSINF_GATED_VIA_GEMV_INT8_MIN_MIB 160
+#endif
+
+// The compiled rule: the largest M on the gated kernel for a gate|up of K inputs and N (= 2I) outputs.
+int64_t gated_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N) {
+  const bool half = act != c10::ScalarType::Float;
+  const int64_t bytes = N * K * (int8 ? 1 : 2);
+  const int64_t min_mib = int8 ? DSINF_GATED_VIA_GEMV_INT8_MIN_MIB : DSINF_GATED_VIA_GEMV_MIN_MIB;
+  if (half && bytes >= (min_mib << 20)) return 0;
+  return int8 || (half && weight_nk) ? kGatedGemvMaxM : kGatedGemvMaxMFloat;
+}
+
+// The compiled crossover of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
+int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
+  const c10::ScalarType act = dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half;
+  if (layout >= routes::kGatedKN) {
+    const int64_t plain = layout - routes::kGated;
+    return gated_max_m(act, plain == routes::kInt8, plain != routes::kKN, K, N);
+  }
+  return gemv_max_m(act, layout == routes::kInt8);
 }
 
 }  // namespace
+
+bool cuda_binding::use_gated(c10::ScalarType act, const MatmulShape& s) {
+  return routes::use_gated(s.M(), act, s.int8, s.weight_nk, s.K, s.N, gated_max_m(act, s.int8, s.weight_nk, s.K, s.N));
+}
 
 at::Tensor cuda_binding::matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                                 const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream) {
@@ -169,5 +227,6 @@ at::Tensor cuda_binding::vector_matmul_lean(const char* op, c10::ScalarType act,
 
 }  // namespace dsinf
 
-// The route table's C entry points (dsinf/routes.py): the GEMV launchers accept M <= kGemvMaxM.
-DSINF_ROUTE_API(cuda, dsinf::cuda::kGemvMaxM, dsinf::default_route)
+// The route table's C entry points (dsinf/routes.py): the GEMV launchers accept M <= kGemvMaxM, the gated
+// GEMV M <= kGatedGemvMaxM.
+DSINF_ROUTE_API(cuda, dsinf::cuda::kGemvMaxM, dsinf::kGatedGemvMaxM, dsinf::default_route)

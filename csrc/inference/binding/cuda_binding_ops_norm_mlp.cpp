@@ -59,13 +59,6 @@ void check_bf16_built(const char* op, const char* arg, c10::ScalarType t) {
 
 // ---- rms_mlp_gemm (kernels: cuda/mlp_gemm.cu, rms_norm.cu, the GEMV / cuBLAS path of cuda_binding_ops.cpp) ---------
 
-// Largest M on the gated GEMV (the kernel accepts up to 8); above it cuBLAS into [M, 2I], then gated_act.
-// Tensor-core paths (fp16/bf16 activations with [N, K] or int8 weights: one mma n-tile holds 8 tokens, so
-// the weight stream is the cost for every M <= 8) and int8 (the cuBLAS path would dequantize the whole
-// weight) go to 8. The CUDA-core paths (fp32 activations, [K, N] weights) stop at 2: their cost grows with
-// M (H200, 4096->14336->4096 fp16: 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md).
-constexpr int64_t kGatedGemvMaxM = 8;
-constexpr int64_t kGatedGemvMaxMFloat = 2;
 
 // rms_mlp_gemm's problem: M rows of hidden size K, intermediate size I (W_interm has 2I outputs).
 struct MLPShape {
@@ -73,39 +66,6 @@ struct MLPShape {
   int activation;           // 3 GATED_GELU, 4 GATED_SILU (DeepSpeed's ActivationFuncType)
   MatmulShape interm, out;  // h [M, K] -> [M, 2I]; a [M, I] -> [M, K]
 };
-
-bool gated_gemv_tensor_core(c10::ScalarType act, const MLPShape& s) {
-  return act != c10::ScalarType::Float && (s.interm.int8 || s.interm.weight_nk);
-}
-
-// Decode gate/up for 16-bit weights (either layout) of at least this many MiB runs as the linear ops' matmul
-// (the streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches
-// instead of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
-// kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes; docs/PERFORMANCE.md,
-// nineteenth round):
-//   17 MiB 15.1 -> 17.3 us; 44 MiB 25.5 -> 26.7; 64 MiB 33.6 -> 34.4; 67.5 MiB 36.4 -> 36.1 (the crossover)
-//   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
-//   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)
-// In the model (Llama-3-8B, fp16; inject's routes send its gate|up to cuBLAS, 56 us, 98% of the copy
-// bandwidth) a token's GPU time fell 4.83 -> 4.62 ms at batch 1 and 5.19 -> 4.84 ms at batch 8. [K, N]
-// weights (DeepSpeed's default layout; their gated kernel is CUDA-core), the whole MLP at M = 1 / 2, fp16
-// (bf16 alike), gated kernel -> matmul + act (twenty-first round): 172 MiB 75.2 / 74.9 -> 72.7 / 73.4 us;
-// 224 MiB 94.6 / 97.9 -> 90.2 / 90.4; 896 MiB 368.5 / 392.2 -> 323.9 / 324.6 (HF's eager chain 344 / 347).
-// 0: always the matmul; a huge value: never.
-#ifndef DSINF_GATED_VIA_GEMV_MIN_MIB
-#define DSINF_GATED_VIA_GEMV_MIN_MIB 80
-#endif
-// The same rule for int8 gate|up weights (one byte per weight), whose matmul is the int8 streaming GEMV
-// (cuBLAS would first write a dequantized copy). Its crossover lies higher. H200, the whole MLP (norm, gate|up,
-// act, down) in us at M = 1 / 8, fp16 activations (bf16 alike), gated kernel -> matmul + act, by gate|up size
-// (tools/probe_norm_mlp.py --define; docs/PERFORMANCE.md, twentieth round):
-//   22 MiB 17.6 / 17.9 -> 19.1 / 19.8; 112 MiB (Llama-3-8B) 53.4 / 54.2 -> 53.4 / 55.5 (bf16 53.4 / 54.8 ->
-//   55.1 / 57.3); 228 MiB 100.3 / 104.1 -> 95.3 / 99.9; 344 MiB 148.2 / 153.4 -> 139.6 / 143.8; 448 MiB
-//   (Llama-3-70B) 187.4 / 192.7 -> 181.4 / 184.2
-// The threshold sits between the last loss (112) and the first win (228).
-#ifndef DSINF_GATED_VIA_GEMV_INT8_MIN_MIB
-#define DSINF_GATED_VIA_GEMV_INT8_MIN_MIB 160
-#endif
 
 // rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
 MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& residual,
@@ -177,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> pre_rms_norm(const at::Tensor& vals, const at
 
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        small M: the gated GEMV (the [M, 2I] product never exists);
-//                                             larger M: matmul into [M, 2I] (cuBLAS), then gated_act
+//                                             larger M or a large gate|up (use_gated: the route table, else
+//                                             the compiled rule): matmul into [M, 2I], then gated_act
 //   output = a @ W_out                        the GEMV / cuBLAS path of linear_layer
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
                                      const at::Tensor& residual, const at::Tensor& weight_interm,
@@ -201,11 +162,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
                               res.mutable_data_ptr(), s.M, s.K, float(epsilon), stream),
              op, "pre_rms_norm launch");
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  const bool tensor_core = gated_gemv_tensor_core(act, s);
-  const int64_t gate_up_bytes = 2 * s.I * s.K * (s.interm.int8 ? 1 : static_cast<int64_t>(input.element_size()));
-  const int64_t min_mib = s.interm.int8 ? DSINF_GATED_VIA_GEMV_INT8_MIN_MIB : DSINF_GATED_VIA_GEMV_MIN_MIB;
-  const bool via_matmul = act != c10::ScalarType::Float && gate_up_bytes >= (min_mib << 20);
-  if (!via_matmul && s.M <= (s.interm.int8 || tensor_core ? kGatedGemvMaxM : kGatedGemvMaxMFloat)) {
+  if (use_gated(act, s.interm)) {
     check_cuda(kc::gated_gemv(dt, h.const_data_ptr(), s.M, weight_interm.const_data_ptr(), s.interm.weight_nk, s.interm.int8,
                               s.interm.int8 ? q_scale->const_data_ptr<float>() : nullptr, s.interm.groups, a.mutable_data_ptr(), s.K,
                               s.I, s.activation, stream),

@@ -1,7 +1,9 @@
 // The route table: per (activation dtype, weight layout, K, N), the largest M = B*S that runs on our GEMV
 // rather than the binding's ATen path (cuBLAS / MKL). Measured per device by dsinf/routes.py, persisted
 // there, and pushed into the module once when it loads (and again after a tuning); an absent shape keeps
-// the binding's compiled crossover.
+// the binding's compiled crossover. The gated layouts key rms_mlp_gemm's gate|up (K = hidden, N = 2I): the
+// largest M on the gated kernel (act(gate) * up in its epilogue), above which the gate|up runs as a matmul
+// (routed by its plain key) followed by the gated epilogue.
 //
 // Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
 // handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
@@ -35,8 +37,10 @@ namespace {
 
 // Codes shared with dsinf/routes.py (DTYPE_CODES, LAYOUT_CODES).
 enum DtypeCode : int64_t { kFp32 = 0, kFp16 = 1, kBf16 = 2 };
-enum LayoutCode : int64_t { kKN = 0, kNK = 1, kInt8 = 2 };  // int8 weights are always [N, K]
-enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2 };
+// int8 weights are always [N, K]; a gated code is its plain code + kGated.
+enum LayoutCode : int64_t { kKN = 0, kNK = 1, kInt8 = 2, kGatedKN = 3, kGatedNK = 4, kGatedInt8 = 5 };
+constexpr int64_t kGated = kGatedKN - kKN;
+enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2 };  // for gated keys: the gated kernel / matmul + act
 
 struct Entry {
   int64_t dtype, layout, K, N, max_m;
@@ -54,18 +58,22 @@ std::vector<std::unique_ptr<const std::vector<Entry>>>& published() {
   return *tables;
 }
 thread_local int64_t t_last_route = kNoneYet;  // for tests: which path this thread's last matmul took
+thread_local int64_t t_last_gated = kNoneYet;  // ... and its last gate|up
 
 int64_t dtype_code(c10::ScalarType act) {
   return act == c10::ScalarType::Float ? kFp32 : act == c10::ScalarType::Half ? kFp16 : kBf16;
 }
 
-int64_t layout_code(bool int8, bool weight_nk) { return int8 ? kInt8 : weight_nk ? kNK : kKN; }
+int64_t layout_code(bool int8, bool weight_nk, bool gated = false) {
+  return (int8 ? kInt8 : weight_nk ? kNK : kKN) + (gated ? kGated : 0);
+}
 
-// Largest M for our GEMV on this shape: the table's entry, else `compiled_default`.
-int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default) {
+// Largest M for our GEMV (gated: the gated kernel) on this shape: the table's entry, else `compiled_default`.
+int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default,
+                   bool gated = false) {
   const std::vector<Entry>* table = g_table.load(std::memory_order_acquire);
   if (table == nullptr) return compiled_default;
-  const Entry probe{dtype_code(act), layout_code(int8, weight_nk), K, N, 0};
+  const Entry probe{dtype_code(act), layout_code(int8, weight_nk, gated), K, N, 0};
   auto it = std::lower_bound(table->begin(), table->end(), probe,
                              [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
   return it != table->end() && it->key() == probe.key() ? it->max_m : compiled_default;
@@ -79,19 +87,28 @@ bool use_gemv(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t
   return gemv;
 }
 
+// true: run rms_mlp_gemm's gate|up (K -> N = 2I) on the gated kernel for this M, false: matmul + gated epilogue.
+bool use_gated(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N,
+               int64_t compiled_default) {
+  const bool gated = M <= gemv_max_m(act, int8, weight_nk, K, N, compiled_default, /*gated=*/true);
+  t_last_gated = gated ? kGemv : kAten;
+  return gated;
+}
+
 // Replace the table with `n` rows of 5 int64 (dtype, layout, K, N, max_m); n == 0 clears it.
-// Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap`, -3 for a repeated key
-// (the table is unchanged on error).
-int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap) {
+// Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap` (gated keys:
+// `gated_cap`), -3 for a repeated key (the table is unchanged on error).
+int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap, int64_t gated_cap) {
   if (n < 0 || (n > 0 && rows == nullptr)) return -1;
   std::vector<Entry> entries;
   entries.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* r = rows + 5 * i;
     const Entry e{r[0], r[1], r[2], r[3], r[4]};
-    if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kInt8 || e.K < 1 || e.N < 1 || e.max_m < 0)
+    if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kGatedInt8 || e.K < 1 || e.N < 1 ||
+        e.max_m < 0)
       return -1;
-    if (e.max_m > gemv_cap) return -2;
+    if (e.max_m > (e.layout >= kGatedKN ? gated_cap : gemv_cap)) return -2;
     entries.push_back(e);
   }
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
@@ -118,20 +135,27 @@ int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap) {
 }  // namespace dsinf
 
 // The C entry points dsinf/routes.py calls through ctypes (the library is already loaded; dlopen of the same
-// path returns its handle). `variant`: cpu | cuda; `gemv_cap`: the largest M the GEMV accepts;
-// `default_fn(dtype_code, layout_code) -> int64_t`: the compiled crossover of a shape absent from the table.
-#define DSINF_ROUTE_API(variant, gemv_cap, default_fn)                                                      \
-  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_set(const int64_t* rows, \
-                                                                                       int64_t n) {         \
-    return dsinf::routes::set(rows, n, (gemv_cap));                                                          \
-  }                                                                                                          \
-  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_gemv_cap() {            \
-    return (gemv_cap);                                                                                       \
-  }                                                                                                          \
-  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_default(int64_t dtype,  \
-                                                                                           int64_t layout) { \
-    return default_fn(dtype, layout);                                                                        \
-  }                                                                                                          \
-  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_last() {                \
-    return dsinf::routes::t_last_route;                                                                      \
+// path returns its handle). `variant`: cpu | cuda; `gemv_cap` / `gated_cap`: the largest M the GEMV / the
+// gated kernel accepts; `default_fn(dtype_code, layout_code, K, N) -> int64_t`: the compiled crossover of a
+// shape absent from the table.
+#define DSINF_ROUTE_API(variant, gemv_cap, gated_cap, default_fn)                                              \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_set(const int64_t* rows,   \
+                                                                                       int64_t n) {           \
+    return dsinf::routes::set(rows, n, (gemv_cap), (gated_cap));                                               \
+  }                                                                                                            \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_gemv_cap() {              \
+    return (gemv_cap);                                                                                         \
+  }                                                                                                            \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_gated_cap() {             \
+    return (gated_cap);                                                                                        \
+  }                                                                                                            \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_default(                  \
+      int64_t dtype, int64_t layout, int64_t K, int64_t N) {                                                   \
+    return default_fn(dtype, layout, K, N);                                                                    \
+  }                                                                                                            \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_last() {                  \
+    return dsinf::routes::t_last_route;                                                                        \
+  }                                                                                                            \
+  extern "C" __attribute__((visibility("default"))) int64_t dsinf_##variant##_routes_last_gated() {            \
+    return dsinf::routes::t_last_gated;                                                                        \
   }
