@@ -113,7 +113,8 @@ class BackendDecision:
         if self.backend == "compiled":
             from .routes import describe
 
-            parts.append(describe(self.request.device_type, self.request.act_dtype, self.request.int8))
+            parts.append(describe(self.request.device_type, self.request.act_dtype, self.request.int8,
+                                  gated=self.request.op == "rms_mlp_gemm"))
         return "; ".join(p for p in parts if p)
 
 

@@ -28,7 +28,7 @@ This module measures it, persists it, and pushes it into the binding:
   MARGIN either way) alone goes to torch, and ties below a win go along with it only when that win is clear
   (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul path wins by more
   than MARGIN (`decide_gated`: a tie goes to the one launch).
-- persist: <data root>/routes.v1.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
+- persist: <data root>/routes.v2.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
   (re-read, merged, written with op_builder.atomic.write_json); read with read_json. A malformed file is
@@ -70,7 +70,8 @@ from op_builder.locking import FileLock
 logger = logging.getLogger("dsinf")
 
 FORMAT = "dsinf-routes"
-VERSION = 1
+VERSION = 2  # 2: the gated keys. Each version has its own file, so an older dsinf sharing the cache never
+#              reads (and, rewriting it, drops) keys it cannot parse; a new version measures again.
 FILENAME = f"routes.v{VERSION}.json"
 LOCK_TIMEOUT_S = 30.0
 MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this (a tie alone goes to torch)
@@ -139,13 +140,14 @@ class RouteKey:
 
 @dataclass(frozen=True)
 class Route:
-    """A measured route: our GEMV for M <= max_m, ATen above; with the times it was decided from."""
+    """A measured route: our GEMV for M <= max_m, ATen above (a gated key: the gated kernel, then the
+    matmul + gated epilogue); with the times it was decided from."""
     key: RouteKey
     max_m: int
     default_max_m: int  # the compiled crossover it replaces
     buckets: tuple[int, ...] = ()
-    ours_ms: tuple[float, ...] = ()  # per bucket: the binding with the route forced to our GEMV
-    aten_ms: tuple[float, ...] = ()  # ... forced to ATen
+    ours_ms: tuple[float, ...] = ()  # per bucket: the op with the route forced to our GEMV (gated kernel)
+    aten_ms: tuple[float, ...] = ()  # ... forced to ATen (matmul + gated epilogue)
     tuned_at: str = ""
 
     @property
@@ -241,7 +243,8 @@ def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], 
 
 
 def buckets(gemv_cap: int, default_max_m: int) -> tuple[int, ...]:
-    """The Ms measured: BUCKETS and the compiled crossover, up to the largest M the GEMV accepts."""
+    """The Ms measured: BUCKETS and the compiled crossover, up to the largest M a route may give the key
+    (`Binding.cap`)."""
     return tuple(sorted({m for m in (*BUCKETS, default_max_m) if 1 <= m <= gemv_cap}))
 
 
@@ -346,8 +349,16 @@ class Binding:
         return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout], key.K, key.N))
 
     def cap(self, key: RouteKey) -> int:
-        """The largest max_m `key` may have: what our GEMV (gated keys: the gated kernel) accepts."""
-        return self.gated_cap if key.gated else self.gemv_cap
+        """The largest max_m a measured route may give `key`: every M our GEMV accepts; for a gated key on
+        CUDA, as far as the compiled rule takes the gated kernel on small weights (8 on tensor cores; 2 on
+        the CUDA-core paths, fp32 activations or [K, N] weights), the Ms the GPU parity tests run it at, so
+        a measured route moves the size threshold only (`forced` may go to the kernel's limit,
+        `gated_cap`). On CPU the gated GEMV takes any M."""
+        if not key.gated:
+            return self.gemv_cap
+        if self.variant == "cpu":
+            return self.gated_cap
+        return min(self.gated_cap, self.default(RouteKey(key.dtype, key.layout, 1, 2)))
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' or 'none'."""
@@ -406,12 +417,14 @@ def mlp_key_of(input: torch.Tensor, weight_interm: torch.Tensor, q_int8: bool, t
 def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> Iterator[Binding]:
     """While the block runs, `keys` take our GEMV (gated keys: the gated kernel) for every M it accepts
     (max_m None) or up to max_m (0: ATen; gated: matmul + epilogue) in the `variant` module, whatever the
-    compiled crossover or a persisted table says; the table in force before is restored after. For checks and probes of the kernels themselves. Host-side: a graph captured
-    inside the block replays the forced route."""
+    compiled crossover or a persisted table says; the table in force before is restored after. For checks
+    and probes of the kernels themselves. Host-side: a graph captured inside the block replays the forced
+    route."""
     b = binding(variant)
     with _lock:  # no route tuning or apply() from another thread in between
         saved = b.applied
-        b.set({**saved, **{k: b.cap(k) if max_m is None else max_m for k in keys}})
+        limit = {k: b.gated_cap if k.gated else b.gemv_cap for k in keys}  # what the kernels accept
+        b.set({**saved, **{k: limit[k] if max_m is None else max_m for k in keys}})
         try:
             yield b
         finally:
@@ -464,13 +477,15 @@ def aten_only(device_type: str, act_dtype: torch.dtype, K: int, N: int) -> bool:
     return b.applied.get(RouteKey(dtype, "nk", K, N)) == 0
 
 
-def describe(device_type: str, act_dtype: torch.dtype, int8: bool) -> str:
-    """The measured routes in force for a decision's device and dtype (BackendDecision.explain); "" when
-    none: every shape runs on the compiled crossover."""
+def describe(device_type: str, act_dtype: torch.dtype, int8: bool, gated: bool = False) -> str:
+    """The measured routes in force for a decision's device and dtype (BackendDecision.explain), the gated
+    keys too when `gated` (rms_mlp_gemm, whose matmuls take the plain routes as well); "" when none: every
+    shape runs on the compiled crossover."""
     b = _bindings.get(device_type)
     dtype = _DTYPES.get(act_dtype)
     mine = [] if b is None else [b.routes[k] for k in sorted(b.applied, key=lambda k: k.text)
-                                 if k.dtype == dtype and (k.plain.layout == "int8") == int8 and k in b.routes]
+                                 if k.dtype == dtype and (k.plain.layout == "int8") == int8 and k in b.routes
+                                 and (gated or not k.gated)]
     return "routes: " + "; ".join(r.explain() for r in mine) if mine else ""
 
 
@@ -658,17 +673,19 @@ def _tune(keys: list[RouteKey], device: torch.device, force: bool) -> list[Route
         dkey = device_key(variant, device)
         persisted = {} if force else read_tables().get(dkey, {})
         result, new = [], []
-        for key in keys:
-            route = persisted.get(key.text)
-            if route is None:
-                route = measure(key, device)
-                new.append(route)
-                logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
-            result.append(route)
-            b.set({**b.applied, key: route.max_m})
-            b.routes[key] = route
-        if new:
-            _save(dkey, new)
+        try:
+            for key in keys:
+                route = persisted.get(key.text)
+                if route is None or route.max_m > b.cap(key):  # absent, or past what this build allows
+                    route = measure(key, device)
+                    new.append(route)
+                    logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
+                result.append(route)
+                b.set({**b.applied, key: route.max_m})
+                b.routes[key] = route
+        finally:  # a failure midway keeps (and persists) the routes measured before it
+            if new:
+                _save(dkey, new)
     return result
 
 
@@ -746,8 +763,8 @@ def tune_model(model: torch.nn.Module) -> list[Route]:
             try:
                 out += tune(sorted(shapes), dtype, device, layout="nk", act_dtype=act)
             except Exception as exc:  # noqa: BLE001 - tuning is an optimisation; the model runs without it
-                logger.warning("dsinf: measuring routes on %s failed (%s: %s); the compiled crossovers stay",
-                               device, type(exc).__name__, exc)
+                logger.warning("dsinf: measuring routes on %s failed (%s: %s); the shapes not measured keep the "
+                               "compiled crossovers", device, type(exc).__name__, exc)
     return out
 
 

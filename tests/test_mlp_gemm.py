@@ -430,7 +430,7 @@ GATE_UP_SIDES = [("nk", 2048, 5632, "gated_tc_kernel"),     # 44 MiB
                  ("int8", 4096, 14336, "gated_tc_kernel"),  # 112 MiB (Llama-3-8B)
                  ("int8", 8192, 28672, "gated_act_kernel")]  # 448 MiB (Llama-3-70B)
 GATE_UP_IDS = ["44MiB", "172MiB", "kn-44MiB", "kn-172MiB", "int8-112MiB", "int8-448MiB"]
-GATED_KERNELS = {"gated_tc_kernel", "gated_kn_kernel", "gated_act_kernel"}
+GATED_KERNELS = {"gated_tc_kernel", "gated_kn_kernel", "gated_nk_kernel", "gated_scalar_kernel", "gated_act_kernel"}
 
 
 def device_weight(rows, cols, layout, dtype, gen):

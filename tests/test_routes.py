@@ -376,7 +376,7 @@ def test_a_gated_route_moves_the_gate_up_between_the_gated_gemv_and_the_matmul(c
     assert key == RouteKey("fp32", "gated-" + layout, 64, 96)
     assert 4 <= cpu_routes.default(key) < 40  # compiled: M = 4 on the gated GEMV, M = 40 on the matmul
     runs = {}
-    for table in ({}, {key: 0}, {key: 64}, {key.plain: 0, RouteKey("fp32", layout, 96, 64): 0}):
+    for table in ({}, {key: 0}, {key: 64}, {key.plain: 0, RouteKey("fp32", layout, 48, 64): 0}):  # + down
         cpu_routes.set(table)
         for name, case in (("small", small), ("large", large)):
             got = op(*case)
@@ -424,13 +424,46 @@ def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_
     assert sorted(r.key.text for t in persisted.values() for r in t.values()) == sorted(k.text for k in measured)
     config = dsinf.InferenceConfig(dtype=torch.float32, norm_type=NormType.RMSNorm,
                                    mlp_act_func_type=ActivationFuncType.GATED_SILU)
-    assert gated.explain() in dsinf.MLPGemmOp(config).resolve("cpu").explain()
+    mlp_explain = dsinf.MLPGemmOp(config).resolve("cpu").explain()
+    assert gated.explain() in mlp_explain and plain.explain() in mlp_explain  # its matmuls take plain routes
+    linear_explain = dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32)).resolve("cpu").explain()
+    assert plain.explain() in linear_explain and "gate|up" not in linear_explain
     cpu_routes.set({})
     assert routes.apply("cpu") == 2 and cpu_routes.applied == {plain.key: plain.max_m, gated.key: gated.max_m}
     assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, gated]  # reused
     assert len(measured) == 2
     with pytest.raises(ValueError, match="'shapes'"):
         routes.tune_mlp_routes([(64,)], torch.float32, "cpu")
+
+
+def test_a_failed_tuning_keeps_and_persists_what_it_measured(cpu_routes, tmp_path, monkeypatch):
+    real = routes.measure
+
+    def measure(key, *a, **k):
+        if key.gated:
+            raise torch.cuda.OutOfMemoryError("planted")
+        return real(key, *a, **k)
+
+    monkeypatch.setattr(routes, "measure", measure)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="planted"):
+        routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="nk")
+    plain = RouteKey("fp32", "nk", 64, 96)
+    assert set(cpu_routes.applied) == {plain}
+    persisted = routes.read_tables(tmp_path / routes.FILENAME)
+    assert [r.key for t in persisted.values() for r in t.values()] == [plain]
+
+
+def test_a_gated_route_on_cuda_moves_only_the_size_threshold():
+    """Binding.cap's rule, on a binding object standing in for the CUDA module (the GPU test below checks
+    the real one): a gated key's tunable cap is its compiled max_m on small weights."""
+    b = routes.Binding.__new__(routes.Binding)
+    b.variant, b.gemv_cap, b.gated_cap = "cuda", 16, 8
+    small = {"nk": 8, "int8": 8, "kn": 2}  # fp16: the compiled rule at a tiny size
+    b.default = lambda key: small[key.plain.layout] if key.K * key.N < 1 << 20 else 0
+    assert [b.cap(RouteKey("fp16", "gated-" + lay, 4096, 28672)) for lay in ("nk", "int8", "kn")] == [8, 8, 2]
+    assert b.cap(RouteKey("fp16", "nk", 4096, 28672)) == 16
+    b.variant = "cpu"
+    assert b.cap(RouteKey("fp16", "gated-kn", 4096, 28672)) == 8
 
 
 def test_inject_measures_the_fused_mlp_after_its_linears(cpu_routes, monkeypatch):
@@ -574,6 +607,7 @@ def test_gpu_a_gated_route_picks_the_kernel_that_runs(cuda_module, layout):
     b = routes.binding("cuda")
     compiled = "gated" if b.default(key) >= 5 else "matmul"
     assert compiled == ("matmul" if layout == "kn" else "gated")  # the [K, N] gated kernel: M <= 2
+    assert b.cap(key) == (2 if layout == "kn" else 8) and b.gated_cap == 8  # a tuning's reach; forced's
     want = dsinf.reference.rms_mlp_gemm(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in case])
     for max_m, path in ((None, compiled), (b.gated_cap, "gated"), (0, "matmul")):
         ctx = routes.forced("cuda", [key], max_m) if max_m is not None else contextlib.nullcontext()

@@ -138,7 +138,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     if defer_stop and stopcheck.install(model, swap_class):
         summary.stop_check = stopcheck.describe()
     model._dsinf_injection = summary
-    routes.tune_model(model)  # measured GEMV/ATen crossovers of the model's shapes (CUDA; DSINF_ROUTES)
+    routes.tune_model(model)  # measured routes of the model's linear and fused-MLP shapes (CUDA; DSINF_ROUTES)
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly
         if isinstance(m, InjectedLinear) and m.decision is not None:
             m.follow_routes()

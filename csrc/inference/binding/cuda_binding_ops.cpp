@@ -40,19 +40,19 @@ int64_t gemv_max_m(c10::ScalarType act, bool int8) {
 // rms_mlp_gemm's gate|up (K -> N = 2I): the gated kernel, or the matmul into [M, 2I] and then gated_act. A
 // measured route (a gated key of the table) decides where there is one; else this compiled rule.
 //
-// Largest M on the gated GEMV (the kernel accepts up to 8, the cap of a measured route too).
+// Largest M on the gated GEMV (the kernel accepts up to kc::kGatedGemvMaxM = 8, the cap of a forced route too).
 // Tensor-core paths (fp16/bf16 activations with [N, K] or int8 weights: one mma n-tile holds 8 tokens, so
 // the weight stream is the cost for every M <= 8) and int8 (the cuBLAS path would dequantize the whole
 // weight) go to 8. The CUDA-core paths (fp32 activations, [K, N] weights) stop at 2: their cost grows with
 // M (H200, 4096->14336->4096 fp16: 1.18x the two-cuBLAS chain at M=1, 0.92x at M=8; docs/PERFORMANCE.md).
-constexpr int64_t kGatedGemvMaxM = 8;
+constexpr int64_t kGatedGemvMaxM = kc::kGatedGemvMaxM;
 constexpr int64_t kGatedGemvMaxMFloat = 2;
 
 // Decode gate/up for 16-bit weights (either layout) of at least this many MiB runs as the linear ops' matmul
 // (the streaming GEMV, or cuBLAS where the route table says) into [M, 2I], then gated_act: two launches
-// instead of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8 alike), gated
-// kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes; docs/PERFORMANCE.md,
-// nineteenth round):
+// instead of the gated kernel's one, but each reads large weights faster. H200 fp16, M = 1 (M = 2..8
+// alike), gated kernel -> matmul + act, by gate|up size (tools/probe_norm_mlp.py, no routes;
+// docs/PERFORMANCE.md, nineteenth round):
 //   17 MiB 15.1 -> 17.3 us; 44 MiB 25.5 -> 26.7; 64 MiB 33.6 -> 34.4; 67.5 MiB 36.4 -> 36.1 (the crossover)
 //   86 MiB 43.0 -> 42.2; 96 MiB 45.6 -> 44.9; 172 MiB 78.7 -> 72.2; 224 MiB 100.1 -> 92.7; 259 MiB 109.5 ->
 //   105.1; 896 MiB 414 -> 344 (the gated kernel was 0.85x HF's eager chain there)

@@ -59,7 +59,6 @@ void check_bf16_built(const char* op, const char* arg, c10::ScalarType t) {
 
 // ---- rms_mlp_gemm (kernels: cuda/mlp_gemm.cu, rms_norm.cu, the GEMV / cuBLAS path of cuda_binding_ops.cpp) ---------
 
-
 // rms_mlp_gemm's problem: M rows of hidden size K, intermediate size I (W_interm has 2I outputs).
 struct MLPShape {
   int64_t M, K, I;

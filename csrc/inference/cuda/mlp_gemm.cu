@@ -5,11 +5,11 @@
 // gated kernel), 4 = GATED_SILU; anything else -> cudaErrorInvalidValue. Asynchronous on `stream`, no
 // allocation, returns the launch status.
 //
-//   constexpr int64_t kGatedGemvMaxM = 8;
 //   cudaError_t gated_gemv(DType dtype, const void* x, int64_t M, const void* w, bool w_nk, bool w_int8,
 //                          const float* scale, int64_t groups, void* out, int64_t K, int64_t I, int activation,
 //                          cudaStream_t stream);
-//       Decode gate/up projection with the activation in its epilogue, 1 <= M <= 8:
+//       Decode gate/up projection with the activation in its epilogue, 1 <= M <= kGatedGemvMaxM (8,
+//       cuda_kernels.h):
 //         t[m, n]   = sum_k x[m, k] * W(k, n) (* scale[n / (2I / G)] for int8),  W logical [K, 2I]
 //         out[m, j] = round( act(t[m, I + j]) * t[m, j] ),  j < I      (up = first half, gate = second)
 //       x [M, K] and out [M, I] in dtype; w: dtype [K, 2I] (w_nk = false) or [2I, K] (w_nk = true), or

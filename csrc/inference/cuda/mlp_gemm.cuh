@@ -20,6 +20,7 @@ using detail::kFullMask;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxM = 8;
+static_assert(kMaxM == kGatedGemvMaxM, "the launcher's M limit is the binding's (cuda_kernels.h)");
 constexpr int kGatedGelu = 3;  // DeepSpeed ActivationFuncType.GATED_GELU
 constexpr int kGatedSilu = 4;  // DeepSpeed ActivationFuncType.GATED_SILU
 

@@ -29,6 +29,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // The GEMV launchers accept M = B*S in [1, kGemvMaxM]; larger M goes to cuBLAS in the binding.
 constexpr int64_t kGemvMaxM = 16;
+// The gated GEMV launcher (rms_mlp_gemm's gate|up, cuda/mlp_gemm.cu) accepts M in [1, kGatedGemvMaxM].
+constexpr int64_t kGatedGemvMaxM = 8;
 
 // One small-M matrix product (decode). The launcher picks the kernel:
 //   tensor-core GEMV (fp16/bf16 activations, builds for >= sm_80) for [K, N], [N, K] and int8 [N, K];
