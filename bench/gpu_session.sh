@@ -3,10 +3,13 @@
 #   bash bench/gpu_session.sh [tests|bench|all]
 # 1. environment + toolchain facts, 2. cold/warm build of the CUDA module, 3. the GPU test suite,
 # 4. compute-sanitizer memcheck sweep, 5. the benchmark. Logs go to $OUT (default /tmp/dsinf-gpu).
-# The GPU suite (about 2,400 tests) may not fit one 10-minute call on an H200: tests/test_cuda_kernels_extra.py
-# builds ten tuning variants, four at a time (eleven took 129 s, against about 10 minutes for ten one after the
-# other), and 1327 tests of the next files took 110 s. TEST_FILES (default: tests) splits it over calls, e.g.
-# TEST_FILES=tests/test_cuda_kernels_extra.py.
+# The GPU suite (about 2,500 tests) does not fit one 10-minute call on an H200 when run serially:
+# test_cuda_kernels_extra (250-285 s; it builds ten tuning variants, four at a time), test_triton_kernels
+# (285-320 s) and test_mlp_gemm (185-265 s) are the long files. TEST_JOBS=4 runs the suite as four pytest
+# processes at once (the groups below, each with its own fresh build cache; logs gpu_tests.<i>.log), then
+# the files whose tests time kernels against torch (test_routes) alone, so no neighbour skews them: about
+# 330 + 60 s on an H200 (docs/PERFORMANCE.md, twenty-first round). TEST_FILES (default: tests) instead runs
+# the given files serially, e.g. TEST_FILES=tests/test_cuda_kernels_extra.py.
 set -u
 OUT=${OUT:-/tmp/dsinf-gpu}; mkdir -p "$OUT"
 WHAT=${1:-all}
@@ -32,9 +35,13 @@ print('$run', v.how, 'import torch %.2f s, load %.2f s'%(t1-t, time.time()-t1), 
   done
   unset TORCH_EXTENSIONS_DIR
   echo "== GPU tests"
-  timeout -k 5 ${TEST_LIMIT:-300} python -m pytest -q -m gpu -p no:cacheprovider -o timeout=120 -rfE \
-    ${TEST_FILES:-tests} \
-    > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"; tail -n 25 "$OUT/gpu_tests.log"
+  if [ "${TEST_JOBS:-1}" -gt 1 ] && [ -z "${TEST_FILES:-}" ]; then
+    bash bench/gpu_test_shards.sh "$OUT" "${TEST_LIMIT:-480}"
+  else
+    timeout -k 5 ${TEST_LIMIT:-300} python -m pytest -q -m gpu -p no:cacheprovider -o timeout=120 -rfE \
+      ${TEST_FILES:-tests} \
+      > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"; tail -n 25 "$OUT/gpu_tests.log"
+  fi
   echo "== compute-sanitizer memcheck"
   # Build (or load) outside the sanitizer: instrumenting ninja/nvcc/the build worker is slow and crashed once.
   python -c "from op_builder import InferenceBuilder; InferenceBuilder().load('cuda')" || echo "build failed"

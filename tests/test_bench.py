@@ -386,3 +386,16 @@ def test_e2e_define_needs_the_cuda_device(capsys):
 
     assert e2e.main(["--device", "cpu", "--define", "DSINF_NK_STREAM_PDL=0"]) == 2
     assert "--define builds the CUDA module" in capsys.readouterr().err
+
+
+def test_gpu_test_shards_cover_every_test_file_once():
+    """bench/gpu_test_shards.sh's groups (the GPU suite as parallel processes) hold every test file exactly
+    once, so a new file is never left out of a GPU run."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "bench/gpu_test_shards.sh", "--list"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    groups = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert list(groups)[-2:] == ["rest", "timed"] and len(groups) >= 4
+    files = [f for fs in groups.values() for f in fs]
+    assert sorted(files) == sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py"))
+    assert groups["timed"] == ["tests/test_routes.py"]
