@@ -384,6 +384,9 @@ class Binding:
 
 _bindings: dict[str, Binding] = {}
 _lock = threading.RLock()
+# Routes measured in this process, per device key: reused like persisted ones, so an unwritable cache
+# (the route table could not be saved) does not make the next tuning measure the same shapes again.
+_measured: dict[str, dict[str, Route]] = {}
 
 
 def binding(variant: str) -> Binding:
@@ -671,13 +674,14 @@ def _tune(keys: list[RouteKey], device: torch.device, force: bool) -> list[Route
     with _lock:
         b = binding(variant)
         dkey = device_key(variant, device)
-        persisted = {} if force else read_tables().get(dkey, {})
+        mine = _measured.setdefault(dkey, {})
+        known = {} if force else {**read_tables().get(dkey, {}), **mine}
         result, new = [], []
         try:
             for key in keys:
-                route = persisted.get(key.text)
+                route = known.get(key.text)
                 if route is None or route.max_m > b.cap(key):  # absent, or past what this build allows
-                    route = measure(key, device)
+                    route = mine[key.text] = measure(key, device)
                     new.append(route)
                     logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
                 result.append(route)

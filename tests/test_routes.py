@@ -28,6 +28,7 @@ gpu = pytest.mark.gpu
 def cpu_routes(cpu_module, tmp_path, monkeypatch):
     """The CPU module's route table, emptied for the test and restored after; a private table file."""
     monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(routes, "_measured", {})  # nothing measured by an earlier test is reused
     b = routes.binding("cpu")
     saved, saved_routes = dict(b.applied), dict(b.routes)
     b.set({})
@@ -451,6 +452,22 @@ def test_a_failed_tuning_keeps_and_persists_what_it_measured(cpu_routes, tmp_pat
     assert set(cpu_routes.applied) == {plain}
     persisted = routes.read_tables(tmp_path / routes.FILENAME)
     assert [r.key for t in persisted.values() for r in t.values()] == [plain]
+
+
+def test_an_unwritable_cache_measures_once_per_process(cpu_routes, tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path / "file"))  # a file: the table cannot be written
+    measured = []
+    real = routes.measure
+    monkeypatch.setattr(routes, "measure", lambda key, *a, **k: measured.append(key) or real(key, *a, **k))
+    with caplog.at_level(logging.WARNING, logger="dsinf"):
+        [plain, gated] = routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn")
+    assert "could not write the route table" in caplog.text and len(measured) == 2
+    assert routes.tune_routes([(64, 96)], torch.float32, "cpu", layout="kn") == [plain]  # this process: reused
+    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, gated]
+    assert len(measured) == 2
+    routes.tune_routes([(64, 96)], torch.float32, "cpu", layout="kn", force=True)
+    assert len(measured) == 3  # force measures again
 
 
 def test_a_gated_route_on_cuda_moves_only_the_size_threshold():
