@@ -349,16 +349,18 @@ class Binding:
         """The compiled crossover of `key` (gated keys: the compiled rule, which may depend on the size)."""
         return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout], key.K, key.N))
 
+    def limit(self, key: RouteKey) -> int:
+        """The largest M the kernel of `key` accepts: our GEMV, or (gated) the gated kernel."""
+        return self.gated_cap if key.gated else self.gemv_cap
+
     def cap(self, key: RouteKey) -> int:
         """The largest max_m a measured route may give `key`: every M our GEMV accepts; for a gated key on
         CUDA, as far as the compiled rule takes the gated kernel on small weights (8 on tensor cores; 2 on
         the CUDA-core paths, fp32 activations or [K, N] weights), the Ms the GPU parity tests run it at, so
         a measured route moves the size threshold only (`forced` may go to the kernel's limit,
         `gated_cap`). On CPU the gated GEMV takes any M."""
-        if not key.gated:
-            return self.gemv_cap
-        if self.variant == "cpu":
-            return self.gated_cap
+        if not key.gated or self.variant == "cpu":
+            return self.limit(key)
         return min(self.gated_cap, self.default(RouteKey(key.dtype, key.layout, 1, 2)))
 
     def last(self) -> str:
@@ -427,8 +429,7 @@ def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> 
     b = binding(variant)
     with _lock:  # no route tuning or apply() from another thread in between
         saved = b.applied
-        limit = {k: b.gated_cap if k.gated else b.gemv_cap for k in keys}  # what the kernels accept
-        b.set({**saved, **{k: limit[k] if max_m is None else max_m for k in keys}})
+        b.set({**saved, **{k: b.limit(k) if max_m is None else max_m for k in keys}})
         try:
             yield b
         finally:

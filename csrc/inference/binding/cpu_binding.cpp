@@ -78,7 +78,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
 // gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); the gated
 // GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover.
 int64_t default_route(int64_t dtype, int64_t layout, int64_t /*K*/, int64_t /*N*/) {
-  const int64_t plain = layout >= routes::kGatedKN ? layout - routes::kGated : layout;
+  const int64_t plain = routes::plain_layout(layout);
   MatmulShape s{};
   s.int8 = plain == routes::kInt8;
   s.weight_nk = plain != routes::kKN;

@@ -89,10 +89,8 @@ int64_t gated_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, i
 // The compiled crossover of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
 int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
   const c10::ScalarType act = dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half;
-  if (layout >= routes::kGatedKN) {
-    const int64_t plain = layout - routes::kGated;
-    return gated_max_m(act, plain == routes::kInt8, plain != routes::kKN, K, N);
-  }
+  const int64_t plain = routes::plain_layout(layout);
+  if (plain != layout) return gated_max_m(act, plain == routes::kInt8, plain != routes::kKN, K, N);
   return gemv_max_m(act, layout == routes::kInt8);
 }
 

@@ -68,6 +68,9 @@ int64_t layout_code(bool int8, bool weight_nk, bool gated = false) {
   return (int8 ? kInt8 : weight_nk ? kNK : kKN) + (gated ? kGated : 0);
 }
 
+// The plain code of a (possibly gated) layout code: the gate|up weight's own layout.
+int64_t plain_layout(int64_t layout) { return layout >= kGatedKN ? layout - kGated : layout; }
+
 // Largest M for our GEMV (gated: the gated kernel) on this shape: the table's entry, else `compiled_default`.
 int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default,
                    bool gated = false) {
