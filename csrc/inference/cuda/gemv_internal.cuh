@@ -127,6 +127,8 @@ cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
 
 // Multiprocessor count of the current device (cached per device; 1 if the query fails).
 int device_sm_count();
+// Whether the current device runs this module's sm_90+ code (thread-block clusters, distributed shared memory).
+bool device_clusters();
 // Whether a [K, N] call takes the tensor-core kernel's cp.async ring rather than its register batches
 // (gemv_mma.cu): the ring is built (DSINF_KN_RING_STAGES > 0), the device grants its shared memory, and the
 // 64-column tiles are at most DSINF_KN_RING_TILES_PER_SM per SM.
@@ -159,6 +161,32 @@ int resident_per_sm() {
   }
   if (dev >= 0 && dev < kMaxDevices) cached[dev].store(n, std::memory_order_relaxed);
   return n;
+}
+
+// Dynamic shared memory above 48 KiB needs the kernel's opt-in, once per device (idempotent: a race only
+// sets it twice). False if the device refuses it.
+template <auto Kernel, size_t Bytes>
+bool opt_in_smem() {
+  if constexpr (Bytes <= 48 * 1024) {
+    return true;
+  } else {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> done[kMaxDevices];  // 0 unknown, 1 refused, 2 set
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    if (dev >= 0 && dev < kMaxDevices) {
+      const int c = done[dev].load(std::memory_order_relaxed);
+      if (c) return c == 2;
+    }
+    const bool ok = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Bytes)) == cudaSuccess;
+    (void)cudaGetLastError();
+    if (dev >= 0 && dev < kMaxDevices) done[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
+    return ok;
+  }
 }
 #endif
 

@@ -151,6 +151,8 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split, bool*
 
 int device_sm_count() { return device_info().sms; }
 
+bool device_clusters() { return device_info().cluster; }
+
 bool gemv_pdl(int mode) { return mode != 0 && device_info().cluster; }
 
 }  // namespace detail

@@ -368,32 +368,6 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x
   kn_reduce_and_store<NT>(acc, red, red + kGemvWarps * P, n0, epi);
 }
 
-// Dynamic shared memory above 48 KiB needs the kernel's opt-in, once per device (idempotent: a race only
-// sets it twice). False if the device refuses it.
-template <auto Kernel, size_t Bytes>
-bool opt_in_smem() {
-  if constexpr (Bytes <= 48 * 1024) {
-    return true;
-  } else {
-    constexpr int kMaxDevices = 64;
-    static std::atomic<int> done[kMaxDevices];  // 0 unknown, 1 refused, 2 set
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    if (dev >= 0 && dev < kMaxDevices) {
-      const int c = done[dev].load(std::memory_order_relaxed);
-      if (c) return c == 2;
-    }
-    const bool ok = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Bytes)) == cudaSuccess;
-    (void)cudaGetLastError();
-    if (dev >= 0 && dev < kMaxDevices) done[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
-    return ok;
-  }
-}
-
 template <typename T, int NT>
 bool ring_ready() {  // the ring is built and this device gives its kernel the shared memory it needs
   if constexpr (kRingStages > 0) {
