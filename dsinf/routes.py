@@ -9,6 +9,12 @@ on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The bin
     (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
                                                               (0: always ATen; absent: the compiled crossover)
 
+and, for int8 weights above the GEMV's range (CUDA):
+
+    (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
+        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 128 on an H200). Not measured
+        yet: the compiled rule decides unless a key is set (`forced`, for checks and probes).
+
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
 
     (activation dtype, gated-kn | gated-nk | gated-int8, K, N) -> max_m: the largest M run on the gated kernel
@@ -80,7 +86,9 @@ RIDE_ALONG = 0.05  # ties below such an M go along with it only when it beat ATe
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
-LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gated-int8": 5}
+LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gated-int8": 5, "int8-gemm": 6}
+INT8_GEMM = "int8-gemm"  # an int8 matmul above the GEMV's range: max_m = the largest M on the int8 GEMM (CUDA)
+INT8_GEMM_LIMIT = 1 << 40  # the GEMM takes any M (the binding sets no cap on these keys)
 GATED = "gated-"  # a gated layout is this prefix + the gate|up weight's plain layout
 SILU = 4  # ActivationFuncType.GATED_SILU: the activation a gated key is timed with (GELU's cost is alike)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -102,7 +110,7 @@ class RouteKey:
     """One matmul shape as the binding sees it: activation dtype, weight layout, K, N. A gated layout is
     rms_mlp_gemm's gate|up: K = hidden, N = 2I."""
     dtype: str  # fp32 | fp16 | bf16 (the activation dtype; int8 weights are a layout)
-    layout: str  # kn | nk | int8, or gated-kn | gated-nk | gated-int8
+    layout: str  # kn | nk | int8, gated-kn | gated-nk | gated-int8, or int8-gemm
     K: int
     N: int
 
@@ -158,7 +166,12 @@ class Route:
 
     def explain(self) -> str:
         key = self.key
-        if key.gated:
+        if key.layout == INT8_GEMM:
+            shape = f"{key.dtype} int8 {key.K}x{key.N} above the GEMV"
+            where = ("dequantize + cuBLAS for every M" if self.max_m == 0 else
+                     f"int8 GEMM for M <= {self.max_m}, dequantize + cuBLAS above")
+            versus = "dequantize+cuBLAS/GEMM"
+        elif key.gated:
             shape = f"{key.dtype} {key.plain.layout} gate|up {key.K}x{key.N}"
             where = ("matmul + gated epilogue for every M" if self.max_m == 0 else
                      f"gated kernel for M <= {self.max_m}, matmul + gated epilogue above")
@@ -350,7 +363,9 @@ class Binding:
         return int(self._default(DTYPE_CODES[key.dtype], LAYOUT_CODES[key.layout], key.K, key.N))
 
     def limit(self, key: RouteKey) -> int:
-        """The largest M the kernel of `key` accepts: our GEMV, or (gated) the gated kernel."""
+        """The largest M the kernel of `key` accepts: our GEMV, (gated) the gated kernel, or (int8-gemm) any."""
+        if key.layout == INT8_GEMM:
+            return INT8_GEMM_LIMIT
         return self.gated_cap if key.gated else self.gemv_cap
 
     def cap(self, key: RouteKey) -> int:
@@ -364,8 +379,10 @@ class Binding:
         return min(self.gated_cap, self.default(RouteKey(key.dtype, key.layout, 1, 2)))
 
     def last(self) -> str:
-        """The path this thread's last matmul on this module took: 'gemv', 'aten' or 'none'."""
-        return ("none", "gemv", "aten")[int(self._last())]
+        """The path this thread's last matmul on this module took: 'gemv', 'aten' (cuBLAS / MKL; int8
+        weights: dequantized first), 'int8-gemm' (CUDA, int8 weights off the GEMV: the GEMM that reads them
+        as int8) or 'none'."""
+        return ("none", "gemv", "aten", "int8-gemm")[int(self._last())]
 
     def last_gated(self) -> str:
         """The path this thread's last rms_mlp_gemm gate|up took: 'gated', 'matmul' (then the gated
@@ -421,8 +438,9 @@ def mlp_key_of(input: torch.Tensor, weight_interm: torch.Tensor, q_int8: bool, t
 
 @contextmanager
 def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> Iterator[Binding]:
-    """While the block runs, `keys` take our GEMV (gated keys: the gated kernel) for every M it accepts
-    (max_m None) or up to max_m (0: ATen; gated: matmul + epilogue) in the `variant` module, whatever the
+    """While the block runs, `keys` take our GEMV (gated keys: the gated kernel; int8-gemm keys: the int8 GEMM)
+    for every M it accepts (max_m None) or up to max_m (0: ATen; gated: matmul + epilogue; int8-gemm:
+    dequantize + cuBLAS) in the `variant` module, whatever the
     compiled crossover or a persisted table says; the table in force before is restored after. For checks
     and probes of the kernels themselves. Host-side: a graph captured inside the block replays the forced
     route."""

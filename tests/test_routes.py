@@ -17,6 +17,7 @@ from torch import nn
 import dsinf
 from dsinf import routes
 from dsinf.inject import InjectedLinear
+from dsinf.quantize import quantize_int8
 from dsinf.config import ActivationFuncType, NormType
 from dsinf.routes import Route, RouteKey
 from op_builder import knobs
@@ -394,13 +395,34 @@ def test_a_gated_route_moves_the_gate_up_between_the_gated_gemv_and_the_matmul(c
 def test_the_binding_checks_gated_codes_and_caps(cpu_routes):
     import ctypes
 
-    row = (ctypes.c_int64 * 5)(0, 6, 8, 8, 1)  # layout code 6: past the gated codes
+    row = (ctypes.c_int64 * 5)(0, 7, 8, 8, 1)  # layout code 7: past the gated and int8-gemm codes
     assert cpu_routes._set(row, 1) == -1 and cpu_routes.applied == {}
     assert cpu_routes.cap(RouteKey("fp32", "gated-kn", 8, 8)) == cpu_routes.gated_cap >= 2 ** 62  # CPU: any M
     assert cpu_routes.cap(RouteKey("fp32", "kn", 8, 8)) == cpu_routes.gemv_cap
     with routes.forced("cpu", [RouteKey("fp32", "gated-nk", 64, 96)]) as b:
         assert b.applied == {RouteKey("fp32", "gated-nk", 64, 96): b.gated_cap}
     assert cpu_routes.applied == {}
+
+
+def test_int8_gemm_keys_take_any_m_and_mean_nothing_to_the_cpu_module(cpu_routes):
+    """An int8-gemm key (CUDA: the largest M on the int8 GEMM) has no cap in either binding; the CPU module has
+    no int8 GEMM, so its compiled default is 0 and a key set there changes no path."""
+    key = RouteKey("fp16", routes.INT8_GEMM, 64, 96)
+    assert key.plain == key and not key.gated
+    assert cpu_routes.default(key) == 0
+    assert cpu_routes.limit(key) == cpu_routes.cap(key) == routes.INT8_GEMM_LIMIT
+    x = torch.randn(1, 40, 64)
+    w = quantize_int8(torch.randn(96, 64), None, transposed_mode=True)
+    op = torch.ops.dsinf.vector_matmul_fp32
+    want = op(x, w, False, w.scale, True, True)
+    assert cpu_routes.last() == "aten"
+    with routes.forced("cpu", [key]) as b:
+        assert b.applied == {key: routes.INT8_GEMM_LIMIT}
+        assert torch.equal(op(x, w, False, w.scale, True, True), want) and b.last() == "aten"
+    assert cpu_routes.applied == {}
+    text = routes.Route(key, 64, 128).explain()
+    assert text == "fp16 int8 64x96 above the GEMV: int8 GEMM for M <= 64, dequantize + cuBLAS above (compiled crossover 128)"
+    assert "dequantize + cuBLAS for every M" in routes.Route(key, 0, 128).explain()
 
 
 def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):

@@ -76,8 +76,10 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
 }
 
 // gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); the gated
-// GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover.
+// GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover. The CPU module has no int8 GEMM
+// (its int8 matmul above the GEMV widens the weights into one reused block for MKL): its int8-gemm keys are 0.
 int64_t default_route(int64_t dtype, int64_t layout, int64_t /*K*/, int64_t /*N*/) {
+  if (layout == routes::kInt8GemmKey) return 0;
   const int64_t plain = routes::plain_layout(layout);
   MatmulShape s{};
   s.int8 = plain == routes::kInt8;

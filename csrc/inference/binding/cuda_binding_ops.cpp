@@ -11,8 +11,8 @@
 // route table (routes.h, measured per device) does not list. Build-time
 // overridable (-D...) so the crossover can be swept on the GPU without edits. fp16/bf16: the GEMV is on
 // par with cuBLAS up to M=8 and loses beyond (docs/PERFORMANCE.md); fp32: the CUDA-core GEMV handles 8
-// tokens per pass; int8: the GEMV reads 1 byte per weight where the large-M path first writes and re-reads
-// a dequantized copy, so it wins for every M it supports.
+// tokens per pass; int8: the GEMV streams 1 byte per weight, and the paths above it (the int8 GEMM, or
+// dequantize + cuBLAS, below) are built for prefill sizes, so it wins for every M it supports.
 #ifndef DSINF_GEMV_MAX_M_HALF
 #define DSINF_GEMV_MAX_M_HALF 8
 #endif
@@ -21,6 +21,32 @@
 #endif
 #ifndef DSINF_GEMV_MAX_M_INT8
 #define DSINF_GEMV_MAX_M_INT8 16
+#endif
+// Largest M of an int8 matmul above the GEMV's range that runs on the int8 GEMM (cuda/gemm_int8.cu: reads the
+// int8 weights once) rather than dequantize + cuBLAS (writes and re-reads a 16-bit copy of the weight, then runs
+// cuBLAS's faster tensor-core GEMM), for a shape the route table does not list (its int8-gemm keys). Where the
+// GEMM does not apply (fp32 activations, K % 16, an unaligned weight): dequantize. H200, one process, each path
+// forced by its route, dequantize + cuBLAS time / GEMM time at M = 17 / 32 / 64 / 128 / 256
+// (tools/probe_int8_prefill.py; docs/PERFORMANCE.md, twenty-second round):
+//   fp16: 4096x6144 (24 MiB) 1.26 / 1.21 / 1.21 / 0.77 / 0.62; 4096x4096 (16 MiB) 1.05 / 1.10 / 1.06 / 0.82 / 0.59;
+//         4096x28672 (112 MiB) 2.00 / 2.20 / 2.16 / 1.44 / 0.83; 14336x4096 (56 MiB) 1.27 / 1.28 / 1.57 / 0.98 / 0.70
+//   bf16: 0.84 / 1.04 / 1.06 / 0.70 / 0.57; 0.94 / 0.94 / 0.89 / 0.73 / 0.54; 2.11 / 2.04 / 1.97 / 1.31 / 0.75;
+//         1.13 / 1.10 / 1.34 / 0.87 / 0.63 (bf16's int8 conversion goes through fp32: one more instruction per pair)
+// Up to M = 64 the GEMM streams the weights at once where the other path moves three times their bytes; from
+// M = 128 on, cuBLAS's GEMM (2-4x faster than ours) wins except on the largest weights. So: M <= 64 takes the
+// GEMM (bf16: on weights of at least DSINF_GEMM_INT8_BF16_MIN_MIB), M <= 128 on weights of at least
+// DSINF_GEMM_INT8_BIG_MIB.
+#ifndef DSINF_GEMM_INT8_MAX_M
+#define DSINF_GEMM_INT8_MAX_M 64
+#endif
+#ifndef DSINF_GEMM_INT8_MAX_M_BIG
+#define DSINF_GEMM_INT8_MAX_M_BIG 128
+#endif
+#ifndef DSINF_GEMM_INT8_BIG_MIB
+#define DSINF_GEMM_INT8_BIG_MIB 96
+#endif
+#ifndef DSINF_GEMM_INT8_BF16_MIN_MIB
+#define DSINF_GEMM_INT8_BF16_MIN_MIB 32
 #endif
 
 namespace dsinf {
@@ -86,9 +112,22 @@ int64_t gated_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, i
   return int8 || (half && weight_nk) ? kGatedGemvMaxM : kGatedGemvMaxMFloat;
 }
 
+// The compiled rule for an int8 matmul above the GEMV's range: the largest M on the int8 GEMM (fp32
+// activations: none, the GEMM takes fp16 / bf16 only).
+int64_t gemm_int8_max_m(c10::ScalarType act, int64_t K, int64_t N) {
+  const int64_t bytes = N * K;
+  if (act == c10::ScalarType::Float) return 0;
+  if (bytes >= (int64_t{DSINF_GEMM_INT8_BIG_MIB} << 20)) return DSINF_GEMM_INT8_MAX_M_BIG;
+  if (act == c10::ScalarType::BFloat16 && bytes < (int64_t{DSINF_GEMM_INT8_BF16_MIN_MIB} << 20)) return 0;
+  return DSINF_GEMM_INT8_MAX_M;
+}
+
 // The compiled crossover of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).
 int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
-  const c10::ScalarType act = dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half;
+  const c10::ScalarType act = dtype == routes::kFp32   ? c10::ScalarType::Float
+                              : dtype == routes::kBf16 ? c10::ScalarType::BFloat16
+                                                       : c10::ScalarType::Half;
+  if (layout == routes::kInt8GemmKey) return gemm_int8_max_m(act, K, N);
   const int64_t plain = routes::plain_layout(layout);
   if (plain != layout) return gated_max_m(act, plain == routes::kInt8, plain != routes::kKN, K, N);
   return gemv_max_m(act, layout == routes::kInt8);
@@ -104,30 +143,36 @@ at::Tensor cuda_binding::matmul(const char* op, const at::Tensor& x, const at::T
                                 const c10::optional<at::Tensor>& q_scale, const MatmulShape& s, cudaStream_t stream) {
   const int64_t M = s.M();
   const at::Tensor x2d = x.view({M, s.K});
+  kc::GemvArgs a;  // the GEMV's and the int8 GEMM's arguments, but for `out`
+  a.dtype = kernel_dtype(x.scalar_type());
+  a.x = x2d.const_data_ptr();
+  a.w = weight.const_data_ptr();
+  a.w_nk = s.weight_nk;
+  a.w_int8 = s.int8;
+  a.scale = s.int8 ? q_scale->const_data_ptr<float>() : nullptr;
+  a.groups = s.groups;
+  a.bias = bias ? bias->const_data_ptr() : nullptr;
+  a.M = M;
+  a.K = s.K;
+  a.N = s.N;
   if (routes::use_gemv(M, x.scalar_type(), s.int8, s.weight_nk, s.K, s.N, gemv_max_m(x.scalar_type(), s.int8))) {
     at::Tensor out = aten::empty({M, s.N}, x.options());
-    kc::GemvArgs a;
-    a.dtype = kernel_dtype(x.scalar_type());
-    a.x = x2d.const_data_ptr();
-    a.w = weight.const_data_ptr();
-    a.w_nk = s.weight_nk;
-    a.w_int8 = s.int8;
-    a.scale = s.int8 ? q_scale->const_data_ptr<float>() : nullptr;
-    a.groups = s.groups;
-    a.bias = bias ? bias->const_data_ptr() : nullptr;
     a.out = out.mutable_data_ptr();
-    a.M = M;
-    a.K = s.K;
-    a.N = s.N;
     check_cuda(kc::gemv(a, stream), op, "GEMV launch");
+    return out;
+  }
+  if (s.int8 && kc::gemm_int8_supported(a) &&
+      routes::use_int8_gemm(M, x.scalar_type(), s.K, s.N, gemm_int8_max_m(x.scalar_type(), s.K, s.N))) {
+    at::Tensor out = aten::empty({M, s.N}, x.options());
+    a.out = out.mutable_data_ptr();
+    check_cuda(kc::gemm_int8(a, stream), op, "int8 GEMM launch");
     return out;
   }
   at::Tensor w_kn;  // [K, N] view for cuBLAS
   if (s.int8) {
     at::Tensor deq = aten::empty({s.N, s.K}, x.options());
-    check_cuda(kc::dequantize_int8(kernel_dtype(x.scalar_type()), weight.const_data_ptr<int8_t>(),
-                                   q_scale->const_data_ptr<float>(), s.groups, deq.mutable_data_ptr(), s.N, s.K,
-                                   stream),
+    check_cuda(kc::dequantize_int8(a.dtype, weight.const_data_ptr<int8_t>(), a.scale, s.groups,
+                                   deq.mutable_data_ptr(), s.N, s.K, stream),
                op, "int8 dequantize launch");
     w_kn = deq.t();
   } else {

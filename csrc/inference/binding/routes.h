@@ -37,10 +37,16 @@ namespace {
 
 // Codes shared with dsinf/routes.py (DTYPE_CODES, LAYOUT_CODES).
 enum DtypeCode : int64_t { kFp32 = 0, kFp16 = 1, kBf16 = 2 };
-// int8 weights are always [N, K]; a gated code is its plain code + kGated.
-enum LayoutCode : int64_t { kKN = 0, kNK = 1, kInt8 = 2, kGatedKN = 3, kGatedNK = 4, kGatedInt8 = 5 };
+// int8 weights are always [N, K]; a gated code is its plain code + kGated. kInt8GemmKey keys the int8 matmul
+// above the GEMV's range (K, N as its plain int8 key): the largest M on the int8 GEMM (CUDA), above it
+// dequantize + cuBLAS; no cap (the GEMM takes any M).
+enum LayoutCode : int64_t {
+  kKN = 0, kNK = 1, kInt8 = 2, kGatedKN = 3, kGatedNK = 4, kGatedInt8 = 5, kInt8GemmKey = 6
+};
 constexpr int64_t kGated = kGatedKN - kKN;
-enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2 };  // for gated keys: the gated kernel / matmul + act
+// For gated keys kGemv / kAten are the gated kernel / matmul + act. kInt8Gemm: an int8 matmul above the GEMV's
+// range that ran on the binding's int8 GEMM rather than dequantize + cuBLAS (not a table value: set by the binding).
+enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2, kInt8Gemm = 3 };
 
 struct Entry {
   int64_t dtype, layout, K, N, max_m;
@@ -69,17 +75,24 @@ int64_t layout_code(bool int8, bool weight_nk, bool gated = false) {
 }
 
 // The plain code of a (possibly gated) layout code: the gate|up weight's own layout.
-int64_t plain_layout(int64_t layout) { return layout >= kGatedKN ? layout - kGated : layout; }
+int64_t plain_layout(int64_t layout) {
+  return layout >= kGatedKN && layout <= kGatedInt8 ? layout - kGated : layout;
+}
+
+// The table's max_m for (act, layout code, K, N), else `compiled_default`.
+int64_t max_m_of(c10::ScalarType act, int64_t layout, int64_t K, int64_t N, int64_t compiled_default) {
+  const std::vector<Entry>* table = g_table.load(std::memory_order_acquire);
+  if (table == nullptr) return compiled_default;
+  const Entry probe{dtype_code(act), layout, K, N, 0};
+  auto it = std::lower_bound(table->begin(), table->end(), probe,
+                             [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
+  return it != table->end() && it->key() == probe.key() ? it->max_m : compiled_default;
+}
 
 // Largest M for our GEMV (gated: the gated kernel) on this shape: the table's entry, else `compiled_default`.
 int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default,
                    bool gated = false) {
-  const std::vector<Entry>* table = g_table.load(std::memory_order_acquire);
-  if (table == nullptr) return compiled_default;
-  const Entry probe{dtype_code(act), layout_code(int8, weight_nk, gated), K, N, 0};
-  auto it = std::lower_bound(table->begin(), table->end(), probe,
-                             [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
-  return it != table->end() && it->key() == probe.key() ? it->max_m : compiled_default;
+  return max_m_of(act, layout_code(int8, weight_nk, gated), K, N, compiled_default);
 }
 
 // true: run our GEMV for this M (and remember the route taken, for tests).
@@ -98,6 +111,14 @@ bool use_gated(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_
   return gated;
 }
 
+// true: run an int8 matmul above the GEMV's range on the int8 GEMM for this M (remembered for tests as
+// kInt8Gemm), false: dequantize + cuBLAS.
+bool use_int8_gemm(int64_t M, c10::ScalarType act, int64_t K, int64_t N, int64_t compiled_default) {
+  const bool gemm = M <= max_m_of(act, kInt8GemmKey, K, N, compiled_default);
+  if (gemm) t_last_route = kInt8Gemm;
+  return gemm;
+}
+
 // Replace the table with `n` rows of 5 int64 (dtype, layout, K, N, max_m); n == 0 clears it.
 // Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap` (gated keys:
 // `gated_cap`), -3 for a repeated key (the table is unchanged on error).
@@ -108,10 +129,10 @@ int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap, int64_t gated_cap)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* r = rows + 5 * i;
     const Entry e{r[0], r[1], r[2], r[3], r[4]};
-    if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kGatedInt8 || e.K < 1 || e.N < 1 ||
+    if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kInt8GemmKey || e.K < 1 || e.N < 1 ||
         e.max_m < 0)
       return -1;
-    if (e.max_m > (e.layout >= kGatedKN ? gated_cap : gemv_cap)) return -2;
+    if (e.layout != kInt8GemmKey && e.max_m > (e.layout >= kGatedKN ? gated_cap : gemv_cap)) return -2;
     entries.push_back(e);
   }
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key() < b.key(); });

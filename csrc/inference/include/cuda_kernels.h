@@ -67,8 +67,15 @@ GemvPath gemv_path(const GemvArgs& a, int* split = nullptr);
 // out = x @ W (+bias) for M <= kGemvMaxM. Returns cudaErrorInvalidValue for bad sizes/pointers.
 cudaError_t gemv(const GemvArgs& a, cudaStream_t stream);
 
-// out[n, k] = w[n, k] * scale[n / (N / groups)] in `out_dtype` (int8 weights at large M: dequantize
-// once into a temporary, then cuBLAS).
+// Prefill product with int8 weights (cuda/gemm_int8.cu): the GemvArgs math for any M >= 1, reading the int8
+// weights once (tensor cores, fp16/bf16 activations; int8 [N, K] only). gemm_int8_supported says whether it
+// takes these arguments, `out` aside (dtype, K % 16 == 0, 16-byte aligned x and w, a build for >= sm_80); gemm_int8 returns
+// cudaErrorNotSupported for those it does not, and the caller then dequantizes for cuBLAS.
+bool gemm_int8_supported(const GemvArgs& a);
+cudaError_t gemm_int8(const GemvArgs& a, cudaStream_t stream);
+
+// out[n, k] = w[n, k] * scale[n / (N / groups)] in `out_dtype` (int8 weights at large M where gemm_int8 does
+// not apply: dequantize once into a temporary, then cuBLAS).
 cudaError_t dequantize_int8(DType out_dtype, const int8_t* w, const float* scale, int64_t groups, void* out,
                             int64_t N, int64_t K, cudaStream_t stream);
 

@@ -1,0 +1,212 @@
+"""GPU tests of the int8-weight prefill GEMM (csrc/inference/cuda/gemm_int8.cu) through the compiled ops.
+
+An int8 matmul above the GEMV's range (or routed off it) runs on the GEMM, which reads the int8 weights once,
+up to the M its route says (the compiled rule: 64, or 128 on weights of 96 MiB or more; an int8-gemm key of
+the route table overrides it, which the parity tests use to run the GEMM at every M), and on dequantize +
+cuBLAS above; shapes or dtypes the GEMM does not take (fp32 activations, K % 16, unaligned weights) always
+dequantize. Every case checks the path that ran (the binding's last route: "int8-gemm" or "aten"), so a test
+of the GEMM fails when the GEMM is not what ran, and compares with `dsinf.reference` on CPU in fp32 by max
+error over max |ref|
+(tolerances as tests/test_cuda_module.py). Shapes cover: M tails of both CTA tiles (64 rows up to M = 64,
+128 above), N tails of the 128-row weight tile, K of one partial k-tile (16, 48), K not a multiple of the
+64-wide k-tile, K split over a cluster (few output tiles, long K), 1 / a few / N scale groups, bias.
+Outputs are checked for NaN after the allocator was filled with NaN bytes (`poison`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_cuda_module import DTYPES, TOL, _fn, max_err, poison, ref_linear, ref_vm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+HALF = ["fp16", "bf16"]
+
+
+def make_int8(K, N, groups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    scale = (torch.rand(groups, generator=g) + 0.5) / (127.0 * K ** 0.5)
+    return w.cuda(), scale.to(torch.float32).cuda()
+
+
+def gemm_for_every_m(suffix, K, N):
+    """The int8 GEMM for every M of this shape while the block runs (its int8-gemm key forced)."""
+    from dsinf import routes
+
+    return routes.forced("cuda", [routes.RouteKey(suffix, routes.INT8_GEMM, K, N)])
+
+
+@pytest.fixture
+def route():
+    """The CUDA module's route table (restored after the test) and its last-route probe."""
+    from dsinf import routes
+
+    b = routes.binding("cuda")
+    saved = dict(b.applied)
+    yield b
+    b.set(saved)
+
+
+def check(out, ref, dtype):
+    assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape), (out.dtype, out.shape, ref.shape)
+    assert not torch.isnan(out).any(), "NaN in output: an element was not written"
+    err = max_err(out, ref)
+    assert err <= TOL[dtype], f"max error {err:.3e} > {TOL[dtype]:.1e}"
+
+
+# K x N: one partial k-tile; K not a multiple of 64; N tails of the 128-row tile; a split K (2 tiles, long K);
+# Llama-like rows.
+SHAPES = [(16, 40), (48, 130), (80, 257), (272, 1), (1040, 384), (8192, 200), (4096, 1024)]
+MS = [17, 33, 64, 65, 128, 129, 300]
+
+
+@pytest.mark.parametrize("suffix", HALF)
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", MS)
+def test_vector_matmul_int8_gemm(cuda_module, route, suffix, K, N, M):
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    w, scale = make_int8(K, N, 1 if N == 1 else (N if N % 2 else 2))
+    x = torch.randn(1, M, K, dtype=dtype, device="cuda")
+    poison()
+    with gemm_for_every_m(suffix, K, N):
+        out = fn(x, w, False, scale, True, True)
+        assert route.last() == "int8-gemm", f"M={M} {K}x{N} ran on {route.last()}"
+    check(out, ref_vm(x, w, scale, True, True), dtype)
+
+
+@pytest.mark.parametrize("suffix", HALF)
+@pytest.mark.parametrize("groups", ["1", "4", "N"])
+@pytest.mark.parametrize("B,S", [(2, 40), (3, 100)])
+def test_linear_int8_gemm_bias_groups(cuda_module, route, suffix, groups, B, S):
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "linear_layer", suffix)
+    K, N = 512, 320
+    w, scale = make_int8(K, N, N if groups == "N" else int(groups))
+    x = torch.randn(B, S, K, dtype=dtype, device="cuda")
+    b = torch.randn(N, dtype=dtype, device="cuda")
+    poison()
+    with gemm_for_every_m(suffix, K, N):
+        outs = fn(x, w, b, True, False, 1, False, q_scale=scale)
+        assert route.last() == "int8-gemm"
+    [ref] = ref_linear(x, w, b, True, False, 1, q_scale=scale)
+    check(outs[0], ref, dtype)
+
+
+@pytest.mark.parametrize("suffix", HALF)
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+def test_decode_m_routed_off_the_gemv_takes_the_gemm(cuda_module, route, suffix, M):
+    """A route that sends an int8 shape's small M off the GEMV (max_m 0) lands on the GEMM where the GEMM's
+    route takes that M (forced here: bf16's compiled rule leaves weights this small to dequantize)."""
+    from dsinf.routes import RouteKey
+
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    K, N = 1024, 640
+    w, scale = make_int8(K, N, N)
+    route.set({**route.applied, RouteKey(suffix, "int8", K, N): 0})
+    x = torch.randn(M, 1, K, dtype=dtype, device="cuda")
+    poison()
+    with gemm_for_every_m(suffix, K, N):
+        out = fn(x, w, False, scale, True, True)
+        assert route.last() == "int8-gemm"
+    check(out, ref_vm(x, w, scale, True, True), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+def test_what_the_gemm_does_not_take_keeps_dequantize(cuda_module, route, suffix):
+    """fp32 activations, K % 16 != 0 and a weight view that is not 16-byte aligned run dequantize + cuBLAS,
+    correctly; a misaligned activation view is copied aligned by the binding, so it takes the GEMM."""
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    # (K, N, misaligned weight, misaligned activations, path)
+    cases = [(1024, 96, False, False, "aten")] if suffix == "fp32" else [
+        (40, 96, False, False, "aten"), (1024, 96, True, False, "aten"), (1024, 96, False, True, "int8-gemm")]
+    for K, N, bad_w, bad_x, path in cases:
+        w, scale = make_int8(K, N, 1)
+        if bad_w:  # the same values 2 bytes into a larger buffer
+            w = torch.cat([w.new_zeros(2), w.flatten()])[2:].view(N, K)
+        x = torch.randn(1, 64 * K + 2, dtype=dtype, device="cuda")
+        x = x[:, 2:].view(1, 64, K) if bad_x else x[:, : 64 * K].view(1, 64, K)
+        poison()
+        with gemm_for_every_m(suffix, K, N):
+            out = fn(x, w, False, scale, True, True)
+            assert route.last() == path, f"{suffix} K={K} weight/x misaligned {bad_w}/{bad_x} ran on {route.last()}"
+        check(out, ref_vm(x, w, scale, True, True), dtype)
+
+
+@pytest.mark.parametrize("suffix", HALF)
+def test_gemm_is_deterministic_and_graph_safe(cuda_module, route, suffix):
+    """The split-K reduction (a cluster, no atomics) gives bit-identical results run to run, and the op
+    captures into a CUDA graph whose replays match eager."""
+    from dsinf import routes
+
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    K, N, M = 8192, 256, 100  # 2 x 1 tiles: K split over a cluster
+    w, scale = make_int8(K, N, 4)
+    x = torch.randn(1, M, K, dtype=dtype, device="cuda")
+    route.set({**route.applied, routes.RouteKey(suffix, routes.INT8_GEMM, K, N): M})
+    first = fn(x, w, False, scale, True, True)
+    assert route.last() == "int8-gemm"
+    for _ in range(3):
+        assert torch.equal(fn(x, w, False, scale, True, True), first)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(x, w, False, scale, True, True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(x, w, False, scale, True, True)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(x, w, False, scale, True, True))
+    check(out, ref_vm(x, w, scale, True, True), dtype)
+
+
+@pytest.mark.parametrize("suffix", HALF)
+def test_compiled_rule_and_routes_pick_the_path(cuda_module, route, suffix):
+    """Without a route: the GEMM up to M = 64 (bf16: on int8 weights of 32 MiB or more), and up to 128 on
+    weights of 96 MiB or more; dequantize + cuBLAS above. An int8-gemm key moves the crossover either way (0:
+    dequantize for every M). Each path is checked against the fp32 product on the GPU (the large weights are
+    too large for a CPU reference per case)."""
+    from dsinf import routes
+
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+
+    def run(K, N, w, scale, M):
+        x = torch.randn(1, M, K, dtype=dtype, device="cuda")
+        out = fn(x, w, False, scale, True, True)
+        ref = x[0].float() @ (w.float() * scale.repeat_interleave(N // scale.numel())[:, None]).t()
+        check(out[0], ref.to(torch.float64).cpu(), dtype)
+        return route.last()
+
+    def key(K, N):
+        return routes.RouteKey(suffix, routes.INT8_GEMM, K, N)
+
+    K, N = 1024, 640  # 0.6 MiB
+    w, scale = make_int8(K, N, N)
+    small = 64 if suffix == "fp16" else 0
+    assert route.default(key(K, N)) == small
+    assert [run(K, N, w, scale, M) for M in (17, 64, 65, 128)] == \
+        ["int8-gemm" if small else "aten"] * 2 + ["aten", "aten"]
+    route.set({**route.applied, key(K, N): 0})
+    assert run(K, N, w, scale, 17) == "aten"
+    route.set({**route.applied, key(K, N): 300})
+    assert [run(K, N, w, scale, M) for M in (128, 300, 301)] == ["int8-gemm", "int8-gemm", "aten"]
+
+    K, N = 4096, 8192  # 32 MiB
+    assert route.default(key(K, N)) == 64
+    K, N = 4096, 24576  # 96 MiB
+    w, scale = make_int8(K, N, 1)
+    assert route.default(key(K, N)) == 128
+    assert [run(K, N, w, scale, M) for M in (100, 128, 129)] == ["int8-gemm", "int8-gemm", "aten"]
+    assert route.default(routes.RouteKey("fp32", routes.INT8_GEMM, K, N)) == 0
