@@ -1,15 +1,15 @@
 """GPU tests of the int8-weight prefill GEMM (csrc/inference/cuda/gemm_int8.cu) through the compiled ops.
 
 An int8 matmul above the GEMV's range (or routed off it) runs on the GEMM, which reads the int8 weights once,
-up to the M its route says (the compiled rule: 64, or 128 on weights of 96 MiB or more; an int8-gemm key of
-the route table overrides it, which the parity tests use to run the GEMM at every M), and on dequantize +
-cuBLAS above; shapes or dtypes the GEMM does not take (fp32 activations, K % 16, unaligned weights) always
-dequantize. Every case checks the path that ran (the binding's last route: "int8-gemm" or "aten"), so a test
-of the GEMM fails when the GEMM is not what ran, and compares with `dsinf.reference` on CPU in fp32 by max
-error over max |ref|
-(tolerances as tests/test_cuda_module.py). Shapes cover: M tails of both CTA tiles (64 rows up to M = 64,
-128 above), N tails of the 128-row weight tile, K of one partial k-tile (16, 48), K not a multiple of the
-64-wide k-tile, K split over a cluster (few output tiles, long K), 1 / a few / N scale groups, bias.
+up to the M its route says (the compiled rule: 64, bf16 only on weights of 32 MiB or more, and 128 on weights
+of 96 MiB or more; an int8-gemm key of the route table overrides it, which the parity tests use to run the
+GEMM at every M), and on dequantize + cuBLAS above; shapes or dtypes the GEMM does not take (fp32
+activations, K % 16, unaligned weights) always dequantize. Every case checks the path that ran (the
+binding's last route: "int8-gemm" or "aten"), so a test of the GEMM fails when the GEMM is not what ran, and
+compares with `dsinf.reference` on CPU in fp32 by max error over max |ref| (tolerances as
+tests/test_cuda_module.py). Shapes cover: M tails of both CTA tiles (64 rows up to M = 64, 128 above), N
+tails of the 128-row weight tile, K of one partial k-tile (16, 48), K not a multiple of the 64-wide k-tile,
+K split over a cluster (few output tiles, long K), 1 / a few / N scale groups, bias.
 Outputs are checked for NaN after the allocator was filled with NaN bytes (`poison`).
 """
 from __future__ import annotations

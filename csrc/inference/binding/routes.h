@@ -3,7 +3,9 @@
 // there, and pushed into the module once when it loads (and again after a tuning); an absent shape keeps
 // the binding's compiled crossover. The gated layouts key rms_mlp_gemm's gate|up (K = hidden, N = 2I): the
 // largest M on the gated kernel (act(gate) * up in its epilogue), above which the gate|up runs as a matmul
-// (routed by its plain key) followed by the gated epilogue.
+// (routed by its plain key) followed by the gated epilogue. The int8-gemm layout keys an int8 matmul above
+// the GEMV's range (CUDA): the largest M on the binding's int8 GEMM, above which it dequantizes for cuBLAS
+// (set by hand or a probe so far; dsinf/routes.py does not measure it yet).
 //
 // Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
 // handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
@@ -121,7 +123,7 @@ bool use_int8_gemm(int64_t M, c10::ScalarType act, int64_t K, int64_t N, int64_t
 
 // Replace the table with `n` rows of 5 int64 (dtype, layout, K, N, max_m); n == 0 clears it.
 // Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap` (gated keys:
-// `gated_cap`), -3 for a repeated key (the table is unchanged on error).
+// `gated_cap`; int8-gemm keys have no cap), -3 for a repeated key (the table is unchanged on error).
 int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap, int64_t gated_cap) {
   if (n < 0 || (n > 0 && rows == nullptr)) return -1;
   std::vector<Entry> entries;
