@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_cuda_module import DTYPES, TOL, _fn, max_err, poison, ref_linear, ref_vm
+from test_cuda_module import DTYPES, _fn, assert_close, make_int8, poison, ref_linear, ref_vm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,13 +25,6 @@ pytestmark = [
 ]
 
 HALF = ["fp16", "bf16"]
-
-
-def make_int8(K, N, groups, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
-    scale = (torch.rand(groups, generator=g) + 0.5) / (127.0 * K ** 0.5)
-    return w.cuda(), scale.to(torch.float32).cuda()
 
 
 def gemm_for_every_m(suffix, K, N):
@@ -52,13 +45,6 @@ def route():
     b.set(saved)
 
 
-def check(out, ref, dtype):
-    assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape), (out.dtype, out.shape, ref.shape)
-    assert not torch.isnan(out).any(), "NaN in output: an element was not written"
-    err = max_err(out, ref)
-    assert err <= TOL[dtype], f"max error {err:.3e} > {TOL[dtype]:.1e}"
-
-
 # K x N: one partial k-tile; K not a multiple of 64; N tails of the 128-row tile; a split K (2 tiles, long K);
 # Llama-like rows.
 SHAPES = [(16, 40), (48, 130), (80, 257), (272, 1), (1040, 384), (8192, 200), (4096, 1024)]
@@ -77,7 +63,7 @@ def test_vector_matmul_int8_gemm(cuda_module, route, suffix, K, N, M):
     with gemm_for_every_m(suffix, K, N):
         out = fn(x, w, False, scale, True, True)
         assert route.last() == "int8-gemm", f"M={M} {K}x{N} ran on {route.last()}"
-    check(out, ref_vm(x, w, scale, True, True), dtype)
+    assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
 @pytest.mark.parametrize("suffix", HALF)
@@ -95,7 +81,7 @@ def test_linear_int8_gemm_bias_groups(cuda_module, route, suffix, groups, B, S):
         outs = fn(x, w, b, True, False, 1, False, q_scale=scale)
         assert route.last() == "int8-gemm"
     [ref] = ref_linear(x, w, b, True, False, 1, q_scale=scale)
-    check(outs[0], ref, dtype)
+    assert_close(outs[0], ref, dtype)
 
 
 @pytest.mark.parametrize("suffix", HALF)
@@ -115,7 +101,7 @@ def test_decode_m_routed_off_the_gemv_takes_the_gemm(cuda_module, route, suffix,
     with gemm_for_every_m(suffix, K, N):
         out = fn(x, w, False, scale, True, True)
         assert route.last() == "int8-gemm"
-    check(out, ref_vm(x, w, scale, True, True), dtype)
+    assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
 @pytest.mark.parametrize("suffix", list(DTYPES))
@@ -137,7 +123,7 @@ def test_what_the_gemm_does_not_take_keeps_dequantize(cuda_module, route, suffix
         with gemm_for_every_m(suffix, K, N):
             out = fn(x, w, False, scale, True, True)
             assert route.last() == path, f"{suffix} K={K} weight/x misaligned {bad_w}/{bad_x} ran on {route.last()}"
-        check(out, ref_vm(x, w, scale, True, True), dtype)
+        assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
 @pytest.mark.parametrize("suffix", HALF)
@@ -168,7 +154,7 @@ def test_gemm_is_deterministic_and_graph_safe(cuda_module, route, suffix):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fn(x, w, False, scale, True, True))
-    check(out, ref_vm(x, w, scale, True, True), dtype)
+    assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
 @pytest.mark.parametrize("suffix", HALF)
@@ -186,7 +172,7 @@ def test_compiled_rule_and_routes_pick_the_path(cuda_module, route, suffix):
         x = torch.randn(1, M, K, dtype=dtype, device="cuda")
         out = fn(x, w, False, scale, True, True)
         ref = x[0].float() @ (w.float() * scale.repeat_interleave(N // scale.numel())[:, None]).t()
-        check(out[0], ref.to(torch.float64).cpu(), dtype)
+        assert_close(out[0], ref.to(torch.float64).cpu(), dtype)
         return route.last()
 
     def key(K, N):

@@ -283,6 +283,9 @@ __device__ __forceinline__ void sum_warps(const float* red, float* part, int P, 
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Host side: whether a pointer allows the 16-byte vector loads and copies.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // ------------------------------------------------------------------------------------------------
 // cp.async (sm_80+): 16-byte global -> shared copies that complete in the background, grouped by
 // commit; a thread that waits for a group may then read what its own copies wrote (no barrier needed

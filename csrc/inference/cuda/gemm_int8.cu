@@ -288,11 +288,10 @@ cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
 
 bool gemm_int8_supported(const GemvArgs& a) {
 #if defined(DSINF_CUDA_BF16)
-  const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
   return (a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16) && a.w_int8 && a.w_nk && a.scale &&
          a.groups >= 1 && a.N >= 1 && a.N % a.groups == 0 && a.N <= INT32_MAX && a.M >= 1 &&
          (a.M + 63) / 64 <= 65535 && a.K >= 16 && a.K % 16 == 0 && a.K <= INT32_MAX && a.x && a.w &&
-         aligned(a.x) && aligned(a.w);
+         detail::aligned16(a.x) && detail::aligned16(a.w);
 #else
   (void)a;
   return false;

@@ -59,8 +59,6 @@ DeviceInfo device_info() {
   return info;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 int elem_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 bool dtype_built(DType d) {

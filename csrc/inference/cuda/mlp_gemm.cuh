@@ -16,6 +16,7 @@ namespace {
 
 using detail::Act;
 using detail::kFullMask;
+using detail::aligned16;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -512,8 +513,6 @@ __global__ void gated_act_kernel(const T* __restrict__ src, T* __restrict__ out,
 }
 
 // ------------------------------------------------------------------------------------------------ launch
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <typename T, typename WT>
 cudaError_t launch_nk(const T* x, const WT* w, const float* scale, int rpg, T* out, int M, int K, int I, int act,
                       cudaStream_t stream) {

@@ -28,6 +28,7 @@ namespace cuda {
 namespace {
 
 using detail::Act;
+using detail::aligned16;
 
 constexpr int kThreads = 256;
 constexpr int kMaxUnroll = 8;
@@ -201,8 +202,6 @@ cudaError_t launch_vec(const T* x, const T* res_in, const T* gamma, T* out, T* r
 #undef DSINF_RMS_LAUNCH
   return cudaGetLastError();
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T>
 cudaError_t launch(const void* x, const void* residual, const void* gamma, void* out, void* res_out, int64_t rows,
