@@ -7,8 +7,8 @@
 Covers both weight layouts, each dtype, int8 weights (several scale groups), the [N, K] streaming kernel's
 16- and 32-row tiles, 16-warp CTAs and int8 1-step units (16-bit and int8 weights), the fused QKV split with
 RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our
-GEMV; split-K clusters, the scalar fallback for odd K / misaligned weights) and large M (cuBLAS + epilogue
-kernels). Shapes are
+GEMV; split-K clusters, the scalar fallback for odd K / misaligned weights), the int8 GEMM (its two CTA tiles,
+split K) and large M (cuBLAS + epilogue kernels). Shapes are
 tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on CPU
 copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
@@ -94,6 +94,13 @@ def cases(quick: bool):
             for B, S in Ms + [big_M]:
                 x = torch.randn(B, S, K, dtype=dt, device="cuda")
                 yield f"vmm int8 K={K} G={G} M={B * S}", dt, "vector_matmul", (x, w, False, s, True, False), {}
+        # The int8 GEMM (M above the GEMV's range; run_case forces its route): both CTA tiles (64 and 128 tokens)
+        # with M and N tails, a partial k-tile, K split over a cluster (few output tiles, long K).
+        for K, N, G in [(48, 40, 40), (1040, 384, 2), (4096, 130, 1)]:
+            w, s = int8_weight(K, N, G)
+            for B, S in [(1, 17), (1, 65), (3, 43)]:
+                x = torch.randn(B, S, K, dtype=dt, device="cuda")
+                yield f"gemm int8 K={K} N={N} G={G} M={B * S}", dt, "vector_matmul", (x, w, False, s, True, False), {}
         # fused QKV + RoPE (+ GQA), small and large M, both layouts
         for heads, kv, D, rd, rh, off in [(4, -1, 32, 32, True, 3), (4, 2, 32, 16, False, 1000), (2, 1, 10, 6, True, 0)]:
             kvh = heads if kv == -1 else kv
@@ -117,12 +124,16 @@ def to_cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
-def route_key(op: str, args) -> routes.RouteKey:
+def route_keys(op: str, args) -> list[routes.RouteKey]:
     """The case's matmul shape, which `run` routes to our GEMV so that memcheck covers it at every M the GEMV
-    takes (the compiled crossover sends 16-bit M > 8 to cuBLAS; larger M still goes there)."""
+    takes (the compiled crossover sends 16-bit M > 8 to cuBLAS; larger M still goes there), and an int8
+    `vector_matmul` above the GEMV's range to the int8 GEMM (not to dequantize + cuBLAS) at every M."""
     x, w = args[0], args[1]
     transposed = args[5] if op == "vector_matmul" else args[6]  # linear_layer(x, w, b, add_bias, flash, heads, t)
-    return routes.key_of(x, w, w.dtype == torch.int8, bool(transposed))
+    key = routes.key_of(x, w, w.dtype == torch.int8, bool(transposed))
+    if op == "vector_matmul" and w.dtype == torch.int8:
+        return [key, routes.RouteKey(key.dtype, routes.INT8_GEMM, key.K, key.N)]
+    return [key]
 
 
 def run(mod, quick: bool = False, verbose: bool = False) -> int:
@@ -135,7 +146,7 @@ def run(mod, quick: bool = False, verbose: bool = False) -> int:
             continue
         total += 1
         try:
-            with routes.forced("cuda", [route_key(op, args)]):
+            with routes.forced("cuda", route_keys(op, args)):
                 outs = getattr(mod, fname)(*args, **kwargs)
             torch.cuda.synchronize()
             ref_fn = getattr(reference, op)

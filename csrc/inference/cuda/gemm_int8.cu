@@ -6,19 +6,21 @@
 // dequantized into a temporary (read 1 byte, write 2 per weight) before cuBLAS read it again (2 more): on the
 // H200 a Llama-3-8B int8 prefill spent 7.2 of its 27 ms of kernels in that dequantization. This kernel reads
 // the int8 weights once, straight into shared memory, and converts them in registers. H200 (docs/PERFORMANCE.md,
-// twenty-second round): 1.05-2.2x the dequantize + cuBLAS path up to M = 64 on Llama-3-8B's fp16 shapes; from
-// M ~ 128 cuBLAS's GEMM wins (ours: ~260 TFLOP/s, 8.8 instructions per mma), so the binding's route
-// (routes.h, int8-gemm keys) sends larger M back to dequantize + cuBLAS.
+// twenty-second and twenty-third rounds): 1.2-2.9x the dequantize + cuBLAS path up to M = 64 on Llama-3-8B's fp16
+// shapes; from M ~ 128 cuBLAS's GEMM wins (ours: ~300 TFLOP/s at 4.4 instructions per mma, cuBLAS's ~700), so
+// the binding's route (routes.h, int8-gemm keys) sends larger M back to dequantize + cuBLAS.
 //
 // CTA tile: BM tokens (128, or 64 for M <= 64) x 128 weight rows, k-tiles of 64, a cp.async ring of kStages
 // k-tiles; 8 warps as 2 (tokens) x 4 (weight rows), each warp BM/2 x 32 of the tile. mma.sync m16n8k16 with
-// the activations as A (row-major, tokens x k) and the weight rows as B (col-major: w[n, k] has k
-// contiguous, which is what the mma's B operand is).
+// the weight rows as A (two m16 tiles per warp, converted from int8 straight into the fragment's registers)
+// and the tokens as B (col-major: x[m, k] has k contiguous, which is what the mma's B operand is). With the
+// tokens as A instead, each A fragment took rows g and g + 8 from two 16-byte loads, and the compiler spent
+// ~180 register moves per k-tile assembling them (7.4 instructions per mma; 4.4 now, H200: 12-25% faster).
 //
 // No ldmatrix: as in the GEMVs (common.cuh), the k-sum is order-free, so the mma's 16 k slots map to
 // physical k such that thread (g = lane / 4, t = lane % 4) owns k = 8t .. 8t + 7 of every 32-wide k group:
-// one 16-byte shared load per activation row (two mma: words 0-1 and 2-3) and one 8-byte load per weight
-// row (bytes 0-3 and 4-7, converted to two pairs each by I8Pairs). Shared rows are swizzled so those loads
+// one 16-byte shared load per token row (the B fragments of two mma: words 0-1 and 2-3) and one 8-byte load
+// per weight row (bytes 0-3 and 4-7, converted to two pairs each by I8Pairs). Shared rows are swizzled so those loads
 // hit distinct banks: activation rows (128 B) flip chunk bit 2 on odd rows, weight rows (64 B) flip chunk
 // bit 1 on rows 2-3 of every 4 (k-tiles of 64; of 128: see b_off).
 //
@@ -128,9 +130,9 @@ __device__ __forceinline__ void cluster_reduce_store(const float* part, int m0, 
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
                                                              Epilogue<T> epi, int M, int K, int N, int kchunk) {
-  constexpr int WM = BM / 2;   // warp tile: WM tokens x 32 weight rows
-  constexpr int MT = WM / 16;  // m16 tiles per warp
-  static_assert(MT % 2 == 0, "m16 tiles go in pairs");
+  constexpr int WM = BM / 2;   // warp tile: WM tokens x 32 weight rows (two m16 tiles)
+  constexpr int NT = WM / 8;   // n8 token tiles per warp
+  static_assert(NT % 4 == 0, "token tiles go in fours");
   constexpr uint32_t kABytes = BM * kARow, kStage = static_cast<uint32_t>(stage_bytes<BM>());
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -143,48 +145,56 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* 
   const int ktiles = max(0, ceil_div(k_end - k_begin, kBK));
   const uint32_t s0 = smem_addr(smem);
 
-  // This thread's copy slots, fixed for the whole k loop (address arithmetic once, not per k-tile: ncu counted
-  // 565 instructions per warp and k-tile for 64 mma when every copy recomputed its row, pointer and swizzle).
-  // Activation copy i is row a_row + i * kARowStep of the tile, chunk a_ch; weight copies likewise. The row
-  // steps are multiples of 4, so a copy's swizzle is its first row's (a_off, b_off).
+  // This thread's copy slots, fixed for the whole k loop: activation copy i is row a_row + i * kARowStep of the
+  // tile, chunk a_ch; weight copies likewise. Rows past M (N) read the last row instead: their results are
+  // never stored, and a copy's only condition is then its k range. Offsets are 32-bit, from the CTA's base
+  // pointers (a tile's rows span < 2^31 elements: K <= 2^24, gemm_int8_supported). With one 64-bit pointer
+  // and a row mask per copy, and no room left in 128 registers, the copies cost ~100 instructions per k-tile.
   constexpr int kAChunks = kBK / 8, kBChunks = kBK / 16;  // 16-byte chunks per row
   constexpr int kACopies = BM * kAChunks / kThreads, kBCopies = kBN * kBChunks / kThreads;
   constexpr int kARowStep = kThreads / kAChunks, kBRowStep = kThreads / kBChunks;
   static_assert(kARowStep % 4 == 0 && kBRowStep % 4 == 0, "copies of one thread share a swizzle");
   const int a_row = tid / kAChunks, a_ch = tid % kAChunks, b_row = tid / kBChunks, b_ch = tid % kBChunks;
-  const T* a_src = x + static_cast<size_t>(m0 + a_row) * K + k_begin + a_ch * 8;
-  const int8_t* b_src = w + static_cast<size_t>(n0 + b_row) * K + k_begin + b_ch * 16;
-  const size_t a_step = static_cast<size_t>(kARowStep) * K, b_step = static_cast<size_t>(kBRowStep) * K;
+  const T* a_base = x + static_cast<size_t>(m0) * K + k_begin;
+  const int8_t* b_base = w + static_cast<size_t>(n0) * K + k_begin;
+  uint32_t a_src[kACopies], b_src[kBCopies];
+#pragma unroll
+  for (int i = 0; i < kACopies; ++i)
+    a_src[i] = static_cast<uint32_t>(min(a_row + i * kARowStep, M - 1 - m0)) * K + a_ch * 8;
+#pragma unroll
+  for (int i = 0; i < kBCopies; ++i)
+    b_src[i] = static_cast<uint32_t>(min(b_row + i * kBRowStep, N - 1 - n0)) * K + b_ch * 16;
   const uint32_t a_dst = a_off(a_row, a_ch), b_dst = b_off(b_row, b_ch);
-  unsigned a_rows_ok = 0, b_rows_ok = 0;  // bit i: copy i's row exists
-#pragma unroll
-  for (int i = 0; i < kACopies; ++i) a_rows_ok |= static_cast<unsigned>(m0 + a_row + i * kARowStep < M) << i;
-#pragma unroll
-  for (int i = 0; i < kBCopies; ++i) b_rows_ok |= static_cast<unsigned>(n0 + b_row + i * kBRowStep < N) << i;
+  const int k_len = k_end - k_begin;
 
   // One k-tile into ring slot `slot`. K % 16 == 0 and kchunk % kBK == 0, so a chunk is all in range or all out
   // (zero-filled, no global read).
   auto load_stage = [&](int kt, int slot) {
     const int koff = kt * kBK;
     const uint32_t as = s0 + slot * kStage + a_dst, bs = s0 + slot * kStage + kABytes + b_dst;
-    const bool a_k = k_begin + koff + a_ch * 8 < k_end, b_k = k_begin + koff + b_ch * 16 < k_end;
+    const bool a_k = koff + a_ch * 8 < k_len, b_k = koff + b_ch * 16 < k_len;
 #pragma unroll
-    for (int i = 0; i < kACopies; ++i) {
-      const bool ok = a_k && ((a_rows_ok >> i) & 1u);
-      cp_async16_stream(as + i * kARowStep * kARow, ok ? a_src + i * a_step + koff : x, ok ? 16 : 0);
-    }
+    for (int i = 0; i < kACopies; ++i)
+      cp_async16_stream(as + i * kARowStep * kARow, a_k ? a_base + koff + a_src[i] : x, a_k ? 16 : 0);
 #pragma unroll
-    for (int i = 0; i < kBCopies; ++i) {
-      const bool ok = b_k && ((b_rows_ok >> i) & 1u);
-      cp_async16_stream(bs + i * kBRowStep * kBRow, ok ? b_src + i * b_step + koff : w, ok ? 16 : 0);
-    }
+    for (int i = 0; i < kBCopies; ++i)
+      cp_async16_stream(bs + i * kBRowStep * kBRow, b_k ? b_base + koff + b_src[i] : w, b_k ? 16 : 0);
   };
 
-  float acc[MT][4][4];
+  // This thread's shared-memory reads, per 32-wide k group h of a stage: every row it reads is its first row
+  // plus a multiple of 8, which keeps the swizzle, so another tile's row is a constant offset away.
+  uint32_t a_rd[kBK / 32], b_rd[kBK / 32];
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
+  for (int h = 0; h < kBK / 32; ++h) {
+    a_rd[h] = a_off(wm * WM + g, 4 * h + t);
+    b_rd[h] = b_off(wn * 32 + g, 2 * h + (t >> 1)) + (t & 1) * 8;
+  }
+
+  float acc[2][NT][4];  // [m16 tile of weight rows][n8 tile of tokens][C fragment]
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
@@ -204,48 +214,47 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* 
     const uint32_t as = s0 + (kt % kStages) * kStage, bs = as + kABytes;
 #pragma unroll
     for (int h = 0; h < kBK / 32; ++h) {  // 32-wide k groups: thread t owns k = 32h + 8t .. + 7
-      uint32_t b[4][4];                   // weight row tile j: pairs (k 0-1, 2-3) and (4-5, 6-7)
+      // A fragments of the two m16 weight tiles, converted straight into the registers the mma reads:
+      // wa[i][0] for k 0-3 of the thread's 8 (rows g, g + 8: pairs k 0-1, then k 2-3), wa[i][1] for k 4-7.
+      uint32_t wa[2][2][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int row = wn * 32 + 8 * j + g;
-        const uint2 v = lds8(bs + b_off(row, 2 * h + (t >> 1)) + (t & 1) * 8);
-        I8Pairs<T>::convert(v.x, b[j][0], b[j][1]);
-        I8Pairs<T>::convert(v.y, b[j][2], b[j][3]);
-      }
-      // Two m16 tiles at a time: their eight accumulators with k 0-3 of the thread's 8, then again with k 4-7,
-      // so an accumulator's second mma comes eight after its first (ncu: "wait" stalls led at four).
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int ip = 0; ip < MT; ip += 2) {
-        uint4 lo[2], hi[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int r0 = wm * WM + 16 * (ip + u) + g;
-          lo[u] = lds16(as + a_off(r0, 4 * h + t));
-          hi[u] = lds16(as + a_off(r0 + 8, 4 * h + t));
+        for (int r = 0; r < 2; ++r) {
+          const uint2 v = lds8(bs + b_rd[h] + (16 * i + 8 * r) * kBRow);
+          I8Pairs<T>::convert(v.x, wa[i][0][r], wa[i][0][r + 2]);
+          I8Pairs<T>::convert(v.y, wa[i][1][r], wa[i][1][r + 2]);
         }
+      // Token tiles four at a time: one 16-byte load per token row is the B fragment of both mma (words
+      // 0-1: k 0-3, words 2-3: k 4-7), already in register order. The eight accumulators take k 0-3, then
+      // k 4-7, so an accumulator's second mma comes eight after its first (ncu: "wait" stalls led at four).
 #pragma unroll
-        for (int u = 0; u < 2; ++u)
+      for (int j0 = 0; j0 < NT; j0 += 4) {
+        uint4 xb[4];
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            Mma<T>::run(acc[ip + u][j], lo[u].x, hi[u].x, lo[u].y, hi[u].y, b[j][0], b[j][1]);
+        for (int u = 0; u < 4; ++u) xb[u] = lds16(as + a_rd[h] + 8 * (j0 + u) * kARow);
 #pragma unroll
-        for (int u = 0; u < 2; ++u)
+        for (int u = 0; u < 4; ++u)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            Mma<T>::run(acc[ip + u][j], lo[u].z, hi[u].z, lo[u].w, hi[u].w, b[j][2], b[j][3]);
+          for (int i = 0; i < 2; ++i) Mma<T>::run(acc[i][j0 + u], wa[i][0][0], wa[i][0][1], wa[i][0][2], wa[i][0][3], xb[u].x, xb[u].y);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) Mma<T>::run(acc[i][j0 + u], wa[i][1][0], wa[i][1][1], wa[i][1][2], wa[i][1][3], xb[u].z, xb[u].w);
       }
     }
   }
   cp_async_wait<0>();  // only empty groups are left
 
-  // C fragment (i, j, e) is tile row wm WM + 16 i + g (+ 8 for e >= 2), tile column wn 32 + 8 j + 2 t + (e & 1).
+  // C fragment (i, j, e) is weight row (tile column) wn 32 + 16 i + g (+ 8 for e >= 2), token (tile row)
+  // wm WM + 8 j + 2 t + (e & 1).
   auto each_result = [&](auto&& f) {
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) f(wm * WM + 16 * i + g + 8 * (e >> 1), wn * 32 + 8 * j + 2 * t + (e & 1), acc[i][j][e]);
+        for (int e = 0; e < 4; ++e) f(wm * WM + 8 * j + 2 * t + (e & 1), wn * 32 + 16 * i + g + 8 * (e >> 1), acc[i][j][e]);
   };
   if (gridDim.y == 1) {
     each_result([&](int row, int col, float v) { epi.store(m0 + row, n0 + col, v); });
@@ -290,7 +299,7 @@ bool gemm_int8_supported(const GemvArgs& a) {
 #if defined(DSINF_CUDA_BF16)
   return (a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16) && a.w_int8 && a.w_nk && a.scale &&
          a.groups >= 1 && a.N >= 1 && a.N % a.groups == 0 && a.N <= INT32_MAX && a.M >= 1 &&
-         (a.M + 63) / 64 <= 65535 && a.K >= 16 && a.K % 16 == 0 && a.K <= INT32_MAX && a.x && a.w &&
+         (a.M + 63) / 64 <= 65535 && a.K >= 16 && a.K % 16 == 0 && a.K <= (1 << 24) && a.x && a.w &&
          detail::aligned16(a.x) && detail::aligned16(a.w);
 #else
   (void)a;
