@@ -142,7 +142,9 @@ class InferenceBuilder(OpBuilder):
                              manifest_extra={"isa": isa, "native": "-march=native" in isa_cflags})
         archs = archs or self._archs(portable)
         bf16 = all(a.major >= 8 for a in archs)
-        defines = ("-DDSINF_CUDA_BF16",) if bf16 else ()
+        # sm_90a code (warpgroup MMA) is built: the int8 GEMM takes it on a compute-capability-9.0 device.
+        sm90a = bf16 and any(a.capability == (9, 0) and a.suffix == "a" for a in archs)
+        defines = ("-DDSINF_CUDA_BF16",) * bf16 + ("-DDSINF_CUDA_SM90A",) * sm90a
         jobs_threads = ("--threads=1",)  # parallelism comes from ninja jobs; nvcc threads multiply memory
         return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
                          include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + defines,

@@ -191,10 +191,15 @@ def test_inference_cuda_spec_bf16_define_follows_targets(monkeypatch):
     spec = builder.spec("cuda")
     assert "-DDSINF_CUDA_BF16" in spec.cuda_cflags and spec.manifest_extra["bf16"]
     assert "-gencode=arch=compute_90a,code=sm_90a" in spec.cuda_cflags
+    assert "-DDSINF_CUDA_SM90A" in spec.cuda_cflags  # the int8 GEMM's warpgroup-MMA kernel is built
     assert spec.manifest_extra["archs"] == ["8.0", "9.0a"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    spec = builder.spec("cuda")
+    assert "-DDSINF_CUDA_BF16" in spec.cuda_cflags and "-DDSINF_CUDA_SM90A" not in spec.cuda_cflags
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5;8.0")
     spec = builder.spec("cuda")
     assert "-DDSINF_CUDA_BF16" not in spec.cuda_cflags and not spec.manifest_extra["bf16"]
+    assert "-DDSINF_CUDA_SM90A" not in spec.cuda_cflags
 
 
 def test_inference_cuda_spec_refuses_an_incompatible_machine(monkeypatch):

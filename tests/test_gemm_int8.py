@@ -1,10 +1,13 @@
 """GPU tests of the int8-weight prefill GEMM (csrc/inference/cuda/gemm_int8.cu) through the compiled ops.
 
 An int8 matmul above the GEMV's range (or routed off it) runs on the GEMM, which reads the int8 weights once,
-up to the M its route says (the compiled rule: 64, bf16 only on weights of 32 MiB or more, and 128 on weights
-of 96 MiB or more; an int8-gemm key of the route table overrides it, which the parity tests use to run the
-GEMM at every M), and on dequantize + cuBLAS above; shapes or dtypes the GEMM does not take (fp32
-activations, K % 16, unaligned weights) always dequantize. Every case checks the path that ran (the
+up to the M its route says (the compiled rule, by kernel and weight size: see
+test_compiled_rule_and_routes_pick_the_path; an int8-gemm key of the route table overrides it, which the parity
+tests use to run the GEMM at every M), and on dequantize + cuBLAS above; shapes or dtypes the GEMM does not take
+(fp32 activations, K % 16, unaligned weights) always dequantize. The GEMM has two kernels: warpgroup MMA where
+sm_90a code runs on a compute-capability-9.0 device, mma.sync elsewhere; the parity tests run the one the device
+takes (test_the_kernel_for_the_device_is_what_runs checks which), and a child process builds the mma.sync one
+for a Hopper machine too. Every case checks the path that ran (the
 binding's last route: "int8-gemm" or "aten"), so a test of the GEMM fails when the GEMM is not what ran, and
 compares with `dsinf.reference` on CPU in fp32 by max error over max |ref| (tolerances as
 tests/test_cuda_module.py). Shapes cover: M tails of both CTA tiles (64 rows up to M = 64, 128 above), N
@@ -13,6 +16,11 @@ K split over a cluster (few output tiles, long K), 1 / a few / N scale groups, b
 Outputs are checked for NaN after the allocator was filled with NaN bytes (`poison`).
 """
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,7 +96,7 @@ def test_linear_int8_gemm_bias_groups(cuda_module, route, suffix, groups, B, S):
 @pytest.mark.parametrize("M", [1, 3, 8, 16])
 def test_decode_m_routed_off_the_gemv_takes_the_gemm(cuda_module, route, suffix, M):
     """A route that sends an int8 shape's small M off the GEMV (max_m 0) lands on the GEMM where the GEMM's
-    route takes that M (forced here: bf16's compiled rule leaves weights this small to dequantize)."""
+    route takes that M (forced here, whatever the compiled rule says)."""
     from dsinf.routes import RouteKey
 
     dtype = DTYPES[suffix]
@@ -157,16 +165,26 @@ def test_gemm_is_deterministic_and_graph_safe(cuda_module, route, suffix):
     assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
+def _wgmma_runs() -> bool:
+    """Whether the GEMM runs its warpgroup-MMA kernel here: a compute-capability-9.0 device and a module built
+    for sm_90a (the default there)."""
+    from op_builder.builder import loaded_variants
+
+    archs = loaded_variants()[("transformer_inference", "cuda")].manifest.get("archs", [])
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs
+
+
 @pytest.mark.parametrize("suffix", HALF)
 def test_compiled_rule_and_routes_pick_the_path(cuda_module, route, suffix):
-    """Without a route: the GEMM up to M = 64 (bf16: on int8 weights of 32 MiB or more), and up to 128 on
-    weights of 96 MiB or more; dequantize + cuBLAS above. An int8-gemm key moves the crossover either way (0:
-    dequantize for every M). Each path is checked against the fp32 product on the GPU (the large weights are
-    too large for a CPU reference per case)."""
+    """Without a route, the GEMM up to an M that depends on its kernel and the weight's size (warpgroup MMA:
+    128, and on weights of 48 MiB or more 512, bf16 256; mma.sync: 64, and 128 on 48 MiB or more), dequantize +
+    cuBLAS above. An int8-gemm key moves the crossover either way (0: dequantize for every M). Each path is
+    checked against the fp32 product on the GPU (the large weights are too large for a CPU reference per case)."""
     from dsinf import routes
 
     dtype = DTYPES[suffix]
     fn = _fn(cuda_module, "vector_matmul", suffix)
+    wgmma = _wgmma_runs()
 
     def run(K, N, w, scale, M):
         x = torch.randn(1, M, K, dtype=dtype, device="cuda")
@@ -180,19 +198,67 @@ def test_compiled_rule_and_routes_pick_the_path(cuda_module, route, suffix):
 
     K, N = 1024, 640  # 0.6 MiB
     w, scale = make_int8(K, N, N)
-    small = 64 if suffix == "fp16" else 0
+    small = 128 if wgmma else 64
     assert route.default(key(K, N)) == small
-    assert [run(K, N, w, scale, M) for M in (17, 64, 65, 128)] == \
-        ["int8-gemm" if small else "aten"] * 2 + ["aten", "aten"]
+    assert [run(K, N, w, scale, M) for M in (17, small, small + 1)] == ["int8-gemm", "int8-gemm", "aten"]
     route.set({**route.applied, key(K, N): 0})
     assert run(K, N, w, scale, 17) == "aten"
     route.set({**route.applied, key(K, N): 300})
     assert [run(K, N, w, scale, M) for M in (128, 300, 301)] == ["int8-gemm", "int8-gemm", "aten"]
 
-    K, N = 4096, 8192  # 32 MiB
-    assert route.default(key(K, N)) == 64
-    K, N = 4096, 24576  # 96 MiB
+    assert route.default(key(4096, 12272)) == small  # just under 48 MiB
+    K, N = 4096, 12288  # 48 MiB
+    big = (512 if suffix == "fp16" else 256) if wgmma else 128
+    assert route.default(key(K, N)) == big
     w, scale = make_int8(K, N, 1)
-    assert route.default(key(K, N)) == 128
-    assert [run(K, N, w, scale, M) for M in (100, 128, 129)] == ["int8-gemm", "int8-gemm", "aten"]
+    assert [run(K, N, w, scale, M) for M in (big, big + 1)] == ["int8-gemm", "aten"]
     assert route.default(routes.RouteKey("fp32", routes.INT8_GEMM, K, N)) == 0
+
+
+def _gemm_kernels_launched(fn, x, w, scale) -> list[str]:
+    """The names of the int8-GEMM kernels one call launched (the profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x, w, False, scale, True, True)  # warm before the profiled call
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x, w, False, scale, True, True)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "gemm_int8" in e.name]
+
+
+@pytest.mark.parametrize("suffix", HALF)
+def test_the_kernel_for_the_device_is_what_runs(cuda_module, route, suffix):
+    """A compute-capability-9.0 device with a build for sm_90a (the default there) runs the warpgroup-MMA
+    kernel; other devices and builds the mma.sync one. Both token tiles (64 up to M = 64, 128 above), read
+    from the launched kernel's template arguments."""
+    hopper = _wgmma_runs()
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    K, N = 1040, 384
+    w, scale = make_int8(K, N, 2)
+    for M, tile in ((17, 64), (129, 128)):
+        x = torch.randn(1, M, K, dtype=dtype, device="cuda")
+        with gemm_for_every_m(suffix, K, N):
+            names = _gemm_kernels_launched(fn, x, w, scale)
+            assert route.last() == "int8-gemm"
+        assert len(names) == 1, f"M={M}: expected one GEMM launch, got {names}"
+        found = re.search(r"(gemm_int8(?:_wgmma)?_kernel)<[^<>,]+,\s*(\d+)>", names[0])
+        assert found, f"no template arguments in the kernel's name: {names[0]}"
+        want = "gemm_int8_wgmma_kernel" if hopper else "gemm_int8_kernel"
+        assert (found.group(1), int(found.group(2))) == (want, tile), f"{suffix} M={M}: {names[0]}"
+
+
+def test_the_mma_sync_kernel_keeps_parity_where_wgmma_would_run():
+    """The mma.sync kernel, which sm_80 / sm_89 devices and builds without sm_90a run, built with
+    DSINF_GEMM_I8_WGMMA=0 in a child process (its own module), so a Hopper machine checks it too: parity of
+    the probe's forced GEMM on both token tiles, M and N tails, a partial k-tile and a K split."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    define = "DSINF_GEMM_I8_WGMMA=0"
+    cmd = [sys.executable, os.path.join(root, "tools", "probe_int8_prefill.py"), "--no-timing", "--define", define,
+           "--shapes", "48x130,1040x384,8192x200", "--ms", "17,64,65,129,300"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False, cwd=root)
+    tail = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0, tail
+    assert "with " + define in run.stdout, f"the variant was not what ran:\n{tail}"
+    assert run.stdout.count("parity ok") == 2 * 3 * 5 * 2, tail  # dtypes x shapes x M x both paths

@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--dtypes", default="fp16,bf16")
     p.add_argument("--groups", type=int, default=0, help="scale groups (0: one per output row)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
+    p.add_argument("--no-timing", action="store_true", help="parity of both paths only (tests run variants so)")
     args = p.parse_args()
 
     import torch
@@ -47,8 +48,9 @@ def main() -> int:
     from dsinf.quantize import quantize_int8
 
     timer = GraphTimer(torch, reps=5, min_calls=8)
-    bw = copy_bandwidth(torch)
-    log(f"copy bandwidth {bw:.0f} GB/s")
+    if not args.no_timing:
+        bw = copy_bandwidth(torch)
+        log(f"copy bandwidth {bw:.0f} GB/s")
     b = routes.binding("cuda")
     failures = 0
     log(f"{'dtype':5} {'K x N':>12} {'M':>5} {'GEMM us':>8} {'deq+cuBLAS us':>14} {'cuBLAS 16-bit us':>17} "
@@ -65,7 +67,7 @@ def main() -> int:
             wq = q.contiguous()
             w32 = wq.float() * scale.repeat_interleave(N // scale.numel())[:, None]  # the reference's weight
             del w16
-            n_int8, n_16 = copies_for(N * K), copies_for(2 * N * K)
+            n_int8, n_16 = (1, 1) if args.no_timing else (copies_for(N * K), copies_for(2 * N * K))
             ws8 = [wq.clone() for _ in range(n_int8)]
             ws16 = [w32.to(dtype) for _ in range(n_16)]
             for M in (int(m) for m in args.ms.split(",")):
@@ -84,8 +86,14 @@ def main() -> int:
                             if not err <= TOL[name]:
                                 failures += 1
                                 log(f"  PARITY FAIL {name} {K}x{N} M={M} {path}: max err {err:.2e} (tol {TOL[name]})")
+                            elif args.no_timing:
+                                log(f"  parity ok {name} {K}x{N} M={M} {path}: max err {err:.2e}")
+                            if args.no_timing:
+                                continue
                             times[path] = timer.time_many(
                                 {path: (lambda i: op(x, ws8[i], False, scale, True, True), n_int8)})[path]
+                    if args.no_timing:
+                        continue
                     times["cublas"] = timer.time_many({"cublas": (lambda i: torch.mm(x[0], ws16[i].t()), n_16)})["cublas"]
                     g = times["int8-gemm"]
                     log(f"{name:5} {f'{K}x{N}':>12} {M:>5} {g:>8.1f} {times['aten']:>14.1f} {times['cublas']:>17.1f} "

@@ -24,29 +24,39 @@
 #endif
 // Largest M of an int8 matmul above the GEMV's range that runs on the int8 GEMM (cuda/gemm_int8.cu: reads the
 // int8 weights once) rather than dequantize + cuBLAS (writes and re-reads a 16-bit copy of the weight, then runs
-// cuBLAS's faster tensor-core GEMM), for a shape the route table does not list (its int8-gemm keys). Where the
+// cuBLAS's GEMM, faster at large M), for a shape the route table does not list (its int8-gemm keys). Where the
 // GEMM does not apply (fp32 activations, K % 16, an unaligned weight): dequantize. H200, one process, each path
-// forced by its route, dequantize + cuBLAS time / GEMM time at M = 17 / 32 / 64 / 128 / 256
-// (tools/probe_int8_prefill.py; docs/PERFORMANCE.md, twenty-second round):
-//   fp16: 4096x6144 (24 MiB) 1.26 / 1.21 / 1.21 / 0.77 / 0.62; 4096x4096 (16 MiB) 1.05 / 1.10 / 1.06 / 0.82 / 0.59;
-//         4096x28672 (112 MiB) 2.00 / 2.20 / 2.16 / 1.44 / 0.83; 14336x4096 (56 MiB) 1.27 / 1.28 / 1.57 / 0.98 / 0.70
-//   bf16: 0.84 / 1.04 / 1.06 / 0.70 / 0.57; 0.94 / 0.94 / 0.89 / 0.73 / 0.54; 2.11 / 2.04 / 1.97 / 1.31 / 0.75;
-//         1.13 / 1.10 / 1.34 / 0.87 / 0.63 (bf16's int8 conversion goes through fp32: one more instruction per pair)
-// Up to M = 64 the GEMM streams the weights at once where the other path moves three times their bytes; from
-// M = 128 on, cuBLAS's GEMM (2-4x faster than ours) wins except on the largest weights. So: M <= 64 takes the
-// GEMM (bf16: on weights of at least DSINF_GEMM_INT8_BF16_MIN_MIB), M <= 128 on weights of at least
-// DSINF_GEMM_INT8_BIG_MIB.
+// forced by its route, dequantize + cuBLAS time / GEMM time (tools/probe_int8_prefill.py; docs/PERFORMANCE.md,
+// twenty-third round, runs 117 and 119), fp16 / bf16:
+//   warpgroup-MMA kernel (sm_90a code on a 9.0 device), M = 64 / 128 / 256 / 512 / 1024:
+//     4096x6144 (24 MiB)    1.59 / 1.30 / 1.09 / 0.84 / 0.78;  1.42 / 1.17 / 0.96 / 0.72 / 0.70
+//     4096x4096 (16 MiB)    1.42 / 1.26 / 0.95 / 0.94 / 0.84;  1.28 / 1.14 / 0.89 / 0.83 / 0.72
+//     14336x4096 (56 MiB)   2.18 / 1.88 / 1.33 / 1.13 / 0.93;  1.91 / 1.68 / 1.20 / 1.02 / 0.85
+//     4096x28672 (112 MiB)  3.02 / 2.57 / 1.49 / 1.06 / 0.77;  2.83 / 2.38 / 1.34 / 0.98 / 0.73
+//   mma.sync kernel (other devices and builds; measured on the H200 with DSINF_GEMM_I8_WGMMA=0), M = 64 / 128:
+//     16-24 MiB 1.10-1.42 / 0.83-0.93 (both dtypes); 56-112 MiB 1.47-2.85 / 1.14-1.71
+// The GEMM reads the weights once where the other path moves three times their bytes, so it wins while the
+// product is short; cuBLAS's GEMM (~700 TFLOP/s; ours: ~450 with wgmma, ~300 with mma.sync) wins at large M,
+// later on larger weights. So, on weights of at least DSINF_GEMM_INT8_BIG_MIB: M <= DSINF_GEMM_INT8_WG_MAX_M_BIG
+// (bf16: _BF16) with wgmma, DSINF_GEMM_INT8_MAX_M_BIG with mma.sync; on smaller ones DSINF_GEMM_INT8_WG_MAX_M /
+// DSINF_GEMM_INT8_MAX_M.
+#ifndef DSINF_GEMM_INT8_BIG_MIB
+#define DSINF_GEMM_INT8_BIG_MIB 48
+#endif
+#ifndef DSINF_GEMM_INT8_WG_MAX_M
+#define DSINF_GEMM_INT8_WG_MAX_M 128
+#endif
+#ifndef DSINF_GEMM_INT8_WG_MAX_M_BIG
+#define DSINF_GEMM_INT8_WG_MAX_M_BIG 512
+#endif
+#ifndef DSINF_GEMM_INT8_WG_MAX_M_BIG_BF16
+#define DSINF_GEMM_INT8_WG_MAX_M_BIG_BF16 256  // bf16 112 MiB at M = 512: 0.98
+#endif
 #ifndef DSINF_GEMM_INT8_MAX_M
 #define DSINF_GEMM_INT8_MAX_M 64
 #endif
 #ifndef DSINF_GEMM_INT8_MAX_M_BIG
 #define DSINF_GEMM_INT8_MAX_M_BIG 128
-#endif
-#ifndef DSINF_GEMM_INT8_BIG_MIB
-#define DSINF_GEMM_INT8_BIG_MIB 96
-#endif
-#ifndef DSINF_GEMM_INT8_BF16_MIN_MIB
-#define DSINF_GEMM_INT8_BF16_MIN_MIB 32
 #endif
 
 namespace dsinf {
@@ -113,13 +123,15 @@ int64_t gated_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, i
 }
 
 // The compiled rule for an int8 matmul above the GEMV's range: the largest M on the int8 GEMM (fp32
-// activations: none, the GEMM takes fp16 / bf16 only).
+// activations: none, the GEMM takes fp16 / bf16 only), by the kernel the device runs.
 int64_t gemm_int8_max_m(c10::ScalarType act, int64_t K, int64_t N) {
-  const int64_t bytes = N * K;
   if (act == c10::ScalarType::Float) return 0;
-  if (bytes >= (int64_t{DSINF_GEMM_INT8_BIG_MIB} << 20)) return DSINF_GEMM_INT8_MAX_M_BIG;
-  if (act == c10::ScalarType::BFloat16 && bytes < (int64_t{DSINF_GEMM_INT8_BF16_MIN_MIB} << 20)) return 0;
-  return DSINF_GEMM_INT8_MAX_M;
+  const bool big = N * K >= (int64_t{DSINF_GEMM_INT8_BIG_MIB} << 20);
+  if (kc::gemm_int8_wgmma()) {
+    if (!big) return DSINF_GEMM_INT8_WG_MAX_M;
+    return act == c10::ScalarType::BFloat16 ? DSINF_GEMM_INT8_WG_MAX_M_BIG_BF16 : DSINF_GEMM_INT8_WG_MAX_M_BIG;
+  }
+  return big ? DSINF_GEMM_INT8_MAX_M_BIG : DSINF_GEMM_INT8_MAX_M;
 }
 
 // The compiled crossover of a route-table key (dsinf/routes.py reports it for the shapes it has not measured).

@@ -5,17 +5,20 @@
 // Why a kernel of our own: cuBLAS has no int8 x fp16 product, so the binding used to write each weight
 // dequantized into a temporary (read 1 byte, write 2 per weight) before cuBLAS read it again (2 more): on the
 // H200 a Llama-3-8B int8 prefill spent 7.2 of its 27 ms of kernels in that dequantization. This kernel reads
-// the int8 weights once, straight into shared memory, and converts them in registers. H200 (docs/PERFORMANCE.md,
-// twenty-second and twenty-third rounds): 1.2-2.9x the dequantize + cuBLAS path up to M = 64 on Llama-3-8B's fp16
-// shapes; from M ~ 128 cuBLAS's GEMM wins (ours: ~300 TFLOP/s at 4.4 instructions per mma, cuBLAS's ~700), so
-// the binding's route (routes.h, int8-gemm keys) sends larger M back to dequantize + cuBLAS.
+// the int8 weights once, straight into shared memory, and converts them in registers. Two kernels: warpgroup MMA
+// (wgmma) where sm_90a code runs on a compute-capability-9.0 device (below), mma.sync elsewhere. H200
+// (docs/PERFORMANCE.md, twenty-third round; dequantize + cuBLAS time / GEMM time): wgmma 1.3-3.2x up to M = 128
+// on Llama-3-8B's shapes, and on the largest weights up to M = 512; mma.sync 1.1-2.9x up to M = 64. Above that
+// cuBLAS's GEMM (~700 TFLOP/s; wgmma ~450, mma.sync ~300) wins, so the binding's route (routes.h, int8-gemm keys)
+// sends larger M back to dequantize + cuBLAS.
 //
+// The mma.sync kernel:
 // CTA tile: BM tokens (128, or 64 for M <= 64) x 128 weight rows, k-tiles of 64, a cp.async ring of kStages
 // k-tiles; 8 warps as 2 (tokens) x 4 (weight rows), each warp BM/2 x 32 of the tile. mma.sync m16n8k16 with
 // the weight rows as A (two m16 tiles per warp, converted from int8 straight into the fragment's registers)
 // and the tokens as B (col-major: x[m, k] has k contiguous, which is what the mma's B operand is). With the
 // tokens as A instead, each A fragment took rows g and g + 8 from two 16-byte loads, and the compiler spent
-// ~180 register moves per k-tile assembling them (7.4 instructions per mma; 4.4 now, H200: 12-25% faster).
+// ~180 register moves per k-tile assembling them (SASS: 7.4 instructions per mma; 3.8 now; H200: 12-25% faster).
 //
 // No ldmatrix: as in the GEMVs (common.cuh), the k-sum is order-free, so the mma's 16 k slots map to
 // physical k such that thread (g = lane / 4, t = lane % 4) owns k = 8t .. 8t + 7 of every 32-wide k group:
@@ -24,13 +27,15 @@
 // hit distinct banks: activation rows (128 B) flip chunk bit 2 on odd rows, weight rows (64 B) flip chunk
 // bit 1 on rows 2-3 of every 4 (k-tiles of 64; of 128: see b_off).
 //
-// Split K: where the output tiles are fewer than the SMs (prefill of a short prompt on a 4096-wide layer:
-// 32 tiles for 132 SMs), `split` CTAs share each tile's K range as one thread-block cluster along y and
+// Split K (both kernels): where the output tiles are fewer than the SMs (prefill of a short prompt on a 4096-wide
+// layer: 32 tiles for 132 SMs), `split` CTAs share each tile's K range as one thread-block cluster along y and
 // reduce through distributed shared memory (cluster_reduce_store: deterministic, no workspace, one launch).
 //
-// Built only when every target is >= sm_80 (DSINF_CUDA_BF16): mma.m16n8k16 and cp.async need sm_80.
+// Built only when every target is >= sm_80 (DSINF_CUDA_BF16): mma.m16n8k16 and cp.async need sm_80; the wgmma
+// kernel only with sm_90a targets (DSINF_CUDA_SM90A, from the builder) and DSINF_GEMM_I8_WGMMA (default 1).
 #include "common.cuh"
 #include "gemv_internal.cuh"
+#include "wgmma.cuh"
 
 namespace dsinf {
 namespace cuda {
@@ -59,6 +64,9 @@ constexpr int kBRow = kBK;          // bytes of one weight row of a stage (int8)
 constexpr int kMinCtas = DSINF_GEMM_I8_MIN_CTAS;
 #ifndef DSINF_GEMM_I8_BM64_MAX_M
 #define DSINF_GEMM_I8_BM64_MAX_M 64  // largest M on the 64-token tile (above: 128 tokens)
+#endif
+#ifndef DSINF_GEMM_I8_WGMMA
+#define DSINF_GEMM_I8_WGMMA 1  // 0: the mma.sync kernel on Hopper too (sm_90a builds)
 #endif
 #ifndef DSINF_GEMM_I8_MIN_K_PER_CTA
 #define DSINF_GEMM_I8_MIN_K_PER_CTA 512  // do not split K below this many per CTA (the ring's ramp)
@@ -127,6 +135,53 @@ __device__ __forceinline__ void cluster_reduce_store(const float* part, int m0, 
 #endif
 }
 
+// The CTA's results (`each_result(f)` calls f(tile row, tile column, value) for each of its accumulators):
+// stored, or, where K is split over a cluster, written to an fp32 tile in place of the ring (after a barrier:
+// every warp is done with it) and reduced over the cluster.
+template <int BM, typename T, typename Each>
+__device__ __forceinline__ void finish_tile(Each&& each_result, unsigned char* smem, int m0, int n0, const Epilogue<T>& epi) {
+  if (gridDim.y == 1) {
+    each_result([&](int row, int col, float v) { epi.store(m0 + row, n0 + col, v); });
+    return;
+  }
+  __syncthreads();
+  float* part = reinterpret_cast<float*>(smem);
+  each_result([&](int row, int col, float v) { part[row * kBN + col] = v; });
+  cluster_reduce_store<BM>(part, m0, n0, epi);
+}
+
+// One operand's share of a ring stage for this thread: a tile of Rows rows of RowBytes bytes (16-byte chunks)
+// starting at row `row0` of a [rows, K] matrix, copy i being tile row row() + i * kRowStep, chunk chunk(). Rows
+// past `last_row` read that row instead: their results are never stored, and a copy's only condition is then
+// its k range (K % 16 == 0 and whole k-tiles per CTA: a chunk is all in range or all out, zero-filled). Offsets
+// are 32-bit, from the tile's base pointer (a tile's rows span < 2^31 elements: K <= 2^24, gemm_int8_supported).
+// With one 64-bit pointer and a row mask per copy instead, and no room left in 128 registers, the mma.sync
+// kernel's copies cost ~100 instructions per k-tile.
+template <typename E, int Rows, int RowBytes>
+struct TileCopy {
+  static constexpr int kChunks = RowBytes / 16, kCopies = Rows * kChunks / kThreads, kRowStep = kThreads / kChunks;
+  static constexpr int kPerChunk = 16 / static_cast<int>(sizeof(E));
+  static_assert(kCopies >= 1 && Rows * kChunks % kThreads == 0, "every thread copies whole rows' chunks");
+  const E* base;
+  uint32_t src[kCopies];  // element offsets from base
+  int kc;                 // the chunk's first k within a stage
+
+  static __device__ __forceinline__ int row() { return static_cast<int>(threadIdx.x) / kChunks; }
+  static __device__ __forceinline__ int chunk() { return static_cast<int>(threadIdx.x) % kChunks; }
+  __device__ __forceinline__ TileCopy(const E* p, int row0, int last_row, int K, int k_begin)
+      : base(p + static_cast<size_t>(row0) * K + k_begin), kc(chunk() * kPerChunk) {
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) src[i] = static_cast<uint32_t>(min(row() + i * kRowStep, last_row - row0)) * K + kc;
+  }
+  // The k-tile at k offset `koff` of the CTA's range (k_len long) into shared memory, `dst` being this thread's
+  // first copy's (swizzled) address; the other copies' rows are kRowStep apart.
+  __device__ __forceinline__ void load(uint32_t dst, int koff, int k_len) const {
+    const bool in = koff + kc < k_len;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) cp_async16_stream(dst + i * kRowStep * RowBytes, base + (in ? koff + src[i] : 0), in ? 16 : 0);
+  }
+};
+
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
                                                              Epilogue<T> epi, int M, int K, int N, int kchunk) {
@@ -141,44 +196,19 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* 
   const int wm = warp >> 2, wn = warp & 3;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.z * BM;
   const int k_begin = blockIdx.y * kchunk;
-  const int k_end = min(K, k_begin + kchunk);
-  const int ktiles = max(0, ceil_div(k_end - k_begin, kBK));
+  const int k_len = min(K, k_begin + kchunk) - k_begin;
+  const int ktiles = max(0, ceil_div(k_len, kBK));
   const uint32_t s0 = smem_addr(smem);
 
-  // This thread's copy slots, fixed for the whole k loop: activation copy i is row a_row + i * kARowStep of the
-  // tile, chunk a_ch; weight copies likewise. Rows past M (N) read the last row instead: their results are
-  // never stored, and a copy's only condition is then its k range. Offsets are 32-bit, from the CTA's base
-  // pointers (a tile's rows span < 2^31 elements: K <= 2^24, gemm_int8_supported). With one 64-bit pointer
-  // and a row mask per copy, and no room left in 128 registers, the copies cost ~100 instructions per k-tile.
-  constexpr int kAChunks = kBK / 8, kBChunks = kBK / 16;  // 16-byte chunks per row
-  constexpr int kACopies = BM * kAChunks / kThreads, kBCopies = kBN * kBChunks / kThreads;
-  constexpr int kARowStep = kThreads / kAChunks, kBRowStep = kThreads / kBChunks;
-  static_assert(kARowStep % 4 == 0 && kBRowStep % 4 == 0, "copies of one thread share a swizzle");
-  const int a_row = tid / kAChunks, a_ch = tid % kAChunks, b_row = tid / kBChunks, b_ch = tid % kBChunks;
-  const T* a_base = x + static_cast<size_t>(m0) * K + k_begin;
-  const int8_t* b_base = w + static_cast<size_t>(n0) * K + k_begin;
-  uint32_t a_src[kACopies], b_src[kBCopies];
-#pragma unroll
-  for (int i = 0; i < kACopies; ++i)
-    a_src[i] = static_cast<uint32_t>(min(a_row + i * kARowStep, M - 1 - m0)) * K + a_ch * 8;
-#pragma unroll
-  for (int i = 0; i < kBCopies; ++i)
-    b_src[i] = static_cast<uint32_t>(min(b_row + i * kBRowStep, N - 1 - n0)) * K + b_ch * 16;
-  const uint32_t a_dst = a_off(a_row, a_ch), b_dst = b_off(b_row, b_ch);
-  const int k_len = k_end - k_begin;
-
-  // One k-tile into ring slot `slot`. K % 16 == 0 and kchunk % kBK == 0, so a chunk is all in range or all out
-  // (zero-filled, no global read).
+  // This thread's copy slots, fixed for the whole k loop. Its copies' rows are kRowStep (a multiple of 4) apart,
+  // so they share the first one's swizzle (a_off, b_off).
+  const TileCopy<T, BM, kARow> xc(x, m0, M - 1, K, k_begin);
+  const TileCopy<int8_t, kBN, kBRow> wc(w, n0, N - 1, K, k_begin);
+  static_assert(decltype(xc)::kRowStep % 4 == 0 && decltype(wc)::kRowStep % 4 == 0, "copies share a swizzle");
+  const uint32_t a_dst = a_off(xc.row(), xc.chunk()), b_dst = b_off(wc.row(), wc.chunk());
   auto load_stage = [&](int kt, int slot) {
-    const int koff = kt * kBK;
-    const uint32_t as = s0 + slot * kStage + a_dst, bs = s0 + slot * kStage + kABytes + b_dst;
-    const bool a_k = koff + a_ch * 8 < k_len, b_k = koff + b_ch * 16 < k_len;
-#pragma unroll
-    for (int i = 0; i < kACopies; ++i)
-      cp_async16_stream(as + i * kARowStep * kARow, a_k ? a_base + koff + a_src[i] : x, a_k ? 16 : 0);
-#pragma unroll
-    for (int i = 0; i < kBCopies; ++i)
-      cp_async16_stream(bs + i * kBRowStep * kBRow, b_k ? b_base + koff + b_src[i] : w, b_k ? 16 : 0);
+    xc.load(s0 + slot * kStage + a_dst, kt * kBK, k_len);
+    wc.load(s0 + slot * kStage + kABytes + b_dst, kt * kBK, k_len);
   };
 
   // This thread's shared-memory reads, per 32-wide k group h of a stage: every row it reads is its first row
@@ -256,14 +286,18 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* 
 #pragma unroll
         for (int e = 0; e < 4; ++e) f(wm * WM + 8 * j + 2 * t + (e & 1), wn * 32 + 16 * i + g + 8 * (e >> 1), acc[i][j][e]);
   };
-  if (gridDim.y == 1) {
-    each_result([&](int row, int col, float v) { epi.store(m0 + row, n0 + col, v); });
-    return;
+  finish_tile<BM>(each_result, smem, m0, n0, epi);
+}
+
+// K split until the tiles fill the SMs once (at most a cluster of 8), keeping >= the minimum K per CTA.
+int split_for(int n_tiles, int m_tiles, int K) {
+  int split = 1;
+  if (device_clusters()) {
+    const int64_t tiles = static_cast<int64_t>(n_tiles) * m_tiles, sms = device_sm_count();
+    while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < sms && K / (split + 1) >= DSINF_GEMM_I8_MIN_K_PER_CTA)
+      ++split;
   }
-  __syncthreads();  // every warp is done with the ring: the fp32 tile takes its place
-  float* part = reinterpret_cast<float*>(smem);
-  each_result([&](int row, int col, float v) { part[row * kBN + col] = v; });
-  cluster_reduce_store<BM>(part, m0, n0, epi);
+  return split;
 }
 
 template <typename T, int BM>
@@ -272,23 +306,169 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
   if (!opt_in_smem<gemm_int8_kernel<T, BM>, smem>()) return cudaErrorNotSupported;
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   const int n_tiles = ceil_div(N, kBN), m_tiles = ceil_div(M, BM);
-  // Split K until the tiles fill the SMs once (at most a cluster of 8), keeping >= the minimum K per CTA.
-  int split = 1;
-  if (device_clusters()) {
-    const int64_t tiles = static_cast<int64_t>(n_tiles) * m_tiles, sms = device_sm_count();
-    while (split < DSINF_GEMV_MAX_SPLIT && tiles * split < sms && K / (split + 1) >= DSINF_GEMM_I8_MIN_K_PER_CTA)
-      ++split;
-  }
-  const int kchunk = ceil_div(ceil_div(K, split), kBK) * kBK;
-  split = ceil_div(K, kchunk);  // no CTA without k-tiles
+  const int kchunk = ceil_div(ceil_div(K, split_for(n_tiles, m_tiles, K)), kBK) * kBK;
+  const int split = ceil_div(K, kchunk);  // no CTA without k-tiles
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(split), static_cast<unsigned>(m_tiles));
   return launch_ex(gemm_int8_kernel<T, BM>, grid, dim3(kThreads), smem, split, false, stream,
                    static_cast<const T*>(a.x), static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Hopper (sm_90a): warpgroup MMA. mma.sync tops out near 300 TFLOP/s here (above; cuBLAS's wgmma GEMMs run at
+// ~700), because every m16n8k16 needs its operands issued by the warp. wgmma.m64nNk16 takes the tokens (B,
+// up to 128 of them) straight from shared memory and the weights (A) from registers, so each converted weight
+// fragment feeds N / 8 times the MACs of an mma.sync one.
+//
+// CTA: two warpgroups, 64 weight rows each (128 per CTA), BT tokens (64 or 128), k-tiles of 64 in a ring of
+// kWgStages. Tokens in shared memory are K-major rows of 128 bytes in the 128-byte swizzle the descriptor
+// names (wgmma_desc_k128b), so B is read in true k order; the A fragment therefore needs true k order too:
+// thread (g, t) takes bytes 2t, 2t+1 and 2t+8, 2t+9 of its rows' 16-byte k16 chunk, two 4-byte loads and one
+// byte permute per row (weight rows of 64 bytes, chunk c of row r at c ^ ((r >> 1) & 3): the 8 rows a warp
+// reads at once land in 8 distinct 16-byte bank groups).
+//
+// Pipeline: the copy of k-tile kt + kWgStages - 2 is issued at k-tile kt (one slot of slack: the last wgmma
+// of k-tile kt - 1 may still be reading its slot); one wgmma per k16 step, committed alone, then a wait for
+// all but the newest, so the next step's conversion overlaps the running wgmma.
+// ------------------------------------------------------------------------------------------------
+#if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
+#ifndef DSINF_GEMM_I8_WG_STAGES
+#define DSINF_GEMM_I8_WG_STAGES 4  // 96 KiB at BT = 128: two CTAs per sm_90 SM
+#endif
+constexpr int kWgStages = DSINF_GEMM_I8_WG_STAGES;
+static_assert(kWgStages >= 3, "the wgmma ring keeps one slot of slack");
+constexpr int kWgBK = 64;  // k per stage: a token row of 128 bytes, the 128-byte swizzle's row
+
+template <int BT>
+constexpr size_t wg_stage_bytes() {
+  return static_cast<size_t>(BT) * kWgBK * 2 + static_cast<size_t>(kBN) * kWgBK;
+}
+template <int BT>
+constexpr size_t wg_smem_bytes() {
+  return wg_stage_bytes<BT>() * kWgStages + 1024;  // + slack to align the ring to 1024 bytes (the swizzle atom)
+}
+static_assert(wg_stage_bytes<64>() % 1024 == 0 && wg_stage_bytes<128>() % 1024 == 0, "stages keep the alignment");
+static_assert(static_cast<size_t>(128) * kBN * sizeof(float) <= wg_smem_bytes<128>() &&
+                  static_cast<size_t>(64) * kBN * sizeof(float) <= wg_smem_bytes<64>(),
+              "the split's fp32 tile reuses the ring");
+
+__device__ __forceinline__ uint32_t wx_off(int row, int ch) { return row * (kWgBK * 2) + ((ch ^ (row & 7)) << 4); }
+__device__ __forceinline__ uint32_t ww_off(int row, int ch) { return row * kWgBK + ((ch ^ ((row >> 1) & 3)) << 4); }
+
+template <typename T, int BT>
+__global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
+                                                                  Epilogue<T> epi, int M, int K, int N, int kchunk) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr uint32_t kXBytes = BT * kWgBK * 2, kStage = static_cast<uint32_t>(wg_stage_bytes<BT>());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.z * BT;
+  const int k_begin = blockIdx.y * kchunk;
+  const int k_len = min(K, k_begin + kchunk) - k_begin;
+  const int ktiles = max(0, ceil_div(k_len, kWgBK));
+  const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
+
+  // Copy slots as in the mma.sync kernel; rows kRowStep (a multiple of 8) apart share the 128-byte swizzle.
+  const TileCopy<T, BT, kWgBK * 2> xc(x, m0, M - 1, K, k_begin);
+  const TileCopy<int8_t, kBN, kWgBK> wc(w, n0, N - 1, K, k_begin);
+  static_assert(decltype(xc)::kRowStep % 8 == 0 && decltype(wc)::kRowStep % 8 == 0, "copies share a swizzle");
+  const uint32_t x_dst = wx_off(xc.row(), xc.chunk()), w_dst = ww_off(wc.row(), wc.chunk());
+  auto load_stage = [&](int kt, int slot) {
+    xc.load(s0 + slot * kStage + x_dst, kt * kWgBK, k_len);
+    wc.load(s0 + slot * kStage + kXBytes + w_dst, kt * kWgBK, k_len);
+  };
+
+  // This thread's A reads: rows 16 warp + g and + 8 (the same swizzle), the words at 4 (t / 2) and 8 + 4 (t / 2)
+  // of the k16 step's chunk; the byte permute keeps bytes 2t, 2t+1 of each (the halves t % 2 selects).
+  const int a_row = 16 * warp + g;
+  uint32_t a_rd[kWgBK / 16];
+#pragma unroll
+  for (int s = 0; s < kWgBK / 16; ++s) a_rd[s] = ww_off(a_row, s) + 4 * (t >> 1);
+  const uint32_t pick = (t & 1) ? 0x7632u : 0x5410u;
+
+  float acc[BT / 2];
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
+
+  constexpr int kAhead = kWgStages - 2;  // k-tiles in flight ahead of the one multiplied
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kAhead - 1>();  // this thread's copies of k-tile kt have landed ...
+    __syncthreads();              // ... everyone's; and k-tile kt - 2's wgmma (slot of kt + kAhead) are done
+    {
+      const int next = kt + kAhead;
+      if (next < ktiles) load_stage(next, next % kWgStages);
+      cp_async_commit();
+    }
+    const uint32_t xs = s0 + (kt % kWgStages) * kStage, ws = xs + kXBytes;
+    uint32_t raw[kWgBK / 16][4];  // the k-tile's weight words, all loaded before the first conversion
+#pragma unroll
+    for (int s = 0; s < kWgBK / 16; ++s) {
+      raw[s][0] = lds4(ws + a_rd[s]);
+      raw[s][1] = lds4(ws + a_rd[s] + 8);
+      raw[s][2] = lds4(ws + a_rd[s] + 8 * kWgBK);
+      raw[s][3] = lds4(ws + a_rd[s] + 8 * kWgBK + 8);
+    }
+#pragma unroll
+    for (int s = 0; s < kWgBK / 16; ++s) {
+      uint32_t a[4];
+      I8Pairs<T>::convert(__byte_perm(raw[s][0], raw[s][1], pick), a[0], a[2]);
+      I8Pairs<T>::convert(__byte_perm(raw[s][2], raw[s][3], pick), a[1], a[3]);
+      wgmma_fence();
+      Wgmma<T, BT>::run(acc, a, wgmma_desc_k128b(xs + 32 * s));
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+  }
+  wgmma_wait<0>();
+  cp_async_wait<0>();  // only empty groups are left
+
+  // D fragment: weight row (tile column) 16 warp + g (+ 8 for e >= 2), token (tile row) 8 j + 2 t + (e & 1).
+  auto each_result = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(8 * j + 2 * t + (e & 1), a_row + 8 * (e >> 1), acc[4 * j + e]);
+  };
+  finish_tile<BT>(each_result, smem, m0, n0, epi);
+#else
+  __trap();  // the launcher takes this kernel only where sm_90a code runs (device_hopper)
+#endif
+}
+
+template <typename T, int BT>
+cudaError_t launch_wgmma(const GemvArgs& a, cudaStream_t stream) {
+  constexpr size_t smem = wg_smem_bytes<BT>();
+  if (!opt_in_smem<gemm_int8_wgmma_kernel<T, BT>, smem>()) return cudaErrorNotSupported;
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
+  const int n_tiles = ceil_div(N, kBN), m_tiles = ceil_div(M, BT);
+  const int split = split_for(n_tiles, m_tiles, K);
+  const int kchunk = ceil_div(ceil_div(K, split), kWgBK) * kWgBK;
+  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(ceil_div(K, kchunk)), static_cast<unsigned>(m_tiles));
+  return launch_ex(gemm_int8_wgmma_kernel<T, BT>, grid, dim3(kThreads), smem, static_cast<int>(grid.y), false, stream,
+                   static_cast<const T*>(a.x), static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
+}
+#endif  // DSINF_CUDA_SM90A && DSINF_GEMM_I8_WGMMA
+
+bool wgmma_here() {
+#if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
+  return device_hopper();
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
-  return a.M <= DSINF_GEMM_I8_BM64_MAX_M ? launch<T, 64>(a, stream) : launch<T, 128>(a, stream);
+  const bool small = a.M <= DSINF_GEMM_I8_BM64_MAX_M;
+#if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
+  if (wgmma_here()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
+#endif
+  return small ? launch<T, 64>(a, stream) : launch<T, 128>(a, stream);
 }
 
 }  // namespace
@@ -303,6 +483,14 @@ bool gemm_int8_supported(const GemvArgs& a) {
          detail::aligned16(a.x) && detail::aligned16(a.w);
 #else
   (void)a;
+  return false;
+#endif
+}
+
+bool gemm_int8_wgmma() {
+#if defined(DSINF_CUDA_BF16)
+  return detail::wgmma_here();
+#else
   return false;
 #endif
 }

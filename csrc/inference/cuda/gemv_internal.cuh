@@ -129,6 +129,9 @@ cudaError_t launch_nk_stream(const GemvArgs& a, int split, cudaStream_t stream);
 int device_sm_count();
 // Whether the current device runs this module's sm_90+ code (thread-block clusters, distributed shared memory).
 bool device_clusters();
+// Compute capability exactly 9.0: where a build with sm_90a targets (DSINF_CUDA_SM90A) runs its sm_90a code,
+// warpgroup MMA included.
+bool device_hopper();
 // Whether a [K, N] call takes the tensor-core kernel's cp.async ring rather than its register batches
 // (gemv_mma.cu): the ring is built (DSINF_KN_RING_STAGES > 0), the device grants its shared memory, and the
 // 64-column tiles are at most DSINF_KN_RING_TILES_PER_SM per SM.

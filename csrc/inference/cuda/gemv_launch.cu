@@ -32,30 +32,34 @@ constexpr int kMaxDevices = 64;
 struct DeviceInfo {
   int sms = 0;
   bool cluster = false;  // sm_90+ device running sm_90+ code of this module
+  bool hopper = false;   // compute capability exactly 9.0 (where sm_90a code, if built, is what runs)
 };
 
 // Per-device facts, queried once (cheap attribute queries, no synchronization, safe under capture).
 DeviceInfo device_info() {
-  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, else (sms << 1 | cluster)
+  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, else (sms << 2 | hopper << 1 | cluster)
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
     (void)cudaGetLastError();
-    return DeviceInfo{1, false};
+    return DeviceInfo{1, false, false};
   }
   if (dev < kMaxDevices) {
     const int c = cached[dev].load(std::memory_order_relaxed);
-    if (c != 0) return DeviceInfo{c >> 1, (c & 1) != 0};
+    if (c != 0) return DeviceInfo{c >> 2, (c & 1) != 0, (c & 2) != 0};
   }
   DeviceInfo info;
-  int sms = 0, major = 0;
+  int sms = 0, major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = 0;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) minor = -1;
   cudaFuncAttributes fa;
   const bool have_attr = cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess;
   (void)cudaGetLastError();
   info.sms = sms > 0 ? sms : 1;
   info.cluster = major >= 9 && have_attr && fa.ptxVersion >= 90 && fa.binaryVersion >= 90;
-  if (dev < kMaxDevices && sms > 0) cached[dev].store((info.sms << 1) | (info.cluster ? 1 : 0), std::memory_order_relaxed);
+  info.hopper = major == 9 && minor == 0;
+  if (dev < kMaxDevices && sms > 0)
+    cached[dev].store((info.sms << 2) | (info.hopper ? 2 : 0) | (info.cluster ? 1 : 0), std::memory_order_relaxed);
   return info;
 }
 
@@ -150,6 +154,8 @@ GemvPath select_path(const GemvArgs& a, const DeviceInfo& dev, int* split, bool*
 int device_sm_count() { return device_info().sms; }
 
 bool device_clusters() { return device_info().cluster; }
+
+bool device_hopper() { return device_info().hopper; }
 
 bool gemv_pdl(int mode) { return mode != 0 && device_info().cluster; }
 

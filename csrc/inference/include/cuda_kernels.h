@@ -73,6 +73,9 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream);
 // cudaErrorNotSupported for those it does not, and the caller then dequantizes for cuBLAS.
 bool gemm_int8_supported(const GemvArgs& a);
 cudaError_t gemm_int8(const GemvArgs& a, cudaStream_t stream);
+// Whether gemm_int8 runs its warpgroup-MMA kernel on the current device (a compute-capability-9.0 device and a
+// build with sm_90a targets); else its mma.sync kernel. The binding's compiled rule depends on it.
+bool gemm_int8_wgmma();
 
 // out[n, k] = w[n, k] * scale[n / (N / groups)] in `out_dtype` (int8 weights at large M where gemm_int8 does
 // not apply: dequantize once into a temporary, then cuBLAS).
