@@ -27,7 +27,7 @@
 // cuBLAS's GEMM, faster at large M), for a shape the route table does not list (its int8-gemm keys). Where the
 // GEMM does not apply (fp32 activations, K % 16, an unaligned weight): dequantize. H200, one process, each path
 // forced by its route, dequantize + cuBLAS time / GEMM time (tools/probe_int8_prefill.py; docs/PERFORMANCE.md,
-// twenty-third round, runs 117 and 119), fp16 / bf16:
+// twenty-third round, runs 117 and 118), fp16 / bf16:
 //   warpgroup-MMA kernel (sm_90a code on a 9.0 device), M = 64 / 128 / 256 / 512 / 1024:
 //     4096x6144 (24 MiB)    1.59 / 1.30 / 1.09 / 0.84 / 0.78;  1.42 / 1.17 / 0.96 / 0.72 / 0.70
 //     4096x4096 (16 MiB)    1.42 / 1.26 / 0.95 / 0.94 / 0.84;  1.28 / 1.14 / 0.89 / 0.83 / 0.72
@@ -36,7 +36,7 @@
 //   mma.sync kernel (other devices and builds; measured on the H200 with DSINF_GEMM_I8_WGMMA=0), M = 64 / 128:
 //     16-24 MiB 1.10-1.42 / 0.83-0.93 (both dtypes); 56-112 MiB 1.47-2.85 / 1.14-1.71
 // The GEMM reads the weights once where the other path moves three times their bytes, so it wins while the
-// product is short; cuBLAS's GEMM (~700 TFLOP/s; ours: ~450 with wgmma, ~300 with mma.sync) wins at large M,
+// product is short; cuBLAS's GEMM (~700 TFLOP/s; ours: 400-565 with wgmma, ~300 with mma.sync) wins at large M,
 // later on larger weights. So, on weights of at least DSINF_GEMM_INT8_BIG_MIB: M <= DSINF_GEMM_INT8_WG_MAX_M_BIG
 // (bf16: _BF16) with wgmma, DSINF_GEMM_INT8_MAX_M_BIG with mma.sync; on smaller ones DSINF_GEMM_INT8_WG_MAX_M /
 // DSINF_GEMM_INT8_MAX_M.

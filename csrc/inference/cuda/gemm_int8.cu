@@ -7,10 +7,10 @@
 // H200 a Llama-3-8B int8 prefill spent 7.2 of its 27 ms of kernels in that dequantization. This kernel reads
 // the int8 weights once, straight into shared memory, and converts them in registers. Two kernels: warpgroup MMA
 // (wgmma) where sm_90a code runs on a compute-capability-9.0 device (below), mma.sync elsewhere. H200
-// (docs/PERFORMANCE.md, twenty-third round; dequantize + cuBLAS time / GEMM time): wgmma 1.3-3.2x up to M = 128
-// on Llama-3-8B's shapes, and on the largest weights up to M = 512; mma.sync 1.1-2.9x up to M = 64. Above that
-// cuBLAS's GEMM (~700 TFLOP/s; wgmma ~450, mma.sync ~300) wins, so the binding's route (routes.h, int8-gemm keys)
-// sends larger M back to dequantize + cuBLAS.
+// (docs/PERFORMANCE.md, twenty-third round; dequantize + cuBLAS time / GEMM time): wgmma 1.2-3.3x up to M = 128
+// on Llama-3-8B's shapes, and on the 56-112 MiB weights up to M = 512 (fp16); mma.sync 1.05-2.9x up to M = 64.
+// Above that cuBLAS's GEMM (~700 TFLOP/s; wgmma 400-565, mma.sync ~300) wins, so the binding's route (routes.h,
+// int8-gemm keys) sends larger M back to dequantize + cuBLAS.
 //
 // The mma.sync kernel:
 // CTA tile: BM tokens (128, or 64 for M <= 64) x 128 weight rows, k-tiles of 64, a cp.async ring of kStages
