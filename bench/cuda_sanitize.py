@@ -94,7 +94,7 @@ def cases(quick: bool):
             for B, S in Ms + [big_M]:
                 x = torch.randn(B, S, K, dtype=dt, device="cuda")
                 yield f"vmm int8 K={K} G={G} M={B * S}", dt, "vector_matmul", (x, w, False, s, True, False), {}
-        # The int8 GEMM (M above the GEMV's range; run_case forces its route): both CTA tiles (64 and 128 tokens)
+        # The int8 GEMM (M above the GEMV's range; `run` forces its route): both CTA tiles (64 and 128 tokens)
         # with M and N tails, a partial k-tile, K split over a cluster (few output tiles, long K).
         for K, N, G in [(48, 40, 40), (1040, 384, 2), (4096, 130, 1)]:
             w, s = int8_weight(K, N, G)

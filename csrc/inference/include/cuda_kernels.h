@@ -69,7 +69,8 @@ cudaError_t gemv(const GemvArgs& a, cudaStream_t stream);
 
 // Prefill product with int8 weights (cuda/gemm_int8.cu): the GemvArgs math for any M >= 1, reading the int8
 // weights once (tensor cores, fp16/bf16 activations; int8 [N, K] only). gemm_int8_supported says whether it
-// takes these arguments, `out` aside (dtype, K % 16 == 0, 16-byte aligned x and w, a build for >= sm_80); gemm_int8 returns
+// takes these arguments, `out` aside (dtype, K % 16 == 0, K <= 2^24, 16-byte aligned x and w, a build for
+// >= sm_80); gemm_int8 returns
 // cudaErrorNotSupported for those it does not, and the caller then dequantizes for cuBLAS.
 bool gemm_int8_supported(const GemvArgs& a);
 cudaError_t gemm_int8(const GemvArgs& a, cudaStream_t stream);
