@@ -12,7 +12,7 @@ on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The bin
 and, for int8 weights above the GEMV's range (CUDA):
 
     (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
-        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 128 on an H200). Not measured
+        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Not measured
         yet: the compiled rule decides unless a key is set (`forced`, for checks and probes).
 
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:

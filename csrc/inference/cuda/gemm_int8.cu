@@ -220,13 +220,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) gemm_int8_kernel(const T* 
     b_rd[h] = b_off(wn * 32 + g, 2 * h + (t >> 1)) + (t & 1) * 8;
   }
 
-  float acc[2][NT][4];  // [m16 tile of weight rows][n8 tile of tokens][C fragment]
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float acc[2][NT][4] = {};  // [m16 tile of weight rows][n8 tile of tokens][C fragment]
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -386,9 +380,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
   for (int s = 0; s < kWgBK / 16; ++s) a_rd[s] = ww_off(a_row, s) + 4 * (t >> 1);
   const uint32_t pick = (t & 1) ? 0x7632u : 0x5410u;
 
-  float acc[BT / 2];
-#pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
+  float acc[BT / 2] = {};
 
   constexpr int kAhead = kWgStages - 2;  // k-tiles in flight ahead of the one multiplied
 #pragma unroll
@@ -436,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
   };
   finish_tile<BT>(each_result, smem, m0, n0, epi);
 #else
-  __trap();  // the launcher takes this kernel only where sm_90a code runs (device_hopper)
+  __trap();  // the launcher takes this kernel only where sm_90a code runs (gemm_int8_wgmma)
 #endif
 }
 
@@ -454,19 +446,11 @@ cudaError_t launch_wgmma(const GemvArgs& a, cudaStream_t stream) {
 }
 #endif  // DSINF_CUDA_SM90A && DSINF_GEMM_I8_WGMMA
 
-bool wgmma_here() {
-#if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
-  return device_hopper();
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
   const bool small = a.M <= DSINF_GEMM_I8_BM64_MAX_M;
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
-  if (wgmma_here()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
+  if (gemm_int8_wgmma()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
 #endif
   return small ? launch<T, 64>(a, stream) : launch<T, 128>(a, stream);
 }
@@ -488,8 +472,8 @@ bool gemm_int8_supported(const GemvArgs& a) {
 }
 
 bool gemm_int8_wgmma() {
-#if defined(DSINF_CUDA_BF16)
-  return detail::wgmma_here();
+#if defined(DSINF_CUDA_BF16) && defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
+  return detail::device_hopper();
 #else
   return false;
 #endif
