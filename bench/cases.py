@@ -11,12 +11,14 @@ from dataclasses import dataclass
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 #: Parts of the ops sections; `--only` takes them to run a part of the device's ops section.
-OPS_PARTS = ("decode", "int8", "prefill", "qkv", "mlp", "rmsnorm")
+OPS_PARTS = ("decode", "int8", "int8prefill", "prefill", "qkv", "mlp", "rmsnorm")
 
 #: Llama-7B/8B/70B-sized decode weights, K x N.
 CUDA_DECODE_SHAPES = ((4096, 4096), (4096, 12288), (8192, 8192), (4096, 14336), (14336, 4096))
 #: Llama-7B's attention and MLP projections (the CPU int8 goal's shapes).
 CPU_INT8_SHAPES = ((4096, 4096), (4096, 11008))
+#: Llama-3-8B's four linears as a fused model runs them, K x N: q|k|v, o, gate|up, down (the int8 prefill rows).
+LLAMA3_8B_LINEARS = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 #: Llama-3-8B's MLP: hidden -> intermediate -> hidden (the fused gated MLP goal).
 MLP_SHAPE = (4096, 14336)
 
@@ -117,8 +119,8 @@ def cpu_cases(quick: bool) -> list[Case]:
 
 
 def cuda_cases(quick: bool) -> list[Case]:
-    """The CUDA plan: decode weights in both layouts, int8 weight-only, the M=2048 prefill, fused QKV,
-    the fused gated MLP and PreRMSNorm."""
+    """The CUDA plan: decode weights in both layouts, int8 weight-only at decode and at prompt lengths, the
+    M=2048 prefill, fused QKV, the fused gated MLP and PreRMSNorm."""
     c: list[Case] = []
     shapes = ((4096, 4096), (4096, 12288)) if quick else CUDA_DECODE_SHAPES
     dtypes = ("fp16",) if quick else ("fp16", "bf16")
@@ -130,6 +132,10 @@ def cuda_cases(quick: bool) -> list[Case]:
     for K, N in shapes:
         for M in ((1, 8) if quick else (1, 4, 8, 16)):
             c.append(Case("cuda", "int8", "vector_matmul", "fp16", "int8", M, 1, K, N))
+    for dtype in dtypes:  # int8 weights at prompt lengths: the int8 GEMM or dequantize + cuBLAS, as routed
+        for K, N in (LLAMA3_8B_LINEARS[1:3] if quick else LLAMA3_8B_LINEARS):
+            for M in ((128, 2048) if quick else (128, 512, 2048)):
+                c.append(Case("cuda", "int8prefill", "vector_matmul", dtype, "int8", 1, M, K, N))
     for dtype in dtypes:
         for layout in ("kn", "nk"):
             c.append(Case("cuda", "prefill", "linear", dtype, layout, 1, 2048, 4096, 12288))

@@ -4,7 +4,9 @@ checked once against a reference before it is timed.
 Names: "ours" (dsinf, the routed op on CUDA: see routes_step), "torch" (the peer the goals compare with),
 and extras: "torch_kn" (the other layout), "dense" (torch on the dequantized weight), "aten_int8" (aten's
 int8 weight-only kernel), "torch_2gemm" (the gated MLP as two GEMMs + torch ops), "triton", "gemv" (our
-GEMV with the route forced to it, where the route sends the row to cuBLAS).
+GEMV with the route forced to it, where the route sends the row to cuBLAS), and for int8 weights at prompt
+lengths "gemm" / "deq" (our int8 GEMM / dequantize + cuBLAS, each forced) and "float_w" (cuBLAS on 16-bit
+weights: the model without int8, not a peer of int8 weights).
 """
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ def _int8(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
         return Impl(lambda i: op(xs[i % len(xs)].view(case.M, K), ws[i], sc[i]), len(ws))
 
     impls["ours"] = vm_int8(ours) if callable(ours) else ours
+    if case.part == "int8prefill":
+        return ref, _int8_prefill(case, env, ours, ws, xs, vm_int8, aten, impls)
     gemv = routes_step.forced_gemv(case, ours) if callable(ours) else None
     if gemv is not None:
         impls["gemv"] = vm_int8(gemv)
@@ -156,6 +160,24 @@ def _int8(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
         impls["torch"] = aten()
         impls["dense"] = dense
     return ref, impls
+
+
+def _int8_prefill(case: Case, env: Env, ours, ws, xs, vm_int8, aten, impls: dict) -> dict:
+    """int8 weights at a prompt's M. torch's int8 weight-only path in eager mode (torchao's form): the weight
+    cast to the activation dtype per call, F.linear, the per-channel scale on the output; aten's int8 kernel;
+    our two paths each forced; and cuBLAS on 16-bit weights, what int8 costs against the float model."""
+    import torch.nn.functional as F
+
+    dt = torch_dtype(case.dtype)
+    sc = [w.scale.to(dt) for w in ws]
+    impls["torch"] = Impl(lambda i: F.linear(xs[i % len(xs)], ws[i].to(dt)) * sc[i], len(ws))
+    impls["aten_int8"] = aten()
+    if callable(ours):
+        for name, max_m in (("gemm", None), ("deq", 0)):
+            impls[name] = vm_int8(routes_step.forced_int8_gemm(case, ours, max_m))
+    deq = env.dequantized(case.K, case.N, case.dtype, "nk")
+    impls["float_w"] = Impl(lambda i: F.linear(xs[i % len(xs)], deq[i]), len(deq))
+    return impls
 
 
 def _float(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:

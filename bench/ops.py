@@ -30,6 +30,11 @@ PART_TABLES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("cuda", "int8"): ("int8 weight-only (per-channel), fp16 activations, routed. torch: F.linear fp16 on the "
                        "dequantized [N,K] weight; torch_kn: matmul [K,N]; aten_int8: aten._weight_int8pack_mm",
                        ("torch_kn", "aten_int8", "gemv", "triton")),
+    ("cuda", "int8prefill"): ("int8 weight-only (per-channel) at prompt lengths, routed (the int8 GEMM or "
+                              "dequantize + cuBLAS). torch: F.linear on the weight cast per call, then * scale "
+                              "(eager int8 weight-only); aten_int8: aten._weight_int8pack_mm; gemm / deq: our two "
+                              "paths, each forced; float_w: cuBLAS on 16-bit weights (no int8: not a peer)",
+                              ("aten_int8", "gemm", "deq", "float_w")),
     ("cuda", "prefill"): ("prefill linear + bias. torch: torch.addmm (cuBLAS)", ("triton",)),
     ("cuda", "qkv"): ("fused QKV + RoPE (rotate_half, rotary_dim=D=128). torch: the eager chain", ("triton",)),
     ("cuda", "mlp"): ("fused gated MLP (residual + RMSNorm + gate|up + SiLU*up + down), MLPGemmOp. torch: HF's "

@@ -5,7 +5,8 @@ measures that crossover per shape (and `dsinf.inject` does it for a model's line
 where our kernel loses to cuBLAS runs on cuBLAS. The bench tunes (or reuses the persisted) routes of
 the decode and int8 shapes before it times them, so "ours" is the routed op and the "never slower than
 torch" goal judges what a user runs. A row whose M the route sends to cuBLAS also times our GEMV with
-the route forced to it (the "gemv" column), so the kernel's own number stays in the table. The gated MLP
+the route forced to it (the "gemv" column), so the kernel's own number stays in the table; an int8 row at
+a prompt's M times both of the paths its int8-gemm route chooses between ("gemm", "deq"). The gated MLP
 rows' gate|up is tuned the same way (`tune_mlp_routes`: the gated kernel or the matmul + gated epilogue),
 as `dsinf.inject` does for a model's fused MLPs.
 
@@ -22,7 +23,7 @@ from .context import Context, first_line, out
 from .env import torch_dtype
 
 #: The parts whose rows are single matmuls the routes cover.
-ROUTED_PARTS = ("decode", "int8")
+ROUTED_PARTS = ("decode", "int8", "int8prefill")
 
 
 def tune(ctx: Context, cases: list[Case]) -> bool:
@@ -78,6 +79,20 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
 
     def call(*args):  # host-side: inside graph capture the forced route is what the graph records
         with routes.forced("cuda", [key]):
+            return fn(*args)
+
+    return call
+
+
+def forced_int8_gemm(case: Case, fn: Callable[..., Any], max_m: int | None) -> Callable[..., Any]:
+    """`fn` with this int8 shape's int8-gemm route forced: None, the int8 GEMM for every M; 0, dequantize +
+    cuBLAS. For Ms past the int8 GEMV (the int8prefill rows)."""
+    from dsinf import routes
+
+    key = routes.RouteKey(case.dtype, routes.INT8_GEMM, case.K, case.N)
+
+    def call(*args):
+        with routes.forced("cuda", [key], max_m):
             return fn(*args)
 
     return call

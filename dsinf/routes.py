@@ -12,8 +12,10 @@ on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The bin
 and, for int8 weights above the GEMV's range (CUDA):
 
     (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
-        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Not measured
-        yet: the compiled rule decides unless a key is set (`forced`, for checks and probes).
+        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Measured
+        at the prefill sizes GEMM_BUCKETS with the shape's GEMV route held at 0, so every bucket is a choice
+        between the two; ties go to the GEMM (`decide_gated`: one launch, no weight-sized temporary). Tuned
+        with the int8 key on CUDA (fp16 / bf16 activations: fp32 ones never take the GEMM).
 
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
 
@@ -34,7 +36,7 @@ This module measures it, persists it, and pushes it into the binding:
   MARGIN either way) alone goes to torch, and ties below a win go along with it only when that win is clear
   (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul path wins by more
   than MARGIN (`decide_gated`: a tie goes to the one launch).
-- persist: <data root>/routes.v2.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
+- persist: <data root>/routes.v3.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
   (re-read, merged, written with op_builder.atomic.write_json); read with read_json. A malformed file is
@@ -77,13 +79,17 @@ from op_builder.locking import FileLock
 logger = logging.getLogger("dsinf")
 
 FORMAT = "dsinf-routes"
-VERSION = 2  # 2: the gated keys. Each version has its own file, so an older dsinf sharing the cache never
-#              reads (and, rewriting it, drops) keys it cannot parse; a new version measures again.
+VERSION = 3  # 2: the gated keys; 3: the int8-gemm keys. Each version has its own file, so an older dsinf
+#              sharing the cache never reads (and, rewriting it, drops) keys it cannot parse; a new version
+#              measures again.
 FILENAME = f"routes.v{VERSION}.json"
 LOCK_TIMEOUT_S = 30.0
 MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this (a tie alone goes to torch)
 RIDE_ALONG = 0.05  # ties below such an M go along with it only when it beat ATen by more than this
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV accepts
+# The Ms an int8-gemm key is measured at: from the int8 GEMV's largest M up to a long prompt's. Where cuBLAS's
+# GEMM overtakes ours is M ~ 256-1024 on an H200 (earlier on small weights and on bf16, later on large ones).
+GEMM_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gated-int8": 5, "int8-gemm": 6}
@@ -129,6 +135,11 @@ class RouteKey:
     @property
     def gated(self) -> bool:
         return self.layout.startswith(GATED)
+
+    @property
+    def weight(self) -> str:
+        """The weight's layout: kn | nk | int8 (an int8-gemm key's weight is int8, a gated key's its plain one's)."""
+        return "int8" if self.layout == INT8_GEMM else self.plain.layout
 
     @property
     def plain(self) -> "RouteKey":
@@ -242,7 +253,8 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
     gated kernel by more than `margin`. Ties go to the gated kernel, the other way from `decide`: it is one
     launch where the matmul path is two and an [M, 2I] temporary, which costs the host in eager mode, and
     the GPU time alone cannot see that. H200, int8 gate|up 4096x28672 (Llama-3-8B): matmul/gated
-    1.00-1.02x, a tie that `decide` sent to the matmul."""
+    1.00-1.02x, a tie that `decide` sent to the matmul. An int8-gemm key is decided the same way: the int8
+    GEMM is one launch where dequantize + cuBLAS is two and a 16-bit copy of the whole weight."""
     max_m = 0
     for m, gated, matmul in sorted(zip(buckets, gated_ms, matmul_ms)):
         if matmul * (1.0 + margin) < gated:
@@ -252,14 +264,14 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
 
 
 def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float]) -> int:
-    """`key`'s max_m from its measured times: `decide_gated` for a gated key, else `decide`."""
-    return (decide_gated if key.gated else decide)(buckets, ours_ms, aten_ms)
+    """`key`'s max_m from its measured times: `decide_gated` for a gated or int8-gemm key, else `decide`."""
+    return (decide_gated if key.gated or key.layout == INT8_GEMM else decide)(buckets, ours_ms, aten_ms)
 
 
-def buckets(gemv_cap: int, default_max_m: int) -> tuple[int, ...]:
-    """The Ms measured: BUCKETS and the compiled crossover, up to the largest M a route may give the key
-    (`Binding.cap`)."""
-    return tuple(sorted({m for m in (*BUCKETS, default_max_m) if 1 <= m <= gemv_cap}))
+def buckets(gemv_cap: int, default_max_m: int, gemm: bool = False) -> tuple[int, ...]:
+    """The Ms measured: BUCKETS (`gemm`, an int8-gemm key: GEMM_BUCKETS) and the compiled crossover, up to the
+    largest M a route may give the key (`Binding.cap`)."""
+    return tuple(sorted({m for m in (*(GEMM_BUCKETS if gemm else BUCKETS), default_max_m) if 1 <= m <= gemv_cap}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,7 +519,7 @@ def describe(device_type: str, act_dtype: torch.dtype, int8: bool, gated: bool =
     b = _bindings.get(device_type)
     dtype = _DTYPES.get(act_dtype)
     mine = [] if b is None else [b.routes[k] for k in sorted(b.applied, key=lambda k: k.text)
-                                 if k.dtype == dtype and (k.plain.layout == "int8") == int8 and k in b.routes
+                                 if k.dtype == dtype and (k.weight == "int8") == int8 and k in b.routes
                                  and (gated or not k.gated)]
     return "routes: " + "; ".join(r.explain() for r in mine) if mine else ""
 
@@ -534,7 +546,7 @@ def _weight(layout: str, K: int, N: int, device: torch.device, act: torch.dtype,
 def _weights(key: RouteKey, device: torch.device, act: torch.dtype, copies: int, gen: torch.Generator):
     """`copies` argument tuples of `key`'s shape: (weight, q_scale); a gated key's (W_interm, q_scale, W_out,
     q_scale1), W_out mapping I = N / 2 back to K."""
-    layout = key.plain.layout
+    layout = key.weight
     out = []
     for _ in range(copies):
         w = _weight(layout, key.K, key.N, device, act, gen)
@@ -544,7 +556,7 @@ def _weights(key: RouteKey, device: torch.device, act: torch.dtype, copies: int,
 
 def _op(key: RouteKey, device: torch.device, act: torch.dtype, gen: torch.Generator):
     """fn(x, *weights) of `key`: vector_matmul, or (gated) rms_mlp_gemm with x as its residual too."""
-    int8, transposed = key.plain.layout == "int8", key.plain.layout != "kn"
+    int8, transposed = key.weight == "int8", key.weight != "kn"
     if not key.gated:
         fn = getattr(torch.ops.dsinf, f"vector_matmul_{key.dtype}").default
         return lambda x, w, scale: fn(x, w, False, scale, int8, transposed)
@@ -593,18 +605,22 @@ def _time_cuda(replay, calls: int) -> float:
 def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | None = None) -> Route:
     """Time `key` on the binding at each bucket with its route forced to our GEMV and to ATen (a gated key:
     rms_mlp_gemm with its gate|up forced to the gated kernel and to matmul + epilogue, the matmul on the
-    route in force for its plain key); decide."""
+    route in force for its plain key; an int8-gemm key: vector_matmul forced to the int8 GEMM and to
+    dequantize + cuBLAS, its GEMV route held at 0); decide."""
     device = torch.device(device)
     variant = device.type
     if variant not in ("cpu", "cuda"):
         raise ValueError(f"routes: device {device}: expected a cpu or cuda device")
+    gemm = key.layout == INT8_GEMM
+    if gemm and variant != "cuda":
+        raise ValueError(f"routes: {key.text}: int8-gemm keys are measured on CUDA (the CPU module has no int8 GEMM)")
     _refuse_if_tracing("measure")
     b = binding(variant)
     default = b.default(key)
-    ms = buckets(b.cap(key), default)
+    ms = buckets(b.cap(key), default, gemm)
     act = {v: k for k, v in _DTYPES.items()}[key.dtype]
     gen = torch.Generator(device).manual_seed(0)
-    weight_bytes = key.K * key.N * (1 if key.plain.layout == "int8" else torch.finfo(act).bits // 8)
+    weight_bytes = key.K * key.N * (1 if key.weight == "int8" else torch.finfo(act).bits // 8)
     weight_bytes += weight_bytes // 2 if key.gated else 0  # W_out: half the gate|up's
     if variant == "cuda":
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -618,11 +634,16 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
         ours: dict[int, list[float]] = {m: [] for m in ms}
         aten: dict[int, list[float]] = {m: [] for m in ms}
         saved = dict(b.applied)
+        # An int8-gemm key's Ms all run past the GEMV (its route held at 0): each bucket times the GEMM
+        # against dequantize + cuBLAS, whatever the GEMV's route.
+        base = {**saved, RouteKey(key.dtype, "int8", key.K, key.N): 0} if gemm else saved
         try:
+            if gemm and not _takes_the_gemm(b, key, base, op, xs[ms[0]], weights[0]):
+                return Route(key, 0, default, tuned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             if variant == "cuda":
-                _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps or 7)
+                _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps or 7)
             else:
-                _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps or 5, weight_bytes)
+                _measure_cpu(b, key, base, op, xs, weights, ours, aten, reps or 5, weight_bytes)
         finally:
             b.set(saved)
     pick = statistics.median if variant == "cuda" else min
@@ -632,35 +653,45 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _measure_cpu(b, key, saved, op, xs, weights, ours, aten, reps, weight_bytes):
+def _takes_the_gemm(b: "Binding", key: RouteKey, base: dict, op, x, args) -> bool:
+    """Whether the int8 GEMM runs this shape when routed to it (it takes fp16 / bf16 activations, K % 16 == 0
+    and K <= 2^24: cuda_kernels.h, gemm_int8_supported); a shape it does not take is never timed."""
+    b.set({**base, key: b.cap(key)})
+    op(x, *args)
+    return b.last() == INT8_GEMM
+
+
+def _measure_cpu(b, key, base, op, xs, weights, ours, aten, reps, weight_bytes):
     (args,) = weights
     calls = max(3, min(50, int(2e7 / max(weight_bytes, 1))))  # ~2 ms of weight streaming per sample at 10 GB/s
     for _ in range(reps):  # the two routes alternate, so drift (clocks, other load) hits both alike
         for route, times in ((b.cap(key), ours), (0, aten)):
-            b.set({**saved, key: route})
+            b.set({**base, key: route})
             for m, x in xs.items():
                 op(x, *args)  # warm
                 times[m].append(_time_cpu(lambda: op(x, *args), calls))
 
 
-def _measure_cuda(b, key, saved, op, xs, weights, ours, aten, reps):
+def _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps):
     calls = len(weights) * max(1, math.ceil(16 / len(weights)))  # every copy, >= 16 calls per replay
-    graphs = []
-    for route, times in ((b.cap(key), ours), (0, aten)):
-        b.set({**saved, key: route})  # the route is taken at capture, and replayed
-        for m, x in xs.items():
-            def run(x=x):
-                for i in range(calls):
-                    op(x, *weights[i % len(weights)])
+    for m, x in xs.items():  # a bucket at a time: one bucket's graphs (and their memory pools) alive at once
+        def run(x=x):
+            for i in range(calls):
+                op(x, *weights[i % len(weights)])
 
+        graphs = []
+        for route, times in ((b.cap(key), ours), (0, aten)):
+            table = {**base, key: route}
+            b.set(table)  # the route is taken at capture, and replayed
             graph = _graph(run)
-            graphs.append((graph.replay if graph is not None else run, times[m]))
-    for replay, _ in graphs:
-        replay()  # warm
-    torch.cuda.synchronize()
-    for _ in range(reps):  # interleaved: clock drift hits both routes alike
-        for replay, times in graphs:
-            times.append(_time_cuda(replay, calls))
+            graphs.append((graph.replay if graph is not None else lambda t=table: (b.set(t), run()), times[m]))
+        for replay, _ in graphs:
+            replay()  # warm
+        torch.cuda.synchronize()
+        for _ in range(reps):  # interleaved: clock drift hits both routes alike
+            for replay, times in graphs:
+                times.append(_time_cuda(replay, calls))
+        del graphs
 
 
 def _act_and_layout(what: str, dtype: torch.dtype, layout: str, act_dtype: torch.dtype | None):
@@ -725,13 +756,17 @@ def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.
         layout: 'nk' (weight [N, K], nn.Linear's, transposed_mode=True) or 'kn' ([K, N]); int8 is [N, K].
         force: measure again even when this device and build have a persisted route.
 
-    Returns the routes, one per distinct shape. Refuses to run under torch.compile tracing or CUDA-graph
-    capture (RuntimeError).
+    Returns the routes, one per distinct shape; int8 on CUDA with fp16 / bf16 activations: two, the GEMV's
+    (int8) and then the int8 GEMM's (int8-gemm, prefill sizes). Refuses to run under torch.compile tracing or
+    CUDA-graph capture (RuntimeError).
     """
     _refuse_if_tracing("tune_routes")
     act, layout = _act_and_layout("tune_routes", dtype, layout, act_dtype)
-    keys = _keys("tune_routes", shapes, lambda k, n: [RouteKey(act, layout, k, n)])
-    return _tune(keys, torch.device(device), force)
+    device = torch.device(device)
+    gemm = layout == "int8" and act != "fp32" and device.type == "cuda"
+    keys = _keys("tune_routes", shapes,
+                 lambda k, n: [RouteKey(act, layout, k, n)] + ([RouteKey(act, INT8_GEMM, k, n)] if gemm else []))
+    return _tune(keys, device, force)
 
 
 def tune_mlp_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,

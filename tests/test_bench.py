@@ -65,6 +65,11 @@ def test_plans_cover_the_goals(quick):
     assert any(c.part == "decode" and (c.K, c.N) == (4096, 4096) for c in cuda)
     assert any(c.part == "prefill" and c.layout == "nk" for c in cuda)
     assert sorted(c.M for c in cuda if c.part == "mlp") == [1, 8]
+    # int8 weights at prompt lengths: past the GEMV, both activation dtypes in the full plan
+    prefill = [c for c in cuda if c.part == "int8prefill"]
+    assert prefill and all(c.layout == "int8" and c.M >= 128 for c in prefill)
+    assert {c.M for c in prefill} >= {128, 2048}
+    assert {c.dtype for c in prefill} == ({"fp16"} if quick else {"fp16", "bf16"})
     assert {c.K for c in cuda if c.part == "rmsnorm" and c.M >= 256} == {4096, 8192}
 
 
@@ -247,6 +252,19 @@ def test_cuda_plan_implementations_check_against_the_reference(case):
     assert not row.note
     assert row.impls["torch"].status == "ok"
     assert row.impls["ours"].status == "n/a" and row.impls["triton"].status == "n/a"
+
+
+def test_int8_prefill_peers_are_int8_weight_only_paths():
+    """An int8 row at a prompt's M: torch's eager int8 weight-only chain and the 16-bit-weight matmul pass the
+    reference check on CPU tensors; our paths read n/a without the module; the 16-bit weights (float_w) are
+    shown but never judged as a peer of int8 weights."""
+    case = Case("cuda", "int8prefill", "vector_matmul", "fp16", "int8", 1, 48, 64, 96)
+    row = run_case(case, Env("cuda", device="cpu"), _quick_timer)
+    assert not row.note
+    assert row.impls["torch"].status == "ok" and row.impls["float_w"].status == "ok"
+    assert row.impls["ours"].status == "n/a" and "gemm" not in row.impls
+    assert row.impls["aten_int8"].status in ("ok", "n/a")
+    assert "float_w" not in goals.TORCH_PEERS and {"torch", "aten_int8"} <= set(goals.TORCH_PEERS)
 
 
 def test_cpu_int8_peer_is_aten_with_bf16_activations():

@@ -85,6 +85,21 @@ def test_buckets_cover_the_compiled_crossover_and_stop_at_the_gemv_limit():
     assert routes.buckets(16, 8) == (1, 2, 4, 8, 16)
     assert routes.buckets(2**62, 24) == (1, 2, 4, 8, 16, 24, 32, 64)
     assert routes.buckets(4, 8) == (1, 2, 4)
+    # an int8-gemm key: from the GEMV's top M to a long prompt's, with its compiled crossover
+    assert routes.buckets(routes.INT8_GEMM_LIMIT, 512, gemm=True) == routes.GEMM_BUCKETS
+    assert routes.buckets(routes.INT8_GEMM_LIMIT, 0, gemm=True) == routes.GEMM_BUCKETS
+    assert routes.buckets(routes.INT8_GEMM_LIMIT, 384, gemm=True) == (16, 32, 64, 128, 256, 384, 512, 1024, 2048)
+
+
+@pytest.mark.parametrize("gemm, dequant, want", [
+    ((1.0, 1.0, 1.0), (1.01, 1.0, 0.99), 4),  # ties: the GEMM (one launch, no dequantized copy)
+    ((1.0, 1.0, 1.0), (2.0, 1.5, 0.9), 2),   # dequantize + cuBLAS wins from M=4
+    ((1.0, 1.0, 1.0), (0.5, 2.0, 2.0), 0),   # ... or from the first bucket: dequantize for every M
+])
+def test_an_int8_gemm_key_is_decided_like_a_gated_one(gemm, dequant, want):
+    key = RouteKey("bf16", routes.INT8_GEMM, 4096, 4096)
+    assert key.weight == "int8" and RouteKey("bf16", "gated-nk", 8, 8).weight == "nk"
+    assert routes.decide_key(key, (1, 2, 4), gemm, dequant) == want == routes.decide_gated((1, 2, 4), gemm, dequant)
 
 
 @pytest.mark.parametrize("bad", [("fp8", "kn", 4, 4), ("fp16", "tn", 4, 4), ("fp16", "kn", 0, 4),
@@ -425,6 +440,17 @@ def test_int8_gemm_keys_take_any_m_and_mean_nothing_to_the_cpu_module(cpu_routes
     assert "dequantize + cuBLAS for every M" in routes.Route(key, 0, 128).explain()
 
 
+def test_int8_gemm_keys_are_measured_on_cuda_only(cpu_routes, tmp_path):
+    """tune_routes of int8 weights on the CPU measures the GEMV's key alone (no int8 GEMM there); measuring an
+    int8-gemm key on the CPU is refused by name."""
+    found = routes.tune_routes([(64, 96)], torch.int8, "cpu", act_dtype=torch.bfloat16)
+    assert [r.key for r in found] == [RouteKey("bf16", "int8", 64, 96)]
+    assert set(routes.read_tables(tmp_path / routes.FILENAME)[routes.device_key("cpu")]) == {found[0].key.text}
+    with pytest.raises(ValueError, match="int8-gemm keys are measured on CUDA"):
+        routes.measure(RouteKey("bf16", routes.INT8_GEMM, 64, 96), "cpu")
+    assert routes.FILENAME == "routes.v3.json"  # an older dsinf would drop (and rewrite away) int8-gemm keys
+
+
 def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):
     measured, in_force = [], []
     real = routes.measure
@@ -547,14 +573,18 @@ def _graph_ratio(torch_run, ours_run, samples=15, replays=4):
 
 
 @gpu
-def test_gpu_inject_measures_on_cuda(cuda_module, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpu_inject_measures_on_cuda(cuda_module, tmp_path, monkeypatch, quantize):
+    """inject on CUDA measures each linear's key (DSINF_ROUTES=auto); int8 weights: the GEMV's and the int8
+    GEMM's."""
     monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("DSINF_ROUTES", "auto")
     b = routes.binding("cuda")
     saved = dict(b.applied)
+    layouts = ("int8", routes.INT8_GEMM) if quantize else ("nk",)
     try:
-        dsinf.inject(_tiny_model().to("cuda", torch.float16))
-        assert {RouteKey("fp16", "nk", 64, 96), RouteKey("fp16", "nk", 96, 64)} <= set(b.applied)
+        dsinf.inject(_tiny_model().to("cuda", torch.float16), quantize=quantize)
+        assert {RouteKey("fp16", lay, K, N) for lay in layouts for K, N in ((64, 96), (96, 64))} <= set(b.applied)
     finally:
         b.set(saved)
 
@@ -616,6 +646,56 @@ def test_gpu_linear_routed_to_aten_for_every_m_calls_torch_linear(cuda_module, m
         x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
         ref = _tiny_model().to("cuda", torch.float16)
         torch.testing.assert_close(model(x), ref(x), rtol=2e-2, atol=2e-2)
+    finally:
+        b.set(saved)
+
+
+@gpu
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+def test_gpu_int8_gemm_route_is_measured_taken_and_never_slower(cuda_module, tmp_path, monkeypatch, act):
+    """tune_routes of int8 weights on CUDA measures the GEMV's key and then the int8 GEMM's at the prefill
+    buckets; the route it applies is the path each M takes (the binding's last path), the decision explains
+    it. Timed in CUDA graphs over rotating weights larger than L2 against dequantize + cuBLAS (the path a
+    route of 0 forces): at the route's largest M the GEMM is within the tie it may win by (decide_gated sends
+    a loss of up to MARGIN to the one launch; the bound allows as much again for noise), above it the
+    routed op is dequantize + cuBLAS itself."""
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
+    K, N = 4096, 4096  # 16 MiB: the GEMM wins at short prompts, cuBLAS at long ones (H200: from M ~ 256)
+    suffix = {torch.float16: "fp16", torch.bfloat16: "bf16"}[act]
+    b = routes.binding("cuda")
+    saved = dict(b.applied)
+    try:
+        gemv, gemm = routes.tune_routes([(K, N)], torch.int8, "cuda", act_dtype=act, force=True)
+        print(gemv.explain(), gemm.explain(), sep="\n")
+        assert gemv.key == RouteKey(suffix, "int8", K, N) and gemm.key == RouteKey(suffix, routes.INT8_GEMM, K, N)
+        assert gemm.buckets[0] == 16 and gemm.buckets[-1] == 2048 and set(routes.GEMM_BUCKETS) <= set(gemm.buckets)
+        assert b.applied[gemm.key] == gemm.max_m == routes.decide_gated(gemm.buckets, gemm.ours_ms, gemm.aten_ms)
+        assert 0 < gemm.max_m < 2048, gemm.explain()  # the GEMM wins short prompts and loses long ones here
+        assert gemm.explain() in dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.int8, act_dtype=act)).resolve(
+            "cuda").explain()
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        copies = max(1, math.ceil(2 * l2 / (K * N)) + 1)
+        ws = [quantize_int8(torch.randn(N, K, device="cuda"), None, transposed_mode=True) for _ in range(copies)]
+        calls = copies * max(1, math.ceil(16 / copies))
+        op = getattr(torch.ops.dsinf, f"vector_matmul_{suffix}").default
+        above = [m for m in gemm.buckets if m > gemm.max_m][0]
+        for m in (gemm.max_m, above):
+            x = torch.randn(1, m, K, device="cuda", dtype=act)
+            op(x, ws[0], False, ws[0].scale, True, True)
+            assert b.last() == ("int8-gemm" if m <= gemm.max_m else "aten"), (m, gemm.explain())
+
+            def run(x=x):
+                for i in range(calls):
+                    op(x, ws[i % copies], False, ws[i % copies].scale, True, True)
+
+            with routes.forced("cuda", [gemm.key], 0):
+                dequant = torch.cuda.CUDAGraph()
+                run()
+                with torch.cuda.graph(dequant):
+                    run()
+            ratio = _graph_ratio(dequant.replay, run)
+            print(f"{suffix} int8 {K}x{N} M={m}: dequantize+cuBLAS / routed {ratio:.3f}")
+            assert ratio >= 1 - 2 * routes.MARGIN, f"M={m}: {ratio:.3f}x; {gemm.explain()}"
     finally:
         b.set(saved)
 
