@@ -841,7 +841,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--tune's shapes are gated MLPs, hidden x intermediate (e.g. 4096x14336): tune "
                              "where rms_mlp_gemm's gate|up runs the gated kernel")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                        help="the weights' dtype (int8: weight-only, activations --act-dtype)")
+    parser.add_argument("--act-dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
+                        help="the activations' dtype of --dtype int8 (on CUDA fp16/bf16 also tune the int8 GEMM)")
     parser.add_argument("--layout", default="nk", choices=["nk", "kn"])
     parser.add_argument("--force", action="store_true", help="re-measure persisted shapes")
     args = parser.parse_args(argv)
@@ -850,7 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.int8 if args.dtype == "int8" else {v: k for k, v in _DTYPES.items()}[args.dtype]
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune]
         tune = tune_mlp_routes if args.mlp else tune_routes
-        tune(shapes, dtype, args.device, layout=args.layout, force=args.force)
+        act = {v: k for k, v in _DTYPES.items()}[args.act_dtype] if dtype == torch.int8 else None
+        tune(shapes, dtype, args.device, layout=args.layout, act_dtype=act, force=args.force)
     path = table_path()
     tables = read_tables(path)
     print(f"route table {path}: {len(tables)} device(s)")

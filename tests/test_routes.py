@@ -451,6 +451,16 @@ def test_int8_gemm_keys_are_measured_on_cuda_only(cpu_routes, tmp_path):
     assert routes.FILENAME == "routes.v3.json"  # an older dsinf would drop (and rewrite away) int8-gemm keys
 
 
+def test_the_cli_tunes_int8_weights_with_their_activation_dtype(cpu_routes, tmp_path, capsys):
+    """`python -m dsinf.routes --tune KxN --dtype int8 --act-dtype bf16` measures the bf16 int8 key, persists it
+    and prints the table."""
+    assert routes.main(["--tune", "64x96", "--device", "cpu", "--dtype", "int8", "--act-dtype", "bf16"]) == 0
+    key = RouteKey("bf16", "int8", 64, 96)
+    [route] = routes.read_tables(tmp_path / routes.FILENAME)[routes.device_key("cpu")].values()
+    assert route.key == key and cpu_routes.applied == {key: route.max_m}
+    assert route.explain() in capsys.readouterr().out
+
+
 def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):
     measured, in_force = [], []
     real = routes.measure
