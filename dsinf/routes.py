@@ -763,23 +763,31 @@ def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.
     _refuse_if_tracing("tune_routes")
     act, layout = _act_and_layout("tune_routes", dtype, layout, act_dtype)
     device = torch.device(device)
-    gemm = layout == "int8" and act != "fp32" and device.type == "cuda"
-    keys = _keys("tune_routes", shapes,
-                 lambda k, n: [RouteKey(act, layout, k, n)] + ([RouteKey(act, INT8_GEMM, k, n)] if gemm else []))
+    keys = _keys("tune_routes", shapes, lambda k, n: _matmul_keys(act, layout, k, n, device))
     return _tune(keys, device, force)
+
+
+def _matmul_keys(act: str, layout: str, K: int, N: int, device: torch.device) -> list[RouteKey]:
+    """A matmul shape's keys, in the order they are tuned: its GEMV's, and for int8 weights on CUDA with fp16 /
+    bf16 activations its int8 GEMM's (the Ms past the GEMV)."""
+    key = RouteKey(act, layout, K, N)
+    gemm = layout == "int8" and act != "fp32" and device.type == "cuda"
+    return [key, RouteKey(act, INT8_GEMM, K, N)] if gemm else [key]
 
 
 def tune_mlp_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,
                     layout: str = "nk", act_dtype: torch.dtype | None = None, force: bool = False) -> list[Route]:
     """`tune_routes` for rms_mlp_gemm's gate|up: where the gated kernel runs and where the matmul + gated
-    epilogue does, per (hidden K, intermediate I) of `shapes`. The gate|up matmul's own route (K -> 2I) is
-    tuned first, so the gated kernel is compared with the matmul as it will run. Returns, per distinct
-    shape, the matmul's route and then the gated one. Arguments as `tune_routes`'s."""
+    epilogue does, per (hidden K, intermediate I) of `shapes`. The gate|up matmul's own routes (K -> 2I;
+    int8 on CUDA: its GEMV's and its int8 GEMM's) are tuned first, so the gated kernel is compared with the
+    matmul as it will run. Returns, per distinct shape, the matmul's routes and then the gated one.
+    Arguments as `tune_routes`'s."""
     _refuse_if_tracing("tune_mlp_routes")
     act, layout = _act_and_layout("tune_mlp_routes", dtype, layout, act_dtype)
-    keys = _keys("tune_mlp_routes", shapes,
-                 lambda k, i: [RouteKey(act, layout, k, 2 * i), RouteKey(act, GATED + layout, k, 2 * i)])
-    return _tune(keys, torch.device(device), force)
+    device = torch.device(device)
+    keys = _keys("tune_mlp_routes", shapes, lambda k, i: _matmul_keys(act, layout, k, 2 * i, device) +
+                 [RouteKey(act, GATED + layout, k, 2 * i)])
+    return _tune(keys, device, force)
 
 
 def tune_model(model: torch.nn.Module) -> list[Route]:

@@ -446,6 +446,8 @@ def test_int8_gemm_keys_are_measured_on_cuda_only(cpu_routes, tmp_path):
     found = routes.tune_routes([(64, 96)], torch.int8, "cpu", act_dtype=torch.bfloat16)
     assert [r.key for r in found] == [RouteKey("bf16", "int8", 64, 96)]
     assert set(routes.read_tables(tmp_path / routes.FILENAME)[routes.device_key("cpu")]) == {found[0].key.text}
+    found = routes.tune_mlp_routes([(64, 48)], torch.int8, "cpu", act_dtype=torch.bfloat16)
+    assert [r.key.layout for r in found] == ["int8", "gated-int8"]
     with pytest.raises(ValueError, match="int8-gemm keys are measured on CUDA"):
         routes.measure(RouteKey("bf16", routes.INT8_GEMM, 64, 96), "cpu")
     assert routes.FILENAME == "routes.v3.json"  # an older dsinf would drop (and rewrite away) int8-gemm keys
@@ -753,6 +755,21 @@ def test_gpu_a_gated_route_picks_the_kernel_that_runs(cuda_module, layout):
         torch.testing.assert_close(got[1].cpu(), want[1].to(torch.float16), rtol=0, atol=0)
         err = ((got[0].cpu().float() - want[0].float()).abs().max() / want[0].float().abs().max()).item()
         assert err < 4e-3, f"{path}: relative error {err:.3g}"
+
+
+@gpu
+def test_gpu_tune_mlp_routes_of_int8_weights_tune_the_gate_ups_int8_gemm(cuda_module, tmp_path, monkeypatch):
+    """int8 gate|up on CUDA: its GEMV key, then its int8 GEMM's (the matmul at a prompt's M), then the gated key."""
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
+    b = routes.binding("cuda")
+    saved = dict(b.applied)
+    try:
+        found = routes.tune_mlp_routes([(256, 160)], torch.int8, "cuda", act_dtype=torch.float16, force=True)
+        assert [r.key for r in found] == [RouteKey("fp16", lay, 256, 320) for lay in ("int8", routes.INT8_GEMM,
+                                                                                      "gated-int8")]
+        assert all(b.applied[r.key] == r.max_m for r in found)
+    finally:
+        b.set(saved)
 
 
 @gpu
