@@ -209,6 +209,24 @@ class InferenceBuilder(OpBuilder):
                                                "(%s: %s); it runs on its compiled crossovers", variant,
                                                type(exc).__name__, exc)
 
+    def measured(self) -> list[dict[str, Any]]:
+        """The route tables (dsinf.routes: which M run on which kernel, per shape) and the Triton autotune
+        table (dsinf.triton.autotune: the fastest config per problem), each per device/version/build."""
+        from . import routes
+        from .triton import autotune
+
+        found = []
+        for what, path, read, show in (
+                ("routes", routes.table_path(), lambda p: {d: len(t) for d, t in routes.read_tables(p).items()},
+                 "python -m dsinf.routes"),
+                ("triton autotune", autotune.table_path(), autotune.summary, None)):
+            try:
+                tables = read(path)
+            except Exception as exc:  # noqa: BLE001 - the report shows the problem in place
+                tables = {"error": f"{type(exc).__name__}: {exc}"}
+            found.append({"what": what, "path": str(path), "tables": tables, "list": show})
+        return found
+
     def sanity_check(self, variant: str) -> str:
         """Run each compiled function on its spec's samples against the spec's reference; raise on mismatch."""
         import torch

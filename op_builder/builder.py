@@ -114,6 +114,12 @@ class OpBuilder:
         """Runs once per process after `variant` loaded (e.g. push persisted tuning data into it).
         `load_variant(variant)` already returns the loaded variant here."""
 
+    def measured(self) -> list[dict[str, Any]]:
+        """The persisted measurements this op's kernels are chosen by (route tables, autotune results), for
+        the report: one dict each with "what", "path", "tables" ({table name: entries}) and "list" (the
+        command that shows them). Read only, never raises. None here."""
+        return []
+
     # ---- shared machinery ---------------------------------------------------------------------
     def key(self, variant: str, spec: BuildSpec) -> cache.BuildKey:
         root = csrc_root()

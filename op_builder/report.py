@@ -118,6 +118,17 @@ def op_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def measured_rows() -> list[dict[str, Any]]:
+    """Each op's persisted measurements (OpBuilder.measured): where the data its kernels are chosen by lives."""
+    rows = []
+    for name, builder in ALL_OPS.items():
+        found = _guard(builder.measured)
+        if isinstance(found, str):
+            found = [{"what": "measurements", "path": "?", "tables": {"error": found}, "list": None}]
+        rows += [{"op": name, **entry} for entry in found]
+    return rows
+
+
 def build_and_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Load every buildable (or installed) variant and run its sanity check."""
     results = []
@@ -155,7 +166,7 @@ def _fmt(value: Any) -> str:
 
 
 def render(env: dict[str, Any], rows: list[dict[str, Any]], built: list[dict[str, Any]] | None,
-           color: bool) -> str:
+           color: bool, measured: list[dict[str, Any]] = ()) -> str:
     out = ["dsinf op_builder report", "=" * 60, "environment:"]
     for key, value in env.items():
         if key != "knobs":
@@ -178,6 +189,15 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], built: list[dict[str
         if not r["cached"] and r["buildable"] and not r["installed"]:  # installed: the prebuilt binary loads
             out.append(f"      cache: {r['cached_why_not']} (built on first use; set {r['build_var']}=1 at install "
                        "to ship it prebuilt)")
+    if measured:
+        out.append("measured choices (persisted; a rebuilt module, another torch or device measures again):")
+    for m in measured:
+        tables = m["tables"]
+        out.append(f"  {m['op']} {m['what']}: {m['path']}" + ("" if tables else ": nothing measured yet"))
+        for table, n in tables.items():
+            out.append(f"      {table}: {n}" + (" entries" if isinstance(n, int) else ""))
+        if tables and m.get("list"):
+            out.append(f"      listed by: {m['list']}")
     if built is not None:
         out.append("build + sanity check:")
         for b in built:
@@ -196,16 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        env, rows = environment(), op_rows()
+        env, rows, measured = environment(), op_rows(), measured_rows()
         built = build_and_check(rows) if args.build else None
     except Exception:  # last resort: still no bare traceback as the only output
         print("op_builder.report failed unexpectedly; please include this in a bug report:", file=sys.stderr)
         traceback.print_exc()
         return 2
     if args.json:
-        text = json.dumps({"environment": env, "ops": rows, "build": built}, indent=2, default=str)
+        text = json.dumps({"environment": env, "ops": rows, "measured": measured, "build": built}, indent=2,
+                          default=str)
     else:
-        text = render(env, rows, built, color=sys.stdout.isatty() and not args.no_color)
+        text = render(env, rows, built, color=sys.stdout.isatty() and not args.no_color, measured=measured)
     try:
         print(text)
         sys.stdout.flush()

@@ -83,7 +83,7 @@ def test_cpu_only_torch_shows_no_cuda_details(tmp_path):
     r = report(tmp_path, "--no-color")
     assert r.rc == 0, r
     environment = r.stdout.split("knobs (value, source):")[0]
-    ops = r.stdout.split("ops:")[1]
+    ops = r.stdout.split("ops:")[1].split("measured choices")[0]
     assert [line.split()[0] for line in environment.splitlines() if "cuda" in line.lower()] == ["cuda"], environment
     assert CPU_ONLY in environment
     for noise in ("nvcc", "cuda_home", "cuda_targets", "gpus", "12.0+PTX", "targets:"):
@@ -101,6 +101,45 @@ def test_closed_pipe_is_quiet(tmp_path, fmt):
     _, err = proc.communicate(timeout=300)
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
     assert proc.returncode == 0, err
+
+
+def test_report_lists_the_measured_choices(tmp_path):
+    """Where the route tables and the Triton autotune table live and what each holds per device, read only:
+    nothing measured yet on a fresh cache; then a route table of two devices and an autotune table (a
+    malformed autotune entry is not counted, and the report does not repair the file)."""
+    from dsinf import routes
+    from dsinf.routes import Route, RouteKey
+    from dsinf.triton import autotune
+
+    data = json.loads(report(tmp_path, "--json").stdout)
+    found = {m["what"]: m for m in data["measured"]}
+    assert set(found) == {"routes", "triton autotune"} and all(m["tables"] == {} for m in found.values())
+    root = tmp_path / "dsinf-data"
+    assert found["routes"]["path"] == str(root / routes.FILENAME)
+    assert "routes: " + str(root / routes.FILENAME) + ": nothing measured yet" in report(tmp_path, "--no-color").stdout
+
+    key = RouteKey("fp16", routes.INT8_GEMM, 4096, 4096)
+    routes._save("cuda|NVIDIA H200|torch=2.11.0|build=abc", [Route(key, 256, 128),
+                                                                   Route(RouteKey("fp16", "int8", 4096, 4096), 16, 16)],
+                 root / routes.FILENAME)
+    routes._save("cpu|AMD EPYC|threads=2|torch=2.13.0|build=def", [Route(RouteKey("fp32", "kn", 8, 8), 4, 8)],
+                 root / routes.FILENAME)
+    table = root / "triton" / autotune.FILENAME
+    table.parent.mkdir(parents=True)
+    good = {"config": {"BLOCK_M": 16}, "ms": 0.01, "candidates": 3, "tuned_at": "t"}
+    table.write_text(json.dumps({"format": autotune.FORMAT, "version": autotune.VERSION, "entries": {
+        "matmul|NVIDIA H200|triton=3.6.0|src=1|fp16|nk|M=16|N=64|K=64": good,
+        "matmul|NVIDIA H200|triton=3.6.0|src=1|fp16|nk|M=32|N=64|K=64": good,
+        "matmul|NVIDIA H200|triton=3.6.0|src=1|fp16|nk|M=64|N=64|K=64": {"config": {"BLOCK_M": "x"}}}}))
+    before = table.read_bytes()
+    data = json.loads(report(tmp_path, "--json").stdout)
+    found = {m["what"]: m for m in data["measured"]}
+    assert found["routes"]["tables"] == {"cuda|NVIDIA H200|torch=2.11.0|build=abc": 2,
+                                         "cpu|AMD EPYC|threads=2|torch=2.13.0|build=def": 1}
+    assert found["triton autotune"]["tables"] == {"NVIDIA H200|triton=3.6.0": 2}
+    assert table.read_bytes() == before
+    text = report(tmp_path, "--no-color").stdout.split("measured choices")[1]
+    assert "cuda|NVIDIA H200|torch=2.11.0|build=abc: 2 entries" in text and "listed by: python -m dsinf.routes" in text
 
 
 def test_report_builds_nothing_without_build(tmp_path):

@@ -71,6 +71,24 @@ def table_path() -> Path:
     return data_root() / "triton" / FILENAME
 
 
+def summary(path: Path | None = None) -> dict[str, int]:
+    """Entries of the table file per GPU and triton version ("<GPU name>|triton=<version>"), read only (no
+    repair, no write: the report's view); an unusable file has none."""
+    doc, why = read_json(table_path() if path is None else Path(path))
+    if why == "missing":
+        return {}
+    try:
+        entries, _ = _parse(doc, why)
+    except _Problem:
+        return {}
+    counts: dict[str, int] = {}
+    for text in entries:
+        fields = text.split("|")
+        where = "|".join(fields[1:3]) if len(fields) > 2 else "?"
+        counts[where] = counts.get(where, 0) + 1
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------------
 # Keys and buckets
 
