@@ -160,6 +160,7 @@ def generate(model, ids, new, mode):
 
 
 def timed(fn, device, repeats):
+    """(median, fastest, slowest) wall seconds of `repeats` runs."""
     times = []
     for _ in range(repeats):
         sync(device)
@@ -167,17 +168,23 @@ def timed(fn, device, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
 
 
 def measure(model, args, mode, batch):
     ids = prompts(args, batch)
     generate(model, ids, args.new, mode)  # warm-up: builds, autotunes, HF's compile of the decode step
     generate(model, ids, 1, mode)  # and of the shapes a one-token run uses (its static cache is shorter)
-    ttft = timed(lambda: generate(model, ids, 1, mode), args.device, args.repeats)
-    total = timed(lambda: generate(model, ids, args.new, mode), args.device, args.repeats)
-    decode = max(total - ttft, 1e-9)
-    row = {"ttft_ms": ttft * 1e3, "decode_tok_s": batch * (args.new - 1) / decode}
+    ttft, ttft_lo, ttft_hi = timed(lambda: generate(model, ids, 1, mode), args.device, args.repeats)
+    total, total_lo, total_hi = timed(lambda: generate(model, ids, args.new, mode), args.device, args.repeats)
+
+    def tok_s(seconds):
+        return batch * (args.new - 1) / max(seconds - ttft, 1e-9)
+
+    # The ranges (fastest..slowest repeat; decode: of the whole run, over the median first token) show how
+    # much one machine's runs of the same build spread: a ratio inside them is not a difference.
+    row = {"ttft_ms": ttft * 1e3, "decode_tok_s": tok_s(total), "ttft_ms_range": [ttft_lo * 1e3, ttft_hi * 1e3],
+           "decode_tok_s_range": [tok_s(total_hi), tok_s(total_lo)]}
     graphs = getattr(model, "_dsinf_graphs", None)
     if graphs is not None and mode == "static":  # evidence that the decode steps ran from dsinf's graphs
         row["graphs"] = {"captures": graphs.captures, "adoptions": graphs.adoptions, "replays": graphs.replays,
@@ -283,14 +290,18 @@ def report(rows, accuracy_rows, goal_rows, notes, args):
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + (f"; CUDA module built with {' '.join('-D' + d for d in args.define)}" if args.define else ""))
     w = max([11, *(len(v) for v in args.variants)])  # the variant column: as wide as the longest name
-    header = f"{'variant':<{w}} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'x hf':>6} {'TTFT ms':>9} {'x hf':>6}"
+    header = (f"{'variant':<{w}} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'range':>13} {'x hf':>6} "
+              f"{'TTFT ms':>9} {'range':>11} {'x hf':>6}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         ratio = f"{r['ratio_vs_hf']:.2f}" if r["ratio_vs_hf"] is not None else "-"
         ttft_ratio = f"{r['ttft_ratio_vs_hf']:.2f}" if r["ttft_ratio_vs_hf"] is not None else "-"
-        print(f"{r['variant']:<{w}} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {ratio:>6} "
-              f"{r['ttft_ms']:>9.1f} {ttft_ratio:>6}")
-    print("(static on cuda: HF compiles the decode step; on cpu it runs uncompiled)")
+        decode_range = "{:.0f}-{:.0f}".format(*r["decode_tok_s_range"])
+        ttft_range = "{:.1f}-{:.1f}".format(*r["ttft_ms_range"])
+        print(f"{r['variant']:<{w}} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {decode_range:>13} "
+              f"{ratio:>6} {r['ttft_ms']:>9.1f} {ttft_range:>11} {ttft_ratio:>6}")
+    print(f"(medians of {args.repeats} repeats; range: the slowest and fastest repeat. Static on cuda: HF "
+          "compiles the decode step; on cpu it runs uncompiled)")
     print(f"\n{'variant':<{w}} {'rel err vs hf':>14} {'vs dequantized':>15} {'greedy agreement vs hf':>23} "
           f"{'vs dequantized':>15}")
     for variant, a in accuracy_rows.items():

@@ -417,3 +417,22 @@ def test_gpu_test_shards_cover_every_test_file_once():
     files = [f for fs in groups.values() for f in fs]
     assert sorted(files) == sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py"))
     assert groups["timed"] == ["tests/test_routes.py"]
+
+
+def test_e2e_rows_carry_the_spread_of_their_repeats(tmp_path, cpu_module, capsys):
+    """bench.e2e on the CPU (tiny model, one layer): each row's median lies inside its range (the fastest and
+    slowest repeat), the table prints the ranges, and the JSON keeps them."""
+    from bench import e2e
+
+    path = tmp_path / "e2e.json"
+    assert e2e.main(["--device", "cpu", "--layers", "1", "--variants", "hf,dsinf", "--modes", "eager",
+                     "--batch", "1", "--prompt", "8", "--new", "4", "--repeats", "3", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["hf", "dsinf"]
+    for r in rows:
+        lo, hi = r["decode_tok_s_range"]
+        assert 0 < lo <= r["decode_tok_s"] <= hi, r
+        lo, hi = r["ttft_ms_range"]
+        assert 0 < lo <= r["ttft_ms"] <= hi, r
+    out = capsys.readouterr().out
+    assert "range" in out.split("\n-")[0] and "medians of 3 repeats" in out
