@@ -284,11 +284,25 @@ def goals(rows, accuracy_rows, args):
             for g, v, op, t in out]
 
 
-def report(rows, accuracy_rows, goal_rows, notes, args):
+def host_state() -> dict:
+    """The host a run's eager rows depend on (their launches are host work): the 1-minute load average on its
+    cores, and torch's CPU threads."""
+    from bench.timing import is_loaded, machine_load
+
+    load, cores = machine_load()
+    return {"load_avg": round(load, 2), "cores": cores, "loaded": is_loaded(load, cores),
+            "torch_threads": torch.get_num_threads()}
+
+
+def report(rows, accuracy_rows, goal_rows, notes, args, host):
     print(f"\n{args.preset}, {args.layers} layers, {args.dtype}, rope {args.rope}, prompt {args.prompt}, "
           f"{args.new} new tokens, {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + (f"; CUDA module built with {' '.join('-D' + d for d in args.define)}" if args.define else ""))
+    print(f"host: load {host['before']['load_avg']} before / {host['after']['load_avg']} after on "
+          f"{host['before']['cores']} cores, torch threads {host['before']['torch_threads']}"
+          + ("; WARNING: other processes competed for the cores (eager rows are host-bound)"
+             if host["before"]["loaded"] or host["after"]["loaded"] else ""))
     w = max([11, *(len(v) for v in args.variants)])  # the variant column: as wide as the longest name
     header = (f"{'variant':<{w}} {'mode':<7} {'batch':>5} {'decode tok/s':>13} {'range':>13} {'x hf':>6} "
               f"{'TTFT ms':>9} {'range':>11} {'x hf':>6}")
@@ -333,13 +347,15 @@ def main(argv=None) -> int:
         from bench.defines import load_cuda_with_defines
 
         load_cuda_with_defines(args.define)  # before inject loads the default build
+    before = host_state()
     rows, accuracy_rows, notes = run(args)
+    host = {"before": before, "after": host_state()}
     rows = with_ratios(rows)
     goal_rows = goals(rows, accuracy_rows, args)
-    report(rows, accuracy_rows, goal_rows, notes, args)
+    report(rows, accuracy_rows, goal_rows, notes, args, host)
     if args.json:
         meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                "torch": torch.__version__, "transformers": transformers.__version__,
+                "torch": torch.__version__, "transformers": transformers.__version__, "host": host,
                 **{k: v for k, v in vars(args).items() if k != "json"}}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows, "accuracy": accuracy_rows, "goals": goal_rows, "notes": notes},

@@ -427,7 +427,9 @@ def test_e2e_rows_carry_the_spread_of_their_repeats(tmp_path, cpu_module, capsys
     path = tmp_path / "e2e.json"
     assert e2e.main(["--device", "cpu", "--layers", "1", "--variants", "hf,dsinf", "--modes", "eager",
                      "--batch", "1", "--prompt", "8", "--new", "4", "--repeats", "3", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
+    doc = json.loads(path.read_text())
+    rows, host = doc["rows"], doc["meta"]["host"]
+    assert host["before"]["cores"] == os.cpu_count() and host["after"]["load_avg"] >= 0
     assert [r["variant"] for r in rows] == ["hf", "dsinf"]
     for r in rows:
         lo, hi = r["decode_tok_s_range"]
@@ -435,4 +437,4 @@ def test_e2e_rows_carry_the_spread_of_their_repeats(tmp_path, cpu_module, capsys
         lo, hi = r["ttft_ms_range"]
         assert 0 < lo <= r["ttft_ms"] <= hi, r
     out = capsys.readouterr().out
-    assert "range" in out.split("\n-")[0] and "medians of 3 repeats" in out
+    assert "range" in out.split("\n-")[0] and "medians of 3 repeats" in out and "host: load " in out
