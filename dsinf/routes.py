@@ -421,6 +421,13 @@ _lock = threading.RLock()
 _measured: dict[str, dict[str, Route]] = {}
 
 
+def measured_count() -> int:
+    """How many routes this process has measured rather than reused from the persisted table (the caller of a
+    tuning reports its share: a first run measures, later ones reuse)."""
+    with _lock:
+        return sum(len(t) for t in _measured.values())
+
+
 def binding(variant: str) -> Binding:
     """The loaded `variant` module's route table (loads the module, building it if needed)."""
     with _lock:

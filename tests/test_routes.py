@@ -558,6 +558,12 @@ def test_inject_measures_the_fused_mlp_after_its_linears(cpu_routes, monkeypatch
     gated = RouteKey("fp32", "gated-nk", 64, 192)
     assert measured[-1] == gated and gated.plain in measured[:-1]  # once for both layers, after the linears
     assert gated in cpu_routes.applied
+    n = len(measured)  # the summary says what this inject measured, and a second one reuses all of it
+    assert f"{n} routes of its shapes: {n} measured now" in dsinf.injection_summary(model).format()
+    torch.manual_seed(0)
+    again = dsinf.inject(transformers.LlamaForCausalLM(config).eval())
+    assert len(measured) == n and f": 0 measured now" in dsinf.injection_summary(again).routes
+    assert f"{n} reused" in dsinf.injection_summary(again).routes
     cpu_routes.set({**cpu_routes.applied, gated: 0})  # the other path: same logits
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

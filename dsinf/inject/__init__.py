@@ -17,9 +17,10 @@ model's own class.
 from __future__ import annotations
 
 import logging
-import sys
-import types
 import numbers
+import sys
+import time
+import types
 
 import torch
 from torch import nn
@@ -138,7 +139,12 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     if defer_stop and stopcheck.install(model, swap_class):
         summary.stop_check = stopcheck.describe()
     model._dsinf_injection = summary
-    routes.tune_model(model)  # measured routes of the model's linear and fused-MLP shapes (CUDA; DSINF_ROUTES)
+    start, before = time.perf_counter(), routes.measured_count()
+    tuned = routes.tune_model(model)  # measured routes of the model's linear and fused-MLP shapes (CUDA; DSINF_ROUTES)
+    if tuned:
+        fresh, keys = routes.measured_count() - before, len({r.key for r in tuned})  # a gate|up's matmul: twice
+        summary.routes = (f"{keys} routes of its shapes: {fresh} measured now ({time.perf_counter() - start:.1f} s), "
+                          f"{keys - fresh} reused (persisted per device and build: python -m dsinf.routes)")
     for m in model.modules():  # a shape the routes now send to ATen for every M calls torch directly
         if isinstance(m, InjectedLinear) and m.decision is not None:
             m.follow_routes()

@@ -35,6 +35,7 @@ class InjectionSummary:
     aten_routed: int = 0  # float linears whose shape the measured routes send to ATen for every M
     cuda_graph: str = ""  # how decode steps run on CUDA graphs ('' when they do not)
     stop_check: str = ""  # generate's stop check deferred on CUDA ('' when it is not)
+    routes: str = ""  # the measured routes of the model's shapes: how many measured now, how many reused
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +54,8 @@ class InjectionSummary:
             lines.append(f"  {self.cuda_graph}")
         if self.stop_check:
             lines.append(f"  {self.stop_check}")
+        if self.routes:
+            lines.append(f"  {self.routes}")
         if self.aten_routed:
             lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
                          f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")
