@@ -562,7 +562,7 @@ def test_inject_measures_the_fused_mlp_after_its_linears(cpu_routes, monkeypatch
     assert f"{n} routes of its shapes: {n} measured now" in dsinf.injection_summary(model).format()
     torch.manual_seed(0)
     again = dsinf.inject(transformers.LlamaForCausalLM(config).eval())
-    assert len(measured) == n and f": 0 measured now" in dsinf.injection_summary(again).routes
+    assert len(measured) == n and ": 0 measured now" in dsinf.injection_summary(again).routes
     assert f"{n} reused" in dsinf.injection_summary(again).routes
     cpu_routes.set({**cpu_routes.applied, gated: 0})  # the other path: same logits
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
