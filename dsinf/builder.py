@@ -215,17 +215,11 @@ class InferenceBuilder(OpBuilder):
         from . import routes
         from .triton import autotune
 
-        found = []
-        for what, path, read, show in (
-                ("routes", routes.table_path(), lambda p: {d: len(t) for d, t in routes.read_tables(p).items()},
-                 "python -m dsinf.routes"),
-                ("triton autotune", autotune.table_path(), autotune.summary, None)):
-            try:
-                tables = read(path)
-            except Exception as exc:  # noqa: BLE001 - the report shows the problem in place
-                tables = {"error": f"{type(exc).__name__}: {exc}"}
-            found.append({"what": what, "path": str(path), "tables": tables, "list": show})
-        return found
+        route_path, tune_path = routes.table_path(), autotune.table_path()  # both readers never raise
+        return [{"what": "routes", "path": str(route_path), "list": "python -m dsinf.routes",
+                 "tables": {device: len(t) for device, t in routes.read_tables(route_path).items()}},
+                {"what": "triton autotune", "path": str(tune_path), "list": None,
+                 "tables": autotune.summary(tune_path)}]
 
     def sanity_check(self, variant: str) -> str:
         """Run each compiled function on its spec's samples against the spec's reference; raise on mismatch."""

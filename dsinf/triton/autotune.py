@@ -73,14 +73,8 @@ def table_path() -> Path:
 
 def summary(path: Path | None = None) -> dict[str, int]:
     """Entries of the table file per GPU and triton version ("<GPU name>|triton=<version>"), read only (no
-    repair, no write: the report's view); an unusable file has none."""
-    doc, why = read_json(table_path() if path is None else Path(path))
-    if why == "missing":
-        return {}
-    try:
-        entries, _ = _parse(doc, why)
-    except _Problem:
-        return {}
+    repair, no write: the report's view; a problem is warned once, as a lookup would); an unusable file has none."""
+    entries, _ = AutotuneTable(table_path() if path is None else path)._read()
     counts: dict[str, int] = {}
     for text in entries:
         fields = text.split("|")
