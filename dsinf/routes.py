@@ -784,16 +784,17 @@ def _matmul_keys(act: str, layout: str, K: int, N: int, device: torch.device) ->
 
 def tune_mlp_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", *,
                     layout: str = "nk", act_dtype: torch.dtype | None = None, force: bool = False) -> list[Route]:
-    """`tune_routes` for rms_mlp_gemm's gate|up: where the gated kernel runs and where the matmul + gated
-    epilogue does, per (hidden K, intermediate I) of `shapes`. The gate|up matmul's own routes (K -> 2I;
-    int8 on CUDA: its GEMV's and its int8 GEMM's) are tuned first, so the gated kernel is compared with the
-    matmul as it will run. Returns, per distinct shape, the matmul's routes and then the gated one.
-    Arguments as `tune_routes`'s."""
+    """`tune_routes` for a gated MLP (rms_mlp_gemm), per (hidden K, intermediate I) of `shapes`: its two
+    matmuls' routes, the gate|up's (K -> 2I) and the down projection's (I -> K) (int8 on CUDA: each one's GEMV
+    key and int8 GEMM key), then the gated key: where the gate|up runs the gated kernel and where the matmul +
+    gated epilogue. The matmuls come first, so the gated kernel is timed against the matmul as it will run,
+    with the down projection on its own route in both. Returns, per distinct shape, the gate|up's routes, the
+    down projection's, then the gated one. Arguments as `tune_routes`'s."""
     _refuse_if_tracing("tune_mlp_routes")
     act, layout = _act_and_layout("tune_mlp_routes", dtype, layout, act_dtype)
     device = torch.device(device)
     keys = _keys("tune_mlp_routes", shapes, lambda k, i: _matmul_keys(act, layout, k, 2 * i, device) +
-                 [RouteKey(act, GATED + layout, k, 2 * i)])
+                 _matmul_keys(act, layout, i, k, device) + [RouteKey(act, GATED + layout, k, 2 * i)])
     return _tune(keys, device, force)
 
 
@@ -854,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", nargs="*", metavar="KxN", help="measure these shapes first (e.g. 4096x12288)")
     parser.add_argument("--mlp", action="store_true",
                         help="--tune's shapes are gated MLPs, hidden x intermediate (e.g. 4096x14336): tune "
-                             "where rms_mlp_gemm's gate|up runs the gated kernel")
+                             "their gate|up and down matmuls, then where rms_mlp_gemm's gate|up runs the gated "
+                             "kernel")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
                         help="the weights' dtype (int8: weight-only, activations --act-dtype)")

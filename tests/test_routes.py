@@ -447,7 +447,8 @@ def test_int8_gemm_keys_are_measured_on_cuda_only(cpu_routes, tmp_path):
     assert [r.key for r in found] == [RouteKey("bf16", "int8", 64, 96)]
     assert set(routes.read_tables(tmp_path / routes.FILENAME)[routes.device_key("cpu")]) == {found[0].key.text}
     found = routes.tune_mlp_routes([(64, 48)], torch.int8, "cpu", act_dtype=torch.bfloat16)
-    assert [r.key.layout for r in found] == ["int8", "gated-int8"]
+    assert [r.key for r in found] == [RouteKey("bf16", "int8", 64, 96), RouteKey("bf16", "int8", 48, 64),
+                                      RouteKey("bf16", "gated-int8", 64, 96)]
     with pytest.raises(ValueError, match="int8-gemm keys are measured on CUDA"):
         routes.measure(RouteKey("bf16", routes.INT8_GEMM, 64, 96), "cpu")
     assert routes.FILENAME == "routes.v3.json"  # an older dsinf would drop (and rewrite away) int8-gemm keys
@@ -463,7 +464,9 @@ def test_the_cli_tunes_int8_weights_with_their_activation_dtype(cpu_routes, tmp_
     assert route.explain() in capsys.readouterr().out
 
 
-def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):
+def test_tune_mlp_routes_tunes_the_matmuls_then_the_gated_kernel(cpu_routes, tmp_path, monkeypatch):
+    """A gated MLP's gate|up matmul (K -> 2I), its down projection (I -> K), then its gated key, timed with both
+    matmuls on the routes just measured."""
     measured, in_force = [], []
     real = routes.measure
 
@@ -473,14 +476,16 @@ def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_
         return real(key, *a, **k)
 
     monkeypatch.setattr(routes, "measure", measure)
-    plain, gated = routes.tune_mlp_routes([(64, 48), (64, 48)], torch.float32, "cpu", layout="kn")
-    assert measured == [RouteKey("fp32", "kn", 64, 96), RouteKey("fp32", "gated-kn", 64, 96)]
-    assert in_force == [{}, {plain.key: plain.max_m}]  # the gated kernel is timed against the routed matmul
-    assert (plain.key, gated.key) == tuple(measured)
+    plain, down, gated = routes.tune_mlp_routes([(64, 48), (64, 48)], torch.float32, "cpu", layout="kn")
+    assert measured == [RouteKey("fp32", "kn", 64, 96), RouteKey("fp32", "kn", 48, 64),
+                        RouteKey("fp32", "gated-kn", 64, 96)]
+    # the gated kernel is timed against the routed matmul, and with the down projection on its route
+    assert in_force == [{}, {plain.key: plain.max_m}, {plain.key: plain.max_m, down.key: down.max_m}]
+    assert (plain.key, down.key, gated.key) == tuple(measured)
     assert gated.default_max_m == cpu_routes.default(gated.key) and gated.buckets[0] == 1
     assert all(math.isfinite(t) and 0 < t < 1e3 for t in gated.ours_ms + gated.aten_ms)
     assert gated.max_m == routes.decide_gated(gated.buckets, gated.ours_ms, gated.aten_ms)
-    assert cpu_routes.applied == {plain.key: plain.max_m, gated.key: gated.max_m}
+    assert cpu_routes.applied == {plain.key: plain.max_m, down.key: down.max_m, gated.key: gated.max_m}
     persisted = routes.read_tables(tmp_path / routes.FILENAME)
     assert sorted(r.key.text for t in persisted.values() for r in t.values()) == sorted(k.text for k in measured)
     config = dsinf.InferenceConfig(dtype=torch.float32, norm_type=NormType.RMSNorm,
@@ -490,9 +495,10 @@ def test_tune_mlp_routes_tunes_the_matmul_then_the_gated_kernel(cpu_routes, tmp_
     linear_explain = dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32)).resolve("cpu").explain()
     assert plain.explain() in linear_explain and "gate|up" not in linear_explain
     cpu_routes.set({})
-    assert routes.apply("cpu") == 2 and cpu_routes.applied == {plain.key: plain.max_m, gated.key: gated.max_m}
-    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, gated]  # reused
-    assert len(measured) == 2
+    assert routes.apply("cpu") == 3
+    assert cpu_routes.applied == {plain.key: plain.max_m, down.key: down.max_m, gated.key: gated.max_m}
+    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, down, gated]  # reused
+    assert len(measured) == 3
     with pytest.raises(ValueError, match="'shapes'"):
         routes.tune_mlp_routes([(64,)], torch.float32, "cpu")
 
@@ -508,10 +514,10 @@ def test_a_failed_tuning_keeps_and_persists_what_it_measured(cpu_routes, tmp_pat
     monkeypatch.setattr(routes, "measure", measure)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="planted"):
         routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="nk")
-    plain = RouteKey("fp32", "nk", 64, 96)
-    assert set(cpu_routes.applied) == {plain}
+    plain, down = RouteKey("fp32", "nk", 64, 96), RouteKey("fp32", "nk", 48, 64)
+    assert set(cpu_routes.applied) == {plain, down}
     persisted = routes.read_tables(tmp_path / routes.FILENAME)
-    assert [r.key for t in persisted.values() for r in t.values()] == [plain]
+    assert sorted(r.key.text for t in persisted.values() for r in t.values()) == sorted([plain.text, down.text])
 
 
 def test_an_unwritable_cache_measures_once_per_process(cpu_routes, tmp_path, monkeypatch, caplog):
@@ -521,13 +527,13 @@ def test_an_unwritable_cache_measures_once_per_process(cpu_routes, tmp_path, mon
     real = routes.measure
     monkeypatch.setattr(routes, "measure", lambda key, *a, **k: measured.append(key) or real(key, *a, **k))
     with caplog.at_level(logging.WARNING, logger="dsinf"):
-        [plain, gated] = routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn")
-    assert "could not write the route table" in caplog.text and len(measured) == 2
+        [plain, down, gated] = routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn")
+    assert "could not write the route table" in caplog.text and len(measured) == 3
     assert routes.tune_routes([(64, 96)], torch.float32, "cpu", layout="kn") == [plain]  # this process: reused
-    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, gated]
-    assert len(measured) == 2
+    assert routes.tune_mlp_routes([(64, 48)], torch.float32, "cpu", layout="kn") == [plain, down, gated]
+    assert len(measured) == 3
     routes.tune_routes([(64, 96)], torch.float32, "cpu", layout="kn", force=True)
-    assert len(measured) == 3  # force measures again
+    assert len(measured) == 4  # force measures again
 
 
 def test_a_gated_route_on_cuda_moves_only_the_size_threshold():
@@ -764,14 +770,16 @@ def test_gpu_a_gated_route_picks_the_kernel_that_runs(cuda_module, layout):
 
 @gpu
 def test_gpu_tune_mlp_routes_of_int8_weights_tune_the_gate_ups_int8_gemm(cuda_module, tmp_path, monkeypatch):
-    """int8 gate|up on CUDA: its GEMV key, then its int8 GEMM's (the matmul at a prompt's M), then the gated key."""
+    """An int8 MLP on CUDA: the gate|up's GEMV key, then its int8 GEMM's (the matmul at a prompt's M), the down
+    projection's two, then the gated key."""
     monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
     b = routes.binding("cuda")
     saved = dict(b.applied)
     try:
         found = routes.tune_mlp_routes([(256, 160)], torch.int8, "cuda", act_dtype=torch.float16, force=True)
-        assert [r.key for r in found] == [RouteKey("fp16", lay, 256, 320) for lay in ("int8", routes.INT8_GEMM,
-                                                                                      "gated-int8")]
+        matmuls = [RouteKey("fp16", layout, K, N) for K, N in ((256, 320), (160, 256))
+                   for layout in ("int8", routes.INT8_GEMM)]
+        assert [r.key for r in found] == [*matmuls, RouteKey("fp16", "gated-int8", 256, 320)]
         assert all(b.applied[r.key] == r.max_m for r in found)
     finally:
         b.set(saved)
@@ -788,7 +796,8 @@ def test_gpu_tune_mlp_routes_and_inject_on_cuda(cuda_module, tmp_path, monkeypat
     b = routes.binding("cuda")
     saved = dict(b.applied)
     try:
-        plain, gated = routes.tune_mlp_routes([(2048, 5632)], torch.float16, "cuda", force=True)
+        plain, down, gated = routes.tune_mlp_routes([(2048, 5632)], torch.float16, "cuda", force=True)
+        assert (plain.key, down.key) == (RouteKey("fp16", "nk", 2048, 11264), RouteKey("fp16", "nk", 5632, 2048))
         print(plain.explain(), gated.explain(), sep="\n")
         assert gated.key == RouteKey("fp16", "gated-nk", 2048, 11264) and gated.buckets == (1, 2, 4, 8)
         assert b.applied[gated.key] == gated.max_m == routes.decide_gated(gated.buckets, gated.ours_ms,
