@@ -90,6 +90,8 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the Ms measured, capped at what the GEMV a
 # The Ms an int8-gemm key is measured at: from the int8 GEMV's largest M up to a long prompt's. Where cuBLAS's
 # GEMM overtakes ours is M ~ 256-1024 on an H200 (earlier on small weights and on bf16, later on large ones).
 GEMM_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+WARM_FIRST_S = 0.05  # CUDA: a shape's first bucket replays its graphs this long before timing (clocks ramp up)
+WARM_S = 0.002  # ... and every later bucket (its graphs are new; the clocks are up)
 # Shared with csrc/inference/binding/routes.h (DtypeCode, LayoutCode).
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gated-int8": 5, "int8-gemm": 6}
@@ -679,8 +681,22 @@ def _measure_cpu(b, key, base, op, xs, weights, ours, aten, reps, weight_bytes):
                 times[m].append(_time_cpu(lambda: op(x, *args), calls))
 
 
+def _warm(replays, seconds: float) -> None:
+    """Replay each of `replays` in turn, at least once and until `seconds` have passed (synchronized): a GPU
+    that sat idle runs at a fraction of its clock (an idle H200 reads 345 MHz) until load has held for a
+    while, and the times are persisted and shown, not only compared."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        for replay in replays:
+            replay()
+        torch.cuda.synchronize()
+        if time.perf_counter() >= deadline:
+            return
+
+
 def _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps):
     calls = len(weights) * max(1, math.ceil(16 / len(weights)))  # every copy, >= 16 calls per replay
+    first = next(iter(xs))
     for m, x in xs.items():  # a bucket at a time: one bucket's graphs (and their memory pools) alive at once
         def run(x=x):
             for i in range(calls):
@@ -692,9 +708,7 @@ def _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps):
             b.set(table)  # the route is taken at capture, and replayed
             graph = _graph(run)
             graphs.append((graph.replay if graph is not None else lambda t=table: (b.set(t), run()), times[m]))
-        for replay, _ in graphs:
-            replay()  # warm
-        torch.cuda.synchronize()
+        _warm([replay for replay, _ in graphs], WARM_FIRST_S if m == first else WARM_S)
         for _ in range(reps):  # interleaved: clock drift hits both routes alike
             for replay, times in graphs:
                 times.append(_time_cuda(replay, calls))

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import statistics
+import time
 
 import pytest
 import torch
@@ -534,6 +535,23 @@ def test_an_unwritable_cache_measures_once_per_process(cpu_routes, tmp_path, mon
     assert len(measured) == 3
     routes.tune_routes([(64, 96)], torch.float32, "cpu", layout="kn", force=True)
     assert len(measured) == 4  # force measures again
+
+
+def test_cuda_timing_warms_both_routes_until_its_time_has_passed(monkeypatch):
+    """Before a bucket is timed its graphs replay in turn, each at least once, until the warm-up time has passed
+    (synchronized: the time is the GPU's, not the launches'). torch.cuda.synchronize stands in for the GPU here;
+    the GPU tests run the real measuring loop."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    replays = [lambda: calls.append("ours"), lambda: calls.append("aten")]
+    routes._warm(replays, 0.0)
+    assert calls == ["ours", "aten", "sync"]
+    calls.clear()
+    start = time.perf_counter()
+    routes._warm(replays, 0.02)
+    assert time.perf_counter() - start >= 0.02 and calls[-1] == "sync"
+    assert calls[:3] == ["ours", "aten", "sync"] and calls.count("ours") == calls.count("aten") > 1
+    assert routes.WARM_FIRST_S >= 0.02 and 0 < routes.WARM_S <= routes.WARM_FIRST_S
 
 
 def test_a_gated_route_on_cuda_moves_only_the_size_threshold():
