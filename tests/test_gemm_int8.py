@@ -230,8 +230,8 @@ def _gemm_kernels_launched(fn, x, w, scale) -> list[str]:
 @pytest.mark.parametrize("suffix", HALF)
 def test_the_kernel_for_the_device_is_what_runs(cuda_module, route, suffix):
     """A compute-capability-9.0 device with a build for sm_90a (the default there) runs the warpgroup-MMA
-    kernel; other devices and builds the mma.sync one. Both token tiles (64 up to M = 64, 128 above), read
-    from the launched kernel's template arguments."""
+    kernel, with two warpgroups (the wide CTA is a build variant); other devices and builds the mma.sync one.
+    Both token tiles (64 up to M = 64, 128 above), read from the launched kernel's template arguments."""
     hopper = _wgmma_runs()
     dtype = DTYPES[suffix]
     fn = _fn(cuda_module, "vector_matmul", suffix)
@@ -243,22 +243,48 @@ def test_the_kernel_for_the_device_is_what_runs(cuda_module, route, suffix):
             names = _gemm_kernels_launched(fn, x, w, scale)
             assert route.last() == "int8-gemm"
         assert len(names) == 1, f"M={M}: expected one GEMM launch, got {names}"
-        found = re.search(r"(gemm_int8(?:_wgmma)?_kernel)<[^<>,]+,\s*(\d+)>", names[0])
-        assert found, f"no template arguments in the kernel's name: {names[0]}"
-        want = "gemm_int8_wgmma_kernel" if hopper else "gemm_int8_kernel"
-        assert (found.group(1), int(found.group(2))) == (want, tile), f"{suffix} M={M}: {names[0]}"
+        kernel, targs = _kernel_and_args(names[0])
+        want = ("gemm_int8_wgmma_kernel", [tile, 2, 4]) if hopper else ("gemm_int8_kernel", [tile])
+        assert (kernel, targs) == want, f"{suffix} M={M}: {names[0]}"
 
 
-def test_the_mma_sync_kernel_keeps_parity_where_wgmma_would_run():
-    """The mma.sync kernel, which sm_80 / sm_89 devices and builds without sm_90a run, built with
-    DSINF_GEMM_I8_WGMMA=0 in a child process (its own module), so a Hopper machine checks it too: parity of
-    the probe's forced GEMM on both token tiles, M and N tails, a partial k-tile and a K split."""
+def _kernel_and_args(name: str) -> tuple[str, list[int]]:
+    """The GEMM kernel's name and its integer template arguments (after the dtype), from the profiler's name:
+    `gemm_int8_kernel<T, BM>` or `gemm_int8_wgmma_kernel<T, BT, warpgroups, stages>`."""
+    found = re.search(r"(gemm_int8(?:_wgmma)?_kernel)<[^<>,]+((?:,\s*\d+)+)>", name)
+    assert found, f"no template arguments in the kernel's name: {name}"
+    return found.group(1), [int(v) for v in found.group(2).split(",")[1:]]
+
+
+# Build variants a child process checks (its own module, built with the define): the mma.sync kernel, which
+# sm_80 / sm_89 devices and builds without sm_90a run, so a Hopper machine checks it too; and the wgmma kernel's
+# wide CTA (4 warpgroups, 256 weight rows, 6 stages; DSINF_GEMM_I8_WIDE_MIN_M), a candidate for large M.
+VARIANTS = {
+    "mma.sync": ("DSINF_GEMM_I8_WGMMA=0", False, lambda tile: ("gemm_int8_kernel", [tile])),
+    "wide wgmma": ("DSINF_GEMM_I8_WIDE_MIN_M=1", True, lambda tile: ("gemm_int8_wgmma_kernel", [tile, 4, 6])),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_build_variant_keeps_parity_and_runs_its_kernel(variant):
+    """Parity of the probe's forced GEMM in a build variant, on both token tiles, M and N tails (of the 128- and
+    the 256-row weight tile), a partial k-tile and a K split, and the kernel each row launched (read from its
+    template arguments), so a variant that fell back to the default kernel fails."""
+    define, needs_sm90, want = VARIANTS[variant]
+    if needs_sm90 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a compute-capability-9.0 device")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    define = "DSINF_GEMM_I8_WGMMA=0"
-    cmd = [sys.executable, os.path.join(root, "tools", "probe_int8_prefill.py"), "--no-timing", "--define", define,
-           "--shapes", "48x130,1040x384,8192x200", "--ms", "17,64,65,129,300"]
+    ms = (17, 64, 65, 129, 300)
+    cmd = [sys.executable, os.path.join(root, "tools", "probe_int8_prefill.py"), "--no-timing", "--kernel-names",
+           "--define", define, "--shapes", "48x130,1040x384,8192x200", "--ms", ",".join(map(str, ms))]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False, cwd=root)
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
     assert "with " + define in run.stdout, f"the variant was not what ran:\n{tail}"
-    assert run.stdout.count("parity ok") == 2 * 3 * 5 * 2, tail  # dtypes x shapes x M x both paths
+    assert run.stdout.count("parity ok") == 2 * 3 * len(ms) * 2, tail  # dtypes x shapes x M x both paths
+    kernels = re.findall(r"kernel (\w+) (\d+)x(\d+) M=(\d+): (.*)", run.stdout)
+    assert len(kernels) == 2 * 3 * len(ms), tail
+    for dtype, K, N, M, names in kernels:
+        [name] = names.split(" | ")  # one launch: a K split is one cluster launch
+        tile = 64 if int(M) <= 64 else 128
+        assert _kernel_and_args(name) == want(tile), f"{variant} {dtype} {K}x{N} M={M}: {name}"

@@ -5,6 +5,7 @@ then time the int8 GEMM (csrc/inference/cuda/gemm_int8.cu) and dequantize + cuBL
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --dtypes fp16 --ms 64,128 --define DSINF_GEMM_I8_STAGES=3
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --no-timing --define DSINF_GEMM_I8_WGMMA=0  # parity only
+    PYTHONPATH=$PWD python tools/probe_int8_prefill.py --define DSINF_GEMM_I8_WIDE_MIN_M=256 --kernel-names
 
 Default shapes: Llama-3-8B's four linears (qkv, o, gate|up, down); M over prefill lengths. Per row: the GEMM's
 µs, dequantize + cuBLAS's, cuBLAS's on 16-bit weights, the GEMM's speedup over dequantize + cuBLAS and over
@@ -39,6 +40,8 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=0, help="scale groups (0: one per output row)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--no-timing", action="store_true", help="parity of both paths only (tests run variants so)")
+    p.add_argument("--kernel-names", action="store_true",
+                   help="log the GEMM kernel each row launched (its template arguments: tile, warpgroups, stages)")
     args = p.parse_args()
 
     import torch
@@ -89,6 +92,8 @@ def main() -> int:
                                 log(f"  PARITY FAIL {name} {K}x{N} M={M} {path}: max err {err:.2e} (tol {TOL[name]})")
                             elif args.no_timing:
                                 log(f"  parity ok {name} {K}x{N} M={M} {path}: max err {err:.2e}")
+                            if args.kernel_names and path == "int8-gemm":
+                                log(f"  kernel {name} {K}x{N} M={M}: {' | '.join(_gemm_kernels(torch, op, x, wq, scale))}")
                             if args.no_timing:
                                 continue
                             times[path] = timer.time_many(
@@ -106,6 +111,16 @@ def main() -> int:
             del ws8, ws16, w32
             torch.cuda.empty_cache()
     return 1 if failures else 0
+
+
+def _gemm_kernels(torch, op, x, w, scale) -> list[str]:
+    """The int8-GEMM kernels one call launched, by name (the profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        op(x, w, False, scale, True, True)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "gemm_int8" in e.name]
 
 
 if __name__ == "__main__":

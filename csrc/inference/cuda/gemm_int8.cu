@@ -92,19 +92,19 @@ __device__ __forceinline__ uint32_t b_off(int row, int ch) {
   return row * kBRow + ((ch ^ flip) << 4);
 }
 
-// The split's reduction: after a cluster barrier, rank r sums its share of the BM x kBN fp32 tile (`part`, row
+// The split's reduction: after a cluster barrier, rank r sums its share of the BM x BN fp32 tile (`part`, row
 // major) over every rank of the cluster in rank order (deterministic) and stores it; a second barrier keeps
 // each CTA's shared memory alive until all ranks have read it. 16-byte remote loads, those of all ranks issued
 // before the sum: a tile is 16-32x a GEMV's, and with one serial 4-byte remote load per element and rank the
 // reduction took a fifth of the kernel (H200, 4096x4096 at M = 17, split 5: 29.8 -> 23.5 us with these loads).
-template <int BM, typename T>
+template <int BM, typename T, int BN = kBN, int Threads = kThreads>
 __device__ __forceinline__ void cluster_reduce_store(const float* part, int m0, int n0, const Epilogue<T>& epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cluster_sync();
   const int S = static_cast<int>(cluster_size()), rank = static_cast<int>(cluster_rank());
-  constexpr int kVecs = BM * kBN / 4;
+  constexpr int kVecs = BM * BN / 4;
   const int per = ceil_div(kVecs, S), begin = rank * per, end = min(kVecs, begin + per);
-  for (int v = begin + static_cast<int>(threadIdx.x); v < end; v += kThreads) {
+  for (int v = begin + static_cast<int>(threadIdx.x); v < end; v += Threads) {
     float4 r[DSINF_GEMV_MAX_SPLIT];
 #pragma unroll
     for (int s = 0; s < DSINF_GEMV_MAX_SPLIT; ++s)
@@ -123,7 +123,7 @@ __device__ __forceinline__ void cluster_reduce_store(const float* part, int m0, 
         sum.z += r[s].z;
         sum.w += r[s].w;
       }
-    const int row = m0 + 4 * v / kBN, col = n0 + 4 * v % kBN;
+    const int row = m0 + 4 * v / BN, col = n0 + 4 * v % BN;
     epi.store(row, col, sum.x);
     epi.store(row, col + 1, sum.y);
     epi.store(row, col + 2, sum.z);
@@ -138,7 +138,7 @@ __device__ __forceinline__ void cluster_reduce_store(const float* part, int m0, 
 // The CTA's results (`each_result(f)` calls f(tile row, tile column, value) for each of its accumulators):
 // stored, or, where K is split over a cluster, written to an fp32 tile in place of the ring (after a barrier:
 // every warp is done with it) and reduced over the cluster.
-template <int BM, typename T, typename Each>
+template <int BM, int BN = kBN, int Threads = kThreads, typename T, typename Each>
 __device__ __forceinline__ void finish_tile(Each&& each_result, unsigned char* smem, int m0, int n0, const Epilogue<T>& epi) {
   if (gridDim.y == 1) {
     each_result([&](int row, int col, float v) { epi.store(m0 + row, n0 + col, v); });
@@ -146,8 +146,8 @@ __device__ __forceinline__ void finish_tile(Each&& each_result, unsigned char* s
   }
   __syncthreads();
   float* part = reinterpret_cast<float*>(smem);
-  each_result([&](int row, int col, float v) { part[row * kBN + col] = v; });
-  cluster_reduce_store<BM>(part, m0, n0, epi);
+  each_result([&](int row, int col, float v) { part[row * BN + col] = v; });
+  cluster_reduce_store<BM, T, BN, Threads>(part, m0, n0, epi);
 }
 
 // One operand's share of a ring stage for this thread: a tile of Rows rows of RowBytes bytes (16-byte chunks)
@@ -157,11 +157,11 @@ __device__ __forceinline__ void finish_tile(Each&& each_result, unsigned char* s
 // are 32-bit, from the tile's base pointer (a tile's rows span < 2^31 elements: K <= 2^24, gemm_int8_supported).
 // With one 64-bit pointer and a row mask per copy instead, and no room left in 128 registers, the mma.sync
 // kernel's copies cost ~100 instructions per k-tile.
-template <typename E, int Rows, int RowBytes>
+template <typename E, int Rows, int RowBytes, int Threads = kThreads>
 struct TileCopy {
-  static constexpr int kChunks = RowBytes / 16, kCopies = Rows * kChunks / kThreads, kRowStep = kThreads / kChunks;
+  static constexpr int kChunks = RowBytes / 16, kCopies = Rows * kChunks / Threads, kRowStep = Threads / kChunks;
   static constexpr int kPerChunk = 16 / static_cast<int>(sizeof(E));
-  static_assert(kCopies >= 1 && Rows * kChunks % kThreads == 0, "every thread copies whole rows' chunks");
+  static_assert(kCopies >= 1 && Rows * kChunks % Threads == 0, "every thread copies whole rows' chunks");
   const E* base;
   uint32_t src[kCopies];  // element offsets from base
   int kc;                 // the chunk's first k within a stage
@@ -320,51 +320,74 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
 // byte permute per row (weight rows of 64 bytes, chunk c of row r at c ^ ((r >> 1) & 3): the 8 rows a warp
 // reads at once land in 8 distinct 16-byte bank groups).
 //
-// Pipeline: the copy of k-tile kt + kWgStages - 2 is issued at k-tile kt (one slot of slack: the last wgmma
+// Pipeline: the copy of k-tile kt + Stages - 2 is issued at k-tile kt (one slot of slack: the last wgmma
 // of k-tile kt - 1 may still be reading its slot); one wgmma per k16 step, committed alone, then a wait for
 // all but the newest, so the next step's conversion overlaps the running wgmma.
+//
+// The wide CTA (WG = 4 warpgroups, 256 weight rows, 512 threads, one CTA per SM), built only where
+// DSINF_GEMM_I8_WIDE_MIN_M > 0 (a probe variant, off by default until measured), runs M from that value up. At
+// large M this kernel plateaus at 400-565 TFLOP/s (H200, twenty-third round), and an estimate puts that at the
+// L2's bandwidth: a 128 x 128 tile draws 24 KiB per k-tile of 64 (16 KiB of tokens, 8 of int8 weights), about
+// 47 bytes per clock per SM at the tensor peak, ~11 TB/s over 132 SMs against the L2's ~5.5-7. A 128 x 256
+// tile draws 32 KiB for twice the MACs: two thirds of the bytes per MAC (cuBLAS's fp16 128 x 256 tiles draw
+// as many as the narrow one; it multicasts across a cluster).
 // ------------------------------------------------------------------------------------------------
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #ifndef DSINF_GEMM_I8_WG_STAGES
 #define DSINF_GEMM_I8_WG_STAGES 4  // 96 KiB at BT = 128: two CTAs per sm_90 SM
 #endif
+#ifndef DSINF_GEMM_I8_WIDE_MIN_M
+#define DSINF_GEMM_I8_WIDE_MIN_M 0  // > 0: M >= this runs the wide CTA (0: never, not built)
+#endif
+#ifndef DSINF_GEMM_I8_WIDE_STAGES
+#define DSINF_GEMM_I8_WIDE_STAGES 6  // 193 KiB at BT = 128: 4 k-tiles in flight, 128 KiB, as two narrow CTAs' 96
+#endif
 constexpr int kWgStages = DSINF_GEMM_I8_WG_STAGES;
-static_assert(kWgStages >= 3, "the wgmma ring keeps one slot of slack");
+constexpr int kWideStages = DSINF_GEMM_I8_WIDE_STAGES;
+static_assert(kWgStages >= 3 && kWideStages >= 3, "the wgmma ring keeps one slot of slack");
 constexpr int kWgBK = 64;  // k per stage: a token row of 128 bytes, the 128-byte swizzle's row
 
-template <int BT>
+template <int BT, int WG>
 constexpr size_t wg_stage_bytes() {
-  return static_cast<size_t>(BT) * kWgBK * 2 + static_cast<size_t>(kBN) * kWgBK;
+  return static_cast<size_t>(BT) * kWgBK * 2 + static_cast<size_t>(64 * WG) * kWgBK;
 }
-template <int BT>
+template <int BT, int WG, int Stages>
 constexpr size_t wg_smem_bytes() {
-  return wg_stage_bytes<BT>() * kWgStages + 1024;  // + slack to align the ring to 1024 bytes (the swizzle atom)
+  return wg_stage_bytes<BT, WG>() * Stages + 1024;  // + slack to align the ring to 1024 bytes (the swizzle atom)
 }
-static_assert(wg_stage_bytes<64>() % 1024 == 0 && wg_stage_bytes<128>() % 1024 == 0, "stages keep the alignment");
-static_assert(static_cast<size_t>(128) * kBN * sizeof(float) <= wg_smem_bytes<128>() &&
-                  static_cast<size_t>(64) * kBN * sizeof(float) <= wg_smem_bytes<64>(),
-              "the split's fp32 tile reuses the ring");
+template <int BT, int WG, int Stages>
+constexpr bool wg_shape_ok() {
+  return wg_stage_bytes<BT, WG>() % 1024 == 0 &&                                            // stages keep the alignment
+         static_cast<size_t>(BT) * 64 * WG * sizeof(float) <= wg_smem_bytes<BT, WG, Stages>() &&  // the split's tile
+         wg_smem_bytes<BT, WG, Stages>() <= 227 * 1024;                                     // sm_90's opt-in limit
+}
+static_assert(wg_shape_ok<64, 2, kWgStages>() && wg_shape_ok<128, 2, kWgStages>(), "the narrow CTA's ring");
+static_assert(wg_shape_ok<64, 4, kWideStages>() && wg_shape_ok<128, 4, kWideStages>(), "the wide CTA's ring");
 
 __device__ __forceinline__ uint32_t wx_off(int row, int ch) { return row * (kWgBK * 2) + ((ch ^ (row & 7)) << 4); }
 __device__ __forceinline__ uint32_t ww_off(int row, int ch) { return row * kWgBK + ((ch ^ ((row >> 1) & 3)) << 4); }
 
-template <typename T, int BT>
-__global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
-                                                                  Epilogue<T> epi, int M, int K, int N, int kchunk) {
+// WG warpgroups of 128 threads, 64 weight rows each; two CTAs per SM at WG = 2 (128 registers per thread at
+// most either way).
+template <typename T, int BT, int WG, int Stages>
+__global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 1)
+    gemm_int8_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, Epilogue<T> epi, int M, int K, int N,
+                           int kchunk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kThr = 128 * WG, kRows = 64 * WG;  // threads, weight rows (tile columns)
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr uint32_t kXBytes = BT * kWgBK * 2, kStage = static_cast<uint32_t>(wg_stage_bytes<BT>());
+  constexpr uint32_t kXBytes = BT * kWgBK * 2, kStage = static_cast<uint32_t>(wg_stage_bytes<BT, WG>());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * kBN, m0 = blockIdx.z * BT;
+  const int n0 = blockIdx.x * kRows, m0 = blockIdx.z * BT;
   const int k_begin = blockIdx.y * kchunk;
   const int k_len = min(K, k_begin + kchunk) - k_begin;
   const int ktiles = max(0, ceil_div(k_len, kWgBK));
   const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
 
   // Copy slots as in the mma.sync kernel; rows kRowStep (a multiple of 8) apart share the 128-byte swizzle.
-  const TileCopy<T, BT, kWgBK * 2> xc(x, m0, M - 1, K, k_begin);
-  const TileCopy<int8_t, kBN, kWgBK> wc(w, n0, N - 1, K, k_begin);
+  const TileCopy<T, BT, kWgBK * 2, kThr> xc(x, m0, M - 1, K, k_begin);
+  const TileCopy<int8_t, kRows, kWgBK, kThr> wc(w, n0, N - 1, K, k_begin);
   static_assert(decltype(xc)::kRowStep % 8 == 0 && decltype(wc)::kRowStep % 8 == 0, "copies share a swizzle");
   const uint32_t x_dst = wx_off(xc.row(), xc.chunk()), w_dst = ww_off(wc.row(), wc.chunk());
   auto load_stage = [&](int kt, int slot) {
@@ -372,7 +395,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
     wc.load(s0 + slot * kStage + kXBytes + w_dst, kt * kWgBK, k_len);
   };
 
-  // This thread's A reads: rows 16 warp + g and + 8 (the same swizzle), the words at 4 (t / 2) and 8 + 4 (t / 2)
+  // This thread's A reads: rows 16 warp + g and + 8 (the same swizzle; warpgroup w's warps hold its rows 64 w ..
+  // 64 w + 63, the m64 the wgmma of that warpgroup multiplies), the words at 4 (t / 2) and 8 + 4 (t / 2)
   // of the k16 step's chunk; the byte permute keeps bytes 2t, 2t+1 of each (the halves t % 2 selects).
   const int a_row = 16 * warp + g;
   uint32_t a_rd[kWgBK / 16];
@@ -382,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
 
   float acc[BT / 2] = {};
 
-  constexpr int kAhead = kWgStages - 2;  // k-tiles in flight ahead of the one multiplied
+  constexpr int kAhead = Stages - 2;  // k-tiles in flight ahead of the one multiplied
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (s < ktiles) load_stage(s, s);
@@ -393,10 +417,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
     __syncthreads();              // ... everyone's; and k-tile kt - 2's wgmma (slot of kt + kAhead) are done
     {
       const int next = kt + kAhead;
-      if (next < ktiles) load_stage(next, next % kWgStages);
+      if (next < ktiles) load_stage(next, next % Stages);
       cp_async_commit();
     }
-    const uint32_t xs = s0 + (kt % kWgStages) * kStage, ws = xs + kXBytes;
+    const uint32_t xs = s0 + (kt % Stages) * kStage, ws = xs + kXBytes;
     uint32_t raw[kWgBK / 16][4];  // the k-tile's weight words, all loaded before the first conversion
 #pragma unroll
     for (int s = 0; s < kWgBK / 16; ++s) {
@@ -426,23 +450,24 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_int8_wgmma_kernel(const T* _
 #pragma unroll
       for (int e = 0; e < 4; ++e) f(8 * j + 2 * t + (e & 1), a_row + 8 * (e >> 1), acc[4 * j + e]);
   };
-  finish_tile<BT>(each_result, smem, m0, n0, epi);
+  finish_tile<BT, kRows, kThr>(each_result, smem, m0, n0, epi);
 #else
   __trap();  // the launcher takes this kernel only where sm_90a code runs (gemm_int8_wgmma)
 #endif
 }
 
-template <typename T, int BT>
+template <typename T, int BT, int WG = 2, int Stages = kWgStages>
 cudaError_t launch_wgmma(const GemvArgs& a, cudaStream_t stream) {
-  constexpr size_t smem = wg_smem_bytes<BT>();
-  if (!opt_in_smem<gemm_int8_wgmma_kernel<T, BT>, smem>()) return cudaErrorNotSupported;
+  constexpr size_t smem = wg_smem_bytes<BT, WG, Stages>();
+  if (!opt_in_smem<gemm_int8_wgmma_kernel<T, BT, WG, Stages>, smem>()) return cudaErrorNotSupported;
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
-  const int n_tiles = ceil_div(N, kBN), m_tiles = ceil_div(M, BT);
+  const int n_tiles = ceil_div(N, 64 * WG), m_tiles = ceil_div(M, BT);
   const int split = split_for(n_tiles, m_tiles, K);
   const int kchunk = ceil_div(ceil_div(K, split), kWgBK) * kWgBK;
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(ceil_div(K, kchunk)), static_cast<unsigned>(m_tiles));
-  return launch_ex(gemm_int8_wgmma_kernel<T, BT>, grid, dim3(kThreads), smem, static_cast<int>(grid.y), false, stream,
-                   static_cast<const T*>(a.x), static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
+  return launch_ex(gemm_int8_wgmma_kernel<T, BT, WG, Stages>, grid, dim3(128 * WG), smem, static_cast<int>(grid.y), false,
+                   stream, static_cast<const T*>(a.x), static_cast<const int8_t*>(a.w), make_epilogue<T>(a), M, K, N,
+                   kchunk);
 }
 #endif  // DSINF_CUDA_SM90A && DSINF_GEMM_I8_WGMMA
 
@@ -450,6 +475,10 @@ template <typename T>
 cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
   const bool small = a.M <= DSINF_GEMM_I8_BM64_MAX_M;
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
+#if DSINF_GEMM_I8_WIDE_MIN_M > 0
+  if (gemm_int8_wgmma() && a.M >= DSINF_GEMM_I8_WIDE_MIN_M)
+    return small ? launch_wgmma<T, 64, 4, kWideStages>(a, stream) : launch_wgmma<T, 128, 4, kWideStages>(a, stream);
+#endif
   if (gemm_int8_wgmma()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
 #endif
   return small ? launch<T, 64>(a, stream) : launch<T, 128>(a, stream);
