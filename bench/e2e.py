@@ -314,8 +314,9 @@ def report(rows, accuracy_rows, goal_rows, notes, args, host):
         ttft_range = "{:.1f}-{:.1f}".format(*r["ttft_ms_range"])
         print(f"{r['variant']:<{w}} {r['mode']:<7} {r['batch']:>5} {r['decode_tok_s']:>13.1f} {decode_range:>13} "
               f"{ratio:>6} {r['ttft_ms']:>9.1f} {ttft_range:>11} {ttft_ratio:>6}")
-    print(f"(medians of {args.repeats} repeats; range: the slowest and fastest repeat. Static on cuda: HF "
-          "compiles the decode step; on cpu it runs uncompiled)")
+    print(f"(medians of {args.repeats} repeats; range: the slowest and fastest repeat. Static: hf rows run HF's "
+          "own decode step, compiled by HF on cuda and uncompiled on cpu; dsinf rows run dsinf's, as their "
+          "'dsinf graphs' note says)")
     print(f"\n{'variant':<{w}} {'rel err vs hf':>14} {'vs dequantized':>15} {'greedy agreement vs hf':>23} "
           f"{'vs dequantized':>15}")
     for variant, a in accuracy_rows.items():
@@ -331,6 +332,12 @@ def report(rows, accuracy_rows, goal_rows, notes, args, host):
     print("\ngoals" + ("" if full else " (set for cuda, llama3-8b, 32 layers; shown for reference)"))
     for g in goal_rows:
         print(f"  {'PASS' if g['pass'] else 'MISS'}  {g['goal']}: {g['value']:.3g} (target {g['op']} {g['target']:g})")
+
+
+def section(ctx) -> int:
+    """`python -m bench --only e2e`: this benchmark on the bench's device, its defaults otherwise (--quick: one
+    timed run per case)."""
+    return main(["--device", ctx.device] + (["--repeats", "1"] if ctx.quick else []))
 
 
 def main(argv=None) -> int:

@@ -142,7 +142,7 @@ def _int8(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
 
     impls["ours"] = vm_int8(ours) if callable(ours) else ours
     if case.part == "int8prefill":
-        return ref, _int8_prefill(case, env, ours, ws, xs, vm_int8, aten, impls)
+        return ref, _int8_prefill(case, env, ours, ws, xs, vm_int8, impls)
     gemv = routes_step.forced_gemv(case, ours) if callable(ours) else None
     if gemv is not None:
         impls["gemv"] = vm_int8(gemv)
@@ -162,16 +162,20 @@ def _int8(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
     return ref, impls
 
 
-def _int8_prefill(case: Case, env: Env, ours, ws, xs, vm_int8, aten, impls: dict) -> dict:
+def _int8_prefill(case: Case, env: Env, ours, ws, xs, vm_int8, impls: dict) -> dict:
     """int8 weights at a prompt's M. torch's int8 weight-only path in eager mode (torchao's form): the weight
-    cast to the activation dtype per call, F.linear, the per-channel scale on the output; aten's int8 kernel;
-    our two paths each forced; and cuBLAS on 16-bit weights, what int8 costs against the float model."""
+    cast to the activation dtype per call, F.linear, the per-channel scale on the output; our two paths each
+    forced; and cuBLAS on 16-bit weights, what int8 costs against the float model. Not aten's int8 kernel:
+    on CUDA (torch 2.9-2.11, aten/src/ATen/native/cuda/int8mm.cu) it is one thread per output with an fp32
+    loop over K, a reference kernel that rereads the weight for every token (seconds per call at M = 2048 on
+    a 112 MiB weight), not a fast path; the decode rows show it."""
     import torch.nn.functional as F
 
     dt = torch_dtype(case.dtype)
     sc = [w.scale.to(dt) for w in ws]
     impls["torch"] = Impl(lambda i: F.linear(xs[i % len(xs)], ws[i].to(dt)) * sc[i], len(ws))
-    impls["aten_int8"] = aten()
+    impls["aten_int8"] = Unavailable("aten._weight_int8pack_mm on CUDA is one thread per output (fp32 loop "
+                                     "over K): not a fast path at prompt sizes")
     if callable(ours):
         for name, max_m in (("gemm", None), ("deq", 0)):
             impls[name] = vm_int8(routes_step.forced_int8_gemm(case, ours, max_m))

@@ -32,7 +32,7 @@ PART_TABLES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
                        ("torch_kn", "aten_int8", "gemv", "triton")),
     ("cuda", "int8prefill"): ("int8 weight-only (per-channel) at prompt lengths, routed (the int8 GEMM or "
                               "dequantize + cuBLAS). torch: F.linear on the weight cast per call, then * scale "
-                              "(eager int8 weight-only); aten_int8: aten._weight_int8pack_mm; gemm / deq: our two "
+                              "(eager int8 weight-only); gemm / deq: our two "
                               "paths, each forced; float_w: cuBLAS on 16-bit weights (no int8: not a peer)",
                               ("aten_int8", "gemm", "deq", "float_w")),
     ("cuda", "prefill"): ("prefill linear + bias. torch: torch.addmm (cuBLAS)", ("triton",)),

@@ -25,7 +25,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("cpu", "bench.ops:section_cpu", "our ops vs torch on this machine's CPU", devices=("cpu",)),
     Section("cuda", "bench.ops:section_cuda", "our ops vs torch/cuBLAS on the GPU", devices=("cuda",)),
     Section("hostcost", "bench.host_cost:section_host_cost", "per-call host cost beside F.linear (CPU, CUDA)"),
-    Section("e2e", "bench.e2e:run", "end-to-end Hugging Face decode (bench/e2e.py)", default=False, optional=True),
+    Section("e2e", "bench.e2e:section", "end-to-end Hugging Face decode (bench/e2e.py)", default=False,
+            optional=True),
 )
 BY_NAME = {s.name: s for s in SECTIONS}
 CHOICES = tuple(BY_NAME) + OPS_PARTS
@@ -62,8 +63,6 @@ def resolve(section: Section):
             return f"not available: {mod_name} is not part of this tree"
         raise
     fn = getattr(module, fn_name, None)
-    if fn is None and hasattr(module, "main"):  # a section written as a command: main(argv)
-        return lambda ctx: module.main(["--device", ctx.device] + (["--quick"] if ctx.quick else []))
     if fn is None:
         return f"not available: {mod_name} has no {fn_name}()"
     return fn

@@ -37,3 +37,11 @@ def test_new_below_two_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         profile_decode.main(["dsinf:1", "--new", "1"])
     assert "--new must be at least 2" in capsys.readouterr().err
+
+
+def test_wall_times_are_seconds_not_bench_e2e_s_range_tuples():
+    """The tool's wall times come from bench.e2e.timed, which returns (median, fastest, slowest): the tool
+    subtracts and scales the median (a tuple there was a TypeError, found only on the GPU machine)."""
+    calls = []
+    wall = profile_decode.median_s(lambda: calls.append(1), "cpu", 3)
+    assert isinstance(wall, float) and 0 <= wall < 1 and len(calls) == 3

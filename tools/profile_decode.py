@@ -72,14 +72,21 @@ def per_step(full, one, steps: int) -> list[StepRow]:
     return rows
 
 
+def median_s(fn, device: str = "cuda", repeats: int = 3) -> float:
+    """The median wall seconds of `repeats` synchronized runs (bench.e2e.timed's median; it also returns the
+    range)."""
+    median, _fastest, _slowest = e2e.timed(fn, device, repeats)
+    return median
+
+
 def profile_item(model, args, name, batch):
     ids = e2e.prompts(args, batch)
     start = time.time()
     e2e.generate(model, ids, args.new, "static")  # warm-up: compiles, captures
     e2e.generate(model, ids, 1, "static")
     warm = time.time() - start
-    one = e2e.timed(lambda: e2e.generate(model, ids, 1, "static"), "cuda", 3)
-    full = e2e.timed(lambda: e2e.generate(model, ids, args.new, "static"), "cuda", 3)
+    one = median_s(lambda: e2e.generate(model, ids, 1, "static"))
+    full = median_s(lambda: e2e.generate(model, ids, args.new, "static"))
     wall = (full - one) / (args.new - 1) * 1e3
     kernels_one, averages_one = device_time(lambda: e2e.generate(model, ids, 1, "static"))
     kernels_full, averages = device_time(lambda: e2e.generate(model, ids, args.new, "static"))
@@ -106,7 +113,7 @@ def profile_first_token(model, args, name, batch):
         e2e.generate(model, ids, args.new, mode)  # warm-up as bench.e2e's: builds, compiles, captures
         e2e.generate(model, ids, 1, mode)
         warm = time.time() - start
-        wall = e2e.timed(lambda: e2e.generate(model, ids, 1, mode), "cuda", 3) * 1e3
+        wall = median_s(lambda: e2e.generate(model, ids, 1, mode)) * 1e3
         kernels, averages = device_time(lambda: e2e.generate(model, ids, 1, mode))
         print(f"== {name} batch {batch} first token, {mode}: wall {wall:.3f} ms, kernels {kernels:.3f} ms, gap "
               f"{wall - kernels:.3f} ms (warm-up {warm:.0f} s)", flush=True)
