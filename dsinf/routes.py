@@ -31,7 +31,7 @@ This module measures it, persists it, and pushes it into the binding:
   shapes on CUDA): for each M of `buckets()`, time the binding itself (vector_matmul; rms_mlp_gemm for a
   gated key) with the shape's route forced to our GEMV and to ATen (gated: matmul + epilogue) (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
-  best of several timed loops), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by
+  the fastest of individually timed calls), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by
   more than MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN; a tie (within
   MARGIN either way) alone goes to torch, and ties below a win go along with it only when that win is clear
   (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul path wins by more
@@ -189,6 +189,12 @@ class Route:
             where = ("matmul + gated epilogue for every M" if self.max_m == 0 else
                      f"gated kernel for M <= {self.max_m}, matmul + gated epilogue above")
             versus = "matmul/gated"
+        elif key.layout == "int8":  # past the GEMV: on CUDA the int8 GEMM up to its own route, then dequantize
+            shape = f"{key.dtype} int8 {key.K}x{key.N}"
+            where = ("past the GEMV for every M" if self.max_m == 0 else
+                     f"our GEMV for M <= {self.max_m}, past it above")
+            where += " (past the GEMV: the int8 GEMM by its int8-gemm route, else dequantize + ATen)"
+            versus = "past-the-GEMV/GEMV"
         else:
             shape = f"{key.dtype} {key.layout} {key.K}x{key.N}"
             where = "ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
@@ -718,6 +724,9 @@ def _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps):
 def _act_and_layout(what: str, dtype: torch.dtype, layout: str, act_dtype: torch.dtype | None):
     if dtype == torch.int8:
         act, layout = act_dtype or torch.float16, "int8"
+        if act not in _DTYPES:
+            raise ValueError(f"{what}: argument 'act_dtype': expected float32, float16 or bfloat16 (the "
+                             f"activations of int8 weights), got {act_dtype}")
     else:
         act = dtype
     if act not in _DTYPES:
@@ -727,7 +736,19 @@ def _act_and_layout(what: str, dtype: torch.dtype, layout: str, act_dtype: torch
     return _DTYPES[act], layout
 
 
+def _device(what: str, device) -> torch.device:
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{what}: argument 'device': {device!r} is not a device ({exc})") from None
+    if found.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}: argument 'device': expected 'cpu' or a CUDA device, got {device!r}")
+    return found
+
+
 def _keys(what: str, shapes, make) -> list[RouteKey]:
+    if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__iter__"):
+        raise ValueError(f"{what}: argument 'shapes': expected (K, N) pairs of ints, got {shapes!r}")
     keys = []
     for shape in shapes:
         try:
@@ -783,7 +804,7 @@ def tune_routes(shapes, dtype: torch.dtype = torch.float16, device: str | torch.
     """
     _refuse_if_tracing("tune_routes")
     act, layout = _act_and_layout("tune_routes", dtype, layout, act_dtype)
-    device = torch.device(device)
+    device = _device("tune_routes", device)
     keys = _keys("tune_routes", shapes, lambda k, n: _matmul_keys(act, layout, k, n, device))
     return _tune(keys, device, force)
 
@@ -806,7 +827,7 @@ def tune_mlp_routes(shapes, dtype: torch.dtype = torch.float16, device: str | to
     down projection's, then the gated one. Arguments as `tune_routes`'s."""
     _refuse_if_tracing("tune_mlp_routes")
     act, layout = _act_and_layout("tune_mlp_routes", dtype, layout, act_dtype)
-    device = torch.device(device)
+    device = _device("tune_mlp_routes", device)
     keys = _keys("tune_mlp_routes", shapes, lambda k, i: _matmul_keys(act, layout, k, 2 * i, device) +
                  _matmul_keys(act, layout, i, k, device) + [RouteKey(act, GATED + layout, k, 2 * i)])
     return _tune(keys, device, force)
@@ -882,7 +903,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.tune:
         dtype = torch.int8 if args.dtype == "int8" else {v: k for k, v in _DTYPES.items()}[args.dtype]
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune]
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune]
+        except ValueError:
+            parser.error(f"--tune: expected shapes like 4096x12288, got {' '.join(args.tune)}")
         tune = tune_mlp_routes if args.mlp else tune_routes
         act = {v: k for k, v in _DTYPES.items()}[args.act_dtype] if dtype == torch.int8 else None
         tune(shapes, dtype, args.device, layout=args.layout, act_dtype=act, force=args.force)

@@ -300,6 +300,16 @@ def test_tune_routes_rejects_bad_arguments(cpu_routes):
         routes.tune_routes([(8, 8)], torch.float64, "cpu")
     with pytest.raises(ValueError, match="'layout'"):
         routes.tune_routes([(8, 8)], torch.float32, "cpu", layout="tn")
+    with pytest.raises(ValueError, match="'act_dtype'"):  # not 'dtype', which was int8 and right
+        routes.tune_routes([(8, 8)], torch.int8, "cpu", act_dtype=torch.float64)
+    for shapes in (None, "8x8", 8):
+        with pytest.raises(ValueError, match="'shapes'"):
+            routes.tune_mlp_routes(shapes, torch.float32, "cpu")
+    for device in ("gpu0", "meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="'device'"):
+            routes.tune_routes([(8, 8)], torch.float32, device)
+    with pytest.raises(SystemExit):
+        routes.main(["--tune", "64-32", "--device", "cpu"])  # argparse's error and usage, not a traceback
 
 
 def test_no_measuring_under_torch_compile(cpu_routes, monkeypatch):
@@ -713,6 +723,9 @@ def test_gpu_int8_gemm_route_is_measured_taken_and_never_slower(cuda_module, tmp
         assert gemm.buckets[0] == 16 and gemm.buckets[-1] == 2048 and set(routes.GEMM_BUCKETS) <= set(gemm.buckets)
         assert b.applied[gemm.key] == gemm.max_m == routes.decide_gated(gemm.buckets, gemm.ours_ms, gemm.aten_ms)
         assert 0 < gemm.max_m < 2048, gemm.explain()  # the GEMM wins short prompts and loses long ones here
+        # ... past the GEMV's Ms (16 at most; run 120: the GEMM 1.3-1.6x dequantize + cuBLAS at M = 17..128),
+        # so the M checked below runs on the GEMM, not on the GEMV
+        assert gemm.max_m > gemv.max_m, (gemv.explain(), gemm.explain())
         assert gemm.explain() in dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.int8, act_dtype=act)).resolve(
             "cuda").explain()
         l2 = torch.cuda.get_device_properties(0).L2_cache_size

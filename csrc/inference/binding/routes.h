@@ -5,7 +5,7 @@
 // largest M on the gated kernel (act(gate) * up in its epilogue), above which the gate|up runs as a matmul
 // (routed by its plain key) followed by the gated epilogue. The int8-gemm layout keys an int8 matmul above
 // the GEMV's range (CUDA): the largest M on the binding's int8 GEMM, above which it dequantizes for cuBLAS
-// (set by hand or a probe so far; dsinf/routes.py does not measure it yet).
+// (measured by dsinf/routes.py at prompt sizes, like the others).
 //
 // Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
 // handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
