@@ -301,7 +301,11 @@ class InferenceConfig:
     def from_json_file(cls, json_file: str | os.PathLike, *, strict: bool = True) -> "InferenceConfig":
         """Read a JSON object (as written by `to_dict`) and build a validated config."""
         with open(json_file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), strict=strict)
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ConfigError("json_file", f"{os.fspath(json_file)} is not valid JSON ({exc})") from None
+        return cls.from_dict(doc, strict=strict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field (dtypes and enums by name); `from_dict` reads it back."""

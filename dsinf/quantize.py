@@ -55,6 +55,10 @@ def quantize_int8(weight: torch.Tensor, groups: int | None = None, transposed_mo
                          + (" (already quantized?)" if weight.dtype == torch.int8 else ""))
     if weight.dim() != 2:
         raise InputError(op, "weight", f"expected a 2-D tensor, got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise InputError(op, "weight", "is a meta tensor (no values to quantize): load the weights first")
+    if not isinstance(transposed_mode, bool):
+        raise InputError(op, "transposed_mode", f"expected True ([N, K]) or False ([K, N]), got {transposed_mode!r}")
     w_nk = weight if transposed_mode else weight.t()
     N, K = w_nk.shape
     G = _groups(op, groups, N)

@@ -12,7 +12,8 @@ import torch
 import dsinf
 from dsinf.config import ActivationFuncType, ConfigError, InferenceConfig, NormType
 
-# DeepSpeed's DeepSpeedInferenceConfig constructor, in order, with its defaults (reference §7.1).
+# DeepSpeed's DeepSpeedInferenceConfig constructor, in order, with its defaults
+# (deepspeed/ops/transformer/inference/config.py, the plain class, not the pydantic one of the same name).
 DEEPSPEED_DEFAULTS = [
     ("hidden_size", -1), ("intermediate_size", -1), ("heads", -1), ("num_hidden_layers", -1),
     ("layer_norm_eps", 1e-12), ("local_rank", -1), ("mp_size", 1), ("dtype", torch.float16),
@@ -186,6 +187,9 @@ def test_from_dict_validates_values(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"dtype": "float64"}))
     with pytest.raises(ConfigError, match="field 'dtype'"):
+        InferenceConfig.from_json_file(path)
+    path.write_text('{"dtype": ')
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
         InferenceConfig.from_json_file(path)
     with pytest.raises(TypeError):
         InferenceConfig.from_dict([("heads", 4)])

@@ -341,11 +341,21 @@ def test_the_package_is_callable_like_the_function():
     ({"enable_cuda_graph": 1}, ValueError, "enable_cuda_graph"),
     ({"replace_with_kernel_injection": True}, TypeError, "did you mean 'replace_with_kernel_inject'"),
     ({"quant": {"enabled": True, "weight": {"num_bits": 4}}}, ValueError, "num_bits=4"),
+    ({"quant": {"enabled": True, "weight": [8]}}, TypeError, "argument 'quant': 'weight' must be a dict"),
     ({"dtype": "float64"}, ValueError, "dtype"),
 ])
 def test_init_inference_refuses_what_it_cannot_do(kwargs, error, match):
     with pytest.raises(error, match=match):
         init_inference(make_model("llama"), **kwargs)
+
+
+def test_init_inference_ignores_quant_groups_while_quantization_is_off():
+    summary = injection_summary(init_inference(make_model("llama"), quant={"enabled": False,
+                                                                         "weight": {"q_groups": 2}}))
+    assert summary.quantize is None
+    model = init_inference(make_model("llama"), dtype=torch.int8, quant={"enabled": False, "weight": {"q_groups": 2}})
+    assert injection_summary(model).quantize == "int8"  # dtype int8 turns it on: the groups then apply
+    assert model.model.layers[0].mlp.down_proj.weight_scale.numel() == 2
 
 
 def test_init_inference_deepspeed_keywords():
@@ -620,6 +630,28 @@ def test_injected_generate_defers_its_stop_check_on_cuda_only():
     assert _deferral_answers(no_graphs)[0] and not hasattr(no_graphs, "_dsinf_graphs")
     with pytest.raises(TypeError, match="defer_stop"):
         inject(make_model("llama"), defer_stop=1)
+
+
+@pytest.mark.parametrize("skip", [None, "lm_head", 3, ("lm_head", 3)])
+def test_a_bad_skip_names_the_argument(skip):
+    with pytest.raises(TypeError, match="argument 'skip'"):
+        inject(make_model("llama"), skip=skip)
+
+
+def test_an_injected_linear_names_an_input_of_the_wrong_width():
+    """A 3-D input goes to the op, which names it; any other rank is reshaped first, so the width is checked
+    there (a reshape's own error would not say which argument)."""
+    from dsinf.checks import InputError
+
+    model = inject(make_model("llama"), fuse=False)
+    linear = model.model.layers[0].mlp.down_proj
+    K = linear.in_features
+    assert linear(torch.randn(5, K)).shape == (5, linear.out_features)
+    for shape in ((5, K + 1), (2, 3, 4, K - 1), ()):
+        with pytest.raises(InputError, match="argument 'input'"):
+            linear(torch.randn(shape))
+    with pytest.raises(ValueError, match="input"):
+        linear(torch.randn(1, 5, K + 1))
 
 
 def test_the_deferral_wraps_hf_rule_once_and_keeps_it():

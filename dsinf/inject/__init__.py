@@ -62,7 +62,8 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
         raise TypeError(f"inject: argument 'cuda_graph': expected True, False or 'eager', got {cuda_graph!r}")
     if not isinstance(defer_stop, bool):
         raise TypeError(f"inject: argument 'defer_stop': expected True or False, got {defer_stop!r}")
-    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+    if isinstance(skip, str) or not isinstance(skip, (tuple, list, set, frozenset)) or \
+            not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
 
 

@@ -67,6 +67,9 @@ def _quant(value) -> tuple[bool, int | None]:
     if not isinstance(value, dict):
         raise TypeError(f"init_inference: argument 'quant': expected a dict, got {type(value).__name__}")
     weight = value.get("weight", {}) or {}
+    if not isinstance(weight, dict):
+        raise TypeError(f"init_inference: argument 'quant': 'weight' must be a dict (num_bits, q_groups), got "
+                        f"{type(weight).__name__}")
     bits = weight.get("num_bits", 8)
     if bits != 8:
         raise ValueError(f"init_inference: argument 'quant': weight num_bits={bits} is not supported (8 only)")
@@ -100,7 +103,7 @@ def init_inference(model, config: dict | None = None, **kwargs):
     cuda_graph = kwargs.get("enable_cuda_graph", False)
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"init_inference: argument 'enable_cuda_graph': expected a bool, got {cuda_graph!r}")
-    quantize, groups = None, kwargs.get("groups")
+    quantize, groups, q_groups = None, kwargs.get("groups"), None
     if "quant" in kwargs:
         enabled, q_groups = _quant(kwargs["quant"])
         quantize = "int8" if enabled else None
@@ -113,6 +116,8 @@ def init_inference(model, config: dict | None = None, **kwargs):
         dtype = parsed
         if dtype == torch.int8:
             quantize, dtype = "int8", None
+    if quantize is None and q_groups is not None and groups == q_groups:
+        groups = None  # quant's q_groups while quantization is off: ignored, as DeepSpeed does
     fuse = kwargs.get("replace_with_kernel_inject", kwargs.get("kernel_inject", True))
     return inject(model, dtype=dtype, quantize=quantize, groups=groups, fuse=bool(fuse),
                   skip=kwargs.get("skip", ("lm_head",)), use_triton=bool(kwargs.get("use_triton", False)),

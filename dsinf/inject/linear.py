@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import routes
 from . import graphs
+from ..checks import InputError
 from ..config import InferenceConfig
 from ..ops import LinearOp, VectorMatMulOp
 from ..quantize import quantize_int8
@@ -176,7 +177,10 @@ class InjectedLinear(nn.Module):
 
         def call(x: torch.Tensor) -> torch.Tensor:
             if x.dim() == 3:
-                return matmul(x)
+                return matmul(x)  # the op validates x, naming it
+            if x.dim() == 0 or x.shape[-1] != K:  # before the reshape, whose error would not name the input
+                raise InputError("InjectedLinear", "input", f"expected [..., {K}] (in_features), got shape "
+                                 f"{tuple(x.shape)}")
             return matmul(x.reshape(1, -1, K)).reshape(*x.shape[:-1], N)
         return call
 
