@@ -43,8 +43,9 @@ def main(spec_path: str) -> int:
 
     try:
         # ninja inherits our stdout/stderr (the log) and our process group (stopped as one).
-        jobs = os.environ.get("MAX_JOBS", "")  # set by the parent; else ninja's default, as torch does
-        ninja = subprocess.Popen(["ninja", "-v"] + (["-j", jobs] if jobs.isdigit() else []), cwd=build_dir,
+        jobs = spec.get("jobs")  # the parent's budget (MAX_JOBS, or what memory and cores allow)
+        print(f"# ninja -j {jobs or 'default'}", flush=True)
+        ninja = subprocess.Popen(["ninja", "-v"] + (["-j", str(jobs)] if jobs else []), cwd=build_dir,
                                  stdin=subprocess.DEVNULL)
         phase("ninja started")
         from torch.utils import cpp_extension

@@ -234,9 +234,9 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
     killer included), nothing it started outlives this call."""
     spec_path = build_dir / "spec.json"
     spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir),
-                                     "dispatch_key": spec.dispatch_key}))
+                                     "dispatch_key": spec.dispatch_key, "jobs": jobs}))
     env = dict(os.environ)
-    env["MAX_JOBS"] = str(jobs)
+    env["MAX_JOBS"] = str(jobs)  # for torch's own build helpers in the worker; ninja's -j comes from the spec
     # The worker imports op_builder (and the schema module) the way this process did, even when
     # that was through a sys.path entry rather than an installed package.
     package_root = str(Path(__file__).resolve().parent.parent)

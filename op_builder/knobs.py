@@ -181,4 +181,13 @@ def snapshot() -> list[dict[str, Any]]:
         except KnobError as exc:
             value, source = f"INVALID ({exc})", "env"
         rows.append({"name": knob.name, "value": value, "source": source, "meaning": knob.meaning})
+    for name in sorted(os.environ):  # per-op DS_BUILD_<OP> switches: one name per op, listed when set
+        if name.startswith("DS_BUILD_") and name not in KNOBS:
+            try:
+                value = build_var_enabled(name)
+            except KnobError as exc:
+                value = f"INVALID ({exc})"
+            rows.append({"name": name, "value": value, "source": "env",
+                         "meaning": "At pip install: precompile this op or variant (DS_BUILD_<OP>[_<VARIANT>]; "
+                                    "overrides DS_BUILD_OPS)."})
     return rows

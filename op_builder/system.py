@@ -379,10 +379,6 @@ class System:
         """Fields probed so far (no new probes)."""
         return dict(object.__getattribute__(self, "_values"))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, probing what is missing (for the report)."""
-        return {name: getattr(self, name) for name in FIELDS}
-
     @property
     def gpu_list(self) -> tuple[Gpu, ...]:
         gpus = self.gpus

@@ -106,6 +106,7 @@ def test_two_variants_build_at_once_with_the_jobs_split(sources, private_cache, 
         assert loaded_variants()[(builder.NAME, lv.variant)] is lv
         log = (lv.path.parent / "build.log").read_text()
         assert "# MAX_JOBS=2\n" in log, log[:200]  # MAX_JOBS=4 split between two one-source builds
+        assert "# ninja -j 2\n" in log, log[:400]  # ... and what each build's ninja was given
 
 
 def test_a_failed_build_raises_its_own_error_and_the_other_is_published(sources, private_cache):

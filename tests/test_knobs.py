@@ -112,8 +112,12 @@ def test_build_var_garbage_names_the_variable(monkeypatch):
 def test_snapshot_lists_every_knob_and_never_raises(monkeypatch):
     monkeypatch.setenv("MAX_JOBS", "abc")
     monkeypatch.setenv("DS_BUILD_OPS", "1")
+    monkeypatch.setenv("DS_BUILD_TRANSFORMER_INFERENCE", "0")
+    monkeypatch.setenv("DS_BUILD_SOME_OP", "please")
     rows = {r["name"]: r for r in snapshot()}
-    assert set(rows) == set(KNOBS)
+    assert set(rows) == set(KNOBS) | {"DS_BUILD_TRANSFORMER_INFERENCE", "DS_BUILD_SOME_OP"}  # per-op ones when set
+    assert rows["DS_BUILD_TRANSFORMER_INFERENCE"]["value"] is False
+    assert rows["DS_BUILD_SOME_OP"]["value"].startswith("INVALID")
     assert rows["MAX_JOBS"]["source"] == "env" and rows["MAX_JOBS"]["value"].startswith("INVALID")
     assert "MAX_JOBS" in rows["MAX_JOBS"]["value"]
     assert rows["DS_BUILD_OPS"] == {**rows["DS_BUILD_OPS"], "value": True, "source": "env"}

@@ -33,8 +33,10 @@ def _ninja_file(build_dir: Path, archs) -> tuple[Path, object]:
     from op_builder.archs import parse_arch_list
     from op_builder.build import write_ninja_file
 
-    if ce.CUDA_HOME is None:
-        ce.CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if ce.CUDA_HOME is None:  # a CPU torch: the toolkit the builder finds (CUDA_HOME, CUDA_PATH, nvcc's root)
+        from op_builder.system import current_system
+
+        ce.CUDA_HOME = current_system().cuda_home
     spec = InferenceBuilder().spec("cuda", archs=parse_arch_list(archs) if archs else None)
     ninja = write_ninja_file(spec, build_dir)  # the builder's own build.ninja
     if torch.version.cuda is None:  # a CPU wheel ships c10/cuda headers without their generated macros header,

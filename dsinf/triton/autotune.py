@@ -19,7 +19,8 @@ Key:    kernel | GPU name | triton version | kernel source hash | dtype | weight
         N and K are exact (a model has few of them and the best tile depends on their divisibility);
         M is bucketed (`m_bucket`).
 
-Reliability rules (DeepSpeed's pickle table broke each of them, see deepspeed.md §8 / §11.14):
+Reliability rules (DeepSpeed's autotune table, a pickle per key in
+deepspeed/ops/transformer/inference/triton/matmul_ext.py, broke each of them):
 - loaded lazily, on the first lookup, never at import; JSON, never pickle;
 - written eagerly right after tuning, never at exit: nothing is registered with atexit;
 - each write holds the lock, re-reads the file, merges (entries written meanwhile by other
