@@ -31,11 +31,11 @@ This module measures it, persists it, and pushes it into the binding:
   shapes on CUDA): for each M of `buckets()`, time the binding itself (vector_matmul; rms_mlp_gemm for a
   gated key) with the shape's route forced to our GEMV and to ATen (gated: matmul + epilogue) (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
-  the fastest of individually timed calls), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by
-  more than MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN; a tie (within
-  MARGIN either way) alone goes to torch, and ties below a win go along with it only when that win is clear
-  (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul path wins by more
-  than MARGIN (`decide_gated`: a tie goes to the one launch).
+  the fastest of individually timed calls), then `decide`: max_m is the largest bucket at which our GEMV
+  beats ATen by more than MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN;
+  a tie (within MARGIN either way) alone goes to torch, and ties below a win go along with it only when
+  that win is clear (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul
+  path wins by more than MARGIN (`decide_gated`: a tie goes to the one launch).
 - persist: <data root>/routes.v3.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock

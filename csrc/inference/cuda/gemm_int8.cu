@@ -329,8 +329,9 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
 // large M this kernel plateaus at 400-565 TFLOP/s (H200, twenty-third round), and an estimate puts that at the
 // L2's bandwidth: a 128 x 128 tile draws 24 KiB per k-tile of 64 (16 KiB of tokens, 8 of int8 weights), about
 // 47 bytes per clock per SM at the tensor peak, ~11 TB/s over 132 SMs against the L2's ~5.5-7. A 128 x 256
-// tile draws 32 KiB for twice the MACs: two thirds of the bytes per MAC (cuBLAS's fp16 128 x 256 tiles draw
-// as many as the narrow one; it multicasts across a cluster).
+// tile draws 32 KiB for twice the MACs: two thirds of the bytes per MAC. (cuBLAS's fp16 128 x 256 tiles draw
+// as many per MAC as the narrow one; Hopper GEMMs of its class also share one operand across a 2-CTA cluster,
+// TMA multicast, which this kernel does not.)
 // ------------------------------------------------------------------------------------------------
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #ifndef DSINF_GEMM_I8_WG_STAGES
