@@ -632,6 +632,25 @@ def test_injected_generate_defers_its_stop_check_on_cuda_only():
         inject(make_model("llama"), defer_stop=1)
 
 
+def test_the_head_left_to_torch_runs_one_gemm_on_a_prompt_s_last_tokens():
+    """inject freezes every parameter, and torch's matmul with a frozen weight runs a 3-D input whose leading
+    dims are not contiguous (HF's lm_head on `hidden[:, -1:, :]`) as a batched GEMM over the weight expanded
+    per row, reading it once per row. The head keeps one GEMM, and its values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref = make_model("llama")
+    model = inject(twin(ref))
+    head = model.lm_head
+    assert type(head) is nn.Linear and not head.weight.requires_grad
+    x = torch.randn(4, 7, head.in_features)[:, -1:, :]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = head(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mm" in ops and "aten::bmm" not in ops, ops
+    torch.testing.assert_close(out, ref.lm_head(x), rtol=0, atol=0)
+    assert len(head._forward_pre_hooks) == 1
+
+
 @pytest.mark.parametrize("skip", [None, "lm_head", 3, ("lm_head", 3)])
 def test_a_bad_skip_names_the_argument(skip):
     with pytest.raises(TypeError, match="argument 'skip'"):
