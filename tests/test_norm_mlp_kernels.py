@@ -250,6 +250,29 @@ def test_gated_act_large_m_epilogue(lib, src_dtype, out_dtype, activation):
     assert rel_err(out, want) <= TOL[out_dtype]
 
 
+def test_gated_act_silu_over_the_whole_float_range(lib):
+    """The epilogue's vectorized SiLU (cpu_simd.h vexp, clamped to [-87.3, 89]) against torch's fp32 silu,
+    element by element: within a few ulp in the range activations live in, exact past the clamp where silu is
+    x itself, ~0 far below it, signed zeros and NaN kept. Every vector width's tail (I = 45 is not a
+    multiple of 8 or 16)."""
+    I = 45
+    gate = torch.cat([torch.linspace(-30, 30, 4 * I - 9), torch.tensor([-1e30, -500.0, -88.5, -87.0, 0.0, -0.0,
+                                                                      88.5, 500.0, 1e30])])
+    rows = gate.numel() // I
+    gate = gate[: rows * I].reshape(rows, I)
+    up = torch.rand(rows, I) + 0.5
+    src = torch.cat([up, gate], dim=1).contiguous()
+    out = torch.full((rows, I), float("nan"))
+    assert lib.t_gated_act(ptr(src), 0, rows, I, GATED_SILU, ptr(out), 0, 1) == 0
+    want = torch.nn.functional.silu(gate) * up
+    ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((out - want).abs() <= 4 * ulp + 1e-36).all(), (out - want).abs().max()  # + 1e-36: silu(-88.5) ~ -3e-37
+    nan = torch.tensor([[float("nan")] * I])
+    src = torch.cat([torch.ones(1, I), nan], dim=1).contiguous()
+    assert lib.t_gated_act(ptr(src), 0, 1, I, GATED_SILU, ptr(out), 0, 1) == 0
+    assert out[0].isnan().all()
+
+
 # ------------------------------------------------------------------------------------------ the whole MLP
 
 @pytest.mark.parametrize("dtype", DTYPES)

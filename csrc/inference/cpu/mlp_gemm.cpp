@@ -247,7 +247,13 @@ extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_act(const void* src, dsinf
         const int64_t n = std::min(kChunk, I - c0);
         load_row_any(up, row + size_t(c0) * es, src_dtype, n);
         load_row_any(gate, row + size_t(I + c0) * es, src_dtype, n);
-        for (int64_t c = 0; c < n; ++c) up[c] = gated(activation, gate[c], up[c]);
+        if (activation == kGatedSilu) {  // vectorized (vsilu); GELU's erf stays scalar
+          int64_t c = 0;
+          for (; c + kW <= n; c += kW) vstore(up + c, vmul(vsilu(vload(gate + c)), vload(up + c)));
+          if (c < n) vstore_part(up + c, vmul(vsilu(vload_part(gate + c, n - c)), vload_part(up + c, n - c)), n - c);
+        } else {
+          for (int64_t c = 0; c < n; ++c) up[c] = gated(activation, gate[c], up[c]);
+        }
         with_float_type(out_dtype, out, [&](auto* o) { store_row(o + m * ldo + c0, up, n); });
       }
     }
