@@ -267,6 +267,7 @@ def test_gated_act_silu_over_the_whole_float_range(lib):
     want = torch.nn.functional.silu(gate) * up
     ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
     assert ((out - want).abs() <= 4 * ulp + 1e-36).all(), (out - want).abs().max()  # + 1e-36: silu(-88.5) ~ -3e-37
+    assert torch.equal(out.signbit(), want.signbit())  # -0.0 and the underflowed negatives stay negative
     nan = torch.tensor([[float("nan")] * I])
     src = torch.cat([torch.ones(1, I), nan], dim=1).contiguous()
     assert lib.t_gated_act(ptr(src), 0, 1, I, GATED_SILU, ptr(out), 0, 1) == 0

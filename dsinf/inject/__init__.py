@@ -111,8 +111,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
 
     Every parameter of the model stops requiring grad (the ops are inference-only: a forward in grad
     mode then runs, gradless); the linears left to torch (lm_head) get a pre-hook that keeps torch's matmul
-    on one GEMM for a sliced 3-D input (`_one_gemm`). Logs one summary (logger "dsinf", INFO); `injection_summary(model)`
-    returns it as data.
+    on one GEMM for a sliced 3-D input (`_one_gemm`). Logs one summary (logger "dsinf", INFO);
+    `injection_summary(model)` returns it as data.
     """
     _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_stop)
     if dtype is not None:
