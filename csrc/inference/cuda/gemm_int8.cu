@@ -154,7 +154,8 @@ __device__ __forceinline__ void finish_tile(Each&& each_result, unsigned char* s
 // starting at row `row0` of a [rows, K] matrix, copy i being tile row row() + i * kRowStep, chunk chunk(). Rows
 // past `last_row` read that row instead: their results are never stored, and a copy's only condition is then
 // its k range (K % 16 == 0 and whole k-tiles per CTA: a chunk is all in range or all out, zero-filled). Offsets
-// are 32-bit, from the tile's base pointer (a tile's rows span < 2^31 elements: K <= 2^24, gemm_int8_supported).
+// are 32-bit, from the tile's base pointer (a tile's rows span < Rows * 2^24 <= 2^32 elements: K <= 2^24,
+// gemm_int8_supported, and Rows <= 256).
 // With one 64-bit pointer and a row mask per copy instead, and no room left in 128 registers, the mma.sync
 // kernel's copies cost ~100 instructions per k-tile.
 template <typename E, int Rows, int RowBytes, int Threads = kThreads>
@@ -162,6 +163,7 @@ struct TileCopy {
   static constexpr int kChunks = RowBytes / 16, kCopies = Rows * kChunks / Threads, kRowStep = Threads / kChunks;
   static constexpr int kPerChunk = 16 / static_cast<int>(sizeof(E));
   static_assert(kCopies >= 1 && Rows * kChunks % Threads == 0, "every thread copies whole rows' chunks");
+  static_assert(Rows <= 256, "32-bit copy offsets: Rows * K must stay below 2^32 (K <= 2^24)");
   const E* base;
   uint32_t src[kCopies];  // element offsets from base
   int kc;                 // the chunk's first k within a stage
@@ -363,7 +365,9 @@ constexpr bool wg_shape_ok() {
          wg_smem_bytes<BT, WG, Stages>() <= 227 * 1024;                                     // sm_90's opt-in limit
 }
 static_assert(wg_shape_ok<64, 2, kWgStages>() && wg_shape_ok<128, 2, kWgStages>(), "the narrow CTA's ring");
+#if DSINF_GEMM_I8_WIDE_MIN_M > 0
 static_assert(wg_shape_ok<64, 4, kWideStages>() && wg_shape_ok<128, 4, kWideStages>(), "the wide CTA's ring");
+#endif
 
 __device__ __forceinline__ uint32_t wx_off(int row, int ch) { return row * (kWgBK * 2) + ((ch ^ (row & 7)) << 4); }
 __device__ __forceinline__ uint32_t ww_off(int row, int ch) { return row * kWgBK + ((ch ^ ((row >> 1) & 3)) << 4); }
@@ -477,8 +481,13 @@ cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
   const bool small = a.M <= DSINF_GEMM_I8_BM64_MAX_M;
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #if DSINF_GEMM_I8_WIDE_MIN_M > 0
-  if (gemm_int8_wgmma() && a.M >= DSINF_GEMM_I8_WIDE_MIN_M)
-    return small ? launch_wgmma<T, 64, 4, kWideStages>(a, stream) : launch_wgmma<T, 128, 4, kWideStages>(a, stream);
+  if (gemm_int8_wgmma() && a.M >= DSINF_GEMM_I8_WIDE_MIN_M) {
+    const cudaError_t e =
+        small ? launch_wgmma<T, 64, 4, kWideStages>(a, stream) : launch_wgmma<T, 128, 4, kWideStages>(a, stream);
+    if (e == cudaSuccess) return e;
+    // Refused (a partitioned GPU without a split's cluster of one-CTA-per-SM CTAs free in one GPC, or the
+    // shared memory): the narrow CTA runs it. launch_ex leaves no error behind.
+  }
 #endif
   if (gemm_int8_wgmma()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
 #endif

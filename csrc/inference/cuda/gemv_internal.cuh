@@ -223,7 +223,7 @@ __device__ __forceinline__ void pdl_end() {
 }
 #endif
 
-// Launch `kernel` on grid (tiles, split) with 256 threads; split > 1 launches clusters of (1, split, 1);
+// Launch `kernel` on `grid` with `block` threads; split > 1 launches clusters of (1, split, 1);
 // cudaLaunchKernelEx with a cluster of `split` CTAs along grid y (split > 1) and, with `pdl`, the
 // programmatic-dependent-launch attribute (the kernel must be one that waits: see above). A failed launch
 // leaves no non-sticky error behind for the next caller.
