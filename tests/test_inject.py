@@ -102,7 +102,9 @@ def test_decoder_layer_runs_on_rms_norm_and_rms_mlp_gemm(quantize):
     norm_ops = {k: n for k, n in calls.items() if k.startswith("dsinf::rms_norm")}
     assert sum(mlp_ops.values()) == len(layers), calls  # one MLPGemmOp per layer, not gate|up + down
     assert sum(norm_ops.values()) == len(layers), calls  # the input RMSNorm
-    assert sum(n for k, n in calls.items() if "vector_matmul" in k) == len(layers), calls  # o_proj only
+    # o_proj per layer, and the output head (float, on dsinf's GEMV)
+    assert sum(n for k, n in calls.items() if "vector_matmul" in k) == len(layers) + 1, calls
+    assert not model.lm_head.quantized and model.lm_head.weight.dtype == ref.lm_head.weight.dtype
     x = ids()
     assert model(x, use_cache=False).logits.shape == logits(ref, x).shape  # grad mode on: runs all the same
     if quantize is None:
@@ -308,10 +310,12 @@ def test_summary_is_data():
     model = inject(make_model("mistral"), quantize="int8")
     summary = injection_summary(model).as_dict()
     assert summary["quantize"] == "int8" and summary["groups"] is None
-    assert len(summary["replaced"]) == 2 * 7
+    assert len(summary["replaced"]) == 2 * 7 + 1 and "lm_head" in summary["replaced"]
     assert {f["kind"] for f in summary["fused"]} == {"attention", "mlp", "layer"}
-    assert summary["skipped"] == [{"name": "lm_head", "reason": "listed in skip"}]
-    assert sum(summary["backends"].values()) == 2 * 4
+    assert summary["skipped"] == []
+    assert sum(summary["backends"].values()) == 2 * 4 + 1
+    kept = injection_summary(inject(make_model("mistral"), skip=("lm_head",))).as_dict()
+    assert kept["skipped"] == [{"name": "lm_head", "reason": "listed in skip"}]
     with pytest.raises(ValueError, match="not injected"):
         injection_summary(make_model("llama"))
     with pytest.raises(ValueError, match="already injected"):
@@ -367,7 +371,7 @@ def test_init_inference_deepspeed_keywords():
     assert injection_summary(init_inference(make_model("llama"), enable_cuda_graph=True)).cuda_graph
     model = init_inference(make_model("llama"), config={"dtype": "bf16", "replace_with_kernel_inject": False})
     summary = injection_summary(model)
-    assert summary.dtype == "bfloat16" and not summary.fused and len(summary.replaced) == 14
+    assert summary.dtype == "bfloat16" and not summary.fused and len(summary.replaced) == 15  # 2 x 7, the head
 
 
 # --- the compiled backend, torch.compile ---------------------------------------------------------
@@ -635,11 +639,11 @@ def test_injected_generate_defers_its_stop_check_on_cuda_only():
 def test_the_head_left_to_torch_runs_one_gemm_on_a_prompt_s_last_tokens():
     """inject freezes every parameter, and torch's matmul with a frozen weight runs a 3-D input whose leading
     dims are not contiguous (HF's lm_head on `hidden[:, -1:, :]`) as a batched GEMM over the weight expanded
-    per row, reading it once per row. The head keeps one GEMM, and its values."""
+    per row, reading it once per row. A head left to torch (skip) keeps one GEMM, and its values."""
     from torch.profiler import ProfilerActivity, profile
 
     ref = make_model("llama")
-    model = inject(twin(ref))
+    model = inject(twin(ref), skip=("lm_head",))
     head = model.lm_head
     assert type(head) is nn.Linear and not head.weight.requires_grad
     x = torch.randn(4, 7, head.in_features)[:, -1:, :]
@@ -649,6 +653,24 @@ def test_the_head_left_to_torch_runs_one_gemm_on_a_prompt_s_last_tokens():
     assert "aten::mm" in ops and "aten::bmm" not in ops, ops
     torch.testing.assert_close(out, ref.lm_head(x), rtol=0, atol=0)
     assert len(head._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_output_head_runs_on_dsinf_in_its_float_dtype(quantize):
+    """The head (HF's get_output_embeddings(), lm_head) is replaced like any linear, but never quantized: int8
+    rounding hurts the logits most. Its weight stays the original Parameter (a tie to the embedding survives);
+    a prompt's last token per row reaches it sliced, and its values match HF's head."""
+    ref = make_model("llama", tie_word_embeddings=True)
+    model = inject(twin(ref), quantize=quantize)
+    head = model.lm_head
+    assert isinstance(head, InjectedLinear) and not head.quantized and head.backend == "compiled"
+    assert head.weight is model.model.embed_tokens.weight
+    if quantize:
+        assert model.model.layers[0].self_attn.o_proj.quantized
+    x = torch.randn(4, 7, head.in_features)[:, -1:, :]
+    torch.testing.assert_close(head(x), ref.lm_head(x), atol=2e-5, rtol=1e-5)
+    # the groups must divide the quantized layers' rows only: not a 129-word head's
+    assert injection_summary(inject(make_model("llama", vocab_size=129), quantize="int8", groups=2)).groups == 2
 
 
 @pytest.mark.parametrize("skip", [None, "lm_head", 3, ("lm_head", 3)])

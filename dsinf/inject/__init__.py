@@ -1,8 +1,8 @@
 """Model injection: run a PyTorch / Hugging Face model's linear layers (and Llama-family blocks) on dsinf.
 
     import dsinf
-    model = dsinf.inject(model)                          # float: every nn.Linear but lm_head, Llama fusions
-    model = dsinf.inject(model, quantize="int8")         # int8 weight-only, per channel (or groups=G)
+    model = dsinf.inject(model)                          # float: every nn.Linear, Llama fusions
+    model = dsinf.inject(model, quantize="int8")         # int8 weight-only (the output head stays float)
     model = dsinf.init_inference(model, dtype=torch.float16, replace_with_kernel_inject=True)  # DeepSpeed-style
     dsinf.injection_summary(model)                       # what was replaced, fused, kept and why (data)
 
@@ -29,7 +29,7 @@ from .. import routes
 from . import graphs, stopcheck
 from .export import export_state_dict
 from .keywords import init_inference
-from .linear import InjectedLinear, InjectedQKV
+from .linear import InjectedLinear, InjectedQKV, one_gemm_input
 from .llama import (FusedMLP, fuse_attention, fuse_decoder_layer, fuse_mlp, match_attention, match_decoder_layer,
                     match_mlp, swap_class)
 from .rope import RopeDecision, RopePositions, decide_rope
@@ -68,16 +68,28 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
 
 
 def _one_gemm(module: nn.Module, args: tuple):
-    """A forward pre-hook on the linears inject leaves to torch: a 3-D input whose leading dims are not
-    contiguous (HF's lm_head takes `hidden[:, -1:, :]`, a prompt's last token per row) becomes contiguous.
-    torch's matmul folds [B, S, K] @ [K, N] into one GEMM when the weight requires grad or the leading dims
-    are contiguous; with the weight frozen (inject freezes every parameter) it runs a batched GEMM over the
-    weight expanded per row, reading it B times: HF's lm_head at batch 8 took 1.9x as long on CPU (4096
-    vocabulary), and a Llama-3 head is 1 GiB in fp16. The copy is the B rows of the input."""
+    """A forward pre-hook on the linears inject leaves to torch (`skip`): their weights are frozen too, so a
+    sliced 3-D input (a head's `hidden[:, -1:, :]`) would run as a batched GEMM reading the weight once per
+    row (`linear.one_gemm_input`; a Llama-3 head is 1 GiB in fp16)."""
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] > 1 and x.stride(0) != x.stride(1) * x.shape[1]:
-        return (x.contiguous(), *args[1:])
+    if isinstance(x, torch.Tensor):
+        y = one_gemm_input(x)
+        if y is not x:
+            return (y, *args[1:])
     return None
+
+
+def _heads(model: nn.Module) -> set[int]:
+    """ids of the model's output head linears: HF's `get_output_embeddings()`, and any linear named lm_head."""
+    found = {id(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "lm_head" and type(m) is nn.Linear}
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # a PreTrainedModel without a head
+        head = None
+    if type(head) is nn.Linear:
+        found.add(id(head))
+    return found
 
 
 def _skipped(name: str, skip) -> bool:
@@ -85,7 +97,7 @@ def _skipped(name: str, skip) -> bool:
 
 
 def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
-           groups: int | None = None, fuse: bool = True, skip=("lm_head",), use_triton: bool = False,
+           groups: int | None = None, fuse: bool = True, skip=(), use_triton: bool = False,
            cuda_graph: bool | str = True, defer_stop: bool = True) -> nn.Module:
     """Rewrite `model` in place to run on dsinf's ops; returns it.
 
@@ -93,10 +105,13 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         model: any `nn.Module`; Llama-family decoders (Llama, Mistral, Qwen2) get fused blocks.
         dtype: convert the model to this float dtype first (None: keep it).
         quantize: None (float weights, shared with the original layers, no copy) or "int8" (weight-only).
+            The output head (`model.get_output_embeddings()`, or a linear named `lm_head`) stays in its
+            float dtype on dsinf's GEMV: its logits are what int8 rounding hurts most, as in other int8
+            weight-only schemes.
         groups: int8 scale groups per weight matrix (None: one scale per output channel); must divide
-            every replaced layer's output rows.
+            every quantized layer's output rows.
         fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
-        skip: module names (full, or the last components: "lm_head") left as they are.
+        skip: module names (full, or the last components: "lm_head") left as they are, on torch.
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
         cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
             captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
@@ -110,16 +125,19 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             costs one extra step, undone before generate returns. False keeps HF's sync after every token.
 
     Every parameter of the model stops requiring grad (the ops are inference-only: a forward in grad
-    mode then runs, gradless); the linears left to torch (lm_head) get a pre-hook that keeps torch's matmul
-    on one GEMM for a sliced 3-D input (`_one_gemm`). Logs one summary (logger "dsinf", INFO);
+    mode then runs, gradless); the linears left to torch get a pre-hook that keeps torch's matmul on one
+    GEMM for a sliced 3-D input (`_one_gemm`). Logs one summary (logger "dsinf", INFO);
     `injection_summary(model)` returns it as data.
     """
     _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_stop)
     if dtype is not None:
         model.to(dtype)
+    heads = _heads(model)
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     if groups is not None:  # check before anything changes; q|k|v and gate|up rows are then divisible too
         for name, m in linears:
+            if id(m) in heads:
+                continue  # not quantized
             if m.out_features % groups:
                 raise ValueError(f"inject: argument 'groups': {groups} groups do not divide the {m.out_features} "
                                  f"output rows of {name}")
@@ -142,14 +160,16 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             if _skipped(name, skip):
                 summary.skipped.append(Skipped(name, "listed in skip"))
                 continue
-            setattr(parent, child_name, InjectedLinear.from_linear(child, **options))
+            head = id(child) in heads  # the output head: float whatever `quantize` says
+            setattr(parent, child_name, InjectedLinear.from_linear(
+                child, **({**options, "quantize": None, "groups": None} if head else options)))
             summary.replaced.append(name)
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
     for p in model.parameters():  # inference: the ops have no backward, and refuse grad-requiring tensors in
         p.requires_grad_(False)   # grad mode - frozen weights keep activations gradless, so grad mode is fine
-    for m in model.modules():  # the linears left to torch (lm_head): see _one_gemm
+    for m in model.modules():  # the linears left to torch (skip): see _one_gemm
         if isinstance(m, nn.Linear) and not isinstance(m, InjectedLinear):
             m.register_forward_pre_hook(_one_gemm)
     if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph is True) is not None:

@@ -120,5 +120,5 @@ def init_inference(model, config: dict | None = None, **kwargs):
         groups = None  # quant's q_groups while quantization is off: ignored, as DeepSpeed does
     fuse = kwargs.get("replace_with_kernel_inject", kwargs.get("kernel_inject", True))
     return inject(model, dtype=dtype, quantize=quantize, groups=groups, fuse=bool(fuse),
-                  skip=kwargs.get("skip", ("lm_head",)), use_triton=bool(kwargs.get("use_triton", False)),
+                  skip=kwargs.get("skip", ()), use_triton=bool(kwargs.get("use_triton", False)),
                   cuda_graph=cuda_graph)
