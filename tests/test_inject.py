@@ -665,8 +665,12 @@ def test_the_output_head_runs_on_dsinf_in_its_float_dtype(quantize):
     head = model.lm_head
     assert isinstance(head, InjectedLinear) and not head.quantized and head.backend == "compiled"
     assert head.weight is model.model.embed_tokens.weight
+    summary = injection_summary(model)
     if quantize:
         assert model.model.layers[0].self_attn.o_proj.quantized
+        assert summary.float_heads == ["lm_head"] and "lm_head on dsinf in float32, not quantized" in summary.format()
+    else:
+        assert summary.float_heads == [] and "not quantized" not in summary.format()
     x = torch.randn(4, 7, head.in_features)[:, -1:, :]
     torch.testing.assert_close(head(x), ref.lm_head(x), atol=2e-5, rtol=1e-5)
     # the groups must divide the quantized layers' rows only: not a 129-word head's

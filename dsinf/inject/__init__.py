@@ -164,6 +164,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             setattr(parent, child_name, InjectedLinear.from_linear(
                 child, **({**options, "quantize": None, "groups": None} if head else options)))
             summary.replaced.append(name)
+            if head and quantize:
+                summary.float_heads.append(name)
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1

@@ -36,6 +36,7 @@ class InjectionSummary:
     cuda_graph: str = ""  # how decode steps run on CUDA graphs ('' when they do not)
     stop_check: str = ""  # generate's stop check deferred on CUDA ('' when it is not)
     routes: str = ""  # the measured routes of the model's shapes: how many measured now, how many reused
+    float_heads: list[str] = field(default_factory=list)  # output heads on dsinf left float under quantize
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +57,9 @@ class InjectionSummary:
             lines.append(f"  {self.stop_check}")
         if self.routes:
             lines.append(f"  {self.routes}")
+        if self.float_heads:
+            lines.append(f"  {', '.join(self.float_heads)} on dsinf in {self.dtype}, not quantized: the logits are "
+                         f"what int8 rounding hurts most (skip=('lm_head',) leaves it to torch)")
         if self.aten_routed:
             lines.append(f"  {self.aten_routed} linear modules call torch's linear: the measured routes found "
                          f"ATen at least as fast for their shape at every M (python -m dsinf.routes)")
