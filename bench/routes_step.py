@@ -77,8 +77,16 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
     if case.M <= b.applied.get(key, b.default(key)) or case.M > b.gemv_cap:
         return None
 
-    def call(*args):  # host-side: inside graph capture the forced route is what the graph records
-        with routes.forced("cuda", [key]):
+    return _forced(fn, key)
+
+
+def _forced(fn: Callable[..., Any], key, max_m: int | None = None) -> Callable[..., Any]:
+    """`fn` with `key`'s route forced (routes.forced) for each call. Host-side: inside graph capture the forced
+    route is what the graph records."""
+    from dsinf import routes
+
+    def call(*args):
+        with routes.forced("cuda", [key], max_m):
             return fn(*args)
 
     return call
@@ -89,10 +97,4 @@ def forced_int8_gemm(case: Case, fn: Callable[..., Any], max_m: int | None) -> C
     cuBLAS. For Ms past the int8 GEMV (the int8prefill rows)."""
     from dsinf import routes
 
-    key = routes.RouteKey(case.dtype, routes.INT8_GEMM, case.K, case.N)
-
-    def call(*args):
-        with routes.forced("cuda", [key], max_m):
-            return fn(*args)
-
-    return call
+    return _forced(fn, routes.RouteKey(case.dtype, routes.INT8_GEMM, case.K, case.N), max_m)

@@ -622,10 +622,8 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
     rms_mlp_gemm with its gate|up forced to the gated kernel and to matmul + epilogue, the matmul on the
     route in force for its plain key; an int8-gemm key: vector_matmul forced to the int8 GEMM and to
     dequantize + cuBLAS, its GEMV route held at 0); decide."""
-    device = torch.device(device)
+    device = _device("measure", device)
     variant = device.type
-    if variant not in ("cpu", "cuda"):
-        raise ValueError(f"routes: device {device}: expected a cpu or cuda device")
     gemm = key.layout == INT8_GEMM
     if gemm and variant != "cuda":
         raise ValueError(f"routes: {key.text}: int8-gemm keys are measured on CUDA (the CPU module has no int8 GEMM)")
@@ -654,7 +652,7 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
         base = {**saved, RouteKey(key.dtype, "int8", key.K, key.N): 0} if gemm else saved
         try:
             if gemm and not _takes_the_gemm(b, key, base, op, xs[ms[0]], weights[0]):
-                return Route(key, 0, default, tuned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                return Route(key, 0, default, tuned_at=_now())
             if variant == "cuda":
                 _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps or 7)
             else:
@@ -665,7 +663,12 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
     ours_ms = tuple(round(pick(ours[m]), 6) for m in ms)  # as persisted: a reused route equals the measured one
     aten_ms = tuple(round(pick(aten[m]), 6) for m in ms)
     return Route(key, decide_key(key, ms, ours_ms, aten_ms), default, ms, ours_ms, aten_ms,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                 _now())
+
+
+def _now() -> str:
+    """A route's tuned_at: UTC, ISO 8601."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _takes_the_gemm(b: "Binding", key: RouteKey, base: dict, op, x, args) -> bool:
