@@ -14,7 +14,8 @@ and, for int8 weights above the GEMV's range (CUDA):
     (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
         once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Measured
         at the prefill sizes GEMM_BUCKETS with the shape's GEMV route held at 0, so every bucket is a choice
-        between the two; ties go to the GEMM (`decide_gated`: one launch, no weight-sized temporary). Tuned
+        between the two; the GEMM keeps the Ms up to the first bucket where it measured slower at all
+        (`decide_key`: a tie's sliver of loss there was a real loss when checked). Tuned
         with the int8 key on CUDA (fp16 / bf16 activations: fp32 ones never take the GEMM).
 
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
@@ -35,7 +36,8 @@ This module measures it, persists it, and pushes it into the binding:
   beats ATen by more than MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN;
   a tie (within MARGIN either way) alone goes to torch, and ties below a win go along with it only when
   that win is clear (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul
-  path wins by more than MARGIN (`decide_gated`: a tie goes to the one launch).
+  path wins by more than MARGIN (`decide_gated`: a tie goes to the one launch); an int8-gemm key keeps
+  the GEMM up to the first M where it measured slower at all.
 - persist: <data root>/routes.v3.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache), one table per device key `<variant>|<device name>|torch=<version>|build=<module key>`: a
   rebuilt module, another torch or another GPU measures again. Written under op_builder.locking.FileLock
@@ -261,8 +263,7 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
     gated kernel by more than `margin`. Ties go to the gated kernel, the other way from `decide`: it is one
     launch where the matmul path is two and an [M, 2I] temporary, which costs the host in eager mode, and
     the GPU time alone cannot see that. H200, int8 gate|up 4096x28672 (Llama-3-8B): matmul/gated
-    1.00-1.02x, a tie that `decide` sent to the matmul. An int8-gemm key is decided the same way: the int8
-    GEMM is one launch where dequantize + cuBLAS is two and a 16-bit copy of the whole weight."""
+    1.00-1.02x, a tie that `decide` sent to the matmul."""
     max_m = 0
     for m, gated, matmul in sorted(zip(buckets, gated_ms, matmul_ms)):
         if matmul * (1.0 + margin) < gated:
@@ -272,8 +273,15 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
 
 
 def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float]) -> int:
-    """`key`'s max_m from its measured times: `decide_gated` for a gated or int8-gemm key, else `decide`."""
-    return (decide_gated if key.gated or key.layout == INT8_GEMM else decide)(buckets, ours_ms, aten_ms)
+    """`key`'s max_m from its measured times: `decide` for a plain key, `decide_gated` for a gated one, and for
+    an int8-gemm key `decide_gated` without its margin: the GEMM up to the first bucket where dequantize +
+    cuBLAS measured faster at all. The one-launch argument for ties does not carry to prefill sizes (the
+    GEMM takes 20 µs and more there, the host cost of a second launch hides behind it), and a measured sliver
+    of loss was a real one: H200, fp16 4096x4096, M=512 measured 0.99x and was routed to the GEMM, then read
+    0.94x in a second timing (run 122) and 0.95x in the probe (run 124)."""
+    if key.layout == INT8_GEMM:
+        return decide_gated(buckets, ours_ms, aten_ms, margin=0.0)
+    return (decide_gated if key.gated else decide)(buckets, ours_ms, aten_ms)
 
 
 def buckets(gemv_cap: int, default_max_m: int, gemm: bool = False) -> tuple[int, ...]:
