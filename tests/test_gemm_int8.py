@@ -230,7 +230,7 @@ def _gemm_kernels_launched(fn, x, w, scale) -> list[str]:
 @pytest.mark.parametrize("suffix", HALF)
 def test_the_kernel_for_the_device_is_what_runs(cuda_module, route, suffix):
     """A compute-capability-9.0 device with a build for sm_90a (the default there) runs the warpgroup-MMA
-    kernel, with two warpgroups (the wide CTA is a build variant); other devices and builds the mma.sync one.
+    kernel, with two warpgroups and a ring of 4; other devices and builds the mma.sync one.
     Both token tiles (64 up to M = 64, 128 above), read from the launched kernel's template arguments."""
     hopper = _wgmma_runs()
     dtype = DTYPES[suffix]
@@ -256,23 +256,15 @@ def _kernel_and_args(name: str) -> tuple[str, list[int]]:
     return found.group(1), [int(v) for v in found.group(2).split(",")[1:]]
 
 
-# Build variants a child process checks (its own module, built with the define): the mma.sync kernel, which
-# sm_80 / sm_89 devices and builds without sm_90a run, so a Hopper machine checks it too; and the wgmma kernel's
-# wide CTA (4 warpgroups, 256 weight rows, 6 stages; DSINF_GEMM_I8_WIDE_MIN_M), a candidate for large M.
-VARIANTS = {
-    "mma.sync": ("DSINF_GEMM_I8_WGMMA=0", False, lambda tile: ("gemm_int8_kernel", [tile])),
-    "wide wgmma": ("DSINF_GEMM_I8_WIDE_MIN_M=1", True, lambda tile: ("gemm_int8_wgmma_kernel", [tile, 4, 6])),
-}
+MMA_SYNC = "DSINF_GEMM_I8_WGMMA=0"  # the build define that leaves the mma.sync kernel to every device
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_a_build_variant_keeps_parity_and_runs_its_kernel(variant):
-    """Parity of the probe's forced GEMM in a build variant, on both token tiles, M and N tails (of the 128- and
-    the 256-row weight tile), a partial k-tile and a K split, and the kernel each row launched (read from its
-    template arguments), so a variant that fell back to the default kernel fails."""
-    define, needs_sm90, want = VARIANTS[variant]
-    if needs_sm90 and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernel needs a compute-capability-9.0 device")
+def test_the_mma_sync_kernel_keeps_parity_where_wgmma_would_run():
+    """The mma.sync kernel, which sm_80 / sm_89 devices and builds without sm_90a run, built with MMA_SYNC in a
+    child process (its own module), so a Hopper machine checks it too: parity of the probe's forced GEMM on
+    both token tiles, M and N tails of the 128-row weight tile, a partial k-tile and a K split, and the kernel
+    each row launched (read from its template arguments), so a build that fell back to another kernel fails."""
+    define = MMA_SYNC
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ms = (17, 64, 65, 129, 300)
     cmd = [sys.executable, os.path.join(root, "tools", "probe_int8_prefill.py"), "--no-timing", "--kernel-names",
@@ -287,4 +279,4 @@ def test_a_build_variant_keeps_parity_and_runs_its_kernel(variant):
     for dtype, K, N, M, names in kernels:
         [name] = names.split(" | ")  # one launch: a K split is one cluster launch
         tile = 64 if int(M) <= 64 else 128
-        assert _kernel_and_args(name) == want(tile), f"{variant} {dtype} {K}x{N} M={M}: {name}"
+        assert _kernel_and_args(name) == ("gemm_int8_kernel", [tile]), f"{dtype} {K}x{N} M={M}: {name}"

@@ -5,7 +5,7 @@ then time the int8 GEMM (csrc/inference/cuda/gemm_int8.cu) and dequantize + cuBL
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --dtypes fp16 --ms 64,128 --define DSINF_GEMM_I8_STAGES=3
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --no-timing --define DSINF_GEMM_I8_WGMMA=0  # parity only
-    PYTHONPATH=$PWD python tools/probe_int8_prefill.py --define DSINF_GEMM_I8_WIDE_MIN_M=256 --kernel-names
+    PYTHONPATH=$PWD python tools/probe_int8_prefill.py --define DSINF_GEMM_I8_WG_STAGES=6 --kernel-names
 
 Default shapes: Llama-3-8B's four linears (qkv, o, gate|up, down); M over prefill lengths. Per row: the GEMM's
 µs, dequantize + cuBLAS's, cuBLAS's on 16-bit weights, the GEMM's speedup over dequantize + cuBLAS and over

@@ -326,28 +326,18 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
 // of k-tile kt - 1 may still be reading its slot); one wgmma per k16 step, committed alone, then a wait for
 // all but the newest, so the next step's conversion overlaps the running wgmma.
 //
-// The wide CTA (WG = 4 warpgroups, 256 weight rows, 512 threads, one CTA per SM), built only where
-// DSINF_GEMM_I8_WIDE_MIN_M > 0 (a probe variant, off by default until measured), runs M from that value up. At
-// large M this kernel plateaus at 400-565 TFLOP/s (H200, twenty-third round), and an estimate puts that at the
-// L2's bandwidth: a 128 x 128 tile draws 24 KiB per k-tile of 64 (16 KiB of tokens, 8 of int8 weights), about
-// 47 bytes per clock per SM at the tensor peak, ~11 TB/s over 132 SMs against the L2's ~5.5-7. A 128 x 256
-// tile draws 32 KiB for twice the MACs: two thirds of the bytes per MAC. (cuBLAS's fp16 128 x 256 tiles draw
-// as many per MAC as the narrow one; Hopper GEMMs of its class also share one operand across a 2-CTA cluster,
-// TMA multicast, which this kernel does not.)
+// At large M this kernel plateaus at 400-565 TFLOP/s (H200) against cuBLAS's ~700. A CTA of 4 warpgroups (256
+// weight rows, two thirds of the L2 bytes per MAC, one CTA per SM, a 6-stage ring) was tried as a build
+// variant on the guess that the L2's bandwidth was the limit: at M = 4096 from 1% faster to 5% slower, and 3-56%
+// slower at M = 256-1024, where half as many CTAs fill the SMs worse (run 124). It was removed; the template
+// keeps the warpgroups and the ring depth as parameters.
 // ------------------------------------------------------------------------------------------------
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #ifndef DSINF_GEMM_I8_WG_STAGES
 #define DSINF_GEMM_I8_WG_STAGES 4  // 96 KiB at BT = 128: two CTAs per sm_90 SM
 #endif
-#ifndef DSINF_GEMM_I8_WIDE_MIN_M
-#define DSINF_GEMM_I8_WIDE_MIN_M 0  // > 0: M >= this runs the wide CTA (0: never, not built)
-#endif
-#ifndef DSINF_GEMM_I8_WIDE_STAGES
-#define DSINF_GEMM_I8_WIDE_STAGES 6  // 193 KiB at BT = 128: 4 k-tiles in flight, 128 KiB, as two narrow CTAs' 96
-#endif
 constexpr int kWgStages = DSINF_GEMM_I8_WG_STAGES;
-constexpr int kWideStages = DSINF_GEMM_I8_WIDE_STAGES;
-static_assert(kWgStages >= 3 && kWideStages >= 3, "the wgmma ring keeps one slot of slack");
+static_assert(kWgStages >= 3, "the wgmma ring keeps one slot of slack");
 constexpr int kWgBK = 64;  // k per stage: a token row of 128 bytes, the 128-byte swizzle's row
 
 template <int BT, int WG>
@@ -365,9 +355,6 @@ constexpr bool wg_shape_ok() {
          wg_smem_bytes<BT, WG, Stages>() <= 227 * 1024;                                     // sm_90's opt-in limit
 }
 static_assert(wg_shape_ok<64, 2, kWgStages>() && wg_shape_ok<128, 2, kWgStages>(), "the narrow CTA's ring");
-#if DSINF_GEMM_I8_WIDE_MIN_M > 0
-static_assert(wg_shape_ok<64, 4, kWideStages>() && wg_shape_ok<128, 4, kWideStages>(), "the wide CTA's ring");
-#endif
 
 __device__ __forceinline__ uint32_t wx_off(int row, int ch) { return row * (kWgBK * 2) + ((ch ^ (row & 7)) << 4); }
 __device__ __forceinline__ uint32_t ww_off(int row, int ch) { return row * kWgBK + ((ch ^ ((row >> 1) & 3)) << 4); }
@@ -480,15 +467,6 @@ template <typename T>
 cudaError_t launch_for(const GemvArgs& a, cudaStream_t stream) {
   const bool small = a.M <= DSINF_GEMM_I8_BM64_MAX_M;
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
-#if DSINF_GEMM_I8_WIDE_MIN_M > 0
-  if (gemm_int8_wgmma() && a.M >= DSINF_GEMM_I8_WIDE_MIN_M) {
-    const cudaError_t e =
-        small ? launch_wgmma<T, 64, 4, kWideStages>(a, stream) : launch_wgmma<T, 128, 4, kWideStages>(a, stream);
-    if (e == cudaSuccess) return e;
-    // Refused (a partitioned GPU without a split's cluster of one-CTA-per-SM CTAs free in one GPC, or the
-    // shared memory): the narrow CTA runs it. launch_ex leaves no error behind.
-  }
-#endif
   if (gemm_int8_wgmma()) return small ? launch_wgmma<T, 64>(a, stream) : launch_wgmma<T, 128>(a, stream);
 #endif
   return small ? launch<T, 64>(a, stream) : launch<T, 128>(a, stream);
