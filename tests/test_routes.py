@@ -188,6 +188,25 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
     torch.testing.assert_close(got, dsinf.reference.vector_matmul(x64, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout, K, N, want", [
+    ("nk", 4096, 4096, 16), ("nk", 4096, 256, 8), ("nk", 256, 1376, 8),  # [N,K]: 16; a short K or N: 8
+    ("kn", 4096, 4096, 24), ("kn", 1024, 512, 8), ("kn", 4096, 64, 4),   # [K,N]: 24 from N = 1024, else less
+])
+def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, layout, K, N, want):
+    """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
+    catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"): the binding reports it and
+    the op takes it, our GEMV at that M and ATen one above."""
+    key = RouteKey("fp32", layout, K, N)
+    assert cpu_routes.default(key) == want
+    cpu_routes.set({})
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(*((N, K) if layout == "nk" else (K, N)), generator=gen)
+    op = torch.ops.dsinf.vector_matmul_fp32.default
+    for m, path in ((want, "gemv"), (want + 1, "aten")):
+        op(torch.randn(1, m, K, generator=gen), w, False, None, False, layout == "nk")
+        assert cpu_routes.last() == path, (key, m)
+
+
 def test_forced_routes_a_call_and_restores_the_table(cpu_routes):
     """routes.forced (what the kernel tests and probes use to reach our GEMV at every M): the keys it names
     take our GEMV up to the cap, or ATen with max_m=0, inside the block only; the table before comes back."""

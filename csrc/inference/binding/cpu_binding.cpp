@@ -62,8 +62,13 @@ void check_status(dsinf_status st, const char* op, const char* what) {
 
 // Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
 // MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
-// until the FMA units bound it (measured crossovers: docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover").
-// DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only) forces GEMV / GEMM.
+// until the FMA units bound it. fp32's crossover falls with the output width N (and a short K): below ~1024
+// columns MKL's small-M kernels catch up sooner. Measured per shape (docs/PERFORMANCE.md, "CPU GEMV / GEMM
+// crossover"): at M = 32, [N,K] fp32 lost to MKL on 12 of 15 shapes, by up to 36%. The rule takes the lowest
+// crossover seen over two hosts (AVX2 Zen 3 at 4096x4096; AVX-512 Zen 4 over 24 shapes, K and N from 256 to
+// 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
+// dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
+// forces GEMV / GEMM.
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
@@ -71,17 +76,23 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
   return 0;
 #endif
   if (s.int8) return 24;
-  if (w == c10::ScalarType::Float) return s.weight_nk ? 32 : 24;
+  if (w == c10::ScalarType::Float) {
+    if (s.weight_nk) return s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
+    if (s.N >= 1024) return 24;
+    return s.N <= 256 && s.K >= 2048 ? 4 : 8;
+  }
   return s.weight_nk ? 16 : 24;
 }
 
 // gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); the gated
 // GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover. The CPU module has no int8 GEMM
 // (its int8 matmul above the GEMV widens the weights into one reused block for MKL): its int8-gemm keys are 0.
-int64_t default_route(int64_t dtype, int64_t layout, int64_t /*K*/, int64_t /*N*/) {
+int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
   if (layout == routes::kInt8GemmKey) return 0;
   const int64_t plain = routes::plain_layout(layout);
   MatmulShape s{};
+  s.K = K;
+  s.N = N;
   s.int8 = plain == routes::kInt8;
   s.weight_nk = plain != routes::kKN;
   return gemv_max_m(s, dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half);
