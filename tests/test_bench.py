@@ -454,3 +454,20 @@ def test_e2e_rows_carry_the_spread_of_their_repeats(tmp_path, cpu_module, capsys
         assert 0 < lo <= r["ttft_ms"] <= hi, r
     out = capsys.readouterr().out
     assert "range" in out.split("\n-")[0] and "medians of 3 repeats" in out and "host: load " in out
+
+
+def test_e2e_measures_int8_against_its_own_model_in_fp32(tmp_path, cpu_module):
+    """bench.e2e's int8 accuracy goal compares against the int8 model itself in fp32 (unrounded w_int8 * scale,
+    fp32 arithmetic), beside torch on the fp16-dequantized weights against the same model: in fp16 both differ
+    from it (rounding), and both stay close."""
+    from bench import e2e
+
+    path = tmp_path / "e2e.json"
+    assert e2e.main(["--device", "cpu", "--layers", "1", "--dtype", "fp16", "--variants", "hf,dsinf-int8",
+                     "--modes", "eager", "--batch", "1", "--prompt", "8", "--new", "2", "--repeats", "1",
+                     "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    acc = doc["accuracy"]["dsinf-int8"]
+    assert 0 < acc["rel_err_vs_int8_fp32"] < 1e-2 and 0 < acc["dequantized_rel_err_vs_int8_fp32"] < 1e-2, acc
+    [goal] = [g for g in doc["goals"] if g["goal"] == "dsinf-int8 logits rel err vs its int8 model in fp32"]
+    assert goal["value"] == acc["rel_err_vs_int8_fp32"] and goal["pass"]

@@ -252,6 +252,23 @@ def test_int8_matches_the_dequantized_model(family, groups):
     assert torch.equal(greedy(model, x), greedy(dequantized, x))
 
 
+def test_export_in_fp32_keeps_the_int8_weights_unrounded():
+    """export_state_dict(dtype=torch.float32) of a 16-bit int8 model: each weight is w_int8 * scale in fp32 (the
+    default export rounds it to the activations' dtype), q|k|v split back; a bad dtype names the argument."""
+    model = inject(make_model("llama", dtype=torch.float16), quantize="int8", groups=2)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    exact, rounded = export_state_dict(model, dtype=torch.float32), export_state_dict(model)
+    rows = qkv.weight.shape[0]
+    want = (qkv.weight.float().view(2, rows // 2, -1) * qkv.weight_scale.view(2, 1, 1)).view(rows, -1)
+    q = exact["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.float32 and torch.equal(q, want[:q.shape[0]])
+    assert rounded["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float16
+    assert torch.equal(rounded["model.layers.0.self_attn.q_proj.weight"], q.half())
+    assert not torch.equal(rounded["model.layers.0.self_attn.q_proj.weight"].float(), q)  # fp16 rounds
+    with pytest.raises(ValueError, match="dtype"):
+        export_state_dict(model, dtype=torch.int8)
+
+
 def test_groups_must_divide_every_layer():
     with pytest.raises(ValueError, match="groups.*do not divide.*output rows"):
         inject(make_model("llama"), quantize="int8", groups=7)
