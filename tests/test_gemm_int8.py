@@ -264,15 +264,14 @@ def test_the_mma_sync_kernel_keeps_parity_where_wgmma_would_run():
     child process (its own module), so a Hopper machine checks it too: parity of the probe's forced GEMM on
     both token tiles, M and N tails of the 128-row weight tile, a partial k-tile and a K split, and the kernel
     each row launched (read from its template arguments), so a build that fell back to another kernel fails."""
-    define = MMA_SYNC
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ms = (17, 64, 65, 129, 300)
     cmd = [sys.executable, os.path.join(root, "tools", "probe_int8_prefill.py"), "--no-timing", "--kernel-names",
-           "--define", define, "--shapes", "48x130,1040x384,8192x200", "--ms", ",".join(map(str, ms))]
+           "--define", MMA_SYNC, "--shapes", "48x130,1040x384,8192x200", "--ms", ",".join(map(str, ms))]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False, cwd=root)
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
-    assert "with " + define in run.stdout, f"the variant was not what ran:\n{tail}"
+    assert "with " + MMA_SYNC in run.stdout, f"the variant was not what ran:\n{tail}"
     assert run.stdout.count("parity ok") == 2 * 3 * len(ms) * 2, tail  # dtypes x shapes x M x both paths
     kernels = re.findall(r"kernel (\w+) (\d+)x(\d+) M=(\d+): (.*)", run.stdout)
     assert len(kernels) == 2 * 3 * len(ms), tail

@@ -105,9 +105,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         model: any `nn.Module`; Llama-family decoders (Llama, Mistral, Qwen2) get fused blocks.
         dtype: convert the model to this float dtype first (None: keep it).
         quantize: None (float weights, shared with the original layers, no copy) or "int8" (weight-only).
-            The output head (`model.get_output_embeddings()`, or a linear named `lm_head`) stays in its
-            float dtype on dsinf's GEMV: its logits are what int8 rounding hurts most, as in other int8
-            weight-only schemes.
+            The output head (`model.get_output_embeddings()`, or a linear named `lm_head`) runs on dsinf
+            in its float dtype (routed like any linear): its logits are what int8 rounding hurts most, as in
+            other int8 weight-only schemes.
         groups: int8 scale groups per weight matrix (None: one scale per output channel); must divide
             every quantized layer's output rows.
         fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
