@@ -8,7 +8,8 @@ Covers both weight layouts, each dtype, int8 weights (several scale groups), the
 16- and 32-row tiles, 16-warp CTAs and int8 1-step units (16-bit and int8 weights), the fused QKV split with
 RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our
 GEMV; split-K clusters, the scalar fallback for odd K / misaligned weights), the int8 GEMM (its two CTA tiles,
-split K) and large M (cuBLAS + epilogue kernels). Shapes are
+split K), dequantize + cuBLAS (the row and scalar dequantize kernels) and large M (cuBLAS + epilogue kernels).
+Shapes are
 tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on CPU
 copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
@@ -101,6 +102,14 @@ def cases(quick: bool):
             for B, S in [(1, 17), (1, 65), (3, 43)]:
                 x = torch.randn(B, S, K, dtype=dt, device="cuda")
                 yield f"gemm int8 K={K} N={N} G={G} M={B * S}", dt, "vector_matmul", (x, w, False, s, True, False), {}
+        # dequantize + cuBLAS (K % 16 != 0: the GEMM does not take it): the dequantize kernel's row path with one
+        # chunk pass and more than one (K / 8 = 513), scale groups; the scalar kernel for a misaligned weight.
+        for K, N, G, off in [(40, 96, 3, 0), (4104, 70, 7, 0), (1032, 33, 1, 2)]:
+            w, s = int8_weight(K, N, G)
+            if off:  # the same values `off` bytes into a larger buffer
+                w = torch.cat([w.new_zeros(off), w.flatten()])[off:].view(N, K)
+            x = torch.randn(1, 20, K, dtype=dt, device="cuda")
+            yield f"dequant int8 K={K} N={N} G={G} offset={off}", dt, "vector_matmul", (x, w, False, s, True, False), {}
         # fused QKV + RoPE (+ GQA), small and large M, both layouts
         for heads, kv, D, rd, rh, off in [(4, -1, 32, 32, True, 3), (4, 2, 32, 16, False, 1000), (2, 1, 10, 6, True, 0)]:
             kvh = heads if kv == -1 else kv

@@ -134,6 +134,30 @@ def test_what_the_gemm_does_not_take_keeps_dequantize(cuda_module, route, suffix
         assert_close(out, ref_vm(x, w, scale, True, True), dtype)
 
 
+@pytest.mark.parametrize("suffix", list(DTYPES))
+def test_dequantize_covers_every_row_and_chunk(cuda_module, route, suffix):
+    """dequantize + cuBLAS (the GEMM's route held at 0) on the dequantize kernel's edges: one 8-weight chunk per
+    row, K % 16 == 8, rows of more chunks than one pass of the CTA's threads covers (513, 1025), more rows than
+    the grid (each CTA takes several), scale groups, and a weight 2 bytes off alignment (the scalar kernel).
+    Fresh allocations hold NaN bytes (`poison`), so a chunk or row the kernel skips shows in the output."""
+    from dsinf import routes
+
+    dtype = DTYPES[suffix]
+    fn = _fn(cuda_module, "vector_matmul", suffix)
+    rows = 16 * torch.cuda.get_device_properties(0).multi_processor_count + 8  # past one grid of CTAs
+    for K, N, groups, bad_w in [(8, 40, 5, False), (40, 96, 1, False), (4104, 70, 7, False), (8200, 33, 1, False),
+                                (1032, rows, 8, False), (1032, 96, 3, True)]:
+        w, scale = make_int8(K, N, groups)
+        if bad_w:
+            w = torch.cat([w.new_zeros(2), w.flatten()])[2:].view(N, K)
+        x = torch.randn(1, 20, K, dtype=dtype, device="cuda")
+        poison()
+        with routes.forced("cuda", [routes.RouteKey(suffix, routes.INT8_GEMM, K, N)], 0):
+            out = fn(x, w, False, scale, True, True)
+            assert route.last() == "aten", f"{suffix} {K}x{N} ran on {route.last()}"
+        assert_close(out, ref_vm(x, w, scale, True, True), dtype)
+
+
 @pytest.mark.parametrize("suffix", HALF)
 def test_gemm_is_deterministic_and_graph_safe(cuda_module, route, suffix):
     """The split-K reduction (a cluster, no atomics) gives bit-identical results run to run, and the op
