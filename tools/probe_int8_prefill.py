@@ -6,6 +6,7 @@ then time the int8 GEMM (csrc/inference/cuda/gemm_int8.cu) and dequantize + cuBL
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --dtypes fp16 --ms 64,128 --define DSINF_GEMM_I8_STAGES=3
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --no-timing --define DSINF_GEMM_I8_WGMMA=0  # parity only
     PYTHONPATH=$PWD python tools/probe_int8_prefill.py --define DSINF_GEMM_I8_WG_STAGES=6 --kernel-names
+    PYTHONPATH=$PWD python tools/probe_int8_prefill.py --dtypes fp16 --ms 1024 --dequant-time  # the dequantize kernel
 
 Default shapes: Llama-3-8B's four linears (qkv, o, gate|up, down); M over prefill lengths. Per row: the GEMM's
 µs, dequantize + cuBLAS's, cuBLAS's on 16-bit weights, the GEMM's speedup over dequantize + cuBLAS and over
@@ -40,6 +41,8 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=0, help="scale groups (0: one per output row)")
     p.add_argument("--define", action="append", default=[], help="NAME=VALUE passed to nvcc as -D (one build)")
     p.add_argument("--no-timing", action="store_true", help="parity of both paths only (tests run variants so)")
+    p.add_argument("--dequant-time", action="store_true",
+                   help="log the dequantize kernel's own time and rate (profiler) beside dequantize + cuBLAS")
     p.add_argument("--kernel-names", action="store_true",
                    help="log the GEMM kernel each row launched (its template arguments: tile, warpgroups, stages)")
     args = p.parse_args()
@@ -98,6 +101,11 @@ def main() -> int:
                                 continue
                             times[path] = timer.time_many(
                                 {path: (lambda i: op(x, ws8[i], False, scale, True, True), n_int8)})[path]
+                            if args.dequant_time and path == "aten":
+                                us = _kernel_us(torch, lambda i: op(x, ws8[i], False, scale, True, True), n_int8,
+                                                "dequant")
+                                moved = N * K * (1 + x.element_size())  # int8 read, 16-bit write
+                                log(f"  dequantize {name} {K}x{N}: {us:.1f} us, {moved / us / 1e3:.0f} GB/s")
                     if args.no_timing:
                         continue
                     times["cublas"] = timer.time_many({"cublas": (lambda i: torch.mm(x[0], ws16[i].t()), n_16)})["cublas"]
@@ -111,6 +119,27 @@ def main() -> int:
             del ws8, ws16, w32
             torch.cuda.empty_cache()
     return 1 if failures else 0
+
+
+def _kernel_us(torch, fn, copies: int, needle: str) -> float:
+    """Mean device time (µs) per call of the kernels named with `needle` over 4 rounds of fn(i)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    calls = 4 * copies
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for j in range(calls):
+            fn(j % copies)
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        if needle in e.key:
+            total += getattr(e, "device_time_total", None) or e.cuda_time_total
+    if not total:
+        raise RuntimeError(f"no kernel named {needle!r} ran")
+    return total / calls
 
 
 def _gemm_kernels(torch, op, x, w, scale) -> list[str]:
