@@ -331,8 +331,12 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
 // variant on the guess that the L2's bandwidth was the limit: at M = 4096 from 1% faster to 5% slower, and 3-56%
 // slower at M = 256-1024, where half as many CTAs fill the SMs worse (run 124). It was removed; the template
 // keeps the warpgroups and the ring depth as parameters. ncu at M = 4096 (run 126): tensor pipe 54% busy, L2
-// 39%, DRAM 5%, 16 warps per SM: latency, the conversion and the one-deep wgmma overlap, not bandwidth; a
-// producer warp and two consumer warpgroups taking turns is the untried lever.
+// 39%, DRAM 5%, 16 warps per SM: latency, the conversion and the one-deep wgmma overlap, not bandwidth. A
+// warp-specialized variant (a cp.async producer warpgroup signalling through mbarriers, two consumer warpgroups
+// on m64n256k16, setmaxnreg 56 / 224, a 5-stage ring; runs 127-128, parity passed) ran 3-24% faster at M >= 2048
+// and on 14336x4096 from M = 1024 (up to 640 TFLOP/s), but 4-42% slower at M <= 1024 on 4096x4096 and 4096x6144
+// (a wave or less of 256-token CTAs). Where it won, dequantize + cuBLAS was faster still but on 14336x4096 at
+// M = 1024 (194 against 201-208 us: ~0.3 ms of a 40 ms batch-8 Llama prompt). Not kept for that.
 // ------------------------------------------------------------------------------------------------
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #ifndef DSINF_GEMM_I8_WG_STAGES
