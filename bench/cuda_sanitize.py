@@ -9,9 +9,8 @@ Covers both weight layouts, each dtype, int8 weights (several scale groups), the
 RoPE (both pair styles, rotary_dim < D) and GQA, small M (GEMV buckets up to 16, each shape routed to our
 GEMV; split-K clusters, the scalar fallback for odd K / misaligned weights), the int8 GEMM (its two CTA tiles,
 split K), dequantize + cuBLAS (the row and scalar dequantize kernels) and large M (cuBLAS + epilogue kernels).
-Shapes are
-tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on CPU
-copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
+Shapes are tiny so a memcheck run stays in minutes. Every result is compared with dsinf.reference (computed on
+CPU copies); the script exits 1 on any mismatch, NaN or error, 0 otherwise.
 
 The module comes from the lead's builder: op_builder.InferenceBuilder().load("cuda").
 """

@@ -335,8 +335,8 @@ cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
 // warp-specialized variant (a cp.async producer warpgroup signalling through mbarriers, two consumer warpgroups
 // on m64n256k16, setmaxnreg 56 / 224, a 5-stage ring; runs 127-128, parity passed) ran 3-24% faster at M >= 2048
 // and on 14336x4096 from M = 1024 (up to 640 TFLOP/s), but 4-42% slower at M <= 1024 on 4096x4096 and 4096x6144
-// (a wave or less of 256-token CTAs). Where it won, dequantize + cuBLAS was faster still but on 14336x4096 at
-// M = 1024 (194 against 201-208 us: ~0.3 ms of a 40 ms batch-8 Llama prompt). Not kept for that.
+// (a wave or less of 256-token CTAs). Where it won, dequantize + cuBLAS was faster still, except on 14336x4096
+// at M = 1024 (194 against 201-208 us: ~0.3 ms of a 40 ms batch-8 Llama prompt). Not kept for that.
 // ------------------------------------------------------------------------------------------------
 #if defined(DSINF_CUDA_SM90A) && DSINF_GEMM_I8_WGMMA
 #ifndef DSINF_GEMM_I8_WG_STAGES
