@@ -42,6 +42,11 @@ def gemm_for_every_m(suffix, K, N):
     return routes.forced("cuda", [routes.RouteKey(suffix, routes.INT8_GEMM, K, N)])
 
 
+def misaligned(w):
+    """The same int8 weight 2 bytes into a larger buffer (a view no 16- or 8-byte kernel path may take)."""
+    return torch.cat([w.new_zeros(2), w.flatten()])[2:].view_as(w)
+
+
 @pytest.fixture
 def route():
     """The CUDA module's route table (restored after the test) and its last-route probe."""
@@ -123,8 +128,8 @@ def test_what_the_gemm_does_not_take_keeps_dequantize(cuda_module, route, suffix
         (40, 96, False, False, "aten"), (1024, 96, True, False, "aten"), (1024, 96, False, True, "int8-gemm")]
     for K, N, bad_w, bad_x, path in cases:
         w, scale = make_int8(K, N, 1)
-        if bad_w:  # the same values 2 bytes into a larger buffer
-            w = torch.cat([w.new_zeros(2), w.flatten()])[2:].view(N, K)
+        if bad_w:
+            w = misaligned(w)
         x = torch.randn(1, 64 * K + 2, dtype=dtype, device="cuda")
         x = x[:, 2:].view(1, 64, K) if bad_x else x[:, : 64 * K].view(1, 64, K)
         poison()
@@ -149,7 +154,7 @@ def test_dequantize_covers_every_row_and_chunk(cuda_module, route, suffix):
                                 (1032, rows, 8, False), (1032, 96, 3, True)]:
         w, scale = make_int8(K, N, groups)
         if bad_w:
-            w = torch.cat([w.new_zeros(2), w.flatten()])[2:].view(N, K)
+            w = misaligned(w)
         x = torch.randn(1, 20, K, dtype=dtype, device="cuda")
         poison()
         with routes.forced("cuda", [routes.RouteKey(suffix, routes.INT8_GEMM, K, N)], 0):

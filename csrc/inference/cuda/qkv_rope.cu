@@ -196,12 +196,11 @@ cudaError_t dequant(const int8_t* w, const float* scale, int64_t groups, void* o
     return cudaGetLastError();
   }
   const int64_t total = N * K;
-  const int threads = 256;
-  int64_t blocks = (total + threads - 1) / threads;
+  int64_t blocks = (total + kDequantThreads - 1) / kDequantThreads;
   const int64_t cap = 32LL * device_sm_count();
   if (blocks > cap) blocks = cap;
-  dequant_scalar_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(w, scale, rpg,
-                                                                                  static_cast<T*>(out), total, K);
+  dequant_scalar_kernel<T><<<static_cast<unsigned>(blocks), kDequantThreads, 0, stream>>>(
+      w, scale, rpg, static_cast<T*>(out), total, K);
   return cudaGetLastError();
 }
 
