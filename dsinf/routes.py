@@ -1,10 +1,10 @@
 """Routes: for each matmul shape, which M run on our GEMV and which on the ATen path, measured per device.
 
-The compiled bindings run a matmul of M = B*S rows on our GEMV up to a crossover M and on the ATen path
-above it (cuBLAS on CUDA; MKL fp32 GEMM on CPU). The compiled crossover is one number per dtype; the
-measured one is per shape: on an H200 a bf16 [K, N] 8192x8192 weight runs faster on our GEMV at M = 1 and
-on cuBLAS from M = 4, while 4096x4096 stays faster on ours up to M = 16. The binding keeps a route table
-(csrc/inference/binding/routes.h):
+The compiled bindings run a matmul of M = B*S rows on our GEMV up to a crossover M and on the ATen path above
+it (cuBLAS on CUDA; on CPU MKL's fp32 GEMM, or torch's bf16 GEMM for bf16 activations on an avx512_bf16
+build). The compiled crossover is one number per dtype; the measured one is per shape: on an H200 a bf16
+[K, N] 8192x8192 weight runs faster on our GEMV at M = 1 and on cuBLAS from M = 4, while 4096x4096 stays
+faster on ours up to M = 16. The binding keeps a route table (csrc/inference/binding/routes.h):
 
     (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
                                                               (0: always ATen; absent: the compiled crossover)

@@ -2,9 +2,10 @@
 
 The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
 session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact
-crossovers are (today GEMV up to M = 24-32 fp32, 16-24 16-bit, 24 int8): M = B*S of 1, 3 and 5 (our
-GEMV; 5 is more than the register tile's rows and, with K > 512, takes the k-blocked, widen-once branch),
-24 (GEMV), 40 (fp32 BLAS or widened fp32 GEMM for 16-bit) and 72 (every GEMM path), both
+crossovers are (today GEMV up to M = 24-32 fp32, 16-24 16-bit, 24 int8; bf16 on the native bf16 GEMM
+4-8, where a forced route covers the rest): M = B*S of 1, 3 and 5 (our GEMV; 5 is more than the register
+tile's rows and, with K > 512, takes the k-blocked, widen-once branch), 24 (GEMV), 40 (fp32 BLAS,
+widened fp32 GEMM or the native bf16 GEMM for 16-bit) and 72 (every GEMM path), both
 float layouts, K and N not multiples of the vector width, int8 scale groups G = 1, intermediate, N, and
 the fused QKV epilogue with both RoPE styles, partial rotary_dim, seq_offset > 0 and GQA. Inputs are
 random and never zero.
@@ -129,9 +130,10 @@ def test_linear_layer_int8_with_bias(cpu_module, suffix, B, S):
 @pytest.mark.parametrize("suffix", list(DTYPES))
 @pytest.mark.parametrize("transposed_mode", [False, True])
 def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode):
-    """Large M runs one block of output columns per sgemm, straight into its slice of the result: ~16 MiB
-    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened first (448 columns). N here
-    spans three blocks in place and ten widened, the last one ragged, bias included."""
+    """Large M runs one block of output columns per GEMM, straight into its slice of the result: ~16 MiB
+    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened to fp32 first (448 columns),
+    ~8 MiB for int8 weights widened to bf16 for the native bf16 GEMM (1984 columns). N here spans three
+    blocks in place, ten widened to fp32 and three to bf16, the last one ragged, bias included."""
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(3)
     B, S, K, N = 2, 36, 2100, 4200
     x = randn(B, S, K, dtype=dtype, gen=gen)
@@ -143,6 +145,31 @@ def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mo
         w, scale = int8_weight(N, K, 8, gen)
         got = op(cpu_module, f"vector_matmul_{suffix}")(x, w, False, scale, True, False)
         assert_close(got, reference.vector_matmul(x, w, False, scale, True, False), dtype)
+        args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
+        assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+
+
+@pytest.mark.parametrize("suffix", ["fp16", "bf16"])
+@pytest.mark.parametrize("weights", ["nk", "kn", "int8"])
+def test_16bit_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):
+    """A measured route may keep a shape on our GEMV up to any M, past the compiled crossover (for bf16 on
+    the native bf16 GEMM that is 4-8, so the GEMV's wider tiles and k-blocked branch run only through a
+    route): M = 5, 9 and 24 forced onto the GEMV, checked to have run there."""
+    from dsinf import routes
+
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(11)
+    K, N = 1100, 70
+    with routes.forced("cpu", [routes.RouteKey(suffix, weights, K, N)]) as binding:
+        for M in (5, 9, 24):
+            x = randn(1, M, K, dtype=dtype, gen=gen)
+            if weights == "int8":
+                w, scale = int8_weight(N, K, 5, gen)
+                args = (x, w, False, scale, True, False)
+            else:
+                args = (x, float_weight(K, N, weights == "nk", dtype, gen), False, None, False, weights == "nk")
+            got = op(cpu_module, f"vector_matmul_{suffix}")(*args)
+            assert binding.last() == "gemv", M
+            assert_close(got, reference.vector_matmul(*args), dtype)
 
 
 # (B, S, H, KV, D, rotary_dim, rotate_half, seq_offset)

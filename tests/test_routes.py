@@ -207,6 +207,48 @@ def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, layout, K,
         assert cpu_routes.last() == path, (key, m)
 
 
+def native_bf16_gemm() -> bool:
+    """Whether the session's CPU module runs bf16 past the GEMV on torch's native bf16 GEMM: it does when built
+    for the avx512_bf16 level (cpu_binding.cpp, kNativeBf16Gemm)."""
+    from op_builder import InferenceBuilder
+    from op_builder.builder import loaded_variants
+
+    return loaded_variants()[(InferenceBuilder.NAME, "cpu")].manifest.get("isa") == "avx512_bf16"
+
+
+# (layout, K, N, crossover on the native bf16 GEMM, crossover otherwise)
+BF16_CROSSOVERS = [
+    ("nk", 4096, 4096, 4, 16), ("nk", 256, 768, 4, 16),
+    ("kn", 4096, 4096, 8, 24), ("kn", 256, 768, 4, 24),    # [K,N]: 8 from K*N = 2^20, else 4
+    ("int8", 4096, 4096, 4, 24), ("int8", 256, 768, 8, 24),  # int8 weights: 4 from K*N = 2^20, else 8
+]
+
+
+@pytest.mark.parametrize("layout, K, N, native, other", BF16_CROSSOVERS)
+def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, layout, K, N, native, other):
+    """bf16 activations cross to ATen at M = 4-8 where the module runs the native bf16 GEMM past the GEMV
+    (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), at 16-24 elsewhere; fp16
+    keeps 16-24 either way. The op takes the crossover: our GEMV at it, ATen one above."""
+    want = native if native_bf16_gemm() else other
+    assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
+    assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
+    if K * N > 1 << 20:
+        return  # the small shapes run the op below
+    gen = torch.Generator().manual_seed(6)
+    if layout == "int8":
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        extra = (torch.rand(1, generator=gen) * 0.01 + 0.001, True, True)
+    else:
+        w = torch.randn(*((N, K) if layout == "nk" else (K, N)), generator=gen).to(torch.bfloat16)
+        extra = (None, False, layout == "nk")
+    op = torch.ops.dsinf.vector_matmul_bf16.default
+    for m, path in ((want, "gemv"), (want + 1, "aten")):
+        x = torch.randn(1, m, K, generator=gen).to(torch.bfloat16)
+        got = op(x, w, False, *extra)
+        assert cpu_routes.last() == path, (layout, m)
+        torch.testing.assert_close(got, dsinf.reference.vector_matmul(x, w, False, *extra), rtol=2e-2, atol=2e-2)
+
+
 def test_forced_routes_a_call_and_restores_the_table(cpu_routes):
     """routes.forced (what the kernel tests and probes use to reach our GEMV at every M): the keys it names
     take our GEMV up to the cap, or ATen with max_m=0, inside the block only; the table before comes back."""

@@ -5,6 +5,10 @@
                    with num_kv < num_heads (GQA)                   -> [q, k, v]       (k, v [B, KV, S, D])
     int8 weights:  W(k,n) = w_int8[n,k] * q_scale[n // (N/G)]
 
+The reference rounds once, at the end. The compiled backends do too, except that above the GEMV's range the
+fused QKV split reads a matmul result already rounded to the activation dtype where that GEMM writes it
+(CUDA's cuBLAS; bf16 on the CPU module's native bf16 GEMM); the tests' 16-bit tolerances cover it.
+
 The spec (schema, checks, reference, samples), the reference and `LinearOp` live here; RoPE and the
 matmul helpers are in `dsinf.reference`. `LinearOp` takes from the config: `transposed_mode`,
 `rope_theta`, `rotary_dim` (> 0 enables RoPE), `rotate_half` (NeoX pairs; else GPT-J pairs), `num_kv`,

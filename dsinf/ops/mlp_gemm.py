@@ -10,13 +10,14 @@ Llama-family models. `MLPGemmOp` with `norm_type=RMSNorm` calls it.
     act: GATED_SILU (4) -> silu(g); GATED_GELU (3) -> the exact erf GELU (DeepSpeed's gated kernel uses erff)
     returns [output, r]
 
-h and a are rounded because every kernel path stores them in the activation dtype between the GEMMs;
-DeepSpeed also rounds t and act(gate), which the fused decode kernel keeps in float32. Layouts (K = hidden,
-I = intermediate): transposed_mode=False: W_interm [K, 2I], W_out [I, K]; True (nn.Linear): W_interm
-[2I, K], W_out [K, I]. int8 weights (q_int8=True, config.dtype == torch.int8) are always [N, K]: W_interm
-int8 [2I, K] with float32 q_scale [G] (G | 2I), W_out int8 [K, I] with q_scale1 [G1] (G1 | K); row n of a
-weight with N rows and G groups is scaled by scale[n // (N / G)]. DeepSpeed writes the sum into `residual`
-and returns it; here both outputs are new tensors and no argument is modified.
+h and a are rounded because every kernel path stores them in the activation dtype between the GEMMs; DeepSpeed
+also rounds t and act(gate), which the fused decode kernel keeps in float32. Above the gated kernel's range t
+is rounded where the matmul writes the activation dtype (CUDA; bf16 on the CPU module's native bf16 GEMM), as
+DeepSpeed's is. Layouts (K = hidden, I = intermediate): transposed_mode=False: W_interm [K, 2I], W_out [I, K];
+True (nn.Linear): W_interm [2I, K], W_out [K, I]. int8 weights (q_int8=True, config.dtype == torch.int8) are
+always [N, K]: W_interm int8 [2I, K] with float32 q_scale [G] (G | 2I), W_out int8 [K, I] with q_scale1 [G1]
+(G1 | K); row n of a weight with N rows and G groups is scaled by scale[n // (N / G)]. DeepSpeed writes the
+sum into `residual` and returns it; here both outputs are new tensors and no argument is modified.
 
 Decode (CUDA: M <= 8 with int8 or 16-bit [N, K] weights, M <= 2 otherwise; CPU: the GEMV crossover): the
 gate/up GEMV writes act(gate) * up from its epilogue, so the [M, 2I] product never reaches memory. Larger M,

@@ -13,8 +13,11 @@
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
 //                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
 //                         keeps fp32 accumulation (docs/PERFORMANCE.md).
-//   do_flash_attn         fp32 [M, N] from either path, then dsinf_cpu_qkv_rope: bias + RoPE + per-head
-//                         split + transpose + rounding in one pass, into the final owned tensors.
+//                         bf16 activations on a build with native bf16 dot products (kNativeBf16Gemm):
+//                         torch's bf16 GEMM instead, bf16 out (fp32 accumulation, rounded once).
+//   do_flash_attn         [M, N] from either path (fp32, or bf16 from the native GEMM), then
+//                         dsinf_cpu_qkv_rope: bias + RoPE + per-head split + transpose + rounding in one
+//                         pass, into the final owned tensors.
 //
 // Outputs are always fresh tensors from the torch allocator. Registered with TORCH_LIBRARY_IMPL only:
 // the schemas are defined from Python before this library is loaded.
@@ -60,6 +63,21 @@ void check_status(dsinf_status st, const char* op, const char* what) {
   TORCH_CHECK(st == DSINF_OK, op, ": internal error: CPU kernel ", what, " rejected its arguments");
 }
 
+// The large-M GEMM of bf16 activations on a build for the avx512_bf16 level (the host has native bf16 dot
+// products, which torch's oneDNN uses too): torch's bf16 GEMM (vdpbf16ps, fp32 accumulation, rounded once to
+// bf16 with the bias) ran 2.3-3.0x faster than the fp32 path (widen + MKL sgemm) on a Zen 4 host, 2 threads,
+// M = 32..512, K x N from 256x1376 to 4096x14336, and HF's bf16 first token at batch 8 was 1.7x dsinf's
+// (docs/PERFORMANCE.md, "CPU bf16 prefill"). Its output is bf16, so a fused epilogue's input (the QKV + RoPE
+// and gated epilogues) is rounded there once more, as on CUDA, where cuBLAS writes the act dtype. Lower levels
+// keep the fp32 path (on an AVX2 host torch's bf16 GEMM ran 2-5x slower than it; avx512 without bf16 is
+// unmeasured), as does fp16 (no native fp16 dot product below avx512_fp16). test_isa_levels runs the parity
+// tests at every level the host runs, so both paths are tested.
+#if defined(__AVX512BF16__)
+constexpr bool kNativeBf16Gemm = true;
+#else
+constexpr bool kNativeBf16Gemm = false;
+#endif
+
 // Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
 // MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
 // until the FMA units bound it. fp32's crossover falls with the output width N (and a short K): below ~1024
@@ -69,14 +87,27 @@ void check_status(dsinf_status st, const char* op, const char* what) {
 // 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM.
-int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType w) {
+// bf16 activations on the native bf16 GEMM (kNativeBf16Gemm) cross much sooner: `python -m dsinf.routes --tune`
+// on a Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts, int8 weights too) measured, ATen /
+// ours at M = 8: [N, K] 0.72-0.93x on 4 of 6 shapes (1.05-1.17x on 256x768 and 688x256); [K, N] 1.27-1.52x from
+// K*N = 2^20 up, 0.93-0.98x on 256x768 and 256x1376; int8 0.63-0.91x from 2^20 up, 1.11-1.45x below. Every
+// shape ran ATen faster from M = 16 (docs/PERFORMANCE.md, "CPU bf16 prefill"). The rule takes the lowest.
+int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
+  const bool large = s.K * s.N >= (int64_t(1) << 20);
+  if (s.int8) return large ? 4 : 8;
+  if (s.weight_nk) return 4;
+  return large ? 8 : 4;
+}
+
+int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
 #elif defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 2
   return 0;
 #endif
+  if (kNativeBf16Gemm && act == c10::ScalarType::BFloat16) return native_bf16_gemv_max_m(s);
   if (s.int8) return 24;
-  if (w == c10::ScalarType::Float) {
+  if (act == c10::ScalarType::Float) {
     if (s.weight_nk) return s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
     if (s.N >= 1024) return 24;
     return s.N <= 256 && s.K >= 2048 ? 4 : 8;
@@ -95,7 +126,10 @@ int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
   s.N = N;
   s.int8 = plain == routes::kInt8;
   s.weight_nk = plain != routes::kKN;
-  return gemv_max_m(s, dtype == routes::kFp32 ? c10::ScalarType::Float : c10::ScalarType::Half);
+  const c10::ScalarType act = dtype == routes::kFp32   ? c10::ScalarType::Float
+                              : dtype == routes::kBf16 ? c10::ScalarType::BFloat16
+                                                       : c10::ScalarType::Half;
+  return gemv_max_m(s, act);
 }
 
 dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c10::optional<at::Tensor>& q_scale) {
@@ -112,21 +146,53 @@ dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c
   return w;
 }
 
-// x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: fp32 without bias when fp32_out, else the act dtype
-// with `bias` (may be null) added before the single rounding.
+// x2d [M, K] (contiguous, bf16) @ W -> bf16 [M, N] (+ bias) on torch's bf16 GEMM: bf16 weights in place; int8
+// weights dequantized to bf16 (in fp32, rounded once) one block of output columns at a time into one reused
+// buffer of about 8 MiB, each block multiplied straight into its column slice of the result.
+at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, const at::Tensor& weight,
+                              const dsinf_weight& w, const at::Tensor* bias) {
+  const int64_t M = s.M(), K = s.K, N = s.N;
+  at::Tensor out = aten::empty({M, N}, x2d.options());
+  auto gemm = [&](at::Tensor& y, const at::Tensor& w_kn, int64_t n0, int64_t nb) {
+    if (bias)
+      aten::addmm_out(y, nb == N ? *bias : bias->narrow(0, n0, nb), x2d, w_kn);
+    else
+      aten::mm_out(y, x2d, w_kn);
+  };
+  if (!s.int8) {
+    gemm(out, s.weight_nk ? weight.t() : weight, 0, N);
+    return out;
+  }
+  const int64_t block_bytes = int64_t(8) << 20;
+  const int64_t block =
+      std::min<int64_t>(N, std::max<int64_t>(64, (block_bytes / std::max<int64_t>(1, 2 * K)) / 64 * 64));
+  at::Tensor wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t nb = std::min(block, N - n0);
+    check_status(dsinf_cpu_weight_widen(&w, n0, n0 + nb, wbuf.data_ptr(), DSINF_BF16, kParallel), op, "weight_widen");
+    at::Tensor y = nb == N ? out : out.narrow(1, n0, nb);
+    gemm(y, wbuf.narrow(0, 0, nb * K).view({nb, K}).t(), n0, nb);
+  }
+  return out;
+}
+
+// x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: with `for_epilogue`, without bias, for an epilogue that
+// takes fp32 or the act dtype: fp32, or bf16 where the native bf16 GEMM ran (check the result's dtype); else
+// the act dtype with `bias` (may be null) added before the single rounding.
 at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, const at::Tensor& weight,
-                  const dsinf_weight& w, const at::Tensor* bias, bool fp32_out) {
+                  const dsinf_weight& w, const at::Tensor* bias, bool for_epilogue) {
   const int64_t M = s.M(), K = s.K, N = s.N;
   const c10::ScalarType act = x2d.scalar_type();
-  const c10::ScalarType out_t = fp32_out ? c10::ScalarType::Float : act;
+  const c10::ScalarType out_t = for_epilogue ? c10::ScalarType::Float : act;
 
-  if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, weight.scalar_type()))) {
+  if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, act))) {
     at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
     check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
                                 out.data_ptr(), to_dsinf(out_t), N, kParallel),
                  op, "gemv");
     return out;
   }
+  if (kNativeBf16Gemm && act == c10::ScalarType::BFloat16) return native_bf16_matmul(op, s, x2d, weight, w, bias);
 
   // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
   // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer of about
@@ -140,7 +206,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const int64_t block_bytes = int64_t(in_place ? 16 : 4) << 20;
   const int64_t block =
       std::min<int64_t>(N, std::max<int64_t>(64, (block_bytes / std::max<int64_t>(1, 4 * K)) / 64 * 64));
-  const bool fuse_bias = in_place && bias && !fp32_out;
+  const bool fuse_bias = in_place && bias && !for_epilogue;
   at::Tensor wbuf;
   if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
@@ -149,7 +215,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     if (in_place) {
       blk = s.weight_nk ? weight.narrow(0, n0, nb).t() : weight.narrow(1, n0, nb);
     } else {
-      check_status(dsinf_cpu_weight_to_f32(&w, n0, n0 + nb, wbuf.data_ptr<float>(), kParallel), op, "weight_to_f32");
+      check_status(dsinf_cpu_weight_widen(&w, n0, n0 + nb, wbuf.data_ptr(), DSINF_F32, kParallel), op, "weight_widen");
       blk = s.weight_nk ? wbuf.narrow(0, 0, nb * K).view({nb, K}).t() : wbuf.narrow(0, 0, nb * K).view({K, nb});
     }
     at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
@@ -158,7 +224,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     else
       aten::mm_out(ys, xf, blk);
   }
-  if (fp32_out || fuse_bias) return y;
+  if (for_epilogue || fuse_bias) return y;
   if (act == c10::ScalarType::Float) {
     if (bias)
       check_status(dsinf_cpu_bias_cast(y.data_ptr<float>(), M, N, N, bias->data_ptr(), y.data_ptr(), DSINF_F32, N,
@@ -195,9 +261,9 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
   const dsinf_weight w = make_weight(s, weight, q_scale);
   const at::Tensor* b = add_bias ? &*bias : nullptr;
-  if (!do_flash_attn) return {matmul(op, s, x2d, weight, w, b, /*fp32_out=*/false).view({s.B, s.S, s.N})};
+  if (!do_flash_attn) return {matmul(op, s, x2d, weight, w, b, /*for_epilogue=*/false).view({s.B, s.S, s.N})};
 
-  const at::Tensor y = matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/true);
+  const at::Tensor y = matmul(op, s, x2d, weight, w, nullptr, /*for_epilogue=*/true);
   std::vector<at::Tensor> outs = empty_outputs(shapes, input);
   char* base = static_cast<char*>(outs[0].data_ptr());
   const int64_t qbytes = s.B * q.heads * s.S * q.head_dim * int64_t(input.element_size());
@@ -207,8 +273,8 @@ std::vector<at::Tensor> linear_layer(const char* op, c10::ScalarType act, const 
   void* v_out = q.gqa ? outs[2].data_ptr() : base + qbytes + kvbytes;
   const dsinf_qkv_layout L{s.B, s.S, q.heads, q.kv_heads, q.head_dim, q.rotary_dim, q.rotate_half ? 1 : 0,
                            q.rope_theta, q.seq_offset};
-  check_status(dsinf_cpu_qkv_rope(y.data_ptr<float>(), s.N, b ? b->data_ptr() : nullptr, &L, to_dsinf(act), q_out,
-                                  k_out, v_out, kParallel),
+  check_status(dsinf_cpu_qkv_rope(y.data_ptr(), to_dsinf(y.scalar_type()), s.N, b ? b->data_ptr() : nullptr, &L,
+                                  to_dsinf(act), q_out, k_out, v_out, kParallel),
                op, "qkv_rope");
   return outs;
 }
@@ -230,7 +296,7 @@ at::Tensor vector_matmul(const char* op, c10::ScalarType act, const at::Tensor& 
   if (s.M() == 0 || s.N == 0) return aten::empty({s.B, s.S, s.N}, input.options());
   const at::Tensor x2d = input.contiguous().view({s.M(), s.K});
   const dsinf_weight w = make_weight(s, weight, q_scale);
-  return matmul(op, s, x2d, weight, w, nullptr, /*fp32_out=*/false).view({s.B, s.S, s.N});
+  return matmul(op, s, x2d, weight, w, nullptr, /*for_epilogue=*/false).view({s.B, s.S, s.N});
 }
 
 // vector_matmul's lean entry (dsinf/ops/spec.py LeanEntry; VectorMatMulOp's eager fast path): the same as
@@ -344,7 +410,8 @@ MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tenso
 //   r, h = pre_rms_norm(input, residual)     one pass, both in the act dtype
 //   a = act(gate) * up                        decode: the gated GEMV (the [M, 2I] product never exists);
 //                                             larger M (the route table's gated key, else the GEMV
-//                                             crossover): the matmul path into [M, 2I] fp32, then gated_act
+//                                             crossover): the matmul path into [M, 2I] (fp32, or bf16 from
+//                                             the native bf16 GEMM), then gated_act
 //   output = a @ W_out                        the GEMV / GEMM path of linear_layer
 std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input,
                                      const at::Tensor& residual, const at::Tensor& weight_interm,
@@ -368,17 +435,17 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
   const MatmulShape si = s.interm, so = s.out;
   const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  if (routes::use_gated(s.M, act, si.int8, si.weight_nk, s.K, si.N, gemv_max_m(si, weight_interm.scalar_type()))) {
+  if (routes::use_gated(s.M, act, si.int8, si.weight_nk, s.K, si.N, gemv_max_m(si, act))) {
     check_status(dsinf_cpu_gated_gemv(h.data_ptr(), dt, s.M, s.K, &w1, s.activation, a.data_ptr(), s.I, kParallel), op,
                  "gated_gemv");
   } else {
-    const at::Tensor t = matmul(op, si, h, weight_interm, w1, nullptr, /*fp32_out=*/true);  // [M, 2I] fp32
-    check_status(dsinf_cpu_gated_act(t.data_ptr(), DSINF_F32, s.M, s.I, 2 * s.I, s.activation, a.data_ptr(), dt, s.I,
-                                     kParallel),
+    const at::Tensor t = matmul(op, si, h, weight_interm, w1, nullptr, /*for_epilogue=*/true);  // [M, 2I]
+    check_status(dsinf_cpu_gated_act(t.data_ptr(), to_dsinf(t.scalar_type()), s.M, s.I, 2 * s.I, s.activation,
+                                     a.data_ptr(), dt, s.I, kParallel),
                  op, "gated_act");
   }
   const dsinf_weight w2 = make_weight(so, weight_out, q_scale1);
-  return {matmul(op, so, a, weight_out, w2, nullptr, /*fp32_out=*/false).view(input.sizes()), res};
+  return {matmul(op, so, a, weight_out, w2, nullptr, /*for_epilogue=*/false).view(input.sizes()), res};
 }
 
 }  // namespace

@@ -316,6 +316,10 @@ inline bool with_float_type(dsinf_dtype t, void* p, F&& f) {
   }
 }
 
+inline bool float_dtype(dsinf_dtype t) { return t == DSINF_F32 || t == DSINF_F16 || t == DSINF_BF16; }
+// Bytes per element of a float dtype.
+inline size_t elem_bytes(dsinf_dtype t) { return t == DSINF_F32 ? 4 : 2; }
+
 // dst[i] = to_f32(x[i]) for a runtime float dtype; false for a non-float dtype.
 inline bool load_row_any(float* dst, const void* x, dsinf_dtype t, int64_t n) {
   switch (t) {

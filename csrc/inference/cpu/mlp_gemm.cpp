@@ -187,10 +187,6 @@ void gated_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, in
   });
 }
 
-size_t elem_bytes(dsinf_dtype t) { return t == DSINF_F32 ? 4 : 2; }
-
-bool float_dtype(dsinf_dtype t) { return t == DSINF_F32 || t == DSINF_F16 || t == DSINF_BF16; }
-
 }  // namespace
 }  // namespace dsinf_cpu
 

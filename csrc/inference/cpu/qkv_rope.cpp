@@ -1,6 +1,7 @@
 // Fused-QKV epilogue: dsinf_cpu_qkv_rope (API in cpu_kernels.h).
 //
-// One pass over the fp32 GEMM output src [B*S, N], N = (H + 2*KV) * D, row = [Q | K | V]:
+// One pass over the GEMM output src [B*S, N] (fp32, or bf16 from the binding's native bf16 GEMM),
+// N = (H + 2*KV) * D, row = [Q | K | V]:
 //   t = src[b*S + s, j*D : (j+1)*D] (+ bias[j*D : (j+1)*D])          for head slot j < H + 2*KV
 //   RoPE on q and k slots (j < H + KV), dims >= rotary_dim pass through:
 //     rotate_half (NeoX/Llama): pairs (i, i + rd/2);  GPT-J: pairs (2i, 2i + 1);  i < rd/2
@@ -89,8 +90,8 @@ inline void rope_pairs(const float* t, const float* ce, const float* se, int64_t
 }
 
 template <class T>
-void qkv_impl(const float* src, int64_t lds, const float* bias, const dsinf_qkv_layout& L, const RopeTables& tab,
-              T* q_out, T* k_out, T* v_out, dsinf_parallel_fn pf) {
+void qkv_impl(const void* src, dsinf_dtype src_dtype, int64_t lds, const float* bias, const dsinf_qkv_layout& L,
+              const RopeTables& tab, T* q_out, T* k_out, T* v_out, dsinf_parallel_fn pf) {
   const int64_t H = L.heads, KV = L.kv_heads, D = L.head_dim, S = L.S, rd = L.rotary_dim;
   const int64_t slots = H + 2 * KV;
   const int64_t units = L.B * S * slots;
@@ -102,7 +103,13 @@ void qkv_impl(const float* src, int64_t lds, const float* bias, const dsinf_qkv_
     for (int64_t u = ub; u < ue; ++u) {
       const int64_t m = u / slots, j = u % slots;
       const int64_t b = m / S, s = m % S;
-      const float* in = src + m * lds + j * D;
+      const float* in;
+      if (src_dtype == DSINF_F32) {
+        in = static_cast<const float*>(src) + m * lds + j * D;
+      } else {  // 16-bit: widened into t (load_row_any takes every float dtype the entry admits)
+        load_row_any(t, static_cast<const char*>(src) + (m * lds + j * D) * elem_bytes(src_dtype), src_dtype, D);
+        in = t;
+      }
       if (bias) {
         const float* bj = bias + j * D;
         int64_t i = 0;
@@ -131,12 +138,13 @@ void qkv_impl(const float* src, int64_t lds, const float* bias, const dsinf_qkv_
 }  // namespace
 }  // namespace dsinf_cpu
 
-extern "C" dsinf_status dsinf_cpu_qkv_rope(const float* src, int64_t lds, const void* bias,
+extern "C" dsinf_status dsinf_cpu_qkv_rope(const void* src, dsinf_dtype src_dtype, int64_t lds, const void* bias,
                                            const dsinf_qkv_layout* layout, dsinf_dtype out_dtype, void* q_out,
                                            void* k_out, void* v_out, dsinf_parallel_fn pf) {
   using namespace dsinf_cpu;
   const dsinf_qkv_layout& L = *layout;
   if (L.rotary_dim < 0 || L.rotary_dim % 2 || L.rotary_dim > L.head_dim) return DSINF_UNSUPPORTED;
+  if (src_dtype == DSINF_I8) return DSINF_UNSUPPORTED;
   if (L.B * L.S == 0 || L.head_dim == 0) return DSINF_OK;
   const int64_t N = (L.heads + 2 * L.kv_heads) * L.head_dim;
   std::vector<float> bias_f;
@@ -149,7 +157,7 @@ extern "C" dsinf_status dsinf_cpu_qkv_rope(const float* src, int64_t lds, const 
   const float* bf = bias ? bias_f.data() : nullptr;
   const bool ok = with_float_type(out_dtype, q_out, [&](auto* q) {
     using T = std::remove_pointer_t<decltype(q)>;
-    qkv_impl(src, lds, bf, L, tab, q, static_cast<T*>(k_out), static_cast<T*>(v_out), pf);
+    qkv_impl(src, src_dtype, lds, bf, L, tab, q, static_cast<T*>(k_out), static_cast<T*>(v_out), pf);
   });
   return ok ? DSINF_OK : DSINF_UNSUPPORTED;
 }

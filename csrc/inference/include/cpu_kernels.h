@@ -67,12 +67,13 @@ DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, in
                                           const dsinf_weight* w, const void* bias, void* out,
                                           dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
 
-// Weight block -> float32, for large-M GEMMs that run in fp32 BLAS. Converts output columns
-// [n0, n1) of W, keeping the weight's own layout (int8 weights are dequantized with their scale):
+// Weight block -> float32 (for large-M GEMMs in fp32 BLAS) or bfloat16 (int8 weights only, for the
+// binding's native bf16 GEMM). Converts output columns [n0, n1) of W, keeping the weight's own layout (int8
+// weights are dequantized with their scale, in fp32, then rounded once to dst_dtype):
 //   layout_nk: dst[(n - n0) * K + k] = W(k, n)        ([n1-n0, K], row stride K)
 //   else:      dst[k * (n1 - n0) + (n - n0)] = W(k, n) ([K, n1-n0], row stride n1-n0)
-DSINF_CPU_API dsinf_status dsinf_cpu_weight_to_f32(const dsinf_weight* w, int64_t n0, int64_t n1, float* dst,
-                                                   dsinf_parallel_fn pf);
+DSINF_CPU_API dsinf_status dsinf_cpu_weight_widen(const dsinf_weight* w, int64_t n0, int64_t n1, void* dst,
+                                                  dsinf_dtype dst_dtype, dsinf_parallel_fn pf);
 
 // Epilogue of an fp32 GEMM: out[m * ldo + n] = round_out(src[m * lds + n] (+ bias[n])).
 // bias: out_dtype [N] or NULL; out_dtype F32/F16/BF16. In place (out == src, F32) is allowed.
@@ -89,14 +90,15 @@ typedef struct dsinf_qkv_layout {
   int64_t seq_offset;                 // position of row s is seq_offset + s
 } dsinf_qkv_layout;
 
-// Fused-QKV epilogue, one pass over the fp32 GEMM output src [B*S, N] (row stride lds):
+// Fused-QKV epilogue, one pass over the GEMM output src [B*S, N] (row stride lds; src_dtype F32, or a 16-bit
+// float from a GEMM that rounds its output):
 //   row = src[b*S + s, :] (+ bias);  q_h = row[h*D : (h+1)*D],  k_j = row[(H + j)*D : ...],  v_j = row[(H + KV + j)*D : ...]
 //   RoPE on q_h and k_j (pair frequency f_i = theta^(-2i/rd), angle (seq_offset + s) * f_i, computed in
 //   double and rounded to float once per (s, i), like dsinf.reference), then
 //   q_out[b, h, s, :], k_out[b, j, s, :], v_out[b, j, s, :] (all contiguous [B, heads, S, D]) = round_out(...).
 // For the [3, B, H, S, D] form pass q_out = base, k_out = base + B*H*S*D, v_out = base + 2*B*H*S*D.
 // bias: out_dtype [N] or NULL.
-DSINF_CPU_API dsinf_status dsinf_cpu_qkv_rope(const float* src, int64_t lds, const void* bias,
+DSINF_CPU_API dsinf_status dsinf_cpu_qkv_rope(const void* src, dsinf_dtype src_dtype, int64_t lds, const void* bias,
                                               const dsinf_qkv_layout* layout, dsinf_dtype out_dtype, void* q_out,
                                               void* k_out, void* v_out, dsinf_parallel_fn pf);
 
