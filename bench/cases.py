@@ -115,6 +115,8 @@ def cpu_cases(quick: bool) -> list[Case]:
         B, S, off = (1, 1, 37) if M == 1 else (1, M, 0)
         c.append(Case("cpu", "qkv", "qkv", "fp32", "kn", B, S, hidden, 3 * hidden, hidden // 128, 128, off))
     c.append(Case("cpu", "prefill", "linear", "fp32", "kn", 1, 512, 4096, 4096))
+    if not quick:  # bf16 in nn.Linear's layout: torch's bf16 GEMM on both sides where the host has one
+        c.append(Case("cpu", "prefill", "linear", "bf16", "nk", 1, 512, 4096, 4096))
     return c
 
 
