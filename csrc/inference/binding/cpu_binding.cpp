@@ -88,10 +88,11 @@ constexpr bool kNativeBf16Gemm = false;
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM.
 // bf16 activations on the native bf16 GEMM (kNativeBf16Gemm) cross much sooner: `python -m dsinf.routes --tune`
-// on a Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts, int8 weights too) measured, ATen /
-// ours at M = 8: [N, K] 0.72-0.93x on 4 of 6 shapes (1.05-1.17x on 256x768 and 688x256); [K, N] 1.27-1.52x from
-// K*N = 2^20 up, 0.93-0.98x on 256x768 and 256x1376; int8 0.63-0.91x from 2^20 up, 1.11-1.45x below. Every
-// shape ran ATen faster from M = 16 (docs/PERFORMANCE.md, "CPU bf16 prefill"). The rule takes the lowest.
+// on a Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts, int8 weights too) measured, ATen / ours
+// at M = 8: [N, K] 0.72-0.93x on 4 of 6 shapes (1.05-1.17x on 256x768 and 688x256); [K, N] 1.27-1.52x from
+// K*N = 2^20 up, 0.93-0.98x on 256x768 and 256x1376 (1.47x on 688x256); int8 0.63-0.91x from 2^20 up, 1.11-1.45x
+// below. Every shape ran ATen faster from M = 16 (docs/PERFORMANCE.md, "CPU bf16 prefill"). The rule takes the
+// lowest.
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const bool large = s.K * s.N >= (int64_t(1) << 20);
   if (s.int8) return large ? 4 : 8;
