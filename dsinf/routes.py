@@ -1,8 +1,8 @@
 """Routes: for each matmul shape, which M run on our GEMV and which on the ATen path, measured per device.
 
 The compiled bindings run a matmul of M = B*S rows on our GEMV up to a crossover M and on the ATen path above
-it (cuBLAS on CUDA; on CPU MKL's fp32 GEMM, or torch's bf16 GEMM for bf16 activations on an avx512_bf16
-build). The compiled crossover is one number per dtype; the measured one is per shape: on an H200 a bf16
+it (cuBLAS on CUDA; on CPU MKL's fp32 GEMM, or torch's bf16 GEMM for bf16 activations on a host with
+avx512_bf16). The compiled crossover is one number per dtype; the measured one is per shape: on an H200 a bf16
 [K, N] 8192x8192 weight runs faster on our GEMV at M = 1 and on cuBLAS from M = 4, while 4096x4096 stays
 faster on ours up to M = 16. The binding keeps a route table (csrc/inference/binding/routes.h):
 
@@ -383,6 +383,12 @@ class Binding:
         self.gated_cap = int(getattr(lib, prefix + "gated_cap")())  # the largest M the gated kernel takes
         self._last = getattr(lib, prefix + "last")
         self._last_gated = getattr(lib, prefix + "last_gated")
+        # The CPU module's choice of GEMM past the GEMV for bf16 activations (None: a binary without one).
+        self._native_bf16 = getattr(lib, f"dsinf_{variant}_native_bf16_gemm", None)
+        self._bf16_override = getattr(lib, f"dsinf_{variant}_native_bf16_override", None)
+        if self._native_bf16 is not None and self._bf16_override is not None:
+            self._native_bf16.restype = ctypes.c_int64
+            self._bf16_override.argtypes, self._bf16_override.restype = [ctypes.c_int64], ctypes.c_int64
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
@@ -405,6 +411,16 @@ class Binding:
         if not key.gated or self.variant == "cpu":
             return self.limit(key)
         return min(self.gated_cap, self.default(RouteKey(key.dtype, key.layout, 1, 2)))
+
+    def native_bf16_gemm(self) -> bool:
+        """CPU: whether bf16 activations past the GEMV run torch's native bf16 GEMM (a host with avx512_bf16)
+        rather than MKL's fp32 GEMM on widened weights; that also sets the bf16 compiled crossovers."""
+        return self._native_bf16 is not None and bool(self._native_bf16())
+
+    def _override_bf16(self, mode: int) -> int:
+        if self._bf16_override is None:
+            raise RuntimeError(f"the {self.variant} module has no choice of bf16 GEMM to override")
+        return int(self._bf16_override(mode))
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' (cuBLAS / MKL; int8
@@ -487,6 +503,20 @@ def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> 
             yield b
         finally:
             b.set(saved)  # the binding republishes a table it has seen: no growth
+
+
+@contextmanager
+def bf16_gemm(native: bool) -> Iterator[Binding]:
+    """While the block runs, the CPU module runs bf16 activations past the GEMV on torch's native bf16 GEMM
+    (native) or on MKL's fp32 GEMM over widened weights, whatever the host would choose; the choice in force
+    before is restored after. For checks and probes of both paths on any host."""
+    b = binding("cpu")
+    with _lock:
+        saved = b._override_bf16(1 if native else 0)
+        try:
+            yield b
+        finally:
+            b._override_bf16(saved)
 
 
 def device_key(variant: str, device: torch.device | None = None) -> str:

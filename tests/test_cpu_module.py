@@ -149,6 +149,27 @@ def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mo
         assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_past_the_gemv_on_either_gemm(cpu_module, native):
+    """bf16 past the GEMV runs torch's native bf16 GEMM on a host with avx512_bf16 and MKL's fp32 GEMM on
+    widened weights elsewhere; the tests above take the host's choice, and this one runs their bf16 GEMM
+    cases on each path (routes.bf16_gemm), whatever the host: several column blocks with bias, int8 with
+    bias, M = 40 and 72 in both layouts, the fused QKV epilogue with both RoPE styles."""
+    from dsinf import routes
+
+    with routes.bf16_gemm(native) as binding:
+        for transposed_mode in (False, True):
+            test_large_m_gemm_in_several_column_blocks(cpu_module, "bf16", transposed_mode)
+            assert binding.last() == "aten"
+            for B, S, K, N in ((2, 12, 67, 130), (8, 9, 130, 65)):
+                test_linear_layer_plain(cpu_module, "bf16", transposed_mode, True, B, S, K, N)
+            for case in QKV_CASES[-2:]:
+                test_linear_layer_fused_qkv_rope(cpu_module, "bf16", transposed_mode, *case)
+                assert binding.last() == "aten"
+        test_linear_layer_int8_with_bias(cpu_module, "bf16", 8, 9)
+        assert binding.last() == "aten"
+
+
 @pytest.mark.parametrize("suffix", ["fp16", "bf16"])
 @pytest.mark.parametrize("weights", ["nk", "kn", "int8"])
 def test_16bit_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):

@@ -150,6 +150,18 @@ def test_op_on_the_compiled_backend(cpu_module, monkeypatch, dtype, layout, B, S
     assert op.backend == "compiled"
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_gate_up_past_the_gemv_on_either_gemm(cpu_module, monkeypatch, native):
+    """The bf16 cases above past the gated GEMV take the host's GEMM (torch's native bf16 GEMM with
+    avx512_bf16, else MKL's fp32 GEMM on widened weights); here each path, whatever the host."""
+    from dsinf import routes
+
+    with routes.bf16_gemm(native) as binding:
+        for layout in ("kn", "nk", "int8"):
+            test_op_on_the_compiled_backend(cpu_module, monkeypatch, torch.bfloat16, layout, 8, 9, 96, 40)
+            assert binding.last_gated() == "matmul" and binding.last() == "aten"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M", [1, 40])
 def test_gated_gelu_and_strided_inputs(cpu_module, monkeypatch, dtype, M):

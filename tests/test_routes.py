@@ -207,13 +207,21 @@ def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, layout, K,
         assert cpu_routes.last() == path, (key, m)
 
 
-def native_bf16_gemm() -> bool:
-    """Whether the session's CPU module runs bf16 past the GEMV on torch's native bf16 GEMM: it does when built
-    for the avx512_bf16 level (cpu_binding.cpp, kNativeBf16Gemm)."""
-    from op_builder import InferenceBuilder
-    from op_builder.builder import loaded_variants
+def test_the_native_bf16_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
+    """bf16 past the GEMV runs torch's native bf16 GEMM exactly where the host has avx512_bf16 (torch's
+    oneDNN GEMM, whatever ISA level this binary was built for); routes.bf16_gemm overrides it both ways
+    and restores it."""
+    from op_builder.system import current_system
 
-    return loaded_variants()[(InferenceBuilder.NAME, "cpu")].manifest.get("isa") == "avx512_bf16"
+    host = "avx512_bf16" in current_system().cpu.flags and torch.backends.mkldnn.is_available()
+    assert cpu_routes.native_bf16_gemm() == host
+    for native in (False, True):
+        with routes.bf16_gemm(native) as b:
+            assert b.native_bf16_gemm() == native
+            with routes.bf16_gemm(not native):
+                assert b.native_bf16_gemm() == (not native)
+            assert b.native_bf16_gemm() == native
+    assert cpu_routes.native_bf16_gemm() == host
 
 
 # (layout, K, N, crossover on the native bf16 GEMM, crossover otherwise)
@@ -224,16 +232,21 @@ BF16_CROSSOVERS = [
 ]
 
 
+@pytest.mark.parametrize("on_native", [False, True])
 @pytest.mark.parametrize("layout, K, N, native, other", BF16_CROSSOVERS)
-def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, layout, K, N, native, other):
+def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_native, layout, K, N, native, other):
     """bf16 activations cross to ATen at M = 4-8 where the module runs the native bf16 GEMM past the GEMV
-    (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), at 16-24 elsewhere; fp16
-    keeps 16-24 either way. The op takes the crossover: our GEMV at it, ATen one above."""
-    want = native if native_bf16_gemm() else other
-    assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
-    assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
-    if K * N > 1 << 20:
-        return  # the small shapes run the op below
+    (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), at 16-24 on the fp32 path;
+    fp16 keeps 16-24 either way. The op takes the crossover: our GEMV at it, ATen one above."""
+    with routes.bf16_gemm(on_native):
+        want = native if on_native else other
+        assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
+        assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
+        if K * N <= 1 << 20:  # the small shapes run the op
+            run_at_the_crossover(cpu_routes, layout, K, N, want)
+
+
+def run_at_the_crossover(cpu_routes, layout, K, N, want):
     gen = torch.Generator().manual_seed(6)
     if layout == "int8":
         w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)

@@ -13,7 +13,7 @@
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
 //                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
 //                         keeps fp32 accumulation (docs/PERFORMANCE.md).
-//                         bf16 activations on a build with native bf16 dot products (kNativeBf16Gemm):
+//                         bf16 activations on a host with native bf16 dot products (native_bf16_gemm):
 //                         torch's bf16 GEMM instead, bf16 out (fp32 accumulation, rounded once).
 //   do_flash_attn         [M, N] from either path (fp32, or bf16 from the native GEMM), then
 //                         dsinf_cpu_qkv_rope: bias + RoPE + per-head split + transpose + rounding in one
@@ -21,11 +21,13 @@
 //
 // Outputs are always fresh tensors from the torch allocator. Registered with TORCH_LIBRARY_IMPL only:
 // the schemas are defined from Python before this library is loaded.
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -63,20 +65,34 @@ void check_status(dsinf_status st, const char* op, const char* what) {
   TORCH_CHECK(st == DSINF_OK, op, ": internal error: CPU kernel ", what, " rejected its arguments");
 }
 
-// The large-M GEMM of bf16 activations on a build for the avx512_bf16 level (the host has native bf16 dot
-// products, which torch's oneDNN uses too): torch's bf16 GEMM (vdpbf16ps, fp32 accumulation, rounded once to
-// bf16 with the bias) ran 2.3-3.0x faster than the fp32 path (widen + MKL sgemm) on a Zen 4 host, 2 threads,
-// M = 32..512, K x N from 256x1376 to 4096x14336, and HF's bf16 first token at batch 8 was 1.7x dsinf's
-// (docs/PERFORMANCE.md, "CPU bf16 prefill"). Its output is bf16, so a fused epilogue's input (the QKV + RoPE
-// and gated epilogues) is rounded there once more, as on CUDA, where cuBLAS writes the act dtype. Lower levels
-// keep the fp32 path (on an AVX2 host torch's bf16 GEMM ran 2-5x slower than it; avx512 without bf16 is
-// unmeasured), as does fp16 (no native fp16 dot product below avx512_fp16). test_isa_levels runs the parity
-// tests at every level the host runs, so both paths are tested.
-#if defined(__AVX512BF16__)
-constexpr bool kNativeBf16Gemm = true;
+// The large-M GEMM of bf16 activations on a host with native bf16 dot products (avx512_bf16): torch's bf16 GEMM
+// (oneDNN: vdpbf16ps, fp32 accumulation, rounded once to bf16 with the bias) ran 2.3-3.0x faster than the fp32
+// path (widen + MKL sgemm) on a Zen 4 host, 2 threads, M = 32..512, K x N from 256x1376 to 4096x14336, and HF's
+// bf16 first token at batch 8 was 1.7x dsinf's (docs/PERFORMANCE.md, "CPU bf16 prefill"). Its output is bf16, so
+// a fused epilogue's input (the QKV + RoPE and gated epilogues) is rounded there once more, as on CUDA, where
+// cuBLAS writes the act dtype. Decided at run time from the host, not from this binary's ISA level: the GEMM is
+// torch's, so a portable (AVX2) prebuilt binary on such a host takes it too. Other hosts keep the fp32 path (on
+// an AVX2 host torch's bf16 GEMM ran 2-5x slower than it; AVX-512 without bf16 is unmeasured), as does fp16 (no
+// native fp16 dot product below avx512_fp16). dsinf_cpu_native_bf16_override (dsinf.routes.bf16_gemm) picks
+// either path whatever the host, for the tests (both paths on any host) and for measuring.
+bool host_has_native_bf16() {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
 #else
-constexpr bool kNativeBf16Gemm = false;
+  return false;
 #endif
+}
+
+std::atomic<int64_t> g_native_bf16_override{-1};  // -1: the host's choice; 0 / 1: the fp32 path / native
+
+bool native_bf16_gemm() {
+  const int64_t o = g_native_bf16_override.load(std::memory_order_relaxed);
+  return o < 0 ? host_has_native_bf16() : o != 0;
+}
 
 // Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
 // MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
@@ -87,7 +103,7 @@ constexpr bool kNativeBf16Gemm = false;
 // 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM.
-// bf16 activations on the native bf16 GEMM (kNativeBf16Gemm) cross much sooner: `python -m dsinf.routes --tune`
+// bf16 activations on the native bf16 GEMM (native_bf16_gemm) cross much sooner: `python -m dsinf.routes --tune`
 // on a Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts, int8 weights too) measured, ATen / ours
 // at M = 8: [N, K] 0.72-0.93x on 4 of 6 shapes (1.05-1.17x on 256x768 and 688x256); [K, N] 1.27-1.52x from
 // K*N = 2^20 up, 0.93-0.98x on 256x768 and 256x1376 (1.47x on 688x256); int8 0.63-0.91x from 2^20 up, 1.11-1.45x
@@ -106,7 +122,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 #elif defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 2
   return 0;
 #endif
-  if (kNativeBf16Gemm && act == c10::ScalarType::BFloat16) return native_bf16_gemv_max_m(s);
+  if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_gemv_max_m(s);
   if (s.int8) return 24;
   if (act == c10::ScalarType::Float) {
     if (s.weight_nk) return s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
@@ -193,7 +209,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
                  op, "gemv");
     return out;
   }
-  if (kNativeBf16Gemm && act == c10::ScalarType::BFloat16) return native_bf16_matmul(op, s, x2d, weight, w, bias);
+  if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_matmul(op, s, x2d, weight, w, bias);
 
   // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
   // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer of about
@@ -454,6 +470,17 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
 
 // The route table's C entry points (dsinf/routes.py): the CPU GEMV and gated GEMV accept any M.
 DSINF_ROUTE_API(cpu, INT64_MAX, INT64_MAX, dsinf::default_route)
+
+// Which GEMM runs bf16 activations past the GEMV (dsinf/routes.py: Binding.native_bf16_gemm, bf16_gemm):
+// whether it is torch's native bf16 GEMM now; and the override (-1: the host's choice, 0: the fp32 path,
+// 1: native; any other value changes nothing), returning the override it replaced.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_gemm() {
+  return dsinf::native_bf16_gemm() ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_override(int64_t mode) {
+  if (mode < -1 || mode > 1) return dsinf::g_native_bf16_override.load();
+  return dsinf::g_native_bf16_override.exchange(mode);
+}
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.
