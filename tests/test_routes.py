@@ -250,6 +250,7 @@ def run_at_the_crossover(cpu_routes, layout, K, N, want):
     gen = torch.Generator().manual_seed(6)
     if layout == "int8":
         w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        w[w == 0] = 1
         extra = (torch.rand(1, generator=gen) * 0.01 + 0.001, True, True)
     else:
         w = torch.randn(*((N, K) if layout == "nk" else (K, N)), generator=gen).to(torch.bfloat16)

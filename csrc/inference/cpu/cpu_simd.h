@@ -316,8 +316,8 @@ inline bool with_float_type(dsinf_dtype t, void* p, F&& f) {
   }
 }
 
+// Whether t is a float dtype (not int8), and its bytes per element.
 inline bool float_dtype(dsinf_dtype t) { return t == DSINF_F32 || t == DSINF_F16 || t == DSINF_BF16; }
-// Bytes per element of a float dtype.
 inline size_t elem_bytes(dsinf_dtype t) { return t == DSINF_F32 ? 4 : 2; }
 
 // dst[i] = to_f32(x[i]) for a runtime float dtype; false for a non-float dtype.

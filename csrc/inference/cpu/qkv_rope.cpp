@@ -106,7 +106,7 @@ void qkv_impl(const void* src, dsinf_dtype src_dtype, int64_t lds, const float* 
       const float* in;
       if (src_dtype == DSINF_F32) {
         in = static_cast<const float*>(src) + m * lds + j * D;
-      } else {  // 16-bit: widened into t (load_row_any takes every float dtype the entry admits)
+      } else {  // 16-bit: widened into t
         load_row_any(t, static_cast<const char*>(src) + (m * lds + j * D) * elem_bytes(src_dtype), src_dtype, D);
         in = t;
       }
@@ -144,7 +144,7 @@ extern "C" dsinf_status dsinf_cpu_qkv_rope(const void* src, dsinf_dtype src_dtyp
   using namespace dsinf_cpu;
   const dsinf_qkv_layout& L = *layout;
   if (L.rotary_dim < 0 || L.rotary_dim % 2 || L.rotary_dim > L.head_dim) return DSINF_UNSUPPORTED;
-  if (src_dtype == DSINF_I8) return DSINF_UNSUPPORTED;
+  if (!float_dtype(src_dtype)) return DSINF_UNSUPPORTED;
   if (L.B * L.S == 0 || L.head_dim == 0) return DSINF_OK;
   const int64_t N = (L.heads + 2 * L.kv_heads) * L.head_dim;
   std::vector<float> bias_f;
