@@ -30,6 +30,16 @@ from op_builder.system import ISA_RANK, isa_flags
 # 2013). The manifest records it and load() refuses it, with the reason, on an older CPU.
 PORTABLE_ISA = "avx2"
 
+
+def host_native_bf16_gemm(cpu) -> bool:
+    """Whether the CPU module runs bf16 activations past its GEMV on torch's native bf16 GEMM on this host: the
+    rule of cpu_binding.cpp's host_has_native_bf16 (read there from CPUID at run time, whatever ISA level the
+    binary was built for), for the report; tests/test_routes.py checks that the two agree."""
+    import torch
+
+    return "avx512_bf16" in cpu.flags and torch.backends.mkldnn.is_available()
+
+
 # No -std flag: torch.utils.cpp_extension passes the standard its own headers need (C++20 in 2.13).
 # -fopenmp: at::parallel_for is an inline template that parallelises only when the extension itself is
 # compiled with OpenMP; linking libgomp.so.1 resolves to the copy torch already loaded (one runtime).
@@ -78,7 +88,12 @@ class InferenceBuilder(OpBuilder):
     # ---- compatibility ------------------------------------------------------------------------
     def compatible(self, variant: str) -> BuildDecision:
         if variant == "cpu":
-            return cpu_compatible(self.system)
+            decision = cpu_compatible(self.system)
+            if not decision.ok:  # no torch, ninja or compiler: nothing to say about how it would run
+                return decision
+            gemm = ("torch's native bf16 GEMM (this CPU has avx512_bf16)" if host_native_bf16_gemm(self.system.cpu)
+                    else "MKL's fp32 GEMM on widened weights (no avx512_bf16 here)")
+            return BuildDecision.of(list(decision.reasons), [*decision.notes, f"bf16 past the GEMV: {gemm}"])
         if variant == "cuda":
             return cuda_compatible(self.system, knobs.get("TORCH_CUDA_ARCH_LIST"))[0]
         raise ValueError(f"unknown variant {variant!r}; {self.NAME} has {self.VARIANTS}")

@@ -74,6 +74,12 @@ def test_json_report(tmp_path):
     cpu, cuda = rows[("transformer_inference", "cpu")], rows[("transformer_inference", "cuda")]
     assert cpu["buildable"] is True and cpu["reasons"] == [] and cpu["cached"] is False
     assert cpu["installed"] is False and cpu["build_var"] == "DS_BUILD_TRANSFORMER_INFERENCE"
+    # Which GEMM runs bf16 past the GEMV on this host (test_routes checks the module agrees with the rule).
+    from dsinf.builder import host_native_bf16_gemm
+    from op_builder.system import current_system
+
+    native = host_native_bf16_gemm(current_system().cpu)
+    assert f"bf16 past the GEMV: {'torch' if native else 'MKL'}" in " ".join(cpu["notes"]), cpu["notes"]
     assert cuda["buildable"] is False and any("without CUDA" in reason for reason in cuda["reasons"])
     assert data["build"] is None
 
