@@ -163,6 +163,12 @@ dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c
   return w;
 }
 
+// Output columns per block of a large-M GEMM that walks W a block at a time: about `bytes` of weight at
+// `elem` bytes per element, a multiple of 64 columns (at least 64), at most N.
+int64_t column_block(int64_t N, int64_t K, int64_t bytes, int64_t elem) {
+  return std::min<int64_t>(N, std::max<int64_t>(64, (bytes / std::max<int64_t>(1, elem * K)) / 64 * 64));
+}
+
 // x2d [M, K] (contiguous, bf16) @ W -> bf16 [M, N] (+ bias) on torch's bf16 GEMM: bf16 weights in place; int8
 // weights dequantized to bf16 (in fp32, rounded once) one block of output columns at a time into one reused
 // buffer of about 8 MiB, each block multiplied straight into its column slice of the result.
@@ -180,9 +186,7 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
     gemm(out, s.weight_nk ? weight.t() : weight, 0, N);
     return out;
   }
-  const int64_t block_bytes = int64_t(8) << 20;
-  const int64_t block =
-      std::min<int64_t>(N, std::max<int64_t>(64, (block_bytes / std::max<int64_t>(1, 2 * K)) / 64 * 64));
+  const int64_t block = column_block(N, K, int64_t(8) << 20, 2);
   at::Tensor wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, x2d.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t nb = std::min(block, N - n0);
@@ -220,9 +224,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
   at::Tensor y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-  const int64_t block_bytes = int64_t(in_place ? 16 : 4) << 20;
-  const int64_t block =
-      std::min<int64_t>(N, std::max<int64_t>(64, (block_bytes / std::max<int64_t>(1, 4 * K)) / 64 * 64));
+  const int64_t block = column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
   const bool fuse_bias = in_place && bias && !for_epilogue;
   at::Tensor wbuf;
   if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
