@@ -389,6 +389,9 @@ class Binding:
         if self._native_bf16 is not None and self._bf16_override is not None:
             self._native_bf16.restype = ctypes.c_int64
             self._bf16_override.argtypes, self._bf16_override.restype = [ctypes.c_int64], ctypes.c_int64
+        self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_dpbf16", None)
+        if self._gemv_dpbf16 is not None:
+            self._gemv_dpbf16.restype = ctypes.c_int64
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
@@ -416,6 +419,12 @@ class Binding:
         """CPU: whether bf16 activations past the GEMV run torch's native bf16 GEMM (a host with avx512_bf16)
         rather than MKL's fp32 GEMM on widened weights; that also sets the bf16 compiled crossovers."""
         return self._native_bf16 is not None and bool(self._native_bf16())
+
+    def gemv_dpbf16(self) -> bool:
+        """CPU: whether this build's GEMV multiplies bf16 activations on vdpbf16ps (an avx512_bf16 build):
+        with the native bf16 GEMM it raises the bf16 crossovers and keeps the bf16 gate|up off the gated
+        kernel (its GEMV + the gated epilogue ran faster at every decode M)."""
+        return self._gemv_dpbf16 is not None and bool(self._gemv_dpbf16())
 
     def _override_bf16(self, mode: int) -> int:
         if self._bf16_override is None:

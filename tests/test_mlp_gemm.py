@@ -162,6 +162,25 @@ def test_bf16_gate_up_past_the_gemv_on_either_gemm(cpu_module, monkeypatch, nati
             assert binding.last_gated() == "matmul" and binding.last() == "aten"
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated-kernel", "gemv+epilogue"])
+def test_decode_gate_up_on_the_gated_kernel_and_on_the_gemv(cpu_module, monkeypatch, gated):
+    """At decode M the gate|up runs on the gated kernel or as our GEMV + the gated epilogue, by its gated key's
+    crossover, which depends on the host and the build (bf16 on a vdpbf16ps build with the native bf16 GEMM
+    never takes the gated kernel): here each, forced (the matmuls on our GEMV), for every dtype and layout."""
+    from dsinf import routes
+
+    for dtype in DTYPES:
+        for layout in ("kn", "nk", "int8"):
+            for B, S, K, I in ((1, 1, 61, 45), (2, 3, 64, 96), (1, 5, 4095, 33), (1, 8, 130, 77)):
+                suffix = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+                key, down = routes.RouteKey(suffix, "gated-" + layout, K, 2 * I), routes.RouteKey(suffix, layout, I, K)
+                with routes.forced("cpu", [key.plain, down]), \
+                        routes.forced("cpu", [key], None if gated else 0) as binding:
+                    test_op_on_the_compiled_backend(cpu_module, monkeypatch, dtype, layout, B, S, K, I)
+                    assert binding.last_gated() == ("gated" if gated else "matmul"), (dtype, layout, B * S)
+                    assert binding.last() == "gemv", (dtype, layout, B * S)  # the down projection's
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M", [1, 40])
 def test_gated_gelu_and_strided_inputs(cpu_module, monkeypatch, dtype, M):

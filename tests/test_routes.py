@@ -225,26 +225,54 @@ def test_the_native_bf16_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
     assert cpu_routes.native_bf16_gemm() == host
 
 
-# (layout, K, N, crossover on the native bf16 GEMM, crossover otherwise)
+# (layout, K, N, crossover on the native bf16 GEMM with the vdpbf16ps GEMV, the same without it, otherwise)
 BF16_CROSSOVERS = [
-    ("nk", 4096, 4096, 4, 16), ("nk", 256, 768, 4, 16),
-    ("kn", 4096, 4096, 8, 24), ("kn", 256, 768, 4, 24),    # [K,N]: 8 from K*N = 2^20, else 4
-    ("int8", 4096, 4096, 4, 24), ("int8", 256, 768, 8, 24),  # int8 weights: 4 from K*N = 2^20, else 8
+    ("nk", 4096, 4096, 8, 4, 16), ("nk", 256, 768, 8, 4, 16),
+    ("nk", 256, 4096, 4, 4, 16),                                  # [N,K] vdpbf16ps: 8, but 4 for K <= 256, N >= 4096
+    ("kn", 4096, 4096, 8, 8, 24), ("kn", 256, 768, 4, 4, 24),     # [K,N]: 8 from K*N = 2^20, else 4
+    ("int8", 4096, 4096, 16, 4, 24), ("int8", 256, 768, 8, 8, 24),
+    ("int8", 1024, 4096, 8, 4, 24),  # int8 vdpbf16ps: 16 from K*N = 2^24, else 8; without: 4 from 2^20, else 8
 ]
 
 
 @pytest.mark.parametrize("on_native", [False, True])
-@pytest.mark.parametrize("layout, K, N, native, other", BF16_CROSSOVERS)
-def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_native, layout, K, N, native, other):
-    """bf16 activations cross to ATen at M = 4-8 where the module runs the native bf16 GEMM past the GEMV
-    (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), at 16-24 on the fp32 path;
-    fp16 keeps 16-24 either way. The op takes the crossover: our GEMV at it, ATen one above."""
+@pytest.mark.parametrize("layout, K, N, native_dp, native_fp32, other", BF16_CROSSOVERS)
+def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_native, layout, K, N, native_dp,
+                                                             native_fp32, other):
+    """bf16 activations cross to ATen at M = 4-16 where the module runs the native bf16 GEMM past the GEMV
+    (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), higher where this build's
+    GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), at 16-24 on the fp32 path; fp16 keeps 16-24
+    either way. The op takes the crossover: our GEMV at it, ATen one above."""
     with routes.bf16_gemm(on_native):
-        want = native if on_native else other
+        want = (native_dp if cpu_routes.gemv_dpbf16() else native_fp32) if on_native else other
         assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
         assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
         if K * N <= 1 << 20:  # the small shapes run the op
             run_at_the_crossover(cpu_routes, layout, K, N, want)
+
+
+@pytest.mark.parametrize("layout", ["nk", "int8", "kn"])
+def test_cpu_bf16_gate_up_leaves_the_gated_kernel_on_a_vdpbf16ps_build(cpu_routes, layout):
+    """rms_mlp_gemm's gate|up: the gated kernel (fp32 FMAs) up to the plain GEMV's crossover, except bf16 [N, K]
+    and int8 on a build whose GEMV has the vdpbf16ps tile with the native bf16 GEMM, where our GEMV + the gated
+    epilogue ran faster at every decode M: there the gated key's crossover is 0, and an M = 1 call says so."""
+    from op_builder.builder import loaded_variants
+
+    isa = loaded_variants()[(routes._OP, "cpu")].manifest["isa"]
+    assert cpu_routes.gemv_dpbf16() == (isa == "avx512_bf16"), isa  # the build the report names
+    x, r, w1, w2, g, *rest = _mlp_case(layout, 1)
+    int8 = layout == "int8"
+    for native in (False, True):
+        with routes.bf16_gemm(native):
+            off = native and cpu_routes.gemv_dpbf16() and layout != "kn"
+            for dtype in (torch.bfloat16, torch.float32):
+                args = (x.to(dtype), r.to(dtype), w1 if int8 else w1.to(dtype), w2 if int8 else w2.to(dtype),
+                        g.to(dtype), *rest)
+                key = routes.mlp_key_of(args[0], args[2], args[8], args[10])
+                want_off = off and dtype == torch.bfloat16
+                assert cpu_routes.default(key) == (0 if want_off else cpu_routes.default(key.plain)), (native, dtype)
+                getattr(torch.ops.dsinf, f"rms_mlp_gemm_{key.dtype}").default(*args)
+                assert cpu_routes.last_gated() == ("matmul" if want_off else "gated"), (native, dtype)
 
 
 def run_at_the_crossover(cpu_routes, layout, K, N, want):

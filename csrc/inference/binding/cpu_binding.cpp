@@ -103,17 +103,30 @@ bool native_bf16_gemm() {
 // 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM.
-// bf16 activations on the native bf16 GEMM (native_bf16_gemm) cross much sooner: `python -m dsinf.routes --tune`
-// on a Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts, int8 weights too) measured, ATen / ours
-// at M = 8: [N, K] 0.72-0.93x on 4 of 6 shapes (1.05-1.17x on 256x768 and 688x256); [K, N] 1.27-1.52x from
-// K*N = 2^20 up, 0.93-0.98x on 256x768 and 256x1376 (1.47x on 688x256); int8 0.63-0.91x from 2^20 up, 1.11-1.45x
-// below. Every shape ran ATen faster from M = 16 (docs/PERFORMANCE.md, "CPU bf16 prefill"). The rule takes the
-// lowest.
+// Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16):
+// the same test as the kernels' (cpu/gemv.cpp), since both are compiled with the module's ISA flags. A portable
+// (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its GEMV, but its GEMV widens to fp32.
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+constexpr bool kGemvDpBf16 = true;
+#else
+constexpr bool kGemvDpBf16 = false;
+#endif
+
+// bf16 activations on the native bf16 GEMM (native_bf16_gemm) cross sooner. `python -m dsinf.routes --tune` on a
+// Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts) measured ATen / ours at M = 8 (M = 16):
+//   [N, K], vdpbf16ps tile   1.10-1.66x on 5 of 6 shapes (0.73-1.00x); 256x4096 0.97-0.99x in three runs, so a
+//                            short K with a wide N keeps 4 (4096x256: 1.02-1.18x)
+//   int8, widened to bf16    1.13-1.95x on all 6 (1.09-1.34x from K*N = 2^24 and on 256x768 / 688x256;
+//                            0.76-0.96x on 256x1376 / 256x4096)
+//   [K, N] (fp32 axpy)       1.27-1.52x from K*N = 2^20 (0.73-0.76x); 0.93-0.98x on 256x768 and 256x1376
+//   fp32 widening GEMV       [N, K] 0.72-0.93x on 4 of 6; int8 0.63-0.91x from K*N = 2^20, 1.11-1.45x below
+//   (docs/PERFORMANCE.md, "CPU decode at batch 8"; the last two rows from "CPU bf16 prefill"). Each class
+// takes its lowest.
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
-  const bool large = s.K * s.N >= (int64_t(1) << 20);
-  if (s.int8) return large ? 4 : 8;
-  if (s.weight_nk) return 4;
-  return large ? 8 : 4;
+  const int64_t KN = s.K * s.N;
+  if (s.int8) return kGemvDpBf16 ? (KN >= (int64_t(1) << 24) ? 16 : 8) : (KN >= (int64_t(1) << 20) ? 4 : 8);
+  if (s.weight_nk) return kGemvDpBf16 && !(s.K <= 256 && s.N >= 4096) ? 8 : 4;
+  return KN >= (int64_t(1) << 20) ? 8 : 4;
 }
 
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
@@ -132,8 +145,21 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
   return s.weight_nk ? 16 : 24;
 }
 
-// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); the gated
-// GEMV of rms_mlp_gemm's gate|up (a gated key) has the plain GEMV's crossover. The CPU module has no int8 GEMM
+// Largest M for rms_mlp_gemm's gate|up on the gated kernel (fp32 FMAs over widened weights and x), above which
+// it runs as a matmul (routed by its plain key) + the gated epilogue: the plain GEMV's crossover, except for bf16
+// x where this binary's GEMV has the vdpbf16ps tile and the host the native bf16 GEMM past it. There
+// `python -m dsinf.routes --tune 256x688 4096x14336 --mlp` (Zen 4, 2 threads) measured the matmul path's time
+// over the gated kernel's (< 1: the matmul path faster) at M = 1, 2, 4, 8: bf16 0.93-1.00x, 0.86-0.98x,
+// 0.69-0.88x, 0.75-0.76x; int8 0.70x (the Llama shape; 1.07x on the small one), 1.09-1.14x, 0.94-0.99x,
+// 0.77-0.78x (docs/PERFORMANCE.md, "CPU decode at batch 8"). A cap that kept int8's M = 2 would keep its M = 1
+// too, 30% slower on the Llama shape: the gated kernel is not used.
+int64_t gated_max_m(const MatmulShape& s, c10::ScalarType act) {
+  if (kGemvDpBf16 && act == c10::ScalarType::BFloat16 && s.weight_nk && native_bf16_gemm()) return 0;
+  return gemv_max_m(s, act);
+}
+
+// gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); a gated key
+// (rms_mlp_gemm's gate|up) takes gated_max_m. The CPU module has no int8 GEMM
 // (its int8 matmul above the GEMV widens the weights into one reused block for MKL): its int8-gemm keys are 0.
 int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
   if (layout == routes::kInt8GemmKey) return 0;
@@ -146,7 +172,7 @@ int64_t default_route(int64_t dtype, int64_t layout, int64_t K, int64_t N) {
   const c10::ScalarType act = dtype == routes::kFp32   ? c10::ScalarType::Float
                               : dtype == routes::kBf16 ? c10::ScalarType::BFloat16
                                                        : c10::ScalarType::Half;
-  return gemv_max_m(s, act);
+  return plain != layout ? gated_max_m(s, act) : gemv_max_m(s, act);
 }
 
 dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c10::optional<at::Tensor>& q_scale) {
@@ -454,7 +480,7 @@ std::vector<at::Tensor> rms_mlp_gemm(const char* op, c10::ScalarType act, const 
   const MatmulShape si = s.interm, so = s.out;
   const dsinf_weight w1 = make_weight(si, weight_interm, q_scale);
   at::Tensor a = aten::empty({s.M, s.I}, input.options());
-  if (routes::use_gated(s.M, act, si.int8, si.weight_nk, s.K, si.N, gemv_max_m(si, act))) {
+  if (routes::use_gated(s.M, act, si.int8, si.weight_nk, s.K, si.N, gated_max_m(si, act))) {
     check_status(dsinf_cpu_gated_gemv(h.data_ptr(), dt, s.M, s.K, &w1, s.activation, a.data_ptr(), s.I, kParallel), op,
                  "gated_gemv");
   } else {
@@ -483,6 +509,10 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_
   if (mode < -1 || mode > 1) return dsinf::g_native_bf16_override.load();
   return dsinf::g_native_bf16_override.exchange(mode);
 }
+
+// Whether this build's GEMV multiplies bf16 x on vdpbf16ps (Binding.gemv_dpbf16): it sets the bf16 crossovers
+// on the native path and keeps rms_mlp_gemm's bf16 gate|up off the gated kernel.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_gemv_dpbf16() { return dsinf::kGemvDpBf16; }
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.

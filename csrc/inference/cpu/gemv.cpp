@@ -19,7 +19,8 @@
 //
 // x is copied once per call into an fp32 buffer with a padded row stride (M*K floats, small at these M).
 // On AVX-512-BF16, bf16 x with a bf16 [N, K] weight stays bf16 and uses vdpbf16ps on raw pairs (products
-// of two bf16 are exact in fp32; the sum is fp32), 32 multiply-adds per instruction with no widening.
+// of two bf16 are exact in fp32; the sum is fp32), 32 multiply-adds per instruction with no widening; from
+// M = 2 an int8 weight joins it, widened exactly to bf16 one K block at a time (fp32 FMAs bound it there).
 // Tails (K or N not a multiple of the vector width) go through zero-padded partial loads, so any shape
 // works, K = 67 included.
 #include <algorithm>
@@ -82,8 +83,12 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 
 // acc[r * kMR + m] += sum_{k < kc} w[r * ldw + k] * x[m * ldx + k],  r < NR, m < MR  (vector accumulators,
 // summed horizontally at the very end).
+// Never inlined: inlined into gemv_nk's loop, GCC 12 kept the accumulator array in memory and stored every
+// accumulator to the stack on every step (a 512-bit store takes two cycles on Zen 4), which made M = 2..16 run
+// at a fraction of the FMA rate (docs/PERFORMANCE.md, "CPU decode at batch 8"). Its own function keeps them
+// in registers; a call per tile and K block costs nothing next to the loop.
 template <class TW, int NR, int MR>
-inline void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc) {
+__attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc) {
   vf a[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) a[r][m] = acc[r * kMR + m];
@@ -132,42 +137,66 @@ inline void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64
 #if DSINF_SIMD_AVX512 && defined(__AVX512BF16__)
 // bf16 x bf16 with vdpbf16ps: each instruction multiplies 32 bf16 pairs and adds them, pairwise, into
 // 16 fp32 lanes. Same contract as dot_tile; x stays bf16 (kc is a multiple of 32 except at the end of K).
+// Not inlined, and its tail a masked load (zeros past kc) rather than a memcpy: inlined into gemv_nk's loop
+// (or with a library call in it), GCC 12 kept the accumulators in memory, storing all 16 to the stack on
+// every step or reloading each x row per weight row, and M = 2..8 ran at a fifth to a half of the vdpbf16ps
+// rate (docs/PERFORMANCE.md, "CPU decode at batch 8"). A call per tile and K block costs nothing next to it.
 template <class TW, int NR, int MR>
-inline void dot_tile(const bf16_t* w, int64_t ldw, int64_t kc, const bf16_t* x, int64_t ldx, vf* acc) {
+__attribute__((noinline)) void dot_tile(const bf16_t* w, int64_t ldw, int64_t kc, const bf16_t* x, int64_t ldx,
+                                        vf* acc) {
   static_assert(std::is_same<TW, bf16_t>::value, "vdpbf16ps tile is bf16 x bf16");
   __m512 a[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) a[r][m] = acc[r * kMR + m];
   int64_t k = 0;
+  // x rows outer, one weight vector at a time inner: MR + NR loads per NR * MR products. (Weight vectors
+  // outer made GCC reload each weight vector once per row of x.)
   for (; k + 32 <= kc; k += 32) {
-    __m512i wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
-      for (int r = 0; r < NR; ++r) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv, (__m512bh)wv[r]);
+    __m512i xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + r * ldw + k);
+      for (int m = 0; m < MR; ++m) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv[m], (__m512bh)wv);
     }
   }
   if (k < kc) {
-    const size_t rem_bytes = size_t(kc - k) * sizeof(bf16_t);
-    alignas(64) uint16_t tmp[32];
-    __m512i wv[NR];
+    const __mmask32 live = __mmask32((uint64_t(1) << (kc - k)) - 1);  // kc - k < 32
+    __m512i xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_epi16(live, x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
-      std::memset(tmp, 0, sizeof(tmp));
-      std::memcpy(tmp, w + r * ldw + k, rem_bytes);
-      wv[r] = _mm512_load_si512(tmp);
-    }
-    for (int m = 0; m < MR; ++m) {
-      std::memset(tmp, 0, sizeof(tmp));
-      std::memcpy(tmp, x + m * ldx + k, rem_bytes);
-      const __m512i xv = _mm512_load_si512(tmp);
-      for (int r = 0; r < NR; ++r) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv, (__m512bh)wv[r]);
+      const __m512i wv = _mm512_maskz_loadu_epi16(live, w + r * ldw + k);
+      for (int m = 0; m < MR; ++m) a[r][m] = _mm512_dpbf16_ps(a[r][m], (__m512bh)xv[m], (__m512bh)wv);
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r * kMR + m] = a[r][m];
 }
 #define DSINF_HAVE_DPBF16 1
+
+// dst[i] = bf16(src[i]) for n int8 elements: exact, since an int8 has at most 8 significant bits. Feeds the
+// vdpbf16ps tile above from int8 weights when x is bf16 (the products int8 * bf16 are then exact in fp32, as
+// on the fp32 path). Tails are masked loads and stores.
+inline void widen_row(bf16_t* dst, const int8_t* src, int64_t n) {
+  auto convert = [](__m256i v) {  // 32 int8 -> 32 bf16
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo -> elements 0..15, hi -> 16..31
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512(dst + i, convert(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  if (i < n) {
+    const __mmask32 live = __mmask32((uint64_t(1) << (n - i)) - 1);
+    _mm512_mask_storeu_epi16(dst + i, live, convert(_mm256_maskz_loadu_epi8(live, src + i)));
+  }
+}
 #endif
+
+// dst[i] = fp32(src[i]) for n elements (the widening of the fp32 tiles).
+template <class TW>
+inline void widen_row(float* dst, const TW* src, int64_t n) {
+  load_row(dst, src, n);
+}
 
 // Runtime row count of x (1..kMR) -> compile-time tile.
 template <class TW, int NR, class TX>
@@ -229,9 +258,13 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
              dsinf_parallel_fn pf) {
   const RowBlocks rb(M);
   const int64_t mchunks = rb.count;
-  const int64_t KC = mchunks > 1 ? kKC : std::max<int64_t>(K, 1);
-  constexpr bool kWiden = std::is_same<TX, float>::value && !std::is_same<TW, float>::value;
-  const bool widen = kWiden && mchunks > 1;
+  // The element type the tiles read: fp32 for fp32 x, bf16 for bf16 x (the vdpbf16ps tile). A weight of
+  // another type is widened to it one K block at a time into an L1 buffer: for fp32 x only when several
+  // row blocks share the block (one row block widens in registers), for bf16 x (int8 weights) always.
+  using TB = typename std::conditional<std::is_same<TX, float>::value, float, TX>::type;
+  constexpr bool kWiden = !std::is_same<TW, TB>::value;
+  const bool widen = kWiden && (mchunks > 1 || !std::is_same<TB, float>::value);
+  const int64_t KC = mchunks > 1 || widen ? kKC : std::max<int64_t>(K, 1);
   const int64_t units = (N + kNR - 1) / kNR;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kNR * K * int64_t(sizeof(TW))));
   // Results of kOutUnits consecutive tiles are gathered per row of x and written out together.
@@ -240,8 +273,8 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
     const size_t nacc = size_t(mchunks * kNR * kMR);
     Scratch<vbox, 8 * kNR * kMR> accv(nacc);
     vf* acc = &accv.data()->v;
-    const int64_t ldwb = padded_stride(KC, sizeof(float));
-    std::vector<float> wbuf(widen ? size_t(kNR * ldwb) : 0);
+    const int64_t ldwb = padded_stride(KC, sizeof(TB));
+    std::vector<TB> wbuf(widen ? size_t(kNR * ldwb) : 0);
     Scratch<float, 32 * kOutUnits * kNR> res(size_t(M * kOutUnits * kNR));  // [M][kOutUnits * kNR]
     for (int64_t g0 = ub; g0 < ue; g0 += kOutUnits) {
       const int64_t g1 = std::min(ue, g0 + kOutUnits);
@@ -254,12 +287,13 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
           const int64_t kc = std::min(KC, K - kb);
           if constexpr (kWiden) {
             if (widen) {
-              for (int r = 0; r < nr; ++r) load_row(wbuf.data() + r * ldwb, wt + r * K + kb, kc);
-              dot_all_rows(static_cast<const float*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc);
+              for (int r = 0; r < nr; ++r) widen_row(wbuf.data() + r * ldwb, wt + r * K + kb, kc);
+              dot_all_rows(static_cast<const TB*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc);
               continue;
             }
           }
-          dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc);
+          if constexpr (std::is_same<TW, TB>::value || std::is_same<TB, float>::value)  // else widen is set
+            dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc);
         }
         for (int64_t c = 0; c < rb.count; ++c)
           for (int mi = 0; mi < rb.size(c); ++mi) {
@@ -392,11 +426,18 @@ extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64
   const char* xb = static_cast<const char*>(x);
   const size_t xsize = elem_size(x_dtype);
 #ifdef DSINF_HAVE_DPBF16
-  if (x_dtype == DSINF_BF16 && w->dtype == DSINF_BF16 && w->layout_nk) {
+  // bf16 x on the vdpbf16ps tile: bf16 weights in place; int8 weights widened to bf16 per K block from M = 2,
+  // where the fp32 path's FMAs bound it (M = 1 streams the int8 weight at DRAM speed on the fp32 path).
+  const bool dp_bf16 = w->dtype == DSINF_BF16 && w->layout_nk;
+  const bool dp_int8 = int8_w && M >= 2;
+  if (x_dtype == DSINF_BF16 && (dp_bf16 || dp_int8)) {
     const int64_t ldxp = padded_stride(K, 2);
     std::vector<bf16_t> xp(size_t(M * ldxp));
     for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ldxp, xb + size_t(m * ldx) * xsize, size_t(K) * 2);
-    gemv_nk(static_cast<const bf16_t*>(xp.data()), M, ldxp, static_cast<const bf16_t*>(w->data), K, N, o, pf);
+    if (dp_bf16)
+      gemv_nk(static_cast<const bf16_t*>(xp.data()), M, ldxp, static_cast<const bf16_t*>(w->data), K, N, o, pf);
+    else
+      gemv_nk(static_cast<const bf16_t*>(xp.data()), M, ldxp, static_cast<const int8_t*>(w->data), K, N, o, pf);
     return DSINF_OK;
   }
 #endif
