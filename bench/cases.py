@@ -110,6 +110,10 @@ def cpu_cases(quick: bool) -> list[Case]:
     for dtype in ("bf16", "fp32"):
         for layout in (("kn",) if quick else ("kn", "nk")):
             c.append(Case("cpu", "decode", "vector_matmul", dtype, layout, 1, 1, 4096, 4096))
+    if not quick:  # batch-8 decode (M = 8), nn.Linear's layout: the GEMV's multi-row tiles against torch's GEMM
+        for dtype in ("bf16", "fp32"):
+            c.append(Case("cpu", "decode", "vector_matmul", dtype, "nk", 8, 1, 4096, 4096))
+        c.append(Case("cpu", "int8", "vector_matmul", "bf16", "int8", 8, 1, *CPU_INT8_SHAPES[-1]))
     hidden = 2048 if quick else 4096
     for M in (1, 16, 128):
         B, S, off = (1, 1, 37) if M == 1 else (1, M, 0)

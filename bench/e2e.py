@@ -2,6 +2,7 @@
 
     python -m bench.e2e                        # cuda if present: Llama-3-8B shapes, 32 layers, fp16
     python -m bench.e2e --device cpu           # tiny config (hidden 256, 2 layers, prompt 32, 32 new), < 1 min
+    python -m bench.e2e --device cpu --preset llama3-8b --layers 2 --new 16 --dtype bf16  # real layer shapes
     python -m bench.e2e --rope llama3 --json out.json
     python -m bench.e2e --modes static --batch 1 --define DSINF_NK_STREAM_PDL=0   # a build knob, end to end
 

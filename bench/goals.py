@@ -229,7 +229,7 @@ METRICS: dict[str, Callable[[Report], Measured]] = {
     "host_cpu": lambda rep: _host(rep, "cpu"),
     "host_cuda": lambda rep: _host(rep, "cuda"),
     "never_slower": _never_slower,
-    "cpu_int8": lambda rep: worst(_rows(rep, "cpu", "int8", lambda r: r.case.dtype == "bf16"),
+    "cpu_int8": lambda rep: worst(_rows(rep, "cpu", "int8", lambda r: r.case.dtype == "bf16" and r.case.M == 1),
                                   lambda r: _ratio_at_bw(r, _copy(rep, "cpu"))),
     "cpu_qkv": lambda rep: worst(_rows(rep, "cpu", "qkv", lambda r: r.case.M == 128), _ratio),
     "cpu_prefill": lambda rep: worst(_rows(rep, "cpu", "prefill"), _ratio),

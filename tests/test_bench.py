@@ -59,6 +59,9 @@ def test_plans_cover_the_goals(quick):
     # CPU int8 goal: both shapes with bf16 activations; QKV goal at M=128
     assert {(c.K, c.N) for c in cpu if c.part == "int8" and c.dtype == "bf16"} == set(CPU_INT8_SHAPES)
     assert any(c.part == "qkv" and c.M == 128 for c in cpu)
+    # CPU batch-8 decode (full plan): bf16 and fp32 in nn.Linear's layout, int8 with bf16 activations
+    assert {(c.part, c.dtype, c.layout) for c in cpu if c.M == 8} == (
+        set() if quick else {("decode", "bf16", "nk"), ("decode", "fp32", "nk"), ("int8", "bf16", "int8")})
     # CUDA goals: large int8/decode shapes at M<=8, 4096x4096, both layouts, [N,K] prefill, MLP M in {1,8}
     assert any(c.part == "int8" and c.M <= 8 and c.K * c.N >= goals.LARGE for c in cuda)
     assert {c.layout for c in cuda if c.part == "decode" and c.K * c.N >= goals.LARGE and c.M <= 8} == {"kn", "nk"}
@@ -169,6 +172,21 @@ def test_evaluate_picks_the_worst_row_and_the_right_peer():
     assert got["cuda.int8.bw_large"]["value"] == pytest.approx(
         rep.rows[0].case.bytes / 10.0 / 1e3 / 4000.0 * 100)
     assert got["cpu.qkv"]["status"] == "not measured"
+
+
+def test_the_cpu_int8_goal_reads_the_m1_rows_only():
+    """The CPU int8 goal is M = 1 against aten's int8 kernel; the batch-8 row counts for "never slower" only."""
+    def row(M, ours, torch):
+        r = _row("cpu", "int8", 4096, 11008, M=M, layout="int8", ours=ours, torch=torch)
+        r.case = Case("cpu", "int8", "vector_matmul", "bf16", "int8", M, 1, 4096, 11008)
+        return r
+
+    rep = Report(args={})
+    rep.ceilings["cpu_copy_GBs"] = 40.0
+    rep.rows = [row(1, 10.0, 15.0), row(8, 10.0, 11.0)]
+    got = {g["key"]: g for g in evaluate(rep, "cpu", loaded=False)}
+    assert got["cpu.int8_vs_aten"]["value"] == pytest.approx(1.5)
+    assert got["never_slower"]["value"] == pytest.approx(1.1)
 
 
 def test_a_loaded_machine_makes_host_side_goals_noisy_only():
