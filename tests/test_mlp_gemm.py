@@ -169,10 +169,9 @@ def test_decode_gate_up_on_the_gated_kernel_and_on_the_gemv(cpu_module, monkeypa
     never takes the gated kernel): here each, forced (the matmuls on our GEMV), for every dtype and layout."""
     from dsinf import routes
 
-    for dtype in DTYPES:
+    for dtype, suffix in zip(DTYPES, DTYPE_IDS):
         for layout in ("kn", "nk", "int8"):
             for B, S, K, I in ((1, 1, 61, 45), (2, 3, 64, 96), (1, 5, 4095, 33), (1, 8, 130, 77)):
-                suffix = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
                 key, down = routes.RouteKey(suffix, "gated-" + layout, K, 2 * I), routes.RouteKey(suffix, layout, I, K)
                 with routes.forced("cpu", [key.plain, down]), \
                         routes.forced("cpu", [key], None if gated else 0) as binding:
