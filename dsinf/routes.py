@@ -389,7 +389,7 @@ class Binding:
         if self._native_bf16 is not None and self._bf16_override is not None:
             self._native_bf16.restype = ctypes.c_int64
             self._bf16_override.argtypes, self._bf16_override.restype = [ctypes.c_int64], ctypes.c_int64
-        self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_dpbf16", None)
+        self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_has_dpbf16", None)
         if self._gemv_dpbf16 is not None:
             self._gemv_dpbf16.restype = ctypes.c_int64
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now

@@ -103,14 +103,13 @@ bool native_bf16_gemm() {
 // 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM.
-// Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16):
-// the same test as the kernels' (cpu/gemv.cpp), since both are compiled with the module's ISA flags. A portable
-// (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its GEMV, but its GEMV widens to fp32.
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-constexpr bool kGemvDpBf16 = true;
-#else
-constexpr bool kGemvDpBf16 = false;
-#endif
+// Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
+// as the kernels report it. A portable (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its
+// GEMV, but its GEMV widens to fp32.
+bool gemv_dpbf16() {
+  static const bool has = dsinf_cpu_gemv_dpbf16() != 0;
+  return has;
+}
 
 // bf16 activations on the native bf16 GEMM (native_bf16_gemm) cross sooner. `python -m dsinf.routes --tune` on a
 // Zen 4 host (2 threads; K x N 256x768 to 4096x11008, both layouts) measured ATen / ours at M = 8 (M = 16):
@@ -124,8 +123,8 @@ constexpr bool kGemvDpBf16 = false;
 // takes its lowest.
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
-  if (s.int8) return kGemvDpBf16 ? (KN >= (int64_t(1) << 24) ? 16 : 8) : (KN >= (int64_t(1) << 20) ? 4 : 8);
-  if (s.weight_nk) return kGemvDpBf16 && !(s.K <= 256 && s.N >= 4096) ? 8 : 4;
+  if (s.int8) return gemv_dpbf16() ? (KN >= (int64_t(1) << 24) ? 16 : 8) : (KN >= (int64_t(1) << 20) ? 4 : 8);
+  if (s.weight_nk) return gemv_dpbf16() && !(s.K <= 256 && s.N >= 4096) ? 8 : 4;
   return KN >= (int64_t(1) << 20) ? 8 : 4;
 }
 
@@ -154,7 +153,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 // 0.77-0.78x (docs/PERFORMANCE.md, "CPU decode at batch 8"). A cap that kept int8's M = 2 would keep its M = 1
 // too, 30% slower on the Llama shape: the gated kernel is not used.
 int64_t gated_max_m(const MatmulShape& s, c10::ScalarType act) {
-  if (kGemvDpBf16 && act == c10::ScalarType::BFloat16 && s.weight_nk && native_bf16_gemm()) return 0;
+  if (act == c10::ScalarType::BFloat16 && s.weight_nk && gemv_dpbf16() && native_bf16_gemm()) return 0;
   return gemv_max_m(s, act);
 }
 
@@ -512,7 +511,9 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_
 
 // Whether this build's GEMV multiplies bf16 x on vdpbf16ps (Binding.gemv_dpbf16): it sets the bf16 crossovers
 // on the native path and keeps rms_mlp_gemm's bf16 gate|up off the gated kernel.
-extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_gemv_dpbf16() { return dsinf::kGemvDpBf16; }
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_gemv_has_dpbf16() {
+  return dsinf::gemv_dpbf16() ? 1 : 0;
+}
 
 // Schemas are defined from Python (dsinf.library, from the op specs) before this library is loaded.
 // One line per op.

@@ -403,6 +403,14 @@ void gemv_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int
 }  // namespace
 }  // namespace dsinf_cpu
 
+extern "C" int dsinf_cpu_gemv_dpbf16(void) {
+#ifdef DSINF_HAVE_DPBF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64_t M, int64_t ldx,
                                        const dsinf_weight* w, const void* bias, void* out, dsinf_dtype out_dtype,
                                        int64_t ldo, dsinf_parallel_fn pf) {

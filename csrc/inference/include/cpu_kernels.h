@@ -67,6 +67,10 @@ DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, in
                                           const dsinf_weight* w, const void* bias, void* out,
                                           dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
 
+// 1 when this build's dsinf_cpu_gemv multiplies bf16 x on vdpbf16ps (bf16 [N, K] weights, and int8 weights
+// widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding.cpp).
+DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
+
 // Weight block -> float32 (for large-M GEMMs in fp32 BLAS) or bfloat16 (int8 weights only, for the
 // binding's native bf16 GEMM). Converts output columns [n0, n1) of W, keeping the weight's own layout (int8
 // weights are dequantized with their scale, in fp32, then rounded once to dst_dtype):
