@@ -13,7 +13,7 @@ from typing import Any, Callable
 from .results import Report, Row
 
 #: Peers on torch's side; "never slower than torch" compares with the fastest of those measured.
-TORCH_PEERS = ("torch", "torch_kn", "torch_2gemm", "dense", "aten_int8")
+TORCH_PEERS = ("torch", "torch_kn", "torch_2gemm", "dense", "aten_int8", "onednn")
 LARGE = 4096 * 12288  # "shapes >= 4096x12288" (K*N)
 
 

@@ -46,14 +46,15 @@ def rel_err(got, want) -> float:
 
 # --- torch's chains (what a model runs without our fusion) -------------------------------------------
 
-def torch_qkv_chain(x, w_kn, b, heads: int, cos, sin):
-    """addmm + bias, split, per-head view/transpose, rotate-half RoPE on q and k, stacked
-    contiguous to [3, B, H, S, D]."""
+def torch_qkv_chain(x, w_kn, b, heads: int, cos, sin, gemm=None):
+    """addmm + bias (or gemm(x2d, w_kn, b)), split, per-head view/transpose, rotate-half RoPE on q and k,
+    stacked contiguous to [3, B, H, S, D]."""
     import torch
 
     B, S, K = x.shape
     D = K // heads
-    y = torch.addmm(b, x.reshape(B * S, K), w_kn).view(B, S, 3, heads, D)
+    x2d = x.reshape(B * S, K)
+    y = (gemm(x2d, w_kn, b) if gemm else torch.addmm(b, x2d, w_kn)).view(B, S, 3, heads, D)
     q, k, v = (y[:, :, i].transpose(1, 2) for i in range(3))
 
     def rope(t):
@@ -226,7 +227,31 @@ def _float(case: Case, env: Env, ours, tri) -> tuple[Any, dict]:
     impls["torch"] = Impl(torch_fn, len(ws))
     if case.section == "cuda":
         impls["triton"] = bind(tri_fn) if tri_fn is not None else tri
+    elif case.dtype == "fp32":
+        impls["onednn"] = _onednn_peer(case, env, xs, ws, args, nk)
     return ref, impls
+
+
+def _onednn_peer(case: Case, env: Env, xs, ws, args: tuple, nk: bool):
+    """torch's chain on oneDNN's fp32 GEMM (mkldnn::_linear_pointwise, what torch's frozen CPU linears run;
+    F.linear runs MKL's): a second torch peer, since our fp32 GEMM past the GEMV is oneDNN's on AMD hosts."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return Unavailable("this torch has no oneDNN")
+    lp = torch.ops.mkldnn._linear_pointwise
+
+    def gemm(x2d, w, b=None):
+        return lp(x2d, w if nk else w.t(), b, "none", [], "")
+
+    if case.op == "vector_matmul":
+        return Impl(lambda i: gemm(xs[i % len(xs)].view(case.M, case.K), ws[i]).view(*xs[0].shape[:-1], case.N),
+                    len(ws))
+    b = args[0]
+    if case.op == "linear":
+        return Impl(lambda i: gemm(xs[i % len(xs)].view(case.M, case.K), ws[i], b), len(ws))
+    cos, sin = rope_tables(case, env)
+    return Impl(lambda i: torch_qkv_chain(xs[i % len(xs)], ws[i], b, case.heads, cos, sin, gemm=gemm), len(ws))
 
 
 def _mlp(case: Case, env: Env) -> tuple[Any, dict]:

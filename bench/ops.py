@@ -22,9 +22,12 @@ PART_TABLES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("cpu", "int8"): ("int8 weight-only (per-channel). torch: aten._weight_int8pack_mm with bf16 activations "
                       "(its fast path); fp32 rows: dense fp32 matmul. dense: matmul on the dequantized weight",
                       ("dense",)),
-    ("cpu", "decode"): ("decode vector_matmul. torch: F.linear ([N,K]) / torch.matmul ([K,N])", ()),
-    ("cpu", "qkv"): ("fused QKV + RoPE (rotate_half, rotary_dim=D=128). torch: the eager chain", ()),
-    ("cpu", "prefill"): ("prefill linear + bias. torch: torch.addmm", ()),
+    ("cpu", "decode"): ("decode vector_matmul. torch: F.linear ([N,K]) / torch.matmul ([K,N]); onednn (fp32): "
+                        "torch's oneDNN GEMM (mkldnn::_linear_pointwise)", ("onednn",)),
+    ("cpu", "qkv"): ("fused QKV + RoPE (rotate_half, rotary_dim=D=128). torch: the eager chain (addmm: MKL); "
+                     "onednn: the same chain on torch's oneDNN GEMM", ("onednn",)),
+    ("cpu", "prefill"): ("prefill linear + bias. torch: torch.addmm (MKL); onednn (fp32): torch's oneDNN GEMM",
+                         ("onednn",)),
     ("cuda", "decode"): ("decode vector_matmul, routed (gemv: our GEMV where the route picks cuBLAS). torch: "
                          "F.linear ([N,K]) / torch.matmul ([K,N])", ("gemv", "triton")),
     ("cuda", "int8"): ("int8 weight-only (per-channel), fp16 activations, routed. torch: F.linear fp16 on the "

@@ -40,6 +40,15 @@ def host_native_bf16_gemm(cpu) -> bool:
     return "avx512_bf16" in cpu.flags and torch.backends.mkldnn.is_available()
 
 
+def host_onednn_fp32_gemm(cpu) -> bool:
+    """Whether the CPU module runs fp32 past its GEMV on oneDNN's GEMM rather than MKL's on this host: the rule
+    of cpu_binding.cpp's host_prefers_onednn_fp32 (an AMD CPU, where MKL's code path is not its best; read
+    there from CPUID), for the report; tests/test_routes.py checks that the two agree."""
+    import torch
+
+    return "AMD" in cpu.brand.upper() and cpu.arch in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+
+
 # No -std flag: torch.utils.cpp_extension passes the standard its own headers need (C++20 in 2.13).
 # -fopenmp: at::parallel_for is an inline template that parallelises only when the extension itself is
 # compiled with OpenMP; linking libgomp.so.1 resolves to the copy torch already loaded (one runtime).
@@ -93,7 +102,10 @@ class InferenceBuilder(OpBuilder):
                 return decision
             gemm = ("torch's native bf16 GEMM (this CPU has avx512_bf16)" if host_native_bf16_gemm(self.system.cpu)
                     else "MKL's fp32 GEMM on widened weights (no avx512_bf16 here)")
-            return BuildDecision.of(list(decision.reasons), [*decision.notes, f"bf16 past the GEMV: {gemm}"])
+            fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
+                    if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
+            return BuildDecision.of(list(decision.reasons), [*decision.notes, f"bf16 past the GEMV: {gemm}",
+                                                              f"fp32 GEMM past the GEMV: {fp32}"])
         if variant == "cuda":
             return cuda_compatible(self.system, knobs.get("TORCH_CUDA_ARCH_LIST"))[0]
         raise ValueError(f"unknown variant {variant!r}; {self.NAME} has {self.VARIANTS}")

@@ -389,6 +389,14 @@ class Binding:
         if self._native_bf16 is not None and self._bf16_override is not None:
             self._native_bf16.restype = ctypes.c_int64
             self._bf16_override.argtypes, self._bf16_override.restype = [ctypes.c_int64], ctypes.c_int64
+        self._onednn = getattr(lib, f"dsinf_{variant}_onednn_fp32_gemm", None)
+        self._onednn_override = getattr(lib, f"dsinf_{variant}_onednn_fp32_override", None)
+        self._onednn_calls = getattr(lib, f"dsinf_{variant}_onednn_fp32_calls", None)
+        for fn in (self._onednn, self._onednn_calls):
+            if fn is not None:
+                fn.restype = ctypes.c_int64
+        if self._onednn_override is not None:
+            self._onednn_override.argtypes, self._onednn_override.restype = [ctypes.c_int64], ctypes.c_int64
         self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_has_dpbf16", None)
         if self._gemv_dpbf16 is not None:
             self._gemv_dpbf16.restype = ctypes.c_int64
@@ -419,6 +427,20 @@ class Binding:
         """CPU: whether bf16 activations past the GEMV run torch's native bf16 GEMM (a host with avx512_bf16)
         rather than MKL's fp32 GEMM on widened weights; that also sets the bf16 compiled crossovers."""
         return self._native_bf16 is not None and bool(self._native_bf16())
+
+    def onednn_fp32_gemm(self) -> bool:
+        """CPU: whether fp32 past the GEMV (and 16-bit / int8 weights widened to fp32 there) runs oneDNN's fp32
+        GEMM (torch's mkldnn::_linear_pointwise; an AMD host) rather than MKL's."""
+        return self._onednn is not None and bool(self._onednn())
+
+    def onednn_calls(self) -> int:
+        """CPU: how many fp32 GEMMs oneDNN has run in this process (tests: which GEMM ran)."""
+        return int(self._onednn_calls()) if self._onednn_calls is not None else 0
+
+    def _override_onednn(self, mode: int) -> int:
+        if self._onednn_override is None:
+            raise RuntimeError(f"the {self.variant} module has no choice of fp32 GEMM to override")
+        return int(self._onednn_override(mode))
 
     def gemv_dpbf16(self) -> bool:
         """CPU: whether this build's GEMV multiplies bf16 activations on vdpbf16ps (an avx512_bf16 build):
@@ -514,18 +536,31 @@ def forced(variant: str, keys: Iterable[RouteKey], max_m: int | None = None) -> 
             b.set(saved)  # the binding republishes a table it has seen: no growth
 
 
-@contextmanager
-def bf16_gemm(native: bool) -> Iterator[Binding]:
+def fp32_gemm(onednn: bool) -> contextlib.AbstractContextManager[Binding]:
+    """While the block runs, the CPU module runs fp32 past the GEMV on oneDNN's GEMM (onednn, where torch has
+    it) or on MKL's, whatever the host would choose; the choice in force before is restored after. For checks
+    and probes of both paths on any host."""
+    return _cpu_choice(Binding._override_onednn, 1 if onednn else 0)
+
+
+def bf16_gemm(native: bool) -> contextlib.AbstractContextManager[Binding]:
     """While the block runs, the CPU module runs bf16 activations past the GEMV on torch's native bf16 GEMM
-    (native) or on MKL's fp32 GEMM over widened weights, whatever the host would choose; the choice in force
+    (native) or on the fp32 GEMM over widened weights, whatever the host would choose; the choice in force
     before is restored after. For checks and probes of both paths on any host."""
+    return _cpu_choice(Binding._override_bf16, 1 if native else 0)
+
+
+@contextmanager
+def _cpu_choice(override, mode: int) -> Iterator[Binding]:
+    """The CPU module with one of its host choices overridden (`override(binding, mode)` returns the mode
+    it replaced) while the block runs, then restored."""
     b = binding("cpu")
     with _lock:
-        saved = b._override_bf16(1 if native else 0)
+        saved = override(b, mode)
         try:
             yield b
         finally:
-            b._override_bf16(saved)
+            override(b, saved)
 
 
 def device_key(variant: str, device: torch.device | None = None) -> str:

@@ -170,6 +170,35 @@ def test_bf16_past_the_gemv_on_either_gemm(cpu_module, native):
         assert binding.last() == "aten"
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+@pytest.mark.parametrize("suffix", ["fp32", "fp16"])
+def test_fp32_gemm_past_the_gemv_on_either_library(cpu_module, suffix, onednn):
+    """fp32 past the GEMV (fp32 weights in place, 16-bit and int8 weights widened to fp32) runs oneDNN's GEMM
+    on an AMD host and MKL's elsewhere; the other tests take the host's choice, this one runs their GEMM cases
+    on each (routes.fp32_gemm), whatever the host, and counts the oneDNN calls: several column blocks with
+    bias, int8 with bias, M = 40 and 72 in both layouts, the fused QKV epilogue with both RoPE styles."""
+    from dsinf import routes
+
+    with routes.fp32_gemm(onednn) as binding:
+        if onednn and not binding.onednn_fp32_gemm():
+            pytest.skip("this torch has no oneDNN (mkldnn::_linear_pointwise)")
+        assert binding.onednn_fp32_gemm() == onednn
+        for transposed_mode in (False, True):
+            before = binding.onednn_calls()
+            test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode)
+            assert binding.last() == "aten"
+            assert (binding.onednn_calls() > before) == onednn, (suffix, transposed_mode)
+            for B, S, K, N in ((4, 10, 96, 7), (8, 9, 130, 65)):  # M = 40, 72
+                test_linear_layer_plain(cpu_module, suffix, transposed_mode, True, B, S, K, N)
+            for case in QKV_CASES[-2:]:
+                before = binding.onednn_calls()
+                test_linear_layer_fused_qkv_rope(cpu_module, suffix, transposed_mode, *case)
+                assert binding.last() == "aten" and (binding.onednn_calls() > before) == onednn
+        before = binding.onednn_calls()
+        test_linear_layer_int8_with_bias(cpu_module, suffix, 8, 9)
+        assert binding.last() == "aten" and (binding.onednn_calls() > before) == onednn
+
+
 @pytest.mark.parametrize("suffix", ["fp16", "bf16"])
 @pytest.mark.parametrize("weights", ["nk", "kn", "int8"])
 def test_16bit_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):

@@ -80,6 +80,10 @@ def test_json_report(tmp_path):
 
     native = host_native_bf16_gemm(current_system().cpu)
     assert f"bf16 past the GEMV: {'torch' if native else 'MKL'}" in " ".join(cpu["notes"]), cpu["notes"]
+    from dsinf.builder import host_onednn_fp32_gemm
+
+    onednn = host_onednn_fp32_gemm(current_system().cpu)
+    assert f"fp32 GEMM past the GEMV: {'oneDNN' if onednn else 'MKL'}" in " ".join(cpu["notes"]), cpu["notes"]
     assert cuda["buildable"] is False and any("without CUDA" in reason for reason in cuda["reasons"])
     assert data["build"] is None
 

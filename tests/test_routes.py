@@ -173,9 +173,14 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
     assert cpu_routes.default(key) >= 4  # the compiled crossover sends M=4 to our GEMV ...
     ours = op(x, w)
     assert cpu_routes.last() == "gemv" and not torch.equal(ours[0], torch.mm(x[0], w))
-    cpu_routes.set({key: 0})  # ... the table sends it to ATen: torch's own sgemm, bit for bit
-    out = op(x, w)
+    cpu_routes.set({key: 0})  # ... the table sends it to ATen: torch's own sgemm (MKL or oneDNN), bit for bit
+    with routes.fp32_gemm(False):
+        out = op(x, w)
     assert cpu_routes.last() == "aten" and torch.equal(out[0], torch.mm(x[0], w))
+    if torch.backends.mkldnn.is_available():
+        with routes.fp32_gemm(True):
+            out = op(x, w)
+        assert torch.equal(out[0], torch.ops.mkldnn._linear_pointwise(x[0], w.t(), None, "none", [], ""))
     other = torch.randn(K, N + 8, generator=gen)  # another shape keeps the compiled crossover
     op(x, other)
     assert cpu_routes.last() == "gemv"
@@ -188,14 +193,25 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
     torch.testing.assert_close(got, dsinf.reference.vector_matmul(x64, w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout, K, N, want", [
-    ("nk", 4096, 4096, 16), ("nk", 4096, 256, 8), ("nk", 256, 1376, 8),  # [N,K]: 16; a short K or N: 8
-    ("kn", 4096, 4096, 24), ("kn", 1024, 512, 8), ("kn", 4096, 64, 4),   # [K,N]: 24 from N = 1024, else less
-])
-def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, layout, K, N, want):
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+@pytest.mark.parametrize("layout, K, N, want, want_onednn", [
+    ("nk", 4096, 4096, 16, 8), ("nk", 4096, 256, 8, 8), ("nk", 256, 1376, 8, 8),  # [N,K]: 16; a short K or N: 8
+    ("kn", 4096, 4096, 24, 8), ("kn", 1024, 512, 8, 8), ("kn", 4096, 64, 4, 4),   # [K,N]: 24 from N = 1024, else less;
+])                                                                                # oneDNN caps them at 8
+def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, layout, K, N, want, want_onednn):
     """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
-    catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"): the binding reports it and
-    the op takes it, our GEMV at that M and ATen one above."""
+    catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"), and far sooner where the GEMM
+    past it is oneDNN's (8: "CPU fp32 GEMM: oneDNN on AMD"): the binding reports it and the op takes it,
+    our GEMV at that M and ATen one above."""
+    import torch
+
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    with routes.fp32_gemm(onednn):
+        _fp32_crossover(cpu_routes, layout, K, N, want_onednn if onednn else want)
+
+
+def _fp32_crossover(cpu_routes, layout, K, N, want):
     key = RouteKey("fp32", layout, K, N)
     assert cpu_routes.default(key) == want
     cpu_routes.set({})
@@ -223,6 +239,25 @@ def test_the_native_bf16_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
                 assert b.native_bf16_gemm() == (not native)
             assert b.native_bf16_gemm() == native
     assert cpu_routes.native_bf16_gemm() == host
+
+
+def test_the_fp32_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
+    """fp32 past the GEMV runs oneDNN's GEMM exactly where the host is an AMD CPU and torch has oneDNN (MKL's
+    AMD code path ran 1.1-2.6x slower there), as the report's note says; routes.fp32_gemm overrides it both
+    ways and restores it."""
+    import torch
+
+    from dsinf.builder import host_onednn_fp32_gemm
+    from op_builder.system import current_system
+
+    host = host_onednn_fp32_gemm(current_system().cpu)  # the rule the report shows
+    assert cpu_routes.onednn_fp32_gemm() == host
+    for onednn in (False, True):
+        with routes.fp32_gemm(onednn) as b:
+            assert b.onednn_fp32_gemm() == (onednn and torch.backends.mkldnn.is_available())
+            with routes.fp32_gemm(not onednn):
+                assert b.onednn_fp32_gemm() == (not onednn and torch.backends.mkldnn.is_available())
+    assert cpu_routes.onednn_fp32_gemm() == host
 
 
 # (layout, K, N, crossover on the native bf16 GEMM with the vdpbf16ps GEMV, the same without it, otherwise)

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_ops.h>
+#include <ATen/ops/copy_ops.h>
 #include <ATen/ops/empty_ops.h>
 #include <ATen/ops/mm_ops.h>
 
@@ -27,6 +28,10 @@ inline at::Tensor addmm(const at::Tensor& self, const at::Tensor& mat1, const at
 
 inline at::Tensor& mm_out(at::Tensor& out, const at::Tensor& self, const at::Tensor& mat2) {
   return at::_ops::mm_out::call(self, mat2, out);
+}
+
+inline at::Tensor& copy_(at::Tensor& self, const at::Tensor& src) {
+  return at::_ops::copy_::call(self, src, false);
 }
 
 inline at::Tensor& addmm_out(at::Tensor& out, const at::Tensor& self, const at::Tensor& mat1, const at::Tensor& mat2) {

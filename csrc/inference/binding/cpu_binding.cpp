@@ -11,6 +11,8 @@
 //                         columns at a time, straight into its column slice of the fp32 result: fp32
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
+//                         On an AMD host oneDNN's fp32 GEMM instead (onednn_fp32_gemm): fp32 weights in
+//                         one call, widened blocks each into a fresh result copied into their slice.
 //                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
 //                         keeps fp32 accumulation (docs/PERFORMANCE.md).
 //                         bf16 activations on a host with native bf16 dot products (native_bf16_gemm):
@@ -24,6 +26,7 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -94,6 +97,60 @@ bool native_bf16_gemm() {
   return o < 0 ? host_has_native_bf16() : o != 0;
 }
 
+// The fp32 GEMM past the GEMV: oneDNN's (torch's mkldnn::_linear_pointwise, the op torch's own frozen CPU
+// linears run) or MKL's (at::mm / at::addmm, what F.linear runs). On a Zen 4 host (2 threads, M = 17..512, K x
+// N from 256x768 to 14336x4096, both layouts) oneDNN's ran 1.08-2.65x faster than MKL's, whose AMD code path
+// is not its best (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"); on Intel hosts MKL is Intel's own and
+// oneDNN is unmeasured, so they keep MKL. The op is looked up once; a torch without it keeps MKL. It computes
+// in fp32 unless the user lowered torch.backends.mkldnn.matmul.fp32_precision, as torch's own oneDNN path does.
+// dsinf_cpu_onednn_fp32_override (dsinf.routes.fp32_gemm) picks either whatever the host.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+#if AT_MKLDNN_ENABLED()
+    const auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (h) return new c10::OperatorHandle(*h);  // leaked on purpose: lives as long as the process
+#endif
+    return nullptr;
+  }();
+  return op;
+}
+
+bool host_prefers_onednn_fp32() {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+std::atomic<int64_t> g_onednn_fp32_override{-1};  // -1: the host's choice; 0 / 1: MKL / oneDNN
+std::atomic<int64_t> g_onednn_fp32_calls{0};      // GEMMs run on oneDNN (tests: the path that ran)
+
+bool onednn_fp32_gemm() {
+  const int64_t o = g_onednn_fp32_override.load(std::memory_order_relaxed);
+  return (o < 0 ? host_prefers_onednn_fp32() : o != 0) && onednn_linear_op() != nullptr;
+}
+
+// x [M, K] fp32 @ w_nk^T (+ bias) -> a fresh fp32 [M, N] on oneDNN; w_nk may be a strided view ([K, N]
+// transposed): oneDNN reads either order. A boxed call: its schema types (Scalar?[]) need no C++ spelling here.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w_nk, const at::Tensor* bias) {
+  std::vector<c10::IValue> stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w_nk);
+  stack.emplace_back(bias ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<c10::Scalar>>());
+  stack.emplace_back(std::string(""));
+  onednn_linear_op()->callBoxed(&stack);
+  g_onednn_fp32_calls.fetch_add(1, std::memory_order_relaxed);
+  return std::move(stack[0]).toTensor();
+}
+
 // Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
 // MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
 // until the FMA units bound it. fp32's crossover falls with the output width N (and a short K): below ~1024
@@ -102,7 +159,11 @@ bool native_bf16_gemm() {
 // crossover seen over two hosts (AVX2 Zen 3 at 4096x4096; AVX-512 Zen 4 over 24 shapes, K and N from 256 to
 // 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
-// forces GEMV / GEMM.
+// forces GEMV / GEMM. Where fp32 past the GEMV is oneDNN's GEMM (onednn_fp32_gemm, an AMD host) it crosses
+// sooner: oneDNN streams an [N, K] weight at DRAM speed even at M = 1 (ATen / ours 0.91-1.02x); at M = 16 it beat
+// our GEMV on every shape measured (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes (0.88-1.07x;
+// [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A cap of 4
+// for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts.
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
 // as the kernels report it. A portable (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its
 // GEMV, but its GEMV widens to fp32.
@@ -137,9 +198,14 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
   if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_gemv_max_m(s);
   if (s.int8) return 24;
   if (act == c10::ScalarType::Float) {
-    if (s.weight_nk) return s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
-    if (s.N >= 1024) return 24;
-    return s.N <= 256 && s.K >= 2048 ? 4 : 8;
+    // oneDNN's GEMM is at least as fast as MKL's: its cap only lowers the MKL rule.
+    const int64_t onednn_cap = onednn_fp32_gemm() ? 8 : INT64_MAX;
+    int64_t mkl;
+    if (s.weight_nk)
+      mkl = s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
+    else
+      mkl = s.N >= 1024 ? 24 : (s.N <= 256 && s.K >= 2048 ? 4 : 8);
+    return std::min(mkl, onednn_cap);
   }
   return s.weight_nk ? 16 : 24;
 }
@@ -246,14 +312,23 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   // (2 threads, M = 48..512) blocks of 256..1024 columns ran 6-35% faster than one MKL call over all of
   // N; on the AVX-512 Xeon dev box 1024 columns ran like one call and 256 (4 MiB) 13-18% slower
   // (docs/PERFORMANCE.md).
+  // On oneDNN (onednn_fp32_gemm) fp32 weights in place are one call over all N (it blocks for itself); widened
+  // blocks are each multiplied into a fresh result and copied into their slice (no out= form; the copy is
+  // M x N x 4 bytes, under 1% of the GEMM).
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
+  const bool onednn = K > 0 && onednn_fp32_gemm();  // K = 0: MKL's mm writes the zeros
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
-  at::Tensor y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-  const int64_t block = column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
   const bool fuse_bias = in_place && bias && !for_epilogue;
+  at::Tensor y;
+  if (onednn && in_place) {
+    y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
+  } else {
+    y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
+  }
+  const int64_t block = onednn && in_place ? N : column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
   at::Tensor wbuf;
   if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
-  for (int64_t n0 = 0; n0 < N; n0 += block) {
+  for (int64_t n0 = onednn && in_place ? N : 0; n0 < N; n0 += block) {
     const int64_t nb = std::min(block, N - n0);
     at::Tensor blk;
     if (in_place) {
@@ -263,7 +338,13 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
       blk = s.weight_nk ? wbuf.narrow(0, 0, nb * K).view({nb, K}).t() : wbuf.narrow(0, 0, nb * K).view({K, nb});
     }
     at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
-    if (fuse_bias)
+    if (onednn) {  // widened, so bias (if any) comes with the rounding below
+      at::Tensor r = onednn_linear(xf, blk.t(), nullptr);
+      if (nb == N)
+        y = std::move(r);
+      else
+        aten::copy_(ys, r);
+    } else if (fuse_bias)
       aten::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
     else
       aten::mm_out(ys, xf, blk);
@@ -507,6 +588,20 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_override(int64_t mode) {
   if (mode < -1 || mode > 1) return dsinf::g_native_bf16_override.load();
   return dsinf::g_native_bf16_override.exchange(mode);
+}
+
+// Which GEMM runs fp32 past the GEMV (dsinf/routes.py: Binding.onednn_fp32_gemm, fp32_gemm): whether it is
+// oneDNN's now; the override (-1: the host's choice, 0: MKL, 1: oneDNN where torch has it; any other value
+// changes nothing), returning the override it replaced; and how many GEMMs oneDNN has run in this process.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_gemm() {
+  return dsinf::onednn_fp32_gemm() ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_override(int64_t mode) {
+  if (mode < -1 || mode > 1) return dsinf::g_onednn_fp32_override.load();
+  return dsinf::g_onednn_fp32_override.exchange(mode);
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_calls() {
+  return dsinf::g_onednn_fp32_calls.load();
 }
 
 // Whether this build's GEMV multiplies bf16 x on vdpbf16ps (Binding.gemv_dpbf16): it sets the bf16 crossovers
