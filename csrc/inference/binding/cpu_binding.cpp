@@ -151,19 +151,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w_nk, const at::
   return std::move(stack[0]).toTensor();
 }
 
-// Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
-// MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
-// until the FMA units bound it. fp32's crossover falls with the output width N (and a short K): below ~1024
-// columns MKL's small-M kernels catch up sooner. Measured per shape (docs/PERFORMANCE.md, "CPU GEMV / GEMM
-// crossover"): at M = 32, [N,K] fp32 lost to MKL on 12 of 15 shapes, by up to 36%. The rule takes the lowest
-// crossover seen over two hosts (AVX2 Zen 3 at 4096x4096; AVX-512 Zen 4 over 24 shapes, K and N from 256 to
-// 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
-// dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
-// forces GEMV / GEMM. Where fp32 past the GEMV is oneDNN's GEMM (onednn_fp32_gemm, an AMD host) it crosses
-// sooner: oneDNN streams an [N, K] weight at DRAM speed even at M = 1 (ATen / ours 0.91-1.02x); at M = 16 it beat
-// our GEMV on every shape measured (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes (0.88-1.07x;
-// [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A cap of 4
-// for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts.
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
 // as the kernels report it. A portable (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its
 // GEMV, but its GEMV widens to fp32.
@@ -189,6 +176,19 @@ int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   return KN >= (int64_t(1) << 20) ? 8 : 4;
 }
 
+// Largest M that runs on our GEMV rather than BLAS, for a shape the route table (routes.h) does not list:
+// MKL parallelises small M poorly, while our GEMV splits evenly over threads and streams the weight once,
+// until the FMA units bound it. fp32's crossover falls with the output width N (and a short K): below ~1024
+// columns MKL's small-M kernels catch up sooner. Measured per shape (docs/PERFORMANCE.md, "CPU GEMV / GEMM
+// crossover"): at M = 32, [N,K] fp32 lost to MKL on 12 of 15 shapes, by up to 36%. The rule takes the lowest
+// crossover seen over two hosts (AVX2 Zen 3 at 4096x4096; AVX-512 Zen 4 over 24 shapes, K and N from 256 to
+// 14336, whose runs of one shape spread by up to 30%); a measured route (DSINF_ROUTES=measure, python -m
+// dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
+// forces GEMV / GEMM. Where fp32 past the GEMV is oneDNN's GEMM (onednn_fp32_gemm, an AMD host) it crosses
+// sooner: oneDNN streams an [N, K] weight at DRAM speed even at M = 1 (ATen / ours 0.91-1.02x); at M = 16 it beat
+// our GEMV on every shape measured (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes (0.88-1.07x;
+// [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A cap of 4
+// for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts.
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
