@@ -101,7 +101,7 @@ class InferenceBuilder(OpBuilder):
             if not decision.ok:  # no torch, ninja or compiler: nothing to say about how it would run
                 return decision
             gemm = ("torch's native bf16 GEMM (this CPU has avx512_bf16)" if host_native_bf16_gemm(self.system.cpu)
-                    else "MKL's fp32 GEMM on widened weights (no avx512_bf16 here)")
+                    else "the fp32 GEMM on widened weights (no avx512_bf16 here)")
             fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
             return BuildDecision.of(list(decision.reasons), [*decision.notes, f"bf16 past the GEMV: {gemm}",

@@ -425,7 +425,8 @@ class Binding:
 
     def native_bf16_gemm(self) -> bool:
         """CPU: whether bf16 activations past the GEMV run torch's native bf16 GEMM (a host with avx512_bf16)
-        rather than MKL's fp32 GEMM on widened weights; that also sets the bf16 compiled crossovers."""
+        rather than the fp32 GEMM (MKL's or oneDNN's) on widened weights; that also sets the bf16 compiled
+        crossovers."""
         return self._native_bf16 is not None and bool(self._native_bf16())
 
     def onednn_fp32_gemm(self) -> bool:

@@ -153,7 +153,7 @@ def test_op_on_the_compiled_backend(cpu_module, monkeypatch, dtype, layout, B, S
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_gate_up_past_the_gemv_on_either_gemm(cpu_module, monkeypatch, native):
     """The bf16 cases above past the gated GEMV take the host's GEMM (torch's native bf16 GEMM with
-    avx512_bf16, else MKL's fp32 GEMM on widened weights); here each path, whatever the host."""
+    avx512_bf16, else the fp32 GEMM on widened weights); here each path, whatever the host."""
     from dsinf import routes
 
     with routes.bf16_gemm(native) as binding:

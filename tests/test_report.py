@@ -79,7 +79,7 @@ def test_json_report(tmp_path):
     from op_builder.system import current_system
 
     native = host_native_bf16_gemm(current_system().cpu)
-    assert f"bf16 past the GEMV: {'torch' if native else 'MKL'}" in " ".join(cpu["notes"]), cpu["notes"]
+    assert f"bf16 past the GEMV: {'torch' if native else 'the fp32 GEMM'}" in " ".join(cpu["notes"]), cpu["notes"]
     from dsinf.builder import host_onednn_fp32_gemm
 
     onednn = host_onednn_fp32_gemm(current_system().cpu)
