@@ -202,13 +202,10 @@ def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, la
     """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
     catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"), and far sooner where the GEMM
     past it is oneDNN's (8: "CPU fp32 GEMM: oneDNN on AMD"): the binding reports it and the op takes it,
-    our GEMV at that M and ATen one above."""
-    import torch
-
-    if onednn and not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN")
+    our GEMV at that M and ATen one above. Forced onto oneDNN, a torch without it keeps the MKL rule."""
     with routes.fp32_gemm(onednn):
-        _fp32_crossover(cpu_routes, layout, K, N, want_onednn if onednn else want)
+        _fp32_crossover(cpu_routes, layout, K, N, want_onednn if onednn and torch.backends.mkldnn.is_available()
+                        else want)
 
 
 def _fp32_crossover(cpu_routes, layout, K, N, want):
@@ -245,8 +242,6 @@ def test_the_fp32_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
     """fp32 past the GEMV runs oneDNN's GEMM exactly where the host is an AMD CPU and torch has oneDNN (MKL's
     AMD code path ran 1.1-2.6x slower there), as the report's note says; routes.fp32_gemm overrides it both
     ways and restores it."""
-    import torch
-
     from dsinf.builder import host_onednn_fp32_gemm
     from op_builder.system import current_system
 

@@ -324,30 +324,27 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
   } else {
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-  }
-  const int64_t block = onednn && in_place ? N : column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
-  at::Tensor wbuf;
-  if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
-  for (int64_t n0 = onednn && in_place ? N : 0; n0 < N; n0 += block) {
-    const int64_t nb = std::min(block, N - n0);
-    at::Tensor blk;
-    if (in_place) {
-      blk = s.weight_nk ? weight.narrow(0, n0, nb).t() : weight.narrow(1, n0, nb);
-    } else {
-      check_status(dsinf_cpu_weight_widen(&w, n0, n0 + nb, wbuf.data_ptr(), DSINF_F32, kParallel), op, "weight_widen");
-      blk = s.weight_nk ? wbuf.narrow(0, 0, nb * K).view({nb, K}).t() : wbuf.narrow(0, 0, nb * K).view({K, nb});
-    }
-    at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
-    if (onednn) {  // widened, so bias (if any) comes with the rounding below
-      at::Tensor r = onednn_linear(xf, blk.t(), nullptr);
-      if (nb == N)
-        y = std::move(r);
+    const int64_t block = column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
+    at::Tensor wbuf;
+    if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+      const int64_t nb = std::min(block, N - n0);
+      at::Tensor blk;
+      if (in_place) {
+        blk = s.weight_nk ? weight.narrow(0, n0, nb).t() : weight.narrow(1, n0, nb);
+      } else {
+        check_status(dsinf_cpu_weight_widen(&w, n0, n0 + nb, wbuf.data_ptr(), DSINF_F32, kParallel), op,
+                     "weight_widen");
+        blk = s.weight_nk ? wbuf.narrow(0, 0, nb * K).view({nb, K}).t() : wbuf.narrow(0, 0, nb * K).view({K, nb});
+      }
+      at::Tensor ys = nb == N ? y : y.narrow(1, n0, nb);
+      if (onednn)  // widened, so bias (if any) comes with the rounding below
+        aten::copy_(ys, onednn_linear(xf, blk.t(), nullptr));
+      else if (fuse_bias)
+        aten::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
       else
-        aten::copy_(ys, r);
-    } else if (fuse_bias)
-      aten::addmm_out(ys, bias->narrow(0, n0, nb), xf, blk);
-    else
-      aten::mm_out(ys, xf, blk);
+        aten::mm_out(ys, xf, blk);
+    }
   }
   if (for_epilogue || fuse_bias) return y;
   if (act == c10::ScalarType::Float) {
