@@ -540,8 +540,8 @@ def test_interpreter_behaviour(worker, name):
     _answer(worker.ask({"call": name}))
 
 
-#: The compiled path's decode defaults on an H200 (132 SMs), as measured (docs/PERFORMANCE.md, fifth and
-#: tenth rounds): (K, N, layout, bf16) -> (kernel, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
+#: The compiled path's decode defaults on an H200 or H100 (both 132 SMs), as measured (docs/PERFORMANCE.md,
+#: fifth, tenth and thirty-first rounds): (K, N, layout, bf16) -> (kernel, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
 H200_DECODE_DEFAULTS = {
     (4096, 12288, "nk", False): ("gemv", 128, 128, 1, 8, 4),
     (14336, 4096, "nk", True): ("gemv", 64, 256, 2, 4, 4),
@@ -552,6 +552,10 @@ H200_DECODE_DEFAULTS = {
     (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3),
     (14336, 4096, "kn", False): ("pointer", 64, 256, 2, 4, 3),  # tenth round (run 45)
     (4096, 4096, "kn", False): ("pointer", 32, 128, 1, 4, 5),  # tenth round (run 47)
+    (4096, 4096, "nk", False): ("gemv", 64, 256, 1, 4, 4),  # unsplit: H100, thirty-first round
+    (4096, 4096, "nk", True): ("gemv", 64, 256, 1, 4, 4),
+    # not measured: a short K with too few tiles to fill a third of the GPU keeps the split
+    (4096, 1024, "nk", False): ("gemv", 64, 256, 8, 4, 4),
     # not measured: K >= 2N with a grid that would pass two waves at split 4, and K too short for it
     (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3),
     (1000, 260, "int8", False): ("pointer", 64, 256, 1, 4, 3),

@@ -308,7 +308,14 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         else:
             tile = (64, 256, 4, 4, KERNEL_GEMV, 1)
         bn, bk, warps, stages, kernel, split = tile
-        return _config(16, bn, bk, _decode_split(triton.cdiv(n, bn), k, bk, sms, split), warps, stages, kernel=kernel)
+        n_tiles = triton.cdiv(n, bn)
+        # 16-bit [N, K] with a short K, whose 64-row tiles already fill a third of the GPU: not split. H100
+        # (tools/probe_triton_decode.py, 2026-12-05), 4096x4096 M = 1 / 8, us: 64x256 s4 split 2 (the split
+        # rule's pick) 13.9 / 14.1 fp16, 13.9 bf16; unsplit 13.6 / 13.4 fp16, 13.4 bf16 (the CUDA module 12.9
+        # / 13.4). A long K (14336x4096 above) and fewer tiles keep the split.
+        if layout == "nk" and k < 8192 and n_tiles >= sms // 3:
+            return _config(16, bn, bk, 1, warps, stages, kernel=kernel)
+        return _config(16, bn, bk, _decode_split(n_tiles, k, bk, sms, split), warps, stages, kernel=kernel)
     if m <= 16:
         # [K, N]. Measured on H100 (fp16, [N, K] then, M=1..16, N*K from 16M to 64M): BLOCK_N=32,
         # BLOCK_K=256, 5 stages, no split was within 3% of the best of 126 configs on every shape; split-K
