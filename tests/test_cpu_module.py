@@ -425,3 +425,15 @@ def test_opcheck(cpu_module, name):
     packet = getattr(torch.ops.dsinf, name)
     for args in _opcheck_args(name):
         torch.library.opcheck(packet.default, args)
+
+
+def test_the_module_compiles_without_warnings(cpu_module):
+    """Our sources build with -Wall: a warning in this session's fresh build (an unused helper, a sign mismatch)
+    is a defect the user finds in the build log. Each ISA level's child session checks its own build."""
+    from op_builder import InferenceBuilder
+    from op_builder.builder import loaded_variants
+
+    loaded = loaded_variants()[(InferenceBuilder.NAME, "cpu")]
+    log = loaded.path.parent / "build.log"
+    warnings = [line for line in log.read_text().splitlines() if "warning:" in line]
+    assert not warnings, f"{len(warnings)} compiler warning(s) in {log}:\n" + "\n".join(warnings[:10])

@@ -114,8 +114,8 @@ bool use_gated(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_
 }
 
 // true: run an int8 matmul above the GEMV's range on the int8 GEMM for this M (remembered for tests as
-// kInt8Gemm), false: dequantize + cuBLAS.
-bool use_int8_gemm(int64_t M, c10::ScalarType act, int64_t K, int64_t N, int64_t compiled_default) {
+// kInt8Gemm), false: dequantize + cuBLAS. The CUDA binding's alone (the CPU module has no int8 GEMM).
+[[maybe_unused]] bool use_int8_gemm(int64_t M, c10::ScalarType act, int64_t K, int64_t N, int64_t compiled_default) {
   const bool gemm = M <= max_m_of(act, kInt8GemmKey, K, N, compiled_default);
   if (gemm) t_last_route = kInt8Gemm;
   return gemm;
