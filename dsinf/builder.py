@@ -173,8 +173,9 @@ class InferenceBuilder(OpBuilder):
         sm90a = bf16 and any(a.capability == (9, 0) and a.suffix == "a" for a in archs)
         defines = ("-DDSINF_CUDA_BF16",) * bf16 + ("-DDSINF_CUDA_SM90A",) * sm90a
         jobs_threads = ("--threads=1",)  # parallelism comes from ninja jobs; nvcc threads multiply memory
+        # The binding's host files with -Wall, as the CPU module's: tests/test_cuda_compile.py fails on a warning.
         return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
-                         include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + defines,
+                         include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas") + defines,
                          cuda_cflags=(_NVCC_FLAGS + defines + jobs_threads + _split_compile_flags(self.system.nvcc)
                                       + tuple(nvcc_gencode_flags(archs))),
                          with_cuda=True, pre_load="dsinf.library:define", kernels=self._kernels(bf16),

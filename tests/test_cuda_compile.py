@@ -101,3 +101,7 @@ def _sm90a_name(name: str, defines: tuple[str, ...]) -> str:
 def test_cuda_source_compiles(compiled, name):
     command, rc, output = compiled[name]
     assert rc == 0, f"{' '.join(command)}\n{output[-6000:]}"
+    # nvcc's and the host compiler's warnings (the binding files build with -Wall): a user sees them in the
+    # build log, and one hides the next.
+    warnings = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert not warnings, f"{' '.join(command)}\n" + "\n".join(warnings[:10])
