@@ -81,14 +81,37 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 
 // ---------------------------------------------------------------- [N, K]: dot tiles
 
+// L2 prefetch of what the tile two tiles (2 * kNR rows) ahead reads at [k, k + n), one per 64-byte line (a step
+// shorter than a line prefetches on the steps that start one). Past the last row it is a harmless no-op
+// (prefetches never fault). Why: one core's hardware prefetchers keep too few lines in flight on a tile's 4
+// concurrent row streams, each new at every tile. Measured on a Zen 4 guest, 2 threads, 4096x4096 /
+// 4096x11008 / 11008x4096 [N, K], in-process A/B (docs/PERFORMANCE.md, "CPU GEMV: prefetching the next tiles"):
+// fp32 M = 1 1.07-1.26x, M = 8 1.09-1.19x; bf16 (the vdpbf16ps tile) M = 1 1.08-1.54x, M = 8 1.17-1.27x; fp16
+// weights at M = 1 1.10-1.45x; int8 at M = 1 +12-16% single-threaded at K = 4096. In a tile only where it
+// streams the weight from memory (`stream`), not from the L1 buffer of widened blocks, and only in the first
+// row block of x (the others re-read it from L1); a widened block prefetches the same block two tiles ahead
+// before it is widened (fp16 / int8 weights at M = 8: 1.02-1.26x, M = 16: 0.99-1.16x).
+template <class TW, int NR>
+inline void prefetch_ahead(const TW* w, int64_t ldw, int64_t k, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(TW));
+  if (n < kLine) {
+    if (k % kLine != 0) return;
+    n = 1;
+  }
+  for (int64_t j = 0; j < n; j += kLine)
+    for (int r = 0; r < NR; ++r) prefetch_l2(w + (r + 2 * kNR) * ldw + k + j);
+}
+
 // acc[r * kMR + m] += sum_{k < kc} w[r * ldw + k] * x[m * ldx + k],  r < NR, m < MR  (vector accumulators,
 // summed horizontally at the very end).
 // Never inlined: inlined into gemv_nk's loop, GCC 12 kept the accumulator array in memory and stored every
 // accumulator to the stack on every step (a 512-bit store takes two cycles on Zen 4), which made M = 2..16 run
 // at a fraction of the FMA rate (docs/PERFORMANCE.md, "CPU decode at batch 8"). Its own function keeps them
-// in registers; a call per tile and K block costs nothing next to the loop.
+// in registers; a call per tile and K block costs nothing next to the loop. `stream`: w is the weight in memory
+// (prefetch_ahead above).
 template <class TW, int NR, int MR>
-__attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc) {
+__attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc,
+                                        bool stream) {
   vf a[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) a[r][m] = acc[r * kMR + m];
@@ -99,14 +122,7 @@ __attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, co
     vf b[NR];
     for (int r = 0; r < NR; ++r) b[r] = vzero();
     for (; k + 2 * kW <= kc; k += 2 * kW) {
-      if constexpr (sizeof(TW) == 1) {
-        // int8 from DRAM: one core's hardware prefetchers reach ~10 GB/s on this tile's 4 concurrent row
-        // streams; an L2 prefetch of the same k two tiles (2 * kNR rows) ahead keeps more lines in
-        // flight (+12-16% single-threaded at K = 4096, docs/PERFORMANCE.md). One per 64-byte line; past
-        // the last row it is a harmless no-op (prefetches never fault).
-        if ((k & 63) == 0)
-          for (int r = 0; r < NR; ++r) prefetch_l2(w + (r + 2 * kNR) * ldw + k);
-      }
+      if (stream) prefetch_ahead<TW, NR>(w, ldw, k, 2 * kW);
       const vf x0 = vload(x + k), x1 = vload(x + k + kW);
       for (int r = 0; r < NR; ++r) a[r][0] = vfma(vload(w + r * ldw + k), x0, a[r][0]);
       for (int r = 0; r < NR; ++r) b[r] = vfma(vload(w + r * ldw + k + kW), x1, b[r]);
@@ -114,6 +130,7 @@ __attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, co
     for (int r = 0; r < NR; ++r) a[r][0] = vadd(a[r][0], b[r]);
   }
   for (; k + kW <= kc; k += kW) {
+    if (stream) prefetch_ahead<TW, NR>(w, ldw, k, kW);
     vf wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = vload(w + r * ldw + k);
     for (int m = 0; m < MR; ++m) {
@@ -143,7 +160,7 @@ __attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, co
 // rate (docs/PERFORMANCE.md, "CPU decode at batch 8"). A call per tile and K block costs nothing next to it.
 template <class TW, int NR, int MR>
 __attribute__((noinline)) void dot_tile(const bf16_t* w, int64_t ldw, int64_t kc, const bf16_t* x, int64_t ldx,
-                                        vf* acc) {
+                                        vf* acc, bool stream) {
   static_assert(std::is_same<TW, bf16_t>::value, "vdpbf16ps tile is bf16 x bf16");
   __m512 a[NR][MR];
   for (int r = 0; r < NR; ++r)
@@ -152,6 +169,7 @@ __attribute__((noinline)) void dot_tile(const bf16_t* w, int64_t ldw, int64_t kc
   // x rows outer, one weight vector at a time inner: MR + NR loads per NR * MR products. (Weight vectors
   // outer made GCC reload each weight vector once per row of x.)
   for (; k + 32 <= kc; k += 32) {
+    if (stream) prefetch_ahead<bf16_t, NR>(w, ldw, k, 32);
     __m512i xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
@@ -200,13 +218,13 @@ inline void widen_row(float* dst, const TW* src, int64_t n) {
 
 // Runtime row count of x (1..kMR) -> compile-time tile.
 template <class TW, int NR, class TX>
-inline void dot_rows(const TW* w, int64_t ldw, int64_t kc, const TX* x, int64_t ldx, int mr, vf* acc) {
+inline void dot_rows(const TW* w, int64_t ldw, int64_t kc, const TX* x, int64_t ldx, int mr, vf* acc, bool stream) {
   switch (mr) {
-    case 1: dot_tile<TW, NR, 1>(w, ldw, kc, x, ldx, acc); break;
-    case 2: dot_tile<TW, NR, 2>(w, ldw, kc, x, ldx, acc); break;
-    case 3: dot_tile<TW, NR, 3>(w, ldw, kc, x, ldx, acc); break;
+    case 1: dot_tile<TW, NR, 1>(w, ldw, kc, x, ldx, acc, stream); break;
+    case 2: dot_tile<TW, NR, 2>(w, ldw, kc, x, ldx, acc, stream); break;
+    case 3: dot_tile<TW, NR, 3>(w, ldw, kc, x, ldx, acc, stream); break;
 #if DSINF_SIMD_AVX512
-    case 4: dot_tile<TW, NR, 4>(w, ldw, kc, x, ldx, acc); break;
+    case 4: dot_tile<TW, NR, 4>(w, ldw, kc, x, ldx, acc, stream); break;
 #endif
     default: break;
   }
@@ -226,18 +244,20 @@ struct RowBlocks {
   int size(int64_t c) const { return int(base + (c < extra ? 1 : 0)); }
 };
 
-// All row blocks of x against nr (<= kNR) weight rows of stride ldw, over kc columns.
+// All row blocks of x against nr (<= kNR) weight rows of stride ldw, over kc columns. `stream`: w is the weight
+// in memory (not the L1 buffer of a widened block), so the first row block prefetches the tiles ahead.
 template <class TW, class TX>
 inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX* x, int64_t ldx,
-                         const RowBlocks& rb, vf* acc) {
+                         const RowBlocks& rb, vf* acc, bool stream) {
   for (int64_t c = 0; c < rb.count; ++c) {
     const TX* xc = x + rb.start(c) * ldx;
     const int mr = rb.size(c);
     vf* a = acc + c * kNR * kMR;
+    const bool first = stream && c == 0;
     if (nr == kNR) {
-      dot_rows<TW, kNR>(w, ldw, kc, xc, ldx, mr, a);
+      dot_rows<TW, kNR>(w, ldw, kc, xc, ldx, mr, a, first);
     } else {
-      for (int r = 0; r < nr; ++r) dot_rows<TW, 1>(w + r * ldw, ldw, kc, xc, ldx, mr, a + r * kMR);
+      for (int r = 0; r < nr; ++r) dot_rows<TW, 1>(w + r * ldw, ldw, kc, xc, ldx, mr, a + r * kMR, first);
     }
   }
 }
@@ -287,13 +307,14 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
           const int64_t kc = std::min(KC, K - kb);
           if constexpr (kWiden) {
             if (widen) {
+              prefetch_ahead<TW, kNR>(wt, K, kb, kc);  // the block two tiles ahead, as the tiles do
               for (int r = 0; r < nr; ++r) widen_row(wbuf.data() + r * ldwb, wt + r * K + kb, kc);
-              dot_all_rows(static_cast<const TB*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc);
+              dot_all_rows(static_cast<const TB*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc, false);
               continue;
             }
           }
           if constexpr (std::is_same<TW, TB>::value || std::is_same<TB, float>::value)  // else widen is set
-            dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc);
+            dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc, true);
         }
         for (int64_t c = 0; c < rb.count; ++c)
           for (int mi = 0; mi < rb.size(c); ++mi) {
