@@ -45,6 +45,18 @@ namespace dsinf_cpu {
 // Software prefetch into L2 (prefetcht1 on x86; a no-op where the compiler has none).
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
+// L2 prefetch of p[k, k + n), one per 64-byte line, for a loop stepping n elements at a time: a step shorter than
+// a line prefetches only on the steps that start one. Prefetches never fault, so p may run past its array.
+template <class T>
+inline void prefetch_l2_lines(const T* p, int64_t k, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  if (n < kLine) {
+    if (k % kLine != 0) return;
+    n = 1;
+  }
+  for (int64_t j = 0; j < n; j += kLine) prefetch_l2(p + k + j);
+}
+
 // 16-bit floats travel as raw bits; distinct types so overloads pick the right widening.
 struct bf16_t {
   uint16_t bits;

@@ -93,13 +93,7 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 // before it is widened (fp16 / int8 weights at M = 8: 1.02-1.26x, M = 16: 0.99-1.16x).
 template <class TW, int NR>
 inline void prefetch_ahead(const TW* w, int64_t ldw, int64_t k, int64_t n) {
-  constexpr int64_t kLine = 64 / int64_t(sizeof(TW));
-  if (n < kLine) {
-    if (k % kLine != 0) return;
-    n = 1;
-  }
-  for (int64_t j = 0; j < n; j += kLine)
-    for (int r = 0; r < NR; ++r) prefetch_l2(w + (r + 2 * kNR) * ldw + k + j);
+  for (int r = 0; r < NR; ++r) prefetch_l2_lines(w + (r + 2 * kNR) * ldw, k, n);
 }
 
 // acc[r * kMR + m] += sum_{k < kc} w[r * ldw + k] * x[m * ldx + k],  r < NR, m < MR  (vector accumulators,

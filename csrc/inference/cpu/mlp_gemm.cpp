@@ -53,14 +53,13 @@ constexpr int kRows = 3;  // 16 ymm: 12 accumulators + 4 weight vectors
 // prefetch_ahead): the 4 row streams start afresh at every unit. Past the last row a prefetch is a no-op.
 template <class TW, int MR>
 void dot4(const TW* const (&w)[4], int64_t K, const float* x, int64_t ldx, float* res, bool stream) {
-  constexpr int64_t kLine = 64 / int64_t(sizeof(TW));  // >= kW: one prefetch per step at most
   vf a[4][MR];
   for (int r = 0; r < 4; ++r)
     for (int m = 0; m < MR; ++m) a[r][m] = vzero();
   int64_t k = 0;
   for (; k + kW <= K; k += kW) {
-    if (stream && k % kLine == 0)
-      for (int r = 0; r < 4; ++r) prefetch_l2(w[r] + 4 * K + k);
+    if (stream)
+      for (int r = 0; r < 4; ++r) prefetch_l2_lines(w[r] + 4 * K, k, kW);
     vf wv[4];
     for (int r = 0; r < 4; ++r) wv[r] = vload(w[r] + k);
     for (int m = 0; m < MR; ++m) {
