@@ -131,9 +131,9 @@ def test_linear_layer_int8_with_bias(cpu_module, suffix, B, S):
 @pytest.mark.parametrize("transposed_mode", [False, True])
 def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode):
     """Large M runs one block of output columns per GEMM, straight into its slice of the result: ~16 MiB
-    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened to fp32 first (448 columns),
-    ~8 MiB for int8 weights widened to bf16 for the native bf16 GEMM (1984 columns). N here spans three
-    blocks in place, ten widened to fp32 and three to bf16, the last one ragged, bias included."""
+    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened to fp32 first (384 columns),
+    ~8 MiB for int8 weights widened to bf16 for the native bf16 GEMM (1920 columns). N here spans three
+    blocks in place, eleven widened to fp32 and three to bf16, the last one ragged, bias included."""
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(3)
     B, S, K, N = 2, 36, 2100, 4200
     x = randn(B, S, K, dtype=dtype, gen=gen)
@@ -147,6 +147,26 @@ def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mo
         assert_close(got, reference.vector_matmul(x, w, False, scale, True, False), dtype)
         args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
         assert_close(op(cpu_module, f"linear_layer_{suffix}")(*args), reference.linear_layer(*args), dtype)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("K, N, blocks", [(2100, 4200, 11), (8200, 300, 3), (20000, 129, 2)])
+def test_widened_blocks_are_multiples_of_128_columns(cpu_module, K, N, blocks):
+    """Weights widened for the GEMM go in blocks of a multiple of 128 columns (at least 128) of about 4 MiB
+    of fp32: oneDNN ran blocks of 64 or 192 columns up to 3x slower. K = 2100: 384 columns, 11 blocks (the
+    last ragged); K = 8200 and 20000: 128 columns (4 MiB would be 127 and 52), 3 and 2 blocks. On oneDNN each
+    block is one call, which is what this counts; the result is checked against the reference."""
+    from dsinf import routes
+
+    gen = torch.Generator().manual_seed(11)
+    x = randn(2, 20, K, gen=gen)  # M = 40: past the int8 GEMV with fp32 activations
+    w, scale = int8_weight(N, K, 1, gen)
+    with routes.fp32_gemm(True) as binding:
+        before = binding.onednn_calls()
+        got = op(cpu_module, "vector_matmul_fp32")(x, w, False, scale, True, True)
+        assert binding.last() == "aten"
+        assert binding.onednn_calls() - before == blocks
+    assert_close(got, reference.vector_matmul(x, w, False, scale, True, True), torch.float32)
 
 
 @pytest.mark.parametrize("native", [False, True])

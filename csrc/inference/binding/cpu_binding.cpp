@@ -255,10 +255,22 @@ dsinf_weight make_weight(const MatmulShape& s, const at::Tensor& weight, const c
 }
 
 // Output columns per block of a large-M GEMM that walks W a block at a time: about `bytes` of weight at
-// `elem` bytes per element, a multiple of 64 columns (at least 64), at most N.
-int64_t column_block(int64_t N, int64_t K, int64_t bytes, int64_t elem) {
-  return std::min<int64_t>(N, std::max<int64_t>(64, (bytes / std::max<int64_t>(1, elem * K)) / 64 * 64));
+// `elem` bytes per element, a multiple of `multiple` columns (at least `multiple`), at most N.
+int64_t column_block(int64_t N, int64_t K, int64_t bytes, int64_t elem, int64_t multiple = 64) {
+  const int64_t fit = bytes / std::max<int64_t>(1, elem * K);
+  return std::min<int64_t>(N, std::max<int64_t>(multiple, fit / multiple * multiple));
 }
+
+// Blocks of weights widened before the GEMM (16-bit / int8 into fp32, int8 into bf16 for the native bf16 GEMM)
+// are multiples of 128 columns. oneDNN's GEMM ran blocks of 64 or 192 columns far slower than 128 or 256 (the
+// same widened weights, M = 32 / 128: 11008x4096 27.7 / 113 ms in blocks of 64, 22.2 / 82 in 128, 29.2 / 113 in
+// 192, 22.1 / 73 in 256), and rows of K > 4096 had made 4 MiB blocks 64 or 192 columns wide. The op, int8
+// weights with fp32 activations on oneDNN, 64-multiples -> 128-multiples, M = 32 / 128 (Zen 4 guest, 2 threads,
+// docs/PERFORMANCE.md, "CPU: widened blocks of 128 columns"): 11008x4096 3.44x / 1.61x, 14336x4096 1.47x /
+// 1.12x, 13824x5120 1.40x / 1.07x, 5120x13824 1.23x / 1.13x, 28672x8192 1.93x / 1.20x; blocks already a
+// multiple of 128 (4096x4096, 4096x11008) unchanged; MKL 0.95-1.09x. int8 with bf16 activations on the native
+// bf16 GEMM: 11008x4096 (320 -> 256 columns) 1.08x / 1.09x.
+constexpr int64_t kWidenedColumns = 128;
 
 // x2d [M, K] (contiguous, bf16) @ W -> bf16 [M, N] (+ bias) on torch's bf16 GEMM: bf16 weights in place; int8
 // weights dequantized to bf16 (in fp32, rounded once) one block of output columns at a time into one reused
@@ -277,7 +289,7 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
     gemm(out, s.weight_nk ? weight.t() : weight, 0, N);
     return out;
   }
-  const int64_t block = column_block(N, K, int64_t(8) << 20, 2);
+  const int64_t block = column_block(N, K, int64_t(8) << 20, 2, kWidenedColumns);
   at::Tensor wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, x2d.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t nb = std::min(block, N - n0);
@@ -308,10 +320,10 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
 
   // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
   // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer of about
-  // 4 MiB (cache-sized). In place, blocks of about 16 MiB of weight (1024 columns at K = 4096): on a Zen 3
-  // (2 threads, M = 48..512) blocks of 256..1024 columns ran 6-35% faster than one MKL call over all of
-  // N; on the AVX-512 Xeon dev box 1024 columns ran like one call and 256 (4 MiB) 13-18% slower
-  // (docs/PERFORMANCE.md).
+  // 4 MiB (cache-sized; columns per kWidenedColumns). In place, blocks of about 16 MiB of weight (1024
+  // columns at K = 4096): on a Zen 3 (2 threads, M = 48..512) blocks of 256..1024 columns ran 6-35% faster
+  // than one MKL call over all of N; on the AVX-512 Xeon dev box 1024 columns ran like one call and 256
+  // (4 MiB) 13-18% slower (docs/PERFORMANCE.md).
   // On oneDNN (onednn_fp32_gemm) fp32 weights in place are one call over all N (it blocks for itself); widened
   // blocks are each multiplied into a fresh result and copied into their slice (no out= form; the copy is
   // M x N x 4 bytes, under 1% of the GEMM).
@@ -324,7 +336,8 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
   } else {
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-    const int64_t block = column_block(N, K, int64_t(in_place ? 16 : 4) << 20, 4);
+    const int64_t block = in_place ? column_block(N, K, int64_t(16) << 20, 4)
+                                     : column_block(N, K, int64_t(4) << 20, 4, kWidenedColumns);
     at::Tensor wbuf;
     if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
     for (int64_t n0 = 0; n0 < N; n0 += block) {
