@@ -2,9 +2,10 @@
 
 The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
 session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact
-crossovers are (today GEMV up to M = 24-32 fp32, 16-24 16-bit, 24 int8; bf16 on the native bf16 GEMM
-4-8, where a forced route covers the rest): M = B*S of 1, 3 and 5 (our GEMV; 5 is more than the register
-tile's rows and, with K > 512, takes the k-blocked, widen-once branch), 24 (GEMV), 40 (fp32 BLAS,
+crossovers are (today GEMV up to M = 4-24 fp32 and 24 int8, 8 for both where the GEMM past it is oneDNN's,
+16-24 16-bit; bf16 on the native bf16 GEMM 4-16; a forced route covers the rest): M = B*S of 1, 3 and 5 (our
+GEMV; 5 is more than the register tile's rows and, with K > 512, takes the k-blocked, widen-once branch), 24
+(GEMV or GEMM, by the host), 40 (fp32 BLAS,
 widened fp32 GEMM or the native bf16 GEMM for 16-bit) and 72 (every GEMM path), both
 float layouts, K and N not multiples of the vector width, int8 scale groups G = 1, intermediate, N, and
 the fused QKV epilogue with both RoPE styles, partial rotary_dim, seq_offset > 0 and GQA. Inputs are
@@ -219,12 +220,12 @@ def test_fp32_gemm_past_the_gemv_on_either_library(cpu_module, suffix, onednn):
         assert binding.last() == "aten" and (binding.onednn_calls() > before) == ran
 
 
-@pytest.mark.parametrize("suffix", ["fp16", "bf16"])
+@pytest.mark.parametrize("suffix", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("weights", ["nk", "kn", "int8"])
-def test_16bit_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):
+def test_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):
     """A measured route may keep a shape on our GEMV up to any M, past the compiled crossover (for bf16 on
-    the native bf16 GEMM that is 4-8, so the GEMV's wider tiles and k-blocked branch run only through a
-    route): M = 5, 9 and 24 forced onto the GEMV, checked to have run there."""
+    the native bf16 GEMM that is 4-16, for fp32 and int8 on oneDNN 8, so the GEMV's wider tiles and k-blocked
+    branch run there only through a route): M = 5, 9 and 24 forced onto the GEMV, checked to have run there."""
     from dsinf import routes
 
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(11)

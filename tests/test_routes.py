@@ -272,13 +272,48 @@ def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_nat
     """bf16 activations cross to ATen at M = 4-16 where the module runs the native bf16 GEMM past the GEMV
     (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), higher where this build's
     GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), at 16-24 on the fp32 path; fp16 keeps 16-24
-    either way. The op takes the crossover: our GEMV at it, ATen one above."""
-    with routes.bf16_gemm(on_native):
+    either way. The op takes the crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here (on
+    oneDNN int8 crosses at 8: test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
+    with routes.bf16_gemm(on_native), routes.fp32_gemm(False):
         want = (native_dp if cpu_routes.gemv_dpbf16() else native_fp32) if on_native else other
         assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
         assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
         if K * N <= 1 << 20:  # the small shapes run the op
             run_at_the_crossover(cpu_routes, layout, K, N, want)
+
+
+INT8_GATED_MAX_M = 24  # int8's gated kernel (fp32 FMAs) on either fp32 GEMM
+
+
+@pytest.mark.parametrize("act", ["fp32", "fp16"])
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+def test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24(cpu_routes, onednn, act):
+    """int8 weights with fp32 arithmetic run our GEMV up to M = 24 where the GEMM past it is MKL's and up to 8
+    where it is oneDNN's, which runs their widened blocks faster than our GEMV from M = 16 (docs/PERFORMANCE.md,
+    "CPU: widened blocks of 128 columns"); rms_mlp_gemm's gate|up keeps the gated kernel to 24 on either (the
+    matmul path took 1.24-1.50x its time at M = 16-24). The op takes the crossover: our GEMV at it, ATen one
+    above, and the gated kernel at 24. Forced onto oneDNN, a torch without it keeps the MKL rule."""
+    K, N, I = 300, 40, 24
+    with routes.fp32_gemm(onednn):
+        want = 8 if onednn and torch.backends.mkldnn.is_available() else 24
+        assert cpu_routes.default(RouteKey(act, "int8", K, N)) == want
+        assert cpu_routes.default(RouteKey(act, "gated-int8", K, 2 * I)) == INT8_GATED_MAX_M
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[act]
+        gen = torch.Generator().manual_seed(8)
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        w[w == 0] = 1
+        scale = torch.rand(2, generator=gen) * 0.01 + 0.001
+        op = getattr(torch.ops.dsinf, f"vector_matmul_{act}").default
+        for m, path in ((want, "gemv"), (want + 1, "aten")):
+            x = torch.randn(1, m, K, generator=gen).to(dtype)
+            got = op(x, w, False, scale, True, True)
+            assert cpu_routes.last() == path, m
+            torch.testing.assert_close(got, dsinf.reference.vector_matmul(x, w, False, scale, True, True),
+                                       rtol=2e-3, atol=2e-3)
+        x, r, w1, w2, g, *rest = _mlp_case("int8", INT8_GATED_MAX_M, K=K, I=I)
+        args = (x.to(dtype), r.to(dtype), w1, w2, g.to(dtype), *rest)
+        getattr(torch.ops.dsinf, f"rms_mlp_gemm_{act}").default(*args)
+        assert cpu_routes.last_gated() == "gated"
 
 
 @pytest.mark.parametrize("layout", ["nk", "int8", "kn"])
@@ -300,7 +335,9 @@ def test_cpu_bf16_gate_up_leaves_the_gated_kernel_on_a_vdpbf16ps_build(cpu_route
                         g.to(dtype), *rest)
                 key = routes.mlp_key_of(args[0], args[2], args[8], args[10])
                 want_off = off and dtype == torch.bfloat16
-                assert cpu_routes.default(key) == (0 if want_off else cpu_routes.default(key.plain)), (native, dtype)
+                on_fp32_path = int8 and not (native and dtype == torch.bfloat16)  # int8's gated kernel keeps 24
+                want = 0 if want_off else INT8_GATED_MAX_M if on_fp32_path else cpu_routes.default(key.plain)
+                assert cpu_routes.default(key) == want, (native, dtype)
                 getattr(torch.ops.dsinf, f"rms_mlp_gemm_{key.dtype}").default(*args)
                 assert cpu_routes.last_gated() == ("matmul" if want_off else "gated"), (native, dtype)
 
