@@ -2,7 +2,7 @@
 
 The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
 session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact
-crossovers are (today GEMV up to M = 4-24 fp32 and 24 int8, 8 for both where the GEMM past it is oneDNN's,
+crossovers are (today GEMV up to M = 4-24 fp32 and 24 int8, 8 and 16 where the GEMM past it is oneDNN's,
 16-24 16-bit; bf16 on the native bf16 GEMM 4-16; a forced route covers the rest): M = B*S of 1, 3 and 5 (our
 GEMV; 5 is more than the register tile's rows and, with K > 512, takes the k-blocked, widen-once branch), 24
 (GEMV or GEMM, by the host), 40 (fp32 BLAS,
@@ -224,8 +224,8 @@ def test_fp32_gemm_past_the_gemv_on_either_library(cpu_module, suffix, onednn):
 @pytest.mark.parametrize("weights", ["nk", "kn", "int8"])
 def test_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):
     """A measured route may keep a shape on our GEMV up to any M, past the compiled crossover (for bf16 on
-    the native bf16 GEMM that is 4-16, for fp32 and int8 on oneDNN 8, so the GEMV's wider tiles and k-blocked
-    branch run there only through a route): M = 5, 9 and 24 forced onto the GEMV, checked to have run there."""
+    the native bf16 GEMM that is 4-16, for fp32 on oneDNN 8, so the GEMV's wider tiles and k-blocked branch run
+    there only through a route): M = 5, 9 and 24 forced onto the GEMV, checked to have run there."""
     from dsinf import routes
 
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(11)

@@ -288,14 +288,14 @@ INT8_GATED_MAX_M = 24  # int8's gated kernel (fp32 FMAs) on either fp32 GEMM
 @pytest.mark.parametrize("act", ["fp32", "fp16"])
 @pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
 def test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24(cpu_routes, onednn, act):
-    """int8 weights with fp32 arithmetic run our GEMV up to M = 24 where the GEMM past it is MKL's and up to 8
-    where it is oneDNN's, which runs their widened blocks faster than our GEMV from M = 16 (docs/PERFORMANCE.md,
-    "CPU: widened blocks of 128 columns"); rms_mlp_gemm's gate|up keeps the gated kernel to 24 on either (the
+    """int8 weights with fp32 arithmetic run our GEMV up to M = 24 where the GEMM past it is MKL's and up to 16
+    where it is oneDNN's, which runs their widened blocks faster than our GEMV from M = 32 (docs/PERFORMANCE.md,
+    "CPU: weights converted in the tile"); rms_mlp_gemm's gate|up keeps the gated kernel to 24 on either (the
     matmul path took 1.24-1.50x its time at M = 16-24). The op takes the crossover: our GEMV at it, ATen one
     above, and the gated kernel at 24. Forced onto oneDNN, a torch without it keeps the MKL rule."""
     K, N, I = 300, 40, 24
     with routes.fp32_gemm(onednn):
-        want = 8 if onednn and torch.backends.mkldnn.is_available() else 24
+        want = 16 if onednn and torch.backends.mkldnn.is_available() else 24
         assert cpu_routes.default(RouteKey(act, "int8", K, N)) == want
         assert cpu_routes.default(RouteKey(act, "gated-int8", K, 2 * I)) == INT8_GATED_MAX_M
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[act]

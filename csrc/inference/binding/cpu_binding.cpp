@@ -189,11 +189,11 @@ int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
 // our GEMV on every shape measured (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes (0.88-1.07x;
 // [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A cap of 4
 // for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts.
-// int8 weights (fp32 FMAs; MKL: 24) cross at 8 on oneDNN too, since their widened blocks run at oneDNN's speed
-// (kWidenedColumns): past-the-GEMV / GEMV at M = 8 / 16 / 24 on 4096x4096, 14336x4096, 4096x14336, 11008x4096,
-// fp32 activations 0.93-1.13x / 0.75-0.95x / 0.62-0.75x, fp16 0.90-1.38x / 0.82-0.98x / 0.79-0.85x (a second
-// run of 14336x4096: 1.54x / 1.14x / 0.93x). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU: widened blocks of 128
-// columns"). The gated kernel keeps 24 (gated_max_m).
+// int8 weights (fp32 FMAs; MKL: 24) cross at 16 on oneDNN, whose GEMM runs their widened blocks at its speed
+// (kWidenedColumns): past-the-GEMV / GEMV at M = 8 / 16 / 32 on 4096x4096, 14336x4096, 4096x14336, 11008x4096
+// (the last with fp32 activations only), the GEMV converting the weights in its tile: fp32 activations 1.17-1.93x
+// / 0.82-1.29x / 0.69-0.94x, fp16 1.56-1.89x / 0.87-1.40x / 0.67-0.96x. Zen 4, 2 threads (docs/PERFORMANCE.md,
+// "CPU: weights converted in the tile"). The gated kernel keeps 24 (gated_max_m).
 constexpr int64_t kInt8MaxM = 24;
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
@@ -202,7 +202,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
   return 0;
 #endif
   if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_gemv_max_m(s);
-  if (s.int8) return onednn_fp32_gemm() ? 8 : kInt8MaxM;
+  if (s.int8) return onednn_fp32_gemm() ? 16 : kInt8MaxM;
   if (act == c10::ScalarType::Float) {
     // oneDNN's GEMM is at least as fast as MKL's: its cap only lowers the MKL rule.
     const int64_t onednn_cap = onednn_fp32_gemm() ? 8 : INT64_MAX;
@@ -224,7 +224,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 // 0.69-0.88x, 0.75-0.76x; int8 0.70x (the Llama shape; 1.07x on the small one), 1.09-1.14x, 0.94-0.99x,
 // 0.77-0.78x (docs/PERFORMANCE.md, "CPU decode at batch 8"). A cap that kept int8's M = 2 would keep its M = 1
 // too, 30% slower on the Llama shape: the gated kernel is not used. int8 with fp32 arithmetic keeps 24 on oneDNN
-// too, where its plain matmul crosses at 8: on Llama-3-8B's gate|up (4096x28672) the matmul path took 1.42x /
+// too, where its plain matmul crosses at 16: on Llama-3-8B's gate|up (4096x28672) the matmul path took 1.42x /
 // 1.50x / 1.24x / 1.12x the gated kernel's time at M = 8 / 16 / 24 / 32 (Zen 4, 2 threads; "CPU: widened blocks
 // of 128 columns").
 int64_t gated_max_m(const MatmulShape& s, c10::ScalarType act) {

@@ -34,10 +34,32 @@ namespace {
 #if DSINF_SIMD_AVX512
 // 32 zmm registers: 16 accumulators + 4 weight vectors + 1 x vector.
 constexpr int kNR = 4, kMR = 4;    // [N, K] tile: weight rows x rows of x
+constexpr int kMRConvert = 4;      // ... with int8 / 16-bit weights converted in registers (kConvertInTile)
 #else
 // 16 ymm registers (AVX2): 12 accumulators + 4 weight vectors; x comes in as FMA memory operands.
 // (In L1, 4x3 ran ~72 GFLOP/s on one Zen 3 core, 4x2 ~62, 4x1 ~37.) Scalar: same shape.
 constexpr int kNR = 4, kMR = 3;
+// A weight converted in registers needs registers of its own, which the 4x3 tile has not left: on AVX2 such
+// weights run in blocks of at most 2 rows of x. M = 3 as 2 + 1 against one block of 3: 1.06-1.33x (Zen 4, 2
+// threads, 4096x4096 / 4096x14336, int8 and fp16 weights; docs/PERFORMANCE.md, "CPU: weights converted in
+// the tile").
+#if DSINF_SIMD_AVX2
+constexpr int kMRConvert = 2;
+#else
+constexpr int kMRConvert = kMR;
+#endif
+#endif
+// Whether int8 / 16-bit weights are converted to fp32 in the tile's registers when x has several row blocks
+// (each block converting the K block's weights again, from L1) rather than widened once into an L1 buffer that
+// every block reads. In registers: 1.22-2.11x at M = 5..16 on AVX-512 (1.16-1.41x to M = 24, 0.85-1.31x at
+// 32), and with blocks of 2 rows 1.06-1.84x at M = 3..16 on AVX2 except 0.82x on int8 4096x4096 at M = 16
+// (Zen 4, 2 threads, int8 weights with fp32 / fp16 x and fp16 weights, 4096x4096, 4096x14336, 14336x4096; the
+// same docs section). The widening store and reload cost more than converting again. Scalar builds
+// (unmeasured) keep the buffer.
+#if DSINF_SIMD_AVX512 || DSINF_SIMD_AVX2
+constexpr bool kConvertInTile = true;
+#else
+constexpr bool kConvertInTile = false;
 #endif
 constexpr int64_t kTN = 4 * kW;  // narrowest [K, N] stripe
 // Enough weight bytes per parallel task to amortise a fork (a few microseconds).
@@ -224,11 +246,11 @@ inline void dot_rows(const TW* w, int64_t ldw, int64_t kc, const TX* x, int64_t 
   }
 }
 
-// Rows of x are split into ceil(M / kMR) blocks of near-equal size (M = 4 -> 2 + 2, not 3 + 1: a
-// one-row tile has half the independent FMA chains).
+// Rows of x are split into ceil(M / mr) blocks of near-equal size (M = 4 -> 2 + 2, not 3 + 1: a
+// one-row tile has half the independent FMA chains); mr is kMR, or kMRConvert for weights converted in the tile.
 struct RowBlocks {
   int64_t count, base, extra;
-  explicit RowBlocks(int64_t M) : count((M + kMR - 1) / kMR), base(0), extra(0) {
+  RowBlocks(int64_t M, int64_t mr) : count((M + mr - 1) / mr), base(0), extra(0) {
     if (count) {
       base = M / count;
       extra = M % count;
@@ -257,9 +279,10 @@ inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX*
 }
 
 // When x has several row blocks (M > kMR), K is walked in blocks of kKC so that the tile's weight block
-// (kNR x kKC) is fetched from memory once and re-read from L1 by every row block; 16-bit and int8
-// blocks are widened to fp32 once into that L1 buffer instead of once per row block. (Without this, M=4
-// cost 2x and M=16 6x the time of M=1 single-threaded; the weight tile was re-streamed from L2.)
+// (kNR x kKC) is fetched from memory once and re-read from L1 by every row block, 16-bit and int8 blocks
+// converted again by each (kConvertInTile) or, for the vdpbf16ps tile and scalar builds, widened once into an
+// L1 buffer. (Without the K blocks, M=4 cost 2x and M=16 6x the time of M=1 single-threaded; the weight tile
+// was re-streamed from L2.)
 constexpr int64_t kKC = 512;
 
 // A vector as a Scratch element (a bare __m256 template argument would drop its alignment attribute).
@@ -270,14 +293,16 @@ struct vbox {
 template <class TW, class TX>
 void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_t N, const OutRow& out,
              dsinf_parallel_fn pf) {
-  const RowBlocks rb(M);
-  const int64_t mchunks = rb.count;
   // The element type the tiles read: fp32 for fp32 x, bf16 for bf16 x (the vdpbf16ps tile). A weight of
-  // another type is widened to it one K block at a time into an L1 buffer: for fp32 x only when several
-  // row blocks share the block (one row block widens in registers), for bf16 x (int8 weights) always.
+  // another type is converted to it in the fp32 tile's registers (kConvertInTile; scalar builds with one row
+  // block) or widened one K block at a time into an L1 buffer: for fp32 x on a scalar build when several row
+  // blocks share the block, for bf16 x (int8 weights) always.
   using TB = typename std::conditional<std::is_same<TX, float>::value, float, TX>::type;
   constexpr bool kWiden = !std::is_same<TW, TB>::value;
-  const bool widen = kWiden && (mchunks > 1 || !std::is_same<TB, float>::value);
+  constexpr bool kInTile = kWiden && std::is_same<TB, float>::value && kConvertInTile;
+  const RowBlocks rb(M, kInTile ? kMRConvert : kMR);
+  const int64_t mchunks = rb.count;
+  const bool widen = kWiden && !kInTile && (mchunks > 1 || !std::is_same<TB, float>::value);
   const int64_t KC = mchunks > 1 || widen ? kKC : std::max<int64_t>(K, 1);
   const int64_t units = (N + kNR - 1) / kNR;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kNR * K * int64_t(sizeof(TW))));
