@@ -273,7 +273,7 @@ def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_nat
     (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), higher where this build's
     GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), at 16-24 on the fp32 path; fp16 keeps 16-24
     either way. The op takes the crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here (on
-    oneDNN int8 crosses at 8: test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
+    oneDNN int8 crosses at 16: test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
     with routes.bf16_gemm(on_native), routes.fp32_gemm(False):
         want = (native_dp if cpu_routes.gemv_dpbf16() else native_fp32) if on_native else other
         assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want

@@ -10,9 +10,10 @@
 // tasks run through the binding's parallel_for (so results do not depend on the thread count):
 //
 //   [N, K] (nn.Linear, and every int8 weight): "dot" tiles. kNR weight rows x kMR rows of x, kNR*kMR
-//          vector accumulators along k, horizontal sums at the end. When M > kMR, K is walked in
-//          blocks of kKC so each weight block is fetched once and re-read from L1 by every row block
-//          of x (16-bit / int8 blocks are widened once into an L1 buffer).
+//          vector accumulators along k, horizontal sums at the end. With several row blocks of x, K is
+//          walked in blocks of kKC so each weight block is fetched once and re-read from L1 by every row
+//          block (16-bit / int8 blocks converted in registers by each, kConvertInTile; widened once into
+//          an L1 buffer for the vdpbf16ps tile and on scalar builds).
 //   [K, N] (transposed_mode=False): "axpy" stripes. A task owns up to 4096 adjacent output columns and
 //          a chunk of K, walking 8 weight rows at a time and adding x[m, k..k+7] * W[k..k+7, cols] into
 //          fp32 accumulators in L1 (long contiguous runs per weight row, which the prefetchers follow).
