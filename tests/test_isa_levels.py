@@ -4,9 +4,11 @@ The session's CPU module is built for the host's best level (JIT: -march=native)
 paths of the kernels (the AVX2 path on an AVX-512 machine, the scalar path everywhere) would never run
 in CI. Each other level the host can run is built here from the current sources with
 DSINF_CPU_ISA=<level> (exactly that level's -m flags) and runs the CPU parity tests
-(tests/test_cpu_module.py) against the reference. A module is loaded once per process, so each level
-runs in a child pytest (~10 s build + ~15 s tests on 2 cores); the child's conftest checks that its
-module was built for that level from this tree. On a CPU with only the baseline there is nothing to add.
+(tests/test_cpu_module.py) against the reference, and the CPU route tests (tests/test_routes.py), whose
+compiled crossovers depend on the build (the vdpbf16ps tile is avx512_bf16's alone). A module is loaded once
+per process, so each level runs in a child pytest (~10 s build + ~35 s tests on 2 cores); the child's
+conftest checks that its module was built for that level from this tree. On a CPU with only the baseline
+there is nothing to add.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ HOST = current_system().cpu.isa
 SESSION = HOST if knobs.get("DSINF_CPU_ISA") == "auto" else knobs.get("DSINF_CPU_ISA")
 RUNNABLE = [level for level, rank in ISA_RANK.items() if rank <= ISA_RANK[HOST]]  # best first
 OTHER_LEVELS = [level for level in RUNNABLE if level != SESSION]
-PARITY_TESTS = ["tests/test_cpu_module.py"]
+PARITY_TESTS = ["tests/test_cpu_module.py", "tests/test_routes.py"]  # their CPU tests (-m "not gpu")
 
 
 @pytest.mark.parametrize("level", OTHER_LEVELS)
@@ -34,7 +36,8 @@ def test_parity_at_isa_level(level, tmp_path):
     env = {**os.environ, "DSINF_CPU_ISA": level, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     env.pop("DSINF_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *PARITY_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", "-m", "not gpu",
+           *PARITY_TESTS]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, re.M)
     assert run.returncode == 0, (f"the CPU kernels built with DSINF_CPU_ISA={level} fail the parity tests: "

@@ -168,10 +168,12 @@ bool gemv_dpbf16() {
 //   [K, N] (fp32 axpy)       1.27-1.52x from K*N = 2^20 (0.73-0.76x); 0.93-0.98x on 256x768 and 256x1376
 //   fp32 widening GEMV       [N, K] 0.72-0.93x on 4 of 6; int8 0.63-0.91x from K*N = 2^20, 1.11-1.45x below
 //   (docs/PERFORMANCE.md, "CPU decode at batch 8"; the last two rows from "CPU bf16 prefill"). Each class
-// takes its lowest.
+// takes its lowest. int8 on the fp32 tiles since they convert the weights in registers (kConvertInTile):
+// 1.56-1.67x at M = 8 (0.98-1.04x at 16) on an avx512 build, 1.33-1.55x (0.68-0.82x) on an avx2 build, 4096x4096,
+// 14336x4096, 4096x14336, 1024x4096 ("CPU: weights converted in the tile"), so 8 at every size.
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
-  if (s.int8) return gemv_dpbf16() ? (KN >= (int64_t(1) << 24) ? 16 : 8) : (KN >= (int64_t(1) << 20) ? 4 : 8);
+  if (s.int8) return gemv_dpbf16() && KN >= (int64_t(1) << 24) ? 16 : 8;
   if (s.weight_nk) return gemv_dpbf16() && !(s.K <= 256 && s.N >= 4096) ? 8 : 4;
   return KN >= (int64_t(1) << 20) ? 8 : 4;
 }
