@@ -196,7 +196,7 @@ int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
 // (the last with fp32 activations only), the GEMV converting the weights in its tile: fp32 activations 1.17-1.93x
 // / 0.82-1.29x / 0.69-0.94x, fp16 1.56-1.89x / 0.87-1.40x / 0.67-0.96x. Zen 4, 2 threads (docs/PERFORMANCE.md,
 // "CPU: weights converted in the tile"). The gated kernel keeps 24 (gated_max_m).
-constexpr int64_t kInt8MaxM = 24;
+constexpr int64_t kInt8MaxM = 24, kInt8MaxMOnednn = 16;
 int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
@@ -204,7 +204,7 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
   return 0;
 #endif
   if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_gemv_max_m(s);
-  if (s.int8) return onednn_fp32_gemm() ? 16 : kInt8MaxM;
+  if (s.int8) return onednn_fp32_gemm() ? kInt8MaxMOnednn : kInt8MaxM;
   if (act == c10::ScalarType::Float) {
     // oneDNN's GEMM is at least as fast as MKL's: its cap only lowers the MKL rule.
     const int64_t onednn_cap = onednn_fp32_gemm() ? 8 : INT64_MAX;

@@ -112,8 +112,9 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 // fp32 M = 1 1.07-1.26x, M = 8 1.09-1.19x; bf16 (the vdpbf16ps tile) M = 1 1.08-1.54x, M = 8 1.17-1.27x; fp16
 // weights at M = 1 1.10-1.45x; int8 at M = 1 +12-16% single-threaded at K = 4096. In a tile only where it
 // streams the weight from memory (`stream`), not from the L1 buffer of widened blocks, and only in the first
-// row block of x (the others re-read it from L1); a widened block prefetches the same block two tiles ahead
-// before it is widened (fp16 / int8 weights at M = 8: 1.02-1.26x, M = 16: 0.99-1.16x).
+// row block of x (the others re-read it from L1); a widened block (int8 for the vdpbf16ps tile, scalar builds)
+// prefetches the same block two tiles ahead before it is widened (measured when fp16 / int8 weights were still
+// widened for the fp32 tiles: M = 8 1.02-1.26x, M = 16 0.99-1.16x).
 template <class TW, int NR>
 inline void prefetch_ahead(const TW* w, int64_t ldw, int64_t k, int64_t n) {
   for (int r = 0; r < NR; ++r) prefetch_l2_lines(w + (r + 2 * kNR) * ldw, k, n);
