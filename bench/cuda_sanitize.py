@@ -64,8 +64,8 @@ def cases(quick: bool):
     # tiles (the ring runs across a tile boundary), the last CTA fewer, and the last tile is partial.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     row_tiles_n = 160 * sms + 24
-    # 16-row tiles at M <= 8: fewer than 2 per SM take 16-warp CTAs (not int8 with bf16 activations), int8 from
-    # 3 per SM 1-step units; both with a partial last tile.
+    # 16-row tiles at M <= 8: fewer than 2 per SM take 16-warp CTAs, int8 from 3 per SM 1-step units; both
+    # with a partial last tile.
     wide_n, short_n = 16 * (3 * sms // 2) + 8, 16 * (7 * sms // 2) + 8
     # [K, N]: 1.5 x SMs 64-column tiles, which kn_split (gemv_launch.cu) splits in two at M <= 8; the one-tile
     # "split" shape (K = 4096) takes a split of 5: cluster slices of unequal length.

@@ -146,8 +146,8 @@ def test_int8_conversion_every_value(cuda_module):
 # K x N for the streaming kernel. The H200/H100 fit 4 of its CTAs per SM (132 SMs: 528 resident CTAs; counts
 # below for int8 at M <= 8; 3 at M 9..16 with 32-row tiles); a CTA tile is 32 rows when N / 32 gives every SM
 # two (gemv_stream.cu), else 16. Tiles beyond the resident CTAs make CTAs of q = ceil(tiles / resident) tiles,
-# the last CTA fewer. At M <= 8 on 16-row tiles, fewer than 2 per SM take 16-warp CTAs (not int8 with bf16
-# activations), and int8 from 3 per SM 1-step units (STREAM_PATHS below).
+# the last CTA fewer. At M <= 8 on 16-row tiles, fewer than 2 per SM take 16-warp CTAs, and int8 from 3 per SM
+# 1-step units (STREAM_PATHS below).
 STREAM_SHAPES = [
     (4112, 12008),  # 32-row tiles (376), K % 64 == 16 (a partial k-step), N % 32 == 8 (rows 8.. of the last tile out)
     (1040, 14344),  # 449 32-row tiles (M > 8: 396 resident, so CTAs of 2, the last of 1), N % 16 == 8
@@ -203,7 +203,7 @@ def test_nk_16bit_stream_shapes(cuda_module, suffix, K, N, M):
 # Row tiles of 32 (N / 32 >= 2 per SM) are out of these shapes: tiles per SM < 4.
 STREAM_PATHS = [
     ("nk", "fp16", 3, (16, 0)), ("nk", "bf16", 3, (16, 0)), ("int8", "fp16", 3, (16, 0)),
-    ("int8", "bf16", 3, (8, 0)),  # int8 with bf16 activations: no 16-warp CTAs (a measured loss)
+    ("int8", "bf16", 3, (16, 0)),
     ("nk", "fp16", 5, (8, 0)), ("int8", "fp16", 5, (8, 0)), ("int8", "bf16", 5, (8, 0)),  # 2.5 per SM
     ("nk", "bf16", 7, (8, 0)), ("int8", "fp16", 7, (8, 1)), ("int8", "bf16", 7, (8, 1)),  # 3.5 per SM
 ]

@@ -36,8 +36,6 @@
 // - The scale (per row group) and bias are applied once per output, after the dot product.
 // Constraints (checked by the dispatcher): a chunk is all in K or all out (K % 16 == 0 int8, K % 8 == 0
 // 16-bit), x and w 16-byte aligned.
-#include <type_traits>
-
 #include "common.cuh"
 #include "gemv_internal.cuh"
 
@@ -62,8 +60,9 @@ namespace {
 // int8 default 2 x 2 (16 rows): 32 KiB of ring, 16-32 KiB of weights in flight per CTA, and half the
 // per-byte loop overhead of 1-step units (SASS, sm_90a: ~160 instructions per 1-step unit, most of them
 // index arithmetic, against ~240 issue slots per SM in the time the SM's share of 4.2 TB/s delivers 1 KiB;
-// bf16 conversion adds ~50). 16-bit weights have their own pair of knobs (DSINF_NK_STREAM_*): half the
-// mma and no conversion per byte, so the best ring shape may differ.
+// bf16 activations add ~25 for the conversion: 3 per 4 weights, ~50 through fp32). 16-bit weights have their
+// own pair of knobs (DSINF_NK_STREAM_*): half the mma and no conversion per byte, so the best ring shape may
+// differ.
 #ifndef DSINF_I8_UNIT_STEPS
 #define DSINF_I8_UNIT_STEPS 2
 #endif
@@ -104,9 +103,10 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 //   latency-bound, 45-67% of a warp's cycles waiting on the long scoreboard): CTAs of 16 warps with 1-step
 //   units (the ring stays in 48 KiB), so twice the warps per SM keep the same bytes in flight. fp16 [N, K]
 //   4096x4096 11.0 / 11.5 -> 10.4 / 11.1, 14336x4096 32.1 / 32.5 -> 30.2 / 32.3, bf16 alike; int8 with fp16
-//   activations 14336x4096 18.4 / 19.3 -> 17.7 / 18.1, 4096x4096 even. Not int8 with bf16 activations
-//   (its conversion costs per byte, and 1-step units double the per-byte loop overhead): 4096x4096 7.8 /
-//   7.9 -> 8.1 / 8.3, 14336x4096 even.
+//   activations 14336x4096 18.4 / 19.3 -> 17.7 / 18.1, 4096x4096 even. int8 with bf16 activations lost
+//   there with the former conversion through fp32 (4096x4096 7.8 / 7.9 -> 8.1 / 8.3); with the integer one
+//   (I8Pairs) it needs them: on 8-warp CTAs that took 14336x4096 M = 8 from 23.1 to 29.8 us (16 warps: 23.0)
+//   and 4096x4096 M = 8 from 9.0 to 9.8 (16 warps: 9.1) (H100, 2026-12-06).
 // - int8 from DSINF_I8_SHORT_UNITS_FROM tiles per SM (8192x8192: 512 tiles, 3.9 per SM): 1-step units,
 //   8 warps (ring 16 KiB instead of 32; the weight bytes in flight are still plenty at 4 CTAs per SM).
 //   fp16 activations 20.9 / 21.7 -> 19.4 / 20.2, bf16 21.4 / 21.9 -> 20.1 / 20.4. The 16-bit weights lost
@@ -412,8 +412,8 @@ cudaError_t stream_tokens(const GemvArgs& a, int split, cudaStream_t s) {
   }
   // 16-row tiles: the warps and unit steps by tiles per SM (DSINF_STREAM_WIDE_BELOW, DSINF_I8_SHORT_UNITS_FROM)
   const int tiles = static_cast<int>((a.N + kTileStream - 1) / kTileStream), sms = device_sm_count();
-  constexpr bool kInt8 = Chunk<WT>::kInt8, kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (DSINF_STREAM_WIDE_BELOW > 0 && !(kInt8 && kBf16)) {
+  constexpr bool kInt8 = Chunk<WT>::kInt8;
+  if constexpr (DSINF_STREAM_WIDE_BELOW > 0) {
     if (split <= 1 && tiles < DSINF_STREAM_WIDE_BELOW * sms) return run_stream<T, WT, 1, 1, kWideWarps>(a, split, s);
   }
   if constexpr (DSINF_I8_SHORT_UNITS_FROM > 0 && kInt8) {

@@ -415,7 +415,12 @@ __global__ void __launch_bounds__(kTcThreads) gated_tc_kernel(const T* __restric
       for (int h = 0; h < 4; ++h) {
         uint32_t a[4][2];  // [load i][pair]: elements (4h, 4h+1) and (4h+2, 4h+3) of row i's 16
 #pragma unroll
-        for (int i = 0; i < 4; ++i) detail::I8Pairs<T>::convert(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
+        for (int i = 0; i < 4; ++i) {
+          if constexpr (std::is_same_v<T, __half>)
+            detail::I8Pairs<T>::convert(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
+          else  // bf16: the conversion that leaves the integer pipe to this kernel's index arithmetic (measured)
+            detail::I8Pairs<T>::convert_fp32_pipe(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
+        }
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           detail::Mma<T>::run(acc[r], a[2 * r][0], a[2 * r + 1][0], a[2 * r][1], a[2 * r + 1][1],
