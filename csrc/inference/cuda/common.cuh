@@ -133,7 +133,7 @@ struct I8Pairs<__nv_bfloat16> {
   // 128: with the byte's low 7 bits l placed in the mantissa of 0x4300 (128) it reads 128 + l exactly, and
   // v = l - 128 s (s = the byte's sign bit), so v = bf16(0x4300 | l) - bf16(0x4300 | s << 7): 128 + l minus
   // 128 or 256, an integer in [-128, 127], exact under any rounding. Per 4 weights 2 AND, 4 PRMT and 2 bf16x2
-  // subtractions, where convert_fp32_pipe takes an XOR, 6 PRMT and 4 FADD.
+  // subtractions, where convert_via_fp32 takes an XOR, 6 PRMT and 4 FADD.
   static __device__ __forceinline__ void convert(uint32_t u, uint32_t& p01, uint32_t& p23) {
     const uint32_t low7 = u & 0x7F7F7F7Fu, sign = u & 0x80808080u;
     const uint32_t e = 0x43434343u;  // the high byte of bf16 128 and 256 (0x4300, 0x4380)
@@ -146,10 +146,11 @@ struct I8Pairs<__nv_bfloat16> {
     p23 = *reinterpret_cast<const uint32_t*>(&r23);
   }
   // Through fp32: an int8 value has at most 8 significant bits, so its fp32 has zero low 16 bits and its bf16
-  // is exactly the high half (one PRMT packs two). More instructions than convert, but 4 of them FADDs, off
-  // the integer pipe the rest share: the gated MLP kernel ran 8-9% faster with it (H100, 4096 -> 2 x 14336,
-  // M = 4 and 8: 69.3 / 70.4 us against 75.1 / 76.9), where the GEMV and the int8 GEMM gained 1-7% with convert.
-  static __device__ __forceinline__ void convert_fp32_pipe(uint32_t u, uint32_t& p01, uint32_t& p23) {
+  // is exactly the high half (one PRMT packs two). More instructions than convert, yet the gated MLP kernel
+  // ran 8-9% faster with it (H100, 4096 -> 2 x 14336, M = 4 and 8: 69.3 / 70.4 us against 75.1 / 76.9), where
+  // the GEMV and the int8 GEMM gained 1-7% with convert. Why was not measured: convert has fewer integer-pipe
+  // instructions too (6 against 7), so likely that kernel's schedule or registers.
+  static __device__ __forceinline__ void convert_via_fp32(uint32_t u, uint32_t& p01, uint32_t& p23) {
     const uint32_t x = u ^ 0x80808080u;
     const uint32_t f0 = __float_as_uint(i8_to_float(x, 0)), f1 = __float_as_uint(i8_to_float(x, 1));
     const uint32_t f2 = __float_as_uint(i8_to_float(x, 2)), f3 = __float_as_uint(i8_to_float(x, 3));

@@ -418,8 +418,8 @@ __global__ void __launch_bounds__(kTcThreads) gated_tc_kernel(const T* __restric
         for (int i = 0; i < 4; ++i) {
           if constexpr (std::is_same_v<T, __half>)
             detail::I8Pairs<T>::convert(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
-          else  // bf16: the conversion that leaves the integer pipe to this kernel's index arithmetic (measured)
-            detail::I8Pairs<T>::convert_fp32_pipe(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
+          else  // bf16: through fp32, measured faster in this kernel (common.cuh)
+            detail::I8Pairs<T>::convert_via_fp32(detail::u4_word(wv[i], h), a[i][0], a[i][1]);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r)
