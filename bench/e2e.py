@@ -291,8 +291,11 @@ def goals(rows, accuracy_rows, args):
     if "dsinf" in accuracy_rows:
         out.append(("dsinf logits rel err vs hf eager", accuracy_rows["dsinf"]["rel_err_vs_hf"], "<=", 1e-2))
     if "dsinf-int8" in accuracy_rows:
-        out.append(("dsinf-int8 logits rel err vs its int8 model in fp32",
-                    accuracy_rows["dsinf-int8"]["rel_err_vs_int8_fp32"], "<=", 1e-2))
+        # 1% or torch's own error on the dequantized weights in this dtype, whichever is larger: bf16's 8-bit
+        # significand puts torch itself near 7% on Llama-3-8B's 32 random layers (H100, 2026-12-06), fp16 under 1%
+        a = accuracy_rows["dsinf-int8"]
+        out.append(("dsinf-int8 logits rel err vs its int8 model in fp32", a["rel_err_vs_int8_fp32"], "<=",
+                    max(1e-2, a["dequantized_rel_err_vs_int8_fp32"])))
     return [{"goal": g, "value": v, "op": op, "target": t, "pass": v >= t if op == ">=" else v <= t}
             for g, v, op, t in out]
 
