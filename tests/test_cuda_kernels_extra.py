@@ -271,25 +271,32 @@ def test_kn_shapes(cuda_module, suffix, K, N, M):
 
 
 def _chain(fn, x, ws, nk: bool) -> list[torch.Tensor]:
-    """x, then each output fed to the next call as its activations: y[i + 1] = y[i] @ ws[i]."""
+    """x, then each output fed to the next call as its activations: y[i + 1] = y[i] @ ws[i] (a (w, scale) pair:
+    int8 weights [N, K])."""
     ys = [x]
     for w in ws:
-        ys.append(fn(ys[-1], w, False, None, False, nk))
+        w, scale = w if isinstance(w, tuple) else (w, None)
+        ys.append(fn(ys[-1], w, False, scale, scale is not None, nk and scale is None))
     return ys
 
 
 def _check_chain(ys, ws, nk: bool) -> None:
     for i, w in enumerate(ws):  # each link against the reference on the activations it was given
-        _check(ys[i + 1], reference.vector_matmul(ys[i].cpu(), w.cpu(), False, None, False, nk), ys[i].dtype)
+        w, scale = (t.cpu() for t in w) if isinstance(w, tuple) else (w.cpu(), None)
+        want = reference.vector_matmul(ys[i].cpu(), w, False, scale, scale is not None, nk and scale is None)
+        _check(ys[i + 1], want, ys[i].dtype)
 
 
 # The kernels launched with programmatic dependent launch, as chains: (layout, sizes), link i maps sizes[i]
 # features to sizes[i + 1]. H200: the [K, N] ring (4096: 64 tiles split 2; 1032: 17 tiles, no split) and the
 # streaming [N, K] kernel's 16-bit weights (4096: 256 row tiles, one per CTA; 1032: 65, K split over a
 # cluster; 20000 outputs: 625 tiles of 32 rows, more than the resident CTAs, so a CTA's trigger comes after
-# its last tile's k loop).
+# its last tile's k loop); and int8 weights on the streaming kernel's wide CTAs (DSINF_I8_WIDE_PDL: 4096 outputs,
+# 256 16-row tiles, fewer than 2 per SM), alone and between links of 6000 outputs, launched without PDL
+# (DSINF_I8_PDL).
 PDL_CHAINS = [("kn", [4096] * 7), ("kn", [1032] * 7), ("nk", [4096] * 7), ("nk", [1032] * 7),
-              ("nk", [1032, 20000] * 3 + [1032])]
+              ("nk", [1032, 20000] * 3 + [1032]), ("int8", [4096] * 7),
+              ("int8", [4096, 4096, 6000, 4096, 6000, 4096, 4096])]
 
 
 @pytest.mark.parametrize("suffix", list(DTYPES))
@@ -297,16 +304,21 @@ PDL_CHAINS = [("kn", [4096] * 7), ("kn", [1032] * 7), ("nk", [4096] * 7), ("nk",
                          ids=lambda v: v if isinstance(v, str) else "x".join(map(str, sorted(set(v)))))
 @pytest.mark.parametrize("M", [1, 8])
 def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M):
-    """The [K, N] ring (DSINF_KN_RING_PDL) and the streaming [N, K] kernel (DSINF_NK_STREAM_PDL) are launched
-    with programmatic dependent launch: the next call's CTAs may start while this one finishes, and must
-    wait (griddepcontrol.wait) before they read the activations this call writes. A chain of calls, each
-    reading the previous one's output, in eager mode and replayed as a CUDA graph; the outputs land in
-    NaN-filled freed blocks, so a read that ran ahead sees NaN or stale values."""
-    dtype, nk = DTYPES[suffix], layout == "nk"
+    """The [K, N] ring (DSINF_KN_RING_PDL) and the streaming [N, K] kernel (DSINF_NK_STREAM_PDL, int8 on wide
+    CTAs DSINF_I8_WIDE_PDL) are launched with programmatic dependent launch: the next call's CTAs may start
+    while this one finishes, and must wait (griddepcontrol.wait) before they read the activations this call
+    writes. A chain of calls, each reading the previous one's output, in eager mode and replayed as a CUDA
+    graph; the outputs land in NaN-filled freed blocks, so a read that ran ahead sees NaN or stale values."""
+    dtype, nk = DTYPES[suffix], layout in ("nk", "int8")
     fn = _fn(suffix)
     gen = torch.Generator().manual_seed(sum(sizes) + M)
     shapes = [(n, k) if nk else (k, n) for k, n in zip(sizes, sizes[1:])]
-    ws = [(torch.randn(*shape, generator=gen) / k ** 0.5).to(dtype).cuda() for shape, k in zip(shapes, sizes)]
+    if layout == "int8":  # scales keep each link's output near unit size, as the 16-bit weights' 1 / sqrt(k)
+        ws = [(torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen).cuda(),
+               ((torch.rand(shape[0], generator=gen) + 0.5) / (127.0 * k ** 0.5)).cuda())
+              for shape, k in zip(shapes, sizes)]
+    else:
+        ws = [(torch.randn(*shape, generator=gen) / k ** 0.5).to(dtype).cuda() for shape, k in zip(shapes, sizes)]
     x = torch.randn(1, M, sizes[0], generator=gen).to(dtype).cuda()
     poison = [torch.full((1, M, n), float("nan"), dtype=dtype, device="cuda") for n in sizes[1:] * 2]
     del poison
@@ -327,7 +339,7 @@ def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M)
 # The compile-time tuning variants: other code than the default build (see the test below).
 TUNING_VARIANTS = [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1", "DSINF_NK_STREAM_PDL=1",
-     "DSINF_I8_PDL=2"),
+     "DSINF_I8_PDL=2", "DSINF_I8_WIDE_PDL=1"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
     ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8

@@ -85,8 +85,8 @@ namespace detail {
 // - DSINF_KN_RING_PDL, the [K, N] ring: 2. H200 (run 45, CUDA-graph replays of back-to-back calls, fp16
 //   M = 1 / 8, us): 10.7 / 11.1 on 4096x4096 (11.1 / 11.6 without PDL), 29.6 / 30.2 on 14336x4096 (30.3 /
 //   30.5), 32.8 / 34.1 on 8192x8192 (33.2 / 34.3); mode 1 within 0.1-0.4 of mode 2.
-// - DSINF_NK_STREAM_PDL / DSINF_I8_PDL, the streaming [N, K] kernel's 16-bit / int8 weights: 2 / 0
-//   (gemv_stream.cu has the numbers).
+// - DSINF_NK_STREAM_PDL / DSINF_I8_PDL, the streaming [N, K] kernel's 16-bit / int8 weights: 2 / 0, and
+//   DSINF_I8_WIDE_PDL, int8 on its wide CTAs (few tiles): 2 (gemv_stream.cu has the numbers).
 // - DSINF_GEMV_PDL, the register batches: 0. They also prefetch the first DSINF_GEMV_PDL_PREFETCH_KB KiB
 //   of their weight tile into L2 before the wait (only a cache hint: a weight the previous kernel is still
 //   writing is read again, coherently, after it), and lost with either mode (4096x12288 26.5 -> 30.6-30.9).

@@ -133,8 +133,19 @@ constexpr int kWideWarps = 2 * kGemvWarps;
 // launched without it: 14336x4096 took 33.3-33.9 us with it at M = 2..8 and 30.6-31.8 without (fp16; bf16
 // 33.4-33.6 against 31.1-31.7 at M 4, 8), while M = 1 gained 0.2-0.4. Every other shape gained or tied at
 // every M (4096x4096 0.1-0.5 us, 8192x8192 0.5-1.1).
-template <typename WT>
-constexpr int kStreamPdl = sizeof(WT) == 1 ? DSINF_I8_PDL : DSINF_NK_STREAM_PDL;
+// int8 on the wide CTAs (fewer 16-row tiles than 2 per SM, DSINF_STREAM_WIDE_BELOW: N = 4096 on 132 SMs) takes
+// its own mode, DSINF_I8_WIDE_PDL: there the launch and the one-wave ramp are a larger share of the call, and
+// mode 2 gained on the H100 where it lost on the larger int8 grids (4096x12288, 8-warp CTAs, fp16 M = 1 / 8
+// 20.0 / 20.5 -> 20.5 / 21.5 us, 2026-12-05). H100, 2026-12-06, two builds of each alternated, 4096x4096,
+// M = 1 / 4 / 8, us, off -> mode 2: fp16 8.6 / 8.8 / 8.9 -> 7.7 / 7.9 / 8.2 (1.55x -> 1.69x torch at M = 8),
+// bf16 8.7 / 8.8 / 8.9 -> 7.9 / 8.0 / 8.2; 4096x12288 (not on wide CTAs) within 0.2 either way. Long K
+// (14336x4096, also on wide CTAs) stays off, as above.
+#ifndef DSINF_I8_WIDE_PDL
+#define DSINF_I8_WIDE_PDL 2
+#endif
+template <typename WT, int W>
+constexpr int kStreamPdl =
+    sizeof(WT) != 1 ? DSINF_NK_STREAM_PDL : W == kWideWarps ? DSINF_I8_WIDE_PDL : DSINF_I8_PDL;
 
 // What a 16-byte chunk of one weight row holds, per weight type WT (int8_t, or T itself).
 template <typename WT>
@@ -230,8 +241,8 @@ __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict
 #pragma unroll
   for (int q = 0; q < NT; ++q) xrow[q] = x + static_cast<size_t>(min(g + 8 * q, M - 1)) * K;
 
-  if constexpr (kStreamPdl<WT> != 0) {
-    pdl_begin<kStreamPdl<WT>>();
+  if constexpr (kStreamPdl<WT, W> != 0) {
+    pdl_begin<kStreamPdl<WT, W>>();
     pdl_wait();  // before any load: the previous kernel may still be writing x or w
   }
 
@@ -345,7 +356,7 @@ __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict
             for (int l = 0; l < C::kXVecs; ++l) xv[q][v][l] = xn[q][v][l];
       }
     }
-    if (ti + 1 == my_tiles) pdl_end<kStreamPdl<WT>>();  // mode 2: the last k loop is done
+    if (ti + 1 == my_tiles) pdl_end<kStreamPdl<WT, W>>();  // mode 2: the last k loop is done
     // Tile done: in passes of RP row tiles, sum the 8 warps' partials, store (or reduce over the cluster).
     // C fragment (r, q, e): row 16 r + g + 8 (e >> 1), token 8q + 2t + (e & 1).
 #pragma unroll
@@ -387,7 +398,7 @@ cudaError_t run_stream(const GemvArgs& a, int split, cudaStream_t stream) {
   const int kchunk = k_per_split(a.K, split, Chunk<WT>::kStepK);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K), N = static_cast<int>(a.N);
   // Long K (K >= 2N): launched without PDL, so the kernel's wait and trigger are no-ops (see kStreamPdl).
-  const bool pdl = gemv_pdl(kStreamPdl<WT>) && a.K < 2 * a.N;
+  const bool pdl = gemv_pdl(kStreamPdl<WT, W>) && a.K < 2 * a.N;
   return launch_split<32 * W>(kernel, grid_x, split, pdl, 0, stream, static_cast<const T*>(a.x),
                               static_cast<const WT*>(a.w), make_epilogue<T>(a), M, K, N, kchunk);
 }
