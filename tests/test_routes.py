@@ -886,7 +886,8 @@ def test_gpu_int8_gemm_route_is_measured_taken_and_never_slower(cuda_module, tmp
     buckets; the route it applies is the path each M takes (the binding's last path), the decision explains
     it. Timed in CUDA graphs over rotating weights larger than L2 against dequantize + cuBLAS (the path a
     route of 0 forces): at the route's largest M the GEMM was measured faster by more than MARGIN
-    (decide_key; the bound allows 2 x MARGIN below even for noise between two timings), above it the routed op is dequantize + cuBLAS itself."""
+    (decide_key; the bound allows 2 x MARGIN below even for noise between two timings), above it the routed
+    op is dequantize + cuBLAS itself."""
     monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path))
     K, N = 4096, 4096  # 16 MiB: the GEMM wins at short prompts, cuBLAS at long ones (H200: from M ~ 256)
     suffix = {torch.float16: "fp16", torch.bfloat16: "bf16"}[act]
