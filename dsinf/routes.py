@@ -274,27 +274,17 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
 
 def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float]) -> int:
     """`key`'s max_m from its measured times: `decide` for a plain key, `decide_gated` for a gated one, and for
-    an int8-gemm key `decide_prefill`."""
+    an int8-gemm key `decide` with no ride-along: the int8 GEMM up to the first bucket where it did not beat
+    dequantize + cuBLAS by more than the margin, whatever wins above it. Ties go to cuBLAS, the other way from
+    `decide_gated`: the one-launch argument does not carry to prefill sizes (the GEMM takes 20 us and more
+    there, the host cost of a second launch hides behind it), and the bucket where the two cross measured a
+    sliver either way that a second timing did not keep: H200, fp16 4096x4096, M=512 measured 0.99x and read
+    0.94x in a second timing (run 122) and 0.95x in the probe (run 124); H100, the same shape and M, measured
+    1.02-1.03x in five tunings and read 0.96-1.00x in the second timing of the test that checks it
+    (2026-12-06)."""
     if key.layout == INT8_GEMM:
-        return decide_prefill(buckets, ours_ms, aten_ms)
+        return decide(buckets, ours_ms, aten_ms, ride_along=math.inf)
     return (decide_gated if key.gated else decide)(buckets, ours_ms, aten_ms)
-
-
-def decide_prefill(buckets: Iterable[int], gemm_ms: Iterable[float], dequant_ms: Iterable[float],
-                   margin: float = MARGIN) -> int:
-    """An int8-gemm key's max_m: the largest bucket below the first where the int8 GEMM did not beat dequantize +
-    cuBLAS by more than `margin`. Ties go to cuBLAS, the other way from `decide_gated`: the one-launch argument
-    does not carry to prefill sizes (the GEMM takes 20 us and more there, the host cost of a second launch
-    hides behind it), and the bucket where the two cross measured a sliver either way that a second timing did
-    not keep: H200, fp16 4096x4096, M=512 measured 0.99x and read 0.94x in a second timing (run 122) and 0.95x
-    in the probe (run 124); H100, the same shape and M, measured 1.02-1.03x in five tunings and read 0.96-1.00x
-    in the second timing of the test that checks it (2026-12-06)."""
-    max_m = 0
-    for m, gemm, dequant in sorted(zip(buckets, gemm_ms, dequant_ms)):
-        if not gemm * (1.0 + margin) < dequant:
-            break
-        max_m = m
-    return max_m
 
 
 def buckets(gemv_cap: int, default_max_m: int, gemm: bool = False) -> tuple[int, ...]:
