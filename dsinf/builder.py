@@ -65,17 +65,19 @@ _NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
 
 
 
-def _split_compile_flags(nvcc) -> tuple[str, ...]:
-    """nvcc (NVVM) and ptxas optimise the kernels of one translation unit on several threads. The build's
-    wall time on a many-core machine is its slowest translation unit, a .cu with dozens of template kernels
-    (mlp_gemm.cu: 45); each kernel is still optimised whole, so the SASS does not change (every kernel's code
-    byte-identical with and without, nvcc 13.0, sm_90a: tools/cuda_build_times.py --check-sass). ptxas
-    takes the option from CUDA 12.8 on (older toolkits build as before)."""
+def _split_compile(nvcc, cpu_count: int) -> tuple[tuple[str, ...], int]:
+    """(nvcc flags, threads one nvcc job may then run). nvcc (NVVM) and ptxas optimise the kernels of one
+    translation unit on several threads. The build's wall time on a many-core machine is its slowest
+    translation unit, a .cu with dozens of template kernels (mlp_gemm.cu: 45); each kernel is still optimised
+    whole, so the SASS does not change (every kernel's code byte-identical with and without, nvcc 13.0,
+    sm_90a: tools/cuda_build_times.py --check-sass). ptxas takes the option from CUDA 12.8 on (older toolkits
+    build as before). The thread count tells a concurrent build how much this one crowds the cores
+    (`op_builder.build.niceness_increments`)."""
     threads = knobs.get("DSINF_NVCC_SPLIT_COMPILE")
     if threads == 1 or nvcc is None or nvcc.version < (12, 8):
-        return ()
+        return (), 1
     n = threads or 0  # 0: as many threads as CPUs
-    return (f"--split-compile={n}", "-Xptxas", f"--split-compile={n}")
+    return (f"--split-compile={n}", "-Xptxas", f"--split-compile={n}"), n or max(1, cpu_count)
 
 
 class InferenceBuilder(OpBuilder):
@@ -176,11 +178,12 @@ class InferenceBuilder(OpBuilder):
         sm90a = bf16 and any(a.capability == (9, 0) and a.suffix == "a" for a in archs)
         defines = ("-DDSINF_CUDA_BF16",) * bf16 + ("-DDSINF_CUDA_SM90A",) * sm90a
         jobs_threads = ("--threads=1",)  # parallelism comes from ninja jobs; nvcc threads multiply memory
+        split, split_threads = _split_compile(self.system.nvcc, self.system.cpu_count)
         return BuildSpec(op=self.NAME, variant=variant, library_name=library_name, sources=tuple(sources),
                          include_dirs=tuple(includes), cflags=("-O3", "-DNDEBUG") + _WARNINGS + defines,
-                         cuda_cflags=(_NVCC_FLAGS + defines + jobs_threads + _split_compile_flags(self.system.nvcc)
-                                      + tuple(nvcc_gencode_flags(archs))),
-                         with_cuda=True, pre_load="dsinf.library:define", kernels=self._kernels(bf16),
+                         cuda_cflags=(_NVCC_FLAGS + defines + jobs_threads + split + tuple(nvcc_gencode_flags(archs))),
+                         threads_per_job=split_threads, with_cuda=True, pre_load="dsinf.library:define",
+                         kernels=self._kernels(bf16),
                          describe="for " + " ".join(f"sm_{a.sm}" for a in archs),
                          manifest_extra={"archs": [str(a) for a in archs], "bf16": bf16})
 

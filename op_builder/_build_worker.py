@@ -45,6 +45,7 @@ def main(spec_path: str) -> int:
         # ninja inherits our stdout/stderr (the log) and our process group (stopped as one).
         jobs = spec.get("jobs")  # the parent's budget (MAX_JOBS, or what memory and cores allow)
         print(f"# ninja -j {jobs or 'default'}", flush=True)
+        print(f"# niceness {os.nice(0)}", flush=True)  # as the compilers inherit it (build.niceness_increments)
         ninja = subprocess.Popen(["ninja", "-v"] + (["-j", str(jobs)] if jobs else []), cwd=build_dir,
                                  stdin=subprocess.DEVNULL)
         phase("ninja started")

@@ -70,6 +70,8 @@ class BuildSpec:
     # checked by the worker before publishing and by the loader after every load (a library that
     # registers none of them is not the binary we built).
     kernels: tuple[str, ...] = ()
+    # Threads one compile job may run (nvcc and ptxas --split-compile); not hashed: the code is the same.
+    threads_per_job: int = 1
 
     @property
     def label(self) -> str:
@@ -112,6 +114,16 @@ def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> i
     return jobs
 
 
+# Niceness of a build whose compile jobs run several threads each (`BuildSpec.threads_per_job`: nvcc and ptxas
+# with --split-compile, as many threads as CPUs) while another build runs beside it. As equals its threads
+# crowd out the other build's one-thread compiles, whose slowest (the CPU binding) bounds load(); a step down
+# in priority, it takes the cores the other leaves idle. 16-core H100 host, cold load() of cpu + cuda (alone:
+# cpu 11.1 s, cuda 8.7 s): 13.8 / 15.6 s as equals (the CPU binding's compile 9.7 -> 12.6 / 14.3 s), 11.1 /
+# 11.7 s with the cuda build at niceness 10 (its own build 8.6 / 10.9 s); niceness 19: 10.6 s
+# (docs/PERFORMANCE.md, thirty-fifth round).
+SHARED_CORES_NICE = 10
+
+
 def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | None) -> list[int]:
     """Compile jobs of builds that run at once: the budget of one build (`max_jobs`, MAX_JOBS included)
     split in proportion to their translation units, so each build's sources start together and the
@@ -123,6 +135,14 @@ def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | N
     return shares
 
 
+def niceness_increments(specs: list[BuildSpec]) -> list[int]:
+    """How much lower each of builds that run at once runs (`SHARED_CORES_NICE`): the ones with threaded
+    compile jobs, when one without runs beside them; 0 for the others."""
+    if all(s.threads_per_job > 1 for s in specs):
+        return [0] * len(specs)
+    return [SHARED_CORES_NICE if s.threads_per_job > 1 else 0 for s in specs]
+
+
 @functools.cache
 def _prctl():
     """libc's prctl, resolved in the parent: the forked child must not dlopen (another thread of the
@@ -132,15 +152,18 @@ def _prctl():
     return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
-def _worker_preexec() -> None:
+def _worker_preexec(nice: int = 0) -> None:
     """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
     as one) and get SIGTERM when the parent dies (PR_SET_PDEATHSIG: when the thread that started it
     ends, which waits for the worker). The worker's SIGTERM handler forwards it to ninja, which stops
-    its compilers: a `kill -9`ed loader leaves no compiler running."""
+    its compilers: a `kill -9`ed loader leaves no compiler running. `nice`: run that much lower (ninja
+    and the compilers inherit it; `niceness_increments`)."""
     os.setpgrp()
     prctl = _prctl()
     if prctl is not None:
         prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if nice:
+        os.nice(nice)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -228,10 +251,11 @@ def write_ninja_file(spec: BuildSpec, build_dir: Path) -> Path:
     return path
 
 
-def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float) -> tuple[int, float]:
-    """Run the build worker; (exit status, seconds). Raises _TimeLimit after `limit` seconds, with
-    the worker's whole process group stopped. Whatever way the worker ends (a SIGKILL from the OOM
-    killer included), nothing it started outlives this call."""
+def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float,
+                nice: int = 0) -> tuple[int, float]:
+    """Run the build worker (`nice`: that much lower, see `_worker_preexec`); (exit status, seconds).
+    Raises _TimeLimit after `limit` seconds, with the worker's whole process group stopped. Whatever way
+    the worker ends (a SIGKILL from the OOM killer included), nothing it started outlives this call."""
     spec_path = build_dir / "spec.json"
     spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir),
                                      "dispatch_key": spec.dispatch_key, "jobs": jobs}))
@@ -255,7 +279,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
         logf.flush()
         proc = subprocess.Popen([sys.executable, "-m", "op_builder._build_worker", str(spec_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_worker_preexec)
+                                preexec_fn=functools.partial(_worker_preexec, nice))
     next_report = PROGRESS_AFTER
     try:
         while not _wait_unreaped(proc.pid, 0.2):
@@ -324,12 +348,12 @@ def _signal_cause(rc: int) -> str | None:
 
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
                   memory_available: int | None, reject: str | None = None,
-                  jobs: int | None = None) -> tuple[Path, str]:
+                  jobs: int | None = None, nice: int = 0) -> tuple[Path, str]:
     """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'.
 
     `reject`: why the published entry, although intact, must be rebuilt (it loaded without
     registering its kernels). `jobs`: compile jobs (default `max_jobs`; a share of it when several
-    builds run at once)."""
+    builds run at once); `nice`: how much lower the build runs (`niceness_increments`)."""
     _show_progress()
     digest = key.digest
     entry = variant_dir / digest
@@ -361,7 +385,7 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
         build_dir.mkdir(mode=0o700)
         jobs = jobs or max_jobs(system_cpu_count, memory_available, spec.with_cuda)
         try:
-            rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit)
+            rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit, nice)
         except _TimeLimit:
             raise _failed(spec, build_dir, variant_dir, digest,
                           f"stopped after the build time limit of {limit:g} s (DSINF_BUILD_TIME_LIMIT); every "

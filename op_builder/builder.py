@@ -11,8 +11,9 @@ Per variant and process, `load_variant` runs at most once (memoised, thread-safe
 3. a build now (under the cross-process lock), then load.
 
 `load_variants` loads several: the builds they need run at once (one thread each, every build in its
-own worker process and under its own lock, the job budget split between them), then the libraries load
-one after the other in the calling thread.
+own worker process and under its own lock, the job budget split between them, one with threaded compile
+jobs a step lower in priority beside one without), then the libraries load one after the other in the
+calling thread.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, knobs
-from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels
+from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels, niceness_increments
 from .compat import Decision
 from .errors import IncompatibleError, OpBuilderError
 from .system import System, current_system
@@ -176,22 +177,23 @@ class OpBuilder:
             pending = [v for v in pending if self._needs_build(v)]
         located: dict[str, tuple[Path, str, dict[str, Any]]] = {}
         if len(pending) > 1 and knobs.get("DSINF_CONCURRENT_BUILDS"):
-            shares = job_shares([self.spec(v) for v in pending], self.system.cpu_count,
-                                self.system.memory_available)
+            specs = [self.spec(v) for v in pending]
+            shares = job_shares(specs, self.system.cpu_count, self.system.memory_available)
+            nices = niceness_increments(specs)
             log.info("building %s concurrently (%s compile jobs)", " and ".join(f"{self.NAME}[{v}]" for v in pending),
                      " + ".join(map(str, shares)))
             errors: dict[str, BaseException] = {}
 
-            def build(variant: str, jobs: int) -> None:
+            def build(variant: str, jobs: int, nice: int) -> None:
                 try:
-                    located[variant] = self._locate_or_build(variant, jobs=jobs)
+                    located[variant] = self._locate_or_build(variant, jobs=jobs, nice=nice)
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
                     errors[variant] = exc
 
             # Daemon threads: an interrupted caller exits at once; each worker then gets SIGTERM
             # (PR_SET_PDEATHSIG) and stops its compilers.
-            threads = [threading.Thread(target=build, args=(v, n), name=f"build {self.NAME}[{v}]", daemon=True)
-                       for v, n in zip(pending, shares)]
+            threads = [threading.Thread(target=build, args=args, name=f"build {self.NAME}[{args[0]}]", daemon=True)
+                       for args in zip(pending, shares, nices)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -261,7 +263,7 @@ class OpBuilder:
         return missing_kernels(tuple(kernels), dispatch_key(variant))
 
     def _locate_or_build(self, variant: str, *, reject: str | None = None, prebuilt: bool = True,
-                         jobs: int | None = None) -> tuple[Path, str, dict[str, Any]]:
+                         jobs: int | None = None, nice: int = 0) -> tuple[Path, str, dict[str, Any]]:
         prebuilt_why = None
         if prebuilt and not knobs.get("DSINF_NO_PREBUILT"):
             prebuilt_why = self.prebuilt_problem(variant)
@@ -283,7 +285,8 @@ class OpBuilder:
         entry, how = (None, None) if reject else self._published(variant, spec, key.digest)
         if entry is None:  # published entries are immutable: a found one needs no lock, and no write
             entry, how = build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
-                                       memory_available=self.system.memory_available, reject=reject, jobs=jobs)
+                                       memory_available=self.system.memory_available, reject=reject, jobs=jobs,
+                                       nice=nice)
         else:
             how = "cached"
         manifest = cache.read_manifest(entry)

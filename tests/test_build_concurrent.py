@@ -3,11 +3,14 @@
 A two-variant copy of the tiny test op (kernel-only: a plain C library, so it can be loaded in this
 process) builds both variants through `load_variants`. A `CXX` wrapper holds every compile at a gate
 until both variants' compiles have started: one build after the other would never get there (the test
-would time out), so passing proves the builds overlap. The job budget is split between them, and a
-failed build raises its own variant's BuildError while the other variant is still published.
+would time out), so passing proves the builds overlap. The job budget is split between them, a build with
+threaded compile jobs runs at a lower priority beside one without (as its worker saw it: the build log), and
+a failed build raises its own variant's BuildError while the other variant is still published.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import threading
 import uuid
@@ -19,7 +22,7 @@ from fixtures.procs import FIXTURES, CxxWrapper, wait_until
 from fixtures.tiny_op.builder import TinyBuilder
 from op_builder import build as build_mod
 from op_builder import builder as builder_module
-from op_builder.build import BuildSpec, job_shares
+from op_builder.build import SHARED_CORES_NICE, BuildSpec, job_shares, niceness_increments
 from op_builder.builder import loaded_variants
 from op_builder.compat import Decision
 from op_builder.errors import BuildError
@@ -32,17 +35,19 @@ class TwoVariantTiny(TinyBuilder):
 
     VARIANTS = ("a", "b")
 
-    def __init__(self, sources: dict[str, Path]):
+    def __init__(self, sources: dict[str, Path], threads_per_job: dict[str, int] | None = None):
         super().__init__(binding=False)
         self.NAME = f"tiny_two_{uuid.uuid4().hex[:8]}"  # fresh per test: load_variant memoises per name
         self.sources = sources
+        self.threads_per_job = threads_per_job or {}
 
     def compatible(self, variant: str) -> Decision:
         return super().compatible("cpu")
 
     def spec(self, variant: str, *, portable: bool = False) -> BuildSpec:
         self.src_dir = self.sources[variant]
-        return super().spec(variant, portable=portable)
+        spec = super().spec(variant, portable=portable)
+        return dataclasses.replace(spec, threads_per_job=self.threads_per_job.get(variant, 1))
 
 
 @pytest.fixture
@@ -107,6 +112,39 @@ def test_two_variants_build_at_once_with_the_jobs_split(sources, private_cache, 
         log = (lv.path.parent / "build.log").read_text()
         assert "# MAX_JOBS=2\n" in log, log[:200]  # MAX_JOBS=4 split between two one-source builds
         assert "# ninja -j 2\n" in log, log[:400]  # ... and what each build's ninja was given
+
+
+def _niceness(lv) -> int:
+    """The niceness the variant's build worker (and so its compilers) ran at, from its build log."""
+    log = (lv.path.parent / "build.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("# niceness ")]
+    assert len(lines) == 1, log[:400]
+    return int(lines[0].split()[-1])
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_a_threaded_build_runs_lower_beside_a_one_thread_build(sources, private_cache, monkeypatch, concurrent):
+    # b's compile jobs are threaded (as nvcc --split-compile's are): beside a, whose are not, it runs at
+    # SHARED_CORES_NICE more than a does; built one after the other, each runs at the caller's priority.
+    monkeypatch.setenv("DSINF_CONCURRENT_BUILDS", "1" if concurrent else "0")
+    base = os.nice(0)
+    loaded = TwoVariantTiny(sources, threads_per_job={"b": 8}).load_variants(["a", "b"])
+    assert [lv.how for lv in loaded] == ["built", "built"]
+    want_b = min(19, base + SHARED_CORES_NICE) if concurrent else base
+    assert [_niceness(lv) for lv in loaded] == [base, want_b]
+
+
+@pytest.mark.parametrize("threads, want", [
+    ((1, 16), [0, SHARED_CORES_NICE]),  # cpu beside cuda with nvcc --split-compile on 16 cores
+    ((16, 1), [SHARED_CORES_NICE, 0]),
+    ((1, 1), [0, 0]),
+    ((4, 16), [0, 0]),  # all threaded: none lower than another
+    ((1, 2, 1), [0, SHARED_CORES_NICE, 0]),
+])
+def test_niceness_increments(threads, want):
+    specs = [BuildSpec(op="x", variant=str(i), library_name="x", sources=("s",), include_dirs=(), cflags=(),
+                       threads_per_job=n) for i, n in enumerate(threads)]
+    assert niceness_increments(specs) == want
 
 
 def test_a_failed_build_raises_its_own_error_and_the_other_is_published(sources, private_cache):

@@ -39,8 +39,13 @@ def test_split_compile_flags_follow_the_knob(knob, want, monkeypatch):
         monkeypatch.delenv("DSINF_NVCC_SPLIT_COMPILE", raising=False)
     else:
         monkeypatch.setenv("DSINF_NVCC_SPLIT_COMPILE", knob)
-    flags = InferenceBuilder().spec("cuda", archs=SM90A).cuda_cflags
+    builder = InferenceBuilder()
+    spec = builder.spec("cuda", archs=SM90A)
+    flags = spec.cuda_cflags
     assert _split(flags) == want
+    # what a concurrent CPU build is told about these jobs (op_builder.build.niceness_increments)
+    assert spec.threads_per_job == {None: builder.system.cpu_count, "4": 4, "1": 1}[knob]
+    assert builder.spec("cpu").threads_per_job == 1
     if want:  # nvcc's own option, then ptxas's
         i = flags.index(want[0])
         assert flags[i + 1:i + 3] == ("-Xptxas", want[1])
