@@ -178,7 +178,7 @@ def test_sequential_when_disabled(sources, private_cache, monkeypatch):
 
 
 @pytest.mark.parametrize("units, total, want", [
-    ((6, 8), 16, [6, 10]),  # cpu (binding + 5 kernels) beside cuda (binding + 7 kernels) on 16 cores
+    ((6, 14), 16, [4, 12]),  # cpu (binding + 5 kernels) beside cuda (4 binding files + 10 .cu) on 16 cores
     ((1, 1), 4, [2, 2]),
     ((1, 1), 1, [1, 1]),  # never 0 jobs
     ((3, 1), 2, [1, 1]),

@@ -7,7 +7,6 @@ only without nvcc (the toolchain is absent).
 from __future__ import annotations
 
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
