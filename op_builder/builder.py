@@ -192,8 +192,8 @@ class OpBuilder:
 
             # Daemon threads: an interrupted caller exits at once; each worker then gets SIGTERM
             # (PR_SET_PDEATHSIG) and stops its compilers.
-            threads = [threading.Thread(target=build, args=args, name=f"build {self.NAME}[{args[0]}]", daemon=True)
-                       for args in zip(pending, shares, nices)]
+            threads = [threading.Thread(target=build, args=(v, n, nice), name=f"build {self.NAME}[{v}]", daemon=True)
+                       for v, n, nice in zip(pending, shares, nices)]
             for thread in threads:
                 thread.start()
             for thread in threads:
