@@ -347,7 +347,8 @@ TUNING_VARIANTS = [
     ("DSINF_NK_STREAM_STAGES=4", "DSINF_NK_STREAM_UNIT_STEPS=1"),  # fp16/bf16 [N, K]: the ring's other shape
     ("DSINF_STREAM_RT2_FILL=1", "DSINF_KN_SPLIT_ANY=0"),  # 32-row tiles from one per SM; [K, N] split a power of 2
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
-    ("DSINF_KN_RING_STAGES=0",),  # [K, N]: register batches for every shape
+    # [K, N]: register batches for every shape; [N, K] int8: the copies without the L2 policy, whole lines
+    ("DSINF_KN_RING_STAGES=0", "DSINF_I8_EVICT_FIRST=0", "DSINF_I8_L2_PREFETCH=128"),
     ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2"),  # the ring's other shape
     ("DSINF_STREAM_WIDE_BELOW=0", "DSINF_I8_SHORT_UNITS_FROM=0"),  # [N, K] 16-row tiles: 8 warps, configured units
 ]
@@ -380,9 +381,9 @@ def tuning_variant_runs(request):
 @pytest.mark.parametrize("defines", TUNING_VARIANTS)
 def test_tuning_variants_keep_parity(defines, tuning_variant_runs):
     """The compile-time tuning variants (programmatic dependent launch + L2 prefetch, register cap, the ring
-    shapes, 32-row tiles, the K split of [K, N], the [K, N] ring or none) are other code than the default
-    build: each is built in a child process and checked with the probe's parity section (every path, M 1..16,
-    odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
+    shapes, 32-row tiles, the K split of [K, N], the [K, N] ring or none, the int8 copies without their L2
+    hints) are other code than the default build: each is built in a child process and checked with the
+    probe's parity section (every path, M 1..16, odd K/N, int8 groups 1/8/N, fp16 and bf16)."""
     out = tuning_variant_runs[defines].result()
     tail = (out.stdout + out.stderr)[-3000:]
     assert "with " + " ".join(defines) in out.stdout, f"the variant was not what ran:\n{tail}"

@@ -197,18 +197,53 @@ __device__ __forceinline__ void a_pairs(const uint4& v, int h, uint32_t& p01, ui
   }
 }
 
-// 16-byte async copies global -> shared, L2 only (the weight is read once; the L2::128B hint fetches whole
-// lines). cp_async16_if copies when `pred` and otherwise leaves the destination's stale bytes: int8 bytes
-// always convert to finite values, which the kernel multiplies only by zero activations (k >= K) or into
-// rows >= N, never stored. 16-bit weights left stale could hold inf/NaN, and 0 * inf in an mma is NaN in a
-// valid row, so a chunk past K is zero-filled instead (cp_async16_stream_l2 with 0 bytes reads nothing). int8
-// keeps the predicated form: on the H200 the zero-fill's extra selects cost bf16 int8 (issue-bound) 6-8%.
-__device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool pred) {
+// 16-byte async copies global -> shared, L2 only (the weight is read once). cp_async16_if copies when `pred`
+// and otherwise leaves the destination's stale bytes: int8 bytes always convert to finite values, which the
+// kernel multiplies only by zero activations (k >= K) or into rows >= N, never stored. 16-bit weights left
+// stale could hold inf/NaN, and 0 * inf in an mma is NaN in a valid row, so a chunk past K is zero-filled
+// instead (cp_async16_stream_l2 with 0 bytes reads nothing). int8 keeps the predicated form: on the H200 the
+// zero-fill's extra selects cost bf16 int8 (issue-bound) 6-8%.
+// The int8 copies carry an L2 evict-first policy (DSINF_I8_EVICT_FIRST) and fetch 256-byte line pairs into L2
+// (DSINF_I8_L2_PREFETCH: 256; 128 = whole lines, the 16-bit copies' hint; 0 = no hint). H100, the
+// probe's graph replays over rotating weights, two builds of each alternated, us at M = 1 / 8 (128 B, no
+// policy -> 256 B + evict-first): fp16 4096x14336 22.9-23.0 / 23.5-23.6 -> 22.8-23.1 / 23.0-23.3, bf16
+// 23.6-23.8 / 24.1 -> 23.5-23.8 / 23.4-23.6, fp16 4096x12288 19.5-19.6 / 19.9-20.0 -> 19.4-19.6 / 19.5-19.6,
+// 4096x4096 7.7 / 8.0-8.1 -> 7.5-7.7 / 7.8-8.0; 14336x4096 and 8192x8192 even. The policy did most of it
+// (alone: 4096x14336 M = 8 23.2, bf16 23.7), 256 B alone nothing; both, the most. It gains at M = 8, where
+// every CTA re-reads 8 tokens' activations from L2 (half the weight bytes again at 32-row tiles): a likely
+// cause, not measured, is that weight lines marked evict-first no longer push those out.
+#ifndef DSINF_I8_L2_PREFETCH
+#define DSINF_I8_L2_PREFETCH 256
+#endif
+#ifndef DSINF_I8_EVICT_FIRST
+#define DSINF_I8_EVICT_FIRST 1
+#endif
+#if DSINF_I8_L2_PREFETCH == 256
+#define DSINF_I8_PF ".L2::256B"
+#elif DSINF_I8_L2_PREFETCH == 0
+#define DSINF_I8_PF ""
+#else
+#define DSINF_I8_PF ".L2::128B"
+#endif
+__device__ __forceinline__ uint64_t i8_copy_policy() {
+  uint64_t p = 0;
+  if constexpr (DSINF_I8_EVICT_FIRST) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool pred, uint64_t policy) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+#if DSINF_I8_EVICT_FIRST
   asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n\t}"
-      ::"r"(s), "l"(src), "r"(static_cast<int>(pred))
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.cg.shared.global.L2::cache_hint" DSINF_I8_PF
+      " [%0], [%1], 16, %3;\n\t}" ::"r"(s), "l"(src), "r"(static_cast<int>(pred)), "l"(policy)
       : "memory");
+#else
+  (void)policy;
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.cg.shared.global" DSINF_I8_PF
+      " [%0], [%1], 16;\n\t}" ::"r"(s), "l"(src), "r"(static_cast<int>(pred))
+      : "memory");
+#endif
 }
 
 template <typename T, typename WT, int NT, int RT, int W = kGemvWarps, int Steps = 0>
@@ -246,6 +281,7 @@ __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict
     pdl_wait();  // before any load: the previous kernel may still be writing x or w
   }
 
+  const uint64_t policy = i8_copy_policy();
   // Producer: the unit whose copies go out next. Rows g + 8 r of its tile start at p_row + 8 r K (pointer
   // arithmetic only while a row is >= N: such rows are never copied).
   int p_j = 0, p_k = k_first, p_n = bx * TR + g;
@@ -266,7 +302,7 @@ __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict
 #pragma unroll
       for (int r = 0; r < R8; ++r) {
         if constexpr (C::kInt8)
-          cp_async16_if(&ring[slot][warp][v][r][lane], p_row + r * row8 + k, k_ok && p_ok[r]);
+          cp_async16_if(&ring[slot][warp][v][r][lane], p_row + r * row8 + k, k_ok && p_ok[r], policy);
         else if (p_ok[r])
           cp_async16_stream_l2(smem_addr(&ring[slot][warp][v][r][lane]), p_row + r * row8 + (k_ok ? k : 0),
                                k_ok ? 16 : 0);
