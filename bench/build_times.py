@@ -216,17 +216,61 @@ def section_build(ctx: Context) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Cold load() of every variant against each variant alone, in rounds: on a 16-core H100 host one round read
+# anywhere from 0.92x to 1.13x on the same tree (2026-12-06, seven cold builds of each), a spread wider than the
+# 10% goal, so the goal reads the median of the rounds' ratios, with their spread.
+LOAD_ALL_ROUNDS = 3
+
+
+def load_all_summary(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """`rounds`: [{"all": s, <variant>: s, ...}], each a cold build's seconds beyond import torch -> the median
+    of the rounds' ratios (all / the slower single variant of that round) and their spread."""
+    ratios = [r["all"] / max(t for v, t in r.items() if v != "all") for r in rounds]
+    slowest = [max(t for v, t in r.items() if v != "all") for r in rounds]
+    return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios), "ratios": ratios,
+            "detail": f"median of {len(rounds)} round(s): all {statistics.median(r['all'] for r in rounds):.1f}s, "
+                      f"slower single {statistics.median(slowest):.1f}s"}
+
+
+def _cold_seconds(variant: str, base: _TorchBase, timeout: float) -> float | None:
+    """One more cold build of `variant` in a fresh cache, deleted afterwards: seconds beyond import torch, or
+    None when it failed or did not build."""
+    root = tempfile.mkdtemp(prefix=f"dsinf-bench-{variant}-")
+    try:
+        r = run_child(LOAD_CHILD, [variant], child_env(TORCH_EXTENSIONS_DIR=root, DSINF_NO_PREBUILT="1"), timeout)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if not r["ok"] or "built" not in r["data"]["how"] or base.median is None:
+        return None
+    return r["wall"] - base.median
+
+
 def _load_all(ctx: Context, variants: list[str], base: _TorchBase, timeout: float, scratch: list[str]) -> None:
-    """`InferenceBuilder().load()` of every variant, cold, against the slower single-variant cold build."""
-    singles = [ctx.report.build.get(v, {}).get("cold", {}).get("beyond_torch") for v in variants]
+    """`InferenceBuilder().load()` of every variant, cold, against the slower single-variant cold build, in
+    LOAD_ALL_ROUNDS rounds: the first reuses the single variants' cold builds above, each later one builds
+    all of them again in fresh caches, in a rotated order."""
+    singles = {v: ctx.report.build.get(v, {}).get("cold", {}).get("beyond_torch") for v in variants}
     root = _cold(ctx, "all", base, timeout)
     if root is not None:
         scratch.append(root)
     t_all = ctx.report.build.get("all", {}).get("cold", {}).get("beyond_torch")
-    if t_all is None or None in singles:
+    if t_all is None or None in singles.values():
         ctx.report.build["all"]["why"] = "a cold build failed"
         return
-    ctx.report.build["all"].update(ratio=t_all / max(singles), detail=f"all {t_all:.1f}s, slower single "
-                                   f"{max(singles):.1f}s")
-    out(f"  load() of all variants: {t_all:.1f} s = {t_all / max(singles):.2f}x the slower single variant "
-        f"({max(singles):.1f} s)  goal <= 1.10x")
+    rounds = [{"all": t_all, **singles}]
+    names = ["all", *variants]
+    for i in range(1, LOAD_ALL_ROUNDS):
+        if ctx.deadline is not None and ctx.deadline - time.perf_counter() < 2 * sum(rounds[0].values()):
+            ctx.note(f"load() of all variants: {len(rounds)} round(s) of {LOAD_ALL_ROUNDS}, the budget left no more")
+            break
+        order = names[i % len(names):] + names[:i % len(names)]
+        times = {v: _cold_seconds(v, base, timeout) for v in order}
+        if None in times.values():
+            ctx.note(f"load() of all variants: round {i + 1} dropped, a cold build failed or did not build")
+            continue
+        rounds.append(times)
+    summary = load_all_summary(rounds)
+    ctx.report.build["all"].update(rounds=rounds, **summary)
+    listed = ", ".join(f"{x:.2f}" for x in summary["ratios"])
+    out(f"  load() of all variants: {summary['ratio']:.2f}x the slower single variant, median of "
+        f"{len(rounds)} round(s) ({listed}; {summary['detail'].split(': ', 1)[1]})  goal <= 1.10x")

@@ -178,7 +178,7 @@ def _build(report: Report, variant: str, kind: str) -> Measured:
 def _load_all(report: Report) -> Measured:
     a = report.build.get("all", {})
     if "ratio" in a:
-        return Measured(a["ratio"], detail=a.get("detail", ""))
+        return Measured(a["ratio"], a.get("lo"), a.get("hi"), detail=a.get("detail", ""))
     return Measured(None, why=a.get("why", "not run (needs the cold builds of two variants)"))
 
 

@@ -51,6 +51,6 @@ print('$run', v.how, 'import torch %.2f s, load %.2f s'%(t1-t, time.time()-t1), 
 fi
 if [ "$WHAT" != tests ]; then
   echo "== benchmark"
-  timeout -k 5 ${BENCH_LIMIT:-300} python -m bench --device cuda --json "$OUT/bench.json" ${BENCH_ARGS:-} \
+  timeout -k 5 ${BENCH_LIMIT:-420} python -m bench --device cuda --json "$OUT/bench.json" ${BENCH_ARGS:-} \
     > "$OUT/bench.log" 2> "$OUT/bench.stderr"; echo "bench rc=$?"; tail -n 60 "$OUT/bench.log"
 fi

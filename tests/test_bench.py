@@ -205,6 +205,60 @@ def test_a_loaded_machine_makes_host_side_goals_noisy_only():
     assert {g["key"]: g["status"] for g in evaluate(rep, "cpu", loaded=False)}["host.cpu"] == "MISS"
 
 
+def test_load_all_reads_the_median_round_and_its_spread():
+    from bench.build_times import load_all_summary
+
+    rounds = [{"all": 12.9, "cpu": 11.4, "cuda": 7.4}, {"all": 11.5, "cpu": 11.7, "cuda": 8.7},
+              {"all": 11.0, "cpu": 10.0, "cuda": 10.5}]
+    got = load_all_summary(rounds)
+    # each round against its own slower single variant: 12.9 / 11.4, 11.5 / 11.7, 11.0 / 10.5
+    assert got["ratios"] == pytest.approx([12.9 / 11.4, 11.5 / 11.7, 11.0 / 10.5])
+    assert got["ratio"] == pytest.approx(11.0 / 10.5) and got["lo"] == pytest.approx(11.5 / 11.7)
+    assert got["hi"] == pytest.approx(12.9 / 11.4)
+    rep = Report(args={})
+    rep.build["all"] = got
+    status = {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}["build.all"]
+    assert status["status"] == "noisy" and status["leans"] == "PASS"  # 1.05 median, one round at 1.13
+    rep.build["all"] = load_all_summary([{"all": 10.2, "cpu": 10.0, "cuda": 8.0}] * 3)
+    assert {g["key"]: g["status"] for g in evaluate(rep, "cuda", loaded=False)}["build.all"] == "PASS"
+
+
+def test_load_all_builds_rounds_in_a_rotated_order(monkeypatch):
+    """The rounds after the first build every variant again (all, cpu, cuda in a rotated order); a round
+    with a failed build is dropped, and the budget stops the rounds."""
+    from bench import build_times
+    from bench.context import Context
+
+    ctx = Context(args=argparse.Namespace(quick=False, json=None), device="cuda", report=Report(args={}),
+                  parts=set())
+    ctx.report.build.update(cpu={"cold": {"beyond_torch": 10.0}}, cuda={"cold": {"beyond_torch": 8.0}})
+    built = []
+
+    def cold(ctx_, variant, base, timeout):
+        ctx_.report.build.setdefault(variant, {})["cold"] = {"beyond_torch": 11.0}
+        return None
+
+    def again(variant, base, timeout):
+        built.append(variant)
+        return None if len(built) == 5 else {"all": 10.5, "cpu": 10.0, "cuda": 7.0}[variant]
+
+    monkeypatch.setattr(build_times, "_cold", cold)
+    monkeypatch.setattr(build_times, "_cold_seconds", again)
+    monkeypatch.setattr(build_times, "LOAD_ALL_ROUNDS", 4)
+    build_times._load_all(ctx, ["cpu", "cuda"], None, 60.0, [])
+    assert built == ["cpu", "cuda", "all", "cuda", "all", "cpu", "all", "cpu", "cuda"]
+    a = ctx.report.build["all"]
+    assert len(a["rounds"]) == 3 and a["ratios"] == pytest.approx([1.1, 1.05, 1.05])  # the third dropped
+    assert any("round 3 dropped" in n for n in ctx.report.notes)
+
+    built.clear()
+    ctx.report.notes.clear()
+    ctx.deadline = build_times.time.perf_counter() + 30.0  # less than two rounds' builds (10 + 8 + 11 s)
+    build_times._load_all(ctx, ["cpu", "cuda"], None, 60.0, [])
+    assert built == [] and len(ctx.report.build["all"]["rounds"]) == 1
+    assert any("the budget left no more" in n for n in ctx.report.notes)
+
+
 def test_evaluate_without_measurements_says_why():
     got = evaluate(Report(args={}), "cpu", loaded=True)
     assert [g["key"] for g in got] == [g.key for g in GOALS]
