@@ -119,12 +119,17 @@ def _import_overhead(ctx: Context, env: dict[str, str], reps: int) -> None:
         + (f"  WARNING: import did {', '.join(side)}" if side else ""))
 
 
+def _cold_child(variant: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    """(the fresh cache root, `run_child`'s result) of a child that loads `variant` there, prebuilt off."""
+    root = tempfile.mkdtemp(prefix=f"dsinf-bench-{variant}-")
+    return root, run_child(LOAD_CHILD, [variant], child_env(TORCH_EXTENSIONS_DIR=root, DSINF_NO_PREBUILT="1"), timeout)
+
+
 def _cold(ctx: Context, variant: str, base: _TorchBase, timeout: float) -> str | None:
     """Cold build of `variant` ("all": load() with no argument) in a fresh cache; returns the cache root."""
     entry = ctx.report.build.setdefault(variant, {})
-    root = tempfile.mkdtemp(prefix=f"dsinf-bench-{variant}-")
     out(f"  [{variant}] cold build in a fresh cache ...")
-    r = run_child(LOAD_CHILD, [variant], child_env(TORCH_EXTENSIONS_DIR=root, DSINF_NO_PREBUILT="1"), timeout)
+    root, r = _cold_child(variant, timeout)
     if not r["ok"]:
         ctx.cold_build_failed[variant] = r["error"].splitlines()[-1][:200] if r["error"] else "failed"
         entry["cold"] = {"error": r["error"], "wall": r["wall"], **save_build_log(root, variant, ctx.args.json)}
@@ -236,11 +241,8 @@ def load_all_summary(rounds: list[dict[str, float]]) -> dict[str, Any]:
 def _cold_seconds(variant: str, base: _TorchBase, timeout: float) -> float | None:
     """One more cold build of `variant` in a fresh cache, deleted afterwards: seconds beyond import torch, or
     None when it failed or did not build."""
-    root = tempfile.mkdtemp(prefix=f"dsinf-bench-{variant}-")
-    try:
-        r = run_child(LOAD_CHILD, [variant], child_env(TORCH_EXTENSIONS_DIR=root, DSINF_NO_PREBUILT="1"), timeout)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root, r = _cold_child(variant, timeout)
+    shutil.rmtree(root, ignore_errors=True)
     if not r["ok"] or "built" not in r["data"]["how"] or base.median is None:
         return None
     return r["wall"] - base.median

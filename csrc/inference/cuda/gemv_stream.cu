@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict
     pdl_wait();  // before any load: the previous kernel may still be writing x or w
   }
 
-  const uint64_t policy = i8_copy_policy();
+  const uint64_t policy = C::kInt8 ? i8_copy_policy() : 0;  // only the int8 copies take it
   // Producer: the unit whose copies go out next. Rows g + 8 r of its tile start at p_row + 8 r K (pointer
   // arithmetic only while a row is >= N: such rows are never copied).
   int p_j = 0, p_k = k_first, p_n = bx * TR + g;
