@@ -5,7 +5,7 @@ registry names it as a "module:Class" string and imports it on first use, so
 `from op_builder import InferenceBuilder` still works. This module imports no torch at import time.
 
 Two variants, built and cached independently, loadable side by side in one process:
-- `cpu`:  csrc/inference/cpu/*.cpp + binding/cpu_binding.cpp, g++ only; any machine with a compiler.
+- `cpu`:  csrc/inference/cpu/*.cpp + binding/cpu_binding*.cpp, g++ only; any machine with a compiler.
 - `cuda`: csrc/inference/cuda/*.cu + binding/cuda_binding*.cpp, nvcc; machines with CUDA torch + nvcc.
 
 `InferenceBuilder().load()` loads the variants this machine can use (cpu, plus cuda when a GPU is
@@ -33,7 +33,7 @@ PORTABLE_ISA = "avx2"
 
 def host_native_bf16_gemm(cpu) -> bool:
     """Whether the CPU module runs bf16 activations past its GEMV on torch's native bf16 GEMM on this host: the
-    rule of cpu_binding.cpp's host_has_native_bf16 (read there from CPUID at run time, whatever ISA level the
+    rule of cpu_binding_ops.cpp's host_has_native_bf16 (read there from CPUID at run time, whatever ISA level the
     binary was built for), for the report; tests/test_routes.py checks that the two agree."""
     import torch
 
@@ -42,7 +42,7 @@ def host_native_bf16_gemm(cpu) -> bool:
 
 def host_onednn_fp32_gemm(cpu) -> bool:
     """Whether the CPU module runs fp32 past its GEMV on oneDNN's GEMM rather than MKL's on this host: the rule
-    of cpu_binding.cpp's host_prefers_onednn_fp32 (an AMD CPU, where MKL's code path is not its best; read
+    of cpu_binding_ops.cpp's host_prefers_onednn_fp32 (an AMD CPU, where MKL's code path is not its best; read
     there from CPUID), for the report; tests/test_routes.py checks that the two agree."""
     import torch
 
@@ -93,9 +93,8 @@ class InferenceBuilder(OpBuilder):
         else:
             kernels = sorted((root / "cuda").glob("*.cu"))
         # The binding's files (ATen + torch/library.h headers) are the slowest compiles: first, so ninja starts
-        # them first. The CUDA binding is split in four, op bodies apart from registrations (cuda_binding.h says
-        # why); the CPU one is not: there the headers are the cost (halves of it compiled in 8.0 and 7.8 s
-        # against 8.8 s whole, g++ 12).
+        # them first. Both bindings keep their op bodies apart from their registrations, so only the
+        # registrations parse torch/library.h (cuda_binding.h, cpu_ops.h say why): CUDA in four files, CPU in two.
         bindings = sorted((root / "binding").glob(f"{variant}_binding*.cpp"))
         return [str(p) for p in [*bindings, *kernels]], [str(root / "include"), str(root / "binding")]
 

@@ -1,4 +1,4 @@
-"""The compiled CPU inference module (csrc/inference/cpu + binding/cpu_binding.cpp) vs dsinf.reference.
+"""The compiled CPU inference module (csrc/inference/cpu + binding/cpu_binding*.cpp) vs dsinf.reference.
 
 The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
 session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact

@@ -252,7 +252,7 @@ std::vector<at::Tensor> cuda_binding::linear_layer(const char* op, c10::ScalarTy
   return outs;
 }
 
-// linear_layer's lean entry: as in cpu_binding.cpp.
+// linear_layer's lean entry: as in cpu_binding_ops.cpp.
 at::Tensor cuda_binding::linear_layer_lean(const char* op, c10::ScalarType act, const at::Tensor& input,
                                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                            bool transposed_mode) {
@@ -273,7 +273,7 @@ at::Tensor cuda_binding::vector_matmul(const char* op, c10::ScalarType act, cons
   return matmul(op, x, weight, nullptr, q_scale, s, stream).view({s.B, s.S, s.N});
 }
 
-// vector_matmul's lean entry: as in cpu_binding.cpp.
+// vector_matmul's lean entry: as in cpu_binding_ops.cpp.
 at::Tensor cuda_binding::vector_matmul_lean(const char* op, c10::ScalarType act, const at::Tensor& input,
                                             const at::Tensor& weight, bool transposed_mode,
                                             const c10::optional<at::Tensor>& q_scale) {

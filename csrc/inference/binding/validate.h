@@ -2,7 +2,7 @@
 //
 // Op-agnostic: checks of one argument (defined, device, dtype, shape, contiguity, a finite positive
 // scalar), the matmul weight/scale parsing (MatmulShape) and the fused-QKV head layout (QKVLayout) that
-// several ops share. Each op composes its own rules from these in its binding entry (cpu_binding.cpp,
+// several ops share. Each op composes its own rules from these in its binding entry (cpu_binding_ops.cpp,
 // cuda_binding_ops*.cpp), so adding an op never touches this header (tests/test_structure.py checks that it
 // names no op). The wording mirrors the Python checks (dsinf/checks.py, dsinf/ops/<op>.py) word for word,
 // dtype names too ("float16", never "Half"): "<op>: argument '<arg>': ...", so a direct torch.ops.dsinf.*

@@ -1,7 +1,7 @@
 // C-style launcher API of the dsinf CPU kernels (csrc/inference/cpu/*.cpp).
 //
 // Plain C types only: raw pointers, sizes, enums. No torch / ATen / c10 / pybind header may reach the
-// kernel sources, so they compile in about a second each; only csrc/inference/binding/cpu_binding.cpp
+// kernel sources, so they compile in about a second each; only csrc/inference/binding/cpu_binding_ops.cpp
 // sees both this header and ATen.
 //
 // Threading: kernels never use OpenMP themselves. Each launcher takes a `dsinf_parallel_fn`; the
@@ -62,13 +62,13 @@ typedef struct dsinf_weight {
 //   out[m * ldo + n] = round_out( sum_k x[m * ldx + k] * W(k, n)  (+ bias[n]) ),  0 <= m < M, 0 <= n < N
 // x: x_dtype (F32/F16/BF16); w: same dtype as x, or I8 with any x_dtype; bias: x_dtype [N] or NULL;
 // out_dtype: DSINF_F32 or x_dtype. Cost grows with M (the weight is re-read from L2 per row block):
-// the binding switches to a BLAS GEMM above a measured M (see cpu_binding.cpp). M == 0 is a no-op.
+// the binding switches to a BLAS GEMM above a measured M (see cpu_binding_ops.cpp). M == 0 is a no-op.
 DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64_t M, int64_t ldx,
                                           const dsinf_weight* w, const void* bias, void* out,
                                           dsinf_dtype out_dtype, int64_t ldo, dsinf_parallel_fn pf);
 
 // 1 when this build's dsinf_cpu_gemv multiplies bf16 x on vdpbf16ps (bf16 [N, K] weights, and int8 weights
-// widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding.cpp).
+// widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding_ops.cpp).
 DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
 
 // Weight block -> float32 (for large-M GEMMs in fp32 BLAS) or bfloat16 (int8 weights only, for the
