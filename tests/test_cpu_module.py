@@ -13,6 +13,9 @@ random and never zero.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -459,3 +462,20 @@ def test_the_module_compiles_without_warnings(cpu_module):
     log = loaded.path.parent / "build.log"
     warnings = [line for line in log.read_text().splitlines() if "warning:" in line]
     assert not warnings, f"{len(warnings)} compiler warning(s) in {log}:\n" + "\n".join(warnings[:10])
+
+
+def test_the_binding_exports_its_c_entry_points_and_no_cpp_entry(cpu_module):
+    """The binding's two files share their op entries through dsinf::cpu_binding, a hidden namespace (cpu_ops.h):
+    the module is loaded RTLD_GLOBAL beside the CUDA one, so an exported C++ entry could bind to another
+    library's symbol of the same name. What it exports are its C entry points (dsinf_cpu_*)."""
+    from op_builder import InferenceBuilder
+    from op_builder.builder import loaded_variants
+
+    nm = shutil.which("nm")
+    assert nm, "nm (binutils, which the build's linker comes with) not found"
+    loaded = loaded_variants()[(InferenceBuilder.NAME, "cpu")]
+    symbols = subprocess.run([nm, "-D", "--defined-only", "-C", str(loaded.path)], capture_output=True, text=True,
+                             check=True).stdout
+    assert "dsinf_cpu_routes_set" in symbols and "dsinf_cpu_onednn_fp32_calls" in symbols, symbols[:2000]
+    exported = [line for line in symbols.splitlines() if "cpu_binding::" in line]
+    assert not exported, "\n".join(exported[:10])

@@ -6,7 +6,9 @@
 // only the registrations (and the dispatcher's boxed call of oneDNN's linear) do. As one file the binding took
 // 9.2 s on this repository's CI box; as the bodies (cpu_binding_ops.cpp, 4.6 s: ATen's Tensor headers and
 // the code) and the registrations (cpu_binding.cpp, 6.3 s) its slowest half is 6.3 s. (Halves that each
-// kept torch/library.h took 8.0 and 7.8 s, which is why the binding stayed one file until this split.)
+// kept torch/library.h took 8.0 and 7.8 s, which is why the binding stayed one file until this split.) On a
+// 16-core H100 host a cold CPU build took 6.5-7.1 s instead of 8.0-8.4 s (docs/PERFORMANCE.md, run 166); on
+// two cores it takes ~1.3 s longer (one more header parse).
 //
 // Hidden: the two files link into one module and nothing outside it calls these, so they are not exported
 // (both modules are loaded RTLD_GLOBAL into one process), and calls between them bind directly.
