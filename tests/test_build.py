@@ -315,7 +315,8 @@ def test_cold_build_then_warm_load_never_runs_the_compiler(tmp_path_factory):
     assert cold.data["vector_matmul_ok"] and cold.data["linear_layer_ok"], cold.data
     compiled = [c.rsplit(" -c ", 1)[1].split()[0] for c in cold_build.compiles]
     csrc = cold_build.source / "csrc" / "inference"
-    expected = [str(p) for p in (csrc / "cpu").glob("*.cpp")] + [str(csrc / "binding" / f) for f in ("cpu_binding.cpp", "cpu_binding_ops.cpp")]
+    bindings = [csrc / "binding" / name for name in ("cpu_binding.cpp", "cpu_binding_ops.cpp")]
+    expected = [str(p) for p in [*(csrc / "cpu").glob("*.cpp"), *bindings]]
     assert sorted(compiled) == sorted(expected), "each source compiled exactly once, by the wrapper"
     entry = Path(cold.data["path"]).parent
     manifest = json.loads((entry / "manifest.json").read_text())
