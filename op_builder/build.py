@@ -125,11 +125,25 @@ SHARED_CORES_NICE = 10
 
 
 def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | None) -> list[int]:
-    """Compile jobs of builds that run at once: the budget of one build (`max_jobs`, MAX_JOBS included)
-    split in proportion to their translation units, so each build's sources start together and the
-    builds finish together; at least 1 each."""
+    """Compile jobs of builds that run at once, at least 1 each.
+
+    Builds of one priority (or a MAX_JOBS budget): the budget of one build (`max_jobs`) split in proportion to
+    their translation units, so each build's sources start together and the builds finish together.
+
+    Builds of different priorities (`niceness_increments`): each gets the jobs it would get alone (up to one
+    per translation unit), while their jobs' peak memory fits. The lowered build takes only the cores the
+    other leaves idle, so the cores need no split, and a split only queues the lowered build's sources. On a
+    16-core H100 host cpu (7 units) beside cuda (14) split 5 + 11: cuda's last three sources in build order
+    (mlp_gemm_bf16.cu, a 4.9 s compile on the CI box, among them) waited for a slot, and that build took 8.6 s
+    beside the other against 6.1 s alone, its slowest compile 6.7 s (docs/PERFORMANCE.md, thirty-seventh
+    round; the wait is inferred from the build order, not timed)."""
     total = max_jobs(cpu_count, memory_available, any(s.with_cuda for s in specs))
     units = [max(1, len(s.sources)) for s in specs]
+    if not knobs.get("MAX_JOBS") and len(set(niceness_increments(specs))) > 1:
+        alone = [min(u, max_jobs(cpu_count, memory_available, s.with_cuda)) for u, s in zip(units, specs)]
+        peak = sum(n * JOB_MEMORY["nvcc" if s.with_cuda else "cxx"] for n, s in zip(alone, specs))
+        if memory_available is None or peak <= memory_available:
+            return alone
     shares = [max(1, total * u // sum(units)) for u in units]
     shares[units.index(max(units))] += max(0, total - sum(shares))  # the remainder to the largest build
     return shares

@@ -170,7 +170,7 @@ class OpBuilder:
 
     def load_variants(self, variants: list[str]) -> list[LoadedVariant]:
         """Load `variants`, building the missing ones concurrently (DSINF_CONCURRENT_BUILDS), each with its
-        share of the compile jobs. A failed build raises its own BuildError, as when built alone (the first
+        compile jobs (`job_shares`). A failed build raises its own BuildError, as when built alone (the first
         failing variant's, in `variants` order; any other failure is logged), once every build has ended."""
         pending = [v for v in variants if (self.NAME, v) not in _loaded]
         if len(pending) > 1 and knobs.get("DSINF_CONCURRENT_BUILDS"):

@@ -110,8 +110,8 @@ _KNOBS = [
     Knob("MAX_JOBS", None, _parse_positive_int,
          "Parallel compile jobs (torch's variable). Default: sized from cores and free memory."),
     Knob("DSINF_CONCURRENT_BUILDS", True, parse_bool,
-         "Build the variants one load() needs (cpu and cuda) at once, splitting the compile jobs between them "
-         "(the one whose nvcc jobs run several threads a step lower in priority); 0: one after the other."),
+         "Build the variants one load() needs (cpu and cuda) at once (the one whose nvcc jobs run several threads "
+         "a step lower in priority; op_builder.build.job_shares gives each its compile jobs); 0: one after the other."),
     Knob("DSINF_NVCC_SPLIT_COMPILE", None, _parse_positive_int,
          "Threads nvcc and ptxas may use to optimise the kernels of one CUDA source (--split-compile; the SASS is "
          "the same). Default: as many as CPUs; 1: off."),

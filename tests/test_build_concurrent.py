@@ -188,3 +188,22 @@ def test_job_shares(units, total, want, monkeypatch):
     specs = [BuildSpec(op="x", variant=str(i), library_name="x", sources=("s",) * n, include_dirs=(), cflags=())
              for i, n in enumerate(units)]
     assert job_shares(specs, cpu_count=total, memory_available=None) == want
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("threads, memory, want", [
+    ((1, 16), None, [7, 14]),  # cpu beside a lowered cuda build: each its jobs alone, one per unit
+    ((1, 16), 64 * GIB, [7, 14]),  # 7 x 1 + 14 x 2.5 GiB fit
+    ((1, 16), 20 * GIB, [2, 6]),  # they do not (7 + 8 x 2.5 GiB): a split of cuda's 8-job budget
+    ((1, 1), None, [5, 11]),  # one priority: a split of the 16 cores, as before
+    ((16, 16), None, [5, 11]),
+])
+def test_job_shares_of_builds_of_different_priorities(threads, memory, want, monkeypatch):
+    """A build a step lower (niceness_increments) only takes the cores the other leaves idle, so it needs no
+    share of them: both get the jobs they would alone, unless their compiles' memory does not fit."""
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    specs = [BuildSpec(op="x", variant=str(i), library_name="x", sources=("s",) * n, include_dirs=(), cflags=(),
+                       with_cuda=t > 1, threads_per_job=t) for i, (n, t) in enumerate(zip((7, 14), threads))]
+    assert job_shares(specs, cpu_count=16, memory_available=memory) == want
