@@ -137,13 +137,13 @@ def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | N
     (mlp_gemm_bf16.cu, a 4.9 s compile on the CI box, among them) waited for a slot, and that build took 8.6 s
     beside the other against 6.1 s alone, its slowest compile 6.7 s (docs/PERFORMANCE.md, thirty-seventh
     round; the wait is inferred from the build order, not timed)."""
-    total = max_jobs(cpu_count, memory_available, any(s.with_cuda for s in specs))
     units = [max(1, len(s.sources)) for s in specs]
     if not knobs.get("MAX_JOBS") and len(set(niceness_increments(specs))) > 1:
         alone = [min(u, max_jobs(cpu_count, memory_available, s.with_cuda)) for u, s in zip(units, specs)]
         peak = sum(n * JOB_MEMORY["nvcc" if s.with_cuda else "cxx"] for n, s in zip(alone, specs))
         if memory_available is None or peak <= memory_available:
             return alone
+    total = max_jobs(cpu_count, memory_available, any(s.with_cuda for s in specs))
     shares = [max(1, total * u // sum(units)) for u in units]
     shares[units.index(max(units))] += max(0, total - sum(shares))  # the remainder to the largest build
     return shares
