@@ -2,9 +2,9 @@
 
 `check_linear` / `check_vector_matmul` turn raw arguments into a small frozen problem description
 (sizes, layout, quantization) or raise `InputError` naming the offending argument. The compiled
-bindings enforce the same rules in C++ (`csrc/inference/binding/`: primitives in validate.h) with the same wording,
-so a direct `torch.ops.dsinf.*` call is guarded too; `tests/test_checks.py` runs one table of bad
-inputs against both.
+bindings enforce the same rules in C++ (`csrc/inference/binding/`: primitives in validate.h, the rules
+both bindings of an op share in op_rules.h) with the same wording, so a direct `torch.ops.dsinf.*` call
+is guarded too; `tests/test_checks.py` runs one table of bad inputs against both.
 
 Integer arguments are range-checked (type and int64 range) before any arithmetic; dtypes are named
 as `dtype_name` names them ("float16", never "Half"), in C++ too. `no_backward` is the inference-only

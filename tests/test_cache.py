@@ -162,8 +162,8 @@ def test_real_inference_sources_include_their_headers():
     builder = InferenceBuilder(fake_system())
     spec = builder.spec("cpu")
     files = {p.name for p in source_closure([Path(s) for s in spec.sources], [Path(i) for i in spec.include_dirs])}
-    assert {"cpu_kernels.h", "validate.h", "cpu_simd.h", "cpu_ops.h", "op_entries.inc", "cpu_binding.cpp",
-            "cpu_binding_ops.cpp"} <= files
+    assert {"cpu_kernels.h", "validate.h", "cpu_simd.h", "cpu_ops.h", "op_entries.inc", "op_rules.h",
+            "cpu_binding.cpp", "cpu_binding_ops.cpp"} <= files
 
 
 # --------------------------------------------------------------------------------------------- root

@@ -51,7 +51,8 @@ def test_sdist_installs_and_builds_from_its_own_sources(tmp_path):
         shipped = {Path(*Path(n).parts[1:]).as_posix() for n in tar.getnames()}
     binding = "csrc/inference/binding/"
     for needed in (binding + "cpu_binding.cpp", binding + "cpu_binding_ops.cpp", binding + "cpu_ops.h",
-                   binding + "op_entries.inc", "csrc/inference/cpu/gemv.cpp", "csrc/inference/cuda/gemv_mma.cu",
+                   binding + "op_entries.inc", binding + "op_rules.h", "csrc/inference/cpu/gemv.cpp",
+                   "csrc/inference/cuda/gemv_mma.cu",
                    "csrc/inference/include/cpu_kernels.h", "README.md"):
         assert needed in shipped, f"{needed} missing from the sdist"
 

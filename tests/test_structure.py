@@ -138,6 +138,24 @@ def test_validate_h_names_no_op():
     assert named == [], f"validate.h names ops {named}: compose an op's checks in its binding entry"
 
 
+def _defined_checks(pattern: str) -> set[str]:
+    """The check_* functions the binding files matching `pattern` define (a definition starts a line)."""
+    import re
+
+    found = set()
+    for path in BINDING.glob(pattern):
+        found |= set(re.findall(r"^[A-Za-z][\w:<>, ]*\s(check_\w+)\(", path.read_text(), re.M))
+    return found
+
+
+def test_each_op_rule_is_written_once_for_both_bindings():
+    # An op's rules live in op_rules.h, which both bindings include: a check defined in the CPU and again in the
+    # CUDA binding is a copy that can drift (other words, another order) from its twin.
+    cpu, cuda = _defined_checks("cpu_binding*.cpp"), _defined_checks("cuda_binding*.cpp")
+    assert "check_rms_norm" in _defined_checks("op_rules.h")  # the pattern finds definitions
+    assert cpu & cuda == set(), f"defined in both bindings: {sorted(cpu & cuda)}; move them to op_rules.h"
+
+
 def _mutations(args: tuple, schema_types: list[str]):
     """(what, args) pairs that break one argument of a valid call, within what the schema accepts."""
     for i, (value, typ) in enumerate(zip(args, schema_types)):

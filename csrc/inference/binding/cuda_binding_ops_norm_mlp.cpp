@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cuda_binding.h"
+#include "op_rules.h"
 
 namespace dsinf {
 namespace cuda {
@@ -25,29 +26,6 @@ namespace {
 
 using namespace cuda_binding;
 
-// ---- rms_norm, pre_rms_norm (kernels: cuda/rms_norm.cu) -------------------------------------------------
-
-// rms_norm's rules (dsinf/ops/rms_norm.py), from validate.h's primitives; `x`: what the op calls its
-// activation. Returns H of vals [..., H].
-int64_t check_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& gamma, double epsilon,
-                       const char* x = "vals") {
-  check_float_tensor(op, x, vals);
-  DSINF_CHECK_ARG(vals.dim() >= 1, op, x, "expected at least one dimension [..., H], got a 0-d tensor");
-  const int64_t H = check_channel_vector(op, "gamma", gamma, vals);
-  check_finite_positive(op, "epsilon", epsilon);
-  return H;
-}
-
-// pre_rms_norm's rules (dsinf/ops/pre_rms_norm.py): rms_norm's, and a residual like vals.
-int64_t check_pre_rms_norm(const char* op, const at::Tensor& vals, const at::Tensor& residual, const at::Tensor& gamma,
-                           double epsilon, const char* x = "vals") {
-  const int64_t H = check_rms_norm(op, vals, gamma, epsilon, x);
-  check_like(op, "residual", residual, vals, x);
-  return H;
-}
-
-int64_t rows_of(const at::Tensor& x, int64_t H) { return H ? x.numel() / H : 0; }
-
 // The single dtype-generic functions are registered whatever the build's archs: refuse bf16 by name when the
 // build has no bf16 kernels (a target below sm_80), rather than fail the launch.
 void check_bf16_built(const char* op, const char* arg, c10::ScalarType t) {
@@ -55,41 +33,6 @@ void check_bf16_built(const char* op, const char* arg, c10::ScalarType t) {
   DSINF_CHECK_ARG(t != c10::ScalarType::BFloat16, op, arg,
                   "dtype bfloat16 needs a CUDA build whose every target arch is sm_80 or newer");
 #endif
-}
-
-// ---- rms_mlp_gemm (kernels: cuda/mlp_gemm.cu, rms_norm.cu, the GEMV / cuBLAS path of cuda_binding_ops.cpp) ---------
-
-// rms_mlp_gemm's problem: M rows of hidden size K, intermediate size I (W_interm has 2I outputs).
-struct MLPShape {
-  int64_t M, K, I;
-  int activation;           // 3 GATED_GELU, 4 GATED_SILU (DeepSpeed's ActivationFuncType)
-  MatmulShape interm, out;  // h [M, K] -> [M, 2I]; a [M, I] -> [M, K]
-};
-
-// rms_mlp_gemm's rules (dsinf/ops/mlp_gemm.py), from validate.h's primitives.
-MLPShape check_rms_mlp_gemm(const char* op, c10::ScalarType act, const at::Tensor& input, const at::Tensor& residual,
-                            const at::Tensor& weight_interm, const at::Tensor& weight_out, const at::Tensor& gamma,
-                            double epsilon, const c10::optional<at::Tensor>& q_scale,
-                            const c10::optional<at::Tensor>& q_scale1, bool q_int8, int64_t activation_type,
-                            bool transposed_mode) {
-  check_tensor(op, "input", input);
-  check_dtype(op, "input", input, act);
-  const int64_t K = check_pre_rms_norm(op, input, residual, gamma, epsilon, "input");
-  DSINF_CHECK_ARG(activation_type == 3 || activation_type == 4, op, "activation_type",
-                  "expected GATED_GELU (3) or GATED_SILU (4) (DeepSpeed's ActivationFuncType), got ", activation_type);
-  check_weight(op, "weight_interm", weight_interm, input, q_int8);
-  check_weight(op, "weight_out", weight_out, input, q_int8);
-  const bool nk = q_int8 || transposed_mode;
-  const int64_t N = check_weight_inputs(op, "weight_interm", weight_interm, nk, K,
-                                        detail::cat(" (transposed_mode=", transposed_mode, ", q_int8=", q_int8, ")"));
-  DSINF_CHECK_ARG(N % 2 == 0 && N != 0, op, "weight_interm", "its ", N,
-                  " outputs must be an even, non-zero 2*I ([up | gate] halves)");
-  const int64_t I = N / 2;
-  check_weight_shape(op, "weight_out", weight_out, nk, K, I, detail::cat("K=", K, " outputs and I=", I, " inputs"));
-  const int64_t G = q_int8 ? check_row_scales(op, "q_scale", q_scale, input, N, "weight_interm") : 0;
-  const int64_t G1 = q_int8 ? check_row_scales(op, "q_scale1", q_scale1, input, K, "weight_out") : 0;
-  const int64_t M = rows_of(input, K);
-  return {M, K, I, static_cast<int>(activation_type), {1, M, K, N, q_int8, G, nk}, {1, M, I, K, q_int8, G1, nk}};
 }
 
 }  // namespace
