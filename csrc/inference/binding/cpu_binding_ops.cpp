@@ -1,10 +1,10 @@
 // CPU implementations of the dsinf:: ops (schemas and semantics: the op specs, dsinf/ops/<op>.py), registered by
 // cpu_binding.cpp (cpu_ops.h declares them; it says why the binding is two files).
 //
-// With cpu_binding.cpp, the only translation unit of the CPU module that sees ATen. It validates (validate.h,
-// same wording as dsinf/checks.py), picks a path by M = B*S, and hands raw pointers to the torch-free kernels
-// (cpu_kernels.h) together with a parallel_for backed by at::parallel_for (torch's OpenMP pool; this file
-// must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
+// With cpu_binding.cpp, the only translation unit of the CPU module that sees ATen. It validates (validate.h
+// and op_rules.h, same wording as dsinf/checks.py), picks a path by M = B*S, and hands raw pointers to the
+// torch-free kernels (cpu_kernels.h) together with a parallel_for backed by at::parallel_for (torch's OpenMP
+// pool; this file must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
 //
 //   M <= gemv_max_m(...)  decode: our GEMV streams the weight once (fp32/bf16/fp16/int8, both layouts),
 //                         writing the final dtype with the bias, or fp32 for the QKV epilogue.

@@ -5,8 +5,8 @@
 //   cuda_binding.cpp, cuda_binding_norm_mlp.cpp   their registrations, one line per op (cuda_ops.h declares
 //                                   the entries).
 // They are the only translation units of the CUDA module that include ATen. The bodies validate with
-// validate.h, allocate outputs with the torch allocator (fresh tensors, never workspace views), and run
-// everything on torch's current stream of the input's device:
+// validate.h and op_rules.h, allocate outputs with the torch allocator (fresh tensors, never workspace
+// views), and run everything on torch's current stream of the input's device:
 //
 //   M = B*S <= crossover (decode): one GEMV launch (csrc/inference/cuda, tensor cores for fp16/bf16,
 //       int8 dequantized in registers), bias fused;
