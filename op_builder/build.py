@@ -120,7 +120,8 @@ def max_jobs(cpu_count: int, memory_available: int | None, with_cuda: bool) -> i
 # in priority, it takes the cores the other leaves idle. 16-core H100 host, cold load() of cpu + cuda (alone:
 # cpu 11.1 s, cuda 8.7 s): 13.8 / 15.6 s as equals (the CPU binding's compile 9.7 -> 12.6 / 14.3 s), 11.1 /
 # 11.7 s with the cuda build at niceness 10 (its own build 8.6 / 10.9 s); niceness 19: 10.6 s
-# (docs/PERFORMANCE.md, thirty-fifth round).
+# (docs/PERFORMANCE.md, thirty-fifth round). Re-checked with both builds near 6.5 s alone (thirty-eighth round):
+# the cuda build niced 7.3-7.4 s, as equals 8.1-8.7 s, the cpu build niced instead 9.0-9.8 s.
 SHARED_CORES_NICE = 10
 
 
@@ -136,7 +137,7 @@ def job_shares(specs: list[BuildSpec], cpu_count: int, memory_available: int | N
     16-core H100 host cpu (7 units) beside cuda (14) split 5 + 11: cuda's last three sources in build order
     (mlp_gemm_bf16.cu, a 4.9 s compile on the CI box, among them) waited for a slot, and that build took 8.6 s
     beside the other against 6.1 s alone, its slowest compile 6.7 s (docs/PERFORMANCE.md, thirty-seventh
-    round; the wait is inferred from the build order, not timed)."""
+    round). With 7 + 14, cold load() of both took 7.3-7.6 s there against 7.8-8.3 s (thirty-eighth round)."""
     units = [max(1, len(s.sources)) for s in specs]
     if not knobs.get("MAX_JOBS") and len(set(niceness_increments(specs))) > 1:
         alone = [min(u, max_jobs(cpu_count, memory_available, s.with_cuda)) for u, s in zip(units, specs)]
