@@ -116,7 +116,7 @@ def _code_without_docs(path: Path) -> str:
     return ast.unparse(tree)
 
 
-# --- the C++ validation: generic primitives in validate.h, each op's rules in its binding entry -------------
+# --- the C++ validation: generic primitives in validate.h, each op's rules once, in op_rules.h ---------------
 
 BINDING = ROOT / "csrc" / "inference" / "binding"
 
@@ -130,12 +130,12 @@ def _op_words() -> set[str]:
 
 
 def test_validate_h_names_no_op():
-    # Adding an op touches its binding entries, never the shared header: validate.h holds primitives only.
+    # Adding an op touches op_rules.h and its binding entries, never validate.h: it holds primitives only.
     import re
 
     text = (BINDING / "validate.h").read_text()
     named = sorted(w for w in _op_words() if re.search(rf"\b{re.escape(w)}\b", text))
-    assert named == [], f"validate.h names ops {named}: compose an op's checks in its binding entry"
+    assert named == [], f"validate.h names ops {named}: compose an op's checks in op_rules.h"
 
 
 def _defined_checks(pattern: str) -> set[str]:

@@ -2,9 +2,9 @@
 //
 // Op-agnostic: checks of one argument (defined, device, dtype, shape, contiguity, a finite positive
 // scalar), the matmul weight/scale parsing (MatmulShape) and the fused-QKV head layout (QKVLayout) that
-// several ops share. Each op composes its own rules from these in its binding entry (cpu_binding_ops.cpp,
-// cuda_binding_ops*.cpp), so adding an op never touches this header (tests/test_structure.py checks that it
-// names no op). The wording mirrors the Python checks (dsinf/checks.py, dsinf/ops/<op>.py) word for word,
+// several ops share. Each op composes its own rules from these, once for both bindings in op_rules.h (the
+// matmul ops in a few lines of their binding entries), so adding an op never touches this header
+// (tests/test_structure.py checks that it names no op). The wording mirrors the Python checks (dsinf/checks.py, dsinf/ops/<op>.py) word for word,
 // dtype names too ("float16", never "Half"): "<op>: argument '<arg>': ...", so a direct torch.ops.dsinf.*
 // call gets the same clear ValueError as the op classes, never a crash. Binding-side only: kernel sources
 // (.cu / kernel .cpp) never include this (it pulls ATen).
