@@ -138,6 +138,9 @@ def cuda_cases(quick: bool) -> list[Case]:
     for K, N in shapes:
         for M in ((1, 8) if quick else (1, 4, 8, 16)):
             c.append(Case("cuda", "int8", "vector_matmul", "fp16", "int8", M, 1, K, N))
+        if not quick:  # bf16 activations: their own kernels' defaults (Triton's above all), never slower too
+            for M in (1, 8):
+                c.append(Case("cuda", "int8", "vector_matmul", "bf16", "int8", M, 1, K, N))
     for dtype in dtypes:  # int8 weights at prompt lengths: the int8 GEMM or dequantize + cuBLAS, as routed
         for K, N in (LLAMA3_8B_LINEARS[1:3] if quick else LLAMA3_8B_LINEARS):
             for M in ((128, 2048) if quick else (128, 512, 2048)):

@@ -214,6 +214,7 @@ def _ratio_at_bw(row: Row, copy_gbs: float | None) -> Measured:
 
 
 M8 = lambda r: r.case.M <= 8  # noqa: E731
+F16 = lambda r: r.case.dtype == "fp16"  # noqa: E731 - the int8 goals' rows: fp16 activations, as their peer
 BIG = lambda r: r.case.K * r.case.N >= LARGE  # noqa: E731
 SQ = lambda r: (r.case.K, r.case.N) == (4096, 4096)  # noqa: E731
 FP16_PEERS = ("torch", "torch_kn")
@@ -233,11 +234,11 @@ METRICS: dict[str, Callable[[Report], Measured]] = {
                                   lambda r: _ratio_at_bw(r, _copy(rep, "cpu"))),
     "cpu_qkv": lambda rep: worst(_rows(rep, "cpu", "qkv", lambda r: r.case.M == 128), _ratio),
     "cpu_prefill": lambda rep: worst(_rows(rep, "cpu", "prefill"), _ratio),
-    "int8_bw": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: M8(r) and BIG(r)),
+    "int8_bw": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: F16(r) and M8(r) and BIG(r)),
                                  lambda r: _pct_bw(r, _copy(rep, "cuda"))),
-    "int8_large": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: M8(r) and BIG(r)),
+    "int8_large": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: F16(r) and M8(r) and BIG(r)),
                                     lambda r: _ratio(r, FP16_PEERS)),
-    "int8_4096": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: M8(r) and SQ(r)),
+    "int8_4096": lambda rep: worst(_rows(rep, "cuda", "int8", lambda r: F16(r) and M8(r) and SQ(r)),
                                    lambda r: _ratio(r, FP16_PEERS)),
     "decode_bw": lambda rep: worst(_rows(rep, "cuda", "decode", lambda r: M8(r) and BIG(r)),
                                    lambda r: _pct_bw(r, _copy(rep, "cuda"))),

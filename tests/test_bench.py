@@ -75,6 +75,9 @@ def test_plans_cover_the_goals(quick):
     assert {c.M for c in prefill} >= {128, 2048}
     assert {c.dtype for c in prefill} == ({"fp16"} if quick else {"fp16", "bf16"})
     assert {c.K for c in cuda if c.part == "rmsnorm" and c.M >= 256} == {4096, 8192}
+    # int8 decode with bf16 activations too (full plan), on every decode shape
+    i8 = [c for c in cuda if c.part == "int8"]
+    assert {(c.K, c.N) for c in i8 if c.dtype == "bf16"} == (set() if quick else {(c.K, c.N) for c in i8})
 
 
 # --- tables ---------------------------------------------------------------------------------------------
@@ -173,6 +176,24 @@ def test_evaluate_picks_the_worst_row_and_the_right_peer():
     assert got["cuda.int8.bw_large"]["value"] == pytest.approx(
         rep.rows[0].case.bytes / 10.0 / 1e3 / 4000.0 * 100)
     assert got["cpu.qkv"]["status"] == "not measured"
+
+
+def test_the_cuda_int8_goals_read_fp16_rows_and_triton_reads_both():
+    """The int8 goals compare against torch fp16, so they read the fp16 rows; the bf16 rows count for
+    "never slower" and for Triton against the CUDA module."""
+    def row(dtype, ours, torch, triton):
+        case = Case("cuda", "int8", "vector_matmul", dtype, "int8", 1, 1, 4096, 14336)
+        return Row(case, {n: ImplResult(n, "ok", timing=Timing(t, t * 0.99, t * 1.01, 15, 100))
+                          for n, t in (("ours", ours), ("torch", torch), ("triton", triton))})
+
+    rep = Report(args={})
+    rep.ceilings["cuda_copy_GBs"] = 4000.0
+    rep.rows = [row("fp16", 10.0, 20.0, 10.5), row("bf16", 12.0, 13.2, 15.0)]
+    got = {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}
+    assert got["cuda.int8.vs_fp16_large"]["value"] == pytest.approx(2.0)
+    assert got["cuda.int8.bw_large"]["value"] == pytest.approx(rep.rows[0].case.bytes / 10.0 / 1e3 / 4000.0 * 100)
+    assert got["never_slower"]["value"] == pytest.approx(1.1)
+    assert got["triton.decode"]["value"] == pytest.approx(1.25)
 
 
 def test_the_cpu_int8_goal_reads_the_m1_rows_only():

@@ -549,6 +549,7 @@ H200_DECODE_DEFAULTS = {
     (4096, 12288, "int8", True): ("pointer", 32, 256, 1, 4, 5),
     (14336, 4096, "int8", False): ("pointer", 64, 256, 4, 4, 3),
     (4096, 14336, "int8", False): ("pointer", 64, 256, 1, 4, 3),
+    (4096, 14336, "int8", True): ("pointer", 64, 256, 1, 4, 3),  # H100, thirty-ninth round
     (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3),
     (14336, 4096, "kn", False): ("pointer", 64, 256, 2, 4, 3),  # tenth round (run 45)
     (4096, 4096, "kn", False): ("pointer", 32, 128, 1, 4, 5),  # tenth round (run 47)

@@ -292,17 +292,22 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         #   old default 32.0, the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096.
         # - int8 with rows much longer than the output (K >= 2N, 14336x4096): the pointer kernel 64x256 w4 s3
         #   split 4, fp16 and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1).
-        # - int8, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us; the GEMV kernel
-        #   22.3, where converting the weight tile that feeds the dot from registers costs more in bf16).
-        # - int8, fp16 activations: the GEMV kernel 32x256 w4 s5 up to N = 12288 (4096x12288: 16.6 us, the
-        #   CUDA module 15.1; 8192x8192 1.03-1.07x of it); the pointer kernel 64x256 w4 s3 above
-        #   (4096x14336: 18.9 us, the GEMV kernel 22.5, the CUDA module 17.3).
+        # - int8 above N = 12288: the pointer kernel 64x256 w4 s3, fp16 and bf16 activations (4096x14336 fp16:
+        #   18.9 us, the GEMV kernel 22.5, the CUDA module 17.3; H100 bf16 M = 1 / 8: 23.2 / 23.8 us, the CUDA
+        #   module 22.9 / 22.9, where 32x256 s5 took 32.0 / 34.0: docs/PERFORMANCE.md, thirty-ninth round).
+        # - int8 up to N = 12288, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us; the
+        #   GEMV kernel 22.3, where converting the weight tile that feeds the dot from registers costs more in
+        #   bf16).
+        # - int8 up to N = 12288, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA
+        #   module 15.1; 8192x8192 1.03-1.07x of it).
         if layout == "int8" and k >= 2 * n:
             tile = (64, 256, 4, 3, KERNEL_POINTER, 4)
+        elif layout == "int8" and n > 12288:
+            tile = (64, 256, 4, 3, KERNEL_POINTER, 1)
         elif layout == "int8" and bf16:
             tile = (32, 256, 4, 5, KERNEL_POINTER, 1)
         elif layout == "int8":
-            tile = (64, 256, 4, 3, KERNEL_POINTER, 1) if n > 12288 else (32, 256, 4, 5, KERNEL_GEMV, 1)
+            tile = (32, 256, 4, 5, KERNEL_GEMV, 1)
         elif triton.cdiv(n, 128) >= sms // 2:
             tile = (128, 128, 8, 4, KERNEL_GEMV, 1)
         else:
