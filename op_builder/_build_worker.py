@@ -28,11 +28,24 @@ def _on_sigterm(signum, frame):
         os._exit(128 + signum)
 
 
+def _sigterm_when_parent_dies() -> None:
+    """PR_SET_PDEATHSIG: SIGTERM when the thread that started this process ends (it waits for us), so a
+    `kill -9`ed loader leaves no compiler running. Set here, not between fork and exec, so that the
+    parent can start us with vfork (op_builder.build._run_worker)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if os.getppid() == 1:  # the parent died before PR_SET_PDEATHSIG took effect
-        return 1
+    _sigterm_when_parent_dies()
     spec = json.load(open(spec_path))
+    if os.getppid() != spec["parent_pid"]:  # the parent died before PR_SET_PDEATHSIG took effect
+        return 1
+    if spec.get("nice"):  # ninja and the compilers inherit it (build.niceness_increments)
+        os.nice(spec["nice"])
     build_dir = spec["build_dir"]
     start = time.monotonic()
 

@@ -22,7 +22,6 @@ torch's own lock file (which can go stale) is never involved.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
 import logging
@@ -158,29 +157,6 @@ def niceness_increments(specs: list[BuildSpec]) -> list[int]:
     return [SHARED_CORES_NICE if s.threads_per_job > 1 else 0 for s in specs]
 
 
-@functools.cache
-def _prctl():
-    """libc's prctl, resolved in the parent: the forked child must not dlopen (another thread of the
-    parent - a concurrent build's - may have held the loader's lock at fork time)."""
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
-def _worker_preexec(nice: int = 0) -> None:
-    """In the worker, before exec: lead a process group of its own (so the whole build can be stopped
-    as one) and get SIGTERM when the parent dies (PR_SET_PDEATHSIG: when the thread that started it
-    ends, which waits for the worker). The worker's SIGTERM handler forwards it to ninja, which stops
-    its compilers: a `kill -9`ed loader leaves no compiler running. `nice`: run that much lower (ninja
-    and the compilers inherit it; `niceness_increments`)."""
-    os.setpgrp()
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if nice:
-        os.nice(nice)
-
-
 def _group_alive(pgid: int) -> bool:
     """Whether a live (non-zombie) process is left in group `pgid`: the worker itself stays a zombie
     until reaped, so `killpg(pgid, 0)` cannot tell. Linux reads /proc; elsewhere, assume so."""
@@ -268,12 +244,20 @@ def write_ninja_file(spec: BuildSpec, build_dir: Path) -> Path:
 
 def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float,
                 nice: int = 0) -> tuple[int, float]:
-    """Run the build worker (`nice`: that much lower, see `_worker_preexec`); (exit status, seconds).
+    """Run the build worker (`nice`: that much lower, `niceness_increments`); (exit status, seconds).
     Raises _TimeLimit after `limit` seconds, with the worker's whole process group stopped. Whatever way
-    the worker ends (a SIGKILL from the OOM killer included), nothing it started outlives this call."""
+    the worker ends (a SIGKILL from the OOM killer included), nothing it started outlives this call.
+
+    The worker leads a session (so a process group) of its own, stopped as one, and itself asks for
+    SIGTERM when this process dies and lowers its priority (`_build_worker.main`). No Python code runs
+    between fork and exec: concurrent builds start their workers from two threads, where a `preexec_fn` may
+    deadlock in the child (a lock another thread held at fork time), and without one Python starts the
+    worker with vfork. A plain fork of a process that has imported torch copies its page tables first
+    (60-130 ms per start with 2 GiB resident, against 0.2-0.8 ms with vfork), time the loading process
+    spends on each build's critical path."""
     spec_path = build_dir / "spec.json"
-    spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir),
-                                     "dispatch_key": spec.dispatch_key, "jobs": jobs}))
+    spec_path.write_text(json.dumps({**asdict(spec), "build_dir": str(build_dir), "dispatch_key": spec.dispatch_key,
+                                     "jobs": jobs, "nice": nice, "parent_pid": os.getpid()}))
     env = dict(os.environ)
     env["MAX_JOBS"] = str(jobs)  # for torch's own build helpers in the worker; ninja's -j comes from the spec
     # The worker imports op_builder (and the schema module) the way this process did, even when
@@ -282,7 +266,6 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
     env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # torch would otherwise add its own -gencode flags or warn about an unset arch list; ours are explicit.
     env.pop("TORCH_CUDA_ARCH_LIST", None)
-    _prctl()  # resolved before the fork
     start = time.monotonic()
     with open(log_path, "ab") as logf:
         logf.write(f"# {spec.label} {spec.describe}\n# MAX_JOBS={jobs}\n".encode())
@@ -294,7 +277,7 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
         logf.flush()
         proc = subprocess.Popen([sys.executable, "-m", "op_builder._build_worker", str(spec_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=functools.partial(_worker_preexec, nice))
+                                start_new_session=True)
     next_report = PROGRESS_AFTER
     try:
         while not _wait_unreaped(proc.pid, 0.2):

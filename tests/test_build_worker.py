@@ -10,6 +10,7 @@ compile, not after it).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -134,3 +135,28 @@ def test_the_parent_writes_the_ninja_file_cpp_extension_load_would(make_spec, tm
     theirs.mkdir()
     assert write_ninja_file(spec, ours) == ours / "build.ninja"
     assert (ours / "build.ninja").read_text() == _torch_writes(spec, theirs, monkeypatch)
+
+
+@pytest.mark.parametrize("parent_alive", [True, False])
+def test_a_worker_whose_parent_is_gone_starts_nothing(tmp_path, parent_alive):
+    """The worker asks for SIGTERM on its parent's death itself (so the parent can start it with vfork), then
+    checks that the parent it was started by is still its parent: one that died in between would never send
+    that signal, so the worker must not start ninja. The build.ninja here only touches a marker file."""
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    marker = build_dir / "ran"
+    (build_dir / "build.ninja").write_text(f"rule touch\n  command = touch {marker}\nbuild {marker}: touch\n")
+    if parent_alive:
+        parent_pid = os.getpid()
+    else:  # a pid that no longer runs: a process started and reaped
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        parent_pid = gone.pid
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"build_dir": str(build_dir), "jobs": 1, "nice": 0, "parent_pid": parent_pid,
+                                "library_name": "none", "kernels": [], "dispatch_key": "CPU"}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-m", "op_builder._build_worker", str(spec)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert r.returncode == 1, r.stdout + r.stderr  # no library either way
+    assert marker.exists() == parent_alive, r.stdout + r.stderr
