@@ -44,7 +44,7 @@ def main(spec_path: str) -> int:
     spec = json.load(open(spec_path))
     if os.getppid() != spec["parent_pid"]:  # the parent died before PR_SET_PDEATHSIG took effect
         return 1
-    if spec.get("nice"):  # ninja and the compilers inherit it (build.niceness_increments)
+    if spec["nice"]:  # ninja and the compilers inherit it (build.niceness_increments)
         os.nice(spec["nice"])
     build_dir = spec["build_dir"]
     start = time.monotonic()

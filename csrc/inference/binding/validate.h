@@ -4,10 +4,11 @@
 // scalar), the matmul weight/scale parsing (MatmulShape) and the fused-QKV head layout (QKVLayout) that
 // several ops share. Each op composes its own rules from these, once for both bindings in op_rules.h (the
 // matmul ops in a few lines of their binding entries), so adding an op never touches this header
-// (tests/test_structure.py checks that it names no op). The wording mirrors the Python checks (dsinf/checks.py, dsinf/ops/<op>.py) word for word,
-// dtype names too ("float16", never "Half"): "<op>: argument '<arg>': ...", so a direct torch.ops.dsinf.*
-// call gets the same clear ValueError as the op classes, never a crash. Binding-side only: kernel sources
-// (.cu / kernel .cpp) never include this (it pulls ATen).
+// (tests/test_structure.py checks that it names no op). The wording mirrors the Python checks
+// (dsinf/checks.py, dsinf/ops/<op>.py) word for word, dtype names too ("float16", never "Half"):
+// "<op>: argument '<arg>': ...", so a direct torch.ops.dsinf.* call gets the same clear ValueError as the
+// op classes, never a crash. Binding-side only: kernel sources (.cu / kernel .cpp) never include this (it
+// pulls ATen).
 //
 // Matmul layouts: input [B, S, K]; float weight [K, N] (transposed_mode=false) or [N, K] (true);
 // int8 weight always [N, K] with float32 q_scale [G], G | N (row block g uses q_scale[g]).
