@@ -45,11 +45,13 @@ TOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 2e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def cfg(bm, bn, bk, split=1, warps=4, stages=2, group=8, kernel=None, subtile=None):
-    """A config; KERNEL / EPILOGUE_SUBTILE only when given (absent: the pointer kernel, no subtile)."""
+def cfg(bm, bn, bk, split=1, warps=4, stages=2, group=8, kernel=None, subtile=None, slices=None):
+    """A config; KERNEL / EPILOGUE_SUBTILE / SLICES only when given (absent: the pointer kernel, no subtile,
+    one K-slice)."""
     c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
          "num_warps": warps, "num_stages": stages}
-    c.update({k: v for k, v in (("KERNEL", kernel), ("EPILOGUE_SUBTILE", subtile)) if v is not None})
+    c.update({k: v for k, v in (("KERNEL", kernel), ("EPILOGUE_SUBTILE", subtile), ("SLICES", slices))
+              if v is not None})
     return c
 
 
@@ -64,6 +66,11 @@ def tma_persistent(bm, bn, bk, group=8, subtile=0):
 def gemv(bm, bn, bk, split=1, warps=4, stages=2):
     """A config of the GEMV kernel (the weight tile as the dot's left operand)."""
     return cfg(bm, bn, bk, split, warps, stages, kernel=3)
+
+
+def slices(bm, bn, bk, n_slices, split=1, warps=4, stages=2):
+    """A config of the slices kernel: `n_slices` K-slices of BLOCK_K per program and iteration."""
+    return cfg(bm, bn, bk, split, warps, stages, kernel=4, slices=n_slices)
 
 
 def case(id, op="vector_matmul", dtype="fp32", B=1, S=1, K=40, N=24, layout="kn", groups=1, bias=False,
@@ -151,6 +158,22 @@ CASES = [
           config=gemv(16, 16, 16)),
     case("gemv-cfg-kn-runs-pointer", op="linear_layer", dtype="fp16", B=1, S=2, K=48, N=30, bias=True,
          config=gemv(16, 16, 16, split=2), kernel="pointer"),
+    # The slices kernel (K split over the warps of a program): a K shorter than one chunk of slices, a ragged
+    # last chunk, split-K over chunks (partials summed by the reduce and QKV epilogues), several M-tiles,
+    # an even K, and a [K, N] weight (the pointer kernel runs, with the config's split).
+    case("slices-fp32-nk-M1-K-below-a-chunk", K=45, N=37, layout="nk", config=slices(16, 16, 16, 4)),
+    case("slices-fp16-int8-M2-g4-splitk2-ragged", dtype="fp16", B=2, S=1, K=150, N=48, layout="int8", groups=4,
+         config=slices(16, 16, 16, 2, split=2)),
+    case("slices-fp16-nk-bias-splitk3", op="linear_layer", dtype="fp16", B=1, S=3, K=200, N=33, layout="nk",
+         bias=True, config=slices(16, 16, 16, 2, split=3)),
+    case("slices-fp32-int8-2mtiles-8slices", B=2, S=9, K=300, N=21, layout="int8", groups=21,
+         config=slices(16, 32, 16, 8)),
+    case("slices-fp16-int8-bias-evenk", op="linear_layer", dtype="fp16", B=1, S=5, K=256, N=40, layout="int8",
+         groups=2, bias=True, config=slices(16, 16, 32, 4)),
+    flash("qkv-fp16-gqa-slices-splitk2", dtype="fp16", B=1, S=2, kv=2, rd=16, rotate_half=True, offset=50,
+          bias=True, layout="nk", config=slices(16, 32, 16, 2, split=2)),
+    case("slices-cfg-kn-runs-pointer", op="linear_layer", dtype="fp16", B=1, S=2, K=48, N=30, bias=True,
+         config=slices(16, 16, 16, 2, split=2), kernel="pointer"),
 ]
 
 
@@ -463,9 +486,10 @@ def _tma_needs_aligned_operands():
 
 def _table_entries_with_and_without_kernel_key():
     """Persisted entries: one without KERNEL (written before the TMA kernels) is a pointer config; one
-    with KERNEL 1 or 2 runs that TMA kernel, with 3 the GEMV kernel; a KERNEL the ops do not know, or a
-    TMA entry with split-K, a block larger than a TMA box, or a subtile on the pointer kernel, is ignored
-    (the default runs)."""
+    with KERNEL 1 or 2 runs that TMA kernel, with 3 the GEMV kernel, with 4 the slices kernel; a KERNEL the
+    ops do not know, or a TMA entry with split-K, a block larger than a TMA box, a subtile on the pointer
+    kernel, or K-slices on a kernel other than the slices kernel (or not a power of two), is ignored (the
+    default runs)."""
     from dsinf.triton import autotune, ops
 
     autotune.reset()
@@ -477,7 +501,8 @@ def _table_entries_with_and_without_kernel_key():
     old = cfg(32, 16, 32, group=4)  # the pre-TMA format: no KERNEL, no EPILOGUE_SUBTILE
     assert ops.valid_config(old) and "KERNEL" not in old
     for entry, expect in ((old, "pointer"), (tma(32, 16, 32), "tma"), (tma_persistent(32, 32, 16, subtile=1),
-                                                                       "tma-persistent"), (gemv(16, 16, 32), "gemv")):
+                                                                       "tma-persistent"), (gemv(16, 16, 32), "gemv"),
+                          (slices(16, 16, 16, 4), "gemv-slices")):
         autotune.record(key, entry, 0.1)
         chosen = ops.config_for(dev, torch.float16, "nk", M, N, K)
         assert chosen == {**ops.OPTIONAL_KEYS, **entry}, chosen
@@ -486,8 +511,10 @@ def _table_entries_with_and_without_kernel_key():
         assert _ran(ops, before) == {expect}
         torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
     default = ops.default_config(M, N, K, "nk", 4, True)
-    for bad in (cfg(32, 16, 32, kernel=4), dict(tma(32, 16, 32), SPLIT_K=2), tma(512, 16, 32),
-                cfg(32, 32, 32, subtile=1), tma(32, 16, 32, subtile=1), dict(old, EXTRA=1)):
+    for bad in (cfg(32, 16, 32, kernel=5), dict(tma(32, 16, 32), SPLIT_K=2), tma(512, 16, 32),
+                cfg(32, 32, 32, subtile=1), tma(32, 16, 32, subtile=1), dict(old, EXTRA=1),
+                cfg(32, 16, 32, slices=2), gemv(16, 16, 32) | {"SLICES": 4}, slices(16, 16, 16, 3),
+                slices(16, 16, 16, 32)):
         assert not ops.valid_config(bad), bad
         autotune.record(key, bad, 0.1)
         assert ops.config_for(dev, torch.float16, "nk", M, N, K) == default
@@ -541,25 +568,28 @@ def test_interpreter_behaviour(worker, name):
 
 
 #: The compiled path's decode defaults on an H200 or H100 (both 132 SMs), as measured (docs/PERFORMANCE.md,
-#: fifth, tenth and thirty-first rounds): (K, N, layout, bf16) -> (kernel, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
+#: fifth, tenth, thirty-first and forty-first rounds): (K, N, layout, bf16) -> (kernel, BLOCK_N, BLOCK_K, SPLIT_K,
+#: warps, stages, SLICES).
 H200_DECODE_DEFAULTS = {
-    (4096, 12288, "nk", False): ("gemv", 128, 128, 1, 8, 4),
-    (14336, 4096, "nk", True): ("gemv", 64, 256, 2, 4, 4),
-    (4096, 12288, "int8", False): ("gemv", 32, 256, 1, 4, 5),
-    (4096, 12288, "int8", True): ("pointer", 32, 256, 1, 4, 5),
-    (14336, 4096, "int8", False): ("pointer", 64, 256, 4, 4, 3),
-    (4096, 14336, "int8", False): ("pointer", 64, 256, 1, 4, 3),
-    (4096, 14336, "int8", True): ("pointer", 64, 256, 1, 4, 3),  # H100, thirty-ninth round
-    (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3),
-    (14336, 4096, "kn", False): ("pointer", 64, 256, 2, 4, 3),  # tenth round (run 45)
-    (4096, 4096, "kn", False): ("pointer", 32, 128, 1, 4, 5),  # tenth round (run 47)
-    (4096, 4096, "nk", False): ("gemv", 64, 256, 1, 4, 4),  # unsplit: H100, thirty-first round
-    (4096, 4096, "nk", True): ("gemv", 64, 256, 1, 4, 4),
+    (4096, 12288, "nk", False): ("gemv", 128, 128, 1, 8, 4, 1),
+    (14336, 4096, "nk", True): ("gemv", 64, 256, 2, 4, 4, 1),
+    (4096, 12288, "int8", False): ("gemv", 32, 256, 1, 4, 5, 1),
+    (4096, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # 4 slices: H100, forty-first round
+    (4096, 4096, "int8", True): ("gemv-slices", 16, 128, 1, 4, 5, 4),
+    (4096, 12288, "int8", True): ("pointer", 32, 256, 1, 4, 5, 1),
+    (14336, 4096, "int8", False): ("pointer", 64, 256, 4, 4, 3, 1),
+    (4096, 14336, "int8", False): ("pointer", 64, 256, 1, 4, 3, 1),
+    (4096, 14336, "int8", True): ("pointer", 64, 256, 1, 4, 3, 1),  # H100, thirty-ninth round
+    (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3, 1),
+    (14336, 4096, "kn", False): ("pointer", 64, 256, 2, 4, 3, 1),  # tenth round (run 45)
+    (4096, 4096, "kn", False): ("pointer", 32, 128, 1, 4, 5, 1),  # tenth round (run 47)
+    (4096, 4096, "nk", False): ("gemv", 64, 256, 1, 4, 4, 1),  # unsplit: H100, thirty-first round
+    (4096, 4096, "nk", True): ("gemv", 64, 256, 1, 4, 4, 1),
     # not measured: a short K with too few tiles to fill a third of the GPU keeps the split
-    (4096, 1024, "nk", False): ("gemv", 64, 256, 8, 4, 4),
+    (4096, 1024, "nk", False): ("gemv", 64, 256, 8, 4, 4, 1),
     # not measured: K >= 2N with a grid that would pass two waves at split 4, and K too short for it
-    (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3),
-    (1000, 260, "int8", False): ("pointer", 64, 256, 1, 4, 3),
+    (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3, 1),
+    (1000, 260, "int8", False): ("pointer", 64, 256, 1, 4, 3, 1),
 }
 
 
@@ -574,11 +604,12 @@ def test_decode_defaults_on_an_h200(monkeypatch, shape):
     for M in (1, 8, 16):
         cfg = ops.default_config(M, N, K, layout, 132, layout != "int8", bf16)
         got = (ops.KERNEL_NAMES[cfg["KERNEL"]], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"], cfg["num_warps"],
-               cfg["num_stages"])
+               cfg["num_stages"], cfg["SLICES"])
         assert got == H200_DECODE_DEFAULTS[shape], (M, cfg)
         assert ops.valid_config(cfg) and ops._fits(cfg, 2, 1 if layout == "int8" else 2, 227 * 1024)
         if cfg["SPLIT_K"] > 1:
-            assert K >= 2 * cfg["BLOCK_K"] * cfg["SPLIT_K"] and -(-N // cfg["BLOCK_N"]) * cfg["SPLIT_K"] <= 2 * 132
+            assert (K >= 2 * cfg["BLOCK_K"] * cfg["SLICES"] * cfg["SPLIT_K"]
+                    and -(-N // cfg["BLOCK_N"]) * cfg["SPLIT_K"] <= 2 * 132)
 
 
 def test_defaults_lose_pipeline_stages_on_a_smaller_gpu(monkeypatch):
@@ -696,9 +727,11 @@ def test_gpu_decode_chain_back_to_back(dtype, K, M):
             torch.testing.assert_close(ys[i + 1].cpu(), want, atol=tol, rtol=tol)
 
 
-#: GEMV-kernel configs at production tile sizes, without and with split-K.
+#: GEMV-kernel and slices-kernel configs at production tile sizes, without and with split-K.
 GPU_GEMV_CONFIGS = {"64x256-w4s4": gemv(16, 64, 256, 1, 4, 4), "128x128-w8s4": gemv(16, 128, 128, 1, 8, 4),
-                    "128x128-w8s4-split4": gemv(16, 128, 128, 4, 8, 4)}
+                    "128x128-w8s4-split4": gemv(16, 128, 128, 4, 8, 4),
+                    "slices-16x128x4-w4s3": slices(16, 16, 128, 4, 1, 4, 3),
+                    "slices-32x64x8-w8s4-split2": slices(16, 32, 64, 8, 2, 8, 4)}
 
 
 @pytest.mark.gpu
@@ -708,11 +741,11 @@ GPU_GEMV_CONFIGS = {"64x256-w4s4": gemv(16, 64, 256, 1, 4, 4), "128x128-w8s4": g
 @pytest.mark.parametrize("layout", ["nk", "int8"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_gpu_gemv_kernel(dtype, layout, M, config):
-    """The GEMV kernel compiled for the GPU (bf16 included, which the interpreter cannot check), K and N
-    not multiples of the blocks; linear_layer with a bias on the split-K config."""
+    """The GEMV kernels compiled for the GPU (bf16 included, which the interpreter cannot check), K and N
+    not multiples of the blocks; linear_layer with a bias on the split-K configs."""
     op = "linear_layer" if "split" in config else "vector_matmul"
     c = case(f"gpu-gemv-{config}", op=op, dtype=dtype, B=1, S=M, K=1004, N=1029, layout=layout, groups=7,
-             bias=op == "linear_layer", config=GPU_GEMV_CONFIGS[config], kernel="gemv")
+             bias=op == "linear_layer", config=GPU_GEMV_CONFIGS[config])
     _poison_allocator()
     check_case(c, device="cuda", seed=M)
 

@@ -7,7 +7,7 @@ CUDA module and torch, timed the same way.
 For each (dtype, layout, K x N, M) it prints: the CUDA module's vector_matmul (µs), torch (F.linear for
 [N,K], torch.matmul for [K,N], the dequantized fp16/bf16 weight for int8), the Triton op with its
 default config, the best candidate of each Triton kernel (`ops.candidates`: the pointer kernel, the
-GEMV kernel), and tuned/CUDA: the best candidate's time
+GEMV kernel, the slices kernel), and tuned/CUDA: the best candidate's time
 over the CUDA module's (the goal: <= 1.1). Timing is `dsinf.triton.ops._graph_bench`, what the
 autotuner uses (CUDA-graph replays over weight copies past the L2), for every column, so the columns
 compare. The best candidate per problem is also what `autotune_matmul` would record (it re-times its
@@ -67,7 +67,7 @@ def main() -> int:
     log(f"device {torch.cuda.get_device_name()} ({info.sms} SMs), triton {ops.triton.__version__}, "
         f"int8 conversion: {'PTX byte tricks' if ops.ASM_I8 else 'plain cast'}")
     log("µs per call (CUDA-graph replays, weights rotated past L2); tuned/CUDA = best Triton candidate / CUDA module")
-    families = ("pointer", "gemv")
+    families = ("pointer", "gemv", "gemv-slices")
     log(f"{'dtype':5s} {'layout':6s} {'K x N':>12s} {'M':>2s} {'cuda':>7s} {'torch':>7s} {'default':>8s} "
         + " ".join(f"{f:>9s}" for f in families) + f" {'tuned/cuda':>10s}  best config")
     rows = []
@@ -129,11 +129,12 @@ def main() -> int:
                     rows.append(row)
                     for t, c in sorted(times, key=lambda tc: tc[0])[:args.top]:
                         log(f"    {t:7.1f} us  {family(c, ops.KERNEL_NAMES)} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-                            f" s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}")
+                            f" s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']} slices{c.get('SLICES', 1)}")
                     log(f"{dname:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t_cuda:7.1f} {t_torch:7.1f} {t_default:8.1f} "
                         + " ".join(f"{best[f]:9.1f}" for f in families) + f" {t_best / t_cuda:9.2f}x  "
                         + f"{family(c_best, ops.KERNEL_NAMES)} {c_best['BLOCK_M']}x{c_best['BLOCK_N']}x{c_best['BLOCK_K']}"
-                        + f" s{c_best['SPLIT_K']} w{c_best['num_warps']} st{c_best['num_stages']}")
+                        + f" s{c_best['SPLIT_K']} w{c_best['num_warps']} st{c_best['num_stages']}"
+                        + f" slices{c_best.get('SLICES', 1)}")
                 except Exception as exc:  # noqa: BLE001
                     log(f"  {what}: {type(exc).__name__}: {exc}")
                     traceback.print_exc()

@@ -26,6 +26,14 @@ The kernels, each stating its math and layout:
                         tensor cores, a broadcast multiply summed over the tile's K axis, 1.2-1.6x
                         slower than the dot on every decode shape.) Any M works (the grid
                         covers the M-tiles), but the weight is streamed once only with one M-tile.
+`_gemv_slices_kernel`   the GEMV kernel with K split over the warps of one program: the weight tile is
+                        [SLICES, BLOCK_N, BLOCK_K], SLICES consecutive K-slices of the same rows, and
+                        the product a batched tl.dot (Triton gives each warp its own batch entries), so
+                        every warp streams its own slices of the rows, as the CUDA module's streaming
+                        kernel splits K. The SLICES partial tiles are summed once after the loop: no
+                        second launch, no atomics. SPLIT_K > 1 splits the K loop over program_id(1)
+                        as in `_gemv_kernel` (split s takes chunks of SLICES * BLOCK_K elements s,
+                        s + SPLIT_K, ...) and writes the same fp32 partials.
 `_matmul_tma_kernel`    the same math for fp16/bf16 (fp32 under the interpreter) weights, SPLIT_K = 1,
                         no int8: x, W and out are read and written through host-built TMA
                         descriptors (sm_90+), so the copy engine moves whole tiles into swizzled
@@ -58,17 +66,17 @@ The angle p * f_i and its reduction modulo 2*pi are computed in fp64 (a few fp64
 an epilogue that is memory-bound), then cos/sin in fp32: outputs match the fp64 reference at any
 position, where an fp32 angle (DeepSpeed's, HF's) is off by up to p * 2^-24 rad.
 
-PDL (`_matmul_kernel`, `_gemv_kernel`, `_splitk_reduce_kernel`; the launchers set it for decode sizes on
+PDL (`_matmul_kernel`, the GEMV kernels, `_splitk_reduce_kernel`; the launchers set it for decode sizes on
 sm_90+): the kernel is launched with programmatic dependent launch, so it may be scheduled while the previous
 kernel on the stream finishes. It waits for that kernel (gdc_wait) before its first load, so every operand
 is read in stream order; the matmuls then let the next kernel be scheduled once their K loop is done
 (gdc_launch_dependents), the split-K reduce waits for the matmul like any other.
 
 Constraints: every block size is a power of two >= 16 for tl.dot operands (BLOCK_M >= 16 even when
-M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel` and `_gemv_kernel`: the K tail is masked unless EVEN_K. The TMA
-kernels need K and N multiples of 16 bytes and blocks <= 256 (a TMA box). The interpreter
-(TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32 and fp16 but computes
-bf16 wrongly, so bf16 is tested on the GPU only.
+M == 1; padded rows are masked). No K % 8 requirement for `_matmul_kernel` and the GEMV kernels: the K
+tail is masked unless EVEN_K. The TMA kernels need K and N multiples of 16 bytes and blocks <= 256 (a
+TMA box). The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors; it is correct for fp32
+and fp16 but computes bf16 wrongly, so bf16 is tested on the GPU only.
 """
 from __future__ import annotations
 
@@ -262,6 +270,50 @@ def _gemv_kernel(
         gdc_launch_dependents()
     _store_tile(tl.trans(acc), out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_k,
                 rows_per_group, HAS_BIAS, W_INT8, SPLIT_K)
+
+
+@triton.jit
+def _gemv_slices_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    rows_per_group,
+    HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICES: tl.constexpr,
+    SPLIT_K: tl.constexpr, ASM_I8: tl.constexpr, PDL: tl.constexpr,
+):
+    # out^T[n, m] = sum_s sum_k W[n, k] * x[m, k] over the SLICES K-slices of each chunk of SLICES * BLOCK_K:
+    # acc[s] = W_s [BLOCK_N, BLOCK_K] @ x_s^T [BLOCK_K, BLOCK_M], one batched dot per chunk.
+    if PDL:
+        gdc_wait()
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % num_pid_n
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_k = tl.program_id(1)
+    CHUNK: tl.constexpr = SLICES * BLOCK_K
+    offs_m, offs_n, rk, _, mask_m, mask_n = _tile_ranges(pid_m, pid_n, 0, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    kk = pid_k * CHUNK + tl.arange(0, SLICES)[:, None] * BLOCK_K + rk[None, :]  # [SLICES, BLOCK_K]: k in chunk 0
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :, None] * stride_wn + kk[:, None, :] * stride_wk
+    xt_ptrs = x_ptr + kk[:, :, None] * stride_xk + offs_m.to(tl.int64)[None, None, :] * stride_xm
+
+    acc = tl.zeros((SLICES, BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for it in range(0, tl.cdiv(K, CHUNK * SPLIT_K)):
+        k_left = K - it * CHUNK * SPLIT_K  # kk < k_left: inside K in this iteration
+        if EVEN_K:
+            xt = tl.load(xt_ptrs, mask=mask_m[None, None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :, None], other=0)
+        else:
+            xt = tl.load(xt_ptrs, mask=mask_m[None, None, :] & (kk < k_left)[:, :, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :, None] & (kk < k_left)[:, None, :], other=0)
+        if W_INT8:
+            w = _int8_to(w, xt.dtype, ASM_I8)
+        acc = tl.dot(w, xt, acc)
+        xt_ptrs += CHUNK * SPLIT_K * stride_xk
+        w_ptrs += CHUNK * SPLIT_K * stride_wk
+    if PDL:
+        gdc_launch_dependents()
+    _store_tile(tl.trans(tl.sum(acc, axis=0)), out_ptr, bias_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                pid_k, rows_per_group, HAS_BIAS, W_INT8, SPLIT_K)
 
 
 @triton.jit

@@ -13,7 +13,8 @@ Paths by M = B*S (candidates and defaults below; the table overrides the default
 - M <= 16 (decode): BLOCK_M = 16, one M-tile, so the weight is streamed exactly once; narrow N-tiles
   and deep K-tiles, and split-K only when the N-tiles alone cannot fill half the GPU. [N, K] weights
   (float and int8) also race the GEMV kernel (KERNEL 3), which makes the weight tile the dot's left
-  operand instead of transposing it.
+  operand instead of transposing it, and the slices kernel (KERNEL 4), the same with K split over the
+  warps of a program.
 - 16 < M <= 128: 32..64-row tiles, split-K allowed.
 - M > 128: 64..256 square-ish tiles with GROUP_M swizzle (compute-bound; the cuBLAS regime). On
   sm_90+ with fp16/bf16 weights whose operands a TMA descriptor can describe (`tma_eligible`,
@@ -63,11 +64,13 @@ KERNEL_POINTER = 0  # `_matmul_kernel`: any operands, split-K, int8 weights
 KERNEL_TMA = 1  # `_matmul_tma_kernel` with one program per output tile
 KERNEL_TMA_PERSISTENT = 2  # `_matmul_tma_kernel` persistent: min(#SMs, tiles) programs loop over the tiles
 KERNEL_GEMV = 3  # `_gemv_kernel`: [N, K] weights (float and int8) as the dot's left operand
+KERNEL_GEMV_SLICES = 4  # `_gemv_slices_kernel`: the GEMV kernel with K split over the warps of a program
 KERNEL_NAMES = {KERNEL_POINTER: "pointer", KERNEL_TMA: "tma", KERNEL_TMA_PERSISTENT: "tma-persistent",
-                KERNEL_GEMV: "gemv"}
+                KERNEL_GEMV: "gemv", KERNEL_GEMV_SLICES: "gemv-slices"}
 #: Keys a config may leave out, with the value their absence means: entries persisted before the TMA
-#: kernels existed have neither and stay valid, as pointer-kernel configs.
-OPTIONAL_KEYS = {"KERNEL": KERNEL_POINTER, "EPILOGUE_SUBTILE": 0}
+#: kernels existed have none of them and stay valid, as pointer-kernel configs. SLICES: the K-slices per
+#: program of `_gemv_slices_kernel` (1 for every other kernel).
+OPTIONAL_KEYS = {"KERNEL": KERNEL_POINTER, "EPILOGUE_SUBTILE": 0, "SLICES": 1}
 _TMA_MAX_BLOCK = 256  # a TMA box is at most 256 elements per dimension
 #: int8 weights converted with PTX byte tricks (`kernels._int8_to`), not one conversion per weight; the
 #: interpreter runs no PTX. A module attribute so a probe can time both.
@@ -120,8 +123,8 @@ def _source_hash() -> str:
     """Hash of the tuned kernels' source text: editing them invalidates their table entries."""
     h = hashlib.sha256()
     for k in (kernels._grouped_tile, kernels._int8_to, kernels._tile_ranges, kernels._store_tile,
-              kernels._matmul_kernel, kernels._gemv_kernel, kernels._tma_tile, kernels._tma_epilogue,
-              kernels._matmul_tma_kernel, kernels._splitk_reduce_kernel):
+              kernels._matmul_kernel, kernels._gemv_kernel, kernels._gemv_slices_kernel, kernels._tma_tile,
+              kernels._tma_epilogue, kernels._matmul_tma_kernel, kernels._splitk_reduce_kernel):
         h.update(inspect.getsource(getattr(k, "fn", k)).encode())
     h.update((kernels._I8_TO_F16_ASM.value + kernels._I8_TO_BF16_ASM.value).encode())
     return h.hexdigest()[:12]
@@ -139,15 +142,15 @@ def tune_key(device: torch.device, dtype: torch.dtype, layout: str, m: int, n: i
                             dtype=checks.DTYPE_SUFFIX[dtype], layout=layout, m=autotune.m_bucket(m), n=n, k=k)
 
 
-def _config(bm, bn, bk, split=1, warps=4, stages=3, group=8, kernel=KERNEL_POINTER, subtile=0) -> dict:
+def _config(bm, bn, bk, split=1, warps=4, stages=3, group=8, kernel=KERNEL_POINTER, subtile=0, slices=1) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
-            "num_warps": warps, "num_stages": stages, "KERNEL": kernel, "EPILOGUE_SUBTILE": subtile}
+            "num_warps": warps, "num_stages": stages, "KERNEL": kernel, "EPILOGUE_SUBTILE": subtile, "SLICES": slices}
 
 
 def valid_config(cfg) -> bool:
     """A config we can launch: every required key (optional ones per OPTIONAL_KEYS), ints, power-of-two
     blocks >= 16 (tl.dot), sane ranges; TMA kernels: no split-K, blocks <= a TMA box, and an epilogue
-    subtile of at least 16 columns."""
+    subtile of at least 16 columns; K-slices (a power of two up to 16) on the slices kernel only."""
     if not isinstance(cfg, dict) or not set(CONFIG_KEYS) <= set(cfg) <= set(CONFIG_KEYS) | set(OPTIONAL_KEYS):
         return False
     if not all(type(v) is int for v in cfg.values()):
@@ -156,7 +159,10 @@ def valid_config(cfg) -> bool:
     blocks = [cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
     kernel = cfg.get("KERNEL", KERNEL_POINTER)
     subtile = cfg.get("EPILOGUE_SUBTILE", 0)
-    if kernel not in KERNEL_NAMES or subtile not in (0, 1):
+    slices = cfg.get("SLICES", 1)
+    if kernel not in KERNEL_NAMES or subtile not in (0, 1) or slices not in (1, 2, 4, 8, 16):
+        return False
+    if slices > 1 and kernel != KERNEL_GEMV_SLICES:
         return False
     tma_kernel = kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT)
     if tma_kernel and (cfg["SPLIT_K"] != 1 or max(blocks) > _TMA_MAX_BLOCK):
@@ -205,6 +211,13 @@ _GEMV_DOT_SHAPES = [(16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 4, 5), (32, 256,
                     (64, 128, 4, 5), (64, 256, 4, 4), (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
 
 
+#: M <= 16 slices-kernel candidates (BLOCK_N, BLOCK_K, SLICES, warps, stages); BLOCK_M = 16. H100, int8
+#: 4096x4096 (docs/PERFORMANCE.md, forty-first round): 16-row tiles, 2-4 slices of 128 and deep rings won
+#: (the default's tile); 8 slices and 32-64-row tiles were slower.
+_GEMV_SLICES_SHAPES = [(16, 128, 2, 2, 5), (16, 256, 2, 2, 4), (16, 128, 4, 4, 5), (16, 256, 4, 4, 3),
+                       (16, 128, 8, 4, 3), (16, 128, 4, 4, 7), (16, 128, 2, 2, 8)]
+
+
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
                tma: bool = False, bf16: bool = False) -> list[dict]:
     """The configs `autotune_*` benchmarks for one problem, pruned by shared memory and usefulness.
@@ -221,10 +234,13 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
         for bn, bk, w, st in shapes:
             for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
                 cands.append(_config(16, bn, bk, split, w, st))
-        if layout in ("nk", "int8"):  # the GEMV kernel: the weight tile is the dot's left operand
+        if layout in ("nk", "int8"):  # the GEMV kernels: the weight tile is the dot's left operand
             for bn, bk, w, st in _GEMV_DOT_SHAPES:
                 for split in _useful_splits(triton.cdiv(n, bn), k, bk, sms):
                     cands.append(_config(16, bn, bk, split, w, st, kernel=KERNEL_GEMV))
+            for bn, bk, sl, w, st in _GEMV_SLICES_SHAPES:
+                for split in _useful_splits(triton.cdiv(n, bn), k, bk * sl, sms):
+                    cands.append(_config(16, bn, bk, split, w, st, kernel=KERNEL_GEMV_SLICES, slices=sl))
     elif m <= 128:
         shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
                   (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
@@ -251,8 +267,9 @@ def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, sme
 
 
 def _fits(cfg: dict, act_size: int, w_size: int, smem: int) -> bool:
-    """Whether the pipelined x and W tiles of `cfg` fit in shared memory."""
-    return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size) <= smem
+    """Whether the pipelined x and W tiles of `cfg` (SLICES of each per stage) fit in shared memory."""
+    per_slice = cfg["BLOCK_M"] * cfg["BLOCK_K"] * act_size + cfg["BLOCK_K"] * cfg["BLOCK_N"] * w_size
+    return cfg["num_stages"] * cfg.get("SLICES", 1) * per_slice <= smem
 
 
 def _decode_split(n_tiles: int, k: int, bk: int, sms: int, split: int = 1) -> int:
@@ -300,19 +317,26 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         #   bf16).
         # - int8 up to N = 12288, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA
         #   module 15.1; 8192x8192 1.03-1.07x of it).
+        # - int8 up to N = 4096 (K < 2N): the slices kernel 16x128, 4 slices, w4 s5, fp16 and bf16 activations
+        #   (H100, 4096x4096 M = 1 / 4 / 8, fp16: 8.8 / 8.9 / 8.8 us, where the GEMV kernel 32x256 took 8.7 / 9.3 /
+        #   9.2; bf16: 9.0 / 9.3 / 9.2, the pointer kernel 8.9 / 10.1 / 10.1; the CUDA module 7.8-8.1). On
+        #   4096x12288 and 4096x14336 its best lost to the defaults below by 7-17% (docs/PERFORMANCE.md,
+        #   forty-first round).
         if layout == "int8" and k >= 2 * n:
-            tile = (64, 256, 4, 3, KERNEL_POINTER, 4)
+            tile = (64, 256, 4, 3, KERNEL_POINTER, 4, 1)
         elif layout == "int8" and n > 12288:
-            tile = (64, 256, 4, 3, KERNEL_POINTER, 1)
+            tile = (64, 256, 4, 3, KERNEL_POINTER, 1, 1)
+        elif layout == "int8" and n <= 4096:
+            tile = (16, 128, 4, 5, KERNEL_GEMV_SLICES, 1, 4)
         elif layout == "int8" and bf16:
-            tile = (32, 256, 4, 5, KERNEL_POINTER, 1)
+            tile = (32, 256, 4, 5, KERNEL_POINTER, 1, 1)
         elif layout == "int8":
-            tile = (32, 256, 4, 5, KERNEL_GEMV, 1)
+            tile = (32, 256, 4, 5, KERNEL_GEMV, 1, 1)
         elif triton.cdiv(n, 128) >= sms // 2:
-            tile = (128, 128, 8, 4, KERNEL_GEMV, 1)
+            tile = (128, 128, 8, 4, KERNEL_GEMV, 1, 1)
         else:
-            tile = (64, 256, 4, 4, KERNEL_GEMV, 1)
-        bn, bk, warps, stages, kernel, split = tile
+            tile = (64, 256, 4, 4, KERNEL_GEMV, 1, 1)
+        bn, bk, warps, stages, kernel, split, slices = tile
         n_tiles = triton.cdiv(n, bn)
         # 16-bit [N, K] with a short K, whose 64-row tiles already fill a third of the GPU: not split. H100
         # (tools/probe_triton_decode.py, 2026-12-05), 4096x4096 M = 1 / 8, us: 64x256 s4 split 2 (the split
@@ -320,7 +344,9 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # / 13.4). A long K (14336x4096 above) and fewer tiles keep the split.
         if layout == "nk" and k < 8192 and n_tiles >= sms // 3:
             return _config(16, bn, bk, 1, warps, stages, kernel=kernel)
-        return _config(16, bn, bk, _decode_split(n_tiles, k, bk, sms, split), warps, stages, kernel=kernel)
+        # A program of the slices kernel reads SLICES * BLOCK_K of each row per iteration: that is its K-tile.
+        return _config(16, bn, bk, _decode_split(n_tiles, k, bk * slices, sms, split), warps, stages, kernel=kernel,
+                       slices=slices)
     if m <= 16:
         # [K, N]. Measured on H100 (fp16, [N, K] then, M=1..16, N*K from 16M to 64M): BLOCK_N=32,
         # BLOCK_K=256, 5 stages, no split was within 3% of the best of 126 configs on every shape; split-K
@@ -488,7 +514,7 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     kernel = cfg.get("KERNEL", KERNEL_POINTER)
     if kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT) and _tma_operands(x2, weight, n):
         return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
-    if kernel != KERNEL_POINTER and not (kernel == KERNEL_GEMV and weight_nk):
+    if kernel != KERNEL_POINTER and not (kernel in (KERNEL_GEMV, KERNEL_GEMV_SLICES) and weight_nk):
         layout = "int8" if weight.dtype == torch.int8 else ("nk" if weight_nk else "kn")
         info = _device_info(x2.device.type, x2.device.index)
         default = _device_default(autotune.m_bucket(m), n, k, layout, x2.element_size(), info.sms, info.smem,
@@ -512,11 +538,14 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
               x2.stride(0), x2.stride(1))
     pdl = _pdl(x2.device, m)
     launch = {"launch_pdl": True} if pdl else {}  # the interpreter takes no launch options
-    meta = dict(HAS_BIAS=bias is not None and split == 1, W_INT8=w_int8, EVEN_K=k % (bk * split) == 0,
+    slices = cfg.get("SLICES", 1)
+    meta = dict(HAS_BIAS=bias is not None and split == 1, W_INT8=w_int8, EVEN_K=k % (bk * slices * split) == 0,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ASM_I8=w_int8 and ASM_I8, PDL=pdl,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
     if kernel == KERNEL_GEMV:  # [N, K]: stride_wn, stride_wk
         kernels._gemv_kernel[grid](*common, stride_wn, stride_wk, rows_per_group, **meta)
+    elif kernel == KERNEL_GEMV_SLICES:
+        kernels._gemv_slices_kernel[grid](*common, stride_wn, stride_wk, rows_per_group, SLICES=slices, **meta)
     else:
         kernels._matmul_kernel[grid](*common, stride_wk, stride_wn, rows_per_group, W_NK=weight_nk,
                                      GROUP_M=cfg["GROUP_M"], **meta)
