@@ -577,7 +577,8 @@ H200_DECODE_DEFAULTS = {
     (4096, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # 4 slices: H100, forty-first round
     (4096, 4096, "int8", True): ("gemv-slices", 16, 128, 1, 4, 5, 4),
     (4096, 12288, "int8", True): ("pointer", 32, 256, 1, 4, 5, 1),
-    (14336, 4096, "int8", False): ("pointer", 64, 256, 4, 4, 3, 1),
+    (14336, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # H100, forty-first round
+    (14336, 4096, "int8", True): ("gemv-slices", 16, 128, 1, 4, 5, 4),
     (4096, 14336, "int8", False): ("pointer", 64, 256, 1, 4, 3, 1),
     (4096, 14336, "int8", True): ("pointer", 64, 256, 1, 4, 3, 1),  # H100, thirty-ninth round
     (4096, 12288, "kn", False): ("pointer", 64, 256, 1, 4, 3, 1),
@@ -587,9 +588,9 @@ H200_DECODE_DEFAULTS = {
     (4096, 4096, "nk", True): ("gemv", 64, 256, 1, 4, 4, 1),
     # not measured: a short K with too few tiles to fill a third of the GPU keeps the split
     (4096, 1024, "nk", False): ("gemv", 64, 256, 8, 4, 4, 1),
-    # not measured: K >= 2N with a grid that would pass two waves at split 4, and K too short for it
+    # not measured: K >= 2N with a grid that would pass two waves at split 4; a K too short to split
     (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3, 1),
-    (1000, 260, "int8", False): ("pointer", 64, 256, 1, 4, 3, 1),
+    (1000, 260, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),
 }
 
 

@@ -307,8 +307,9 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # H200 (tools/probe_triton_decode.py, M = 1 and 8, the best of ~40 candidates per problem):
         # - fp16/bf16 [N, K]: the GEMV kernel, 128x128 w8 s4 on 4096x12288 (26.1 us; the pointer kernel's
         #   old default 32.0, the CUDA module 27.7), 64x256 w4 s4 split 2 on 14336x4096.
-        # - int8 with rows much longer than the output (K >= 2N, 14336x4096): the pointer kernel 64x256 w4 s3
-        #   split 4, fp16 and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1).
+        # - int8 with rows much longer than the output (K >= 2N) above N = 4096 (not measured there): the pointer
+        #   kernel 64x256 w4 s3 split 4, as it won on 14336x4096 on an H200 before the slices kernel existed, fp16
+        #   and bf16 activations (19.4 / 20.6 us; the GEMV kernel's best 21.2 / 27.1).
         # - int8 above N = 12288: the pointer kernel 64x256 w4 s3, fp16 and bf16 activations (4096x14336 fp16:
         #   18.9 us, the GEMV kernel 22.5, the CUDA module 17.3; H100 bf16 M = 1 / 8: 23.2 / 23.8 us, the CUDA
         #   module 22.9 / 22.9, where 32x256 s5 took 32.0 / 34.0: docs/PERFORMANCE.md, thirty-ninth round).
@@ -317,17 +318,18 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         #   bf16).
         # - int8 up to N = 12288, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA
         #   module 15.1; 8192x8192 1.03-1.07x of it).
-        # - int8 up to N = 4096 (K < 2N): the slices kernel 16x128, 4 slices, w4 s5, fp16 and bf16 activations
-        #   (H100, 4096x4096 M = 1 / 4 / 8, fp16: 8.8 / 8.9 / 8.8 us, where the GEMV kernel 32x256 took 8.7 / 9.3 /
-        #   9.2; bf16: 9.0 / 9.3 / 9.2, the pointer kernel 8.9 / 10.1 / 10.1; the CUDA module 7.8-8.1). On
-        #   4096x12288 and 4096x14336 its best lost to the defaults below by 7-17% (docs/PERFORMANCE.md,
-        #   forty-first round).
-        if layout == "int8" and k >= 2 * n:
+        # - int8 up to N = 4096: the slices kernel 16x128, 4 slices, w4 s5, fp16 and bf16 activations (H100,
+        #   4096x4096 M = 1 / 4 / 8, fp16: 8.8 / 8.9 / 8.8 us, where the GEMV kernel 32x256 took 8.7 / 9.3 / 9.2;
+        #   bf16: 9.0 / 9.3 / 9.2, the pointer kernel 8.9 / 10.1 / 10.1; the CUDA module 7.8-8.1. 14336x4096
+        #   M = 1 / 8, fp16: 22.6 / 23.2, the pointer kernel split 4 below 23.1 / 23.8; bf16: 22.8 / 23.5, it
+        #   23.5 / 24.1; the CUDA module 21.6-22.2). On 4096x12288 and 4096x14336 its best lost to the defaults
+        #   below by 7-17% (docs/PERFORMANCE.md, forty-first round).
+        if layout == "int8" and n <= 4096:
+            tile = (16, 128, 4, 5, KERNEL_GEMV_SLICES, 1, 4)
+        elif layout == "int8" and k >= 2 * n:
             tile = (64, 256, 4, 3, KERNEL_POINTER, 4, 1)
         elif layout == "int8" and n > 12288:
             tile = (64, 256, 4, 3, KERNEL_POINTER, 1, 1)
-        elif layout == "int8" and n <= 4096:
-            tile = (16, 128, 4, 5, KERNEL_GEMV_SLICES, 1, 4)
         elif layout == "int8" and bf16:
             tile = (32, 256, 4, 5, KERNEL_POINTER, 1, 1)
         elif layout == "int8":
