@@ -211,11 +211,12 @@ _GEMV_DOT_SHAPES = [(16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 4, 5), (32, 256,
                     (64, 128, 4, 5), (64, 256, 4, 4), (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
 
 
-#: M <= 16 slices-kernel candidates (BLOCK_N, BLOCK_K, SLICES, warps, stages); BLOCK_M = 16. H100, int8
-#: 4096x4096 (docs/PERFORMANCE.md, forty-first round): 16-row tiles, 2-4 slices of 128 and deep rings won
-#: (the default's tile); 8 slices and 32-64-row tiles were slower.
+#: M <= 16 slices-kernel candidates (BLOCK_N, BLOCK_K, SLICES, warps, stages); BLOCK_M = 16. The best five per
+#: problem on an H100, int8 4096x4096 and 14336x4096 (docs/PERFORMANCE.md, forty-first round): 16-row tiles with
+#: 2-8 slices of 128-256 and rings of 3-8 stages (the default's tile among them); 32-row tiles at 14336x4096 only
+#: (best at M = 8, by less than 1%); 64-128-row tiles and 16 slices never.
 _GEMV_SLICES_SHAPES = [(16, 128, 2, 2, 5), (16, 256, 2, 2, 4), (16, 128, 4, 4, 5), (16, 256, 4, 4, 3),
-                       (16, 128, 8, 4, 3), (16, 128, 4, 4, 7), (16, 128, 2, 2, 8)]
+                       (16, 128, 8, 4, 3), (16, 128, 4, 4, 7), (16, 128, 2, 2, 8), (32, 128, 4, 4, 5)]
 
 
 def candidates(m: int, n: int, k: int, layout: str, act_size: int, sms: int, smem: int,
@@ -313,11 +314,11 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         # - int8 above N = 12288: the pointer kernel 64x256 w4 s3, fp16 and bf16 activations (4096x14336 fp16:
         #   18.9 us, the GEMV kernel 22.5, the CUDA module 17.3; H100 bf16 M = 1 / 8: 23.2 / 23.8 us, the CUDA
         #   module 22.9 / 22.9, where 32x256 s5 took 32.0 / 34.0: docs/PERFORMANCE.md, thirty-ninth round).
-        # - int8 up to N = 12288, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us; the
-        #   GEMV kernel 22.3, where converting the weight tile that feeds the dot from registers costs more in
-        #   bf16).
-        # - int8 up to N = 12288, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the CUDA
-        #   module 15.1; 8192x8192 1.03-1.07x of it).
+        # - int8 from N = 4097 to 12288, bf16 activations: the pointer kernel 32x256 w4 s5 (4096x12288: 17.8 us;
+        #   the GEMV kernel 22.3, where converting the weight tile that feeds the dot from registers costs more
+        #   in bf16).
+        # - int8 from N = 4097 to 12288, fp16 activations: the GEMV kernel 32x256 w4 s5 (4096x12288: 16.6 us, the
+        #   CUDA module 15.1; 8192x8192 1.03-1.07x of it).
         # - int8 up to N = 4096: the slices kernel 16x128, 4 slices, w4 s5, fp16 and bf16 activations (H100,
         #   4096x4096 M = 1 / 4 / 8, fp16: 8.8 / 8.9 / 8.8 us, where the GEMV kernel 32x256 took 8.7 / 9.3 / 9.2;
         #   bf16: 9.0 / 9.3 / 9.2, the pointer kernel 8.9 / 10.1 / 10.1; the CUDA module 7.8-8.1. 14336x4096
