@@ -69,7 +69,7 @@ def main() -> int:
     log("µs per call (CUDA-graph replays, weights rotated past L2); tuned/CUDA = best Triton candidate / CUDA module")
     families = ("pointer", "gemv", "gemv-slices")
     log(f"{'dtype':5s} {'layout':6s} {'K x N':>12s} {'M':>2s} {'cuda':>7s} {'torch':>7s} {'default':>8s} "
-        + " ".join(f"{f:>9s}" for f in families) + f" {'tuned/cuda':>10s}  best config")
+        + " ".join(f"{f:>11s}" for f in families) + f" {'tuned/cuda':>10s}  best config")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for dname, layout, (K, N) in itertools.product(args.dtypes.split(","), args.layouts.split(","), shapes):
@@ -131,7 +131,7 @@ def main() -> int:
                         log(f"    {t:7.1f} us  {family(c, ops.KERNEL_NAMES)} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
                             f" s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']} slices{c.get('SLICES', 1)}")
                     log(f"{dname:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t_cuda:7.1f} {t_torch:7.1f} {t_default:8.1f} "
-                        + " ".join(f"{best[f]:9.1f}" for f in families) + f" {t_best / t_cuda:9.2f}x  "
+                        + " ".join(f"{best[f]:11.1f}" for f in families) + f" {t_best / t_cuda:9.2f}x  "
                         + f"{family(c_best, ops.KERNEL_NAMES)} {c_best['BLOCK_M']}x{c_best['BLOCK_N']}x{c_best['BLOCK_K']}"
                         + f" s{c_best['SPLIT_K']} w{c_best['num_warps']} st{c_best['num_stages']}"
                         + f" slices{c_best.get('SLICES', 1)}")
