@@ -511,9 +511,9 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
     fp32 partials [SPLIT_K, M, N] without bias (the QKV epilogue sums them).
 
     A TMA config (KERNEL 1, 2) whose operands do not qualify (`_tma_operands`), or a GEMV config
-    (KERNEL 3) on a [K, N] weight, runs with that problem's default without TMA (the pointer kernel, or
-    for an [N, K] weight at decode sizes the GEMV kernel), as if the TMA kernels did not exist, but with
-    the config's SPLIT_K: the caller reads SPLIT_K from the config it passed."""
+    (KERNEL 3, 4) on a [K, N] weight, runs with that problem's default without TMA (the pointer kernel, or
+    for an [N, K] weight at decode sizes one of the GEMV kernels), as if the TMA kernels did not exist, but
+    with the config's SPLIT_K: the caller reads SPLIT_K from the config it passed."""
     kernel = cfg.get("KERNEL", KERNEL_POINTER)
     if kernel in (KERNEL_TMA, KERNEL_TMA_PERSISTENT) and _tma_operands(x2, weight, n):
         return _launch_tma(cfg, x2, weight, bias, weight_nk, m, n, k, out_dtype)
@@ -523,7 +523,7 @@ def _launch_matmul(cfg: dict, x2: torch.Tensor, weight: torch.Tensor, bias, q_sc
         default = _device_default(autotune.m_bucket(m), n, k, layout, x2.element_size(), info.sms, info.smem,
                                   bf16=x2.dtype == torch.bfloat16)
         cfg = dict(default, SPLIT_K=cfg["SPLIT_K"])
-        kernel = cfg["KERNEL"]  # tma=False: the pointer kernel, or the GEMV kernel for an [N, K] weight
+        kernel = cfg["KERNEL"]  # tma=False: the pointer kernel, or a GEMV kernel for an [N, K] weight
     split = cfg["SPLIT_K"]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if weight_nk:
