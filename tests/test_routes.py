@@ -460,6 +460,51 @@ def test_tune_routes_measures_persists_applies_and_reuses(cpu_routes, tmp_path, 
     assert routes.apply("cpu") == 1 and cpu_routes.applied == {key: route.max_m}  # pushed at load
 
 
+def _scripted_cpu_timing(monkeypatch, slow):
+    """routes._measure_cpu replaced by a script: each call records the buckets it was asked to time and adds one
+    sample per bucket and route; (bucket, call number) pairs in `slow` read our route at 3 ms, else 1 ms, and
+    ATen always 2 ms. The decision and its second timings are measure()'s own."""
+    calls = []
+
+    def timing(b, key, base, op, xs, weights, ours, aten, reps, weight_bytes):
+        calls.append(tuple(xs))
+        for m in xs:
+            ours[m].append(3.0 if (m, len(calls)) in slow else 1.0)
+            aten[m].append(2.0)
+
+    monkeypatch.setattr(routes, "_measure_cpu", timing)
+    return calls
+
+
+@pytest.mark.parametrize("slow, retimed, want", [
+    ({(4, 1)}, [4], None),              # one slow timing at M=4: timed again, it wins, the route goes on past it
+    ({(4, 1), (4, 2)}, [4], 2),         # slow again: a real loss, it stops at M=2
+    ({(4, 1), (8, 1), (8, 3)}, [4, 8], 4),  # the stop moves to M=8, which is timed again too, and stays slow there
+    (set(), [], None),                  # no stop below the top bucket: nothing timed twice
+])
+def test_cpu_measuring_times_the_bucket_that_stops_the_decision_again(cpu_routes, monkeypatch, slow, retimed, want):
+    key = RouteKey("fp32", "nk", 256, 96)
+    ms = routes.buckets(cpu_routes.cap(key), cpu_routes.default(key))
+    assert {1, 2, 4, 8, 16} <= set(ms)
+    calls = _scripted_cpu_timing(monkeypatch, slow)
+    route = routes.measure(key, "cpu")
+    assert calls == [ms] + [(m,) for m in retimed]
+    assert route.max_m == (ms[-1] if want is None else want)
+    assert route.ours_ms[ms.index(4)] == (3.0 if (4, 2) in slow else 1.0)  # the fastest of its samples
+
+
+def test_cpu_measuring_times_a_gated_keys_stop_again(cpu_routes, monkeypatch):
+    """The gated rule stops at the first M where the matmul path wins; that M is timed again (here the gated
+    kernel is "ours": 3 ms against the matmul's 2 ms is a loss, 1 ms a win)."""
+    key = RouteKey("fp32", "gated-nk", 64, 96)
+    ms = routes.buckets(cpu_routes.cap(key), cpu_routes.default(key))
+    assert len(ms) >= 2
+    calls = _scripted_cpu_timing(monkeypatch, {(ms[1], 1)})
+    assert routes.measure(key, "cpu").max_m == ms[-1] and calls == [ms, (ms[1],)]
+    calls = _scripted_cpu_timing(monkeypatch, {(ms[1], 1), (ms[1], 2)})
+    assert routes.measure(key, "cpu").max_m == ms[0] and calls == [ms, (ms[1],)]
+
+
 def test_apply_ignores_other_devices_and_off(cpu_routes, tmp_path, monkeypatch):
     mine, theirs = RouteKey("fp16", "nk", 32, 32), RouteKey("fp16", "nk", 64, 64)
     routes._save(routes.device_key("cpu"), [_route(mine, 2)])
