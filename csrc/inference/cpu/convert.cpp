@@ -55,9 +55,8 @@ void bias_cast_impl(const float* src, int64_t M, int64_t N, int64_t lds, const T
   // Units of (row, chunk of columns) so that M = 1 still spreads over threads.
   constexpr int64_t kChunk = 2048;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  std::vector<float> bias_f;
+  AlignedBuffer<float> bias_f(bias ? size_t(N) : 0);
   if (bias) {
-    bias_f.resize(size_t(N));
     load_row(bias_f.data(), bias, N);
   }
   const float* bf = bias ? bias_f.data() : nullptr;

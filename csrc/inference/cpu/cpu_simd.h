@@ -18,7 +18,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -344,17 +346,51 @@ inline bool load_row_any(float* dst, const void* x, dsinf_dtype t, int64_t n) {
 
 // ---------------------------------------------------------------- threading
 
+// Zero-filled heap memory for n T's, its first element on a 64-byte boundary (a cache line, one zmm). The
+// kernels read their scratch rows (x widened to fp32, weights widened per K block, accumulators) with
+// full-width vector loads from row strides that are multiples of 64 bytes; std::vector's 16-byte alignment
+// put those rows wherever malloc did, and where that was off a line every load straddled two: fp32 [N, K]
+// 4096x4096 at M = 8 took 3.1 ms instead of 2.0 (Zen 5 guest, 2 threads), depending on the process
+// (docs/PERFORMANCE.md, "CPU: scratch rows on cache lines").
+template <class T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t n = 0) {
+    static_assert(std::is_trivially_copyable<T>::value, "scratch holds plain values");
+    if (n) {
+      p_ = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlign)));
+      std::memset(static_cast<void*>(p_), 0, n * sizeof(T));
+    }
+  }
+  ~AlignedBuffer() {
+    if (p_) ::operator delete(p_, std::align_val_t(kAlign));
+  }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  AlignedBuffer(AlignedBuffer&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+  AlignedBuffer& operator=(AlignedBuffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+
+  static constexpr size_t kAlign = 64;
+
+ private:
+  T* p_ = nullptr;
+};
+
 // Zero-filled scratch memory (like std::vector<T>(n)), on the stack up to kInline elements: a decode-sized
-// call (64 x 64) costs about as much as its few heap allocations otherwise did.
+// call (64 x 64) costs about as much as its few heap allocations otherwise did. Either way 64-byte aligned.
 template <class T, size_t kInline>
 class Scratch {
  public:
-  explicit Scratch(size_t n) {
+  explicit Scratch(size_t n) : heap_(n <= kInline ? 0 : n) {
     if (n <= kInline) {
       std::memset(static_cast<void*>(inline_), 0, n * sizeof(T));
       p_ = inline_;
     } else {
-      heap_.resize(n);
       p_ = heap_.data();
     }
   }
@@ -364,7 +400,7 @@ class Scratch {
 
  private:
   alignas(64) T inline_[kInline];
-  std::vector<T> heap_;
+  AlignedBuffer<T> heap_;
   T* p_;
 };
 

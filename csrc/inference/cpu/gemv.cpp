@@ -25,7 +25,6 @@
 // Tails (K or N not a multiple of the vector width) go through zero-padded partial loads, so any shape
 // works, K = 67 included.
 #include <algorithm>
-#include <vector>
 
 #include "cpu_simd.h"
 
@@ -315,7 +314,7 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
     Scratch<vbox, 8 * kNR * kMR> accv(nacc);
     vf* acc = &accv.data()->v;
     const int64_t ldwb = padded_stride(KC, sizeof(TB));
-    std::vector<TB> wbuf(widen ? size_t(kNR * ldwb) : 0);
+    AlignedBuffer<TB> wbuf(widen ? size_t(kNR * ldwb) : 0);
     Scratch<float, 32 * kOutUnits * kNR> res(size_t(M * kOutUnits * kNR));  // [M][kOutUnits * kNR]
     for (int64_t g0 = ub; g0 < ue; g0 += kOutUnits) {
       const int64_t g1 = std::min(ue, g0 + kOutUnits);
@@ -402,15 +401,15 @@ void gemv_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int
   int64_t ksplit = std::max<int64_t>(1, std::min<int64_t>((16 + stripes - 1) / stripes, K / 256));
   const int64_t kchunk = (K + ksplit - 1) / ksplit;
   ksplit = kchunk > 0 ? (K + kchunk - 1) / kchunk : 1;
-  std::vector<float> partial(ksplit > 1 ? size_t(ksplit * M * N) : 0);
+  AlignedBuffer<float> partial(ksplit > 1 ? size_t(ksplit * M * N) : 0);
   const int64_t ldacc = padded_stride(sw, sizeof(float));  // accumulator rows off the weight rows' L1 sets
   parallel_for(pf, stripes * ksplit, 1, [&](int64_t ub, int64_t ue) {
-    std::vector<float> acc(size_t(M * ldacc));
+    AlignedBuffer<float> acc(size_t(M * ldacc));
     for (int64_t u = ub; u < ue; ++u) {
       const int64_t stripe = u / ksplit, ks = u % ksplit;
       const int64_t n0 = stripe * sw, nc = std::min(sw, N - n0);
       const int64_t k0 = ks * kchunk, k1 = std::min(K, k0 + kchunk);
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc.data(), acc.data() + M * ldacc, 0.0f);
       const TW* wc = w + n0;
       int64_t k = k0;
       for (; k + 8 <= k1; k += 8) axpy_rows<TW, 8>(wc + k * N, N, nc, x + k, ldx, M, acc.data(), ldacc);
@@ -482,7 +481,7 @@ extern "C" dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, int64
   const bool dp_int8 = int8_w && M >= 2;
   if (x_dtype == DSINF_BF16 && (dp_bf16 || dp_int8)) {
     const int64_t ldxp = padded_stride(K, 2);
-    std::vector<bf16_t> xp(size_t(M * ldxp));
+    AlignedBuffer<bf16_t> xp(size_t(M * ldxp));
     for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ldxp, xb + size_t(m * ldx) * xsize, size_t(K) * 2);
     if (dp_bf16)
       gemv_nk(static_cast<const bf16_t*>(xp.data()), M, ldxp, static_cast<const bf16_t*>(w->data), K, N, o, pf);

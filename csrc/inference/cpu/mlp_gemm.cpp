@@ -173,19 +173,19 @@ void gated_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, in
   const int64_t stripes = (I + sw - 1) / sw;
   const int64_t ldacc = sw + kW;  // a whole extra vector: tails load/store full vectors
   parallel_for(pf, stripes, 1, [&](int64_t sb, int64_t se) {
-    std::vector<float> acc(size_t(2 * M * ldacc));
-    std::vector<float> row(static_cast<size_t>(sw));
+    AlignedBuffer<float> acc(size_t(2 * M * ldacc));
+    AlignedBuffer<float> row(static_cast<size_t>(sw));
     float* up = acc.data();
     float* gate = up + M * ldacc;
     for (int64_t st = sb; st < se; ++st) {
       const int64_t c0 = st * sw, nc = std::min(sw, I - c0);
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc.data(), acc.data() + 2 * M * ldacc, 0.0f);
       int64_t k = 0;
       for (; k + 4 <= K; k += 4)
         axpy_up_gate<TW, 4>(w + k * N + c0, w + k * N + I + c0, N, nc, x + k, ldx, M, up, gate, ldacc);
       for (; k < K; ++k) axpy_up_gate<TW, 1>(w + k * N + c0, w + k * N + I + c0, N, nc, x + k, ldx, M, up, gate, ldacc);
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t c = 0; c < nc; ++c) row[size_t(c)] = gated(out.activation, gate[m * ldacc + c], up[m * ldacc + c]);
+        for (int64_t c = 0; c < nc; ++c) row.data()[c] = gated(out.activation, gate[m * ldacc + c], up[m * ldacc + c]);
         with_float_type(out.dtype, out.out, [&](auto* o) { store_row(o + m * out.ldo + c0, row.data(), nc); });
       }
     }
@@ -212,7 +212,7 @@ extern "C" DSINF_CPU_API dsinf_status dsinf_cpu_gated_gemv(const void* x, dsinf_
   // x rows and the weight rows of a tile do not share L1 sets.
   int64_t ldxf = (std::max<int64_t>(K, 1) + 15) / 16 * 16;
   if ((ldxf * 4) % 4096 == 0) ldxf += 16;
-  std::vector<float> xbuf(size_t(M * ldxf));
+  AlignedBuffer<float> xbuf(size_t(M * ldxf));
   for (int64_t m = 0; m < M; ++m)
     load_row_any(xbuf.data() + m * ldxf, static_cast<const char*>(x) + size_t(m * ldx) * elem_bytes(x_dtype), x_dtype,
                  K);

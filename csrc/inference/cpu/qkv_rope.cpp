@@ -27,13 +27,13 @@ namespace dsinf_cpu {
 namespace {
 
 struct RopeTables {
-  std::vector<float> cos_e, sin_e;  // [S, rd]
+  AlignedBuffer<float> cos_e, sin_e;  // [S, rd]
 };
 
 void build_tables(const dsinf_qkv_layout& L, RopeTables& t, dsinf_parallel_fn pf) {
   const int64_t rd = L.rotary_dim, half = rd / 2, S = L.S;
-  t.cos_e.resize(size_t(S * rd));
-  t.sin_e.resize(size_t(S * rd));
+  t.cos_e = AlignedBuffer<float>(size_t(S * rd));
+  t.sin_e = AlignedBuffer<float>(size_t(S * rd));
   std::vector<double> inv_freq(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = std::pow(L.rope_theta, -2.0 * double(i) / double(rd));
   parallel_for(pf, S, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, half)), [&](int64_t b, int64_t e) {
@@ -97,7 +97,7 @@ void qkv_impl(const void* src, dsinf_dtype src_dtype, int64_t lds, const float* 
   const int64_t units = L.B * S * slots;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D));
   parallel_for(pf, units, grain, [&](int64_t ub, int64_t ue) {
-    std::vector<float> buf(size_t(2 * D));
+    AlignedBuffer<float> buf(size_t(2 * D));
     float* t = buf.data();
     float* o = t + D;
     for (int64_t u = ub; u < ue; ++u) {
@@ -147,9 +147,8 @@ extern "C" dsinf_status dsinf_cpu_qkv_rope(const void* src, dsinf_dtype src_dtyp
   if (!float_dtype(src_dtype)) return DSINF_UNSUPPORTED;
   if (L.B * L.S == 0 || L.head_dim == 0) return DSINF_OK;
   const int64_t N = (L.heads + 2 * L.kv_heads) * L.head_dim;
-  std::vector<float> bias_f;
+  AlignedBuffer<float> bias_f(bias ? size_t(N) : 0);
   if (bias) {
-    bias_f.resize(size_t(N));
     if (!load_row_any(bias_f.data(), bias, out_dtype, N)) return DSINF_UNSUPPORTED;
   }
   RopeTables tab;

@@ -95,7 +95,7 @@ dsinf_status rms_norm_any(const void* x, const void* residual, const void* gamma
   if (dtype != DSINF_F32 && dtype != DSINF_F16 && dtype != DSINF_BF16) return DSINF_UNSUPPORTED;
   if (residual && !res_out) return DSINF_UNSUPPORTED;
   if (rows <= 0 || H <= 0) return DSINF_OK;
-  std::vector<float> g(static_cast<size_t>(H));
+  AlignedBuffer<float> g(static_cast<size_t>(H));
   load_row_any(g.data(), gamma, dtype, H);
   with_float_type(dtype, out, [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
