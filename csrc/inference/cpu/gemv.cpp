@@ -283,12 +283,15 @@ inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX*
 // (kNR x kKC) is fetched from memory once and re-read from L1 by every row block, 16-bit and int8 blocks
 // converted again by each (kConvertInTile) or, for the vdpbf16ps tile and scalar builds, widened once into an
 // L1 buffer. (Without the K blocks, M=4 cost 2x and M=16 6x the time of M=1 single-threaded; the weight tile
-// was re-streamed from L2.) A block is kKC elements of a weight widened into the buffer and kKCBytes of one
-// read in place: 512 fp32 elements either way, but 1024 bf16 ones for the vdpbf16ps tile on bf16 weights
-// (bf16 [N, K] 4096x4096 at M = 8: 1.02-1.07 ms against 1.21-1.28 with 512; int8 widened to bf16 kept 512,
-// with which its M = 4 ran 12% faster; Zen 5 guest, 2 threads, 2026-12-06).
+// was re-streamed from L2.) A block is kKC elements of a weight widened into the buffer, and kKCBytes of a
+// weight row read in place, at most kKCMax elements (its x rows, fp32 for weights converted in the tile, stay
+// 16 KiB per row block): 512 fp32 elements, 1024 of bf16, fp16 or int8. Against 512 for all (Zen 5 guest, 2
+// threads, 4096x4096 [N, K], 2026-12-06): bf16 on the vdpbf16ps tile at M = 8 1.02-1.16 ms against 1.21-1.37;
+// int8 weights with fp32 x 0.84-0.85 against 0.94-0.95 at M = 8, 8-13% less at 16; fp16 7-10% / 3-6% less;
+// 2048 for int8 measured the same as 1024. An AVX2 build (same host): fp16 6% faster at M = 8, int8 2-5% slower.
+// int8 widened to bf16 keeps 512: 1024 cost its M = 4 12%.
 constexpr int64_t kKC = 512;
-constexpr int64_t kKCBytes = 2048;
+constexpr int64_t kKCBytes = 2048, kKCMax = 1024;
 
 // A vector as a Scratch element (a bare __m256 template argument would drop its alignment attribute).
 struct vbox {
@@ -308,7 +311,7 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
   const RowBlocks rb(M, kInTile ? kMRConvert : kMR);
   const int64_t mchunks = rb.count;
   const bool widen = kWiden && !kInTile && (mchunks > 1 || !std::is_same<TB, float>::value);
-  const int64_t KC = widen ? kKC : mchunks > 1 ? kKCBytes / int64_t(sizeof(TB)) : std::max<int64_t>(K, 1);
+  const int64_t KC = widen ? kKC : mchunks > 1 ? std::min(kKCMax, kKCBytes / int64_t(sizeof(TW))) : std::max<int64_t>(K, 1);
   const int64_t units = (N + kNR - 1) / kNR;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kNR * K * int64_t(sizeof(TW))));
   // Results of kOutUnits consecutive tiles are gathered per row of x and written out together.
