@@ -11,14 +11,15 @@
 //
 //   [N, K] (nn.Linear, and every int8 weight): "dot" tiles. kNR weight rows x kMR rows of x, kNR*kMR
 //          vector accumulators along k, horizontal sums at the end. With several row blocks of x, K is
-//          walked in blocks of kKC so each weight block is fetched once and re-read from L1 by every row
+//          walked in blocks (kKC, kKCBytes below) so each is fetched once and re-read from L1 by every row
 //          block (16-bit / int8 blocks converted in registers by each, kConvertInTile; widened once into
 //          an L1 buffer for the vdpbf16ps tile and on scalar builds).
 //   [K, N] (transposed_mode=False): "axpy" stripes. A task owns up to 4096 adjacent output columns and
 //          a chunk of K, walking 8 weight rows at a time and adding x[m, k..k+7] * W[k..k+7, cols] into
 //          fp32 accumulators in L1 (long contiguous runs per weight row, which the prefetchers follow).
 //
-// x is copied once per call into an fp32 buffer with a padded row stride (M*K floats, small at these M).
+// x is copied once per call into an fp32 buffer on a 64-byte line with a padded row stride (M*K floats,
+// small at these M).
 // On AVX-512-BF16, bf16 x with a bf16 [N, K] weight stays bf16 and uses vdpbf16ps on raw pairs (products
 // of two bf16 are exact in fp32; the sum is fp32), 32 multiply-adds per instruction with no widening; from
 // M = 2 an int8 weight joins it, widened exactly to bf16 one K block at a time (fp32 FMAs bound it there).
