@@ -41,6 +41,12 @@ def family(cfg: dict, names: dict) -> str:
     return names[cfg.get("KERNEL", 0)]
 
 
+def describe(cfg: dict, names: dict) -> str:
+    """A config as one line: kernel family, tile, split-K, warps, stages, K-slices."""
+    return (f"{family(cfg, names)} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['SPLIT_K']}"
+            f" w{cfg['num_warps']} st{cfg['num_stages']} slices{cfg.get('SLICES', 1)}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="fp16")
@@ -128,13 +134,10 @@ def main() -> int:
                                candidates=len(times))
                     rows.append(row)
                     for t, c in sorted(times, key=lambda tc: tc[0])[:args.top]:
-                        log(f"    {t:7.1f} us  {family(c, ops.KERNEL_NAMES)} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-                            f" s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']} slices{c.get('SLICES', 1)}")
+                        log(f"    {t:7.1f} us  {describe(c, ops.KERNEL_NAMES)}")
                     log(f"{dname:5s} {layout:6s} {f'{K}x{N}':>12s} {M:2d} {t_cuda:7.1f} {t_torch:7.1f} {t_default:8.1f} "
                         + " ".join(f"{best[f]:11.1f}" for f in families) + f" {t_best / t_cuda:9.2f}x  "
-                        + f"{family(c_best, ops.KERNEL_NAMES)} {c_best['BLOCK_M']}x{c_best['BLOCK_N']}x{c_best['BLOCK_K']}"
-                        + f" s{c_best['SPLIT_K']} w{c_best['num_warps']} st{c_best['num_stages']}"
-                        + f" slices{c_best.get('SLICES', 1)}")
+                        + describe(c_best, ops.KERNEL_NAMES))
                 except Exception as exc:  # noqa: BLE001
                     log(f"  {what}: {type(exc).__name__}: {exc}")
                     traceback.print_exc()
