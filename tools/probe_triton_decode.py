@@ -3,6 +3,7 @@ CUDA module and torch, timed the same way.
 
     python tools/probe_triton_decode.py                       # fp16: [N,K], int8, [K,N]; M = 1, 8
     python tools/probe_triton_decode.py --dtypes fp16,bf16 --ms 1,2,4,8 --json-out /tmp/tri.json
+    python tools/probe_triton_decode.py --dtypes bf16 --layouts int8 --defaults-only   # the defaults alone
 
 For each (dtype, layout, K x N, M) it prints: the CUDA module's vector_matmul (µs), torch (F.linear for
 [N,K], torch.matmul for [K,N], the dequantized fp16/bf16 weight for int8), the Triton op with its
@@ -55,6 +56,8 @@ def main() -> int:
     p.add_argument("--shapes", default="", help="KxN[,KxN...] (default: the five LLM decode shapes)")
     p.add_argument("--top", type=int, default=0, help="also print the N fastest candidates of each problem")
     p.add_argument("--no-asm-i8", action="store_true", help="int8 weights converted by Triton's plain cast")
+    p.add_argument("--defaults-only", action="store_true",
+                   help="time only the default config of each problem (no candidate race): a quick check of a change")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
 
@@ -116,7 +119,8 @@ def main() -> int:
                     tma = ops.tma_eligible(info, layout, dt.itemsize, N, K)
                     bf16 = dt == torch.bfloat16
                     cfg0 = ops.default_config(M, N, K, layout, info.sms, tma, bf16)
-                    cands = ops.candidates(M, N, K, layout, dt.itemsize, info.sms, info.smem, tma, bf16)
+                    cands = [cfg0] if args.defaults_only else ops.candidates(M, N, K, layout, dt.itemsize, info.sms,
+                                                                            info.smem, tma, bf16)
                     times = []
                     for cfg in cands:
                         try:
