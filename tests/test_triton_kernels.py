@@ -758,6 +758,40 @@ def test_gpu_gemv_kernel(dtype, layout, M, config):
     check_case(c, device="cuda", seed=M)
 
 
+#: One config per kernel that converts int8 weights in registers (the PTX byte tricks of `kernels._int8_to`).
+INT8_KERNEL_CONFIGS = {"pointer": cfg(16, 32, 64, 1, 4, 2), "gemv": gemv(16, 32, 64, 1, 4, 2),
+                       "gemv-slices": slices(16, 32, 32, 2, 1, 2, 2)}
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("kernel", list(INT8_KERNEL_CONFIGS))
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_int8_conversion_is_exact(dtype, kernel):
+    """Every int8 value at every byte position of a packed word, converted by the compiled kernel, exactly:
+    x is one-hot (row m selects column m of W, positions 0-7 of two words) and the scale is 1, so out[m, n]
+    must equal W[n, m] bit for bit (integers in [-128, 127] are exact in fp16 and bf16, and the fp32 sum
+    adds zeros). A tolerance-based parity check could miss one wrong value out of 256."""
+    from dsinf.triton import ops
+
+    dt = DTYPES[dtype]
+    N, K, M = 256, 64, 8
+    n = torch.arange(N)[:, None]
+    k = torch.arange(K)[None, :]
+    w = ((n + 37 * k) % 256 - 128).to(torch.int8)  # each column holds all 256 values
+    x = torch.eye(M, K, dtype=dt)[None]
+    with ops.force_config(INT8_KERNEL_CONFIGS[kernel]):
+        before = ops.launch_counts()
+        got = ops.vector_matmul(x.cuda(), w.cuda(), False, torch.ones(1, device="cuda"), True, True)
+        ran = {name for name, v in ops.launch_counts().items() if v > before[name]}
+    assert ran == {kernel}, f"expected the {kernel} kernel to run, ran {ran}"
+    want = w[:, :M].T.to(dt)[None]
+    mismatch = (got.cpu() != want).nonzero()
+    assert mismatch.numel() == 0, (f"{len(mismatch)} of {M * N} outputs differ; first at (m, n) = "
+                                   f"{tuple(mismatch[0, 1:].tolist())}: got {got.cpu()[tuple(mismatch[0])]}, "
+                                   f"want {want[tuple(mismatch[0])]}")
+
+
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
