@@ -574,7 +574,7 @@ H200_DECODE_DEFAULTS = {
     (4096, 12288, "nk", False): ("gemv", 128, 128, 1, 8, 4, 1),
     (14336, 4096, "nk", True): ("gemv", 64, 256, 2, 4, 4, 1),
     (4096, 12288, "int8", False): ("gemv", 32, 256, 1, 4, 5, 1),
-    (4096, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # 4 slices: H100, forty-first round
+    (4096, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # H100 41st round, H200 43rd (M = 1)
     (4096, 4096, "int8", True): ("gemv-slices", 16, 128, 1, 4, 5, 4),
     (4096, 12288, "int8", True): ("pointer", 32, 256, 1, 4, 5, 1),
     (14336, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),  # H100, forty-first round
@@ -592,12 +592,6 @@ H200_DECODE_DEFAULTS = {
     (28672, 8192, "int8", False): ("pointer", 64, 256, 2, 4, 3, 1),
     (1000, 260, "int8", False): ("gemv-slices", 16, 128, 1, 4, 5, 4),
 }
-# M = 1 where it differs: int8 with K < 2N on the slices kernel with 2 slices and 2 warps (H100, forty-second
-# round; 14336x4096 and the K >= 2N shapes keep 4 slices at M = 1, where 2 lost).
-M1_DECODE_DEFAULTS = {
-    (4096, 4096, "int8", False): ("gemv-slices", 16, 128, 1, 2, 5, 2),
-    (4096, 4096, "int8", True): ("gemv-slices", 16, 128, 1, 2, 5, 2),
-}
 
 
 @pytest.mark.parametrize("shape", list(H200_DECODE_DEFAULTS), ids=lambda k: "-".join(map(str, k)))
@@ -612,8 +606,7 @@ def test_decode_defaults_on_an_h200(monkeypatch, shape):
         cfg = ops.default_config(M, N, K, layout, 132, layout != "int8", bf16)
         got = (ops.KERNEL_NAMES[cfg["KERNEL"]], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"], cfg["num_warps"],
                cfg["num_stages"], cfg["SLICES"])
-        want = M1_DECODE_DEFAULTS.get(shape, H200_DECODE_DEFAULTS[shape]) if M == 1 else H200_DECODE_DEFAULTS[shape]
-        assert got == want, (M, cfg)
+        assert got == H200_DECODE_DEFAULTS[shape], (M, cfg)
         assert ops.valid_config(cfg) and ops._fits(cfg, 2, 1 if layout == "int8" else 2, 227 * 1024)
         if cfg["SPLIT_K"] > 1:
             assert (K >= 2 * cfg["BLOCK_K"] * cfg["SLICES"] * cfg["SPLIT_K"]

@@ -324,13 +324,11 @@ def default_config(m: int, n: int, k: int, layout: str, sms: int, tma: bool = Fa
         #   bf16: 9.0 / 9.3 / 9.2, the pointer kernel 8.9 / 10.1 / 10.1; the CUDA module 7.8-8.1. 14336x4096
         #   M = 1 / 8, fp16: 22.6 / 23.2, the pointer kernel split 4 below 23.1 / 23.8; bf16: 22.8 / 23.5, it
         #   23.5 / 24.1; the CUDA module 21.6-22.2). On 4096x12288 and 4096x14336 its best lost to the defaults
-        #   below by 7-17% (docs/PERFORMANCE.md, forty-first round). At M = 1 and K < 2N, 2 slices and 2 warps:
-        #   4096x4096 fp16 8.5-8.6 us, bf16 8.7-8.8, where 4 slices took 8.9 / 8.9-9.1 (H100, forty-second
-        #   round); they lose from M = 2 (bf16 M = 4: 10.3 against 9.4) and on 14336x4096 (M = 1: 24.4-24.8
-        #   against 23.0-23.1).
+        #   below by 7-17% (docs/PERFORMANCE.md, forty-first round). Not 2 slices and 2 warps at M = 1: on an
+        #   H100 they took 4096x4096 in 8.5-8.6 us (fp16) / 8.7-8.8 (bf16) where 4 slices took 8.9 / 8.9-9.1, but
+        #   on an H200 9.0-9.2 (bf16) / 8.4 (fp16) where 4 slices took 8.3 / 7.8 (forty-third round).
         if layout == "int8" and n <= 4096:
-            one_row = m == 1 and k < 2 * n
-            tile = (16, 128, 2, 5, KERNEL_GEMV_SLICES, 1, 2) if one_row else (16, 128, 4, 5, KERNEL_GEMV_SLICES, 1, 4)
+            tile = (16, 128, 4, 5, KERNEL_GEMV_SLICES, 1, 4)
         elif layout == "int8" and k >= 2 * n:
             tile = (64, 256, 4, 3, KERNEL_POINTER, 4, 1)
         elif layout == "int8" and n > 12288:
