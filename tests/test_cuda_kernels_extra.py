@@ -339,7 +339,7 @@ def test_pdl_back_to_back_dependent_calls(cuda_module, suffix, layout, sizes, M)
 # The compile-time tuning variants: other code than the default build (see the test below).
 TUNING_VARIANTS = [
     ("DSINF_GEMV_PDL=1", "DSINF_GEMV_PDL_PREFETCH_KB=64", "DSINF_KN_RING_PDL=1", "DSINF_NK_STREAM_PDL=1",
-     "DSINF_I8_PDL=2", "DSINF_I8_WIDE_PDL=1"),
+     "DSINF_I8_PDL=2", "DSINF_I8_WIDE_PDL=1", "DSINF_KN_RING_PDL_PREFETCH_UNITS=2"),
     ("DSINF_GEMV_PDL=2", "DSINF_GEMV_MIN_CTAS=2"),
     ("DSINF_I8_STAGES=5", "DSINF_I8_UNIT_STEPS=1"),  # the int8 ring's other shape
     ("DSINF_I8_X_AHEAD=1",),  # [N, K]: activations loaded per unit at M > 8
@@ -349,7 +349,8 @@ TUNING_VARIANTS = [
     ("DSINF_STREAM_RT2_M16=0", "DSINF_KN_CTAS_PER_SM=1"),  # M 9..16 on 16-row tiles; [K, N] filled to 1 CTA/SM
     # [K, N]: register batches for every shape; [N, K] int8: the copies without the L2 policy, whole lines
     ("DSINF_KN_RING_STAGES=0", "DSINF_I8_EVICT_FIRST=0", "DSINF_I8_L2_PREFETCH=128"),
-    ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2"),  # the ring's other shape
+    ("DSINF_KN_RING_STAGES=4", "DSINF_KN_RING_UNIT=1", "DSINF_KN_RING_TILES_PER_SM=2",  # the ring's other shape,
+     "DSINF_KN_RING_PDL_PREFETCH_UNITS=0"),  # without the L2 hint
     ("DSINF_STREAM_WIDE_BELOW=0", "DSINF_I8_SHORT_UNITS_FROM=0"),  # [N, K] 16-row tiles: 8 warps, configured units
 ]
 

@@ -258,6 +258,17 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 #ifndef DSINF_KN_RING_STAGES
 #define DSINF_KN_RING_STAGES 3  // 3 x 2 k-steps: 132 KiB of ring (144 at M > 8), one CTA per SM (0 = no ring)
 #endif
+// Weight lines of the first unit hinted into L2 before the PDL wait (with DSINF_KN_RING_PDL; 0 = none): the
+// previous kernel's tail leaves DRAM idle, and the ring's first copies then find their lines in L2. H100,
+// tools/probe_gemv.py variants alternated (2026-12-06), [K, N], M = 1 / 8, us, 0 -> 1 unit, fp16 and bf16 alike:
+// 4096x4096 14.2 / 14.5 -> 13.5-13.7 / 13.8-14.0, 14336x4096 41.9 / 42.5-42.7 -> 41.2-41.3 / 42.0-42.1, 8192x8192
+// 46.4-46.5 / 47.0-47.1 -> 45.8-45.9 / 46.3-46.6; 2 units: 4096x4096 13.6 / 14.0-14.1. The same hint lost in the
+// streaming [N, K] kernel (fp16 4096x4096 M = 1 / 8: 13.1 / 13.6 -> 13.5 / 14.7 with 1 unit, 13.8 / 14.5 with 2;
+// int8 on its wide CTAs 7.7 / 8.0 -> 8.4 / 8.5 with 2) and in Triton's slices kernel (16 lines per row: int8
+// 4096x4096 0.2-0.8 us slower), so only the ring has it.
+#ifndef DSINF_KN_RING_PDL_PREFETCH_UNITS
+#define DSINF_KN_RING_PDL_PREFETCH_UNITS 1
+#endif
 #ifndef DSINF_KN_RING_UNIT
 #define DSINF_KN_RING_UNIT 2  // k-steps (16 rows) per ring unit
 #endif
@@ -306,6 +317,21 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_ring_kernel(const T* __restrict__ x
   const T* ccol = w + (ccol_ok ? n0 + 8 * cc : 0);
 #if DSINF_KN_RING_PDL
   pdl_begin<DSINF_KN_RING_PDL>();
+  if constexpr (DSINF_KN_RING_PDL_PREFETCH_UNITS > 0) {
+    // The first units' weight rows into L2 while the previous kernel finishes: a hint only (a weight that kernel
+    // still writes is read again, coherently, after the wait); one prefetch per 128-byte row of the tile.
+    if (cc == 0 && ccol_ok) {
+#pragma unroll
+      for (int j = 0; j < DSINF_KN_RING_PDL_PREFETCH_UNITS; ++j)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int k = k_begin + 16 * warp + j * kStep * U + u * kStep + 4 * cr + i;
+            if (k < k_end) prefetch_l2(ccol + static_cast<size_t>(k) * N);
+          }
+    }
+  }
   pdl_wait();
 #endif
 
