@@ -255,6 +255,12 @@ __global__ void DSINF_MMA_BOUNDS(NT) gemv_kn_mma_kernel(const T* __restrict__ x,
 // own 8 bytes of activations per token tile beside them. After the k loop the ring is reused for the
 // reduction buffers.
 // ------------------------------------------------------------------------------------------------
+// Tried and dropped: a ring small enough that two CTAs fit an SM, so that with PDL the next call's CTAs could be
+// resident (and hint their lines into L2) while this call's CTAs reduce, instead of taking an SM only when the
+// old CTA exits. H100, 4096x4096, split held at 2 (128 CTAs), M = 1 / 8, us: 3 x 2 steps 13.5-13.6 / 13.8-14.0;
+// 5 x 1 (110 KiB) 15.1-15.2 / 15.5; 4 x 1 (88 KiB) 13.8-13.9 / 14.7-14.8; 6 x 1 (132 KiB, one CTA per SM, the
+// same bytes in flight as 3 x 2) 13.8 / 14.1. So 1-step units cost 0.2-0.3 us and the co-resident rings lost up
+// to 1.4 us more (why was not measured).
 #ifndef DSINF_KN_RING_STAGES
 #define DSINF_KN_RING_STAGES 3  // 3 x 2 k-steps: 132 KiB of ring (144 at M > 8), one CTA per SM (0 = no ring)
 #endif
