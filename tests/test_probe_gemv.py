@@ -32,3 +32,24 @@ def test_read_kernel_reads_every_word_once():
     p = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(ROOT, "tools")], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT})
     assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-3000:]
+
+
+def _variant_cmd(argv: list[str]) -> list[str]:
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import probe_gemv
+    finally:
+        sys.path.pop(0)
+    args = probe_gemv.build_parser().parse_args(argv)
+    return probe_gemv.variant_cmd(args, tuple(args.variant[0].split()))
+
+
+def test_variant_children_get_the_selection_and_no_parity_only_when_asked():
+    """A sweep's child builds its variant and times what the parent selected; it checks parity unless the
+    parent was given --no-parity (a diagnostic define may compute wrong results on purpose)."""
+    cmd = _variant_cmd(["--variant", "A=1 B=2", "--layouts", "nk", "--ms", "1,8", "--shapes", "4096x4096"])
+    assert "--no-parity" not in cmd
+    assert cmd[cmd.index("--define") + 1] == "A=1" and "B=2" in cmd
+    assert cmd[cmd.index("--layouts") + 1] == "nk" and cmd[cmd.index("--ms") + 1] == "1,8"
+    assert cmd[cmd.index("--shapes") + 1] == "4096x4096"
+    assert "--no-parity" in _variant_cmd(["--no-parity", "--variant", "A=1"])

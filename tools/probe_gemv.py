@@ -415,6 +415,28 @@ def summarize(rows: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ sweep
+def variant_cmd(args, combo: tuple[str, ...]) -> list[str]:
+    """The child command that builds and times one variant (`combo`: NAME=VALUE defines) with `args`' selection.
+    It runs the parity section too (a variant is new code) unless --no-parity: a diagnostic define may compute
+    wrong results on purpose."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--json-out", "-"]
+    if args.no_parity:
+        cmd.append("--no-parity")
+    for d in combo:
+        cmd += ["--define", d]
+    if args.quick:
+        cmd.append("--quick")
+    if args.int8_only:
+        cmd.append("--int8-only")
+    if args.layouts:
+        cmd += ["--layouts", args.layouts]
+    if args.ms:
+        cmd += ["--ms", args.ms]
+    if args.shapes:
+        cmd += ["--shapes", args.shapes]
+    return cmd
+
+
 def sweep(args) -> None:
     """Each combination of the --sweep values in a child process (a module holds one build)."""
     import itertools
@@ -428,19 +450,7 @@ def sweep(args) -> None:
         combos += list(itertools.product(*axes))
     results = []
     for combo in combos:
-        cmd = [sys.executable, os.path.abspath(__file__), "--json-out", "-"]  # parity too: a variant is new code
-        for d in combo:
-            cmd += ["--define", d]
-        if args.quick:
-            cmd.append("--quick")
-        if args.int8_only:
-            cmd.append("--int8-only")
-        if args.layouts:
-            cmd += ["--layouts", args.layouts]
-        if args.ms:
-            cmd += ["--ms", args.ms]
-        if args.shapes:
-            cmd += ["--shapes", args.shapes]
+        cmd = variant_cmd(args, combo)
         log(f"\n=== variant {' '.join(combo)}")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, check=False)
@@ -462,7 +472,7 @@ def sweep(args) -> None:
         log(f"  {' '.join(combo):50s} {'  '.join(parts) if parts else 'no rows'}  [{status}]")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     p.add_argument("--no-timing", action="store_true", help="skip the timing")
@@ -480,7 +490,11 @@ def main() -> int:
     p.add_argument("--variant-timeout", type=float, default=170.0, help="seconds per --sweep child")
     p.add_argument("--cpu-parity", action="store_true", help="run only the parity part on the CPU module")
     p.add_argument("--json-out", default=None, help="'-': print the timing rows as one 'JSON [...]' line")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.sweep or args.variant:
         sweep(args)
         return 0

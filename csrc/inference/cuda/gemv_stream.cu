@@ -114,6 +114,11 @@ constexpr bool kXAhead = DSINF_I8_X_AHEAD >= NT;
 //   18.4 -> 22.6 with 8 warps).
 // Between the two (2 to 3 tiles per SM: N 4224 to 6335 on 132 SMs) the 8-warp 2-step units stay. 0 turns
 // either off.
+// Tried and dropped: 32-row tiles on the 16-warp CTAs from M = 2 (one CTA on each of N / 32 SMs, the ring in
+// 64 KiB of dynamic shared memory), to halve the activation reads per weight byte; at M = 8 those reads cost
+// the 16-row tiles 0.1-0.4 us on 4096x4096 (H100, every token pointed at row 0 as a diagnostic). H100,
+// 2026-12-07, M = 2 / 8, us: fp16 4096x4096 13.3 / 13.6-13.7 -> 14.3-14.4 / 14.8-14.9, int8 (fp16 act.)
+// 7.9-8.0 / 8.1-8.2 -> 9.0-9.3 / 9.1-9.3, fp16 14336x4096 42.2-42.3 / 43.0-43.1 -> 44.4-44.5 / 44.7.
 #ifndef DSINF_STREAM_WIDE_BELOW
 #define DSINF_STREAM_WIDE_BELOW 2
 #endif
