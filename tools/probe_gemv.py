@@ -474,7 +474,7 @@ def sweep(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity checks (a sweep's children too)")
     p.add_argument("--no-timing", action="store_true", help="skip the timing")
     p.add_argument("--quick", action="store_true",
                    help="timing at M 1 and 8: fp16 float layouts on 4096x4096 and 4096x12288, int8 (fp16, bf16) on four shapes")
