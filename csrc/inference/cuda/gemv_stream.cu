@@ -251,6 +251,15 @@ __device__ __forceinline__ void cp_async16_if(void* dst, const void* src, bool p
 #endif
 }
 
+// The weights are read from rows of [N, K] (16-row tiles: a warp's copy reads 64 bytes of each of 8 rows).
+// Tried as a diagnostic (wrong results, the same bytes; H100, 2026-12-07, two builds of each alternated, us at
+// M = 1): a tile-packed layout. [N/16][K/64 B][16 rows][64 B] blocks, a layout quantize_int8 could write: int8
+// (fp16 act.) 4096x14336 23.4 -> 22.7, 8192x8192 25.7 -> 24.8, 14336x4096 23.1 -> 22.3, 4096x12288 19.9 -> 19.5
+// (bf16 act. even, 20.2), fp16 [N, K] 8192x8192 47.4 -> 45.5 but 4096x12288 36.3 -> 37.5. Each warp unit's
+// bytes in one contiguous block (this kernel's own order): int8 4096x12288 19.9 -> 19.3; with the mma removed
+// as well, 18.8, a bare read's speed. The int8 goal's worst row (85% of the copy bandwidth) read 82-84% as the
+// rows are, 83-84% with the blocks and 84.8-86% with the contiguous units, whose order is tied to this kernel's
+// tile and warp counts; a second int8 layout, which every int8 consumer would have to read, was not added.
 template <typename T, typename WT, int NT, int RT, int W = kGemvWarps, int Steps = 0>
 __global__ void __launch_bounds__(32 * W) gemv_stream_kernel(const T* __restrict__ x, const WT* __restrict__ w,
                                                              Epilogue<T> epi, int M, int K, int N, int kchunk) {
