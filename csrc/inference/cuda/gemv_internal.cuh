@@ -90,6 +90,12 @@ namespace detail {
 // - DSINF_GEMV_PDL, the register batches: 0. They also prefetch the first DSINF_GEMV_PDL_PREFETCH_KB KiB
 //   of their weight tile into L2 before the wait (only a cache hint: a weight the previous kernel is still
 //   writing is read again, coherently, after it), and lost with either mode (4096x12288 26.5 -> 30.6-30.9).
+// Any other nonzero mode (e.g. 3) launches with PDL and waits but never triggers, so the next kernel is
+// scheduled only at this one's exit. H100 (run 204, two builds of each alternated, fp16 M = 1, us): where
+// mode 2 is the default it lost 0.6-2.6 ([K, N] 4096x4096 13.4 -> 14.6, 14336x4096 40.1 -> 42.1; [N, K]
+// 4096x14336 40.4 -> 41.2; int8 4096x4096 7.5 -> 8.3; [K, N] 4096x14336 tied), so the early trigger is what
+// gains there; where PDL is off it tied (int8 4096x14336 22.6 -> 22.6; [N, K] 14336x4096, the long-K gate
+// lifted, 40.1 -> 40.0).
 // 0 = off.
 #ifndef DSINF_GEMV_PDL
 #define DSINF_GEMV_PDL 0
