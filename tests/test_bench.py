@@ -252,14 +252,15 @@ def test_load_all_builds_rounds_in_a_rotated_order(monkeypatch):
 
     ctx = Context(args=argparse.Namespace(quick=False, json=None), device="cuda", report=Report(args={}),
                   parts=set())
-    ctx.report.build.update(cpu={"cold": {"beyond_torch": 10.0}}, cuda={"cold": {"beyond_torch": 8.0}})
+    ctx.report.build.update(cpu={"cold": {"beyond_torch": 13.0, "in_process": 10.0}},
+                            cuda={"cold": {"beyond_torch": 11.0, "in_process": 8.0}})
     built = []
 
     def cold(ctx_, variant, base, timeout):
-        ctx_.report.build.setdefault(variant, {})["cold"] = {"beyond_torch": 11.0}
+        ctx_.report.build.setdefault(variant, {})["cold"] = {"beyond_torch": 14.0, "in_process": 11.0}
         return None
 
-    def again(variant, base, timeout):
+    def again(variant, timeout):
         built.append(variant)
         return None if len(built) == 5 else {"all": 10.5, "cpu": 10.0, "cuda": 7.0}[variant]
 
@@ -278,6 +279,21 @@ def test_load_all_builds_rounds_in_a_rotated_order(monkeypatch):
     build_times._load_all(ctx, ["cpu", "cuda"], None, 60.0, [])
     assert built == [] and len(ctx.report.build["all"]["rounds"]) == 1
     assert any("the budget left no more" in n for n in ctx.report.notes)
+
+
+def test_load_all_times_the_childrens_load_calls(monkeypatch, tmp_path):
+    """A round's seconds are the child's own load() (its in_process timer), not its wall: the child's
+    `import torch` varies by seconds from one child to the next and is not load()'s."""
+    from bench import build_times
+
+    def child(variant, timeout):
+        return str(tmp_path / variant), {"ok": True, "wall": 14.0, "data": {"in_process": 8.25, "how": how}}
+
+    monkeypatch.setattr(build_times, "_cold_child", child)
+    how = "built"
+    assert build_times._cold_seconds("cuda", 60.0) == 8.25
+    how = "cached"  # a child that found a build did not time one
+    assert build_times._cold_seconds("cuda", 60.0) is None
 
 
 def test_evaluate_without_measurements_says_why():
