@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, knobs
+from . import cache, knobs, trust
 from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels, niceness_increments
 from .compat import Decision
 from .errors import IncompatibleError, OpBuilderError
@@ -141,7 +141,7 @@ class OpBuilder:
         directory = self.prebuilt_dir(variant)
         if not directory.is_dir():
             return "not installed"
-        problem = cache.entry_problem(directory, None)
+        problem = cache.entry_problem(directory, None, owners=trust.package_owners(PACKAGE_DIR))
         if problem:
             return problem
         problems = self.runtime_problems(variant, cache.read_manifest(directory) or {})

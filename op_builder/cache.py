@@ -252,24 +252,25 @@ def library_name_problem(name: Any) -> str | None:
 
 
 def entry_problem(entry_dir: Path, expected_key: str | None, *, check_hash: bool = True,
-                  kernels: tuple[str, ...] | None = None) -> str | None:
+                  kernels: tuple[str, ...] | None = None, owners: tuple[int, ...] | None = None) -> str | None:
     """Why this entry must not be loaded (None when it is complete, intact and trusted).
 
     `kernels`: the custom ops the builder requires the library to register; the manifest must list
-    exactly these (the loader then checks that they are registered). Never raises."""
+    exactly these (the loader then checks that they are registered). `owners`: who may own the entry and
+    its path (default: us and root; an installed binary: `trust.package_owners`). Never raises."""
     try:
-        return _entry_problem(Path(entry_dir), expected_key, check_hash, kernels)
+        return _entry_problem(Path(entry_dir), expected_key, check_hash, kernels, owners)
     except (OSError, ValueError, TypeError, RecursionError) as exc:  # a manifest of the wrong shape
         return f"manifest unusable ({type(exc).__name__}: {exc})"
 
 
 def _entry_problem(entry_dir: Path, expected_key: str | None, check_hash: bool,
-                   kernels: tuple[str, ...] | None) -> str | None:
+                   kernels: tuple[str, ...] | None, owners: tuple[int, ...] | None) -> str | None:
     if not os.path.lexists(entry_dir):
         return "not built"
     if entry_dir.is_symlink() or not entry_dir.is_dir():
         return f"{entry_dir} is not a directory"
-    problem = trust.dir_problem(entry_dir)
+    problem = trust.dir_problem(entry_dir, owners)
     if problem:
         return f"untrusted entry: {problem}"
     manifest, why = atomic.read_json(entry_dir / MANIFEST)
@@ -292,7 +293,7 @@ def _entry_problem(entry_dir: Path, expected_key: str | None, check_hash: bool,
     if kernels is not None and listed != list(kernels):
         return f"manifest lists kernels {manifest.get('kernels')!r}, the builder requires {list(kernels)}"
     lib = entry_dir / name
-    problem = trust.file_problem(lib)
+    problem = trust.file_problem(lib, owners)
     if problem:
         return f"library {problem}"
     size = lib.stat().st_size

@@ -17,7 +17,7 @@ import pytest
 from fixtures.procs import FIXTURES, REPO
 from fixtures.tiny_op.builder import HERE as TINY_SRC
 from fixtures.tiny_op.builder import TinyBuilder
-from op_builder import InferenceBuilder, cache
+from op_builder import InferenceBuilder, cache, trust
 from op_builder.cache import BuildKey, entry_problem, read_manifest, source_closure, write_manifest
 from op_builder.system import Compiler, Cpu, System
 
@@ -361,6 +361,87 @@ def test_world_writable_entry_or_library_is_not_trusted(entry):
     (directory / "lib.so").chmod(0o755)
     directory.chmod(0o777)
     assert "writable by other users" in entry_problem(directory, key.digest)
+
+
+# ------------------------------------------------------------------------ paths: the symlinks on the way
+@pytest.fixture
+def real_dir(tmp_path) -> Path:
+    """tmp_path/real/dir, private: what a path through our own symlinks leads to."""
+    d = tmp_path / "real" / "dir"
+    d.mkdir(parents=True, mode=0o700)
+    return d
+
+
+def test_our_symlinks_midway_are_followed_to_a_trusted_dir(tmp_path, real_dir):
+    """The user's own links (~/.cache -> /data/...) anywhere on the path: absolute, relative, chained,
+    with `..` resolved from where the link leads, as the kernel does."""
+    os.symlink(tmp_path / "real", tmp_path / "abs")
+    os.symlink("real", tmp_path / "rel")
+    os.symlink("rel", tmp_path / "chain")
+    (tmp_path / "sub").mkdir()
+    os.symlink("../real/dir/..", tmp_path / "sub" / "up")
+    for path in ["abs/dir", "rel/dir", "chain/dir", "sub/up/dir", "chain"]:
+        assert trust.dir_problem(tmp_path / path) is None, path
+
+
+def test_a_symlink_midway_in_a_dir_others_may_write_is_refused(tmp_path, real_dir):
+    """A link in a group/world-writable directory that is not sticky: anyone may replace it."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    os.symlink(tmp_path / "real", open_dir / "link")
+    problem = trust.dir_problem(open_dir / "link" / "dir")
+    assert problem and f"{open_dir} is writable by other users" in problem
+
+
+def test_symlink_loop_or_dangling_link_midway_is_a_reason_not_a_crash(tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    assert "more than 40 symlinks" in trust.dir_problem(tmp_path / "a" / "x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    assert "does not exist" in trust.dir_problem(tmp_path / "dangling" / "x")
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in trust.dir_problem(tmp_path / "file")
+    assert "cannot be inspected" in trust.dir_problem(tmp_path / "file" / "x")
+
+
+def test_another_users_symlink_midway_in_a_sticky_dir_is_refused(tmp_path, real_dir):
+    """In a sticky shared dir (/tmp) a link is its owner's to repoint, between our check and our dlopen:
+    refused when it is another user's, followed when it is ours or root's (nobody else can touch it)."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root (CI runs as root)")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    link = shared / "torch_extensions"
+    os.symlink(tmp_path / "real", link)
+    assert trust.dir_problem(link / "dir") is None  # ours (root's): followed
+    os.lchown(link, 12346, 12346)
+    problem = trust.dir_problem(link / "dir")
+    assert problem and f"{link} is a symlink owned by uid 12346" in problem
+    assert f"{link} is a symlink owned by uid 12346" in trust.dir_problem(link)  # as the last part too
+    os.lchown(link, 0, 0)
+    os.symlink(link, tmp_path / "outer")  # our link to a foreign one: the foreign one still counts
+    os.lchown(link, 12346, 12346)
+    assert "owned by uid 12346" in trust.dir_problem(tmp_path / "outer" / "dir")
+
+
+def test_group_writable_dir_of_our_private_group_only(tmp_path, monkeypatch):
+    """umask 002 systems: a group-writable dir is trusted when its group is our private one (named after us,
+    no members) and no other account has it as its primary group (gr_mem does not list those)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs a dir in our primary group that is provably private: root's (CI runs as root)")
+    import pwd
+
+    d = tmp_path / "umask002"
+    d.mkdir()
+    d.chmod(0o775)
+    os.chown(d, 0, 0)
+    assert trust.dir_problem(d) is None
+    accounts = pwd.getpwall()
+    other = pwd.struct_passwd(("backup-svc", "x", 4242, 0, "", "/", "/bin/sh"))  # primary gid 0, not a member
+    monkeypatch.setattr(pwd, "getpwall", lambda: [*accounts, other])  # adding a real account would edit /etc
+    assert "writable by other users (mode 775)" in trust.dir_problem(d)
 
 
 # ------------------------------------------------------------------------------ roots: who owns them

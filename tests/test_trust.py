@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.procs import FIXTURES, TINY, Child, CxxWrapper, child_env, run, run_json, wait_until
+from fixtures.procs import FIXTURES, TINY, Child, CxxWrapper, child_env, run, run_json, snapshot_repo, wait_until
 from op_builder.cache import BuildKey, write_manifest
 
-VICTIM, ATTACKER = 12345, 12346
+VICTIM, ATTACKER, ADMIN = 12345, 12346, 12347
 SETPRIV = shutil.which("setpriv")
 BUILD_TIMEOUT = 300
 LIB = "tiny_test_op_cpu.so"
@@ -193,6 +193,42 @@ def test_shared_1777_root_with_another_users_lock_symlink(world):
     assert bashrc.read_text() == "export PATH=precious\n"
     assert Path(r.data["path"]).is_relative_to(home / "xdg")
     assert "PermissionError" not in r.stderr and f"{shared / 'dsinf'}" in r.stderr, r.stderr
+
+
+@two_users
+@pytest.mark.parametrize("target", ["victims-own-dir", "attackers-tree"])
+def test_another_users_symlink_midway_in_the_cache_path_is_never_followed(world, target):
+    """TORCH_EXTENSIONS_DIR names a path through a shared sticky dir, where another user planted the
+    link `torch_extensions` first: pointing at a private dir of the victim's (it passes every check
+    there, and the attacker repoints it at will, e.g. between our check and our dlopen), or at the
+    attacker's own tree holding an entry for the victim's key. Neither is used; the op builds privately.
+    Sticky but not world-writable (1775), so the kernel's protected_symlinks, where on, does not stop
+    the lookup before our check does."""
+    home = home_of(world, VICTIM)
+    shared = world / "shared"
+    shared.mkdir()
+    shared.chmod(0o1775)
+    marker = world / "PWNED"
+    if target == "victims-own-dir":
+        dest = home / "ext"
+        dest.mkdir(mode=0o700)
+        os.chown(dest, VICTIM, VICTIM)
+    else:
+        dest = world / "attacker"
+        env0 = child_env(home, TINY_OP_BINDING="0", HOME=str(home), TORCH_EXTENSIONS_DIR=str(dest))
+        plant_entry(dest / "dsinf" / "tiny_test_op-cpu", key_fields(env0), evil_library(world, marker))
+        chown_tree(dest, ATTACKER, 0o755)
+    link = shared / "torch_extensions"
+    os.symlink(dest, link)
+    os.lchown(link, ATTACKER, ATTACKER)
+    env = child_env(home, TINY_OP_BINDING="0", HOME=str(home), TORCH_EXTENSIONS_DIR=str(link))
+
+    r = run_json(as_user(VICTIM, TINY, env), env, timeout=BUILD_TIMEOUT)
+    expect_works(r)
+    assert not marker.exists(), "the planted library was loaded"
+    assert not Path(r.data["path"]).is_relative_to(link) and not Path(r.data["path"]).is_relative_to(dest)
+    assert Path(r.data["path"]).is_relative_to(home / "xdg")
+    assert f"{link} is a symlink owned by uid {ATTACKER}" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
@@ -402,6 +438,36 @@ def test_read_only_shared_cache_is_used_as_is_with_zero_compiler_calls(world):
     assert len(warning) == 1 and f"{shared / 'dsinf'} is read-only for you" in warning[0], r.stderr
     assert f"building into {home / 'xdg'}" in warning[0]
     assert tree_state(shared) == before
+
+
+@two_users
+def test_installed_binary_in_an_environment_another_account_owns(world):
+    """A shared environment a software-admin account (not root) installed, prebuilt binaries and all: its
+    owner can already change the op_builder code the user runs, so its binaries are loaded without a
+    compile (the threat model leaves that owner out). The same binaries owned by anyone else are refused."""
+    built = run_json(TINY, child_env(world / "build", TINY_OP_BINDING="0"), timeout=BUILD_TIMEOUT)
+    expect_works(built)
+    env_dir = world / "shared-env"
+    snapshot_repo(env_dir / "site")  # the installed op_builder (the package whose owner is trusted)
+    installed = env_dir / "prebuilt" / "tiny_test_op-cpu"
+    shutil.copytree(Path(built.data["path"]).parent, installed)
+    chown_tree(env_dir, ADMIN, 0o755)
+    home = home_of(world, VICTIM)
+    cxx = CxxWrapper.create(world / "cxx")
+    cxx.log.touch(mode=0o666)
+    cxx.log.chmod(0o666)
+    env = child_env(home, pythonpath=[env_dir / "site", FIXTURES], TINY_OP_BINDING="0", HOME=str(home),
+                    TINY_OP_PREBUILT=str(env_dir / "prebuilt"), CXX=str(cxx.path))
+
+    r = run_json(as_user(VICTIM, TINY, env), env, cwd=home, timeout=BUILD_TIMEOUT)  # cwd: not the repo's op_builder
+    expect_works(r, "prebuilt")
+    assert Path(r.data["path"]).is_relative_to(installed) and cxx.calls() == [], (r.stderr, cxx.calls())
+
+    chown_tree(env_dir / "prebuilt", ATTACKER, 0o755)  # not the package's owner: an ordinary other user
+    r = run_json(as_user(VICTIM, TINY, env), env, cwd=home, timeout=BUILD_TIMEOUT)
+    expect_works(r)
+    assert not Path(r.data["path"]).is_relative_to(env_dir) and cxx.compiles()
+    assert f"owned by uid {ATTACKER}" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------------------ 7. parsers
