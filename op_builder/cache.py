@@ -133,11 +133,14 @@ def cache_root() -> Path:
 
 
 def data_root() -> Path:
-    """Root for non-build caches (the Triton autotune table): $DSINF_CACHE_DIR, else next to the JIT cache."""
+    """Root for non-build caches (the route and Triton autotune tables): $DSINF_CACHE_DIR, else next to the
+    JIT cache root when that directory is private to us (~/.cache/dsinf), else in the root itself: with
+    TORCH_EXTENSIONS_DIR a shared sticky dir, say, its other users could plant our tables there."""
     env = knobs.get("DSINF_CACHE_DIR")
     if env:
         return Path(env)
-    return cache_root().parent
+    root = cache_root()
+    return root.parent if trust.dir_problem(root.parent) is None else root
 
 
 # ----------------------------------------------------------------------------- source hashing

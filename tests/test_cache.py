@@ -173,6 +173,24 @@ def test_cache_root_honours_torch_extensions_dir(tmp_path, monkeypatch):
     assert (tmp_path / "ext" / "dsinf").is_dir()
 
 
+def test_data_tables_stay_out_of_a_shared_torch_extensions_dir(tmp_path, monkeypatch):
+    """The route and autotune tables go beside the cache root only where that dir is ours alone; in a shared
+    sticky TORCH_EXTENSIONS_DIR others could plant them, so they go into our private root instead."""
+    monkeypatch.delenv("DSINF_CACHE_DIR", raising=False)
+    own = tmp_path / "ext"
+    own.mkdir(mode=0o755)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(own))
+    assert cache.data_root() == own
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(shared))
+    assert cache.data_root() == shared / "dsinf"
+    assert stat.S_IMODE((shared / "dsinf").stat().st_mode) == 0o700
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path / "chosen"))  # the user's explicit choice stands
+    assert cache.data_root() == tmp_path / "chosen"
+
+
 def test_cache_root_default_is_per_user(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -4,7 +4,7 @@ Nothing here imports torch or triton, so the selection and persistence logic is 
 the benchmark itself is injected (`tune(..., bench=...)`, like Triton's `Autotuner(do_bench=...)`).
 
 File:   <data root>/triton/autotune.v1.json  (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside
-        the JIT cache, e.g. ~/.cache/dsinf/triton/autotune.v1.json)
+        the JIT cache root, e.g. ~/.cache/dsinf/triton/autotune.v1.json, or in it where that is shared)
 Lock:   <same>.lock, a separate file that is never replaced or deleted (fcntl.flock on it).
 Format: {"format": "dsinf-triton-autotune", "version": 1,
          "entries": {"<key text>": {"config": {...ints...}, "ms": 0.0123, "candidates": 12,
