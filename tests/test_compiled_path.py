@@ -2,8 +2,10 @@
 
 The test machine has a CPU and a C++ compiler, so the real dispatch (no fake environment, no forced
 backend) must resolve the compiled backend for every op spec, every CPU activation dtype, float and
-int8 weights - with no fallback - and the op classes must run it. A dispatch bug that misses the
-compiled kernels would otherwise turn every compiled-backend test into a silent pass on the reference.
+int8 weights - with no fallback - and the op classes must resolve it (that they then run the compiled
+kernel, not the reference, test_host_cost, test_rms_norm and test_mlp_gemm check with the profiler).
+A dispatch bug that misses the compiled kernels would otherwise turn every compiled-backend test into a
+silent pass on the reference.
 The ops come from the spec registry: an op added later is covered without editing this file. On a
 GPU machine (`-m gpu`) the same holds for CUDA tensors (bf16 from compute capability 8.0).
 """
@@ -46,7 +48,7 @@ def test_real_dispatch_resolves_compiled(op, dtype, int8, device):
 
 
 @pytest.mark.parametrize("op,dtype,int8", CASES)
-def test_op_class_runs_compiled(op, dtype, int8):
+def test_op_class_resolves_compiled(op, dtype, int8):
     cls = spec.op_class(spec.get(op).op_class)
     # norm_type, mlp_act_func_type: MLPGemmOp implements DeepSpeed's RMSNorm variant only; the other ops ignore it.
     fields = dict(dtype=torch.int8, act_dtype=dtype) if int8 else dict(dtype=dtype)

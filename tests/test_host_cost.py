@@ -16,6 +16,7 @@ import _dsinf_oracle as oracle
 from dsinf import InferenceConfig, LinearOp, VectorMatMulOp, reference
 from dsinf.ops import spec as op_spec
 from dsinf.ops.base import eager_call
+from fixtures.profiled import dsinf_ops_run
 
 SUFFIX = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = list(SUFFIX)
@@ -28,13 +29,6 @@ def _op(cls, cfg, monkeypatch):
     return op
 
 
-def _dsinf_ops_run(fn) -> list[str]:
-    """Names of the dsinf:: ops `fn` ran, in order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return [e.name for e in prof.events() if e.name.startswith("dsinf::")]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(SUFFIX.values()))
 @pytest.mark.parametrize("transposed_mode", [False, True])
 @pytest.mark.parametrize("add_bias", [True, False])
@@ -43,7 +37,7 @@ def test_linear_plain_call_runs_the_lean_entry(cpu_module, monkeypatch, dtype, t
     x, w, b, _ = oracle.random_inputs(2, 3, 13, 7, dtype, transposed_mode=transposed_mode)
     bias = b if add_bias else None
     got = lin(x, w, bias, add_bias, False, 1)  # warm: the first call binds
-    ran = _dsinf_ops_run(lambda: got.extend(lin(x, w, bias, add_bias, False, 1)))
+    ran = dsinf_ops_run(lambda: got.extend(lin(x, w, bias, add_bias, False, 1)))
     assert ran == [f"dsinf::linear_layer_lean_{SUFFIX[dtype]}"]
     want = reference.linear_layer(x, w, b, add_bias, False, 1, transposed_mode)
     assert isinstance(got, list) and len(got) == 2
@@ -57,10 +51,10 @@ def test_linear_calls_the_lean_entry_does_not_fit_take_the_full_entry(cpu_module
     x, w, b, _ = oracle.random_inputs(1, 3, 8, 24, torch.float32, transposed_mode=True)
     lin(x, w, b, True, False, 1)
     # a bias with add_bias=False is ignored, as in DeepSpeed (by the full entry, which still checks its grad)
-    assert _dsinf_ops_run(lambda: lin(x, w, b, False, False, 1)) == ["dsinf::linear_layer_fp32"]
+    assert dsinf_ops_run(lambda: lin(x, w, b, False, False, 1)) == ["dsinf::linear_layer_fp32"]
     torch.testing.assert_close(lin(x, w, b, False, False, 1)[0], reference.linear_layer(x, w, None, False, False,
                                                                                             1, True)[0])
-    assert _dsinf_ops_run(lambda: lin(x, w, b, True, True, 2)) == ["dsinf::linear_layer_fp32"]
+    assert dsinf_ops_run(lambda: lin(x, w, b, True, True, 2)) == ["dsinf::linear_layer_fp32"]
     with pytest.raises(ValueError, match="'bias'"):  # add_bias=True without a bias: the full entry, then Python
         lin(x, w, None, True, False, 1)
     with pytest.raises(ValueError, match="'weight'"):  # the lean entry rejects it; the rerun names it
@@ -152,7 +146,7 @@ def test_vector_matmul_call_runs_the_lean_entry(cpu_module, monkeypatch, dtype, 
     cfg, x, w, want = _vm_case(dtype, transposed_mode, int8)
     vm = _op(VectorMatMulOp, cfg, monkeypatch)
     got = [vm(x, w)]  # warm: the first call binds
-    ran = _dsinf_ops_run(lambda: got.append(vm(x, w, True)))  # async_op is a hint: the same call
+    ran = dsinf_ops_run(lambda: got.append(vm(x, w, True)))  # async_op is a hint: the same call
     assert ran == [f"dsinf::vector_matmul_lean_{SUFFIX[dtype]}"]
     for out in got:
         assert out.dtype == dtype and out.shape == (2, 3, 8)

@@ -19,7 +19,9 @@ import torch
 from dsinf import MLPGemmOp, reference
 from dsinf.checks import InputError
 from dsinf.config import ActivationFuncType, InferenceConfig, NormType
+from dsinf.ops import spec as op_spec
 from dsinf.quantize import quantize_int8
+from fixtures.profiled import dsinf_ops_run
 from test_rms_norm import randn, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -146,8 +148,10 @@ def test_op_on_the_compiled_backend(cpu_module, monkeypatch, dtype, layout, B, S
     gen = torch.Generator().manual_seed(B * S + K + I)
     case = make_case(B, S, K, I, dtype, layout, 2 if layout == "int8" else None, gen)
     op = make_op(config(dtype, layout), monkeypatch=monkeypatch)
-    assert_close(run_op(op, case), reference.rms_mlp_gemm(*ref_args(case, layout, SILU)), dtype)
-    assert op.backend == "compiled"
+    got = []
+    ran = dsinf_ops_run(lambda: got.append(run_op(op, case)))
+    assert ran == [f"dsinf::{op_spec.get('rms_mlp_gemm').function(dtype)}"]  # the compiled kernel, not the reference
+    assert_close(got[0], reference.rms_mlp_gemm(*ref_args(case, layout, SILU)), dtype)
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -16,6 +16,7 @@ import torch
 from dsinf import PreRMSNormOp, RMSNormOp, reference
 from dsinf.checks import InputError
 from dsinf.config import InferenceConfig
+from fixtures.profiled import dsinf_ops_run
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -114,13 +115,14 @@ def test_op_classes_on_the_compiled_backend(cpu_module, monkeypatch, dtype, shap
     gen = torch.Generator().manual_seed(sum(shape) + len(DTYPES))
     x, r, g = _inputs(shape, dtype, gen, contiguous)
     rms, pre = _ops(monkeypatch)
+    got = []
     with torch.no_grad():
-        assert_close(rms(x, g, 1e-5), reference.rms_norm(x, g, 1e-5), dtype)
-        out, res = pre(x, r, g, 1e-6)
+        ran = dsinf_ops_run(lambda: got.extend([rms(x, g, 1e-5), *pre(x, r, g, 1e-6)]))
+    assert ran == ["dsinf::rms_norm", "dsinf::pre_rms_norm"]  # the compiled kernels ran, not the reference
+    assert_close(got[0], reference.rms_norm(x, g, 1e-5), dtype)
     want_out, want_res = reference.pre_rms_norm(x, r, g, 1e-6)
-    assert torch.equal(res, want_res)  # one fp32 add, rounded once: exact
-    assert_close(out, want_out, dtype)
-    assert rms.backend == pre.backend == "compiled"
+    assert torch.equal(got[2], want_res)  # one fp32 add, rounded once: exact
+    assert_close(got[1], want_out, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
