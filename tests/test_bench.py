@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,23 @@ def test_load_all_times_the_childrens_load_calls(monkeypatch, tmp_path):
     assert build_times._cold_seconds("cuda", 60.0) == 8.25
     how = "cached"  # a child that found a build did not time one
     assert build_times._cold_seconds("cuda", 60.0) is None
+
+
+def test_the_real_load_child_times_load_not_import_torch(cpu_module):
+    """The bench's load child itself (LOAD_CHILD, as the build section runs it), on the session's warm CPU
+    build: its in_process seconds are load()'s alone. `import torch`, which a child spends a second or more
+    on, must be outside them (a timer started before it would put every child's import into the load goal)."""
+    from bench.adapter import LOAD_CHILD
+    from bench.build_times import child_env, run_child
+
+    r = run_child(LOAD_CHILD, ["cpu"], child_env(DSINF_NO_PREBUILT="1"), 300.0)
+    assert r["ok"] and r["data"]["how"] == "cached", r
+    imports = []
+    for _ in range(2):  # after the child, so the import is as warm as it was there
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], env=child_env(), check=True, timeout=300)
+        imports.append(time.perf_counter() - t0)
+    assert r["data"]["in_process"] < min(imports) / 2 < r["wall"], (r, imports)
 
 
 def test_evaluate_without_measurements_says_why():
