@@ -135,11 +135,42 @@ def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():
 
 
 def test_fused_rope_actually_runs_for_plain_positions_and_not_for_left_padding():
-    positions = RopePositions(RopeDecision(True, "test"))
-    assert positions.offset(torch.arange(5, 9)[None].expand(3, 4), 4) == 5
-    assert positions.offset(torch.tensor([[0, 1, 2], [1, 2, 3]]), 3) is None  # rows start apart (left padding)
-    assert positions.offset(torch.tensor([[0, 2, 4]]), 3) is None
-    assert RopePositions(RopeDecision(False, "test")).offset(torch.arange(3)[None], 3) is None
+    positions, layer = RopePositions(RopeDecision(True, "test")), object()
+    assert positions.offset(torch.arange(5, 9)[None].expand(3, 4), 4, layer) == 5
+    assert positions.offset(torch.tensor([[0, 1, 2], [1, 2, 3]]), 3, layer) is None  # rows start apart (left padding)
+    assert positions.offset(torch.tensor([[0, 2, 4]]), 3, layer) is None
+    assert RopePositions(RopeDecision(False, "test")).offset(torch.arange(3)[None], 3, layer) is None
+
+
+def test_a_position_buffer_updated_in_place_is_read_again_each_step():
+    """The memo serves the other layers of one step; the layer that read the buffer reads it again at its next
+    call, so a caller's buffer reused with `fill_` is never taken for the previous step's positions."""
+    positions, first, second = RopePositions(RopeDecision(True, "test")), object(), object()
+    pos = torch.tensor([[8]])
+    assert positions.offset(pos, 1, first) == positions.offset(pos, 1, second) == 8
+    pos.fill_(9)
+    assert positions.offset(pos, 1, first) == 9 and positions.offset(pos, 1, second) == 9
+
+
+def test_decode_loop_reusing_one_position_buffer_matches_the_original():
+    """Prefill, then one token at a time with `position_ids` a buffer updated in place (a hand-written decode
+    loop): the injected model's logits follow the original's at every step (the memo once kept step one's
+    offset: 1.2e-2 relative error by the last step)."""
+    ref = make_model("llama")
+    model = inject(twin(ref))
+    x = ids(batch=1, seq=20)
+
+    def decode(m):
+        cache, pos, out = transformers.DynamicCache(config=m.config), torch.zeros(1, 1, dtype=torch.long), []
+        with torch.no_grad():
+            m(x[:, :8], past_key_values=cache)
+            for t in range(8, 20):
+                pos.fill_(t)
+                out.append(m(x[:, t:t + 1], position_ids=pos, past_key_values=cache).logits[0, -1])
+        return torch.stack(out)
+
+    got, want = decode(model), decode(ref)
+    assert rel_err(got, want) < 1e-5, [rel_err(g, w) for g, w in zip(got, want)]
 
 
 def test_fused_rope_equals_the_models_rotary_at_an_offset():

@@ -115,7 +115,7 @@ class FusedAttention:
                 past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         apply_rotary, attention_functions, eager_attention = self._dsinf_helpers
-        offset = self._dsinf_rope.offset(kwargs.get("position_ids"), hidden_states.shape[1])
+        offset = self._dsinf_rope.offset(kwargs.get("position_ids"), hidden_states.shape[1], self)
         query, key, value = self.qkv_proj(hidden_states, offset)
         if offset is None:  # RoPE not fused for this call: the model's own rotary
             cos, sin = position_embeddings

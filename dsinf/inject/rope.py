@@ -9,7 +9,9 @@ head - which `decide_rope` checks on the model's own rotary module rather than t
 Per call, the op takes one host integer `seq_offset` for all rows, while HF hands the attention a device
 tensor `position_ids` `[B or 1, S]`. `RopePositions.offset` turns it into that integer when the rows are
 one plain arange `p0 .. p0+S-1` (the usual case: no padding), with one device->host read per forward
-step - memoised on the tensor object, which HF passes unchanged to every layer of one step. It returns
+step - memoised on the tensor object, which HF passes unchanged to every layer of one step, for the other
+layers of that step only: the layer that read it reads again at its next call, so a position buffer the
+caller reuses and updates in place (`pos.fill_(t)` in a decode loop) is read every step. It returns
 None - and the caller applies HF's rotary from `position_embeddings` - when:
   * positions differ per row (left padding: each row starts at its own position) or are not an arange;
   * the model is being compiled (`torch.compile`: a host read would break the graph; the positions must
@@ -73,16 +75,19 @@ class RopePositions:
     def __init__(self, decision: RopeDecision):
         self.fused = decision.fused
         self._ids: torch.Tensor | None = None
+        self._reader: int | None = None  # id() of the layer that read `_ids`: its next call is a new step
         self._offset: int | None = None
 
-    def offset(self, position_ids: torch.Tensor | None, seq_len: int) -> int | None:
+    def offset(self, position_ids: torch.Tensor | None, seq_len: int, layer: object) -> int | None:
+        """`layer`: the calling attention module. The memo serves the other layers of the step that read it."""
         if not self.fused or position_ids is None or torch.compiler.is_compiling():
             return None
-        if position_ids is self._ids:
+        if position_ids is self._ids and id(layer) != self._reader:
             return self._offset
         if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._ids = None  # nothing read: no later layer may take an earlier step's offset into the graph
             return None
-        self._ids, self._offset = position_ids, _plain_offset(position_ids, seq_len)
+        self._ids, self._reader, self._offset = position_ids, id(layer), _plain_offset(position_ids, seq_len)
         return self._offset
 
 
