@@ -115,6 +115,35 @@ def test_decoder_layer_runs_on_rms_norm_and_rms_mlp_gemm(quantize):
         torch.testing.assert_close(logits(model, x), logits(dequantized, x), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("skip,kept", [
+    (("q_proj",), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    (("up_proj",), ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]),
+    (("layers.0",), [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                       "mlp.down_proj")]),
+    (("self_attn",), [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj")]),
+])
+def test_skip_leaves_the_listed_modules_and_everything_in_them_on_torch(skip, kept):
+    """A skipped projection that a fused block would replace (q/k/v, gate/up) keeps its block unfused, and a
+    skipped container (a layer, every self_attn) keeps every linear inside it: all stay the model's own
+    float nn.Linear, even under int8, and are reported as skipped, never as replaced."""
+    ref = make_model("llama")
+    model = inject(twin(ref), skip=skip, quantize="int8")
+    summary = injection_summary(model)
+    modules = dict(model.named_modules())
+    for name in kept:
+        assert type(modules[name]) is nn.Linear and modules[name].weight.dtype == torch.float32, name
+        assert name not in summary.replaced and name in {s.name for s in summary.skipped}, name
+    others = [n for n, m in modules.items() if n.endswith("_proj") and n not in kept and n not in
+              {f"{f.name}.{p}" for f in summary.fused for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}]
+    assert others and all(type(modules[n]) is not nn.Linear for n in others), others  # the rest still injected
+    dequantized = twin(ref)
+    dequantized.load_state_dict(export_state_dict(model))
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(dequantized, x), atol=2e-4, rtol=1e-4)
+
+
 def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():
     ref = make_model("llama")
     model = inject(twin(ref))

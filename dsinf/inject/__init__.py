@@ -93,7 +93,11 @@ def _heads(model: nn.Module) -> set[int]:
 
 
 def _skipped(name: str, skip) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
+    """Whether module `name` or a module containing it is listed in `skip` (a full name, or last components:
+    "lm_head", "self_attn", "layers.0")."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p == s or p.endswith("." + s) for p in prefixes for s in skip)
 
 
 def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str | None = None,
@@ -111,7 +115,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
         groups: int8 scale groups per weight matrix (None: one scale per output channel); must divide
             every quantized layer's output rows.
         fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
-        skip: module names (full, or the last components: "lm_head") left as they are, on torch.
+        skip: module names (full, or the last components: "lm_head", "self_attn", "layers.0") left as they
+            are, on torch, with everything inside them; a block with a listed projection is not fused.
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
         cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
             captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
@@ -199,9 +204,14 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
     attentions, mlps = [], []
     # (a module that looks like one, its matcher, where matches go, its name in a skip reason)
     kinds = (("q_proj", match_attention, attentions, "attention"), ("gate_proj", match_mlp, mlps, "MLP"))
+    fused_parts = {"attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate_proj", "up_proj")}
     for name, m in modules:
         for marker, match_block, matched, label in kinds:
             if hasattr(m, marker):
+                listed = [p for p in fused_parts[label] if _skipped(f"{name}.{p}", skip)]
+                if listed:  # a fused block would replace it: the block stays the model's
+                    summary.skipped.append(Skipped(name, f"{label} not fused: {', '.join(listed)} listed in skip"))
+                    break
                 match = match_block(m)
                 if match.ok:
                     matched.append((name, m))
