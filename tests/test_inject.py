@@ -246,6 +246,25 @@ def test_inject_dtype_converts_the_model():
     assert rel_err(logits(model, ids()), logits(ref, ids())) < 2e-2
 
 
+def test_inject_dtype_keeps_the_rotary_frequencies_fp32_and_fuses_rope():
+    """inject(dtype=) casts as from_pretrained(dtype=) loads: the rotary's inv_freq stays float32, so the fused
+    RoPE (exact frequencies) runs; a model the user cast with .to() has rounded frequencies, which HF's rotary
+    then uses, so the RoPE is not fused and the summary says why (not "inv_freq is not theta ** ...")."""
+    model = inject(make_model("llama", rope_theta=500000.0), dtype=torch.bfloat16)
+    summary = injection_summary(model)
+    assert summary.rope_fused, summary.rope
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    ref = make_model("llama", rope_theta=500000.0)
+    inv_freq = ref.model.rotary_emb.inv_freq
+    ref.to(torch.bfloat16).model.rotary_emb.inv_freq = inv_freq  # the from_pretrained(dtype=bf16) model
+    assert rel_err(logits(model, ids()), logits(ref, ids())) < 2e-2
+
+    cast = inject(make_model("llama").to(torch.float16))
+    summary = injection_summary(cast)
+    assert not summary.rope_fused and "inv_freq is float16: the model was cast" in summary.rope, summary.rope
+
+
 def test_scaled_rope_keeps_hf_rotary_and_says_so():
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -92,6 +92,18 @@ def _heads(model: nn.Module) -> set[int]:
     return found
 
 
+def _cast_keeping_rotary_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype), but the rotary embeddings' float32 frequency buffers (inv_freq, original_inv_freq)
+    stay float32, as `from_pretrained(dtype=...)` leaves them: cast, HF's own rotary would use rounded
+    frequencies (bf16: 8 bits, radians off within a few hundred positions) and dsinf's fused RoPE, which
+    must equal the model's, would be refused."""
+    kept = [(m, name, buf) for m in model.modules() for name, buf in m.named_buffers(recurse=False)
+            if name in ("inv_freq", "original_inv_freq") and buf.dtype == torch.float32]
+    model.to(dtype)
+    for module, name, buf in kept:
+        setattr(module, name, buf)
+
+
 def _skipped(name: str, skip) -> bool:
     """Whether module `name` or a module containing it is listed in `skip` (a full name, or last components:
     "lm_head", "self_attn", "layers.0")."""
@@ -136,7 +148,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     """
     _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_stop)
     if dtype is not None:
-        model.to(dtype)
+        _cast_keeping_rotary_fp32(model, dtype)
     heads = _heads(model)
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     if groups is not None:  # check before anything changes; q|k|v and gate|up rows are then divisible too

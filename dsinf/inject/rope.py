@@ -57,6 +57,11 @@ def decide_rope(model: nn.Module, config, head_dim: int) -> RopeDecision:
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         return RopeDecision(False, "no rope_theta in the config: HF's rotary kept")
+    if rotary.inv_freq.dtype != torch.float32:
+        return RopeDecision(False, f"inv_freq is {str(rotary.inv_freq.dtype).replace('torch.', '')}: the model was "
+                                   f"cast (.to(dtype), .half()), which rounds HF's float32 frequencies, and HF's "
+                                   f"rotary now uses the rounded ones; kept. To fuse, pass dtype= to inject or "
+                                   f"load with from_pretrained(dtype=...)")
     inv_freq = rotary.inv_freq.detach().float().cpu()
     expected = float(theta) ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if inv_freq.shape != expected.shape:
