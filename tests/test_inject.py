@@ -317,6 +317,22 @@ def test_generic_mlp_model(shape):
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_save_pretrained_is_refused_with_the_way_back(tmp_path):
+    """HF's save_pretrained would write the fused, int8 layout under the original architecture, which
+    from_pretrained loads with those layers at random: refused, naming export_state_dict, and nothing written.
+    The way it names works: the exported weights saved through the original class load back exactly."""
+    ref = make_model("llama")
+    model = inject(twin(ref), quantize="int8")
+    with pytest.raises(RuntimeError, match="export_state_dict"):
+        model.save_pretrained(tmp_path / "injected")
+    assert not (tmp_path / "injected").exists()
+    plain = twin(ref)
+    plain.load_state_dict(export_state_dict(model))
+    plain.save_pretrained(tmp_path / "exported")
+    back = type(ref).from_pretrained(tmp_path / "exported").eval()
+    torch.testing.assert_close(logits(back, ids()), logits(plain, ids()))
+
+
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_int8_matches_the_dequantized_model(family, groups):

@@ -104,6 +104,16 @@ def _cast_keeping_rotary_fp32(model: nn.Module, dtype: torch.dtype) -> None:
         setattr(module, name, buf)
 
 
+def _save_pretrained_refused(*args, **kwargs):
+    """HF's save_pretrained on an injected model would write dsinf's layout (fused q|k|v and gate|up, int8
+    weights) under the original architecture's name; from_pretrained would then initialise those layers at
+    random, with only a load report to say so."""
+    raise RuntimeError("save_pretrained on a dsinf-injected model would write a checkpoint from_pretrained "
+                       "cannot load (fused q|k|v and gate|up, int8 weights): save "
+                       "dsinf.inject.export_state_dict(model) into the original model class instead, or save "
+                       "the model before inject")
+
+
 def _skipped(name: str, skip) -> bool:
     """Whether module `name` or a module containing it is listed in `skip` (a full name, or last components:
     "lm_head", "self_attn", "layers.0")."""
@@ -196,6 +206,8 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
     if defer_stop and stopcheck.install(model, swap_class):
         summary.stop_check = stopcheck.describe()
     model._dsinf_injection = summary
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = _save_pretrained_refused  # an instance attribute: push_to_hub calls it too
     start, before = time.perf_counter(), routes.measured_count()
     tuned = routes.tune_model(model)  # measured routes of the model's linear and fused-MLP shapes (CUDA; DSINF_ROUTES)
     if tuned:
