@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from op_builder import knobs
+from op_builder.errors import OpBuilderError
 
 from .checks import dtype_name
 
@@ -198,7 +199,9 @@ def probe_compiled(request: Request, env: Environment, forced: bool = False) -> 
     except knobs.KnobError:
         raise
     except Exception as exc:  # noqa: BLE001 - BuildError, IncompatibleError, or anything else
-        return Probe("compiled", reason=f"building the {dev} module failed: {_first_line(exc)}")
+        # op_builder's own errors in full: a failed build's names the op, its first compiler errors and its log
+        why = f"{type(exc).__name__}: {exc}" if isinstance(exc, OpBuilderError) else _first_line(exc)
+        return Probe("compiled", reason=f"building the {dev} module failed: {why}")
     name = request.function
     try:
         registered = env.has_kernel(name, dev)

@@ -27,7 +27,7 @@ from typing import Any
 from . import cache, knobs, trust
 from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels, niceness_increments
 from .compat import Decision
-from .errors import IncompatibleError, OpBuilderError
+from .errors import BuildError, IncompatibleError, OpBuilderError
 from .system import System, current_system
 
 log = logging.getLogger("op_builder")
@@ -55,6 +55,10 @@ class LoadedVariant:
 
 
 _loaded: dict[tuple[str, str], LoadedVariant] = {}
+# Builds that failed in this process, by (op, variant, key digest): asked again (every op instance that
+# resolves its backend asks), the same sources and flags fail the same way, so the error is raised again
+# at once instead of after another full build. An edited source or flag is another key: built again.
+_failed: dict[tuple[str, str, str], BuildError] = {}
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -284,9 +288,19 @@ class OpBuilder:
         key = self.key(variant, spec)
         entry, how = (None, None) if reject else self._published(variant, spec, key.digest)
         if entry is None:  # published entries are immutable: a found one needs no lock, and no write
-            entry, how = build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
-                                       memory_available=self.system.memory_available, reject=reject, jobs=jobs,
-                                       nice=nice)
+            failed = _failed.get((self.NAME, variant, key.digest))
+            if failed is not None:
+                raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
+                                 "(this build already failed in this process: not retried until its sources or "
+                                 "flags change)")
+            try:
+                entry, how = build_or_wait(spec, key, self.variant_dir(variant),
+                                           system_cpu_count=self.system.cpu_count,
+                                           memory_available=self.system.memory_available, reject=reject,
+                                           jobs=jobs, nice=nice)
+            except BuildError as exc:
+                _failed[(self.NAME, variant, key.digest)] = exc
+                raise
         else:
             how = "cached"
         manifest = cache.read_manifest(entry)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.procs import (FIXTURES, INFERENCE, REPO, TINY, Child, CxxWrapper, child_env, cold_cpu_build,
-                            processes_with_cwd_under, run_json, variant_dir, wait_until)
+                            processes_with_cwd_under, run, run_json, variant_dir, wait_until)
 from op_builder import build as build_mod
 from op_builder.cache import BuildKey
 from op_builder.errors import BuildError, classify, first_errors
@@ -153,6 +153,38 @@ def test_compile_error_raises_one_build_error_with_op_error_line_and_log(tmp_pat
     assert published(vdir) == [] and leftovers(vdir) == []
     assert log.parent.name.startswith(".failed-")
     assert "Traceback" not in message and "ninja: build stopped" not in message
+
+
+FAIL_TWICE_THEN_FIX = """
+import json, shutil, sys
+from tiny_op.builder import TinyBuilder
+out = []
+for attempt in range(2):
+    try:
+        TinyBuilder().load_variant("cpu")
+    except Exception as exc:
+        out.append({"type": type(exc).__name__, "message": str(exc)})
+shutil.copy(sys.argv[1], sys.argv[2])  # the source fixed: another key
+out.append({"how": TinyBuilder().load_variant("cpu").how})
+print(json.dumps(out))
+"""
+
+
+def test_a_failed_build_is_not_run_again_in_the_same_process(tmp_path):
+    """Every op instance that resolves its backend asks for the module: after a failed build the same sources
+    and flags fail at once with the same errors and log, not after another full build; edited sources
+    (another key) are built again."""
+    src = broken_source(tmp_path, lambda s: s.replace("x[i] * s", "x[i] * not_declared_here"))
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src), CXX=str(cxx.path))
+    r = run([sys.executable, "-c", FAIL_TWICE_THEN_FIX, str(FIXTURES / "tiny_op" / "tiny_kernel.cpp"),
+             str(src / "tiny_kernel.cpp")], env, timeout=BUILD_TIMEOUT)
+    first, second, fixed = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first["type"] == second["type"] == "BuildError", (first, second)
+    assert "not_declared_here" in second["message"] and "already failed in this process" in second["message"]
+    assert second["message"].split("full log:")[1] == first["message"].split("full log:")[1]
+    assert fixed["how"] == "built"
+    assert len(cxx.compiles()) == 2, cxx.calls()  # the broken source once, the fixed one once
 
 
 def test_missing_header_is_classified(tmp_path):

@@ -130,15 +130,19 @@ def test_no_compiled_module_falls_back_to_torch():
     assert builder.load_calls == 0  # incompatible: never tries to build
 
 
-def test_build_failure_is_a_reason_with_its_first_line():
+def test_build_failure_is_a_reason_with_its_compiler_errors_and_log():
+    """A failed build's reason is its whole BuildError: the op, the first compiler errors, the log - in the
+    fallback warning and in the error DS_KI_FALLBACK=0 raises (its first line alone left the user nothing)."""
     from op_builder.errors import BuildError
 
-    err = BuildError("transformer_inference[cpu]", ["x.cpp:1: error: boom"], "missing header", "/tmp/log")
+    err = BuildError("transformer_inference[cpu]", ["x.cpp:1: error: boom"], "missing header", "/tmp/build.log")
     d = resolve(req(), make_env(FakeBuilder(load_error=err)))
     assert d.backend == "torch"
     reason = d.skipped[0].reason
     assert "BuildError: building transformer_inference[cpu] failed: missing header" in reason
-    assert "boom" not in reason and "\n" not in reason
+    assert "x.cpp:1: error: boom" in reason and "full log: /tmp/build.log" in reason
+    with pytest.raises(BackendUnavailableError, match="(?s)error: boom.*full log: /tmp/build.log"):
+        resolve(req(), make_env(FakeBuilder(load_error=err)), allow_fallback=False)
 
 
 def test_unexpected_exception_in_build_is_also_a_reason():
