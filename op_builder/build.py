@@ -36,7 +36,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cache, knobs, trust
+from . import cache, knobs, system, trust
 from .errors import BuildError, UnsafeCacheError, classify, first_errors
 from .locking import BuildLock
 
@@ -260,6 +260,9 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
                                      "jobs": jobs, "nice": nice, "parent_pid": os.getpid()}))
     env = dict(os.environ)
     env["MAX_JOBS"] = str(jobs)  # for torch's own build helpers in the worker; ninja's -j comes from the spec
+    ninja = system.ninja_binary()  # the one the report and the compatibility check found, on PATH or not
+    if ninja:
+        env["PATH"] = os.pathsep.join([os.path.dirname(ninja)] + ([env["PATH"]] if env.get("PATH") else []))
     # The worker imports op_builder (and the schema module) the way this process did, even when
     # that was through a sys.path entry rather than an installed package.
     package_root = str(Path(__file__).resolve().parent.parent)

@@ -247,16 +247,23 @@ def _probe_cxx_version(cxx: Compiler | None) -> CompilerVersion | None:
     return CompilerVersion(version=text.splitlines()[0].strip(), family=family)
 
 
-def _probe_ninja() -> str | None:
+def ninja_binary() -> str | None:
+    """The ninja builds run: on PATH, else the `ninja` wheel's (its binary sits next to the package even when
+    its scripts directory is not on PATH, e.g. a venv's python run without activating the venv)."""
     path = shutil.which("ninja")
     if path is None:
-        try:  # the `ninja` wheel puts its binary next to the package even when not on PATH
+        try:
             import ninja  # type: ignore
 
             path = os.path.join(ninja.BIN_DIR, "ninja")
         except (ImportError, AttributeError):
             return None
-    text = _run([path, "--version"], timeout=10)
+    return path if os.access(path, os.X_OK) else None
+
+
+def _probe_ninja() -> str | None:
+    path = ninja_binary()
+    text = _run([path, "--version"], timeout=10) if path else None
     return text.strip() if text else None
 
 

@@ -187,6 +187,24 @@ def test_a_failed_build_is_not_run_again_in_the_same_process(tmp_path):
     assert len(cxx.compiles()) == 2, cxx.calls()  # the broken source once, the fixed one once
 
 
+def test_the_ninja_wheel_builds_when_ninja_is_not_on_path(tmp_path):
+    """A venv's python run without activating the venv: its `ninja` wheel's binary is not on PATH. The report
+    and the compatibility check find it there (system.ninja_binary), so the build must run that one too
+    (it once failed with "ninja is not installed" after the report said [OKAY])."""
+    import ninja
+
+    bin_dir = tmp_path / "bin"  # PATH's tools, every one but ninja
+    bin_dir.mkdir()
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in (Path(directory).iterdir() if Path(directory).is_dir() else ()):
+            if tool.name != "ninja" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    assert Path(ninja.BIN_DIR, "ninja").is_file() and not (bin_dir / "ninja").exists()
+    env = tiny_env(tmp_path, PATH=str(bin_dir))
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "built", r
+
+
 def test_missing_header_is_classified(tmp_path):
     src = broken_source(tmp_path, lambda s: '#include "no_such_header.h"\n' + s)
     env = tiny_env(tmp_path, TINY_OP_SRC=str(src))
