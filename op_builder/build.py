@@ -324,9 +324,14 @@ def _log_tail(text: str, lines: int = 20) -> str:
     return "last log lines:\n" + "\n".join("  " + line for line in body[-lines:])
 
 
+def failed_dir(variant_dir: Path, digest: str) -> Path:
+    """Where the last failed build of key `digest` is kept (its log stays readable; the report points at it)."""
+    return variant_dir / f".failed-{digest}"
+
+
 def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, cause: str | None = None):
     """Keep the failed build as .failed-<key> (its log stays readable) and return the BuildError."""
-    failed = variant_dir / f".failed-{digest}"
+    failed = failed_dir(variant_dir, digest)
     _remove(failed)
     os.rename(build_dir, failed)
     failed_log = failed / "build.log"

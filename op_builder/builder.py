@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, knobs, trust
-from .build import BuildSpec, build_or_wait, dispatch_key, job_shares, missing_kernels, niceness_increments
+from .build import (BuildSpec, build_or_wait, dispatch_key, failed_dir, job_shares, missing_kernels,
+                    niceness_increments)
 from .compat import Decision
 from .errors import BuildError, IncompatibleError, OpBuilderError
 from .system import System, current_system
@@ -150,6 +151,14 @@ class OpBuilder:
             return problem
         problems = self.runtime_problems(variant, cache.read_manifest(directory) or {})
         return "; ".join(problems) or None
+
+    def failed_build_log(self, variant: str) -> Path | None:
+        """The log of the last failed build of the key this machine would build now, if the cache holds one
+        (a later successful build publishes an entry, which the report shows instead)."""
+        if not self.compatible(variant).ok:
+            return None
+        log_path = failed_dir(self.variant_dir(variant), self.key(variant, self.spec(variant)).digest) / "build.log"
+        return log_path if log_path.is_file() else None
 
     def cached_entry(self, variant: str) -> tuple[Path | None, str | None]:
         """(entry dir, None) when the JIT cache holds a usable build for this machine, else (None, why)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from . import cache, knobs
@@ -114,6 +115,8 @@ def op_rows() -> list[dict[str, Any]]:
             else:
                 entry, why = cached
                 row.update(cached=entry is not None, cached_why_not=why, cache_entry=str(entry) if entry else None)
+            failed = _guard(lambda: builder.failed_build_log(variant)) if not row["cached"] else None
+            row["failed_build_log"] = str(failed) if isinstance(failed, Path) else None
             rows.append(row)
     return rows
 
@@ -186,7 +189,10 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], built: list[dict[str
             out.append(f"      note: {note}")
         if not r["installed"] and r["installed_why_not"] not in (None, "not installed"):
             out.append(f"      installed binary unusable: {r['installed_why_not']}")
-        if not r["cached"] and r["buildable"] and not r["installed"]:  # installed: the prebuilt binary loads
+        if r.get("failed_build_log"):
+            out.append(f"      last build failed (the same sources and flags fail again): {r['failed_build_log']} "
+                       "(--build shows its errors)")
+        elif not r["cached"] and r["buildable"] and not r["installed"]:  # installed: the prebuilt binary loads
             out.append(f"      cache: {r['cached_why_not']} (built on first use; set {r['build_var']}=1 at install "
                        "to ship it prebuilt)")
     if measured:

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-from fixtures.procs import child_env, cold_cpu_build, run
+from fixtures.procs import FIXTURES, INFERENCE, child_env, cold_cpu_build, run, snapshot_repo
 from op_builder.knobs import KNOBS
 from op_builder.report import CPU_ONLY
 
@@ -193,6 +193,24 @@ def test_unwritable_cache_root_is_reported(tmp_path):
     data = json.loads(r.stdout)
     assert data["environment"]["cache_root"].startswith(str(tmp_path / "xdg"))  # the per-user fallback
     assert "cannot build into" in r.stderr and str(blocker / "ext") in r.stderr
+
+
+def test_a_failed_build_of_the_current_sources_is_reported(tmp_path):
+    """After a build of these sources failed, the plain report says so and where its log is, instead of
+    "not built (built on first use)": the first use would fail the same way."""
+    source = snapshot_repo(tmp_path / "src")
+    header = source / "csrc" / "inference" / "binding" / "cpu_ops.h"
+    header.write_text("#error planted by test_report\n" + header.read_text())
+    env = child_env(tmp_path, pythonpath=[source, FIXTURES])
+    failed = run(INFERENCE, env, cwd=tmp_path, timeout=600)
+    assert "planted by test_report" in failed.stdout + failed.stderr, failed
+    r = run(REPORT + ["--json"], env, cwd=tmp_path, timeout=300)
+    assert r.rc == 0 and "Traceback" not in r.stderr, r
+    cpu = rows_of(json.loads(r.stdout))[("transformer_inference", "cpu")]
+    log = cpu["failed_build_log"]
+    assert log and "planted by test_report" in open(log).read(), cpu
+    text = run(REPORT + ["--no-color"], env, cwd=tmp_path, timeout=300).stdout
+    assert f"last build failed (the same sources and flags fail again): {log}" in text, text
 
 
 @pytest.mark.slow
