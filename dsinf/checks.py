@@ -80,6 +80,15 @@ def check_int(op: str, arg: str, value) -> int:
     return value
 
 
+def dense(op: str, arg: str, t: torch.Tensor) -> None:
+    """`t` is an ordinary strided tensor: a sparse, mkldnn or nested one would otherwise reach the kernels'
+    lookup and fail with torch's words, naming no argument."""
+    if t.is_nested:
+        _fail(op, arg, "expected a dense (strided) tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        _fail(op, arg, f"expected a dense (strided) tensor, got layout {str(t.layout).replace('torch.', '')}")
+
+
 def no_backward(op: str, **tensors) -> None:
     """The ops are inference-only: with grad mode on, an input that requires grad is an error (on every
     backend, so that no backend silently returns a result without a gradient)."""
@@ -95,6 +104,8 @@ def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
         _fail(op, "input", f"expected a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         _fail(op, "weight", f"expected a Tensor, got {type(weight).__name__}")
+    dense(op, "input", input)
+    dense(op, "weight", weight)
     if input.dim() != 3:
         _fail(op, "input", f"expected a 3-D [B, S, K] tensor, got shape {tuple(input.shape)}")
     if act_dtype is not None and input.dtype != act_dtype:
@@ -130,6 +141,7 @@ def _check_matmul(op: str, input, weight, act_dtype, transposed_mode: bool,
     if is_int8:
         if q_scale is None or not isinstance(q_scale, torch.Tensor) or q_scale.numel() == 0:
             _fail(op, "q_scale", "an int8 weight needs its float32 scales (weight.scale / q_scale)")
+        dense(op, "q_scale", q_scale)
         if q_scale.dtype != torch.float32:
             _fail(op, "q_scale", f"expected dtype float32, got {dtype_name(q_scale.dtype)}")
         if q_scale.device != input.device:
@@ -149,6 +161,7 @@ def _check_bias(op: str, bias, add_bias: bool, input, N: int):
         return
     if not isinstance(bias, torch.Tensor):
         _fail(op, "bias", "add_bias=True needs a bias tensor")
+    dense(op, "bias", bias)
     if bias.device != input.device:
         _fail(op, "bias", f"is on {bias.device} but input is on {input.device}")
     if bias.dtype != input.dtype:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import InputError, dtype_name, no_backward
+from ..checks import InputError, dense, dtype_name, no_backward
 from ..config import ActivationFuncType, NormType
 from ..reference import dequantize
 from .base import CALL_ERRORS, InferenceOp
@@ -76,6 +76,7 @@ def _check_weight(op: str, name: str, w, input: torch.Tensor, q_int8: bool) -> N
 def _check_scale(op: str, name: str, q_scale, input: torch.Tensor, N: int, weight_name: str) -> int:
     if not isinstance(q_scale, torch.Tensor) or q_scale.numel() == 0:
         _fail(op, name, f"q_int8=True needs the float32 scales of {weight_name}")
+    dense(op, name, q_scale)
     if q_scale.dtype != torch.float32:
         _fail(op, name, f"expected dtype float32, got {dtype_name(q_scale.dtype)}")
     if q_scale.device != input.device:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import DTYPE_SUFFIX, InputError, dtype_name, no_backward
+from ..checks import DTYPE_SUFFIX, InputError, dense, dtype_name, no_backward
 from .base import CALL_ERRORS, InferenceOp
 from .spec import OpSpec
 
@@ -35,6 +35,7 @@ def check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> Non
     """`t` is a Tensor (on `like`'s device)."""
     if not isinstance(t, torch.Tensor):
         _fail(op, name, f"expected a Tensor, got {'None' if t is None else type(t).__name__}")  # C++'s words
+    dense(op, name, t)
     if like is not None and t.device != like.device:
         _fail(op, name, f"is on {t.device} but the input is on {like.device}")
 
