@@ -333,6 +333,23 @@ def test_save_pretrained_is_refused_with_the_way_back(tmp_path):
     torch.testing.assert_close(logits(back, ids()), logits(plain, ids()))
 
 
+def test_gpt2_int8_summary_says_what_was_and_was_not_quantized():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: left to torch. Under quantize="int8" the
+    only linear dsinf takes is the output head, which stays float; the summary says both, not "1 linear
+    layers ... int8 weight-only"."""
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(config).eval()
+    model = inject(twin(ref), quantize="int8")
+    summary = injection_summary(model)
+    assert summary.replaced == ["lm_head"] and summary.float_heads == ["lm_head"]
+    conv = {s.name for s in summary.skipped if "Conv1D" in s.reason}
+    assert "transformer.h.0.attn.c_attn" in conv and "transformer.h.1.mlp.c_proj" in conv, summary.skipped
+    text = summary.format()
+    assert "int8 weight-only (per channel) on 0 of them" in text and "Conv1D" in text, text
+    torch.testing.assert_close(logits(model, ids()), logits(ref, ids()), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_int8_matches_the_dequantized_model(family, groups):

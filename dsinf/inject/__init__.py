@@ -183,6 +183,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
                 if isinstance(child, nn.Linear) and not isinstance(child, InjectedLinear):
                     summary.skipped.append(Skipped(name, f"{type(child).__name__} subclasses nn.Linear; its "
                                                          f"forward may differ"))
+                elif type(child).__name__ == "Conv1D":  # transformers' GPT-2-style projection: say it stays
+                    summary.skipped.append(Skipped(name, "transformers' Conv1D (weight [in, out], GPT-2 style) is "
+                                                         "not an nn.Linear: left to torch, not quantized"))
                 continue
             if _skipped(name, skip):
                 summary.skipped.append(Skipped(name, "listed in skip"))

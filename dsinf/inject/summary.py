@@ -42,8 +42,8 @@ class InjectionSummary:
         return asdict(self)
 
     def format(self) -> str:
-        weights = f"int8 weight-only ({'per channel' if self.groups is None else f'{self.groups} groups'})" \
-            if self.quantize else self.dtype
+        weights = (f"int8 weight-only ({'per channel' if self.groups is None else f'{self.groups} groups'}) on "
+                   f"{len(self.replaced) - len(self.float_heads)} of them" if self.quantize else self.dtype)
         attn = sum(f.kind == "attention" for f in self.fused)
         mlp = sum(f.kind == "mlp" for f in self.fused)
         layers = sum(f.kind == "layer" for f in self.fused)
