@@ -42,10 +42,10 @@ This module measures it, persists it, and pushes it into the binding:
 - persist: <data root>/routes.v3.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache root, or in it where that directory is shared), one table per device key
   `<variant>|<device name>|torch=<version>|build=<module key>`: a rebuilt module, another torch or another
-  GPU measures again. Written under op_builder.locking.FileLock
-  (re-read, merged, written with op_builder.atomic.write_json); read with read_json. A malformed file is
-  an empty table (one warning); a malformed entry is dropped (one warning). A table that cannot be written
-  is a warning per failed save; the process still reuses what it measured.
+  GPU measures again. Written under op_builder.locking.FileLock (re-read, merged, written with
+  op_builder.atomic.write_json); read with read_json. A malformed file is an empty table (one warning); a
+  malformed entry is dropped (one warning). A table that cannot be written is a warning per failed save;
+  the process still reuses what it measured.
 - apply: when a compiled module loads (InferenceBuilder.post_load), its device's persisted table is pushed
   once; a tuning pushes its result at once. Reading the route costs the op a pointer load and a search.
 
