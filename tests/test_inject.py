@@ -806,6 +806,15 @@ def test_the_output_head_runs_on_dsinf_in_its_float_dtype(quantize):
     assert injection_summary(inject(make_model("llama", vocab_size=129), quantize="int8", groups=2)).groups == 2
 
 
+def test_a_model_on_the_meta_device_is_refused_before_anything_changes():
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="argument 'model': its parameters are not materialised .*meta device"):
+        inject(model, quantize="int8")
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
 @pytest.mark.parametrize("skip", [None, "lm_head", 3, ("lm_head", 3)])
 def test_a_bad_skip_names_the_argument(skip):
     with pytest.raises(TypeError, match="argument 'skip'"):

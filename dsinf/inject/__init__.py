@@ -48,6 +48,10 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
         raise TypeError(f"inject: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_dsinf_injection", None) is not None:
         raise ValueError("inject: argument 'model': already injected (see dsinf.injection_summary(model))")
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:  # no weights to quantize or share yet: say so before anything is rewritten
+        raise ValueError(f"inject: argument 'model': its parameters are not materialised ({meta} is on the meta "
+                         f"device): load the weights first (from_pretrained, or to_empty() + load_state_dict)")
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         hint = " (for int8 weights pass quantize='int8')" if dtype == torch.int8 else ""
         raise ValueError(f"inject: argument 'dtype': expected None, float32, float16 or bfloat16, got {dtype}{hint}")
