@@ -138,6 +138,24 @@ def test_epsilon_is_applied(cpu_module, monkeypatch, dtype):
         assert_close(pre(x, r, g, eps)[0], reference.pre_rms_norm(x, r, g, eps)[0], dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_numpy_float_epsilon_is_taken_as_the_schema_takes_it(cpu_module, monkeypatch, backend):
+    """An epsilon read from a config as a numpy float works as torch.ops.dsinf takes it (refused once: "expected
+    a float, got float32"), with the same result as the Python float of the same value."""
+    import numpy
+
+    monkeypatch.setenv("DSINF_BACKEND", backend)
+    gen = torch.Generator().manual_seed(17)
+    x, r, g = _inputs((3, 67), torch.float32, gen)
+    rms, pre = RMSNormOp(), PreRMSNormOp(InferenceConfig(dtype=torch.float32))
+    for eps in (numpy.float32(1e-5), numpy.float64(1e-3)):
+        assert torch.equal(rms(x, g, eps), rms(x, g, float(eps)))
+        assert torch.equal(pre(x, r, g, eps)[0], pre(x, r, g, float(eps))[0])
+        assert torch.equal(reference.rms_norm(x, g, eps), reference.rms_norm(x, g, float(eps)))
+        if backend == "compiled":  # the op class takes it as the registered kernel itself does
+            assert torch.equal(torch.ops.dsinf.rms_norm(x, g, eps), rms(x, g, float(eps)))
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 16), (2, 0, 16), (2, 3, 0)])
 def test_empty_inputs_give_empty_outputs(cpu_module, monkeypatch, shape):
     rms, pre = _ops(monkeypatch)

@@ -41,7 +41,7 @@ def pre_rms_norm(vals, residual, gamma, epsilon, *, op: str = "pre_rms_norm") ->
     """The reference: the rounded sum, then the norm of it in float32, rounded once."""
     check_pre_rms_norm(op, vals, residual, gamma, epsilon)
     res = residual_sum(vals, residual)
-    return rms_norm_fp32(res.to(torch.float32), gamma, epsilon).to(vals.dtype), res
+    return rms_norm_fp32(res.to(torch.float32), gamma, float(epsilon)).to(vals.dtype), res
 
 
 def _samples(device, dtype, gen):

@@ -12,6 +12,7 @@ works without a config (it reads none of its fields). The norm checks shared by 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,8 @@ def check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> Non
 
 
 def check_epsilon(op: str, epsilon) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+    """A real number (a numpy float from a config too, as torch.ops takes it), finite and > 0; not a bool."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         _fail(op, "epsilon", f"expected a float, got {type(epsilon).__name__}")
     if not math.isfinite(epsilon) or epsilon <= 0:
         _fail(op, "epsilon", f"must be finite and > 0, got {epsilon}")
@@ -75,7 +77,7 @@ def rms_norm_fp32(x: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> torch
 def rms_norm(vals, gamma, epsilon, *, op: str = "rms_norm") -> torch.Tensor:
     """The reference: float32 statistics and scaling, rounded to the input dtype once."""
     check_rms_norm(op, vals, gamma, epsilon)
-    return rms_norm_fp32(vals.to(torch.float32), gamma, epsilon).to(vals.dtype)
+    return rms_norm_fp32(vals.to(torch.float32), gamma, float(epsilon)).to(vals.dtype)
 
 
 def _samples(device, dtype, gen):
