@@ -308,6 +308,9 @@ def test_inference_only(cpu_module, monkeypatch, backend):
     with pytest.raises(InputError, match="inference-only") as info:
         op(x, r, w1.clone().requires_grad_(True), w2, None, None, g)
     assert info.value.arg == "weight_interm" and op.backend == backend
+    with pytest.raises(InputError, match="inference-only") as info:  # added to the input first: named itself
+        op(x, r, w1, w2, torch.randn(8, requires_grad=True), None, g)
+    assert info.value.arg == "input_bias"
 
 
 # --- bad inputs: one table, Python and C++ ---------------------------------------------------------------

@@ -295,4 +295,6 @@ def _add_input_bias(owner: str, input, input_bias):
         _fail(owner, "input_bias", f"expected a {dtype_name(input.dtype)} tensor of shape ({input.shape[-1]},) "
                                    f"(same dtype as input), got {dtype_name(input_bias.dtype)} "
                                    f"{tuple(input_bias.shape)}")
+    if torch.is_grad_enabled():  # named here: added to the input, it would make the op blame 'input'
+        no_backward(owner, input_bias=input_bias)
     return input + input_bias
