@@ -231,6 +231,28 @@ def test_another_users_symlink_midway_in_the_cache_path_is_never_followed(world,
     assert f"{link} is a symlink owned by uid {ATTACKER}" in r.stderr, r.stderr
 
 
+@two_users
+def test_another_users_symlink_midway_in_a_sticky_dir_is_refused(tmp_path):
+    """trust.dir_problem itself: in a sticky shared dir (/tmp) a link is its owner's to repoint, between our
+    check and our dlopen: refused when it is another user's (midway or last), followed when it is ours or
+    root's (nobody else can touch it); our link to another user's link is refused for theirs."""
+    from op_builder import trust
+
+    (tmp_path / "real" / "dir").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    link = shared / "torch_extensions"
+    os.symlink(tmp_path / "real", link)
+    assert trust.dir_problem(link / "dir") is None  # ours (root's): followed
+    os.lchown(link, ATTACKER, ATTACKER)
+    problem = trust.dir_problem(link / "dir")
+    assert problem and f"{link} is a symlink owned by uid {ATTACKER}" in problem
+    assert f"{link} is a symlink owned by uid {ATTACKER}" in trust.dir_problem(link)  # as the last part too
+    os.symlink(link, tmp_path / "outer")
+    assert f"owned by uid {ATTACKER}" in trust.dir_problem(tmp_path / "outer" / "dir")
+
+
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
 def test_lock_that_is_not_our_plain_file_is_moved_aside_never_followed(tmp_path, kind):
     victim_file = tmp_path / "bashrc"
