@@ -239,6 +239,27 @@ def test_bf16_logits_close():
     assert rel_err(logits(model, x), logits(ref, x)) < 2e-2
 
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_autocast_to_another_dtype_is_refused_with_the_way_out(dtype, autocast):
+    """dsinf's ops compute in the weights' dtype: under an autocast to another one, the first dsinf op used
+    to refuse the torch layers' autocast output naming only itself, or HF's RoPE failed inside torch's
+    autocast. The model now says so before any layer runs, naming autocast and what to do."""
+    model = inject(make_model("llama", dtype=dtype))
+    name, wanted = str(dtype).replace("torch.", ""), str(autocast).replace("torch.", "")
+    with torch.autocast("cpu", dtype=autocast), pytest.raises(
+            RuntimeError, match=rf"computes in {name} .*torch.autocast\('cpu', dtype=torch.{wanted}\).*"
+                                rf"dsinf.inject\(model, dtype=torch.{wanted}\)"):
+        logits(model, ids())
+
+
+def test_autocast_to_the_models_own_dtype_runs_and_matches():
+    ref = make_model("llama", dtype=torch.bfloat16)
+    model = inject(twin(ref))
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rel_err(logits(model, x), logits(ref, x)) < 2e-2
+
+
 def test_inject_dtype_converts_the_model():
     ref = make_model("qwen2").to(torch.bfloat16)
     model = inject(make_model("qwen2"), dtype=torch.bfloat16)

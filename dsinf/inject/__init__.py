@@ -118,6 +118,44 @@ def _save_pretrained_refused(*args, **kwargs):
                        "the model before inject")
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` (torch >= 2.4 takes the device; older torch has one
+    function per device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    get = getattr(torch, "get_autocast_dtype", None)
+    if get is not None:
+        return get(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _autocast_refused(model: nn.Module, args, kwargs):
+    """A forward pre-hook on the injected model: dsinf's ops compute in the weights' dtype and do not follow
+    torch.autocast. Under an autocast to another dtype, the layers left to torch would return that dtype to
+    dsinf's ops (which refuse it, naming only an op), or mix it with ours inside HF's code (which fails in
+    torch's autocast internals): say what happened and what to do, before the first layer runs. An autocast
+    to the model's own dtype changes nothing dsinf computes and is let through."""
+    if not (_autocast_on("cuda") or _autocast_on("cpu")):
+        return None  # the common case, without walking the parameters
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.device.type not in ("cuda", "cpu") or not _autocast_on(weight.device.type):
+        return None
+    dtype = _autocast_dtype(weight.device.type)
+    if dtype != weight.dtype:
+        name = str(weight.dtype).replace("torch.", "")
+        wanted = str(dtype).replace("torch.", "")
+        raise RuntimeError(f"dsinf.inject: this injected model computes in {name} (its weights' dtype) and does not "
+                           f"follow torch.autocast({weight.device.type!r}, dtype=torch.{wanted}): call it outside "
+                           f"autocast, or inject the model in {wanted} instead "
+                           f"(dsinf.inject(model, dtype=torch.{wanted}) on a model not yet injected)")
+    return None
+
+
 def _skipped(name: str, skip) -> bool:
     """Whether module `name` or a module containing it is listed in `skip` (a full name, or last components:
     "lm_head", "self_attn", "layers.0")."""
@@ -210,6 +248,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             m.register_forward_pre_hook(_one_gemm)
     if cuda_graph and graphs.install(model, swap_class, compiled=cuda_graph is True) is not None:
         summary.cuda_graph = graphs.describe(cuda_graph is True)
+    model.register_forward_pre_hook(_autocast_refused, with_kwargs=True)
     if defer_stop and stopcheck.install(model, swap_class):
         summary.stop_check = stopcheck.describe()
     model._dsinf_injection = summary
