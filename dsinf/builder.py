@@ -197,6 +197,7 @@ class InferenceBuilder(OpBuilder):
         else:
             fields["torch_cuda"] = s.torch_cuda
             fields["nvcc"] = s.nvcc.version_str if s.nvcc else None
+            fields["cuda_toolchain"] = s.cuda_toolchain  # the nvcc, host compiler and nvcc flags that run
             fields["archs"] = spec.manifest_extra["archs"]
         return fields
 

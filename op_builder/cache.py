@@ -138,20 +138,28 @@ def data_root() -> Path:
     TORCH_EXTENSIONS_DIR a shared sticky dir, say, its other users could plant our tables there."""
     env = knobs.get("DSINF_CACHE_DIR")
     if env:
-        return Path(env)
+        chosen = Path(env)
+        if not os.path.lexists(chosen):
+            trust.ensure_private_dir(chosen)  # made private where it can be; where not, the writers say why
+        problem = trust.dir_problem(chosen) if chosen.is_dir() else None
+        if problem is None:
+            return chosen
+        _warn_once(f"not using DSINF_CACHE_DIR={env} for the route and autotune tables ({problem}): another user "
+                   f"could plant tables there; using the default place instead")
     root = cache_root()
     return root.parent if trust.dir_problem(root.parent) is None else root
 
 
 # ----------------------------------------------------------------------------- source hashing
-_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.M)
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*(?:"([^"]+)"|<([^>]+)>)', re.M)
 
 
 def source_closure(sources: list[Path], include_dirs: list[Path]) -> list[Path]:
     """Sources plus every project header they include (transitively), in a stable order.
 
-    Only quoted includes found in the source's own dir or `include_dirs` count; system and torch
-    headers are covered by the toolchain and torch-version fields of the key.
+    A quoted include counts when found in the including file's dir or `include_dirs`, an angle-bracket
+    one when found in `include_dirs` (where the compiler's -I finds it first); system and torch headers
+    are covered by the toolchain and torch-version fields of the key.
     """
     seen: dict[Path, None] = {}
     stack = [p.resolve() for p in sources]
@@ -164,9 +172,9 @@ def source_closure(sources: list[Path], include_dirs: list[Path]) -> list[Path]:
             text = path.read_bytes()
         except OSError:
             continue
-        for name in _INCLUDE.findall(text):
-            rel = name.decode()
-            for base in [path.parent, *include_dirs]:
+        for quoted, angled in _INCLUDE.findall(text):
+            rel = (quoted or angled).decode()
+            for base in ([path.parent] if quoted else []) + list(include_dirs):
                 candidate = (base / rel).resolve()
                 if candidate.is_file():
                     stack.append(candidate)

@@ -121,6 +121,12 @@ _KNOBS = [
     Knob("CUDA_DEVICE_ORDER", None, _parse_str,
          "CUDA's own variable: PCI_BUS_ID numbers GPUs in bus order (CUDA's default puts the fastest first)."),
     Knob("CXX", None, _parse_str, "Host C++ compiler (torch's variable). Default: c++ on PATH."),
+    Knob("CC", None, _parse_str, "Host compiler nvcc runs (torch passes it as -ccbin); part of the CUDA build's key."),
+    Knob("PYTORCH_NVCC", None, _parse_str, "The nvcc command torch's CUDA builds run instead of CUDA_HOME's (e.g. "
+         "through ccache); part of the CUDA build's key."),
+    Knob("NVCC_CCBIN", None, _parse_str, "nvcc's own default host compiler; part of the CUDA build's key."),
+    Knob("NVCC_PREPEND_FLAGS", None, _parse_str, "Flags nvcc adds to every command line; part of the CUDA build's key."),
+    Knob("NVCC_APPEND_FLAGS", None, _parse_str, "Flags nvcc adds to every command line; part of the CUDA build's key."),
     Knob("CUDA_HOME", None, _parse_str, "CUDA toolkit root (torch's variable). Default: CUDA_PATH, nvcc on PATH, "
          "/usr/local/cuda."),
     Knob("CUDA_PATH", None, _parse_str, "CUDA toolkit root, the name CUDA's installers set (used if CUDA_HOME is unset)."),
@@ -128,7 +134,8 @@ _KNOBS = [
     Knob("DS_BUILD_OPS", False, parse_bool,
          "At pip install: precompile every op compatible with this machine into the package."),
     Knob("DS_BUILD_TIMEOUT", 1800.0, _parse_seconds,
-         "Seconds a process waits for another process's build of the same op before giving up."),
+         "Seconds a process waits for another process's build of the same op before giving up (per build "
+         "it waits on: behind a queue of builds the wait starts again with each)."),
     Knob("DSINF_BUILD_TIME_LIMIT", 1800.0, _parse_seconds,
          "Seconds one build may take; then every compiler process of it is killed and the build fails "
          "(a hung compiler cannot block a process forever)."),

@@ -207,6 +207,36 @@ def _probe_gpus() -> tuple[tuple[Gpu, ...] | str, str]:
         return f"GPU query failed: {exc}", "torch"
 
 
+def _command_identity(raw: str) -> str:
+    """A command line's identity without running it: its program's resolved path, size and mtime, then
+    its arguments (the program not found: the command line as written)."""
+    try:
+        argv = shlex.split(raw)
+    except ValueError:
+        return raw
+    if not argv:
+        return raw
+    path = shutil.which(argv[0])
+    if path is None:
+        return raw
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return " ".join([f"{real}:{st.st_size}:{int(st.st_mtime)}", *argv[1:]])
+
+
+def _probe_cuda_toolchain(nvcc: "Nvcc | None") -> dict[str, str | None]:
+    """What a CUDA build runs beyond the version `nvcc --version` gave, identified without running it:
+    the nvcc command torch writes into build.ninja (PYTORCH_NVCC, else the toolkit's), the host compiler
+    nvcc then runs (CC, which torch passes as -ccbin; else NVCC_CCBIN; else gcc and g++ on PATH) and the
+    flags nvcc adds to every command (NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS). Each changes the binary."""
+    nvcc_command = knobs.get("PYTORCH_NVCC") or (nvcc.path if nvcc else None)
+    host = knobs.get("CC") or knobs.get("NVCC_CCBIN")
+    return {"nvcc": _command_identity(nvcc_command) if nvcc_command else None,
+            "host": _command_identity(host) if host else
+            " ".join(_command_identity(tool) for tool in ("gcc", "g++")),
+            "prepend_flags": knobs.get("NVCC_PREPEND_FLAGS"), "append_flags": knobs.get("NVCC_APPEND_FLAGS")}
+
+
 def _cxx_command() -> tuple[Compiler | None, str | None]:
     """(the compiler, None) or (None, why not). CXX is a command line, as make and torch read it:
     `g++ -O0` is the compiler g++ with a flag (its arguments are part of the identity)."""
@@ -326,6 +356,7 @@ _PROBES: dict[str, Callable[["System"], Any]] = {
     "torch_cuda": lambda s: _probe_torch_cuda(),
     "cuda_home": lambda s: _probe_cuda_home(),
     "nvcc": lambda s: _probe_nvcc(s.cuda_home),
+    "cuda_toolchain": lambda s: _probe_cuda_toolchain(s.nvcc),
     "gpu_probe": lambda s: _probe_gpus(),
     "gpus": lambda s: s.gpu_probe[0],
     "cxx": lambda s: _probe_cxx(),
@@ -343,7 +374,7 @@ class System:
     """Immutable view of the machine; each field is probed on first read, once.
 
     Fields: python_tag, platform, torch_version, torch_cxx11_abi, torch_cuda (e.g. "13.0" or None),
-    cuda_home, nvcc (`Nvcc` or None), gpus (tuple of `Gpu`, or a str saying why none could be
+    cuda_home, nvcc (`Nvcc` or None), cuda_toolchain (what nvcc runs: `_probe_cuda_toolchain`), gpus (tuple of `Gpu`, or a str saying why none could be
     listed), gpu_probe ((gpus, "nvml" or "torch": what answered)), cxx (`Compiler` or None; not run),
     cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or
     None), cpu (`Cpu`), cpu_count, memory_available (bytes or None).

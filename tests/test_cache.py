@@ -4,6 +4,7 @@ files and fields (the builds themselves are in test_build.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import shutil
@@ -158,6 +159,54 @@ def test_source_closure_follows_quoted_includes(src):
     assert {p.name for p in files} == {"tiny_binding.cpp", "tiny_kernel.h"}
 
 
+def test_angle_bracket_includes_found_in_the_include_dirs_are_in_the_key(src):
+    """`#include <tiny_kernel.h>` reaches the project's header through -I: its edits change the binary, so
+    they must change the key (only quoted includes used to count: the old binary was reused)."""
+    kernel = src / "tiny_kernel.cpp"
+    kernel.write_text(kernel.read_text().replace('#include "tiny_kernel.h"', "#include <tiny_kernel.h>"))
+    assert {p.name for p in source_closure([kernel], [src])} == {"tiny_kernel.cpp", "tiny_kernel.h"}
+    assert {p.name for p in source_closure([kernel], [])} == {"tiny_kernel.cpp"}  # <...>: not the file's own dir
+    before = tiny_key(src, binding=False)
+    header = src / "tiny_kernel.h"
+    header.write_text(header.read_text().replace("#define TINY_OFFSET 0.0f", "#define TINY_OFFSET 1.0f"))
+    assert tiny_key(src, binding=False) != before
+
+
+def inference_cuda_key(system: System) -> str:
+    from op_builder.archs import parse_arch_list
+
+    builder = InferenceBuilder(system)
+    return builder.key("cuda", builder.spec("cuda", archs=parse_arch_list("9.0a"))).digest
+
+
+def test_the_cuda_key_holds_the_nvcc_host_compiler_and_nvcc_flags_that_run(tmp_path, monkeypatch):
+    """torch writes PYTORCH_NVCC (else the toolkit's nvcc) into build.ninja and passes CC as -ccbin; nvcc adds
+    NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS to every command. Each changes the binary, so each is in the key
+    (the key used to hold only `nvcc --version`)."""
+    from op_builder.system import Nvcc, _probe_cuda_toolchain
+
+    nvcc = Nvcc("/usr/bin/true", (13, 0), ((9, 0),))
+    for name in ("CC", "PYTORCH_NVCC", "NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
+    tool = tmp_path / "bin" / "cc-wrapper"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\nexec gcc \"$@\"\n")
+    tool.chmod(0o755)
+    base = _probe_cuda_toolchain(nvcc)
+    for name, value in (("CC", str(tool)), ("NVCC_CCBIN", str(tool)), ("PYTORCH_NVCC", f"{tool} --x"),
+                        ("NVCC_PREPEND_FLAGS", "-DX=1"), ("NVCC_APPEND_FLAGS", "-DX=2")):
+        monkeypatch.setenv(name, value)
+        assert _probe_cuda_toolchain(nvcc) != base, name
+        monkeypatch.delenv(name)
+    assert _probe_cuda_toolchain(nvcc) == base
+    tool.write_text(tool.read_text() + "# upgraded\n")  # the same path, another program: another identity
+    monkeypatch.setenv("CC", str(tool))
+    assert str(tool) in _probe_cuda_toolchain(nvcc)["host"]
+    fields = dict(torch_cuda="13.0", nvcc=nvcc)
+    assert inference_cuda_key(fake_system(**fields, cuda_toolchain=base)) != \
+        inference_cuda_key(fake_system(**fields, cuda_toolchain={**base, "host": "/opt/clang:1:2"}))
+
+
 def test_real_inference_sources_include_their_headers():
     builder = InferenceBuilder(fake_system())
     spec = builder.spec("cpu")
@@ -189,6 +238,23 @@ def test_data_tables_stay_out_of_a_shared_torch_extensions_dir(tmp_path, monkeyp
     assert stat.S_IMODE((shared / "dsinf").stat().st_mode) == 0o700
     monkeypatch.setenv("DSINF_CACHE_DIR", str(tmp_path / "chosen"))  # the user's explicit choice stands
     assert cache.data_root() == tmp_path / "chosen"
+    assert stat.S_IMODE((tmp_path / "chosen").stat().st_mode) == 0o700
+
+
+def test_a_dsinf_cache_dir_others_can_write_is_not_used_for_the_tables(tmp_path, monkeypatch, caplog):
+    """DSINF_CACHE_DIR pointed at a shared dir (world-writable, sticky): another user could plant route or
+    autotune tables there, which route our calls; it used to be used unchecked. Now it is passed over, once
+    said, for the default place."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("DSINF_CACHE_DIR", str(shared))
+    monkeypatch.setattr(cache, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="op_builder"):
+        assert cache.data_root() == tmp_path / "ext"
+    (warning,) = [r.getMessage() for r in caplog.records if "DSINF_CACHE_DIR" in r.getMessage()]
+    assert str(shared) in warning and "writable" in warning
 
 
 def test_cache_root_default_is_per_user(tmp_path, monkeypatch):
