@@ -40,6 +40,8 @@ def _sigterm_when_parent_dies() -> None:
 
 def main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A parent that ignores SIGCHLD passes that on through exec: ninja could then not wait for its compilers.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _sigterm_when_parent_dies()
     spec = json.load(open(spec_path))
     if os.getppid() != spec["parent_pid"]:  # the parent died before PR_SET_PDEATHSIG took effect
@@ -74,6 +76,10 @@ def main(spec_path: str) -> int:
             getattr(importlib.import_module(module), func)()
         status = ninja.wait()
         phase("ninja finished")
+        if status < 0:  # not a compile error: say so where the log's tail and the first errors show it
+            name = signal.Signals(-status).name if -status in signal.valid_signals() else str(-status)
+            print(f"error: ninja was killed by {name}: the build failed", flush=True)
+            return 1
         if status != 0:
             print(f"# ninja exited with status {status}: the build failed", flush=True)
             return 1
@@ -117,6 +123,9 @@ if __name__ == "__main__":
     status = main(sys.argv[1])
     sys.stdout.flush()
     sys.stderr.flush()
+    # The status, for a parent that ignores SIGCHLD and so cannot read the exit status (build._worker_status).
+    with open(os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "worker.status"), "w") as f:
+        f.write(str(status))
     # Skip the interpreter's shutdown: after `import torch` (a CUDA wheel) and loading the library it takes
     # 0.4-1 s, all of it on the cold build's critical path, and there is nothing left to clean up (ninja has
     # exited, the log is flushed, the parent reads the exit status).

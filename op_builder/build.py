@@ -11,8 +11,8 @@
 The compile runs in a child `python -m op_builder._build_worker` so the compiler output goes to a
 log file without redirecting this process's stdout, a crash of the toolchain cannot take the caller
 down, and the child proves the library loads (`torch.ops.load_library`) and registers the spec's
-kernels before it is published. The worker leads its own process group: on the time limit, an
-interrupt, or the worker's own death (the OOM killer's SIGKILL), the whole group is stopped, so no
+kernels before it is published. The worker leads its own session: on the time limit, an interrupt,
+or the worker's own death (the OOM killer's SIGKILL), every process of the session is stopped, so no
 compiler outlives its build.
 This process writes the temp dir's `build.ninja` with torch.utils.cpp_extension's own writer (the file
 `cpp_extension.load` would write: same flags, same targets), so the worker starts ninja at once and
@@ -35,6 +35,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import cache, knobs, system, trust
 from .errors import BuildError, UnsafeCacheError, classify, first_errors
@@ -157,12 +158,15 @@ def niceness_increments(specs: list[BuildSpec]) -> list[int]:
     return [SHARED_CORES_NICE if s.threads_per_job > 1 else 0 for s in specs]
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is left in group `pgid`: the worker itself stays a zombie
-    until reaped, so `killpg(pgid, 0)` cannot tell. Linux reads /proc; elsewhere, assume so."""
+def _session_members(sid: int) -> list[int] | None:
+    """The live (non-zombie) processes of session `sid`, the worker's (it leads one): ninja runs each
+    compile in a process group of its own, so the worker's group alone misses them, while the session
+    holds every process the build started. The worker itself stays a zombie until reaped, so it is not
+    counted. None where there is no /proc to read (then assume some are left)."""
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
-        return True
+        return None
+    members = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -170,33 +174,46 @@ def _group_alive(pgid: int) -> bool:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
-            return True
-    return False
+        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+            members.append(int(entry.name))
+    return members
 
 
-def _stop_group(pgid: int, grace: float = 5.0) -> None:
-    """Stop every process of the build's group: SIGTERM (ninja passes it on to the compilers it put in
-    groups of their own), then SIGKILL whatever is left after `grace` seconds."""
-    if not _group_alive(pgid):
-        return
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except OSError:
+def _signal_session(sid: int, signum: int) -> bool:
+    """Send `signum` to every live process of session `sid`; whether there was one to send it to."""
+    members = _session_members(sid)
+    if members is None:  # no /proc: the worker's group, which ninja's own SIGTERM handling covers
+        with contextlib.suppress(OSError):
+            os.killpg(sid, signum)
+        return True
+    for pid in members:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
+    return bool(members)
+
+
+def _stop_session(sid: int, grace: float = 5.0) -> None:
+    """Stop every process of the build's session: SIGTERM (ninja passes it on to its compilers), then
+    SIGKILL whatever is left after `grace` seconds (a compiler that ignores SIGTERM, or one ninja did not
+    reach because it was killed first)."""
+    if not _signal_session(sid, signal.SIGTERM):
         return
     deadline = time.monotonic() + grace
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while _session_members(sid) != [] and time.monotonic() < deadline:
         time.sleep(0.05)
-    with contextlib.suppress(OSError):
-        os.killpg(pgid, signal.SIGKILL)
+    _signal_session(sid, signal.SIGKILL)
 
 
 def _wait_unreaped(pid: int, timeout: float) -> bool:
-    """Wait for the worker to exit WITHOUT reaping it: while it is a zombie its pid (= the group id)
-    cannot be reused, so killing the group afterwards cannot hit an unrelated process."""
+    """Wait for the worker to exit WITHOUT reaping it: while it is a zombie its pid (= the session id)
+    cannot be reused, so stopping the session afterwards cannot hit an unrelated process. In a process
+    that ignores SIGCHLD the kernel reaps the worker itself (ECHILD): it has exited."""
     deadline = time.monotonic() + timeout
     while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -245,10 +262,11 @@ def write_ninja_file(spec: BuildSpec, build_dir: Path) -> Path:
 def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, limit: float,
                 nice: int = 0) -> tuple[int, float]:
     """Run the build worker (`nice`: that much lower, `niceness_increments`); (exit status, seconds).
-    Raises _TimeLimit after `limit` seconds, with the worker's whole process group stopped. Whatever way
+    Raises _TimeLimit after `limit` seconds, with every process of the worker's session stopped. Whatever way
     the worker ends (a SIGKILL from the OOM killer included), nothing it started outlives this call.
 
-    The worker leads a session (so a process group) of its own, stopped as one, and itself asks for
+    The worker leads a session of its own, every process of which is stopped at the end (ninja puts each
+    compile in a process group of its own, inside that session), and itself asks for
     SIGTERM when this process dies and lowers its priority (`_build_worker.main`). No Python code runs
     between fork and exec: concurrent builds start their workers from two threads, where a `preexec_fn` may
     deadlock in the child (a lock another thread held at fork time), and without one Python starts the
@@ -294,9 +312,23 @@ def _run_worker(spec: BuildSpec, build_dir: Path, log_path: Path, jobs: int, lim
                     log.info("still building %s: %.0f s (log: %s)", spec.label, elapsed, log_path)
                 next_report = PROGRESS_EVERY * (elapsed // PROGRESS_EVERY + 1)  # then at 15 s, 30 s, ...
     finally:  # normal exit, time limit, KeyboardInterrupt: no compiler outlives the build
-        _stop_group(proc.pid)
+        _stop_session(proc.pid)
         proc.wait()
-    return proc.returncode, time.monotonic() - start
+    return _worker_status(proc.returncode, build_dir), time.monotonic() - start
+
+
+STATUS_FILE = "worker.status"  # the worker's own exit status, written last (_build_worker)
+
+
+def _worker_status(returncode: int, build_dir: Path) -> int:
+    """The worker's exit status. A process that ignores SIGCHLD cannot read it (the kernel reaps the
+    worker; Popen then reports 0), so success needs the status the worker itself wrote as well."""
+    if returncode != 0:
+        return returncode
+    try:
+        return int((build_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return 1
 
 
 def _remove(path: Path) -> None:
@@ -329,8 +361,10 @@ def failed_dir(variant_dir: Path, digest: str) -> Path:
     return variant_dir / f".failed-{digest}"
 
 
-def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, cause: str | None = None):
-    """Keep the failed build as .failed-<key> (its log stays readable) and return the BuildError."""
+def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, cause: str | None = None, *,
+            transient: bool = False):
+    """Keep the failed build as .failed-<key> (its log stays readable) and return the BuildError.
+    `transient`: the failure says nothing about the sources (a time limit, a signal, a full disk)."""
     failed = failed_dir(variant_dir, digest)
     _remove(failed)
     os.rename(build_dir, failed)
@@ -341,7 +375,8 @@ def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, ca
         text = ""
     errors = first_errors(text)
     detail = "" if errors and not cause else _log_tail(text)
-    return BuildError(spec.label, errors, cause or classify(text), str(failed_log), detail)
+    transient = transient or "No space left on device" in text or "Disk quota exceeded" in text
+    return BuildError(spec.label, errors, cause or classify(text), str(failed_log), detail, transient=transient)
 
 
 def _signal_cause(rc: int) -> str | None:
@@ -352,14 +387,23 @@ def _signal_cause(rc: int) -> str | None:
     return f"the build worker was killed by {name}{hint}"
 
 
+class SourcesChanged(Exception):
+    """The key's inputs changed while its build ran (an edit, a checkout): what was compiled is not what
+    the key names, so nothing was published."""
+
+
 def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, system_cpu_count: int,
                   memory_available: int | None, reject: str | None = None,
-                  jobs: int | None = None, nice: int = 0) -> tuple[Path, str]:
+                  jobs: int | None = None, nice: int = 0,
+                  current_digest: Callable[[], str] | None = None) -> tuple[Path, str]:
     """Return (entry dir, how): how is 'cached' (someone else built it) or 'built'.
 
     `reject`: why the published entry, although intact, must be rebuilt (it loaded without
     registering its kernels). `jobs`: compile jobs (default `max_jobs`; a share of it when several
-    builds run at once); `nice`: how much lower the build runs (`niceness_increments`)."""
+    builds run at once); `nice`: how much lower the build runs (`niceness_increments`).
+    `current_digest`: the key's digest computed again from the files as they are now; asked after the
+    compile, and when it differs the build is discarded and SourcesChanged raised (published, it would
+    serve the old sources' key with a binary of the new ones, or of a mix, for good)."""
     _show_progress()
     digest = key.digest
     entry = variant_dir / digest
@@ -386,28 +430,44 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
         if os.path.lexists(entry):
             log.warning("op_builder: rebuilding %s: cached entry %s is unusable (%s)", spec.label, entry, problem)
             _remove(entry)
-        for stale in variant_dir.glob(f".tmp-{digest}-*"):  # left by killed builds; we hold the lock
-            _remove(stale)
+        # Every build and every move aside in this directory runs under this lock: any temp or trash dir
+        # here now was left by a build that was killed (or interrupted) before it could clean up.
+        for stale in variant_dir.iterdir():
+            if stale.name.startswith((".tmp-", ".trash-")):
+                _remove(stale)
         build_dir.mkdir(mode=0o700)
         jobs = jobs or max_jobs(system_cpu_count, memory_available, spec.with_cuda)
         try:
-            rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit, nice)
-        except _TimeLimit:
-            raise _failed(spec, build_dir, variant_dir, digest,
-                          f"stopped after the build time limit of {limit:g} s (DSINF_BUILD_TIME_LIMIT); every "
-                          f"compiler process was killed") from None
-        library = f"{spec.library_name}.so"
-        if rc != 0 or not (build_dir / library).is_file():
-            raise _failed(spec, build_dir, variant_dir, digest, _signal_cause(rc))
-        for junk in build_dir.iterdir():  # keep the library, the log, and nothing the loader could trip on
-            if junk.name not in (library, "build.log"):
-                if junk.is_dir() and not junk.is_symlink():
-                    shutil.rmtree(junk, ignore_errors=True)
-                else:
-                    junk.unlink()
-        os.chmod(build_dir / library, 0o755)  # whatever the umask: nobody else may rewrite what we load
-        cache.write_manifest(build_dir, op=spec.op, variant=spec.variant, key=key, library=library,
-                             build_seconds=seconds, kernels=spec.kernels, extra=spec.manifest_extra)
-        os.rename(build_dir, entry)
-        log.info("built %s in %.1f s: %s", spec.label, seconds, entry)
-        return entry, "built"
+            return _build(spec, key, build_dir, entry, variant_dir, jobs, limit, nice, current_digest)
+        finally:  # published, kept as .failed-<key>, or (an interrupt, a full disk) removed here
+            _remove(build_dir)
+
+
+def _build(spec: BuildSpec, key: cache.BuildKey, build_dir: Path, entry: Path, variant_dir: Path, jobs: int,
+           limit: float, nice: int, current_digest: Callable[[], str] | None) -> tuple[Path, str]:
+    """build_or_wait's compile and publication, under the lock, into `build_dir`."""
+    digest = key.digest
+    log_path = build_dir / "build.log"
+    try:
+        rc, seconds = _run_worker(spec, build_dir, log_path, jobs, limit, nice)
+    except _TimeLimit:
+        raise _failed(spec, build_dir, variant_dir, digest,
+                      f"stopped after the build time limit of {limit:g} s (DSINF_BUILD_TIME_LIMIT); every "
+                      f"compiler process was killed", transient=True) from None
+    library = f"{spec.library_name}.so"
+    if rc != 0 or not (build_dir / library).is_file():
+        raise _failed(spec, build_dir, variant_dir, digest, _signal_cause(rc), transient=rc < 0)
+    if current_digest is not None and current_digest() != digest:
+        raise SourcesChanged(f"the sources of {spec.label} changed while it was built")
+    for junk in build_dir.iterdir():  # keep the library, the log, and nothing the loader could trip on
+        if junk.name not in (library, "build.log"):
+            if junk.is_dir() and not junk.is_symlink():
+                shutil.rmtree(junk, ignore_errors=True)
+            else:
+                junk.unlink()
+    os.chmod(build_dir / library, 0o755)  # whatever the umask: nobody else may rewrite what we load
+    cache.write_manifest(build_dir, op=spec.op, variant=spec.variant, key=key, library=library,
+                         build_seconds=seconds, kernels=spec.kernels, extra=spec.manifest_extra)
+    os.rename(build_dir, entry)
+    log.info("built %s in %.1f s: %s", spec.label, seconds, entry)
+    return entry, "built"

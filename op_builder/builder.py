@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, knobs, trust
-from .build import (BuildSpec, build_or_wait, dispatch_key, failed_dir, job_shares, missing_kernels,
-                    niceness_increments)
+from .build import (BuildSpec, SourcesChanged, build_or_wait, dispatch_key, failed_dir, job_shares,
+                    missing_kernels, niceness_increments)
 from .compat import Decision
 from .errors import BuildError, IncompatibleError, OpBuilderError
 from .system import System, current_system
@@ -35,6 +35,7 @@ log = logging.getLogger("op_builder")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PREBUILT_DIR = PACKAGE_DIR / "prebuilt"
+SOURCE_CHANGE_RETRIES = 2  # builds discarded because their sources changed meanwhile, before giving up
 
 
 def csrc_root() -> Path:
@@ -58,7 +59,8 @@ class LoadedVariant:
 _loaded: dict[tuple[str, str], LoadedVariant] = {}
 # Builds that failed in this process, by (op, variant, key digest): asked again (every op instance that
 # resolves its backend asks), the same sources and flags fail the same way, so the error is raised again
-# at once instead of after another full build. An edited source or flag is another key: built again.
+# at once instead of after another full build. An edited source or flag is another key: built again. A
+# transient failure (a time limit, a signal, a full disk) is not kept: the next ask builds again.
 _failed: dict[tuple[str, str, str], BuildError] = {}
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -164,9 +166,48 @@ class OpBuilder:
         """(entry dir, None) when the JIT cache holds a usable build for this machine, else (None, why)."""
         decision = self.compatible(variant)
         if not decision.ok:
-            return None, "; ".join(decision.reasons)
+            entry = self._published_without_tools(variant)  # loadable without the tools a build needs
+            return (entry, None) if entry is not None else (None, "; ".join(decision.reasons))
         spec = self.spec(variant)
         return self._published(variant, spec, self.key(variant, spec).digest)
+
+    def _published_without_tools(self, variant: str) -> Path | None:
+        """The published entry of this machine's key when `compatible` refused a build (ninja missing, say):
+        loading an intact entry needs no build tools. None when the key itself cannot be computed here."""
+        try:
+            spec = self.spec(variant)
+            return self._published(variant, spec, self.key(variant, spec).digest)[0]
+        except Exception:  # noqa: BLE001 - whatever the refusal's reasons made unknowable: they are raised
+            return None
+
+    def _cached_or_built(self, variant: str, reject: str | None, jobs: int | None, nice: int) -> tuple[Path, str]:
+        """The published entry of this machine's key, else a build of it. A build whose sources changed while
+        it ran is discarded (build.SourcesChanged) and the sources as they are now are built, a few times at
+        most."""
+        for attempt in range(SOURCE_CHANGE_RETRIES + 1):
+            spec = self.spec(variant)
+            key = self.key(variant, spec)
+            entry = None if reject else self._published(variant, spec, key.digest)[0]
+            if entry is not None:  # published entries are immutable: a found one needs no lock, and no write
+                return entry, "cached"
+            failed = _failed.get((self.NAME, variant, key.digest))
+            if failed is not None:
+                raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
+                                 "(this build already failed in this process: not retried until its sources or "
+                                 "flags change)")
+            try:
+                return build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
+                                     memory_available=self.system.memory_available, reject=reject, jobs=jobs,
+                                     nice=nice, current_digest=lambda: self.key(variant, self.spec(variant)).digest)
+            except BuildError as exc:
+                if not exc.transient:
+                    _failed[(self.NAME, variant, key.digest)] = exc
+                raise
+            except SourcesChanged as exc:
+                log.warning("op_builder: %s: the build was discarded; building the sources as they are now", exc)
+                changed = exc
+        raise OpBuilderError(f"{changed}, {SOURCE_CHANGE_RETRIES + 1} times in a row: nothing was published. "
+                             f"Load again once they stop changing")
 
     def _published(self, variant: str, spec: BuildSpec, digest: str) -> tuple[Path | None, str | None]:
         """The first trusted root's intact entry for `digest` (read only: a read-only cache serves as
@@ -251,9 +292,13 @@ class OpBuilder:
                     raise OpBuilderError(f"{self.NAME}[{variant}]: {path} registers no {dispatch_key(variant)} "
                                          f"kernel for {', '.join(missing)}")
             loaded = LoadedVariant(self.NAME, variant, path, how, manifest, time.monotonic() - start)
-            _loaded[memo_key] = loaded
+            _loaded[memo_key] = loaded  # before post_load, which may ask for the loaded variant
             log.debug("loaded %s[%s] (%s) from %s in %.3f s", self.NAME, variant, how, path, loaded.seconds)
-            self.post_load(variant)
+            try:
+                self.post_load(variant)
+            except BaseException:  # e.g. a bad knob it reads: raised again on the next load, not only this one
+                del _loaded[memo_key]
+                raise
             return loaded
 
     def _load(self, path: Path, variant: str, manifest: dict[str, Any], *, again: bool = False) -> list[str]:
@@ -289,29 +334,15 @@ class OpBuilder:
                             "falling back to a JIT build", self.NAME, variant, prebuilt_why)
         decision = self.compatible(variant)
         if not decision.ok:
-            reasons = list(decision.reasons)
-            if prebuilt_why and prebuilt_why != "not installed":
-                reasons.append(f"installed binary unusable: {prebuilt_why}")
-            raise IncompatibleError(f"{self.NAME}[{variant}]", reasons)
-        spec = self.spec(variant)
-        key = self.key(variant, spec)
-        entry, how = (None, None) if reject else self._published(variant, spec, key.digest)
-        if entry is None:  # published entries are immutable: a found one needs no lock, and no write
-            failed = _failed.get((self.NAME, variant, key.digest))
-            if failed is not None:
-                raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
-                                 "(this build already failed in this process: not retried until its sources or "
-                                 "flags change)")
-            try:
-                entry, how = build_or_wait(spec, key, self.variant_dir(variant),
-                                           system_cpu_count=self.system.cpu_count,
-                                           memory_available=self.system.memory_available, reject=reject,
-                                           jobs=jobs, nice=nice)
-            except BuildError as exc:
-                _failed[(self.NAME, variant, key.digest)] = exc
-                raise
-        else:
+            entry = None if reject else self._published_without_tools(variant)
+            if entry is None:
+                reasons = list(decision.reasons)
+                if prebuilt_why and prebuilt_why != "not installed":
+                    reasons.append(f"installed binary unusable: {prebuilt_why}")
+                raise IncompatibleError(f"{self.NAME}[{variant}]", reasons)
             how = "cached"
+        else:
+            entry, how = self._cached_or_built(variant, reject, jobs, nice)
         manifest = cache.read_manifest(entry)
         if manifest is None:
             raise OpBuilderError(f"{self.NAME}[{variant}]: the manifest of {entry} vanished while loading")

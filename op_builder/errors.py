@@ -25,8 +25,13 @@ class IncompatibleError(OpBuilderError):
 
 
 class BuildError(OpBuilderError):
-    def __init__(self, op: str, errors: list[str], cause: str | None, log_path: str | None, detail: str = ""):
+    """`transient`: the failure says nothing about the sources or flags (a time limit, a signal such as the
+    out-of-memory killer's, a full disk): building the same key again may succeed."""
+
+    def __init__(self, op: str, errors: list[str], cause: str | None, log_path: str | None, detail: str = "", *,
+                 transient: bool = False):
         self.op = op
+        self.transient = transient
         self.errors = errors
         self.cause = cause
         self.log_path = log_path

@@ -36,6 +36,7 @@ class LockTimeout(TimeoutError):
 
     def __init__(self, path: Path, waited: float, holder: dict):
         self.holder = holder
+        self.waited = waited  # on this holder
         super().__init__(f"lock {path} still held after {waited:.0f} s (holder: {describe_holder(holder)})")
 
 
@@ -48,7 +49,9 @@ def _holder_info(fd: int) -> dict:
 
 
 class FileLock:
-    """`with FileLock(path, timeout=...):` exclusive across processes, waiting at most `timeout` s.
+    """`with FileLock(path, timeout=...):` exclusive across processes, waiting at most `timeout` s for
+    one holder (the wait starts again when another process takes the lock first: waiting behind a queue
+    of builds of other keys is not waiting on a stuck one).
 
     `on_wait(waited_seconds, holder_info)` is called between polls while another process holds it.
     Raises LockTimeout when the wait runs out, PermissionError when the lock file is not ours."""
@@ -67,8 +70,9 @@ class FileLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = open_private_file(self.path, os.O_RDWR | os.O_CREAT)
-        start = time.monotonic()
+        start = since = time.monotonic()
         delay = self.poll
+        holder = None
         try:
             while True:
                 try:
@@ -76,11 +80,15 @@ class FileLock:
                     break
                 except BlockingIOError:
                     pass
-                waited = time.monotonic() - start
+                info = _holder_info(fd)
+                who = (info.get("pid"), info.get("host"), info.get("started"))
+                if info and who != holder:  # the timeout bounds one holder: a queue of builds is not a stuck one
+                    holder, since = who, time.monotonic()
+                waited = time.monotonic() - since
                 if waited >= self.timeout:
-                    raise LockTimeout(self.path, waited, _holder_info(fd))
+                    raise LockTimeout(self.path, waited, info)
                 if self.on_wait is not None:
-                    self.on_wait(waited, _holder_info(fd))
+                    self.on_wait(time.monotonic() - start, info)
                 time.sleep(delay)
                 delay = min(delay * 1.5, self.max_poll)
         except BaseException:
@@ -144,13 +152,12 @@ class BuildLock(FileLock):
 
     def acquire(self) -> None:
         self._next_report, self._reported = FIRST_REPORT, False
-        start = time.monotonic()
         try:
             super().acquire()
         except LockTimeout as exc:
             info = exc.holder
             raise BuildTimeoutError(
-                f"gave up after {time.monotonic() - start:.0f} s waiting for the {self.what} build held by "
+                f"gave up after {exc.waited:.0f} s waiting for the {self.what} build held by "
                 f"{describe_holder(info)}. If that process is stuck, stop it (its lock is released "
                 f"when it exits); to wait longer set DS_BUILD_TIMEOUT (seconds). Lock: {self.path}") from None
         except PermissionError as exc:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -187,18 +188,24 @@ def test_a_failed_build_is_not_run_again_in_the_same_process(tmp_path):
     assert len(cxx.compiles()) == 2, cxx.calls()  # the broken source once, the fixed one once
 
 
+def path_without_ninja(tmp_path: Path) -> Path:
+    """A directory of links to PATH's tools, every one but ninja (a PATH for a child)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in (Path(directory).iterdir() if Path(directory).is_dir() else ()):
+            if tool.name != "ninja" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    return bin_dir
+
+
 def test_the_ninja_wheel_builds_when_ninja_is_not_on_path(tmp_path):
     """A venv's python run without activating the venv: its `ninja` wheel's binary is not on PATH. The report
     and the compatibility check find it there (system.ninja_binary), so the build must run that one too
     (it once failed with "ninja is not installed" after the report said [OKAY])."""
     import ninja
 
-    bin_dir = tmp_path / "bin"  # PATH's tools, every one but ninja
-    bin_dir.mkdir()
-    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
-        for tool in (Path(directory).iterdir() if Path(directory).is_dir() else ()):
-            if tool.name != "ninja" and not (bin_dir / tool.name).exists():
-                (bin_dir / tool.name).symlink_to(tool)
+    bin_dir = path_without_ninja(tmp_path)
     assert Path(ninja.BIN_DIR, "ninja").is_file() and not (bin_dir / "ninja").exists()
     env = tiny_env(tmp_path, PATH=str(bin_dir))
     r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
@@ -316,6 +323,156 @@ def test_waiter_times_out_with_an_actionable_error(tmp_path):
     assert elapsed < 60, f"a 2 s DS_BUILD_TIMEOUT took {elapsed:.0f} s"
     # Python's default logging shows only warnings: op_builder still shows whom the waiter waits for.
     assert "waiting for tiny_test_op[cpu] build" in r.stderr and f"pid {a.pid}" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------- what a build may and may not leave
+def tiny_src(tmp_path: Path) -> Path:
+    """A private copy of the tiny op's sources, free to edit."""
+    return broken_source(tmp_path, lambda s: s)
+
+
+def set_offset(src: Path, offset: str) -> None:
+    header = src / "tiny_kernel.h"
+    header.write_text(re.sub(r"#define TINY_OFFSET \S+", f"#define TINY_OFFSET {offset}", header.read_text()))
+
+
+def test_sources_edited_during_a_build_are_never_published_under_the_old_key(tmp_path):
+    """An edit (a checkout, a `git pull`) while a build compiles: the binary is of the new sources (or a mix),
+    so publishing it under the key of the old ones served it for good to whoever builds the old sources
+    again (a reverted edit got the edited kernel, "cached"). Now the build is discarded and the sources as
+    they are now are built."""
+    src = tiny_src(tmp_path)
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src), CXX=str(cxx.path))
+    vdir = variant_dir(env)
+    with cxx_released(cxx), start_held_build(tmp_path, env, cxx) as a:
+        set_offset(src, "1.0f")  # edited while the first compile waits at the gate
+        cxx.release()
+        r = a.wait(timeout=BUILD_TIMEOUT)
+    assert r.data["how"] == "built" and r.data["result"] == [v * 2.5 + 1 for v in range(6)], r
+    assert "changed while it was built" in r.stderr, r.stderr
+    set_offset(src, "0.0f")  # the edit reverted: the old key, whose build was discarded, builds now
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["ok"] and r.data["how"] == "built", r
+    assert len(published(vdir)) == 2 and leftovers(vdir) == []
+
+
+def session_processes(marker: str) -> list[str]:
+    """'pid cmdline' of live processes whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmd and state != "Z":
+            found.append(f"{entry.name} {cmd}")
+    return found
+
+
+def test_a_compiler_that_ignores_sigterm_does_not_outlive_the_time_limit(tmp_path):
+    """ninja runs each compile in a process group of its own: stopping the worker's group (what the time
+    limit did) missed a compiler that ignores ninja's SIGTERM, which then ran on, orphaned, although the
+    error said every compiler process was killed. Every process of the build's session is stopped now."""
+    wrapper = tmp_path / "stubborn-cxx"
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *" -c "*) trap '' TERM INT; sleep 120 ;; esac
+exec '{shutil.which("g++")}' "$@"
+""")
+    wrapper.chmod(0o755)
+    env = tiny_env(tmp_path, CXX=str(wrapper), DSINF_BUILD_TIME_LIMIT="3")
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 1 and r.data["error_type"] == "BuildError", r
+    assert "time limit of 3 s" in r.data["message"] and "every compiler process was killed" in r.data["message"]
+    assert session_processes(str(wrapper)) == []
+
+
+IGNORING_SIGCHLD = """
+import json, signal, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+from tiny_op.builder import TinyBuilder
+try:
+    print(json.dumps({"how": TinyBuilder().load_variant("cpu").how}))
+except Exception as exc:
+    print(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_process_that_ignores_sigchld_builds_and_gets_its_build_errors(tmp_path, broken):
+    """With SIGCHLD ignored (some servers do; it is inherited through exec) the kernel reaps the worker, so
+    its exit status cannot be read: every build failed with a bare ChildProcessError, and read as success
+    (Popen's answer then) a library that links but fails the worker's load check would be published. The
+    worker's own status says."""
+    src = broken_source(tmp_path, (lambda s: s.replace(
+        'extern "C" void tiny_scale', 'extern "C" float tiny_missing(float);\nextern "C" void tiny_scale').replace(
+        "x[i] * s", "x[i] * tiny_missing(s)")) if broken else (lambda s: s))
+    env = tiny_env(tmp_path, TINY_OP_SRC=str(src))
+    r = run([sys.executable, "-c", IGNORING_SIGCHLD], env, timeout=BUILD_TIMEOUT)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if broken:
+        assert out["type"] == "BuildError" and "undefined symbol" in out["message"], out
+        assert published(variant_dir(env)) == []
+    else:
+        assert out == {"how": "built"}, (out, r.stderr)
+
+
+def test_temp_and_trash_dirs_of_interrupted_builds_are_swept_by_the_next_build(tmp_path):
+    """An interrupted build (Ctrl-C, kill -9, a full disk at publication) leaves its .tmp- dir, and a kill
+    between a move aside and its delete a .trash- dir; only those of the same key used to be removed."""
+    env = tiny_env(tmp_path)
+    vdir = variant_dir(env)
+    vdir.mkdir(parents=True)
+    for name in (".tmp-0123456789abcdef0123-99999-abcdef", ".trash-0123456789abcdef0123-99998-abcdef"):
+        (vdir / name).mkdir()
+        (vdir / name / "build.log").write_text("left behind")
+    r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "built", r
+    assert leftovers(vdir) == []
+
+
+INTERRUPT_THEN_RETRY = """
+import json, os, signal, sys, threading
+from tiny_op.builder import TinyBuilder
+out = []
+try:
+    TinyBuilder().load_variant("cpu")
+except Exception as exc:
+    out.append({"type": type(exc).__name__, "transient": getattr(exc, "transient", None), "message": str(exc)})
+os.environ["DSINF_BUILD_TIME_LIMIT"] = "600"
+os.unlink(sys.argv[1])  # the gate opens: the compiler runs through this time
+out.append({"how": TinyBuilder().load_variant("cpu").how})
+print(json.dumps(out))
+"""
+
+
+def test_a_build_stopped_by_the_time_limit_is_built_again_when_asked_again(tmp_path):
+    """A failure that says nothing about the sources (the time limit here; a signal, a full disk) is not
+    remembered for the rest of the process like a compile error: the next ask builds."""
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    cxx.hold()
+    env = tiny_env(tmp_path, CXX=str(cxx.path), DSINF_BUILD_TIME_LIMIT="2")
+    with cxx_released(cxx):
+        r = run([sys.executable, "-c", INTERRUPT_THEN_RETRY, str(cxx.gate)], env, timeout=BUILD_TIMEOUT)
+    failed, retried = json.loads(r.stdout.strip().splitlines()[-1])
+    assert failed["type"] == "BuildError" and failed["transient"] is True and "time limit" in failed["message"]
+    assert retried == {"how": "built"}, r.stderr
+
+
+def test_a_cached_build_loads_without_ninja(tmp_path, tiny_template):
+    """Loading an intact published entry needs no build tool: with ninja gone it used to be refused as
+    'cannot be built here: ninja is not installed'."""
+    env, entry = cache_from_template(tiny_template, tmp_path)
+    bin_dir = path_without_ninja(tmp_path)
+    code = ("import sys, ninja; sys.modules['ninja'] = None; "  # the ninja wheel gone too
+            "from tiny_op.run_tiny import main; sys.exit(main())")
+    r = run_json([sys.executable, "-c", code], {**env, "PATH": str(bin_dir)}, timeout=BUILD_TIMEOUT)
+    assert r.rc == 0 and r.data["how"] == "cached" and Path(r.data["path"]).parent == entry, r
+    report = run([sys.executable, "-c", code.replace("from tiny_op.run_tiny import main; sys.exit(main())",
+                  "from tiny_op.builder import TinyBuilder; print(TinyBuilder().cached_entry('cpu'))")],
+                 {**env, "PATH": str(bin_dir)}, timeout=BUILD_TIMEOUT)
+    assert str(entry) in report.stdout, report
 
 
 # ------------------------------------------------------------------------------ unwritable root

@@ -81,6 +81,39 @@ def test_waiter_says_whom_it_waits_for_and_times_out(tmp_path, caplog):
     assert any(line.startswith("still waiting for demo_op[cpu] build") for line in lines), lines
 
 
+# A second holder that queues on the lock with a blocking flock (the kernel hands it the lock the moment the
+# first lets go, before any polling waiter), then says who it is and holds it, like a build of another key.
+BLOCKING_HOLDER = textwrap.dedent("""
+    import fcntl, json, os, socket, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    print("queued", flush=True)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode(), 0)
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_the_wait_is_bounded_per_holder_not_across_a_queue_of_them(tmp_path):
+    """Builds of other keys of one op share its lock: a waiter behind two of them, each shorter than its
+    timeout, together longer, waits them out (it used to give up although nothing was stuck); one holder
+    longer than the timeout still times it out."""
+    lock_path = tmp_path / ".lock"
+    with start_holder(tmp_path, lock_path, hold=3.5, name="first") as first:
+        second = Child([sys.executable, "-c", BLOCKING_HOLDER, str(lock_path), "3.5"], env(), tmp_path / "logs",
+                       "second")
+        with second:
+            wait_until(lambda: "queued" in second.stdout, 60, "the second holder to queue", alive=second)
+            start = time.monotonic()
+            with BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=4):
+                waited = time.monotonic() - start
+            assert "locked" in second.stdout and first.wait(timeout=30).rc == 0
+    assert 4 < waited < 30, f"got the lock after {waited:.1f} s: it must have waited for both holders"
+    with start_holder(tmp_path, lock_path, hold=300, name="stuck"):
+        with pytest.raises(BuildTimeoutError, match=r"gave up after [12] s"):
+            BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=1.5).acquire()
+
+
 def test_lock_released_when_holder_is_sigkilled(tmp_path):
     lock_path = tmp_path / ".lock"
     holder = start_holder(tmp_path, lock_path)
