@@ -39,14 +39,23 @@ class BuildPyWithOps(build_py):
     def run(self):
         super().run()
         package_dir = Path(self.build_lib) / "op_builder"
+        # build_lib (build/lib.*) keeps what an earlier run put there: a kernel source deleted since (the CPU
+        # build compiles every cpu/*.cpp) or the binary of a variant not asked for now would ship again.
+        for stale in ("csrc", "prebuilt"):
+            shutil.rmtree(package_dir / stale, ignore_errors=True)
         # Kernel sources travel with the package so JIT builds work from an installed wheel.
-        shutil.copytree(ROOT / "csrc", package_dir / "csrc", dirs_exist_ok=True)
+        shutil.copytree(ROOT / "csrc", package_dir / "csrc")
         knobs, prebuilt = _prebuilt()
         try:
             if not prebuilt.requested():
                 return
         except knobs.KnobError as exc:
             sys.exit(f"error: {exc}")
+        if getattr(self, "editable_mode", False):  # build_lib is a temp dir the editable install discards
+            print("warning: DS_BUILD_OPS / DS_BUILD_<OP> is ignored by an editable install (pip install -e): "
+                  "a checkout's ops build on first use into the JIT cache. To ship binaries, install without -e: "
+                  "pip install --no-build-isolation .", file=sys.stderr)
+            return
         try:
             import torch  # noqa: F401
         except ImportError:

@@ -93,6 +93,16 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def _compiler_cannot_run() -> str | None:
+    """Why the C++ compiler found cannot build anything: it was found without running it (a load must not
+    run it, `system.Compiler`), but a build runs it first thing (torch's `--version` probe). The report
+    runs it anyway (its version line), so it can say what the build would."""
+    s = current_system()
+    if s.cxx is not None and s.cxx_version is None:
+        return f"the C++ compiler {s.cxx.path} does not run (`{s.cxx.path} --version` failed): set CXX to a working one"
+    return None
+
+
 def op_rows() -> list[dict[str, Any]]:
     rows = []
     for name, builder in ALL_OPS.items():
@@ -109,6 +119,9 @@ def op_rows() -> list[dict[str, Any]]:
                 # targets on a CPU-only torch); the reasons say why not.
                 row.update(buildable=decision.ok, reasons=list(decision.reasons),
                            notes=list(decision.notes) if decision.ok else [])
+                broken = _guard(_compiler_cannot_run) if decision.ok else None
+                if broken:
+                    row.update(buildable=False, reasons=[broken], notes=[])
             cached = _guard(lambda: builder.cached_entry(variant))
             if isinstance(cached, str):
                 row.update(cached=False, cached_why_not=cached)

@@ -372,8 +372,13 @@ def wheel_tag(wheel: Path) -> str:
 def test_prebuilt_wheel_is_platform_tagged_and_plain_wheel_is_not(tmp_path):
     """A DS_BUILD_OPS=1 wheel holds a native library: tagged for this Python and platform, never `any`."""
     src = source_copy(tmp_path / "src")
+    deleted = src / "csrc" / "inference" / "cpu" / "zz_deleted_later.cpp"
+    deleted.write_text("// a kernel source the next wheel's sources no longer have\n")
     tags = {}
-    for name, extra in (("prebuilt", {"DS_BUILD_OPS": "1"}), ("plain", {})):
+    for name, extra in (("prebuilt", {"DS_BUILD_OPS": "1"}), ("plain", {}),
+                        ("cpu-off", {"DS_BUILD_OPS": "1", "DS_BUILD_TRANSFORMER_INFERENCE_CPU": "0"})):
+        if name == "cpu-off":
+            deleted.unlink()
         out = tmp_path / name
         env = child_env(tmp_path / f"env-{name}", pythonpath=[], **extra)
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
@@ -385,6 +390,9 @@ def test_prebuilt_wheel_is_platform_tagged_and_plain_wheel_is_not(tmp_path):
             names = z.namelist()
             meta = z.read(next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode()
         tags[name] = (wheel_tag(wheel), meta, [n for n in names if n.endswith(".so")])
+        sources = [n for n in names if n.endswith(".cpp")]
+        assert sources and any(n.endswith("cpu/gemv.cpp") for n in sources), sources
+        assert any(n.endswith("zz_deleted_later.cpp") for n in sources) == deleted.exists(), (name, sources)
     tag, meta, libs = tags["prebuilt"]
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     assert tag.startswith(f"{py}-{py}-") and not tag.endswith("-any"), tag
@@ -392,6 +400,23 @@ def test_prebuilt_wheel_is_platform_tagged_and_plain_wheel_is_not(tmp_path):
     assert libs == ["op_builder/prebuilt/transformer_inference-cpu/transformer_inference_cpu.so"], libs
     tag, meta, libs = tags["plain"]
     assert tag == "py3-none-any" and libs == [] and "Root-Is-Purelib: true" in meta, (tag, meta)
+    # the same source tree, in-tree build dir and all: the binary the first wheel built is not shipped again
+    assert tags["cpu-off"][2] == [], tags["cpu-off"]
+
+
+def test_ds_build_ops_with_an_editable_install_says_it_builds_nothing(tmp_path):
+    """An editable install's build_py writes into a temp dir it then discards: DS_BUILD_OPS=1 used to compile
+    there for nothing (20 s and up). It now says why it builds nothing, and builds nothing."""
+    src = source_copy(tmp_path / "src")
+    cxx = CxxWrapper.create(tmp_path / "cxx")
+    env = child_env(tmp_path / "env", pythonpath=[], DS_BUILD_OPS="1", CXX=str(cxx.path))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation",
+                           "--prefix", str(tmp_path / "prefix"), "-e", str(src)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ignored by an editable install" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    assert cxx.compiles() == []
+    assert not (src / "op_builder" / "prebuilt").exists()
 
 
 @pytest.mark.slow

@@ -184,6 +184,20 @@ def test_broken_environment_is_reported_not_raised(tmp_path, fmt):
         assert "cannot parse CUDA arch 'garbage'" in r.stdout
 
 
+def test_a_compiler_that_cannot_run_is_not_reported_buildable(tmp_path):
+    """A CXX that exists but fails (a broken wrapper, a missing shared library): the build's first step,
+    torch's `--version` probe, fails; the report used to say [OKAY] beside `version=?`."""
+    broken = tmp_path / "bin" / "c++"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    r = report(tmp_path, "--json", CXX=str(broken))
+    assert r.rc == 0, r
+    cpu = rows_of(json.loads(r.stdout))[("transformer_inference", "cpu")]
+    assert cpu["buildable"] is False and any("does not run" in reason and str(broken) in reason
+                                             for reason in cpu["reasons"]), cpu
+
+
 def test_unwritable_cache_root_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
