@@ -10,7 +10,8 @@ backends in priority order; each check is a `Probe` (ok, or a reason). The first
     2. triton    the op has a Triton implementation (its spec's `triton`; None: not applicable), CUDA
                  tensors, config.use_triton, triton installed (`find_spec`, not imported here), and
                  `dsinf.triton.supports(dtype, device_type, capability)` -> (ok, reason) for the activation
-                 dtype and, for int8 weights, for torch.int8 too.
+                 dtype and, for int8 weights, for torch.int8 too; then the op's function, whose first
+                 access imports triton (a broken install, say a missing libtriton.so, is a fallback reason).
     3. torch     the spec's reference (`dsinf.reference.<op>`): always available.
 
 The result is a frozen `BackendDecision`: the chosen backend and its callable, plus `skipped`, a tuple of
@@ -247,7 +248,12 @@ def probe_triton(request: Request, env: Environment, forced: bool = False) -> Pr
         if not ok:
             detail = f": {why}" if why else ""
             return Probe("triton", reason=f"dsinf.triton does not support {name} on {dev}{detail}")
-    impl = getattr(ops, function, None)
+    try:
+        # The first access imports dsinf.triton.ops and with it triton itself (its compiled core, e.g.
+        # libtriton.so): a broken install raises here, and getattr's default covers AttributeError only.
+        impl = getattr(ops, function, None)
+    except Exception as exc:  # noqa: BLE001 - a reason to fall back, never a crash
+        return Probe("triton", reason=f"dsinf.triton failed to import: {_first_line(exc)}")
     if impl is None:
         return Probe("triton", reason=f"dsinf.triton has no {function}")
     return Probe("triton", impl=impl)

@@ -1,10 +1,14 @@
 """The backend resolver with fake builders, modules and Triton: no compiler, GPU or triton needed."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +472,54 @@ def test_op_without_triton_is_not_applicable_never_a_fallback(monkeypatch):
     assert d.backend == "compiled"
     with pytest.raises(BackendUnavailableError, match="no Triton implementation"):
         resolve(req(op="vector_matmul", device_type="cuda"), make_env(), backend="triton")
+
+
+# A triton that is installed but cannot be imported (a missing libtriton.so, a wheel for another Python):
+# find_spec finds it, and the first import raises. A real package in a child process, first on the path.
+BROKEN_TRITON_CHILD = r"""
+import json, os, types, torch
+import dsinf
+from dsinf.dispatch import BackendUnavailableError, Environment, Request, resolve
+
+# Only what this machine lacks is stood in for: a CUDA build and a GPU's capability. dsinf.triton, the
+# import of triton and the probes are the real ones.
+no_cuda_build = types.SimpleNamespace(compatible=lambda dev: types.SimpleNamespace(ok=False, reasons=("no GPU",)))
+env = Environment(builder=lambda: no_cuda_build, cuda_capability=lambda: (9, 0))
+request = Request(op="linear_layer", device_type="cuda", act_dtype=torch.float16, use_triton=True)
+out = {}
+d = resolve(request, env, backend="auto", allow_fallback=True)
+out["auto"] = [d.backend, dict(d.fallbacks).get("triton")]
+for name, kw in (("forced", {"backend": "triton"}), ("no_fallback", {"backend": "auto", "allow_fallback": False})):
+    try:
+        out[name] = "resolved to " + resolve(request, env, **kw).backend
+    except BackendUnavailableError as exc:
+        out[name] = "BackendUnavailableError: " + str(exc)
+# An op on CPU tensors with DSINF_BACKEND=triton under the interpreter: the real environment end to end.
+os.environ["DSINF_BACKEND"] = "triton"
+try:
+    dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32))(torch.randn(1, 1, 8), torch.randn(8, 4))
+    out["op"] = "ran"
+except BackendUnavailableError as exc:
+    out["op"] = "BackendUnavailableError: " + str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_broken_triton_install_is_a_fallback_reason(tmp_path):
+    broken = tmp_path / "site" / "triton"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libtriton.so: cannot open shared object file")\n')
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken.parent), str(root)]), TRITON_INTERPRET="1")
+    for name in ("DSINF_BACKEND", "DS_KI_FALLBACK"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", BROKEN_TRITON_CHILD], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    reason = "dsinf.triton failed to import: ImportError: libtriton.so: cannot open shared object file"
+    assert out["auto"] == ["torch", reason], out
+    assert out["forced"].startswith("BackendUnavailableError: DSINF_BACKEND=triton") and reason in out["forced"], out
+    assert "DS_KI_FALLBACK=False" in out["no_fallback"] and reason in out["no_fallback"], out
+    assert out["op"].startswith("BackendUnavailableError: VectorMatMulOp: DSINF_BACKEND=triton"), out
+    assert reason in out["op"], out
