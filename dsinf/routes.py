@@ -102,6 +102,7 @@ LAYOUT_CODES = {"kn": 0, "nk": 1, "int8": 2, "gated-kn": 3, "gated-nk": 4, "gate
 INT8_GEMM = "int8-gemm"  # an int8 matmul above the GEMV's range: max_m = the largest M on the int8 GEMM (CUDA)
 INT8_GEMM_LIMIT = 1 << 40  # the GEMM takes any M (the binding sets no cap on these keys)
 GATED = "gated-"  # a gated layout is this prefix + the gate|up weight's plain layout
+INT64_MAX = 2**63 - 1  # the binding's K, N and max_m are int64: ctypes would wrap a larger int, not refuse it
 SILU = 4  # ActivationFuncType.GATED_SILU: the activation a gated key is timed with (GELU's cost is alike)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _OP = "transformer_inference"  # InferenceBuilder.NAME
@@ -133,8 +134,8 @@ class RouteKey:
             raise ValueError(f"routes: layout {self.layout!r}: expected one of {', '.join(LAYOUT_CODES)}")
         for name in ("K", "N"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"routes: {name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT64_MAX:
+                raise ValueError(f"routes: {name} must be an int in [1, 2**63 - 1], got {value!r}")
         if self.gated and self.N % 2:
             raise ValueError(f"routes: a gated key's N is the gate|up's 2I outputs, so even; got {self.N}")
 
@@ -226,8 +227,8 @@ class Route:
             return tuple(float(f) for f in v)
 
         max_m, default = doc["max_m"], doc["default_max_m"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (max_m, default)):
-            raise ValueError("max_m / default_max_m must be ints >= 0")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX for v in (max_m, default)):
+            raise ValueError("max_m / default_max_m must be ints in [0, 2**63 - 1]")
         route = cls(key, max_m, default, ints(doc["buckets"]), floats(doc["ours_ms"]), floats(doc["aten_ms"]),
                      str(doc.get("tuned_at", "")))
         if not len(route.buckets) == len(route.ours_ms) == len(route.aten_ms):
@@ -474,6 +475,9 @@ class Binding:
         """Replace the binding's table with `table` (key -> max_m)."""
         rows = [v for k, m in sorted(table.items(), key=lambda kv: kv[0].text)
                 for v in (DTYPE_CODES[k.dtype], LAYOUT_CODES[k.layout], k.K, k.N, m)]
+        for key, max_m in table.items():  # RouteKey bounds K and N; a max_m comes from callers too (forced)
+            if isinstance(max_m, int) and not -INT64_MAX - 1 <= max_m <= INT64_MAX:
+                raise ValueError(f"routes: the max_m of {key.text} does not fit int64: {max_m}")
         status = self._set((ctypes.c_int64 * len(rows))(*rows), len(table))
         if status < 0:
             why = {-1: "a bad code, size or max_m < 0",

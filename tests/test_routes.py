@@ -110,7 +110,7 @@ def test_an_int8_gemm_key_stops_at_its_first_tie_or_loss(gemm, dequant, want):
 
 
 @pytest.mark.parametrize("bad", [("fp8", "kn", 4, 4), ("fp16", "tn", 4, 4), ("fp16", "kn", 0, 4),
-                                 ("fp16", "kn", 4, True)])
+                                 ("fp16", "kn", 4, True), ("fp16", "kn", 2**63, 4), ("fp16", "kn", 4, 2**64 + 64)])
 def test_route_key_rejects_bad_fields(bad):
     with pytest.raises(ValueError, match="routes:"):
         RouteKey(*bad)
@@ -415,6 +415,38 @@ def test_binding_rejects_a_bad_table(cpu_routes):
     with pytest.raises(ValueError, match="rejected the table"):
         cpu_routes.set({key: -1})
     assert cpu_routes.applied == {}
+    # ctypes would wrap 2**64 to 0 (ATen for every M) rather than refuse it
+    with pytest.raises(ValueError, match=r"max_m of fp32\|kn\|K=8\|N=8 does not fit int64"):
+        cpu_routes.set({key: 2**64})
+    assert cpu_routes.applied == {}
+
+
+def test_persisted_entries_outside_int64_are_dropped_and_the_rest_apply(cpu_routes, caplog):
+    """The binding takes K, N and max_m as int64. An entry whose K wraps to a real shape's (2**64 + 64 -> 64)
+    must not route that shape, and one that wraps to 0 (a size the binding refuses) must not void the valid
+    routes beside it: both are malformed entries, dropped with the usual warning."""
+    good = RouteKey("fp32", "kn", 64, 96)
+    entry = {"max_m": 0, "default_max_m": 8, "buckets": [], "ours_ms": [], "aten_ms": [], "tuned_at": "t"}
+    entries = {good.text: entry,
+               f"fp32|kn|K={2**64 + 64}|N=32": entry,  # would route fp32 kn 64x32 to ATen
+               f"fp32|kn|K={2**64}|N=96": entry,  # would be K=0: the binding refuses the whole table
+               "fp32|nk|K=8|N=8": {**entry, "default_max_m": 2**63}}
+    path = routes.table_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": routes.FORMAT, "version": routes.VERSION,
+                                "tables": {routes.device_key("cpu"): entries}}))
+    with caplog.at_level(logging.WARNING, logger="dsinf"):
+        assert routes.apply("cpu") == 1
+    assert cpu_routes.applied == {good: 0}
+    assert any("3 malformed entries dropped" in r.getMessage() for r in caplog.records)
+    op = torch.ops.dsinf.vector_matmul_fp32.default
+    x = torch.randn(1, 1, 64)
+    op(x, torch.randn(64, 96))
+    assert cpu_routes.last() == "aten"  # the valid route applies
+    op(x, torch.randn(64, 32))
+    assert cpu_routes.last() == "gemv"  # the compiled crossover: no route names this shape
+    assert "K=18446744073709551680" not in dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32),
+                                                                device="cpu").decision.explain()
 
 
 def test_alternating_sets_republish_their_tables_instead_of_leaking(cpu_routes):
