@@ -343,6 +343,30 @@ def test_op_decision_is_cached_per_instance_and_key():
     assert builder.load_calls == 2 and op.decision.request.act_dtype is torch.float16
 
 
+def test_op_resolves_again_after_a_config_change():
+    # config.version's promise: a changed field is seen by the next decision. use_triton is not part of the
+    # cache key (device type, dtype, activation dtype); the decision must still follow it.
+    op = LinearOp(InferenceConfig(), device="cuda",
+                  environment=make_env(FakeBuilder(functions=()), kernels=set()))
+    assert op.backend == "torch" and Skip("triton", "config.use_triton is False") in op.decision.skipped
+    op.config.use_triton = True
+    assert op.backend == "triton" and op.decision.request.use_triton  # .decision follows the config
+    op.config.use_triton = False
+    assert op.resolve("cuda").backend == "torch"  # as does resolve(), which the first call of a device makes
+
+
+def test_op_call_after_a_config_change_resolves_again_then_binds_once():
+    builder = FakeBuilder()
+    op = VectorMatMulOp(InferenceConfig(dtype=torch.float32), environment=make_env(builder))
+    x, w = torch.randn(1, 2, 4), torch.randn(4, 3)
+    op(x, w)
+    op.config.use_triton = True  # same cache key (cpu, float32, float32)
+    for _ in range(3):
+        assert op(x, w)[0] == "compiled"
+    assert builder.compatible_calls == 2  # decided again once, on the first call after the change
+    assert op.decision.request.use_triton
+
+
 def test_op_resolves_at_construction_with_device():
     builder = FakeBuilder()
     op = LinearOp(InferenceConfig(), device="cpu", environment=make_env(builder))

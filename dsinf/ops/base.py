@@ -85,6 +85,7 @@ class InferenceOp(torch.nn.Module):
         self.config = config
         self._environment = environment
         self._decisions: dict[tuple, dispatch.BackendDecision] = {}
+        self._decisions_version = config._version  # the config version `_decisions` were made under
         self._last_decision: dispatch.BackendDecision | None = None
         self._calls: dict[bool, Callable[..., Any]] = {}  # input.is_cuda -> bound call (the per-call path)
         self._eager_calls: dict[bool, Callable[..., Any]] = {}  # the same, calling the compiled op's C++ entry
@@ -94,9 +95,15 @@ class InferenceOp(torch.nn.Module):
 
     # --- backend ----------------------------------------------------------------------------------
     def resolve(self, device: str | torch.device) -> dispatch.BackendDecision:
-        """The backend decision for inputs on `device` with the config's dtype (made once, then cached)."""
+        """The backend decision for inputs on `device` with the config's dtype (made once, then cached until
+        the config changes)."""
         device_type = torch.device(device).type
         cfg = self.config
+        if self._decisions_version != cfg._version:
+            # Any field may change the decision (use_triton) or what resolving does (triton_autotune,
+            # layer_id): decide again. Off the per-call path: calls reach here only through `_dispatch`.
+            self._decisions.clear()
+            self._decisions_version = cfg._version
         key = (device_type, cfg.dtype, cfg.activation_dtype)
         decision = self._decisions.get(key)
         if decision is None:
@@ -182,9 +189,13 @@ class InferenceOp(torch.nn.Module):
 
     @property
     def decision(self) -> dispatch.BackendDecision:
-        """The decision made most recently; before any call, the one for CUDA if available, else CPU."""
-        if self._last_decision is None:
+        """The decision made most recently; before any call, the one for CUDA if available, else CPU. After a
+        config change, the decision for the same device type under the new config."""
+        last = self._last_decision
+        if last is None:
             self.resolve("cuda" if torch.cuda.is_available() else "cpu")
+        elif self._decisions_version != self.config._version:
+            self.resolve(last.request.device_type)
         return self._last_decision
 
     @property
