@@ -574,6 +574,46 @@ def test_interpreter_behaviour(worker, name):
     _answer(worker.ask({"call": name}))
 
 
+INTERPRET_CHILD = r"""
+import json, sys, torch
+import dsinf
+from dsinf import reference, triton as dt
+from dsinf.dispatch import BackendUnavailableError
+
+out = {"before": dt.supports(torch.float32, "cpu")[0]}  # before our kernels are imported
+op = dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32))
+x, w = torch.randn(1, 2, 8), torch.randn(8, 4)
+try:
+    y = op(x, w)
+    out["call"] = "matches" if torch.allclose(y, reference.vector_matmul(x, w), atol=1e-5) else "differs"
+except BackendUnavailableError:
+    out["call"] = "unavailable"
+except Exception as exc:  # what a wrong decision ends in: the kernels handed CPU tensors
+    out["call"] = f"{type(exc).__name__}: {exc}"[:300]
+from dsinf.triton import ops
+out["interpreted"] = ops.INTERPRETED  # what triton made of our kernels
+out["after"] = dt.supports(torch.float32, "cpu")[0]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("value", ["t", " 1", "1 ", "2", "true", "1", "0"])
+def test_interpreter_mode_is_tritons_own(tmp_path, value):
+    """dsinf serves CPU tensors with Triton only under the interpreter, and the interpreter is on when triton
+    says so, not when a parse of our own does: triton 3.x reads "t" or " 1" as off. Each value in a fresh
+    process with DSINF_BACKEND=triton (triton fixes the mode when it decorates our kernels)."""
+    env = dict(os.environ, TRITON_INTERPRET=value, DSINF_BACKEND="triton", PYTHONPATH=str(REPO),
+               DSINF_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", INTERPRET_CHILD], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] == out["interpreted"] == out["after"], out
+    assert out["call"] == ("matches" if out["interpreted"] else "unavailable"), out
+    if value in ("1", "true"):
+        assert out["interpreted"], out  # the values every dsinf and triton read as on really are
+
+
 #: The compiled path's decode defaults on an H200 or H100 (both 132 SMs), as measured (docs/PERFORMANCE.md,
 #: fifth, tenth, thirty-first and forty-first rounds): (K, N, layout, bf16) -> (kernel, BLOCK_N, BLOCK_K, SPLIT_K,
 #: warps, stages, SLICES).

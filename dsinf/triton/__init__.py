@@ -1,9 +1,10 @@
 """The Triton backend of dsinf: matmul + fused bias, a decode (small-M, split-K) path, int8 weight-only
 with in-kernel dequantization, and the fused QKV split / RoPE epilogue, with a persisted autotune table.
 
-Importing this package is cheap: it does not import triton. `supports()` / `available()` are pure
-decisions for the dispatcher; the ops and the autotune entry points import `ops` (and so triton) on
-first access.
+Importing this package is cheap: it does not import triton. `supports()` / `available()` are the
+decisions for the dispatcher; `available()` and `supports()` for CUDA never import triton, `supports()`
+for CPU tensors asks triton whether its interpreter is on. The ops and the autotune entry points import
+`ops` (and so triton) on first access.
 
     from dsinf import triton as dt
     ok, why = dt.supports(torch.bfloat16, "cuda")
@@ -16,13 +17,14 @@ What it serves (decided here, as data):
   ([N, K] + float32 q_scale[G]) with fp16/bf16 activations; compute capability >= 8.0 (Triton's own
   floor). Not fp32: tl.dot rounds fp32 operands to tf32, which does not match the fp32 reference;
   the compiled module and torch serve fp32.
-- CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported),
-  for tests: fp32 and fp16 (int8 weights with those activations). Never bf16 there: the interpreter
-  computes bf16 wrongly.
+- CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1 before our kernels are imported,
+  as triton itself reads it), for tests: fp32 and fp16 (int8 weights with those activations). Never
+  bf16 there: the interpreter computes bf16 wrongly.
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 __all__ = ["available", "supports", "decide", "linear_layer", "vector_matmul", "autotune_linear",
            "autotune_vector_matmul", "autotune_matmul"]
@@ -37,11 +39,28 @@ def available() -> tuple[bool, str]:
     return True, "triton is installed"
 
 
-def _interpreter_requested() -> bool:
-    # Triton's own variable (triton.knobs.runtime.interpret), declared with the others in op_builder.knobs.
-    from op_builder import knobs
+def _interpreter_probe():
+    pass
 
-    return bool(knobs.get("TRITON_INTERPRET"))
+
+def _interpreter() -> bool:
+    """Whether our kernels run (or, imported now, would run) under Triton's interpreter: triton's answer.
+
+    Triton makes each @triton.jit function interpreted or compiled when it is decorated, from its own
+    reading of TRITON_INTERPRET, which is not ours ("t" and " 1" are not on for triton 3.x, anything but
+    "1" was not for older ones): a parse of our own could pick Triton for CPU tensors that the kernels
+    then cannot take. Once the kernels are imported their mode is fixed (`ops.INTERPRETED`); before, what
+    `triton.jit` makes of a function now is what it will make of them."""
+    interpreted = getattr(sys.modules.get(__name__ + ".ops"), "INTERPRETED", None)
+    if interpreted is not None:
+        return interpreted
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - a broken install: the dispatcher's import of the kernels names the error
+        from op_builder import knobs
+
+        return bool(knobs.get("TRITON_INTERPRET"))
+    return not isinstance(triton.jit(_interpreter_probe), triton.runtime.JITFunction)
 
 
 def decide(dtype, device_type, *, interpreter: bool, act_dtype=None,
@@ -78,8 +97,11 @@ def decide(dtype, device_type, *, interpreter: bool, act_dtype=None,
 
 
 def supports(dtype, device_type, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
-    """(ok, reason) for the dispatcher. Does not import triton; combine with `available()`."""
-    return decide(dtype, device_type, interpreter=_interpreter_requested(), capability=capability)
+    """(ok, reason) for the dispatcher; combine with `available()`. For CPU tensors it imports triton to
+    ask whether its interpreter is on (only the interpreter serves them); for CUDA it does not."""
+    device_type = getattr(device_type, "type", device_type)
+    interpreter = device_type == "cpu" and _interpreter()
+    return decide(dtype, device_type, interpreter=interpreter, capability=capability)
 
 
 def __getattr__(name: str):
