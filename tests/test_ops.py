@@ -19,6 +19,7 @@ import torch
 import _dsinf_oracle as oracle
 from dsinf import LinearOp, VectorMatMulOp, reference
 from dsinf.config import InferenceConfig
+from dsinf.checks import InputError
 from dsinf.dispatch import BackendUnavailableError
 from dsinf.ops.base import eager_call
 from dsinf.library import has_kernel
@@ -267,6 +268,41 @@ def test_torch_compile_fullgraph_on_compiled_path(cpu_module, monkeypatch):
     compiled = torch.compile(block, fullgraph=True)(x)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
+
+
+def test_torch_compile_of_an_op_not_yet_called(cpu_module):
+    """An op chooses its backend at its first call (loading or building the module), code Dynamo cannot
+    trace: under torch.compile it runs outside the graph, and under fullgraph=True the error says so and
+    what to do (it used to be Dynamo's 'unsupported context manager' on a lock deep in the probes). One
+    eager call later, fullgraph compiles."""
+    x, w, _, _ = oracle.random_inputs(1, 3, 8, 16, torch.float32)
+    want = reference.vector_matmul(x, w, False, None, False, False)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(VectorMatMulOp(InferenceConfig(dtype=torch.float32)))(x, w), want)
+    vm = VectorMatMulOp(InferenceConfig(dtype=torch.float32))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="call the op once outside torch.compile"):
+        torch.compile(lambda a: vm(a, w), fullgraph=True)(x)
+    vm(x, w)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(lambda a: vm(a, w), fullgraph=True)(x), want)
+    assert vm.backend == "compiled"
+
+
+def test_a_new_config_object_is_a_config_change(cpu_module):
+    """`op.config = InferenceConfig(...)`: the new object's version counter starts again, so the op kept the
+    call bound for the old config (x @ w where x @ w.T was asked, an fp32 input accepted by a bf16 op)."""
+    x, w, _, _ = oracle.random_inputs(1, 3, 16, 16, torch.float32)
+    vm = VectorMatMulOp(InferenceConfig(dtype=torch.float32))
+    torch.testing.assert_close(vm(x, w), reference.vector_matmul(x, w, False, None, False, False))
+    vm.config = InferenceConfig(dtype=torch.float32, transposed_mode=True)
+    torch.testing.assert_close(vm(x, w), reference.vector_matmul(x, w, False, None, False, True))
+    vm.config = InferenceConfig(dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="argument 'input'"):
+        vm(x, w)
+    assert vm.decision.request.act_dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="config must be an InferenceConfig"):
+        vm.config = {"dtype": torch.float32}
 
 
 def test_eager_call_skips_module_call_but_keeps_hooks(cpu_module, monkeypatch):

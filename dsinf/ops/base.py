@@ -46,6 +46,24 @@ _is_compiling = torch.compiler.is_dynamo_compiling
 CALL_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError)
 
 
+_FIRST_RESOLVE_REASON = ("dsinf: an op chooses its backend at its first call on a device type, which may load or "
+                         "build the compiled module: call the op once outside torch.compile (or construct it with "
+                         "device=...) before compiling with fullgraph=True")
+
+
+def _first_resolve(op: InferenceOp, device) -> None:
+    """Called while Dynamo traces an op that has no decision yet: choosing one runs code Dynamo cannot trace
+    (locks, probes, a build), so it must run outside the graph (a graph break; under fullgraph=True an error
+    that says why). Marked as `torch.compiler.disable` marks a function, without calling it: that imports
+    torch._dynamo (and triton), which `import dsinf` and an op's construction must not. A torch that no
+    longer reads the mark breaks the graph deeper, in the probes, as before."""
+    op.resolve(device)
+
+
+_first_resolve._torchdynamo_disable = True  # type: ignore[attr-defined]
+_first_resolve._torchdynamo_disable_msg = _FIRST_RESOLVE_REASON  # type: ignore[attr-defined]
+
+
 def eager_call(op: InferenceOp, input) -> Callable[..., Any] | None:
     """`op`'s bound call for `input` when `nn.Module.__call__` would do nothing but call `forward` (no hooks,
     no `Module.compile()`, not under torch.compile), else None: the op classes' `__call__` then skips
@@ -93,7 +111,28 @@ class InferenceOp(torch.nn.Module):
         if device is not None:
             self.resolve(device)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A new config object (`op.config = InferenceConfig(...)`) is a config change: its version counter
+        starts again, so without this the calls bound and decisions made for the old one would stay."""
+        if name == "config" and "config" in self.__dict__ and value is not self.__dict__["config"]:
+            if not isinstance(value, InferenceConfig):
+                raise TypeError(f"{type(self).__name__}: config must be an InferenceConfig, got {type(value).__name__}")
+            super().__setattr__(name, value)
+            self._decisions.clear()
+            self._calls.clear()
+            self._eager_calls.clear()
+            self._last_decision = None
+            self._decisions_version = self._config_version = value._version
+            return
+        super().__setattr__(name, value)
+
     # --- backend ----------------------------------------------------------------------------------
+    def _decided(self, device_type: str) -> bool:
+        """Whether `resolve` would answer `device_type` from its cache."""
+        cfg = self.config
+        return self._decisions_version == cfg._version and \
+            (device_type, cfg.dtype, cfg.activation_dtype) in self._decisions
+
     def resolve(self, device: str | torch.device) -> dispatch.BackendDecision:
         """The backend decision for inputs on `device` with the config's dtype (made once, then cached until
         the config changes)."""
@@ -126,6 +165,8 @@ class InferenceOp(torch.nn.Module):
             self._config_version = self.config._version
         is_cuda = isinstance(input, torch.Tensor) and input.is_cuda
         device = input.device if isinstance(input, torch.Tensor) else "cpu"  # a non-tensor fails the checks
+        if _is_compiling() and not self._decided(torch.device(device).type):
+            _first_resolve(self, device)
         decision = self.resolve(device)
         compiled = decision.backend == "compiled"
         call = self._bind(decision.impl, checked=not compiled)
