@@ -907,7 +907,9 @@ def test_gpu_routed_decode_is_never_slower_than_torch(cuda_module, tmp_path, mon
         [route] = routes.tune_routes([(K, N)], torch.float16, "cuda", layout=layout, force=True)
         assert route.max_m == routes.decide(route.buckets, route.ours_ms, route.aten_ms), route.explain()
         for m, ratio in zip(route.buckets, route.ratios):
-            if ratio < 1:  # ATen measured faster: this M and every larger one must route to ATen
+            # ATen measured faster beyond the margin: this M and every larger one route to ATen. (A tie, within
+            # the margin either way, may ride along with a win above it, `decide`: the timing below judges it.)
+            if ratio * (1 + routes.MARGIN) < 1:
                 assert m > route.max_m, route.explain()
         print(route.explain())
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
