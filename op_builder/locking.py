@@ -30,6 +30,25 @@ log = logging.getLogger("op_builder")
 
 FIRST_REPORT = 0.5  # seconds before a waiter says whom it waits for
 
+# Descriptors of the locks this process holds. A child forked meanwhile (a DataLoader or multiprocessing
+# worker started while another thread builds) shares each one's open file, and flock holds the lock until the
+# last descriptor of it closes: a child outliving a killed holder would keep the build locked. The child closes
+# its copies at once; the parent's lock is unaffected.
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class LockTimeout(TimeoutError):
     """The lock was still held by another process when the wait ran out; `holder` says who holds it."""
@@ -96,6 +115,7 @@ class FileLock:
             raise
         self.waited = time.monotonic() - start
         self._fd = fd
+        _held.add(fd)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **self.holder}
         os.ftruncate(fd, 0)  # our own single-link regular file (checked at open)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -107,6 +127,7 @@ class FileLock:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
+            _held.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

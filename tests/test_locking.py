@@ -114,6 +114,36 @@ def test_the_wait_is_bounded_per_holder_not_across_a_queue_of_them(tmp_path):
             BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=1.5).acquire()
 
 
+FORKING_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from op_builder.locking import BuildLock
+    lock = BuildLock(sys.argv[1], what="demo_op[cpu]", log_path="/logs/demo_op.log", timeout=60)
+    lock.acquire()
+    if os.fork() == 0:  # a worker forked while the lock is held (its parent is killed below; it lives on)
+        time.sleep(120)
+        os._exit(0)
+    print("locked and forked", flush=True)
+    time.sleep(300)
+""")
+
+
+def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(tmp_path):
+    """flock holds a lock until the last descriptor of its open file closes, and a forked child shares them:
+    a worker forked while the lock was held kept it after its parent was killed, so every waiter timed out."""
+    lock_path = tmp_path / ".lock"
+    holder = Child([sys.executable, "-c", FORKING_HOLDER, str(lock_path)], env(), tmp_path / "logs", "forker")
+    try:
+        with holder:
+            wait_until(lambda: "locked and forked" in holder.stdout, 60, "the holder to fork", alive=holder)
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+            with BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=10) as lock:
+                assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+            assert lock.waited < 5
+    finally:
+        subprocess.run(["pkill", "-f", str(lock_path)], check=False)  # the forked child, still sleeping
+
+
 def test_lock_released_when_holder_is_sigkilled(tmp_path):
     lock_path = tmp_path / ".lock"
     holder = start_holder(tmp_path, lock_path)
