@@ -77,7 +77,7 @@ from typing import Iterable, Iterator
 import torch
 
 from op_builder import knobs
-from op_builder.atomic import read_json, write_json
+from op_builder.atomic import read_json, remove_orphans, write_json
 from op_builder.locking import FileLock
 
 logger = logging.getLogger("dsinf")
@@ -355,6 +355,7 @@ def _save(device: str, routes: Iterable[Route], path: Path | None = None) -> boo
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_name(path.name + ".lock"), timeout=LOCK_TIMEOUT_S, poll=0.005, max_poll=0.25,
                       holder={"what": "dsinf route table"}):
+            remove_orphans(path)  # temp files of writers killed mid-write
             tables = read_tables(path)
             table = tables.setdefault(device, {})
             table.update({r.key.text: r for r in routes})

@@ -25,6 +25,15 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def remove_orphans(path: Path) -> None:
+    """Remove the temp files `write_json` left beside `path` when killed between create and rename. Only
+    under the lock of `path`'s writers: there, no temp file is a live write."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def write_json(path: Path, doc: Any, *, mode: int = 0o644, indent: int | None = 1) -> None:
     """Atomically replace `path` with `doc` as JSON (temp file in the same directory, fsync, rename)."""
     path = Path(path)

@@ -130,6 +130,18 @@ def test_table_round_trip(tmp_path):
     assert tables["dev-B"][b.text] == _route(b, 2)
 
 
+def test_a_killed_writers_temp_file_is_removed_by_the_next_writer(tmp_path):
+    """A writer killed between writing its temp file and renaming it leaves `.routes.json.<pid>.<hex>.tmp`;
+    the route table's writers never removed them (the autotune table's did), so they piled up."""
+    from op_builder.atomic import temp_name
+
+    path = tmp_path / "routes.json"
+    orphan = temp_name(path)
+    orphan.write_text('{"half": ')
+    assert routes._save("dev", [_route(RouteKey("fp16", "kn", 64, 96), 1)], path)
+    assert not orphan.exists() and not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"format": "other", "version": 1, "tables": {}}),
                                      json.dumps({"format": routes.FORMAT, "version": 99, "tables": {}}),
                                      json.dumps({"format": routes.FORMAT, "version": 1, "tables": []})])

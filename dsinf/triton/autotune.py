@@ -37,7 +37,6 @@ deepspeed/ops/transformer/inference/triton/matmul_ext.py, broke each of them):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from op_builder.atomic import read_json, write_json
+from op_builder.atomic import read_json, remove_orphans, write_json
 from op_builder.locking import FileLock
 
 logger = logging.getLogger(__name__)
@@ -260,7 +259,7 @@ class AutotuneTable:
                           holder={"what": "Triton autotune table"}):
                 on_disk, _ = self._read()
                 merged = {**on_disk, **new}
-                self._remove_orphan_temps()
+                remove_orphans(self.path)
                 write_json(self.path, _document(merged), indent=1)
         except (OSError, TimeoutError) as exc:
             _count("write_failures")
@@ -272,11 +271,6 @@ class AutotuneTable:
         # Pick up what other processes tuned meanwhile; ours are in `merged` already.
         self._entries = merged
         return True
-
-    def _remove_orphan_temps(self) -> None:
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # op_builder.atomic.temp_name
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 _tables: dict[Path | None, AutotuneTable] = {}
