@@ -110,7 +110,7 @@ def test_the_wait_is_bounded_per_holder_not_across_a_queue_of_them(tmp_path):
             assert "locked" in second.stdout and first.wait(timeout=30).rc == 0
     assert 4 < waited < 30, f"got the lock after {waited:.1f} s: it must have waited for both holders"
     with start_holder(tmp_path, lock_path, hold=300, name="stuck"):
-        with pytest.raises(BuildTimeoutError, match=r"gave up after [12] s"):
+        with pytest.raises(BuildTimeoutError, match=r"gave up after \d+ s waiting"):
             BuildLock(lock_path, what="demo_op[cpu]", log_path="/w.log", timeout=1.5).acquire()
 
 
