@@ -212,6 +212,47 @@ def test_the_cpu_int8_goal_reads_the_m1_rows_only():
     assert got["never_slower"]["value"] == pytest.approx(1.1)
 
 
+def test_a_goal_is_never_judged_on_part_of_its_rows():
+    """A goal used to be judged on the rows left after dropping those where ours failed its reference check
+    or a --budget skip: a decode goal read PASS on its M=1 row with ours wrong at M=8, and "never slower"
+    did not even count the failed row."""
+    rep = Report(args={})
+    good = _row("cuda", "decode", 4096, 4096, ours=10.0, torch=14.0)
+    wrong = _row("cuda", "decode", 4096, 4096, M=8, ours=10.0, torch=14.0)
+    wrong.impls["ours"] = ImplResult("ours", "FAIL", reason="rel err 0.3 > 0.005")
+    rep.rows = [good, wrong]
+    got = {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}
+    for key in ("cuda.decode.vs_torch_4096", "cuda.decode.vs_torch_all", "never_slower"):
+        assert got[key]["status"] == "MISS" and "FAIL" in got[key]["why"], got[key]
+    skipped = Row(Case("cuda", "decode", "vector_matmul", "fp16", "nk", 8, 1, 4096, 4096),
+                  note="skipped: --budget exhausted")
+    rep.rows = [good, skipped]
+    got = {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}
+    for key in ("cuda.decode.vs_torch_4096", "never_slower"):
+        assert got[key]["status"] == "not measured" and "--budget" in got[key]["why"], got[key]
+    # a row ours does not serve (n/a) is not ours to be slower on
+    na = _row("cuda", "decode", 4096, 4096, M=8, ours=10.0, torch=14.0)
+    na.impls["ours"] = ImplResult("ours", "n/a", reason="bf16 needs compute capability 8.0")
+    rep.rows = [good, na]
+    assert {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}["never_slower"]["status"] == "PASS"
+
+
+def test_the_cpu_fp32_goals_compare_with_torchs_faster_gemm():
+    """torch's fp32 CPU GEMM on MKL takes a generic path on AMD hosts, where oneDNN (what torch's frozen
+    linears run) is its fast one: the QKV and prefill goals read the faster of the two (they read MKL's)."""
+    def row(part, M, ours, torch, onednn):
+        case = Case("cpu", part, "linear", "fp32", "nk", M, 1, 4096, 12288)
+        return Row(case, {n: ImplResult(n, "ok", timing=Timing(t, t * 0.99, t * 1.01, 15, 100))
+                          for n, t in (("ours", ours), ("torch", torch), ("onednn", onednn))})
+
+    rep = Report(args={})
+    rep.rows = [row("qkv", 128, 10.0, 21.0, 10.3), row("prefill", 512, 10.0, 22.0, 10.0)]
+    got = {g["key"]: g for g in evaluate(rep, "cpu", loaded=False)}
+    assert got["cpu.qkv"]["value"] == pytest.approx(1.03) and got["cpu.qkv"]["status"] == "MISS"
+    assert "vs onednn" in got["cpu.qkv"]["detail"]
+    assert got["cpu.prefill"]["value"] == pytest.approx(1.0)
+
+
 def test_a_loaded_machine_makes_host_side_goals_noisy_only():
     rep = Report(args={})
     rep.rows = [_row("cuda", "decode", 4096, 4096, ours=10.0, torch=15.0)]
