@@ -331,6 +331,24 @@ def _worker_status(returncode: int, build_dir: Path) -> int:
         return 1
 
 
+def _builder_alive(build_dir: Path) -> bool:
+    """Whether the process named in `.tmp-<key>-<pid>-<hex>` runs here (a reused pid errs on the safe side:
+    that dir goes with a later build)."""
+    try:
+        pid = int(build_dir.name.split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # ours is made after the sweep: one with our pid is an earlier, interrupted one of ours
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove(path: Path) -> None:
     """Move aside, then delete: a process that has the old .so mapped keeps its copy. Anything at
     `path` goes: a directory, a file, a dangling or foreign symlink (the link, never its target)."""
@@ -430,10 +448,12 @@ def build_or_wait(spec: BuildSpec, key: cache.BuildKey, variant_dir: Path, *, sy
         if os.path.lexists(entry):
             log.warning("op_builder: rebuilding %s: cached entry %s is unusable (%s)", spec.label, entry, problem)
             _remove(entry)
-        # Every build and every move aside in this directory runs under this lock: any temp or trash dir
-        # here now was left by a build that was killed (or interrupted) before it could clean up.
+        # Every build and every move aside in this directory runs under this lock: a temp or trash dir here
+        # now was left by a build killed before it could clean up - unless the lock was not exclusive after
+        # all (a .lock moved aside under a live holder, a filesystem without flock), so a temp dir whose
+        # builder still runs on this host stays.
         for stale in variant_dir.iterdir():
-            if stale.name.startswith((".tmp-", ".trash-")):
+            if stale.name.startswith(".trash-") or (stale.name.startswith(".tmp-") and not _builder_alive(stale)):
                 _remove(stale)
         build_dir.mkdir(mode=0o700)
         jobs = jobs or max_jobs(system_cpu_count, memory_available, spec.with_cuda)
@@ -456,9 +476,15 @@ def _build(spec: BuildSpec, key: cache.BuildKey, build_dir: Path, entry: Path, v
                       f"compiler process was killed", transient=True) from None
     library = f"{spec.library_name}.so"
     if rc != 0 or not (build_dir / library).is_file():
-        raise _failed(spec, build_dir, variant_dir, digest, _signal_cause(rc), transient=rc < 0)
-    if current_digest is not None and current_digest() != digest:
-        raise SourcesChanged(f"the sources of {spec.label} changed while it was built")
+        # the OOM killer's SIGKILL says nothing about the sources; a crash (SIGSEGV loading the library) does
+        raise _failed(spec, build_dir, variant_dir, digest, _signal_cause(rc), transient=rc == -signal.SIGKILL)
+    if current_digest is not None:
+        try:
+            now = current_digest()
+        except OSError as exc:  # a source removed meanwhile (a checkout in progress)
+            raise SourcesChanged(f"the sources of {spec.label} changed while it was built ({exc})") from None
+        if now != digest:
+            raise SourcesChanged(f"the sources of {spec.label} changed while it was built")
     for junk in build_dir.iterdir():  # keep the library, the log, and nothing the loader could trip on
         if junk.name not in (library, "build.log"):
             if junk.is_dir() and not junk.is_symlink():

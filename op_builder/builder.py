@@ -58,10 +58,12 @@ class LoadedVariant:
 
 _loaded: dict[tuple[str, str], LoadedVariant] = {}
 # Builds that failed in this process, by (op, variant, key digest): asked again (every op instance that
-# resolves its backend asks), the same sources and flags fail the same way, so the error is raised again
-# at once instead of after another full build. An edited source or flag is another key: built again. A
-# transient failure (a time limit, a signal, a full disk) is not kept: the next ask builds again.
-_failed: dict[tuple[str, str, str], BuildError] = {}
+# resolves its backend asks: an injected model has dozens), the same sources and flags fail the same way, so
+# the error is raised again at once instead of after another full build. An edited source or flag is another
+# key: built again. A transient failure (the time limit, the OOM killer, a full disk) is built again once
+# DSINF_BUILD_TIME_LIMIT changed or TRANSIENT_RETRY_S passed, not by every op instance of the same burst.
+_failed: dict[tuple[str, str, str], tuple[BuildError, float, float]] = {}  # (error, monotonic time, time limit)
+TRANSIENT_RETRY_S = 60.0
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -190,18 +192,25 @@ class OpBuilder:
             entry = None if reject else self._published(variant, spec, key.digest)[0]
             if entry is not None:  # published entries are immutable: a found one needs no lock, and no write
                 return entry, "cached"
-            failed = _failed.get((self.NAME, variant, key.digest))
-            if failed is not None:
-                raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
-                                 "(this build already failed in this process: not retried until its sources or "
-                                 "flags change)")
+            memo = (self.NAME, variant, key.digest)
+            if memo in _failed:
+                failed, at, limit = _failed[memo]
+                ago = time.monotonic() - at
+                if not failed.transient:
+                    raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
+                                     "(this build already failed in this process: not retried until its sources "
+                                     "or flags change)", transient=False)
+                if ago < TRANSIENT_RETRY_S and limit == knobs.get("DSINF_BUILD_TIME_LIMIT"):
+                    raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
+                                     f"(this build failed in this process {ago:.0f} s ago: built again "
+                                     f"{TRANSIENT_RETRY_S:.0f} s after it, or at once when DSINF_BUILD_TIME_LIMIT "
+                                     f"changes)", transient=True)
             try:
                 return build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
                                      memory_available=self.system.memory_available, reject=reject, jobs=jobs,
                                      nice=nice, current_digest=lambda: self.key(variant, self.spec(variant)).digest)
             except BuildError as exc:
-                if not exc.transient:
-                    _failed[(self.NAME, variant, key.digest)] = exc
+                _failed[memo] = (exc, time.monotonic(), knobs.get("DSINF_BUILD_TIME_LIMIT"))
                 raise
             except SourcesChanged as exc:
                 log.warning("op_builder: %s: the build was discarded; building the sources as they are now", exc)

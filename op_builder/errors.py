@@ -25,8 +25,8 @@ class IncompatibleError(OpBuilderError):
 
 
 class BuildError(OpBuilderError):
-    """`transient`: the failure says nothing about the sources or flags (a time limit, a signal such as the
-    out-of-memory killer's, a full disk): building the same key again may succeed."""
+    """`transient`: the failure says nothing about the sources or flags (the time limit, the out-of-memory
+    killer's SIGKILL, a full disk): building the same key again may succeed."""
 
     def __init__(self, op: str, errors: list[str], cause: str | None, log_path: str | None, detail: str = "", *,
                  transient: bool = False):

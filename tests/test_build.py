@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.procs import (FIXTURES, INFERENCE, REPO, TINY, Child, CxxWrapper, child_env, cold_cpu_build,
-                            processes_with_cwd_under, run, run_json, variant_dir, wait_until)
+                            path_without_ninja, processes_with_cwd_under, run, run_json, variant_dir, wait_until)
 from op_builder import build as build_mod
 from op_builder.cache import BuildKey
 from op_builder.errors import BuildError, classify, first_errors
@@ -186,17 +187,6 @@ def test_a_failed_build_is_not_run_again_in_the_same_process(tmp_path):
     assert second["message"].split("full log:")[1] == first["message"].split("full log:")[1]
     assert fixed["how"] == "built"
     assert len(cxx.compiles()) == 2, cxx.calls()  # the broken source once, the fixed one once
-
-
-def path_without_ninja(tmp_path: Path) -> Path:
-    """A directory of links to PATH's tools, every one but ninja (a PATH for a child)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
-        for tool in (Path(directory).iterdir() if Path(directory).is_dir() else ()):
-            if tool.name != "ninja" and not (bin_dir / tool.name).exists():
-                (bin_dir / tool.name).symlink_to(tool)
-    return bin_dir
 
 
 def test_the_ninja_wheel_builds_when_ninja_is_not_on_path(tmp_path):
@@ -420,16 +410,21 @@ def test_a_process_that_ignores_sigchld_builds_and_gets_its_build_errors(tmp_pat
 
 def test_temp_and_trash_dirs_of_interrupted_builds_are_swept_by_the_next_build(tmp_path):
     """An interrupted build (Ctrl-C, kill -9, a full disk at publication) leaves its .tmp- dir, and a kill
-    between a move aside and its delete a .trash- dir; only those of the same key used to be removed."""
+    between a move aside and its delete a .trash- dir; only those of the same key used to be removed. A temp
+    dir whose builder still runs here stays (were the lock ever not exclusive, it is a live build)."""
     env = tiny_env(tmp_path)
     vdir = variant_dir(env)
     vdir.mkdir(parents=True)
-    for name in (".tmp-0123456789abcdef0123-99999-abcdef", ".trash-0123456789abcdef0123-99998-abcdef"):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    live = f".tmp-0123456789abcdef0123-{os.getpid()}-abcdef"
+    for name in (f".tmp-0123456789abcdef0123-{gone.pid}-abcdef", f".trash-0123456789abcdef0123-{gone.pid}-abcdef",
+                 live):
         (vdir / name).mkdir()
         (vdir / name / "build.log").write_text("left behind")
     r = run_json(TINY, env, timeout=BUILD_TIMEOUT)
     assert r.rc == 0 and r.data["how"] == "built", r
-    assert leftovers(vdir) == []
+    assert leftovers(vdir) == [live]
 
 
 INTERRUPT_THEN_RETRY = """
@@ -458,6 +453,38 @@ def test_a_build_stopped_by_the_time_limit_is_built_again_when_asked_again(tmp_p
     failed, retried = json.loads(r.stdout.strip().splitlines()[-1])
     assert failed["type"] == "BuildError" and failed["transient"] is True and "time limit" in failed["message"]
     assert retried == {"how": "built"}, r.stderr
+
+
+FULL_DISK_TWICE = """
+import json, time
+from tiny_op.builder import TinyBuilder
+out = []
+for attempt in range(3):
+    start = time.monotonic()
+    try:
+        TinyBuilder().load_variant("cpu")
+    except Exception as exc:
+        out.append({"type": type(exc).__name__, "transient": exc.transient, "message": str(exc),
+                    "seconds": time.monotonic() - start})
+print(json.dumps(out))
+"""
+
+
+def test_a_transient_failure_is_not_rebuilt_by_every_op_instance_of_the_same_burst(tmp_path):
+    """Not remembering transient failures at all (the first fix) made every op instance's first call build
+    again: dozens of builds for an injected model, each failing the same way on a full disk."""
+    calls = tmp_path / "calls.log"
+    full = tmp_path / "full-disk-cxx"
+    full.write_text(f"""#!/bin/sh
+case " $* " in *" -c "*) echo compile >> '{calls}'; echo "fatal error: cannot write: No space left on device" >&2; exit 1 ;; esac
+exec '{shutil.which("g++")}' "$@"
+""")
+    full.chmod(0o755)
+    r = run([sys.executable, "-c", FULL_DISK_TWICE], tiny_env(tmp_path, CXX=str(full)), timeout=BUILD_TIMEOUT)
+    first, *again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first["type"] == "BuildError" and first["transient"] is True, first
+    assert all(a["type"] == "BuildError" and "failed in this process" in a["message"] for a in again), again
+    assert calls.read_text().count("compile") == 1
 
 
 def test_a_cached_build_loads_without_ninja(tmp_path, tiny_template):
