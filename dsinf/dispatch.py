@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from op_builder import knobs
-from op_builder.errors import OpBuilderError
+from op_builder.errors import IncompatibleError, OpBuilderError
 
 from .checks import dtype_name
 
@@ -187,19 +187,20 @@ def probe_compiled(request: Request, env: Environment, forced: bool = False) -> 
         return Probe("compiled", reason=f"no compiled module exists for device type '{dev}'", fallback=False)
     try:
         builder = env.builder()
-        compat = builder.compatible(dev)
     except knobs.KnobError:
         raise  # a misconfigured environment variable is the user's to fix, not a reason to fall back
     except Exception as exc:  # noqa: BLE001 - any failure here is a reason, never a crash
         return Probe("compiled", reason=f"op_builder unavailable: {_first_line(exc)}")
-    if not compat.ok:
-        reasons = "; ".join(compat.reasons) or "no reason given"
-        return Probe("compiled", reason=f"the {dev} module cannot be built here: {reasons}")
     try:
+        # load() is asked even where this machine could not build the module: an installed or cached binary
+        # loads without the build tools (ninja gone, say); it raises IncompatibleError when there is none.
         module = builder.load(dev)
     except knobs.KnobError:
         raise
-    except Exception as exc:  # noqa: BLE001 - BuildError, IncompatibleError, or anything else
+    except IncompatibleError as exc:
+        reasons = "; ".join(exc.reasons) or "no reason given"
+        return Probe("compiled", reason=f"the {dev} module cannot be built here: {reasons}")
+    except Exception as exc:  # noqa: BLE001 - BuildError, or anything else
         # op_builder's own errors in full: a failed build's names the op, its first compiler errors and its log
         why = f"{type(exc).__name__}: {exc}" if isinstance(exc, OpBuilderError) else _first_line(exc)
         return Probe("compiled", reason=f"building the {dev} module failed: {why}")

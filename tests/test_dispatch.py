@@ -17,6 +17,7 @@ from dsinf import dispatch
 from dsinf.config import InferenceConfig
 from dsinf.dispatch import BackendUnavailableError, Environment, Probe, Request, Skip, choose, resolve
 from dsinf.ops import LinearOp, VectorMatMulOp
+from op_builder.errors import IncompatibleError
 from op_builder.knobs import KnobError
 
 
@@ -55,9 +56,14 @@ class FakeBuilder:
         return self.compat
 
     def load(self, device_type):
+        """As OpBuilder's: where this machine cannot build, an installed or cached binary still loads; the
+        fake has none, so it raises the compatibility reasons."""
         self.load_calls += 1
         if self.load_error is not None:
             raise self.load_error
+        compat = self.compatible(device_type)  # the real load checks it too, before any build
+        if not compat.ok:
+            raise IncompatibleError(f"transformer_inference[{device_type}]", compat.reasons)
         return FakeModule(self.functions)
 
 
@@ -131,7 +137,7 @@ def test_no_compiled_module_falls_back_to_torch():
     assert d.skipped[0].backend == "compiled" and "ninja is not installed; no C++ compiler found" in d.skipped[0].reason
     assert d.skipped[1] == Skip("triton", "Triton is used only for CUDA tensors (got cpu)")
     assert [s.backend for s in d.fallbacks] == ["compiled"]  # triton on CPU is not a fallback
-    assert builder.load_calls == 0  # incompatible: never tries to build
+    assert builder.load_calls == 1  # asked once: a binary built before would load without the build tools
 
 
 def test_build_failure_is_a_reason_with_its_compiler_errors_and_log():
@@ -547,3 +553,24 @@ def test_broken_triton_install_is_a_fallback_reason(tmp_path):
     assert "DS_KI_FALLBACK=False" in out["no_fallback"] and reason in out["no_fallback"], out
     assert out["op"].startswith("BackendUnavailableError: VectorMatMulOp: DSINF_BACKEND=triton"), out
     assert reason in out["op"], out
+
+
+NO_NINJA_OP = """
+import sys
+sys.modules["ninja"] = None  # the ninja wheel gone too
+import torch, dsinf
+op = dsinf.VectorMatMulOp(dsinf.InferenceConfig(dtype=torch.float32))
+x, w = torch.randn(1, 2, 8), torch.randn(8, 4)
+torch.testing.assert_close(op(x, w), x @ w)
+print(op.backend)
+"""
+
+
+def test_an_op_runs_the_cached_module_without_the_build_tools(cpu_module, tmp_path):
+    """The op classes asked whether this machine could build the module before loading it: with ninja gone
+    the module already built (cached) was passed over for torch ('cannot be built here')."""
+    from fixtures.procs import REPO, path_without_ninja, run
+
+    env = {**os.environ, "PATH": str(path_without_ninja(tmp_path)), "PYTHONPATH": str(REPO)}
+    r = run([sys.executable, "-c", NO_NINJA_OP], env, timeout=300)
+    assert r.rc == 0 and r.stdout.strip().splitlines()[-1] == "compiled", r
