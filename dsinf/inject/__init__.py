@@ -118,13 +118,22 @@ def _save_pretrained_refused(*args, **kwargs):
                        "the model before inject")
 
 
-def _autocast_on(device_type: str) -> bool:
-    """Whether torch.autocast is on for `device_type` (torch >= 2.4 takes the device; older torch has one
-    function per device)."""
+def _takes_device() -> bool:
     try:
-        return torch.is_autocast_enabled(device_type)
+        torch.is_autocast_enabled("cpu")
     except TypeError:
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+        return False
+    return True
+
+
+_AUTOCAST_TAKES_DEVICE = _takes_device()  # torch >= 2.4; asked once, not per forward
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` (older torch has one function per device)."""
+    if _AUTOCAST_TAKES_DEVICE:
+        return torch.is_autocast_enabled(device_type)
+    return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
