@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from . import adapter
 from .context import Context, first_line, out
+from .impls import TOLERANCE, rel_err
 from .tables import Column, Table, fmt_num, fmt_us, fmt_x
 from .timing import paired_blocks, spread
 
@@ -34,12 +35,13 @@ CLOCKS: dict[str, tuple[str, Callable[[], int]]] = {
 }
 
 
-def calls(device: str) -> list[tuple[str, str, Any]]:
-    """(name, baseline name, fn or why-not string) for each way of calling, on `device`."""
+def calls(device: str) -> list[tuple[str, str, Any, Any]]:
+    """(name, baseline name, fn or why-not string, the reference output) for each way of calling, on
+    `device`: every call is checked against `dsinf.reference` before it is timed."""
     import torch
     import torch.nn.functional as F
 
-    from dsinf import InferenceConfig, LinearOp, VectorMatMulOp
+    from dsinf import InferenceConfig, LinearOp, VectorMatMulOp, reference
 
     dt, dname = (torch.float32, "fp32") if device == "cpu" else (torch.float16, "fp16")
     x = torch.randn(1, 1, SIZE, device=device).to(dt)
@@ -47,45 +49,57 @@ def calls(device: str) -> list[tuple[str, str, Any]]:
     b = torch.randn(SIZE, device=device).to(dt)
     cfg = InferenceConfig(dtype=dt, transposed_mode=True)
     vm, lin = VectorMatMulOp(cfg), LinearOp(cfg)
-    entries: list[tuple[str, str, Any]] = [
-        ("F.linear", "", lambda: F.linear(x, w)),
-        ("F.linear + bias", "", lambda: F.linear(x, w, b)),
-        (f"VectorMatMulOp [{vm.resolve(device).backend}]", "F.linear", lambda: vm(x, w)),
-        (f"LinearOp + bias [{lin.resolve(device).backend}]", "F.linear + bias", lambda: lin(x, w, b, True, False, 1)),
+    plain = reference.vector_matmul(x, w, False, None, False, True)
+    biased = reference.linear_layer(x, w, b, True, False, 1, True)[0]
+    entries: list[tuple[str, str, Any, Any]] = [
+        ("F.linear", "", lambda: F.linear(x, w), plain),
+        ("F.linear + bias", "", lambda: F.linear(x, w, b), biased),
+        (f"VectorMatMulOp [{vm.resolve(device).backend}]", "F.linear", lambda: vm(x, w), plain),
+        (f"LinearOp + bias [{lin.resolve(device).backend}]", "F.linear + bias", lambda: lin(x, w, b, True, False, 1), biased),
     ]
     module, why = adapter.load_module(device)
     fname = f"vector_matmul_{dname}"
     f = adapter.module_function(module, fname, device) if module is not None else f"compiled module: {why}"
     if isinstance(f, str):
-        entries += [(f"{fname} bound once", "F.linear", f), (f"mod.{fname} per call", "F.linear", f)]
+        entries += [(f"{fname} bound once", "F.linear", f, None), (f"mod.{fname} per call", "F.linear", f, None)]
     else:
-        entries += [(f"{fname} bound once", "F.linear", lambda: f(x, w, False, None, False, True)),
+        entries += [(f"{fname} bound once", "F.linear", lambda: f(x, w, False, None, False, True), plain),
                     (f"mod.{fname} per call", "F.linear",
-                     lambda: getattr(module, fname)(x, w, False, None, False, True))]
+                     lambda: getattr(module, fname)(x, w, False, None, False, True), plain)]
     return entries
 
 
 def measure(device: str, n_calls: int, rounds: int) -> tuple[dict[str, dict[str, Any]], float]:
     """(name -> its row, the process's other threads' CPU time as a share of the timed thread's)."""
+    return measure_entries(calls(device), device, n_calls, rounds)
+
+
+def measure_entries(entries: list[tuple[str, str, Any, Any]], device: str, n_calls: int,
+                    rounds: int) -> tuple[dict[str, dict[str, Any]], float]:
+    """`measure` of the given `calls` entries."""
     import torch
 
     clock_name, clock = CLOCKS[device]
     sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     res: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], Any]] = {}
-    entries = calls(device)
-    for name, _, fn in entries:
+    for name, _, fn, want in entries:
         if isinstance(fn, str):
             res[name] = {"why": fn}
             continue
         try:
-            fn()
+            got = fn()
+            err = rel_err(got[0] if isinstance(got, list) else got, want)  # LinearOp returns a list
         except Exception as exc:  # noqa: BLE001
             res[name] = {"why": f"{type(exc).__name__}: {first_line(exc)}"}
             continue
+        tol = TOLERANCE["fp32" if device == "cpu" else "fp16"]
+        if not err <= tol:  # NaN fails too: a wrong call is not timed
+            res[name] = {"why": f"FAIL: rel err {err:.2e} > {tol:.0e} against dsinf.reference"}
+            continue
         fns[name] = fn
         res[name] = {}
-    pairs = [(name, base) for name, base, _ in entries if base and name in fns and base in fns]
+    pairs = [(name, base) for name, base, _, _ in entries if base and name in fns and base in fns]
     gc_was_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a collection would land in one side's block
     t0, p0 = time.thread_time_ns(), time.process_time_ns()

@@ -471,14 +471,34 @@ def test_host_cost_reports_a_call_left_without_a_pair(monkeypatch):
     def broken():
         raise RuntimeError("no kernel")
 
+    one = torch.ones(3)
+    ok = lambda: one  # noqa: E731
     monkeypatch.setattr(host_cost, "calls", lambda device: [
-        ("base ok", "", lambda: None), ("ours", "base ok", lambda: None),
-        ("base broken", "", broken), ("ours without base", "base broken", lambda: None),
-        ("lonely base", "", lambda: None), ("ours broken", "lonely base", broken)])
+        ("base ok", "", ok, one), ("ours", "base ok", ok, one),
+        ("base broken", "", broken, one), ("ours without base", "base broken", ok, one),
+        ("lonely base", "", ok, one), ("ours broken", "lonely base", broken, one)])
     res, _ = host_cost.measure("cpu", 2, 2)
     assert "diff_us" in res["ours"] and "us" in res["base ok"]
     assert res["base broken"]["why"].startswith("RuntimeError") and res["ours broken"]["why"].startswith("RuntimeError")
     assert "why" in res["ours without base"] and "why" in res["lonely base"]
+
+
+def test_host_cost_checks_every_call_against_the_reference_before_timing_it():
+    """Every call the section times computes the 64x64 linear dsinf.reference computes (the calls were only
+    run once to catch exceptions); a wrong one is reported, not timed."""
+    from bench import host_cost
+
+    entries = host_cost.calls("cpu")
+    assert len(entries) == 6 and all(want is not None for _, _, fn, want in entries if not isinstance(fn, str))
+    for name, _, fn, want in entries:
+        if not isinstance(fn, str):
+            got = fn()
+            torch.testing.assert_close(got[0] if isinstance(got, list) else got, want, rtol=1e-4, atol=1e-4)
+    wrong = [(n, base, (lambda fn=fn: fn() * 1.1) if n.startswith("VectorMatMulOp") else fn, want)
+             for n, base, fn, want in entries]
+    res, _ = host_cost.measure_entries(wrong, "cpu", 2, 2)
+    (name,) = [n for n in res if n.startswith("VectorMatMulOp")]
+    assert res[name]["why"].startswith("FAIL: rel err") and "us" in res["F.linear"]
 
 
 # --- routes: the CUDA rows as a user runs them ------------------------------------------------------------
@@ -623,6 +643,26 @@ def test_e2e_rows_carry_the_spread_of_their_repeats(tmp_path, cpu_module, capsys
         assert 0 < lo <= r["ttft_ms"] <= hi, r
     out = capsys.readouterr().out
     assert "range" in out.split("\n-")[0] and "medians of 3 repeats" in out and "host: load " in out
+
+
+def test_e2e_checks_the_tokens_of_the_static_mode_it_times(tmp_path, cpu_module):
+    """The static rows time dsinf's static-cache decode (CUDA graphs on a GPU), whose tokens the eager
+    accuracy check never saw: each variant's batch-1 static greedy tokens are compared with its eager ones,
+    and the goal wants no fewer agreeing than hf's own static decode."""
+    from bench import e2e
+
+    path = tmp_path / "e2e.json"
+    assert e2e.main(["--device", "cpu", "--layers", "1", "--variants", "hf,dsinf", "--modes", "eager,static",
+                     "--batch", "1", "--prompt", "8", "--new", "2", "--repeats", "1", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    static = {r["variant"]: r for r in doc["rows"] if r["mode"] == "static"}
+    assert static["hf"]["greedy_vs_eager"] == static["dsinf"]["greedy_vs_eager"] == e2e.AGREEMENT_TOKENS
+    [goal] = [g for g in doc["goals"] if g["goal"].startswith("dsinf static greedy tokens")]
+    assert goal["pass"] and goal["target"] == e2e.AGREEMENT_TOKENS
+    args = e2e.parse_args(["--device", "cpu", "--modes", "static"])
+    broken = [{**static["hf"], "ratio_vs_hf": 1.0}, {**static["dsinf"], "greedy_vs_eager": 3, "ratio_vs_hf": 2.0}]
+    [goal] = [g for g in e2e.goals(broken, {}, args) if g["goal"].startswith("dsinf static greedy tokens")]
+    assert goal["value"] == 3 and not goal["pass"]
 
 
 def test_e2e_measures_int8_against_its_own_model_in_fp32(tmp_path, cpu_module):
