@@ -134,10 +134,12 @@ class OpBuilder:
     def key(self, variant: str, spec: BuildSpec) -> cache.BuildKey:
         root = csrc_root()
         files = cache.source_closure([Path(p) for p in spec.sources], [Path(p) for p in spec.include_dirs])
+        # The kernels it must register are what a loader accepts the entry by: two versions of the package over
+        # the same sources but different lists would otherwise reject and rebuild each other's entry in turn.
         return cache.BuildKey.of(
             op=self.NAME, variant=variant, builder=cache.BUILDER_VERSION,
             sources=cache.hash_files(files, root), cflags=list(spec.cflags), cuda_cflags=list(spec.cuda_cflags),
-            ldflags=list(spec.ldflags), **self.key_fields(variant, spec))
+            ldflags=list(spec.ldflags), kernels=list(spec.kernels), **self.key_fields(variant, spec))
 
     def variant_dir(self, variant: str) -> Path:
         return cache.cache_root() / f"{self.NAME}-{variant}"

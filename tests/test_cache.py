@@ -109,6 +109,14 @@ def test_source_list_changes_key(src):
     assert tiny_key(src, binding=False) != tiny_key(src, binding=True)
 
 
+def test_required_kernels_change_key(src, monkeypatch):
+    """Two package versions over the same sources that require different kernels of the library would
+    reject and rebuild each other's entry in turn under one key."""
+    before = tiny_key(src)
+    monkeypatch.setenv("TINY_OP_KERNELS", "dsinf_test_tiny::scale,dsinf_test_tiny::other")
+    assert tiny_key(src) != before
+
+
 @pytest.mark.parametrize("field, value", [
     ("torch_version", "2.12.0+cpu"),
     ("torch_cxx11_abi", False),
