@@ -32,6 +32,31 @@ def functions() -> tuple[str, ...]:
     return op_spec.functions()
 
 
+# Dispatch keys of the tensor layouts no dsinf kernel takes (sparse, mkldnn, nested). A module function called
+# directly with one (`mod.vector_matmul_fp32(x, w.to_sparse(), ...)`) failed in the dispatcher with torch's
+# "Could not run ... with arguments from the 'SparseCPU' backend", naming no argument; these kernels name it.
+_NOT_DENSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU", "NestedTensorCPU",
+                   "NestedTensorCUDA", "AutogradNestedTensor")  # nested tensors meet the last one first
+
+
+def _not_dense_kernel(name: str, arguments: list[str]):
+    def kernel(*args, **kwargs):
+        from .checks import dense
+
+        for arg, value in [*zip(arguments, args), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                dense(name, arg, value)
+        raise TypeError(f"{name}: no kernel for these inputs (their layouts are not dense)")
+    return kernel
+
+
+def _define(lib: torch.library.Library, name: str, schema: str) -> None:
+    lib.define(name + schema)
+    arguments = [a.name for a in torch._C.parse_schema(f"{qualified(name)}{schema}").arguments]
+    for key in _NOT_DENSE_KEYS:
+        lib.impl(name, _not_dense_kernel(name, arguments), key)
+
+
 def define() -> None:
     """Define every dsinf schema and fake kernel in this process (idempotent, thread-safe)."""
     global _lib
@@ -43,10 +68,10 @@ def define() -> None:
         lib = torch.library.Library(NAMESPACE, "FRAGMENT")
         for spec in op_spec.specs().values():
             for name, act_dtype in spec.functions().items():
-                lib.define(name + spec.schema)
+                _define(lib, name, spec.schema)
                 torch.library.register_fake(qualified(name), spec.fake_kernel(name, act_dtype), lib=lib)
             for name, act_dtype in spec.lean_functions().items():  # internal eager entries (OpSpec.lean)
-                lib.define(name + spec.lean.schema)
+                _define(lib, name, spec.lean.schema)
                 torch.library.register_fake(qualified(name), spec.lean_fake_kernel(name, act_dtype), lib=lib)
         _lib = lib
 

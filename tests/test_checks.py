@@ -79,12 +79,12 @@ CASES = [
     Case("input-2d", LIN, "input", lambda: linear_args(input=torch.randn(S, K))),
     Case("input-4d", VM, "input", lambda: vm_args(input=torch.randn(1, B, S, K))),
     Case("input-not-tensor", VM, "input", lambda: vm_args(input=[[1.0] * K]), compiled=False),
-    # not strided: the typed schema's dispatcher rejects these itself (torch's words), so Python checks only
-    Case("input-sparse", VM, "input", lambda: vm_args(input=torch.randn(B, S, K).to_sparse()), compiled=False),
+    # not strided: the dispatcher sends these to dsinf.library's kernels for those layouts, which name them
+    Case("input-sparse", VM, "input", lambda: vm_args(input=torch.randn(B, S, K).to_sparse())),
     Case("input-nested", LIN, "input", lambda: linear_args(
-        input=torch.nested.nested_tensor([torch.randn(S, K), torch.randn(S + 1, K)])), compiled=False),
-    Case("weight-sparse-csr", LIN, "weight", lambda: linear_args(weight=torch.randn(K, N_QKV).to_sparse_csr()),
-         compiled=False),
+        input=torch.nested.nested_tensor([torch.randn(S, K), torch.randn(S + 1, K)]))),
+    Case("weight-sparse-csr", LIN, "weight", lambda: linear_args(weight=torch.randn(K, N_QKV).to_sparse_csr())),
+    Case("weight-mkldnn", VM, "weight", lambda: vm_args(weight=torch.randn(K, N_VM).to_mkldnn())),
     # weight
     Case("weight-other-device", LIN, "weight", lambda: linear_args(weight=torch.randn(K, N_QKV, device="meta"))),
     Case("weight-other-device", VM, "weight", lambda: vm_args(weight=torch.randn(K, N_VM, device="meta"))),
@@ -106,7 +106,7 @@ CASES = [
     Case("bias-dtype", LIN, "bias", lambda: linear_args(bias=torch.randn(N_QKV, dtype=torch.float16))),
     Case("bias-other-device", LIN, "bias", lambda: linear_args(bias=torch.randn(N_QKV, device="meta"))),
     Case("bias-noncontiguous", LIN, "bias", lambda: linear_args(bias=torch.randn(N_QKV, 2)[:, 0])),
-    Case("bias-sparse", LIN, "bias", lambda: linear_args(bias=torch.randn(N_QKV).to_sparse()), compiled=False),
+    Case("bias-sparse", LIN, "bias", lambda: linear_args(bias=torch.randn(N_QKV).to_sparse())),
     # heads / GQA
     Case("K-not-divisible-by-heads", LIN, "num_heads", lambda: linear_args(num_heads=3)),
     Case("num-heads-zero", LIN, "num_heads", lambda: linear_args(num_heads=0)),

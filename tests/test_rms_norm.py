@@ -265,10 +265,9 @@ CASES = [
     Case("vals-int32", PRE, "vals", lambda: norm_args(vals=torch.ones(2, 3, H, dtype=torch.int32))),
     Case("vals-0d", RMS, "vals", lambda: norm_args(vals=torch.tensor(1.0), gamma=torch.ones(1))),
     Case("vals-not-tensor", RMS, "vals", lambda: norm_args(vals=[1.0] * H), compiled=False),
-    Case("vals-sparse", RMS, "vals", lambda: norm_args(vals=torch.randn(2, H).to_sparse()), compiled=False),
+    Case("vals-sparse", RMS, "vals", lambda: norm_args(vals=torch.randn(2, H).to_sparse())),
     Case("residual-nested", PRE, "residual", lambda: norm_args(
-        vals=torch.randn(2, 3, H), residual=torch.nested.nested_tensor([torch.randn(3, H), torch.randn(3, H)])),
-         compiled=False),
+        vals=torch.randn(2, 3, H), residual=torch.nested.nested_tensor([torch.randn(3, H), torch.randn(3, H)]))),
     Case("gamma-dtype", RMS, "gamma", lambda: norm_args(gamma=torch.ones(H, dtype=torch.float16))),
     Case("gamma-2d", PRE, "gamma", lambda: norm_args(gamma=torch.ones(1, H))),
     Case("gamma-wrong-H", RMS, "gamma", lambda: norm_args(gamma=torch.ones(H - 1))),
