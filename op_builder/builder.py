@@ -188,7 +188,7 @@ class OpBuilder:
         """The published entry of this machine's key, else a build of it. A build whose sources changed while
         it ran is discarded (build.SourcesChanged) and the sources as they are now are built, a few times at
         most."""
-        for attempt in range(SOURCE_CHANGE_RETRIES + 1):
+        for _ in range(SOURCE_CHANGE_RETRIES + 1):
             spec = self.spec(variant)
             key = self.key(variant, spec)
             entry = None if reject else self._published(variant, spec, key.digest)[0]

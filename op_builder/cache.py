@@ -20,12 +20,14 @@ lock, no write); only a build needs a writable root (`cache_root`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,27 @@ MANIFEST_FORMAT = 1
 
 _warned: set[str] = set()
 _session_root: Path | None = None  # a fresh private temp root, when nothing better was usable
+_preview = threading.local()  # `previewing()`: say where things would go, create nothing
+
+
+@contextlib.contextmanager
+def previewing():
+    """Within it, cache_root() and data_root() say where builds and tables would go without creating any
+    directory (the report: a look at the machine must not change it)."""
+    _preview.on = True
+    try:
+        yield
+    finally:
+        _preview.on = False
+
+
+def _make_private(path: Path) -> str | None:
+    """trust.ensure_private_dir, or while previewing the same answer without creating anything."""
+    if not getattr(_preview, "on", False):
+        return trust.ensure_private_dir(path)
+    if path.is_dir():
+        return trust.dir_problem(path)
+    return None if _creatable(path) else f"{path} cannot be created"
 
 
 def _default_root() -> Path:
@@ -112,13 +135,15 @@ def cache_root() -> Path:
     configured = configured_root()
     reasons = []
     for root in [configured, *_fallback_roots(configured)]:
-        problem = trust.ensure_private_dir(root)
-        if problem is None and not trust.writable(root):
+        problem = _make_private(root)
+        if problem is None and root.is_dir() and not trust.writable(root):
             problem = f"{root} is read-only for you"
         if problem is None:
             break
         reasons.append(problem)
     else:
+        if getattr(_preview, "on", False) and _session_root is None:
+            return Path(tempfile.gettempdir()) / f"dsinf-{os.getuid()}-<made at the first build>" / "extensions"
         if _session_root is None:
             _session_root = Path(tempfile.mkdtemp(prefix=f"dsinf-{os.getuid()}-")) / "extensions"
             _session_root.mkdir(mode=0o700)
@@ -140,7 +165,7 @@ def data_root() -> Path:
     if env:
         chosen = Path(env)
         if not os.path.lexists(chosen):
-            trust.ensure_private_dir(chosen)  # made private where it can be; where not, the writers say why
+            _make_private(chosen)  # made private where it can be; where not, the writers say why
         problem = trust.dir_problem(chosen) if chosen.is_dir() else None
         if problem is None:
             return chosen

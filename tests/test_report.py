@@ -153,11 +153,14 @@ def test_report_lists_the_measured_choices(tmp_path):
 
 
 def test_report_builds_nothing_without_build(tmp_path):
+    """Nothing written, not even a directory (it used to create the cache and data roots), while it still
+    says where builds would go."""
+    before = sorted(tmp_path.rglob("*"))
     r = report(tmp_path, "--json")
     assert r.rc == 0
-    ext = tmp_path / "ext"
-    built = [p for p in ext.rglob("*") if p.is_file()] if ext.exists() else []
-    assert built == [], f"a plain report wrote {built}"
+    assert sorted(tmp_path.rglob("*")) == before, "a plain report created " + \
+        str(sorted(set(tmp_path.rglob("*")) - set(before)))
+    assert json.loads(r.stdout)["environment"]["cache_root"] == str(tmp_path / "ext" / "dsinf")
 
 
 @pytest.mark.parametrize("fmt", ["--json", "--no-color"])
