@@ -201,6 +201,16 @@ class InferenceBuilder(OpBuilder):
             fields["archs"] = spec.manifest_extra["archs"]
         return fields
 
+    def prebuilt_note(self, variant: str, manifest: dict[str, Any]) -> str | None:
+        """An installed CPU binary targets the portable level: on a CPU that runs more, a JIT build is faster."""
+        if variant != "cpu":
+            return None
+        isa, here = manifest.get("isa", "baseline"), self.system.cpu.isa
+        if ISA_RANK.get(isa, 0) >= ISA_RANK.get(here, 0):
+            return None
+        return (f"the installed binary is built for {isa} (portable); this CPU runs {here}: DSINF_NO_PREBUILT=1 "
+                f"builds (once) and loads one for it")
+
     def runtime_problems(self, variant: str, manifest: dict[str, Any]) -> list[str]:
         problems = super().runtime_problems(variant, manifest)
         s = self.system

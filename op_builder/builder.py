@@ -117,6 +117,11 @@ class OpBuilder:
                 problems.append(f"built for {name} {fields.get(name)}, running {have}")
         return problems
 
+    def prebuilt_note(self, variant: str, manifest: dict[str, Any]) -> str | None:
+        """What a user should know about the usable installed binary with this manifest (the report shows it):
+        e.g. that it was built for less than this machine runs. None here."""
+        return None
+
     def pre_load(self) -> None:
         """Runs before the library is loaded (e.g. define the op schemas)."""
 

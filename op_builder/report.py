@@ -111,6 +111,9 @@ def op_rows() -> list[dict[str, Any]]:
             prebuilt = _guard(lambda: builder.prebuilt_problem(variant))
             row["installed"] = prebuilt is None
             row["installed_why_not"] = prebuilt
+            note = _guard(lambda: builder.prebuilt_note(variant, cache.read_manifest(builder.prebuilt_dir(variant))
+                                                        or {})) if prebuilt is None else None
+            row["installed_note"] = note
             decision = _guard(lambda: builder.compatible(variant))
             if isinstance(decision, str):
                 row.update(buildable=False, reasons=[decision], notes=[])
@@ -202,6 +205,8 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], built: list[dict[str
             out.append(f"      note: {note}")
         if not r["installed"] and r["installed_why_not"] not in (None, "not installed"):
             out.append(f"      installed binary unusable: {r['installed_why_not']}")
+        if r.get("installed_note"):
+            out.append(f"      note: {r['installed_note']}")
         if r.get("failed_build_log"):
             out.append(f"      last build failed (the same sources and flags fail again): {r['failed_build_log']} "
                        "(--build shows its errors)")

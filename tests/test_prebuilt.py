@@ -178,6 +178,16 @@ def test_matching_cpu_manifest_has_no_problem():
     assert InferenceBuilder(system()).runtime_problems("cpu", cpu_manifest()) == []
 
 
+def test_a_portable_binary_on_a_cpu_that_runs_more_is_noted():
+    """The installed CPU binary targets avx2 (portable) and is preferred over a JIT build: on an AVX-512 CPU
+    the report says so, and how to get one built for it."""
+    avx512 = Cpu("x86_64", "fake", frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}), "fake")
+    note = InferenceBuilder(system(cpu=avx512)).prebuilt_note("cpu", cpu_manifest())
+    assert note and "built for avx2" in note and "runs avx512" in note and "DSINF_NO_PREBUILT=1" in note
+    assert InferenceBuilder(system()).prebuilt_note("cpu", cpu_manifest()) is None
+    assert InferenceBuilder(system(cpu=avx512)).prebuilt_note("cuda", {}) is None
+
+
 @pytest.mark.parametrize("override, fragment", [
     ({"torch": "2.12.0+cpu"}, "built for torch 2.12.0+cpu, running 2.13.0+cpu"),
     ({"cxx11_abi": False}, "cxx11_abi"),
@@ -328,6 +338,15 @@ def test_installed_binary_loads_without_the_compiler(installed_with_ops, tmp_pat
     assert report.rc == 0, report
     rows = {row["variant"]: row for row in json.loads(report.stdout)["ops"]}
     assert rows["cpu"]["installed"] is True and rows["cpu"]["installed_why_not"] is None
+    # the portable (avx2) binary on a CPU that runs more: the report says so and how to get a faster one
+    from op_builder.system import ISA_RANK, current_system
+
+    here = current_system().cpu.isa
+    if ISA_RANK[here] > ISA_RANK["avx2"]:
+        assert rows["cpu"]["installed_note"] == (f"the installed binary is built for avx2 (portable); this CPU runs "
+                                                 f"{here}: DSINF_NO_PREBUILT=1 builds (once) and loads one for it")
+    else:
+        assert rows["cpu"]["installed_note"] is None
     assert rows["cuda"]["installed"] is False and rows["cuda"]["buildable"] is False
     text = run([sys.executable, "-m", "op_builder.report", "--no-color"], env, cwd=elsewhere, timeout=300)
     cpu_row = text.stdout.split("transformer_inference[cpu]")[1].split("transformer_inference[cuda]")[0]
