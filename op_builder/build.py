@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import cache, knobs, system, trust
-from .errors import BuildError, UnsafeCacheError, classify, first_errors
+from .errors import OUT_OF_MEMORY, BuildError, UnsafeCacheError, classify, first_errors
 from .locking import BuildLock
 
 log = logging.getLogger("op_builder")
@@ -393,8 +393,10 @@ def _failed(spec: BuildSpec, build_dir: Path, variant_dir: Path, digest: str, ca
         text = ""
     errors = first_errors(text)
     detail = "" if errors and not cause else _log_tail(text)
-    transient = transient or "No space left on device" in text or "Disk quota exceeded" in text
-    return BuildError(spec.label, errors, cause or classify(text), str(failed_log), detail, transient=transient)
+    cause = cause or classify(text)
+    transient = transient or cause == OUT_OF_MEMORY or "No space left on device" in text or \
+        "Disk quota exceeded" in text
+    return BuildError(spec.label, errors, cause, str(failed_log), detail, transient=transient)
 
 
 def _signal_cause(rc: int) -> str | None:

@@ -62,8 +62,16 @@ _loaded: dict[tuple[str, str], LoadedVariant] = {}
 # the error is raised again at once instead of after another full build. An edited source or flag is another
 # key: built again. A transient failure (the time limit, the OOM killer, a full disk) is built again once
 # DSINF_BUILD_TIME_LIMIT changed or TRANSIENT_RETRY_S passed, not by every op instance of the same burst.
-_failed: dict[tuple[str, str, str], tuple[BuildError, float, float]] = {}  # (error, monotonic time, time limit)
+_failed: dict[tuple[str, str, str], tuple[BuildError, float, tuple]] = {}  # (error, monotonic time, _retry_knobs())
 TRANSIENT_RETRY_S = 60.0
+# Variants this machine can neither build nor load from an installed or cached binary, by (op, variant, system,
+# the compatibility check's reasons).
+_incompatible: dict[tuple, IncompatibleError] = {}
+
+
+def _retry_knobs() -> tuple:
+    """The knobs whose change builds a transient failure again at once (a longer limit, fewer jobs)."""
+    return knobs.get("DSINF_BUILD_TIME_LIMIT"), knobs.get("MAX_JOBS")
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -207,17 +215,17 @@ class OpBuilder:
                     raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
                                      "(this build already failed in this process: not retried until its sources "
                                      "or flags change)", transient=False)
-                if ago < TRANSIENT_RETRY_S and limit == knobs.get("DSINF_BUILD_TIME_LIMIT"):
+                if ago < TRANSIENT_RETRY_S and limit == _retry_knobs():
                     raise BuildError(failed.op, failed.errors, failed.cause, failed.log_path,
                                      f"(this build failed in this process {ago:.0f} s ago: built again "
                                      f"{TRANSIENT_RETRY_S:.0f} s after it, or at once when DSINF_BUILD_TIME_LIMIT "
-                                     f"changes)", transient=True)
+                                     f"or MAX_JOBS changes)", transient=True)
             try:
                 return build_or_wait(spec, key, self.variant_dir(variant), system_cpu_count=self.system.cpu_count,
                                      memory_available=self.system.memory_available, reject=reject, jobs=jobs,
                                      nice=nice, current_digest=lambda: self.key(variant, self.spec(variant)).digest)
             except BuildError as exc:
-                _failed[memo] = (exc, time.monotonic(), knobs.get("DSINF_BUILD_TIME_LIMIT"))
+                _failed[memo] = (exc, time.monotonic(), _retry_knobs())
                 raise
             except SourcesChanged as exc:
                 log.warning("op_builder: %s: the build was discarded; building the sources as they are now", exc)
@@ -338,6 +346,12 @@ class OpBuilder:
 
     def _locate_or_build(self, variant: str, *, reject: str | None = None, prebuilt: bool = True,
                          jobs: int | None = None, nice: int = 0) -> tuple[Path, str, dict[str, Any]]:
+        decision = self.compatible(variant)  # cheap: the system is probed once per process
+        # Every op instance that resolves its backend asks: an answer of "nothing to load, nothing can be built"
+        # is not worked out (installed binary checksummed, sources hashed, a warning) again for the same reasons.
+        refused = (self.NAME, variant, self.system, tuple(decision.reasons))
+        if not reject and refused in _incompatible:
+            raise _incompatible[refused]
         prebuilt_why = None
         if prebuilt and not knobs.get("DSINF_NO_PREBUILT"):
             prebuilt_why = self.prebuilt_problem(variant)
@@ -345,17 +359,17 @@ class OpBuilder:
                 directory = self.prebuilt_dir(variant)
                 manifest = cache.read_manifest(directory)
                 return directory / manifest["library"], "prebuilt", manifest
-            if prebuilt_why != "not installed":
-                log.warning("op_builder: the installed %s[%s] binary cannot be used here (%s); "
-                            "falling back to a JIT build", self.NAME, variant, prebuilt_why)
-        decision = self.compatible(variant)
+        if prebuilt_why not in (None, "not installed"):
+            log.warning("op_builder: the installed %s[%s] binary cannot be used here (%s)%s", self.NAME, variant,
+                        prebuilt_why, "; falling back to a JIT build" if decision.ok else "")
         if not decision.ok:
             entry = None if reject else self._published_without_tools(variant)
             if entry is None:
                 reasons = list(decision.reasons)
                 if prebuilt_why and prebuilt_why != "not installed":
                     reasons.append(f"installed binary unusable: {prebuilt_why}")
-                raise IncompatibleError(f"{self.NAME}[{variant}]", reasons)
+                _incompatible[refused] = IncompatibleError(f"{self.NAME}[{variant}]", reasons)
+                raise _incompatible[refused]
             how = "cached"
         else:
             entry, how = self._cached_or_built(variant, reject, jobs, nice)

@@ -54,6 +54,8 @@ class UnsafeCacheError(OpBuilderError):
     """A cache directory or file could be changed by another user: nothing in it is trusted."""
 
 
+OUT_OF_MEMORY = "the compiler ran out of memory (lower MAX_JOBS)"  # a transient cause (BuildError.transient)
+
 # (pattern, cause) in priority order. Causes are short and say what to do.
 _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"unsupported (GNU|clang) version|unsupported host compiler|-allow-unsupported-compiler"),
@@ -65,8 +67,7 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"fatal error: ([^:]+): No such file or directory|cannot open source file \"([^\"]+)\""),
      "missing header"),
     (re.compile(r"Killed signal terminated program|internal compiler error: Killed|virtual memory exhausted|"
-                r"out of memory allocating"),
-     "the compiler ran out of memory (lower MAX_JOBS)"),
+                r"out of memory allocating"), OUT_OF_MEMORY),
     (re.compile(r"undefined symbol"),
      "the library has an undefined symbol (a function missing from the sources, or built against another torch)"),
     (re.compile(r"(c\+\+|g\+\+|cc1plus|x86_64-linux-gnu-g\+\+)[^\n]*: (not found|No such file)|"

@@ -487,6 +487,50 @@ exec '{shutil.which("g++")}' "$@"
     assert calls.read_text().count("compile") == 1
 
 
+def test_a_compiler_killed_for_memory_is_transient(tmp_path):
+    """A compile the OOM killer stopped ("Killed signal terminated program cc1plus") says nothing about the
+    sources: built again later (or at once with a lower MAX_JOBS), not refused for the life of the process."""
+    from op_builder.build import BuildSpec
+
+    build_dir = tmp_path / "v" / ".tmp-x"
+    build_dir.mkdir(parents=True)
+    (build_dir / "build.log").write_text("g++: fatal error: Killed signal terminated program cc1plus\n")
+    spec = BuildSpec(op="o", variant="cpu", library_name="o_cpu", sources=(), include_dirs=(), cflags=())
+    err = build_mod._failed(spec, build_dir, tmp_path / "v", "0123")
+    assert err.transient and "out of memory" in err.cause
+    (tmp_path / "w" / ".tmp-y").mkdir(parents=True)
+    (tmp_path / "w" / ".tmp-y" / "build.log").write_text("x.cpp:1:1: error: 'y' was not declared\n")
+    assert not build_mod._failed(spec, tmp_path / "w" / ".tmp-y", tmp_path / "w", "0123").transient
+
+
+NOTHING_TO_LOAD = """
+import json, sys
+sys.modules["ninja"] = None
+from tiny_op.builder import TinyBuilder
+out = []
+for _ in range(3):
+    try:
+        TinyBuilder().load_variant("cpu")
+    except Exception as exc:
+        out.append(type(exc).__name__)
+print(json.dumps(out))
+"""
+
+
+def test_nothing_to_load_and_nothing_buildable_is_worked_out_once(tmp_path):
+    """Every op instance asks: with no build tools, an unusable installed binary and nothing cached, each ask
+    checksummed the binary, hashed the sources and warned that it was 'falling back to a JIT build' (there
+    was none to fall back to)."""
+    prebuilt = tmp_path / "prebuilt" / "tiny_test_op-cpu"
+    prebuilt.mkdir(parents=True)
+    (prebuilt / "manifest.json").write_text("{not json")
+    env = tiny_env(tmp_path, PATH=str(path_without_ninja(tmp_path)), TINY_OP_PREBUILT=str(tmp_path / "prebuilt"))
+    r = run([sys.executable, "-c", NOTHING_TO_LOAD], env, timeout=BUILD_TIMEOUT)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["IncompatibleError"] * 3, r
+    warnings = [line for line in r.stderr.splitlines() if "cannot be used here" in line]
+    assert len(warnings) == 1 and "falling back" not in warnings[0], r.stderr
+
+
 def test_a_cached_build_loads_without_ninja(tmp_path, tiny_template):
     """Loading an intact published entry needs no build tool: with ninja gone it used to be refused as
     'cannot be built here: ninja is not installed'."""
