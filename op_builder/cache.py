@@ -171,8 +171,8 @@ def data_root() -> Path:
             return chosen
         _warn_once(f"not using DSINF_CACHE_DIR={env} for the route and autotune tables ({problem}): another user "
                    f"could plant tables there; using the default place instead")
-    root = cache_root()
-    return root.parent if trust.dir_problem(root.parent) is None else root
+    root = cache_root()  # made, with its parents private where they were missing (previewing: would be)
+    return root.parent if _make_private(root.parent) is None else root
 
 
 # ----------------------------------------------------------------------------- source hashing

@@ -265,6 +265,19 @@ def test_a_dsinf_cache_dir_others_can_write_is_not_used_for_the_tables(tmp_path,
     assert str(shared) in warning and "writable" in warning
 
 
+def test_previewing_says_where_the_roots_would_be_and_creates_nothing(tmp_path, monkeypatch):
+    """The report previews the roots on a fresh machine: the same answers as the real calls, no directory
+    made (the data root used to read as the cache root itself there, the parent not existing yet)."""
+    for name in ("TORCH_EXTENSIONS_DIR", "DSINF_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with cache.previewing():
+        root, data = cache.cache_root(), cache.data_root()
+    assert not (tmp_path / "xdg").exists()
+    assert (root, data) == (cache.cache_root(), cache.data_root()) == (tmp_path / "xdg" / "dsinf" / "extensions",
+                                                                       tmp_path / "xdg" / "dsinf")
+
+
 def test_cache_root_default_is_per_user(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
