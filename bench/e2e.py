@@ -295,12 +295,11 @@ def goals(rows, accuracy_rows, args):
     for variant in ("dsinf", "dsinf-int8"):
         # The static rows time dsinf's CUDA-graph decode, whose tokens the accuracy above (eager) never sees: its
         # greedy tokens against its own eager ones, no fewer agreeing than HF's compiled static decode manages.
+        # (Without hf's static rows there is no measure of what a near-tie between modes costs: no goal.)
         r, hf_r = find(variant, "static"), find("hf", "static")
-        if r and "greedy_vs_eager" in r:
-            target = min(AGREEMENT_TOKENS, hf_r["greedy_vs_eager"]) if hf_r and "greedy_vs_eager" in hf_r else \
-                AGREEMENT_TOKENS
+        if r and "greedy_vs_eager" in r and hf_r and "greedy_vs_eager" in hf_r:
             out.append((f"{variant} static greedy tokens agreeing with its eager ones (of {AGREEMENT_TOKENS})",
-                        r["greedy_vs_eager"], ">=", target))
+                        r["greedy_vs_eager"], ">=", hf_r["greedy_vs_eager"]))
     if "dsinf" in accuracy_rows:
         out.append(("dsinf logits rel err vs hf eager", accuracy_rows["dsinf"]["rel_err_vs_hf"], "<=", 1e-2))
     if "dsinf-int8" in accuracy_rows:

@@ -197,6 +197,9 @@ def _host(report: Report, device: str) -> Measured:
     h = report.host_cost.get(device)
     if not h:
         return Measured(None, why="host cost section not run")
+    failed = [name for name, d in h.items() if d.get("why", "").startswith("FAIL")]
+    if failed:  # a call that computes the wrong thing is not judged on the calls that do not
+        return Measured(None, why=f"{failed[0]}: {h[failed[0]]['why']}"[:90], failed=True)
     rows = [(name, d) for name, d in h.items() if d.get("diff_us") is not None]
     if not rows:
         return Measured(None, why=next(iter(h.values())).get("why", "no op measured"))

@@ -237,6 +237,14 @@ def test_a_goal_is_never_judged_on_part_of_its_rows():
     assert {g["key"]: g for g in evaluate(rep, "cuda", loaded=False)}["never_slower"]["status"] == "PASS"
 
 
+def test_the_host_cost_goal_is_a_miss_when_a_call_computes_the_wrong_thing():
+    rep = Report(args={})
+    rep.host_cost["cpu"] = {"F.linear": {"us": 5.0}, "VectorMatMulOp [compiled]": {"why": "FAIL: rel err 1e-1 > 1e-4"},
+                            "LinearOp + bias [compiled]": {"us": 5.4, "diff_us": 0.4, "diff_lo": 0.3, "diff_hi": 0.5}}
+    got = {g["key"]: g for g in evaluate(rep, "cpu", loaded=False)}["host.cpu"]
+    assert got["status"] == "MISS" and "VectorMatMulOp" in got["why"], got
+
+
 def test_the_cpu_fp32_goals_compare_with_torchs_faster_gemm():
     """torch's fp32 CPU GEMM on MKL takes a generic path on AMD hosts, where oneDNN (what torch's frozen
     linears run) is its fast one: the QKV and prefill goals read the faster of the two (they read MKL's)."""
