@@ -203,13 +203,13 @@ class InferenceBuilder(OpBuilder):
 
     def prebuilt_note(self, variant: str, manifest: dict[str, Any]) -> str | None:
         """An installed CPU binary targets the portable level: on a CPU that runs more, a JIT build is faster."""
-        if variant != "cpu":
+        if variant != "cpu" or knobs.get("DSINF_NO_PREBUILT"):
             return None
-        isa, here = manifest.get("isa", "baseline"), self.system.cpu.isa
+        isa, here = manifest.get("isa", "baseline"), self._cpu_isa(portable=False)[0]  # what a JIT build targets
         if ISA_RANK.get(isa, 0) >= ISA_RANK.get(here, 0):
             return None
-        return (f"the installed binary is built for {isa} (portable); this CPU runs {here}: DSINF_NO_PREBUILT=1 "
-                f"builds (once) and loads one for it")
+        return (f"the installed binary is built for {isa} (portable); a JIT build here targets {here}: "
+                f"DSINF_NO_PREBUILT=1 builds (once) and loads one")
 
     def runtime_problems(self, variant: str, manifest: dict[str, Any]) -> list[str]:
         problems = super().runtime_problems(variant, manifest)

@@ -178,14 +178,21 @@ def test_matching_cpu_manifest_has_no_problem():
     assert InferenceBuilder(system()).runtime_problems("cpu", cpu_manifest()) == []
 
 
-def test_a_portable_binary_on_a_cpu_that_runs_more_is_noted():
+def test_a_portable_binary_on_a_cpu_that_runs_more_is_noted(monkeypatch):
     """The installed CPU binary targets avx2 (portable) and is preferred over a JIT build: on an AVX-512 CPU
     the report says so, and how to get one built for it."""
+    monkeypatch.delenv("DSINF_NO_PREBUILT", raising=False)
+    monkeypatch.delenv("DSINF_CPU_ISA", raising=False)
     avx512 = Cpu("x86_64", "fake", frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}), "fake")
     note = InferenceBuilder(system(cpu=avx512)).prebuilt_note("cpu", cpu_manifest())
-    assert note and "built for avx2" in note and "runs avx512" in note and "DSINF_NO_PREBUILT=1" in note
+    assert note and "built for avx2" in note and "targets avx512" in note and "DSINF_NO_PREBUILT=1" in note
     assert InferenceBuilder(system()).prebuilt_note("cpu", cpu_manifest()) is None
     assert InferenceBuilder(system(cpu=avx512)).prebuilt_note("cuda", {}) is None
+    monkeypatch.setenv("DSINF_CPU_ISA", "avx2")  # JIT builds pinned to avx2: nothing faster to build
+    assert InferenceBuilder(system(cpu=avx512)).prebuilt_note("cpu", cpu_manifest()) is None
+    monkeypatch.setenv("DSINF_CPU_ISA", "auto")
+    monkeypatch.setenv("DSINF_NO_PREBUILT", "1")  # already ignored
+    assert InferenceBuilder(system(cpu=avx512)).prebuilt_note("cpu", cpu_manifest()) is None
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -343,8 +350,8 @@ def test_installed_binary_loads_without_the_compiler(installed_with_ops, tmp_pat
 
     here = current_system().cpu.isa
     if ISA_RANK[here] > ISA_RANK["avx2"]:
-        assert rows["cpu"]["installed_note"] == (f"the installed binary is built for avx2 (portable); this CPU runs "
-                                                 f"{here}: DSINF_NO_PREBUILT=1 builds (once) and loads one for it")
+        assert rows["cpu"]["installed_note"] == (f"the installed binary is built for avx2 (portable); a JIT build "
+                                                 f"here targets {here}: DSINF_NO_PREBUILT=1 builds (once) and loads one")
     else:
         assert rows["cpu"]["installed_note"] is None
     assert rows["cuda"]["installed"] is False and rows["cuda"]["buildable"] is False
