@@ -133,14 +133,15 @@ def _why(rows: list[Row], names: tuple[str, ...]) -> str:
     return "no rows: its section or part did not run" if not rows else "not measured"
 
 
-def _fastest(row: Row, names: tuple[str, ...]) -> str | None:
+def fastest(row: Row, names: tuple[str, ...]) -> str | None:
+    """The name among `names` with the shortest time on `row` (None: none measured)."""
     have = [n for n in names if row.us(n)]
     return min(have, key=row.us) if have else None
 
 
 def _ratio(row: Row, peers: tuple[str, ...] = ("torch",), ours: str = "ours") -> Measured:
     """peer time / ours for the fastest of `peers`, with its spread."""
-    p = _fastest(row, peers)
+    p = fastest(row, peers)
     v = row.ratio(p, ours) if p else None
     sp = row.ratio_spread(p, ours) if v else None
     return Measured(v, *(sp or (None, None)), detail=f"vs {p}" if p and p != "torch" else "")

@@ -12,7 +12,7 @@ from . import routes_step
 from .cases import Case, cpu_cases, cuda_cases
 from .context import Context, out
 from .env import Env
-from .goals import TORCH_PEERS
+from .goals import TORCH_PEERS, fastest
 from .impls import run_case
 from .results import Row
 from .tables import Column, Table, fmt_num, fmt_pct, fmt_us, fmt_x
@@ -109,7 +109,7 @@ def run_parts(ctx: Context, env: Env, cases: list[Case], timer, copy_gbs: float 
             prev = (case.K, case.N)
             row = run_case(case, env, timer)
             ctx.report.rows.append(row)
-            peer = min((n for n in TORCH_PEERS if row.us(n)), key=row.us, default=None)  # torch's fastest path
+            peer = fastest(row, TORCH_PEERS)  # torch's fastest path measured on the row
             out(table.row(row_cells(row, extras, copy_gbs), [row.ratio(peer) if peer else None], case.label))
             if problems(row):
                 out(f"      {problems(row)}")

@@ -124,7 +124,9 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     # The status, for a parent that ignores SIGCHLD and so cannot read the exit status (build._worker_status).
-    with open(os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "worker.status"), "w") as f:
+    from op_builder.build import STATUS_FILE
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), STATUS_FILE), "w") as f:
         f.write(str(status))
     # Skip the interpreter's shutdown: after `import torch` (a CUDA wheel) and loading the library it takes
     # 0.4-1 s, all of it on the cold build's critical path, and there is nothing left to clean up (ninja has

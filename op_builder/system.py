@@ -207,21 +207,22 @@ def _probe_gpus() -> tuple[tuple[Gpu, ...] | str, str]:
         return f"GPU query failed: {exc}", "torch"
 
 
+def _identity(path: str, args: list[str]) -> str:
+    """A program's identity without running it: its resolved path, size and mtime (an upgrade changes
+    them), then the arguments it is given."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return " ".join([f"{real}:{st.st_size}:{int(st.st_mtime)}", *args])
+
+
 def _command_identity(raw: str) -> str:
-    """A command line's identity without running it: its program's resolved path, size and mtime, then
-    its arguments (the program not found: the command line as written)."""
+    """`_identity` of a command line (the program not found: the command line as written)."""
     try:
         argv = shlex.split(raw)
     except ValueError:
         return raw
-    if not argv:
-        return raw
-    path = shutil.which(argv[0])
-    if path is None:
-        return raw
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return " ".join([f"{real}:{st.st_size}:{int(st.st_mtime)}", *argv[1:]])
+    path = shutil.which(argv[0]) if argv else None
+    return _identity(path, argv[1:]) if path else raw
 
 
 def _probe_cuda_toolchain(nvcc: "Nvcc | None") -> dict[str, str | None]:
@@ -252,10 +253,7 @@ def _cxx_command() -> tuple[Compiler | None, str | None]:
         if knobs.get("CXX"):
             return None, f"CXX={raw!r}: {argv[0]!r} is not an executable file or a command on PATH"
         return None, "no c++ on PATH (set CXX or install g++)"
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    identity = " ".join([f"{real}:{st.st_size}:{int(st.st_mtime)}", *argv[1:]])
-    return Compiler(path=path, identity=identity), None
+    return Compiler(path=path, identity=_identity(path, argv[1:])), None
 
 
 def _probe_cxx() -> Compiler | None:

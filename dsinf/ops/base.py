@@ -127,11 +127,13 @@ class InferenceOp(torch.nn.Module):
         super().__setattr__(name, value)
 
     # --- backend ----------------------------------------------------------------------------------
+    def _decision_key(self, device_type: str) -> tuple:
+        cfg = self.config
+        return device_type, cfg.dtype, cfg.activation_dtype
+
     def _decided(self, device_type: str) -> bool:
         """Whether `resolve` would answer `device_type` from its cache."""
-        cfg = self.config
-        return self._decisions_version == cfg._version and \
-            (device_type, cfg.dtype, cfg.activation_dtype) in self._decisions
+        return self._decisions_version == self.config._version and self._decision_key(device_type) in self._decisions
 
     def resolve(self, device: str | torch.device) -> dispatch.BackendDecision:
         """The backend decision for inputs on `device` with the config's dtype (made once, then cached until
@@ -143,7 +145,7 @@ class InferenceOp(torch.nn.Module):
             # layer_id): decide again. Off the per-call path: calls reach here only through `_dispatch`.
             self._decisions.clear()
             self._decisions_version = cfg._version
-        key = (device_type, cfg.dtype, cfg.activation_dtype)
+        key = self._decision_key(device_type)
         decision = self._decisions.get(key)
         if decision is None:
             owner = type(self).__name__
