@@ -49,6 +49,14 @@ def host_onednn_fp32_gemm(cpu) -> bool:
     return "AMD" in cpu.brand.upper() and cpu.arch in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
 
 
+def host_kn_gemm(cpu, isa: str) -> bool:
+    """Whether the CPU module, built for `isa`, runs fp32 [K, N] weights past its GEMV on its own GEMM (up to
+    M = 128, and at any M for N >= 2K) on this host: the rule of cpu_binding_ops.cpp's kn_gemm_host (an AVX-512
+    build where fp32 runs on oneDNN, which reads a [K, N] weight below its [N, K] speed), for the report;
+    tests/test_routes.py checks that the two agree."""
+    return isa.startswith("avx512") and host_onednn_fp32_gemm(cpu)
+
+
 # No -std flag: torch.utils.cpp_extension passes the standard its own headers need (C++20 in 2.13).
 # -fopenmp: at::parallel_for is an inline template that parallelises only when the extension itself is
 # compiled with OpenMP; linking libgomp.so.1 resolves to the copy torch already loaded (one runtime).
@@ -108,8 +116,11 @@ class InferenceBuilder(OpBuilder):
                     else "the fp32 GEMM on widened weights (no avx512_bf16 here)")
             fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
-            return BuildDecision.of(list(decision.reasons), [*decision.notes, f"bf16 past the GEMV: {gemm}",
-                                                              f"fp32 GEMM past the GEMV: {fp32}"])
+            notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", f"fp32 GEMM past the GEMV: {fp32}"]
+            if host_kn_gemm(self.system.cpu, self._cpu_isa(portable=False)[0]):
+                notes.append("fp32 [K, N] weights past the GEMV: our GEMM up to M = 128 and for N >= 2K (oneDNN's "
+                             "ran 0.70-0.98x of its [N, K] speed on them)")
+            return BuildDecision.of(list(decision.reasons), notes)
         if variant == "cuda":
             return cuda_compatible(self.system, knobs.get("TORCH_CUDA_ARCH_LIST"))[0]
         raise ValueError(f"unknown variant {variant!r}; {self.NAME} has {self.VARIANTS}")

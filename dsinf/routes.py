@@ -404,6 +404,14 @@ class Binding:
                 fn.restype = ctypes.c_int64
         if self._onednn_override is not None:
             self._onednn_override.argtypes, self._onednn_override.restype = [ctypes.c_int64], ctypes.c_int64
+        self._kn_gemm = getattr(lib, f"dsinf_{variant}_kn_gemm", None)
+        self._kn_override = getattr(lib, f"dsinf_{variant}_kn_gemm_override", None)
+        self._kn_calls = getattr(lib, f"dsinf_{variant}_kn_gemm_calls", None)
+        for fn in (self._kn_gemm, self._kn_calls):
+            if fn is not None:
+                fn.restype = ctypes.c_int64
+        if self._kn_override is not None:
+            self._kn_override.argtypes, self._kn_override.restype = [ctypes.c_int64], ctypes.c_int64
         self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_has_dpbf16", None)
         if self._gemv_dpbf16 is not None:
             self._gemv_dpbf16.restype = ctypes.c_int64
@@ -449,6 +457,21 @@ class Binding:
         if self._onednn_override is None:
             raise RuntimeError(f"the {self.variant} module has no choice of fp32 GEMM to override")
         return int(self._onednn_override(mode))
+
+    def kn_gemm(self) -> bool:
+        """CPU: whether fp32 [K, N] weights past the GEMV run on our GEMM (gemm_kn.cpp: reads the weight in
+        place, no transpose) at some M on this host (an AMD host with an AVX-512 build, up to the binding's
+        kKnGemmMaxM), rather than on oneDNN's or MKL's."""
+        return self._kn_gemm is not None and bool(self._kn_gemm())
+
+    def kn_gemm_calls(self) -> int:
+        """CPU: how many fp32 GEMMs our [K, N] GEMM has run in this process (tests: which GEMM ran)."""
+        return int(self._kn_calls()) if self._kn_calls is not None else 0
+
+    def _override_kn(self, mode: int) -> int:
+        if self._kn_override is None:
+            raise RuntimeError(f"the {self.variant} module has no fp32 [K, N] GEMM of its own to override")
+        return int(self._kn_override(mode))
 
     def gemv_dpbf16(self) -> bool:
         """CPU: whether this build's GEMV multiplies bf16 activations on vdpbf16ps (an avx512_bf16 build):
@@ -552,6 +575,13 @@ def fp32_gemm(onednn: bool) -> contextlib.AbstractContextManager[Binding]:
     it) or on MKL's, whatever the host would choose; the choice in force before is restored after. For checks
     and probes of both paths on any host."""
     return _cpu_choice(Binding._override_onednn, 1 if onednn else 0)
+
+
+def kn_gemm(ours: bool) -> contextlib.AbstractContextManager[Binding]:
+    """While the block runs, the CPU module runs fp32 [K, N] weights past the GEMV on our GEMM (ours: at
+    every M) or on the library's (oneDNN's or MKL's, as fp32_gemm picks), whatever the host would choose; the
+    choice in force before is restored after. For checks and probes of both paths on any host."""
+    return _cpu_choice(Binding._override_kn, 1 if ours else 0)
 
 
 def bf16_gemm(native: bool) -> contextlib.AbstractContextManager[Binding]:

@@ -206,7 +206,8 @@ def test_fp32_gemm_past_the_gemv_on_either_library(cpu_module, suffix, onednn):
     from dsinf import routes
 
     ran = onednn and torch.backends.mkldnn.is_available()  # a torch without oneDNN keeps MKL, even when forced
-    with routes.fp32_gemm(onednn) as binding:
+    # fp32 [K, N] weights on the library too (the host may take them to ours: test_fp32_kn_gemm_on_either_gemm)
+    with routes.fp32_gemm(onednn) as binding, routes.kn_gemm(False):
         assert binding.onednn_fp32_gemm() == ran
         for transposed_mode in (False, True):
             before = binding.onednn_calls()
@@ -479,3 +480,78 @@ def test_the_binding_exports_its_c_entry_points_and_no_cpp_entry(cpu_module):
     assert "dsinf_cpu_routes_set" in symbols and "dsinf_cpu_onednn_fp32_calls" in symbols, symbols[:2000]
     exported = [line for line in symbols.splitlines() if "cpu_binding::" in line]
     assert not exported, "\n".join(exported[:10])
+
+
+# (M, K, N) for our fp32 [K, N] GEMM (gemm_kn.cpp: 6-row tiles, panels of 4 / 2 vectors, k in slices of 256,
+# blocks of 256 columns): M below, at and past a tile, K within one slice and across three (ragged), N narrower
+# than a panel, ragged panels and blocks, a whole block.
+KN_GEMM_SHAPES = [(9, 67, 33), (40, 300, 7), (72, 520, 257), (13, 256, 256), (130, 700, 530), (6, 33, 1000)]
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["library", "ours"])
+@pytest.mark.parametrize("M,K,N", KN_GEMM_SHAPES)
+def test_fp32_kn_gemm_on_either_gemm(cpu_module, M, K, N, ours):
+    """fp32 [K, N] weights past the GEMV run our GEMM (no transpose of the weight) where the host takes it and
+    the library's elsewhere; forced either way (routes.kn_gemm) at every ISA level the host runs
+    (tests/test_isa_levels.py), ours is checked against the reference, with and without bias, counted, and
+    never taken by an [N, K] weight or by 16-bit activations."""
+    from dsinf import routes
+
+    gen = torch.Generator().manual_seed(M * K + N)
+    x = randn(1, M, K, gen=gen)
+    w = float_weight(K, N, False, torch.float32, gen)
+    b = randn(N, gen=gen)
+    with routes.forced("cpu", [routes.RouteKey("fp32", "kn", K, N)], max_m=0), routes.kn_gemm(ours) as binding:
+        before = binding.kn_gemm_calls()
+        got = op(cpu_module, "vector_matmul_fp32")(x, w, False, None, False, False)
+        assert binding.last() == "aten" and binding.kn_gemm_calls() - before == int(ours)
+        assert_close(got, reference.vector_matmul(x, w, False, None, False, False), torch.float32)
+        args = (x, w, b, True, False, 0, False)
+        assert_close(op(cpu_module, "linear_layer_fp32")(*args), reference.linear_layer(*args), torch.float32)
+        assert binding.kn_gemm_calls() - before == 2 * int(ours)
+        before = binding.kn_gemm_calls()
+        nk = w.t().contiguous()
+        assert_close(op(cpu_module, "vector_matmul_fp32")(x, nk, False, None, False, True),
+                     reference.vector_matmul(x, nk, False, None, False, True), torch.float32)
+        op(cpu_module, "vector_matmul_fp16")(x.half(), w.half(), False, None, False, False)
+        assert binding.kn_gemm_calls() == before
+
+
+@pytest.mark.parametrize("case", QKV_CASES[-3:])
+def test_fused_qkv_rope_on_the_kn_gemm(cpu_module, case):
+    """The fused QKV epilogue over our [K, N] GEMM's output (both RoPE styles, GQA, partial rotary_dim), forced
+    onto it."""
+    from dsinf import routes
+
+    with routes.kn_gemm(True) as binding:
+        before = binding.kn_gemm_calls()
+        test_linear_layer_fused_qkv_rope(cpu_module, "fp32", False, *case)
+        assert binding.last() == "aten" and binding.kn_gemm_calls() > before  # M = 33..80: past any GEMV
+
+
+def test_kn_gemm_host_rule_and_thread_count(cpu_module):
+    """The host's choice: ours on fp32 [K, N] weights up to M = 128, and at any M for N >= 2K, where the host
+    takes it at all (an AMD host, an AVX-512 build); else the library always. Ours splits by columns only and
+    sums each output's k in order, so one thread and two give the same bits."""
+    from dsinf import routes
+
+    binding = routes.binding("cpu")
+    gen = torch.Generator().manual_seed(5)
+    f = op(cpu_module, "vector_matmul_fp32")
+    for M, K, N, rule in ((128, 96, 80, True), (129, 96, 80, False), (129, 96, 192, True), (300, 64, 130, True)):
+        x, w = randn(1, M, K, gen=gen), float_weight(K, N, False, torch.float32, gen)
+        before = binding.kn_gemm_calls()
+        got = f(x, w, False, None, False, False)
+        assert binding.last() == "aten"
+        assert binding.kn_gemm_calls() - before == int(rule and binding.kn_gemm()), (M, K, N)
+        assert_close(got, reference.vector_matmul(x, w, False, None, False, False), torch.float32)
+    threads = torch.get_num_threads()
+    x, w = randn(1, 77, 700, gen=gen), float_weight(700, 1100, False, torch.float32, gen)
+    with routes.kn_gemm(True):
+        try:
+            torch.set_num_threads(1)
+            one = f(x, w, False, None, False, False)
+            torch.set_num_threads(max(2, threads))
+            assert torch.equal(one, f(x, w, False, None, False, False))
+        finally:
+            torch.set_num_threads(threads)

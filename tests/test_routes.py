@@ -193,9 +193,14 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
         out = op(x, w)
     assert cpu_routes.last() == "aten" and torch.equal(out[0], torch.mm(x[0], w))
     if torch.backends.mkldnn.is_available():
-        with routes.fp32_gemm(True):
+        with routes.fp32_gemm(True), routes.kn_gemm(False):  # (the host may take [K, N] to our GEMM: below)
             out = op(x, w)
         assert torch.equal(out[0], torch.ops.mkldnn._linear_pointwise(x[0], w.t(), None, "none", [], ""))
+    with routes.kn_gemm(True):  # ATen's side of the route on our [K, N] GEMM
+        before = cpu_routes.kn_gemm_calls()
+        out = op(x, w)
+        assert cpu_routes.last() == "aten" and cpu_routes.kn_gemm_calls() == before + 1
+        torch.testing.assert_close(out, dsinf.reference.vector_matmul(x, w), rtol=1e-4, atol=1e-4)
     other = torch.randn(K, N + 8, generator=gen)  # another shape keeps the compiled crossover
     op(x, other)
     assert cpu_routes.last() == "gemv"
@@ -268,6 +273,27 @@ def test_the_fp32_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
             with routes.fp32_gemm(not onednn):
                 assert b.onednn_fp32_gemm() == (not onednn and torch.backends.mkldnn.is_available())
     assert cpu_routes.onednn_fp32_gemm() == host
+
+
+def test_the_kn_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
+    """fp32 [K, N] weights past the GEMV run our GEMM exactly where this build is AVX-512 and fp32 runs on
+    oneDNN, as the report's note says; routes.kn_gemm overrides it both ways, whatever fp32_gemm picks, and
+    restores it."""
+    from dsinf.builder import InferenceBuilder, host_kn_gemm
+    from op_builder.system import current_system
+
+    isa = InferenceBuilder().spec("cpu").manifest_extra["isa"]  # what the session's module was built for
+    host = host_kn_gemm(current_system().cpu, isa)  # the rule the report shows
+    assert cpu_routes.kn_gemm() == host
+    notes = " ".join(InferenceBuilder().compatible("cpu").notes)
+    assert ("fp32 [K, N] weights past the GEMV: our GEMM" in notes) == host
+    for ours in (False, True):
+        with routes.kn_gemm(ours) as b, routes.fp32_gemm(not host):
+            assert b.kn_gemm() == ours
+            with routes.kn_gemm(not ours):
+                assert b.kn_gemm() == (not ours)
+            assert b.kn_gemm() == ours
+    assert cpu_routes.kn_gemm() == host
 
 
 # (layout, K, N, crossover on the native bf16 GEMM with the vdpbf16ps GEMV, the same without it, otherwise)

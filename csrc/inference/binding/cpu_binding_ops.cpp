@@ -13,7 +13,8 @@
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
 //                         On an AMD host oneDNN's fp32 GEMM instead (onednn_fp32_gemm): fp32 weights in
-//                         one call, widened blocks each into a fresh result copied into their slice.
+//                         one call, widened blocks each into a fresh result copied into their slice; fp32
+//                         [K, N] weights there on our GEMM (kn_gemm, gemm_kn.cpp) where it ran faster.
 //                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
 //                         keeps fp32 accumulation (docs/PERFORMANCE.md).
 //                         bf16 activations on a host with native bf16 dot products (native_bf16_gemm):
@@ -122,6 +123,31 @@ std::atomic<int64_t> g_onednn_fp32_override{-1};  // -1: the host's choice; 0 / 
 bool onednn_fp32_gemm() {
   const int64_t o = g_onednn_fp32_override.load(std::memory_order_relaxed);
   return (o < 0 ? host_prefers_onednn_fp32() : o != 0) && onednn_linear_available();
+}
+
+// fp32 past the GEMV with an fp32 [K, N] weight in place (DeepSpeed's layout) on our GEMM (gemm_kn.cpp) rather
+// than the library's: on an AMD host oneDNN reads a [K, N] weight below its [N, K] speed (a transposed view it
+// copies), while ours reads it in place once. Through vector_matmul_fp32, ours over oneDNN's (Zen 5, 2 threads,
+// an AVX-512 build, 13 shapes K x N from 1024x4096 to 14336x4096; docs/PERFORMANCE.md, "CPU: an fp32 GEMM for
+// [K, N] weights"):
+//   M = 16..64    1.07-1.89x on 12 of 13 shapes (4096x1024 0.82-1.05x, a tie in reruns)
+//   M = 128       1.01-1.39x; 4096x4096 0.84-1.03x in three runs (a tie)
+//   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.02-1.29x; else 0.89-1.08x (ties)
+// so ours up to M = 128, and at any M for N >= 2K. An AVX2 build (6 x 2 ymm tile) and Intel hosts (MKL) are
+// unmeasured: they keep the library. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any
+// M past the GEMV.
+constexpr int64_t kKnGemmMaxM = 128;
+std::atomic<int64_t> g_kn_gemm_override{-1};  // -1: the host's choice; 0 / 1: the library's / ours
+std::atomic<int64_t> g_kn_gemm_calls{0};      // GEMMs run on ours (tests: the path that ran)
+
+bool kn_gemm_host() {
+  static const bool tuned = dsinf_cpu_gemm_f32_kn_simd() == 512;
+  return tuned && onednn_fp32_gemm();
+}
+
+bool kn_gemm(int64_t M, int64_t K, int64_t N) {
+  const int64_t o = g_kn_gemm_override.load(std::memory_order_relaxed);
+  return o < 0 ? kn_gemm_host() && (M <= kKnGemmMaxM || N >= 2 * K) : o != 0;
 }
 
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
@@ -315,12 +341,21 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   // On oneDNN (onednn_fp32_gemm) fp32 weights in place are one call over all N (it blocks for itself); widened
   // blocks are each multiplied into a fresh result and copied into their slice (no out= form; the copy is
   // M x N x 4 bytes, under 1% of the GEMM).
+  // Ours on an fp32 [K, N] weight (kn_gemm) multiplies without the bias, which comes with the rounding below.
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
+  const bool ours_kn = in_place && !s.weight_nk && K > 0 && kn_gemm(M, K, N);
   const bool onednn = K > 0 && onednn_fp32_gemm();  // K = 0: MKL's mm writes the zeros
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
-  const bool fuse_bias = in_place && bias && !for_epilogue;
+  const bool fuse_bias = in_place && !ours_kn && bias && !for_epilogue;
   at::Tensor y;
-  if (onednn && in_place) {
+  if (ours_kn) {
+    const at::Tensor xc = xf.stride(1) == 1 ? xf : xf.contiguous();
+    y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
+    check_status(dsinf_cpu_gemm_f32_kn(xc.data_ptr<float>(), M, K, xc.stride(0), weight.data_ptr<float>(), N, N,
+                                       y.data_ptr<float>(), N, kParallel),
+                 op, "gemm_f32_kn");
+    g_kn_gemm_calls.fetch_add(1, std::memory_order_relaxed);
+  } else if (onednn && in_place) {
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
   } else {
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
@@ -553,6 +588,21 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_override(int64_t mode) {
   if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_onednn_fp32_override.load();
   return dsinf::cpu_binding::g_onednn_fp32_override.exchange(mode);
+}
+
+// Whether fp32 [K, N] weights past the GEMV run on our GEMM (dsinf/routes.py: Binding.kn_gemm, kn_gemm): at some
+// M on this host now (with the override: at every M past the GEMV); the override (-1: the host's choice, 0: the
+// library's GEMM, 1: ours; any other value changes nothing), returning the override it replaced; how many GEMMs
+// ours has run in this process.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm() {
+  return dsinf::cpu_binding::kn_gemm(1, 1, 1) ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_override(int64_t mode) {
+  if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_kn_gemm_override.load();
+  return dsinf::cpu_binding::g_kn_gemm_override.exchange(mode);
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_calls() {
+  return dsinf::cpu_binding::g_kn_gemm_calls.load();
 }
 
 // Whether this build's GEMV multiplies bf16 x on vdpbf16ps (Binding.gemv_dpbf16): it sets the bf16 crossovers

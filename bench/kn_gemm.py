@@ -1,0 +1,64 @@
+"""The CPU module's fp32 [K, N] GEMM against the library's, through the op: `python -m bench.kn_gemm`.
+
+The measurement behind the binding's rule for fp32 [K, N] weights past the GEMV (cpu_binding_ops.cpp,
+kn_gemm): per shape and M, vector_matmul_fp32 forced onto our GEMM (gemm_kn.cpp) and onto the library's
+(oneDNN's on an AMD host, MKL's elsewhere: routes.fp32_gemm picks), timed in interleaved rounds
+(bench.timing.time_cpu), each checked against dsinf.reference first. Prints library time / ours (> 1: ours
+faster), and what the host's rule picks.
+
+    python -m bench.kn_gemm                                  # the shapes and Ms of docs/PERFORMANCE.md
+    python -m bench.kn_gemm --shapes 4096x12288 --m 64,128 --min-time 2
+"""
+from __future__ import annotations
+
+import argparse
+
+SHAPES = ("4096x4096", "4096x12288", "4096x11008", "11008x4096", "4096x14336", "14336x4096", "1024x4096",
+          "4096x1024", "4096x2048", "4096x8192", "8192x8192", "2048x2048")
+MS = (16, 32, 64, 128, 256, 512)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.kn_gemm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help="KxN[,KxN...] (default: %(default)s)")
+    p.add_argument("--m", default=",".join(map(str, MS)), help="rows M = B*S (default: %(default)s)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per implementation and case")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from bench.timing import time_cpu
+    from dsinf import reference, routes
+    from op_builder import InferenceBuilder
+
+    vm = InferenceBuilder().load().vector_matmul_fp32
+    binding = routes.binding("cpu")
+    library = "oneDNN" if binding.onednn_fp32_gemm() else "MKL"
+    print(f"fp32 [K, N] past the GEMV: ours / {library} (ratio = {library} time / ours; threads "
+          f"{torch.get_num_threads()}; the host's rule: {'ours where it ran faster' if binding.kn_gemm() else library})")
+    gen = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        K, N = (int(v) for v in shape.lower().split("x"))
+        w = torch.randn(K, N, generator=gen) * K ** -0.5
+        cells = []
+        for M in (int(v) for v in args.m.split(",")):
+            x = torch.randn(1, M, K, generator=gen)
+            want = reference.vector_matmul(x, w, False, None, False, False)
+
+            def run(ours: bool):
+                with routes.forced("cpu", [routes.RouteKey("fp32", "kn", K, N)], max_m=0), routes.kn_gemm(ours):
+                    return vm(x, w, False, None, False, False)
+
+            for ours in (True, False):
+                err = ((run(ours) - want).abs().max() / want.abs().max()).item()
+                if err > 2e-5:
+                    raise SystemExit(f"{shape} M={M}: {'ours' if ours else library} is off the reference by {err:.3g}")
+            t = time_cpu({"ours": (lambda i: run(True), 1), "lib": (lambda i: run(False), 1)}, args.min_time)
+            flops = 2 * M * K * N / (t["ours"].us * 1e-6) / 1e9
+            cells.append(f"M={M} {t['lib'].us / t['ours'].us:.2f}x ({flops:.0f} GF/s)")
+        print(f"  {shape:>11}  " + "  ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
