@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -699,3 +700,14 @@ def test_e2e_measures_int8_against_its_own_model_in_fp32(tmp_path, cpu_module):
     assert bf16_goal()["target"] == 0.070 and bf16_goal()["pass"]  # within torch's own bf16 error
     rows["dsinf-int8"]["rel_err_vs_int8_fp32"] = 0.071
     assert not bf16_goal()["pass"]
+
+
+def test_the_kn_gemm_probe_times_both_gemms_checked(cpu_module, capsys):
+    """`python -m bench.kn_gemm`: one row per shape with one ratio per M, on small shapes (a run of the real
+    module, both GEMMs checked against the reference before they are timed)."""
+    from bench import kn_gemm
+
+    assert kn_gemm.main(["--shapes", "96x200,64x300", "--m", "16,40", "--min-time", "0.02"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith(("96x200", "64x300"))]
+    assert len(rows) == 2 and all(len(re.findall(r"M=\d+ \d+\.\d\dx \(\d+ GF/s\)", r)) == 2 for r in rows), out

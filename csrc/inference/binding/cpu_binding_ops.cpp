@@ -127,12 +127,12 @@ bool onednn_fp32_gemm() {
 
 // fp32 past the GEMV with an fp32 [K, N] weight in place (DeepSpeed's layout) on our GEMM (gemm_kn.cpp) rather
 // than the library's: on an AMD host oneDNN reads a [K, N] weight below its [N, K] speed (a transposed view it
-// copies), while ours reads it in place once. Through vector_matmul_fp32, ours over oneDNN's (Zen 5, 2 threads,
-// an AVX-512 build, 13 shapes K x N from 1024x4096 to 14336x4096; docs/PERFORMANCE.md, "CPU: an fp32 GEMM for
-// [K, N] weights"):
-//   M = 16..64    1.07-1.89x on 12 of 13 shapes (4096x1024 0.82-1.05x, a tie in reruns)
-//   M = 128       1.01-1.39x; 4096x4096 0.84-1.03x in three runs (a tie)
-//   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.02-1.29x; else 0.89-1.08x (ties)
+// copies), while ours reads it in place once. Through vector_matmul_fp32, oneDNN's time / ours (Zen 5,
+// 2 threads, an AVX-512 build, 12 shapes K x N from 1024x4096 to 14336x4096; `python -m bench.kn_gemm`,
+// docs/PERFORMANCE.md, "CPU: an fp32 GEMM for [K, N] weights"):
+//   M = 16..64    1.05-1.61x on all 12 (earlier runs: 4096x1024 at M = 16 0.82x and 0.95x)
+//   M = 128       1.02-1.37x, except 4096x1024 0.96x (and 4096x4096 0.84-1.06x over four runs): ties
+//   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.00-1.31x; else 0.89-1.01x
 // so ours up to M = 128, and at any M for N >= 2K. An AVX2 build (6 x 2 ymm tile) and Intel hosts (MKL) are
 // unmeasured: they keep the library. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any
 // M past the GEMV.
