@@ -460,8 +460,8 @@ class Binding:
 
     def kn_gemm(self) -> bool:
         """CPU: whether fp32 [K, N] weights past the GEMV run on our GEMM (gemm_kn.cpp: reads the weight in
-        place, no transpose) at some M on this host (an AMD host with an AVX-512 build, up to the binding's
-        kKnGemmMaxM), rather than on oneDNN's or MKL's."""
+        place, no transpose) at some M on this host (an AVX-512 build where fp32 runs on oneDNN; N >= 1024: up to
+        M = 128, and to 512 for N >= 2K), rather than on oneDNN's or MKL's."""
         return self._kn_gemm is not None and bool(self._kn_gemm())
 
     def kn_gemm_calls(self) -> int:

@@ -501,7 +501,8 @@ def test_fp32_kn_gemm_on_either_gemm(cpu_module, M, K, N, ours):
     x = randn(1, M, K, gen=gen)
     w = float_weight(K, N, False, torch.float32, gen)
     b = randn(N, gen=gen)
-    with routes.forced("cpu", [routes.RouteKey("fp32", "kn", K, N)], max_m=0), routes.kn_gemm(ours) as binding:
+    keys = [routes.RouteKey("fp32", "kn", K, N), routes.RouteKey("fp32", "nk", K, N), routes.RouteKey("fp16", "kn", K, N)]
+    with routes.forced("cpu", keys, max_m=0), routes.kn_gemm(ours) as binding:  # every call past the GEMV
         before = binding.kn_gemm_calls()
         got = op(cpu_module, "vector_matmul_fp32")(x, w, False, None, False, False)
         assert binding.last() == "aten" and binding.kn_gemm_calls() - before == int(ours)
@@ -513,8 +514,9 @@ def test_fp32_kn_gemm_on_either_gemm(cpu_module, M, K, N, ours):
         nk = w.t().contiguous()
         assert_close(op(cpu_module, "vector_matmul_fp32")(x, nk, False, None, False, True),
                      reference.vector_matmul(x, nk, False, None, False, True), torch.float32)
+        assert binding.last() == "aten"
         op(cpu_module, "vector_matmul_fp16")(x.half(), w.half(), False, None, False, False)
-        assert binding.kn_gemm_calls() == before
+        assert binding.last() == "aten" and binding.kn_gemm_calls() == before
 
 
 @pytest.mark.parametrize("case", QKV_CASES[-3:])
@@ -530,15 +532,16 @@ def test_fused_qkv_rope_on_the_kn_gemm(cpu_module, case):
 
 
 def test_kn_gemm_host_rule_and_thread_count(cpu_module):
-    """The host's choice: ours on fp32 [K, N] weights up to M = 128, and at any M for N >= 2K, where the host
-    takes it at all (an AMD host, an AVX-512 build); else the library always. Ours splits by columns only and
+    """The host's choice: ours on fp32 [K, N] weights of N >= 1024 up to M = 128, and up to 512 for N >= 2K,
+    where the host takes it at all (an AVX-512 build where fp32 runs on oneDNN); else the library always. Ours splits by columns only and
     sums each output's k in order, so one thread and two give the same bits."""
     from dsinf import routes
 
     binding = routes.binding("cpu")
     gen = torch.Generator().manual_seed(5)
     f = op(cpu_module, "vector_matmul_fp32")
-    for M, K, N, rule in ((128, 96, 80, True), (129, 96, 80, False), (129, 96, 192, True), (300, 64, 130, True)):
+    for M, K, N, rule in ((128, 96, 1024, True), (129, 600, 1024, False), (129, 512, 1024, True),
+                          (512, 64, 1024, True), (513, 64, 1024, False), (16, 64, 1000, False)):
         x, w = randn(1, M, K, gen=gen), float_weight(K, N, False, torch.float32, gen)
         before = binding.kn_gemm_calls()
         got = f(x, w, False, None, False, False)
@@ -546,12 +549,13 @@ def test_kn_gemm_host_rule_and_thread_count(cpu_module):
         assert binding.kn_gemm_calls() - before == int(rule and binding.kn_gemm()), (M, K, N)
         assert_close(got, reference.vector_matmul(x, w, False, None, False, False), torch.float32)
     threads = torch.get_num_threads()
-    x, w = randn(1, 77, 700, gen=gen), float_weight(700, 1100, False, torch.float32, gen)
     with routes.kn_gemm(True):
-        try:
-            torch.set_num_threads(1)
-            one = f(x, w, False, None, False, False)
-            torch.set_num_threads(max(2, threads))
-            assert torch.equal(one, f(x, w, False, None, False, False))
-        finally:
-            torch.set_num_threads(threads)
+        for N in (1100, 70):  # 18 column panels; 2 panels split into row groups too
+            x, w = randn(1, 77, 700, gen=gen), float_weight(700, N, False, torch.float32, gen)
+            try:
+                torch.set_num_threads(1)
+                one = f(x, w, False, None, False, False)
+                torch.set_num_threads(max(2, threads))
+                assert torch.equal(one, f(x, w, False, None, False, False)), N
+            finally:
+                torch.set_num_threads(threads)

@@ -133,10 +133,11 @@ bool onednn_fp32_gemm() {
 //   M = 16..64    1.05-1.61x on all 12 (earlier runs: 4096x1024 at M = 16 0.82x and 0.95x)
 //   M = 128       1.02-1.37x, except 4096x1024 0.96x (and 4096x4096 0.84-1.06x over four runs): ties
 //   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.00-1.31x; else 0.89-1.01x
-// so ours up to M = 128, and at any M for N >= 2K. An AVX2 build (6 x 2 ymm tile) and Intel hosts (MKL) are
-// unmeasured: they keep the library. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any
-// M past the GEMV.
-constexpr int64_t kKnGemmMaxM = 128;
+// so ours up to M = 128, and up to M = 512 for N >= 2K (at M = 2048 and 4096 ours read 0.83-0.98x, a review
+// measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). Where fp32 runs on oneDNN: an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build
+// (6 x 2 ymm tile) is unmeasured: it keeps the library, as MKL hosts do. dsinf_cpu_kn_gemm_override
+// (dsinf.routes.kn_gemm) forces either for any M past the GEMV.
+constexpr int64_t kKnGemmMaxM = 128, kKnGemmWideMaxM = 512, kKnGemmMinN = 1024;
 std::atomic<int64_t> g_kn_gemm_override{-1};  // -1: the host's choice; 0 / 1: the library's / ours
 std::atomic<int64_t> g_kn_gemm_calls{0};      // GEMMs run on ours (tests: the path that ran)
 
@@ -147,7 +148,8 @@ bool kn_gemm_host() {
 
 bool kn_gemm(int64_t M, int64_t K, int64_t N) {
   const int64_t o = g_kn_gemm_override.load(std::memory_order_relaxed);
-  return o < 0 ? kn_gemm_host() && (M <= kKnGemmMaxM || N >= 2 * K) : o != 0;
+  if (o >= 0) return o != 0;
+  return kn_gemm_host() && N >= kKnGemmMinN && (M <= kKnGemmMaxM || (N >= 2 * K && M <= kKnGemmWideMaxM));
 }
 
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
@@ -595,7 +597,7 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_
 // library's GEMM, 1: ours; any other value changes nothing), returning the override it replaced; how many GEMMs
 // ours has run in this process.
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm() {
-  return dsinf::cpu_binding::kn_gemm(1, 1, 1) ? 1 : 0;
+  return dsinf::cpu_binding::kn_gemm(1, 1, dsinf::cpu_binding::kKnGemmMinN) ? 1 : 0;
 }
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_override(int64_t mode) {
   if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_kn_gemm_override.load();

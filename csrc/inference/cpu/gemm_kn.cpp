@@ -11,12 +11,14 @@
 // Blocking (BLIS-style, sizes for a 48 KiB L1 / 1 MiB L2 core):
 //   x is copied once into panels of MR rows, [K/KC][ceil(M/MR)][KC][MR] (rows past M zero), so a tile
 //   reads its MR broadcasts from one short contiguous run per k.
-//   Parallel over blocks of NC output columns: the split is fixed by N, never by the thread count, and
-//   each output sums its k in order, so results do not depend on the threads.
-//   Per block, per KC slice of k, per NR-wide panel of the weight: the first row tile reads the KC weight
-//   rows from memory and copies them into a KC x NR buffer as it multiplies (KC x NR x 4 = 64 KiB with
-//   AVX-512, L2-resident), every other row tile of x reads that buffer. The weight is read from memory
-//   once per call.
+//   Parallel over units of 4 column panels (256 columns with AVX-512; of one panel where N < 16 panels, so a
+//   narrow output still spreads over threads): the split is fixed by the shape, never by the thread count,
+//   and each output sums its k in order, so results do not depend on the threads. Units of one panel ran
+//   0-8% slower on wide outputs; narrow ones (N < 1024) run 0.40-1.03x of oneDNN's either way (4096x64 ..
+//   4096x512, M = 16..512: too few panels to keep both threads on the math), so the binding leaves them to it.
+//   Per panel, per KC slice of k: the first row tile reads the KC weight rows from memory and copies them
+//   into a KC x NR buffer as it multiplies (KC x NR x 4 = 64 KiB with AVX-512, L2-resident), every other
+//   row tile of x reads that buffer. The weight is read from memory once per call.
 //   The MR x NR output tile stays in registers over a KC slice; it is loaded and stored between slices.
 // Register tile MR x NV vectors: AVX-512 6 x 4 zmm (24 accumulators + 4 weight vectors + 1 broadcast of
 // 32 registers), AVX2 6 x 2 ymm (12 + 2 + 1 of 16), scalar 6 x 4. Of 6x4, 8x3 and 12x2 zmm tiles, 6x4 ran
@@ -42,7 +44,6 @@ constexpr int64_t kNV = 4;
 #endif
 constexpr int64_t kNR = kNV * kW;
 constexpr int64_t kKC = 256;
-constexpr int64_t kNC = (256 / kNR > 0 ? 256 / kNR : 1) * kNR;  // 256 columns: 4 AVX-512 panels per block
 
 // c[MR x NR tile, row stride ldc] (+)= ap[KC][MR] x panel[KC][NR]. With kCopy the panel is read from the
 // weight (row stride ldw) and stored into bp; else it is read from bp. `first`: the tile starts at zero.
@@ -89,41 +90,38 @@ void pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, float* xp, dsinf_
   });
 }
 
-// Columns [n0, n0 + nc) of y, all rows.
-void column_block(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy,
-                  int64_t n0, int64_t nc, float* bp) {
+// Columns [n0, n0 + nr) of y (nr <= NR: one panel), all rows.
+void panel(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t n0,
+           int64_t nr, float* bp) {
   const int64_t P = (M + kMR - 1) / kMR;
   float edge[kMR * kNR];  // a ragged tile's outputs, zero-padded
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool first = k0 == 0;
     const float* xs = xp + k0 * P * kMR;
-    for (int64_t j0 = 0; j0 < nc; j0 += kNR) {
-      const int64_t nr = std::min(kNR, nc - j0);
-      const float* wp = w + k0 * ldw + n0 + j0;
-      if (nr < kNR) {  // ragged panel: copy it zero-padded, then every tile reads the copy
-        for (int64_t k = 0; k < kc; ++k) {
-          std::memcpy(bp + k * kNR, wp + k * ldw, size_t(nr) * sizeof(float));
-          std::memset(bp + k * kNR + nr, 0, size_t(kNR - nr) * sizeof(float));
-        }
+    const float* wp = w + k0 * ldw + n0;
+    if (nr < kNR) {  // ragged panel: copy it zero-padded, then every tile reads the copy
+      for (int64_t k = 0; k < kc; ++k) {
+        std::memcpy(bp + k * kNR, wp + k * ldw, size_t(nr) * sizeof(float));
+        std::memset(bp + k * kNR + nr, 0, size_t(kNR - nr) * sizeof(float));
       }
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t mr = std::min(kMR, M - p * kMR);
-        float* c = y + p * kMR * ldy + n0 + j0;
-        const bool ragged = mr < kMR || nr < kNR;
-        float* t = ragged ? edge : c;
-        const int64_t ldt = ragged ? kNR : ldy;
-        if (ragged && !first) {
-          std::memset(edge, 0, sizeof(edge));
-          for (int64_t i = 0; i < mr; ++i) std::memcpy(edge + i * kNR, c + i * ldy, size_t(nr) * sizeof(float));
-        }
-        if (p == 0 && nr == kNR)
-          tile<true>(kc, xs, wp, ldw, bp, t, ldt, first);
-        else
-          tile<false>(kc, xs + p * kc * kMR, nullptr, 0, bp, t, ldt, first);
-        if (ragged)
-          for (int64_t i = 0; i < mr; ++i) std::memcpy(c + i * ldy, edge + i * kNR, size_t(nr) * sizeof(float));
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t mr = std::min(kMR, M - p * kMR);
+      float* c = y + p * kMR * ldy + n0;
+      const bool ragged = mr < kMR || nr < kNR;
+      float* t = ragged ? edge : c;
+      const int64_t ldt = ragged ? kNR : ldy;
+      if (ragged && !first) {
+        std::memset(edge, 0, sizeof(edge));
+        for (int64_t i = 0; i < mr; ++i) std::memcpy(edge + i * kNR, c + i * ldy, size_t(nr) * sizeof(float));
       }
+      if (p == 0 && nr == kNR)
+        tile<true>(kc, xs + p * kc * kMR, wp, ldw, bp, t, ldt, first);
+      else
+        tile<false>(kc, xs + p * kc * kMR, nullptr, 0, bp, t, ldt, first);
+      if (ragged)
+        for (int64_t i = 0; i < mr; ++i) std::memcpy(c + i * ldy, edge + i * kNR, size_t(nr) * sizeof(float));
     }
   }
 }
@@ -142,11 +140,12 @@ extern "C" dsinf_status dsinf_cpu_gemm_f32_kn(const float* x, int64_t M, int64_t
   const int64_t P = (M + kMR - 1) / kMR;
   AlignedBuffer<float> xp(size_t(P * kMR * K));
   pack_x(x, M, K, ldx, xp.data(), pf);
-  const int64_t blocks = (N + kNC - 1) / kNC;
-  parallel_for(pf, blocks, 1, [&](int64_t bb, int64_t be) {
+  const int64_t unit = (N >= 16 * kNR ? 4 : 1) * kNR;  // columns per work unit
+  const int64_t units = (N + unit - 1) / unit;
+  parallel_for(pf, units, 1, [&](int64_t ub, int64_t ue) {
     AlignedBuffer<float> bp(size_t(kKC * kNR));
-    for (int64_t b = bb; b < be; ++b)
-      column_block(xp.data(), M, K, w, ldw, y, ldy, b * kNC, std::min(kNC, N - b * kNC), bp.data());
+    for (int64_t n0 = ub * unit; n0 < std::min(N, ue * unit); n0 += kNR)
+      panel(xp.data(), M, K, w, ldw, y, ldy, n0, std::min(kNR, N - n0), bp.data());
   });
   return DSINF_OK;
 }
