@@ -590,6 +590,26 @@ def test_gpu_to_cuda_after_inject():
     assert rel_err(logits(model, x.cuda()).cpu(), logits(dequantized.to("cuda", torch.float16), x.cuda()).cpu()) < 1e-2
 
 
+def test_a_deepcopy_of_an_injected_model_computes_with_its_own_weights():
+    """The fused decoder layer's bound ops read the weights of the layer they are called with: a copy whose
+    weights change (or the original's, after copying) computes with its own, as the un-injected model does."""
+    import copy
+
+    model = inject(make_model("llama"))
+    assert any(f.kind == "layer" for f in injection_summary(model).fused)  # the fused decoder layer ran
+    clone = copy.deepcopy(model)
+    x = ids()
+    before = logits(clone, x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(logits(clone, x), before, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(logits(clone, x), logits(model, x), rtol=0, atol=0)
+
+
 # --- decode steps on CUDA graphs ---------------------------------------------------------------------
 
 def test_graphed_decode_keeps_the_forward_signature_and_copies_cleanly():

@@ -154,8 +154,9 @@ class FusedDecoderLayer:
 
     which is the model's own forward with its two norms, residual adds and MLP moved onto dsinf's ops
     (float32 norm statistics and scaling rounded once, where HF rounds the normalised value before the
-    weight multiply). Set by `fuse_decoder_layer`; `_dsinf_calls` holds the two bound ops and is re-bound
-    when `.to()` / `.cuda()` / `.half()` changes the device or dtype."""
+    weight multiply). Set by `fuse_decoder_layer`; `_dsinf_calls` holds the two bound ops (called with the
+    layer, whose weights they read) and is re-bound when `.to()` / `.cuda()` / `.half()` changes the device or
+    dtype."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
@@ -165,10 +166,10 @@ class FusedDecoderLayer:
                                    past_key_values=past_key_values, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
         norm_in, mlp = calls
-        attn, _ = self.self_attn(hidden_states=norm_in(hidden_states), attention_mask=attention_mask,
+        attn, _ = self.self_attn(hidden_states=norm_in(self, hidden_states), attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
-        out, residual = mlp(attn, hidden_states)
+        out, residual = mlp(self, attn, hidden_states)
         return residual + out
 
     def _apply(self, fn, recurse=True):
@@ -285,7 +286,7 @@ def bind_decoder_layer(layer: nn.Module) -> bool:
     from ..config import ActivationFuncType, NormType
     from ..ops import MLPGemmOp, RMSNormOp
 
-    gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
+    down = layer.mlp.down_proj
     device, act, int8 = down.weight.device, down._act_dtype, down.quantized
     mlp_decision, mlp_fn = bind_op(MLPGemmOp, device, act, int8, down.use_triton, norm_type=NormType.RMSNorm,
                                    mlp_act_func_type=ActivationFuncType.GATED_SILU)
@@ -293,15 +294,17 @@ def bind_decoder_layer(layer: nn.Module) -> bool:
     if mlp_decision.backend != "compiled" or norm_decision.backend != "compiled":
         layer.__dict__["_dsinf_calls"] = None
         return False
-    norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
     silu = int(ActivationFuncType.GATED_SILU)
 
-    def norm(x):
-        return norm_fn(x, norm_in.weight, norm_in.variance_epsilon)
+    # Weights are read from the layer passed in, per call: a reassigned or reloaded weight is never stale, and
+    # a deepcopy of the model (which copies these functions by reference) computes with its own weights.
+    def norm(layer, x):
+        n = layer.input_layernorm
+        return norm_fn(x, n.weight, n.variance_epsilon)
 
-    # Weights are read from their modules per call: a reassigned or reloaded weight is never stale.
-    def mlp(x, residual):
-        return mlp_fn(x, residual, gate_up.weight, down.weight, norm_post.weight, norm_post.variance_epsilon,
+    def mlp(layer, x, residual):
+        n, gate_up, down = layer.post_attention_layernorm, layer.mlp.gate_up_proj, layer.mlp.down_proj
+        return mlp_fn(x, residual, gate_up.weight, down.weight, n.weight, n.variance_epsilon,
                       gate_up.weight_scale, down.weight_scale, int8, silu, True)
 
     layer.__dict__["_dsinf_calls"] = (norm, mlp)
