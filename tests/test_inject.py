@@ -286,6 +286,49 @@ def test_inject_dtype_keeps_the_rotary_frequencies_fp32_and_fuses_rope():
     assert not summary.rope_fused and "inv_freq is float16: the model was cast" in summary.rope, summary.rope
 
 
+def test_a_cast_after_inject_decides_the_rope_again():
+    """The fused RoPE computes exact frequencies; a model cast after inject (`.to(bfloat16)`) has HF's rotary
+    on rounded ones, so fusion turns off and the summary says why; cast back to float32 the rounded
+    frequencies stay rounded, and fusion stays off. The keys cached at positions 2000.. match HF's cast model
+    (they were 14% off with the fusion kept, a review measured)."""
+    ref = make_model("llama", max_position_embeddings=4096)
+    model = inject(twin(ref))
+    assert injection_summary(model).rope_fused
+    model.to(torch.bfloat16)
+    ref.to(torch.bfloat16)
+    summary = injection_summary(model)
+    assert not summary.rope_fused and "then the model changed: inv_freq is bfloat16" in summary.rope, summary.rope
+    x, pos = ids(seq=8), torch.arange(2000, 2008)[None].expand(2, -1)
+    with torch.no_grad():
+        keys = [m(x, position_ids=pos, use_cache=True).past_key_values.layers[0].keys.float() for m in (model, ref)]
+    assert rel_err(*keys) < 1e-2
+    model.float()
+    assert not injection_summary(model).rope_fused
+
+
+def test_the_rotary_serving_the_text_attention_is_the_one_checked():
+    """A multimodal model holds a vision tower's rotary beside the text model's: the RoPE decision reads the
+    rotary of the module that holds the attention, not the first one found."""
+    from dsinf.inject.rope import rotary_module
+
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.ones(4))
+            self.attention_scaling = 1.0
+
+    root = nn.Module()
+    root.vision = nn.Module()
+    root.vision.rotary_emb = Rotary()
+    root.language_model = nn.Module()
+    root.language_model.rotary_emb = Rotary()
+    root.language_model.layers = nn.ModuleList([nn.Module()])
+    root.language_model.layers[0].self_attn = nn.Linear(2, 2)
+    assert rotary_module(root, "language_model.layers.0.self_attn") is root.language_model.rotary_emb
+    assert rotary_module(root, "vision.blocks.0.attn") is root.vision.rotary_emb
+    assert rotary_module(root) is root.vision.rotary_emb  # no attention named: the first
+
+
 def test_scaled_rope_keeps_hf_rotary_and_says_so():
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -32,7 +32,7 @@ from .keywords import init_inference
 from .linear import InjectedLinear, InjectedQKV, one_gemm_input
 from .llama import (FusedMLP, fuse_attention, fuse_decoder_layer, fuse_mlp, match_attention, match_decoder_layer,
                     match_mlp, swap_class)
-from .rope import RopeDecision, RopePositions, decide_rope
+from .rope import RopeDecision, RopePositions, WatchedRotary, decide_rotary, rotary_module
 from .summary import Fused, InjectionSummary, Skipped
 
 __all__ = ["InjectedLinear", "InjectedQKV", "InjectionSummary", "export_state_dict", "init_inference", "inject",
@@ -297,13 +297,19 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
                 else:
                     summary.skipped.append(Skipped(name, f"{label} not fused: {match.reason}"))
                 break
+    config, head_dim, rotary = None, 0, None
     if attentions:
-        first = attentions[0][1]
-        decision = decide_rope(model, first.config, first.head_dim)
+        name, first = attentions[0]
+        config, head_dim, rotary = first.config, first.head_dim, rotary_module(model, name)
+        decision = decide_rotary(rotary, config, head_dim)
     else:
         decision = RopeDecision(False, "no Llama-family attention recognised")
     summary.rope_fused, summary.rope = decision.fused, decision.reason
-    positions = RopePositions(decision)  # one per model: every layer of a step reads the same position_ids
+    # One per model: every layer of a step reads the same position_ids.
+    positions = RopePositions(decision, config, head_dim, summary)
+    if decision.fused:  # a later cast or move of the model decides again (rope.WatchedRotary)
+        swap_class(rotary, WatchedRotary)
+        rotary.__dict__["_dsinf_positions"] = positions
     for name, m in attentions:
         detail = fuse_attention(m, positions, decision.theta, **options)
         summary.fused.append(Fused(name, "attention", detail))

@@ -1,10 +1,11 @@
-"""When dsinf's RoPE may replace the model's: once per model (`decide_rope`), then per call (`RopePositions`).
+"""When dsinf's RoPE may replace the model's: once per model (`decide_rotary`, again after a cast or move of the
+model: `WatchedRotary`), then per call (`RopePositions`).
 
 dsinf's fused RoPE (the `linear_layer` epilogue) is NeoX-style rotate_half over the whole head with
     inv_freq[i] = rope_theta ** (-2i / D),   angle = (seq_offset + s) * inv_freq[i],   no output scaling.
 A model's rotary equals that only when its rope type is "default" (no llama3 / yarn / dynamic / linear
 scaling), its `attention_scaling` is 1.0 and its `inv_freq` buffer *is* theta ** (-2i/D) over the full
-head - which `decide_rope` checks on the model's own rotary module rather than trusting a name.
+head - which `decide_rotary` checks on the model's own rotary module rather than trusting a name.
 
 Per call, the op takes one host integer `seq_offset` for all rows, while HF hands the attention a device
 tensor `position_ids` `[B or 1, S]`. `RopePositions.offset` turns it into that integer when the rows are
@@ -34,15 +35,24 @@ class RopeDecision:
     theta: float = 10000.0
 
 
-def _rotary_module(model: nn.Module) -> nn.Module | None:
-    for module in model.modules():
-        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "attention_scaling"):
-            return module
-    return None
+def rotary_module(model: nn.Module, attention: str = "") -> nn.Module | None:
+    """The rotary-embedding module (inv_freq + attention_scaling) serving the attention named `attention`: of
+    several (a vision tower's beside the text model's), the one in the innermost module holding that
+    attention ('model.language_model.rotary_emb' for 'model.language_model.layers.0.self_attn'); else the
+    first."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "attention_scaling")]
+    if not found:
+        return None
+
+    def depth(name: str) -> int:  # components of the rotary's parent that prefix the attention's name
+        parent = name.split(".")[:-1]
+        return len(parent) if attention.split(".")[:len(parent)] == parent else -1
+
+    return max(found, key=lambda nm: depth(nm[0]))[1]  # max keeps the first of equals
 
 
-def decide_rope(model: nn.Module, config, head_dim: int) -> RopeDecision:
-    rotary = _rotary_module(model)
+def decide_rotary(rotary: nn.Module | None, config, head_dim: int) -> RopeDecision:
     if rotary is None:
         return RopeDecision(False, "no rotary-embedding module (inv_freq + attention_scaling) found")
     params = getattr(config, "rope_parameters", None) or {}
@@ -74,14 +84,42 @@ def decide_rope(model: nn.Module, config, head_dim: int) -> RopeDecision:
                         float(theta))
 
 
-class RopePositions:
-    """Per-model memo: the host `seq_offset` of the current forward step, or None (see the module doc)."""
+class WatchedRotary:
+    """Mixed into the model's rotary module when dsinf fuses its RoPE: a cast or move of the model after inject
+    (`.to(torch.bfloat16)` rounds HF's float32 `inv_freq`, which HF's rotary then uses) decides again, through
+    `RopePositions.recheck`, rather than keep fused frequencies the model no longer has."""
 
-    def __init__(self, decision: RopeDecision):
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        positions = self.__dict__.get("_dsinf_positions")
+        if positions is not None:
+            positions.recheck(self)
+        return out
+
+
+class RopePositions:
+    """Per-model memo: the host `seq_offset` of the current forward step, or None (see the module doc).
+    `summary` (the model's InjectionSummary): its RoPE line follows `recheck`. Held as an object, not a
+    callback, so a deepcopy of the model updates its own copy."""
+
+    def __init__(self, decision: RopeDecision, config=None, head_dim: int = 0, summary=None):
         self.fused = decision.fused
+        self._config, self._head_dim, self._summary = config, head_dim, summary
         self._ids: torch.Tensor | None = None
         self._reader: int | None = None  # id() of the layer that read `_ids`: its next call is a new step
         self._offset: int | None = None
+
+    def recheck(self, rotary: nn.Module) -> None:
+        """Decide again on the rotary module as it is now (after a cast or move). Once off, fusion stays off:
+        frequencies rounded by a cast stay rounded when cast back (decide_rotary compares their values)."""
+        if not self.fused:
+            return
+        decision = decide_rotary(rotary, self._config, self._head_dim)
+        if not decision.fused:
+            self.fused, self._ids = False, None
+            if self._summary is not None:
+                self._summary.rope_fused = False
+                self._summary.rope = f"fused at inject, then the model changed: {decision.reason}"
 
     def offset(self, position_ids: torch.Tensor | None, seq_len: int, layer: object) -> int | None:
         """`layer`: the calling attention module. The memo serves the other layers of the step that read it."""
