@@ -144,6 +144,26 @@ def test_skip_leaves_the_listed_modules_and_everything_in_them_on_torch(skip, ke
     torch.testing.assert_close(logits(model, x), logits(dequantized, x), atol=2e-4, rtol=1e-4)
 
 
+def test_skip_covers_norms_and_the_rotary_and_refuses_unknown_names():
+    """A listed norm keeps its decoder layer unfused (the fused layer runs both norms on dsinf's ops), a listed
+    rotary keeps HF's RoPE, both said in the summary, and the model computes as the un-injected one; a name
+    matching no module (a typo) raises, naming it."""
+    ref = make_model("llama")
+    model = inject(twin(ref), skip=("input_layernorm", "rotary_emb"))
+    summary = injection_summary(model)
+    assert not any(f.kind == "layer" for f in summary.fused) and any(f.kind == "mlp" for f in summary.fused)
+    assert any("decoder layer not fused: input_layernorm listed in skip" in s.reason for s in summary.skipped)
+    assert not summary.rope_fused and summary.rope == "model.rotary_emb listed in skip: HF's rotary kept"
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=1e-5)
+    kept = injection_summary(inject(twin(ref), skip=("layers.1.post_attention_layernorm",)))
+    assert [f.name for f in kept.fused if f.kind == "layer"] == ["model.layers.0"]
+    with pytest.raises(ValueError, match="argument 'skip': 'lm_haed' names no module"):
+        inject(twin(ref), skip=("lm_head", "lm_haed"))
+    with pytest.raises(ValueError, match="'layers.9' names no module"):
+        inject(twin(ref), skip=("layers.9",))
+
+
 def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():
     ref = make_model("llama")
     model = inject(twin(ref))

@@ -69,6 +69,13 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
     if isinstance(skip, str) or not isinstance(skip, (tuple, list, set, frozenset)) or \
             not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
+    names = [name for name, _ in model.named_modules() if name]
+    for s in skip:  # a misspelt name would silently skip nothing
+        if not any(_skipped(name, (s,)) for name in names):
+            raise ValueError(f"inject: argument 'skip': {s!r} names no module of the model (an entry is a full "
+                             f"dotted name such as {names[-1]!r}, or its last components such as "
+                             f"{names[-1].split('.')[-1]!r})" if names else
+                             f"inject: argument 'skip': {s!r} names no module (the model has no submodules)")
 
 
 def _one_gemm(module: nn.Module, args: tuple):
@@ -189,7 +196,9 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             every quantized layer's output rows.
         fuse: fuse q|k|v (+RoPE where it is the model's) and gate|up in recognised blocks.
         skip: module names (full, or the last components: "lm_head", "self_attn", "layers.0") left as they
-            are, on torch, with everything inside them; a block with a listed projection is not fused.
+            are, on torch, with everything inside them; a block with a listed projection is not fused, nor a
+            decoder layer with a listed norm, and a listed rotary module keeps HF's RoPE. A name that matches
+            no module raises.
         use_triton: let the ops pick Triton on CUDA when no compiled kernel serves them.
         cuda_graph: a generative model's static-cache decode steps on CUDA run from CUDA graphs dsinf
             captures (`dsinf.inject.graphs`), in place of HF's torch.compile of the decode step, whose
@@ -301,7 +310,11 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
     if attentions:
         name, first = attentions[0]
         config, head_dim, rotary = first.config, first.head_dim, rotary_module(model, name)
-        decision = decide_rotary(rotary, config, head_dim)
+        rotary_name = next((n for n, m in model.named_modules() if m is rotary), "")
+        if rotary is not None and _skipped(rotary_name, skip):
+            decision = RopeDecision(False, f"{rotary_name} listed in skip: HF's rotary kept")
+        else:
+            decision = decide_rotary(rotary, config, head_dim)
     else:
         decision = RopeDecision(False, "no Llama-family attention recognised")
     summary.rope_fused, summary.rope = decision.fused, decision.reason
@@ -327,6 +340,10 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
         if type(down) is nn.Linear and isinstance(m.mlp, FusedMLP) and not _skipped(f"{name}.mlp.down_proj", skip):
             m.mlp.down_proj = InjectedLinear.from_linear(down, **options)  # the op reads its weight
             summary.replaced.append(f"{name}.mlp.down_proj")
+        listed = [p for p in ("input_layernorm", "post_attention_layernorm") if _skipped(f"{name}.{p}", skip)]
+        if listed:  # the fused layer runs both norms on dsinf's ops
+            summary.skipped.append(Skipped(name, f"decoder layer not fused: {', '.join(listed)} listed in skip"))
+            continue
         match = match_decoder_layer(m)
         if not match.ok:
             summary.skipped.append(Skipped(name, f"decoder layer not fused: {match.reason}"))
