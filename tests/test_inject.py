@@ -164,6 +164,22 @@ def test_skip_covers_norms_and_the_rotary_and_refuses_unknown_names():
         inject(twin(ref), skip=("layers.9",))
 
 
+def test_weights_inject_does_not_rewrite_are_named_in_the_summary():
+    """An MoE model's stacked expert weights (3-D, not nn.Linear) stay on torch and in float under int8: the
+    summary says so, with how many values, rather than report int8 on the linears alone."""
+    cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = inject(transformers.MixtralForCausalLM(cfg).eval(), quantize="int8")
+    summary = injection_summary(model)
+    experts = {s.name: s.reason for s in summary.skipped if s.name.endswith("mlp.experts")}
+    values = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and p.dim() >= 2)
+    assert len(experts) == 2 and values, summary.skipped
+    per_layer = f"{values // 2:,} weight values"
+    assert all(per_layer in r and "float (not quantized)" in r for r in experts.values()), experts
+    assert "weight values" in summary.format()
+    assert not [s for s in injection_summary(inject(make_model("llama"))).skipped if "weight values" in s.reason]
+
+
 def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():
     ref = make_model("llama")
     model = inject(twin(ref))

@@ -172,6 +172,21 @@ def _autocast_refused(model: nn.Module, args, kwargs):
     return None
 
 
+def _report_other_matrices(model: nn.Module, summary: InjectionSummary, quantize: str | None) -> None:
+    """Weights of 2+ dims outside the linears (an MoE block's stacked 3-D expert weights, a convolution) stay
+    the model's, on torch and in float: said, so a summary of "int8 on N linears" hides no float matrices.
+    Embeddings are lookups, not matmuls; Conv1D is reported where the linears are."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, InjectedLinear)) or type(m).__name__ == "Conv1D":
+            continue
+        own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+        if own:
+            values = sum(p.numel() for p in own)
+            summary.skipped.append(Skipped(name, f"{type(m).__name__} holds {values:,} weight values in {len(own)} "
+                                                 f"tensors of 2+ dims that inject does not rewrite: on torch"
+                                                 + (", float (not quantized)" if quantize else "")))
+
+
 def _skipped(name: str, skip) -> bool:
     """Whether module `name` or a module containing it is listed in `skip` (a full name, or last components:
     "lm_head", "self_attn", "layers.0")."""
@@ -256,6 +271,7 @@ def inject(model: nn.Module, *, dtype: torch.dtype | None = None, quantize: str 
             summary.replaced.append(name)
             if head and quantize:
                 summary.float_heads.append(name)
+    _report_other_matrices(model, summary, quantize)
     for m in model.modules():
         if isinstance(m, InjectedLinear):
             summary.backends[m.backend] = summary.backends.get(m.backend, 0) + 1
