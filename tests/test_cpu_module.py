@@ -550,7 +550,7 @@ def test_kn_gemm_host_rule_and_thread_count(cpu_module):
         assert_close(got, reference.vector_matmul(x, w, False, None, False, False), torch.float32)
     threads = torch.get_num_threads()
     with routes.kn_gemm(True):
-        for N in (1100, 70):  # 18 column panels; 2 panels split into row groups too
+        for N in (1100, 70):  # 18 column panels in units of 4; 2 one-panel units
             x, w = randn(1, 77, 700, gen=gen), float_weight(700, N, False, torch.float32, gen)
             try:
                 torch.set_num_threads(1)

@@ -162,6 +162,18 @@ def test_skip_covers_norms_and_the_rotary_and_refuses_unknown_names():
         inject(twin(ref), skip=("lm_head", "lm_haed"))
     with pytest.raises(ValueError, match="'layers.9' names no module"):
         inject(twin(ref), skip=("layers.9",))
+    with pytest.raises(ValueError, match="'' is the whole model"):
+        inject(twin(ref), skip=("",))
+    act = injection_summary(inject(twin(ref), skip=("layers.0.mlp.act_fn",)))  # SiLU runs in the fused MLP
+    assert [f.name for f in act.fused if f.kind == "mlp"] == ["model.layers.1.mlp"]
+    assert any("MLP not fused: act_fn listed in skip" in s.reason for s in act.skipped), act.skipped
+
+
+def test_an_injected_model_moves_to_meta():
+    """A move to the meta device (no values) keeps the RoPE decision rather than read frequencies there."""
+    model = inject(make_model("llama"))
+    model.to("meta")
+    assert all(p.is_meta for p in model.parameters()) and injection_summary(model).rope_fused
 
 
 def test_weights_inject_does_not_rewrite_are_named_in_the_summary():
@@ -178,6 +190,10 @@ def test_weights_inject_does_not_rewrite_are_named_in_the_summary():
     assert all(per_layer in r and "float (not quantized)" in r for r in experts.values()), experts
     assert "weight values" in summary.format()
     assert not [s for s in injection_summary(inject(make_model("llama"))).skipped if "weight values" in s.reason]
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64, image_size=16, patch_size=8))
+    reported = [s.name for s in injection_summary(inject(vit, quantize="int8")).skipped if "weight values" in s.reason]
+    assert reported == ["embeddings.patch_embeddings.projection"], reported  # the conv; not cls_token/positions
 
 
 def test_decoder_layer_follows_to_and_a_skipped_down_proj_keeps_it_unfused():

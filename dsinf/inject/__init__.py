@@ -71,11 +71,14 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
     names = [name for name, _ in model.named_modules() if name]
     for s in skip:  # a misspelt name would silently skip nothing
+        if s == "":
+            raise ValueError("inject: argument 'skip': '' is the whole model: to leave it all to torch, do not "
+                             "inject it")
         if not any(_skipped(name, (s,)) for name in names):
+            example = max(names, key=lambda n: n.count("."), default="")
             raise ValueError(f"inject: argument 'skip': {s!r} names no module of the model (an entry is a full "
-                             f"dotted name such as {names[-1]!r}, or its last components such as "
-                             f"{names[-1].split('.')[-1]!r})" if names else
-                             f"inject: argument 'skip': {s!r} names no module (the model has no submodules)")
+                             f"dotted name such as {example!r}, or its last components such as "
+                             f"{'.'.join(example.split('.')[-2:])!r})")
 
 
 def _one_gemm(module: nn.Module, args: tuple):
@@ -173,13 +176,15 @@ def _autocast_refused(model: nn.Module, args, kwargs):
 
 
 def _report_other_matrices(model: nn.Module, summary: InjectionSummary, quantize: str | None) -> None:
-    """Weights of 2+ dims outside the linears (an MoE block's stacked 3-D expert weights, a convolution) stay
-    the model's, on torch and in float: said, so a summary of "int8 on N linears" hides no float matrices.
-    Embeddings are lookups, not matmuls; Conv1D is reported where the linears are."""
+    """Weight parameters of 2+ dims outside the linears (an MoE block's stacked 3-D expert weights, a
+    convolution) stay the model's, on torch and in float: said, so a summary of "int8 on N linears" hides no
+    float matrices. Not reported: embeddings (lookups), parameters with a leading dimension of 1 (added and
+    broadcast, such as a ViT's cls_token and position embeddings), Conv1D (reported with the linears), and
+    buffers (a quantized format's packed weights are its own module's business)."""
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Embedding, InjectedLinear)) or type(m).__name__ == "Conv1D":
             continue
-        own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+        own = [p for p in m.parameters(recurse=False) if p.dim() >= 2 and p.shape[0] > 1]
         if own:
             values = sum(p.numel() for p in own)
             summary.skipped.append(Skipped(name, f"{type(m).__name__} holds {values:,} weight values in {len(own)} "
@@ -308,7 +313,8 @@ def _fuse_blocks(model: nn.Module, summary: InjectionSummary, skip, options) -> 
     attentions, mlps = [], []
     # (a module that looks like one, its matcher, where matches go, its name in a skip reason)
     kinds = (("q_proj", match_attention, attentions, "attention"), ("gate_proj", match_mlp, mlps, "MLP"))
-    fused_parts = {"attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate_proj", "up_proj")}
+    # What a fused block runs on dsinf's ops: one of them listed in skip keeps the block the model's.
+    fused_parts = {"attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate_proj", "up_proj", "act_fn")}
     for name, m in modules:
         for marker, match_block, matched, label in kinds:
             if hasattr(m, marker):

@@ -112,7 +112,7 @@ class RopePositions:
     def recheck(self, rotary: nn.Module) -> None:
         """Decide again on the rotary module as it is now (after a cast or move). Once off, fusion stays off:
         frequencies rounded by a cast stay rounded when cast back (decide_rotary compares their values)."""
-        if not self.fused:
+        if not self.fused or rotary.inv_freq.is_meta:  # a move to "meta" has no values to decide on
             return
         decision = decide_rotary(rotary, self._config, self._head_dim)
         if not decision.fused:
