@@ -4,10 +4,12 @@ The measurement behind the binding's rule for fp32 [K, N] weights past the GEMV 
 kn_gemm): per shape and M, vector_matmul_fp32 forced onto our GEMM (gemm_kn.cpp) and onto the library's
 (oneDNN's on an AMD host, MKL's elsewhere: routes.fp32_gemm picks), timed in interleaved rounds
 (bench.timing.time_cpu), each checked against dsinf.reference first. Prints library time / ours (> 1: ours
-faster), and what the host's rule picks.
+faster), and what the host's rule picks; with --gemv also ours / our GEMV forced at that M (> 1: the GEMV
+faster), the measurement behind the [K, N] GEMV crossover where ours runs past it.
 
     python -m bench.kn_gemm                                  # the shapes and Ms of docs/PERFORMANCE.md
     python -m bench.kn_gemm --shapes 4096x12288 --m 64,128 --min-time 2
+    python -m bench.kn_gemm --gemv --m 8,16,24,32
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="KxN[,KxN...] (default: %(default)s)")
     p.add_argument("--m", default=",".join(map(str, MS)), help="rows M = B*S (default: %(default)s)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per implementation and case")
+    p.add_argument("--gemv", action="store_true",
+                   help="also time our GEMV forced at each M, and print ours / GEMV (> 1: the GEMV faster)")
     args = p.parse_args(argv)
 
     import torch
@@ -45,17 +49,22 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(1, M, K, generator=gen)
             want = reference.vector_matmul(x, w, False, None, False, False)
 
-            def run(ours: bool):
-                with routes.forced("cpu", [routes.RouteKey("fp32", "kn", K, N)], max_m=0), routes.kn_gemm(ours):
+            key = routes.RouteKey("fp32", "kn", K, N)
+
+            def run(path: str):  # "ours" / "lib": past the GEMV on that GEMM; "gemv": on the GEMV
+                with routes.forced("cpu", [key], max_m=None if path == "gemv" else 0), routes.kn_gemm(path == "ours"):
                     return vm(x, w, False, None, False, False)
 
-            for ours in (True, False):
-                err = ((run(ours) - want).abs().max() / want.abs().max()).item()
+            paths = ("ours", "lib", "gemv") if args.gemv else ("ours", "lib")
+            for path in paths:
+                err = ((run(path) - want).abs().max() / want.abs().max()).item()
                 if err > 2e-5:
-                    raise SystemExit(f"{shape} M={M}: {'ours' if ours else library} is off the reference by {err:.3g}")
-            t = time_cpu({"ours": (lambda i: run(True), 1), "lib": (lambda i: run(False), 1)}, args.min_time)
+                    raise SystemExit(f"{shape} M={M}: {library if path == 'lib' else path} is off the reference by "
+                                     f"{err:.3g}")
+            t = time_cpu({path: (lambda i, path=path: run(path), 1) for path in paths}, args.min_time)
             flops = 2 * M * K * N / (t["ours"].us * 1e-6) / 1e9
-            cells.append(f"M={M} {t['lib'].us / t['ours'].us:.2f}x ({flops:.0f} GF/s)")
+            cells.append(f"M={M} {t['lib'].us / t['ours'].us:.2f}x ({flops:.0f} GF/s)"
+                         + (f" gemv {t['ours'].us / t['gemv'].us:.2f}" if args.gemv else ""))
         print(f"  {shape:>11}  " + "  ".join(cells), flush=True)
     return 0
 

@@ -711,3 +711,5 @@ def test_the_kn_gemm_probe_times_both_gemms_checked(cpu_module, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().startswith(("96x200", "64x300"))]
     assert len(rows) == 2 and all(len(re.findall(r"M=\d+ \d+\.\d\dx \(\d+ GF/s\)", r)) == 2 for r in rows), out
+    assert kn_gemm.main(["--shapes", "96x200", "--m", "16", "--min-time", "0.02", "--gemv"]) == 0  # + the GEMV
+    assert re.search(r"M=16 \d+\.\d\dx \(\d+ GF/s\) gemv \d+\.\d\d", capsys.readouterr().out)

@@ -221,11 +221,17 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
 def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, layout, K, N, want, want_onednn):
     """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
     catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"), and far sooner where the GEMM
-    past it is oneDNN's (8: "CPU fp32 GEMM: oneDNN on AMD"): the binding reports it and the op takes it,
-    our GEMV at that M and ATen one above. Forced onto oneDNN, a torch without it keeps the MKL rule."""
+    past it is oneDNN's (8: "CPU fp32 GEMM: oneDNN on AMD"), except [K, N] where our own GEMM runs past it
+    there (16): the binding reports it and the op takes it, our GEMV at that M and ATen one above. Forced onto
+    oneDNN, a torch without it keeps the MKL rule."""
     with routes.fp32_gemm(onednn):
+        if layout == "kn" and N >= 1024 and cpu_routes.kn_gemm():
+            want_onednn = 16  # our [K, N] GEMM past the GEMV, not oneDNN's: the GEMV keeps ahead of it to 16
         _fp32_crossover(cpu_routes, layout, K, N, want_onednn if onednn and torch.backends.mkldnn.is_available()
                         else want)
+    if layout == "kn" and N >= 1024 and torch.backends.mkldnn.is_available():
+        with routes.fp32_gemm(True), routes.kn_gemm(False):  # oneDNN's [K, N] GEMM past the GEMV: 8
+            _fp32_crossover(cpu_routes, layout, K, N, 8)
 
 
 def _fp32_crossover(cpu_routes, layout, K, N, want):

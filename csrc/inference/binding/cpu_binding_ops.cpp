@@ -138,6 +138,7 @@ bool onednn_fp32_gemm() {
 // (6 x 2 ymm tile) is unmeasured: it keeps the library, as MKL hosts do. dsinf_cpu_kn_gemm_override
 // (dsinf.routes.kn_gemm) forces either for any M past the GEMV.
 constexpr int64_t kKnGemmMaxM = 128, kKnGemmWideMaxM = 512, kKnGemmMinN = 1024;
+constexpr int64_t kKnGemvMaxM = 16;  // the fp32 [K, N] GEMV's crossover where ours is the GEMM past it (gemv_max_m)
 std::atomic<int64_t> g_kn_gemm_override{-1};  // -1: the host's choice; 0 / 1: the library's / ours
 std::atomic<int64_t> g_kn_gemm_calls{0};      // GEMMs run on ours (tests: the path that ran)
 
@@ -207,8 +208,15 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
   if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_gemv_max_m(s);
   if (s.int8) return onednn_fp32_gemm() ? kInt8MaxMOnednn : kInt8MaxM;
   if (act == c10::ScalarType::Float) {
-    // oneDNN's GEMM is at least as fast as MKL's: its cap only lowers the MKL rule.
-    const int64_t onednn_cap = onednn_fp32_gemm() ? 8 : INT64_MAX;
+    // oneDNN's GEMM is at least as fast as MKL's: its cap only lowers the MKL rule. Where our [K, N] GEMM runs
+    // past the GEMV instead (kn_gemm), the GEMV keeps ahead of it to M = 16: our GEMM / the GEMV at M = 16
+    // 1.19-1.74x on 9 of 12 shapes, 0.94-0.97x (ties) on the three of at most 4M values; at 24 1.05-1.39x and
+    // 0.82-0.84x (Zen 5, 2 threads; `python -m bench.kn_gemm --gemv`, docs/PERFORMANCE.md, "CPU: the GEMV
+    // against the [K, N] GEMM"). There the GEMV beat oneDNN's [K, N] GEMM at M = 16 too (1.1-2.3x), where on the
+    // Zen 4 host that set 8 oneDNN's had won (0.77-0.92x); [N, K] keeps 8 (oneDNN 0.78-0.89x of the GEMV at
+    // M = 16 on Zen 5 too).
+    const int64_t onednn_cap = !onednn_fp32_gemm() ? INT64_MAX
+                               : !s.weight_nk && kn_gemm(kKnGemvMaxM, s.K, s.N) ? kKnGemvMaxM : 8;
     int64_t mkl;
     if (s.weight_nk)
       mkl = s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
