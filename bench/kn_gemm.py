@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     vm = InferenceBuilder().load().vector_matmul_fp32
     binding = routes.binding("cpu")
     library = "oneDNN" if binding.onednn_fp32_gemm() else "MKL"
+    rule = "ours where it ran faster" if binding.kn_gemm() else library
     print(f"fp32 [K, N] past the GEMV: ours / {library} (ratio = {library} time / ours; threads "
-          f"{torch.get_num_threads()}; the host's rule: {'ours where it ran faster' if binding.kn_gemm() else library})")
+          f"{torch.get_num_threads()}; the host's rule: {rule})")
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.lower().split("x"))

@@ -501,7 +501,7 @@ def test_fp32_kn_gemm_on_either_gemm(cpu_module, M, K, N, ours):
     x = randn(1, M, K, gen=gen)
     w = float_weight(K, N, False, torch.float32, gen)
     b = randn(N, gen=gen)
-    keys = [routes.RouteKey("fp32", "kn", K, N), routes.RouteKey("fp32", "nk", K, N), routes.RouteKey("fp16", "kn", K, N)]
+    keys = [routes.RouteKey(dtype, layout, K, N) for dtype, layout in (("fp32", "kn"), ("fp32", "nk"), ("fp16", "kn"))]
     with routes.forced("cpu", keys, max_m=0), routes.kn_gemm(ours) as binding:  # every call past the GEMV
         before = binding.kn_gemm_calls()
         got = op(cpu_module, "vector_matmul_fp32")(x, w, False, None, False, False)
@@ -533,8 +533,9 @@ def test_fused_qkv_rope_on_the_kn_gemm(cpu_module, case):
 
 def test_kn_gemm_host_rule_and_thread_count(cpu_module):
     """The host's choice: ours on fp32 [K, N] weights of N >= 1024 up to M = 128, and up to 512 for N >= 2K,
-    where the host takes it at all (an AVX-512 build where fp32 runs on oneDNN); else the library always. Ours splits by columns only and
-    sums each output's k in order, so one thread and two give the same bits."""
+    where the host takes it at all (an AVX-512 build where fp32 runs on oneDNN); else the library always.
+    Ours splits by columns only and sums each output's k in order, so one thread and two give the same
+    bits."""
     from dsinf import routes
 
     binding = routes.binding("cpu")

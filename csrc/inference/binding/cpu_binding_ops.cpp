@@ -134,9 +134,10 @@ bool onednn_fp32_gemm() {
 //   M = 128       1.02-1.37x, except 4096x1024 0.96x (and 4096x4096 0.84-1.06x over four runs): ties
 //   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.00-1.31x; else 0.89-1.01x
 // so ours up to M = 128, and up to M = 512 for N >= 2K (at M = 2048 and 4096 ours read 0.83-0.98x, a review
-// measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). Where fp32 runs on oneDNN: an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build
-// (6 x 2 ymm tile) is unmeasured: it keeps the library, as MKL hosts do. dsinf_cpu_kn_gemm_override
-// (dsinf.routes.kn_gemm) forces either for any M past the GEMV.
+// measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). Where fp32 runs on oneDNN:
+// an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build (6 x 2 ymm tile) is unmeasured: it keeps the
+// library, as MKL hosts do. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any M past the
+// GEMV.
 constexpr int64_t kKnGemmMaxM = 128, kKnGemmWideMaxM = 512, kKnGemmMinN = 1024;
 constexpr int64_t kKnGemvMaxM = 16;  // the fp32 [K, N] GEMV's crossover where ours is the GEMM past it (gemv_max_m)
 std::atomic<int64_t> g_kn_gemm_override{-1};  // -1: the host's choice; 0 / 1: the library's / ours

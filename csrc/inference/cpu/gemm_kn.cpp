@@ -14,7 +14,7 @@
 //   Parallel over units of 4 column panels (256 columns with AVX-512; of one panel where N < 16 panels, so a
 //   narrow output still spreads over threads): the split is fixed by the shape, never by the thread count,
 //   and each output sums its k in order, so results do not depend on the threads. Units of one panel ran
-//   0-8% slower on wide outputs; narrow ones (N < 1024) run 0.40-1.03x of oneDNN's either way (4096x64 ..
+//   up to 11% slower on wide outputs; narrow ones (N < 1024) run 0.40-1.03x of oneDNN's either way (4096x64 ..
 //   4096x512, M = 16..512: too few panels to keep both threads on the math), so the binding leaves them to it.
 //   Per panel, per KC slice of k: the first row tile reads the KC weight rows from memory and copies them
 //   into a KC x NR buffer as it multiplies (KC x NR x 4 = 64 KiB with AVX-512, L2-resident), every other
