@@ -50,7 +50,7 @@ def host_onednn_fp32_gemm(cpu) -> bool:
 
 
 def host_kn_gemm(cpu, isa: str) -> bool:
-    """Whether the CPU module, built for `isa`, runs fp32 [K, N] weights past its GEMV on its own GEMM (N >= 1024:
+    """Whether the CPU module, built for `isa`, runs float [K, N] weights past its GEMV on its own GEMM (N >= 1024:
     up to M = 128, and to 512 for N >= 2K) on this host: the rule of cpu_binding_ops.cpp's kn_gemm_host (an AVX-512
     build where fp32 runs on oneDNN, which reads a [K, N] weight below its [N, K] speed), for the report, which
     states it of the JIT build (prebuilt_note says where an installed portable one keeps oneDNN);
@@ -119,7 +119,7 @@ class InferenceBuilder(OpBuilder):
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
             notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", f"fp32 GEMM past the GEMV: {fp32}"]
             if host_kn_gemm(self.system.cpu, self._cpu_isa(portable=False)[0]):
-                notes.append("fp32 [K, N] weights past the GEMV: our GEMM (an AVX-512 build) for N >= 1024 up to "
+                notes.append("float [K, N] weights past the GEMV: our GEMM (an AVX-512 build) for N >= 1024 up to "
                              "M = 128, and to 512 for N >= 2K (oneDNN's ran 0.66-0.94x of its [N, K] speed on them)")
             return BuildDecision.of(list(decision.reasons), notes)
         if variant == "cuda":
@@ -220,7 +220,7 @@ class InferenceBuilder(OpBuilder):
         isa, here = manifest.get("isa", "baseline"), self._cpu_isa(portable=False)[0]  # what a JIT build targets
         if ISA_RANK.get(isa, 0) >= ISA_RANK.get(here, 0):
             return None
-        kn = (" (and takes fp32 [K, N] weights to our GEMM, which this one leaves to oneDNN)"
+        kn = (" (and takes float [K, N] weights to our GEMM, which this one leaves to oneDNN)"
               if host_kn_gemm(self.system.cpu, here) and not host_kn_gemm(self.system.cpu, isa) else "")
         return (f"the installed binary is built for {isa} (portable); a JIT build here targets {here}{kn}: "
                 f"DSINF_NO_PREBUILT=1 builds (once) and loads one")

@@ -459,7 +459,7 @@ class Binding:
         return int(self._onednn_override(mode))
 
     def kn_gemm(self) -> bool:
-        """CPU: whether fp32 [K, N] weights past the GEMV run on our GEMM (gemm_kn.cpp: reads the weight in
+        """CPU: whether float [K, N] weights past the GEMV run on our GEMM (gemm_kn.cpp: reads the weight in
         place, no transpose) at some M on this host (an AVX-512 build where fp32 runs on oneDNN; N >= 1024: up to
         M = 128, and to 512 for N >= 2K), rather than on oneDNN's or MKL's."""
         return self._kn_gemm is not None and bool(self._kn_gemm())
@@ -578,7 +578,7 @@ def fp32_gemm(onednn: bool) -> contextlib.AbstractContextManager[Binding]:
 
 
 def kn_gemm(ours: bool) -> contextlib.AbstractContextManager[Binding]:
-    """While the block runs, the CPU module runs fp32 [K, N] weights past the GEMV on our GEMM (ours: at
+    """While the block runs, the CPU module runs float [K, N] weights past the GEMV on our GEMM (ours: at
     every M) or on the library's (oneDNN's or MKL's, as fp32_gemm picks), whatever the host would choose; the
     choice in force before is restored after. For checks and probes of both paths on any host."""
     return _cpu_choice(Binding._override_kn, 1 if ours else 0)

@@ -206,7 +206,7 @@ def test_fp32_gemm_past_the_gemv_on_either_library(cpu_module, suffix, onednn):
     from dsinf import routes
 
     ran = onednn and torch.backends.mkldnn.is_available()  # a torch without oneDNN keeps MKL, even when forced
-    # fp32 [K, N] weights on the library too (the host may take them to ours: test_fp32_kn_gemm_on_either_gemm)
+    # float [K, N] weights on the library too (the host may take them to ours: test_kn_gemm_on_either_gemm)
     with routes.fp32_gemm(onednn) as binding, routes.kn_gemm(False):
         assert binding.onednn_fp32_gemm() == ran
         for transposed_mode in (False, True):
@@ -489,33 +489,37 @@ KN_GEMM_SHAPES = [(9, 67, 33), (40, 300, 7), (72, 520, 257), (13, 256, 256), (13
 
 
 @pytest.mark.parametrize("ours", [False, True], ids=["library", "ours"])
+@pytest.mark.parametrize("suffix", list(DTYPES))
 @pytest.mark.parametrize("M,K,N", KN_GEMM_SHAPES)
-def test_fp32_kn_gemm_on_either_gemm(cpu_module, M, K, N, ours):
-    """fp32 [K, N] weights past the GEMV run our GEMM (no transpose of the weight) where the host takes it and
-    the library's elsewhere; forced either way (routes.kn_gemm) at every ISA level the host runs
+def test_kn_gemm_on_either_gemm(cpu_module, M, K, N, suffix, ours):
+    """Float [K, N] weights past the GEMV run our GEMM (no transpose of the weight; 16-bit weights widened in
+    its panels) where the host takes it and the library's elsewhere; forced either way (routes.kn_gemm; bf16 off
+    torch's native bf16 GEMM, which takes it first where the host has one) at every ISA level the host runs
     (tests/test_isa_levels.py), ours is checked against the reference, with and without bias, counted, and
-    never taken by an [N, K] weight or by 16-bit activations."""
+    never taken by an [N, K] or an int8 weight."""
     from dsinf import routes
 
-    gen = torch.Generator().manual_seed(M * K + N)
-    x = randn(1, M, K, gen=gen)
-    w = float_weight(K, N, False, torch.float32, gen)
-    b = randn(N, gen=gen)
-    keys = [routes.RouteKey(dtype, layout, K, N) for dtype, layout in (("fp32", "kn"), ("fp32", "nk"), ("fp16", "kn"))]
-    with routes.forced("cpu", keys, max_m=0), routes.kn_gemm(ours) as binding:  # every call past the GEMV
-        before = binding.kn_gemm_calls()
-        got = op(cpu_module, "vector_matmul_fp32")(x, w, False, None, False, False)
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(M * K + N)
+    x = randn(1, M, K, dtype=dtype, gen=gen)
+    w = float_weight(K, N, False, dtype, gen)
+    b = randn(N, dtype=dtype, gen=gen)
+    vm, linear = op(cpu_module, f"vector_matmul_{suffix}"), op(cpu_module, f"linear_layer_{suffix}")
+    keys = [routes.RouteKey(suffix, layout, K, N) for layout in ("kn", "nk", "int8")]
+    with routes.forced("cpu", keys, max_m=0), routes.kn_gemm(ours) as binding, routes.bf16_gemm(False):
+        before = binding.kn_gemm_calls()  # every call below runs past the GEMV
+        got = vm(x, w, False, None, False, False)
         assert binding.last() == "aten" and binding.kn_gemm_calls() - before == int(ours)
-        assert_close(got, reference.vector_matmul(x, w, False, None, False, False), torch.float32)
+        assert_close(got, reference.vector_matmul(x, w, False, None, False, False), dtype)
         args = (x, w, b, True, False, 0, False)
-        assert_close(op(cpu_module, "linear_layer_fp32")(*args), reference.linear_layer(*args), torch.float32)
+        assert_close(linear(*args), reference.linear_layer(*args), dtype)
         assert binding.kn_gemm_calls() - before == 2 * int(ours)
         before = binding.kn_gemm_calls()
         nk = w.t().contiguous()
-        assert_close(op(cpu_module, "vector_matmul_fp32")(x, nk, False, None, False, True),
-                     reference.vector_matmul(x, nk, False, None, False, True), torch.float32)
+        assert_close(vm(x, nk, False, None, False, True), reference.vector_matmul(x, nk, False, None, False, True),
+                     dtype)
         assert binding.last() == "aten"
-        op(cpu_module, "vector_matmul_fp16")(x.half(), w.half(), False, None, False, False)
+        q, scale = int8_weight(N, K, 1, gen)
+        vm(x, q, False, scale, True, False)
         assert binding.last() == "aten" and binding.kn_gemm_calls() == before
 
 
@@ -532,7 +536,7 @@ def test_fused_qkv_rope_on_the_kn_gemm(cpu_module, case):
 
 
 def test_kn_gemm_host_rule_and_thread_count(cpu_module):
-    """The host's choice: ours on fp32 [K, N] weights of N >= 1024 up to M = 128, and up to 512 for N >= 2K,
+    """The host's choice: ours on float [K, N] weights of N >= 1024 up to M = 128, and up to 512 for N >= 2K,
     where the host takes it at all (an AVX-512 build where fp32 runs on oneDNN); else the library always.
     Ours splits by columns only and sums each output's k in order, so one thread and two give the same
     bits."""

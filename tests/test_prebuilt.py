@@ -189,7 +189,7 @@ def test_a_portable_binary_on_a_cpu_that_runs_more_is_noted(monkeypatch):
     assert "[K, N]" not in note  # an Intel-like brand: MKL, no GEMM of ours in either build
     amd = Cpu("x86_64", "AMD EPYC", avx512.flags, "fake")  # oneDNN's fp32 GEMM; ours on [K, N] in an AVX-512 build
     note = InferenceBuilder(system(cpu=amd)).prebuilt_note("cpu", cpu_manifest())
-    assert ("fp32 [K, N] weights to our GEMM" in note) == torch.backends.mkldnn.is_available(), note
+    assert ("float [K, N] weights to our GEMM" in note) == torch.backends.mkldnn.is_available(), note
     assert InferenceBuilder(system()).prebuilt_note("cpu", cpu_manifest()) is None
     assert InferenceBuilder(system(cpu=avx512)).prebuilt_note("cuda", {}) is None
     monkeypatch.setenv("DSINF_CPU_ISA", "avx2")  # JIT builds pinned to avx2: nothing faster to build
@@ -356,7 +356,7 @@ def test_installed_binary_loads_without_the_compiler(installed_with_ops, tmp_pat
     if ISA_RANK[here] > ISA_RANK["avx2"]:
         from dsinf.builder import host_kn_gemm
 
-        kn = (" (and takes fp32 [K, N] weights to our GEMM, which this one leaves to oneDNN)"
+        kn = (" (and takes float [K, N] weights to our GEMM, which this one leaves to oneDNN)"
               if host_kn_gemm(current_system().cpu, here) else "")
         assert rows["cpu"]["installed_note"] == (f"the installed binary is built for avx2 (portable); a JIT build "
                                                  f"here targets {here}{kn}: DSINF_NO_PREBUILT=1 builds (once) and "

@@ -282,7 +282,7 @@ def test_the_fp32_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
 
 
 def test_the_kn_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
-    """fp32 [K, N] weights past the GEMV run our GEMM exactly where this build is AVX-512 and fp32 runs on
+    """Float [K, N] weights past the GEMV run our GEMM exactly where this build is AVX-512 and fp32 runs on
     oneDNN, as the report's note says; routes.kn_gemm overrides it both ways, whatever fp32_gemm picks, and
     restores it."""
     from dsinf.builder import InferenceBuilder, host_kn_gemm
@@ -292,7 +292,7 @@ def test_the_kn_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
     host = host_kn_gemm(current_system().cpu, isa)  # the rule the report shows
     assert cpu_routes.kn_gemm() == host
     notes = " ".join(InferenceBuilder().compatible("cpu").notes)
-    assert ("fp32 [K, N] weights past the GEMV: our GEMM" in notes) == host
+    assert ("float [K, N] weights past the GEMV: our GEMM" in notes) == host
     for ours in (False, True):
         with routes.kn_gemm(ours) as b, routes.fp32_gemm(not host):
             assert b.kn_gemm() == ours

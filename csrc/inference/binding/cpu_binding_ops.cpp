@@ -125,7 +125,7 @@ bool onednn_fp32_gemm() {
   return (o < 0 ? host_prefers_onednn_fp32() : o != 0) && onednn_linear_available();
 }
 
-// fp32 past the GEMV with an fp32 [K, N] weight in place (DeepSpeed's layout) on our GEMM (gemm_kn.cpp) rather
+// Past the GEMV, a float [K, N] weight in place (DeepSpeed's layout) on our GEMM (gemm_kn.cpp) rather
 // than the library's: on an AMD host oneDNN reads a [K, N] weight below its [N, K] speed (a transposed view it
 // copies), while ours reads it in place once. Through vector_matmul_fp32, oneDNN's time / ours (Zen 5,
 // 2 threads, an AVX-512 build, 12 shapes K x N from 1024x4096 to 14336x4096; `python -m bench.kn_gemm`,
@@ -134,7 +134,11 @@ bool onednn_fp32_gemm() {
 //   M = 128       1.02-1.37x, except 4096x1024 0.96x (and 4096x4096 0.84-1.06x over four runs): ties
 //   M = 256..512  N >= 2K (4096x8192 .. 4096x14336, 1024x4096): 1.00-1.31x; else 0.89-1.01x
 // so ours up to M = 128, and up to M = 512 for N >= 2K (at M = 2048 and 4096 ours read 0.83-0.98x, a review
-// measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). Where fp32 runs on oneDNN:
+// measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). The same rule serves 16-bit
+// [K, N] weights past the GEMV (fp16 activations; bf16 without the native bf16 GEMM), which the library's path
+// widens into fp32 blocks for oneDNN while ours widens them in its panels: fp16, the same 12 shapes, ours over
+// that path 1.45-1.97x at M = 16, 1.11-1.41x at 128, 1.09-1.23x for N >= 2K at 512 (0.95-1.21x otherwise;
+// `python -m bench.kn_gemm --dtype fp16`). Where fp32 runs on oneDNN:
 // an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build (6 x 2 ymm tile) is unmeasured: it keeps the
 // library, as MKL hosts do. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any M past the
 // GEMV.
@@ -144,7 +148,7 @@ std::atomic<int64_t> g_kn_gemm_override{-1};  // -1: the host's choice; 0 / 1: t
 std::atomic<int64_t> g_kn_gemm_calls{0};      // GEMMs run on ours (tests: the path that ran)
 
 bool kn_gemm_host() {
-  static const bool tuned = dsinf_cpu_gemm_f32_kn_simd() == 512;
+  static const bool tuned = dsinf_cpu_gemm_kn_simd() == 512;
   return tuned && onednn_fp32_gemm();
 }
 
@@ -352,9 +356,10 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   // On oneDNN (onednn_fp32_gemm) fp32 weights in place are one call over all N (it blocks for itself); widened
   // blocks are each multiplied into a fresh result and copied into their slice (no out= form; the copy is
   // M x N x 4 bytes, under 1% of the GEMM).
-  // Ours on an fp32 [K, N] weight (kn_gemm) multiplies without the bias, which comes with the rounding below.
+  // Ours on a float [K, N] weight (kn_gemm; 16-bit weights widen in its panels, with no widened copy) multiplies
+  // without the bias, which comes with the rounding below.
   const bool in_place = act == c10::ScalarType::Float && !s.int8;
-  const bool ours_kn = in_place && !s.weight_nk && K > 0 && kn_gemm(M, K, N);
+  const bool ours_kn = !s.int8 && !s.weight_nk && K > 0 && kn_gemm(M, K, N);
   const bool onednn = K > 0 && onednn_fp32_gemm();  // K = 0: MKL's mm writes the zeros
   const at::Tensor xf = act == c10::ScalarType::Float ? x2d : x2d.to(c10::ScalarType::Float);
   const bool fuse_bias = in_place && !ours_kn && bias && !for_epilogue;
@@ -362,9 +367,9 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   if (ours_kn) {
     const at::Tensor xc = xf.stride(1) == 1 ? xf : xf.contiguous();
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-    check_status(dsinf_cpu_gemm_f32_kn(xc.data_ptr<float>(), M, K, xc.stride(0), weight.data_ptr<float>(), N, N,
-                                       y.data_ptr<float>(), N, kParallel),
-                 op, "gemm_f32_kn");
+    check_status(dsinf_cpu_gemm_kn(xc.data_ptr<float>(), M, K, xc.stride(0), weight.data_ptr(), w.dtype, N, N,
+                                   y.data_ptr<float>(), N, kParallel),
+                 op, "gemm_kn");
     g_kn_gemm_calls.fetch_add(1, std::memory_order_relaxed);
   } else if (onednn && in_place) {
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
@@ -601,7 +606,7 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_onednn_fp32_
   return dsinf::cpu_binding::g_onednn_fp32_override.exchange(mode);
 }
 
-// Whether fp32 [K, N] weights past the GEMV run on our GEMM (dsinf/routes.py: Binding.kn_gemm, kn_gemm): at some
+// Whether float [K, N] weights past the GEMV run on our GEMM (dsinf/routes.py: Binding.kn_gemm, kn_gemm): at some
 // M on this host now (with the override: at every M past the GEMV); the override (-1: the host's choice, 0: the
 // library's GEMM, 1: ours; any other value changes nothing), returning the override it replaced; how many GEMMs
 // ours has run in this process.

@@ -1,12 +1,14 @@
-// fp32 GEMM over a [K, N] weight in place: dsinf_cpu_gemm_f32_kn (API in cpu_kernels.h).
+// GEMM over a [K, N] weight in place, in fp32: dsinf_cpu_gemm_kn (API in cpu_kernels.h).
 //
-//   y[m * ldy + n] = sum_k x[m * ldx + k] * w[k * ldw + n]      0 <= m < M, 0 <= n < N, all fp32
+//   y[m * ldy + n] = sum_k x[m * ldx + k] * W(k, n)      0 <= m < M, 0 <= n < N; x, y fp32;
+//   W(k, n) = w[k * ldw + n], fp32 or a 16-bit float widened to fp32 as its panel is copied
 //
 // Why it exists: past the GEMV an AMD host runs fp32 on oneDNN's GEMM (cpu_binding_ops.cpp), whose fast
 // path wants the weight as [N, K]. Handed DeepSpeed's [K, N] weight (a transposed view) it ran at 0.66-0.94x
 // of its [N, K] speed (Zen 5, 2 threads, M = 16..512; at M = 128 289 against 423 GFLOP/s on 4096x12288, the
 // fused-QKV shape; docs/PERFORMANCE.md, "CPU: an fp32 GEMM for [K, N] weights"). Here vectors run along n, so
-// a row of a [K, N] weight is exactly what the register tile wants: no transpose anywhere.
+// a row of a [K, N] weight is exactly what the register tile wants: no transpose anywhere. A 16-bit weight
+// widens to fp32 in the same copy (where the library's path widened it into blocks for oneDNN first).
 //
 // Blocking (BLIS-style, sizes for a 48 KiB L1 / 1 MiB L2 core):
 //   x is copied once into panels of MR rows, [K/KC][ceil(M/MR)][KC][MR] (rows past M zero), so a tile
@@ -17,8 +19,9 @@
 //   up to 11% slower on wide outputs; narrow ones (N < 1024) run 0.40-1.03x of oneDNN's either way (4096x64 ..
 //   4096x512, M = 16..512: too few panels to keep both threads on the math), so the binding leaves them to it.
 //   Per panel, per KC slice of k: the first row tile reads the KC weight rows from memory and copies them
-//   into a KC x NR buffer as it multiplies (KC x NR x 4 = 64 KiB with AVX-512, L2-resident), every other
-//   row tile of x reads that buffer. The weight is read from memory once per call.
+//   into a KC x NR fp32 buffer as it multiplies (KC x NR x 4 = 64 KiB with AVX-512, L2-resident; 16-bit
+//   weights widen there, in registers), every other row tile of x reads that buffer. The weight is read from
+//   memory once per call.
 //   The MR x NR output tile stays in registers over a KC slice; it is loaded and stored between slices.
 // Register tile MR x NV vectors: AVX-512 6 x 4 zmm (24 accumulators + 4 weight vectors + 1 broadcast of
 // 32 registers), AVX2 6 x 2 ymm (12 + 2 + 1 of 16), scalar 6 x 4. Of 6x4, 8x3 and 12x2 zmm tiles, 6x4 ran
@@ -47,8 +50,8 @@ constexpr int64_t kKC = 256;
 
 // c[MR x NR tile, row stride ldc] (+)= ap[KC][MR] x panel[KC][NR]. With kCopy the panel is read from the
 // weight (row stride ldw) and stored into bp; else it is read from bp. `first`: the tile starts at zero.
-template <bool kCopy>
-void tile(int64_t kc, const float* __restrict ap, const float* __restrict w, int64_t ldw, float* __restrict bp,
+template <bool kCopy, class TW>
+void tile(int64_t kc, const float* __restrict ap, const TW* __restrict w, int64_t ldw, float* __restrict bp,
           float* c, int64_t ldc, bool first) {
   vf acc[kMR][kNV];
   for (int64_t i = 0; i < kMR; ++i)
@@ -91,7 +94,8 @@ void pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, float* xp, dsinf_
 }
 
 // Columns [n0, n0 + nr) of y (nr <= NR: one panel), all rows.
-void panel(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t n0,
+template <class TW>
+void panel(const float* xp, int64_t M, int64_t K, const TW* w, int64_t ldw, float* y, int64_t ldy, int64_t n0,
            int64_t nr, float* bp) {
   const int64_t P = (M + kMR - 1) / kMR;
   float edge[kMR * kNR];  // a ragged tile's outputs, zero-padded
@@ -99,10 +103,10 @@ void panel(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, f
     const int64_t kc = std::min(kKC, K - k0);
     const bool first = k0 == 0;
     const float* xs = xp + k0 * P * kMR;
-    const float* wp = w + k0 * ldw + n0;
+    const TW* wp = w + k0 * ldw + n0;
     if (nr < kNR) {  // ragged panel: copy it zero-padded, then every tile reads the copy
       for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(bp + k * kNR, wp + k * ldw, size_t(nr) * sizeof(float));
+        for (int64_t j = 0; j < nr; ++j) bp[k * kNR + j] = to_f32(wp[k * ldw + j]);
         std::memset(bp + k * kNR + nr, 0, size_t(kNR - nr) * sizeof(float));
       }
     }
@@ -119,7 +123,7 @@ void panel(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, f
       if (p == 0 && nr == kNR)
         tile<true>(kc, xs + p * kc * kMR, wp, ldw, bp, t, ldt, first);
       else
-        tile<false>(kc, xs + p * kc * kMR, nullptr, 0, bp, t, ldt, first);
+        tile<false, TW>(kc, xs + p * kc * kMR, nullptr, 0, bp, t, ldt, first);
       if (ragged)
         for (int64_t i = 0; i < mr; ++i) std::memcpy(c + i * ldy, edge + i * kNR, size_t(nr) * sizeof(float));
     }
@@ -129,9 +133,11 @@ void panel(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, f
 }  // namespace
 }  // namespace dsinf_cpu
 
-extern "C" dsinf_status dsinf_cpu_gemm_f32_kn(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w,
-                                              int64_t ldw, int64_t N, float* y, int64_t ldy, dsinf_parallel_fn pf) {
+extern "C" dsinf_status dsinf_cpu_gemm_kn(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w,
+                                          dsinf_dtype w_dtype, int64_t ldw, int64_t N, float* y, int64_t ldy,
+                                          dsinf_parallel_fn pf) {
   using namespace dsinf_cpu;
+  if (!float_dtype(w_dtype)) return DSINF_UNSUPPORTED;
   if (M <= 0 || N <= 0) return DSINF_OK;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy, 0, size_t(N) * sizeof(float));
@@ -142,15 +148,17 @@ extern "C" dsinf_status dsinf_cpu_gemm_f32_kn(const float* x, int64_t M, int64_t
   pack_x(x, M, K, ldx, xp.data(), pf);
   const int64_t unit = (N >= 16 * kNR ? 4 : 1) * kNR;  // columns per work unit
   const int64_t units = (N + unit - 1) / unit;
-  parallel_for(pf, units, 1, [&](int64_t ub, int64_t ue) {
-    AlignedBuffer<float> bp(size_t(kKC * kNR));
-    for (int64_t n0 = ub * unit; n0 < std::min(N, ue * unit); n0 += kNR)
-      panel(xp.data(), M, K, w, ldw, y, ldy, n0, std::min(kNR, N - n0), bp.data());
+  with_float_type(w_dtype, const_cast<void*>(w), [&](auto* wt) {
+    parallel_for(pf, units, 1, [&](int64_t ub, int64_t ue) {
+      AlignedBuffer<float> bp(size_t(kKC * kNR));
+      for (int64_t n0 = ub * unit; n0 < std::min(N, ue * unit); n0 += kNR)
+        panel(xp.data(), M, K, wt, ldw, y, ldy, n0, std::min(kNR, N - n0), bp.data());
+    });
   });
   return DSINF_OK;
 }
 
-extern "C" int dsinf_cpu_gemm_f32_kn_simd(void) {
+extern "C" int dsinf_cpu_gemm_kn_simd(void) {
 #if DSINF_SIMD_AVX512
   return 512;
 #elif DSINF_SIMD_AVX2

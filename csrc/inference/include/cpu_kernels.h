@@ -85,15 +85,17 @@ DSINF_CPU_API dsinf_status dsinf_cpu_bias_cast(const float* src, int64_t M, int6
                                                const void* bias, void* out, dsinf_dtype out_dtype, int64_t ldo,
                                                dsinf_parallel_fn pf);
 
-// fp32 GEMM over a weight stored [K, N] (DeepSpeed's layout), read in place, once:
-//   y[m * ldy + n] = sum_k x[m * ldx + k] * w[k * ldw + n],  0 <= m < M, 0 <= n < N
-// Each output sums k in order whatever the thread count (gemm_kn.cpp says how it blocks). K == 0 writes
-// zeros; M == 0 or N == 0 is a no-op.
-DSINF_CPU_API dsinf_status dsinf_cpu_gemm_f32_kn(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w,
-                                                 int64_t ldw, int64_t N, float* y, int64_t ldy, dsinf_parallel_fn pf);
+// GEMM over a weight stored [K, N] (DeepSpeed's layout), read in place, once, in fp32:
+//   y[m * ldy + n] = sum_k x[m * ldx + k] * W(k, n),  0 <= m < M, 0 <= n < N,  W(k, n) = w[k * ldw + n]
+// x, y: fp32; w: w_dtype F32/F16/BF16 (widened to fp32 exactly; I8 -> UNSUPPORTED). Each output sums k in
+// order whatever the thread count (gemm_kn.cpp says how it blocks). K == 0 writes zeros; M == 0 or N == 0
+// is a no-op.
+DSINF_CPU_API dsinf_status dsinf_cpu_gemm_kn(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w,
+                                             dsinf_dtype w_dtype, int64_t ldw, int64_t N, float* y, int64_t ldy,
+                                             dsinf_parallel_fn pf);
 
-// The vector width, in bits, this build's dsinf_cpu_gemm_f32_kn runs on: 512 (AVX-512), 256 (AVX2) or 0.
-DSINF_CPU_API int dsinf_cpu_gemm_f32_kn_simd(void);
+// The vector width, in bits, this build's dsinf_cpu_gemm_kn runs on: 512 (AVX-512), 256 (AVX2) or 0.
+DSINF_CPU_API int dsinf_cpu_gemm_kn_simd(void);
 
 typedef struct dsinf_qkv_layout {
   int64_t B, S;
