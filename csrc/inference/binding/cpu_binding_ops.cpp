@@ -136,9 +136,9 @@ bool onednn_fp32_gemm() {
 // so ours up to M = 128, and up to M = 512 for N >= 2K (at M = 2048 and 4096 ours read 0.83-0.98x, a review
 // measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). The same rule serves 16-bit
 // [K, N] weights past the GEMV (fp16 activations; bf16 without the native bf16 GEMM), which the library's path
-// widens into fp32 blocks for oneDNN while ours widens them in its panels: fp16, the same 12 shapes, ours over
-// that path 1.45-1.97x at M = 16, 1.11-1.41x at 128, 1.09-1.23x for N >= 2K at 512 (0.95-1.21x otherwise;
-// `python -m bench.kn_gemm --dtype fp16`). Where fp32 runs on oneDNN:
+// widens into fp32 blocks for oneDNN while ours widens them in its panels: fp16, the same 12 shapes, two runs,
+// ours over that path 1.45-3.68x at M = 16, 1.11-1.45x at 128, 1.05-1.23x for N >= 2K at 512 (0.92-1.21x
+// otherwise; `python -m bench.kn_gemm --dtype fp16`). Where fp32 runs on oneDNN:
 // an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build (6 x 2 ymm tile) is unmeasured: it keeps the
 // library, as MKL hosts do. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any M past the
 // GEMV.
