@@ -15,5 +15,5 @@ How it measures, in short:
 Modules: cli (arguments, the run), sections (the registry), context (a run's state), cases (shapes,
 bytes, FLOPs), timing, env (buffers and backends), impls (the implementations of a case), ops,
 host_cost, build_times (the sections), goals, tables, report, results, adapter (dsinf internals). Commands of
-their own: e2e (the Hugging Face end-to-end benchmark), kn_gemm (the CPU's fp32 [K, N] GEMM against the library's).
+their own: e2e (the Hugging Face end-to-end benchmark), kn_gemm (the CPU's [K, N] GEMM against the library's).
 """

@@ -1,7 +1,7 @@
-"""The CPU module's fp32 [K, N] GEMM against the library's, through the op: `python -m bench.kn_gemm`.
+"""The CPU module's [K, N] GEMM against the library's, through the op: `python -m bench.kn_gemm`.
 
 The measurement behind the binding's rule for float [K, N] weights past the GEMV (cpu_binding_ops.cpp,
-kn_gemm): per shape and M, vector_matmul_fp32 forced onto our GEMM (gemm_kn.cpp) and onto the library's
+kn_gemm): per shape and M, vector_matmul_<dtype> forced onto our GEMM (gemm_kn.cpp) and onto the library's
 (oneDNN's on an AMD host, MKL's elsewhere: routes.fp32_gemm picks), timed in interleaved rounds
 (bench.timing.time_cpu), each checked against dsinf.reference first. Prints library time / ours (> 1: ours
 faster), and what the host's rule picks; with --gemv also ours / our GEMV forced at that M (> 1: the GEMV

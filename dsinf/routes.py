@@ -579,7 +579,8 @@ def fp32_gemm(onednn: bool) -> contextlib.AbstractContextManager[Binding]:
 
 def kn_gemm(ours: bool) -> contextlib.AbstractContextManager[Binding]:
     """While the block runs, the CPU module runs float [K, N] weights past the GEMV on our GEMM (ours: at
-    every M) or on the library's (oneDNN's or MKL's, as fp32_gemm picks), whatever the host would choose; the
+    every M; bf16 activations only where torch's native bf16 GEMM is off, which takes them first) or on the
+    library's (oneDNN's or MKL's, as fp32_gemm picks), whatever the host would choose; the
     choice in force before is restored after. For checks and probes of both paths on any host."""
     return _cpu_choice(Binding._override_kn, 1 if ours else 0)
 

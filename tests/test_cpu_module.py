@@ -2,8 +2,8 @@
 
 The module is reached through the `cpu_module` fixture (tests/conftest.py: built by op_builder into the
 session's fresh cache). Shapes are picked to walk every kernel path of the binding, whatever the exact
-crossovers are (today GEMV up to M = 4-24 fp32 and 24 int8, where the GEMM past it is oneDNN's 8 fp32 and
-16 int8, 16-24 16-bit; bf16 on the native bf16 GEMM 4-16; a forced route covers the rest): M = B*S of 1, 3
+crossovers are (today GEMV up to M = 4-24 fp32 and 24 int8, where the GEMM past it is oneDNN's 8 fp32 (16 for [K, N]
+on our own GEMM) and 16 int8, 16-24 16-bit; bf16 on the native bf16 GEMM 4-16; a forced route covers the rest): M = B*S of 1, 3
 and 5 (our GEMV; 5 is more than the register tile's rows and, with K > 512, takes the k-blocked branch), 24
 (GEMV or GEMM, by the host), 40 (fp32 BLAS,
 widened fp32 GEMM or the native bf16 GEMM for 16-bit) and 72 (every GEMM path), both

@@ -217,7 +217,7 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
 @pytest.mark.parametrize("layout, K, N, want, want_onednn", [
     ("nk", 4096, 4096, 16, 8), ("nk", 4096, 256, 8, 8), ("nk", 256, 1376, 8, 8),  # [N,K]: 16; a short K or N: 8
     ("kn", 4096, 4096, 24, 8), ("kn", 1024, 512, 8, 8), ("kn", 4096, 64, 4, 4),   # [K,N]: 24 from N = 1024, else less;
-])                                                                                # oneDNN caps them at 8
+])                                                                                # oneDNN caps them at 8 (our [K,N] GEMM: 16)
 def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, layout, K, N, want, want_onednn):
     """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
     catches up sooner there; docs/PERFORMANCE.md, "CPU GEMV / GEMM crossover"), and far sooner where the GEMM
@@ -232,6 +232,8 @@ def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, la
     if layout == "kn" and N >= 1024 and torch.backends.mkldnn.is_available():
         with routes.fp32_gemm(True), routes.kn_gemm(False):  # oneDNN's [K, N] GEMM past the GEMV: 8
             _fp32_crossover(cpu_routes, layout, K, N, 8)
+        with routes.fp32_gemm(True), routes.kn_gemm(True):  # rms_mlp_gemm's gate|up keeps 8 over our GEMM
+            assert cpu_routes.default(RouteKey("fp32", "gated-kn", K, N)) == 8
 
 
 def _fp32_crossover(cpu_routes, layout, K, N, want):

@@ -13,8 +13,9 @@
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
 //                         buffer, with x.to(fp32), then bias + rounding once (dsinf_cpu_bias_cast).
 //                         On an AMD host oneDNN's fp32 GEMM instead (onednn_fp32_gemm): fp32 weights in
-//                         one call, widened blocks each into a fresh result copied into their slice; fp32
-//                         [K, N] weights there on our GEMM (kn_gemm, gemm_kn.cpp) where it ran faster.
+//                         one call, widened blocks each into a fresh result copied into their slice; float
+//                         [K, N] weights there (16-bit ones widened in its panels, no widened copy) on our
+//                         GEMM (kn_gemm, gemm_kn.cpp) where it ran faster.
 //                         Without native bf16 GEMM (AVX2) this is far faster than torch's bf16 mm and
 //                         keeps fp32 accumulation (docs/PERFORMANCE.md).
 //                         bf16 activations on a host with native bf16 dot products (native_bf16_gemm):
@@ -136,9 +137,10 @@ bool onednn_fp32_gemm() {
 // so ours up to M = 128, and up to M = 512 for N >= 2K (at M = 2048 and 4096 ours read 0.83-0.98x, a review
 // measured), for N >= 1024: narrower outputs ran 0.40-1.03x (4096x64 .. 4096x512). The same rule serves 16-bit
 // [K, N] weights past the GEMV (fp16 activations; bf16 without the native bf16 GEMM), which the library's path
-// widens into fp32 blocks for oneDNN while ours widens them in its panels: fp16, the same 12 shapes, two runs,
-// ours over that path 1.45-3.68x at M = 16, 1.11-1.45x at 128, 1.05-1.23x for N >= 2K at 512 (0.92-1.21x
-// otherwise; `python -m bench.kn_gemm --dtype fp16`). Where fp32 runs on oneDNN:
+// widens into fp32 blocks for oneDNN while ours widens them in its panels: fp16, the same 12 shapes, ours over
+// that path 1.68-2.49x at M = 32, 1.54-1.86x at 64, 1.11-1.45x at 128 (two runs), 1.05-1.23x for N >= 2K at 512
+// (0.92-1.21x otherwise; `python -m bench.kn_gemm --dtype fp16`; the fp16 GEMV takes M <= 24). Where fp32 runs
+// on oneDNN:
 // an AMD host, or oneDNN forced (routes.fp32_gemm). An AVX2 build (6 x 2 ymm tile) is unmeasured: it keeps the
 // library, as MKL hosts do. dsinf_cpu_kn_gemm_override (dsinf.routes.kn_gemm) forces either for any M past the
 // GEMV.
@@ -195,16 +197,17 @@ int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
 // dsinf.routes --tune) finds a shape's own. DSINF_CPU_FORCE_PATH=1 / 2 (compile-time, for measuring only)
 // forces GEMV / GEMM. Where fp32 past the GEMV is oneDNN's GEMM (onednn_fp32_gemm, an AMD host) it crosses
 // sooner: oneDNN streams an [N, K] weight at DRAM speed even at M = 1 (ATen / ours 0.91-1.02x); at M = 16 it beat
-// our GEMV on every shape measured (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes (0.88-1.07x;
-// [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A cap of 4
-// for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts.
+// our GEMV on every shape measured on a Zen 4 (0.71-0.93x; [K, N] 0.77-0.92x), at M = 8 on 2 of 4 [N, K] shapes
+// (0.88-1.07x; [K, N] 1.65-2.17x ours). Zen 4, 2 threads (docs/PERFORMANCE.md, "CPU fp32 GEMM: oneDNN on AMD"). A
+// cap of 4 for [N, K] cost the Llama-shaped model 20% of its batch-8 decode end to end, so 8 for both layouts,
+// except fp32 [K, N] where our own GEMM runs past the GEMV (16; gemv_max_m says why).
 // int8 weights (fp32 FMAs; MKL: 24) cross at 16 on oneDNN, whose GEMM runs their widened blocks at its speed
 // (kWidenedColumns): past-the-GEMV / GEMV at M = 8 / 16 / 32 on 4096x4096, 14336x4096, 4096x14336, 11008x4096
 // (the last with fp32 activations only), the GEMV converting the weights in its tile: fp32 activations 1.17-1.93x
 // / 0.82-1.29x / 0.69-0.94x, fp16 1.56-1.89x / 0.87-1.40x / 0.67-0.96x. Zen 4, 2 threads (docs/PERFORMANCE.md,
 // "CPU: weights converted in the tile"). The gated kernel keeps 24 (gated_max_m).
 constexpr int64_t kInt8MaxM = 24, kInt8MaxMOnednn = 16;
-int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
+int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act, bool gated = false) {
 #if defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 1
   return INT64_MAX;
 #elif defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH == 2
@@ -219,9 +222,10 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act) {
     // 0.82-0.84x (Zen 5, 2 threads; `python -m bench.kn_gemm --gemv`, docs/PERFORMANCE.md, "CPU: the GEMV
     // against the [K, N] GEMM"). There the GEMV beat oneDNN's [K, N] GEMM at M = 16 too (1.1-2.3x), where on the
     // Zen 4 host that set 8 oneDNN's had won (0.77-0.92x); [N, K] keeps 8 (oneDNN 0.78-0.89x of the GEMV at
-    // M = 16 on Zen 5 too).
+    // M = 16 on Zen 5 too). rms_mlp_gemm's gate|up keeps 8 there: its gated kernel at M = 9..16 ran 0.80-0.89x
+    // of the matmul path (our GEMM + the gated epilogue) on 4096x22016 and 4096x28672 (Zen 5, 2 threads).
     const int64_t onednn_cap = !onednn_fp32_gemm() ? INT64_MAX
-                               : !s.weight_nk && kn_gemm(kKnGemvMaxM, s.K, s.N) ? kKnGemvMaxM : 8;
+                               : !gated && !s.weight_nk && kn_gemm(kKnGemvMaxM, s.K, s.N) ? kKnGemvMaxM : 8;
     int64_t mkl;
     if (s.weight_nk)
       mkl = s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
@@ -249,7 +253,7 @@ int64_t gated_max_m(const MatmulShape& s, c10::ScalarType act) {
 #if !(defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH)
   if (s.int8 && !native_bf16) return kInt8MaxM;
 #endif
-  return gemv_max_m(s, act);
+  return gemv_max_m(s, act, /*gated=*/true);
 }
 
 // gemv_max_m of a route-table key (dsinf/routes.py reports it for the shapes it has not measured); a gated key
