@@ -390,31 +390,20 @@ class Binding:
         self.gated_cap = int(getattr(lib, prefix + "gated_cap")())  # the largest M the gated kernel takes
         self._last = getattr(lib, prefix + "last")
         self._last_gated = getattr(lib, prefix + "last_gated")
-        # The CPU module's choice of GEMM past the GEMV for bf16 activations (None: a binary without one).
-        self._native_bf16 = getattr(lib, f"dsinf_{variant}_native_bf16_gemm", None)
-        self._bf16_override = getattr(lib, f"dsinf_{variant}_native_bf16_override", None)
-        if self._native_bf16 is not None and self._bf16_override is not None:
-            self._native_bf16.restype = ctypes.c_int64
-            self._bf16_override.argtypes, self._bf16_override.restype = [ctypes.c_int64], ctypes.c_int64
-        self._onednn = getattr(lib, f"dsinf_{variant}_onednn_fp32_gemm", None)
-        self._onednn_override = getattr(lib, f"dsinf_{variant}_onednn_fp32_override", None)
-        self._onednn_calls = getattr(lib, f"dsinf_{variant}_onednn_fp32_calls", None)
-        for fn in (self._onednn, self._onednn_calls):
-            if fn is not None:
-                fn.restype = ctypes.c_int64
-        if self._onednn_override is not None:
-            self._onednn_override.argtypes, self._onednn_override.restype = [ctypes.c_int64], ctypes.c_int64
-        self._kn_gemm = getattr(lib, f"dsinf_{variant}_kn_gemm", None)
-        self._kn_override = getattr(lib, f"dsinf_{variant}_kn_gemm_override", None)
-        self._kn_calls = getattr(lib, f"dsinf_{variant}_kn_gemm_calls", None)
-        for fn in (self._kn_gemm, self._kn_calls):
-            if fn is not None:
-                fn.restype = ctypes.c_int64
-        if self._kn_override is not None:
-            self._kn_override.argtypes, self._kn_override.restype = [ctypes.c_int64], ctypes.c_int64
-        self._gemv_dpbf16 = getattr(lib, f"dsinf_{variant}_gemv_has_dpbf16", None)
-        if self._gemv_dpbf16 is not None:
-            self._gemv_dpbf16.restype = ctypes.c_int64
+        # The CPU module's host choices of GEMM past the GEMV, with their overrides and counters (None: a binary
+        # without one): bf16 activations on the native bf16 GEMM, fp32 on oneDNN, [K, N] weights on ours.
+        def fn(name: str, takes_mode: bool = False):
+            f = getattr(lib, f"dsinf_{variant}_{name}", None)
+            if f is not None:
+                f.argtypes, f.restype = ([ctypes.c_int64] if takes_mode else []), ctypes.c_int64
+            return f
+
+        self._native_bf16, self._bf16_override = fn("native_bf16_gemm"), fn("native_bf16_override", True)
+        self._onednn, self._onednn_calls = fn("onednn_fp32_gemm"), fn("onednn_fp32_calls")
+        self._onednn_override = fn("onednn_fp32_override", True)
+        self._kn_gemm, self._kn_calls = fn("kn_gemm"), fn("kn_gemm_calls")
+        self._kn_override = fn("kn_gemm_override", True)
+        self._gemv_dpbf16 = fn("gemv_has_dpbf16")
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
@@ -438,6 +427,12 @@ class Binding:
             return self.limit(key)
         return min(self.gated_cap, self.default(RouteKey(key.dtype, key.layout, 1, 2)))
 
+    def _override(self, setter, what: str, mode: int) -> int:
+        """Set one of the module's host-choice overrides (-1: the host's choice); returns the one replaced."""
+        if setter is None:
+            raise RuntimeError(f"the {self.variant} module has {what} to override")
+        return int(setter(mode))
+
     def native_bf16_gemm(self) -> bool:
         """CPU: whether bf16 activations past the GEMV run torch's native bf16 GEMM (a host with avx512_bf16)
         rather than the fp32 GEMM (MKL's or oneDNN's) on widened weights; that also sets the bf16 compiled
@@ -454,9 +449,7 @@ class Binding:
         return int(self._onednn_calls()) if self._onednn_calls is not None else 0
 
     def _override_onednn(self, mode: int) -> int:
-        if self._onednn_override is None:
-            raise RuntimeError(f"the {self.variant} module has no choice of fp32 GEMM to override")
-        return int(self._onednn_override(mode))
+        return self._override(self._onednn_override, "no choice of fp32 GEMM", mode)
 
     def kn_gemm(self) -> bool:
         """CPU: whether float [K, N] weights past the GEMV run on our GEMM (gemm_kn.cpp: reads the weight in
@@ -469,9 +462,7 @@ class Binding:
         return int(self._kn_calls()) if self._kn_calls is not None else 0
 
     def _override_kn(self, mode: int) -> int:
-        if self._kn_override is None:
-            raise RuntimeError(f"the {self.variant} module has no fp32 [K, N] GEMM of its own to override")
-        return int(self._kn_override(mode))
+        return self._override(self._kn_override, "no fp32 [K, N] GEMM of its own", mode)
 
     def gemv_dpbf16(self) -> bool:
         """CPU: whether this build's GEMV multiplies bf16 activations on vdpbf16ps (an avx512_bf16 build):
@@ -480,9 +471,7 @@ class Binding:
         return self._gemv_dpbf16 is not None and bool(self._gemv_dpbf16())
 
     def _override_bf16(self, mode: int) -> int:
-        if self._bf16_override is None:
-            raise RuntimeError(f"the {self.variant} module has no choice of bf16 GEMM to override")
-        return int(self._bf16_override(mode))
+        return self._override(self._bf16_override, "no choice of bf16 GEMM", mode)
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' (cuBLAS / MKL; int8

@@ -69,7 +69,7 @@ def _check_arguments(model, dtype, quantize, groups, skip, cuda_graph, defer_sto
     if isinstance(skip, str) or not isinstance(skip, (tuple, list, set, frozenset)) or \
             not all(isinstance(s, str) for s in skip):
         raise TypeError(f"inject: argument 'skip': expected a tuple of module names, got {skip!r}")
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in model.named_modules() if name] if skip else []
     for s in skip:  # a misspelt name would silently skip nothing
         if s == "":
             raise ValueError("inject: argument 'skip': '' is the whole model: to leave it all to torch, do not "
