@@ -516,6 +516,122 @@ def test_state_dict_round_trip_and_torch_save():
     assert torch.equal(logits(a, x), logits(b, x))
 
 
+def _round_trip(model, how):
+    """`model` through a whole-model torch.save / torch.load, or pickle."""
+    import pickle
+
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_whole_injected_model_pickles_and_computes_as_saved(quantize, how):
+    """inject gives modules classes made at run time (`llama.subclass`), which pickle cannot find by name: they are
+    stored as the original class and the mixins and come back as the very classes inject made, with the same
+    dsinf ops bound (equal outputs, not a fallback to torch); the result pickles, copies and casts again."""
+    import copy
+    import inspect
+
+    from dsinf.inject.linear import InjectedQKV
+    from dsinf.inject.llama import FusedAttention, FusedDecoderLayer, FusedMLP, _subclasses
+    from dsinf.inject.rope import WatchedRotary
+
+    model = inject(make_model("llama"), quantize=quantize)
+    x = ids()
+    expected, ops = logits(model, x), _op_calls(model, x)
+    assert ops.get("dsinf::rms_mlp_gemm_fp32") == 2, ops  # the fused layers run on dsinf: the thing to keep
+    restored = _round_trip(model, how)
+    assert restored is not model and type(restored) is type(model) and type(model) in _subclasses.values()
+    for mine, theirs in zip(restored.model.layers, model.model.layers):
+        assert type(mine) is type(theirs) and isinstance(mine, FusedDecoderLayer) and mine._dsinf_calls is not None
+        assert type(mine.self_attn) is type(theirs.self_attn) and isinstance(mine.self_attn, FusedAttention)
+        assert type(mine.mlp) is type(theirs.mlp) and isinstance(mine.mlp, FusedMLP)
+        qkv = mine.self_attn.qkv_proj
+        assert type(qkv) is InjectedQKV and qkv.backend == "compiled" and qkv is not theirs.self_attn.qkv_proj
+        assert qkv.weight.dtype == (torch.int8 if quantize else torch.float32)
+        # HF's own helpers (its attention registry included), looked up again - not copies
+        assert all(a is b for a, b in zip(mine.self_attn._dsinf_helpers, theirs.self_attn._dsinf_helpers))
+    positions = restored.model.layers[0].self_attn._dsinf_rope  # one per model, shared as before, its own
+    assert positions is restored.model.layers[1].self_attn._dsinf_rope is restored.model.rotary_emb._dsinf_positions
+    assert positions is not model.model.layers[0].self_attn._dsinf_rope and positions.fused
+    assert positions._ids is None and model.model.layers[0].self_attn._dsinf_rope._ids is not None  # step memo
+    assert isinstance(restored.model.rotary_emb, WatchedRotary) and positions._summary is injection_summary(restored)
+    assert injection_summary(restored).as_dict() == injection_summary(model).as_dict()
+    assert "logits_to_keep" in inspect.signature(restored.forward).parameters  # the graphed forward's signature
+    assert _op_calls(restored, x) == ops
+    assert torch.equal(logits(restored, x), expected)
+    assert torch.equal(greedy(restored, x), greedy(model, x))
+    again = _round_trip(restored, how)  # pickled twice
+    assert type(again) is type(model) and torch.equal(logits(again, x), expected)
+    assert torch.equal(logits(copy.deepcopy(again), x), expected)
+    again.to(torch.bfloat16)  # its own RoPE decision and summary follow the cast; the first copy's do not
+    model.to(torch.bfloat16)
+    assert not injection_summary(again).rope_fused and injection_summary(restored).rope_fused
+    assert torch.equal(logits(again, x), logits(model, x))
+
+
+FRESH_PROCESS_LOAD = r"""
+import inspect, pickle, sys
+from pathlib import Path
+
+import torch
+from transformers.generation.utils import DeferredStopCheck
+
+from dsinf.inject import injection_summary, llama
+
+for path in sorted(Path(sys.argv[1]).glob("*.pt")):
+    saved = torch.load(path, weights_only=False)
+    model, x = saved["model"], saved["x"]
+    assert type(model) in llama._subclasses.values(), type(model)  # made here, by loading
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
+    assert getattr(DeferredStopCheck.is_supported, "_dsinf_hf_rule", None) is not None  # HF's rule wrapped here too
+    assert all(layer._dsinf_calls is not None for layer in model.model.layers)
+    assert injection_summary(model).quantize == saved["quantize"]
+    with torch.no_grad():
+        assert torch.equal(model(x, use_cache=False).logits.float(), saved["logits"]), path
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and type(again.model.layers[0]) is type(model.model.layers[0])
+print("loaded", len(list(Path(sys.argv[1]).glob("*.pt"))))
+"""
+
+
+def test_an_injected_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """Where inject never ran, loading makes the classes (no cache to find them in): the graphed forward gets the
+    model's signature, HF's stop rule is wrapped, the fused layers bind, and the outputs are the saved model's."""
+    import os
+    import subprocess
+    import sys
+
+    x = ids()
+    for quantize in (None, "int8"):
+        model = inject(make_model("llama"), quantize=quantize)
+        torch.save({"model": model, "x": x, "logits": logits(model, x), "quantize": quantize},
+                   tmp_path / f"{quantize}.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "loaded 2" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_pickled_model_that_cannot_be_restored_says_to_save_the_state_dict(monkeypatch):
+    """Loaded under a transformers whose modeling module lacks a helper the fused attention calls: a clear error
+    with the way out, not an AttributeError from inside pickle."""
+    import pickle
+
+    from transformers.models.llama import modeling_llama
+
+    data = pickle.dumps(inject(make_model("llama")))
+    monkeypatch.delattr(modeling_llama, "apply_rotary_pos_emb")
+    with pytest.raises(RuntimeError, match=r"DsinfLlamaAttention.*apply_rotary_pos_emb.*state_dict\(\)"):
+        pickle.loads(data)
+
+
 def test_to_keeps_int8_scales_float32_and_rebinds():
     model = inject(make_model("llama"), quantize="int8")
     model.to(torch.bfloat16)

@@ -273,6 +273,18 @@ class GraphedDecode:
         invalidate()
         return super()._apply(fn, recurse)
 
+    @staticmethod
+    def _dsinf_class_made(cls) -> None:
+        """Called once per class `swap_class` makes (at inject, or when a pickled model is loaded in a fresh
+        process): the forward under the model's own signature - HF reads its parameters (logits_to_keep)."""
+        base_forward = cls.__bases__[1].forward  # swap_class's bases: (GraphedDecode, the model's class)
+
+        def forward(self, *args, **kwargs):
+            return GraphedDecode.forward(self, *args, **kwargs)
+        forward.__signature__ = inspect.signature(base_forward)
+        forward.__doc__ = GraphedDecode.forward.__doc__
+        cls.forward = forward
+
 
 def describe(compiled: bool, fallback: str = "") -> str:
     """The summary's line for the decode graphs."""
@@ -292,15 +304,7 @@ def install(model: torch.nn.Module, swap_class, compiled: bool = False) -> Decod
     config = getattr(model, "generation_config", None)
     if config is None:
         return None
-    signature = inspect.signature(type(model).forward)  # HF reads the forward's parameters (logits_to_keep)
-    swap_class(model, GraphedDecode)
-    cls = type(model)
-    if "forward" not in cls.__dict__:  # once per class: GraphedDecode's forward under the model's signature
-        def forward(self, *args, **kwargs):
-            return GraphedDecode.forward(self, *args, **kwargs)
-        forward.__signature__ = signature
-        forward.__doc__ = GraphedDecode.forward.__doc__
-        cls.forward = forward
+    swap_class(model, GraphedDecode)  # its forward keeps the model's signature: GraphedDecode._dsinf_class_made
     model._dsinf_graphs = DecodeGraphs(compiled)
     config.disable_compile = True
     return model._dsinf_graphs

@@ -131,6 +131,17 @@ class FusedAttention:
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
+    # Pickled without `_dsinf_helpers`, looked up again on load: the model's modeling module's own functions and
+    # its ALL_ATTENTION_FUNCTIONS registry, not a copy that would miss what is registered there later.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_dsinf_helpers", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._dsinf_helpers = _attention_helpers(type(self))
+
 
 class FusedMLP:
     """Mixed in before the model's own MLP class: `down(silu(gate(x)) * up(x))` with up|gate as one GEMM
@@ -177,20 +188,78 @@ class FusedDecoderLayer:
         bind_decoder_layer(self)
         return self
 
+    # `_dsinf_calls` are closures over this process's bound ops (pickle cannot store them): bound again on load,
+    # when the children - whose weights, device and dtype the binding reads - are already restored.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_dsinf_calls", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        bind_decoder_layer(self)
+
 
 _subclasses: dict[tuple[type, type], type] = {}
 
 
-def swap_class(module: nn.Module, mixin: type) -> None:
-    """Give `module` a subclass of its own class with `mixin`'s methods (cached per class). A second mixin
-    subclasses the first one's class, under the same name."""
-    cls = type(module)
+def subclass(mixin: type, cls: type) -> type:
+    """The subclass of `cls` with `mixin`'s methods first, made once per (mixin, cls) and named `Dsinf<Name>`
+    (a second mixin subclasses the first one's class, under the same name). A mixin may define a static
+    `_dsinf_class_made(sub)` to finish the class (graphs.GraphedDecode's forward signature): the one place a
+    class is made, so a model unpickled in a fresh process gets the same class inject would make."""
     sub = _subclasses.get((mixin, cls))
     if sub is None:
         name = cls.__name__ if cls.__name__.startswith("Dsinf") else f"Dsinf{cls.__name__}"
-        sub = type(name, (mixin, cls), {"__module__": cls.__module__})
+        sub = type(name, (mixin, cls), {"__module__": cls.__module__, "_dsinf_origin": (mixin, cls),
+                                        "__reduce_ex__": _reduce_ex})
+        made = getattr(mixin, "_dsinf_class_made", None)
+        if made is not None:
+            made(sub)
         _subclasses[(mixin, cls)] = sub
-    module.__class__ = sub
+    return sub
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Give `module` the subclass of its own class with `mixin`'s methods (`subclass`)."""
+    module.__class__ = subclass(mixin, type(module))
+
+
+def _reduce_ex(self, protocol):
+    """Pickle (`torch.save(model)`, `pickle.dumps`) stores a class as module + name, and a class made by
+    `subclass` is found under neither: so a module of such a class is stored as its original class (found by
+    name) and the mixins, and rebuilt through `subclass` - in this process the very class inject made (the
+    `_subclasses` cache: isinstance holds, a second pickle works), in a fresh one the same class made anew.
+    The state is the module's own `__getstate__` (the mixins' drop what is bound to this process). Not done by
+    publishing the classes under their names: two of them share one (a second mixin keeps the first's name),
+    and the module they would go in is the model's, not ours."""
+    cls, mixins = type(self), []
+    while "_dsinf_origin" in cls.__dict__:  # the class's own entry, not one inherited from a first mixin's class
+        mixin, cls = cls.__dict__["_dsinf_origin"]
+        mixins.append(mixin)
+    return _rebuild, (cls, tuple(reversed(mixins))), self.__getstate__()
+
+
+def _rebuild(cls: type, mixins: tuple[type, ...]) -> nn.Module:
+    """The unpickled module, before its state: an instance of `cls` with `mixins` applied in order."""
+    for mixin in mixins:
+        cls = subclass(mixin, cls)
+    return cls.__new__(cls)
+
+
+def _attention_helpers(cls: type) -> tuple:
+    """(apply_rotary_pos_emb, ALL_ATTENTION_FUNCTIONS, eager_attention_forward) of the module that defined the
+    attention's class: at fuse time (`match_attention` checked they exist) and when a fused model is unpickled,
+    where the transformers installed may lack one - said, rather than an AttributeError from inside pickle."""
+    modeling = sys.modules[cls.__module__]
+    missing = [h for h in _MODELING_HELPERS if not hasattr(modeling, h)]
+    if missing:
+        raise RuntimeError(f"dsinf: cannot restore the fused attention {cls.__name__}: {modeling.__name__} lacks "
+                           f"{', '.join(missing)}, which its fused forward calls (another transformers version?); "
+                           f"save the model's state_dict() (dsinf.inject.export_state_dict for the original "
+                           f"layout) instead of the whole model, and inject the loaded model again")
+    return tuple(getattr(modeling, h) for h in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
+                                                "eager_attention_forward"))
 
 
 def _cat(tensors):
@@ -216,10 +285,8 @@ def fuse_attention(module: nn.Module, rope: RopePositions, rope_theta: float, *,
         extra["sliding_window"] = getattr(cfg, "sliding_window", None)
     elif family.sliding_window == "module":
         extra["sliding_window"] = getattr(module, "sliding_window", None)
-    modeling = sys.modules[type(module).__module__]
     module._dsinf_attn_kwargs = extra
-    module._dsinf_helpers = tuple(getattr(modeling, h) for h in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
-                                                                 "eager_attention_forward"))
+    module._dsinf_helpers = _attention_helpers(type(module))
     module._dsinf_rope = rope
     swap_class(module, FusedAttention)
     gqa = f", GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads" if qkv.num_kv != qkv.num_heads else ""

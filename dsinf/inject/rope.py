@@ -109,6 +109,10 @@ class RopePositions:
         self._reader: int | None = None  # id() of the layer that read `_ids`: its next call is a new step
         self._offset: int | None = None
 
+    def __getstate__(self):
+        # A copy (pickle, deepcopy) starts a new step: the memo's tensor and layer id belong to this model's calls.
+        return {**self.__dict__, "_ids": None, "_reader": None, "_offset": None}
+
     def recheck(self, rotary: nn.Module) -> None:
         """Decide again on the rotary module as it is now (after a cast or move). Once off, fusion stays off:
         frequencies rounded by a cast stay rounded when cast back (decide_rotary compares their values)."""

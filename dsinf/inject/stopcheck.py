@@ -35,9 +35,9 @@ _RULE_DEVICE = torch.device("mps")  # the device HF's rule already defers for: a
 _active = contextvars.ContextVar("dsinf_defer_stop", default=False)
 
 
-def _checker(model) -> type | None:
-    """HF's DeferredStopCheck, from the module of the model's GenerationMixin, or None."""
-    for cls in type(model).__mro__:
+def _checker(model_class: type) -> type | None:
+    """HF's DeferredStopCheck, from the module of the model class's GenerationMixin, or None."""
+    for cls in model_class.__mro__:
         if cls.__name__ == "GenerationMixin" and hasattr(cls, "_sample"):
             checker = getattr(sys.modules.get(cls.__module__), "DeferredStopCheck", None)
             rule = getattr(checker, "__dict__", {}).get("is_supported")
@@ -72,11 +72,19 @@ class DeferredStop:
         finally:
             _active.reset(token)
 
+    @staticmethod
+    def _dsinf_class_made(cls) -> None:
+        """Called once per class `swap_class` makes: a model unpickled in a fresh process defers like the one
+        that was saved, so HF's rule is wrapped there too (install wraps it before any class is made)."""
+        checker = _checker(cls)
+        if checker is not None:
+            _wrap(checker)
+
 
 def install(model: torch.nn.Module, swap_class) -> bool:
     """Defer `model`'s generate stop check on CUDA; False (nothing done) for a model without HF's
     decoding loop or a transformers without DeferredStopCheck."""
-    checker = _checker(model)
+    checker = _checker(type(model))
     if checker is None:
         return False
     _wrap(checker)
