@@ -40,6 +40,14 @@ def host_native_bf16_gemm(cpu) -> bool:
     return "avx512_bf16" in cpu.flags and torch.backends.mkldnn.is_available()
 
 
+def host_amx_bf16(cpu) -> bool:
+    """Whether the CPU module's bf16 crossovers take the AMX rule on this host (torch's native bf16 GEMM on AMX
+    tiles: [N, K] and int8 weights leave the GEMV at M > 4 and > 8): the rule of cpu_binding_ops.cpp's
+    host_has_amx_bf16 (read there from CPUID and XCR0), for the report; tests/test_routes.py checks that the two
+    agree."""
+    return {"amx_bf16", "amx_tile"} <= set(cpu.flags) and host_native_bf16_gemm(cpu)
+
+
 def host_onednn_fp32_gemm(cpu) -> bool:
     """Whether the CPU module runs fp32 past its GEMV on oneDNN's GEMM rather than MKL's on this host: the rule
     of cpu_binding_ops.cpp's host_prefers_onednn_fp32 (an AMD CPU, where MKL's code path is not its best; read
@@ -115,6 +123,9 @@ class InferenceBuilder(OpBuilder):
                 return decision
             gemm = ("torch's native bf16 GEMM (this CPU has avx512_bf16)" if host_native_bf16_gemm(self.system.cpu)
                     else "the fp32 GEMM on widened weights (no avx512_bf16 here)")
+            if host_amx_bf16(self.system.cpu):
+                gemm += ("; on AMX tiles here, so [N, K] and int8 weights leave the GEMV sooner (M > 4 and M > 8; "
+                         "torch's GEMM ran up to 1.3x faster than the GEMV at M = 8 on [N, K] weights)")
             fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
             notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", f"fp32 GEMM past the GEMV: {fp32}"]

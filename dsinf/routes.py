@@ -404,6 +404,7 @@ class Binding:
         self._kn_gemm, self._kn_calls = fn("kn_gemm"), fn("kn_gemm_calls")
         self._kn_override = fn("kn_gemm_override", True)
         self._gemv_dpbf16 = fn("gemv_has_dpbf16")
+        self._amx, self._amx_override = fn("amx_bf16"), fn("amx_bf16_override", True)
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
@@ -472,6 +473,14 @@ class Binding:
 
     def _override_bf16(self, mode: int) -> int:
         return self._override(self._bf16_override, "no choice of bf16 GEMM", mode)
+
+    def amx_bf16(self) -> bool:
+        """CPU: whether the bf16 crossovers take the AMX rule (torch's native bf16 GEMM runs on AMX tiles here:
+        [N, K] and int8 weights leave our GEMV at half the M they would on vdpbf16ps)."""
+        return self._amx is not None and bool(self._amx())
+
+    def _override_amx(self, mode: int) -> int:
+        return self._override(self._amx_override, "no AMX rule", mode)
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' (cuBLAS / MKL; int8
@@ -579,6 +588,13 @@ def bf16_gemm(native: bool) -> contextlib.AbstractContextManager[Binding]:
     (native) or on the fp32 GEMM over widened weights, whatever the host would choose; the choice in force
     before is restored after. For checks and probes of both paths on any host."""
     return _cpu_choice(Binding._override_bf16, 1 if native else 0)
+
+
+def amx_bf16(on: bool) -> contextlib.AbstractContextManager[Binding]:
+    """While the block runs, the CPU module's bf16 crossovers on the native bf16 GEMM follow the AMX rule (on) or
+    the vdpbf16ps one, whatever the host has; the choice in force before is restored after. For checks of both
+    rules on any host."""
+    return _cpu_choice(Binding._override_amx, 1 if on else 0)
 
 
 @contextmanager

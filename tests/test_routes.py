@@ -20,7 +20,7 @@ from dsinf import routes
 from dsinf.inject import InjectedLinear
 from dsinf.quantize import quantize_int8
 from dsinf.config import ActivationFuncType, NormType
-from dsinf.routes import Route, RouteKey
+from dsinf.routes import Binding, Route, RouteKey
 from op_builder import knobs
 
 gpu = pytest.mark.gpu
@@ -216,7 +216,7 @@ def test_route_zero_runs_aten_and_a_large_route_runs_our_gemv(cpu_routes):
 @pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("layout, K, N, want, want_onednn", [
     ("nk", 4096, 4096, 16, 8), ("nk", 4096, 256, 8, 8), ("nk", 256, 1376, 8, 8),  # [N,K]: 16; a short K or N: 8
-    ("kn", 4096, 4096, 24, 8), ("kn", 1024, 512, 8, 8), ("kn", 4096, 64, 4, 4),   # [K,N]: 24 from N = 1024, else less;
+    ("kn", 4096, 4096, 16, 8), ("kn", 1024, 512, 8, 8), ("kn", 4096, 64, 4, 4),   # [K,N]: 16 from N = 1024, else less;
 ])                                                                                # oneDNN caps them at 8 (our [K,N] GEMM: 16)
 def test_cpu_fp32_compiled_crossover_falls_with_the_shape(cpu_routes, onednn, layout, K, N, want, want_onednn):
     """Without a route, fp32 runs our GEMV up to a crossover that falls on narrow outputs and short K (MKL
@@ -257,13 +257,33 @@ def test_the_native_bf16_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
 
     host = host_native_bf16_gemm(current_system().cpu)  # the rule the report shows
     assert cpu_routes.native_bf16_gemm() == host
-    for native in (False, True):
-        with routes.bf16_gemm(native) as b:
-            assert b.native_bf16_gemm() == native
-            with routes.bf16_gemm(not native):
-                assert b.native_bf16_gemm() == (not native)
-            assert b.native_bf16_gemm() == native
+    _overrides_both_ways(routes.bf16_gemm, Binding.native_bf16_gemm)
     assert cpu_routes.native_bf16_gemm() == host
+
+
+def _overrides_both_ways(choice, read):
+    """`choice(on)` (a routes context manager) sets what `read(binding)` says, nested, and restores it."""
+    for on in (False, True):
+        with choice(on) as b:
+            assert read(b) == on
+            with choice(not on):
+                assert read(b) == (not on)
+            assert read(b) == on
+
+
+def test_the_amx_rule_is_the_hosts_choice_unless_overridden(cpu_routes):
+    """The bf16 crossovers take the AMX rule exactly where the host has AMX tiles and the native bf16 GEMM (torch's
+    oneDNN GEMM runs on them), as the report's note says; routes.amx_bf16 overrides it both ways and restores
+    it."""
+    from dsinf.builder import InferenceBuilder, host_amx_bf16
+    from op_builder.system import current_system
+
+    host = host_amx_bf16(current_system().cpu)  # the rule the report shows
+    assert cpu_routes.amx_bf16() == host
+    notes = " ".join(InferenceBuilder().compatible("cpu").notes)
+    assert ("on AMX tiles here" in notes) == host
+    _overrides_both_ways(routes.amx_bf16, Binding.amx_bf16)
+    assert cpu_routes.amx_bf16() == host
 
 
 def test_the_fp32_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
@@ -304,27 +324,32 @@ def test_the_kn_gemm_is_the_hosts_choice_unless_overridden(cpu_routes):
     assert cpu_routes.kn_gemm() == host
 
 
-# (layout, K, N, crossover on the native bf16 GEMM with the vdpbf16ps GEMV, the same without it, otherwise)
+# (layout, K, N, crossover on the native bf16 GEMM with the vdpbf16ps GEMV, the same without it, the same on AMX,
+#  otherwise)
 BF16_CROSSOVERS = [
-    ("nk", 4096, 4096, 8, 4, 16), ("nk", 256, 768, 8, 4, 16),
-    ("nk", 256, 4096, 4, 4, 16),                                  # [N,K] vdpbf16ps: 8, but 4 for K <= 256, N >= 4096
-    ("kn", 4096, 4096, 8, 8, 24), ("kn", 256, 768, 4, 4, 24),     # [K,N]: 8 from K*N = 2^20, else 4
-    ("int8", 4096, 4096, 16, 8, 24), ("int8", 256, 768, 8, 8, 24),
-    ("int8", 1024, 4096, 8, 8, 24),  # int8 vdpbf16ps: 16 from K*N = 2^24, else 8; without: 8
+    ("nk", 4096, 4096, 8, 4, 4, 16), ("nk", 256, 768, 8, 4, 4, 16),
+    ("nk", 256, 4096, 4, 4, 2, 16),                              # [N,K] vdpbf16ps: 8, but 4 for K <= 256, N >= 4096
+    ("kn", 4096, 4096, 8, 8, 8, 24), ("kn", 256, 768, 4, 4, 4, 24),  # [K,N]: 8 from K*N = 2^20, else 4; AMX too
+    ("int8", 4096, 4096, 16, 8, 8, 24), ("int8", 256, 768, 8, 8, 8, 24),
+    ("int8", 1024, 4096, 8, 8, 8, 24),  # int8 vdpbf16ps: 16 from K*N = 2^24, else 8; without: 8
+    ("int8", 256, 4096, 8, 8, 4, 24),   # AMX: [N,K] 4 and int8 8, halved for K <= 256, N >= 4096
 ]
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("on_native", [False, True])
-@pytest.mark.parametrize("layout, K, N, native_dp, native_fp32, other", BF16_CROSSOVERS)
-def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, on_native, layout, K, N, native_dp,
-                                                             native_fp32, other):
+@pytest.mark.parametrize("layout, K, N, native_dp, native_fp32, native_amx, other", BF16_CROSSOVERS)
+def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, amx, on_native, layout, K, N, native_dp,
+                                                             native_fp32, native_amx, other):
     """bf16 activations cross to ATen at M = 4-16 where the module runs the native bf16 GEMM past the GEMV
     (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), higher where this build's
-    GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), at 16-24 on the fp32 path; fp16 keeps 16-24
-    either way. The op takes the crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here (on
-    oneDNN int8 crosses at 16: test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
-    with routes.bf16_gemm(on_native), routes.fp32_gemm(False):
-        want = (native_dp if cpu_routes.gemv_dpbf16() else native_fp32) if on_native else other
+    GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), lower where that GEMM runs on AMX tiles ("CPU: an
+    Intel host with AMX"), at 16-24 on the fp32 path; fp16 keeps 16-24 either way. The op takes the
+    crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here (on oneDNN int8 crosses at 16:
+    test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
+    with routes.bf16_gemm(on_native), routes.fp32_gemm(False), routes.amx_bf16(amx):
+        native = native_amx if amx else native_dp if cpu_routes.gemv_dpbf16() else native_fp32
+        want = native if on_native else other
         assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
         assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other
         if K * N <= 1 << 20:  # the small shapes run the op
@@ -405,7 +430,9 @@ def run_at_the_crossover(cpu_routes, layout, K, N, want):
         x = torch.randn(1, m, K, generator=gen).to(torch.bfloat16)
         got = op(x, w, False, *extra)
         assert cpu_routes.last() == path, (layout, m)
-        torch.testing.assert_close(got, dsinf.reference.vector_matmul(x, w, False, *extra), rtol=2e-2, atol=2e-2)
+        want_out = dsinf.reference.vector_matmul(x, w, False, *extra)
+        # bf16 output: a rounding step of the largest output (2^-8 of it) is the absolute tolerance
+        torch.testing.assert_close(got, want_out, rtol=2e-2, atol=max(2e-2, want_out.abs().max().item() / 256))
 
 
 def test_forced_routes_a_call_and_restores_the_table(cpu_routes):

@@ -35,6 +35,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>  // host_has_amx_bf16
+#endif
+
 #include "aten_ops.h"
 #include "cpu_kernels.h"
 #include "cpu_ops.h"
@@ -97,6 +101,34 @@ std::atomic<int64_t> g_native_bf16_override{-1};  // -1: the host's choice; 0 / 
 bool native_bf16_gemm() {
   const int64_t o = g_native_bf16_override.load(std::memory_order_relaxed);
   return o < 0 ? host_has_native_bf16() : o != 0;
+}
+
+// Whether torch's native bf16 GEMM runs on AMX tiles here (amx-bf16 and amx-tile in CPUID, tile state enabled by
+// the OS in XCR0; oneDNN asks the kernel for the tile permission itself). There it is many times faster than
+// vdpbf16ps at small M, and our GEMV's lead ends sooner (native_bf16_gemv_max_m). Read from CPUID directly rather
+// than __builtin_cpu_supports("amx-bf16"), which compilers before gcc 11 reject. dsinf_cpu_amx_bf16_override
+// (dsinf.routes.amx_bf16) picks either rule whatever the host, for the tests.
+bool host_has_amx_bf16() {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return false;  // OSXSAVE: xgetbv is allowed
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1) || !(d >> 24 & 1)) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo >> 17 & 3) == 3;  // XTILECFG and XTILEDATA
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::atomic<int64_t> g_amx_bf16_override{-1};  // -1: the host's choice; 0 / 1: the vdpbf16ps rule / the AMX rule
+
+bool amx_bf16() {
+  const int64_t o = g_amx_bf16_override.load(std::memory_order_relaxed);
+  return o < 0 ? host_has_amx_bf16() : o != 0;
 }
 
 // The fp32 GEMM past the GEMV: oneDNN's (torch's mkldnn::_linear_pointwise, the op torch's own frozen CPU
@@ -180,10 +212,20 @@ bool gemv_dpbf16() {
 // takes its lowest. int8 on the fp32 tiles since they convert the weights in registers (kConvertInTile):
 // 1.56-1.67x at M = 8 (0.98-1.04x at 16) on an avx512 build, 1.33-1.55x (0.68-0.82x) on an avx2 build, 4096x4096,
 // 14336x4096, 4096x14336, 1024x4096 ("CPU: weights converted in the tile"), so 8 at every size.
+// Where that GEMM runs on AMX tiles (amx_bf16), [N, K] and int8 weights cross at half those Ms. The same tuning on
+// an Intel Xeon with AMX (2 threads; 8 shapes, 256x768 to 4096x14336; docs/PERFORMANCE.md, "CPU: an Intel host
+// with AMX") measured ATen / ours at M = 4 (M = 8):
+//   [N, K], vdpbf16ps tile   1.35-1.69x on 6 of 6 from K = 1024 (0.76-0.99x: 0.87x on 4096x4096 in the bench);
+//                            256x4096 0.93x at M = 4 (1.49x at 2)
+//   int8, widened to bf16    our GEMV up to 8 on 7 of 8 (at 16: 0.69-0.97x; 11008x4096 1.07x); 256x4096 0.93x at 8
+//   [K, N]                   1.03-1.31x at M = 8 on all 8 (0.53-0.76x at 16): as without AMX
+// The portable build's widening GEMV on such a host is unmeasured; the AMX rule is no higher than its own.
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
+  const bool short_wide = s.K <= 256 && s.N >= 4096;
+  if (amx_bf16() && (s.int8 || s.weight_nk)) return (s.int8 ? 8 : 4) / (short_wide ? 2 : 1);
   if (s.int8) return gemv_dpbf16() && KN >= (int64_t(1) << 24) ? 16 : 8;
-  if (s.weight_nk) return gemv_dpbf16() && !(s.K <= 256 && s.N >= 4096) ? 8 : 4;
+  if (s.weight_nk) return gemv_dpbf16() && !short_wide ? 8 : 4;
   return KN >= (int64_t(1) << 20) ? 8 : 4;
 }
 
@@ -229,8 +271,8 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act, bool gated = false
     int64_t mkl;
     if (s.weight_nk)
       mkl = s.N <= 256 || s.K <= 256 ? 8 : 16;  // K = 256: 0.97-1.05x at M = 16, ties
-    else
-      mkl = s.N >= 1024 ? 24 : (s.N <= 256 && s.K >= 2048 ? 4 : 8);
+    else  // [K, N] from N = 1024: 24 on the Zen hosts, but an Intel Xeon's MKL (2 threads) beat the GEMV at 24
+      mkl = s.N >= 1024 ? 16 : (s.N <= 256 && s.K >= 2048 ? 4 : 8);  // on all 6 shapes (0.78-0.97x; 16: 1.08-1.24x)
     return std::min(mkl, onednn_cap);
   }
   return s.weight_nk ? 16 : 24;
@@ -597,6 +639,17 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_native_bf16_override(int64_t mode) {
   if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_native_bf16_override.load();
   return dsinf::cpu_binding::g_native_bf16_override.exchange(mode);
+}
+
+// Whether the bf16 crossovers take the AMX rule (dsinf/routes.py: Binding.amx_bf16, amx_bf16): now, and the
+// override (-1: the host's choice, 0: the vdpbf16ps rule, 1: the AMX rule; any other value changes nothing),
+// returning the override it replaced.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_bf16() {
+  return dsinf::cpu_binding::amx_bf16() ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_bf16_override(int64_t mode) {
+  if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_amx_bf16_override.load();
+  return dsinf::cpu_binding::g_amx_bf16_override.exchange(mode);
 }
 
 // Which GEMM runs fp32 past the GEMV (dsinf/routes.py: Binding.onednn_fp32_gemm, fp32_gemm): whether it is
