@@ -121,14 +121,18 @@ class InferenceBuilder(OpBuilder):
             decision = cpu_compatible(self.system)
             if not decision.ok:  # no torch, ninja or compiler: nothing to say about how it would run
                 return decision
+            notes_amx: list[str] = []
             gemm = ("torch's native bf16 GEMM (this CPU has avx512_bf16)" if host_native_bf16_gemm(self.system.cpu)
                     else "the fp32 GEMM on widened weights (no avx512_bf16 here)")
             if host_amx_bf16(self.system.cpu):
                 gemm += ("; on AMX tiles here, so [N, K] and int8 weights leave the GEMV sooner (M > 4 and M > 8; "
                          "torch's GEMM ran up to 1.3x faster than the GEMV at M = 8 on [N, K] weights)")
+                if self._cpu_isa(portable=False)[0] == "avx512_bf16":
+                    notes_amx = ["int8 weights with bf16 activations at M = 2..16: our kernel on AMX tiles (the "
+                                 "vdpbf16ps GEMV is bound by its multiply-adds there)"]
             fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
-            notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", f"fp32 GEMM past the GEMV: {fp32}"]
+            notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", *notes_amx, f"fp32 GEMM past the GEMV: {fp32}"]
             if host_kn_gemm(self.system.cpu, self._cpu_isa(portable=False)[0]):
                 notes.append("float [K, N] weights past the GEMV: our GEMM (an AVX-512 build) for N >= 1024 up to "
                              "M = 128, and to 512 for N >= 2K (oneDNN's ran 0.66-0.94x of its [N, K] speed on them)")

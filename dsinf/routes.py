@@ -405,6 +405,8 @@ class Binding:
         self._kn_override = fn("kn_gemm_override", True)
         self._gemv_dpbf16 = fn("gemv_has_dpbf16")
         self._amx, self._amx_override = fn("amx_bf16"), fn("amx_bf16_override", True)
+        self._amx_gemv, self._amx_gemv_calls = fn("amx_gemv"), fn("amx_gemv_calls")
+        self._amx_gemv_override = fn("amx_gemv_override", True)
         self.applied: dict[RouteKey, int] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
@@ -481,6 +483,18 @@ class Binding:
 
     def _override_amx(self, mode: int) -> int:
         return self._override(self._amx_override, "no AMX rule", mode)
+
+    def amx_gemv(self) -> bool:
+        """CPU: whether int8 weights with bf16 activations run on AMX tiles at 2 <= M <= 16 here (gemv_amx.cpp: an
+        avx512_bf16 build, a CPU with AMX-BF16 and the OS's tile state) rather than on the vdpbf16ps GEMV."""
+        return self._amx_gemv is not None and bool(self._amx_gemv())
+
+    def amx_gemv_calls(self) -> int:
+        """CPU: how many matmuls the AMX tiles have run in this process (tests: the path that ran)."""
+        return int(self._amx_gemv_calls()) if self._amx_gemv_calls is not None else 0
+
+    def _override_amx_gemv(self, mode: int) -> int:
+        return self._override(self._amx_gemv_override, "no AMX kernel", mode)
 
     def last(self) -> str:
         """The path this thread's last matmul on this module took: 'gemv', 'aten' (cuBLAS / MKL; int8
@@ -595,6 +609,13 @@ def amx_bf16(on: bool) -> contextlib.AbstractContextManager[Binding]:
     the vdpbf16ps one, whatever the host has; the choice in force before is restored after. For checks of both
     rules on any host."""
     return _cpu_choice(Binding._override_amx, 1 if on else 0)
+
+
+def amx_gemv(on: bool) -> contextlib.AbstractContextManager[Binding]:
+    """While the block runs, the CPU module runs int8 weights with bf16 activations at 2 <= M <= 16 on AMX tiles
+    (on, where the host has them) or on the vdpbf16ps GEMV, whatever the host would choose; the choice in force
+    before is restored after. For checks of both kernels on an AMX host."""
+    return _cpu_choice(Binding._override_amx_gemv, 1 if on else 0)
 
 
 @contextmanager

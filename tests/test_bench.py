@@ -713,3 +713,20 @@ def test_the_kn_gemm_probe_times_both_gemms_checked(cpu_module, capsys):
     assert len(rows) == 2 and all(len(re.findall(r"M=\d+ \d+\.\d\dx \(\d+ GF/s\)", r)) == 2 for r in rows), out
     assert kn_gemm.main(["--shapes", "96x200", "--m", "16", "--min-time", "0.02", "--gemv"]) == 0  # + the GEMV
     assert re.search(r"M=16 \d+\.\d\dx \(\d+ GF/s\) gemv \d+\.\d\d", capsys.readouterr().out)
+
+
+def test_the_int8_cpu_probe_times_every_path_checked(cpu_module, capsys):
+    """`python -m bench.int8_cpu`: one row per shape and M with every path's time and ratio and the rule's path,
+    on small shapes (a run of the real module, each of its paths checked against the reference first)."""
+    from bench import int8_cpu
+    from dsinf import routes
+
+    assert int8_cpu.main(["--shapes", "96x200", "--m", "1,2,17", "--min-time", "0.02"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith("96x200")]
+    assert len(rows) == 3, out
+    for row in rows:
+        assert len(re.findall(r"(amx|gemv|deq|dense|int8pack) +\d+ \(\d+\.\d\dx\)", row)) == 5, row
+    rules = [row.rsplit("rule: ", 1)[1] for row in rows]
+    assert rules == ["gemv", "amx" if routes.binding("cpu").amx_gemv() else "gemv", "deq"], out
+

@@ -523,6 +523,55 @@ def test_kn_gemm_on_either_gemm(cpu_module, M, K, N, suffix, ours):
         assert binding.last() == "aten" and binding.kn_gemm_calls() == before
 
 
+# (M, K, N, groups) for int8 on AMX tiles (gemv_amx.cpp: blocks of 32 rows as two 16-row tiles, 64 k per step,
+# M columns of one tile): M at both ends and between, K below one step, ragged and across many, N below one tile,
+# between the two tiles of a block, ragged blocks, groups of rows.
+AMX_SHAPES = [(2, 67, 33, 1), (3, 31, 7, 7), (8, 1100, 100, 4), (16, 130, 64, 64), (9, 4096, 48, 3), (5, 64, 1, 1)]
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["gemv", "amx"])
+@pytest.mark.parametrize("M,K,N,groups", AMX_SHAPES)
+def test_int8_bf16_on_amx_tiles_or_the_gemv(cpu_module, M, K, N, groups, amx):
+    """int8 weights with bf16 activations at 2 <= M <= 16 run on AMX tiles where the host has them (an
+    avx512_bf16 build, AMX-BF16, the tile state granted), on the vdpbf16ps GEMV otherwise; forced either way
+    (routes.amx_gemv) on the GEMV's route, each is checked against the reference - bf16 out with and without
+    bias, and fp32 out into the fused QKV epilogue - and the tiles' calls are counted. M = 1 and M = 17 never
+    take the tiles. Skipped only where the host has no AMX tiles."""
+    from dsinf import routes
+
+    with routes.amx_gemv(amx) as binding:
+        if amx and not binding.amx_gemv():
+            pytest.skip("this host (or build) has no AMX tiles")
+    gen = torch.Generator().manual_seed(M * K + N)
+    x = randn(1, M, K, dtype=torch.bfloat16, gen=gen)
+    w, scale = int8_weight(N, K, groups, gen)
+    b = randn(N, dtype=torch.bfloat16, gen=gen)
+    vm, linear = op(cpu_module, "vector_matmul_bf16"), op(cpu_module, "linear_layer_bf16")
+    key = routes.RouteKey("bf16", "int8", K, N)
+    with routes.forced("cpu", [key]), routes.amx_gemv(amx) as binding:
+        before = binding.amx_gemv_calls()
+        assert_close(vm(x, w, False, scale, True, True), reference.vector_matmul(x, w, False, scale, True, True),
+                     torch.bfloat16)
+        assert binding.last() == "gemv" and binding.amx_gemv_calls() - before == int(amx)
+        args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
+        assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
+        assert binding.amx_gemv_calls() - before == 2 * int(amx)
+        for rows in (1, 17):  # the GEMV's ends: M = 1 streams at memory speed; a tile holds 16 columns
+            xr = randn(1, rows, K, dtype=torch.bfloat16, gen=gen)
+            assert_close(vm(xr, w, False, scale, True, True), reference.vector_matmul(xr, w, False, scale, True, True),
+                         torch.bfloat16)
+        assert binding.amx_gemv_calls() - before == 2 * int(amx)
+    H, D, kv = 2, 16, 1  # fp32 out: the fused QKV epilogue reads the matmul before any rounding
+    qkv, qscale = int8_weight((H + 2 * kv) * D, H * D, 1, gen)
+    xq = randn(1, M, H * D, dtype=torch.bfloat16, gen=gen)
+    args = (xq, qkv, None, False, True, H, False, 500000.0, 8, False, kv, 3, qscale)
+    key = routes.RouteKey("bf16", "int8", H * D, (H + 2 * kv) * D)
+    with routes.forced("cpu", [key]), routes.amx_gemv(amx) as binding:
+        before = binding.amx_gemv_calls()
+        assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
+        assert binding.amx_gemv_calls() - before == int(amx)
+
+
 @pytest.mark.parametrize("case", QKV_CASES[-3:])
 def test_fused_qkv_rope_on_the_kn_gemm(cpu_module, case):
     """The fused QKV epilogue over our [K, N] GEMM's output (both RoPE styles, GQA, partial rotary_dim), forced

@@ -282,6 +282,9 @@ def test_the_amx_rule_is_the_hosts_choice_unless_overridden(cpu_routes):
     assert cpu_routes.amx_bf16() == host
     notes = " ".join(InferenceBuilder().compatible("cpu").notes)
     assert ("on AMX tiles here" in notes) == host
+    assert ("our kernel on AMX tiles" in notes) == cpu_routes.amx_gemv()  # int8 on the tiles: an avx512_bf16 build
+    if cpu_routes.amx_gemv():  # forced on, a host without the tiles keeps the GEMV
+        _overrides_both_ways(routes.amx_gemv, Binding.amx_gemv)
     _overrides_both_ways(routes.amx_bf16, Binding.amx_bf16)
     assert cpu_routes.amx_bf16() == host
 
@@ -344,11 +347,13 @@ def test_cpu_bf16_compiled_crossover_follows_the_large_m_gemm(cpu_routes, amx, o
     """bf16 activations cross to ATen at M = 4-16 where the module runs the native bf16 GEMM past the GEMV
     (2.3-3x the fp32 path it replaces; docs/PERFORMANCE.md, "CPU bf16 prefill"), higher where this build's
     GEMV has the vdpbf16ps tile ("CPU decode at batch 8"), lower where that GEMM runs on AMX tiles ("CPU: an
-    Intel host with AMX"), at 16-24 on the fp32 path; fp16 keeps 16-24 either way. The op takes the
-    crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here (on oneDNN int8 crosses at 16:
-    test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
+    Intel host with AMX"; int8 to 16 where it runs on the tiles itself), at 16-24 on the fp32 path; fp16 keeps
+    16-24 either way. The op takes the crossover: our GEMV at it, ATen one above. The fp32 GEMM is MKL's here
+    (on oneDNN int8 crosses at 16: test_cpu_int8_crosses_sooner_on_onednn_but_its_gated_kernel_keeps_24)."""
     with routes.bf16_gemm(on_native), routes.fp32_gemm(False), routes.amx_bf16(amx):
         native = native_amx if amx else native_dp if cpu_routes.gemv_dpbf16() else native_fp32
+        if amx and layout == "int8" and cpu_routes.amx_gemv():  # int8 on the AMX tiles themselves: to their 16
+            native = 16
         want = native if on_native else other
         assert cpu_routes.default(RouteKey("bf16", layout, K, N)) == want
         assert cpu_routes.default(RouteKey("fp16", layout, K, N)) == other

@@ -192,6 +192,28 @@ bool kn_gemm(int64_t M, int64_t K, int64_t N) {
   return kn_gemm_host() && N >= kKnGemmMinN && (M <= kKnGemmMaxM || (N >= 2 * K && M <= kKnGemmWideMaxM));
 }
 
+// int8 weights with bf16 x on AMX tiles (gemv_amx.cpp) rather than the vdpbf16ps GEMV, for 2 <= M <= 16 where the
+// host has AMX (dsinf_cpu_amx_ready: an avx512_bf16 build on Linux, the CPU's AMX-BF16, the tile state granted):
+// the GEMV is bound by its multiply-adds from M = 2, the tiles by widening the weight, whatever M. GEMV time / the
+// tiles' on an Intel Xeon with AMX (2 threads; 4096x4096, 4096x11008, 11008x4096, 4096x14336; docs/PERFORMANCE.md,
+// "CPU: int8 on AMX tiles"): M = 2 1.07-1.21x, 4 1.42-1.61x, 8 2.00-2.41x, 16 3.01-3.80x; at M = 1 the GEMV streams
+// the weight at memory speed and the tiles' widening would be the slower. dsinf_cpu_amx_gemv_override
+// (dsinf.routes.amx_gemv) forces either for the tests; dsinf_cpu_amx_gemv_calls counts the calls.
+constexpr int64_t kAmxMinM = 2, kAmxMaxM = 16;
+std::atomic<int64_t> g_amx_gemv_override{-1};  // -1: the host's choice; 0 / 1: the GEMV / the tiles
+std::atomic<int64_t> g_amx_gemv_calls{0};
+
+bool amx_gemv_host() {
+  static const bool ready = dsinf_cpu_amx_ready() != 0;
+  return ready;
+}
+
+bool amx_gemv(int64_t M, c10::ScalarType act, const MatmulShape& s) {
+  if (!s.int8 || act != c10::ScalarType::BFloat16 || M < kAmxMinM || M > kAmxMaxM) return false;
+  const int64_t o = g_amx_gemv_override.load(std::memory_order_relaxed);
+  return o < 0 ? amx_gemv_host() : o != 0 && amx_gemv_host();
+}
+
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
 // as the kernels report it. A portable (AVX2) build on an avx512_bf16 host takes the native bf16 GEMM past its
 // GEMV, but its GEMV widens to fp32.
@@ -219,10 +241,13 @@ bool gemv_dpbf16() {
 //                            256x4096 0.93x at M = 4 (1.49x at 2)
 //   int8, widened to bf16    our GEMV up to 8 on 7 of 8 (at 16: 0.69-0.97x; 11008x4096 1.07x); 256x4096 0.93x at 8
 //   [K, N]                   1.03-1.31x at M = 8 on all 8 (0.53-0.76x at 16): as without AMX
-// The portable build's widening GEMV on such a host is unmeasured; the AMX rule is no higher than its own.
+// The portable build's widening GEMV on such a host is unmeasured; the AMX rule is no higher than its own. Where
+// int8 itself runs on AMX tiles (amx_gemv) it keeps them to their last M, 16, where they took 0.27-0.37x the time
+// of dequantize + torch's GEMM (the 4 shapes of amx_gemv's note).
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
   const bool short_wide = s.K <= 256 && s.N >= 4096;
+  if (amx_bf16() && s.int8 && amx_gemv(kAmxMinM, c10::ScalarType::BFloat16, s)) return kAmxMaxM;
   if (amx_bf16() && (s.int8 || s.weight_nk)) return (s.int8 ? 8 : 4) / (short_wide ? 2 : 1);
   if (s.int8) return gemv_dpbf16() && KN >= (int64_t(1) << 24) ? 16 : 8;
   if (s.weight_nk) return gemv_dpbf16() && !short_wide ? 8 : 4;
@@ -386,6 +411,13 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
 
   if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, act))) {
     at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
+    if (amx_gemv(M, act, s)) {
+      check_status(dsinf_cpu_gemv_amx(x2d.data_ptr(), M, K, &w, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                      to_dsinf(out_t), N, kParallel),
+                   op, "gemv_amx");
+      g_amx_gemv_calls.fetch_add(1, std::memory_order_relaxed);
+      return out;
+    }
     check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
                                 out.data_ptr(), to_dsinf(out_t), N, kParallel),
                  op, "gemv");
@@ -676,6 +708,22 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_over
 }
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_calls() {
   return dsinf::cpu_binding::g_kn_gemm_calls.load();
+}
+
+// Whether int8 weights with bf16 x run on AMX tiles from M = 2 (dsinf/routes.py: Binding.amx_gemv, amx_gemv): on this
+// host now; the override (-1: the host's choice, 0: the GEMV, 1: the tiles where the host has them; any other value
+// changes nothing), returning the override it replaced; how many matmuls the tiles have run in this process.
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv() {
+  dsinf::MatmulShape s{};
+  s.int8 = true;
+  return dsinf::cpu_binding::amx_gemv(2, c10::ScalarType::BFloat16, s) ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv_override(int64_t mode) {
+  if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_amx_gemv_override.load();
+  return dsinf::cpu_binding::g_amx_gemv_override.exchange(mode);
+}
+extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv_calls() {
+  return dsinf::cpu_binding::g_amx_gemv_calls.load();
 }
 
 // Whether this build's GEMV multiplies bf16 x on vdpbf16ps (Binding.gemv_dpbf16): it sets the bf16 crossovers

@@ -71,6 +71,16 @@ DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, in
 // widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding_ops.cpp).
 DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
 
+// int8 weights ([N, K], as dsinf_cpu_gemv's) x bf16 x on AMX tiles, 1 <= M <= 16: out as dsinf_cpu_gemv's with
+// out_dtype F32 or BF16 and a bf16 bias (or NULL). The binding takes it from M = 2 where dsinf_cpu_amx_ready(),
+// where the vdpbf16ps GEMV is bound by its multiply-adds. DSINF_UNSUPPORTED where this build (below
+// avx512_bf16, or not Linux x86-64) or the host (no AMX-BF16, or the OS refused the tile state) has no AMX.
+DSINF_CPU_API dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx, const dsinf_weight* w,
+                                              const void* bias, void* out, dsinf_dtype out_dtype, int64_t ldo,
+                                              dsinf_parallel_fn pf);
+// 1 when dsinf_cpu_gemv_amx runs here (asks the OS for the tile state the first time), else 0.
+DSINF_CPU_API int dsinf_cpu_amx_ready(void);
+
 // Weight block -> float32 (for large-M GEMMs in fp32 BLAS) or bfloat16 (int8 weights only, for the
 // binding's native bf16 GEMM). Converts output columns [n0, n1) of W, keeping the weight's own layout (int8
 // weights are dequantized with their scale, in fp32, then rounded once to dst_dtype):
