@@ -2,12 +2,13 @@
 
 The measurement behind the binding's int8 rules on hosts with bf16 dot products (cpu_binding_ops.cpp: amx_gemv,
 native_bf16_gemv_max_m): per shape and M, vector_matmul_bf16 on an int8 weight forced onto each of its paths -
-`amx` (the AMX tiles, gemv_amx.cpp; on a host without them the same as `gemv`), `gemv` (the vdpbf16ps GEMV) and
-`deq` (dequantize + torch's bf16 GEMM) - beside torch's two: `dense` (F.linear on the bf16 weight the int8 one
-stands for: what the model runs without dsinf) and `int8pack` (aten._weight_int8pack_mm, torch's int8 fast path,
-whose scales are bf16). Timed in interleaved rounds over rotating weight copies (bench.timing.time_cpu), each of
-ours checked against dsinf.reference first. Prints microseconds per call and dense's time / each path's (> 1:
-faster than torch's dense bf16), then the path the host's rule takes.
+`amx` (the AMX tiles, gemv_amx.cpp; `amx -` where they do not run: M = 1, M > 16, or a host or build without
+them), `gemv` (the vdpbf16ps GEMV) and `deq` (dequantize + torch's bf16 GEMM) - beside torch's two: `dense`
+(F.linear on the bf16 weight the int8 one stands for: what the model runs without dsinf) and `int8pack`
+(aten._weight_int8pack_mm, torch's int8 fast path, whose scales are bf16). Timed in interleaved rounds over
+rotating weight copies (bench.timing.time_cpu), each of ours checked against dsinf.reference first. Prints
+microseconds per call and dense's time / each path's (> 1: faster than torch's dense bf16), then the path the
+host's rule takes.
 
     python -m bench.int8_cpu                                  # the shapes and Ms of docs/PERFORMANCE.md
     python -m bench.int8_cpu --shapes 4096x14336 --m 2,8 --min-time 1
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         return vm(x, ws[i], False, scale, True, True)
                 return call
 
-            paths = {name: ours(name) for name in ("amx", "gemv", "deq")}
+            tiles = binding.amx_gemv() and 2 <= M <= 16  # forced "on" elsewhere would time the GEMV again
+            paths = {name: ours(name) for name in (("amx",) if tiles else ()) + ("gemv", "deq")}
             want = reference.vector_matmul(x, ws[0], False, scale, True, True).float()
             for name, call in paths.items():
                 err = ((call(0).float() - want).abs().max() / want.abs().max()).item()
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             before = binding.amx_gemv_calls()
             vm(x, ws[0], False, scale, True, True)  # the host's own rule, no path forced
             rule = "amx" if binding.amx_gemv_calls() > before else {"gemv": "gemv", "aten": "deq"}[binding.last()]
-            print(f"  {shape:>11} M={M:<3}" + "  ".join(f"{n} {t[n].us:7.0f} ({t['dense'].us / t[n].us:4.2f}x)"
-                                                       for n in fns) + f"  rule: {rule}", flush=True)
+            cells = [f"{n} {t[n].us:7.0f} ({t['dense'].us / t[n].us:4.2f}x)" for n in fns]
+            print(f"  {shape:>11} M={M:<3}" + "  ".join(cells if tiles else ["amx       -        "] + cells)
+                  + f"  rule: {rule}", flush=True)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The session's CPU module is built for the host's best level (JIT: -march=native), so the other vector
 paths of the kernels (the AVX2 path on an AVX-512 machine, the scalar path everywhere) would never run
-in CI. Each other level the host can run is built here from the current sources with
+in CI. Each other level the host can run - and the session's own level with exactly its flags, when the
+session's module was built -march=native - is built here from the current sources with
 DSINF_CPU_ISA=<level> (exactly that level's -m flags) and runs the CPU parity tests
 (tests/test_cpu_module.py) against the reference, and the CPU route tests (tests/test_routes.py), whose
 compiled crossovers depend on the build (the vdpbf16ps tile is avx512_bf16's alone). A module is loaded once
@@ -27,7 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = current_system().cpu.isa
 SESSION = HOST if knobs.get("DSINF_CPU_ISA") == "auto" else knobs.get("DSINF_CPU_ISA")
 RUNNABLE = [level for level, rank in ISA_RANK.items() if rank <= ISA_RANK[HOST]]  # best first
-OTHER_LEVELS = [level for level in RUNNABLE if level != SESSION]
+# A session module built with -march=native (the default) enables more than its level's exact -m flags, which a
+# DSINF_NATIVE_ISA=0 or prebuilt build uses (AMX, say, which gemv_amx.cpp had to ask for itself under the exact
+# avx512_bf16 flags): that level is built here with its exact flags too.
+NATIVE = knobs.get("DSINF_CPU_ISA") == "auto" and knobs.get("DSINF_NATIVE_ISA")
+OTHER_LEVELS = [level for level in RUNNABLE if level != SESSION or NATIVE]
 PARITY_TESTS = ["tests/test_cpu_module.py", "tests/test_routes.py"]  # their CPU tests (-m "not gpu")
 
 
@@ -46,8 +51,10 @@ def test_parity_at_isa_level(level, tmp_path):
 
 
 def test_every_level_the_host_runs_is_covered():
-    # The session's module covers its level; the parametrized test above covers the rest.
-    assert SESSION in RUNNABLE and sorted(OTHER_LEVELS + [SESSION]) == sorted(RUNNABLE)
+    # The session's module covers its level (its exact flags too, above, when it was built native); the
+    # parametrized test above covers the rest.
+    assert SESSION in RUNNABLE and sorted(set(OTHER_LEVELS) | {SESSION}) == sorted(RUNNABLE)
+    assert (SESSION in OTHER_LEVELS) == bool(NATIVE)
     assert RUNNABLE[-1] == "baseline"
 
 

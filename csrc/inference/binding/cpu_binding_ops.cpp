@@ -38,6 +38,10 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>  // host_has_amx_bf16
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>  // host_has_amx_bf16: arch_prctl
+#include <unistd.h>
+#endif
 
 #include "aten_ops.h"
 #include "cpu_kernels.h"
@@ -104,7 +108,8 @@ bool native_bf16_gemm() {
 }
 
 // Whether torch's native bf16 GEMM runs on AMX tiles here (amx-bf16 and amx-tile in CPUID, tile state enabled by
-// the OS in XCR0; oneDNN asks the kernel for the tile permission itself). There it is many times faster than
+// the OS in XCR0, and on Linux the permission to use it granted: asked here as oneDNN asks it, once per process,
+// so a kernel that refuses it - a small signal stack - keeps the vdpbf16ps rule, as oneDNN keeps its AVX-512 code). There it is many times faster than
 // vdpbf16ps at small M, and our GEMV's lead ends sooner (native_bf16_gemv_max_m). Read from CPUID directly rather
 // than __builtin_cpu_supports("amx-bf16"), which compilers before gcc 11 reject. dsinf_cpu_amx_bf16_override
 // (dsinf.routes.amx_bf16) picks either rule whatever the host, for the tests.
@@ -116,7 +121,13 @@ bool host_has_amx_bf16() {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1) || !(d >> 24 & 1)) return false;
     unsigned lo = 0, hi = 0;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo >> 17 & 3) == 3;  // XTILECFG and XTILEDATA
+    if ((lo >> 17 & 3) != 3) return false;  // XTILECFG and XTILEDATA
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return true;
+#endif
   }();
   return has;
 #else
@@ -196,7 +207,7 @@ bool kn_gemm(int64_t M, int64_t K, int64_t N) {
 // host has AMX (dsinf_cpu_amx_ready: an avx512_bf16 build on Linux, the CPU's AMX-BF16, the tile state granted):
 // the GEMV is bound by its multiply-adds from M = 2, the tiles by widening the weight, whatever M. GEMV time / the
 // tiles' on an Intel Xeon with AMX (2 threads; 4096x4096, 4096x11008, 11008x4096, 4096x14336; docs/PERFORMANCE.md,
-// "CPU: int8 on AMX tiles"): M = 2 1.07-1.21x, 4 1.42-1.61x, 8 2.00-2.41x, 16 3.01-3.80x; at M = 1 the GEMV streams
+// "CPU: int8 on AMX tiles"): M = 2 1.17-1.34x, 4 1.56-1.79x, 8 2.29-2.65x, 16 3.38-4.11x; at M = 1 the GEMV streams
 // the weight at memory speed and the tiles' widening would be the slower. dsinf_cpu_amx_gemv_override
 // (dsinf.routes.amx_gemv) forces either for the tests; dsinf_cpu_amx_gemv_calls counts the calls.
 constexpr int64_t kAmxMinM = 2, kAmxMaxM = 16;
@@ -234,15 +245,16 @@ bool gemv_dpbf16() {
 // takes its lowest. int8 on the fp32 tiles since they convert the weights in registers (kConvertInTile):
 // 1.56-1.67x at M = 8 (0.98-1.04x at 16) on an avx512 build, 1.33-1.55x (0.68-0.82x) on an avx2 build, 4096x4096,
 // 14336x4096, 4096x14336, 1024x4096 ("CPU: weights converted in the tile"), so 8 at every size.
-// Where that GEMM runs on AMX tiles (amx_bf16), [N, K] and int8 weights cross at half those Ms. The same tuning on
+// Where that GEMM runs on AMX tiles (amx_bf16), [N, K] weights cross at 4 and int8 at 8, each halved for K <= 256
+// with N >= 4096; int8 at 16 where it runs on our own AMX tiles (below). The same tuning on
 // an Intel Xeon with AMX (2 threads; 8 shapes, 256x768 to 4096x14336; docs/PERFORMANCE.md, "CPU: an Intel host
 // with AMX") measured ATen / ours at M = 4 (M = 8):
 //   [N, K], vdpbf16ps tile   1.35-1.69x on 6 of 6 from K = 1024 (0.76-0.99x: 0.87x on 4096x4096 in the bench);
 //                            256x4096 0.93x at M = 4 (1.49x at 2)
 //   int8, widened to bf16    our GEMV up to 8 on 7 of 8 (at 16: 0.69-0.97x; 11008x4096 1.07x); 256x4096 0.93x at 8
-//   [K, N]                   1.03-1.31x at M = 8 on all 8 (0.53-0.76x at 16): as without AMX
+//   [K, N]                   1.03-1.31x at M = 8 on all 8 (0.51-0.76x at 16): as without AMX
 // The portable build's widening GEMV on such a host is unmeasured; the AMX rule is no higher than its own. Where
-// int8 itself runs on AMX tiles (amx_gemv) it keeps them to their last M, 16, where they took 0.27-0.37x the time
+// int8 itself runs on AMX tiles (amx_gemv) it keeps them to their last M, 16, where they took 0.24-0.32x the time
 // of dequantize + torch's GEMM (the 4 shapes of amx_gemv's note).
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;

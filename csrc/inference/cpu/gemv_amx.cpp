@@ -20,10 +20,17 @@
 
 #include "cpu_simd.h"
 
-#if defined(__AVX512BF16__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__AVX512BF16__) && defined(__x86_64__) && defined(__linux__) && \
+    (!defined(__clang__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__)))
 #define DSINF_HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__)
+// The build's flags (avx512_bf16's exact -m flags, or -march=native on a CPU without AMX) do not enable AMX, and
+// the tile intrinsics are always-inline functions of that target: this file's functions take it, and run only
+// where amx_ready() found the tiles. (clang has no such pragma: there only a build for AMX has the kernel.)
+#pragma GCC target("amx-tile,amx-bf16")
+#endif
 #endif
 
 namespace dsinf_cpu {
