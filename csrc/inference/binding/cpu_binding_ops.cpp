@@ -35,13 +35,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>  // host_has_amx_bf16
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>  // host_has_amx_bf16: arch_prctl
-#include <unistd.h>
-#endif
 
 #include "aten_ops.h"
 #include "cpu_kernels.h"
@@ -107,28 +100,14 @@ bool native_bf16_gemm() {
   return o < 0 ? host_has_native_bf16() : o != 0;
 }
 
-// Whether torch's native bf16 GEMM runs on AMX tiles here (amx-bf16 and amx-tile in CPUID, tile state enabled by
-// the OS in XCR0, and on Linux the permission to use it granted: asked here as oneDNN asks it, once per process,
-// so a kernel that refuses it - a small signal stack - keeps the vdpbf16ps rule, as oneDNN keeps its AVX-512 code). There it is many times faster than
-// vdpbf16ps at small M, and our GEMV's lead ends sooner (native_bf16_gemv_max_m). Read from CPUID directly rather
-// than __builtin_cpu_supports("amx-bf16"), which compilers before gcc 11 reject. dsinf_cpu_amx_bf16_override
+// Whether torch's native bf16 GEMM runs on AMX tiles here: the CPU's AMX-BF16 tiles, their state saved by the OS and,
+// on Linux, granted (dsinf_cpu_host_amx, gemv_amx.cpp, asks once as oneDNN does; where it is refused - a small signal
+// stack - oneDNN keeps its AVX-512 code and this rule the vdpbf16ps one). There it is many times faster than
+// vdpbf16ps at small M, and our GEMV's lead ends sooner (native_bf16_gemv_max_m). dsinf_cpu_amx_bf16_override
 // (dsinf.routes.amx_bf16) picks either rule whatever the host, for the tests.
 bool host_has_amx_bf16() {
-#if AT_MKLDNN_ENABLED() && defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return false;  // OSXSAVE: xgetbv is allowed
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1) || !(d >> 24 & 1)) return false;
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo >> 17 & 3) != 3) return false;  // XTILECFG and XTILEDATA
-#if defined(__linux__)
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-    return true;
-#endif
-  }();
+#if AT_MKLDNN_ENABLED()
+  static const bool has = dsinf_cpu_host_amx() != 0;
   return has;
 #else
   return false;

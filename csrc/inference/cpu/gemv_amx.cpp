@@ -1,5 +1,6 @@
-// int8 weights x bf16 activations on AMX tiles: dsinf_cpu_gemv_amx (API in cpu_kernels.h), the path
-// dsinf_cpu_gemv takes for them at 2 <= M <= kAmxMaxM where the CPU has AMX-BF16 and the OS grants the tiles.
+// int8 weights x bf16 activations on AMX tiles: dsinf_cpu_gemv_amx (API in cpu_kernels.h), the path the binding
+// takes for them at 2 <= M <= 16 (cpu_binding_ops.cpp: amx_gemv) where the CPU has AMX-BF16 and the OS grants the
+// tiles (dsinf_cpu_host_amx, which the binding's AMX rule for torch's bf16 GEMM reads too).
 //
 // Why: from M = 2 the vdpbf16ps GEMV is bound by its multiply-adds (each int8 weight widened, then 1 x M
 // products on 32-lane vectors), not by memory: on an Intel Xeon with AMX (2 threads) int8 4096x11008 at M = 8 ran
@@ -7,7 +8,7 @@
 // twice the size (which runs on AMX). A tile multiply does 16 x 16 x 32 of them per instruction.
 //
 //   C^T = W . x^T per block of 16 output rows: A = 16 weight rows x 32 k, widened exactly to bf16 (an int8 has at
-//   most 8 significant bits) into a 1 KiB L1 buffer, row-major as stored (no transpose); B = x^T in the pair
+//   most 8 significant bits) into 1 KiB of an L1 buffer, row-major as stored (no transpose); B = x^T in the pair
 //   layout the tiles take (16 k-pairs x M columns of 2 bf16), packed once per call; C = 16 rows x M columns of
 //   fp32, accumulated over all of K. Products of two bf16 are exact in fp32 and the sums are fp32, as on the
 //   vdpbf16ps path; the scale, the bias and the single rounding are the epilogue's, as in gemv.cpp.
@@ -20,15 +21,18 @@
 
 #include "cpu_simd.h"
 
+#if defined(__linux__)
+#include <sys/syscall.h>  // dsinf_cpu_host_amx: arch_prctl
+#include <unistd.h>
+#endif
+
 #if defined(__AVX512BF16__) && defined(__x86_64__) && defined(__linux__) && \
     (!defined(__clang__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__)))
 #define DSINF_HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
 #if !defined(__AMX_TILE__) || !defined(__AMX_BF16__)
 // The build's flags (avx512_bf16's exact -m flags, or -march=native on a CPU without AMX) do not enable AMX, and
 // the tile intrinsics are always-inline functions of that target: this file's functions take it, and run only
-// where amx_ready() found the tiles. (clang has no such pragma: there only a build for AMX has the kernel.)
+// where dsinf_cpu_host_amx() found the tiles. (clang has no such pragma: there only a build for AMX has the kernel.)
 #pragma GCC target("amx-tile,amx-bf16")
 #endif
 #endif
@@ -146,10 +150,17 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   }
 }
 
-// Linux hands out the tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process);
-// a tile instruction without it faults. CPUID for AMX-BF16 / AMX-TILE, XCR0 for the OS saving tile state.
-bool amx_ready() {
-  static const bool ready = [] {
+#endif  // DSINF_HAVE_AMX
+
+}  // namespace
+}  // namespace dsinf_cpu
+
+// CPUID for AMX-BF16 / AMX-TILE, XCR0 for the OS saving tile state, and on Linux the tile data permission, which
+// the kernel hands out only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process; oneDNN asks the same):
+// a tile instruction without it faults.
+extern "C" int dsinf_cpu_host_amx(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
     if (!(c >> 27 & 1)) return false;  // OSXSAVE: xgetbv is allowed
@@ -158,20 +169,22 @@ bool amx_ready() {
     unsigned lo = 0, hi = 0;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     if ((lo >> 17 & 3) != 3) return false;  // XTILECFG, XTILEDATA
+#if defined(__linux__)
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return true;
+#endif
   }();
-  return ready;
+  return has ? 1 : 0;
+#else
+  return 0;
+#endif
 }
-
-#endif  // DSINF_HAVE_AMX
-
-}  // namespace
-}  // namespace dsinf_cpu
 
 extern "C" int dsinf_cpu_amx_ready(void) {
 #ifdef DSINF_HAVE_AMX
-  return dsinf_cpu::amx_ready() ? 1 : 0;
+  return dsinf_cpu_host_amx();
 #else
   return 0;
 #endif
@@ -183,7 +196,7 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
 #ifdef DSINF_HAVE_AMX
   using namespace dsinf_cpu;
   if (M < 1 || M > kAmxMaxM || w->dtype != DSINF_I8 || !w->layout_nk || w->scale == nullptr || w->groups <= 0 ||
-      w->N % w->groups != 0 || !(out_dtype == DSINF_F32 || out_dtype == DSINF_BF16) || !amx_ready())
+      w->N % w->groups != 0 || !(out_dtype == DSINF_F32 || out_dtype == DSINF_BF16) || !dsinf_cpu_host_amx())
     return DSINF_UNSUPPORTED;
   const int64_t K = w->K, N = w->N;
   if (N <= 0) return DSINF_OK;

@@ -78,8 +78,11 @@ DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
 DSINF_CPU_API dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx, const dsinf_weight* w,
                                               const void* bias, void* out, dsinf_dtype out_dtype, int64_t ldo,
                                               dsinf_parallel_fn pf);
-// 1 when dsinf_cpu_gemv_amx runs here (asks the OS for the tile state the first time), else 0.
+// 1 when dsinf_cpu_gemv_amx runs here (this build has it and dsinf_cpu_host_amx()), else 0.
 DSINF_CPU_API int dsinf_cpu_amx_ready(void);
+// 1 when this CPU has AMX-BF16 tiles and the OS grants their state (on Linux asked for the first time, as oneDNN
+// asks), whatever this build is, else 0.
+DSINF_CPU_API int dsinf_cpu_host_amx(void);
 
 // Weight block -> float32 (for large-M GEMMs in fp32 BLAS) or bfloat16 (int8 weights only, for the
 // binding's native bf16 GEMM). Converts output columns [n0, n1) of W, keeping the weight's own layout (int8
