@@ -288,9 +288,9 @@ def run(args):
             for batch in args.batch:
                 result = measure(model, args, mode, batch)
                 if batch == 1 and mode != "eager":  # the timed mode's own tokens, checked: what it times is right
-                    run_ = generate(model, prompts(args, 1), AGREEMENT_TOKENS, mode, logits=True)
-                    result["greedy_vs_eager"] = agreement(run_, tokens)
-                    tie = near_tie(run_, tokens)
+                    timed_run = generate(model, prompts(args, 1), AGREEMENT_TOKENS, mode, logits=True)
+                    result["greedy_vs_eager"] = agreement(timed_run, tokens)
+                    tie = near_tie(timed_run, tokens)
                     if tie is not None:
                         result["greedy_tie"] = {"step": tie[0], "margin": tie[1], "logits_apart": tie[2],
                                                 "rel_err": tie[3]}

@@ -478,7 +478,8 @@ class Binding:
 
     def amx_bf16(self) -> bool:
         """CPU: whether the bf16 crossovers take the AMX rule (torch's native bf16 GEMM runs on AMX tiles here:
-        [N, K] and int8 weights leave our GEMV at half the M they would on vdpbf16ps)."""
+        [N, K] weights leave our GEMV above M = 4 and int8 above 8, or above 16 where they run on our own AMX
+        tiles, amx_gemv)."""
         return self._amx is not None and bool(self._amx())
 
     def _override_amx(self, mode: int) -> int:

@@ -7,7 +7,8 @@
 // pool; this file must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
 //
 //   M <= gemv_max_m(...)  decode: our GEMV streams the weight once (fp32/bf16/fp16/int8, both layouts),
-//                         writing the final dtype with the bias, or fp32 for the QKV epilogue.
+//                         writing the final dtype with the bias, or fp32 for the QKV epilogue; int8 weights
+//                         with bf16 x at 2 <= M <= 16 on our AMX tiles where the host has them (amx_gemv).
 //   larger M              fp32 sgemm (at::mm_out / at::addmm_out, MKL) one cache-sized block of output
 //                         columns at a time, straight into its column slice of the fp32 result: fp32
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
@@ -34,7 +35,6 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
-
 
 #include "aten_ops.h"
 #include "cpu_kernels.h"
