@@ -50,7 +50,7 @@ FAMILIES = {
 }
 
 _ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "is_causal")
-_MODELING_HELPERS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", "apply_rotary_pos_emb")
+_MODELING_HELPERS = ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")  # _dsinf_helpers
 
 
 def _linears(module: nn.Module, names) -> bool:
@@ -258,8 +258,7 @@ def _attention_helpers(cls: type) -> tuple:
                            f"{', '.join(missing)}, which its fused forward calls (another transformers version?); "
                            f"save the model's state_dict() (dsinf.inject.export_state_dict for the original "
                            f"layout) instead of the whole model, and inject the loaded model again")
-    return tuple(getattr(modeling, h) for h in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
-                                                "eager_attention_forward"))
+    return tuple(getattr(modeling, h) for h in _MODELING_HELPERS)
 
 
 def _cat(tensors):

@@ -107,8 +107,7 @@ bool native_bf16_gemm() {
 // (dsinf.routes.amx_bf16) picks either rule whatever the host, for the tests.
 bool host_has_amx_bf16() {
 #if AT_MKLDNN_ENABLED()
-  static const bool has = dsinf_cpu_host_amx() != 0;
-  return has;
+  return dsinf_cpu_host_amx() != 0;  // read once there
 #else
   return false;
 #endif
@@ -193,15 +192,10 @@ constexpr int64_t kAmxMinM = 2, kAmxMaxM = 16;
 std::atomic<int64_t> g_amx_gemv_override{-1};  // -1: the host's choice; 0 / 1: the GEMV / the tiles
 std::atomic<int64_t> g_amx_gemv_calls{0};
 
-bool amx_gemv_host() {
-  static const bool ready = dsinf_cpu_amx_ready() != 0;
-  return ready;
-}
-
 bool amx_gemv(int64_t M, c10::ScalarType act, const MatmulShape& s) {
   if (!s.int8 || act != c10::ScalarType::BFloat16 || M < kAmxMinM || M > kAmxMaxM) return false;
   const int64_t o = g_amx_gemv_override.load(std::memory_order_relaxed);
-  return o < 0 ? amx_gemv_host() : o != 0 && amx_gemv_host();
+  return o != 0 && dsinf_cpu_amx_ready() != 0;  // -1 (the host's choice) or 1: where the tiles run; read once there
 }
 
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
