@@ -2,16 +2,17 @@
 
 The measurement behind the binding's int8 rules on hosts with bf16 dot products (cpu_binding_ops.cpp: amx_gemv,
 native_bf16_gemv_max_m): per shape and M, vector_matmul_bf16 on an int8 weight forced onto each of its paths -
-`amx` (the AMX tiles, gemv_amx.cpp; `amx -` where they do not run: M = 1, M > 16, or a host or build without
-them), `gemv` (the vdpbf16ps GEMV) and `deq` (dequantize + torch's bf16 GEMM) - beside torch's two: `dense`
-(F.linear on the bf16 weight the int8 one stands for: what the model runs without dsinf) and `int8pack`
-(aten._weight_int8pack_mm, torch's int8 fast path, whose scales are bf16). Timed in interleaved rounds over
-rotating weight copies (bench.timing.time_cpu), each of ours checked against dsinf.reference first. Prints
-microseconds per call and dense's time / each path's (> 1: faster than torch's dense bf16), then the path the
-host's rule takes.
+`amx` (the AMX tiles, gemv_amx.cpp, forced on: past M = 256 too, where the rule dequantizes; `amx -` where they do
+not run: M = 1, or a host or build without them), `gemv` (the vdpbf16ps GEMV) and `deq` (dequantize + torch's
+bf16 GEMM) - beside torch's two: `dense` (F.linear on the bf16 weight the int8 one stands for: what the model
+runs without dsinf) and `int8pack` (aten._weight_int8pack_mm, torch's int8 fast path, whose scales are bf16).
+Timed in interleaved rounds over rotating weight copies (bench.timing.time_cpu), each of ours checked against
+dsinf.reference first. Prints microseconds per call and dense's time / each path's (> 1: faster than torch's
+dense bf16), then the path the host's rule takes.
 
     python -m bench.int8_cpu                                  # the shapes and Ms of docs/PERFORMANCE.md
     python -m bench.int8_cpu --shapes 4096x14336 --m 2,8 --min-time 1
+    python -m bench.int8_cpu --m 17,32,128,256,512,1024           # prefill: the tiles' panels past M = 16
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         return vm(x, ws[i], False, scale, True, True)
                 return call
 
-            tiles = binding.amx_gemv() and 2 <= M <= 16  # forced "on" elsewhere would time the GEMV again
+            tiles = binding.amx_gemv() and M >= 2  # forced "on" at M = 1 would time the GEMV again
             paths = {name: ours(name) for name in (("amx",) if tiles else ()) + ("gemv", "deq")}
             want = reference.vector_matmul(x, ws[0], False, scale, True, True).float()
             for name, call in paths.items():

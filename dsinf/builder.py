@@ -43,7 +43,7 @@ def host_native_bf16_gemm(cpu) -> bool:
 def host_amx_bf16(cpu) -> bool:
     """Whether the CPU module's bf16 crossovers take the AMX rule on this host (torch's native bf16 GEMM on AMX
     tiles: [N, K] weights leave the GEMV at M > 4, int8 at M > 8, or at M > 16 where they run on our own AMX
-    kernel): the rule of cpu_binding_ops.cpp's host_has_amx_bf16 (read there from CPUID and XCR0, and the OS's
+    kernel, which keeps them to M = 256): the rule of cpu_binding_ops.cpp's host_has_amx_bf16 (read there from CPUID and XCR0, and the OS's
     grant of the tile state, which only the module can ask: where the OS refuses it the two differ), for the
     report; tests/test_routes.py checks that the two agree."""
     return {"amx_bf16", "amx_tile"} <= set(cpu.flags) and host_native_bf16_gemm(cpu)
@@ -129,8 +129,9 @@ class InferenceBuilder(OpBuilder):
                 gemm += ("; on AMX tiles here, so [N, K] weights leave the GEMV sooner (M > 4; torch's GEMM ran up "
                          "to 1.3x faster than the GEMV at M = 8), and int8 at M > 8 unless our AMX kernel takes them")
                 if self._cpu_isa(portable=False)[0] == "avx512_bf16":
-                    notes_amx = ["int8 weights with bf16 activations at M = 2..16: our kernel on AMX tiles (the "
-                                 "vdpbf16ps GEMV is bound by its multiply-adds there)"]
+                    notes_amx = ["int8 weights with bf16 activations at M = 2..256: our kernel on AMX tiles (the "
+                                 "vdpbf16ps GEMV is bound by its multiply-adds there, and dequantize + GEMM by the "
+                                 "weight's bf16 copy)"]
             fp32 = ("oneDNN's (an AMD CPU: MKL's AMD code path ran 1.1-2.6x slower)"
                     if host_onednn_fp32_gemm(self.system.cpu) else "MKL's")
             notes = [*decision.notes, f"bf16 past the GEMV: {gemm}", *notes_amx, f"fp32 GEMM past the GEMV: {fp32}"]

@@ -479,15 +479,16 @@ class Binding:
     def amx_bf16(self) -> bool:
         """CPU: whether the bf16 crossovers take the AMX rule (torch's native bf16 GEMM runs on AMX tiles here:
         [N, K] weights leave our GEMV above M = 4 and int8 above 8, or above 16 where they run on our own AMX
-        tiles, amx_gemv)."""
+        tiles, amx_gemv, which then take them on to M = 256)."""
         return self._amx is not None and bool(self._amx())
 
     def _override_amx(self, mode: int) -> int:
         return self._override(self._amx_override, "no AMX rule", mode)
 
     def amx_gemv(self) -> bool:
-        """CPU: whether int8 weights with bf16 activations run on AMX tiles at 2 <= M <= 16 here (gemv_amx.cpp: an
-        avx512_bf16 build, a CPU with AMX-BF16 and the OS's tile state) rather than on the vdpbf16ps GEMV."""
+        """CPU: whether int8 weights with bf16 activations run on AMX tiles at 2 <= M <= 256 here (gemv_amx.cpp: an
+        avx512_bf16 build, a CPU with AMX-BF16 and the OS's tile state) rather than on the vdpbf16ps GEMV or
+        dequantize + torch's GEMM."""
         return self._amx_gemv is not None and bool(self._amx_gemv())
 
     def amx_gemv_calls(self) -> int:
@@ -613,9 +614,10 @@ def amx_bf16(on: bool) -> contextlib.AbstractContextManager[Binding]:
 
 
 def amx_gemv(on: bool) -> contextlib.AbstractContextManager[Binding]:
-    """While the block runs, the CPU module runs int8 weights with bf16 activations at 2 <= M <= 16 on AMX tiles
-    (on, where the host has them) or on the vdpbf16ps GEMV, whatever the host would choose; the choice in force
-    before is restored after. For checks of both kernels on an AMX host."""
+    """While the block runs, the CPU module runs int8 weights with bf16 activations on AMX tiles at every M from 2
+    (on, where the host has them; the host's own rule stops at 256) or never (off: the vdpbf16ps GEMV, or
+    dequantize + torch's GEMM, as the route says), whatever the host would choose; the choice in force before is
+    restored after. For checks and timings of every path on an AMX host."""
     return _cpu_choice(Binding._override_amx_gemv, 1 if on else 0)
 
 

@@ -523,21 +523,25 @@ def test_kn_gemm_on_either_gemm(cpu_module, M, K, N, suffix, ours):
         assert binding.last() == "aten" and binding.kn_gemm_calls() == before
 
 
-# (M, K, N, groups) for int8 on AMX tiles (gemv_amx.cpp: blocks of 32 rows as two 16-row tiles, 64 k per step,
-# M columns of one tile): M at both ends and between, K below one step, ragged and across many, N below one tile,
-# between the two tiles of a block, ragged blocks, groups of rows.
-AMX_SHAPES = [(2, 67, 33, 1), (3, 31, 7, 7), (8, 1100, 100, 4), (16, 130, 64, 64), (9, 4096, 48, 3), (5, 64, 1, 1)]
+# (M, K, N, groups) for int8 on AMX tiles (gemv_amx.cpp). Up to M = 16: blocks of 32 rows as two 16-row tiles, 64 k
+# per step, M columns of one tile: M at both ends and between, K below one step, ragged and across many, N below
+# one tile, between the two tiles of a block, ragged blocks, groups of rows. Past 16, panels: 16-row chunks of x in
+# pairs (an odd last chunk alone, a ragged one), 256-k slices of the weight (one, several, a ragged last one, K
+# below one 64-k line), and the binding's last M, 256.
+AMX_SHAPES = [(2, 67, 33, 1), (3, 31, 7, 7), (8, 1100, 100, 4), (16, 130, 64, 64), (9, 4096, 48, 3), (5, 64, 1, 1),
+              (17, 67, 33, 1), (32, 256, 64, 2), (33, 600, 100, 4), (50, 31, 7, 7), (97, 1100, 40, 1),
+              (256, 520, 96, 3)]
 
 
 @pytest.mark.parametrize("amx", [False, True], ids=["gemv", "amx"])
 @pytest.mark.parametrize("M,K,N,groups", AMX_SHAPES)
 def test_int8_bf16_on_amx_tiles_or_the_gemv(cpu_module, M, K, N, groups, amx):
-    """int8 weights with bf16 activations at 2 <= M <= 16 run on AMX tiles where the host has them (an
-    avx512_bf16 build on Linux, AMX-BF16, the tile state granted), on the vdpbf16ps GEMV otherwise; forced either
-    way (routes.amx_gemv) on the GEMV's route, each is checked against the reference - bf16 out with and without
-    bias, and fp32 out into the fused QKV epilogue - and the tiles' calls are counted: forced on, a build or host
-    without them keeps the GEMV (test_routes checks that an AMX host's own build has them). M = 1 and M = 17 never
-    take the tiles."""
+    """int8 weights with bf16 activations at 2 <= M <= 256 run on AMX tiles where the host has them (an
+    avx512_bf16 build on Linux, AMX-BF16, the tile state granted), on the vdpbf16ps GEMV or dequantize + GEMM
+    otherwise; forced either way (routes.amx_gemv) on either side of the route, each is checked against the
+    reference - bf16 out with and without bias, and fp32 out into the fused QKV epilogue - and the tiles' calls
+    are counted: forced on, a build or host without them keeps the other paths (test_routes checks that an AMX
+    host's own build has them). M = 1 never takes the tiles, M = 257 only forced on."""
     from dsinf import routes
 
     with routes.amx_gemv(amx) as binding:
@@ -548,25 +552,31 @@ def test_int8_bf16_on_amx_tiles_or_the_gemv(cpu_module, M, K, N, groups, amx):
     b = randn(N, dtype=torch.bfloat16, gen=gen)
     vm, linear = op(cpu_module, "vector_matmul_bf16"), op(cpu_module, "linear_layer_bf16")
     key = routes.RouteKey("bf16", "int8", K, N)
-    with routes.forced("cpu", [key]), routes.amx_gemv(amx) as binding:
-        before = binding.amx_gemv_calls()
-        assert_close(vm(x, w, False, scale, True, True), reference.vector_matmul(x, w, False, scale, True, True),
-                     torch.bfloat16)
-        assert binding.last() == "gemv" and binding.amx_gemv_calls() - before == tiles
-        args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
-        assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
-        assert binding.amx_gemv_calls() - before == 2 * tiles
-        for rows in (1, 17):  # the GEMV's ends: M = 1 streams at memory speed; a tile holds 16 columns
-            xr = randn(1, rows, K, dtype=torch.bfloat16, gen=gen)
-            assert_close(vm(xr, w, False, scale, True, True), reference.vector_matmul(xr, w, False, scale, True, True),
-                         torch.bfloat16)
-        assert binding.amx_gemv_calls() - before == 2 * tiles
+    for max_m, side in ((None, "gemv"), (0, "aten")):  # the GEMV's side of the route, forced, and the GEMM's
+        with routes.forced("cpu", [key], max_m=max_m), routes.amx_gemv(amx) as binding:
+            before = binding.amx_gemv_calls()
+            assert_close(vm(x, w, False, scale, True, True),
+                         reference.vector_matmul(x, w, False, scale, True, True), torch.bfloat16)
+            assert binding.last() == side and binding.amx_gemv_calls() - before == tiles
+            args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
+            assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
+            assert binding.amx_gemv_calls() - before == 2 * tiles
+    # The tiles' ends: M = 1 streams at memory speed on the GEMV; past 256 the host's rule dequantizes, and the tiles
+    # run there only forced on.
+    ends = [randn(1, rows, K, dtype=torch.bfloat16, gen=gen) for rows in (1, 257)]
+    for mode, on_tiles in ((routes.forced("cpu", [key], max_m=0), 0), (routes.amx_gemv(amx), tiles)):
+        with routes.forced("cpu", [key], max_m=0), mode as binding:
+            before = binding.amx_gemv_calls()
+            for xr in ends:
+                assert_close(vm(xr, w, False, scale, True, True),
+                             reference.vector_matmul(xr, w, False, scale, True, True), torch.bfloat16)
+            assert binding.amx_gemv_calls() - before == on_tiles
     H, D, kv = 2, 16, 1  # fp32 out: the fused QKV epilogue reads the matmul before any rounding
     qkv, qscale = int8_weight((H + 2 * kv) * D, H * D, 1, gen)
     xq = randn(1, M, H * D, dtype=torch.bfloat16, gen=gen)
     args = (xq, qkv, None, False, True, H, False, 500000.0, 8, False, kv, 3, qscale)
     key = routes.RouteKey("bf16", "int8", H * D, (H + 2 * kv) * D)
-    with routes.forced("cpu", [key]), routes.amx_gemv(amx) as binding:
+    with routes.forced("cpu", [key], max_m=0), routes.amx_gemv(amx) as binding:
         before = binding.amx_gemv_calls()
         assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
         assert binding.amx_gemv_calls() - before == tiles

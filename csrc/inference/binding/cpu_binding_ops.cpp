@@ -6,9 +6,10 @@
 // torch-free kernels (cpu_kernels.h) together with a parallel_for backed by at::parallel_for (torch's OpenMP
 // pool; this file must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
 //
+//   int8 x bf16, AMX     int8 weights with bf16 x at 2 <= M <= 256 on our AMX tiles where the host has them
+//                         (amx_gemv), whichever side of the route below M falls.
 //   M <= gemv_max_m(...)  decode: our GEMV streams the weight once (fp32/bf16/fp16/int8, both layouts),
-//                         writing the final dtype with the bias, or fp32 for the QKV epilogue; int8 weights
-//                         with bf16 x at 2 <= M <= 16 on our AMX tiles where the host has them (amx_gemv).
+//                         writing the final dtype with the bias, or fp32 for the QKV epilogue.
 //   larger M              fp32 sgemm (at::mm_out / at::addmm_out, MKL) one cache-sized block of output
 //                         columns at a time, straight into its column slice of the fp32 result: fp32
 //                         weights in place; 16-bit / int8 weights widened (dequantized) into one reused
@@ -181,21 +182,26 @@ bool kn_gemm(int64_t M, int64_t K, int64_t N) {
   return kn_gemm_host() && N >= kKnGemmMinN && (M <= kKnGemmMaxM || (N >= 2 * K && M <= kKnGemmWideMaxM));
 }
 
-// int8 weights with bf16 x on AMX tiles (gemv_amx.cpp) rather than the vdpbf16ps GEMV, for 2 <= M <= 16 where the
-// host has AMX (dsinf_cpu_amx_ready: an avx512_bf16 build on Linux, the CPU's AMX-BF16, the tile state granted):
-// the GEMV is bound by its multiply-adds from M = 2, the tiles by widening the weight, whatever M. GEMV time / the
-// tiles' on an Intel Xeon with AMX (2 threads; 4096x4096, 4096x11008, 11008x4096, 4096x14336; docs/PERFORMANCE.md,
-// "CPU: int8 on AMX tiles"): M = 2 1.17-1.34x, 4 1.56-1.79x, 8 2.29-2.65x, 16 3.38-4.11x; at M = 1 the GEMV streams
-// the weight at memory speed and the tiles' widening would be the slower. dsinf_cpu_amx_gemv_override
-// (dsinf.routes.amx_gemv) forces either for the tests; dsinf_cpu_amx_gemv_calls counts the calls.
-constexpr int64_t kAmxMinM = 2, kAmxMaxM = 16;
-std::atomic<int64_t> g_amx_gemv_override{-1};  // -1: the host's choice; 0 / 1: the GEMV / the tiles
+// int8 weights with bf16 x on AMX tiles (gemv_amx.cpp) for 2 <= M <= 256 where the host has AMX
+// (dsinf_cpu_amx_ready: an avx512_bf16 build on Linux, the CPU's AMX-BF16, the tile state granted), ahead of the
+// route table: the vdpbf16ps GEMV is bound by its multiply-adds from M = 2, the tiles by widening the weight, and
+// past M = 16 dequantize + torch's GEMM pays a bf16 copy of the weight per call. On an Intel Xeon with AMX (2
+// threads; docs/PERFORMANCE.md, "CPU: int8 on AMX tiles" and "int8 prefill on AMX tiles"), GEMV time / the tiles'
+// at M = 2 1.17-1.34x, 4 1.56-1.79x, 8 2.29-2.65x, 16 3.38-4.11x (4096x4096, 4096x11008, 11008x4096, 4096x14336);
+// dequantize + GEMM / the tiles' at M = 17-128 1.76-3.35x, 256 1.15-1.39x, 512 0.88-0.99x, 1024 0.62-0.88x
+// (4096x4096, 4096x14336, 14336x4096), so M > 256 dequantizes. At M = 1 the GEMV streams the weight at memory speed
+// and the tiles' widening would be the slower. dsinf_cpu_amx_gemv_override (dsinf.routes.amx_gemv) forces the
+// tiles off, or on at every M from 2 (past 256 too: the measurement of this rule), for the tests and probes;
+// dsinf_cpu_amx_gemv_calls counts the calls.
+constexpr int64_t kAmxMinM = 2, kAmxGemvMaxM = 16, kAmxMaxM = 256;
+std::atomic<int64_t> g_amx_gemv_override{-1};  // -1: the host's choice; 0 / 1: the other paths / the tiles
 std::atomic<int64_t> g_amx_gemv_calls{0};
 
 bool amx_gemv(int64_t M, c10::ScalarType act, const MatmulShape& s) {
-  if (!s.int8 || act != c10::ScalarType::BFloat16 || M < kAmxMinM || M > kAmxMaxM) return false;
+  if (!s.int8 || act != c10::ScalarType::BFloat16 || M < kAmxMinM) return false;
   const int64_t o = g_amx_gemv_override.load(std::memory_order_relaxed);
-  return o != 0 && dsinf_cpu_amx_ready() != 0;  // -1 (the host's choice) or 1: where the tiles run; read once there
+  if (o == 0 || (o < 0 && M > kAmxMaxM)) return false;
+  return dsinf_cpu_amx_ready() != 0;  // where the tiles run; read once there
 }
 
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
@@ -232,7 +238,7 @@ bool gemv_dpbf16() {
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
   const bool short_wide = s.K <= 256 && s.N >= 4096;
-  if (amx_bf16() && s.int8 && amx_gemv(kAmxMinM, c10::ScalarType::BFloat16, s)) return kAmxMaxM;
+  if (amx_bf16() && s.int8 && amx_gemv(kAmxMinM, c10::ScalarType::BFloat16, s)) return kAmxGemvMaxM;
   if (amx_bf16() && (s.int8 || s.weight_nk)) return (s.int8 ? 8 : 4) / (short_wide ? 2 : 1);
   if (s.int8) return gemv_dpbf16() && KN >= (int64_t(1) << 24) ? 16 : 8;
   if (s.weight_nk) return gemv_dpbf16() && !short_wide ? 8 : 4;
@@ -394,15 +400,17 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const c10::ScalarType act = x2d.scalar_type();
   const c10::ScalarType out_t = for_epilogue ? c10::ScalarType::Float : act;
 
-  if (routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, act))) {
+  const bool gemv = routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, act));
+  if (amx_gemv(M, act, s)) {  // int8 on our AMX tiles on either side of the route (the GEMV's, or dequantize + GEMM)
     at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
-    if (amx_gemv(M, act, s)) {
-      check_status(dsinf_cpu_gemv_amx(x2d.data_ptr(), M, K, &w, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
-                                      to_dsinf(out_t), N, kParallel),
-                   op, "gemv_amx");
-      g_amx_gemv_calls.fetch_add(1, std::memory_order_relaxed);
-      return out;
-    }
+    check_status(dsinf_cpu_gemv_amx(x2d.data_ptr(), M, K, &w, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                    to_dsinf(out_t), N, kParallel),
+                 op, "gemv_amx");
+    g_amx_gemv_calls.fetch_add(1, std::memory_order_relaxed);
+    return out;
+  }
+  if (gemv) {
+    at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
     check_status(dsinf_cpu_gemv(x2d.data_ptr(), to_dsinf(act), M, K, &w, bias ? bias->data_ptr() : nullptr,
                                 out.data_ptr(), to_dsinf(out_t), N, kParallel),
                  op, "gemv");

@@ -1,6 +1,8 @@
 // int8 weights x bf16 activations on AMX tiles: dsinf_cpu_gemv_amx (API in cpu_kernels.h), the path the binding
-// takes for them at 2 <= M <= 16 (cpu_binding_ops.cpp: amx_gemv) where the CPU has AMX-BF16 and the OS grants the
-// tiles (dsinf_cpu_host_amx, which the binding's AMX rule for torch's bf16 GEMM reads too).
+// takes for them at 2 <= M <= 256 (cpu_binding_ops.cpp: amx_gemv) where the CPU has AMX-BF16 and the OS grants the
+// tiles (dsinf_cpu_host_amx, which the binding's AMX rule for torch's bf16 GEMM reads too). Two shapes of kernel:
+// up to M = 16 (one C tile's columns) each weight line is widened and multiplied at once (below); past it the
+// weight is widened into panels that every 16 rows of x reuse ("M > 16: panels").
 //
 // Why: from M = 2 the vdpbf16ps GEMV is bound by its multiply-adds (each int8 weight widened, then 1 x M
 // products on 32-lane vectors), not by memory: on an Intel Xeon with AMX (2 threads) int8 4096x11008 at M = 8 ran
@@ -13,10 +15,12 @@
 //   fp32, accumulated over all of K. Products of two bf16 are exact in fp32 and the sums are fp32, as on the
 //   vdpbf16ps path; the scale, the bias and the single rounding are the epilogue's, as in gemv.cpp.
 //
-// A task owns blocks of 32 rows (two A and two C tiles) and walks K 64 at a time (one 64-byte line per weight row:
-// two k-tiles, so B takes two tiles too: 2 C + 4 A + 2 B = the 8 tiles). k past K is zero in both the widened line
-// (a masked load: the last row's tail is not read) and the x pack. Rows past N are computed from whatever the buffer
-// holds and never stored. Results do not depend on the thread count (each output is one task's).
+// Up to M = 16 a task owns blocks of 32 rows (two A and two C tiles) and walks K 64 at a time (one 64-byte line per
+// weight row: two k-tiles, so B takes two tiles too: 2 C + 4 A + 2 B = the 8 tiles). k past K is zero in both the
+// widened line (a masked load: the last row's tail is not read) and the x pack. Rows past N are computed from
+// whatever the buffer holds and never stored. Results do not depend on the thread count (each output is one
+// task's). Past M = 16, dequantize + torch's GEMM (the path otherwise) pays for a bf16 copy of the weight each call:
+// at M = 17-128 it took 1.8-3.4x the panels' time.
 #include <algorithm>
 
 #include "cpu_simd.h"
@@ -69,7 +73,7 @@ TileConfig tile_config(int64_t M) {
 // 64 int8 at src (n_live of them valid, the rest read as zeros) -> 64 bf16 at dst. Each quarter is sign-extended
 // straight from memory (vpmovsxbd's load form: no extract shuffles), converted exactly to fp32, and pairs of
 // quarters rounded (exactly) to bf16.
-inline void widen_line(bf16_t* dst, const int8_t* src, int64_t n_live) {
+inline void widen_line(bf16_t* lo, bf16_t* hi, const int8_t* src, int64_t n_live) {
   alignas(64) int8_t tail[64];
   if (n_live < 64) {  // the row's last line: only its live bytes are read
     _mm512_store_si512(tail, _mm512_maskz_loadu_epi8((__mmask64(1) << n_live) - 1, src));
@@ -78,8 +82,8 @@ inline void widen_line(bf16_t* dst, const int8_t* src, int64_t n_live) {
   __m512 f[4];
   for (int q = 0; q < 4; ++q)
     f[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src) + q)));
-  _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
-  _mm512_store_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
+  _mm512_store_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
+  _mm512_store_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
 }
 
 // x [M, K] bf16 -> xp[kp][m][2] = (x[m][2kp], x[m][2kp+1]) for kp < Kp / 2, zeros past K.
@@ -105,6 +109,22 @@ struct AmxArgs {
   int64_t ldo;
 };
 
+// The epilogue of output rows [n0, n0 + 32): acc holds C as the tiles store it, [chunk of 16 x rows][32 rows][16]
+// fp32, so it is read across tile rows (stride 16) and each row's scale and bias are read once per block.
+void store_block(const AmxArgs& a, int64_t n0, const float* acc) {
+  const int64_t rows = std::min(kRows, a.N - n0);
+  alignas(64) float sc[kRows], bs[kRows], tmp[kRows];
+  for (int64_t r = 0; r < rows; ++r) {
+    sc[r] = a.scale[(n0 + r) / a.rows_per_group];
+    bs[r] = a.bias ? a.bias[n0 + r] : 0.f;
+  }
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* cm = acc + (m / 16) * kRows * 16 + m % 16;
+    for (int64_t r = 0; r < rows; ++r) tmp[r] = cm[r * 16] * sc[r] + bs[r];
+    with_float_type(a.out_dtype, a.out, [&](auto* o) { store_row(o + m * a.ldo + n0, tmp, rows); });
+  }
+}
+
 // Output rows [n0, n0 + 32) over all of K, 64 k at a time: each row's 64-byte line widened into `a_buf` (32 rows x
 // 64 bf16, 4 KiB: L1), with a prefetch of the same row kPrefetch bytes ahead - 32 row streams, which the hardware
 // prefetchers alone do not keep ahead of.
@@ -122,7 +142,7 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* src = a.w + (n0 + r) * a.K + k;
       __builtin_prefetch(src + kPrefetch, 0, 3);
-      widen_line(a_buf + r * 64, src, a.K - k);
+      widen_line(a_buf + r * 64, a_buf + r * 64 + 32, src, a.K - k);
     }
     const bf16_t* b = a.xp + k * a.M;  // pair row k / 2: M pairs of 2 bf16 each
     _tile_loadd(6, b, bstride);
@@ -138,16 +158,127 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   }
   _tile_stored(0, cbuf, 64);
   _tile_stored(1, cbuf + 16 * 16, 64);
-  float tmp[kRows];
-  for (int64_t m = 0; m < a.M; ++m) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = n0 + r;
-      float t = cbuf[r * 16 + m] * a.scale[n / a.rows_per_group];
-      if (a.bias) t += a.bias[n];
-      tmp[r] = t;
-    }
-    with_float_type(a.out_dtype, a.out, [&](auto* o) { store_row(o + m * a.ldo + n0, tmp, rows); });
+  store_block(a, n0, cbuf);
+}
+
+// ---- M > 16: panels -------------------------------------------------------------------------------------------
+// Past one C tile's 16 columns the weight is widened once per 32-row block and K slice into a tile-ordered panel
+// ([k-tile][32 rows][32 bf16], so each A tile is one contiguous KiB) and multiplied against every 16 rows of x
+// while it sits in L1: C stays in the tiles over the slice, two row halves x two 16-column chunks of x (4 C, 2 A,
+// 2 B: 8 tiles), and goes to an fp32 accumulator [chunk][32 rows][16] between slices. x is packed once per call,
+// per chunk of 16 rows (zeros past M and past K): [chunk][k pair][16][2], so each B tile is one contiguous KiB.
+
+// k per slice: the panel being multiplied and the one being widened (2 x 32 rows x kSliceK bf16, 32 KiB) stay in L1
+// while every chunk of x streams past them. 256 ran 5-20% faster than 512 at M = 17-256 (4096x4096), 128 no faster.
+constexpr int64_t kSliceK = 256;
+
+// x [M, K] bf16 -> xq[c][kp][j][2] = (x[16c + j][2kp], x[16c + j][2kp + 1]), zeros past M and K.
+void pack_x_chunks(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp, bf16_t* xq) {
+  const int64_t chunks = (M + 15) / 16;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t kp = 0; kp < Kp / 2; ++kp)
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t m = 16 * c + j;
+        for (int i = 0; i < 2; ++i) {
+          const int64_t k = 2 * kp + i;
+          xq[((c * (Kp / 2) + kp) * 16 + j) * 2 + i] = m < M && k < K ? x[m * ldx + k] : bf16_t{0};
+        }
+      }
+}
+
+// Tiles: 0-3 C (16 rows x 16 fp32), 4-5 A (16 rows x 32 bf16), 6-7 B (16 k-pairs x 16 pairs): all 16 x 64 bytes.
+TileConfig panel_config() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
   }
+  return c;
+}
+
+// Widens one K slice of a block's rows into a panel, a few 64-k lines per call, so the next slice's widening (vector
+// units) runs between the current slice's tile multiplies (the AMX unit) rather than after them: apart, at M = 32
+// the two took about 1.5x the time of the widening alone.
+struct PanelWidener {
+  const AmxArgs& a;
+  int64_t n0, rows;
+  int64_t k0 = 0, lines_per_row = 0, next = 0, total = 0;
+  bf16_t* panel = nullptr;
+
+  void start(int64_t k0_, int64_t kc, bf16_t* p) {
+    k0 = k0_, lines_per_row = kc / 64, next = 0, total = rows * lines_per_row, panel = p;
+  }
+  void run(int64_t n) {
+    for (const int64_t end = std::min(total, next + n); next < end; ++next) {
+      const int64_t r = next / lines_per_row, k = next % lines_per_row * 64;
+      const int8_t* src = a.w + (n0 + r) * a.K + k0 + k;
+      __builtin_prefetch(src + kSliceK, 0, 2);  // the same row's next slice, into L2
+      bf16_t* t = panel + (k / 32) * kRows * 32 + r * 32;
+      widen_line(t, t + kRows * 32, src, a.K - k0 - k);
+    }
+  }
+  void finish() { run(total - next); }
+};
+
+// Output rows [n0, n0 + 32) for all M: `panels` holds two of 32 x kSliceK bf16, `acc` 32 x 16 fp32 per chunk of x.
+// As up to M = 16, rows past N (a last block's) are computed from whatever the panel holds and never stored.
+// (Passes over 128 or 256 rows of x at a time, so that x's packed slice stays in L2, ran no faster at M = 256-1024.)
+void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
+  const int64_t rows = std::min(kRows, a.N - n0), chunks = (a.M + 15) / 16, pairs = (chunks + 1) / 2;
+  const int64_t chunk_stride = a.Kp * 16;  // bf16 per chunk of xq
+  const int64_t panel_size = kRows * kSliceK;
+  PanelWidener widen{a, n0, rows};
+  widen.start(0, std::min(kSliceK, a.Kp), panels);
+  widen.finish();
+  for (int64_t k0 = 0, s = 0; k0 < a.Kp; k0 += kSliceK, ++s) {
+    const int64_t kts = std::min(kSliceK, a.Kp - k0) / 32;
+    const bf16_t* panel = panels + (s & 1) * panel_size;
+    if (k0 + kSliceK < a.Kp)
+      widen.start(k0 + kSliceK, std::min(kSliceK, a.Kp - k0 - kSliceK), panels + ((s + 1) & 1) * panel_size);
+    else
+      widen.start(0, 0, nullptr);
+    const int64_t per_step = (widen.total + pairs * kts - 1) / (pairs * kts);
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const bool two = c + 1 < chunks;
+      float* c0 = acc + c * kRows * 16;
+      if (k0 == 0) {
+        _tile_zero(0);  // the tile intrinsics are statements (asm), one per line
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, c0, 64);
+        _tile_loadd(1, c0 + 256, 64);
+        if (two) {
+          _tile_loadd(2, c0 + 512, 64);
+          _tile_loadd(3, c0 + 768, 64);
+        }
+      }
+      const bf16_t* b0 = a.xp + c * chunk_stride + k0 * 16;  // pair row k0 / 2 of chunk c
+      for (int64_t kt = 0; kt < kts; ++kt) {
+        const bf16_t* p = panel + kt * kRows * 32;
+        _tile_loadd(4, p, 64);  // rows 0-15
+        _tile_loadd(5, p + 512, 64);  // rows 16-31
+        _tile_loadd(6, b0 + kt * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+          _tile_loadd(7, b0 + chunk_stride + kt * 512, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        widen.run(per_step);
+      }
+      _tile_stored(0, c0, 64);
+      _tile_stored(1, c0 + 256, 64);
+      if (two) {
+        _tile_stored(2, c0 + 512, 64);
+        _tile_stored(3, c0 + 768, 64);
+      }
+    }
+    widen.finish();
+  }
+  store_block(a, n0, acc);
 }
 
 #endif  // DSINF_HAVE_AMX
@@ -195,23 +326,33 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
                                            dsinf_parallel_fn pf) {
 #ifdef DSINF_HAVE_AMX
   using namespace dsinf_cpu;
-  if (M < 1 || M > kAmxMaxM || w->dtype != DSINF_I8 || !w->layout_nk || w->scale == nullptr || w->groups <= 0 ||
+  if (M < 1 || w->dtype != DSINF_I8 || !w->layout_nk || w->scale == nullptr || w->groups <= 0 ||
       w->N % w->groups != 0 || !(out_dtype == DSINF_F32 || out_dtype == DSINF_BF16) || !dsinf_cpu_host_amx())
     return DSINF_UNSUPPORTED;
   const int64_t K = w->K, N = w->N;
   if (N <= 0) return DSINF_OK;
   const int64_t Kp = std::max<int64_t>(64, (K + 63) / 64 * 64);  // whole 64-k steps
-  AlignedBuffer<bf16_t> xp(size_t(Kp * M));
-  pack_x(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
+  const bool panels = M > kAmxMaxM;
+  const int64_t chunks = (M + 15) / 16;
+  AlignedBuffer<bf16_t> xp(size_t(Kp * (panels ? chunks * 16 : M)));
+  if (panels)
+    pack_x_chunks(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
+  else
+    pack_x(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
   Scratch<float, 4096> bias_f(bias ? size_t(N) : 0);
   if (bias) load_row(bias_f.data(), static_cast<const bf16_t*>(bias), N);
   const AmxArgs a{static_cast<const int8_t*>(w->data), K, N, M, xp.data(), Kp, w->scale, N / w->groups,
                   bias ? bias_f.data() : nullptr, out, out_dtype, ldo};
-  const TileConfig cfg = tile_config(M);
+  const TileConfig cfg = panels ? panel_config() : tile_config(M);
   parallel_for(pf, (N + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
-    AlignedBuffer<bf16_t> a_buf(size_t(kRows * 64));
+    AlignedBuffer<bf16_t> a_buf(size_t(kRows * (panels ? 2 * kSliceK : 64)));
+    AlignedBuffer<float> acc(size_t(panels ? chunks * kRows * 16 : 0));
     _tile_loadconfig(&cfg);  // per thread: the configuration is thread state
-    for (int64_t blk = b; blk < e; ++blk) amx_block(a, blk * kRows, a_buf.data());
+    for (int64_t blk = b; blk < e; ++blk)
+      if (panels)
+        amx_panel_block(a, blk * kRows, a_buf.data(), acc.data());
+      else
+        amx_block(a, blk * kRows, a_buf.data());
     _tile_release();
   });
   return DSINF_OK;

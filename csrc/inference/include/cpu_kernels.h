@@ -71,10 +71,11 @@ DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, in
 // widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding_ops.cpp).
 DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
 
-// int8 weights ([N, K], as dsinf_cpu_gemv's) x bf16 x on AMX tiles, 1 <= M <= 16: out as dsinf_cpu_gemv's with
-// out_dtype F32 or BF16 and a bf16 bias (or NULL). The binding takes it from M = 2 where dsinf_cpu_amx_ready(),
-// where the vdpbf16ps GEMV is bound by its multiply-adds. DSINF_UNSUPPORTED where this build (below
-// avx512_bf16, or not Linux x86-64) or the host (no AMX-BF16, or the OS refused the tile state) has no AMX.
+// int8 weights ([N, K], as dsinf_cpu_gemv's) x bf16 x on AMX tiles, any M >= 1: out as dsinf_cpu_gemv's with
+// out_dtype F32 or BF16 and a bf16 bias (or NULL). The binding takes it for 2 <= M <= 256 where
+// dsinf_cpu_amx_ready(): the vdpbf16ps GEMV is bound by its multiply-adds there, and dequantize + GEMM by the
+// weight's bf16 copy. DSINF_UNSUPPORTED where this build (below avx512_bf16, or not Linux x86-64) or the host (no
+// AMX-BF16, or the OS refused the tile state) has no AMX.
 DSINF_CPU_API dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx, const dsinf_weight* w,
                                               const void* bias, void* out, dsinf_dtype out_dtype, int64_t ldo,
                                               dsinf_parallel_fn pf);
