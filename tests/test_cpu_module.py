@@ -525,9 +525,9 @@ def test_kn_gemm_on_either_gemm(cpu_module, M, K, N, suffix, ours):
 
 # (M, K, N, groups) for int8 on AMX tiles (gemv_amx.cpp). Up to M = 16: blocks of 32 rows as two 16-row tiles, 64 k
 # per step, M columns of one tile: M at both ends and between, K below one step, ragged and across many, N below
-# one tile, between the two tiles of a block, ragged blocks, groups of rows. Past 16, panels: 16-row chunks of x in
-# pairs (an odd last chunk alone, a ragged one), 256-k slices of the weight (one, several, a ragged last one, K
-# below one 64-k line), and the binding's last M, 256.
+# one tile, between the two tiles of a block, ragged blocks, groups of rows. To 32, two 16-row chunks of x (one
+# ragged). Past 32, panels: chunks in pairs (an odd last chunk alone, a ragged one), 256-k slices of the weight (one,
+# several, a ragged last one, K below one 64-k line), and the binding's last M, 256.
 AMX_SHAPES = [(2, 67, 33, 1), (3, 31, 7, 7), (8, 1100, 100, 4), (16, 130, 64, 64), (9, 4096, 48, 3), (5, 64, 1, 1),
               (17, 67, 33, 1), (32, 256, 64, 2), (33, 600, 100, 4), (50, 31, 7, 7), (97, 1100, 40, 1),
               (256, 520, 96, 3)]

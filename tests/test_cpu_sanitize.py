@@ -3,7 +3,7 @@
 Its results cannot show a read past the end of the weight or of x: a line's bytes past K meet x's zero padding
 in the tiles, so a masked load that reads too far still gives the right sums. Under ASan, with every buffer its
 exact size on the heap, such a read faults. The driver (tests/fixtures/amx_sanitize.cpp) runs random shapes on
-both of the kernel's paths and checks each output too. The build uses avx512_bf16's exact -m flags (as a
+each of the kernel's paths and checks each output too. The build uses avx512_bf16's exact -m flags (as a
 portable or DSINF_NATIVE_ISA=0 build does), so the file's own target pragma for the tiles is what enables them.
 Runs on a host with AMX tiles; elsewhere there is nothing to run.
 """

@@ -188,7 +188,7 @@ bool kn_gemm(int64_t M, int64_t K, int64_t N) {
 // past M = 16 dequantize + torch's GEMM pays a bf16 copy of the weight per call. On an Intel Xeon with AMX (2
 // threads; docs/PERFORMANCE.md, "CPU: int8 on AMX tiles" and "int8 prefill on AMX tiles"), GEMV time / the tiles'
 // at M = 2 1.17-1.34x, 4 1.56-1.79x, 8 2.29-2.65x, 16 3.38-4.11x (4096x4096, 4096x11008, 11008x4096, 4096x14336);
-// dequantize + GEMM / the tiles' at M = 17-128 1.76-3.35x, 256 1.15-1.39x, 512 0.88-0.99x, 1024 0.62-0.88x
+// dequantize + GEMM / the tiles' at M = 17-128 1.64-3.80x, 256 1.09-1.29x, 512 0.80-0.88x, 1024 0.56-0.69x
 // (4096x4096, 4096x14336, 14336x4096), so M > 256 dequantizes. At M = 1 the GEMV streams the weight at memory speed
 // and the tiles' widening would be the slower. dsinf_cpu_amx_gemv_override (dsinf.routes.amx_gemv) forces the
 // tiles off, or on at every M from 2 (past 256 too: the measurement of this rule), for the tests and probes;

@@ -20,7 +20,7 @@
 // widened line (a masked load: the last row's tail is not read) and the x pack. Rows past N are computed from
 // whatever the buffer holds and never stored. Results do not depend on the thread count (each output is one
 // task's). Past M = 16, dequantize + torch's GEMM (the path otherwise) pays for a bf16 copy of the weight each call:
-// at M = 17-128 it took 1.8-3.4x the panels' time.
+// at M = 17-128 it took 1.6-3.8x the time of the kernels past 16 (below).
 #include <algorithm>
 
 #include "cpu_simd.h"
@@ -161,16 +161,13 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   store_block(a, n0, cbuf);
 }
 
-// ---- M > 16: panels -------------------------------------------------------------------------------------------
-// Past one C tile's 16 columns the weight is widened once per 32-row block and K slice into a tile-ordered panel
-// ([k-tile][32 rows][32 bf16], so each A tile is one contiguous KiB) and multiplied against every 16 rows of x
-// while it sits in L1: C stays in the tiles over the slice, two row halves x two 16-column chunks of x (4 C, 2 A,
-// 2 B: 8 tiles), and goes to an fp32 accumulator [chunk][32 rows][16] between slices. x is packed once per call,
-// per chunk of 16 rows (zeros past M and past K): [chunk][k pair][16][2], so each B tile is one contiguous KiB.
-
-// k per slice: the panel being multiplied and the one being widened (2 x 32 rows x kSliceK bf16, 32 KiB) stay in L1
-// while every chunk of x streams past them. 256 ran 5-20% faster than 512 at M = 17-256 (4096x4096), 128 no faster.
-constexpr int64_t kSliceK = 256;
+// ---- M > 16: x in chunks of 16 rows ----------------------------------------------------------------------------
+// Past one C tile's 16 columns x is packed once per call per chunk of 16 rows (zeros past M and past K):
+// [chunk][k pair][16][2], so each B tile is one contiguous KiB. Two chunks (M <= 32) run amx_block's step with 2 x 2
+// C tiles. Past that the weight is widened once per 32-row block and K slice into a tile-ordered panel ([k-tile][32
+// rows][32 bf16], so each A tile is one contiguous KiB) and multiplied against every chunk of x while it sits in
+// L1: C stays in the tiles over the slice, two row halves x two chunks (4 C, 2 A, 2 B: 8 tiles), and goes to an fp32
+// accumulator [chunk][32 rows][16] between slices.
 
 // x [M, K] bf16 -> xq[c][kp][j][2] = (x[16c + j][2kp], x[16c + j][2kp + 1]), zeros past M and K.
 void pack_x_chunks(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp, bf16_t* xq) {
@@ -186,8 +183,9 @@ void pack_x_chunks(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t K
       }
 }
 
-// Tiles: 0-3 C (16 rows x 16 fp32), 4-5 A (16 rows x 32 bf16), 6-7 B (16 k-pairs x 16 pairs): all 16 x 64 bytes.
-TileConfig panel_config() {
+// Past M = 16 (two chunks, or panels) tiles 0-3 C (16 rows x 16 fp32), 4-5 A (16 rows x 32 bf16), 6-7 B (16
+// k-pairs x 16 pairs): all 16 x 64 bytes.
+TileConfig chunk_config() {
   TileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = 16;
@@ -196,9 +194,49 @@ TileConfig panel_config() {
   return c;
 }
 
+// 17 <= M <= 32: amx_block's step for two chunks of x: each 64-k line of 32 rows widened into `a_buf` as there, then
+// per k-tile 2 A (row halves) x 2 B (chunks) into 4 C tiles that stay over all of K. Panels (below) ran 1.2-1.25x
+// slower here (4096x4096, 14336x4096, 4096x14336): at these M the widening bounds the step, and a panel's C tiles go
+// to memory and back every slice.
+void amx_block_two_chunks(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
+  alignas(64) float cbuf[2 * kRows * 16];
+  const int64_t rows = std::min(kRows, a.N - n0), chunk_stride = a.Kp * 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < a.Kp; k += 64) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* src = a.w + (n0 + r) * a.K + k;
+      __builtin_prefetch(src + kPrefetch, 0, 3);
+      widen_line(a_buf + r * 64, a_buf + r * 64 + 32, src, a.K - k);
+    }
+    for (int64_t h = 0; h < 2; ++h) {  // k-tiles k .. k + 31 and k + 32 .. k + 63
+      const bf16_t* b = a.xp + (k + 32 * h) * 16;  // pair row (k + 32h) / 2 of chunk 0
+      _tile_loadd(4, a_buf + 32 * h, 128);  // rows 0-15
+      _tile_loadd(5, a_buf + 16 * 64 + 32 * h, 128);  // rows 16-31
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + chunk_stride, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + 256, 64);
+  _tile_stored(2, cbuf + 512, 64);
+  _tile_stored(3, cbuf + 768, 64);
+  store_block(a, n0, cbuf);
+}
+
+// k per slice: the panel being multiplied and the one being widened (2 x 32 rows x kSliceK bf16, 32 KiB) stay in L1
+// while every chunk of x streams past them. 256 ran 5-20% faster than 512 at M = 17-256 (4096x4096), 128 no faster.
+constexpr int64_t kSliceK = 256;
+
 // Widens one K slice of a block's rows into a panel, a few 64-k lines per call, so the next slice's widening (vector
-// units) runs between the current slice's tile multiplies (the AMX unit) rather than after them: apart, at M = 32
-// the two took about 1.5x the time of the widening alone.
+// units) runs between the current slice's tile multiplies (the AMX unit) rather than after them: apart, the panels
+// took 1.1-1.3x longer at M = 32-256 (4096x4096).
 struct PanelWidener {
   const AmxArgs& a;
   int64_t n0, rows;
@@ -222,7 +260,6 @@ struct PanelWidener {
 
 // Output rows [n0, n0 + 32) for all M: `panels` holds two of 32 x kSliceK bf16, `acc` 32 x 16 fp32 per chunk of x.
 // As up to M = 16, rows past N (a last block's) are computed from whatever the panel holds and never stored.
-// (Passes over 128 or 256 rows of x at a time, so that x's packed slice stays in L2, ran no faster at M = 256-1024.)
 void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
   const int64_t rows = std::min(kRows, a.N - n0), chunks = (a.M + 15) / 16, pairs = (chunks + 1) / 2;
   const int64_t chunk_stride = a.Kp * 16;  // bf16 per chunk of xq
@@ -332,10 +369,11 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
   const int64_t K = w->K, N = w->N;
   if (N <= 0) return DSINF_OK;
   const int64_t Kp = std::max<int64_t>(64, (K + 63) / 64 * 64);  // whole 64-k steps
-  const bool panels = M > kAmxMaxM;
+  // Three kernels by M: one C tile's columns (amx_block), two (amx_block_two_chunks), more (amx_panel_block).
   const int64_t chunks = (M + 15) / 16;
-  AlignedBuffer<bf16_t> xp(size_t(Kp * (panels ? chunks * 16 : M)));
-  if (panels)
+  const bool chunked = chunks > 1, panels = chunks > 2;
+  AlignedBuffer<bf16_t> xp(size_t(Kp * (chunked ? chunks * 16 : M)));
+  if (chunked)
     pack_x_chunks(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
   else
     pack_x(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
@@ -343,7 +381,7 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
   if (bias) load_row(bias_f.data(), static_cast<const bf16_t*>(bias), N);
   const AmxArgs a{static_cast<const int8_t*>(w->data), K, N, M, xp.data(), Kp, w->scale, N / w->groups,
                   bias ? bias_f.data() : nullptr, out, out_dtype, ldo};
-  const TileConfig cfg = panels ? panel_config() : tile_config(M);
+  const TileConfig cfg = chunked ? chunk_config() : tile_config(M);
   parallel_for(pf, (N + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<bf16_t> a_buf(size_t(kRows * (panels ? 2 * kSliceK : 64)));
     AlignedBuffer<float> acc(size_t(panels ? chunks * kRows * 16 : 0));
@@ -351,6 +389,8 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
     for (int64_t blk = b; blk < e; ++blk)
       if (panels)
         amx_panel_block(a, blk * kRows, a_buf.data(), acc.data());
+      else if (chunked)
+        amx_block_two_chunks(a, blk * kRows, a_buf.data());
       else
         amx_block(a, blk * kRows, a_buf.data());
     _tile_release();
