@@ -125,9 +125,18 @@ void store_block(const AmxArgs& a, int64_t n0, const float* acc) {
   }
 }
 
-// Output rows [n0, n0 + 32) over all of K, 64 k at a time: each row's 64-byte line widened into `a_buf` (32 rows x
-// 64 bf16, 4 KiB: L1), with a prefetch of the same row kPrefetch bytes ahead - 32 row streams, which the hardware
-// prefetchers alone do not keep ahead of.
+// One 64-k step of rows [n0, n0 + rows): each row's 64-byte line at k widened into `a_buf` (32 rows x 64 bf16, 4 KiB:
+// L1), with a prefetch of the same row kPrefetch bytes ahead - 32 row streams, which the hardware prefetchers alone
+// do not keep ahead of.
+inline void widen_step(const AmxArgs& a, int64_t n0, int64_t rows, int64_t k, bf16_t* a_buf) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = a.w + (n0 + r) * a.K + k;
+    __builtin_prefetch(src + kPrefetch, 0, 3);
+    widen_line(a_buf + r * 64, a_buf + r * 64 + 32, src, a.K - k);
+  }
+}
+
+// Output rows [n0, n0 + 32) over all of K, 64 k at a time (widen_step).
 void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   alignas(64) float cbuf[kRows * 16];
   // A last block of fewer rows leaves the buffer's other rows as they were: their outputs are never stored.
@@ -139,11 +148,7 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
     // The widening (12 vector instructions per line) is what bounds a step: alone, without the tiles or the weight's
     // read, it ran within 10-20% of the whole. Widening the next step into a second buffer while the tiles read this
     // one gained nothing.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* src = a.w + (n0 + r) * a.K + k;
-      __builtin_prefetch(src + kPrefetch, 0, 3);
-      widen_line(a_buf + r * 64, a_buf + r * 64 + 32, src, a.K - k);
-    }
+    widen_step(a, n0, rows, k, a_buf);
     const bf16_t* b = a.xp + k * a.M;  // pair row k / 2: M pairs of 2 bf16 each
     _tile_loadd(6, b, bstride);
     _tile_loadd(7, b + 32 * a.M, bstride);
@@ -206,11 +211,7 @@ void amx_block_two_chunks(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t k = 0; k < a.Kp; k += 64) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* src = a.w + (n0 + r) * a.K + k;
-      __builtin_prefetch(src + kPrefetch, 0, 3);
-      widen_line(a_buf + r * 64, a_buf + r * 64 + 32, src, a.K - k);
-    }
+    widen_step(a, n0, rows, k, a_buf);
     for (int64_t h = 0; h < 2; ++h) {  // k-tiles k .. k + 31 and k + 32 .. k + 63
       const bf16_t* b = a.xp + (k + 32 * h) * 16;  // pair row (k + 32h) / 2 of chunk 0
       _tile_loadd(4, a_buf + 32 * h, 128);  // rows 0-15
