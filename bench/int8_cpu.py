@@ -12,7 +12,7 @@ dense bf16), then the path the host's rule takes.
 
     python -m bench.int8_cpu                                  # the shapes and Ms of docs/PERFORMANCE.md
     python -m bench.int8_cpu --shapes 4096x14336 --m 2,8 --min-time 1
-    python -m bench.int8_cpu --m 17,32,128,256,512,1024           # prefill: the tiles' panels past M = 16
+    python -m bench.int8_cpu --m 17,32,128,256,512,1024       # prefill: the tiles past M = 16
 """
 from __future__ import annotations
 

@@ -43,9 +43,9 @@ def host_native_bf16_gemm(cpu) -> bool:
 def host_amx_bf16(cpu) -> bool:
     """Whether the CPU module's bf16 crossovers take the AMX rule on this host (torch's native bf16 GEMM on AMX
     tiles: [N, K] weights leave the GEMV at M > 4, int8 at M > 8, or at M > 16 where they run on our own AMX
-    kernel, which keeps them to M = 256): the rule of cpu_binding_ops.cpp's host_has_amx_bf16 (read there from CPUID and XCR0, and the OS's
-    grant of the tile state, which only the module can ask: where the OS refuses it the two differ), for the
-    report; tests/test_routes.py checks that the two agree."""
+    kernel, which keeps them to M = 256): the rule of cpu_binding_ops.cpp's host_has_amx_bf16 (read there from
+    CPUID and XCR0, and the OS's grant of the tile state, which only the module can ask: where the OS refuses it
+    the two differ), for the report; tests/test_routes.py checks that the two agree."""
     return {"amx_bf16", "amx_tile"} <= set(cpu.flags) and host_native_bf16_gemm(cpu)
 
 

@@ -13,6 +13,8 @@ random and never zero.
 """
 from __future__ import annotations
 
+import contextlib
+
 import shutil
 import subprocess
 
@@ -561,16 +563,18 @@ def test_int8_bf16_on_amx_tiles_or_the_gemv(cpu_module, M, K, N, groups, amx):
             args = (x, w, b, True, False, 0, False, 10000.0, -1, False, -1, 0, scale)
             assert_close(linear(*args), reference.linear_layer(*args), torch.bfloat16)
             assert binding.amx_gemv_calls() - before == 2 * tiles
-    # The tiles' ends: M = 1 streams at memory speed on the GEMV; past 256 the host's rule dequantizes, and the tiles
-    # run there only forced on.
-    ends = [randn(1, rows, K, dtype=torch.bfloat16, gen=gen) for rows in (1, 257)]
-    for mode, on_tiles in ((routes.forced("cpu", [key], max_m=0), 0), (routes.amx_gemv(amx), tiles)):
-        with routes.forced("cpu", [key], max_m=0), mode as binding:
-            before = binding.amx_gemv_calls()
-            for xr in ends:
+    # The tiles' ends on the GEMM's side of the route: M = 1 never takes them (there the GEMV would stream the weight
+    # at memory speed); the host's own rule takes M up to 256 and dequantizes past it, where forced on they run too.
+    ends = {rows: randn(1, rows, K, dtype=torch.bfloat16, gen=gen) for rows in (1, M, 256, 257)}
+    host = routes.binding("cpu").amx_gemv()  # no override: the host's choice
+    for mode, want in ((contextlib.nullcontext(), {1: 0, M: host, 256: host, 257: 0}),
+                       (routes.amx_gemv(amx), {1: 0, M: tiles, 256: tiles, 257: tiles})):
+        with routes.forced("cpu", [key], max_m=0), mode:
+            for rows, xr in ends.items():
+                before = routes.binding("cpu").amx_gemv_calls()
                 assert_close(vm(xr, w, False, scale, True, True),
                              reference.vector_matmul(xr, w, False, scale, True, True), torch.bfloat16)
-            assert binding.amx_gemv_calls() - before == on_tiles
+                assert routes.binding("cpu").amx_gemv_calls() - before == int(want[rows]), rows
     H, D, kv = 2, 16, 1  # fp32 out: the fused QKV epilogue reads the matmul before any rounding
     qkv, qscale = int8_weight((H + 2 * kv) * D, H * D, 1, gen)
     xq = randn(1, M, H * D, dtype=torch.bfloat16, gen=gen)

@@ -6,7 +6,7 @@
 // torch-free kernels (cpu_kernels.h) together with a parallel_for backed by at::parallel_for (torch's OpenMP
 // pool; this file must be compiled and linked with -fopenmp, or at::parallel_for silently runs serially).
 //
-//   int8 x bf16, AMX     int8 weights with bf16 x at 2 <= M <= 256 on our AMX tiles where the host has them
+//   int8 x bf16, AMX      int8 weights with bf16 x at 2 <= M <= 256 on our AMX tiles where the host has them
 //                         (amx_gemv), whichever side of the route below M falls.
 //   M <= gemv_max_m(...)  decode: our GEMV streams the weight once (fp32/bf16/fp16/int8, both layouts),
 //                         writing the final dtype with the bias, or fp32 for the QKV epilogue.
@@ -400,6 +400,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   const c10::ScalarType act = x2d.scalar_type();
   const c10::ScalarType out_t = for_epilogue ? c10::ScalarType::Float : act;
 
+  // The route is read first even where the tiles take the call: it records the side M falls on (binding.last()).
   const bool gemv = routes::use_gemv(M, act, s.int8, s.weight_nk, K, N, gemv_max_m(s, act));
   if (amx_gemv(M, act, s)) {  // int8 on our AMX tiles on either side of the route (the GEMV's, or dequantize + GEMM)
     at::Tensor out = aten::empty({M, N}, x2d.options().dtype(out_t));
@@ -704,8 +705,9 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_call
 }
 
 // Whether int8 weights with bf16 x run on AMX tiles from M = 2 (dsinf/routes.py: Binding.amx_gemv, amx_gemv): on this
-// host now; the override (-1: the host's choice, 0: the GEMV, 1: the tiles where the host has them; any other value
-// changes nothing), returning the override it replaced; how many matmuls the tiles have run in this process.
+// host now; the override (-1: the host's choice, 0: never the tiles - the GEMV or dequantize + GEMM, as the route
+// says -, 1: the tiles at every M from 2 where the host has them; any other value changes nothing), returning the
+// override it replaced; how many matmuls the tiles have run in this process.
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv() {
   dsinf::MatmulShape s{};
   s.int8 = true;

@@ -1,8 +1,8 @@
 // int8 weights x bf16 activations on AMX tiles: dsinf_cpu_gemv_amx (API in cpu_kernels.h), the path the binding
 // takes for them at 2 <= M <= 256 (cpu_binding_ops.cpp: amx_gemv) where the CPU has AMX-BF16 and the OS grants the
-// tiles (dsinf_cpu_host_amx, which the binding's AMX rule for torch's bf16 GEMM reads too). Two shapes of kernel:
-// up to M = 16 (one C tile's columns) each weight line is widened and multiplied at once (below); past it the
-// weight is widened into panels that every 16 rows of x reuse ("M > 16: panels").
+// tiles (dsinf_cpu_host_amx, which the binding's AMX rule for torch's bf16 GEMM reads too). Three kernels: up to
+// M = 16 (one C tile's columns) and to 32 (two) each weight line is widened and multiplied at once; past 32 the
+// weight is widened into panels that every 16 rows of x reuse ("M > 16: x in chunks of 16 rows").
 //
 // Why: from M = 2 the vdpbf16ps GEMV is bound by its multiply-adds (each int8 weight widened, then 1 x M
 // products on 32-lane vectors), not by memory: on an Intel Xeon with AMX (2 threads) int8 4096x11008 at M = 8 ran
@@ -44,7 +44,6 @@
 namespace dsinf_cpu {
 namespace {
 
-constexpr int64_t kAmxMaxM = 16;  // one C tile's columns
 
 #ifdef DSINF_HAVE_AMX
 
@@ -86,20 +85,24 @@ inline void widen_line(bf16_t* lo, bf16_t* hi, const int8_t* src, int64_t n_live
   _mm512_store_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
 }
 
-// x [M, K] bf16 -> xp[kp][m][2] = (x[m][2kp], x[m][2kp+1]) for kp < Kp / 2, zeros past K.
-void pack_x(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp, bf16_t* xp) {
-  for (int64_t kp = 0; kp < Kp / 2; ++kp)
-    for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < 2; ++j) {
-        const int64_t k = 2 * kp + j;
-        xp[(kp * M + m) * 2 + j] = k < K ? x[m * ldx + k] : bf16_t{0};
-      }
+// x [M, K] bf16 -> the B tiles' pair layout, per chunk of `width` rows of x (width = M up to 16, else 16):
+// xp[c][kp][j][2] = (x[c * width + j][2kp], x[c * width + j][2kp + 1]) for kp < Kp / 2, zeros past M and past K.
+// Serial: over two threads it ran no faster at M = 256, K = 14336 (7 MiB) and slower at M = 17 (standalone).
+void pack_x(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp, int64_t width, bf16_t* xp) {
+  const int64_t pairs = Kp / 2, n = (M + width - 1) / width * pairs;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t m0 = i / pairs * width, k0 = i % pairs * 2;
+    bf16_t* dst = xp + i * width * 2;
+    for (int64_t j = 0; j < width; ++j)
+      for (int64_t h = 0; h < 2; ++h)
+        dst[j * 2 + h] = m0 + j < M && k0 + h < K ? x[(m0 + j) * ldx + k0 + h] : bf16_t{0};
+  }
 }
 
 struct AmxArgs {
   const int8_t* w;
   int64_t K, N, M;
-  const bf16_t* xp;  // pack_x, Kp / 2 pair rows of M * 4 bytes
+  const bf16_t* xp;  // pack_x: Kp / 2 pair rows of M * 4 bytes up to M = 16, else of 64 bytes per chunk of 16 rows
   int64_t Kp;
   const float* scale;
   int64_t rows_per_group;
@@ -167,25 +170,37 @@ void amx_block(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
 }
 
 // ---- M > 16: x in chunks of 16 rows ----------------------------------------------------------------------------
-// Past one C tile's 16 columns x is packed once per call per chunk of 16 rows (zeros past M and past K):
+// Past one C tile's 16 columns x is packed once per call per chunk of 16 rows (pack_x, width 16):
 // [chunk][k pair][16][2], so each B tile is one contiguous KiB. Two chunks (M <= 32) run amx_block's step with 2 x 2
 // C tiles. Past that the weight is widened once per 32-row block and K slice into a tile-ordered panel ([k-tile][32
 // rows][32 bf16], so each A tile is one contiguous KiB) and multiplied against every chunk of x while it sits in
 // L1: C stays in the tiles over the slice, two row halves x two chunks (4 C, 2 A, 2 B: 8 tiles), and goes to an fp32
 // accumulator [chunk][32 rows][16] between slices.
 
-// x [M, K] bf16 -> xq[c][kp][j][2] = (x[16c + j][2kp], x[16c + j][2kp + 1]), zeros past M and K.
-void pack_x_chunks(const bf16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t Kp, bf16_t* xq) {
-  const int64_t chunks = (M + 15) / 16;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t kp = 0; kp < Kp / 2; ++kp)
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t m = 16 * c + j;
-        for (int i = 0; i < 2; ++i) {
-          const int64_t k = 2 * kp + i;
-          xq[((c * (Kp / 2) + kp) * 16 + j) * 2 + i] = m < M && k < K ? x[m * ldx + k] : bf16_t{0};
-        }
-      }
+// C tiles 0-3 past M = 16: rows 0-15 and 16-31 of chunk c, then of chunk c + 1, to and from an fp32
+// [chunk][32 rows][16] buffer at c0 (chunk c's); `two`: chunk c + 1 is there too. The tile intrinsics are
+// statements (asm), one per line.
+inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+inline void load_c(const float* c0, bool two) {
+  _tile_loadd(0, c0, 64);
+  _tile_loadd(1, c0 + 256, 64);
+  if (two) {
+    _tile_loadd(2, c0 + 512, 64);
+    _tile_loadd(3, c0 + 768, 64);
+  }
+}
+inline void store_c(float* c0, bool two) {
+  _tile_stored(0, c0, 64);
+  _tile_stored(1, c0 + 256, 64);
+  if (two) {
+    _tile_stored(2, c0 + 512, 64);
+    _tile_stored(3, c0 + 768, 64);
+  }
 }
 
 // Past M = 16 (two chunks, or panels) tiles 0-3 C (16 rows x 16 fp32), 4-5 A (16 rows x 32 bf16), 6-7 B (16
@@ -206,10 +221,7 @@ TileConfig chunk_config() {
 void amx_block_two_chunks(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
   alignas(64) float cbuf[2 * kRows * 16];
   const int64_t rows = std::min(kRows, a.N - n0), chunk_stride = a.Kp * 16;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int64_t k = 0; k < a.Kp; k += 64) {
     widen_step(a, n0, rows, k, a_buf);
     for (int64_t h = 0; h < 2; ++h) {  // k-tiles k .. k + 31 and k + 32 .. k + 63
@@ -224,20 +236,18 @@ void amx_block_two_chunks(const AmxArgs& a, int64_t n0, bf16_t* a_buf) {
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, cbuf, 64);
-  _tile_stored(1, cbuf + 256, 64);
-  _tile_stored(2, cbuf + 512, 64);
-  _tile_stored(3, cbuf + 768, 64);
+  store_c(cbuf, true);
   store_block(a, n0, cbuf);
 }
 
 // k per slice: the panel being multiplied and the one being widened (2 x 32 rows x kSliceK bf16, 32 KiB) stay in L1
-// while every chunk of x streams past them. 256 ran 5-20% faster than 512 at M = 17-256 (4096x4096), 128 no faster.
+// while every chunk of x streams past them. 256 ran 5-20% faster than 512 at M = 17-256 (4096x4096, when the panels
+// ran from 17), 128 no faster.
 constexpr int64_t kSliceK = 256;
 
 // Widens one K slice of a block's rows into a panel, a few 64-k lines per call, so the next slice's widening (vector
 // units) runs between the current slice's tile multiplies (the AMX unit) rather than after them: apart, the panels
-// took 1.1-1.3x longer at M = 32-256 (4096x4096).
+// took 1.1-1.3x longer at M = 32-256 (4096x4096, when the panels ran from 17).
 struct PanelWidener {
   const AmxArgs& a;
   int64_t n0, rows;
@@ -245,7 +255,11 @@ struct PanelWidener {
   bf16_t* panel = nullptr;
 
   void start(int64_t k0_, int64_t kc, bf16_t* p) {
-    k0 = k0_, lines_per_row = kc / 64, next = 0, total = rows * lines_per_row, panel = p;
+    k0 = k0_;
+    lines_per_row = kc / 64;
+    next = 0;
+    total = rows * lines_per_row;
+    panel = p;
   }
   void run(int64_t n) {
     for (const int64_t end = std::min(total, next + n); next < end; ++next) {
@@ -259,7 +273,7 @@ struct PanelWidener {
   void finish() { run(total - next); }
 };
 
-// Output rows [n0, n0 + 32) for all M: `panels` holds two of 32 x kSliceK bf16, `acc` 32 x 16 fp32 per chunk of x.
+// Output rows [n0, n0 + 32) for M > 32: `panels` holds two of 32 x kSliceK bf16, `acc` 32 x 16 fp32 per chunk of x.
 // As up to M = 16, rows past N (a last block's) are computed from whatever the panel holds and never stored.
 void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
   const int64_t rows = std::min(kRows, a.N - n0), chunks = (a.M + 15) / 16, pairs = (chunks + 1) / 2;
@@ -279,19 +293,10 @@ void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
     for (int64_t c = 0; c < chunks; c += 2) {
       const bool two = c + 1 < chunks;
       float* c0 = acc + c * kRows * 16;
-      if (k0 == 0) {
-        _tile_zero(0);  // the tile intrinsics are statements (asm), one per line
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      } else {
-        _tile_loadd(0, c0, 64);
-        _tile_loadd(1, c0 + 256, 64);
-        if (two) {
-          _tile_loadd(2, c0 + 512, 64);
-          _tile_loadd(3, c0 + 768, 64);
-        }
-      }
+      if (k0 == 0)
+        zero_c();
+      else
+        load_c(c0, two);
       const bf16_t* b0 = a.xp + c * chunk_stride + k0 * 16;  // pair row k0 / 2 of chunk c
       for (int64_t kt = 0; kt < kts; ++kt) {
         const bf16_t* p = panel + kt * kRows * 32;
@@ -307,12 +312,7 @@ void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
         }
         widen.run(per_step);
       }
-      _tile_stored(0, c0, 64);
-      _tile_stored(1, c0 + 256, 64);
-      if (two) {
-        _tile_stored(2, c0 + 512, 64);
-        _tile_stored(3, c0 + 768, 64);
-      }
+      store_c(c0, two);
     }
     widen.finish();
   }
@@ -373,11 +373,9 @@ extern "C" dsinf_status dsinf_cpu_gemv_amx(const void* x, int64_t M, int64_t ldx
   // Three kernels by M: one C tile's columns (amx_block), two (amx_block_two_chunks), more (amx_panel_block).
   const int64_t chunks = (M + 15) / 16;
   const bool chunked = chunks > 1, panels = chunks > 2;
-  AlignedBuffer<bf16_t> xp(size_t(Kp * (chunked ? chunks * 16 : M)));
-  if (chunked)
-    pack_x_chunks(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
-  else
-    pack_x(static_cast<const bf16_t*>(x), M, ldx, K, Kp, xp.data());
+  const int64_t width = chunked ? 16 : M;  // rows of x per chunk
+  AlignedBuffer<bf16_t> xp(size_t(Kp * chunks * width));
+  pack_x(static_cast<const bf16_t*>(x), M, ldx, K, Kp, width, xp.data());
   Scratch<float, 4096> bias_f(bias ? size_t(N) : 0);
   if (bias) load_row(bias_f.data(), static_cast<const bf16_t*>(bias), N);
   const AmxArgs a{static_cast<const int8_t*>(w->data), K, N, M, xp.data(), Kp, w->scale, N / w->groups,
