@@ -14,7 +14,6 @@ random and never zero.
 from __future__ import annotations
 
 import contextlib
-
 import shutil
 import subprocess
 

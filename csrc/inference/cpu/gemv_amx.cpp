@@ -44,7 +44,6 @@
 namespace dsinf_cpu {
 namespace {
 
-
 #ifdef DSINF_HAVE_AMX
 
 constexpr int64_t kRows = 32;       // output rows per task block: two 16-row tiles
@@ -277,7 +276,7 @@ struct PanelWidener {
 // As up to M = 16, rows past N (a last block's) are computed from whatever the panel holds and never stored.
 void amx_panel_block(const AmxArgs& a, int64_t n0, bf16_t* panels, float* acc) {
   const int64_t rows = std::min(kRows, a.N - n0), chunks = (a.M + 15) / 16, pairs = (chunks + 1) / 2;
-  const int64_t chunk_stride = a.Kp * 16;  // bf16 per chunk of xq
+  const int64_t chunk_stride = a.Kp * 16;  // bf16 per chunk of the packed x
   const int64_t panel_size = kRows * kSliceK;
   PanelWidener widen{a, n0, rows};
   widen.start(0, std::min(kSliceK, a.Kp), panels);
