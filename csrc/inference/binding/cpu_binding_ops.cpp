@@ -301,12 +301,17 @@ int64_t gemv_max_m(const MatmulShape& s, c10::ScalarType act, bool gated = false
 // over the gated kernel's (< 1: the matmul path faster) at M = 1, 2, 4, 8: bf16 0.93-1.00x, 0.86-0.98x,
 // 0.69-0.88x, 0.75-0.76x; int8 0.70x (the Llama shape; 1.07x on the small one), 1.09-1.14x, 0.94-0.99x,
 // 0.77-0.78x (docs/PERFORMANCE.md, "CPU decode at batch 8"). A cap that kept int8's M = 2 would keep its M = 1
-// too, 30% slower on the Llama shape: the gated kernel is not used. int8 with fp32 arithmetic keeps 24 on oneDNN
-// too, where its plain matmul crosses at 16: on Llama-3-8B's gate|up (4096x28672) the matmul path took 1.42x /
-// 1.50x / 1.24x / 1.12x the gated kernel's time at M = 8 / 16 / 24 / 32 (Zen 4, 2 threads; "CPU: widened blocks
-// of 128 columns").
+// too, 30% slower on the Llama shape: the gated kernel is not used. On an Intel Xeon with AMX (amx_bf16; 2
+// threads, 4096x14336, 4096x11008, 2048x8192, two runs; docs/PERFORMANCE.md, "int8 prefill on AMX tiles") the same
+// tuning read int8 the other way: matmul / gated at M = 1 1.00-1.26x, 2 1.14-1.41x (the matmul on our AMX tiles),
+// 4 1.01-1.14x, 8 0.68-0.70x, so there bf16 int8 keeps the gated kernel to 4. int8 with fp32 arithmetic keeps 24
+// on oneDNN too, where its plain matmul crosses at 16: on Llama-3-8B's gate|up (4096x28672) the matmul path took
+// 1.42x / 1.50x / 1.24x / 1.12x the gated kernel's time at M = 8 / 16 / 24 / 32 (Zen 4, 2 threads; "CPU: widened
+// blocks of 128 columns").
+constexpr int64_t kAmxGatedInt8MaxM = 4;
 int64_t gated_max_m(const MatmulShape& s, c10::ScalarType act) {
   const bool native_bf16 = act == c10::ScalarType::BFloat16 && native_bf16_gemm();
+  if (native_bf16 && s.int8 && gemv_dpbf16() && amx_bf16()) return kAmxGatedInt8MaxM;
   if (native_bf16 && s.weight_nk && gemv_dpbf16()) return 0;
 #if !(defined(DSINF_CPU_FORCE_PATH) && DSINF_CPU_FORCE_PATH)
   if (s.int8 && !native_bf16) return kInt8MaxM;
