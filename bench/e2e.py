@@ -352,8 +352,11 @@ def goals(rows, accuracy_rows, args):
         a = accuracy_rows["dsinf-int8"]
         out.append(("dsinf-int8 logits rel err vs its int8 model in fp32", a["rel_err_vs_int8_fp32"], "<=",
                     max(1e-2, a["dequantized_rel_err_vs_int8_fp32"])))
-    return [{"goal": g, "value": v, "op": op, "target": t, "pass": (v >= t if op == ">=" else v <= t) or excused}
-            for g, v, op, t, *rest in out for excused in [bool(rest and rest[0])]]
+    rows = []
+    for g, v, op, t, *excused in out:  # a fifth field, true: the goal is excused (the static tokens' near-tie)
+        rows.append({"goal": g, "value": v, "op": op, "target": t,
+                     "pass": (v >= t if op == ">=" else v <= t) or any(excused)})
+    return rows
 
 
 def host_state() -> dict:

@@ -794,7 +794,12 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
         copies = max(1, min(64, math.ceil(2 * l2 / weight_bytes) + 1))
     else:
         copies = 1
-    with torch.cuda.device(device) if variant == "cuda" else contextlib.nullcontext(), contextlib.ExitStack() as stack:
+    # On an AMX host the CPU module runs plain int8 matmuls with bf16 activations on its tiles ahead of the route
+    # (2 <= M <= 256), so both sides timed would be the tiles: the route decides between the GEMV and dequantize
+    # + GEMM, the paths where the tiles are off, and is measured with them off.
+    tiles = variant == "cpu" and key.weight == "int8" and key.dtype == "bf16" and not key.gated and b.amx_gemv()
+    with torch.cuda.device(device) if variant == "cuda" else contextlib.nullcontext(), \
+            amx_gemv(False) if tiles else contextlib.nullcontext():
         weights = _weights(key, device, act, copies, gen)
         xs = {m: torch.randn(1, m, key.K, generator=gen, device=device).to(act) for m in ms}
         op = _op(key, device, act, gen)
@@ -804,13 +809,7 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
         # An int8-gemm key's Ms all run past the GEMV (its route held at 0): each bucket times the GEMM
         # against dequantize + cuBLAS, whatever the GEMV's route.
         base = {**saved, RouteKey(key.dtype, "int8", key.K, key.N): 0} if gemm else saved
-        # On an AMX host the CPU module runs plain int8 matmuls with bf16 activations on its tiles ahead of the route
-        # (2 <= M <= 256), so both sides timed would be the tiles: the route decides between the GEMV and dequantize
-        # + GEMM, the paths where the tiles are off, and is measured with them off.
-        tiles = variant == "cpu" and key.weight == "int8" and key.dtype == "bf16" and not key.gated and b.amx_gemv()
         try:
-            if tiles:
-                stack.enter_context(amx_gemv(False))
             if gemm and not _takes_the_gemm(b, key, base, op, xs[ms[0]], weights[0]):
                 return Route(key, 0, default, tuned_at=_now())
             if variant == "cuda":

@@ -773,4 +773,3 @@ def test_the_int8_cpu_probe_times_every_path_checked(cpu_module, capsys):
     crossover = binding.default(routes.RouteKey("bf16", "int8", 96, 200))  # what the host's rule takes
     want = ["amx" if binding.amx_gemv() and 2 <= m <= 256 else "deq" if m > crossover else "gemv" for m in (1, 2, 17)]
     assert [row.rsplit("rule: ", 1)[1] for row in rows] == want, out
-

@@ -197,11 +197,16 @@ constexpr int64_t kAmxMinM = 2, kAmxGemvMaxM = 16, kAmxMaxM = 256;
 std::atomic<int64_t> g_amx_gemv_override{-1};  // -1: the host's choice; 0 / 1: the other paths / the tiles
 std::atomic<int64_t> g_amx_gemv_calls{0};
 
+// Whether the tiles take int8 x bf16 at all here: this build and host run them (read once in gemv_amx.cpp) and
+// they are not forced off.
+bool amx_tiles() {
+  return g_amx_gemv_override.load(std::memory_order_relaxed) != 0 && dsinf_cpu_amx_ready() != 0;
+}
+
 bool amx_gemv(int64_t M, c10::ScalarType act, const MatmulShape& s) {
   if (!s.int8 || act != c10::ScalarType::BFloat16 || M < kAmxMinM) return false;
-  const int64_t o = g_amx_gemv_override.load(std::memory_order_relaxed);
-  if (o == 0 || (o < 0 && M > kAmxMaxM)) return false;
-  return dsinf_cpu_amx_ready() != 0;  // where the tiles run; read once there
+  if (M > kAmxMaxM && g_amx_gemv_override.load(std::memory_order_relaxed) < 0) return false;  // the host's rule
+  return amx_tiles();
 }
 
 // Whether this binary's GEMV has the vdpbf16ps tile for bf16 x (bf16 weights, and int8 weights widened to bf16),
@@ -238,7 +243,7 @@ bool gemv_dpbf16() {
 int64_t native_bf16_gemv_max_m(const MatmulShape& s) {
   const int64_t KN = s.K * s.N;
   const bool short_wide = s.K <= 256 && s.N >= 4096;
-  if (amx_bf16() && s.int8 && amx_gemv(kAmxMinM, c10::ScalarType::BFloat16, s)) return kAmxGemvMaxM;
+  if (amx_bf16() && s.int8 && amx_tiles()) return kAmxGemvMaxM;
   if (amx_bf16() && (s.int8 || s.weight_nk)) return (s.int8 ? 8 : 4) / (short_wide ? 2 : 1);
   if (s.int8) return gemv_dpbf16() && KN >= (int64_t(1) << 24) ? 16 : 8;
   if (s.weight_nk) return gemv_dpbf16() && !short_wide ? 8 : 4;
@@ -714,9 +719,7 @@ extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_kn_gemm_call
 // says -, 1: the tiles at every M from 2 where the host has them; any other value changes nothing), returning the
 // override it replaced; how many matmuls the tiles have run in this process.
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv() {
-  dsinf::MatmulShape s{};
-  s.int8 = true;
-  return dsinf::cpu_binding::amx_gemv(2, c10::ScalarType::BFloat16, s) ? 1 : 0;
+  return dsinf::cpu_binding::amx_tiles() ? 1 : 0;
 }
 extern "C" __attribute__((visibility("default"))) int64_t dsinf_cpu_amx_gemv_override(int64_t mode) {
   if (mode < -1 || mode > 1) return dsinf::cpu_binding::g_amx_gemv_override.load();
