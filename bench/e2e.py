@@ -29,7 +29,8 @@ decode step itself, its recommended path - for an injected model, dsinf's CUDA g
 the per-case line shows their captures / adoptions / replays). For each (variant, mode, batch): TTFT =
 median wall time of `generate(max_new_tokens=1)` (prefill + first token), decode tok/s = batch * (new - 1) / (time of
 `generate(max_new_tokens=new)` - TTFT). Ratios are against hf in the same mode and batch. Accuracy (batch
-1, prompt logits): fp logits relative error ||a - b|| / ||b|| vs hf eager; int8 vs an eager model holding
+1, prompt logits): fp logits relative error ||a - b|| / ||b|| vs hf eager, and (its goal) vs the same weights
+computed in fp32, beside hf's own error there; int8 vs an eager model holding
 the dequantized int8 weights (`dsinf.inject.export_state_dict`), and (its goal) vs the int8 model itself in
 fp32 (the weights unrounded, fp32 arithmetic), beside torch's own error on the dequantized weights against
 that model; greedy agreement = how many of the first 32 generated tokens equal hf eager's before the first
@@ -214,6 +215,15 @@ def accuracy(model, args, tokens=True):
     return logits, generate(model, ids, AGREEMENT_TOKENS, "eager", logits=True)
 
 
+def model_in_fp32(model, args):
+    """The prompt logits of `model`'s weights, upcast exactly to fp32, computed in fp32 (eager HF)."""
+    exact = build(args, dtype="fp32")
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    logits = accuracy(exact, args, tokens=False)[0]
+    del exact
+    return logits
+
+
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -262,8 +272,13 @@ def run(args):
         logits, tokens = accuracy(model, args)
         if variant == "hf":
             ref_logits, ref_tokens = logits, tokens
+            # The same weights computed in fp32: what HF's and dsinf's roundings in this dtype are each measured
+            # against (in bf16, HF's own error is above the goal's 1%: two roundings differ by as much).
+            fp32_logits = logits if args.dtype == "fp32" else model_in_fp32(model, args)
+            hf_rel_err_vs_fp32 = rel_err(logits, fp32_logits)
         elif ref_logits is not None:
-            entry = {"rel_err_vs_hf": rel_err(logits, ref_logits), "agreement": agreement(tokens, ref_tokens)}
+            entry = {"rel_err_vs_hf": rel_err(logits, ref_logits), "agreement": agreement(tokens, ref_tokens),
+                     "rel_err_vs_fp32": rel_err(logits, fp32_logits), "hf_rel_err_vs_fp32": hf_rel_err_vs_fp32}
             if variant == "dsinf-int8":
                 import dsinf.inject as inject
 
@@ -345,7 +360,11 @@ def goals(rows, accuracy_rows, args):
                          f"{tie['margin']:.2e}, largest logit difference {tie['logits_apart']:.2e})")
             out.append((name, r["greedy_vs_eager"], ">=", hf_r["greedy_vs_eager"], bool(tie)))
     if "dsinf" in accuracy_rows:
-        out.append(("dsinf logits rel err vs hf eager", accuracy_rows["dsinf"]["rel_err_vs_hf"], "<=", 1e-2))
+        # 1% or HF's own error in this dtype, whichever is larger, both against the same weights in fp32: bf16's
+        # 8-bit significand puts HF itself at 1.3% on two random Llama-3-8B layers (CPU, 2026-12-07), fp16 under 1%
+        a = accuracy_rows["dsinf"]
+        out.append(("dsinf logits rel err vs the same weights in fp32", a["rel_err_vs_fp32"], "<=",
+                    max(1e-2, a["hf_rel_err_vs_fp32"])))
     if "dsinf-int8" in accuracy_rows:
         # 1% or torch's own error on the dequantized weights in this dtype, whichever is larger: bf16's 8-bit
         # significand puts torch itself near 7% on Llama-3-8B's 32 random layers (H100, 2026-12-06), fp16 under 1%
@@ -401,6 +420,10 @@ def report(rows, accuracy_rows, goal_rows, notes, args, host):
               f"{deq_agree:>15}")
     print("(random weights give near-uniform logits: int8 rounding flips greedy picks early; compare int8 with "
           "its dequantized model)")
+    for variant, a in accuracy_rows.items():
+        if variant != "dsinf-int8":
+            print(f"{variant}: rel err vs the same weights in fp32 {a['rel_err_vs_fp32']:.2e}; hf's own "
+                  f"{a['hf_rel_err_vs_fp32']:.2e}")
     for variant, a in accuracy_rows.items():
         if "rel_err_vs_int8_fp32" in a:
             print(f"{variant}: rel err vs its int8 model in fp32 (unrounded w_int8 * scale) "
