@@ -713,6 +713,17 @@ def test_e2e_static_tokens_may_part_only_at_a_near_tie():
     assert not goal["pass"]
 
 
+def _e2e_accuracy_run(tmp_path, dtype: str, variants: str) -> dict:
+    """bench.e2e's JSON for a one-layer tiny model on the CPU, eager, batch 1, 2 new tokens: its accuracy rows."""
+    from bench import e2e
+
+    path = tmp_path / "e2e.json"
+    assert e2e.main(["--device", "cpu", "--layers", "1", "--dtype", dtype, "--variants", variants,
+                     "--modes", "eager", "--batch", "1", "--prompt", "8", "--new", "2", "--repeats", "1",
+                     "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
 def test_e2e_measures_int8_against_its_own_model_in_fp32(tmp_path, cpu_module):
     """bench.e2e's int8 accuracy goal compares against the int8 model itself in fp32 (unrounded w_int8 * scale,
     fp32 arithmetic), beside torch on the fp16-dequantized weights against the same model: in fp16 both differ
@@ -720,11 +731,7 @@ def test_e2e_measures_int8_against_its_own_model_in_fp32(tmp_path, cpu_module):
     (bf16 puts torch itself near 7% on the 32-layer model)."""
     from bench import e2e
 
-    path = tmp_path / "e2e.json"
-    assert e2e.main(["--device", "cpu", "--layers", "1", "--dtype", "fp16", "--variants", "hf,dsinf-int8",
-                     "--modes", "eager", "--batch", "1", "--prompt", "8", "--new", "2", "--repeats", "1",
-                     "--json", str(path)]) == 0
-    doc = json.loads(path.read_text())
+    doc = _e2e_accuracy_run(tmp_path, "fp16", "hf,dsinf-int8")
     acc = doc["accuracy"]["dsinf-int8"]
     assert 0 < acc["rel_err_vs_int8_fp32"] < 1e-2 and 0 < acc["dequantized_rel_err_vs_int8_fp32"] < 1e-2, acc
     [goal] = [g for g in doc["goals"] if g["goal"] == "dsinf-int8 logits rel err vs its int8 model in fp32"]
@@ -747,11 +754,7 @@ def test_e2e_measures_dsinf_and_hf_against_the_same_weights_in_fp32(tmp_path, cp
     Llama-3-8B layers, where dsinf against HF read 1.3e-2 and failed a bare 1%)."""
     from bench import e2e
 
-    path = tmp_path / "e2e.json"
-    assert e2e.main(["--device", "cpu", "--layers", "1", "--dtype", "bf16", "--variants", "hf,dsinf",
-                     "--modes", "eager", "--batch", "1", "--prompt", "8", "--new", "2", "--repeats", "1",
-                     "--json", str(path)]) == 0
-    doc = json.loads(path.read_text())
+    doc = _e2e_accuracy_run(tmp_path, "bf16", "hf,dsinf")
     acc = doc["accuracy"]["dsinf"]
     # bf16 against fp32: both off by rounding (never 0), both a rounding's size (well under 5%)
     assert 0 < acc["rel_err_vs_fp32"] < 5e-2 and 0 < acc["hf_rel_err_vs_fp32"] < 5e-2, acc
