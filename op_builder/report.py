@@ -87,10 +87,31 @@ def environment() -> dict[str, Any]:
         "cpu": _guard(cpu),
         "cpu_count": _guard(lambda: s.cpu_count),
         "memory_available_gib": _guard(lambda: round((s.memory_available or 0) / 2**30, 1)),
+        "cpu_pages": _guard(cpu_pages),
         "cache_root": _guard(lambda: str(cache.cache_root())),
         "knobs": knobs.snapshot(),
     })
     return env
+
+
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def cpu_pages() -> str:
+    """The pages torch's CPU tensors (the weights a CPU decode streams) get: Linux's transparent huge page
+    mode and torch's THP_MEM_ALLOC_ENABLE (a knob: its meaning says what 2 MiB pages were measured to gain)."""
+    try:
+        with open(THP_ENABLED) as f:
+            mode = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "4 KiB (no transparent huge pages here)"
+    if mode == "never":
+        return "4 KiB (transparent huge pages: never)"
+    if mode == "always" or knobs.get("THP_MEM_ALLOC_ENABLE") == "1":
+        return f"2 MiB for tensors of 2 MiB and more (transparent huge pages: {mode}" + \
+            (")" if mode == "always" else ", THP_MEM_ALLOC_ENABLE=1)")
+    return ("4 KiB (transparent huge pages: madvise, and torch advises them only with THP_MEM_ALLOC_ENABLE=1 set "
+            "before Python starts: see the knob)")
 
 
 def _compiler_cannot_run() -> str | None:

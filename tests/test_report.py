@@ -246,3 +246,31 @@ def test_report_build_checks_the_cpu_module(tmp_path_factory):
     assert cpu["ok"] is True and cpu["how"] in ("built", "cached"), cpu
     assert "match the reference" in cpu["check"] and "vector_matmul_fp32" in cpu["check"]
     assert cpu["how"] != "cached" or cold.cxx.compiles() == []  # (the report itself runs `c++ --version`)
+
+
+def test_cpu_pages_says_what_torch_s_cpu_tensors_get(tmp_path, monkeypatch):
+    """The cpu_pages line: Linux's transparent huge page mode (read from its file) and torch's
+    THP_MEM_ALLOC_ENABLE decide whether torch's CPU tensors get 2 MiB pages; elsewhere 4 KiB, said so."""
+    from op_builder import report as rep
+
+    mode = tmp_path / "enabled"
+    monkeypatch.setattr(rep, "THP_ENABLED", str(mode))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    mode.write_text("always [madvise] never\n")
+    assert rep.cpu_pages().startswith("4 KiB (transparent huge pages: madvise, and torch advises them only with "
+                                      "THP_MEM_ALLOC_ENABLE=1")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert rep.cpu_pages() == ("2 MiB for tensors of 2 MiB and more (transparent huge pages: madvise, "
+                               "THP_MEM_ALLOC_ENABLE=1)")
+    mode.write_text("always madvise [never]\n")
+    assert rep.cpu_pages() == "4 KiB (transparent huge pages: never)"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    mode.write_text("[always] madvise never\n")
+    assert rep.cpu_pages() == "2 MiB for tensors of 2 MiB and more (transparent huge pages: always)"
+    mode.unlink()
+    assert rep.cpu_pages() == "4 KiB (no transparent huge pages here)"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "yes")  # torch reads 1 or 0: anything else is named, not guessed
+    mode.write_text("always [madvise] never\n")
+    with pytest.raises(Exception, match="THP_MEM_ALLOC_ENABLE='yes'"):
+        rep.cpu_pages()
+    assert rep._guard(rep.cpu_pages).startswith("error: KnobError")  # the report shows it and goes on
