@@ -215,10 +215,11 @@ def accuracy(model, args, tokens=True):
     return logits, generate(model, ids, AGREEMENT_TOKENS, "eager", logits=True)
 
 
-def model_in_fp32(model, args):
-    """The prompt logits of `model`'s weights, upcast exactly to fp32, computed in fp32 (eager HF)."""
+def logits_in_fp32(args, state):
+    """The prompt logits of the model holding `state` (a state dict of any float dtype), computed in fp32 (eager
+    HF). load_state_dict's in-place copy upcasts each tensor exactly: a 16-bit state needs no fp32 copy of its own."""
     exact = build(args, dtype="fp32")
-    exact.load_state_dict(model.state_dict())  # copy_ upcasts each tensor in place: no second fp32 copy on the GPU
+    exact.load_state_dict(state)
     logits = accuracy(exact, args, tokens=False)[0]
     del exact
     return logits
@@ -274,7 +275,7 @@ def run(args):
             ref_logits, ref_tokens = logits, tokens
             # The same weights computed in fp32: what HF's and dsinf's roundings in this dtype are each measured
             # against (in bf16, HF's own error is above the goal's 1%: two roundings differ by as much).
-            fp32_logits = logits if args.dtype == "fp32" else model_in_fp32(model, args)
+            fp32_logits = logits if args.dtype == "fp32" else logits_in_fp32(args, model.state_dict())
             hf_rel_err_vs_fp32 = rel_err(logits, fp32_logits)
         elif ref_logits is not None:
             entry = {"rel_err_vs_hf": rel_err(logits, ref_logits), "agreement": agreement(tokens, ref_tokens),
@@ -291,12 +292,10 @@ def run(args):
                 # The int8 model itself, in fp32: unrounded w_int8 * scale (the fp16 dequantized model rounds
                 # each weight, the int8 kernels do not) and fp32 arithmetic. Both the int8 kernels and torch on
                 # the dequantized weights are measured against it.
-                exact = build(args, seed=1, dtype="fp32")
-                exact.load_state_dict(inject.export_state_dict(model, dtype=torch.float32))
-                exact_logits = accuracy(exact, args, tokens=False)[0]
+                exact_logits = logits_in_fp32(args, inject.export_state_dict(model, dtype=torch.float32))
                 entry["rel_err_vs_int8_fp32"] = rel_err(logits, exact_logits)
                 entry["dequantized_rel_err_vs_int8_fp32"] = rel_err(deq_logits, exact_logits)
-                del exact, exact_logits
+                del exact_logits
             accuracy_rows[variant] = entry
         del logits
         for mode in args.modes:
