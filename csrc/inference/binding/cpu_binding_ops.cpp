@@ -129,13 +129,21 @@ bool amx_bf16() {
 // a torch without it keeps MKL. It computes in fp32 unless the user lowered
 // torch.backends.mkldnn.matmul.fp32_precision, as torch's own oneDNN path does.
 // dsinf_cpu_onednn_fp32_override (dsinf.routes.fp32_gemm) picks either whatever the host.
-bool host_prefers_onednn_fp32() {
-#if AT_MKLDNN_ENABLED() && defined(__x86_64__) && defined(__GNUC__)
+bool host_is_amd() {
+#if defined(__x86_64__) && defined(__GNUC__)
   static const bool amd = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();
   return amd;
+#else
+  return false;
+#endif
+}
+
+bool host_prefers_onednn_fp32() {
+#if AT_MKLDNN_ENABLED()
+  return host_is_amd();
 #else
   return false;
 #endif
@@ -401,6 +409,18 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
   return out;
 }
 
+// The columns of an fp32 weight MKL multiplies in place per call (matmul below): blocks of about 16 MiB of
+// weight (1024 columns at K = 4096), or all of N in one call. On a Zen 3 (MKL's AMD code path, 2 threads,
+// M = 48..512) blocks of 256..1024 columns ran 6-35% faster than one call; on an earlier AVX-512 Xeon 1024
+// columns ran like one call and 256 13-18% slower. On an Intel Xeon with AMX (2 threads, M = 32..512;
+// docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call") one call over a [K, N] weight ran 1.0-1.26x
+// faster than the blocks (4096x4096 .. 11008x4096): a column block of a [K, N] weight is K rows of a few KiB,
+// each on its own page, where a block of an [N, K] weight is one contiguous range. [N, K] blocks there were
+// ahead at M = 32 (1.05-1.18x) and behind at M = 512 (up to 1.14x), so that layout keeps them.
+int64_t mkl_in_place_block(int64_t N, int64_t K, bool weight_nk) {
+  return weight_nk || host_is_amd() ? column_block(N, K, int64_t(16) << 20, 4) : N;
+}
+
 // x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: with `for_epilogue`, without bias, for an epilogue that
 // takes fp32 or the act dtype: fp32, or bf16 where the native bf16 GEMM ran (check the result's dtype); else
 // the act dtype with `bias` (may be null) added before the single rounding.
@@ -430,11 +450,8 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
   if (act == c10::ScalarType::BFloat16 && native_bf16_gemm()) return native_bf16_matmul(op, s, x2d, weight, w, bias);
 
   // fp32 sgemm one block of output columns at a time, each multiplied straight into its column slice of
-  // y: fp32 weights in place (a view), 16-bit / int8 weights widened into one reused buffer of about
-  // 4 MiB (cache-sized; columns per kWidenedColumns). In place, blocks of about 16 MiB of weight (1024
-  // columns at K = 4096): on a Zen 3 (2 threads, M = 48..512) blocks of 256..1024 columns ran 6-35% faster
-  // than one MKL call over all of N; on the AVX-512 Xeon dev box 1024 columns ran like one call and 256
-  // (4 MiB) 13-18% slower (docs/PERFORMANCE.md).
+  // y: fp32 weights in place (a view; mkl_in_place_block), 16-bit / int8 weights widened into one reused
+  // buffer of about 4 MiB (cache-sized; columns per kWidenedColumns).
   // On oneDNN (onednn_fp32_gemm) fp32 weights in place are one call over all N (it blocks for itself); widened
   // blocks are each multiplied into a fresh result and copied into their slice (no out= form; the copy is
   // M x N x 4 bytes, under 1% of the GEMM).
@@ -457,7 +474,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
   } else {
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-    const int64_t block = in_place ? column_block(N, K, int64_t(16) << 20, 4)
+    const int64_t block = in_place ? mkl_in_place_block(N, K, s.weight_nk)
                                      : column_block(N, K, int64_t(4) << 20, 4, kWidenedColumns);
     at::Tensor wbuf;
     if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
