@@ -136,9 +136,10 @@ def test_linear_layer_int8_with_bias(cpu_module, suffix, B, S):
 @pytest.mark.parametrize("transposed_mode", [False, True])
 def test_large_m_gemm_in_several_column_blocks(cpu_module, suffix, transposed_mode):
     """Large M runs one block of output columns per GEMM, straight into its slice of the result: ~16 MiB
-    of fp32 weight in place (1984 columns here), ~4 MiB for weights widened to fp32 first (384 columns),
-    ~8 MiB for int8 weights widened to bf16 for the native bf16 GEMM (1920 columns). N here spans three
-    blocks in place, eleven widened to fp32 and three to bf16, the last one ragged, bias included."""
+    of fp32 weight in place on MKL (1984 columns here; an [N, K] weight, or a [K, N] one on an AMD host:
+    elsewhere a [K, N] weight is one call), ~4 MiB for weights widened to fp32 first (384 columns), ~8 MiB
+    for int8 weights widened to bf16 for the native bf16 GEMM (1920 columns). N here spans three blocks in
+    place, eleven widened to fp32 and three to bf16, the last one ragged, bias included."""
     dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(3)
     B, S, K, N = 2, 36, 2100, 4200
     x = randn(B, S, K, dtype=dtype, gen=gen)
@@ -247,6 +248,32 @@ def test_gemv_at_every_m_a_route_may_give_it(cpu_module, suffix, weights):
             got = op(cpu_module, f"vector_matmul_{suffix}")(*args)
             assert binding.last() == "gemv", M
             assert_close(got, reference.vector_matmul(*args), dtype)
+
+
+@pytest.mark.parametrize("suffix", list(DTYPES))
+@pytest.mark.parametrize("M,K,N", [(1, 24, 33000), (5, 1100, 6601), (16, 300, 4200), (16, 40, 2049)])
+def test_kn_gemv_in_several_equal_stripes(cpu_module, suffix, M, K, N):
+    """The [K, N] GEMV splits N into stripes of equal whole-vector widths whose M x width fp32 accumulators fit
+    its budget (32768 floats): whole rows up to 32768 columns at M = 1, so 33000 is 2 stripes; M = 5 and
+    6601 columns 2 ragged ones; M = 16 (2048 columns at most) 3 and 2. Forced onto the GEMV, checked to
+    have run there, against the reference, and the same bits with one thread as with several."""
+    from dsinf import routes
+
+    dtype, gen = DTYPES[suffix], torch.Generator().manual_seed(M + N)
+    x = randn(1, M, K, dtype=dtype, gen=gen)
+    w = float_weight(K, N, False, dtype, gen)
+    vm = op(cpu_module, f"vector_matmul_{suffix}")
+    threads = torch.get_num_threads()
+    with routes.forced("cpu", [routes.RouteKey(suffix, "kn", K, N)]) as binding:
+        got = vm(x, w, False, None, False, False)
+        assert binding.last() == "gemv"
+        try:
+            torch.set_num_threads(1)
+            alone = vm(x, w, False, None, False, False)
+        finally:
+            torch.set_num_threads(threads)
+    assert_close(got, reference.vector_matmul(x, w, False, None, False, False), dtype)
+    assert torch.equal(got, alone)
 
 
 # (B, S, H, KV, D, rotary_dim, rotate_half, seq_offset)

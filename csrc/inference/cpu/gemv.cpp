@@ -396,16 +396,21 @@ inline void axpy_rows(const TW* w, int64_t ldw, int64_t nc, const float* x, int6
 // time, reading a contiguous sw-element run from each. Measured single-threaded at K=N=4096 fp32, M=1:
 // sw=64 (one register tile per row) 7-10 GB/s - the prefetchers do not follow short strided runs -
 // sw=1024 ~18 GB/s, sw=4096 (whole rows) 23-25 GB/s, the same as the [N, K] kernel. So stripes are as
-// wide as keeps the M x sw fp32 accumulators within ~32 KB (L1/L2), and the parallelism comes from
-// splitting K instead: >= 16 tasks of >= 256 rows, partial sums (M x N floats per chunk, tiny next to
-// the weight) added in k order afterwards.
+// wide as keeps the M x sw fp32 accumulators within kKnAccFloats (128 KiB: L2), whole rows where they fit,
+// and of equal widths (a ragged last stripe left one thread with most of the work); the parallelism comes
+// from splitting K instead: >= 16 tasks of >= 256 rows, partial sums (M x N floats per chunk, tiny next to
+// the weight) added in k order afterwards. On an Intel Xeon with AMX (2 threads, 3 rotating weights,
+// docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call"), against the earlier 8192-float budget
+// capped at 4096 columns (512 columns at M = 16: 2 KiB runs), MKL's time / ours at M = 8 / 16 went from
+// 0.78-1.53 / 0.70-1.13 to 1.07-1.62 / 1.00-1.50 (4096x4096, 4096x11008, 11008x4096, 4096x12288).
+constexpr int64_t kKnAccFloats = 32768;
+
 template <class TW>
 void gemv_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_t N, const OutRow& out,
              dsinf_parallel_fn pf) {
-  int64_t sw = std::min<int64_t>(4096, std::max<int64_t>(256, 8192 / std::max<int64_t>(M, 1)));
-  sw = std::min(sw, N);
-  sw = (sw + kW - 1) / kW * kW;
-  const int64_t stripes = (N + sw - 1) / sw;
+  const int64_t widest = std::max<int64_t>(256, kKnAccFloats / std::max<int64_t>(M, 1));
+  const int64_t fewest = (N + widest - 1) / widest;  // stripes; then sw as even as whole vectors allow
+  const int64_t sw = ((N + fewest - 1) / fewest + kW - 1) / kW * kW, stripes = (N + sw - 1) / sw;
   int64_t ksplit = std::max<int64_t>(1, std::min<int64_t>((16 + stripes - 1) / stripes, K / 256));
   const int64_t kchunk = (K + ksplit - 1) / ksplit;
   ksplit = kchunk > 0 ? (K + kchunk - 1) / kchunk : 1;
