@@ -64,7 +64,8 @@ def test_plans_cover_the_goals(quick):
     assert any(c.part == "qkv" and c.M == 128 for c in cpu)
     # CPU batch-8 decode (full plan): bf16 and fp32 in both layouts, int8 with bf16 activations
     assert {(c.part, c.dtype, c.layout) for c in cpu if c.M == 8} == (
-        set() if quick else {("decode", d, l) for d in ("bf16", "fp32") for l in ("nk", "kn")} | {("int8", "bf16", "int8")})
+        set() if quick
+        else {("decode", d, layout) for d in ("bf16", "fp32") for layout in ("nk", "kn")} | {("int8", "bf16", "int8")})
     # CUDA goals: large int8/decode shapes at M<=8, 4096x4096, both layouts, [N,K] prefill, MLP M in {1,8}
     assert any(c.part == "int8" and c.M <= 8 and c.K * c.N >= goals.LARGE for c in cuda)
     assert {c.layout for c in cuda if c.part == "decode" and c.K * c.N >= goals.LARGE and c.M <= 8} == {"kn", "nk"}

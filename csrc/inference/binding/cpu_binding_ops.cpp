@@ -413,10 +413,10 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
 // weight (1024 columns at K = 4096), or all of N in one call. On a Zen 3 (MKL's AMD code path, 2 threads,
 // M = 48..512) blocks of 256..1024 columns ran 6-35% faster than one call; on an earlier AVX-512 Xeon 1024
 // columns ran like one call and 256 13-18% slower. On an Intel Xeon with AMX (2 threads, M = 32..512;
-// docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call") one call over a [K, N] weight ran 1.0-1.26x
-// faster than the blocks (4096x4096 .. 11008x4096): a column block of a [K, N] weight is K rows of a few KiB,
-// each on its own page, where a block of an [N, K] weight is one contiguous range. [N, K] blocks there were
-// ahead at M = 32 (1.05-1.18x) and behind at M = 512 (up to 1.14x), so that layout keeps them.
+// docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call") one call over a [K, N] weight ran 0.98-1.26x
+// as fast as the blocks (4096x4096 .. 11008x4096; under 1.0 in one of 36): a column block of a [K, N] weight is
+// K rows of a few KiB, each on its own page, where a block of an [N, K] weight is one contiguous range; those
+// ran 0.98-1.18x as fast as one call at M = 32 and down to 0.88x at M = 512, and keep their blocks.
 int64_t mkl_in_place_block(int64_t N, int64_t K, bool weight_nk) {
   return weight_nk || host_is_amd() ? column_block(N, K, int64_t(16) << 20, 4) : N;
 }

@@ -400,9 +400,9 @@ inline void axpy_rows(const TW* w, int64_t ldw, int64_t nc, const float* x, int6
 // and of equal widths (a ragged last stripe left one thread with most of the work); the parallelism comes
 // from splitting K instead: >= 16 tasks of >= 256 rows, partial sums (M x N floats per chunk, tiny next to
 // the weight) added in k order afterwards. On an Intel Xeon with AMX (2 threads, 3 rotating weights,
-// docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call"), against the earlier 8192-float budget
-// capped at 4096 columns (512 columns at M = 16: 2 KiB runs), MKL's time / ours at M = 8 / 16 went from
-// 0.78-1.53 / 0.70-1.13 to 1.07-1.62 / 1.00-1.50 (4096x4096, 4096x11008, 11008x4096, 4096x12288).
+// docs/PERFORMANCE.md, "the [K, N] GEMV's stripes"), against the earlier 8192-float budget capped at 4096
+// columns (512 columns at M = 16: 2 KiB runs), MKL's time / ours at M = 8 / 16 went from 0.78-1.53 /
+// 0.70-1.15 to 1.13-1.60 / 0.99-1.49 (4096x4096, 4096x11008, 11008x4096, 4096x12288).
 constexpr int64_t kKnAccFloats = 32768;
 
 template <class TW>
