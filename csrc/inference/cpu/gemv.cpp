@@ -115,6 +115,26 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 // row block of x (the others re-read it from L1); a widened block (int8 for the vdpbf16ps tile, scalar builds)
 // prefetches the same block two tiles ahead before it is widened (measured when fp16 / int8 weights were still
 // widened for the fp32 tiles: M = 8 1.02-1.26x, M = 16 0.99-1.16x).
+//
+// On an Intel Xeon with AMX (2 threads, docs/PERFORMANCE.md, "the [N, K] prefetch on long fp32 rows") the same
+// prefetch ran bf16, int8 and fp32 M = 1..4 on rows of up to 22 KiB 0.97-1.53x as fast as none (under 1.0 once
+// in 26), but fp32 rows of 11008 (43 KiB; two tiles 344 KiB ahead) 0.92-0.99x: MKL / ours at M = 1 0.90x with it,
+// 0.98-0.99x without, 0.95-0.96x one tile ahead. So off AMD hosts a tile of more than kPrefetchTileBytes does
+// not prefetch.
+constexpr int64_t kPrefetchTileBytes = 128 << 10;
+
+bool prefetch_tiles(int64_t row_bytes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+#else
+  constexpr bool amd = false;
+#endif
+  return amd || kNR * row_bytes <= kPrefetchTileBytes;
+}
+
 template <class TW, int NR>
 inline void prefetch_ahead(const TW* w, int64_t ldw, int64_t k, int64_t n) {
   for (int r = 0; r < NR; ++r) prefetch_l2_lines(w + (r + 2 * kNR) * ldw, k, n);
@@ -315,6 +335,7 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
   const int64_t KC = widen ? kKC : mchunks > 1 ? std::min(kKCMax, kKCBytes / int64_t(sizeof(TW))) : std::max<int64_t>(K, 1);
   const int64_t units = (N + kNR - 1) / kNR;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kNR * K * int64_t(sizeof(TW))));
+  const bool prefetch = prefetch_tiles(K * int64_t(sizeof(TW)));
   // Results of kOutUnits consecutive tiles are gathered per row of x and written out together.
   constexpr int64_t kOutUnits = 16;
   parallel_for(pf, units, grain, [&](int64_t ub, int64_t ue) {
@@ -335,14 +356,14 @@ void gemv_nk(const TX* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int64_
           const int64_t kc = std::min(KC, K - kb);
           if constexpr (kWiden) {
             if (widen) {
-              prefetch_ahead<TW, kNR>(wt, K, kb, kc);  // the block two tiles ahead, as the tiles do
+              if (prefetch) prefetch_ahead<TW, kNR>(wt, K, kb, kc);  // the block two tiles ahead, as the tiles do
               for (int r = 0; r < nr; ++r) widen_row(wbuf.data() + r * ldwb, wt + r * K + kb, kc);
               dot_all_rows(static_cast<const TB*>(wbuf.data()), ldwb, nr, kc, x + kb, ldx, rb, acc, false);
               continue;
             }
           }
           if constexpr (std::is_same<TW, TB>::value || std::is_same<TB, float>::value)  // else widen is set
-            dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc, true);
+            dot_all_rows(wt + kb, K, nr, kc, x + kb, ldx, rb, acc, prefetch);
         }
         for (int64_t c = 0; c < rb.count; ++c)
           for (int mi = 0; mi < rb.size(c); ++mi) {
