@@ -146,7 +146,7 @@ inline void prefetch_ahead(const TW* w, int64_t ldw, int64_t k, int64_t n) {
 // accumulator to the stack on every step (a 512-bit store takes two cycles on Zen 4), which made M = 2..16 run
 // at a fraction of the FMA rate (docs/PERFORMANCE.md, "CPU decode at batch 8"). Its own function keeps them
 // in registers; a call per tile and K block costs nothing next to the loop. `stream`: w is the weight in memory
-// (prefetch_ahead above).
+// and is prefetched (prefetch_ahead, prefetch_tiles above).
 template <class TW, int NR, int MR>
 __attribute__((noinline)) void dot_tile(const TW* w, int64_t ldw, int64_t kc, const float* x, int64_t ldx, vf* acc,
                                         bool stream) {
@@ -283,7 +283,8 @@ struct RowBlocks {
 };
 
 // All row blocks of x against nr (<= kNR) weight rows of stride ldw, over kc columns. `stream`: w is the weight
-// in memory (not the L1 buffer of a widened block), so the first row block prefetches the tiles ahead.
+// in memory (not the L1 buffer of a widened block) and prefetch_tiles allows it, so the first row block
+// prefetches the tiles ahead.
 template <class TW, class TX>
 inline void dot_all_rows(const TW* w, int64_t ldw, int nr, int64_t kc, const TX* x, int64_t ldx,
                          const RowBlocks& rb, vf* acc, bool stream) {
