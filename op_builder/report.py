@@ -108,8 +108,8 @@ def cpu_pages() -> str:
     if mode == "never":
         return "4 KiB (transparent huge pages: never)"
     if mode == "always" or knobs.get("THP_MEM_ALLOC_ENABLE") == "1":
-        return f"2 MiB for tensors of 2 MiB and more (transparent huge pages: {mode}" + \
-            (")" if mode == "always" else ", THP_MEM_ALLOC_ENABLE=1)")
+        why = mode if mode == "always" else f"{mode}, THP_MEM_ALLOC_ENABLE=1"
+        return f"2 MiB for tensors of 2 MiB and more (transparent huge pages: {why})"
     return ("4 KiB (transparent huge pages: madvise, and torch advises them only with THP_MEM_ALLOC_ENABLE=1 set "
             "before Python starts: see the knob)")
 

@@ -129,17 +129,7 @@ bool amx_bf16() {
 // a torch without it keeps MKL. It computes in fp32 unless the user lowered
 // torch.backends.mkldnn.matmul.fp32_precision, as torch's own oneDNN path does.
 // dsinf_cpu_onednn_fp32_override (dsinf.routes.fp32_gemm) picks either whatever the host.
-bool host_is_amd() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd;
-#else
-  return false;
-#endif
-}
+bool host_is_amd() { return dsinf_cpu_host_amd() != 0; }
 
 bool host_prefers_onednn_fp32() {
 #if AT_MKLDNN_ENABLED()

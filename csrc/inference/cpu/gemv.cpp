@@ -124,15 +124,7 @@ int64_t padded_stride(int64_t n, size_t elem_bytes) {
 constexpr int64_t kPrefetchTileBytes = 128 << 10;
 
 bool prefetch_tiles(int64_t row_bytes) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-#else
-  constexpr bool amd = false;
-#endif
-  return amd || kNR * row_bytes <= kPrefetchTileBytes;
+  return dsinf_cpu_host_amd() != 0 || kNR * row_bytes <= kPrefetchTileBytes;
 }
 
 template <class TW, int NR>
@@ -482,6 +474,18 @@ void gemv_kn(const float* x, int64_t M, int64_t ldx, const TW* w, int64_t K, int
 extern "C" int dsinf_cpu_gemv_dpbf16(void) {
 #ifdef DSINF_HAVE_DPBF16
   return 1;
+#else
+  return 0;
+#endif
+}
+
+extern "C" int dsinf_cpu_host_amd(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0 ? 1 : 0;
+  }();
+  return amd;
 #else
   return 0;
 #endif

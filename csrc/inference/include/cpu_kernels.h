@@ -71,6 +71,10 @@ DSINF_CPU_API dsinf_status dsinf_cpu_gemv(const void* x, dsinf_dtype x_dtype, in
 // widened to bf16 from M = 2), else 0: it moves the binding's bf16 crossovers (cpu_binding_ops.cpp).
 DSINF_CPU_API int dsinf_cpu_gemv_dpbf16(void);
 
+// 1 on an AMD CPU (x86-64 CPUID vendor, read once), else 0: the GEMVs' prefetch and the binding's fp32 GEMM
+// choices were measured per vendor.
+DSINF_CPU_API int dsinf_cpu_host_amd(void);
+
 // int8 weights ([N, K], as dsinf_cpu_gemv's) x bf16 x on AMX tiles, any M >= 1: out as dsinf_cpu_gemv's with
 // out_dtype F32 or BF16 and a bf16 bias (or NULL). The binding takes it for 2 <= M <= 256 where
 // dsinf_cpu_amx_ready(): the vdpbf16ps GEMV is bound by its multiply-adds there, and dequantize + GEMM by the
