@@ -74,7 +74,7 @@ def forced_gemv(case: Case, fn: Callable[..., Any]) -> Callable[..., Any] | None
         return None
     b = routes.binding("cuda")
     key = routes.RouteKey(case.dtype, case.layout, case.K, case.N)
-    if case.M <= b.applied.get(key, b.default(key)) or case.M > b.gemv_cap:
+    if b.runs_ours(key, case.M) or case.M > b.gemv_cap:
         return None
 
     return _forced(fn, key)

@@ -6,13 +6,17 @@ avx512_bf16). The compiled crossover is one number per dtype; the measured one i
 [K, N] 8192x8192 weight runs faster on our GEMV at M = 1 and on cuBLAS from M = 4, while 4096x4096 stays
 faster on ours up to M = 16. The binding keeps a route table (csrc/inference/binding/routes.h):
 
-    (activation dtype, weight layout kn | nk | int8, K, N) -> max_m: the largest M run on our GEMV
-                                                              (0: always ATen; absent: the compiled crossover)
+    (activation dtype, weight layout kn | nk | int8, K, N) -> min_m..max_m: the Ms run on our GEMV
+                                                              (max_m 0: always ATen; absent: 1..the compiled
+                                                              crossover)
+
+min_m is 1 unless ATen measured faster at the smallest Ms and ours above them (on an Intel Xeon MKL's fp32
+GEMV edges ours at M = 1 on a wide [K, N] weight, 0.95-0.97x, where ours leads 1.4-1.8x at M = 2..16).
 
 and, for int8 weights above the GEMV's range (CUDA):
 
     (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
-        once), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Measured
+        once; min_m 1), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Measured
         at the prefill sizes GEMM_BUCKETS with the shape's GEMV route held at 0, so every bucket is a choice
         between the two; the GEMM keeps the Ms up to the first bucket where it measured slower at all
         (`decide_key`: a tie's sliver of loss there was a real loss when checked). Tuned
@@ -21,7 +25,7 @@ and, for int8 weights above the GEMV's range (CUDA):
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
 
     (activation dtype, gated-kn | gated-nk | gated-int8, K, N) -> max_m: the largest M run on the gated kernel
-        (act(gate) * up in its epilogue); above it the gate|up runs as a matmul (itself routed by its plain
+        (act(gate) * up in its epilogue; min_m 1); above it the gate|up runs as a matmul (itself routed by its plain
         key) and then the gated epilogue. On an H200 the gated kernel wins at decode on small weights and
         loses on large ones (16-bit gate|up of 80 MiB or more): the compiled rule is that crossover, a
         measured route replaces it per device and shape.
@@ -32,14 +36,15 @@ This module measures it, persists it, and pushes it into the binding:
   shapes on CUDA): for each M of `buckets()`, time the binding itself (vector_matmul; rms_mlp_gemm for a
   gated key) with the shape's route forced to our GEMV and to ATen (gated: matmul + epilogue) (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
-  the fastest of individually timed calls, and the bucket where the decision stops is timed again before
-  it stands), then `decide`: max_m is the largest bucket at which our GEMV beats ATen by more than
-  MARGIN (2%) with no bucket below it where ATen was faster by more than MARGIN;
+  the fastest of individually timed calls, and the buckets where the decision starts and stops are timed
+  again before it stands), then `decide_span`: max_m is the largest bucket at which our GEMV beats ATen by
+  more than MARGIN (2%) with no bucket between min_m and it where ATen was faster by more than MARGIN;
   a tie (within MARGIN either way) alone goes to torch, and ties below a win go along with it only when
-  that win is clear (RIDE_ALONG, 5%); a gated key keeps the gated kernel up to the first M where the matmul
+  that win is clear (RIDE_ALONG, 5%); min_m is the first bucket from which that rule finds a win (1 when it
+  finds one from the smallest), so the Ms below it measured ATen faster or tied; a gated key keeps the gated kernel up to the first M where the matmul
   path wins by more than MARGIN (`decide_gated`: a tie goes to the one launch); an int8-gemm key keeps
   the GEMM up to the first M where it measured slower at all.
-- persist: <data root>/routes.v3.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
+- persist: <data root>/routes.v4.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache root, or in it where that directory is shared), one table per device key
   `<variant>|<device name>|torch=<version>|build=<module key>`: a rebuilt module, another torch or another
   GPU measures again. Written under op_builder.locking.FileLock (re-read, merged, written with
@@ -83,7 +88,7 @@ from op_builder.locking import FileLock
 logger = logging.getLogger("dsinf")
 
 FORMAT = "dsinf-routes"
-VERSION = 3  # 2: the gated keys; 3: the int8-gemm keys. Each version has its own file, so an older dsinf
+VERSION = 4  # 2: the gated keys; 3: the int8-gemm keys; 4: min_m. Each version has its own file, so an older dsinf
 #              sharing the cache never reads (and, rewriting it, drops) keys it cannot parse; a new version
 #              measures again.
 FILENAME = f"routes.v{VERSION}.json"
@@ -105,6 +110,8 @@ GATED = "gated-"  # a gated layout is this prefix + the gate|up weight's plain l
 INT64_MAX = 2**63 - 1  # the binding's K, N and max_m are int64: ctypes would wrap a larger int, not refuse it
 SILU = 4  # ActivationFuncType.GATED_SILU: the activation a gated key is timed with (GELU's cost is alike)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: A value of the binding's table (Binding.set): max_m (min_m 1), or (min_m, max_m).
+Span = int | tuple[int, int]
 _OP = "transformer_inference"  # InferenceBuilder.NAME
 
 
@@ -167,8 +174,8 @@ class RouteKey:
 
 @dataclass(frozen=True)
 class Route:
-    """A measured route: our GEMV for M <= max_m, ATen above (a gated key: the gated kernel, then the
-    matmul + gated epilogue); with the times it was decided from."""
+    """A measured route: our GEMV for min_m <= M <= max_m, ATen outside (a gated key: the gated kernel, else
+    the matmul + gated epilogue; max_m 0: ATen for every M); with the times it was decided from."""
     key: RouteKey
     max_m: int
     default_max_m: int  # the compiled crossover it replaces
@@ -176,6 +183,16 @@ class Route:
     ours_ms: tuple[float, ...] = ()  # per bucket: the op with the route forced to our GEMV (gated kernel)
     aten_ms: tuple[float, ...] = ()  # ... forced to ATen (matmul + gated epilogue)
     tuned_at: str = ""
+    min_m: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.min_m <= max(self.max_m, 1):
+            raise ValueError(f"routes: {self.key.text}: min_m {self.min_m} is not in [1, max(max_m {self.max_m}, 1)]")
+
+    @property
+    def entry(self) -> Span:
+        """What the binding's table holds for this route: max_m, or (min_m, max_m) when min_m > 1."""
+        return self.max_m if self.min_m == 1 else (self.min_m, self.max_m)
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -197,19 +214,22 @@ class Route:
         elif key.layout == "int8":  # past the GEMV: on CUDA the int8 GEMM up to its own route, then dequantize
             shape = f"{key.dtype} int8 {key.K}x{key.N}"
             where = ("past the GEMV for every M" if self.max_m == 0 else
-                     f"our GEMV for M <= {self.max_m}, past it above")
+                     f"our GEMV for M <= {self.max_m}, past it above" if self.min_m == 1 else
+                     f"our GEMV for {self.min_m} <= M <= {self.max_m}, past it below and above")
             where += " (past the GEMV: the int8 GEMM by its int8-gemm route, else dequantize + ATen)"
             versus = "past-the-GEMV/GEMV"
         else:
             shape = f"{key.dtype} {key.layout} {key.K}x{key.N}"
-            where = "ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
+            where = ("ATen for every M" if self.max_m == 0 else f"ours for M <= {self.max_m}, ATen above"
+                     if self.min_m == 1 else f"ours for {self.min_m} <= M <= {self.max_m}, ATen below and above")
             versus = "ATen/ours"
         measured = ", ".join(f"M={m}: {r:.2f}x" for m, r in zip(self.buckets, self.ratios))
         return (f"{shape}: {where} (compiled crossover {self.default_max_m}; measured {versus} {measured})"
                 if measured else f"{shape}: {where} (compiled crossover {self.default_max_m})")
 
     def to_json(self) -> dict:
-        return {"max_m": self.max_m, "default_max_m": self.default_max_m, "buckets": list(self.buckets),
+        return {"min_m": self.min_m, "max_m": self.max_m, "default_max_m": self.default_max_m,
+                "buckets": list(self.buckets),
                 "ours_ms": list(self.ours_ms), "aten_ms": list(self.aten_ms), "tuned_at": self.tuned_at}
 
     @classmethod
@@ -226,11 +246,12 @@ class Route:
                 raise ValueError("not a list of positive times")
             return tuple(float(f) for f in v)
 
-        max_m, default = doc["max_m"], doc["default_max_m"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX for v in (max_m, default)):
-            raise ValueError("max_m / default_max_m must be ints in [0, 2**63 - 1]")
+        min_m, max_m, default = doc["min_m"], doc["max_m"], doc["default_max_m"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX
+                   for v in (min_m, max_m, default)):
+            raise ValueError("min_m / max_m / default_max_m must be ints in [0, 2**63 - 1]")
         route = cls(key, max_m, default, ints(doc["buckets"]), floats(doc["ours_ms"]), floats(doc["aten_ms"]),
-                     str(doc.get("tuned_at", "")))
+                     str(doc.get("tuned_at", "")), min_m)
         if not len(route.buckets) == len(route.ours_ms) == len(route.aten_ms):
             raise ValueError("buckets and times differ in length")
         return route
@@ -260,6 +281,22 @@ def decide(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[f
     return max_m
 
 
+def decide_span(buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float], margin: float = MARGIN,
+                ride_along: float = RIDE_ALONG) -> tuple[int, int]:
+    """(min_m, max_m) of a plain key: `decide` over the buckets from min_m up, where min_m is the first bucket
+    from which it finds a win ((1, 0) when none does). From the smallest bucket that is `decide` itself,
+    min_m 1; past it, the buckets below min_m measured ATen faster or within the margin (a win there would
+    have been found from it). Intel Xeon, 2 threads, fp32 [K, N] 4096x11008 over weight copies past twice the
+    L3: ATen/ours 0.95-0.97x at M = 1 and 1.4-1.8x at M = 2..16, which `decide` alone sent to ATen at every
+    M (docs/PERFORMANCE.md, "fifty-sixth round"). An M between min_m and the bucket below it runs on ATen."""
+    rows = sorted(zip(buckets, ours_ms, aten_ms))
+    for i, (m, _, _) in enumerate(rows):
+        found = decide(*zip(*rows[i:]), margin=margin, ride_along=ride_along)
+        if found:
+            return (1 if i == 0 else m), found
+    return 1, 0
+
+
 def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: Iterable[float],
                  margin: float = MARGIN) -> int:
     """A gated key's max_m: the largest bucket below the first where the matmul + gated epilogue beat the
@@ -275,9 +312,11 @@ def decide_gated(buckets: Iterable[int], gated_ms: Iterable[float], matmul_ms: I
     return max_m
 
 
-def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], aten_ms: Iterable[float]) -> int:
-    """`key`'s max_m from its measured times: `decide` for a plain key, `decide_gated` for a gated one, and for
-    an int8-gemm key `decide` with no ride-along: the int8 GEMM up to the first bucket where it did not beat
+def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float],
+               aten_ms: Iterable[float]) -> tuple[int, int]:
+    """`key`'s (min_m, max_m) from its measured times: `decide_span` for a plain key; min_m 1 and `decide_gated`
+    for a gated one (its rule already keeps ties on the gated kernel from the smallest M), and for an int8-gemm
+    key `decide` with no ride-along (its buckets start at the GEMV's largest M): the int8 GEMM up to the first bucket where it did not beat
     dequantize + cuBLAS by more than the margin, whatever wins above it. Ties go to cuBLAS, the other way from
     `decide_gated`: the one-launch argument does not carry to prefill sizes (the GEMM takes 20 us and more
     there, the host cost of a second launch hides behind it), and the bucket where the two cross measured a
@@ -286,8 +325,10 @@ def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float], 
     1.02-1.03x in five tunings and read 0.96-1.00x in the second timing of the test that checks it
     (2026-12-06)."""
     if key.layout == INT8_GEMM:
-        return decide(buckets, ours_ms, aten_ms, ride_along=math.inf)
-    return (decide_gated if key.gated else decide)(buckets, ours_ms, aten_ms)
+        return 1, decide(buckets, ours_ms, aten_ms, ride_along=math.inf)
+    if key.gated:
+        return 1, decide_gated(buckets, ours_ms, aten_ms)
+    return decide_span(buckets, ours_ms, aten_ms)
 
 
 def buckets(gemv_cap: int, default_max_m: int, gemm: bool = False) -> tuple[int, ...]:
@@ -407,7 +448,7 @@ class Binding:
         self._amx, self._amx_override = fn("amx_bf16"), fn("amx_bf16_override", True)
         self._amx_gemv, self._amx_gemv_calls = fn("amx_gemv"), fn("amx_gemv_calls")
         self._amx_gemv_override = fn("amx_gemv_override", True)
-        self.applied: dict[RouteKey, int] = {}  # what the binding holds now
+        self.applied: dict[RouteKey, Span] = {}  # what the binding holds now
         self.routes: dict[RouteKey, Route] = {}  # the measured routes behind it, for explain()
 
     def default(self, key: RouteKey) -> int:
@@ -509,20 +550,40 @@ class Binding:
         epilogue) or 'none'."""
         return ("none", "gated", "matmul")[int(self._last_gated())]
 
-    def set(self, table: dict[RouteKey, int]) -> None:
-        """Replace the binding's table with `table` (key -> max_m)."""
-        rows = [v for k, m in sorted(table.items(), key=lambda kv: kv[0].text)
-                for v in (DTYPE_CODES[k.dtype], LAYOUT_CODES[k.layout], k.K, k.N, m)]
-        for key, max_m in table.items():  # RouteKey bounds K and N; a max_m comes from callers too (forced)
-            if isinstance(max_m, int) and not -INT64_MAX - 1 <= max_m <= INT64_MAX:
-                raise ValueError(f"routes: the max_m of {key.text} does not fit int64: {max_m}")
+    def set(self, table: dict[RouteKey, Span]) -> None:
+        """Replace the binding's table with `table` (key -> max_m, or (min_m, max_m): `Route.entry`)."""
+        spans = {k: _span(k, v) for k, v in table.items()}
+        rows = [v for k, (lo, hi) in sorted(spans.items(), key=lambda kv: kv[0].text)
+                for v in (DTYPE_CODES[k.dtype], LAYOUT_CODES[k.layout], k.K, k.N, lo, hi)]
         status = self._set((ctypes.c_int64 * len(rows))(*rows), len(table))
         if status < 0:
-            why = {-1: "a bad code, size or max_m < 0",
+            why = {-1: "a bad code or size, or a span that is not 1 <= min_m <= max(max_m, 1)",
                    -2: f"a max_m above the GEMV's limit {self.gemv_cap} (the gated kernel's: {self.gated_cap})",
                    -3: "a repeated shape"}.get(status, f"status {status}")
             raise ValueError(f"routes: the {self.variant} binding rejected the table: {why}")
         self.applied = dict(table)
+
+    def span(self, key: RouteKey) -> tuple[int, int]:
+        """(min_m, max_m) in force for `key`: its entry in the table, else (1, the compiled crossover)."""
+        return _span(key, self.applied[key]) if key in self.applied else (1, self.default(key))
+
+    def runs_ours(self, key: RouteKey, M: int) -> bool:
+        """Whether a matmul of `key` at `M` rows runs our GEMV (a gated key: the gated kernel; an int8-gemm key:
+        the int8 GEMM) under the table in force."""
+        lo, hi = self.span(key)
+        return lo <= M <= hi
+
+
+def _span(key: RouteKey, value) -> tuple[int, int]:
+    """(min_m, max_m) of a table value; ValueError naming `key` for one the binding's int64 cannot hold (ctypes
+    would wrap it, not refuse it)."""
+    lo, hi = value if isinstance(value, tuple) else (1, value)
+    for name, v in (("min_m", lo), ("max_m", hi)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"routes: the {name} of {key.text} is not an int: {v!r}")
+        if not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ValueError(f"routes: the {name} of {key.text} does not fit int64: {v}")
+    return lo, hi
 
 
 _bindings: dict[str, Binding] = {}
@@ -663,7 +724,7 @@ def apply(variant: str) -> int:
         b = binding(variant)
         found = read_tables().get(device_key(variant), {})
         routes = {r.key: r for r in found.values()}
-        b.set({**b.applied, **{k: r.max_m for k, r in routes.items() if r.max_m <= b.cap(k)}})
+        b.set({**b.applied, **{k: r.entry for k, r in routes.items() if r.max_m <= b.cap(k)}})
         b.routes.update(routes)
     if routes:
         logger.info("dsinf: %d measured routes applied to the %s module", len(routes), variant)
@@ -677,7 +738,8 @@ def aten_only(device_type: str, act_dtype: torch.dtype, K: int, N: int) -> bool:
     dtype = _DTYPES.get(act_dtype)
     if b is None or dtype is None:
         return False
-    return b.applied.get(RouteKey(dtype, "nk", K, N)) == 0
+    key = RouteKey(dtype, "nk", K, N)
+    return key in b.applied and b.span(key)[1] == 0
 
 
 def describe(device_type: str, act_dtype: torch.dtype, int8: bool, gated: bool = False) -> str:
@@ -774,8 +836,8 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
     """Time `key` on the binding at each bucket with its route forced to our GEMV and to ATen (a gated key:
     rms_mlp_gemm with its gate|up forced to the gated kernel and to matmul + epilogue, the matmul on the
     route in force for its plain key; an int8-gemm key: vector_matmul forced to the int8 GEMM and to
-    dequantize + cuBLAS, its GEMV route held at 0); decide. On CPU the bucket where the decision stops is
-    timed a second time before it stands."""
+    dequantize + cuBLAS, its GEMV route held at 0); decide. On CPU the buckets where the decision starts and
+    stops are timed a second time before it stands."""
     device = _device("measure", device)
     variant = device.type
     gemm = key.layout == INT8_GEMM
@@ -814,30 +876,40 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
                 return Route(key, 0, default, tuned_at=_now())
             if variant == "cuda":
                 _measure_cuda(b, key, base, op, xs, weights, ours, aten, reps or 7)
-                ours_ms, aten_ms, max_m = _decided(key, ms, ours, aten, statistics.median)
+                ours_ms, aten_ms, (min_m, max_m) = _decided(key, ms, ours, aten, statistics.median)
             else:
                 _measure_cpu(b, key, base, op, xs, weights, ours, aten, reps or 5, weight_bytes)
-                ours_ms, aten_ms, max_m = _decided(key, ms, ours, aten, min)
-                # The bucket that stopped the decision (the first one past max_m) is timed again, once, and the
-                # decision made from all its samples; while that moves the stop, the new stop too. A CPU time is
+                ours_ms, aten_ms, (min_m, max_m) = _decided(key, ms, ours, aten, min)
+                # The buckets that bound the decision - the first one past max_m, and the last one below min_m -
+                # are timed again, once each, and the decision made from all their samples; while that moves a
+                # bound, the new bound's bucket too. A CPU time is
                 # the fastest of a few calls on a shared host, so one bucket can read a few % off: Zen 4
                 # guest, fp32 gate|up 4096x28672, matmul / gated 1.09x at M = 2, 0.96x at 4, 1.05x at 8 -
                 # the 4% at M = 4 stopped the gated kernel at 2 and cost the batch-8 decode 12%
                 # (docs/PERFORMANCE.md, "CPU: fp32 at M = 8 against oneDNN"). CUDA's medians of graph replays
                 # hold to ~1%, and its rules were set against them.
                 confirmed: set[int] = set()
-                while (stop := next((m for m in ms if m > max_m), None)) is not None and stop not in confirmed:
-                    confirmed.add(stop)
-                    _measure_cpu(b, key, base, op, {stop: xs[stop]}, weights, ours, aten, reps or 5, weight_bytes)
-                    ours_ms, aten_ms, max_m = _decided(key, ms, ours, aten, min)
+                while again := [m for m in _bounds(ms, min_m, max_m) if m not in confirmed]:
+                    confirmed.update(again)
+                    _measure_cpu(b, key, base, op, {m: xs[m] for m in again}, weights, ours, aten, reps or 5,
+                                 weight_bytes)
+                    ours_ms, aten_ms, (min_m, max_m) = _decided(key, ms, ours, aten, min)
         finally:
             b.set(saved)
-    return Route(key, max_m, default, ms, ours_ms, aten_ms, _now())
+    return Route(key, max_m, default, ms, ours_ms, aten_ms, _now(), min_m)
 
 
-def _decided(key: RouteKey, ms, ours: dict, aten: dict, pick) -> tuple[tuple, tuple, int]:
+def _bounds(ms: tuple[int, ...], min_m: int, max_m: int) -> list[int]:
+    """The buckets just outside a decided span: the first past max_m (or, max_m 0, the first of all) and the
+    last below min_m."""
+    above = next((m for m in ms if m > max_m), None)
+    below = max((m for m in ms if m < min_m), default=None)
+    return [m for m in (below, above) if m is not None]
+
+
+def _decided(key: RouteKey, ms, ours: dict, aten: dict, pick) -> tuple[tuple, tuple, tuple[int, int]]:
     """Each bucket's time (`pick` of its samples, rounded as persisted: a reused route equals the measured one)
-    and `key`'s max_m from them."""
+    and `key`'s (min_m, max_m) from them."""
     ours_ms = tuple(round(pick(ours[m]), 6) for m in ms)
     aten_ms = tuple(round(pick(aten[m]), 6) for m in ms)
     return ours_ms, aten_ms, decide_key(key, ms, ours_ms, aten_ms)
@@ -958,7 +1030,7 @@ def _tune(keys: list[RouteKey], device: torch.device, force: bool) -> list[Route
                     new.append(route)
                     logger.info("dsinf: route measured on %s: %s", dkey, route.explain())
                 result.append(route)
-                b.set({**b.applied, key: route.max_m})
+                b.set({**b.applied, key: route.entry})
                 b.routes[key] = route
         finally:  # a failure midway keeps (and persists) the routes measured before it
             if new:

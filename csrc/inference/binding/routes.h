@@ -1,11 +1,14 @@
-// The route table: per (activation dtype, weight layout, K, N), the largest M = B*S that runs on our GEMV
-// rather than the binding's ATen path (cuBLAS / MKL). Measured per device by dsinf/routes.py, persisted
-// there, and pushed into the module once when it loads (and again after a tuning); an absent shape keeps
-// the binding's compiled crossover. The gated layouts key rms_mlp_gemm's gate|up (K = hidden, N = 2I): the
-// largest M on the gated kernel (act(gate) * up in its epilogue), above which the gate|up runs as a matmul
-// (routed by its plain key) followed by the gated epilogue. The int8-gemm layout keys an int8 matmul above
-// the GEMV's range (CUDA): the largest M on the binding's int8 GEMM, above which it dequantizes for cuBLAS
-// (measured by dsinf/routes.py at prompt sizes, like the others).
+// The route table: per (activation dtype, weight layout, K, N), the span of M = B*S, min_m <= M <= max_m, run on
+// our GEMV rather than the binding's ATen path (cuBLAS / MKL); max_m = 0: ATen for every M. min_m is 1 unless
+// ATen measured faster at the smallest Ms and ours above them: on an Intel Xeon MKL's fp32 GEMV edges ours at
+// M = 1 on a wide [K, N] weight (0.95-0.97x) where ours leads 1.4-1.8x at M = 2..16, and a largest M alone
+// would have sent them all to MKL. Measured per device by dsinf/routes.py, persisted there, and pushed into the
+// module once when it loads (and again after a tuning); an absent shape keeps the binding's compiled crossover
+// (1 <= M <= its max). The gated layouts key rms_mlp_gemm's gate|up (K = hidden, N = 2I): the span on the
+// gated kernel (act(gate) * up in its epilogue), outside which the gate|up runs as a matmul (routed by its
+// plain key) followed by the gated epilogue. The int8-gemm layout keys an int8 matmul above the GEMV's range
+// (CUDA): the span on the binding's int8 GEMM, outside which it dequantizes for cuBLAS (measured by
+// dsinf/routes.py at prompt sizes, like the others).
 //
 // Read on every matmul call, so reading is one atomic pointer load (acquire) and a binary search over a
 // handful of entries; an empty table is one load and a null check. A set publishes a new immutable table
@@ -51,9 +54,15 @@ constexpr int64_t kGated = kGatedKN - kKN;
 enum Route : int64_t { kNoneYet = 0, kGemv = 1, kAten = 2, kInt8Gemm = 3 };
 
 struct Entry {
-  int64_t dtype, layout, K, N, max_m;
+  int64_t dtype, layout, K, N, min_m, max_m;
   std::tuple<int64_t, int64_t, int64_t, int64_t> key() const { return {dtype, layout, K, N}; }
-  bool operator==(const Entry& o) const { return key() == o.key() && max_m == o.max_m; }
+  bool operator==(const Entry& o) const { return key() == o.key() && min_m == o.min_m && max_m == o.max_m; }
+};
+
+// A span of M: [min_m, max_m]; max_m = 0 is empty.
+struct Span {
+  int64_t min_m, max_m;
+  bool has(int64_t M) const { return min_m <= M && M <= max_m; }
 };
 
 std::atomic<const std::vector<Entry>*> g_table{nullptr};
@@ -81,26 +90,20 @@ int64_t plain_layout(int64_t layout) {
   return layout >= kGatedKN && layout <= kGatedInt8 ? layout - kGated : layout;
 }
 
-// The table's max_m for (act, layout code, K, N), else `compiled_default`.
-int64_t max_m_of(c10::ScalarType act, int64_t layout, int64_t K, int64_t N, int64_t compiled_default) {
+// The table's span for (act, layout code, K, N), else [1, `compiled_default`].
+Span span_of(c10::ScalarType act, int64_t layout, int64_t K, int64_t N, int64_t compiled_default) {
   const std::vector<Entry>* table = g_table.load(std::memory_order_acquire);
-  if (table == nullptr) return compiled_default;
-  const Entry probe{dtype_code(act), layout, K, N, 0};
+  if (table == nullptr) return {1, compiled_default};
+  const Entry probe{dtype_code(act), layout, K, N, 0, 0};
   auto it = std::lower_bound(table->begin(), table->end(), probe,
                              [](const Entry& a, const Entry& b) { return a.key() < b.key(); });
-  return it != table->end() && it->key() == probe.key() ? it->max_m : compiled_default;
-}
-
-// Largest M for our GEMV (gated: the gated kernel) on this shape: the table's entry, else `compiled_default`.
-int64_t gemv_max_m(c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N, int64_t compiled_default,
-                   bool gated = false) {
-  return max_m_of(act, layout_code(int8, weight_nk, gated), K, N, compiled_default);
+  return it != table->end() && it->key() == probe.key() ? Span{it->min_m, it->max_m} : Span{1, compiled_default};
 }
 
 // true: run our GEMV for this M (and remember the route taken, for tests).
 bool use_gemv(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N,
               int64_t compiled_default) {
-  const bool gemv = M <= gemv_max_m(act, int8, weight_nk, K, N, compiled_default);
+  const bool gemv = span_of(act, layout_code(int8, weight_nk), K, N, compiled_default).has(M);
   t_last_route = gemv ? kGemv : kAten;
   return gemv;
 }
@@ -108,7 +111,7 @@ bool use_gemv(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t
 // true: run rms_mlp_gemm's gate|up (K -> N = 2I) on the gated kernel for this M, false: matmul + gated epilogue.
 bool use_gated(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_t K, int64_t N,
                int64_t compiled_default) {
-  const bool gated = M <= gemv_max_m(act, int8, weight_nk, K, N, compiled_default, /*gated=*/true);
+  const bool gated = span_of(act, layout_code(int8, weight_nk, /*gated=*/true), K, N, compiled_default).has(M);
   t_last_gated = gated ? kGemv : kAten;
   return gated;
 }
@@ -116,23 +119,24 @@ bool use_gated(int64_t M, c10::ScalarType act, bool int8, bool weight_nk, int64_
 // true: run an int8 matmul above the GEMV's range on the int8 GEMM for this M (remembered for tests as
 // kInt8Gemm), false: dequantize + cuBLAS. The CUDA binding's alone (the CPU module has no int8 GEMM).
 [[maybe_unused]] bool use_int8_gemm(int64_t M, c10::ScalarType act, int64_t K, int64_t N, int64_t compiled_default) {
-  const bool gemm = M <= max_m_of(act, kInt8GemmKey, K, N, compiled_default);
+  const bool gemm = span_of(act, kInt8GemmKey, K, N, compiled_default).has(M);
   if (gemm) t_last_route = kInt8Gemm;
   return gemm;
 }
 
-// Replace the table with `n` rows of 5 int64 (dtype, layout, K, N, max_m); n == 0 clears it.
-// Returns n, or -1 for a row with a bad code or size, -2 for max_m above `gemv_cap` (gated keys:
-// `gated_cap`; int8-gemm keys have no cap), -3 for a repeated key (the table is unchanged on error).
+// Replace the table with `n` rows of 6 int64 (dtype, layout, K, N, min_m, max_m); n == 0 clears it.
+// Returns n, or -1 for a row with a bad code or size, or a span that is not 1 <= min_m <= max(max_m, 1), -2 for
+// max_m above `gemv_cap` (gated keys: `gated_cap`; int8-gemm keys have no cap), -3 for a repeated key (the
+// table is unchanged on error).
 int64_t set(const int64_t* rows, int64_t n, int64_t gemv_cap, int64_t gated_cap) {
   if (n < 0 || (n > 0 && rows == nullptr)) return -1;
   std::vector<Entry> entries;
   entries.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t* r = rows + 5 * i;
-    const Entry e{r[0], r[1], r[2], r[3], r[4]};
+    const int64_t* r = rows + 6 * i;
+    const Entry e{r[0], r[1], r[2], r[3], r[4], r[5]};
     if (e.dtype < kFp32 || e.dtype > kBf16 || e.layout < kKN || e.layout > kInt8GemmKey || e.K < 1 || e.N < 1 ||
-        e.max_m < 0)
+        e.max_m < 0 || e.min_m < 1 || e.min_m > std::max<int64_t>(e.max_m, 1))
       return -1;
     if (e.layout != kInt8GemmKey && e.max_m > (e.layout >= kGatedKN ? gated_cap : gemv_cap)) return -2;
     entries.push_back(e);
