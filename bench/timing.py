@@ -13,7 +13,6 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 #: A timed function: fn(i) runs one call on buffer copy i % copies.
@@ -53,16 +52,10 @@ def is_loaded(load: float, cores: int) -> bool:
 
 
 def cpu_l3_bytes() -> int:
-    """Largest CPU cache from sysfs (the L3 on x86); 32 MiB when unknown."""
-    best = 0
-    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            size = (d / "size").read_text().strip().upper()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-            best = max(best, int(size.rstrip("KMG")) * mult)
-        except (OSError, ValueError):
-            continue
-    return best or 32 << 20
+    """Largest CPU cache (the L3 on x86; op_builder.system's cpu_cache); 32 MiB when unknown."""
+    from op_builder.system import current_system
+
+    return current_system().cpu_cache or 32 << 20
 
 
 def time_cpu(fns: Fns, min_time: float, rounds: int = 5, min_calls: int = 3) -> dict[str, Timing]:

@@ -36,14 +36,15 @@ This module measures it, persists it, and pushes it into the binding:
   shapes on CUDA): for each M of `buckets()`, time the binding itself (vector_matmul; rms_mlp_gemm for a
   gated key) with the shape's route forced to our GEMV and to ATen (gated: matmul + epilogue) (CUDA:
   CUDA-graph replays timed with events, over rotating weight copies larger than twice the L2 cache; CPU:
-  the fastest of individually timed calls, and the buckets where the decision starts and stops are timed
-  again before it stands), then `decide_span`: max_m is the largest bucket at which our GEMV beats ATen by
-  more than MARGIN (2%) with no bucket between min_m and it where ATen was faster by more than MARGIN;
+  the fastest of individually timed calls over rotating copies larger than twice the largest cache, at
+  most 8 (`_cpu_copies`), and the buckets where the decision starts and stops are timed again before it
+  stands), then `decide_span`: max_m is the largest bucket at which our GEMV beats ATen by more than MARGIN
+  (2%) with no bucket between min_m and it where ATen was faster by more than MARGIN;
   a tie (within MARGIN either way) alone goes to torch, and ties below a win go along with it only when
   that win is clear (RIDE_ALONG, 5%); min_m is the first bucket from which that rule finds a win (1 when it
-  finds one from the smallest), so the Ms below it measured ATen faster or tied; a gated key keeps the gated kernel up to the first M where the matmul
-  path wins by more than MARGIN (`decide_gated`: a tie goes to the one launch); an int8-gemm key keeps
-  the GEMM up to the first M where it measured slower at all.
+  finds one from the smallest), so the Ms below it measured ATen faster or tied; a gated key keeps the gated
+  kernel up to the first M where the matmul path wins by more than MARGIN (`decide_gated`: a tie goes to
+  the one launch); an int8-gemm key keeps the GEMM up to the first M where it measured slower at all.
 - persist: <data root>/routes.v4.json (op_builder.cache.data_root(): $DSINF_CACHE_DIR, else beside the
   JIT cache root, or in it where that directory is shared), one table per device key
   `<variant>|<device name>|torch=<version>|build=<module key>`: a rebuilt module, another torch or another
@@ -795,13 +796,27 @@ def _op(key: RouteKey, device: torch.device, act: torch.dtype, gen: torch.Genera
     return lambda x, w1, s1, w2, s2: fn(x, x, w1, w2, gamma, 1e-5, s1, s2, int8, SILU, transposed)
 
 
+def _cpu_copies(weight_bytes: int) -> int:
+    """How many copies of a weight a CPU measure rotates: a decode step streams each layer's weight from
+    memory, so the copies together exceed twice the largest cache - at most 8, and a quarter of the memory
+    available. One copy timed again and again ran from the cache where it fit: on an Intel Xeon listing a
+    480 MiB L3 (2 threads), fp32 [K, N] 4096x11008 at M = 16 read ATen/ours 0.99x on one copy and 0.70x over
+    three (docs/PERFORMANCE.md, "fifty-fifth round")."""
+    from op_builder.system import current_system
+
+    system, size = current_system(), max(weight_bytes, 1)
+    want = math.ceil(2 * (system.cpu_cache or 32 << 20) / size) + 1
+    room = system.memory_available // 4 // size if system.memory_available else 8
+    return max(1, min(8, want, room))
+
+
 def _time_cpu(run, calls: int) -> float:
-    """The fastest of `calls` individually timed calls, ms: a call that lost its core to another process
-    (or one of its OpenMP threads did) is an outlier, never the measure."""
+    """The fastest of `calls` individually timed calls `run(i)`, ms: a call that lost its core to another
+    process (or one of its OpenMP threads did) is an outlier, never the measure."""
     best = math.inf
-    for _ in range(calls):
+    for i in range(calls):
         start = time.perf_counter()
-        run()
+        run(i)
         best = min(best, time.perf_counter() - start)
     return best * 1e3
 
@@ -855,7 +870,7 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         copies = max(1, min(64, math.ceil(2 * l2 / weight_bytes) + 1))
     else:
-        copies = 1
+        copies = _cpu_copies(weight_bytes)
     # On an AMX host the CPU module runs plain int8 matmuls with bf16 activations on its tiles ahead of the route
     # (2 <= M <= 256), so both sides timed would be the tiles: the route decides between the GEMV and dequantize
     # + GEMM, the paths where the tiles are off, and is measured with them off.
@@ -929,14 +944,14 @@ def _takes_the_gemm(b: "Binding", key: RouteKey, base: dict, op, x, args) -> boo
 
 
 def _measure_cpu(b, key, base, op, xs, weights, ours, aten, reps, weight_bytes):
-    (args,) = weights
-    calls = max(3, min(50, int(2e7 / max(weight_bytes, 1))))  # ~2 ms of weight streaming per sample at 10 GB/s
+    # ~2 ms of weight streaming per sample at 10 GB/s, and every copy once
+    calls = max(3, len(weights), min(50, int(2e7 / max(weight_bytes, 1))))
     for _ in range(reps):  # the two routes alternate, so drift (clocks, other load) hits both alike
         for route, times in ((b.cap(key), ours), (0, aten)):
             b.set({**base, key: route})
             for m, x in xs.items():
-                op(x, *args)  # warm
-                times[m].append(_time_cpu(lambda: op(x, *args), calls))
+                op(x, *weights[-1])  # warm; the timed calls start from the copy read longest ago
+                times[m].append(_time_cpu(lambda i: op(x, *weights[i % len(weights)]), calls))
 
 
 def _warm(replays, seconds: float) -> None:

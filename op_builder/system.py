@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from . import knobs
@@ -339,6 +340,18 @@ def _probe_memory_available() -> int | None:
     return avail
 
 
+def _probe_cpu_cache() -> int | None:
+    """Bytes of cpu0's largest cache (the last level: L3 on x86) from sysfs; None where none is listed."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip().upper()
+            best = max(best, int(size.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return best or None
+
+
 def _probe_cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -363,6 +376,7 @@ _PROBES: dict[str, Callable[["System"], Any]] = {
     "ninja": lambda s: _probe_ninja(),
     "cpu": lambda s: _probe_cpu(),
     "cpu_count": lambda s: _probe_cpu_count(),
+    "cpu_cache": lambda s: _probe_cpu_cache(),
     "memory_available": lambda s: _probe_memory_available(),
 }
 FIELDS = tuple(_PROBES)
@@ -375,7 +389,8 @@ class System:
     cuda_home, nvcc (`Nvcc` or None), cuda_toolchain (what nvcc runs: `_probe_cuda_toolchain`), gpus (tuple of `Gpu`, or a str saying why none could be
     listed), gpu_probe ((gpus, "nvml" or "torch": what answered)), cxx (`Compiler` or None; not run),
     cxx_problem (why cxx is None), cxx_version (`CompilerVersion`; runs `--version`), ninja (version or
-    None), cpu (`Cpu`), cpu_count, memory_available (bytes or None).
+    None), cpu (`Cpu`), cpu_count, cpu_cache (bytes of the largest CPU cache, or None), memory_available
+    (bytes or None).
     """
 
     __slots__ = ("_values", "_probe", "_lock")

@@ -278,3 +278,18 @@ def test_real_system_probes_once(monkeypatch):
     s = System()
     assert [s.cpu_count for _ in range(5)] == [7] * 5
     assert calls == [1]
+
+
+def test_real_system_cpu_cache_is_the_largest_listed():
+    """cpu_cache: the largest of cpu0's caches in sysfs ("48K", "2048K", "480M"), in bytes; None where sysfs
+    lists none (then the route measure and the bench assume 32 MiB)."""
+    from pathlib import Path
+
+    listed = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        listed.append(int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]] if size[-1] in "KMG" else int(size))
+    assert System().cpu_cache == (max(listed) if listed else None)

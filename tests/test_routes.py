@@ -679,6 +679,57 @@ def test_cpu_measuring_times_the_buckets_that_bound_the_decision_again(cpu_route
     assert route.ours_ms[ms.index(4)] == (3.0 if (4, 2) in slow else 1.0)  # the fastest of its samples
 
 
+@pytest.mark.parametrize("cache, memory, weight, want", [
+    (480 << 20, 24 << 30, 4096 * 11008 * 4, 7),  # 2 x 480 MiB over 180 MB: 6, and one more
+    (480 << 20, 24 << 30, 4096, 8),               # a small weight: at most 8
+    (32 << 20, 24 << 30, 256 << 20, 2),           # a weight past twice the cache: itself and one more
+    (None, 24 << 30, 16 << 20, 5),                # no cache listed: 32 MiB
+    (480 << 20, 1 << 30, 180 << 20, 1),           # a quarter of 1 GiB holds one copy
+    (480 << 20, None, 4096, 8),                   # memory unknown: the cap alone
+])
+def test_cpu_measuring_rotates_copies_past_the_cache(monkeypatch, cache, memory, weight, want):
+    """A CPU measure rotates copies of the weight that together exceed twice the largest cache (a decode step
+    reads each layer's weight from memory; one copy timed again and again ran from the cache), at most 8 and
+    within a quarter of the memory available."""
+    import op_builder.system
+
+    fake = op_builder.system.System.fake(cpu_cache=cache, memory_available=memory)
+    monkeypatch.setattr(op_builder.system, "current_system", lambda: fake)
+    assert routes._cpu_copies(weight) == want
+
+
+def test_cpu_measuring_times_every_copy(cpu_routes, monkeypatch):
+    """measure() on CPU makes _cpu_copies copies; each sample's timed calls go through all of them, and the
+    first timed call reads another copy than the warm-up call just before it did."""
+    key = RouteKey("fp32", "kn", 256, 96)
+    monkeypatch.setattr(routes, "_cpu_copies", lambda weight_bytes: 3)
+    weights: list[int] = []  # the weight of every op call, in order
+    samples: list[tuple[int, int]] = []  # each sample's timed calls: weights[start:end]
+    real_time, real_op = routes._time_cpu, routes._op
+
+    def timed(run, calls):
+        start = len(weights)
+        try:
+            return real_time(run, calls)
+        finally:
+            samples.append((start, len(weights)))
+
+    def recording_op(key, device, act, gen):
+        op = real_op(key, device, act, gen)
+
+        def run(x, w, scale):
+            weights.append(id(w))
+            return op(x, w, scale)
+        return run
+
+    monkeypatch.setattr(routes, "_time_cpu", timed)
+    monkeypatch.setattr(routes, "_op", recording_op)
+    routes.measure(key, "cpu", reps=1)
+    assert samples
+    for start, end in samples:
+        assert len(set(weights[start:end])) == 3 and weights[start] != weights[start - 1]
+
+
 def test_cpu_measuring_times_a_gated_keys_stop_again(cpu_routes, monkeypatch):
     """The gated rule stops at the first M where the matmul path wins; that M is timed again (here the gated
     kernel is "ours": 3 ms against the matmul's 2 ms is a loss, 1 ms a win)."""
