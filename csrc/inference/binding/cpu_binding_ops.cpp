@@ -406,9 +406,13 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
 // docs/PERFORMANCE.md, "fp32 [K, N] weights on MKL in one call") one call over a [K, N] weight ran 0.98-1.26x
 // as fast as the blocks (4096x4096 .. 11008x4096; under 1.0 in one of 36): a column block of a [K, N] weight is
 // K rows of a few KiB, each on its own page, where a block of an [N, K] weight is one contiguous range; those
-// ran 0.98-1.18x as fast as one call at M = 32 and down to 0.88x at M = 512, and keep their blocks.
-int64_t mkl_in_place_block(int64_t N, int64_t K, bool weight_nk) {
-  return weight_nk || host_is_amd() ? column_block(N, K, int64_t(16) << 20, 4) : N;
+// ran 0.98-1.18x as fast as one call at M = 32 and down to 0.88x at M = 512, and keep their blocks, except at
+// M <= 2, where MKL multiplies on its GEMV and one call over an [N, K] weight ran 1.065-1.10x as fast as the
+// blocks (4096x4096, 4096x11008, 11008x4096, weight copies past twice the L3; M = 4 0.97-1.01x, M = 8..32
+// 0.84-0.96x; docs/PERFORMANCE.md, "fifty-sixth round"). The route sends M <= 2 here where MKL's GEMV beats ours.
+int64_t mkl_in_place_block(int64_t M, int64_t N, int64_t K, bool weight_nk) {
+  if (host_is_amd()) return column_block(N, K, int64_t(16) << 20, 4);
+  return weight_nk && M > 2 ? column_block(N, K, int64_t(16) << 20, 4) : N;
 }
 
 // x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: with `for_epilogue`, without bias, for an epilogue that
@@ -464,7 +468,7 @@ at::Tensor matmul(const char* op, const MatmulShape& s, const at::Tensor& x2d, c
     y = onednn_linear(xf, s.weight_nk ? weight : weight.t(), fuse_bias ? bias : nullptr);
   } else {
     y = aten::empty({M, N}, x2d.options().dtype(c10::ScalarType::Float));
-    const int64_t block = in_place ? mkl_in_place_block(N, K, s.weight_nk)
+    const int64_t block = in_place ? mkl_in_place_block(M, N, K, s.weight_nk)
                                      : column_block(N, K, int64_t(4) << 20, 4, kWidenedColumns);
     at::Tensor wbuf;
     if (!in_place) wbuf = aten::empty({block * std::max<int64_t>(K, 1)}, y.options());
