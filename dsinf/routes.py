@@ -16,8 +16,8 @@ GEMV edges ours at M = 1 on a wide [K, N] weight, 0.95-0.97x, where ours leads 1
 and, for int8 weights above the GEMV's range (CUDA):
 
     (activation dtype, int8-gemm, K, N) -> max_m: the largest M run on the int8 GEMM (reads the int8 weights
-        once; min_m 1), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200). Measured
-        at the prefill sizes GEMM_BUCKETS with the shape's GEMV route held at 0, so every bucket is a choice
+        once; min_m 1), above it dequantize + cuBLAS (cuBLAS's GEMM is faster from M ~ 256-1024 on an H200).
+        Measured at the prefill sizes GEMM_BUCKETS with the shape's GEMV route held at 0, so every bucket is a choice
         between the two; the GEMM keeps the Ms up to the first bucket where it measured slower at all
         (`decide_key`: a tie's sliver of loss there was a real loss when checked). Tuned
         with the int8 key on CUDA (fp16 / bf16 activations: fp32 ones never take the GEMM).
@@ -25,8 +25,8 @@ and, for int8 weights above the GEMV's range (CUDA):
 and, for rms_mlp_gemm's gate|up (hidden K -> N = 2I outputs), the gated layouts:
 
     (activation dtype, gated-kn | gated-nk | gated-int8, K, N) -> max_m: the largest M run on the gated kernel
-        (act(gate) * up in its epilogue; min_m 1); above it the gate|up runs as a matmul (itself routed by its plain
-        key) and then the gated epilogue. On an H200 the gated kernel wins at decode on small weights and
+        (act(gate) * up in its epilogue; min_m 1); above it the gate|up runs as a matmul (itself routed by its
+        plain key) and then the gated epilogue. On an H200 the gated kernel wins at decode on small weights and
         loses on large ones (16-bit gate|up of 80 MiB or more): the compiled rule is that crossover, a
         measured route replaces it per device and shape.
 
@@ -89,9 +89,9 @@ from op_builder.locking import FileLock
 logger = logging.getLogger("dsinf")
 
 FORMAT = "dsinf-routes"
-VERSION = 4  # 2: the gated keys; 3: the int8-gemm keys; 4: min_m. Each version has its own file, so an older dsinf
-#              sharing the cache never reads (and, rewriting it, drops) keys it cannot parse; a new version
-#              measures again.
+VERSION = 4  # 2: the gated keys; 3: the int8-gemm keys; 4: min_m. Each version has its own file, so an
+#              older dsinf sharing the cache never reads (and, rewriting it, drops) keys it cannot parse; a new
+#              version measures again.
 FILENAME = f"routes.v{VERSION}.json"
 LOCK_TIMEOUT_S = 30.0
 MARGIN = 0.02  # our GEMV is routed only up to an M where it beats ATen by more than this (a tie alone goes to torch)
@@ -230,8 +230,8 @@ class Route:
 
     def to_json(self) -> dict:
         return {"min_m": self.min_m, "max_m": self.max_m, "default_max_m": self.default_max_m,
-                "buckets": list(self.buckets),
-                "ours_ms": list(self.ours_ms), "aten_ms": list(self.aten_ms), "tuned_at": self.tuned_at}
+                "buckets": list(self.buckets), "ours_ms": list(self.ours_ms), "aten_ms": list(self.aten_ms),
+                "tuned_at": self.tuned_at}
 
     @classmethod
     def from_json(cls, key: RouteKey, doc) -> "Route":
@@ -317,14 +317,14 @@ def decide_key(key: RouteKey, buckets: Iterable[int], ours_ms: Iterable[float],
                aten_ms: Iterable[float]) -> tuple[int, int]:
     """`key`'s (min_m, max_m) from its measured times: `decide_span` for a plain key; min_m 1 and `decide_gated`
     for a gated one (its rule already keeps ties on the gated kernel from the smallest M), and for an int8-gemm
-    key `decide` with no ride-along (its buckets start at the GEMV's largest M): the int8 GEMM up to the first bucket where it did not beat
-    dequantize + cuBLAS by more than the margin, whatever wins above it. Ties go to cuBLAS, the other way from
-    `decide_gated`: the one-launch argument does not carry to prefill sizes (the GEMM takes 20 us and more
-    there, the host cost of a second launch hides behind it), and the bucket where the two cross measured a
-    sliver either way that a second timing did not keep: H200, fp16 4096x4096, M=512 measured 0.99x and read
-    0.94x in a second timing (run 122) and 0.95x in the probe (run 124); H100, the same shape and M, measured
-    1.02-1.03x in five tunings and read 0.96-1.00x in the second timing of the test that checks it
-    (2026-12-06)."""
+    key `decide` with no ride-along (its buckets start at the GEMV's largest M): the int8 GEMM up to the first
+    bucket where it did not beat dequantize + cuBLAS by more than the margin, whatever wins above it. Ties go
+    to cuBLAS, the other way from `decide_gated`: the one-launch argument does not carry to prefill sizes (the
+    GEMM takes 20 us and more there, the host cost of a second launch hides behind it), and the bucket where
+    the two cross measured a sliver either way that a second timing did not keep: H200, fp16 4096x4096, M=512
+    measured 0.99x and read 0.94x in a second timing (run 122) and 0.95x in the probe (run 124); H100, the
+    same shape and M, measured 1.02-1.03x in five tunings and read 0.96-1.00x in the second timing of the test
+    that checks it (2026-12-06)."""
     if key.layout == INT8_GEMM:
         return 1, decide(buckets, ours_ms, aten_ms, ride_along=math.inf)
     if key.gated:
@@ -897,12 +897,11 @@ def measure(key: RouteKey, device: str | torch.device = "cpu", *, reps: int | No
                 ours_ms, aten_ms, (min_m, max_m) = _decided(key, ms, ours, aten, min)
                 # The buckets that bound the decision - the first one past max_m, and the last one below min_m -
                 # are timed again, once each, and the decision made from all their samples; while that moves a
-                # bound, the new bound's bucket too. A CPU time is
-                # the fastest of a few calls on a shared host, so one bucket can read a few % off: Zen 4
-                # guest, fp32 gate|up 4096x28672, matmul / gated 1.09x at M = 2, 0.96x at 4, 1.05x at 8 -
-                # the 4% at M = 4 stopped the gated kernel at 2 and cost the batch-8 decode 12%
-                # (docs/PERFORMANCE.md, "CPU: fp32 at M = 8 against oneDNN"). CUDA's medians of graph replays
-                # hold to ~1%, and its rules were set against them.
+                # bound, the new bound's bucket too. A CPU time is the fastest of a few calls on a shared host,
+                # so one bucket can read a few % off: Zen 4 guest, fp32 gate|up 4096x28672, matmul / gated
+                # 1.09x at M = 2, 0.96x at 4, 1.05x at 8 - the 4% at M = 4 stopped the gated kernel at 2 and
+                # cost the batch-8 decode 12% (docs/PERFORMANCE.md, "CPU: fp32 at M = 8 against oneDNN").
+                # CUDA's medians of graph replays hold to ~1%, and its rules were set against them.
                 confirmed: set[int] = set()
                 while again := [m for m in _bounds(ms, min_m, max_m) if m not in confirmed]:
                     confirmed.update(again)
