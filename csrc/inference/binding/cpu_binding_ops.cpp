@@ -411,8 +411,8 @@ at::Tensor native_bf16_matmul(const char* op, const MatmulShape& s, const at::Te
 // blocks (4096x4096, 4096x11008, 11008x4096, weight copies past twice the L3; M = 4 0.97-1.01x, M = 8..32
 // 0.84-0.96x; docs/PERFORMANCE.md, "fifty-sixth round"). The route sends M <= 2 here where MKL's GEMV beats ours.
 int64_t mkl_in_place_block(int64_t M, int64_t N, int64_t K, bool weight_nk) {
-  if (host_is_amd()) return column_block(N, K, int64_t(16) << 20, 4);
-  return weight_nk && M > 2 ? column_block(N, K, int64_t(16) << 20, 4) : N;
+  const bool blocks = host_is_amd() || (weight_nk && M > 2);
+  return blocks ? column_block(N, K, int64_t(16) << 20, 4) : N;
 }
 
 // x2d [M, K] (contiguous, act dtype) @ W -> [M, N]: with `for_epilogue`, without bias, for an epilogue that
